@@ -1,0 +1,95 @@
+"""Per-shard stage results, cached under ``DIR/cache/<stage>-<fingerprint>/``.
+
+A shard is the unit of work, caching and resume. Each shard's result is a Parquet
+table (``<sid>.parquet``) plus optional arrays (``<sid>.<kind>.npy``, e.g. unit-norm
+float16 embeddings). Arrays are written first and the table last, each atomically, so
+the table's presence marks a complete result. The table's schema metadata records the
+source file's size and modification stamp; a changed source is recomputed.
+The fingerprint covers everything that changes the result (model, checkpoint,
+precision), so results of different models never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from filtering.io.atomic import atomic_open, atomic_write_text, exists
+from filtering.io.paths import file_info, get_fs, is_local, join, shard_id
+
+META_KEY = b"poolsift_cache"
+
+
+def fingerprint(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ShardCache:
+    def __init__(self, cache_root: str, stage: str, spec: dict[str, Any]):
+        self.spec = spec
+        self.fingerprint = fingerprint(spec)
+        self.dir = join(cache_root, f"{stage}-{self.fingerprint}")
+        self.stage = stage
+
+    def table_path(self, url: str) -> str:
+        return join(self.dir, f"{shard_id(url)}.parquet")
+
+    def array_path(self, url: str, kind: str) -> str:
+        return join(self.dir, f"{shard_id(url)}.{kind}.npy")
+
+    def is_done(self, url: str, source: dict | None = None) -> bool:
+        path = self.table_path(url)
+        if not exists(path):
+            return False
+        try:
+            meta = self._read_meta(path)
+        except (OSError, pa.ArrowInvalid):
+            return False
+        return meta.get("source") == (source if source is not None else file_info(url))
+
+    def _read_meta(self, path: str) -> dict:
+        fs, p = get_fs(path)
+        with fs.open(p, "rb") as f:
+            schema = pq.read_schema(f)
+        return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
+
+    def write(self, url: str, table: pa.Table, arrays: dict[str, np.ndarray], source: dict | None = None) -> None:
+        for kind, arr in arrays.items():
+            with atomic_open(self.array_path(url, kind)) as f:
+                np.save(f, arr)
+        meta = {"source": source if source is not None else file_info(url), "url": url, "spec": self.spec}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta)})
+        with atomic_open(self.table_path(url)) as f:
+            pq.write_table(table, f)
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        atomic_write_text(join(self.dir, "stage.json"), json.dumps(info, indent=2, sort_keys=True))
+
+    def read_info(self) -> dict[str, Any] | None:
+        path = join(self.dir, "stage.json")
+        if not exists(path):
+            return None
+        fs, p = get_fs(path)
+        with fs.open(p, "r") as f:
+            return json.load(f)
+
+    def read_table(self, url: str, columns: list[str] | None = None) -> pa.Table:
+        fs, p = get_fs(self.table_path(url))
+        with fs.open(p, "rb") as f:
+            table = pq.read_table(f, columns=columns)
+        return table.replace_schema_metadata(None)
+
+    def read_array(self, url: str, kind: str) -> np.ndarray:
+        """Memory-mapped when the cache is local, so only the rows read are loaded."""
+        path = self.array_path(url, kind)
+        if is_local(path):
+            return np.load(path.removeprefix("file://"), mmap_mode="r")
+        fs, p = get_fs(path)
+        with fs.open(p, "rb") as f:
+            return np.load(io.BytesIO(f.read()))

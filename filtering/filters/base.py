@@ -1,0 +1,86 @@
+"""Filters: cheap, pure functions from pool columns to a keep mask with reason codes.
+
+A filter is one file: a :class:`Filter` subclass with a ``name``, a pydantic ``Params``
+model (unknown keys rejected) and ``apply``. Registering it by name makes it usable in
+YAML. Scoring lives elsewhere (stages add columns); a filter never recomputes scores,
+so changing filter settings and rerunning costs seconds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from filtering.pool import Pool
+
+
+class Params(BaseModel):
+    """Base for filter parameters: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Decision:
+    """A filter's verdict over every pool row.
+
+    ``keep[i]`` matters only for rows that reached the filter. ``reason`` is a reason
+    code for dropped rows: one string for all, or an object array per row.
+    ``duplicate_of`` (dedup filters) gives, for each dropped copy, the uid it duplicates.
+    """
+
+    keep: np.ndarray
+    reason: str | np.ndarray
+    duplicate_of: np.ndarray | None = None
+
+    def reasons_for(self, rows: np.ndarray) -> np.ndarray:
+        if isinstance(self.reason, str):
+            return np.full(int(rows.sum()) if rows.dtype == bool else len(rows), self.reason, dtype=object)
+        return np.asarray(self.reason, dtype=object)[rows]
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What a filter may know about the input when it is configured (before any data is read)."""
+
+    kind: str  # "webdataset" | "datacomp"
+
+
+class Filter(ABC):
+    """One keep-or-drop rule. Subclasses set ``name`` and ``Params`` and implement ``apply``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = Params
+
+    def __init__(self, params: BaseModel, input_info: InputInfo):
+        self.params = params
+        self.input = input_info
+
+    def requires(self) -> set[str]:
+        """Pool columns (or stage outputs) this filter reads; checked before any data is read."""
+        return set()
+
+    def embeddings_required(self) -> set[str | None]:
+        """Embedding kinds read (None: the pool's default)."""
+        return set()
+
+    @abstractmethod
+    def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
+        """Decide for every row; ``alive`` marks the rows that reached this filter."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params.model_dump(mode="json", exclude_none=True)}
+
+
+REGISTRY: dict[str, type[Filter]] = {}
+
+
+def register(cls: type[Filter]) -> type[Filter]:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"filter name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls

@@ -1,0 +1,76 @@
+"""CLIP-score filter (DataComp, Gadre et al. 2023, §3.4 and ``baselines/apply_filter.py``).
+
+- ``min: t`` keeps rows with score >= t.
+- ``top_fraction: f`` over the N scored rows of the whole pool: the threshold is the
+  value at index ``int(N * f)`` of the scores sorted in descending order, and every row
+  with score >= threshold is kept (so ties at the threshold are all kept). ``f = 1``
+  keeps everything. The threshold is computed over the whole pool, not over the rows
+  that earlier filters kept, so ``[clip_score, image_clusters]`` equals DataComp's
+  intersection of the two baselines whatever the order.
+
+Comparisons run in the column's own dtype, so float64 DataComp scores are not rounded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from filtering.filters.base import Decision, Filter, Params, register
+from filtering.pool import Pool
+
+
+class ClipScoreParams(Params):
+    min: float | None = None
+    top_fraction: float | None = Field(default=None, ge=0, le=1)
+    field: str | None = None  # score column; default clip_score (webdataset) / clip_l14_similarity_score
+
+    @model_validator(mode="after")
+    def _one(self) -> ClipScoreParams:
+        if (self.min is None) == (self.top_fraction is None):
+            raise ValueError("give exactly one of min or top_fraction")
+        return self
+
+
+DATACOMP_SCORE_FIELDS = ("clip_b32_similarity_score", "clip_l14_similarity_score")
+
+
+def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float | None:
+    """DataComp's threshold: ``sorted_desc[int(N * fraction)]``; None when that keeps all."""
+    n = int(len(scores) * fraction)
+    if n >= len(scores):
+        return None
+    # np.partition finds the (n)-th largest in O(N) instead of a full sort.
+    return np.partition(-scores, n)[n] * -1
+
+
+@register
+class ClipScore(Filter):
+    name = "clip_score"
+    Params = ClipScoreParams
+
+    @property
+    def field(self) -> str:
+        if self.params.field:
+            return self.params.field
+        return "clip_l14_similarity_score" if self.input.kind == "datacomp" else "clip_score"
+
+    def requires(self) -> set[str]:
+        return {self.field}
+
+    def threshold(self, pool: Pool) -> float | None:
+        if self.params.min is not None:
+            return self.params.min
+        scores = pool.column(self.field)
+        valid = ~pool.failed & ~np.isnan(scores)
+        return top_fraction_threshold(scores[valid], self.params.top_fraction)
+
+    def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
+        scores = pool.column(self.field)
+        threshold = self.threshold(pool)
+        pool.artifacts.setdefault("thresholds", {})[self.field] = threshold
+        missing = np.isnan(scores)
+        keep = ~missing if threshold is None else (scores >= scores.dtype.type(threshold)) & ~missing
+        code = "clip_score_below_min" if self.params.min is not None else "clip_score_below_top_fraction"
+        reason = np.where(missing, "clip_score_missing", code).astype(object)
+        return Decision(keep, reason)

@@ -1,0 +1,218 @@
+"""Filter algebra: a list is an intersection applied in order; ``all``, ``any`` and ``not`` nest.
+
+YAML form (SPEC, "Config")::
+
+    filters:
+      - clip_score: {top_fraction: 0.3}
+      - any:
+          - caption: {min_words: 3}
+          - not: {language: {languages: [en]}}
+
+Each entry of a list sees only the rows its predecessors kept, and the funnel records
+what each top-level entry received, kept and dropped, with reason codes. ``any`` keeps a
+row that any child keeps (children all see the same rows); ``not`` inverts its child.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from filtering.errors import ConfigError
+from filtering.filters.base import REGISTRY, Decision, Filter, InputInfo
+from filtering.pool import Pool
+from filtering.validation import format_validation_error
+
+COMBINATORS = ("all", "any", "not")
+
+
+class FilterNode(ABC):
+    @abstractmethod
+    def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision: ...
+
+    @abstractmethod
+    def label(self) -> str: ...
+
+    @abstractmethod
+    def leaves(self) -> list[Filter]: ...
+
+    def describe(self) -> Any:
+        return self.label()
+
+
+@dataclass
+class Leaf(FilterNode):
+    filter: Filter
+
+    def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision:
+        return self.filter.apply(pool, alive)
+
+    def label(self) -> str:
+        return self.filter.name
+
+    def leaves(self) -> list[Filter]:
+        return [self.filter]
+
+    def describe(self) -> Any:
+        return self.filter.describe()
+
+
+@dataclass
+class AllOf(FilterNode):
+    children: list[FilterNode]
+
+    def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision:
+        reason = np.full(pool.n, None, dtype=object)
+        dup = None
+        current = alive.copy()
+        for child in self.children:
+            d = child.evaluate(pool, current)
+            dropped = current & ~d.keep
+            reason[dropped] = d.reasons_for(dropped)
+            if d.duplicate_of is not None:
+                dup = np.full(pool.n, None, dtype=object) if dup is None else dup
+                dup[dropped] = d.duplicate_of[dropped]
+            current &= d.keep
+        return Decision(current, reason, dup)
+
+    def label(self) -> str:
+        return f"all({', '.join(c.label() for c in self.children)})"
+
+    def leaves(self) -> list[Filter]:
+        return [f for c in self.children for f in c.leaves()]
+
+    def describe(self) -> Any:
+        return {"all": [c.describe() for c in self.children]}
+
+
+@dataclass
+class AnyOf(FilterNode):
+    children: list[FilterNode]
+
+    def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision:
+        decisions = [c.evaluate(pool, alive) for c in self.children]
+        keep = np.zeros(pool.n, dtype=bool)
+        for d in decisions:
+            keep |= d.keep
+        dropped = alive & ~keep
+        reason = np.full(pool.n, None, dtype=object)
+        if dropped.any():
+            parts = [d.reasons_for(dropped) for d in decisions]
+            reason[dropped] = ["|".join(r) for r in zip(*parts, strict=True)]
+        return Decision(keep, reason)
+
+    def label(self) -> str:
+        return f"any({', '.join(c.label() for c in self.children)})"
+
+    def leaves(self) -> list[Filter]:
+        return [f for c in self.children for f in c.leaves()]
+
+    def describe(self) -> Any:
+        return {"any": [c.describe() for c in self.children]}
+
+
+@dataclass
+class Not(FilterNode):
+    child: FilterNode
+
+    def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision:
+        d = self.child.evaluate(pool, alive)
+        return Decision(~d.keep, f"not_{self.child.label()}")
+
+    def label(self) -> str:
+        return f"not({self.child.label()})"
+
+    def leaves(self) -> list[Filter]:
+        return self.child.leaves()
+
+    def describe(self) -> Any:
+        return {"not": self.child.describe()}
+
+
+def _unknown_name(name: str, path: str) -> ConfigError:
+    valid = sorted(REGISTRY) + list(COMBINATORS)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return ConfigError(f"{path}: unknown filter {name!r}; {hint}valid filters: {', '.join(valid)}")
+
+
+def parse_filter(spec: Any, path: str, input_kind: str) -> FilterNode:
+    """Parse one filter entry ``{name: params}`` (or a combinator) into a node."""
+    import filtering.filters  # noqa: F401  (registers the built-in filters)
+
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{path}: each filter is a mapping with exactly one key, the filter name")
+    (name, params), = spec.items()
+    name = str(name)
+    sub = f"{path}.{name}"
+    if name in ("all", "any"):
+        if not isinstance(params, list) or not params:
+            raise ConfigError(f"{sub}: expects a non-empty list of filters")
+        children = [parse_filter(p, f"{sub}[{i}]", input_kind) for i, p in enumerate(params)]
+        return AllOf(children) if name == "all" else AnyOf(children)
+    if name == "not":
+        if isinstance(params, list):
+            if len(params) != 1:
+                raise ConfigError(f"{sub}: expects one filter")
+            params = params[0]
+        return Not(parse_filter(params, sub, input_kind))
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise _unknown_name(name, path)
+    try:
+        model = cls.Params.model_validate(params or {})
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, cls.Params, prefix=(sub,))) from e
+    return Leaf(cls(model, InputInfo(kind=input_kind)))
+
+
+def parse_filters(specs: list[Any], path: str = "filters", input_kind: str = "webdataset") -> list[FilterNode]:
+    return [parse_filter(s, f"{path}[{i}]", input_kind) for i, s in enumerate(specs)]
+
+
+@dataclass
+class FilterOutcome:
+    """The result of applying a filter list: who is kept, why the rest were dropped, the funnel."""
+
+    keep: np.ndarray
+    drop_filter: np.ndarray  # object: label of the top-level entry that dropped the row
+    drop_reason: np.ndarray  # object: reason code
+    duplicate_of: np.ndarray  # object: uid duplicated (dedup drops) or None
+    funnel: list[dict[str, Any]]
+
+
+def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterOutcome:
+    """Apply the top-level list in order to the rows that did not fail, recording the funnel."""
+    alive = ~pool.failed
+    drop_filter = np.full(pool.n, None, dtype=object)
+    drop_reason = np.full(pool.n, None, dtype=object)
+    duplicate_of = np.full(pool.n, None, dtype=object)
+    funnel = []
+    for node in nodes:
+        d = node.evaluate(pool, alive)
+        dropped = alive & ~d.keep
+        reasons = d.reasons_for(dropped)
+        drop_filter[dropped] = node.label()
+        drop_reason[dropped] = reasons
+        if d.duplicate_of is not None:
+            duplicate_of[dropped] = d.duplicate_of[dropped]
+        n_in = int(alive.sum())
+        alive = alive & d.keep
+        funnel.append(
+            {
+                "name": node.label(),
+                "in": n_in,
+                "kept": int(alive.sum()),
+                "dropped": int(dropped.sum()),
+                "reasons": dict(sorted(Counter(reasons.tolist()).items())),
+            }
+        )
+        if progress is not None:
+            progress(node.label())
+    return FilterOutcome(alive, drop_filter, drop_reason, duplicate_of, funnel)

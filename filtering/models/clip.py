@@ -1,0 +1,184 @@
+"""Loading CLIP models through open_clip, for real weights and the bundled tiny model alike.
+
+``pretrained`` may be an open_clip tag (``openai``, ``laion2b_s34b_b79k``), ``hf-hub:org/name``
+or a local checkpoint file (``.safetensors``, or a ``.pt``/``.bin`` state dict loaded with
+``weights_only=True``: no arbitrary unpickling). Architectures are open_clip's own or JSON
+configs registered with :func:`open_clip.add_model_config`: those bundled in
+``filtering/models/configs/`` always, and any ``arch: path/to/name.json``.
+
+open_clip's inference transform is split in two so that decode workers can run the
+PIL part (resize, crop, RGB) on uint8 images and the model process runs the tensor part
+(scale to [0, 1], normalize) on the device; the composition is the model's own transform.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filtering.errors import ConfigError, PoolsiftError
+
+BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@functools.cache
+def register_bundled_configs() -> None:
+    import open_clip
+
+    open_clip.add_model_config(BUNDLED_CONFIG_DIR)
+
+
+def resolve_arch(arch: str) -> str:
+    """Register ``arch`` if it is a JSON config file and return the open_clip model name."""
+    register_bundled_configs()
+    if arch.endswith(".json"):
+        import open_clip
+
+        path = Path(arch)
+        if not path.is_file():
+            raise ConfigError(f"model.arch: config file {arch!r} not found")
+        open_clip.add_model_config(path)
+        return path.stem
+    return arch
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is the first CUDA device when one is usable, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {device!r} requested but no CUDA device is available")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 matmuls are only fast on CPUs with native bf16 (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: bf16 on GPUs that support it (fp16 otherwise), bf16 on CPUs with native
+    bf16, else fp32. The reduced precisions run as autocast over fp32 weights."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.precision: {precision!r} is not one of {list(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_file(arch: str, pretrained: str | None) -> str | None:
+    """The local file holding the weights: the path itself, or open_clip's cached download."""
+    if not pretrained:
+        return None
+    if pretrained.startswith("hf-hub:"):
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        return download_pretrained_from_hf(pretrained.removeprefix("hf-hub:"))
+    if os.path.isfile(pretrained):
+        return pretrained
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch, pretrained)
+    return download_pretrained(cfg) if cfg else None
+
+
+@dataclass
+class ClipModel:
+    """A loaded CLIP model with its tokenizer and split preprocessing."""
+
+    model: Any
+    tokenizer: Any
+    pil_transform: Any  # picklable callable: PIL image -> PIL image (resize, crop, RGB)
+    tensor_transform: Any  # callable on a float [0,1] NCHW batch (normalize)
+    device: str
+    precision: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def autocast_dtype(self):
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+
+
+def split_transform(preprocess) -> tuple[Any, Any]:
+    """Split an open_clip ``Compose`` at its to-tensor step into a PIL part and a tensor part."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", [preprocess]))
+    for i, step in enumerate(steps):
+        if type(step).__name__ in ("ToTensor", "MaybeToTensor"):
+            return T.Compose(steps[:i]), T.Compose(steps[i + 1 :])
+    raise PoolsiftError(f"cannot split the model's image transform {preprocess!r}: no ToTensor step")
+
+
+def load_clip(
+    arch: str,
+    pretrained: str | None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> ClipModel:
+    """Build an open_clip model and its transforms; weights loaded safely (``weights_only``)."""
+    import open_clip
+    import torch
+
+    name = resolve_arch(arch)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    if pretrained and pretrained.startswith("hf-hub:"):
+        model_name, tag = pretrained, None
+    else:
+        model_name, tag = name, pretrained
+        if name not in open_clip.list_models():
+            raise ConfigError(
+                f"model.arch: unknown architecture {name!r}. Available: {open_clip.list_models()}"
+            )
+        if tag and not os.path.isfile(tag) and tag not in open_clip.list_pretrained_tags_by_model(name):
+            raise ConfigError(
+                f"model.pretrained: {tag!r} is neither a local file nor a known tag for {name}. "
+                f"Known tags: {open_clip.list_pretrained_tags_by_model(name)}"
+            )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=tag, device=device, weights_only=True
+        )
+    except (RuntimeError, OSError, ValueError) as e:
+        raise PoolsiftError(f"could not load model {model_name!r} (pretrained={tag!r}): {e}") from e
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    pil_transform, tensor_transform = split_transform(preprocess)
+    ckpt = checkpoint_file(name, pretrained)
+    info = {
+        "arch": name,
+        "pretrained": pretrained,
+        "checkpoint_sha256": _sha256(ckpt) if ckpt else None,
+        "precision": precision,
+        "device": device,
+        "open_clip_version": open_clip.__version__,
+        "torch_version": torch.__version__,
+    }
+    return ClipModel(model, tokenizer, pil_transform, tensor_transform, device, precision, info)

@@ -1,0 +1,79 @@
+"""Stages add columns to the pool; the runner runs those whose outputs some filter needs.
+
+A source stage builds the pool (scoring WebDataset shards, or reading DataComp
+metadata); later stages (clusters, ...) add columns and artifacts. Stages declare what
+they provide, so a config whose filters need a column nothing provides fails before any
+data is read. Heavy models load lazily through the context, once per process.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from filtering.pool import Pool
+
+
+@dataclass
+class RunContext:
+    """What stages share during one run."""
+
+    config: Any  # pipelines.config.Config (kept untyped: the library does not import pipelines)
+    out_dir: str
+    cache_dir: str
+    executor: Any = None  # has .score(stage, urls, ctx); None = in-process
+    progress: Callable[..., Any] | None = None  # tqdm-like factory
+    log: Callable[[str], None] = print
+    model_info: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    stage_info: dict[str, Any] = field(default_factory=dict)
+    _clip: Any = None
+
+    def clip(self):
+        """The configured CLIP model, loaded on first use."""
+        if self._clip is None:
+            from filtering.models import clip as clip_models
+
+            m = self.config.model
+            self._clip = clip_models.load_clip(m.arch, m.pretrained, m.device, m.precision)
+        return self._clip
+
+    def bar(self, total: int | None, desc: str, unit: str = "samples"):
+        if self.progress is None:
+            return _NullBar()
+        return self.progress(total=total, desc=desc, unit=unit)
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def provides(self) -> set[str]:
+        """Columns and artifacts this stage adds."""
+
+
+class SourceStage(Stage):
+    @abstractmethod
+    def run(self, ctx: RunContext) -> Pool: ...
+
+
+class ColumnStage(Stage):
+    @abstractmethod
+    def run(self, ctx: RunContext, pool: Pool) -> None: ...

@@ -1,0 +1,1 @@
+"""Orchestration: config schema, stage graph, executors (local, Ray) and the ``poolsift`` CLI."""

@@ -1,0 +1,119 @@
+"""The ``poolsift`` command line (SPEC, "CLI").
+
+Exit codes: 0 success; 2 bad usage or config; 1 any other failure, with a one-line
+cause on stderr (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from filtering import __version__
+from filtering.errors import ConfigError, PoolsiftError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. filters[0].clip_score.top_fraction=0.3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poolsift", description="Curate image-text pools the DataComp way.")
+    parser.add_argument("--version", action="version", version=f"poolsift {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="score, cluster, filter and write the kept subset")
+    _add_config_args(p)
+    p.add_argument("--output", help="output directory (overrides output.dir)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("validate", help="check a config without touching data")
+    _add_config_args(p)
+
+    p = sub.add_parser("make-sample", help="regenerate the bundled sample pool and reference set")
+    p.add_argument("dir", help="output directory, e.g. sample_data")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _load(args) -> object:
+    from pipelines.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "output", None):
+        overrides.append(f"output.dir={args.output}")
+    return load_config(args.config, overrides)
+
+
+def cmd_validate(args) -> int:
+    from pipelines.runner import plan
+
+    cfg = _load(args)
+    plan(cfg, cache_root="")
+    n = sum(len(node.leaves()) for node in cfg.filter_tree)
+    print(f"{args.config}: OK ({n} filter{'s' if n != 1 else ''}, output to {cfg.output.dir})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipelines.runner import format_funnel, run
+
+    cfg = _load(args)
+    executor = None
+    if args.executor == "ray":
+        from pipelines.executors.ray import RayExecutor
+
+        executor = RayExecutor(address=args.ray_address)
+    elif args.ray_address:
+        raise ConfigError("--ray-address needs --executor ray")
+    result = run(cfg, executor=executor, progress=not args.quiet)
+    print(format_funnel(result.manifest))
+    print(f"output: {result.out_dir}  (subset/, subset.npy, manifest.json)")
+    return 0
+
+
+def cmd_make_sample(args) -> int:
+    from filtering.sample.make import make_sample
+
+    summary = make_sample(Path(args.dir), seed=args.seed)
+    print(f"wrote the sample pool and reference set to {args.dir}: {summary}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "make-sample": cmd_make_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PoolsiftError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"poolsift: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("poolsift: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — the CLI contract: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"poolsift: error: {type(e).__name__}: {first} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

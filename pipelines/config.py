@@ -1,0 +1,161 @@
+"""The run config: YAML parsed into typed models that reject unknown keys (SPEC, "Config").
+
+Errors are one line naming the key path and, where known, the valid choices, e.g.
+``filters[0].clip_score.top_fracton: unknown key; did you mean top_fraction?``.
+``--set key.path=value`` overrides are applied to the raw YAML before validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from filtering.errors import ConfigError
+from filtering.filters.compose import FilterNode, parse_filters
+from filtering.validation import format_validation_error
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(Strict):
+    shards: str | list[str] | None = None
+    datacomp_metadata: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputConfig:
+        if (self.shards is None) == (self.datacomp_metadata is None):
+            raise ValueError("give exactly one of input.shards or input.datacomp_metadata")
+        return self
+
+
+class ModelConfig(Strict):
+    arch: str = "ViT-B-32"
+    pretrained: str | None = "openai"
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    batch_size: PositiveInt = 256
+    num_workers: int | None = Field(default=None, ge=0)  # decode processes; None = from CPU count
+
+    @model_validator(mode="after")
+    def _device(self) -> ModelConfig:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device {self.device!r} is not one of auto | cpu | cuda | cuda:N")
+        return self
+
+
+class ClustersConfig(Strict):
+    num_clusters: PositiveInt = 100_000
+    reference: str | None = None
+    embedding: str | None = None  # datacomp_metadata input: npz array, e.g. l14_img
+    centroids: str | None = None  # .npy or DataComp's torch-saved .pt centroids instead of training
+    sample_fraction: float | None = Field(default=None, gt=0, le=1)
+    max_training_points: PositiveInt | None = None
+    niter: PositiveInt = 20
+    seed: int = 0
+
+
+class OutputConfig(Strict):
+    dir: str = "runs/default"
+    webdataset: bool = False
+    samples_per_shard: PositiveInt = 10_000
+    rows_per_part: PositiveInt = 1_000_000
+    dropped: bool = True
+    report: bool = False
+
+
+class Config(Strict):
+    input: InputConfig
+    model: ModelConfig = ModelConfig()
+    clusters: ClustersConfig | None = None
+    filters: list[Any] = []
+    output: OutputConfig = OutputConfig()
+
+    _filter_tree: list[FilterNode] = []
+
+    @property
+    def filter_tree(self) -> list[FilterNode]:
+        return self._filter_tree
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+_SET_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``key.path=value`` override; the value is parsed as a YAML scalar or list."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    key, value = assignment.split("=", 1)
+    parts: list[str | int] = []
+    for segment in key.split("."):
+        tokens = _SET_RE.findall(segment)
+        if not tokens or "".join(n or f"[{i}]" for n, i in tokens) != segment:
+            raise ConfigError(f"--set {key!r}: malformed key path")
+        parts += [n if n else int(i) for n, i in tokens]
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        try:
+            if isinstance(part, int):
+                node = node[part]
+            else:
+                if node.get(part) is None:
+                    node[part] = [] if isinstance(nxt, int) else {}
+                node = node[part]
+        except (IndexError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"--set {key}: no such key path in the config") from e
+    last = parts[-1]
+    try:
+        node[last] = yaml.safe_load(value)
+    except (IndexError, TypeError) as e:
+        raise ConfigError(f"--set {key}: no such key path in the config") from e
+
+
+def load_raw(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping")
+    return raw
+
+
+def parse_config(raw: dict) -> Config:
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, Config)) from e
+    if not isinstance(raw.get("filters", []), list):
+        raise ConfigError("filters: must be a list of filters")
+    cfg._filter_tree = parse_filters(cfg.filters, path="filters", input_kind=input_kind(cfg))
+    return cfg
+
+
+def input_kind(cfg: Config) -> str:
+    return "datacomp" if cfg.input.datacomp_metadata else "webdataset"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    raw = load_raw(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return parse_config(raw)

@@ -1,0 +1,224 @@
+"""The stage graph of one run: source stage, column stages, filters, writers, manifest.
+
+Planning happens before any data is read: the filters' required columns must be
+provided by the source stage or a column stage, or the config is rejected naming the
+filter and the column. Stage results are cached per shard, so a rerun with other filter
+settings only re-applies filters and rewrites outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from filtering.errors import ConfigError
+from filtering.filters.compose import FilterOutcome, apply_filters
+from filtering.io.atomic import atomic_write_text, makedirs
+from filtering.io.paths import join
+from filtering.pool import Pool
+from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
+from filtering.stages.base import ColumnStage, RunContext, SourceStage
+from filtering.writers.parquet import dropped_table, subset_table, write_parts
+from filtering.writers.uids import write_uids
+from pipelines.config import Config, input_kind
+from pipelines.lock import output_lock
+
+MAX_MANIFEST_FAILURES = 10_000
+
+
+def source_stage(cfg: Config, cache_root: str) -> SourceStage:
+    if input_kind(cfg) == "datacomp":
+        from filtering.stages.datacomp import DataCompStage
+
+        return DataCompStage(cfg.input.datacomp_metadata, cache_root)
+    from filtering.stages.score import ScoreStage
+
+    return ScoreStage(cfg.input.shards, cfg.model, cache_root)
+
+
+def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
+    """Every column stage that could run, in dependency order; the plan keeps those needed."""
+    stages: list[ColumnStage] = []
+    try:
+        from filtering.stages.clusters import ClusterStage
+    except ImportError:
+        ClusterStage = None  # noqa: N806
+    if ClusterStage is not None:
+        stages.append(ClusterStage(cfg, cache_root))
+    return stages
+
+
+@dataclass
+class Plan:
+    source: SourceStage
+    stages: list[ColumnStage]
+
+
+def plan(cfg: Config, cache_root: str) -> Plan:
+    """Choose the stages the filters need; reject configs that need a column nothing provides."""
+    source = source_stage(cfg, cache_root)
+    candidates = column_stages(cfg, cache_root)
+    provided = set(source.provides())
+    needed: set[str] = set()
+    for node in cfg.filter_tree:
+        for f in node.leaves():
+            needed |= f.requires()
+    chosen = []
+    for stage in candidates:
+        if stage.provides() & needed:
+            chosen.append(stage)
+            provided |= stage.provides()
+            needed |= getattr(stage, "requires", lambda: set())()
+    for node in cfg.filter_tree:
+        for f in node.leaves():
+            missing = f.requires() - provided
+            if missing:
+                raise ConfigError(
+                    f"filters: {f.name} needs {sorted(missing)}, which no stage provides for "
+                    f"{input_kind(cfg)} input (available: {sorted(provided)})"
+                )
+    return Plan(source, chosen)
+
+
+@dataclass
+class RunResult:
+    out_dir: str
+    manifest: dict[str, Any]
+    pool: Pool
+    outcome: FilterOutcome
+
+
+def progress_factory(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    def make(total=None, desc="", unit="samples"):
+        return tqdm(total=total, desc=desc, unit=f" {unit}", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    return make
+
+
+def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResult:
+    out_dir = cfg.output.dir
+    cache_root = join(out_dir, "cache")
+    log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
+    the_plan = plan(cfg, cache_root)
+    makedirs(out_dir)
+    with output_lock(out_dir):
+        ctx = RunContext(
+            config=cfg,
+            out_dir=out_dir,
+            cache_dir=cache_root,
+            executor=executor,
+            progress=progress_factory(progress),
+            log=log,
+        )
+        pool = the_plan.source.run(ctx)
+        for stage in the_plan.stages:
+            stage.run(ctx, pool)
+        outcome = apply_filters(cfg.filter_tree, pool)
+        manifest = write_outputs(cfg, ctx, pool, outcome)
+    return RunResult(out_dir, manifest, pool, outcome)
+
+
+def model_record(cfg: Config, ctx: RunContext) -> dict[str, Any]:
+    if input_kind(cfg) == "datacomp":
+        return {"arch": None, "pretrained": None, "checkpoint_sha256": None, "note": "scores and embeddings from DataComp metadata"}
+    info = dict(ctx.model_info)
+    return {
+        "arch": info.get("arch", cfg.model.arch),
+        "pretrained": info.get("pretrained", cfg.model.pretrained),
+        "checkpoint_sha256": info.get("checkpoint_sha256"),
+        **{k: v for k, v in info.items() if k not in ("arch", "pretrained", "checkpoint_sha256", "device")},
+    }
+
+
+def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome) -> dict[str, Any]:
+    out = cfg.output
+    failed = pool.failed
+    config_dict = cfg.to_dict()
+    model = model_record(cfg, ctx)
+    prov = provenance(config_dict, cfg.sha256(), model)
+
+    kept_table = subset_table(pool.table, outcome.keep)
+    subset_parts = write_parts(join(out.dir, "subset"), kept_table, out.rows_per_part, prov)
+    write_uids(join(out.dir, "subset.npy"), kept_table.column("uid").to_pylist())
+    outputs: dict[str, Any] = {"subset": subset_parts, "subset_npy": join(out.dir, "subset.npy")}
+    if out.dropped:
+        outputs["dropped"] = write_parts(
+            join(out.dir, "dropped"), dropped_table(pool.table, outcome, failed), out.rows_per_part, prov
+        )
+    if out.webdataset:
+        from filtering.writers.webdataset import reshard
+
+        outputs["shards"] = reshard(pool, outcome.keep, join(out.dir, "shards"), out.samples_per_shard, ctx)
+
+    errors = pool.column("error") if pool.has_column("error") else np.full(pool.n, None, dtype=object)
+    fail_idx = np.flatnonzero(failed)
+    failures = [
+        {
+            "source_shard": pool.column("source_shard")[i],
+            "key": pool.column("key")[i],
+            "uid": pool.column("uid")[i],
+            "reason": errors[i],
+        }
+        for i in fail_idx[:MAX_MANIFEST_FAILURES]
+    ] + ctx.failures
+    reasons = Counter(str(e).split(":", 1)[0] for e in errors[fail_idx])
+    inputs, checksum_method = checksum_inputs(ctx.inputs)
+    counts = {
+        "input": int(pool.n),
+        "failed": int(failed.sum()),
+        "failed_reasons": dict(sorted(reasons.items())),
+        "kept": int(outcome.keep.sum()),
+        "filters": outcome.funnel,
+    }
+    dropped_total = sum(f["dropped"] for f in outcome.funnel)
+    assert counts["input"] == counts["kept"] + counts["failed"] + dropped_total, "funnel does not add up"
+    manifest = {
+        "poolsift_version": prov["poolsift_version"],
+        "git_commit": git_commit(),
+        "created_at": now_iso(),
+        "config": config_dict,
+        "config_sha256": prov["config_sha256"],
+        "model": model,
+        "input_kind": input_kind(cfg),
+        "inputs": inputs,
+        "input_checksum": checksum_method,
+        "counts": counts,
+        "thresholds": pool.artifacts.get("thresholds", {}),
+        "stages": ctx.stage_info,
+        "failures": failures,
+        "failures_truncated": len(fail_idx) > MAX_MANIFEST_FAILURES,
+        "outputs": outputs,
+    }
+    if "reshard_map" in pool.artifacts:
+        manifest["shards"] = pool.artifacts["reshard_map"]
+    atomic_write_text(join(out.dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    return manifest
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def format_funnel(manifest: dict[str, Any]) -> str:
+    c = manifest["counts"]
+    width = max([len(f["name"]) for f in c["filters"]] + [10])
+    lines = [f"{'input':<{width}}  {c['input']:>10,}"]
+    fr = ", ".join(f"{k} {v}" for k, v in c.get("failed_reasons", {}).items())
+    lines.append(f"{'failed':<{width}}  {c['failed']:>10,}" + (f"  ({fr})" if fr else ""))
+    for f in c["filters"]:
+        why = ", ".join(f"{k} {v}" for k, v in f["reasons"].items())
+        lines.append(f"{f['name']:<{width}}  {-f['dropped']:>+10,}  -> {f['kept']:,} left" + (f"  ({why})" if why else ""))
+    pct = 100.0 * c["kept"] / c["input"] if c["input"] else 0.0
+    lines.append(f"{'kept':<{width}}  {c['kept']:>10,}  ({pct:.1f}% of input)")
+    return "\n".join(lines)
