@@ -1,9 +1,15 @@
 """Provenance: what produced an output — config and its hash, package and git versions,
 model and checkpoint hash, every input file with size and checksum (SPEC, "Output directory").
 
-Input checksums are sha256 of each shard's bytes for local files up to
-``FULL_HASH_LIMIT``; beyond that (huge pools, remote objects) the manifest records the
-cheap identity ``size+mtime`` and says so in ``checksum``.
+Input checksums: when the local input files total at most ``FULL_HASH_LIMIT`` (1 GiB,
+a second or two of hashing), each gets the sha256 of its bytes (``"sha256"``). Larger
+local pools (a DataComp pool's npz embeddings alone are gigabytes) get a cheap content
+fingerprint instead, ``"sha256_head_tail"``: sha256 of the size and the first and last
+64 KiB of each file (for Parquet the tail is its footer with schema and row-group
+statistics; for npz, the zip directory), which catches truncation, rewrites and most
+edits at a fixed cost per file. Remote objects keep their size and modification stamp
+(``"size+mtime"``), read from listings without downloading. The manifest's
+``input_checksum`` names the method used.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from filtering import __version__
-from filtering.io.paths import is_local, sha256_file
+from filtering.io.paths import is_local, open_file, sha256_file
 
-FULL_HASH_LIMIT = 4 << 30  # total input bytes hashed in full; above it, size+mtime only
+FULL_HASH_LIMIT = 1 << 30  # total local input bytes hashed in full; above it, head+tail fingerprints
+HEAD_TAIL_BYTES = 64 << 10
+HEAD_TAIL_METHOD = "sha256_head_tail: sha256 of the size and the first and last 64 KiB of each file"
 
 
 @functools.cache
@@ -35,10 +43,36 @@ def git_commit() -> str | None:
 
 def checksum_inputs(inputs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Add a checksum to each input record; returns (records, method)."""
+    import concurrent.futures as cf
+
+    if not all(is_local(i["path"]) for i in inputs):
+        return [dict(i) for i in inputs], "size+mtime"
     total = sum(int(i.get("size") or 0) for i in inputs)
-    if total <= FULL_HASH_LIMIT and all(is_local(i["path"]) for i in inputs):
-        return [{**i, "sha256": sha256_file(i["path"])} for i in inputs], "sha256"
-    return [dict(i) for i in inputs], "size+mtime"
+    full = total <= FULL_HASH_LIMIT
+    field, fn = ("sha256", sha256_file) if full else ("sha256_head_tail", sha256_head_tail)
+    with cf.ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL on large blocks
+        digests = list(pool.map(fn, [i["path"] for i in inputs]))
+    records = [{**i, field: d} for i, d in zip(inputs, digests, strict=True)]
+    return records, "sha256" if full else HEAD_TAIL_METHOD
+
+
+def sha256_head_tail(url: str, block: int = HEAD_TAIL_BYTES) -> str:
+    """sha256 over the file's size (8 bytes, big-endian), its first ``block`` bytes and its
+    last ``block`` bytes (the whole file once when it is shorter than two blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open_file(url) as f:
+        size = f.seek(0, 2)
+        h.update(size.to_bytes(8, "big"))
+        f.seek(0)
+        if size <= 2 * block:
+            h.update(f.read())
+        else:
+            h.update(f.read(block))
+            f.seek(size - block)
+            h.update(f.read(block))
+    return h.hexdigest()
 
 
 def provenance(config: dict[str, Any], config_sha256: str, model: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from filtering.errors import PoolsiftError
 from filtering.io.paths import is_local
 
 
-class OutputLocked(PoolsiftError):
+class OutputLockedError(PoolsiftError):
     exit_code = 1
 
 
@@ -33,7 +33,7 @@ def output_lock(out_dir: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise OutputLocked(
+            raise OutputLockedError(
                 f"output directory {out_dir} is in use by another poolsift run (pid {holder}); "
                 "wait for it to finish or choose another --output"
             ) from None

@@ -52,6 +52,25 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def remove_temp_files(root: str) -> int:
+    """Delete the ``.tmp-*`` files that killed runs left under a local ``root``; returns how many.
+
+    Only safe while no other process writes under ``root`` (the caller holds the output
+    lock). Remote roots are left alone: object stores have no lock to make this safe,
+    and a leftover temporary object is never read as a result.
+    """
+    if not is_local(root):
+        return 0
+    removed = 0
+    for dirpath, _, files in os.walk(root.removeprefix("file://")):
+        for name in files:
+            if name.startswith(".tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
+
+
 def atomic_write_bytes(url: str, data: bytes) -> None:
     with atomic_open(url, "wb") as f:
         f.write(data)

@@ -60,7 +60,7 @@ def expand_shards(spec: str | Iterable[str], suffix: str = ".tar") -> list[str]:
         for pattern in braceexpand.braceexpand(item):
             matches = _expand_one(pattern, suffix)
             if not matches:
-                raise InputError(f"input: no shards found at {pattern!r}")
+                raise InputError(f"input.shards: no shards found at {pattern!r}")
             found.extend(matches)
     return sorted(dict.fromkeys(found))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,12 +128,12 @@ class ClipModel:
 
 def split_transform(preprocess) -> tuple[Any, Any]:
     """Split an open_clip ``Compose`` at its to-tensor step into a PIL part and a tensor part."""
-    from torchvision import transforms as T
+    from torchvision.transforms import Compose
 
     steps = list(getattr(preprocess, "transforms", [preprocess]))
     for i, step in enumerate(steps):
         if type(step).__name__ in ("ToTensor", "MaybeToTensor"):
-            return T.Compose(steps[:i]), T.Compose(steps[i + 1 :])
+            return Compose(steps[:i]), Compose(steps[i + 1 :])
     raise PoolsiftError(f"cannot split the model's image transform {preprocess!r}: no ToTensor step")
 
 
@@ -166,7 +167,7 @@ def load_clip(
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=tag, device=device, weights_only=True
         )
-    except (RuntimeError, OSError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise PoolsiftError(f"could not load model {model_name!r} (pretrained={tag!r}): {e}") from e
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)

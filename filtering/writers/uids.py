@@ -11,7 +11,9 @@ from filtering.uid import uids_to_u8u8
 
 def write_uids(path: str, uids) -> np.ndarray:
     arr = uids_to_u8u8(uids)
-    arr.sort()
+    # Same order as arr.sort() on the structured dtype (by high, then low half), but
+    # np.lexsort on the two uint64 columns avoids numpy's slow generic record compare.
+    arr = arr[np.lexsort((arr["f1"], arr["f0"]))]
     with atomic_open(path) as f:
         np.save(f, arr)
     return arr
