@@ -10,6 +10,7 @@ model. Corrupt samples become rows with an ``error`` reason and zero embeddings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import deque
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from filtering.cache import ShardCache
+from filtering.errors import PoolsiftError
 from filtering.io.paths import expand_shards, file_info, shard_name
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard
 from filtering.pool import Pool, ShardPart
@@ -65,7 +67,10 @@ def model_spec(model_cfg) -> dict:
             while block := f.read(1 << 20):
                 h.update(block)
         weights = f"sha256:{h.hexdigest()}"
-    return {"arch": model_cfg.arch, "weights": weights, "precision": model_cfg.precision}
+    spec = {"arch": model_cfg.arch, "weights": weights, "precision": model_cfg.precision}
+    if getattr(model_cfg, "jpeg_draft", False):
+        spec["jpeg_draft"] = True  # DCT-downscaled decoding changes pixels slightly
+    return spec
 
 
 @dataclass
@@ -79,22 +84,24 @@ class _ShardAcc:
     read: ShardReadResult | None = None
 
 
-def encode_text_trimmed(model, tokens):
+def encode_text_trimmed(model, tokens, length: int | None = None):
     """Encode text trimmed to the batch's longest real token sequence.
 
     Exact for open_clip's causal text tower: the causal mask means positions after a
     sequence's end-of-text token never influence it, so dropping trailing padding
     columns changes nothing (checked against the padded result in tests). Other text
-    towers fall back to the model's own ``encode_text``.
+    towers fall back to the model's own ``encode_text``. ``length`` (the longest real
+    sequence) can be given by a caller that knows it, to avoid a device sync.
     """
     import torch
-    import torch.nn.functional as F
     from open_clip.model import CLIP
     from open_clip.transformer import text_global_pool
+    from torch.nn.functional import normalize
 
     if not isinstance(model, CLIP) or model.text_pool_type != "argmax" or model.attn_mask is None:
         return model.encode_text(tokens, normalize=True)
-    length = int((tokens != 0).sum(dim=1).max().item())
+    if length is None:
+        length = token_length(tokens)
     length = max(1, min(length, tokens.shape[1]))
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
@@ -105,14 +112,90 @@ def encode_text_trimmed(model, tokens):
     x = text_global_pool(x, tokens, model.text_pool_type)
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-    return F.normalize(x, dim=-1)
+    return normalize(x, dim=-1)
+
+
+def token_length(tokens) -> int:
+    """The longest real (non-padding) token sequence in a padded batch."""
+    return int((tokens != 0).sum(dim=1).max().item()) if tokens.numel() else 1
+
+
+def _mha_forward_contiguous(self, query, key, value, **kwargs):
+    """``nn.MultiheadAttention.forward`` for ``batch_first`` modules, fed sequence-first contiguous inputs.
+
+    torch's batch-first attention transposes its input to a non-contiguous view before the
+    input projection; on CPU a bf16 ``linear`` on such a view falls back to a batched
+    matmul against a per-position copy of the weight, about 15x slower than on a
+    contiguous input (torch 2.x). Same arithmetic, contiguous layout.
+    """
+    import torch
+
+    if not self.batch_first:
+        return torch.nn.MultiheadAttention.forward(self, query, key, value, **kwargs)
+    q = query.transpose(0, 1).contiguous()
+    k = q if key is query else key.transpose(0, 1).contiguous()
+    v = q if value is query else (k if value is key else value.transpose(0, 1).contiguous())
+    self.batch_first = False
+    try:
+        out, weights = torch.nn.MultiheadAttention.forward(self, q, k, v, **kwargs)
+    finally:
+        self.batch_first = True
+    return out.transpose(0, 1), weights
+
+
+def contiguous_attention(model) -> None:
+    """Route the model's batch-first attention modules through :func:`_mha_forward_contiguous`."""
+    import types
+
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention) and module.batch_first:
+            module.forward = types.MethodType(_mha_forward_contiguous, module)
+
+
+class _Done:
+    """An encoded batch already on the host."""
+
+    def __init__(self, image: np.ndarray, text: np.ndarray):
+        self.image, self.text = image, text
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.image, self.text
+
+
+class _CudaPending:
+    """An encoded batch whose device-to-host copy may still be running."""
+
+    def __init__(self, image, text, event, keepalive):
+        self.image, self.text, self.event, self.keepalive = image, text, event, keepalive
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self.event.synchronize()
+        self.keepalive = None
+        return self.image.numpy(), self.text.numpy()
 
 
 class ClipEncoder:
-    """Batched image and text encoding with the model's own normalization, on its device."""
+    """Batched image and text encoding with the model's own normalization, on its device.
 
-    def __init__(self, clip):
+    Pixels arrive as uint8 NHWC (resized by the decode workers); the float conversion
+    and normalization run on the device, under ``torch.inference_mode`` and, for
+    ``precision`` bf16/fp16, autocast over the fp32 weights. On CUDA, :meth:`submit`
+    stages each batch in pinned memory and copies it on a side stream, so the copy of
+    the next batch overlaps the forward pass of the current one; results come back
+    through pinned buffers and are waited for only when asked for.
+    """
+
+    def __init__(self, clip, channels_last: bool = False):
+        import torch
+
         self.clip = clip
+        self.device = torch.device(clip.device)
+        self.channels_last = channels_last
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cpu" and clip.autocast_dtype is not None:
+            contiguous_attention(clip.model)
         self.dim = int(self._encode_text([""]).shape[1])
 
     def _encode_text(self, captions: list[str]):
@@ -122,24 +205,54 @@ class ClipEncoder:
             tokens = self.clip.tokenizer(captions).to(self.clip.device)
             return encode_text_trimmed(self.clip.model, tokens).float()
 
-    def __call__(self, pixels: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, x, tokens, length: int):
+        """uint8 NHWC pixels and trimmed tokens, both on the device -> unit-norm float32 embeddings."""
         import torch
-        import torch.nn.functional as F
+        from torch.nn.functional import normalize
 
         clip = self.clip
-        device = torch.device(clip.device)
         dtype = clip.autocast_dtype
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            x = torch.from_numpy(pixels)
-            if device.type == "cuda":
-                x = x.pin_memory().to(device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             x = clip.tensor_transform(x)
-            img = F.normalize(clip.model.encode_image(x).float(), dim=-1)
-            tokens = clip.tokenizer(captions).to(device)
-            txt = encode_text_trimmed(clip.model, tokens).float()
-            txt = F.normalize(txt, dim=-1)
-        return img.cpu().numpy(), txt.cpu().numpy()
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            img = normalize(clip.model.encode_image(x).float(), dim=-1)
+            txt = normalize(encode_text_trimmed(clip.model, tokens, length).float(), dim=-1)
+        return img, txt
+
+    def submit(self, pixels: np.ndarray, captions: list[str]):
+        """Start encoding a batch; returns an object whose ``result()`` gives (image, text) arrays."""
+        import torch
+
+        tokens = self.clip.tokenizer(captions)  # one call for the whole batch
+        length = token_length(tokens)
+        tokens = tokens[:, :length]
+        with torch.inference_mode():
+            if self.device.type != "cuda":
+                img, txt = self._forward(torch.from_numpy(pixels), tokens, length)
+                return _Done(img.numpy(), txt.numpy())
+            host_x = torch.from_numpy(pixels).pin_memory()
+            host_t = tokens.contiguous().pin_memory()
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self._copy_stream):
+                x = host_x.to(self.device, non_blocking=True)
+                t = host_t.to(self.device, non_blocking=True)
+            compute.wait_stream(self._copy_stream)
+            # x and t were allocated on the copy stream but are used (and freed) on the compute stream.
+            x.record_stream(compute)
+            t.record_stream(compute)
+            img, txt = self._forward(x, t, length)
+            out_img = torch.empty(img.shape, dtype=torch.float32, pin_memory=True)
+            out_txt = torch.empty(txt.shape, dtype=torch.float32, pin_memory=True)
+            out_img.copy_(img, non_blocking=True)
+            out_txt.copy_(txt, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(compute)
+            return _CudaPending(out_img, out_txt, event, keepalive=(host_x, host_t, img, txt))
+
+    def __call__(self, pixels: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.submit(pixels, captions).result()
 
 
 class ScoreStage(SourceStage):
@@ -148,13 +261,24 @@ class ScoreStage(SourceStage):
     name = "score"
 
     def __init__(self, shards_spec, model_cfg, cache_root: str):
+        # Nothing is read here: `poolsift validate` plans the run without touching data.
         self.shards_spec = shards_spec
         self.model_cfg = model_cfg
-        self.urls = expand_shards(shards_spec)
-        self.cache = ShardCache(cache_root, "score", model_spec(model_cfg))
+        self.cache_root = cache_root
+
+    @functools.cached_property
+    def urls(self) -> list[str]:
+        return expand_shards(self.shards_spec)
+
+    @functools.cached_property
+    def cache(self) -> ShardCache:
+        return ShardCache(self.cache_root, "score", model_spec(self.model_cfg))
 
     def provides(self) -> set[str]:
         return set(SCORE_SCHEMA.names)
+
+    def check_inputs(self) -> None:
+        self.urls  # noqa: B018  (expanding the shard spec raises InputError if nothing matches)
 
     def run(self, ctx: RunContext) -> Pool:
         sources = {u: file_info(u) for u in self.urls}
@@ -196,18 +320,31 @@ class ScoreStage(SourceStage):
         clip = ctx.clip()
         self.cache.write_info(clip.info)
         encoder = ClipEncoder(clip)
-        workers = self.num_workers()
+        workers = self.num_workers(clip.device)
         bar = ctx.bar(None, "score")
         try:
-            for acc in score_stream(urls, clip.pil_transform, encoder, self.model_cfg.batch_size, workers, bar):
+            for acc in score_stream(
+                urls, clip.pil_transform, encoder, self.model_cfg.batch_size, workers, bar,
+                draft=self.draft_size(clip.pil_transform),
+            ):
                 self.write_shard(acc, encoder.dim)
         finally:
             bar.close()
 
-    def num_workers(self) -> int:
+    def draft_size(self, pil_transform) -> int | None:
+        """The size large JPEGs may be DCT-downscaled to while decoding; None when off."""
+        from filtering.scorers.decode import draft_target
+
+        return draft_target(pil_transform) if getattr(self.model_cfg, "jpeg_draft", False) else None
+
+    def num_workers(self, device: str = "cpu") -> int:
+        """Decode processes: a GPU wants every other core decoding; on a CPU the model's
+        matmuls want the cores (decoding is about a quarter of the work in bf16), so one
+        worker per four cores (one on this 2-core machine; README, Performance)."""
         if self.model_cfg.num_workers is not None:
             return self.model_cfg.num_workers
-        return max(1, min(8, (os.cpu_count() or 2) - 1))
+        cores = os.cpu_count() or 2
+        return max(1, cores - 1) if device.startswith("cuda") else max(1, cores // 4)
 
     def write_shard(self, acc: _ShardAcc, dim: int) -> None:
         table = pa.Table.from_pylist(acc.rows, schema=SCORE_SCHEMA)
@@ -242,60 +379,125 @@ def _row(sample: RawSample, url: str) -> dict:
     }
 
 
-def _read_tasks(urls: list[str]) -> Iterator[tuple]:
-    """("chunk", url, samples) for every DECODE_CHUNK samples, then ("end", url, read result)."""
+def _read_tasks(urls: list[str], chunk: int = DECODE_CHUNK) -> Iterator[tuple]:
+    """("chunk", url, samples) for every ``chunk`` samples, then ("end", url, read result)."""
     for url in urls:
         result = ShardReadResult(url)
-        chunk: list[RawSample] = []
+        samples: list[RawSample] = []
         for sample in iter_shard(url, result):
-            chunk.append(sample)
-            if len(chunk) == DECODE_CHUNK:
-                yield "chunk", url, chunk
-                chunk = []
-        if chunk:
-            yield "chunk", url, chunk
+            samples.append(sample)
+            if len(samples) == chunk:
+                yield "chunk", url, samples
+                samples = []
+        if samples:
+            yield "chunk", url, samples
         yield "end", url, result
 
 
-def score_stream(urls, pil_transform, encoder, batch_size: int, workers: int, bar=None) -> Iterator[_ShardAcc]:
+def submit_batch(encoder, items: list[tuple[dict, object]]) -> tuple[list[int], object | None]:
+    """Start encoding one model batch of (row, Decoded): its readable images with their
+    captions. Returns the readable rows' positions and the pending result (None if none)."""
+    ok = [i for i, (_, d) in enumerate(items) if d.error is None]
+    if not ok:
+        return ok, None
+    pixels = np.stack([items[i][1].pixels for i in ok])
+    captions = [items[i][0]["caption"] for i in ok]
+    submit = getattr(encoder, "submit", None)
+    return ok, submit(pixels, captions) if submit is not None else _Done(*encoder(pixels, captions))
+
+
+def complete_batch(items: list[tuple[dict, object]], ok: list[int], pending, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fill each row's decode fields and ``clip_score`` (cosine of the unit-norm embeddings);
+    return the batch's float16 image and text embeddings, zeros for rows that failed."""
+    image = np.zeros((len(items), dim), np.float16)
+    text = np.zeros_like(image)
+    for row, d in items:
+        row.update(width=d.width, height=d.height, phash=d.phash, error=d.error, clip_score=None)
+    if pending is not None:
+        img, txt = pending.result()
+        image[ok], text[ok] = img, txt
+        scores = np.einsum("ij,ij->i", img, txt)
+        for j, i in enumerate(ok):
+            items[i][0]["clip_score"] = float(scores[j])
+    return image, text
+
+
+def encode_batch(encoder, items: list[tuple[dict, object]]) -> tuple[np.ndarray, np.ndarray]:
+    """One model batch, encoded and completed at once (the Ray executor's model actors)."""
+    ok, pending = submit_batch(encoder, items)
+    return complete_batch(items, ok, pending, encoder.dim)
+
+
+def _worker_died(e: Exception) -> PoolsiftError:
+    return PoolsiftError(
+        f"a decode worker process died ({type(e).__name__}: {e}); "
+        "often the system killed it for memory: lower model.num_workers or model.batch_size"
+    )
+
+
+def score_stream(
+    urls,
+    pil_transform,
+    encoder,
+    batch_size: int,
+    workers: int,
+    bar=None,
+    *,
+    draft: int | None = None,
+    chunk: int = DECODE_CHUNK,
+) -> Iterator[_ShardAcc]:
     """Yield each shard's scored rows and embeddings, in shard order.
 
     Decoding runs in ``workers`` processes ahead of the model through a bounded window
-    of chunks, so memory stays bounded; ``workers=0`` decodes in this process.
+    of chunks, so memory stays bounded and the model never waits while work is
+    queued; ``workers=0`` decodes in this process. A model batch never spans two
+    shards, so a shard's result does not depend on which shards were scored with it
+    (the Ray executor relies on this). ``draft``: see :mod:`filtering.scorers.decode`.
+    If the encoder (or anything else) raises, pending chunks are cancelled and the
+    workers shut down before the exception propagates; a worker that dies becomes a
+    :class:`PoolsiftError`.
     """
     import concurrent.futures as cf
     import multiprocessing as mp
+    from concurrent.futures.process import BrokenProcessPool
 
     from filtering.scorers.decode import decode_batch, decode_one, init_worker
 
     executor = None
     if workers > 0:
         executor = cf.ProcessPoolExecutor(
-            workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(pil_transform,)
+            workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(pil_transform, draft)
         )
     window: deque = deque()
-    max_pending = 4 * max(workers, 1) + batch_size // DECODE_CHUNK
+    # Enough chunks in flight to keep every worker busy and one model batch ready behind the current one.
+    max_pending = 2 * max(workers, 1) + -(-batch_size // chunk)
     batch: list[tuple[dict, object]] = []  # (row, Decoded) waiting for the model
+    inflight: deque = deque()  # (acc, batch, ok, pending encode) in submission order
     acc: _ShardAcc | None = None
 
     def flush() -> None:
-        ok = [i for i, (_, d) in enumerate(batch) if d.error is None]
-        image = np.zeros((len(batch), encoder.dim), np.float16)
-        text = np.zeros_like(image)
-        if ok:
-            img, txt = encoder(np.stack([batch[i][1].pixels for i in ok]), [batch[i][0]["caption"] for i in ok])
-            image[ok], text[ok] = img, txt
-            scores = np.einsum("ij,ij->i", img, txt)
-        for row, d in batch:
-            row.update(width=d.width, height=d.height, phash=d.phash, error=d.error, clip_score=None)
-        for j, i in enumerate(ok):
-            batch[i][0]["clip_score"] = float(scores[j])
-        acc.rows.extend(row for row, _ in batch)
-        acc.image.append(image)
-        acc.text.append(text)
-        if bar is not None:
-            bar.update(len(batch))
+        ok, pending = submit_batch(encoder, batch)
+        inflight.append((acc, list(batch), ok, pending))
         batch.clear()
+        finish(keep=1)  # keep one batch on the device while the next is prepared
+
+    def finish(keep: int) -> None:
+        while len(inflight) > keep:
+            owner, items, ok, pending = inflight.popleft()
+            image, text = complete_batch(items, ok, pending, encoder.dim)
+            owner.rows.extend(row for row, _ in items)
+            owner.image.append(image)
+            owner.text.append(text)
+            if bar is not None:
+                bar.update(len(items))
+
+    def decoded(fut, samples) -> list:
+        if fut is None:
+            return [decode_one(s.image, pil_transform, draft) for s in samples]
+        try:
+            return fut.result()
+        except BrokenProcessPool as e:
+            raise _worker_died(e) from e
 
     def handle(task, fut) -> Iterator[_ShardAcc]:
         nonlocal acc
@@ -303,23 +505,26 @@ def score_stream(urls, pil_transform, encoder, batch_size: int, workers: int, ba
         if acc is None:
             acc = _ShardAcc(url, [], [], [])
         if kind == "chunk":
-            decoded = fut.result() if fut is not None else [decode_one(s.image, pil_transform) for s in payload]
-            for sample, d in zip(payload, decoded, strict=True):
+            for sample, d in zip(payload, decoded(fut, payload), strict=True):
                 batch.append((_row(sample, url), d))
                 if len(batch) >= batch_size:
                     flush()
         else:
             if batch:
                 flush()
+            finish(keep=0)
             acc.read = payload
             done, acc = acc, None
             yield done
 
     try:
-        for task in _read_tasks(urls):
+        for task in _read_tasks(urls, chunk):
             fut = None
             if task[0] == "chunk" and executor is not None:
-                fut = executor.submit(decode_batch, [s.image for s in task[2]])
+                try:
+                    fut = executor.submit(decode_batch, [s.image for s in task[2]])
+                except BrokenProcessPool as e:
+                    raise _worker_died(e) from e
             window.append((task, fut))
             while len(window) > max_pending:
                 yield from handle(*window.popleft())
@@ -327,4 +532,5 @@ def score_stream(urls, pil_transform, encoder, batch_size: int, workers: int, ba
             yield from handle(*window.popleft())
     finally:
         if executor is not None:
+            # On an error or interrupt: drop queued chunks; running ones finish within a chunk.
             executor.shutdown(wait=True, cancel_futures=True)

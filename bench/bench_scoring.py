@@ -1,0 +1,226 @@
+"""Scoring throughput: poolsift's scoring stage vs the model alone vs a straightforward loop.
+
+One run prints, for each model and on the same shards:
+- ceiling: the model's forward pass alone (image + trimmed text, auto precision) on
+  tensors already decoded, resized and tokenized in memory;
+- poolsift: ``score_stream`` end to end — tar reading, sha256, decode + resize + phash in
+  worker processes, uint8 transfer, normalization and forward on the device;
+- straightforward: PIL decode per image, the model's full preprocess, fp32, text padded
+  to the full context, no workers, the same batch size (no phash: it does less work);
+- precision: fp32 vs auto-precision CLIP scores (max / mean abs difference, top-30%
+  selection overlap), and the effect of DCT-domain JPEG downscaling (``jpeg_draft``) on
+  large images: decode speed and the same score statistics.
+
+Models: (a) the bundled tiny model over the bundled sample, (b) ViT-B-32 with random
+weights over synthetic 512x384 JPEG shards written to --tmp (weights do not change speed).
+
+    .venv/bin/python bench/bench_scoring.py [--only tiny|vit] [--workers 1] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+WORDS = ["a", "photo", "of", "the", "red", "small", "large", "dog", "cat", "tree", "house", "car", "on", "in", "with", "near", "blue", "green", "sunny", "street", "beach", "old", "new", "wooden", "table", "chair", "window", "painting", "abstract", "city", "night", "mountain", "river", "boat", "bike", "flower", "garden"]
+
+
+def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, int], seed: int = 0) -> list[str]:
+    """Write JPEG shards of smooth random scenes with mixed-length captions (cached by name)."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    urls = []
+    w, h = size
+    for s in range(shards):
+        path = out / f"{w}x{h}-{per_shard}-{s:05d}.tar"
+        urls.append(str(path))
+        if path.exists():
+            continue
+        tmp = path.with_suffix(".tmp")
+        with tarfile.open(tmp, "w") as tf:
+            for i in range(per_shard):
+                low = rng.uniform(0, 255, (h // 32 + 1, w // 32 + 1, 3)).astype(np.uint8)
+                base = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.int16)
+                img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, "JPEG", quality=90)
+                caption = " ".join(rng.choice(WORDS, rng.integers(3, 40)))
+                key = f"{s:05d}{i:05d}"
+                meta = json.dumps({"original_width": w, "original_height": h}).encode()
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        tmp.rename(path)
+    return urls
+
+
+def run_stream(urls, clip, batch_size, workers, draft) -> tuple[float, np.ndarray, int]:
+    from filtering.stages.score import ClipEncoder, score_stream
+
+    encoder = ClipEncoder(clip)
+    t0 = time.perf_counter()
+    scores = []
+    for acc in score_stream(urls, clip.pil_transform, encoder, batch_size, workers, draft=draft):
+        scores += [r["clip_score"] for r in acc.rows]
+    dt = time.perf_counter() - t0
+    arr = np.array([np.nan if s is None else s for s in scores], np.float64)
+    return len(arr) / dt, arr, len(arr)
+
+
+def run_ceiling(urls, clip, batch_size) -> float:
+    """The forward pass alone, on inputs decoded and tokenized beforehand."""
+    from filtering.io.reader import iter_shard
+    from filtering.scorers.decode import decode_one
+    from filtering.stages.score import ClipEncoder
+
+    encoder = ClipEncoder(clip)
+    pixels, captions = [], []
+    for url in urls:
+        for s in iter_shard(url):
+            d = decode_one(s.image, clip.pil_transform, None)
+            if d.error is None:
+                pixels.append(d.pixels)
+                captions.append(s.caption)
+    batches = []
+    for i in range(0, len(pixels), batch_size):
+        tokens = clip.tokenizer(captions[i : i + batch_size])
+        batches.append((np.stack(pixels[i : i + batch_size]), tokens))
+    import torch
+
+    from filtering.stages.score import token_length
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x, tokens in batches:
+            n = token_length(tokens)
+            img, txt = encoder._forward(torch.from_numpy(x), tokens[:, :n], n)
+            img.numpy()
+    return len(pixels) / (time.perf_counter() - t0)
+
+
+def run_straightforward(urls, clip, batch_size) -> float:
+    """PIL decode per image, full preprocess, fp32, padded text, no workers."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms import Compose, ToTensor
+
+    from filtering.io.reader import iter_shard
+
+    preprocess = Compose([clip.pil_transform, ToTensor(), clip.tensor_transform])
+    model, n = clip.model, 0
+    t0 = time.perf_counter()
+
+    def encode(images, captions):
+        with torch.no_grad():
+            img = model.encode_image(torch.stack(images), normalize=True)
+            txt = model.encode_text(clip.tokenizer(captions), normalize=True)
+            return (img * txt).sum(-1).numpy()
+
+    for url in urls:
+        images, captions = [], []
+        for s in iter_shard(url):
+            n += 1
+            try:
+                images.append(preprocess(Image.open(io.BytesIO(s.image)).convert("RGB")))
+                captions.append(s.caption)
+            except Exception:  # noqa: BLE001 — a corrupt image is skipped, as a loop would
+                continue
+            if len(images) == batch_size:
+                encode(images, captions)
+                images, captions = [], []
+        if images:
+            encode(images, captions)
+    return n / (time.perf_counter() - t0)
+
+
+def compare(a: np.ndarray, b: np.ndarray, fraction: float = 0.3) -> str:
+    ok = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[ok], b[ok]
+    k = max(1, int(len(a) * fraction))
+    top_a, top_b = set(np.argsort(-a)[:k]), set(np.argsort(-b)[:k])
+    d = np.abs(a - b)
+    return f"max |d| {d.max():.4f}  mean |d| {d.mean():.5f}  top-{int(fraction * 100)}% overlap {len(top_a & top_b) / k:.1%}"
+
+
+def bench_model(title, clip, urls, batch_size, workers, draft_urls=None) -> None:
+    from filtering.scorers.decode import draft_target
+
+    draft = draft_target(clip.pil_transform)
+    fp32 = dataclasses.replace(clip, precision="fp32")
+    print(f"\n== {title}: {len(urls)} shards, batch {batch_size}, {workers} decode worker(s), "
+          f"torch threads {_threads()}, precision auto -> {clip.precision}", flush=True)
+    ceiling = run_ceiling(urls, clip, batch_size)
+    ours, s_auto, n = run_stream(urls, clip, batch_size, workers, draft)
+    base = run_straightforward(urls, fp32, batch_size)
+    _, s_fp32, _ = run_stream(urls, fp32, batch_size, workers, draft)
+    print(f"samples                          {n}")
+    print(f"ceiling (forward only)           {ceiling:8.1f} samples/s")
+    print(f"poolsift score_stream            {ours:8.1f} samples/s   {ours / ceiling:5.2f}x of ceiling")
+    print(f"straightforward loop (fp32)      {base:8.1f} samples/s   poolsift = {ours / base:5.2f}x")
+    print(f"auto ({clip.precision}) vs fp32 scores    {compare(s_auto, s_fp32)}")
+    if draft_urls:
+        full_rate, s_full, m = run_stream(draft_urls, fp32, batch_size, workers, None)
+        draft_rate, s_draft, _ = run_stream(draft_urls, fp32, batch_size, workers, draft)
+        print(f"jpeg_draft on {m} large JPEGs     full decode {full_rate:.1f}/s, draft {draft_rate:.1f}/s "
+              f"({draft_rate / full_rate:.2f}x); fp32 scores draft vs full: {compare(s_draft, s_full)}")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=("tiny", "vit"))
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--per-shard", type=int, default=256)
+    ap.add_argument("--tmp", default="/tmp/poolsift_bench")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from filtering.io.paths import expand_shards
+    from filtering.models.clip import load_clip
+
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    tmp = Path(args.tmp)
+    ckpt = REPO / "sample_data/tiny_clip/poolsift-tiny.safetensors"
+    if args.only in (None, "tiny") and not ckpt.is_file():
+        print("bundled sample missing (poolsift make-sample sample_data): skipping the tiny model")
+    elif args.only in (None, "tiny"):
+        urls = expand_shards(str(REPO / "sample_data/pool/{00000..00003}.tar"))
+        clip = load_clip("poolsift-tiny", str(ckpt), "cpu", "auto")
+        large = synthetic_shards(tmp, 1, 128, (512, 384), seed=1)
+        bench_model("poolsift-tiny (bundled) on the bundled sample", clip, urls, args.batch_size, args.workers, large)
+    if args.only in (None, "vit"):
+        import torch
+
+        torch.manual_seed(0)
+        clip = load_clip("ViT-B-32", None, "cpu", "auto")
+        urls = synthetic_shards(tmp, args.shards, args.per_shard, (512, 384))
+        large = synthetic_shards(tmp, 1, 64, (1024, 768), seed=1)
+        bench_model("ViT-B-32 (random weights) on synthetic 512x384 JPEGs", clip, urls, args.batch_size,
+                    args.workers, large)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The scoring stage's fast paths give the results of the plain ones, and fail cleanly.
+
+- trimmed text encoding equals open_clip's padded ``encode_text`` (tiny model, ViT-B-32);
+- decode workers are gone after an encoder error or a KeyboardInterrupt, and a worker
+  that dies is a PoolsiftError, not a hang;
+- deferred (CUDA-style) encoding and worker decoding give the in-process results, and a
+  model batch never spans two shards;
+- bf16 autocast scores stay within the stated tolerance of fp32 on the bundled sample;
+- DCT-domain JPEG downscaling (``jpeg_draft``) only applies to large JPEGs and barely
+  moves pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import signal
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from filtering.errors import PoolsiftError
+from filtering.scorers.decode import decode_one, draft_target
+from filtering.stages.score import ClipEncoder, encode_text_trimmed, score_stream
+
+REPO = Path(__file__).resolve().parents[3]
+CAPTIONS = [
+    "",
+    "a dog",
+    "a red circle on a blue background",
+    "ein roter Kreis auf blauem Hintergrund, gezeichnet mit einem dicken Pinsel",
+    " ".join(["word"] * 120),  # longer than any context: truncated, ends at the last position
+    "a photo of a cat sitting on a wooden table next to a window at night",
+]
+# Tolerance of bf16 autocast vs fp32 CLIP scores on the bundled sample (README, Performance).
+MAX_ABS_DIFF = 0.02
+MIN_TOP30_OVERLAP = 0.95
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    import torch
+
+    from filtering.models.clip import load_clip
+
+    ckpt = REPO / "sample_data/tiny_clip/poolsift-tiny.safetensors"
+    torch.manual_seed(0)
+    return load_clip("poolsift-tiny", str(ckpt) if ckpt.is_file() else None, "cpu", "fp32")
+
+
+def _jpeg(rng, w: int, h: int) -> bytes:
+    from PIL import Image
+
+    low = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    """Two shards of 40 small JPEGs with captions; the second holds a corrupt image."""
+    out = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    urls = []
+    for s in range(2):
+        path = out / f"{s:05d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in range(40):
+                image = _jpeg(rng, 96, 80) if (s, i) != (1, 3) else b"\xff\xd8 not a jpeg"
+                members = {"jpg": image, "txt": CAPTIONS[i % len(CAPTIONS)].encode(), "json": json.dumps({}).encode()}
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{s}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        urls.append(str(path))
+    return urls
+
+
+# --- trimmed text ------------------------------------------------------------------
+
+
+def _assert_trimmed_equals_padded(model, tokenizer) -> None:
+    import torch
+
+    for captions in (CAPTIONS[:4], CAPTIONS):  # a batch that is trimmed, one that fills the context
+        tokens = tokenizer(captions)
+        with torch.inference_mode():
+            padded = model.encode_text(tokens, normalize=True)
+            trimmed = encode_text_trimmed(model, tokens)
+        assert trimmed.shape == padded.shape
+        torch.testing.assert_close(trimmed, padded, atol=1e-5, rtol=0)
+
+
+def test_trimmed_text_equals_padded_on_tiny_model(tiny_clip):
+    assert int((tiny_clip.tokenizer(CAPTIONS[:4]) != 0).sum(1).max()) < 30  # really trimmed (context: 32)
+    _assert_trimmed_equals_padded(tiny_clip.model, tiny_clip.tokenizer)
+
+
+def test_trimmed_text_equals_padded_on_vit_b32():
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32").eval()  # random weights: no download
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    assert int((tokenizer(CAPTIONS[:4]) != 0).sum(1).max()) < 30  # the short batch really is trimmed
+    _assert_trimmed_equals_padded(model, tokenizer)
+
+
+# --- worker shutdown -----------------------------------------------------------------
+
+
+class _Failing:
+    """A real encoder that raises ``exc`` on its ``fail_at``-th batch, noting live workers."""
+
+    def __init__(self, clip, exc: BaseException | None = None, fail_at: int = 2, kill: bool = False):
+        self.inner = ClipEncoder(clip)
+        self.dim = self.inner.dim
+        self.exc, self.fail_at, self.kill = exc, fail_at, kill
+        self.calls = 0
+        self.worker_pids: set[int] = set()
+
+    def __call__(self, pixels, captions):
+        self.calls += 1
+        self.worker_pids |= {p.pid for p in multiprocessing.active_children()}
+        if self.kill and self.calls == 1:
+            for pid in self.worker_pids:
+                os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        if self.exc is not None and self.calls == self.fail_at:
+            raise self.exc
+        return self.inner(pixels, captions)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("model exploded"), KeyboardInterrupt()])
+def test_workers_gone_after_encoder_error(tiny_clip, shards, exc):
+    encoder = _Failing(tiny_clip, exc)
+    with pytest.raises(type(exc)):
+        for _ in score_stream(shards, tiny_clip.pil_transform, encoder, 8, 1, chunk=8):
+            pass
+    assert encoder.worker_pids, "the decode worker should have been running"
+    assert multiprocessing.active_children() == []
+    assert not any(_alive(p) for p in encoder.worker_pids)
+
+
+def test_dead_worker_is_a_clear_error(tiny_clip, shards):
+    encoder = _Failing(tiny_clip, kill=True)
+    with pytest.raises(PoolsiftError, match="decode worker process died"):
+        for _ in score_stream(shards, tiny_clip.pil_transform, encoder, 8, 1, chunk=8):
+            pass
+    assert multiprocessing.active_children() == []
+
+
+# --- deferred encoding, workers, shard boundaries ---------------------------------------
+
+
+class _Deferred:
+    """Encodes on ``result()``, like the CUDA path whose copies finish later; records batch sizes."""
+
+    def __init__(self, clip):
+        self.inner = ClipEncoder(clip)
+        self.dim = self.inner.dim
+        self.sizes: list[int] = []
+        self.outstanding = 0
+
+    def submit(self, pixels, captions):
+        self.sizes.append(len(pixels))
+        self.outstanding += 1
+        enc = self
+
+        class Pending:
+            def result(self):
+                enc.outstanding -= 1
+                return enc.inner(pixels, captions)
+
+        return Pending()
+
+
+def test_deferred_encoding_and_workers_match_in_process(tiny_clip, shards):
+    plain = ClipEncoder(tiny_clip)
+    ref = list(score_stream(shards, tiny_clip.pil_transform, plain, 16, 0))
+    deferred = _Deferred(tiny_clip)
+    got = list(score_stream(shards, tiny_clip.pil_transform, deferred, 16, 1, chunk=8))
+    assert [a.url for a in got] == shards
+    # 40 samples per shard, the corrupt one skipped by the model: batches never span shards.
+    assert deferred.sizes == [16, 16, 8, 15, 16, 8]
+    assert deferred.outstanding == 0
+    for a, b in zip(ref, got, strict=True):
+        assert [r["key"] for r in a.rows] == [r["key"] for r in b.rows]
+        assert [r["clip_score"] for r in a.rows] == [r["clip_score"] for r in b.rows]
+        assert [r["phash"] for r in a.rows] == [r["phash"] for r in b.rows]
+        np.testing.assert_array_equal(np.concatenate(a.image), np.concatenate(b.image))
+    errors = [r["error"] for r in got[1].rows if r["error"]]
+    assert len(errors) == 1 and errors[0].startswith("corrupt_image")
+
+
+# --- precision ------------------------------------------------------------------------
+
+
+def test_bf16_scores_within_tolerance_of_fp32_on_sample(tiny_clip):
+    import dataclasses
+
+    from filtering.io.paths import expand_shards
+    from filtering.io.reader import iter_shard
+
+    if not (REPO / "sample_data/pool/00000.tar").is_file():
+        pytest.skip("bundled sample not generated")
+    pixels, captions = [], []
+    for url in expand_shards(str(REPO / "sample_data/pool/{00000..00003}.tar")):
+        for s in iter_shard(url):
+            d = decode_one(s.image, tiny_clip.pil_transform, None)
+            if d.error is None:
+                pixels.append(d.pixels)
+                captions.append(s.caption)
+    pixels = np.stack(pixels)
+
+    def scores(precision: str) -> np.ndarray:
+        enc = ClipEncoder(dataclasses.replace(tiny_clip, precision=precision))
+        out = []
+        for i in range(0, len(pixels), 256):
+            img, txt = enc(pixels[i : i + 256], captions[i : i + 256])
+            out.append((img * txt).sum(1))
+        return np.concatenate(out)
+
+    fp32, bf16 = scores("fp32"), scores("bf16")
+    assert np.abs(fp32 - bf16).max() <= MAX_ABS_DIFF
+    k = int(len(fp32) * 0.3)
+    overlap = len(set(np.argsort(-fp32)[:k]) & set(np.argsort(-bf16)[:k])) / k
+    assert overlap >= MIN_TOP30_OVERLAP
+
+
+# --- DCT-domain downscaling ------------------------------------------------------------
+
+
+def test_draft_target_is_the_models_resize(tiny_clip):
+    import open_clip
+
+    assert draft_target(tiny_clip.pil_transform) == 64
+    _, _, preprocess = open_clip.create_model_and_transforms("poolsift-tiny")
+    assert draft_target(preprocess) == 64
+
+
+def test_draft_decodes_large_jpegs_close_to_full(tiny_clip):
+    from PIL import Image
+
+    data = _jpeg(np.random.default_rng(1), 1024, 768)
+    full = decode_one(data, tiny_clip.pil_transform, None)
+    draft = decode_one(data, tiny_clip.pil_transform, 64)
+    assert (draft.width, draft.height) == (full.width, full.height) == (1024, 768)  # original size reported
+    assert draft.pixels.shape == full.pixels.shape == (64, 64, 3)
+    diff = np.abs(draft.pixels.astype(int) - full.pixels.astype(int))
+    assert 0 < diff.mean() < 4.0  # of 255; the effect on scores is in the bench
+    # A JPEG under twice the target is decoded at full size: identical pixels.
+    small = _jpeg(np.random.default_rng(2), 120, 100)
+    np.testing.assert_array_equal(
+        decode_one(small, tiny_clip.pil_transform, 64).pixels, decode_one(small, tiny_clip.pil_transform, None).pixels
+    )
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (64, 64))
+    assert min(img.size) >= 64  # libjpeg's scale never undershoots the target
+
+
+def test_contiguous_attention_gives_the_same_embeddings():
+    import open_clip
+    import torch
+
+    from filtering.models.clip import register_bundled_configs
+    from filtering.stages.score import contiguous_attention
+
+    register_bundled_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("poolsift-tiny").eval()
+    tokens = open_clip.get_tokenizer("poolsift-tiny")(CAPTIONS)
+    images = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        before = model.encode_image(images), model.encode_text(tokens)
+        contiguous_attention(model)
+        patched = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention) and "forward" in vars(m)]
+        batch_first = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention) and m.batch_first]
+        assert len(patched) == len(batch_first) == len(model.transformer.resblocks)  # the text tower's layers
+        after = model.encode_image(images), model.encode_text(tokens)
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
