@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from filtering.errors import ConfigError
 from filtering.filters.compose import FilterNode, parse_filters
@@ -43,12 +43,14 @@ class ModelConfig(Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     batch_size: PositiveInt = 256
     num_workers: int | None = Field(default=None, ge=0)  # decode processes; None = from CPU count
+    jpeg_draft: bool = True  # DCT-domain downscaling of large JPEGs while decoding (README, Performance)
 
-    @model_validator(mode="after")
-    def _device(self) -> ModelConfig:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device {self.device!r} is not one of auto | cpu | cuda | cuda:N")
-        return self
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError("must be one of auto | cpu | cuda | cuda:N")
+        return device
 
 
 class ClustersConfig(Strict):

@@ -72,5 +72,5 @@ class ClipScore(Filter):
         missing = np.isnan(scores)
         keep = ~missing if threshold is None else (scores >= scores.dtype.type(threshold)) & ~missing
         code = "clip_score_below_min" if self.params.min is not None else "clip_score_below_top_fraction"
-        reason = np.where(missing, "clip_score_missing", code).astype(object)
+        reason = np.where(missing, "clip_score_missing", code).astype(object) if missing.any() else code
         return Decision(keep, reason)

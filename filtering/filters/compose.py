@@ -187,6 +187,15 @@ class FilterOutcome:
     funnel: list[dict[str, Any]]
 
 
+def funnel_labels(nodes: list[FilterNode], path: str = "filters") -> list[str]:
+    """Each top-level entry's name in the funnel and in ``dropped/``: its label
+    (``clip_score``, ``any(caption, not(language))``), with its position added when two
+    entries would otherwise share one (``clip_score (filters[2])``)."""
+    labels = [node.label() for node in nodes]
+    repeated = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} ({path}[{i}])" if label in repeated else label for i, label in enumerate(labels)]
+
+
 def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterOutcome:
     """Apply the top-level list in order to the rows that did not fail, recording the funnel."""
     alive = ~pool.failed
@@ -194,11 +203,12 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
     drop_reason = np.full(pool.n, None, dtype=object)
     duplicate_of = np.full(pool.n, None, dtype=object)
     funnel = []
-    for node in nodes:
+    for node, label in zip(nodes, funnel_labels(nodes), strict=True):
         d = node.evaluate(pool, alive)
         dropped = alive & ~d.keep
         reasons = d.reasons_for(dropped)
-        drop_filter[dropped] = node.label()
+        reasons[reasons == None] = label  # noqa: E711  (a row dropped without a code keeps the filter's name)
+        drop_filter[dropped] = label
         drop_reason[dropped] = reasons
         if d.duplicate_of is not None:
             duplicate_of[dropped] = d.duplicate_of[dropped]
@@ -206,7 +216,7 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
         alive = alive & d.keep
         funnel.append(
             {
-                "name": node.label(),
+                "name": label,
                 "in": n_in,
                 "kept": int(alive.sum()),
                 "dropped": int(dropped.sum()),
@@ -214,5 +224,5 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
             }
         )
         if progress is not None:
-            progress(node.label())
+            progress(label)
     return FilterOutcome(alive, drop_filter, drop_reason, duplicate_of, funnel)

@@ -70,6 +70,13 @@ class Stage(ABC):
 
 
 class SourceStage(Stage):
+    """Builds the pool. Constructing one must not touch data (``poolsift validate`` plans
+    runs with it); input paths are resolved by :meth:`check_inputs` or ``run``."""
+
+    def check_inputs(self) -> None:
+        """Resolve the input paths, raising ``InputError`` if they are missing; ``run``
+        calls it before anything is written."""
+
     @abstractmethod
     def run(self, ctx: RunContext) -> Pool: ...
 

@@ -1,0 +1,180 @@
+"""Deduplication filter: exact, perceptual or semantic duplicates; one copy of each group survives.
+
+- ``method: exact``: same ``sha256`` of the image bytes (``with_caption: true``: and the
+  same caption).
+- ``method: perceptual``: 64-bit perceptual hashes (``phash``, computed in the scoring
+  stage) within Hamming distance ``max_distance``, found by multi-index hashing
+  (:mod:`filtering.dedup.hamming`), never by comparing all pairs. ``min_similarity: c``
+  also requires the image embeddings' cosine >= c for a hash pair to count: pHash alone
+  confuses distinct images with the same coarse layout (plain backgrounds, icons).
+- ``method: semantic``: SemDeDup (Abbas et al. 2023): k-means of the unit-norm image
+  embeddings into ``num_clusters`` clusters, then pairs with cosine ``>= threshold``
+  within a cluster (:mod:`filtering.dedup.semantic`).
+
+Pairs are joined into groups (connected components); in each group the copy preferred
+by ``keep`` survives (``highest_clip_score``, ties by smallest uid; or ``smallest_uid``)
+and the others are dropped with reason ``duplicate_<method>`` and ``duplicate_of`` set
+to the survivor's uid. Only rows that reached this filter take part. Rows are put in
+uid order before any computation, so the result does not depend on shard order.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, PositiveInt, model_validator
+
+from filtering.dedup import groups
+from filtering.errors import ConfigError
+from filtering.filters.base import Decision, Filter, Params, register
+from filtering.pool import Pool
+
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "exact": ("with_caption",),
+    "perceptual": ("max_distance", "min_similarity", "embedding"),
+    "semantic": ("threshold", "num_clusters", "embedding", "niter", "seed"),
+}
+COMMON_KEYS = ("method", "keep")
+DEFAULT_MAX_DISTANCE = 6
+DEFAULT_THRESHOLD = 0.95
+
+
+class DedupParams(Params):
+    method: Literal["exact", "perceptual", "semantic"]
+    keep: Literal["highest_clip_score", "smallest_uid"] = "highest_clip_score"
+    with_caption: bool = False
+    max_distance: int = Field(default=DEFAULT_MAX_DISTANCE, ge=0, le=32)
+    threshold: float = Field(default=DEFAULT_THRESHOLD, gt=0, le=1)
+    min_similarity: float | None = Field(default=None, gt=-1, le=1)  # perceptual: also require this cosine
+    num_clusters: PositiveInt | None = None  # None: about sqrt(N)
+    embedding: str | None = None  # datacomp_metadata input: npz array, e.g. l14_img
+    niter: PositiveInt = 10
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _method_keys(self) -> DedupParams:
+        allowed = set(COMMON_KEYS) | set(METHOD_KEYS[self.method])
+        wrong = sorted(self.model_fields_set - allowed)
+        if wrong:
+            owners = [m for m in METHOD_KEYS if wrong[0] in METHOD_KEYS[m]]
+            raise ValueError(
+                f"{wrong[0]} applies to method {owners[0]}, not {self.method}; "
+                f"method {self.method} takes: {', '.join(sorted(allowed - {'method'}))}"
+            )
+        return self
+
+
+@register
+class Dedup(Filter):
+    name = "dedup"
+    Params = DedupParams
+
+    @property
+    def score_field(self) -> str:
+        return "clip_l14_similarity_score" if self.input.kind == "datacomp" else "clip_score"
+
+    @property
+    def reason(self) -> str:
+        return f"duplicate_{self.params.method}"
+
+    def requires(self) -> set[str]:
+        p = self.params
+        cols = {"uid"}
+        if p.keep == "highest_clip_score":
+            cols.add(self.score_field)
+        if p.method == "exact":
+            cols |= {"sha256", "caption"} if p.with_caption else {"sha256"}
+        elif p.method == "perceptual":
+            cols.add("phash")
+        return cols
+
+    def embeddings_required(self) -> set[str | None]:
+        p = self.params
+        uses = p.method == "semantic" or (p.method == "perceptual" and p.min_similarity is not None)
+        return {p.embedding} if uses else set()
+
+    def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
+        p = self.params
+        # Canonical order (by uid): the same rows give the same groups whatever the shard order.
+        uids_all = pool.column("uid")
+        rows = np.flatnonzero(alive)
+        rows = rows[np.argsort(np.asarray(uids_all[rows], dtype=str), kind="stable")]
+        i, j = self.pairs(pool, rows)
+        uids = uids_all[rows]
+        scores = pool.column(self.score_field)[rows] if p.keep == "highest_clip_score" else None
+        rank = groups.keep_rank(uids, scores, p.keep)
+        keep_local, dup_local = groups.resolve(len(rows), i, j, uids, rank)
+        keep = np.ones(pool.n, dtype=bool)
+        keep[rows] = keep_local
+        duplicate_of = np.full(pool.n, None, dtype=object)
+        duplicate_of[rows] = dup_local
+        return Decision(keep, self.reason, duplicate_of)
+
+    def embeddings(self, pool: Pool, rows: np.ndarray) -> np.ndarray:
+        try:
+            kind = pool.resolve_embedding(self.params.embedding)
+        except KeyError as e:
+            raise ConfigError(f"filters.dedup.embedding: {e.args[0]}") from e
+        return gather_embeddings(pool, kind, rows)
+
+    def pairs(self, pool: Pool, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Duplicate pairs among ``rows``, as positions into ``rows``."""
+        p = self.params
+        if p.method == "exact":
+            keys = [pool.column("sha256")[rows]]
+            if p.with_caption:
+                keys.append(pool.column("caption")[rows])
+            labels = groups.exact_groups(keys)
+            missing = np.asarray([k is None for k in keys[0]], dtype=bool)
+            labels = np.where(missing, labels.max(initial=0) + 1 + np.arange(len(rows)), labels)
+            # Link every row to the first row of its label: a star per group.
+            _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+            first_of = first[inverse]
+            linked = first_of != np.arange(len(rows))
+            return first_of[linked], np.flatnonzero(linked)
+        if p.method == "perceptual":
+            from filtering.dedup.hamming import near_pairs
+
+            hashes, null = hash_column(pool, "phash")
+            ok = np.flatnonzero(~null[rows])
+            i, j = near_pairs(hashes[rows[ok]], p.max_distance)
+            i, j = ok[i], ok[j]
+            if p.min_similarity is not None and len(i):
+                # Confirm hash neighbours with the image embeddings: cheap (one dot product per
+                # pair) and it removes look-alike images that merely share a coarse layout.
+                involved = np.unique(np.concatenate([i, j]))
+                emb = self.embeddings(pool, rows[involved]).astype(np.float32)
+                emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+                a, b = np.searchsorted(involved, i), np.searchsorted(involved, j)
+                close = np.einsum("ij,ij->i", emb[a], emb[b]) >= p.min_similarity
+                i, j = i[close], j[close]
+            return i, j
+        from filtering.dedup.semantic import semdedup_pairs
+
+        emb = self.embeddings(pool, rows)
+        valid = np.flatnonzero(np.any(emb != 0, axis=1))  # failed rows carry zero embeddings
+        i, j, _ = semdedup_pairs(emb[valid], p.threshold, p.num_clusters, niter=p.niter, seed=p.seed)
+        return valid[i], valid[j]
+
+
+def gather_embeddings(pool: Pool, kind: str | None, rows: np.ndarray) -> np.ndarray:
+    """Embeddings of ``rows`` (any order) in their stored dtype (float16 stays float16:
+    half the memory of ``Pool.embeddings``), read shard by shard."""
+    in_row_order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[in_row_order]
+    out = None
+    for part, emb in pool.iter_embeddings(kind):
+        if out is None:
+            out = np.zeros((len(rows), emb.shape[1]), emb.dtype if emb.dtype in (np.float16, np.float32) else np.float32)
+        lo, hi = np.searchsorted(sorted_rows, [part.start, part.stop])
+        if hi > lo:
+            out[in_row_order[lo:hi]] = emb[sorted_rows[lo:hi] - part.start]
+    return out if out is not None else np.zeros((len(rows), 0), np.float32)
+
+
+def hash_column(pool: Pool, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A uint64 column as ``(values, null mask)``: numpy would turn a nullable uint64 into float64."""
+    col = pool.table.column(name)
+    null = col.is_null().to_numpy(zero_copy_only=False)
+    return np.asarray(col.fill_null(0).to_numpy(), dtype=np.uint64), np.asarray(null, dtype=bool)

@@ -1,0 +1,210 @@
+"""Caption language filter (DataComp, Gadre et al. 2023, App. "Basic filtering": English
+captions by fastText's ``lid.176.bin``).
+
+Keeps rows whose caption is identified as one of ``languages`` (ISO 639-1 codes).
+Identifiers run offline and ship their own model:
+
+- ``py3langid`` (default, a core dependency): langid.py's naive Bayes model, ~97 languages.
+- ``lingua``: lingua-language-detector, more accurate on short text (``pip install
+  'poolsift[lingua]'``).
+- ``fasttext`` with ``model_path:`` to a ``lid.176.bin`` the user already has: exactly
+  DataComp's identifier (``pip install fasttext``); newlines are replaced by spaces
+  and the top label is taken, as DataComp does.
+
+``candidates`` restricts the identifier to the languages a pool is known to contain
+(langid.py's ``set_languages``; for fastText, the best-ranked candidate), which makes
+short captions far more reliable. ``min_confidence`` additionally drops rows whose top
+prediction is less certain.
+Predictions are made once per distinct caption and reused by every language filter
+of the run with the same backend.
+
+Reason codes: ``language_not_allowed``, ``language_empty``, ``language_low_confidence``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from filtering.errors import ConfigError, InputError
+from filtering.filters.base import Decision, Filter, Params, register
+from filtering.filters.caption import caption_array, caption_field, is_blank
+from filtering.pool import Pool
+
+BACKENDS = ("py3langid", "lingua", "fasttext")
+
+
+class LanguageParams(Params):
+    languages: list[str] = Field(min_length=1)
+    backend: Literal["py3langid", "lingua", "fasttext"] = "py3langid"
+    model_path: str | None = None  # fasttext: path to lid.176.bin (or lid.176.ftz)
+    candidates: list[str] | None = Field(default=None, min_length=2)  # None: every language the model knows
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
+    field: str | None = None  # text column; default caption
+
+    @field_validator("languages", "candidates")
+    @classmethod
+    def _codes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        out = []
+        for code in value:
+            code = str(code).strip().lower()
+            if not (2 <= len(code) <= 3 and code.isascii() and code.isalpha()):
+                raise ValueError(f"{code!r} is not an ISO 639-1 language code such as en, de, fr")
+            out.append(code)
+        return out
+
+    @model_validator(mode="after")
+    def _model_path(self) -> LanguageParams:
+        if self.backend == "fasttext" and not self.model_path:
+            raise ValueError("backend fasttext needs model_path: the lid.176.bin file")
+        if self.backend != "fasttext" and self.model_path:
+            raise ValueError(f"model_path is only used by backend fasttext, not {self.backend}")
+        if self.candidates is not None and not set(self.languages) <= set(self.candidates):
+            raise ValueError("candidates must include every language in languages")
+        return self
+
+
+# --- identifiers: predict(texts) -> (codes, confidences) ------------------------------
+
+
+class _Py3Langid:
+    def __init__(self, candidates: tuple[str, ...] | None = None):
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        self.ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        if candidates:
+            unknown = sorted(set(candidates) - set(self.ident.nb_classes))
+            if unknown:
+                known = ", ".join(sorted(set(self.ident.nb_classes)))
+                raise ConfigError(f"language.candidates: py3langid does not know {unknown}; it knows {known}")
+            self.ident.set_languages(list(candidates))
+
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        out = [self.ident.classify(t) for t in texts]
+        return [c for c, _ in out], np.array([p for _, p in out], dtype=np.float64)
+
+
+class _Lingua:
+    def __init__(self, candidates: tuple[str, ...] | None = None):
+        try:
+            import lingua
+        except ImportError as e:
+            raise ConfigError(
+                "language.backend lingua needs lingua-language-detector: pip install 'poolsift[lingua]'"
+            ) from e
+        builder = lingua.LanguageDetectorBuilder
+        if candidates:
+            try:
+                codes = [getattr(lingua.IsoCode639_1, c.upper()) for c in candidates]
+            except AttributeError as e:
+                raise ConfigError(f"language.candidates: lingua does not know {e.name!r}") from e
+            self.detector = builder.from_iso_codes_639_1(*codes).build()
+        else:
+            self.detector = builder.from_all_languages().build()
+
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        codes, conf = [], np.zeros(len(texts), dtype=np.float64)
+        for i, values in enumerate(self.detector.compute_language_confidence_values_in_parallel(texts)):
+            if values and values[0].value > 0:
+                codes.append(values[0].language.iso_code_639_1.name.lower())
+                conf[i] = values[0].value
+            else:
+                codes.append("und")
+        return codes, conf
+
+
+class _FastText:
+    """DataComp's identifier: ``model.predict([t.replace("\\n", " ") ...], k=1)``."""
+
+    def __init__(self, model_path: str, candidates: tuple[str, ...] | None = None):
+        self.candidates = candidates
+        try:
+            import fasttext
+        except ImportError as e:
+            raise ConfigError("language.backend fasttext needs the fasttext package: pip install fasttext") from e
+        if not os.path.isfile(model_path):
+            raise InputError(f"language.model_path: no fastText model at {model_path!r}")
+        self.model = fasttext.load_model(model_path)
+
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        lines = [t.replace("\n", " ") for t in texts]
+        k = 1 if self.candidates is None else -1  # with candidates: the whole ranking
+        try:
+            labels, probs = self.model.predict(lines, k=k)
+            ranked = [list(zip(p, lab, strict=True)) for lab, p in zip(labels, probs, strict=True)]
+        except ValueError:
+            # fasttext 0.9.2's predict breaks under numpy 2 (np.array(copy=False)); the
+            # binding underneath returns the same (probability, label) pairs.
+            ranked = [self.model.f.predict(line, k, 0.0, "strict") for line in lines]
+        codes, conf = [], np.zeros(len(lines), dtype=np.float64)
+        for i, pairs in enumerate(ranked):
+            best = [(p, lab.removeprefix("__label__")) for p, lab in pairs]
+            if self.candidates is not None:
+                best = [(p, c) for p, c in best if c in self.candidates]
+            codes.append(best[0][1] if best else "und")
+            conf[i] = float(best[0][0]) if best else 0.0
+        return codes, conf
+
+
+@functools.lru_cache(maxsize=4)
+def identifier(backend: str, model_path: str | None = None, candidates: tuple[str, ...] | None = None):
+    """The identifier for ``backend``, loaded once per process."""
+    if backend == "py3langid":
+        return _Py3Langid(candidates)
+    if backend == "lingua":
+        return _Lingua(candidates)
+    if backend == "fasttext":
+        return _FastText(model_path, candidates)
+    raise ConfigError(f"language.backend: unknown {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def predict_languages(pool: Pool, field: str, rows: np.ndarray, backend: str, model_path: str | None = None,
+                      candidates: tuple[str, ...] | None = None):
+    """Language code and confidence for ``rows`` (indices), predicting each distinct
+    caption once per run and identifier (memoised in ``pool.artifacts``)."""
+    memo: dict[str, tuple[str, float]] = pool.artifacts.setdefault("language_predictions", {}).setdefault(
+        (backend, model_path, candidates, field), {}
+    )
+    captions = pool.column(field)[rows]
+    todo = [t for t in dict.fromkeys(captions.tolist()) if t not in memo]
+    if todo:
+        codes, conf = identifier(backend, model_path, candidates).predict(todo)
+        memo.update(zip(todo, zip(codes, conf.tolist(), strict=True), strict=True))
+    codes = np.array([memo[t][0] for t in captions], dtype=object)
+    conf = np.array([memo[t][1] for t in captions], dtype=np.float64)
+    return codes, conf
+
+
+@register
+class LanguageFilter(Filter):
+    name = "language"
+    Params = LanguageParams
+
+    @property
+    def field(self) -> str:
+        return caption_field(self.params.field, self.input.kind)
+
+    def requires(self) -> set[str]:
+        return {self.field}
+
+    def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
+        p = self.params
+        blank = is_blank(caption_array(pool, self.field))
+        keep = np.zeros(pool.n, dtype=bool)
+        reason = np.full(pool.n, None, dtype=object)
+        reason[blank] = "language_empty"
+        rows = np.flatnonzero(alive & ~blank)
+        if len(rows):
+            candidates = tuple(sorted(p.candidates)) if p.candidates else None
+            codes, conf = predict_languages(pool, self.field, rows, p.backend, p.model_path, candidates)
+            allowed = np.isin(codes, p.languages)
+            sure = conf >= p.min_confidence if p.min_confidence is not None else np.ones(len(rows), bool)
+            keep[rows] = allowed & sure
+            reason[rows] = np.where(allowed, "language_low_confidence", "language_not_allowed")
+        return Decision(keep, reason)

@@ -1,0 +1,153 @@
+"""dedup filter: the three methods on a synthetic pool, survivor policies, shard-order invariance."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from filtering.errors import ConfigError
+from filtering.filters.compose import apply_filters, parse_filters
+from filtering.pool import Pool, ShardPart
+
+
+def make_pool(sha, phash, scores, emb=None, failed=None, uids=None) -> Pool:
+    n = len(sha)
+    uids = uids or [f"{i:032x}" for i in range(n)]
+    failed = failed if failed is not None else [False] * n
+    table = pa.table(
+        {
+            "uid": uids,
+            "caption": [f"caption {i % 3}" for i in range(n)],
+            "sha256": sha,
+            "phash": pa.array(phash, pa.uint64()),
+            "clip_score": pa.array(scores, pa.float32()),
+            "error": pa.array(["corrupt_image: x" if f else None for f in failed], pa.string()),
+        }
+    )
+    emb = emb if emb is not None else np.zeros((n, 4), np.float16)
+    return Pool(
+        table=table,
+        parts=[ShardPart("s0", "s0", 0, n)],
+        embedding_loader=lambda kind, part: emb[part.start : part.stop],
+        embedding_kinds=("image",),
+        default_embedding="image",
+    )
+
+
+def run(pool, **params):
+    return apply_filters(parse_filters([{"dedup": params}]), pool)
+
+
+def test_exact_keeps_highest_clip_score_and_records_survivor():
+    pool = make_pool(["a", "b", "a", "a"], [1, 2, 3, 4], [0.2, 0.5, 0.9, 0.9])
+    out = run(pool, method="exact")
+    # rows 2 and 3 tie on score: the smaller uid (row 2) survives
+    np.testing.assert_array_equal(out.keep, [False, True, True, False])
+    assert out.duplicate_of.tolist() == [f"{2:032x}", None, None, f"{2:032x}"]
+    assert out.funnel[0]["reasons"] == {"duplicate_exact": 2}
+
+
+def test_exact_with_caption_and_smallest_uid():
+    pool = make_pool(["a", "a", "a", "a"], [1, 2, 3, 4], [0.9, 0.1, 0.1, 0.1])
+    out = run(pool, method="exact", with_caption=True, keep="smallest_uid")
+    # captions cycle 0,1,2,0: only rows 0 and 3 share hash and caption
+    np.testing.assert_array_equal(out.keep, [True, True, True, False])
+    assert out.duplicate_of[3] == f"{0:032x}"
+
+
+def test_perceptual_within_max_distance():
+    base = 0x0F0F_F0F0_1234_5678
+    hashes = [base, base ^ 0b111, base ^ 0xFF, 0xFFFF_0000_FFFF_0000, (1 << 64) - 1]
+    pool = make_pool(list("abcde"), hashes, [0.1, 0.2, 0.3, 0.4, 0.5])
+    out = run(pool, method="perceptual", max_distance=3)
+    np.testing.assert_array_equal(out.keep, [False, True, True, True, True])  # distance 3: row 1 scores higher
+    assert out.duplicate_of[0] == f"{1:032x}"
+    out = run(pool, method="perceptual", max_distance=8)  # row 2 joins through row 0
+    np.testing.assert_array_equal(out.keep, [False, False, True, True, True])
+
+
+def test_semantic_groups_similar_embeddings():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    x[1] = x[0] + 0.001
+    x[2] = -x[0]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    pool = make_pool([str(i) for i in range(40)], list(range(40)), np.linspace(0, 1, 40), emb=x.astype(np.float16))
+    out = run(pool, method="semantic", threshold=0.999, num_clusters=2)
+    assert not out.keep[0] and out.duplicate_of[0] == f"{1:032x}"
+    assert out.keep[1:].sum() >= 38  # at most chance near pairs among 4-d random vectors beyond 0/1
+    assert out.funnel[0]["reasons"]["duplicate_semantic"] == int((~out.keep).sum())
+
+
+def test_only_rows_that_reach_the_filter_compete():
+    # row 1 (best score) was dropped by clip_score first, so row 0 survives the dedup
+    pool = make_pool(["a", "a", "a"], [1, 1, 1], [0.5, 0.1, 0.4])
+    out = apply_filters(parse_filters([{"clip_score": {"min": 0.3}}, {"dedup": {"method": "exact"}}]), pool)
+    np.testing.assert_array_equal(out.keep, [True, False, False])
+    assert out.drop_reason.tolist() == [None, "clip_score_below_min", "duplicate_exact"]
+    assert out.duplicate_of[2] == f"{0:032x}"
+
+
+def test_failed_rows_do_not_take_part():
+    pool = make_pool(["a", "a"], [1, 1], [0.1, 0.9], failed=[False, True])
+    out = run(pool, method="exact")
+    assert out.keep[0] and out.duplicate_of[0] is None
+
+
+@pytest.mark.parametrize("method", ["exact", "perceptual", "semantic"])
+def test_same_result_whatever_the_row_order(method):
+    rng = np.random.default_rng(1)
+    n = 300
+    sha = [f"h{v}" for v in rng.integers(0, 200, n)]
+    hashes = rng.integers(0, 1 << 12, n, dtype=np.uint64)  # dense: many near pairs
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    emb[n // 2 :] = emb[: n // 2] + 0.01 * rng.normal(size=(n - n // 2, 8))
+    scores = rng.random(n).round(1)  # ties, broken by uid
+    uids = [f"{v:032x}" for v in rng.permutation(10 * n)[:n]]
+    params = {"method": method, **({"num_clusters": 5} if method == "semantic" else {})}
+    perm = rng.permutation(n)
+
+    def result(order):
+        pool = make_pool([sha[i] for i in order], hashes[order].tolist(), scores[order],
+                         emb=emb[order].astype(np.float16), uids=[uids[i] for i in order])
+        out = run(pool, **params)
+        return {u: (bool(k), d) for u, k, d in zip(pool.column("uid"), out.keep, out.duplicate_of, strict=True)}
+
+    a, b = result(np.arange(n)), result(perm)
+    assert a == b
+    assert sum(not k for k, _ in a.values()) > 10
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"method": "exact", "threshold": 0.9}, "threshold applies to method semantic, not exact"),
+        ({"method": "semantic", "max_distance": 4}, "max_distance applies to method perceptual"),
+        ({"method": "perceptual", "with_caption": True}, "with_caption applies to method exact"),
+        ({"method": "fuzzy"}, "method"),
+        ({"method": "exact", "keep": "largest"}, "keep"),
+        ({"method": "semantic", "threshold": 1.5}, "threshold"),
+        ({"method": "exact", "bogus": 1}, "bogus"),
+    ],
+)
+def test_rejects_bad_params_naming_the_key(params, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_filters([{"dedup": params}])
+
+
+def test_requires_the_columns_it_reads():
+    (node,) = parse_filters([{"dedup": {"method": "perceptual"}}])
+    assert node.filter.requires() == {"uid", "phash", "clip_score"}
+    (node,) = parse_filters([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], input_kind="datacomp")
+    assert node.filter.requires() == {"uid", "sha256"}
+
+
+def test_perceptual_min_similarity_confirms_hash_pairs():
+    base = 0x0F0F_F0F0_1234_5678
+    emb = np.array([[1, 0, 0, 0], [0.99, 0.1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], np.float16)
+    pool = make_pool(list("abcd"), [base, base ^ 1, base ^ 2, 7], [0.4, 0.3, 0.2, 0.1], emb=emb)
+    out = run(pool, method="perceptual", max_distance=2)
+    np.testing.assert_array_equal(out.keep, [True, False, False, True])
+    out = run(pool, method="perceptual", max_distance=2, min_similarity=0.9)
+    # row 2 shares the hash neighbourhood but not the content
+    np.testing.assert_array_equal(out.keep, [True, False, True, True])
+    assert out.duplicate_of[1] == f"{0:032x}"

@@ -1,0 +1,73 @@
+"""Every YAML in configs/ loads and validates, without touching any data (new presets are
+picked up automatically)."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+DATACOMP_BASELINES = ["no_filter", "basic_filter", "text_based", "clip_score_l14_30pct", "laion2b"]
+
+
+def _no_data(*args, **kwargs):
+    raise AssertionError("poolsift validate touched data")
+
+
+@pytest.fixture
+def no_data_access(monkeypatch):
+    """Listing or opening any file through fsspec, or hashing the model checkpoint, fails
+    the test. (Every input path goes through fsspec: filtering.io.paths.)"""
+    import importlib
+    import pkgutil
+
+    import fsspec
+
+    import filtering.stages
+    import pipelines.runner  # noqa: F401  (imported before patching, as a real run would be)
+
+    for mod in pkgutil.iter_modules(filtering.stages.__path__, "filtering.stages."):
+        importlib.import_module(mod.name)
+    import filtering.stages.score as score
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", _no_data)
+    monkeypatch.setattr(fsspec, "open", _no_data)
+    monkeypatch.setattr(fsspec, "filesystem", _no_data)
+    monkeypatch.setattr(score, "model_spec", _no_data)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_validates_without_reading_data(preset: Path, no_data_access):
+    code, out, err = run_cli("validate", preset)
+    assert code == 0, err
+    assert out.startswith(f"{preset}: OK")
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_parses_into_a_filter_tree(preset: Path):
+    from pipelines.config import load_config
+
+    cfg = load_config(preset)
+    described = [node.describe() for node in cfg.filter_tree]
+    assert len(described) == len(cfg.filters)
+    assert cfg.output.dir.startswith("runs/")
+
+
+def test_datacomp_baselines_are_shipped():
+    names = {p.stem for p in PRESETS}
+    assert set(DATACOMP_BASELINES) <= names
+    from pipelines.config import load_config
+
+    for name in DATACOMP_BASELINES:
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.input.datacomp_metadata
+    laion = load_config(REPO / "configs" / "laion2b.yaml")
+    assert [n.label() for n in laion.filter_tree] == ["clip_score", "language"]
+    assert laion.filter_tree[0].filter.params.min == 0.28
+    assert laion.filter_tree[0].filter.field == "clip_b32_similarity_score"
+    basic = load_config(REPO / "configs" / "basic_filter.yaml")
+    params = {n.label(): n.filter.params for n in basic.filter_tree}
+    assert (params["caption"].min_words, params["caption"].min_chars) == (3, 6)
+    assert (params["image_size"].min_side, params["image_size"].max_aspect_ratio) == (200, 3.0)
+    assert params["language"].languages == ["en"]

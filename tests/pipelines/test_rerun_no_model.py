@@ -1,0 +1,85 @@
+"""Changing only filter settings and rerunning reuses the scores: no model load, no image
+reading or decoding, seconds not minutes."""
+
+import json
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO, run_cli, write_config
+
+FILTERS_A = [
+    {"caption": {"min_words": 2, "min_chars": 6}},
+    {"image_size": {"min_side": 64, "max_aspect_ratio": 3.0}},
+    {"any": [{"clip_score": {"top_fraction": 0.5}}, {"not": {"text_entities": {}}}]},
+]
+FILTERS_B = [
+    {"clip_score": {"top_fraction": 0.3}},
+    {"language": {"languages": ["en"], "candidates": ["en", "de", "fr", "es"]}},
+]
+
+
+@pytest.fixture
+def no_model_no_images(monkeypatch):
+    """Loading a model, reading a shard or decoding an image fails the test."""
+    import filtering.io.reader as reader
+    import filtering.models.clip as clip_models
+    import filtering.scorers.decode as decode
+    import filtering.stages.score as score
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"a filter-only rerun {what}")
+
+        return fail
+
+    monkeypatch.setattr(clip_models, "load_clip", forbidden("loaded the model"))
+    monkeypatch.setattr(reader, "iter_shard", forbidden("read a shard"))
+    monkeypatch.setattr(score, "iter_shard", forbidden("read a shard"))
+    for name in ("decode_one", "decode_batch"):
+        monkeypatch.setattr(decode, name, forbidden("decoded an image"))
+
+
+def run_filters(tmp_path, out_dir, filters, name):
+    cfg = write_config(tmp_path / f"{name}.yaml", filters=filters, output={"dir": str(out_dir)})
+    start = time.perf_counter()
+    code, stdout, stderr = run_cli("run", cfg, "--quiet")
+    elapsed = time.perf_counter() - start
+    assert code == 0, stderr
+    return json.loads((out_dir / "manifest.json").read_text()), elapsed, stderr
+
+
+def test_filter_only_rerun_loads_no_model_and_reads_no_images(tmp_path, rerun_dir, scored_sample, no_model_no_images):
+    first = json.loads((scored_sample / "manifest.json").read_text())
+
+    manifest, elapsed, stderr = run_filters(tmp_path, rerun_dir, FILTERS_A, "a")
+    assert "the model is not loaded" in stderr
+    assert elapsed < 5.0, f"rerun took {elapsed:.1f}s"
+    assert manifest["counts"]["input"] == first["counts"]["input"]
+    assert manifest["counts"]["failed"] == first["counts"]["failed"]
+    assert [f["name"] for f in manifest["counts"]["filters"]] == ["caption", "image_size", "any(clip_score, not(text_entities))"]
+    assert manifest["model"]["checkpoint_sha256"] == first["model"]["checkpoint_sha256"]
+
+    # Scores in the new subset are the cached ones, not recomputed.
+    cache_files = sorted(scored_sample.glob("cache/score-*/*.parquet"))
+    cached = {r["uid"]: r["clip_score"] for f in cache_files for r in pq.read_table(f).select(["uid", "clip_score"]).to_pylist()}
+    rerun = pq.read_table(rerun_dir / "subset").select(["uid", "clip_score"]).to_pylist()
+    assert rerun and all(r["clip_score"] == cached[r["uid"]] for r in rerun)
+
+    # And again with other settings, in the same directory.
+    manifest_b, elapsed_b, _ = run_filters(tmp_path, rerun_dir, FILTERS_B, "b")
+    assert [f["name"] for f in manifest_b["counts"]["filters"]] == ["clip_score", "language"]
+    assert manifest_b["counts"]["kept"] != manifest["counts"]["kept"]
+    assert elapsed_b < 10.0, f"rerun with the language filter took {elapsed_b:.1f}s"
+
+
+def test_the_monkeypatches_bite(tmp_path, no_model_no_images):
+    """Without a cache the same run must score, and so hits the forbidden model loader."""
+    cfg = write_config(tmp_path / "cold.yaml", filters=FILTERS_A, output={"dir": str(tmp_path / "cold")})
+    code, _, stderr = run_cli("run", cfg, "--quiet")
+    assert code == 1 and "a filter-only rerun" in stderr
+
+
+def test_sample_basic_preset_exists():
+    assert (REPO / "configs" / "sample_basic.yaml").is_file()
