@@ -1,0 +1,397 @@
+"""Image-cluster membership: DataComp's ImageNet-cluster rule as pool columns.
+
+DataComp's image-based baseline (Gadre et al. 2023, §3.4; ``baselines/apply_filter.py``):
+k-means centroids of the pool's image embeddings (or published ones), each pool image
+assigned to its nearest centroid by inner product, and the target clusters are those
+nearest to at least one reference (ImageNet) embedding. This stage adds
+
+- ``cluster_id`` (int64; null for failed rows) and ``cluster_sim`` (the inner product
+  with that centroid),
+- ``cluster_target`` (bool): the row's cluster is in the target set,
+
+and the ``image_clusters`` filter keeps ``cluster_target``. Every expensive piece is
+cached under ``DIR/cache/`` with a fingerprint of what it depends on, so a rerun with
+other filter settings loads centroids, reference embeddings, target set and per-shard
+assignments without loading a model or re-clustering:
+
+- ``centroids-<fp>/``: ``centroids.npy`` and ``targets-<ref fp>.npy``; fp = the pool's
+  embeddings (per shard: url, rows, a sample of rows) and the k-means settings, or the
+  centroids file;
+- ``reference-<fp>/embeddings.npy``: fp = the reference files and, when they are images,
+  the model;
+- ``clusters-<fp>/<shard>.parquet``: per-shard assignments, fp = the centroids; each
+  records the fingerprint of the shard's embeddings it was computed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from filtering import clustering
+from filtering.cache import ShardCache, fingerprint
+from filtering.errors import ConfigError, InputError
+from filtering.io.atomic import atomic_open, atomic_write_text, exists
+from filtering.io.paths import expand_shards, file_info, get_fs, join
+from filtering.pool import Pool, ShardPart
+from filtering.stages.base import ColumnStage, RunContext
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+EMBEDDING_FILE_EXTS = (".npy", ".pt", ".pth")
+ALGO_VERSION = 1  # bump when the training or assignment rule changes
+DECODE_CHUNK = 64
+IN_PROCESS_DECODE_MAX = 2000  # smaller reference sets decode in-process (no worker start-up)
+ROWS_SAMPLED_PER_SHARD = 16
+
+
+class ClusterStage(ColumnStage):
+    name = "clusters"
+
+    def __init__(self, cfg, cache_root: str):
+        # Nothing is read here: `poolsift validate` plans the run without touching data.
+        self.cfg = cfg
+        self.cache_root = cache_root
+
+    def provides(self) -> set[str]:
+        return {"cluster_id", "cluster_sim", "cluster_target"}
+
+    def requires(self) -> set[str]:
+        """No pool columns beyond the embeddings; checks (at plan time) that the run's
+        ``clusters`` section can produce a target set."""
+        cc = self.cfg.clusters
+        if cc is None:
+            raise ConfigError("clusters: the image_clusters filter needs a clusters section with a reference set")
+        if not cc.reference:
+            raise ConfigError("clusters.reference: required (image folder, shards, or .npy/.pt embeddings)")
+        return set()
+
+    # --- run -------------------------------------------------------------------------
+
+    def run(self, ctx: RunContext, pool: Pool) -> None:
+        cc = self.cfg.clusters
+        self.requires()
+        try:
+            kind = pool.resolve_embedding(cc.embedding)
+        except KeyError as e:
+            raise ConfigError(f"clusters.embedding: {e.args[0]}") from e
+        info: dict[str, Any] = {"embedding": kind, "cache": {}}
+        ctx.stage_info["clusters"] = info
+        t0 = time.perf_counter()
+        failed = pool.failed
+        # One light pass for fingerprints; arrays are not kept (memory stays one shard).
+        parts = [(part, part_fingerprint(part, emb, kind)) for part, emb in pool.iter_embeddings(kind)]
+
+        centroids, cfp = self.centroids(ctx, pool, parts, failed, info)
+        reference, rfp = self.reference(ctx, info)
+        if reference.shape[1] != centroids.shape[1]:
+            raise ConfigError(
+                f"clusters.reference: embeddings of dimension {reference.shape[1]} do not match the pool's "
+                f"{kind!r} embeddings of dimension {centroids.shape[1]}; embed the reference with the same model"
+            )
+        assigner = clustering.Assigner(centroids)
+        targets = self.targets(centroids, cfp, reference, rfp, assigner, info)
+        ids, sims = self.assignments(ctx, pool, parts, cfp, kind, assigner, info)
+
+        target_mask = np.zeros(len(centroids), dtype=bool)
+        target_mask[targets] = True
+        pool.add_column("cluster_id", pa.array(ids, mask=failed))
+        pool.add_column("cluster_sim", pa.array(sims, mask=failed))
+        pool.add_column("cluster_target", target_mask[ids] & ~failed)
+        pool.artifacts["target_clusters"] = targets
+        info.update(
+            num_clusters=int(len(centroids)),
+            target_clusters=int(len(targets)),
+            rows_in_target=int((target_mask[ids] & ~failed).sum()),
+            assign_backend=assigner.backend,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        ctx.log(
+            f"clusters: {len(targets)} of {len(centroids)} clusters are nearest to the reference set; "
+            f"{info['rows_in_target']:,} of {pool.n:,} rows fall in them"
+        )
+
+    # --- centroids -------------------------------------------------------------------
+
+    def centroids(self, ctx, pool, parts, failed, info) -> tuple[np.ndarray, str]:
+        cc = self.cfg.clusters
+        if cc.centroids:
+            spec = {"file": cc.centroids, "source": _file_info(cc.centroids, "clusters.centroids")}
+        else:
+            spec = {
+                "pool": [fp for _, fp in parts],
+                "num_clusters": cc.num_clusters,
+                "niter": cc.niter,
+                "seed": cc.seed,
+                "sample_fraction": cc.sample_fraction,
+                "max_training_points": cc.max_training_points,
+                "version": ALGO_VERSION,
+            }
+        cfp = fingerprint(spec)
+        path = join(self.cache_root, f"centroids-{cfp}", "centroids.npy")
+        if exists(path):
+            info["centroids"] = "cached"
+            return _load_npy(path), cfp
+        if cc.centroids:
+            try:
+                centroids = clustering.load_centroids(cc.centroids)
+            except (OSError, ValueError) as e:
+                raise InputError(f"clusters.centroids: {e}") from e
+            info["centroids"] = "loaded"
+        else:
+            centroids = self.train(ctx, pool, failed, info)
+            info["centroids"] = "trained"
+        _save_npy(path, centroids)
+        atomic_write_text(join(self.cache_root, f"centroids-{cfp}", "spec.json"), json.dumps(spec, indent=1))
+        return centroids, cfp
+
+    def train(self, ctx, pool, failed, info) -> np.ndarray:
+        cc = self.cfg.clusters
+        valid = np.flatnonzero(~failed)
+        m = clustering.training_size(len(valid), cc.num_clusters, cc.sample_fraction, cc.max_training_points)
+        if m < cc.num_clusters:
+            raise ConfigError(
+                f"clusters.num_clusters: {cc.num_clusters} clusters need at least as many training points; "
+                f"the pool has {len(valid)} usable rows (sample: {m})"
+            )
+        rows = valid[clustering.sample_indices(len(valid), m, cc.seed)]
+        sample = pool.embeddings(info["embedding"], rows)  # only the sampled rows, shard by shard
+        ctx.log(f"clusters: k-means of {m:,} points into {cc.num_clusters:,} clusters ({cc.niter} iterations)")
+        bar = ctx.bar(cc.niter, "k-means", unit="iterations")
+        t = time.perf_counter()
+        try:
+            centroids = clustering.train_kmeans(
+                sample, cc.num_clusters, niter=cc.niter, seed=cc.seed, progress=lambda it, obj: bar.update(1)
+            )
+        finally:
+            bar.close()
+        info["training_points"] = int(m)
+        info["training_seconds"] = round(time.perf_counter() - t, 3)
+        return centroids
+
+    # --- reference set ---------------------------------------------------------------
+
+    def reference(self, ctx, info) -> tuple[np.ndarray, str]:
+        ref = self.cfg.clusters.reference
+        source = reference_source(ref)
+        spec: dict[str, Any] = {"reference": ref, "kind": source[0], "files": source[2]}
+        if source[0] != "embeddings":
+            from filtering.stages.score import model_spec
+
+            spec["model"] = model_spec(self.cfg.model)
+            spec["jpeg_draft"] = getattr(self.cfg.model, "jpeg_draft", False)
+        rfp = fingerprint(spec)
+        path = join(self.cache_root, f"reference-{rfp}", "embeddings.npy")
+        if exists(path):
+            emb = _load_npy(path)
+            info["reference"] = "cached"
+        else:
+            if source[0] == "embeddings":
+                try:
+                    emb = np.concatenate([clustering.load_reference_embeddings(f) for f in source[1]])
+                except (OSError, ValueError) as e:
+                    raise InputError(f"clusters.reference: {e}") from e
+                info["reference"] = "loaded"
+            else:
+                emb, failures = self.embed_reference(ctx, source)
+                info["reference"] = "embedded"
+                info["reference_failed"] = failures
+            if len(emb) == 0:
+                raise InputError(f"clusters.reference: no usable reference images in {ref!r}")
+            _save_npy(path, emb)
+        info["reference_count"] = int(len(emb))
+        return emb, rfp
+
+    def embed_reference(self, ctx, source) -> tuple[np.ndarray, int]:
+        """Encode reference images exactly as pool images are: same decode, transform, model."""
+        from filtering.scorers.decode import decode_batch, decode_one, draft_target, init_worker
+        from filtering.stages.score import ClipEncoder
+
+        kind, items, _ = source
+        clip = ctx.clip()
+        encoder = ClipEncoder(clip)
+        draft = draft_target(clip.pil_transform) if getattr(self.cfg.model, "jpeg_draft", False) else None
+        total = len(items) if kind == "folder" else None
+        chunks = _image_chunks(kind, items)
+        in_process = kind == "folder" and len(items) <= IN_PROCESS_DECODE_MAX
+        batch_size = self.cfg.model.batch_size
+        out: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        failures = 0
+        bar = ctx.bar(total, "embed reference", unit="images")
+
+        def flush() -> None:
+            img, _ = encoder(np.stack(pending), [""] * len(pending))
+            out.append(img.astype(np.float16))
+            bar.update(len(pending))
+            pending.clear()
+
+        try:
+            if in_process:
+                decoded_chunks = ([decode_one(b, clip.pil_transform, draft) for b in chunk] for chunk in chunks)
+            else:
+                decoded_chunks = _decode_in_workers(chunks, clip.pil_transform, draft, self._workers(), decode_batch, init_worker)
+            for decoded in decoded_chunks:
+                for d in decoded:
+                    if d.error is not None:
+                        failures += 1
+                        continue
+                    pending.append(d.pixels)
+                    if len(pending) >= batch_size:
+                        flush()
+            if pending:
+                flush()
+        finally:
+            bar.close()
+        if failures:
+            ctx.log(f"clusters: {failures} reference images could not be decoded and were skipped")
+        dim = encoder.dim
+        return (np.concatenate(out) if out else np.zeros((0, dim), np.float16)), failures
+
+    def _workers(self) -> int:
+        n = self.cfg.model.num_workers
+        return n if n is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+    # --- targets and assignments -----------------------------------------------------
+
+    def targets(self, centroids, cfp, reference, rfp, assigner, info) -> np.ndarray:
+        path = join(self.cache_root, f"centroids-{cfp}", f"targets-{rfp}.npy")
+        if exists(path):
+            info["cache"]["targets"] = "cached"
+            return _load_npy(path)
+        targets = clustering.target_clusters(reference, assigner)
+        _save_npy(path, targets)
+        info["cache"]["targets"] = "computed"
+        return targets
+
+    def assignments(self, ctx, pool, parts, cfp, kind, assigner, info) -> tuple[np.ndarray, np.ndarray]:
+        cache = ShardCache(self.cache_root, "clusters", {"centroids": cfp, "embedding": kind})
+        ids = np.zeros(pool.n, np.int64)
+        sims = np.zeros(len(ids), np.float32)
+        computed = cached = 0
+        bar = ctx.bar(len(ids), "assign clusters")
+        try:
+            for part, pfp in parts:
+                source = {"embedding": pfp}
+                if cache.is_done(part.url, source):
+                    t = cache.read_table(part.url)
+                    cached += 1
+                else:
+                    a_ids, a_sims = clustering.assign(pool.embedding_loader(kind, part), assigner)
+                    t = pa.table({"cluster_id": a_ids, "cluster_sim": a_sims})
+                    cache.write(part.url, t, {}, source=source)
+                    computed += 1
+                ids[part.start : part.stop] = t.column("cluster_id").to_numpy()
+                sims[part.start : part.stop] = t.column("cluster_sim").to_numpy()
+                bar.update(part.n)
+        finally:
+            bar.close()
+        info["cache"]["shards_assigned"] = computed
+        info["cache"]["shards_cached"] = cached
+        return ids, sims
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def part_fingerprint(part: ShardPart, emb: np.ndarray, kind: str) -> str:
+    """What one shard's embeddings are: its url, row count, shape and a strided sample of rows.
+
+    Reading a handful of rows (memory-mapped) is enough to tell a rescored or replaced
+    shard from the one an assignment was computed from, without hashing every byte.
+    """
+    h = hashlib.sha256(json.dumps([part.url, part.n, kind, list(emb.shape), str(emb.dtype)]).encode())
+    if len(emb):
+        rows = np.unique(np.linspace(0, len(emb) - 1, ROWS_SAMPLED_PER_SHARD).astype(np.int64))
+        h.update(np.ascontiguousarray(emb[rows]).tobytes())
+    return h.hexdigest()[:24]
+
+
+def reference_source(ref: str) -> tuple[str, list[str], list]:
+    """(kind, items, fingerprintable listing): ``embeddings`` file, image ``folder``, or ``shards``."""
+    if ref.lower().endswith(EMBEDDING_FILE_EXTS):
+        import braceexpand
+
+        files = list(braceexpand.braceexpand(ref))  # e.g. DataComp's in1k_clip_vit_l14_{0..4}.pt
+        return "embeddings", files, [[f, _file_info(f, "clusters.reference")] for f in files]
+    fs, path = get_fs(ref)
+    if fs.isdir(path):
+        prefix = ref.split("://", 1)[0] + "://" if "://" in ref and not ref.startswith("file://") else ""
+        images = sorted(p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTS))
+        if images:
+            info = fs.info  # one stat per file: cheap next to decoding, and catches edits
+            listing = [[os.path.relpath(p, path), int(info(p).get("size") or 0), str(info(p).get("mtime"))] for p in images]
+            return "folder", [prefix + p for p in images], listing
+    try:
+        urls = expand_shards(ref)
+    except InputError as e:
+        raise InputError(
+            f"clusters.reference: {ref!r} is neither an image folder, shards, nor a .npy/.pt embeddings file"
+        ) from e
+    return "shards", urls, [[u, file_info(u)] for u in urls]
+
+
+def _image_chunks(kind: str, items: list[str]) -> Iterator[list[bytes | None]]:
+    from filtering.io.paths import open_file
+    from filtering.io.reader import iter_shard
+
+    chunk: list[bytes | None] = []
+    if kind == "folder":
+        for p in items:
+            with open_file(p) as f:
+                chunk.append(f.read())
+            if len(chunk) == DECODE_CHUNK:
+                yield chunk
+                chunk = []
+    else:
+        for url in items:
+            for sample in iter_shard(url):
+                chunk.append(sample.image)
+                if len(chunk) == DECODE_CHUNK:
+                    yield chunk
+                    chunk = []
+    if chunk:
+        yield chunk
+
+
+def _decode_in_workers(chunks, transform, draft, workers, decode_batch, init_worker):
+    """Decode chunks in worker processes, in order, with a bounded window in flight."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    window: deque = deque()
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
+                                initargs=(transform, draft)) as ex:
+        for chunk in chunks:
+            window.append(ex.submit(decode_batch, chunk))
+            while len(window) > 4 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def _file_info(path: str, key: str) -> dict:
+    try:
+        return file_info(path)
+    except (OSError, FileNotFoundError) as e:
+        raise InputError(f"{key}: {path!r} not found") from e
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    with atomic_open(path) as f:
+        np.save(f, arr)
+
+
+def _load_npy(path: str) -> np.ndarray:
+    fs, p = get_fs(path)
+    with fs.open(p, "rb") as f:
+        import io
+
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)

@@ -1,0 +1,113 @@
+"""The cluster stage on a synthetic pool: DataComp's rule, failed rows, and what its cache reuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from filtering import clustering
+from filtering.pool import Pool, ShardPart
+from filtering.stages.base import RunContext
+from filtering.stages.clusters import ClusterStage
+from pipelines.config import parse_config
+
+
+def make_pool(embs: list[np.ndarray], failed_rows=()) -> Pool:
+    parts, start = [], 0
+    for i, e in enumerate(embs):
+        parts.append(ShardPart(f"/pool/{i:05d}.tar", f"sid{i}", start, start + len(e)))
+        start += len(e)
+    error = [("corrupt_image: x" if i in failed_rows else None) for i in range(start)]
+    table = pa.table({"uid": [f"{i:032x}" for i in range(start)], "error": pa.array(error, pa.string())})
+    return Pool(table, parts, embedding_loader=lambda kind, part: embs[parts.index(part)],
+                embedding_kinds=("image", "text"), default_embedding="image")
+
+
+def blobs(n, centers, rng, noise=0.2):
+    x = centers[rng.integers(0, len(centers), n)] + noise * rng.standard_normal((n, centers.shape[1]))
+    return clustering.normalize(x).astype(np.float16)
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = clustering.normalize(rng.standard_normal((12, 32)))
+    embs = [blobs(400, centers, rng) for _ in range(3)]
+    ref = blobs(60, centers[:4], rng)  # the reference covers 4 of the 12 blobs
+    np.save(tmp_path / "ref.npy", ref)
+    return embs, ref, tmp_path
+
+
+def config(tmp_path, **clusters):
+    raw = {
+        "input": {"shards": "unused.tar"},
+        "clusters": {"num_clusters": 16, "reference": str(tmp_path / "ref.npy"), "niter": 10, **clusters},
+        "filters": [{"image_clusters": {}}],
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    return parse_config(raw)
+
+
+def run_stage(cfg, tmp_path, pool) -> dict:
+    ctx = RunContext(config=cfg, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "run" / "cache"), log=lambda m: None)
+    ClusterStage(cfg, ctx.cache_dir).run(ctx, pool)
+    return ctx.stage_info["clusters"]
+
+
+def test_columns_follow_datacomp_rule_and_failed_rows_are_out(data):
+    embs, ref, tmp = data
+    pool = make_pool(embs, failed_rows={5, 900})
+    info = run_stage(config(tmp), tmp, pool)
+    assert info["centroids"] == "trained" and info["reference"] == "loaded"
+    assert info["cache"] == {"targets": "computed", "shards_assigned": 3, "shards_cached": 0}
+
+    centroids = next((tmp / "run" / "cache").glob("centroids-*/centroids.npy"))
+    c = np.load(centroids)
+    x = np.concatenate(embs).astype(np.float32)
+    ids = np.argmax(x @ c.T, axis=1)
+    target = np.unique(np.argmax(ref.astype(np.float32) @ c.T, axis=1))
+    expected = np.isin(ids, target)
+    expected[[5, 900]] = False
+    np.testing.assert_array_equal(pool.column("cluster_target"), expected)
+    got_ids = pool.table.column("cluster_id")
+    assert got_ids.null_count == 2 and not got_ids[5].is_valid
+    np.testing.assert_array_equal(np.delete(got_ids.to_numpy(zero_copy_only=False), [5, 900]), np.delete(ids, [5, 900]))
+    assert 0.2 < expected.mean() < 0.5  # ~4 of 12 blobs
+
+
+def test_rerun_reuses_everything(data, monkeypatch):
+    embs, _, tmp = data
+    run_stage(config(tmp), tmp, make_pool(embs))
+
+    def boom(*a, **k):
+        raise AssertionError("re-clustered")
+
+    monkeypatch.setattr(clustering, "train_kmeans", boom)
+    monkeypatch.setattr(clustering, "target_clusters", boom)
+    pool = make_pool(embs)
+    info = run_stage(config(tmp), tmp, pool)
+    assert info["centroids"] == "cached" and info["reference"] == "cached"
+    assert info["cache"] == {"targets": "cached", "shards_assigned": 0, "shards_cached": 3}
+    assert pool.column("cluster_target").any()
+
+
+def test_given_centroids_and_a_changed_shard(data):
+    embs, _, tmp = data
+    rng = np.random.default_rng(1)
+    np.save(tmp / "cent.npy", clustering.normalize(rng.standard_normal((20, 32))))
+    cfg = config(tmp, centroids=str(tmp / "cent.npy"))
+    assert run_stage(cfg, tmp, make_pool(embs))["centroids"] == "loaded"
+    embs = [embs[0], embs[1][::-1].copy(), embs[2]]  # shard 1 rescored differently
+    info = run_stage(cfg, tmp, make_pool(embs))
+    assert info["centroids"] == "cached"
+    assert info["cache"]["shards_assigned"] == 1 and info["cache"]["shards_cached"] == 2
+
+
+def test_dimension_mismatch_names_the_reference(data):
+    from filtering.errors import ConfigError
+
+    embs, _, tmp = data
+    np.save(tmp / "ref.npy", np.ones((3, 8), np.float32))
+    with pytest.raises(ConfigError, match="clusters.reference"):
+        run_stage(config(tmp), tmp, make_pool(embs))

@@ -1,0 +1,111 @@
+"""Clustering: DataComp's image-cluster rule, k-means determinism, centroid/reference loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from filtering import clustering
+from filtering.clustering import Assigner, assign, load_centroids, load_reference_embeddings, normalize, target_clusters
+
+
+def blobs(n: int, k: int, d: int, seed: int, noise: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = normalize(rng.standard_normal((k, d)))
+    x = normalize(centers[rng.integers(0, k, n)] + noise * rng.standard_normal((n, d)))
+    return x.astype(np.float16), centers
+
+
+def datacomp_rule(pool: np.ndarray, reference: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """DataComp's rule, written out directly (apply_filter.py: einsum, argmax, unique, keep)."""
+    pool_ids = np.argmax(pool.astype(np.float32) @ centroids.T, axis=1)
+    target = np.unique(np.argmax(reference.astype(np.float32) @ centroids.T, axis=1))
+    return np.isin(pool_ids, target)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "bf16-screen"])
+def test_selection_equals_datacomp_rule(backend):
+    pool, _ = blobs(6000, 40, 64, seed=0)
+    centroids = clustering.train_kmeans(pool, 50, niter=8, seed=3)
+    reference, _ = blobs(300, 40, 64, seed=1)  # its own centres: overlaps part of the pool
+    reference = reference[:120]
+    assigner = Assigner(centroids, backend)
+    ids, sims = assign(pool, assigner, batch=1000)
+    keep = np.isin(ids, target_clusters(reference, assigner))
+    expected = datacomp_rule(pool, reference, centroids)
+    np.testing.assert_array_equal(keep, expected)
+    assert 0 < keep.sum() < len(keep)
+    scores = pool.astype(np.float32) @ centroids.T
+    np.testing.assert_array_equal(ids, scores.argmax(axis=1))
+    np.testing.assert_allclose(sims, scores.max(axis=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "bf16-screen"])
+def test_assignment_exact_on_near_ties_and_unnormalised_centroids(backend):
+    """Random directions (many near-ties), raw (not unit) centroids, a zero row: still numpy's argmax."""
+    rng = np.random.default_rng(5)
+    centroids = rng.standard_normal((300, 32)).astype(np.float32) * rng.uniform(0.5, 2.0, (300, 1)).astype(np.float32)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    x[7] = 0
+    ids, _ = assign(x, centroids, batch=512, backend=backend)
+    expected = (x @ centroids.T).argmax(axis=1)
+    np.testing.assert_array_equal(ids[np.arange(len(x)) != 7], expected[np.arange(len(x)) != 7])
+    if backend == "bf16-screen":
+        assert ids[7] == 0  # argmax of an all-zero row, as numpy
+
+
+def test_kmeans_is_seeded_and_deterministic():
+    x, _ = blobs(3000, 20, 32, seed=2)
+    a = clustering.train_kmeans(x, 24, niter=5, seed=7, max_training_points=2000)
+    b = clustering.train_kmeans(x, 24, niter=5, seed=7, max_training_points=2000)
+    c = clustering.train_kmeans(x, 24, niter=5, seed=8, max_training_points=2000)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (24, 32) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+
+def test_kmeans_recovers_separated_clusters_and_fills_empty_ones():
+    x, centers = blobs(4000, 10, 32, seed=4, noise=0.05)
+    centroids = clustering.train_kmeans(x, 10, niter=15, seed=0)
+    ids, _ = assign(x, centroids)
+    truth = (x.astype(np.float32) @ centers.T).argmax(axis=1)
+    # Each true blob maps to one cluster, and (nearly) every cluster is used.
+    purity = sum(np.bincount(ids[truth == t]).max() for t in range(10)) / len(x)
+    assert purity > 0.95
+    assert len(np.unique(ids)) >= 9
+
+
+def test_training_size_rules():
+    assert clustering.training_size(1000, 10) == 1000
+    assert clustering.training_size(10_000, 10) == 2560  # faiss's 256 points per centroid
+    assert clustering.training_size(1000, 10, sample_fraction=0.3) == 300
+    assert clustering.training_size(1000, 10, sample_fraction=0.3, max_training_points=100) == 100
+    with pytest.raises(ValueError, match="num_clusters=50"):
+        clustering.train_kmeans(np.ones((20, 4), np.float32), 50)
+
+
+def test_loaders_npy_and_datacomp_pt(tmp_path):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    cent = rng.standard_normal((5, 8)).astype(np.float32)
+    feats = rng.standard_normal((7, 8)).astype(np.float16)
+
+    np.save(tmp_path / "c.npy", cent)
+    torch.save(torch.from_numpy(cent), tmp_path / "c_tensor.pt")
+    torch.save(cent, tmp_path / "c_numpy.pt")  # DataComp's centroid files pickle a numpy array
+    for name in ("c.npy", "c_tensor.pt", "c_numpy.pt"):
+        np.testing.assert_array_equal(load_centroids(str(tmp_path / name)), cent)
+
+    np.save(tmp_path / "r.npy", feats)
+    torch.save({"image_features": torch.from_numpy(feats), "labels": torch.arange(7)}, tmp_path / "r.pt")
+    for name in ("r.npy", "r.pt"):
+        got = load_reference_embeddings(str(tmp_path / name))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, feats.astype(np.float32))
+
+    torch.save({"something_else": torch.zeros(2, 2)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="image_features"):
+        load_reference_embeddings(str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match="unsupported"):
+        load_centroids(str(tmp_path / "c.txt"))
