@@ -1,0 +1,183 @@
+"""Deduplication at scale: SemDeDup and perceptual near-duplicate search vs brute force.
+
+Two workloads, each timed in its own child process (so peak RSS is the workload's own):
+
+- semantic: ``--n`` synthetic 512-d unit-norm embeddings (float16) drawn around random
+  centres, with ``--dup-fraction`` of the rows planted as near copies (cosine ~0.995) of
+  others. Ours: SemDeDup (``filtering.dedup.semantic.semdedup_pairs``: spherical
+  k-means into ~sqrt(n) clusters, then all pairs with cosine >= 0.95 within each
+  cluster) plus groups (connected components). Baseline: all pairs with numpy
+  (``x @ x.T`` in blocks) on a ``--baseline-n`` subset, also extrapolated (x (n/m)^2).
+- perceptual: ``--n`` random 64-bit hashes with planted near pairs (0..k flipped bits).
+  Ours: multi-index hashing (``filtering.dedup.hamming.near_pairs``). Baseline: numpy
+  all-pairs XOR + popcount on the subset, extrapolated the same way.
+
+Prints wall time, peak RSS, recall of the planted pairs (same group), ours on the
+subset vs the baseline on the subset (ratio), and whether ours equals the baseline
+there (perceptual: exactly; semantic: the pairs found are a subset of the baseline's).
+
+    .venv/bin/python bench/bench_dedup.py                  # 1,000,000 of each
+    .venv/bin/python bench/bench_dedup.py --n 100000 --baseline-n 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DIM = 512
+THRESHOLD = 0.95
+MAX_DISTANCE = 8
+
+
+def make_embeddings(n: int, dup_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x float16 unit-norm, planted source rows, planted copy rows)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 500), DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.empty((n, DIM), np.float16)
+    for lo in range(0, n, 100_000):
+        m = min(100_000, n - lo)
+        v = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, DIM)).astype(np.float32) / np.sqrt(DIM)
+        x[lo : lo + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    k = int(n * dup_fraction)
+    copies = rng.choice(n, size=2 * k, replace=False)
+    src, dst = copies[:k], copies[k:]
+    v = x[src].astype(np.float32) + 0.1 * rng.standard_normal((k, DIM)).astype(np.float32) / np.sqrt(DIM)
+    x[dst] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return x, src, dst
+
+
+def make_hashes(n: int, dup_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, np.iinfo(np.uint64).max, n, dtype=np.uint64, endpoint=True)
+    k = int(n * dup_fraction)
+    copies = rng.choice(n, size=2 * k, replace=False)
+    src, dst = copies[:k], copies[k:]
+    near = h[src].copy()
+    flips = rng.integers(0, MAX_DISTANCE + 1, k)
+    for f in range(1, MAX_DISTANCE + 1):
+        rows = np.flatnonzero(flips >= f)
+        # flip a distinct bit per round: bit positions drawn without repeats per row
+        bits = (rng.permutation(64 * len(rows)).reshape(len(rows), 64)[:, 0] % 64) if len(rows) else []
+        near[rows] ^= np.left_shift(np.uint64(1), np.asarray(bits, np.uint64))
+    h[dst] = near
+    return h, src, dst
+
+
+def recall(labels: np.ndarray, src: np.ndarray, dst: np.ndarray) -> float:
+    return float((labels[src] == labels[dst]).mean()) if len(src) else 1.0
+
+
+def job(kind: str, n: int, m: int, dup_fraction: float) -> dict:
+    from filtering.dedup import hamming, semantic
+    from filtering.dedup.groups import components
+
+    res: dict = {}
+    if kind.startswith("semantic"):
+        x, src, dst = make_embeddings(n, dup_fraction)
+        if kind == "semantic-baseline":
+            x, src, dst = subset(x, src, dst, m)
+        t = time.perf_counter()
+        if kind == "semantic":
+            i, j, _ = semantic.semdedup_pairs(x, THRESHOLD)
+        else:
+            i, j = semantic.brute_force_pairs(x, THRESHOLD)
+        labels = components(len(x), i, j)
+        res["seconds"] = time.perf_counter() - t
+        if kind == "semantic" and m:
+            xs, ss, ds = subset(x, src, dst, m)
+            t = time.perf_counter()
+            si, sj, _ = semantic.semdedup_pairs(xs, THRESHOLD)
+            components(len(xs), si, sj)
+            res["subset_seconds"] = time.perf_counter() - t
+            res["subset_pairs"] = sorted(map(list, zip(si.tolist(), sj.tolist(), strict=True)))
+    else:
+        h, src, dst = make_hashes(n, dup_fraction)
+        if kind == "perceptual-baseline":
+            h, src, dst = subset(h, src, dst, m)
+        t = time.perf_counter()
+        if kind == "perceptual":
+            i, j = hamming.near_pairs(h, MAX_DISTANCE)
+        else:
+            i, j = hamming.brute_force_pairs(h, MAX_DISTANCE)
+        labels = components(len(h), i, j)
+        res["seconds"] = time.perf_counter() - t
+        if kind == "perceptual" and m:
+            hs, ss, ds = subset(h, src, dst, m)
+            t = time.perf_counter()
+            si, sj = hamming.near_pairs(hs, MAX_DISTANCE)
+            components(len(hs), si, sj)
+            res["subset_seconds"] = time.perf_counter() - t
+            res["subset_pairs"] = sorted(map(list, zip(si.tolist(), sj.tolist(), strict=True)))
+    if kind.endswith("baseline"):
+        res["subset_pairs"] = sorted(map(list, zip(i.tolist(), j.tolist(), strict=True)))
+    res["pairs"] = int(len(i))
+    res["dropped"] = int(len(labels) - len(np.unique(labels)))
+    res["recall"] = recall(labels, src, dst)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def subset(x, src, dst, m):
+    """The first ``m`` rows, keeping only planted pairs wholly inside them."""
+    inside = (src < m) & (dst < m)
+    return x[:m], src[inside], dst[inside]
+
+
+def child(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--job", kind, "--n", str(args.n), "--baseline-n", str(args.baseline_n),
+           "--dup-fraction", str(args.dup_fraction)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--baseline-n", type=int, default=50_000)
+    ap.add_argument("--dup-fraction", type=float, default=0.05)
+    ap.add_argument("--only", choices=["semantic", "perceptual"])
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.job:
+        print(json.dumps(job(args.job, args.n, min(args.baseline_n, args.n), args.dup_fraction)))
+        return
+    m = min(args.baseline_n, args.n)
+    scale = (args.n / m) ** 2
+    for kind in ("semantic", "perceptual"):
+        if args.only and kind != args.only:
+            continue
+        ours = child(kind, args)
+        base = child(f"{kind}-baseline", args)
+        ours_pairs = {tuple(p) for p in ours.pop("subset_pairs")}
+        base_pairs = {tuple(p) for p in base.pop("subset_pairs")}
+        agree = ours_pairs == base_pairs if kind == "perceptual" else ours_pairs <= base_pairs
+        found = len(ours_pairs & base_pairs) / max(1, len(base_pairs))
+        what = (f"SemDeDup, {DIM}-d, cosine >= {THRESHOLD}" if kind == "semantic"
+                else f"64-bit hashes, Hamming <= {MAX_DISTANCE}")
+        print(f"== {kind} dedup: {args.n:,} items ({what}), {args.dup_fraction:.0%} planted near copies")
+        print(f"  ours      {args.n:>9,}: {ours['seconds']:8.1f} s   peak RSS {ours['peak_rss_mb']:7.0f} MB   "
+              f"planted recall {ours['recall']:.4f}   dropped {ours['dropped']:,}")
+        print(f"  ours      {m:>9,}: {ours['subset_seconds']:8.2f} s")
+        print(f"  baseline  {m:>9,}: {base['seconds']:8.2f} s   peak RSS {base['peak_rss_mb']:7.0f} MB   "
+              f"planted recall {base['recall']:.4f}   (all pairs, numpy)")
+        print(f"  ratio on {m:,}: baseline / ours = {base['seconds'] / ours['subset_seconds']:.1f}x;   "
+              f"baseline extrapolated to {args.n:,}: {base['seconds'] * scale:,.0f} s "
+              f"= {base['seconds'] * scale / ours['seconds']:.0f}x ours")
+        print(f"  subset pairs: ours {len(ours_pairs):,}, baseline {len(base_pairs):,}, "
+              f"{'identical' if kind == 'perceptual' and agree else 'ours within baseline' if agree else 'MISMATCH'}"
+              f" ({found:.1%} of baseline pairs found)")
+
+
+if __name__ == "__main__":
+    main()

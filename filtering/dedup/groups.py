@@ -1,0 +1,84 @@
+"""Duplicate groups and which copy survives.
+
+Pairs of duplicate rows (from any method) are joined into groups by connected
+components (union-find semantics, via ``scipy.sparse.csgraph``). In each group one row
+survives, chosen by a total order that does not depend on row order, so results are the
+same across reruns and shard orderings:
+
+- ``highest_clip_score``: the highest score; missing scores last; ties by smallest uid.
+- ``smallest_uid``: the smallest uid.
+
+Every other row of the group is dropped, recording the survivor's uid (``duplicate_of``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+KeepPolicy = Literal["highest_clip_score", "smallest_uid"]
+KEEP_POLICIES: tuple[str, ...] = ("highest_clip_score", "smallest_uid")
+
+
+def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Component label of each of ``n`` nodes given undirected edges ``(i, j)``."""
+    if len(i) == 0:
+        return np.arange(n)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(i), np.int8), (np.asarray(i), np.asarray(j))), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels
+
+
+def keep_rank(uids: np.ndarray, scores: np.ndarray | None, policy: str) -> np.ndarray:
+    """Rank of each row under ``policy`` (0 = most preferred); a strict total order when uids are unique."""
+    if policy not in KEEP_POLICIES:
+        raise ValueError(f"unknown keep policy {policy!r}; choose one of {list(KEEP_POLICIES)}")
+    uid_order = np.argsort(np.asarray(uids, dtype=str), kind="stable")
+    uid_rank = np.empty(len(uids), np.int64)
+    uid_rank[uid_order] = np.arange(len(uids))
+    if policy == "smallest_uid":
+        return uid_rank
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)
+    order = np.lexsort((uid_rank, -s))  # last key first: score descending, then uid
+    rank = np.empty(len(uids), np.int64)
+    rank[order] = np.arange(len(uids))
+    return rank
+
+
+def survivors(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """For each row, the index of its group's best-ranked row (itself for singletons)."""
+    labels = np.asarray(labels)
+    order = np.lexsort((rank, labels))  # by group, best rank first
+    first = np.r_[True, labels[order][1:] != labels[order][:-1]]
+    best_of_group = np.empty(labels.max() + 1 if len(labels) else 0, np.int64)
+    best_of_group[labels[order][first]] = order[first]
+    return best_of_group[labels]
+
+
+def resolve(
+    n: int, i: np.ndarray, j: np.ndarray, uids: np.ndarray, rank: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, duplicate_of)`` over ``n`` rows from duplicate pairs ``(i, j)``.
+
+    ``duplicate_of`` (object) holds the survivor's uid for dropped rows, None elsewhere.
+    """
+    best = survivors(components(n, i, j), rank)
+    keep = best == np.arange(n)
+    dup = np.full(n, None, dtype=object)
+    dup[~keep] = np.asarray(uids, dtype=object)[best[~keep]]
+    return keep, dup
+
+
+def exact_groups(keys: list[np.ndarray]) -> np.ndarray:
+    """Group label per row: rows sharing every key column share a label (None is a value too)."""
+    label = np.zeros(len(keys[0]), np.int64)
+    for key in keys:
+        values = np.asarray(["\0none" if v is None else v for v in key], dtype=str)
+        _, inverse = np.unique(values, return_inverse=True)
+        _, label = np.unique(label * (int(inverse.max(initial=0)) + 1) + inverse.ravel(), return_inverse=True)
+    return label.ravel()

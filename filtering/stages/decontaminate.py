@@ -1,0 +1,331 @@
+"""Nearest evaluation-set item for every pool row: the scores behind the ``decontaminate`` filter.
+
+For each distinct reference named by a ``decontaminate`` filter in the run's filter
+tree, this stage adds ``decontam_<name>_similarity`` (semantic: largest cosine of the
+row's image embedding to a reference embedding, exact argmax by
+:class:`filtering.clustering.Assigner`) or ``decontam_<name>_distance`` (perceptual:
+smallest Hamming distance of the row's ``phash`` to a reference hash, by faiss's
+exhaustive binary index), and ``decontam_<name>_match`` (the id of that reference
+item). Failed rows get nulls.
+
+The reference set is loaded once and cached under ``DIR/cache/decontam-<fp>/``, where
+the fingerprint covers the reference files (names, sizes, modification stamps), the
+method and, for images embedded here, the model; reruns load it without the model.
+Semantic similarities are cached per shard too (``decontam-nearest-<fp>/``, keyed by the
+reference set and the shard's embeddings), so a rerun with another threshold is free.
+Reference images go through the scoring stage's own decoding (``decode_one``) and
+encoder (``ClipEncoder``), so their embeddings and hashes are comparable with the pool's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from filtering.cache import fingerprint
+from filtering.errors import ConfigError, InputError
+from filtering.io.atomic import atomic_open, atomic_write_text, exists
+from filtering.io.paths import get_fs, join, shard_name
+from filtering.pool import Pool
+from filtering.stages.base import ColumnStage, RunContext
+
+ALGO_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """One reference to compare the pool with, as a decontaminate filter names it."""
+
+    reference: str
+    method: str
+    embedding: str | None
+    value_column: str
+    match_column: str
+
+
+@dataclass
+class ReferenceSet:
+    ids: np.ndarray  # str
+    hashes: np.ndarray | None = None  # uint64 (perceptual)
+    embeddings: np.ndarray | None = None  # float32 unit-norm (semantic)
+    fingerprint: str = ""  # of what the set was built from
+
+
+def targets_of(filter_tree) -> list[Target]:
+    """The distinct references of the tree's ``decontaminate`` leaves; two different
+    references may not share a column name."""
+    from filtering.filters.decontaminate import Decontaminate
+
+    by_column: dict[str, Target] = {}
+    for node in filter_tree:
+        for f in node.leaves():
+            if not isinstance(f, Decontaminate):
+                continue
+            p = f.params
+            t = Target(p.reference, p.method, p.embedding, f.value_column, f.match_column)
+            other = by_column.get(t.value_column)
+            if other is not None and other != t:
+                raise ConfigError(
+                    f"filters: decontaminate references {other.reference!r} and {t.reference!r} would both write "
+                    f"{t.value_column!r}; give one of them a distinct name: (e.g. name: {f.tag}_2)"
+                )
+            by_column[t.value_column] = t
+    return list(by_column.values())
+
+
+class DecontaminateStage(ColumnStage):
+    name = "decontaminate"
+
+    def __init__(self, cfg, cache_root: str):
+        self.cfg = cfg
+        self.cache_root = cache_root
+        self.targets = targets_of(cfg.filter_tree)
+
+    def provides(self) -> set[str]:
+        return {c for t in self.targets for c in (t.value_column, t.match_column)}
+
+    def requires(self) -> set[str]:
+        return {"phash"} if any(t.method == "perceptual" for t in self.targets) else set()
+
+    def run(self, ctx: RunContext, pool: Pool) -> None:
+        info: dict[str, Any] = {}
+        ctx.stage_info["decontaminate"] = info
+        failed = pool.failed
+        for t in self.targets:
+            t0 = time.perf_counter()
+            ref, how = self.reference(ctx, t)
+            if t.method == "semantic":
+                values, idx = self.nearest_semantic(ctx, pool, t, ref)
+            else:
+                values, idx = self.nearest_perceptual(pool, ref)
+            match = np.asarray(ref.ids, dtype=object)[np.maximum(idx, 0)]
+            pool.add_column(t.value_column, pa.array(values, mask=failed))
+            pool.add_column(t.match_column, pa.array(match, type=pa.string(), mask=failed))
+            ok = values[~failed]
+            nearest = (float(ok.max()) if t.method == "semantic" else int(ok.min())) if len(ok) else None
+            info[t.value_column] = {
+                "reference": t.reference,
+                "method": t.method,
+                "reference_items": int(len(ref.ids)),
+                "reference_cache": how,
+                "nearest": nearest,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+
+    # --- comparison ------------------------------------------------------------------
+
+    def nearest_semantic(self, ctx, pool: Pool, t: Target, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
+        """Per shard, cached: a rerun with another threshold reads the columns back."""
+        from filtering import clustering
+        from filtering.cache import ShardCache
+        from filtering.stages.clusters import part_fingerprint
+
+        key = "filters.decontaminate.embedding"
+        try:
+            kind = pool.resolve_embedding(t.embedding)
+        except KeyError as e:
+            raise ConfigError(f"{key}: {e.args[0]}") from e
+        cache = ShardCache(self.cache_root, "decontam-nearest", {"reference": ref.fingerprint, "embedding": kind})
+        sims = np.zeros(pool.n, np.float32)
+        ids = np.zeros(pool.n, np.int64)
+        assigner = None
+        bar = ctx.bar(pool.n, f"decontaminate {t.value_column}")
+        try:
+            for part, emb in pool.iter_embeddings(kind):
+                source = {"embedding": part_fingerprint(part, emb, kind)}
+                if cache.is_done(part.url, source):
+                    table = cache.read_table(part.url)
+                    ids[part.start : part.stop] = table.column("match").to_numpy()
+                    sims[part.start : part.stop] = table.column("similarity").to_numpy()
+                    bar.update(part.n)
+                    continue
+                if assigner is None:
+                    if emb.shape[1] != ref.embeddings.shape[1]:
+                        raise ConfigError(
+                            f"filters.decontaminate.reference: {t.reference!r} has embeddings of dimension "
+                            f"{ref.embeddings.shape[1]}, the pool's {kind!r} embeddings have {emb.shape[1]}; "
+                            "embed the reference with the same model"
+                        )
+                    assigner = clustering.Assigner(ref.embeddings)
+                part_ids, part_sims = clustering.assign(emb, assigner)
+                cache.write(part.url, pa.table({"match": part_ids, "similarity": part_sims}), {}, source=source)
+                ids[part.start : part.stop], sims[part.start : part.stop] = part_ids, part_sims
+                bar.update(part.n)
+        finally:
+            bar.close()
+        return sims, ids
+
+    @staticmethod
+    def nearest_perceptual(pool: Pool, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
+        from filtering.dedup.hamming import nearest
+        from filtering.filters.dedup import hash_column
+
+        hashes, null = hash_column(pool, "phash")
+        dist, idx = nearest(hashes, ref.hashes)
+        return np.where(null, 65, dist).astype(np.int16), idx
+
+    # --- reference set ---------------------------------------------------------------
+
+    def reference(self, ctx: RunContext, t: Target) -> tuple[ReferenceSet, str]:
+        from filtering.stages.clusters import reference_source
+        from filtering.stages.score import model_spec
+
+        key = "filters.decontaminate.reference"
+        try:
+            kind, items, listing = reference_source(t.reference)
+        except InputError as e:
+            raise InputError(f"{key}: {str(e).split(': ', 1)[-1]}") from e
+        spec: dict[str, Any] = {"reference": t.reference, "kind": kind, "files": listing, "method": t.method,
+                                "version": ALGO_VERSION}
+        if kind != "embeddings":
+            spec["jpeg_draft"] = getattr(self.cfg.model, "jpeg_draft", False)
+            if t.method == "semantic" or spec["jpeg_draft"]:
+                spec["model"] = model_spec(self.cfg.model)
+        rfp = fingerprint(spec)
+        path = join(self.cache_root, f"decontam-{rfp}", "reference.npz")
+        if exists(path):
+            ref = _load(path)
+            ref.fingerprint = rfp
+            return ref, "cached"
+        if kind == "embeddings":
+            ref = _load_arrays(items, t, key)
+            how = "loaded"
+        else:
+            ref, failures = self.embed(ctx, t, kind, items)
+            how = "embedded" if t.method == "semantic" else "hashed"
+            if failures:
+                ctx.log(f"decontaminate: {failures} reference images in {t.reference!r} could not be decoded; skipped")
+        if len(ref.ids) == 0:
+            raise InputError(f"{key}: no usable reference items in {t.reference!r}")
+        ref.fingerprint = rfp
+        _save(path, ref)
+        atomic_write_text(join(os.path.dirname(path), "spec.json"), json.dumps(spec, indent=1, default=str))
+        return ref, how
+
+    def embed(self, ctx: RunContext, t: Target, kind: str, items: list[str]) -> tuple[ReferenceSet, int]:
+        """Decode (and for semantic, encode) reference images as the scoring stage does pool images."""
+        from filtering.scorers.decode import decode_one, draft_target
+
+        semantic = t.method == "semantic"
+        if semantic:
+            from filtering.stages.score import ClipEncoder
+
+            clip = ctx.clip()
+            encoder = ClipEncoder(clip)
+            transform = clip.pil_transform
+            draft = draft_target(transform) if getattr(self.cfg.model, "jpeg_draft", False) else None
+        else:
+            # Hash exactly as the scoring stage hashed the pool: with its JPEG draft decoding.
+            transform, draft = _thumbnail, None
+            if getattr(self.cfg.model, "jpeg_draft", False):
+                draft = draft_target(ctx.clip().pil_transform)
+        ids: list[str] = []
+        hashes: list[int] = []
+        emb: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        failures = 0
+
+        def flush() -> None:
+            img, _ = encoder(np.stack(pending), [""] * len(pending))
+            emb.append(img.astype(np.float32))
+            pending.clear()
+
+        bar = ctx.bar(len(items) if kind == "folder" else None, f"reference {t.value_column}", unit="images")
+        try:
+            for item_id, data in _reference_images(kind, items, get_fs(t.reference)[1]):
+                d = decode_one(data, transform, draft)
+                bar.update(1)
+                if d.error is not None:
+                    failures += 1
+                    continue
+                ids.append(item_id)
+                hashes.append(d.phash)
+                if semantic:
+                    pending.append(d.pixels)
+                    if len(pending) >= self.cfg.model.batch_size:
+                        flush()
+            if semantic and pending:
+                flush()
+        finally:
+            bar.close()
+        if semantic:
+            dim = encoder.dim
+            matrix = np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)
+            return ReferenceSet(np.asarray(ids, dtype=str), embeddings=matrix), failures
+        return ReferenceSet(np.asarray(ids, dtype=str), hashes=np.asarray(hashes, dtype=np.uint64)), failures
+
+
+def _thumbnail(img):
+    """Stand-in model transform for hashing only: decode_one needs one, the pixels are unused."""
+    return np.zeros((1, 1, 3), np.uint8)
+
+
+def _reference_images(kind: str, items: list[str], root: str) -> Iterator[tuple[str, bytes | None]]:
+    """(id, image bytes): folder images by path relative to the folder; shard samples by key."""
+    from filtering.io.paths import open_file
+    from filtering.io.reader import iter_shard
+
+    if kind == "folder":
+        for p in items:
+            rel = os.path.relpath(p.split("://", 1)[-1], root).replace(os.sep, "/")
+            with open_file(p) as f:
+                yield rel, f.read()
+    else:
+        for url in items:
+            name = shard_name(url)
+            for sample in iter_shard(url):
+                yield f"{name}/{sample.key}", sample.image
+
+
+def _load_arrays(files: list[str], t: Target, key: str) -> ReferenceSet:
+    """Embeddings (``.npy``/``.pt``, semantic) or uint64 hashes (``.npy``, perceptual)."""
+    from filtering import clustering
+    from filtering.io.paths import open_file
+
+    ids: list[str] = []
+    if t.method == "perceptual":
+        arrays = []
+        for f in files:
+            if not f.lower().endswith(".npy"):
+                raise InputError(f"{key}: perceptual decontamination needs images or a .npy of uint64 hashes, got {f!r}")
+            with open_file(f) as fh:
+                arr = np.load(io.BytesIO(fh.read()), allow_pickle=False)
+            if arr.ndim != 1 or arr.dtype not in (np.uint64, np.int64):
+                raise InputError(f"{key}: {f!r} must be a 1-d uint64 array of perceptual hashes, got {arr.dtype} {arr.shape}")
+            arrays.append(arr.astype(np.uint64))
+            ids += [f"{os.path.basename(f)}:{i}" for i in range(len(arr))]
+        return ReferenceSet(np.asarray(ids, dtype=str), hashes=np.concatenate(arrays))
+    mats = []
+    for f in files:
+        try:
+            m = clustering.load_reference_embeddings(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{key}: {e}") from e
+        mats.append(clustering.normalize(m))
+        ids += [f"{os.path.basename(f)}:{i}" for i in range(len(m))]
+    return ReferenceSet(np.asarray(ids, dtype=str), embeddings=np.concatenate(mats))
+
+
+def _save(path: str, ref: ReferenceSet) -> None:
+    arrays: dict[str, np.ndarray] = {"ids": np.asarray(ref.ids, dtype=str)}
+    if ref.hashes is not None:
+        arrays["hashes"] = ref.hashes
+    if ref.embeddings is not None:
+        arrays["embeddings"] = ref.embeddings
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
+
+
+def _load(path: str) -> ReferenceSet:
+    fs, p = get_fs(path)
+    with fs.open(p, "rb") as f:
+        data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        return ReferenceSet(data["ids"], data.get("hashes"), data.get("embeddings"))

@@ -1,0 +1,48 @@
+"""SemDeDup finds planted near duplicates and agrees with the all-pairs scan on them."""
+
+import numpy as np
+
+from filtering.dedup import semantic
+
+
+def planted(n=3000, d=32, dups=150, noise=0.02, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, d)).astype(np.float32)
+    x = centres[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    src = rng.choice(n, dups, replace=False)
+    near = x[src] + noise * rng.normal(size=(dups, d)).astype(np.float32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    return np.concatenate([x, near]), {(int(s), n + r) for r, s in enumerate(src)}
+
+
+def test_finds_planted_pairs_and_only_true_pairs():
+    x, truth = planted()
+    i, j, labels = semantic.semdedup_pairs(x, 0.95, num_clusters=20, seed=0)
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    brute = set(zip(*(p.tolist() for p in semantic.brute_force_pairs(x, 0.95)), strict=True))
+    assert found <= brute  # every reported pair really is that similar
+    assert len(found & truth) >= 0.95 * len(truth)  # clustering loses at most a few split pairs
+    assert len(set(labels.tolist())) == 20
+    sims = np.einsum("ij,ij->i", x[i], x[j])
+    assert (sims >= 0.95 - 1e-6).all()
+
+
+def test_deterministic_for_a_seed():
+    x, _ = planted(seed=1)
+    a = semantic.semdedup_pairs(x, 0.9, num_clusters=10, seed=3)
+    b = semantic.semdedup_pairs(x, 0.9, num_clusters=10, seed=3)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_one_cluster_is_the_brute_force():
+    x, _ = planted(n=400, dups=30)
+    i, j, _ = semantic.semdedup_pairs(x, 0.9, num_clusters=1)
+    bi, bj = semantic.brute_force_pairs(x, 0.9)
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(zip(bi.tolist(), bj.tolist(), strict=True))
+
+
+def test_default_num_clusters_is_about_sqrt_n():
+    assert semantic.default_num_clusters(1_000_000) == 1000
+    assert semantic.default_num_clusters(10) == 2
