@@ -1,0 +1,266 @@
+"""Source stage for ``input.datacomp_metadata``: DataComp's own metadata, no images needed.
+
+DataComp (Gadre et al. 2023) ships each pool shard as ``NNNNNNNN.parquet`` (uid, url,
+text, original size, precomputed CLIP B/32 and L/14 similarity scores, face boxes,
+sha256) next to ``NNNNNNNN.npz`` (float16 CLIP embeddings ``b32_img``, ``b32_txt``,
+``l14_img``, ``l14_txt``, rows aligned with the parquet). This stage reads the parquets
+into the pool as they are, so ``clip_score`` thresholds DataComp's own scores and
+embedding steps read DataComp's own embeddings: nothing is recomputed and no model (and
+no torch) is loaded.
+
+Only the columns a run uses are read (Parquet projection): the scalar columns that go
+into the subset, plus whatever a filter asks for; the bulky ``face_bboxes`` lists are
+read only on request. Embeddings are read per shard and per array on demand.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from filtering.errors import InputError
+from filtering.io.paths import file_info, get_fs, is_local, open_file
+from filtering.pool import Pool, ShardPart
+from filtering.stages.base import RunContext, SourceStage
+
+SCORE_FIELDS = ("clip_b32_similarity_score", "clip_l14_similarity_score")
+EMBEDDING_ARRAYS = ("b32_img", "b32_txt", "l14_img", "l14_txt")
+# DataComp's parquet columns, in the order the pool keeps them (``text`` becomes ``caption``).
+METADATA_COLUMNS = (
+    "uid",
+    "key",
+    "url",
+    "text",
+    "original_width",
+    "original_height",
+    *SCORE_FIELDS,
+    "sha256",
+    "face_bboxes",
+)
+ON_REQUEST = frozenset({"face_bboxes"})  # nested lists: read only when a filter needs them
+DERIVED = ("source_shard", "caption")
+
+
+@dataclass(frozen=True)
+class DataCompShard:
+    stem: str
+    parquet: str
+    npz: str | None
+
+
+def list_shards(metadata_dir: str) -> list[DataCompShard]:
+    """The ``*.parquet`` files of a DataComp metadata folder (local or fsspec URL), sorted,
+    each with its ``.npz`` when present."""
+    fs, root = get_fs(metadata_dir)
+    prefix = metadata_dir.split("://", 1)[0] + "://" if "://" in metadata_dir and not metadata_dir.startswith("file://") else ""
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError as e:
+        raise InputError(f"input.datacomp_metadata: no such directory {metadata_dir!r}") from e
+    if not fs.isdir(root):
+        raise InputError(f"input.datacomp_metadata: {metadata_dir!r} is not a directory")
+    files = {posixpath.basename(n.rstrip("/")): n for n in names}
+    shards = []
+    for name in sorted(files):
+        if not name.endswith(".parquet"):
+            continue
+        stem = name[: -len(".parquet")]
+        npz = files.get(f"{stem}.npz")
+        shards.append(DataCompShard(stem, prefix + files[name], prefix + npz if npz else None))
+    if not shards:
+        raise InputError(f"input.datacomp_metadata: no .parquet files in {metadata_dir!r}")
+    return shards
+
+
+class DataCompStage(SourceStage):
+    """Builds the pool from DataComp's per-shard parquet metadata and npz embeddings."""
+
+    name = "datacomp"
+
+    def __init__(self, metadata_dir: str, cache_root: str):
+        self.metadata_dir = metadata_dir
+        self.cache_root = cache_root  # nothing is computed, so nothing is cached
+        self.requested: set[str] = set()
+        self._shards: list[DataCompShard] | None = None
+
+    def provides(self) -> set[str]:
+        # Static: validating a config must not read data. Columns a given pool lacks are
+        # reported when it is read.
+        return set(METADATA_COLUMNS) | set(DERIVED)
+
+    def request(self, columns: set[str]) -> None:
+        """Columns some filter reads; on-request columns among them are read too."""
+        self.requested |= set(columns)
+
+    def check_inputs(self) -> None:
+        self._shards = list_shards(self.metadata_dir)
+
+    def run(self, ctx: RunContext) -> Pool:
+        shards = self._shards if self._shards is not None else list_shards(self.metadata_dir)
+        ctx.inputs.extend(_input_records(shards))
+        workers = min(len(shards), max(2, os.cpu_count() or 2))
+        bar = ctx.bar(len(shards), "read metadata", unit="shards")
+        tables = []
+        with cf.ThreadPoolExecutor(workers) as executor:  # pyarrow decodes without the GIL
+            for table in executor.map(self._read_shard, shards):
+                tables.append(table)
+                bar.update(1)
+        bar.close()
+        parts, start = [], 0
+        for shard, t in zip(shards, tables, strict=True):
+            parts.append(ShardPart(shard.parquet, shard.stem, start, start + t.num_rows))
+            start += t.num_rows
+        table = pa.concat_tables(tables, promote_options="permissive")
+        table = _with_source_shard(table, shards, [t.num_rows for t in tables])
+        kinds = _embedding_kinds(shards)
+        npz = {s.stem: s.npz for s in shards}
+        ctx.stage_info[self.name] = {
+            "metadata_dir": self.metadata_dir,
+            "shards": len(shards),
+            "rows": table.num_rows,
+            "columns": table.column_names,
+            "embeddings": list(kinds),
+        }
+        ctx.log(f"read {table.num_rows:,} rows of DataComp metadata from {len(shards)} shards")
+        return Pool(
+            table=table,
+            parts=parts,
+            embedding_loader=lambda kind, part: load_npz_array(npz[part.sid], kind, part),
+            embedding_kinds=kinds,
+            default_embedding="l14_img" if "l14_img" in kinds else (kinds[0] if kinds else None),
+        )
+
+    def _columns_for(self, schema: pa.Schema, path: str) -> list[str]:
+        present = set(schema.names)
+        if "uid" not in present:
+            raise InputError(f"input.datacomp_metadata: {path} has no uid column (columns: {schema.names})")
+        need = {"text" if c == "caption" else c for c in self.requested} - {"key", "source_shard"}
+        missing = need - present
+        if missing:
+            raise InputError(
+                f"input.datacomp_metadata: {path} lacks column(s) {sorted(missing)} that the filters need "
+                f"(columns: {schema.names})"
+            )
+        wanted = []
+        for f in schema:
+            if f.name in ON_REQUEST or pa.types.is_nested(f.type):
+                if f.name in self.requested:
+                    wanted.append(f.name)
+            else:
+                wanted.append(f.name)
+        return wanted
+
+    def _read_shard(self, shard: DataCompShard) -> pa.Table:
+        with open_file(shard.parquet) as f:
+            pf = pq.ParquetFile(f)
+            table = pf.read(columns=self._columns_for(pf.schema_arrow, shard.parquet), use_threads=True)
+        table = table.replace_schema_metadata(None)
+        return _normalise(table, requested=self.requested)
+
+
+def _normalise(table: pa.Table, requested: set[str]) -> pa.Table:
+    """DataComp columns -> pool columns: ``text`` -> ``caption``, ``key`` defaults to ``uid``,
+    known columns first in DataComp's order."""
+    names = table.column_names
+    cols: dict[str, pa.ChunkedArray] = {"uid": table.column("uid").cast(pa.string())}
+    cols["key"] = table.column("key").cast(pa.string()) if "key" in names else cols["uid"]
+    if "text" in names:
+        cols["caption"] = table.column("text").cast(pa.string())
+        if "text" in requested:
+            cols["text"] = cols["caption"]
+    for name in METADATA_COLUMNS:
+        if name in names and name not in cols and name != "text":
+            cols[name] = table.column(name)
+    for name in names:
+        if name not in cols and name != "text":
+            cols[name] = table.column(name)
+    return pa.table(cols)
+
+
+def _with_source_shard(table: pa.Table, shards: list[DataCompShard], counts: list[int]) -> pa.Table:
+    """Insert ``source_shard`` (the parquet path) after ``key``, built from a dictionary
+    instead of one Python string per row."""
+    indices = pa.array(np.repeat(np.arange(len(shards), dtype=np.int32), counts))
+    dictionary = pa.array([s.parquet for s in shards], pa.string())
+    column = pa.DictionaryArray.from_arrays(indices, dictionary).cast(pa.string())
+    return table.add_column(table.column_names.index("key") + 1, "source_shard", column)
+
+
+def _embedding_kinds(shards: list[DataCompShard]) -> tuple[str, ...]:
+    """The npz arrays present in every shard (read from the first npz's zip directory only)."""
+    if any(s.npz is None for s in shards):
+        return ()
+    with open_file(shards[0].npz) as f, np.load(f) as npz:
+        names = set(npz.files)
+    return tuple(k for k in EMBEDDING_ARRAYS if k in names) + tuple(sorted(names - set(EMBEDDING_ARRAYS)))
+
+
+def load_npz_array(path: str | None, kind: str, part: ShardPart) -> np.ndarray:
+    """One embedding array of one shard.
+
+    DataComp writes its npz files uncompressed (``np.savez``), so for local files the
+    array is memory-mapped straight out of the zip: only the rows a step touches are
+    read. Compressed or remote npz files load that one member (an npz is a zip).
+    """
+    if path is None:
+        raise InputError(f"input.datacomp_metadata: no .npz next to {part.url}, so embedding {kind!r} is unavailable")
+    arr = _mmap_npz_member(path.removeprefix("file://"), kind) if is_local(path) else None
+    if arr is None:
+        with open_file(path) as f, np.load(f) as npz:
+            arr = _member(npz, path, kind)
+    if arr.ndim != 2 or arr.shape[0] != part.n:
+        raise InputError(f"{path}: {kind} has shape {arr.shape}, but {part.url} has {part.n} rows")
+    return arr
+
+
+def _mmap_npz_member(path: str, kind: str) -> np.ndarray | None:
+    """Memory-map ``kind.npy`` inside an uncompressed npz; None when that is not possible."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{kind}.npy")
+        except KeyError:
+            raise InputError(f"{path}: no array {kind!r}; it has {sorted(n.removesuffix('.npy') for n in zf.namelist())}") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(np.lib.format.read_magic(f))
+        if read_header is None:
+            return None
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            return None
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _member(npz, path: str, kind: str) -> np.ndarray:
+    if kind not in npz.files:
+        raise InputError(f"{path}: no array {kind!r}; it has {sorted(npz.files)}")
+    return npz[kind]
+
+
+def _input_records(shards: list[DataCompShard]) -> list[dict]:
+    records = []
+    for s in shards:
+        for path in (s.parquet, s.npz):
+            if path is not None:
+                records.append({"path": path, **file_info(path)})
+    return records

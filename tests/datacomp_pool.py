@@ -1,0 +1,116 @@
+"""A small pool in DataComp's metadata layout, and DataComp's selection rules in plain numpy.
+
+The pool mirrors what DataComp ships (``NNNNNNNN.parquet`` + ``NNNNNNNN.npz`` per shard);
+the reference functions follow DataComp's ``baselines/apply_filter.py`` line by line
+(pandas reads, ``-np.sort(-scores)[int(N * f)]``, ``int(uid, 16)`` per row), so tests
+compare poolsift against DataComp's own arithmetic, not against poolsift's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+WORDS = ["a", "photo", "of", "the", "small", "red", "blue", "dog", "cat", "car", "tree", "house", "on", "in", "with", "at", "night", "beach", "city", "old", "new"]
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def make_datacomp_pool(
+    root: Path, shards: int = 3, rows: int = 120, seed: int = 0, with_key: bool = True, dims=(16, 24)
+) -> Path:
+    """Write ``shards`` shards of ``rows`` rows under ``root``; scores are rounded to 0.01
+    so that many samples tie, including at every top-fraction threshold."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    b32_dim, l14_dim = dims
+    for s in range(shards):
+        n = rows + s  # uneven shard sizes
+        halves = rng.integers(0, 2**64, size=(n, 2), dtype=np.uint64).tolist()  # high bits set too
+        uids = [f"{hi:016x}{lo:016x}" for hi, lo in halves]
+        text = [" ".join(rng.choice(WORDS, size=rng.integers(1, 8))) for _ in range(n)]
+        faces = [[[float(x) for x in rng.random(4)] for _ in range(rng.integers(0, 3))] for _ in range(n)]
+        cols = {
+            "uid": pa.array(uids, pa.string()),
+            "url": pa.array([f"https://example.com/{s}/{i}.jpg" for i in range(n)], pa.string()),
+            "text": pa.array(text, pa.string()),
+            "original_width": pa.array(rng.integers(50, 2000, n), pa.int64()),
+            "original_height": pa.array(rng.integers(50, 2000, n), pa.int64()),
+            # b32 in float32 and l14 in float64: thresholds must hold in either native dtype
+            "clip_b32_similarity_score": pa.array(np.round(rng.uniform(0.1, 0.4, n), 2).astype(np.float32)),
+            "clip_l14_similarity_score": pa.array(np.round(rng.uniform(0.1, 0.4, n), 2)),
+            "face_bboxes": pa.array(faces, pa.list_(pa.list_(pa.float64()))),
+            "sha256": pa.array([f"{rng.integers(0, 2**63):064x}" for _ in range(n)], pa.string()),
+        }
+        if with_key:
+            cols["key"] = pa.array([f"{s:04d}{i:05d}" for i in range(n)], pa.string())
+        pq.write_table(pa.table(cols), root / f"{s:08d}.parquet")
+        np.savez(
+            root / f"{s:08d}.npz",
+            b32_img=_unit(rng, n, b32_dim),
+            b32_txt=_unit(rng, n, b32_dim),
+            l14_img=_unit(rng, n, l14_dim),
+            l14_txt=_unit(rng, n, l14_dim),
+        )
+    return root
+
+
+def _parquets(root: Path) -> list[Path]:
+    return sorted(root.glob("*.parquet"))
+
+
+def uids_u8u8(uids) -> np.ndarray:
+    """DataComp's uid conversion, one Python int per row."""
+    return np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in uids], np.dtype("u8,u8"))
+
+
+def datacomp_threshold(root: Path, key: str, fraction: float):
+    """``get_threshold``: the value at ``int(N * fraction)`` of all scores sorted descending."""
+    import pandas as pd
+
+    df = pd.concat([pd.read_parquet(p, columns=[key]) for p in _parquets(root)])
+    n = int(len(df) * fraction)
+    return -np.sort(-df[key].values)[n]
+
+
+def datacomp_clip_score_uids(root: Path, key: str, threshold=None, fraction=None) -> np.ndarray:
+    """``load_uids_with_clip_score``: keep ``score >= threshold``; sorted ``u8,u8`` uids."""
+    import pandas as pd
+
+    if threshold is None:
+        threshold = datacomp_threshold(root, key, fraction)
+    parts = []
+    for p in _parquets(root):
+        df = pd.read_parquet(p, columns=["uid", key])
+        parts.append(uids_u8u8(df[df[key] >= threshold]["uid"].values))
+    uids = np.concatenate(parts)
+    uids.sort()
+    return uids
+
+
+def datacomp_image_cluster_uids(root: Path, centroids: np.ndarray, reference: np.ndarray, key: str, fraction: float):
+    """``load_uids_with_image_filter`` (with ``arch``/``fraction``, without its fastText
+    caption pre-filter): target clusters = unique argmax of reference @ centroids; per
+    shard, rows over the CLIP-score threshold, nearest centroid of their ``l14_img``
+    embedding by inner product in float32, kept when it is a target."""
+    import pandas as pd
+
+    centroids = centroids.astype(np.float32)
+    targets = np.unique(np.argmax(reference.astype(np.float32) @ centroids.T, axis=1))
+    threshold = datacomp_threshold(root, key, fraction)
+    parts = []
+    for p in _parquets(root):
+        df = pd.read_parquet(p, columns=["uid", "text", key])
+        index = (df[key] >= threshold).values
+        emb = np.load(p.with_suffix(".npz"))["l14_img"][index].astype(np.float32)
+        labels = np.argmax(emb @ centroids.T, axis=1)
+        parts.append(uids_u8u8(df.uid[index].values[np.isin(labels, targets)]))
+    uids = np.concatenate(parts)
+    uids.sort()
+    return uids

@@ -1,0 +1,113 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from filtering.errors import InputError
+from filtering.stages.base import RunContext
+from filtering.stages.datacomp import METADATA_COLUMNS, DataCompStage
+from tests.datacomp_pool import make_datacomp_pool
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory):
+    return make_datacomp_pool(tmp_path_factory.mktemp("dc") / "metadata", shards=3, rows=50)
+
+
+def _read(metadata_dir, request=()):
+    stage = DataCompStage(str(metadata_dir), cache_root="")
+    stage.request(set(request))
+    ctx = RunContext(config=None, out_dir="", cache_dir="", log=lambda m: None)
+    return stage.run(ctx), ctx
+
+
+def test_pool_carries_datacomp_columns_in_shard_order(pool_dir):
+    pool, ctx = _read(pool_dir)
+    parquets = sorted(pool_dir.glob("*.parquet"))
+    raw = [pq.read_table(p) for p in parquets]
+    assert pool.n == sum(t.num_rows for t in raw) == 50 + 51 + 52
+    assert pool.column("uid").tolist() == [u for t in raw for u in t.column("uid").to_pylist()]
+    assert pool.column("caption").tolist() == [u for t in raw for u in t.column("text").to_pylist()]
+    assert pool.column("key").tolist() == [u for t in raw for u in t.column("key").to_pylist()]
+    assert pool.column("source_shard").tolist() == [str(p) for p, t in zip(parquets, raw, strict=True) for _ in range(t.num_rows)]
+    # scores keep their native dtypes: no rounding before thresholds
+    assert pool.table.schema.field("clip_b32_similarity_score").type == "float"
+    assert pool.table.schema.field("clip_l14_similarity_score").type == "double"
+    assert "face_bboxes" not in pool.table.column_names  # bulky lists only on request
+    assert [(p.sid, p.start, p.stop) for p in pool.parts] == [("00000000", 0, 50), ("00000001", 50, 101), ("00000002", 101, 153)]
+    assert [i["path"] for i in ctx.inputs] == [str(p) for s in parquets for p in (s, s.with_suffix(".npz"))]
+    assert all(i["size"] > 0 for i in ctx.inputs)
+
+
+def test_embeddings_come_from_the_npz_on_demand(pool_dir):
+    pool, _ = _read(pool_dir)
+    assert pool.embedding_kinds == ("b32_img", "b32_txt", "l14_img", "l14_txt")
+    assert pool.default_embedding == "l14_img"
+    expected = np.concatenate([np.load(p)["l14_img"] for p in sorted(pool_dir.glob("*.npz"))]).astype(np.float32)
+    np.testing.assert_array_equal(pool.embeddings(), expected)
+    rows = np.array([0, 49, 50, 152])
+    np.testing.assert_array_equal(pool.embeddings("l14_img", rows), expected[rows])
+    assert pool.embeddings("b32_txt").shape == (153, 16)
+    with pytest.raises(KeyError, match="choose one of"):
+        pool.embeddings("h14_img")
+
+
+def test_requested_nested_column_is_read_and_missing_one_is_named(pool_dir, tmp_path):
+    pool, _ = _read(pool_dir, request={"face_bboxes", "text"})
+    assert pool.column("face_bboxes")[0] is not None
+    assert pool.column("text").tolist() == pool.column("caption").tolist()
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    t = pq.read_table(pool_dir / "00000000.parquet", columns=["uid", "text"])
+    pq.write_table(t, bare / "00000000.parquet")
+    pool, _ = _read(bare)
+    assert pool.column("key").tolist() == pool.column("uid").tolist()  # no key column: the uid stands in
+    assert pool.embedding_kinds == ()  # no npz
+    with pytest.raises(InputError, match="clip_l14_similarity_score"):
+        _read(bare, request={"clip_l14_similarity_score"})
+
+
+def test_listing_errors_are_clear(tmp_path):
+    with pytest.raises(InputError, match="no .parquet files"):
+        _read(tmp_path)
+    with pytest.raises(InputError, match="no such directory"):
+        _read(tmp_path / "missing")
+
+
+def test_provides_is_static_and_reads_nothing(tmp_path):
+    stage = DataCompStage(str(tmp_path / "does-not-exist"), cache_root="")
+    assert set(METADATA_COLUMNS) <= stage.provides()
+    assert {"caption", "source_shard", "clip_l14_similarity_score"} <= stage.provides()
+
+
+def test_uncompressed_npz_is_memory_mapped_and_compressed_npz_still_loads(pool_dir, tmp_path):
+    pool, _ = _read(pool_dir)
+    part, emb = next(pool.iter_embeddings("b32_img"))
+    assert isinstance(emb, np.memmap)  # np.savez output: rows are read only when touched
+
+    import shutil
+
+    packed = tmp_path / "packed"
+    shutil.copytree(pool_dir, packed)
+    for npz in packed.glob("*.npz"):
+        arrays = dict(np.load(npz))
+        np.savez_compressed(npz, **arrays)
+    pool2, _ = _read(packed)
+    np.testing.assert_array_equal(pool2.embeddings("b32_img"), pool.embeddings("b32_img"))
+
+
+def test_fsspec_urls_are_read_like_local_folders(pool_dir):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in pool_dir.iterdir():
+        fs.pipe(f"/dcpool/{p.name}", p.read_bytes())
+    try:
+        remote, ctx = _read("memory://dcpool")
+        local, _ = _read(pool_dir)
+        assert remote.column("uid").tolist() == local.column("uid").tolist()
+        assert remote.parts[0].url == "memory:///dcpool/00000000.parquet"
+        assert ctx.inputs[1]["path"] == "memory:///dcpool/00000000.npz"
+        np.testing.assert_array_equal(remote.embeddings("l14_txt"), local.embeddings("l14_txt"))
+    finally:
+        fs.rm("/dcpool", recursive=True)
