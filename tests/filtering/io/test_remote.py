@@ -1,0 +1,109 @@
+"""Inputs and outputs as fsspec URLs (issue 7), against moto's S3 server on loopback.
+
+No network beyond 127.0.0.1: the server runs in this process's threads, the
+credentials are dummies.
+"""
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from filtering.cache import ShardCache
+from filtering.io.atomic import atomic_write_text, remove_temp_files
+from filtering.io.paths import expand_shards, file_info
+from tests.conftest import SAMPLE, run_cli, write_config
+
+BUCKET = "pool"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 endpoint on loopback holding the sample shards under s3://pool/sample/."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import fsspec
+    import s3fs
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    mp = pytest.MonkeyPatch()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        mp.setenv(key, value)
+    mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})  # every s3:// URL goes to the stand-in
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(BUCKET)
+    for shard in sorted((SAMPLE / "pool").glob("*.tar")):
+        fs.put(str(shard), f"{BUCKET}/sample/{shard.name}")
+    try:
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        mp.undo()
+        server.stop()
+
+
+def test_shard_specs_expand_on_s3(s3):
+    expected = [f"s3://{BUCKET}/sample/{i:05d}.tar" for i in range(4)]
+    assert expand_shards(f"s3://{BUCKET}/sample/{{00000..00003}}.tar") == expected
+    assert expand_shards(f"s3://{BUCKET}/sample/*.tar") == expected
+    assert expand_shards(f"s3://{BUCKET}/sample") == expected
+    assert expand_shards([f"s3://{BUCKET}/sample/0000[23].tar", expected[0]]) == [expected[0], *expected[2:]]
+    info = file_info(expected[0])
+    assert info["size"] == (SAMPLE / "pool" / "00000.tar").stat().st_size and info["mtime"]
+
+
+def test_cache_and_atomic_writes_on_s3(s3):
+    shard = f"s3://{BUCKET}/sample/00000.tar"
+    cache = ShardCache(f"s3://{BUCKET}/unit/cache", "score", {"arch": "x"})
+    assert not cache.is_done(shard)
+    emb = np.arange(12, dtype=np.float16).reshape(3, 4)
+    cache.write(shard, pa.table({"uid": ["a", "b", "c"]}), {"image": emb})
+    assert cache.is_done(shard)
+    assert cache.read_table(shard).column("uid").to_pylist() == ["a", "b", "c"]
+    loaded = cache.read_array(shard, "image")  # loaded whole: no memory map over S3
+    assert isinstance(loaded, np.ndarray) and np.array_equal(loaded, emb)
+    atomic_write_text(f"s3://{BUCKET}/unit/manifest.json", "{}")
+    written = {cache.table_path(shard), cache.array_path(shard, "image"), f"s3://{BUCKET}/unit/manifest.json"}
+    assert {f"s3://{p}" for p in s3.find(f"{BUCKET}/unit")} == written, "no temporary objects left behind"
+    assert remove_temp_files(f"s3://{BUCKET}/unit") == 0  # remote roots are never swept
+
+
+@pytest.mark.slow
+def test_run_from_s3_to_s3_gives_the_local_subset(tmp_path, s3, scored_sample):
+    out = f"s3://{BUCKET}/runs/sample"
+    cfg = write_config(tmp_path / "s3.yaml", input={"shards": f"s3://{BUCKET}/sample/{{00000..00003}}.tar"},
+                       output={"dir": out})
+    code, stdout, err = run_cli("run", cfg, "--quiet")
+    assert code == 0, err
+
+    def remote_table(path):
+        with s3.open(path, "rb") as f:
+            return pq.read_table(f)
+
+    local = pq.read_table(scored_sample / "subset")
+    remote = remote_table(f"{BUCKET}/runs/sample/subset/part-00000.parquet")
+    assert remote.column("source_shard")[0].as_py().startswith(f"s3://{BUCKET}/sample/")
+    drop = ["source_shard"]
+    assert remote.drop_columns(drop).replace_schema_metadata(None).equals(local.drop_columns(drop).replace_schema_metadata(None))
+    assert json.loads(remote.schema.metadata[b"poolsift"])["config"]["output"]["dir"] == out
+    with s3.open(f"{BUCKET}/runs/sample/subset.npy", "rb") as f:
+        assert f.read() == (scored_sample / "subset.npy").read_bytes()
+    manifest = json.loads(s3.cat(f"{BUCKET}/runs/sample/manifest.json"))
+    assert manifest["counts"] == json.loads((scored_sample / "manifest.json").read_text())["counts"]
+    assert [i["path"] for i in manifest["inputs"]] == [f"s3://{BUCKET}/sample/{i:05d}.tar" for i in range(4)]
+    names = {p.rsplit("/", 1)[-1] for p in s3.find(f"{BUCKET}/runs/sample")}
+    assert {"manifest.json", "subset.npy", "part-00000.parquet"} <= names
+    assert not [n for n in names if n.startswith(".tmp-") or n == ".poolsift.lock"]  # no lock on object stores
+
+    again = run_cli("run", cfg, "--quiet")
+    assert again[0] == 0 and "all 4 shards cached" in again[2]
+    assert remote_table(f"{BUCKET}/runs/sample/subset/part-00000.parquet").equals(remote)
