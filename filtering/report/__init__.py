@@ -1,0 +1,32 @@
+"""The visual report of an output directory: ``poolsift report DIR`` -> ``DIR/report.html``.
+
+One self-contained HTML file: the funnel, the score histogram with its thresholds,
+thumbnail grids around the threshold, failures, clusters, duplicate groups, a sweep
+curve when ``sweep.json`` exists, and provenance. Built in bounded memory from the
+output directory alone (see :mod:`filtering.report.data`).
+"""
+
+from __future__ import annotations
+
+from filtering.io.atomic import atomic_write_text
+from filtering.io.paths import join
+from filtering.report.data import ReportData, gather
+from filtering.report.html import render
+from filtering.report.thumbs import fill_thumbnails
+
+__all__ = ["ReportData", "build_report", "gather", "render", "write_report"]
+
+
+def build_report(out_dir: str, seed: int = 0, thumbnails: bool = True, log=None) -> str:
+    """The report of ``out_dir`` as an HTML string."""
+    data = gather(out_dir, seed=seed)
+    if thumbnails:
+        fill_thumbnails(data.samples(), log=log)
+    return render(data)
+
+
+def write_report(out_dir: str, output: str | None = None, seed: int = 0, log=None) -> str:
+    """Write the report (default ``DIR/report.html``) atomically; returns its path."""
+    path = output or join(out_dir, "report.html")
+    atomic_write_text(path, build_report(out_dir, seed=seed, log=log))
+    return path

@@ -1,0 +1,127 @@
+"""``poolsift sweep``: one config value tried at several settings, from cached stage results.
+
+How DataComp's authors picked "CLIP score, top 30%": by looking at subset sizes over a
+range of thresholds. A sweep runs the stages once (they hit the per-shard cache, so no
+model is loaded when the pool was scored before), then re-applies the filters for each
+value, with the config re-parsed per value exactly as ``--set key.path=value`` would.
+It records, per value, the subset size, the thresholds and each filter's funnel counts,
+without writing any subset. ``DIR/sweep.json`` keeps the result; the report draws it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from typing import Any
+
+import yaml
+
+from filtering.errors import ConfigError
+from filtering.filters.compose import apply_filters
+from filtering.io.atomic import atomic_write_text, exists, makedirs
+from filtering.io.paths import join
+from filtering.pool import Pool
+from filtering.provenance import now_iso
+from filtering.stages.base import RunContext
+from pipelines.config import Config, apply_override, load_raw, parse_config
+from pipelines.lock import output_lock
+from pipelines.runner import plan, progress_factory
+
+
+def parse_param(spec: str) -> tuple[str, list[str]]:
+    """``filters[0].clip_score.top_fraction=0.1,0.2,0.3`` -> (key path, ["0.1", "0.2", "0.3"])."""
+    key, sep, values = spec.partition("=")
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not vals:
+        raise ConfigError(f"--param {spec!r}: expected key.path=value1,value2,...")
+    return key.strip(), vals
+
+
+def _pool_key(cfg: Config, the_plan) -> str:
+    """What determines the pool a value's filters see: everything but filters and output,
+    the column stages chosen and the columns the filters need."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("filters", "output")}
+    needed = sorted({c for node in cfg.filter_tree for f in node.leaves() for c in f.requires()})
+    stages = [type(s).__name__ for s in the_plan.stages]
+    return json.dumps([settings, stages, needed], sort_keys=True)
+
+
+def sweep(config_path: str, param: str, overrides: list[str] | tuple[str, ...] = (), progress: bool = False,
+          log=None) -> dict[str, Any]:
+    """Run the sweep; returns what ``sweep.json`` holds (also written to the output dir)."""
+    log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
+    key, values = parse_param(param)
+    raw = load_raw(config_path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    configs = []
+    for value in values:
+        variant = copy.deepcopy(raw)
+        apply_override(variant, f"{key}={value}")
+        configs.append((yaml.safe_load(value), parse_config(variant)))
+    out_dirs = {cfg.output.dir for _, cfg in configs}
+    if len(out_dirs) != 1:
+        raise ConfigError(f"--param {key}: a sweep works in one output directory; this changes output.dir")
+    out_dir = out_dirs.pop()
+    cache_root = join(out_dir, "cache")
+    plans = [plan(cfg, cache_root) for _, cfg in configs]  # every value's config checked before any work
+
+    pools: dict[str, Pool] = {}
+    results = []
+    makedirs(out_dir)
+    with output_lock(out_dir):
+        for (value, cfg), the_plan in zip(configs, plans, strict=True):
+            pkey = _pool_key(cfg, the_plan)
+            if pkey not in pools:
+                the_plan.source.check_inputs()
+                ctx = RunContext(config=cfg, out_dir=out_dir, cache_dir=cache_root,
+                                 progress=progress_factory(progress), log=log)
+                pool = the_plan.source.run(ctx)
+                for stage in the_plan.stages:
+                    stage.run(ctx, pool)
+                pools[pkey] = pool
+            pool = pools[pkey]
+            pool.artifacts.pop("thresholds", None)
+            outcome = apply_filters(cfg.filter_tree, pool)
+            thresholds = {k: (None if v is None else float(v)) for k, v in pool.artifacts.get("thresholds", {}).items()}
+            results.append({
+                "value": value,
+                "input": int(pool.n),
+                "failed": int(pool.failed.sum()),
+                "kept": int(outcome.keep.sum()),
+                "thresholds": thresholds,
+                "filters": outcome.funnel,
+            })
+        record = {
+            "param": key,
+            "values": [v for v, _ in configs],
+            "config": str(config_path),
+            "overrides": list(overrides),
+            "created_at": now_iso(),
+            "results": results,
+        }
+        atomic_write_text(join(out_dir, "sweep.json"), json.dumps(record, indent=2) + "\n")
+        if exists(join(out_dir, "manifest.json")) and (configs[0][1].output.report or exists(join(out_dir, "report.html"))):
+            from filtering.report import write_report
+
+            write_report(out_dir, log=log)
+    record["out_dir"] = out_dir
+    return record
+
+
+def format_sweep(record: dict[str, Any]) -> str:
+    """The sweep as a text table: value, rows kept, share of input, thresholds, drops per filter."""
+    results = record["results"]
+    names = [f["name"] for f in results[0]["filters"]] if results else []
+    header = [record["param"], "kept", "of input", "threshold"] + [f"{n} dropped" for n in names]
+    rows = []
+    for r in results:
+        thr = ", ".join("all" if t is None else f"{t:.4f}" for t in r["thresholds"].values()) or "-"
+        pct = f"{100.0 * r['kept'] / r['input']:.1f}%" if r["input"] else "-"
+        rows.append([str(r["value"]), f"{r['kept']:,}", pct, thr] + [f"{f['dropped']:,}" for f in r["filters"]])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+              for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""``poolsift sweep``: per-value subset sizes from cached scores equal real runs with ``--set``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipelines.sweep import parse_param
+from tests.conftest import run_cli, write_config
+
+PARAM = "filters[0].clip_score.top_fraction"
+
+
+def test_sweep_matches_real_runs(rerun_dir, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
+                       output={"dir": str(rerun_dir)})
+    code, stdout, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}=0.1,0.2,0.5", "--quiet")
+    assert code == 0, stderr
+    assert "all 4 shards cached" in stderr  # the stages ran, from the cache
+    assert not (rerun_dir / "subset").exists() and not (rerun_dir / "manifest.json").exists()
+    record = json.loads((rerun_dir / "sweep.json").read_text())
+    assert record["param"] == PARAM and [r["value"] for r in record["results"]] == [0.1, 0.2, 0.5]
+    sizes = [r["kept"] for r in record["results"]]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    for line, r in zip(stdout.splitlines()[1:4], record["results"], strict=True):
+        assert line.split()[:2] == [str(r["value"]), f"{r['kept']:,}"]
+
+    for r in (record["results"][0], record["results"][2]):
+        real = tmp_path / f"real-{r['value']}"
+        shutil.copytree(rerun_dir / "cache", real / "cache")
+        code, _, stderr = run_cli("run", cfg, "--set", f"{PARAM}={r['value']}", "--output", real, "--quiet")
+        assert code == 0, stderr
+        manifest = json.loads((real / "manifest.json").read_text())
+        assert r["kept"] == manifest["counts"]["kept"]
+        assert r["filters"] == manifest["counts"]["filters"]
+        assert r["thresholds"]["clip_score"] == pytest.approx(manifest["thresholds"]["clip_score"])
+
+
+def test_sweep_curve_in_report(rerun_dir, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
+                       output={"dir": str(rerun_dir), "report": True})
+    assert run_cli("run", cfg, "--quiet")[0] == 0
+    code, _, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}=0.25,0.75", "--quiet")
+    assert code == 0, stderr
+    html = (rerun_dir / "report.html").read_text()  # rewritten with the sweep
+    assert 'class="plot sweep"' in html and html.count("<circle") == 2
+
+
+@pytest.mark.parametrize("spec", ["filters[0].clip_score.top_fraction", "=0.1", "x=", "x=,"])
+def test_bad_param(spec):
+    with pytest.raises(Exception, match="expected key.path=value1,value2"):
+        parse_param(spec)
+
+
+def test_bad_value_names_the_key(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
+                       output={"dir": str(tmp_path / "out")})
+    code, _, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}=0.1,1.5")
+    assert code == 2 and "top_fraction" in stderr
