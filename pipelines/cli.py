@@ -40,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-sample", help="regenerate the bundled sample pool and reference set")
     p.add_argument("dir", help="output directory, e.g. sample_data")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("report", help="write the visual HTML report of an output directory")
+    p.add_argument("dir", help="a run's output directory (holds manifest.json)")
+    p.add_argument("--output", help="report file (default DIR/report.html)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample of failures")
+
+    p = sub.add_parser("sweep", help="subset size per value of one setting, from the cached scores")
+    _add_config_args(p)
+    p.add_argument("--param", required=True, metavar="KEY.PATH=V1,V2,...",
+                   help="the setting and its values, e.g. filters[0].clip_score.top_fraction=0.1,0.2,0.3,0.5")
+    p.add_argument("--output", help="output directory (overrides output.dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -73,7 +85,11 @@ def cmd_run(args) -> int:
         executor = RayExecutor(address=args.ray_address)
     elif args.ray_address:
         raise ConfigError("--ray-address needs --executor ray")
-    result = run(cfg, executor=executor, progress=not args.quiet)
+    try:
+        result = run(cfg, executor=executor, progress=not args.quiet)
+    finally:
+        if executor is not None:
+            executor.close()  # stops a Ray this run started; a joined cluster keeps running
     print(format_funnel(result.manifest))
     print(f"output: {result.out_dir}  (subset/, subset.npy, manifest.json)")
     return 0
@@ -87,7 +103,27 @@ def cmd_make_sample(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "make-sample": cmd_make_sample}
+def cmd_report(args) -> int:
+    from filtering.report import write_report
+
+    path = write_report(args.dir, output=args.output, seed=args.seed,
+                        log=lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pipelines.sweep import format_sweep, sweep
+
+    overrides = list(args.overrides) + ([f"output.dir={args.output}"] if args.output else [])
+    record = sweep(args.config, args.param, overrides, progress=not args.quiet)
+    print(format_sweep(record))
+    print(f"output: {record['out_dir']}/sweep.json")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "make-sample": cmd_make_sample, "report": cmd_report,
+            "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,12 +18,12 @@ import numpy as np
 
 from filtering.errors import ConfigError
 from filtering.filters.compose import FilterOutcome, apply_filters
-from filtering.io.atomic import atomic_write_text, makedirs
+from filtering.io.atomic import atomic_write_text, makedirs, remove_temp_files
 from filtering.io.paths import join
 from filtering.pool import Pool
 from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
 from filtering.stages.base import ColumnStage, RunContext, SourceStage
-from filtering.writers.parquet import dropped_table, subset_table, write_parts
+from filtering.writers.parquet import dropped_table, remove_parts, subset_table, write_parts
 from filtering.writers.uids import write_uids
 from pipelines.config import Config, input_kind
 from pipelines.lock import output_lock
@@ -50,6 +50,9 @@ def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
         ClusterStage = None  # noqa: N806
     if ClusterStage is not None:
         stages.append(ClusterStage(cfg, cache_root))
+    from filtering.stages.decontaminate import DecontaminateStage
+
+    stages.append(DecontaminateStage(cfg, cache_root))
     return stages
 
 
@@ -82,6 +85,13 @@ def plan(cfg: Config, cache_root: str) -> Plan:
                     f"filters: {f.name} needs {sorted(missing)}, which no stage provides for "
                     f"{input_kind(cfg)} input (available: {sorted(provided)})"
                 )
+    if hasattr(source, "request"):  # sources that read only the columns asked for
+        source.request(needed & source.provides())
+    if cfg.output.webdataset and input_kind(cfg) == "datacomp":
+        raise ConfigError(
+            "output.webdataset: resharding copies samples from WebDataset shards, but input.datacomp_metadata "
+            "has no images; use input.shards, or feed subset.npy to DataComp's resharder"
+        )
     return Plan(source, chosen)
 
 
@@ -109,8 +119,10 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
     cache_root = join(out_dir, "cache")
     log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
     the_plan = plan(cfg, cache_root)
+    the_plan.source.check_inputs()
     makedirs(out_dir)
     with output_lock(out_dir):
+        remove_temp_files(out_dir)  # a killed run's half-written files; nobody else writes here now
         ctx = RunContext(
             config=cfg,
             out_dir=out_dir,
@@ -124,6 +136,10 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
             stage.run(ctx, pool)
         outcome = apply_filters(cfg.filter_tree, pool)
         manifest = write_outputs(cfg, ctx, pool, outcome)
+        if cfg.output.report:
+            from filtering.report import write_report
+
+            write_report(out_dir, log=log)
     return RunResult(out_dir, manifest, pool, outcome)
 
 
@@ -148,29 +164,28 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
 
     kept_table = subset_table(pool.table, outcome.keep)
     subset_parts = write_parts(join(out.dir, "subset"), kept_table, out.rows_per_part, prov)
-    write_uids(join(out.dir, "subset.npy"), kept_table.column("uid").to_pylist())
+    write_uids(join(out.dir, "subset.npy"), kept_table.column("uid"))
     outputs: dict[str, Any] = {"subset": subset_parts, "subset_npy": join(out.dir, "subset.npy")}
     if out.dropped:
         outputs["dropped"] = write_parts(
             join(out.dir, "dropped"), dropped_table(pool.table, outcome, failed), out.rows_per_part, prov
         )
+    else:
+        remove_parts(join(out.dir, "dropped"))  # an earlier run's audit trail would not match this subset
+    if out.report:
+        outputs["report"] = join(out.dir, "report.html")  # written after the manifest, from it
     if out.webdataset:
         from filtering.writers.webdataset import reshard
 
         outputs["shards"] = reshard(pool, outcome.keep, join(out.dir, "shards"), out.samples_per_shard, ctx)
 
-    errors = pool.column("error") if pool.has_column("error") else np.full(pool.n, None, dtype=object)
     fail_idx = np.flatnonzero(failed)
-    failures = [
-        {
-            "source_shard": pool.column("source_shard")[i],
-            "key": pool.column("key")[i],
-            "uid": pool.column("uid")[i],
-            "reason": errors[i],
-        }
-        for i in fail_idx[:MAX_MANIFEST_FAILURES]
-    ] + ctx.failures
-    reasons = Counter(str(e).split(":", 1)[0] for e in errors[fail_idx])
+    failures, reasons = [], Counter()
+    if len(fail_idx):  # only the failed rows are materialised as Python objects
+        rows = pool.table.select(["source_shard", "key", "uid", "error"]).take(fail_idx)
+        reasons = Counter(str(e).split(":", 1)[0] for e in rows.column("error").to_pylist())
+        failures = rows.slice(0, MAX_MANIFEST_FAILURES).rename_columns(["source_shard", "key", "uid", "reason"]).to_pylist()
+    failures += ctx.failures
     inputs, checksum_method = checksum_inputs(ctx.inputs)
     counts = {
         "input": int(pool.n),
