@@ -1,11 +1,16 @@
 """Train the tiny CLIP ("poolsift-tiny") that ships in ``sample_data/tiny_clip``.
 
-The shipped checkpoint was made with these two commands (about 15 minutes on two
-cores; the second continues from the first with a fresh cosine schedule)::
+The shipped checkpoint was made in three phases, each continuing from the last with a
+fresh cosine schedule (about 20 minutes on two quiet cores)::
 
     python -m filtering.sample.train_tiny_clip --steps 400 --lr 2e-3 --out /tmp/phase1.safetensors
     python -m filtering.sample.train_tiny_clip --init /tmp/phase1.safetensors --steps 600 --lr 1.5e-3 \
+        --out /tmp/phase2.safetensors
+    python -m filtering.sample.train_tiny_clip --init /tmp/phase2.safetensors --steps 800 --lr 1e-3 \
         --out sample_data/tiny_clip/poolsift-tiny.safetensors
+
+(Phase 1 of the shipped run kept fp32 weights between phases 1 and 2; the script
+stores fp16, so a rerun may differ in the last digits.)
 
 Rules, so that CLIP scores on the bundled sample mean something offline:
 
@@ -25,7 +30,7 @@ Rules, so that CLIP scores on the bundled sample mean something offline:
 
 At the end it prints held-out checks: caption-matching ROC-AUC against captions of
 another class, zero-shot class accuracy and nearest-class-centroid accuracy of the
-image embeddings (the shipped checkpoint: 0.993, 0.90, 0.84).
+image embeddings (the shipped checkpoint: 0.996, 0.97, 0.95).
 """
 
 from __future__ import annotations
