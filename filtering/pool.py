@@ -3,6 +3,11 @@
 Scorers and stages add columns (``clip_score``, ``cluster_id``, ``phash``...); filters
 read columns and return keep masks. Embeddings are not columns: they stay in per-shard
 arrays (memory-mapped where the cache is local) and are read shard by shard.
+
+A source may leave some of its columns on disk (:class:`LateColumns`): bulky strings
+that no filter reads, such as DataComp's urls and captions. They are read shard by shard
+when the subset is written, for the kept rows only, so filtering a billion-row pool
+never holds them all in memory. Asking the pool for such a column reads it in full.
 """
 
 from __future__ import annotations
@@ -32,6 +37,24 @@ class ShardPart:
 EmbeddingLoader = Callable[[str, ShardPart], np.ndarray]
 
 
+@dataclass(frozen=True)
+class LateColumns:
+    """Source columns not in ``Pool.table``, read from the source on demand.
+
+    ``read(part, mask)`` returns those columns (``schema``) for the rows of the part
+    where ``mask`` is true (None: all of them). ``order`` is the source's column order, which
+    outputs follow.
+    """
+
+    schema: pa.Schema
+    order: tuple[str, ...]
+    read: Callable[[ShardPart, np.ndarray | None], pa.Table]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.schema.names)
+
+
 @dataclass
 class Pool:
     table: pa.Table
@@ -40,6 +63,7 @@ class Pool:
     embedding_kinds: tuple[str, ...] = ()
     default_embedding: str | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
+    late: LateColumns | None = None
     _numpy: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -47,10 +71,35 @@ class Pool:
         return self.table.num_rows
 
     def has_column(self, name: str) -> bool:
-        return name in self.table.column_names
+        return name in self.table.column_names or (self.late is not None and name in self.late.names)
+
+    @property
+    def column_names(self) -> list[str]:
+        """Every column, in output order: the source's order, then columns stages added."""
+        if self.late is None:
+            return self.table.column_names
+        present = set(self.table.column_names) | set(self.late.names)
+        order = [c for c in self.late.order if c in present]
+        return order + [c for c in self.table.column_names if c not in set(order)]
+
+    def materialize(self, names: list[str] | tuple[str, ...]) -> None:
+        """Read late columns into ``table`` (every row)."""
+        if self.late is None or not (wanted := [n for n in names if n in self.late.names]):
+            return
+        order = self.column_names
+        chunks = [self.late.read(part, None).select(wanted) for part in self.parts]
+        for name in wanted:
+            arrays = [c for t in chunks for c in t.column(name).chunks]
+            self.table = self.table.append_column(name, pa.chunked_array(arrays, self.late.schema.field(name).type))
+        rest = [f for f in self.late.schema if f.name not in wanted]
+        self.late = LateColumns(pa.schema(rest), self.late.order, self.late.read) if rest else None
+        if self.late is None:  # everything is in memory now: take the output order
+            self.table = self.table.select(order)
 
     def column(self, name: str) -> np.ndarray:
         """A column as numpy (strings as object arrays, nulls as None / NaN)."""
+        if self.late is not None and name in self.late.names:
+            self.materialize([name])
         if name not in self._numpy:
             if name not in self.table.column_names:
                 raise KeyError(f"the pool has no column {name!r}; it has {self.table.column_names}")

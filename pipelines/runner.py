@@ -8,6 +8,7 @@ settings only re-applies filters and rewrites outputs.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import sys
 from collections import Counter
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from filtering.errors import ConfigError
 from filtering.filters.compose import FilterOutcome, apply_filters
@@ -23,7 +25,14 @@ from filtering.io.paths import join
 from filtering.pool import Pool
 from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
 from filtering.stages.base import ColumnStage, RunContext, SourceStage
-from filtering.writers.parquet import dropped_table, remove_parts, subset_table, write_parts
+from filtering.writers.parquet import (
+    HEX_COLUMNS,
+    dropped_table,
+    remove_parts,
+    subset_stream,
+    write_parts,
+    write_parts_stream,
+)
 from filtering.writers.uids import write_uids
 from pipelines.config import Config, input_kind
 from pipelines.lock import output_lock
@@ -162,16 +171,26 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
     model = model_record(cfg, ctx)
     prov = provenance(config_dict, cfg.sha256(), model)
 
-    kept_table = subset_table(pool.table, outcome.keep)
-    subset_parts = write_parts(join(out.dir, "subset"), kept_table, out.rows_per_part, prov)
-    write_uids(join(out.dir, "subset.npy"), kept_table.column("uid"))
-    outputs: dict[str, Any] = {"subset": subset_parts, "subset_npy": join(out.dir, "subset.npy")}
-    if out.dropped:
-        outputs["dropped"] = write_parts(
-            join(out.dir, "dropped"), dropped_table(pool.table, outcome, failed), out.rows_per_part, prov
-        )
-    else:
-        remove_parts(join(out.dir, "dropped"))  # an earlier run's audit trail would not match this subset
+    # DataComp's key is its uid: hex, so stored like the uid (see HEX_COLUMNS)
+    hex_columns = HEX_COLUMNS | {"key"} if input_kind(cfg) == "datacomp" else HEX_COLUMNS
+
+    def side_outputs() -> dict[str, Any]:
+        """subset.npy and the dropped rows: written on a thread while the subset streams."""
+        done = {"subset_npy": join(out.dir, "subset.npy")}
+        write_uids(done["subset_npy"], pool.table.column("uid").filter(pa.array(outcome.keep)))
+        if out.dropped:
+            table = dropped_table(pool.table, outcome, failed)
+            done["dropped"] = write_parts(join(out.dir, "dropped"), table, out.rows_per_part, prov, hex_columns)
+        else:
+            remove_parts(join(out.dir, "dropped"))  # an earlier run's audit trail would not match this subset
+        return done
+
+    with cf.ThreadPoolExecutor(1) as side:  # pyarrow encodes and writes without the GIL
+        pending = side.submit(side_outputs)
+        schema, tables = subset_stream(pool, outcome.keep)
+        subset_parts = write_parts_stream(join(out.dir, "subset"), tables, schema, out.rows_per_part, prov, hex_columns)
+        outputs: dict[str, Any] = {"subset": subset_parts}
+        outputs.update(pending.result())
     if out.report:
         outputs["report"] = join(out.dir, "report.html")  # written after the manifest, from it
     if out.webdataset:

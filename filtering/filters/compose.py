@@ -74,7 +74,7 @@ class AllOf(FilterNode):
         for child in self.children:
             d = child.evaluate(pool, current)
             dropped = current & ~d.keep
-            reason[dropped] = d.reasons_for(dropped)
+            reason[dropped] = d.reason if isinstance(d.reason, str) else d.reasons_for(dropped)
             if d.duplicate_of is not None:
                 dup = np.full(pool.n, None, dtype=object) if dup is None else dup
                 dup[dropped] = d.duplicate_of[dropped]
@@ -206,10 +206,16 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
     for node, label in zip(nodes, funnel_labels(nodes), strict=True):
         d = node.evaluate(pool, alive)
         dropped = alive & ~d.keep
-        reasons = d.reasons_for(dropped)
-        reasons[reasons == None] = label  # noqa: E711  (a row dropped without a code keeps the filter's name)
+        n_dropped = int(dropped.sum())
         drop_filter[dropped] = label
-        drop_reason[dropped] = reasons
+        if isinstance(d.reason, str):  # one code for every row: no per-row objects
+            drop_reason[dropped] = d.reason
+            counts = {d.reason: n_dropped} if n_dropped else {}
+        else:
+            reasons = d.reasons_for(dropped)
+            reasons[reasons == None] = label  # noqa: E711  (a row dropped without a code keeps the filter's name)
+            drop_reason[dropped] = reasons
+            counts = Counter(reasons.tolist())
         if d.duplicate_of is not None:
             duplicate_of[dropped] = d.duplicate_of[dropped]
         n_in = int(alive.sum())
@@ -219,8 +225,8 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
                 "name": label,
                 "in": n_in,
                 "kept": int(alive.sum()),
-                "dropped": int(dropped.sum()),
-                "reasons": dict(sorted(Counter(reasons.tolist()).items())),
+                "dropped": n_dropped,
+                "reasons": dict(sorted(counts.items())),
             }
         )
         if progress is not None:

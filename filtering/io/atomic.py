@@ -81,10 +81,15 @@ def atomic_write_text(url: str, text: str) -> None:
 
 
 def makedirs(url: str) -> None:
+    if is_local(url):
+        os.makedirs(url.removeprefix("file://"), exist_ok=True)
+        return
     fs, path = get_fs(url)
     fs.makedirs(path, exist_ok=True)
 
 
 def exists(url: str) -> bool:
+    if is_local(url):
+        return os.path.exists(url.removeprefix("file://"))
     fs, path = get_fs(url)
     return fs.exists(path)

@@ -37,7 +37,13 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def local_path(url: str) -> str:
+    return url.removeprefix("file://")
+
+
 def open_file(url: str, mode: str = "rb") -> IO:
+    if is_local(url):  # no fsspec import for local runs
+        return open(local_path(url), mode)
     import fsspec
 
     return fsspec.open(url, mode).open()
@@ -94,6 +100,9 @@ def shard_name(url: str) -> str:
 
 def file_info(url: str) -> dict[str, Any]:
     """Size and modification stamp, used to tell whether a cached shard result is stale."""
+    if is_local(url):
+        st = os.stat(local_path(url))
+        return {"size": int(st.st_size), "mtime": str(st.st_mtime)}
     fs, path = get_fs(url)
     info = fs.info(path)
     mtime = info.get("mtime") or info.get("LastModified") or info.get("created")

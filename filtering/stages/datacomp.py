@@ -8,9 +8,11 @@ into the pool as they are, so ``clip_score`` thresholds DataComp's own scores an
 embedding steps read DataComp's own embeddings: nothing is recomputed and no model (and
 no torch) is loaded.
 
-Only the columns a run uses are read (Parquet projection): the scalar columns that go
-into the subset, plus whatever a filter asks for; the bulky ``face_bboxes`` lists are
-read only on request. Embeddings are read per shard and per array on demand.
+Only what a run uses is read, and only when it is used. The pool holds uid, key, the
+numeric columns and whatever a filter asks for. The other string columns (url, text,
+sha256) are left on disk as late columns and read shard by shard when the subset is
+written. The bulky ``face_bboxes`` lists are read only when a filter asks for them.
+Embeddings are read per shard and per array on demand.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filtering.errors import InputError
-from filtering.io.paths import file_info, get_fs, is_local, open_file
-from filtering.pool import Pool, ShardPart
+from filtering.io.arrow import preload_pandas
+from filtering.io.paths import file_info, get_fs, is_local, local_path, open_file
+from filtering.pool import LateColumns, Pool, ShardPart
 from filtering.stages.base import RunContext, SourceStage
 
 SCORE_FIELDS = ("clip_b32_similarity_score", "clip_l14_similarity_score")
@@ -57,14 +60,22 @@ class DataCompShard:
 def list_shards(metadata_dir: str) -> list[DataCompShard]:
     """The ``*.parquet`` files of a DataComp metadata folder (local or fsspec URL), sorted,
     each with its ``.npz`` when present."""
-    fs, root = get_fs(metadata_dir)
-    prefix = metadata_dir.split("://", 1)[0] + "://" if "://" in metadata_dir and not metadata_dir.startswith("file://") else ""
-    try:
-        names = fs.ls(root, detail=False)
-    except FileNotFoundError as e:
-        raise InputError(f"input.datacomp_metadata: no such directory {metadata_dir!r}") from e
-    if not fs.isdir(root):
-        raise InputError(f"input.datacomp_metadata: {metadata_dir!r} is not a directory")
+    if is_local(metadata_dir):  # no fsspec import for local runs
+        root, prefix = os.path.abspath(local_path(metadata_dir)), ""
+        if not os.path.exists(root):
+            raise InputError(f"input.datacomp_metadata: no such directory {metadata_dir!r}")
+        if not os.path.isdir(root):
+            raise InputError(f"input.datacomp_metadata: {metadata_dir!r} is not a directory")
+        names = [os.path.join(root, n) for n in os.listdir(root)]
+    else:
+        fs, root = get_fs(metadata_dir)
+        prefix = metadata_dir.split("://", 1)[0] + "://"
+        try:
+            names = fs.ls(root, detail=False)
+        except FileNotFoundError as e:
+            raise InputError(f"input.datacomp_metadata: no such directory {metadata_dir!r}") from e
+        if not fs.isdir(root):
+            raise InputError(f"input.datacomp_metadata: {metadata_dir!r} is not a directory")
     files = {posixpath.basename(n.rstrip("/")): n for n in names}
     shards = []
     for name in sorted(files):
@@ -104,14 +115,20 @@ class DataCompStage(SourceStage):
     def run(self, ctx: RunContext) -> Pool:
         shards = self._shards if self._shards is not None else list_shards(self.metadata_dir)
         ctx.inputs.extend(_input_records(shards))
+        preload_pandas()
         workers = min(len(shards), max(2, os.cpu_count() or 2))
-        bar = ctx.bar(len(shards), "read metadata", unit="shards")
-        tables = []
         with cf.ThreadPoolExecutor(workers) as executor:  # pyarrow decodes without the GIL
-            for table in executor.map(self._read_shard, shards):
+            schemas = list(executor.map(_read_schema, shards))
+            wanted = [self._columns_for(schema, s.parquet) for s, schema in zip(shards, schemas, strict=True)]
+            late = self._late_columns(schemas, wanted)
+            bar = ctx.bar(len(shards), "read metadata", unit="shards")
+            tables = []
+            late_raw = late.raw if late else ()
+            eager = [[c for c in w if c not in late_raw] for w in wanted]
+            for table in executor.map(self._read_shard, shards, eager):
                 tables.append(table)
                 bar.update(1)
-        bar.close()
+            bar.close()
         parts, start = [], 0
         for shard, t in zip(shards, tables, strict=True):
             parts.append(ShardPart(shard.parquet, shard.stem, start, start + t.num_rows))
@@ -120,11 +137,20 @@ class DataCompStage(SourceStage):
         table = _with_source_shard(table, shards, [t.num_rows for t in tables])
         kinds = _embedding_kinds(shards)
         npz = {s.stem: s.npz for s in shards}
+        parquet = {s.stem: s.parquet for s in shards}
+        late_columns = None
+        if late:
+            order = _pool_order([c for w in wanted for c in w], self.requested)
+            late_columns = LateColumns(
+                schema=pa.schema([(c, late.types[c]) for c in order if c in late.types]),
+                order=tuple(order),
+                read=lambda part, mask: _read_late(parquet[part.sid], late, part, mask),
+            )
         ctx.stage_info[self.name] = {
             "metadata_dir": self.metadata_dir,
             "shards": len(shards),
             "rows": table.num_rows,
-            "columns": table.column_names,
+            "columns": _pool_order([c for w in wanted for c in w], self.requested),
             "embeddings": list(kinds),
         }
         ctx.log(f"read {table.num_rows:,} rows of DataComp metadata from {len(shards)} shards")
@@ -134,7 +160,27 @@ class DataCompStage(SourceStage):
             embedding_loader=lambda kind, part: load_npz_array(npz[part.sid], kind, part),
             embedding_kinds=kinds,
             default_embedding="l14_img" if "l14_img" in kinds else (kinds[0] if kinds else None),
+            late=late_columns,
         )
+
+    def _late_columns(self, schemas: list[pa.Schema], wanted: list[list[str]]) -> _LateSpec | None:
+        """String columns no filter reads (url, text, sha256...): read only when writing the subset."""
+        need = {"text" if c == "caption" else c for c in self.requested}
+        fields: dict[str, list[pa.Field]] = {}
+        for schema, names in zip(schemas, wanted, strict=True):
+            for name in names:
+                if name in ("uid", "key") or name in need:
+                    continue
+                f = schema.field(name)
+                if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type):
+                    fields.setdefault(name, []).append(f)
+        if not fields:
+            return None
+        types = {}
+        for name, fs in fields.items():
+            unified = pa.unify_schemas([pa.schema([f]) for f in fs], promote_options="permissive").field(name).type
+            types["caption" if name == "text" else name] = pa.string() if name == "text" else unified
+        return _LateSpec(raw=tuple(fields), types=types)
 
     def _columns_for(self, schema: pa.Schema, path: str) -> list[str]:
         present = set(schema.names)
@@ -156,12 +202,61 @@ class DataCompStage(SourceStage):
                 wanted.append(f.name)
         return wanted
 
-    def _read_shard(self, shard: DataCompShard) -> pa.Table:
+    def _read_shard(self, shard: DataCompShard, columns: list[str]) -> pa.Table:
         with open_file(shard.parquet) as f:
-            pf = pq.ParquetFile(f)
-            table = pf.read(columns=self._columns_for(pf.schema_arrow, shard.parquet), use_threads=True)
+            table = pq.ParquetFile(f).read(columns=columns, use_threads=True)
         table = table.replace_schema_metadata(None)
         return _normalise(table, requested=self.requested)
+
+
+@dataclass(frozen=True)
+class _LateSpec:
+    raw: tuple[str, ...]  # parquet column names
+    types: dict[str, pa.DataType]  # pool name -> type shared by every shard
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.types)
+
+    def __contains__(self, raw_name: str) -> bool:
+        return raw_name in self.raw
+
+
+def _read_schema(shard: DataCompShard) -> pa.Schema:
+    with open_file(shard.parquet) as f:
+        return pq.ParquetFile(f).schema_arrow
+
+
+def _read_late(path: str, late: _LateSpec, part: ShardPart, mask: np.ndarray | None) -> pa.Table:
+    """The late columns of one shard, for the rows ``mask`` selects (None: all rows)."""
+    with open_file(path) as f:
+        pf = pq.ParquetFile(f)
+        present = [c for c in late.raw if c in pf.schema_arrow.names]
+        table = pf.read(columns=present, use_threads=False)  # callers read several shards at once
+    if table.num_rows != part.n:
+        raise InputError(f"input.datacomp_metadata: {path} changed during the run ({table.num_rows} rows, was {part.n})")
+    if mask is not None:
+        table = table.filter(pa.array(mask))
+    n = table.num_rows
+    columns = []
+    for name, type_ in late.types.items():
+        raw = "text" if name == "caption" else name
+        columns.append(table.column(raw).cast(type_) if raw in present else pa.nulls(n, type_))
+    return pa.Table.from_arrays(columns, names=list(late.types))
+
+
+def _pool_order(raw_names: list[str], requested: set[str]) -> list[str]:
+    """Pool column order from the parquet column names: uid, key, source_shard, caption,
+    then DataComp's columns in DataComp's order, then any others as found."""
+    raw = list(dict.fromkeys(raw_names))
+    order = ["uid", "key", "source_shard"]
+    if "text" in raw:
+        order.append("caption")
+        if "text" in requested:
+            order.append("text")
+    order += [c for c in METADATA_COLUMNS if c in raw and c not in order and c != "text"]
+    order += [c for c in raw if c not in order and c != "text"]
+    return order
 
 
 def _normalise(table: pa.Table, requested: set[str]) -> pa.Table:

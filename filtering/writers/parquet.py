@@ -4,36 +4,158 @@ Parts are ``part-NNNNN.parquet`` of at most ``rows_per_part`` rows each, in pool
 (shard order, then sample order), each written atomically and carrying the provenance
 JSON in its schema metadata under ``poolsift``. Parts left from an earlier run with
 more parts are removed, so the folder always holds exactly one run's output.
+
+The subset is written as a stream of per-shard tables: a pool whose source left columns
+on disk (DataComp's urls and captions) has them read for the kept rows of a few shards
+at a time, on worker threads, while parts are written. Memory stays bounded by a part
+and a few shards, whatever the pool's size.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
+import glob
 import json
-from typing import Any
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filtering.io.atomic import atomic_open
-from filtering.io.paths import get_fs, join
+from filtering.io.paths import get_fs, is_local, join, local_path
 
 META_KEY = b"poolsift"
+# Hex digests (uids, sha256) do not compress: 16 symbols per byte leave nothing for
+# Snappy to find, and every value is unique, so dictionary pages only cost time. They
+# are stored plain and uncompressed, which halves the time to write an audit of
+# millions of uids at a size within a few percent; other columns use Snappy.
+HEX_COLUMNS = frozenset({"uid", "sha256", "duplicate_of"})
+ROW_GROUP_ROWS = 128 * 1024
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-def write_parts(dir_url: str, table: pa.Table, rows_per_part: int, provenance: dict[str, Any]) -> list[str]:
+def write_parts(
+    dir_url: str, table: pa.Table, rows_per_part: int, provenance: dict[str, Any], hex_columns=HEX_COLUMNS
+) -> list[str]:
     """Write ``table`` as parts under ``dir_url``; returns the part paths."""
-    meta = {**(table.schema.metadata or {}), META_KEY: json.dumps(provenance, sort_keys=True)}
-    table = table.replace_schema_metadata(meta)
-    n_parts = max(1, -(-table.num_rows // rows_per_part))
-    paths = []
-    for i in range(n_parts):
-        path = join(dir_url, f"part-{i:05d}.parquet")
-        with atomic_open(path) as f:
-            pq.write_table(table.slice(i * rows_per_part, rows_per_part), f)
-        paths.append(path)
-    _remove_stale(dir_url, {p.rsplit("/", 1)[-1] for p in paths})
-    return paths
+    return write_parts_stream(dir_url, [table], table.schema, rows_per_part, provenance, hex_columns)
+
+
+def write_parts_stream(
+    dir_url: str,
+    tables: Iterable[pa.Table],
+    schema: pa.Schema,
+    rows_per_part: int,
+    provenance: dict[str, Any],
+    hex_columns=HEX_COLUMNS,
+) -> list[str]:
+    """Write the rows of ``tables`` (each of ``schema``), in order, as parts of
+    ``rows_per_part`` rows; at least one part, empty if there are no rows.
+    ``hex_columns``: string columns of hex digests, written plain and uncompressed."""
+    meta = {**(schema.metadata or {}), META_KEY: json.dumps(provenance, sort_keys=True)}
+    schema = schema.with_metadata(meta)
+    hexes = {f.name for f in schema if f.name in hex_columns and pa.types.is_string(f.type)}
+    leaves = _leaf_paths(schema)  # per-column options name Parquet leaf columns
+    options = {
+        "compression": {path: "none" if path in hexes else "snappy" for path in leaves} or "snappy",
+        "use_dictionary": [path for path in leaves if path not in hexes],
+    }
+    parts = _PartWriter(dir_url, schema, rows_per_part, options)
+    with parts:
+        for table in tables:
+            parts.add(table)
+    _remove_stale(dir_url, {p.rsplit("/", 1)[-1] for p in parts.paths})
+    return parts.paths
+
+
+class _PartWriter:
+    """Streams tables into ``part-NNNNN.parquet`` files of ``rows_per_part`` rows, in row
+    groups of up to ``ROW_GROUP_ROWS`` written as soon as they fill, so encoding overlaps
+    with whatever produces the tables. Each part is renamed into place when complete."""
+
+    def __init__(self, dir_url: str, schema: pa.Schema, rows_per_part: int, options: dict[str, Any]):
+        self.dir_url, self.schema, self.rows_per_part, self.options = dir_url, schema, rows_per_part, options
+        self.group = min(rows_per_part, ROW_GROUP_ROWS)
+        self.paths: list[str] = []
+        self.pending: list[pa.Table] = []
+        self.buffered = 0
+        self.in_part = 0
+        self.stack: contextlib.ExitStack | None = None
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.buffered += table.num_rows
+        while self.buffered >= min(self.group, self.rows_per_part - self.in_part):
+            self._write(min(self.group, self.rows_per_part - self.in_part))
+
+    def _write(self, n: int) -> None:
+        table = pa.concat_tables(self.pending) if len(self.pending) > 1 else self.pending[0]
+        rest = table.slice(n)
+        self.pending, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+        self._writer().write_table(table.slice(0, n).replace_schema_metadata(self.schema.metadata), row_group_size=n)
+        self.in_part += n
+        if self.in_part == self.rows_per_part:
+            self._close_part()
+
+    def _writer(self) -> pq.ParquetWriter:
+        if self.writer is None:
+            path = join(self.dir_url, f"part-{len(self.paths):05d}.parquet")
+            self.stack = contextlib.ExitStack()
+            f = self.stack.enter_context(atomic_open(path))
+            self.writer = pq.ParquetWriter(f, self.schema, **self.options)
+            self.paths.append(path)
+        return self.writer
+
+    def _close_part(self) -> None:
+        assert self.writer is not None and self.stack is not None
+        self.writer.close()
+        self.stack.close()  # fsync and rename
+        self.writer, self.stack, self.in_part = None, None, 0
+
+    def __enter__(self) -> _PartWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            if self.stack is not None:  # the half-written part is removed, never renamed
+                with contextlib.suppress(Exception):  # noqa: BLE001 — the original error is what matters
+                    self.writer.close()
+                self.stack.__exit__(exc_type, exc, tb)
+            return
+        if self.buffered:
+            self._write(self.buffered)
+        if not self.paths:  # no rows at all: one empty part, so readers find the schema
+            self._writer()
+        if self.writer is not None:
+            self._close_part()
+
+
+def _leaf_paths(schema: pa.Schema) -> list[str]:
+    """Parquet's leaf column paths for ``schema`` (``face_bboxes.list.element.list.element``)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), buf)
+    pschema = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
+    return [pschema.column(i).path for i in range(len(pschema))]
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``workers`` threads, in order, at most ``ahead`` results
+    computed before they are consumed (bounded memory, unlike ``Executor.map``)."""
+    with cf.ThreadPoolExecutor(workers) as executor:
+        window: list[cf.Future] = []
+        for item in items:
+            window.append(executor.submit(fn, item))
+            if len(window) >= ahead:
+                yield window.pop(0).result()
+        for future in window:
+            yield future.result()
 
 
 def remove_parts(dir_url: str) -> None:
@@ -42,6 +164,11 @@ def remove_parts(dir_url: str) -> None:
 
 
 def _remove_stale(dir_url: str, keep: set[str]) -> None:
+    if is_local(dir_url):
+        for p in glob.glob(os.path.join(glob.escape(local_path(dir_url)), "part-*.parquet")):
+            if os.path.basename(p) not in keep:
+                os.remove(p)
+        return
     fs, path = get_fs(dir_url)
     for p in fs.glob(f"{path}/part-*.parquet"):
         if p.rsplit("/", 1)[-1] not in keep:
@@ -53,6 +180,30 @@ def subset_table(pool_table: pa.Table, keep: np.ndarray, drop_columns: tuple[str
     return pool_table.select(cols).filter(pa.array(keep))
 
 
+def subset_stream(pool, keep: np.ndarray, drop_columns: tuple[str, ...] = ("error",), workers: int = 2):
+    """The kept rows of ``pool`` as ``(schema, tables)``: one table per source shard, in
+    pool order, late columns read for the kept rows only (``workers`` shards at a time)."""
+    cols = [c for c in pool.column_names if c not in drop_columns]
+    if pool.late is None:
+        table = subset_table(pool.table, keep, drop_columns)
+        return table.schema, [table]
+    late = pool.late
+    eager = [c for c in cols if c not in late.names]
+    fields = {f.name: f for f in pool.table.schema}
+    fields.update({f.name: f for f in late.schema})
+    schema = pa.schema([fields[c] for c in cols])
+
+    def one(part) -> pa.Table:
+        mask = keep[part.start : part.stop]
+        head = pool.table.select(eager).slice(part.start, part.n).filter(pa.array(mask))
+        tail = late.read(part, mask)
+        merged = pa.Table.from_arrays([*head.columns, *tail.columns], names=[*head.column_names, *tail.column_names])
+        return merged.select(cols)
+
+    parts = [p for p in pool.parts if keep[p.start : p.stop].any()]
+    return schema, ordered_map(one, parts, workers=workers, ahead=2 * workers)
+
+
 def dropped_table(pool_table: pa.Table, outcome, failed: np.ndarray) -> pa.Table:
     """uid, key, source_shard, filter, reason and duplicate_of for every dropped or failed row.
 
@@ -61,7 +212,8 @@ def dropped_table(pool_table: pa.Table, outcome, failed: np.ndarray) -> pa.Table
     them and decoding a dictionary in Arrow. Hundreds of thousands of rows take well
     under a second.
     """
-    idx = np.flatnonzero(failed | ~outcome.keep)
+    out = failed | ~outcome.keep
+    idx = np.flatnonzero(out)
     filt = outcome.drop_filter[idx]
     reason = outcome.drop_reason[idx]
     labels = [f["name"] for f in outcome.funnel]
@@ -75,16 +227,29 @@ def dropped_table(pool_table: pa.Table, outcome, failed: np.ndarray) -> pa.Table
             errors = pool_table.column("error").take(pa.array(idx[failed_here])).to_numpy(zero_copy_only=False)
             reason[failed_here] = errors
             codes += list(dict.fromkeys(e for e in errors if isinstance(e, str)))
-    take = pa.array(idx, pa.int64())
+    mask = pa.array(out)  # a boolean filter copies strings much faster than a take
+    uid = pool_table.column("uid").filter(mask)
+    key = pool_table.column("key")
+    key = uid if _same_data(key, pool_table.column("uid")) else key.filter(mask)
     return pa.table(
         {
-            "uid": pool_table.column("uid").take(take),
-            "key": pool_table.column("key").take(take),
-            "source_shard": pool_table.column("source_shard").take(take),
+            "uid": uid,
+            "key": key,
+            "source_shard": pool_table.column("source_shard").filter(mask),
             "filter": strings_from_few(filt, labels),
             "reason": strings_from_few(reason, codes),
             "duplicate_of": strings_from_few(outcome.duplicate_of[idx], []),
         }
+    )
+
+
+def _same_data(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    """Whether two columns share their buffers (DataComp's key is its uid)."""
+    if a.num_chunks != b.num_chunks or a.type != b.type:
+        return False
+    return all(
+        x.offset == y.offset and len(x) == len(y) and [u.address if u else None for u in x.buffers()] == [u.address if u else None for u in y.buffers()]
+        for x, y in zip(a.chunks, b.chunks, strict=True)
     )
 
 

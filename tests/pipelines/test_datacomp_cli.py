@@ -166,3 +166,21 @@ def test_subset_npy_answers_datacomp_resharders_lookup(tmp_path, metadata):
         key = np.array([divmod(int(uid, 16), 2**64)], np.dtype("u8,u8"))[0]
         count = np.searchsorted(subset, key, "right") - np.searchsorted(subset, key, "left")
         assert count == (1 if uid in kept else 0)
+
+
+def test_subset_rows_carry_the_source_metadata_across_parts(tmp_path, metadata):
+    """Captions, urls and hashes are read shard by shard for the kept rows only; the parts
+    put together are exactly DataComp's rows for the kept uids, in pool order."""
+    import pyarrow as pa
+
+    out = _run(tmp_path, metadata, [{"clip_score": {"top_fraction": 0.4}}], rows_per_part=25)
+    parts = sorted((out / "subset").glob("part-*.parquet"))
+    assert [pq.ParquetFile(p).metadata.num_rows for p in parts[:-1]] == [25] * (len(parts) - 1)
+    subset = pq.read_table(out / "subset")
+    source = pa.concat_tables([pq.read_table(p) for p in sorted(metadata.glob("*.parquet"))])
+    keep = np.asarray(source.column(L14)) >= datacomp_threshold(metadata, L14, 0.4)
+    kept = source.filter(pa.array(keep))
+    assert subset.column("uid").to_pylist() == kept.column("uid").to_pylist()
+    for ours, theirs in [("caption", "text"), ("url", "url"), ("sha256", "sha256"), ("key", "key"), (B32, B32)]:
+        assert subset.column(ours).to_pylist() == kept.column(theirs).to_pylist(), ours
+    assert subset.column_names[:4] == ["uid", "key", "source_shard", "caption"]

@@ -111,3 +111,41 @@ def test_fsspec_urls_are_read_like_local_folders(pool_dir):
         np.testing.assert_array_equal(remote.embeddings("l14_txt"), local.embeddings("l14_txt"))
     finally:
         fs.rm("/dcpool", recursive=True)
+
+
+def test_bulky_strings_stay_on_disk_until_asked_for(pool_dir):
+    pool, _ = _read(pool_dir, request={"clip_l14_similarity_score"})
+    assert {"url", "caption", "sha256"}.isdisjoint(pool.table.column_names)  # late columns
+    assert {"uid", "key", "source_shard", "clip_l14_similarity_score", "original_width"} <= set(pool.table.column_names)
+    assert pool.has_column("url") and pool.has_column("caption")
+    assert pool.column_names == [
+        "uid", "key", "source_shard", "caption", "url", "original_width", "original_height",
+        "clip_b32_similarity_score", "clip_l14_similarity_score", "sha256",
+    ]  # fmt: skip
+    raw = [pq.read_table(p) for p in sorted(pool_dir.glob("*.parquet"))]
+    assert pool.column("url").tolist() == [u for t in raw for u in t.column("url").to_pylist()]
+    assert "url" in pool.table.column_names and "sha256" not in pool.table.column_names
+
+
+def test_shards_with_different_columns_and_types_give_one_subset_schema(tmp_path):
+    import pyarrow as pa
+
+    from filtering.writers.parquet import subset_stream
+
+    root = make_datacomp_pool(tmp_path / "m", shards=3, rows=20)
+    odd = root / "00000001.parquet"
+    t = pq.read_table(odd).drop(["sha256"])
+    t = t.set_column(t.column_names.index("url"), "url", t.column("url").cast(pa.large_string()))
+    pq.write_table(t, odd)
+    pool, _ = _read(root)
+    keep = np.zeros(pool.n, dtype=bool)
+    keep[::3] = True
+    schema, tables = subset_stream(pool, keep)
+    subset = pa.concat_tables(list(tables))
+    assert subset.schema.equals(schema) and subset.num_rows == keep.sum()
+    raw = [pq.read_table(p) for p in sorted(root.glob("*.parquet"))]
+    urls = np.array([u for t in raw for u in t.column("url").to_pylist()], dtype=object)
+    assert subset.column("url").to_pylist() == urls[keep].tolist()
+    sha = subset.column("sha256").to_pylist()
+    rows = np.flatnonzero(keep)
+    assert all((v is None) == (20 <= r < 41) for v, r in zip(sha, rows, strict=True))  # the odd shard has none
