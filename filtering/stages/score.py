@@ -115,6 +115,36 @@ def encode_text_trimmed(model, tokens, length: int | None = None):
     return normalize(x, dim=-1)
 
 
+# On the CPU, a batch's captions are encoded in up to TEXT_BUCKETS groups of similar
+# token length (at least TEXT_BUCKET_ROWS each), each trimmed to its own longest: less
+# padding than trimming the whole batch to its longest caption.
+TEXT_BUCKETS = 4
+TEXT_BUCKET_ROWS = 16
+
+
+def encode_text_bucketed(model, tokens, buckets: int = TEXT_BUCKETS, min_rows: int = TEXT_BUCKET_ROWS):
+    """:func:`encode_text_trimmed` over groups of captions sorted by token length.
+
+    Exact for the same reason trimming is (each caption sees only its own tokens), and
+    on the CPU, where cost follows the padded length, about 1.5x faster on captions of
+    mixed length (bench/bench_scoring.py). Rows come back in the input order.
+    """
+    import torch
+
+    k = min(buckets, len(tokens) // min_rows)
+    if k <= 1:
+        return encode_text_trimmed(model, tokens)
+    lengths = (tokens != 0).sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    out = None
+    for rows in torch.tensor_split(order, k):
+        emb = encode_text_trimmed(model, tokens[rows], int(lengths[rows].max()))
+        if out is None:
+            out = emb.new_empty((len(tokens), emb.shape[1]))
+        out[rows] = emb
+    return out
+
+
 def token_length(tokens) -> int:
     """The longest real (non-padding) token sequence in a padded batch."""
     return int((tokens != 0).sum(dim=1).max().item()) if tokens.numel() else 1
@@ -218,7 +248,11 @@ class ClipEncoder:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             img = normalize(clip.model.encode_image(x).float(), dim=-1)
-            txt = normalize(encode_text_trimmed(clip.model, tokens, length).float(), dim=-1)
+            if self.device.type == "cpu":  # on a GPU the padding costs little and more launches would
+                txt = encode_text_bucketed(clip.model, tokens)
+            else:
+                txt = encode_text_trimmed(clip.model, tokens, length)
+            txt = normalize(txt.float(), dim=-1)
         return img, txt
 
     def submit(self, pixels: np.ndarray, captions: list[str]):

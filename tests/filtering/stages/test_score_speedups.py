@@ -25,7 +25,7 @@ import pytest
 
 from filtering.errors import PoolsiftError
 from filtering.scorers.decode import decode_one, draft_target
-from filtering.stages.score import ClipEncoder, encode_text_trimmed, score_stream
+from filtering.stages.score import ClipEncoder, encode_text_bucketed, encode_text_trimmed, score_stream
 
 REPO = Path(__file__).resolve().parents[3]
 CAPTIONS = [
@@ -87,6 +87,7 @@ def shards(tmp_path_factory) -> list[str]:
 
 def _assert_trimmed_equals_padded(model, tokenizer) -> None:
     import torch
+    from torch.nn.functional import normalize
 
     for captions in (CAPTIONS[:4], CAPTIONS):  # a batch that is trimmed, one that fills the context
         tokens = tokenizer(captions)
@@ -95,6 +96,13 @@ def _assert_trimmed_equals_padded(model, tokenizer) -> None:
             trimmed = encode_text_trimmed(model, tokens)
         assert trimmed.shape == padded.shape
         torch.testing.assert_close(trimmed, padded, atol=1e-5, rtol=0)
+    # Length buckets: 7 groups of 3 captions, each trimmed to its own longest, rows in input order.
+    captions = [CAPTIONS[i % len(CAPTIONS)] + " x" * (i % 5) for i in range(21)]
+    tokens = tokenizer(captions)
+    with torch.inference_mode():
+        padded = model.encode_text(tokens, normalize=True)
+        bucketed = normalize(encode_text_bucketed(model, tokens, buckets=7, min_rows=3), dim=-1)
+    torch.testing.assert_close(bucketed, padded, atol=1e-5, rtol=0)
 
 
 def test_trimmed_text_equals_padded_on_tiny_model(tiny_clip):
