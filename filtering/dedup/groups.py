@@ -13,6 +13,7 @@ Every other row of the group is dropped, recording the survivor's uid (``duplica
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -82,3 +83,20 @@ def exact_groups(keys: list[np.ndarray]) -> np.ndarray:
         _, inverse = np.unique(values, return_inverse=True)
         _, label = np.unique(label * (int(inverse.max(initial=0)) + 1) + inverse.ravel(), return_inverse=True)
     return label.ravel()
+
+
+def upper_triangle_pairs(n: int, hits: Callable[[int, int], np.ndarray], block: int) -> tuple[np.ndarray, np.ndarray]:
+    """All ``(i, j)``, ``i < j < n``, that ``hits`` marks, a block of rows at a time.
+
+    ``hits(lo, hi)`` is the boolean matrix of rows ``[lo, hi)`` against rows ``[lo, n)``,
+    so only the upper triangle is ever computed.
+    """
+    out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for lo in range(0, n, block):
+        i, j = np.nonzero(hits(lo, min(n, lo + block)))
+        i += lo
+        j += lo
+        keep = i < j
+        out_i.append(i[keep].astype(np.int64))
+        out_j.append(j[keep].astype(np.int64))
+    return np.concatenate(out_i), np.concatenate(out_j)

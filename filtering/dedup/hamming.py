@@ -167,19 +167,12 @@ def near_pairs(hashes: np.ndarray, max_distance: int, substrings: int | None = N
 
 def brute_force_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """All-pairs reference: every ``(i, j)``, ``i < j``, within ``max_distance`` (O(n^2))."""
+    from filtering.dedup.groups import upper_triangle_pairs
+
     hashes = np.asarray(hashes, dtype=np.uint64)
-    n = len(hashes)
-    out_i, out_j = [], []
-    for lo in range(0, n, block):
-        d = hamming(hashes[lo : lo + block, None], hashes[None, :])
-        i, j = np.nonzero(d <= max_distance)
-        i += lo
-        keep = i < j
-        out_i.append(i[keep])
-        out_j.append(j[keep])
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
+    return upper_triangle_pairs(
+        len(hashes), lambda lo, hi: hamming(hashes[lo:hi, None], hashes[None, lo:]) <= max_distance, block
+    )
 
 
 def nearest(queries: np.ndarray, reference: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:

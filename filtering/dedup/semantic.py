@@ -31,20 +31,9 @@ def default_num_clusters(n: int) -> int:
 
 def cluster_pairs(x: np.ndarray, threshold: float, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """All ``(i, j)``, ``i < j``, of the unit-norm rows of ``x`` with cosine ``>= threshold``."""
-    n = len(x)
-    out_i, out_j = [], []
-    for lo in range(0, n, block):
-        # Only the upper triangle: row block [lo, lo+block) against rows [lo, n).
-        sims = x[lo : lo + block] @ x[lo:].T
-        i, j = np.nonzero(sims >= threshold)
-        j += lo
-        i += lo
-        keep = i < j
-        out_i.append(i[keep])
-        out_j.append(j[keep])
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
+    from filtering.dedup.groups import upper_triangle_pairs
+
+    return upper_triangle_pairs(len(x), lambda lo, hi: x[lo:hi] @ x[lo:].T >= threshold, block)
 
 
 def semdedup_pairs(

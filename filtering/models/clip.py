@@ -130,10 +130,13 @@ def split_transform(preprocess) -> tuple[Any, Any]:
     """Split an open_clip ``Compose`` at its to-tensor step into a PIL part and a tensor part."""
     from torchvision.transforms import Compose
 
+    from filtering.scorers.decode import pil_only
+
     steps = list(getattr(preprocess, "transforms", [preprocess]))
     for i, step in enumerate(steps):
         if type(step).__name__ in ("ToTensor", "MaybeToTensor"):
-            return Compose(steps[:i]), Compose(steps[i + 1 :])
+            # The PIL part runs in decode workers: in plain PIL where it can, so they need no torch.
+            return pil_only(Compose(steps[:i])), Compose(steps[i + 1 :])
     raise PoolsiftError(f"cannot split the model's image transform {preprocess!r}: no ToTensor step")
 
 
