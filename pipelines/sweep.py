@@ -30,12 +30,34 @@ from pipelines.runner import plan, progress_factory
 
 
 def parse_param(spec: str) -> tuple[str, list[str]]:
-    """``filters[0].clip_score.top_fraction=0.1,0.2,0.3`` -> (key path, ["0.1", "0.2", "0.3"])."""
+    """``filters[0].clip_score.top_fraction=0.1,0.2,0.3`` -> (key path, ["0.1", "0.2", "0.3"]).
+
+    Values split at commas outside brackets, braces and quotes, so YAML lists and
+    mappings are values too: ``filters[1].language.languages=[en],[en, de]``.
+    """
     key, sep, values = spec.partition("=")
-    vals = [v.strip() for v in values.split(",") if v.strip()]
+    vals = [v.strip() for v in _split_values(values) if v.strip()]
     if not sep or not key.strip() or not vals:
         raise ConfigError(f"--param {spec!r}: expected key.path=value1,value2,...")
     return key.strip(), vals
+
+
+def _split_values(text: str) -> list[str]:
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 def _pool_key(cfg: Config, the_plan) -> str:

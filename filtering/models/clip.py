@@ -69,6 +69,24 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def precision_key(precision: str, device: str) -> str:
+    """What ``precision`` resolves to on this machine, worked out without importing torch:
+    score caches are keyed by it, so scores made in bf16 on one machine are never taken
+    for fp32 scores on another. Where a GPU may be used, the exact choice depends on the
+    GPU and the key is ``auto/cuda``."""
+    if precision != "auto":
+        return precision
+    if device == "cpu" or (device == "auto" and not _nvidia_gpu_visible()):
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "auto/cuda"
+
+
+def _nvidia_gpu_visible() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidia0") or os.path.isdir("/proc/driver/nvidia/gpus")
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """``auto``: bf16 on GPUs that support it (fp16 otherwise), bf16 on CPUs with native
     bf16, else fp32. The reduced precisions run as autocast over fp32 weights."""

@@ -58,7 +58,8 @@ def _int_or_none(value) -> int | None:
 
 
 def model_spec(model_cfg) -> dict:
-    """What identifies a model's scores: arch, weights (file content for local files), precision."""
+    """What identifies a model's scores: arch, weights (file content for local files), and
+    the precision they are computed in on this machine (``auto`` resolved)."""
     pretrained = model_cfg.pretrained
     weights = pretrained
     if pretrained and os.path.isfile(pretrained):
@@ -67,7 +68,10 @@ def model_spec(model_cfg) -> dict:
             while block := f.read(1 << 20):
                 h.update(block)
         weights = f"sha256:{h.hexdigest()}"
-    spec = {"arch": model_cfg.arch, "weights": weights, "precision": model_cfg.precision}
+    from filtering.models.clip import precision_key
+
+    precision = precision_key(model_cfg.precision, getattr(model_cfg, "device", "auto"))
+    spec = {"arch": model_cfg.arch, "weights": weights, "precision": precision}
     if getattr(model_cfg, "jpeg_draft", False):
         spec["jpeg_draft"] = True  # DCT-downscaled decoding changes pixels slightly
     return spec

@@ -54,6 +54,19 @@ def test_bad_param(spec):
         parse_param(spec)
 
 
+@pytest.mark.parametrize(
+    ("spec", "values"),
+    [
+        ("a.b=0.1, 0.2,0.3", ["0.1", "0.2", "0.3"]),
+        ("filters[1].language.languages=[en],[en, de]", ["[en]", "[en, de]"]),
+        ("x={min: 1, max: 2},{min: 3}", ["{min: 1, max: 2}", "{min: 3}"]),
+        ("x='a,b',c", ["'a,b'", "c"]),
+    ],
+)
+def test_values_split_outside_lists_mappings_and_quotes(spec, values):
+    assert parse_param(spec)[1] == values
+
+
 def test_bad_value_names_the_key(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
                        output={"dir": str(tmp_path / "out")})

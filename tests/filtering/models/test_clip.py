@@ -106,3 +106,26 @@ def test_precision_auto_resolution():
 
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_supports_bf16() else "fp32")
+
+
+def test_score_caches_are_keyed_by_the_precision_auto_resolves_to(monkeypatch):
+    """A cache scored in bf16 on one machine is not reused as fp32 scores on another."""
+    import filtering.models.clip as clip_mod
+    from filtering.stages.score import model_spec
+
+    class Cfg:
+        arch, pretrained, precision, device = "ViT-B-32", "openai", "auto", "auto"
+
+    monkeypatch.setattr(clip_mod, "_nvidia_gpu_visible", lambda: False)
+    monkeypatch.setattr(clip_mod, "cpu_supports_bf16", lambda: True)
+    on_bf16_cpu = model_spec(Cfg)
+    monkeypatch.setattr(clip_mod, "cpu_supports_bf16", lambda: False)
+    on_avx2_cpu = model_spec(Cfg)
+    assert on_bf16_cpu["precision"] == "bf16" and on_avx2_cpu["precision"] == "fp32"
+    monkeypatch.setattr(clip_mod, "_nvidia_gpu_visible", lambda: True)
+    assert model_spec(Cfg)["precision"] == "auto/cuda"
+    Cfg.device = "cpu"
+    assert model_spec(Cfg)["precision"] == "fp32"
+    Cfg.precision = "fp16"
+    assert model_spec(Cfg)["precision"] == "fp16"
+    assert clip_mod.precision_key("auto", "cpu") == clip_mod.resolve_precision("auto", "cpu")  # same rule as loading
