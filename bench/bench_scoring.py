@@ -15,17 +15,28 @@ Models: (a) the bundled tiny model over the bundled sample, (b) ViT-B-32 with ra
 weights over synthetic 512x384 JPEG shards written to --tmp (weights do not change speed).
 
     .venv/bin/python bench/bench_scoring.py [--only tiny|vit] [--workers 1] [--batch-size 64]
+
+On a GPU (``--device cuda``) the same comparison runs with the model on the GPU. Decode
+workers default to all cores but one, as in ``poolsift run``. The GPU's mean utilisation
+during poolsift's run is printed too, sampled with ``nvidia-smi``. Give it enough data to
+reach a steady state, for example::
+
+    python bench/bench_scoring.py --only vit --device cuda --batch-size 256 --shards 16 --per-shard 2048
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,14 +80,62 @@ def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, in
     return urls
 
 
-def run_stream(urls, clip, batch_size, workers, draft) -> tuple[float, np.ndarray, int]:
+class GpuUtilisation:
+    """Mean GPU utilisation (%) over a block, sampled by ``nvidia-smi`` every 0.2 s."""
+
+    def __init__(self, device: str):
+        self.samples: list[float] = []
+        self.enabled = device.startswith("cuda") and shutil.which("nvidia-smi") is not None
+        index = device.split(":", 1)[1] if ":" in device else "0"
+        self.cmd = ["nvidia-smi", "-i", index, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                    "-lms", "200"]
+
+    def __enter__(self):
+        if self.enabled:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.samples.append(float(line.strip()))
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.proc.terminate()
+            self.proc.wait()
+            self.reader.join(timeout=2)
+
+    def __str__(self) -> str:
+        if not self.samples:
+            return "n/a"
+        return f"{np.mean(self.samples):.0f}% mean, {np.percentile(self.samples, 10):.0f}% at the 10th percentile"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def run_stream(urls, clip, batch_size, workers, draft, util: GpuUtilisation | None = None) -> tuple[float, np.ndarray, int]:
     from filtering.stages.score import ClipEncoder, score_stream
 
     encoder = ClipEncoder(clip)
+    if util is not None:
+        util.__enter__()
     t0 = time.perf_counter()
     scores = []
-    for acc in score_stream(urls, clip.pil_transform, encoder, batch_size, workers, draft=draft):
-        scores += [r["clip_score"] for r in acc.rows]
+    try:
+        for acc in score_stream(urls, clip.pil_transform, encoder, batch_size, workers, draft=draft):
+            scores += [r["clip_score"] for r in acc.rows]
+        _sync(clip.device)
+    finally:
+        if util is not None:
+            util.__exit__()
     dt = time.perf_counter() - t0
     arr = np.array([np.nan if s is None else s for s in scores], np.float64)
     return len(arr) / dt, arr, len(arr)
@@ -104,12 +163,16 @@ def run_ceiling(urls, clip, batch_size) -> float:
 
     from filtering.stages.score import token_length
 
+    device = clip.device
+    batches = [(torch.from_numpy(x).to(device), t.to(device)) for x, t in batches]  # already on the device
+    _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for x, tokens in batches:
             n = token_length(tokens)
-            img, txt = encoder._forward(torch.from_numpy(x), tokens[:, :n], n)
-            img.numpy()
+            img, txt = encoder._forward(x, tokens[:, :n], n)
+            img.cpu().numpy()
+    _sync(device)
     return len(pixels) / (time.perf_counter() - t0)
 
 
@@ -127,9 +190,9 @@ def run_straightforward(urls, clip, batch_size) -> float:
 
     def encode(images, captions):
         with torch.no_grad():
-            img = model.encode_image(torch.stack(images), normalize=True)
-            txt = model.encode_text(clip.tokenizer(captions), normalize=True)
-            return (img * txt).sum(-1).numpy()
+            img = model.encode_image(torch.stack(images).to(clip.device), normalize=True)
+            txt = model.encode_text(clip.tokenizer(captions).to(clip.device), normalize=True)
+            return (img * txt).sum(-1).cpu().numpy()
 
     for url in urls:
         images, captions = [], []
@@ -165,13 +228,16 @@ def bench_model(title, clip, urls, batch_size, workers, draft_urls=None) -> None
     print(f"\n== {title}: {len(urls)} shards, batch {batch_size}, {workers} decode worker(s), "
           f"torch threads {_threads()}, precision auto -> {clip.precision}", flush=True)
     ceiling = run_ceiling(urls, clip, batch_size)
-    ours, s_auto, n = run_stream(urls, clip, batch_size, workers, draft)
+    util = GpuUtilisation(clip.device)
+    ours, s_auto, n = run_stream(urls, clip, batch_size, workers, draft, util)
     base = run_straightforward(urls, fp32, batch_size)
     _, s_fp32, _ = run_stream(urls, fp32, batch_size, workers, draft)
     print(f"samples                          {n}")
     print(f"ceiling (forward only)           {ceiling:8.1f} samples/s")
     print(f"poolsift score_stream            {ours:8.1f} samples/s   {ours / ceiling:5.2f}x of ceiling")
     print(f"straightforward loop (fp32)      {base:8.1f} samples/s   poolsift = {ours / base:5.2f}x")
+    if clip.device.startswith("cuda"):
+        print(f"GPU utilisation during poolsift  {util}")
     print(f"auto ({clip.precision}) vs fp32 scores    {compare(s_auto, s_fp32)}")
     if draft_urls:
         full_rate, s_full, m = run_stream(draft_urls, fp32, batch_size, workers, None)
@@ -189,12 +255,16 @@ def _threads() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("tiny", "vit"))
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="decode processes (default: 1 on a CPU, all cores but one on a GPU)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--per-shard", type=int, default=256)
     ap.add_argument("--tmp", default="/tmp/poolsift_bench")
     args = ap.parse_args()
+    if args.workers is None:
+        args.workers = max(1, (os.cpu_count() or 2) - 1) if args.device.startswith("cuda") else 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from filtering.io.paths import expand_shards
     from filtering.models.clip import load_clip
@@ -207,14 +277,14 @@ def main() -> None:
         print("bundled sample missing (poolsift make-sample sample_data): skipping the tiny model")
     elif args.only in (None, "tiny"):
         urls = expand_shards(str(REPO / "sample_data/pool/{00000..00003}.tar"))
-        clip = load_clip("poolsift-tiny", str(ckpt), "cpu", "auto")
+        clip = load_clip("poolsift-tiny", str(ckpt), args.device, "auto")
         large = synthetic_shards(tmp, 1, 128, (512, 384), seed=1)
         bench_model("poolsift-tiny (bundled) on the bundled sample", clip, urls, args.batch_size, args.workers, large)
     if args.only in (None, "vit"):
         import torch
 
         torch.manual_seed(0)
-        clip = load_clip("ViT-B-32", None, "cpu", "auto")
+        clip = load_clip("ViT-B-32", None, args.device, "auto")
         urls = synthetic_shards(tmp, args.shards, args.per_shard, (512, 384))
         large = synthetic_shards(tmp, 1, 64, (1024, 768), seed=1)
         bench_model("ViT-B-32 (random weights) on synthetic 512x384 JPEGs", clip, urls, args.batch_size,
