@@ -190,3 +190,16 @@ def test_lingua_backend(monkeypatch, fresh_identifiers):
 def test_params_rejected(params):
     with pytest.raises(ValueError):
         LanguageParams(**params)
+
+
+def test_many_captions_are_classified_on_several_cores_with_the_same_result():
+    texts = [
+        "a photo of a dog on the beach", "ein Hund am Strand", "un chien sur la plage", "un perro en la playa",
+        "een hond op het strand", "un cane sulla spiaggia", "", "12345", "cat", "猫がソファの上で寝ている",
+    ]
+    texts = [f"{t} {i}" if t else t for i, t in enumerate(texts * 12)]
+    serial = language.predict_texts(texts, "py3langid", workers=1)
+    parallel = language.predict_texts(texts, "py3langid", workers=2, min_parallel=0)
+    assert serial[0] == parallel[0]
+    np.testing.assert_array_equal(serial[1], parallel[1])
+    assert len(parallel[0]) == len(texts) == len(parallel[1])
