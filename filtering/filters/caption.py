@@ -28,6 +28,17 @@ def caption_field(field: str | None, input_kind: str) -> str:
     return field or "caption"
 
 
+class TextFilter(Filter):
+    """A filter of one text column: ``params.field``, by default ``caption``."""
+
+    @property
+    def field(self) -> str:
+        return caption_field(self.params.field, self.input.kind)
+
+    def requires(self) -> set[str]:
+        return {self.field}
+
+
 def caption_array(pool: Pool, field: str) -> pa.Array:
     """The caption column as one Arrow string array (nulls kept)."""
     col = pool.table.column(field)
@@ -67,16 +78,9 @@ class CaptionParams(Params):
 
 
 @register
-class Caption(Filter):
+class Caption(TextFilter):
     name = "caption"
     Params = CaptionParams
-
-    @property
-    def field(self) -> str:
-        return caption_field(self.params.field, self.input.kind)
-
-    def requires(self) -> set[str]:
-        return {self.field}
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         p = self.params

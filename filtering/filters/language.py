@@ -31,8 +31,8 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from filtering.errors import ConfigError, InputError
-from filtering.filters.base import Decision, Filter, Params, register
-from filtering.filters.caption import caption_array, caption_field, is_blank
+from filtering.filters.base import Decision, Params, register
+from filtering.filters.caption import TextFilter, caption_array, is_blank
 from filtering.pool import Pool
 
 BACKENDS = ("py3langid", "lingua", "fasttext")
@@ -219,16 +219,9 @@ def predict_languages(pool: Pool, field: str, rows: np.ndarray, backend: str, mo
 
 
 @register
-class LanguageFilter(Filter):
+class LanguageFilter(TextFilter):
     name = "language"
     Params = LanguageParams
-
-    @property
-    def field(self) -> str:
-        return caption_field(self.params.field, self.input.kind)
-
-    def requires(self) -> set[str]:
-        return {self.field}
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         p = self.params

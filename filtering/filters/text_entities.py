@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from filtering.errors import InputError
-from filtering.filters.base import Decision, Filter, Params, register
-from filtering.filters.caption import caption_array, caption_field
+from filtering.filters.base import Decision, Params, register
+from filtering.filters.caption import TextFilter, caption_array
 from filtering.io.paths import open_file
 from filtering.pool import Pool
 
@@ -130,16 +130,9 @@ class TextEntitiesParams(Params):
 
 
 @register
-class TextEntities(Filter):
+class TextEntities(TextFilter):
     name = "text_entities"
     Params = TextEntitiesParams
-
-    @property
-    def field(self) -> str:
-        return caption_field(self.params.field, self.input.kind)
-
-    def requires(self) -> set[str]:
-        return {self.field}
 
     def names(self) -> tuple[str, ...]:
         path = self.params.classes_file
