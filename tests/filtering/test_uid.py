@@ -43,3 +43,17 @@ def test_vectorised_u8u8_equals_python_ints_for_every_input_form():
     for bad in (["g" * 32], ["a" * 31], ["a" * 33], [None]):
         with pytest.raises(ValueError, match="32 hex digits"):
             uids_to_u8u8(bad)
+
+
+def test_sort_u8u8_is_numpys_record_order_with_and_without_ties():
+    from filtering.uid import UID_DTYPE
+    from filtering.writers.uids import sort_u8u8
+
+    rng = np.random.default_rng(0)
+    arr = np.empty(1000, dtype=UID_DTYPE)
+    arr["f0"], arr["f1"] = rng.integers(0, 2**64, 1000, dtype=np.uint64), rng.integers(0, 2**64, 1000, dtype=np.uint64)
+    np.testing.assert_array_equal(sort_u8u8(arr), np.sort(arr))
+    arr["f0"][::3] = arr["f0"][0]  # ties in the high half: the low half decides
+    arr["f0"][1::7] = 5
+    np.testing.assert_array_equal(sort_u8u8(arr), np.sort(arr))
+    assert len(sort_u8u8(arr[:0])) == 0 and sort_u8u8(arr[:1])[0] == arr[0]
