@@ -1,14 +1,24 @@
-"""Reading WebDataset shards as raw samples, with webdataset's tar iterators.
+"""Reading WebDataset shards as raw samples.
 
 Nothing is decoded here: image bytes travel as they are (for hashing, decoding in
 workers, and byte-for-byte resharding). A shard that cannot be opened or is cut short
 is reported, not raised: the samples read so far are kept, and the shard-level error
 becomes a failure record.
+
+Samples are webdataset's: regular members grouped by key (the name up to the first
+dot of its base name), extensions lower-cased, ``__meta__`` files skipped. The tar
+headers are parsed here rather than by Python's ``tarfile``, which spends about 50 us
+per member in Python code: at the thousands of samples per second a GPU scores, that
+alone would take a core. Parsing covers ustar, GNU (long names) and pax headers. A
+shard using anything else (sparse files, say) is read with webdataset's own iterator,
+from the same position, so the samples are the same either way (tested against
+webdataset on tars of each format).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -58,9 +68,24 @@ class ShardReadResult:
 
 def iter_shard(url: str, result: ShardReadResult | None = None) -> Iterator[RawSample]:
     """Yield the samples of one tar shard in stored order; errors go to ``result.error``."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
     result = result if result is not None else ShardReadResult(url)
+    try:
+        try:
+            with open_file(url) as f:
+                for key, members in group_members(tar_members(f)):
+                    result.samples_read += 1
+                    yield RawSample(key=key, members=members)
+        except _UnsupportedTarError:
+            for i, sample in enumerate(_iter_shard_webdataset(url)):
+                if i >= result.samples_read:  # those before were read already, identically
+                    result.samples_read += 1
+                    yield sample
+    except Exception as e:  # noqa: BLE001 — a broken tar must not stop the run
+        result.error = f"unreadable_shard: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _iter_shard_webdataset(url: str) -> Iterator[RawSample]:
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     def files():
         with open_file(url) as f:
@@ -68,12 +93,150 @@ def iter_shard(url: str, result: ShardReadResult | None = None) -> Iterator[RawS
                 item["__url__"] = url
                 yield item
 
+    for sample in group_by_keys(files()):
+        key = sample.pop("__key__")
+        sample.pop("__url__", None)
+        sample.pop("__local_path__", None)
+        yield RawSample(key=key, members=sample)
+
+
+class _UnsupportedTarError(Exception):
+    """A tar feature this reader leaves to webdataset's iterator."""
+
+
+class TarError(Exception):
+    """A damaged tar stream."""
+
+
+_BLOCK = 512
+_REGULAR = (b"0", b"\x00", b"7")
+_OTHER = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: skipped, as tarfile's isreg() does
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: tarfile decompresses these
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def _number(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[:1] == b"\xff" else value
+    digits = field.split(b"\x00", 1)[0].strip()
     try:
-        for sample in group_by_keys(files()):
-            key = sample.pop("__key__")
-            sample.pop("__url__", None)
-            sample.pop("__local_path__", None)
-            result.samples_read += 1
-            yield RawSample(key=key, members=sample)
-    except Exception as e:  # noqa: BLE001 — a broken tar must not stop the run
-        result.error = f"unreadable_shard: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise TarError(f"invalid number field {field!r} in tar header") from None
+
+
+def _name(raw: bytes) -> str:
+    return raw.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise TarError("unexpected end of data")
+    return data
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _number(header[148:156])
+    if stored == sum(header[:148]) + 256 + sum(header[156:]):
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:])  # some old tars
+    return stored == signed + 256
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """The records (``"%d %s=%s\\n"``) of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\x00":
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= space - pos:
+            raise TarError("invalid pax header")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def tar_members(f) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of the regular members of an uncompressed tar stream, as
+    webdataset's ``tar_file_iterator`` yields them (``__meta__`` files skipped).
+
+    Damage is an error (:class:`TarError`) wherever it is; a tar feature left to
+    webdataset (compression, sparse files, global pax headers, unknown member types)
+    raises :class:`_UnsupportedTarError` before that member.
+    """
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    first = True
+    while True:
+        header = f.read(_BLOCK)
+        if first and header.startswith(_COMPRESSED):
+            raise _UnsupportedTarError("compressed tar")
+        if not header:
+            if first:
+                raise TarError("empty file")
+            return
+        first = False
+        if len(header) != _BLOCK:
+            raise TarError("unexpected end of data")
+        if header.count(0) == _BLOCK:  # end of archive
+            return
+        if not _checksum_ok(header):
+            raise TarError("bad checksum")
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        padding = -size % _BLOCK
+        if kind in (b"L", b"K", b"x"):  # about the next member
+            data = _read_exact(f, size + padding)[:size]
+            if kind == b"L":
+                long_name = _name(data)
+            elif kind == b"x":
+                pax = _pax(data)
+                if any(k.startswith("GNU.sparse") for k in pax):
+                    raise _UnsupportedTarError("sparse member")
+            continue
+        if kind not in _REGULAR and kind not in _OTHER:
+            raise _UnsupportedTarError(f"tar member type {kind!r}")
+        if long_name is not None:
+            name = long_name
+        elif "path" in pax:
+            name = pax["path"]
+        else:
+            name = _name(header[0:100])
+            if header[257:265] == b"ustar\x0000" and header[345] != 0:  # POSIX ustar prefix
+                name = _name(header[345:500]) + "/" + name
+        long_name, pax = None, {}
+        if kind not in _REGULAR or (kind == b"\x00" and name.endswith("/")):
+            if size:
+                _read_exact(f, size + padding)
+            continue
+        data = _read_exact(f, size)
+        f.read(padding)  # a stream cut inside the padding ends after this member, as in tarfile
+        if "/" not in name and name.startswith("__") and name.endswith("__"):
+            continue
+        if _SKIP_META.match(name):
+            continue
+        yield name, data
+
+
+def group_members(members) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """webdataset's ``group_by_keys``: consecutive members sharing a key form a sample;
+    the extension (after the base name's first dot) is lower-cased."""
+    key, sample = None, None
+    for name, data in members:
+        m = _KEY_EXT.match(name)
+        if not m:
+            continue
+        prefix, suffix = m.group(1), m.group(2).lower()
+        if sample is None or prefix != key:
+            if sample:
+                yield key, sample
+            key, sample = prefix, {}
+        if suffix in sample:
+            raise ValueError(f"{name}: duplicate file name in tar file {suffix} {['__key__', '__url__', *sample]}")
+        sample[suffix] = data
+    if sample:
+        yield key, sample
