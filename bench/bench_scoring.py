@@ -85,6 +85,7 @@ class GpuUtilisation:
 
     def __init__(self, device: str):
         self.samples: list[float] = []
+        self.main_cpu_per_sample = float("nan")
         self.enabled = device.startswith("cuda") and shutil.which("nvidia-smi") is not None
         index = device.split(":", 1)[1] if ":" in device else "0"
         self.cmd = ["nvidia-smi", "-i", index, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
@@ -122,11 +123,14 @@ def _sync(device: str) -> None:
 
 
 def run_stream(urls, clip, batch_size, workers, draft, util: GpuUtilisation | None = None) -> tuple[float, np.ndarray, int]:
+    import resource
+
     from filtering.stages.score import ClipEncoder, score_stream
 
     encoder = ClipEncoder(clip)
     if util is not None:
         util.__enter__()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     scores = []
     try:
@@ -137,7 +141,10 @@ def run_stream(urls, clip, batch_size, workers, draft, util: GpuUtilisation | No
         if util is not None:
             util.__exit__()
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     arr = np.array([np.nan if s is None else s for s in scores], np.float64)
+    if util is not None:  # the main process's own CPU (reading, hashing, batching; the model's too on a CPU)
+        util.main_cpu_per_sample = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / max(1, len(arr))
     return len(arr) / dt, arr, len(arr)
 
 
@@ -238,6 +245,8 @@ def bench_model(title, clip, urls, batch_size, workers, draft_urls=None) -> None
     print(f"straightforward loop (fp32)      {base:8.1f} samples/s   poolsift = {ours / base:5.2f}x")
     if clip.device.startswith("cuda"):
         print(f"GPU utilisation during poolsift  {util}")
+        cpu = util.main_cpu_per_sample
+        print(f"main process CPU per sample      {cpu * 1e6:8.0f} us (alone it caps the stage at {1 / cpu:,.0f} samples/s)")
     print(f"auto ({clip.precision}) vs fp32 scores    {compare(s_auto, s_fp32)}")
     if draft_urls:
         full_rate, s_full, m = run_stream(draft_urls, fp32, batch_size, workers, None)
