@@ -15,7 +15,9 @@ def preload_pandas() -> None:
     for pandas objects, which costs about half a second. Started just before Parquet
     decoding, which releases the GIL, the import runs on the other core instead of
     stalling the first conversion afterwards. The module lock makes the later import
-    wait for this one rather than run twice.
+    wait for this one rather than run twice. This cannot deadlock on pyarrow's own
+    import lock: pandas' import never calls back into pyarrow's pandas check (if it
+    did, pyarrow would deadlock on its non-reentrant lock in a single thread).
     """
     if "pandas" in sys.modules or importlib.util.find_spec("pandas") is None:
         return
