@@ -80,7 +80,8 @@ class Pool:
             return self.table.column_names
         present = set(self.table.column_names) | set(self.late.names)
         order = [c for c in self.late.order if c in present]
-        return order + [c for c in self.table.column_names if c not in set(order)]
+        placed = set(order)
+        return order + [c for c in self.table.column_names if c not in placed]
 
     def materialize(self, names: list[str] | tuple[str, ...]) -> None:
         """Read late columns into ``table`` (every row)."""

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO
 
-from filtering.io.paths import get_fs, is_local
+from filtering.io.paths import get_fs, is_local, local_path
 
 
 def _tmp_name(path: str) -> str:
@@ -82,7 +82,7 @@ def atomic_write_text(url: str, text: str) -> None:
 
 def makedirs(url: str) -> None:
     if is_local(url):
-        os.makedirs(url.removeprefix("file://"), exist_ok=True)
+        os.makedirs(local_path(url), exist_ok=True)
         return
     fs, path = get_fs(url)
     fs.makedirs(path, exist_ok=True)
@@ -90,6 +90,6 @@ def makedirs(url: str) -> None:
 
 def exists(url: str) -> bool:
     if is_local(url):
-        return os.path.exists(url.removeprefix("file://"))
+        return os.path.exists(local_path(url))
     fs, path = get_fs(url)
     return fs.exists(path)

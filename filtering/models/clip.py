@@ -77,7 +77,7 @@ def precision_key(precision: str, device: str) -> str:
     if precision != "auto":
         return precision
     if device == "cpu" or (device == "auto" and not _nvidia_gpu_visible()):
-        return "bf16" if cpu_supports_bf16() else "fp32"
+        return resolve_precision(precision, "cpu")
     return "auto/cuda"
 
 
@@ -90,13 +90,13 @@ def _nvidia_gpu_visible() -> bool:
 def resolve_precision(precision: str, device: str) -> str:
     """``auto``: bf16 on GPUs that support it (fp16 otherwise), bf16 on CPUs with native
     bf16, else fp32. The reduced precisions run as autocast over fp32 weights."""
-    import torch
-
     if precision not in PRECISIONS:
         raise ConfigError(f"model.precision: {precision!r} is not one of {list(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.startswith("cuda"):
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
 

@@ -138,9 +138,9 @@ class DataCompStage(SourceStage):
         kinds = _embedding_kinds(shards)
         npz = {s.stem: s.npz for s in shards}
         parquet = {s.stem: s.parquet for s in shards}
+        order = _pool_order([c for w in wanted for c in w], self.requested)
         late_columns = None
         if late:
-            order = _pool_order([c for w in wanted for c in w], self.requested)
             late_columns = LateColumns(
                 schema=pa.schema([(c, late.types[c]) for c in order if c in late.types]),
                 order=tuple(order),
@@ -150,7 +150,7 @@ class DataCompStage(SourceStage):
             "metadata_dir": self.metadata_dir,
             "shards": len(shards),
             "rows": table.num_rows,
-            "columns": _pool_order([c for w in wanted for c in w], self.requested),
+            "columns": order,
             "embeddings": list(kinds),
         }
         ctx.log(f"read {table.num_rows:,} rows of DataComp metadata from {len(shards)} shards")
@@ -213,13 +213,6 @@ class DataCompStage(SourceStage):
 class _LateSpec:
     raw: tuple[str, ...]  # parquet column names
     types: dict[str, pa.DataType]  # pool name -> type shared by every shard
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self.types)
-
-    def __contains__(self, raw_name: str) -> bool:
-        return raw_name in self.raw
 
 
 def _read_schema(shard: DataCompShard) -> pa.Schema:
