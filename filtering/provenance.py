@@ -87,4 +87,4 @@ def provenance(config: dict[str, Any], config_sha256: str, model: dict[str, Any]
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
