@@ -17,3 +17,8 @@ class InputError(PoolsiftError):
     """Input paths that are missing or unreadable before any work starts. Exit 2."""
 
     exit_code = 2
+
+
+class FunnelError(PoolsiftError):
+    """The run's counts break the manifest invariant ``input == kept + failed + sum(dropped)``:
+    a sample was lost or counted twice. A bug in poolsift, never bad input. Exit 1."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filtering.errors import ConfigError
+from filtering.errors import ConfigError, FunnelError
 from filtering.filters.compose import FilterOutcome, apply_filters
 from filtering.io.atomic import atomic_write_text, makedirs, remove_temp_files
 from filtering.io.paths import join
@@ -53,14 +53,10 @@ def source_stage(cfg: Config, cache_root: str) -> SourceStage:
 def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
     """Every column stage that could run, in dependency order; the plan keeps those needed."""
     stages: list[ColumnStage] = []
-    try:
-        from filtering.stages.clusters import ClusterStage
-    except ImportError:
-        ClusterStage = None  # noqa: N806
-    if ClusterStage is not None:
-        stages.append(ClusterStage(cfg, cache_root))
+    from filtering.stages.clusters import ClusterStage
     from filtering.stages.decontaminate import DecontaminateStage
 
+    stages.append(ClusterStage(cfg, cache_root))
     stages.append(DecontaminateStage(cfg, cache_root))
     return stages
 
@@ -213,8 +209,7 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
         "kept": int(outcome.keep.sum()),
         "filters": outcome.funnel,
     }
-    dropped_total = sum(f["dropped"] for f in outcome.funnel)
-    assert counts["input"] == counts["kept"] + counts["failed"] + dropped_total, "funnel does not add up"
+    check_funnel(counts)
     manifest = {
         "poolsift_version": prov["poolsift_version"],
         "git_commit": git_commit(),
@@ -236,6 +231,16 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
         manifest["shards"] = pool.artifacts["reshard_map"]
     atomic_write_text(join(out.dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
+
+
+def check_funnel(counts: dict[str, Any]) -> None:
+    """The manifest invariant: every input sample is kept, failed, or dropped by one filter."""
+    dropped = sum(f["dropped"] for f in counts["filters"])
+    if counts["input"] != counts["kept"] + counts["failed"] + dropped:
+        raise FunnelError(
+            f"funnel does not add up: input {counts['input']} != kept {counts['kept']} + failed {counts['failed']}"
+            f" + dropped {dropped} (a bug in poolsift; please report it)"
+        )
 
 
 def _json_default(value):

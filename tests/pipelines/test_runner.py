@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+
+from filtering.errors import FunnelError, PoolsiftError
+from pipelines import runner
+from pipelines.config import load_config
+from tests.conftest import REPO, SAMPLE_CONFIG
+
+
+def _counts(input_, kept, failed, dropped):
+    return {"input": input_, "kept": kept, "failed": failed, "filters": [{"name": "f", "dropped": d} for d in dropped]}
+
+
+def test_check_funnel_accepts_counts_that_add_up():
+    runner.check_funnel(_counts(10, 4, 1, [3, 2]))
+
+
+def test_check_funnel_raises_a_one_line_error_naming_the_counts():
+    with pytest.raises(FunnelError, match=r"input 10 != kept 4 \+ failed 1 \+ dropped 4") as e:
+        runner.check_funnel(_counts(10, 4, 1, [3, 1]))
+    assert isinstance(e.value, PoolsiftError) and "\n" not in str(e.value)
+
+
+def test_check_funnel_holds_under_python_optimisations():
+    code = (
+        "from pipelines.runner import check_funnel\n"
+        "check_funnel({'input': 3, 'kept': 1, 'failed': 0, 'filters': [{'dropped': 1}]})\n"
+    )
+    proc = subprocess.run([sys.executable, "-O", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "FunnelError" in proc.stderr
+
+
+def test_a_broken_cluster_stage_import_is_not_hidden(monkeypatch, tmp_path):
+    """An import bug in the cluster stage must surface as itself, not drop the stage silently
+    (which later reads as "no stage provides cluster_id", a misleading config error)."""
+    cfg = load_config(SAMPLE_CONFIG)
+    monkeypatch.setitem(sys.modules, "filtering.stages.clusters", None)  # makes the import raise ImportError
+    with pytest.raises(ImportError):
+        runner.column_stages(cfg, str(tmp_path))
