@@ -14,11 +14,9 @@ Every other row of the group is dropped, recording the survivor's uid (``duplica
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import numpy as np
 
-KeepPolicy = Literal["highest_clip_score", "smallest_uid"]
 KEEP_POLICIES: tuple[str, ...] = ("highest_clip_score", "smallest_uid")
 
 

@@ -32,9 +32,6 @@ class ClipScoreParams(Params):
         return self
 
 
-DATACOMP_SCORE_FIELDS = ("clip_b32_similarity_score", "clip_l14_similarity_score")
-
-
 def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float | None:
     """DataComp's threshold: ``sorted_desc[int(N * fraction)]``; None when that keeps all."""
     n = int(len(scores) * fraction)

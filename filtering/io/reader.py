@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from filtering.io.paths import open_file
 
@@ -63,7 +63,6 @@ class ShardReadResult:
     url: str
     error: str | None = None
     samples_read: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def iter_shard(url: str, result: ShardReadResult | None = None) -> Iterator[RawSample]:

@@ -16,7 +16,6 @@ DROPPED = "#c9cdd3"
 FAILED = "#d4634c"
 ACCENT = "#3465a4"
 INK = "#2b2f36"
-MUTED = "#6b7280"
 
 
 def _fmt(n: float) -> str:

@@ -105,7 +105,6 @@ class ClusterStage(ColumnStage):
         pool.add_column("cluster_id", pa.array(ids, mask=failed))
         pool.add_column("cluster_sim", pa.array(sims, mask=failed))
         pool.add_column("cluster_target", target_mask[ids] & ~failed)
-        pool.artifacts["target_clusters"] = targets
         info.update(
             num_clusters=int(len(centroids)),
             target_clusters=int(len(targets)),
