@@ -42,23 +42,12 @@ class RunContext:
         return self._clip
 
     def bar(self, total: int | None, desc: str, unit: str = "samples"):
+        """A progress bar from ``progress``; without one, a disabled tqdm (same methods, prints nothing)."""
         if self.progress is None:
-            return _NullBar()
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit=unit, disable=True)
         return self.progress(total=total, desc=desc, unit=unit)
-
-
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 class Stage(ABC):
