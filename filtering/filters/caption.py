@@ -1,16 +1,28 @@
-"""Caption length filter (DataComp, Gadre et al. 2023, App. "Basic filtering").
+r"""Caption length filter (DataComp, Gadre et al. 2023, App. "Basic filtering").
 
-DataComp's basic filter keeps captions with more than 2 words and more than 5
-characters; here that reads ``caption: {min_words: 3, min_chars: 6}`` (both ``>=``).
-Words are whitespace-separated tokens, as Python's ``len(text.split())`` counts them;
-characters are Unicode code points of the caption as stored (not stripped), as
-``len(text)`` counts them. A missing or all-whitespace caption is ``caption_empty``
-(unless both minimums are 0).
+DataComp counts words two ways (``baselines/apply_filter.py``), and ``tokenizer:`` picks one:
+
+- ``split`` (default): Python's ``len(text.split())``, which splits on every Unicode
+  whitespace character. DataComp's ``basic_filter`` (line 219: ``> 2`` words, so
+  ``min_words: 3``).
+- ``fasttext``: ``len(fasttext.tokenize(text))``. DataComp's ``image_based`` caption
+  pre-filter (line 67: ``> 1`` token, so ``min_words: 2``). fastText's
+  ``Dictionary::readWord`` splits only on ASCII space, ``\n``, ``\r``, ``\t``, ``\v``,
+  ``\f`` and NUL, and every ``\n`` is a token of its own (the end-of-sentence ``</s>``):
+  ``"Watch\n"`` is 2 tokens, ``"1178\xa0city"`` (non-breaking space) is 1.
+
+Both are ``>=`` here; DataComp's "more than 5 characters" is ``min_chars: 6``. Characters
+are Unicode code points of the caption as stored (not stripped), as ``len(text)`` counts
+them. A missing or all-whitespace caption (Python's whitespace) is ``caption_empty``
+(unless both minimums are 0); with ``tokenizer: fasttext`` the keep decision is
+fastText's count even there (``"\n\n"`` is 2 tokens).
 
 Reason codes: ``caption_empty``, ``caption_too_few_words``, ``caption_too_short``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +72,20 @@ def has_words(text: pa.Array, k: int) -> np.ndarray:
     return pc.match_substring_regex(text, pattern).fill_null(False).to_numpy(zero_copy_only=False)
 
 
+# fastText's separators (src/dictionary.cc, Dictionary::readWord: ' ', '\n', '\r', '\t', '\v',
+# '\f', '\0'), compared byte by byte; none of them occurs inside a UTF-8 multi-byte
+# character, so matching code points is the same. Each '\n' is also a token: readWord
+# puts it back after a word and returns it alone as EOS ("</s>").
+_FASTTEXT_TOKEN = r"[^ \n\r\t\x0b\x0c\x00]+|\n"
+
+
+def fasttext_tokens(text: pa.Array) -> np.ndarray:
+    """``len(fasttext.tokenize(s))`` for every string (0 for nulls), vectorized: one RE2
+    count per row."""
+    counts = pc.count_substring_regex(text, _FASTTEXT_TOKEN).fill_null(0)
+    return counts.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
 def is_blank(text: pa.Array) -> np.ndarray:
     """True where the caption is missing, empty or only whitespace."""
     return ~has_words(text, 1)
@@ -68,6 +94,7 @@ def is_blank(text: pa.Array) -> np.ndarray:
 class CaptionParams(Params):
     min_words: int | None = Field(default=None, ge=0, le=MAX_MIN_WORDS)
     min_chars: int | None = Field(default=None, ge=0)
+    tokenizer: Literal["split", "fasttext"] = "split"  # how min_words counts words (module docstring)
     field: str | None = None  # text column; default caption
 
     @model_validator(mode="after")
@@ -90,7 +117,10 @@ class Caption(TextFilter):
             return Decision(np.ones(pool.n, dtype=bool), reason)  # an all-zero rule keeps everything
         # One regex pass answers ">= k words" and, where it holds, "not blank"; only the
         # rows that fail it are checked for blankness.
-        enough = has_words(text, max(p.min_words or 0, 1))
+        if p.tokenizer == "fasttext" and p.min_words:
+            enough = fasttext_tokens(text) >= p.min_words
+        else:
+            enough = has_words(text, max(p.min_words or 0, 1))
         blank = ~enough
         if blank.any():
             blank[blank] = ~has_words(text.filter(pa.array(blank)), 1)

@@ -74,3 +74,52 @@ def test_field_and_datacomp_default():
 def test_params_rejected(params):
     with pytest.raises(ValueError):
         CaptionParams(**params)
+
+
+# --- tokenizer: fasttext (DataComp's image_based caption pre-filter) -----------------------
+
+# Every separator fastText knows, Unicode spaces it does not, and word characters of
+# 1, 2, 3 and 4 UTF-8 bytes.
+_PIECES = [" ", "\n", "\r", "\t", "\v", "\f", "\0", "\xa0", "\u2009", "\u3000", "\x1c", "\x85", "\u200b", "\u2028",
+           "a", "é", "猫", "\U0001f600", "</s>"]
+ODD_CAPTIONS = [
+    "", " ", "\n", "\n\n", "\r\n", "Watch\n", "\nWatch", "1178\xa0city", "a\u2009b\u3000c", "  a  b ", "a\n\nb",
+    "x\0y", "a\x0bb\x0cc\rd\te", "é ü", "a\x1cb", "a\x85b", " \t\n lead and trail \n\t ", "word", "two words",
+]
+
+
+def _random_captions(n: int = 3000, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(_PIECES, size=rng.integers(0, 9))) for _ in range(n)]
+
+
+def test_fasttext_tokens_known_counts():
+    # Counts taken from fasttext 0.9.2's fasttext.tokenize (the same as DataComp's pinned version).
+    from filtering.filters.caption import fasttext_tokens
+
+    expect = [0, 0, 1, 2, 1, 2, 2, 1, 1, 2, 4, 2, 5, 2, 1, 1, 5, 1, 2]
+    assert fasttext_tokens(pa.array(ODD_CAPTIONS, pa.string())).tolist() == expect
+    assert fasttext_tokens(pa.array([None, "a b"], pa.string())).tolist() == [0, 2]
+
+
+def test_fasttext_tokens_match_fasttext_itself():
+    fasttext = pytest.importorskip("fasttext")
+    from filtering.filters.caption import fasttext_tokens
+
+    texts = ODD_CAPTIONS + _random_captions()
+    got = fasttext_tokens(pa.array(texts, pa.string())).tolist()
+    want = [len(fasttext.tokenize(t)) for t in texts]
+    bad = [(t, g, w) for t, g, w in zip(texts, got, want, strict=True) if g != w]
+    assert not bad, bad[:5]
+
+
+def test_fasttext_tokenizer_decides_like_datacomp_image_based():
+    # DataComp apply_filter.py:67-75: len(fasttext.tokenize(x)) > 1 and len(x) > 5.
+    texts = ["Watch\n", "Watches", "1178\xa0city", "two words", "\n\n\n\n\n\n", "ab\u3000cd ef", None, "   \t  "]
+    keep, reasons, _ = decide(texts, min_words=2, min_chars=6, tokenizer="fasttext")
+    assert keep.tolist() == [True, False, False, True, True, True, False, False]
+    assert reasons.tolist() == ["caption_too_few_words", "caption_too_few_words", "caption_empty", "caption_empty"]
+    keep_split, _, _ = decide(texts, min_words=2, min_chars=6)  # Python's split: the other way round
+    assert keep_split.tolist() == [False, False, True, True, False, True, False, False]
+    with pytest.raises(ValueError):
+        CaptionParams(min_words=2, tokenizer="nltk")
