@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -76,10 +77,17 @@ def clean_loc(model: type[BaseModel] | None, loc: tuple) -> tuple[tuple, int | N
     return tuple(cleaned), where, tag
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 50, 50
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
 def _shown(value: Any) -> str:
+    """The value, shown short: the repr is bounded while it is built (a YAML alias
+    structure can expand to billions of values; ``repr`` would build all of them)."""
     if value is None:
         return ""
-    text = repr(value)
+    text = _REPR.repr(value)
     return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
 
 

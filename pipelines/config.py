@@ -22,7 +22,7 @@ from filtering.validation import format_validation_error
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InputConfig(Strict):
@@ -120,10 +120,66 @@ def apply_override(raw: dict, assignment: str) -> None:
         except (IndexError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"--set {key}: no such key path in the config") from e
     last = parts[-1]
+    parsed = parse_yaml_value(value, f"--set {key}")
     try:
-        node[last] = yaml.safe_load(value)
+        node[last] = parsed
     except (IndexError, TypeError) as e:
         raise ConfigError(f"--set {key}: no such key path in the config") from e
+
+
+# A config is a few hundred values; YAML aliases can make a 500-byte file expand to
+# billions (the "billion laughs"), which validation would then walk value by value.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"invalid YAML{where}: {problem}"
+
+
+def parse_yaml_value(text: str, what: str) -> Any:
+    """Parse YAML text (safe tags only) into plain values; errors are one line naming ``what``."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: {_yaml_error(e)}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{what}: invalid YAML: nested too deeply") from e
+    check_expanded_size(value, what)
+    return value
+
+
+def check_expanded_size(value: Any, what: str, limit: int = MAX_CONFIG_VALUES) -> None:
+    """Refuse values whose aliases expand past ``limit`` values, or refer to themselves.
+
+    Shared (aliased) containers are counted once per reference without being walked
+    again, so the check costs one visit per distinct container.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(v: Any) -> int:
+        if not isinstance(v, dict | list):
+            return 1
+        key = id(v)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{what}: a YAML alias refers to itself")
+        active.add(key)
+        children = list(v.keys()) + list(v.values()) if isinstance(v, dict) else v
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                raise ConfigError(f"{what}: YAML aliases expand to more than {limit:,} values")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(value)
 
 
 def load_raw(path: str | Path) -> dict:
@@ -131,17 +187,19 @@ def load_raw(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from e
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from e
+    raw = parse_yaml_value(text, str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping")
     return raw
 
 
 def parse_config(raw: dict) -> Config:
+    check_expanded_size(raw, "config")
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:

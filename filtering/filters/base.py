@@ -19,9 +19,10 @@ from filtering.pool import Pool
 
 
 class Params(BaseModel):
-    """Base for filter parameters: frozen, unknown keys rejected."""
+    """Base for filter parameters: frozen, unknown keys rejected, no NaN or infinite
+    numbers (a NaN threshold compares false with every score and would drop the pool)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass
