@@ -146,7 +146,8 @@ class Assigner:
         zero = norms == 0  # every score is 0: the argmax is centroid 0
         candidate[zero] = False
         # Rows whose candidates may extend past the screen's top list: take the full row.
-        overflow = candidate[:, -1] if self.k > SCREEN_TOP else torch.zeros(n, dtype=torch.bool)
+        # (A copy: a view of the last column would be cleared with it on the next line.)
+        overflow = candidate[:, -1].clone() if self.k > SCREEN_TOP else torch.zeros(n, dtype=torch.bool)
         candidate[overflow] = False
         rows, slots = candidate.nonzero(as_tuple=True)
         cols = top.indices[rows, slots]

@@ -14,7 +14,7 @@ cached under ``DIR/cache/`` with a fingerprint of what it depends on, so a rerun
 other filter settings loads centroids, reference embeddings, target set and per-shard
 assignments without loading a model or re-clustering:
 
-- ``centroids-<fp>/``: ``centroids.npy`` and ``targets-<ref fp>.npy``; fp = the pool's
+- ``centroids-<fp>/``: ``centroids.npy`` and ``targets-<ref fp>-a<N>.npy``; fp = the pool's
   embeddings (per shard: url, rows, a sample of rows) and the k-means settings, or the
   centroids file;
 - ``reference-<fp>/embeddings.npy``: fp = the reference files and, when they are images,
@@ -46,7 +46,10 @@ from filtering.stages.base import ColumnStage, RunContext
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 EMBEDDING_FILE_EXTS = (".npy", ".pt", ".pth")
-ALGO_VERSION = 1  # bump when the training or assignment rule changes
+ALGO_VERSION = 1  # bump when the training rule changes (centroids are retrained)
+# Bump when the assignment rule changes: cached targets and per-shard assignments are
+# recomputed, centroids and reference embeddings kept. 2: the screened path's overflow fix.
+ASSIGN_VERSION = 2
 DECODE_CHUNK = 64
 IN_PROCESS_DECODE_MAX = 2000  # smaller reference sets decode in-process (no worker start-up)
 ROWS_SAMPLED_PER_SHARD = 16
@@ -261,7 +264,7 @@ class ClusterStage(ColumnStage):
     # --- targets and assignments -----------------------------------------------------
 
     def targets(self, centroids, cfp, reference, rfp, assigner, info) -> np.ndarray:
-        path = join(self.cache_root, f"centroids-{cfp}", f"targets-{rfp}.npy")
+        path = join(self.cache_root, f"centroids-{cfp}", f"targets-{rfp}-a{ASSIGN_VERSION}.npy")
         if exists(path):
             info["cache"]["targets"] = "cached"
             return _load_npy(path)
@@ -271,7 +274,7 @@ class ClusterStage(ColumnStage):
         return targets
 
     def assignments(self, ctx, pool, parts, cfp, kind, assigner, info) -> tuple[np.ndarray, np.ndarray]:
-        cache = ShardCache(self.cache_root, "clusters", {"centroids": cfp, "embedding": kind})
+        cache = ShardCache(self.cache_root, "clusters", {"centroids": cfp, "embedding": kind, "assign": ASSIGN_VERSION})
         ids = np.zeros(pool.n, np.int64)
         sims = np.zeros(len(ids), np.float32)
         computed = cached = 0

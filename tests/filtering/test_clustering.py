@@ -109,3 +109,21 @@ def test_loaders_npy_and_datacomp_pt(tmp_path):
         load_reference_embeddings(str(tmp_path / "bad.pt"))
     with pytest.raises(ValueError, match="unsupported"):
         load_centroids(str(tmp_path / "c.txt"))
+
+
+def test_screen_overflow_rows_keep_their_argmax():
+    """More than SCREEN_TOP centroids within the bf16 bound of the best: the full-row fallback
+    must still rescore them (it once cleared its own overflow mask and answered centroid 0, 0.0)."""
+    rng = np.random.default_rng(11)
+    d, near = 32, 40
+    base = normalize(rng.standard_normal((3, d)))
+    # 40 centroids around each of 3 directions, scores ~1e-3 apart: inside the bf16 error bound
+    # (~2e-2) yet far apart for fp32.
+    tight = normalize(np.repeat(base, near, axis=0) + 1e-2 * rng.standard_normal((3 * near, d)).astype(np.float32))
+    centroids = np.concatenate([normalize(rng.standard_normal((200, d))), tight])
+    x = normalize(base[rng.integers(0, 3, 500)] + 1e-2 * rng.standard_normal((500, d)).astype(np.float32))
+    ids, sims = assign(x, centroids, batch=128, backend="bf16-screen")
+    scores = x.astype(np.float64) @ centroids.astype(np.float64).T
+    np.testing.assert_array_equal(ids, scores.argmax(axis=1))
+    np.testing.assert_allclose(sims, scores.max(axis=1), rtol=1e-6)
+    assert (ids >= 200).all()
