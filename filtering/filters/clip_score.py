@@ -1,10 +1,15 @@
 """CLIP-score filter (DataComp, Gadre et al. 2023, §3.4 and ``baselines/apply_filter.py``).
 
 - ``min: t`` keeps rows with score >= t.
-- ``top_fraction: f`` over the N scored rows of the whole pool: the threshold is the
-  value at index ``int(N * f)`` of the scores sorted in descending order, and every row
-  with score >= threshold is kept (so ties at the threshold are all kept). ``f = 1``
-  keeps everything. The threshold is computed over the whole pool, not over the rows
+- ``top_fraction: f`` over the N rows of the whole pool: the threshold is the value at
+  index ``int(N * f)`` of the scores sorted in descending order, and every row with
+  score >= threshold is kept (so ties at the threshold are all kept). ``f = 1`` keeps
+  every scored row (DataComp's index is out of range there).
+- NaN scores (DataComp's ``get_threshold``, ``apply_filter.py:390-392``): NaN rows count
+  in N and sort last (``-np.sort(-scores)``), and are never kept (``NaN >= t`` is False).
+  When ``int(N * f)`` lands among the NaNs the threshold is NaN and, as in DataComp, no
+  row is kept. Rows that failed before scoring (WebDataset input) are not in N.
+- The threshold is computed over the whole pool, not over the rows
   that earlier filters kept, so ``[clip_score, image_clusters]`` equals DataComp's
   intersection of the two baselines whatever the order.
 
@@ -33,12 +38,16 @@ class ClipScoreParams(Params):
 
 
 def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float | None:
-    """DataComp's threshold: ``sorted_desc[int(N * fraction)]``; None when that keeps all."""
+    """DataComp's threshold: ``sorted_desc[int(N * fraction)]`` with NaN sorted last (so NaN
+    when the index lands among them); None when the index is past the end (keep all)."""
     n = int(len(scores) * fraction)
     if n >= len(scores):
         return None
+    scored = scores[~np.isnan(scores)]
+    if n >= len(scored):
+        return scores.dtype.type(np.nan)
     # np.partition finds the (n)-th largest in O(N) instead of a full sort.
-    return np.partition(-scores, n)[n] * -1
+    return np.partition(-scored, n)[n] * -1
 
 
 @register
@@ -59,15 +68,18 @@ class ClipScore(Filter):
         if self.params.min is not None:
             return self.params.min
         scores = pool.column(self.field)
-        valid = ~pool.failed & ~np.isnan(scores)
-        return top_fraction_threshold(scores[valid], self.params.top_fraction)
+        return top_fraction_threshold(scores[~pool.failed], self.params.top_fraction)
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         scores = pool.column(self.field)
         threshold = self.threshold(pool)
         pool.artifacts.setdefault("thresholds", {})[self.field] = threshold
         missing = np.isnan(scores)
-        keep = ~missing if threshold is None else (scores >= scores.dtype.type(threshold)) & ~missing
+        if threshold is None:
+            keep = ~missing
+        else:
+            with np.errstate(invalid="ignore"):
+                keep = (scores >= scores.dtype.type(threshold)) & ~missing
         code = "clip_score_below_min" if self.params.min is not None else "clip_score_below_top_fraction"
         reason = np.where(missing, "clip_score_missing", code).astype(object) if missing.any() else code
         return Decision(keep, reason)

@@ -378,8 +378,8 @@ def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int 
                         s.score = float(scores[i]) if valid[i] else None
     if hist_kept.sum() + hist_dropped.sum():
         data.histogram = _rebin(field_name, fine_edges, hist_kept, hist_dropped,
-                                [float(t) for t in thresholds.values() if t is not None] if threshold is None
-                                else [float(threshold)])
+                                [float(t) for t in thresholds.values() if t is not None and np.isfinite(t)]
+                                if threshold is None else [float(threshold)] if np.isfinite(threshold) else [])
     data.grids = {"highest-scored kept": top_kept.result(), "lowest-scored kept": low_kept.result()}
     if data.score_scope == "pool":
         data.grids["highest-scored dropped"] = top_dropped.result()
