@@ -1,11 +1,12 @@
 # The two README commands: `make demo` and `make test`. Both set up .venv on a fresh machine.
+# Also: `make test-fast` (no CLI end-to-end tests), `make lint`, `make bench` (quick modes).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.poolsift-installed
 DEV_STAMP := $(VENV)/.poolsift-dev-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +26,25 @@ demo: $(STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 
+# Leaves out the tests marked slow: every test that runs the CLI or the whole pipeline.
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+LINT_PATHS := filtering pipelines tests bench
+
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check filtering pipelines tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+# Every benchmark in its quick mode (minutes on a laptop; the scripts' docstrings give
+# the full-scale commands and README "Performance" the figures).
+bench: $(DEV_STAMP)
+	$(BIN)/python bench/bench_filters.py --n 100000
+	$(BIN)/python bench/bench_dedup.py --n 100000 --baseline-n 20000
+	$(BIN)/python bench/bench_clusters.py --n 100000 --k 1000
+	$(BIN)/python bench/bench_datacomp.py --rows 100000 --shards 4 --repeat 1
+	$(BIN)/python bench/bench_report.py --rows 200000 --shards 4
+	$(BIN)/python bench/bench_scoring.py --only tiny
 
 clean:
 	rm -rf runs .pytest_cache

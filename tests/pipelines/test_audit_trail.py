@@ -6,10 +6,13 @@ from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.config import load_config
 from pipelines.runner import run
 from tests.conftest import write_config
+
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
 
 FILTERS = [
     {"caption": {"min_words": 2, "min_chars": 6}},

@@ -12,6 +12,8 @@ from PIL import Image
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
+
 
 def write_shard(path, n, seed, corrupt=(), no_uid=()):
     rng = np.random.default_rng(seed)

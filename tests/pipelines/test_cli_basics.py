@@ -4,6 +4,8 @@ import pytest
 
 from tests.conftest import run_cli_subprocess
 
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
+
 
 @pytest.mark.parametrize(
     ("config", "message"),

@@ -5,6 +5,8 @@ import yaml
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
+
 BASE = {
     "input": {"shards": "/nonexistent/pool/{00000..00003}.tar"},
     "model": {"arch": "poolsift-tiny", "pretrained": "/nonexistent/tiny.safetensors"},

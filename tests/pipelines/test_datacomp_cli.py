@@ -13,6 +13,8 @@ import yaml
 from tests.conftest import REPO, run_cli
 from tests.datacomp_pool import datacomp_clip_score_uids, datacomp_threshold, make_datacomp_pool
 
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
+
 B32, L14 = "clip_b32_similarity_score", "clip_l14_similarity_score"
 
 

@@ -12,6 +12,8 @@ import yaml
 
 from tests.conftest import REPO, SAMPLE, run_cli, write_config
 
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
+
 PRESET = REPO / "configs" / "sample_image_clusters.yaml"
 
 

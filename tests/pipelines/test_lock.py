@@ -34,6 +34,7 @@ def holder(tmp_path):
         proc.stdout.close()
 
 
+@pytest.mark.slow
 def test_second_run_on_a_held_directory_is_refused(tmp_path, holder):
     out, proc = holder
     cfg = write_config(tmp_path / "sample.yaml", output={"dir": str(out)})

@@ -37,6 +37,7 @@ def no_data_access(monkeypatch):
     monkeypatch.setattr(score, "model_spec", _no_data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_validates_without_reading_data(preset: Path, no_data_access):
     code, out, err = run_cli("validate", preset)

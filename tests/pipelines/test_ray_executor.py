@@ -14,6 +14,8 @@ import pytest
 from filtering.errors import ConfigError
 from tests.conftest import run_cli, write_config
 
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
+
 
 def _table(path):
     return pq.read_table(path).replace_schema_metadata(None)
@@ -32,7 +34,6 @@ def executor():
     assert not ray.is_initialized(), "the executor shuts down the Ray it started"
 
 
-@pytest.mark.slow
 def test_ray_executor_matches_local(tmp_path, scored_sample, executor):
     from pipelines.config import load_config
     from pipelines.runner import run

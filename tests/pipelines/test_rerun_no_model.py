@@ -1,8 +1,8 @@
 """Changing only filter settings and rerunning reuses the scores: no model load, no image
-reading or decoding, seconds not minutes."""
+reading or decoding. (What that saves is measured by bench/, not asserted here: no
+wall-clock limits in tests.)"""
 
 import json
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -43,19 +43,17 @@ def no_model_no_images(monkeypatch):
 
 def run_filters(tmp_path, out_dir, filters, name):
     cfg = write_config(tmp_path / f"{name}.yaml", filters=filters, output={"dir": str(out_dir)})
-    start = time.perf_counter()
     code, stdout, stderr = run_cli("run", cfg, "--quiet")
-    elapsed = time.perf_counter() - start
     assert code == 0, stderr
-    return json.loads((out_dir / "manifest.json").read_text()), elapsed, stderr
+    return json.loads((out_dir / "manifest.json").read_text()), stderr
 
 
+@pytest.mark.slow
 def test_filter_only_rerun_loads_no_model_and_reads_no_images(tmp_path, rerun_dir, scored_sample, no_model_no_images):
     first = json.loads((scored_sample / "manifest.json").read_text())
 
-    manifest, elapsed, stderr = run_filters(tmp_path, rerun_dir, FILTERS_A, "a")
+    manifest, stderr = run_filters(tmp_path, rerun_dir, FILTERS_A, "a")
     assert "the model is not loaded" in stderr
-    assert elapsed < 5.0, f"rerun took {elapsed:.1f}s"
     assert manifest["counts"]["input"] == first["counts"]["input"]
     assert manifest["counts"]["failed"] == first["counts"]["failed"]
     assert [f["name"] for f in manifest["counts"]["filters"]] == ["caption", "image_size", "any(clip_score, not(text_entities))"]
@@ -68,12 +66,12 @@ def test_filter_only_rerun_loads_no_model_and_reads_no_images(tmp_path, rerun_di
     assert rerun and all(r["clip_score"] == cached[r["uid"]] for r in rerun)
 
     # And again with other settings, in the same directory.
-    manifest_b, elapsed_b, _ = run_filters(tmp_path, rerun_dir, FILTERS_B, "b")
+    manifest_b, _ = run_filters(tmp_path, rerun_dir, FILTERS_B, "b")
     assert [f["name"] for f in manifest_b["counts"]["filters"]] == ["clip_score", "language"]
     assert manifest_b["counts"]["kept"] != manifest["counts"]["kept"]
-    assert elapsed_b < 10.0, f"rerun with the language filter took {elapsed_b:.1f}s"
 
 
+@pytest.mark.slow
 def test_the_monkeypatches_bite(tmp_path, no_model_no_images):
     """Without a cache the same run must score, and so hits the forbidden model loader."""
     cfg = write_config(tmp_path / "cold.yaml", filters=FILTERS_A, output={"dir": str(tmp_path / "cold")})

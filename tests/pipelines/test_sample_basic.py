@@ -4,10 +4,13 @@ filter meant for it (ground truth in each sample's .json)."""
 from collections import Counter
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.config import load_config
 from pipelines.runner import run
 from tests.conftest import REPO, write_config
+
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
 
 
 def test_sample_basic_drops_the_planted_faults(tmp_path, rerun_dir, truth):

@@ -4,6 +4,9 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:

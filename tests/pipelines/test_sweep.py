@@ -13,6 +13,7 @@ from tests.conftest import run_cli, write_config
 PARAM = "filters[0].clip_score.top_fraction"
 
 
+@pytest.mark.slow
 def test_sweep_matches_real_runs(rerun_dir, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
                        output={"dir": str(rerun_dir)})
@@ -38,6 +39,7 @@ def test_sweep_matches_real_runs(rerun_dir, tmp_path):
         assert r["thresholds"]["clip_score"] == pytest.approx(manifest["thresholds"]["clip_score"])
 
 
+@pytest.mark.slow
 def test_sweep_curve_in_report(rerun_dir, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
                        output={"dir": str(rerun_dir), "report": True})
@@ -67,6 +69,7 @@ def test_values_split_outside_lists_mappings_and_quotes(spec, values):
     assert parse_param(spec)[1] == values
 
 
+@pytest.mark.slow
 def test_bad_value_names_the_key(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
                        output={"dir": str(tmp_path / "out")})

@@ -32,7 +32,10 @@ FLAGS = [
     "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars", "--mute-audio",
 ]
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
+pytestmark = [
+    pytest.mark.slow,  # runs the CLI (make test-fast leaves these out)
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)"),
+]
 
 
 class Browser:

@@ -58,6 +58,7 @@ def _run_top30(rerun_dir, tmp_path, **output):
     return json.loads((rerun_dir / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_report_numbers_match_the_run(rerun_dir, tmp_path):
     manifest = _run_top30(rerun_dir, tmp_path, report=True)
     assert manifest["outputs"]["report"] == str(rerun_dir / "report.html")
@@ -83,6 +84,7 @@ def test_report_numbers_match_the_run(rerun_dir, tmp_path):
     assert all(s.note == failed.set_index("uid").loc[s.uid, "reason"] for s in data.failures)
 
 
+@pytest.mark.slow
 def test_report_cli_and_missing_score_cache(rerun_dir, tmp_path):
     _run_top30(rerun_dir, tmp_path)
     bare = tmp_path / "bare"
@@ -96,6 +98,7 @@ def test_report_cli_and_missing_score_cache(rerun_dir, tmp_path):
     assert code == 2 and "manifest.json" in stderr
 
 
+@pytest.mark.slow
 def test_metadata_only_datacomp_report(tmp_path):
     meta = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=80)
     cfg = {"input": {"datacomp_metadata": str(meta)},
@@ -112,6 +115,7 @@ def test_metadata_only_datacomp_report(tmp_path):
     assert len(re.findall(r'class="card kept"', html)) == 24 and 'class="noimg"' not in html
 
 
+@pytest.mark.slow
 def test_clusters_and_duplicates_from_the_stages(clustered_run):
     manifest = json.loads((clustered_run / "manifest.json").read_text())
     info, counts = manifest["stages"]["clusters"], manifest["counts"]

@@ -15,8 +15,9 @@ import pytest
 
 from tests.conftest import SAMPLE, run_cli, write_config
 
+pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
 
-@pytest.mark.slow
+
 def test_open_clip_train_main_trains_on_the_resharded_sample(rerun_dir, tmp_path, monkeypatch):
     pytest.importorskip("open_clip_train.main", reason="open_clip_torch[training] is not installed")
     from open_clip_train.main import main as train_main
