@@ -34,6 +34,7 @@ def config(tmp_path):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -48,6 +49,7 @@ def test_bad_set_values_are_exit_2_naming_the_key(config, override, expected):
     assert msg.startswith(expected), msg
 
 
+@pytest.mark.slow
 def test_a_python_tag_in_the_file_is_exit_2(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("input: {shards: !!python/object/apply:os.system [echo pwned]}\n")
@@ -55,6 +57,7 @@ def test_a_python_tag_in_the_file_is_exit_2(tmp_path):
     assert msg.startswith(f"{path}: invalid YAML"), msg
 
 
+@pytest.mark.slow
 def test_a_non_utf8_config_is_exit_2(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_bytes(yaml.safe_dump(BASE).encode() + b"# caf\xe9\n")
@@ -62,6 +65,7 @@ def test_a_non_utf8_config_is_exit_2(tmp_path):
     assert msg.startswith(f"{path}: not UTF-8 text (byte 0xe9 at offset "), msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "key"),
     [
@@ -114,6 +118,7 @@ def test_a_yaml_alias_bomb_is_refused_in_bounded_memory(tmp_path):
     assert msg == f"{path}: YAML aliases expand to more than 100,000 values", msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -125,12 +130,14 @@ def test_recursive_and_deep_values_are_exit_2(config, override, expected):
     assert one_line_exit_2(*run_cli("validate", config, "--set", override)[::2]) == expected
 
 
+@pytest.mark.slow
 def test_a_long_bad_value_is_shown_truncated(config):
     msg = one_line_exit_2(*run_cli("validate", config, "--set", "model.batch_size=" + "x" * 100_000)[::2])
     assert msg.startswith("model.batch_size: Input should be a valid integer"), msg
     assert len(msg) < 200
 
 
+@pytest.mark.slow
 def test_the_bomb_through_run_is_exit_2_too(tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(BOMB)

@@ -42,6 +42,7 @@ def test_a_hard_linked_lock_leaves_its_other_name_alone(tmp_path):
     assert victim.read_text() == "precious contents\n"
 
 
+@pytest.mark.slow
 def test_run_refuses_a_planted_lock_in_one_line(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
