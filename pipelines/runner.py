@@ -100,6 +100,19 @@ def plan(cfg: Config, cache_root: str) -> Plan:
     return Plan(source, chosen)
 
 
+def language_identifiers(cfg: Config) -> list[dict[str, Any]]:
+    """Load each language filter's identifier before any data is read, so that a missing
+    model fails early and the run can say which identifier runs (and any fallback)."""
+    from filtering.filters.language import LanguageFilter
+
+    records: list[dict[str, Any]] = []
+    for node in cfg.filter_tree:
+        for f in node.leaves():
+            if isinstance(f, LanguageFilter) and f.identity() not in records:
+                records.append(f.identity())
+    return records
+
+
 @dataclass
 class RunResult:
     out_dir: str
@@ -125,6 +138,8 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
     log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
     the_plan = plan(cfg, cache_root)
     the_plan.source.check_inputs()
+    for record in language_identifiers(cfg):
+        log(record["note"])
     makedirs(out_dir)
     with output_lock(out_dir):
         remove_temp_files(out_dir)  # a killed run's half-written files; nobody else writes here now
@@ -222,6 +237,7 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
         "input_checksum": checksum_method,
         "counts": counts,
         "thresholds": pool.artifacts.get("thresholds", {}),
+        "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "stages": ctx.stage_info,
         "failures": failures,
         "failures_truncated": len(fail_idx) > MAX_MANIFEST_FAILURES,

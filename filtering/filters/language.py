@@ -2,14 +2,27 @@
 captions by fastText's ``lid.176.bin``).
 
 Keeps rows whose caption is identified as one of ``languages`` (ISO 639-1 codes).
-Identifiers run offline and ship their own model:
+Identifiers run offline:
 
 - ``py3langid`` (default, a core dependency): langid.py's naive Bayes model, ~97 languages.
 - ``lingua``: lingua-language-detector, more accurate on short text (``pip install
   'poolsift[lingua]'``).
-- ``fasttext`` with ``model_path:`` to a ``lid.176.bin`` the user already has: exactly
-  DataComp's identifier (``pip install fasttext``); newlines are replaced by spaces
-  and the top label is taken, as DataComp does.
+- ``fasttext`` with ``model_path:`` to a ``lid.176.bin`` the user already has: DataComp's
+  identifier for basic_filter, text_based and image_based (``baselines/apply_filter.py``
+  lines 24-37 and 70-73: newlines replaced by spaces, the top label, no threshold).
+  ``pip install 'poolsift[fasttext]'``; the model is
+  https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin, which DataComp's
+  own scripts download to ``~/.cache/fasttext/lid.176.bin``.
+- ``gcld3``: DataComp's identifier for its LAION-2B reproduction (lines 40-54, 318-324:
+  ``NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)``, newlines replaced by
+  spaces, ``.language``). ``pip install gcld3`` builds from source and needs protobuf's
+  compiler and headers (Debian: ``apt-get install protobuf-compiler libprotobuf-dev``).
+
+``fallback:`` names identifiers to use, in order, when ``backend`` is not available
+(package not installed, or no model file at ``model_path``); the DataComp presets fall
+back to py3langid. Before any data is read, the run says in one log line which
+identifier runs, and, after a fallback, that the result is not the one the wanted
+identifier gives; the manifest records it under ``language_identifiers``.
 
 ``candidates`` restricts the identifier to the languages a pool is known to contain
 (langid.py's ``set_languages``; for fastText, the best-ranked candidate), which makes
@@ -18,14 +31,16 @@ prediction is less certain.
 Predictions are made once per distinct caption and reused by every language filter
 of the run with the same backend.
 
-Reason codes: ``language_not_allowed``, ``language_empty``, ``language_low_confidence``.
+Reason codes: ``language_not_allowed``, ``language_empty`` (missing caption; with py3langid
+and lingua also an all-whitespace one), ``language_low_confidence``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -35,13 +50,41 @@ from filtering.filters.base import Decision, Params, register
 from filtering.filters.caption import TextFilter, caption_array, is_blank
 from filtering.pool import Pool
 
-BACKENDS = ("py3langid", "lingua", "fasttext")
+BACKENDS = ("py3langid", "lingua", "fasttext", "gcld3")
+Backend = Literal["py3langid", "lingua", "fasttext", "gcld3"]
+
+# The sha256 of fastText's lid.176.bin as DataComp's baselines/utils.py checks it.
+LID176_SHA256 = "7e69ec5451bc261cc7844e49e4792a85d7f09c06789ec800fc4a44aec362764e"
+LID176_URL = "https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin"
+# Whose baseline each identifier reproduces, for the run's log line.
+BASELINE_OF = {
+    "fasttext": "DataComp's identifier (basic_filter, text_based, image_based)",
+    "gcld3": "DataComp's identifier for its laion2b baseline",
+}
+
+
+class IdentifierUnavailableError(Exception):
+    """Marks the errors a ``fallback:`` may step over: package or model file missing.
+    ``reason`` is the short form for the run's log line."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class MissingPackageError(IdentifierUnavailableError, ConfigError):
+    pass
+
+
+class MissingModelError(IdentifierUnavailableError, InputError):
+    pass
 
 
 class LanguageParams(Params):
     languages: list[str] = Field(min_length=1)
-    backend: Literal["py3langid", "lingua", "fasttext"] = "py3langid"
-    model_path: str | None = None  # fasttext: path to lid.176.bin (or lid.176.ftz)
+    backend: Backend = "py3langid"
+    fallback: list[Backend] | None = Field(default=None, min_length=1)  # used in order when backend is unavailable
+    model_path: str | None = None  # fasttext: path to lid.176.bin (or lid.176.ftz); ~ expanded
     candidates: list[str] | None = Field(default=None, min_length=2)  # None: every language the model knows
     min_confidence: float | None = Field(default=None, ge=0, le=1)
     field: str | None = None  # text column; default caption
@@ -59,12 +102,27 @@ class LanguageParams(Params):
             out.append(code)
         return out
 
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _one_or_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def chain(self) -> list[str]:
+        """The identifiers to try, in order."""
+        return [self.backend, *(self.fallback or [])]
+
     @model_validator(mode="after")
     def _model_path(self) -> LanguageParams:
-        if self.backend == "fasttext" and not self.model_path:
+        chain = self.chain
+        if len(set(chain)) != len(chain):
+            raise ValueError(f"fallback repeats an identifier: {', '.join(chain)}")
+        if "fasttext" in chain and not self.model_path:
             raise ValueError("backend fasttext needs model_path: the lid.176.bin file")
-        if self.backend != "fasttext" and self.model_path:
+        if "fasttext" not in chain and self.model_path:
             raise ValueError(f"model_path is only used by backend fasttext, not {self.backend}")
+        if "gcld3" in chain and self.candidates is not None:
+            raise ValueError("candidates: gcld3 cannot be restricted to candidate languages")
         if self.candidates is not None and not set(self.languages) <= set(self.candidates):
             raise ValueError("candidates must include every language in languages")
         return self
@@ -95,8 +153,9 @@ class _Lingua:
         try:
             import lingua
         except ImportError as e:
-            raise ConfigError(
-                "language.backend lingua needs lingua-language-detector: pip install 'poolsift[lingua]'"
+            raise MissingPackageError(
+                "language.backend lingua needs lingua-language-detector: pip install 'poolsift[lingua]'",
+                "lingua is not installed",
             ) from e
         builder = lingua.LanguageDetectorBuilder
         if candidates:
@@ -127,9 +186,15 @@ class _FastText:
         try:
             import fasttext
         except ImportError as e:
-            raise ConfigError("language.backend fasttext needs the fasttext package: pip install fasttext") from e
+            raise MissingPackageError(
+                "language.backend fasttext needs the fasttext package: pip install 'poolsift[fasttext]' "
+                "(or pip install fasttext)", "fasttext is not installed"
+            ) from e
         if not os.path.isfile(model_path):
-            raise InputError(f"language.model_path: no fastText model at {model_path!r}")
+            raise MissingModelError(f"language.model_path: no fastText model at {model_path!r} (lid.176.bin: {LID176_URL})",
+                                    f"no fastText model at {model_path!r}")
+        if hasattr(fasttext, "FastText"):  # its load-time warning on stderr, silenced as DataComp does
+            fasttext.FastText.eprint = lambda *args: None
         self.model = fasttext.load_model(model_path)
 
     def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
@@ -140,8 +205,9 @@ class _FastText:
             ranked = [list(zip(p, lab, strict=True)) for lab, p in zip(labels, probs, strict=True)]
         except ValueError:
             # fasttext 0.9.2's predict breaks under numpy 2 (np.array(copy=False)); the
-            # binding underneath returns the same (probability, label) pairs.
-            ranked = [self.model.f.predict(line, k, 0.0, "strict") for line in lines]
+            # binding underneath returns the same (probability, label) pairs, given the
+            # line ending that predict appends (it is a token: "</s>").
+            ranked = [self.model.f.predict(line + "\n", k, 0.0, "strict") for line in lines]
         codes, conf = [], np.zeros(len(lines), dtype=np.float64)
         for i, pairs in enumerate(ranked):
             best = [(p, lab.removeprefix("__label__")) for p, lab in pairs]
@@ -150,6 +216,25 @@ class _FastText:
             codes.append(best[0][1] if best else "und")
             conf[i] = float(best[0][0]) if best else 0.0
         return codes, conf
+
+
+class _Gcld3:
+    """DataComp's LAION-2B identifier (``apply_filter.py`` 51-52, 318-320)."""
+
+    def __init__(self):
+        try:
+            import gcld3
+        except ImportError as e:
+            raise MissingPackageError(
+                "language.backend gcld3 needs the gcld3 package: it builds from source with protobuf's compiler "
+                "and headers (Debian: apt-get install protobuf-compiler libprotobuf-dev; then pip install gcld3)",
+                "gcld3 is not installed",
+            ) from e
+        self.ident = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
+
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        out = [self.ident.FindLanguage(text=t.replace("\n", " ")) for t in texts]
+        return [r.language for r in out], np.array([r.probability for r in out], dtype=np.float64)
 
 
 @functools.lru_cache(maxsize=4)
@@ -161,7 +246,66 @@ def identifier(backend: str, model_path: str | None = None, candidates: tuple[st
         return _Lingua(candidates)
     if backend == "fasttext":
         return _FastText(model_path, candidates)
+    if backend == "gcld3":
+        return _Gcld3()
     raise ConfigError(f"language.backend: unknown {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _describe(backend: str, model_path: str | None) -> tuple[str, dict[str, Any]]:
+    """How the log line names an identifier that loaded, and what the manifest records."""
+    if backend == "fasttext":
+        st = os.stat(model_path)
+        digest = _file_sha256(model_path, st.st_size, st.st_mtime_ns)
+        lid176 = digest == LID176_SHA256
+        what = "lid.176.bin" if lid176 else "a fastText model that is not lid.176.bin (sha256 differs)"
+        return f"fasttext ({what}, {model_path})", {"model_path": model_path, "model_sha256": digest, "lid176": lid176}
+    if backend == "gcld3":
+        return "gcld3 (NNetLanguageIdentifier, min_num_bytes=0, max_num_bytes=1000)", {}
+    return backend, {}
+
+
+def resolve(params: LanguageParams) -> dict[str, Any]:
+    """Load the first available identifier of ``params.chain``; the record says which ran,
+    why the ones before it did not, and carries the run's one log line (``note``).
+    Without a usable identifier, the first one's error is raised."""
+    model_path = os.path.expanduser(params.model_path) if params.model_path else None
+    candidates = tuple(sorted(params.candidates)) if params.candidates else None
+    skipped: list[tuple[str, str]] = []
+    errors: list[IdentifierUnavailableError] = []
+    for backend in params.chain:
+        try:
+            identifier(backend, model_path, candidates)
+        except IdentifierUnavailableError as e:
+            skipped.append((backend, e.reason))
+            errors.append(e)
+            continue
+        name, extra = _describe(backend, model_path)
+        wanted = params.backend
+        record: dict[str, Any] = {"requested": wanted, "backend": backend, **extra}
+        if skipped:
+            reasons = "; ".join(why for _, why in skipped)
+            record["unavailable"] = dict(skipped)
+            note = f"language: ran {name} instead of {wanted} ({reasons})"
+            if wanted in BASELINE_OF:
+                note += f": the kept set is NOT what {BASELINE_OF[wanted]} gives"
+            if "fasttext" in dict(skipped) and "no fastText model" in dict(skipped)["fasttext"]:
+                note += f"; lid.176.bin: {LID176_URL}"
+        else:
+            note = f"language: ran {name}"
+            if backend in BASELINE_OF and extra.get("lid176", True):
+                note += f", {BASELINE_OF[backend]}"
+        record["note"] = note
+        return record
+    raise errors[0]
 
 
 # Below this many distinct captions, worker start-up costs more than it saves.
@@ -223,16 +367,35 @@ class LanguageFilter(TextFilter):
     name = "language"
     Params = LanguageParams
 
+    def __init__(self, params: LanguageParams, input_info):
+        super().__init__(params, input_info)
+        self._identity: dict[str, Any] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """Which identifier this filter runs (loaded on first call): see :func:`resolve`."""
+        if self._identity is None:
+            self._identity = resolve(self.params)
+        return self._identity
+
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         p = self.params
-        blank = is_blank(caption_array(pool, self.field))
+        ident = self.identity()
+        records = pool.artifacts.setdefault("language_identifiers", [])
+        if ident not in records:
+            records.append(ident)
+        backend = ident["backend"]
+        model_path = ident.get("model_path")
+        text = caption_array(pool, self.field)
+        # DataComp classifies every caption, blank or not, with fastText or gcld3 (one may
+        # call "\xa0 \xa0" English); the other identifiers cannot say anything about it.
+        blank = text.is_null().to_numpy(zero_copy_only=False) if backend in BASELINE_OF else is_blank(text)
         keep = np.zeros(pool.n, dtype=bool)
         reason = np.full(pool.n, None, dtype=object)
         reason[blank] = "language_empty"
         rows = np.flatnonzero(alive & ~blank)
         if len(rows):
             candidates = tuple(sorted(p.candidates)) if p.candidates else None
-            codes, conf = predict_languages(pool, self.field, rows, p.backend, p.model_path, candidates)
+            codes, conf = predict_languages(pool, self.field, rows, backend, model_path, candidates)
             allowed = np.isin(codes, p.languages)
             sure = conf >= p.min_confidence if p.min_confidence is not None else np.ones(len(rows), bool)
             keep[rows] = allowed & sure

@@ -203,3 +203,130 @@ def test_many_captions_are_classified_on_several_cores_with_the_same_result():
     assert serial[0] == parallel[0]
     np.testing.assert_array_equal(serial[1], parallel[1])
     assert len(parallel[0]) == len(texts) == len(parallel[1])
+
+
+# --- DataComp's identifiers: a real (tiny) fastText model, gcld3, fallbacks -----------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lid(tmp_path_factory):
+    pytest.importorskip("fasttext")
+    from tests.fasttext_lid import train_tiny_lid
+
+    return train_tiny_lid(tmp_path_factory.mktemp("lid") / "tiny_lid.bin")
+
+
+def datacomp_fasttext_en(model, texts):
+    """DataComp's rule (apply_filter.py:70-73): predict(k=1) on newline-free text; top label == en."""
+    labels, _ = model.predict([t.replace("\n", " ") for t in texts], k=1)
+    return [lab[0].replace("__label__", "") == "en" for lab in labels]
+
+
+ODD = ["a dog on the beach", "ein Hund am Strand", "un chien\nsur la plage", "", " ", "\xa0 \xa0", "dog\n",
+       "the red car", "Katze", "\n\n", "1178\xa0city"]
+
+
+def test_fasttext_backend_decides_as_datacomp_with_the_same_model(tiny_lid, fresh_identifiers):
+    import fasttext
+
+    d, pool = decide(ODD, languages=["en"], backend="fasttext", model_path=str(tiny_lid))
+    expect = datacomp_fasttext_en(fasttext.load_model(str(tiny_lid)), ODD)
+    assert d.keep.tolist() == expect
+    assert "language_empty" not in d.reasons_for(~d.keep).tolist()
+    [record] = pool.artifacts["language_identifiers"]
+    assert record["backend"] == "fasttext" and record["lid176"] is False
+    assert "not lid.176.bin" in record["note"] and "DataComp's identifier" not in record["note"]
+
+
+def test_fasttext_numpy2_path_gives_the_same_labels(tiny_lid, fresh_identifiers, monkeypatch):
+    ident = language.identifier("fasttext", str(tiny_lid))
+    want = ident.predict(ODD)
+
+    def broken(texts, k=1):
+        raise ValueError("Unable to avoid copy while creating an array as requested.")
+
+    monkeypatch.setattr(ident.model, "predict", broken)
+    got = ident.predict(ODD)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+def test_lid176_is_recognised_by_its_sha256(tiny_lid, fresh_identifiers, monkeypatch):
+    from filtering.filters.language import LID176_SHA256, LanguageParams, resolve
+
+    monkeypatch.setattr(language, "_file_sha256", lambda *a: LID176_SHA256)
+    record = resolve(LanguageParams(languages=["en"], backend="fasttext", model_path=str(tiny_lid)))
+    assert record["note"] == f"language: ran fasttext (lid.176.bin, {tiny_lid}), {language.BASELINE_OF['fasttext']}"
+
+
+def test_fallback_runs_py3langid_and_says_the_result_is_not_datacomps(tmp_path, fresh_identifiers):
+    from filtering.filters.language import resolve
+
+    missing = tmp_path / "lid.176.bin"
+    params = LanguageParams(languages=["en"], backend="fasttext", model_path=str(missing), fallback="py3langid")
+    record = resolve(params)
+    assert record["backend"] == "py3langid" and record["requested"] == "fasttext"
+    assert record["note"].startswith("language: ran py3langid instead of fasttext (")
+    assert str(missing) in record["note"] and "NOT what DataComp's identifier" in record["note"]
+    assert "\n" not in record["note"]
+    d, _ = decide(CAPTIONS, languages=["en"], backend="fasttext", model_path=str(missing), fallback=["py3langid"])
+    assert d.keep.tolist() == [True, False, False, False, False, False, True]  # py3langid's answer
+    with pytest.raises(InputError, match="no fastText model"):  # no fallback: the error, as before
+        resolve(LanguageParams(languages=["en"], backend="fasttext", model_path=str(missing)))
+
+
+def test_model_path_expands_home(tiny_lid, fresh_identifiers, monkeypatch):
+    from filtering.filters.language import resolve
+
+    monkeypatch.setenv("HOME", str(tiny_lid.parent))
+    record = resolve(LanguageParams(languages=["en"], backend="fasttext", model_path=f"~/{tiny_lid.name}"))
+    assert record["backend"] == "fasttext" and record["model_path"] == str(tiny_lid)
+
+
+def test_gcld3_missing_says_how_to_get_it_and_falls_back(tiny_lid, monkeypatch, fresh_identifiers):
+    from filtering.filters.language import resolve
+
+    monkeypatch.setitem(sys.modules, "gcld3", None)
+    with pytest.raises(ConfigError, match="protobuf-compiler libprotobuf-dev"):
+        resolve(LanguageParams(languages=["en"], backend="gcld3"))
+    record = resolve(LanguageParams(languages=["en"], backend="gcld3", fallback=["fasttext", "py3langid"],
+                                    model_path=str(tiny_lid)))
+    assert record["backend"] == "fasttext"
+    assert record["unavailable"].keys() == {"gcld3"}
+    assert "NOT what DataComp's identifier for its laion2b baseline gives" in record["note"]
+
+
+def test_gcld3_adapter_as_datacomp_calls_it(monkeypatch, fresh_identifiers):
+    seen = {}
+
+    class Ident:
+        def __init__(self, min_num_bytes, max_num_bytes):
+            seen["args"] = (min_num_bytes, max_num_bytes)
+
+        def FindLanguage(self, text):  # noqa: N802 (gcld3's name)
+            seen.setdefault("texts", []).append(text)
+            code = "en" if "dog" in text else "und" if not text.strip() else "de"
+            return types.SimpleNamespace(language=code, probability=0.9, is_reliable=True)
+
+    monkeypatch.setitem(sys.modules, "gcld3", types.SimpleNamespace(NNetLanguageIdentifier=Ident))
+    d, pool = decide(["a\ndog", "ein Hund", " ", None], languages=["en"], backend="gcld3")
+    assert d.keep.tolist() == [True, False, False, False]
+    assert seen["args"] == (0, 1000)
+    assert seen["texts"] == ["a dog", "ein Hund", " "]  # blank captions classified, as DataComp does
+    assert d.reasons_for(~d.keep).tolist() == ["language_not_allowed", "language_not_allowed", "language_empty"]
+    assert pool.artifacts["language_identifiers"][0]["note"].startswith("language: ran gcld3 (NNetLanguageIdentifier")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"languages": ["en"], "backend": "fasttext", "model_path": "x", "fallback": ["fasttext"]},
+        {"languages": ["en"], "fallback": ["fasttext"]},  # fasttext in the chain needs model_path
+        {"languages": ["en"], "backend": "gcld3", "candidates": ["en", "de"]},
+        {"languages": ["en"], "fallback": []},
+        {"languages": ["en"], "fallback": ["cld2"]},
+    ],
+)
+def test_fallback_params_rejected(params):
+    with pytest.raises(ValueError):
+        LanguageParams(**params)
