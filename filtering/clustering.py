@@ -6,11 +6,12 @@ assigns every pool image embedding to the centroid with the largest inner produc
 ImageNet embedding. This module is that machinery, kept generic (any ``(n, d)``
 embeddings, any centroids) so that other steps (semantic dedup) reuse it:
 
-- :func:`assign` / :class:`Assigner`: batched exact argmax of ``x @ centroids.T``.
-  faiss ``IndexFlatIP`` (the GPU build when installed and a GPU is present); on CPUs
-  with native bf16 (AVX512-BF16 / AMX), a bf16 matmul screens candidates and the
-  candidates are rescored in fp32: the screen keeps every centroid within a rigorous
-  bound of the bf16 maximum, so the winner is the fp32 argmax, several times faster.
+- :func:`assign` / :class:`Assigner`: batched exact argmax of ``x @ centroids.T``: the
+  float64 argmax of the float32 inputs, ties to the lowest id, on every backend. A screen
+  (faiss ``IndexFlatIP`` in fp32, on the GPU when faiss's GPU build and a GPU are present;
+  on CPUs with native bf16 (AVX512-BF16 / AMX) a bf16 matmul, several times faster) keeps
+  every centroid within a rigorous error bound of the row's screened maximum, and those
+  candidates are rescored in float64.
 - :func:`train_kmeans`: spherical Lloyd iterations as in faiss's ``Clustering`` (init on
   a seeded sample of the points, means renormalised to unit length, empty clusters
   re-seeded by splitting large ones), each assignment done by :class:`Assigner`.
@@ -32,12 +33,14 @@ import numpy as np
 from filtering.io.paths import open_file
 
 BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits
+TF32_UNIT_ROUNDOFF = 2.0**-11  # 11 significant bits: what a GPU GEMM may round fp32 inputs to
 FP32_UNIT_ROUNDOFF = 2.0**-24
 DEFAULT_BATCH = 4096
 MAX_POINTS_PER_CENTROID = 256  # faiss's default cap on training points when none is given
-PAIR_CHUNK = 1 << 15  # candidate (row, centroid) pairs rescored at a time
 SCREEN_MIN_CENTROIDS = 4096
-SCREEN_TOP = 16  # candidates kept per row by the bf16 screen before the full-row fallback
+SCREEN_TOP = 16  # candidates per row taken from the screen's top list before the full-row fallback
+SCREEN_ELEMENTS = 1 << 26  # rows x centroids scored at once by a full-matrix screen (bf16: 128 MiB)
+RESCORE_ELEMENTS = 1 << 21  # float64 values gathered at once to rescore candidates (16 MiB)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -62,26 +65,50 @@ def faiss_gpus() -> int:
         return 0
 
 
+def native_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    from filtering.models.clip import cpu_supports_bf16
+
+    return cpu_supports_bf16()
+
+
 def default_backend(k: int = SCREEN_MIN_CENTROIDS) -> str:
     """faiss on a GPU when possible; the bf16 screen on CPUs with native bf16 when there are
     enough centroids for the matmul to dominate (below that faiss's fp32 search is faster)."""
-    from filtering.models.clip import cpu_supports_bf16
-
     if faiss_gpus() > 0:
         return "faiss-gpu"
-    return "bf16-screen" if k >= SCREEN_MIN_CENTROIDS and cpu_supports_bf16() else "faiss"
+    return "bf16-screen" if k >= SCREEN_MIN_CENTROIDS and native_bf16() else "faiss"
 
 
 BACKENDS = ("auto", "faiss", "faiss-gpu", "bf16-screen")
 
+# Per backend, the bound on |screened score - exact score| in units of |x| * max|c|:
+# fp32 inputs and accumulation: gamma_d <= 2 d u32 (any summation order, FMA or not);
+# a GPU GEMM may round the inputs to TF32 (2 u_tf32 + u_tf32^2 < 3 u_tf32), then as fp32;
+# bf16: inputs rounded (2u + u^2), the bf16 output rounded (u (1 + 2u + u^2)), fp32 accumulation.
+_EPS_UNITS = {
+    "faiss": lambda d: 2 * d * FP32_UNIT_ROUNDOFF,
+    "faiss-gpu": lambda d: 3 * TF32_UNIT_ROUNDOFF + 2 * d * FP32_UNIT_ROUNDOFF,
+    "bf16-screen": lambda d: 3 * BF16_UNIT_ROUNDOFF + 3 * BF16_UNIT_ROUNDOFF**2 + 2 * d * FP32_UNIT_ROUNDOFF,
+}
+
 
 class Assigner:
-    """Exact argmax inner product of query rows against fixed centroids.
+    """Exact nearest centroid by inner product: the float64 argmax of ``x @ centroids.T``
+    over the float32 inputs, ties (equal float64 scores) to the lowest id.
 
-    ``backend``: ``faiss`` (IndexFlatIP, fp32), ``faiss-gpu``, ``bf16-screen`` (bf16 screen
-    then fp32 rescoring; exact), or ``auto`` (faiss-gpu, else bf16-screen on CPUs with
-    native bf16 for >= 4096 centroids, else faiss). Centroids are used as given (not
-    renormalised): DataComp assigns with its published centroids as they are.
+    Every backend screens, then decides in float64. The screen gives approximate scores
+    with a rigorous per-row error bound ``eps``: ``faiss`` (IndexFlatIP, fp32, top 16),
+    ``faiss-gpu`` (the same on a GPU; bounded as if its GEMM used TF32), ``bf16-screen``
+    (a bf16 matmul: native on CPUs with AVX512-BF16/AMX, elsewhere the same rounding
+    emulated with an fp32 matmul of the bf16-rounded inputs). Every centroid whose screened
+    score is within ``2 eps`` of the row's screened maximum is a candidate (when the top 16
+    do not hold them all, the row's full screened scores are thresholded) and candidates
+    are rescored in float64, so the answer is the float64 argmax whatever the backend.
+    ``auto``: faiss-gpu, else bf16-screen on CPUs with native bf16 for >= 4096 centroids,
+    else faiss. Centroids are used as given (not renormalised): DataComp assigns with its
+    published centroids as they are. Rows that are all zero get centroid 0 (every score
+    is 0), rows with a NaN or infinity get centroid 0 and a NaN similarity.
     """
 
     def __init__(self, centroids: np.ndarray, backend: str = "auto"):
@@ -90,8 +117,14 @@ class Assigner:
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         if self.centroids.ndim != 2 or len(self.centroids) == 0:
             raise ValueError(f"centroids must be a non-empty (k, d) matrix, got shape {self.centroids.shape}")
+        if not np.isfinite(self.centroids).all():
+            raise ValueError("centroids contain NaN or infinite values")
         self.k, self.d = self.centroids.shape
         self.backend = default_backend(self.k) if backend == "auto" else backend
+        # bf16-screen: the CPU's own bf16 matmul, or the emulation (None: decided on first use).
+        self.native_bf16: bool | None = None
+        self._eps_units = _EPS_UNITS[self.backend](self.d)
+        self._cmax = float(np.sqrt(np.einsum("ij,ij->i", self.centroids, self.centroids, dtype=np.float64).max()))
         self._index = None
         self._bf16 = None
 
@@ -100,13 +133,77 @@ class Assigner:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(f"embeddings of shape {x.shape} do not match centroids of dimension {self.d}")
-        if len(x) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if self.backend == "bf16-screen":
-            return self._screened(x)
-        return self._faiss(x)
+        n = len(x)
+        ids = np.zeros(n, np.int64)
+        sims = np.zeros(n, np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+        sims[~np.isfinite(norms)] = np.nan
+        live = np.flatnonzero(np.isfinite(norms) & (norms > 0))
+        if len(live) < n:
+            x = x[live]
+        eps = self._eps_units * self._cmax * norms[live]
+        step = len(x) if self.backend != "bf16-screen" else max(1, SCREEN_ELEMENTS // self.k)
+        for lo in range(0, len(x), step):
+            xs = x[lo : lo + step]
+            rows, cols = self._candidates(xs, eps[lo : lo + step])
+            ids[live[lo : lo + step]], sims[live[lo : lo + step]] = self._rescore(xs, rows, cols)
+        return ids, sims
 
-    def _faiss(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _candidates(self, x: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, centroid) pairs, grouped by row, that hold every row's exact argmax."""
+        top = min(SCREEN_TOP, self.k)
+        if self.backend == "bf16-screen":
+            approx = self._bf16_scores(x)
+            vals, idx = approx.topk(top, dim=1)
+            vals, idx = vals.float().numpy(), idx.numpy()
+
+            def full_rows(r: np.ndarray) -> np.ndarray:
+                return approx[r].float().numpy()
+        else:
+            vals, idx = self._faiss_index().search(x, top)
+
+            def full_rows(r: np.ndarray) -> np.ndarray:
+                return x[r] @ self.centroids.T  # fp32 on the CPU: within the same bound
+
+        # The exact argmax j* of a row satisfies screened[j*] >= exact[j*] - eps >=
+        # exact[top1] - eps >= screened[top1] - 2 eps, so it passes the threshold.
+        threshold = vals[:, 0].astype(np.float64) - 2 * eps
+        candidate = vals >= threshold[:, None]
+        # Rows whose candidates may extend past the top list take their full row. A copy:
+        # a view of the last column would be cleared with the rows on the next line.
+        overflow = candidate[:, -1].copy() if self.k > top else np.zeros(len(x), bool)
+        candidate[overflow] = False
+        rows, slots = np.nonzero(candidate)
+        cols = idx[rows, slots]
+        over = np.flatnonzero(overflow)
+        if len(over):
+            more_rows, more_cols = [rows], [cols]
+            step = max(1, SCREEN_ELEMENTS // self.k)
+            for lo in range(0, len(over), step):
+                r = over[lo : lo + step]
+                sub, c = np.nonzero(full_rows(r) >= threshold[r, None])
+                more_rows.append(r[sub])
+                more_cols.append(c)
+            rows, cols = np.concatenate(more_rows), np.concatenate(more_cols)
+            order = np.argsort(rows, kind="stable")
+            rows, cols = rows[order], cols[order]
+        return rows, cols.astype(np.int64)
+
+    def _rescore(self, x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Float64 scores of the candidate pairs; per row the best, ties to the lowest id."""
+        x64 = x.astype(np.float64)
+        vals = np.empty(len(rows), np.float64)
+        step = max(1, RESCORE_ELEMENTS // self.d)
+        for lo in range(0, len(rows), step):
+            r, c = rows[lo : lo + step], cols[lo : lo + step]
+            vals[lo : lo + step] = np.einsum("ij,ij->i", x64[r], self.centroids[c].astype(np.float64))
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # every row has a candidate: its top 1
+        row_max = np.maximum.reduceat(vals, starts)
+        is_best = vals == np.repeat(row_max, np.diff(np.r_[starts, len(rows)]))
+        best = np.minimum.reduceat(np.where(is_best, cols, self.k), starts)
+        return best, row_max.astype(np.float32)
+
+    def _faiss_index(self):
         import faiss
 
         if self._index is None:
@@ -116,63 +213,25 @@ class Assigner:
             else:
                 self._index = faiss.IndexFlatIP(self.d)
             self._index.add(self.centroids)
-        sims, ids = self._index.search(x, 1)
-        # faiss answers -1 for a row with no finite score (NaN); numpy's argmax says 0.
-        return np.maximum(ids[:, 0], 0).astype(np.int64), sims[:, 0].astype(np.float32)
+        return self._index
 
-    def _screened(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _bf16_scores(self, x: np.ndarray):
+        """``x @ centroids.T`` with both sides rounded to bf16, fp32 accumulation, bf16 out."""
         import torch
 
         if self._bf16 is None:
-            self._c32 = torch.from_numpy(self.centroids)
-            self._bf16 = self._c32.bfloat16()
-            self._cmax = float(np.linalg.norm(self.centroids, axis=1).max())
-        n = len(x)
-        xt = torch.from_numpy(x)
-        if self.k == 1:
-            return np.zeros(n, np.int64), (xt @ self._c32[0]).numpy()
-        norms = torch.linalg.vector_norm(xt, dim=1)
+            if self.native_bf16 is None:
+                self.native_bf16 = native_bf16()
+            self._bf16 = torch.from_numpy(self.centroids).bfloat16()
+            if not self.native_bf16:
+                self._bf16 = self._bf16.float()  # bf16 values held in fp32
+        xb = torch.from_numpy(x).bfloat16()
         with torch.inference_mode():
-            approx = xt.bfloat16() @ self._bf16.T
-            top = approx.topk(min(SCREEN_TOP, self.k), dim=1)
-        # |approx - exact| <= eps * |x| * |c|: inputs rounded to bf16 (2u), the bf16 output
-        # (u), fp32 accumulation on both sides (2 d u32). A centroid can only be the fp32
-        # argmax if its screened score is within 2 eps of the screened maximum.
-        u = BF16_UNIT_ROUNDOFF
-        eps = (3 * u + 3 * u * u + 2 * self.d * FP32_UNIT_ROUNDOFF) * self._cmax * norms
-        screened = top.values.float()
-        threshold = screened[:, 0] - 2 * eps
-        candidate = screened >= threshold[:, None]
-        zero = norms == 0  # every score is 0: the argmax is centroid 0
-        candidate[zero] = False
-        # Rows whose candidates may extend past the screen's top list: take the full row.
-        # (A copy: a view of the last column would be cleared with it on the next line.)
-        overflow = candidate[:, -1].clone() if self.k > SCREEN_TOP else torch.zeros(n, dtype=torch.bool)
-        candidate[overflow] = False
-        rows, slots = candidate.nonzero(as_tuple=True)
-        cols = top.indices[rows, slots]
-        if overflow.any():
-            rows_ov = overflow.nonzero().flatten()
-            full = approx[rows_ov].float() >= threshold[rows_ov][:, None]
-            sub_rows, ov_cols = full.nonzero(as_tuple=True)
-            rows, cols = torch.cat([rows, rows_ov[sub_rows]]), torch.cat([cols, ov_cols])
-            order = torch.argsort(rows, stable=True)
-            rows, cols = rows[order], cols[order]
-        del approx
-        vals = torch.empty(len(rows), dtype=torch.float32)
-        for lo in range(0, len(rows), PAIR_CHUNK):
-            r, c = rows[lo : lo + PAIR_CHUNK], cols[lo : lo + PAIR_CHUNK]
-            vals[lo : lo + PAIR_CHUNK] = (xt[r] * self._c32[c]).sum(dim=1)
-        ids = np.zeros(n, np.int64)
-        sims = np.zeros(n, np.float32)
-        if len(rows):
-            rows, cols, vals = rows.numpy(), cols.numpy(), vals.numpy()
-            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # pairs are grouped by row
-            row_max = np.maximum.reduceat(vals, starts)
-            is_best = vals == np.repeat(row_max, np.diff(np.r_[starts, len(rows)]))
-            ids[rows[starts]] = np.minimum.reduceat(np.where(is_best, cols, self.k), starts)  # ties: lowest id
-            sims[rows[starts]] = row_max
-        return ids, sims
+            if self.native_bf16:
+                return xb @ self._bf16.T
+            # Products of two bf16 values are exact in fp32, so an fp32 matmul of the rounded
+            # inputs is the native kernel's arithmetic (up to summation order, inside eps).
+            return (xb.float() @ self._bf16.T).bfloat16()
 
 
 def assign(

@@ -48,8 +48,9 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 EMBEDDING_FILE_EXTS = (".npy", ".pt", ".pth")
 ALGO_VERSION = 1  # bump when the training rule changes (centroids are retrained)
 # Bump when the assignment rule changes: cached targets and per-shard assignments are
-# recomputed, centroids and reference embeddings kept. 2: the screened path's overflow fix.
-ASSIGN_VERSION = 2
+# recomputed, centroids and reference embeddings kept. 2: the screened path's overflow fix;
+# 3: candidates decided in float64 on every backend.
+ASSIGN_VERSION = 3
 DECODE_CHUNK = 64
 IN_PROCESS_DECODE_MAX = 2000  # smaller reference sets decode in-process (no worker start-up)
 ROWS_SAMPLED_PER_SHARD = 16

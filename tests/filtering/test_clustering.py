@@ -127,3 +127,76 @@ def test_screen_overflow_rows_keep_their_argmax():
     np.testing.assert_array_equal(ids, scores.argmax(axis=1))
     np.testing.assert_allclose(sims, scores.max(axis=1), rtol=1e-6)
     assert (ids >= 200).all()
+
+
+# --- exactness at DataComp's cluster counts, every backend the auto rule can pick ------------
+
+BACKEND_CASES = [
+    pytest.param("faiss", None, id="faiss"),
+    pytest.param("bf16-screen", False, id="bf16-emulated"),  # runs on any CPU
+    pytest.param(
+        "bf16-screen", True, id="bf16-native",
+        marks=pytest.mark.skipif(not clustering.native_bf16(), reason="CPU without native bf16 (AVX512-BF16/AMX)"),
+    ),
+    pytest.param(
+        "faiss-gpu", None, id="faiss-gpu",
+        marks=pytest.mark.skipif(clustering.faiss_gpus() == 0, reason="no faiss GPU build or no GPU"),
+    ),
+]
+
+
+def float64_argmax(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 argmax of ``x @ centroids.T``, ties to the lowest id. A tie is a gap below
+    1e-12, far under any gap the inputs hold and far over float64's rounding, so BLAS's
+    summation order cannot make two equal scores (duplicate centroids) look different."""
+    c64 = centroids.astype(np.float64)
+    ids = np.empty(len(x), np.int64)
+    best = np.empty(len(x), np.float64)
+    for lo in range(0, len(x), 128):
+        s = x[lo : lo + 128].astype(np.float64) @ c64.T
+        best[lo : lo + 128] = s.max(axis=1)
+        ids[lo : lo + 128] = np.argmax(s >= best[lo : lo + 128, None] - 1e-12, axis=1)
+    return ids, best
+
+
+def random_case(k: int, n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return normalize(rng.standard_normal((n, d))), normalize(rng.standard_normal((k, d)))
+
+
+def clustered_case(k: int, n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids in tight groups of ~16 around shared centres (most of a group inside the bf16
+    bound of its best member), exact duplicates, and near-duplicates whose scores differ
+    below fp32's resolution; embeddings drawn around the same centres, plus a zero row."""
+    rng = np.random.default_rng(seed)
+    centres = normalize(rng.standard_normal((k // 16, d)))
+    centroids = normalize(centres[rng.integers(0, len(centres), k)] + 0.02 * rng.standard_normal((k, d)))
+    dup = rng.choice(k, size=(k // 50, 2), replace=False)
+    centroids[dup[:, 1]] = centroids[dup[:, 0]]  # exact ties: the lowest id wins
+    near = rng.choice(k, size=(k // 50, 2), replace=False)
+    centroids[near[:, 1]] = centroids[near[:, 0]]
+    centroids[near[:, 1], 0] = np.nextafter(centroids[near[:, 1], 0], np.float32(2))  # one ulp apart
+    x = normalize(centres[rng.integers(0, len(centres), n)] + 0.02 * rng.standard_normal((n, d)))
+    x[: n // 4] = centroids[rng.integers(0, k, n // 4)]  # rows sitting on centroids: top scores near 1
+    x[5] = 0
+    return x.astype(np.float16).astype(np.float32), centroids
+
+
+@pytest.mark.parametrize("k,n", [(8192, 3000), (100_000, 1200)], ids=["8192", "100000"])
+@pytest.mark.parametrize("make", [random_case, clustered_case], ids=["random", "clustered"])
+@pytest.mark.parametrize("backend,native", BACKEND_CASES)
+def test_assignment_is_the_float64_argmax(backend, native, make, k, n):
+    x, centroids = make(k, n, 48, seed=k + n)
+    expected, best = float64_argmax(x, centroids)
+    assigner = Assigner(centroids, backend)
+    assigner.native_bf16 = native
+    ids, sims = assign(x, assigner, batch=1000)
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_array_equal(sims, best.astype(np.float32))
+    if make is clustered_case:
+        # The inputs do stress the screens: rows with more candidates inside the bf16 bound
+        # than the top list holds, and rows whose fp32 argmax is not the float64 one.
+        s32 = x[:300] @ centroids.T
+        within = (s32 >= s32.max(axis=1, keepdims=True) - 2 * 3 * 2.0**-8).sum(axis=1)
+        assert (within > clustering.SCREEN_TOP).sum() > 10
+        assert (np.argmax(s32, axis=1) != expected[:300]).any()
