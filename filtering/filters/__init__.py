@@ -10,6 +10,7 @@ from filtering.filters import (  # noqa: F401
     language,
     text_entities,
     uids,
+    wordnet_synsets,
 )
 from filtering.filters.base import REGISTRY, Decision, Filter, Params, register
 
