@@ -28,6 +28,7 @@ from filtering.filters.caption import Caption, CaptionParams
 from filtering.filters.image_size import ImageSize, ImageSizeParams
 from filtering.filters.text_entities import TextEntities, TextEntitiesParams, imagenet_classes, plurals
 from filtering.filters.uids import Uids, UidsParams
+from filtering.filters.wordnet_synsets import WordNetSynsets, WordNetSynsetsParams, first_synset, imagenet21k_offsets
 from filtering.pool import Pool
 from filtering.writers.uids import write_uids
 
@@ -93,6 +94,12 @@ def naive_uids(uids, listed):
     return np.array([(int(u[:16], 16), int(u[16:], 16)) in keep for u in uids])
 
 
+def naive_synsets(captions: list) -> np.ndarray:
+    """DataComp's does_contain_text_entity loop, with the bundled table standing in for NLTK."""
+    lookup, in21k = first_synset(), set(imagenet21k_offsets().tolist())
+    return np.array([any(lookup(w) in in21k for w in c.split()) for c in captions])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -100,6 +107,7 @@ def main() -> None:
     args = p.parse_args()
 
     pool, t_gen = timed(lambda: make_pool(args.n, args.seed))
+    first_synset()  # the WordNet table loads once per process (~1 s), paid by neither side
     print(f"pool: {args.n:,} rows (generated in {t_gen:.1f}s), {os.cpu_count()} CPUs")
     alive = np.ones(pool.n, bool)
     info = InputInfo("webdataset")
@@ -114,6 +122,7 @@ def main() -> None:
             ("caption {min_words: 3, min_chars: 6}", Caption(CaptionParams(min_words=3, min_chars=6), info), lambda: naive_caption(captions)),
             ("image_size {min_side: 200, max_aspect_ratio: 3}", ImageSize(ImageSizeParams(min_side=200, max_aspect_ratio=3.0), info), lambda: naive_image_size(w, h)),
             ("text_entities (ImageNet-1k)", TextEntities(TextEntitiesParams(), info), lambda: naive_entities(captions)),
+            ("wordnet_synsets (ImageNet-21k)", WordNetSynsets(WordNetSynsetsParams(), info), lambda: naive_synsets(captions)),
             ("uids {mode: keep}", Uids(UidsParams(path=listed_path), info), lambda: naive_uids(uids, listed)),
         ]
         print(f"{'filter':<48} {'poolsift':>10} {'per-row':>10} {'ratio':>8}  same mask  kept")

@@ -114,3 +114,43 @@ def datacomp_image_cluster_uids(root: Path, centroids: np.ndarray, reference: np
     uids = np.concatenate(parts)
     uids.sort()
     return uids
+
+
+def set_captions(root: Path, captions) -> None:
+    """Replace the ``text`` column of every shard under ``root``, in shard order, with the
+    next captions from the iterable ``captions``."""
+    it = iter(captions)
+    for p in _parquets(root):
+        table = pq.read_table(p)
+        text = pa.array([next(it) for _ in range(table.num_rows)], pa.string())
+        pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", text), p)
+
+
+def datacomp_text_entity_uids(root: Path, wordnet, imagenet21k_ids: list[str]) -> np.ndarray:
+    """``load_uids_with_text_entity`` without its fastText English test: per shard, keep a
+    row when ``does_contain_text_entity`` holds (mlfoundations/datacomp @4a8df19,
+    baselines/apply_filter.py: lines 237-260, 263-295 without ``english_mask``, 481-503). ``wordnet`` is an NLTK
+    WordNetCorpusReader, ``imagenet21k_ids`` the lines of ``imagenet21k_wordnet_ids.txt``."""
+    import pandas as pd
+
+    entity_ids = [x.strip() for x in imagenet21k_ids]
+    entity_ids = [int(x[1:]) for x in entity_ids]
+    entity_set = set(entity_ids)  # DataComp passes the list; membership is the same
+
+    def does_contain_text_entity(text: str) -> bool:
+        for word in text.split():
+            synsets = wordnet.synsets(word)
+            if len(synsets) == 0:
+                continue
+            if synsets[0].offset() in entity_set:
+                return True
+        return False
+
+    parts = []
+    for p in _parquets(root):
+        df = pd.read_parquet(p, columns=["uid", "text"])
+        mask = df.text.apply(does_contain_text_entity) == True  # noqa: E712 (DataComp's `== True`)
+        parts.append(uids_u8u8(df.uid[mask.values].values))
+    uids = np.concatenate(parts)
+    uids.sort()
+    return uids
