@@ -154,3 +154,132 @@ def datacomp_text_entity_uids(root: Path, wordnet, imagenet21k_ids: list[str]) -
     uids = np.concatenate(parts)
     uids.sort()
     return uids
+
+
+# --- Edge cases for DataComp's text rules and NaN scores (issue 13) -------------------------
+
+ENGLISH = ["a photo of a dog on the beach", "the red car in the city at night", "a small cat with a blue house",
+           "an old tree near the river", "view of the mountains in winter", "white flowers in a garden"]
+FOREIGN = ["ein Hund am Strand", "das rote Auto in der Stadt bei Nacht", "un chien sur la plage",
+           "la voiture rouge dans la ville la nuit", "weiße Blumen im Garten", "des fleurs blanches au jardin"]
+# Captions on which Python's split, fastText's tokenizer, len() and the identifiers disagree.
+ODD_CAPTIONS = ["", " ", "\n", "\n\n\n\n\n\n", "Watch\n", "Watches", "1178\xa0city", "dog", "a b c", "ab cd",
+                "ab cd e", "\xa0\xa0\xa0 \xa0\xa0\xa0", "two\u3000words here", "x\0y\0z", "\tdog\ton\tsand\t"]
+_SPACES = [" ", "\xa0", "\u3000", "\u2009", "\t", "\n", "  ", "\r\n"]
+
+
+def edge_caption(rng: np.random.Generator) -> str:
+    """English, German/French or odd captions; words joined by any kind of space, with
+    leading/trailing whitespace and newlines mixed in."""
+    kind = rng.random()
+    if kind < 0.2:
+        return str(rng.choice(ODD_CAPTIONS))
+    words = str(rng.choice(ENGLISH if kind < 0.65 else FOREIGN)).split()[: rng.integers(1, 8)]
+    sep = [str(rng.choice(_SPACES)) if rng.random() < 0.3 else " " for _ in words]
+    text = "".join(w + s for w, s in zip(words, sep, strict=True))[: -1 if rng.random() < 0.5 else None]
+    if rng.random() < 0.15:
+        text = str(rng.choice(_SPACES)) + text
+    return text
+
+
+def make_datacomp_edge_pool(root: Path, shards: int = 3, rows: int = 150, seed: int = 0, nan_fraction: float = 0.1) -> Path:
+    """``make_datacomp_pool``, then captions from :func:`edge_caption`, image sizes at the
+    basic filter's edges (shorter side 199/200, aspect exactly 3, zero) and CLIP scores
+    rounded to 0.01 (ties at every threshold) with ``nan_fraction`` of them NaN."""
+    make_datacomp_pool(root, shards=shards, rows=rows, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    sides = np.array([0, 1, 150, 199, 200, 201, 400, 600, 601, 1200])
+    for p in _parquets(root):
+        t = pq.read_table(p)
+        n = t.num_rows
+        w, h = rng.choice(sides, n), rng.choice(sides, n)
+        cols = {
+            "text": pa.array([edge_caption(rng) for _ in range(n)], pa.string()),
+            "original_width": pa.array(w, pa.int64()),
+            "original_height": pa.array(h, pa.int64()),
+        }
+        for name, dtype in (("clip_b32_similarity_score", np.float32), ("clip_l14_similarity_score", np.float64)):
+            s = np.round(rng.uniform(0.1, 0.4, n), 2).astype(dtype)
+            s[rng.random(n) < nan_fraction] = np.nan
+            cols[name] = pa.array(s)
+        for name, col in cols.items():
+            t = t.set_column(t.schema.get_field_index(name), name, col)
+        pq.write_table(t, p)
+    return root
+
+
+# --- DataComp's text rules, from baselines/apply_filter.py (mlfoundations/datacomp @ 4a8df19) ---
+
+
+def _sorted_uids(parts: list[np.ndarray]) -> np.ndarray:
+    uids = np.concatenate(parts) if parts else np.zeros(0, np.dtype("u8,u8"))
+    uids.sort()
+    return uids
+
+
+def fasttext_language(text: str, model) -> str:
+    """``get_fasttext_language`` (lines 24-37): ``model.predict(text)[0][0]`` on the text with
+    newlines replaced. fasttext 0.9.2's single-string ``predict`` fails under numpy 2
+    (``np.array(copy=False)``); the list form runs the same C++ prediction."""
+    text = text.replace("\n", " ")
+    return model.predict([text], k=1)[0][0][0].split("__label__")[1]
+
+
+def datacomp_basic_filter_uids(root: Path, lang_model) -> np.ndarray:
+    """``load_uids_with_basic_filter_helper`` (lines 200-234), per parquet."""
+    import pandas as pd
+
+    parts = []
+    for p in _parquets(root):
+        df = pd.read_parquet(p, columns=["uid", "text", "original_width", "original_height"])
+        fasttext_lang_pred = df.text.apply(lambda x: fasttext_language(x, lang_model))
+        caption_num_words = df.text.apply(lambda x: len(x.split()))
+        caption_num_chars = df.text.apply(lambda x: len(x))
+        english_mask = fasttext_lang_pred == "en"
+        caption_mask = (caption_num_words > 2) & (caption_num_chars > 5)
+        min_image_dim = np.minimum(df.original_width, df.original_height)
+        max_image_dim = np.maximum(df.original_width, df.original_height)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            aspect_ratio = max_image_dim / min_image_dim
+        image_mask = (min_image_dim >= 200) & (aspect_ratio <= 3.0)
+        parts.append(uids_u8u8(df.uid[english_mask & caption_mask & image_mask].values))
+    return _sorted_uids(parts)
+
+
+def datacomp_caption_filter_uids(root: Path, lang_model) -> np.ndarray:
+    """``caption_filter`` (lines 57-77), the image_based pre-filter, on every row: fastText
+    tokens > 1, characters > 5, fastText English (``predict`` on the list, k=1)."""
+    import fasttext
+    import pandas as pd
+
+    parts = []
+    for p in _parquets(root):
+        df = pd.read_parquet(p, columns=["uid", "text"])
+        caption_num_words = df.text.apply(lambda x: len(fasttext.tokenize(x)))
+        caption_num_chars = df.text.apply(len)
+        lang_preds, _ = lang_model.predict([x.replace("\n", " ") for x in df.text.values], k=1)
+        fasttext_en = [x[0].replace("__label__", "") == "en" for x in lang_preds]
+        mask = np.array(fasttext_en) & (caption_num_words > 1) & (caption_num_chars > 5)  # DataComp: list & Series
+        parts.append(uids_u8u8(df.uid[mask.to_numpy()].values))
+    return _sorted_uids(parts)
+
+
+def datacomp_laion2b_uids(root: Path, language) -> np.ndarray:
+    """``load_uids_with_clip_score_helper`` with ``gcld3_en_filter`` (lines 312-334) as the
+    ``laion2b`` branch calls it (lines 695-704: b32, threshold 0.28). ``language(text)``
+    is the identifier: gcld3's (lines 51-52), or a stand-in."""
+    import pandas as pd
+
+    key = "clip_b32_similarity_score"
+    parts = []
+    for p in _parquets(root):
+        df = pd.read_parquet(p, columns=["uid", "text", key])
+        pred = df.text.apply(language)
+        df = df[pred == "en"]
+        parts.append(uids_u8u8(df[df[key] >= 0.28]["uid"].values))
+    return _sorted_uids(parts)
+
+
+def gcld3_language(model):
+    """``get_gcld3_language`` (lines 40-54) bound to ``model``."""
+    return lambda text: model.FindLanguage(text=text.replace("\n", " ")).language
