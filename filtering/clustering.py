@@ -18,7 +18,8 @@ embeddings, any centroids) so that other steps (semantic dedup) reuse it:
   Seeded and deterministic on CPU.
 - :func:`target_clusters`: the sorted unique argmax centroid of each reference embedding.
 - Loaders for centroids and reference embeddings: ``.npy``, or DataComp's torch-saved
-  ``.pt`` files (a tensor or numpy array of centroids; a dict with ``image_features``).
+  ``.pt`` files (a tensor or numpy array of centroids; a dict with ``image_features``),
+  read by :mod:`filtering.io.safe_pickle`, which runs no code from the file.
 """
 
 from __future__ import annotations
@@ -349,26 +350,6 @@ def target_clusters(reference: np.ndarray, centroids: np.ndarray | Assigner, bat
 # --- loading ------------------------------------------------------------------------
 
 
-def _torch_load(path: str):
-    """``torch.load`` without arbitrary unpickling: tensors, dicts, and numpy arrays only."""
-    import pickle
-
-    import torch
-
-    with open_file(path) as f:
-        data = f.read()
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    # DataComp's centroid files hold a pickled numpy array: allow numpy's array globals only.
-    core = getattr(np, "_core", None) or np.core
-    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype]
-    allowed += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int64", "int32")]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
 def _to_numpy(value, path: str, what: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
@@ -383,7 +364,9 @@ def _load_matrix(path: str, what: str, dict_key: str | None) -> np.ndarray:
         with open_file(path) as f:
             arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
     elif lower.endswith((".pt", ".pth")):
-        value = _torch_load(path)
+        from filtering.io import safe_pickle
+
+        value = safe_pickle.load(path)  # arrays only: no code from the file runs
         if isinstance(value, dict):
             if dict_key is None or dict_key not in value:
                 raise ValueError(f"{path}: expected a {what} tensor{f' or a dict with {dict_key!r}' if dict_key else ''}; found keys {sorted(value)}")
