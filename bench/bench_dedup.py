@@ -10,7 +10,11 @@ Two workloads, each timed in its own child process (so peak RSS is the workload'
   (``x @ x.T`` in blocks) on a ``--baseline-n`` subset, also extrapolated (x (n/m)^2).
 - perceptual: ``--n`` random 64-bit hashes with planted near pairs (0..k flipped bits).
   Ours: multi-index hashing (``filtering.dedup.hamming.near_pairs``). Baseline: numpy
-  all-pairs XOR + popcount on the subset, extrapolated the same way.
+  all-pairs XOR + popcount on the subset, extrapolated the same way. Library
+  alternative, on the same ``--n`` hashes: faiss's own multi-index hashing,
+  ``IndexBinaryMultiHash(64, nhash, 64 // nhash)`` with ``nflip = k // nhash`` (exact by
+  the same pigeonhole argument) and ``range_search``, over the same distinct values with
+  the same repeat handling; its pairs must equal ours.
 
 Prints wall time, peak RSS, recall of the planted pairs (same group), ours on the
 subset vs the baseline on the subset (ratio), and whether ours equals the baseline
@@ -18,11 +22,13 @@ there (perceptual: exactly; semantic: the pairs found are a subset of the baseli
 
     .venv/bin/python bench/bench_dedup.py                  # 1,000,000 of each
     .venv/bin/python bench/bench_dedup.py --n 100000 --baseline-n 20000
+    .venv/bin/python bench/bench_dedup.py --only perceptual --faiss-threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import subprocess
@@ -74,11 +80,41 @@ def make_hashes(n: int, dup_fraction: float, seed: int = 0) -> tuple[np.ndarray,
     return h, src, dst
 
 
+def faiss_near_pairs(hashes: np.ndarray, max_distance: int, nhash: int) -> tuple[np.ndarray, np.ndarray]:
+    """``hamming.near_pairs`` with faiss's ``IndexBinaryMultiHash.range_search`` doing the search."""
+    import faiss
+
+    uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    rows = np.arange(len(hashes))
+    star = rows != first[inverse]
+    index = faiss.IndexBinaryMultiHash(64, nhash, 64 // nhash)
+    index.nflip = max_distance // nhash
+    codes = np.ascontiguousarray(uniq).view(np.uint8).reshape(-1, 8)
+    index.add(codes)
+    out_i, out_j = [], []
+    for lo in range(0, len(codes), 65536):
+        lims, _, found = index.range_search(codes[lo : lo + 65536], max_distance + 1)  # faiss: distance < radius
+        q = np.repeat(np.arange(lo, lo + len(lims) - 1), np.diff(lims.astype(np.int64)))
+        keep = q < found
+        out_i.append(q[keep])
+        out_j.append(found[keep])
+    ui, uj = np.concatenate(out_i), np.concatenate(out_j)
+    a = np.concatenate([first[inverse][star], first[ui]])
+    b = np.concatenate([rows[star], first[uj]])
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads: with other jobs on the machine, wall time alone misleads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def recall(labels: np.ndarray, src: np.ndarray, dst: np.ndarray) -> float:
     return float((labels[src] == labels[dst]).mean()) if len(src) else 1.0
 
 
-def job(kind: str, n: int, m: int, dup_fraction: float) -> dict:
+def job(kind: str, n: int, m: int, dup_fraction: float, nhash: int = 4, threads: int = 0) -> dict:
     from filtering.dedup import hamming, semantic
     from filtering.dedup.groups import components
 
@@ -105,13 +141,22 @@ def job(kind: str, n: int, m: int, dup_fraction: float) -> dict:
         h, src, dst = make_hashes(n, dup_fraction)
         if kind == "perceptual-baseline":
             h, src, dst = subset(h, src, dst, m)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         if kind == "perceptual":
             i, j = hamming.near_pairs(h, MAX_DISTANCE)
+        elif kind == "perceptual-faiss":
+            import faiss
+
+            if threads:
+                faiss.omp_set_num_threads(threads)
+            res["threads"] = faiss.omp_get_max_threads()
+            t, c = time.perf_counter(), cpu_seconds()  # after the import
+            i, j = faiss_near_pairs(h, MAX_DISTANCE, nhash)
         else:
             i, j = hamming.brute_force_pairs(h, MAX_DISTANCE)
         labels = components(len(h), i, j)
         res["seconds"] = time.perf_counter() - t
+        res["cpu_seconds"] = cpu_seconds() - c
         if kind == "perceptual" and m:
             hs, ss, ds = subset(h, src, dst, m)
             t = time.perf_counter()
@@ -119,6 +164,8 @@ def job(kind: str, n: int, m: int, dup_fraction: float) -> dict:
             components(len(hs), si, sj)
             res["subset_seconds"] = time.perf_counter() - t
             res["subset_pairs"] = sorted(map(list, zip(si.tolist(), sj.tolist(), strict=True)))
+    if kind in ("perceptual", "perceptual-faiss"):
+        res["digest"] = hashlib.sha256(np.unique(i * n + j).tobytes()).hexdigest()  # the pair set, to compare
     if kind.endswith("baseline"):
         res["subset_pairs"] = sorted(map(list, zip(i.tolist(), j.tolist(), strict=True)))
     res["pairs"] = int(len(i))
@@ -136,7 +183,8 @@ def subset(x, src, dst, m):
 
 def child(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--job", kind, "--n", str(args.n), "--baseline-n", str(args.baseline_n),
-           "--dup-fraction", str(args.dup_fraction)]
+           "--dup-fraction", str(args.dup_fraction), "--faiss-nhash", str(args.faiss_nhash),
+           "--faiss-threads", str(args.faiss_threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -147,10 +195,14 @@ def main() -> None:
     ap.add_argument("--baseline-n", type=int, default=50_000)
     ap.add_argument("--dup-fraction", type=float, default=0.05)
     ap.add_argument("--only", choices=["semantic", "perceptual"])
+    ap.add_argument("--faiss-nhash", type=int, default=4, choices=[2, 4, 8],
+                    help="faiss substrings (exact when they cover all 64 bits); 4 = 16-bit tables, nflip 2 at k=8")
+    ap.add_argument("--faiss-threads", type=int, default=0, help="faiss OpenMP threads (0 = its default, all cores)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
-        print(json.dumps(job(args.job, args.n, min(args.baseline_n, args.n), args.dup_fraction)))
+        print(json.dumps(job(args.job, args.n, min(args.baseline_n, args.n), args.dup_fraction,
+                             args.faiss_nhash, args.faiss_threads)))
         return
     m = min(args.baseline_n, args.n)
     scale = (args.n / m) ** 2
@@ -177,6 +229,15 @@ def main() -> None:
         print(f"  subset pairs: ours {len(ours_pairs):,}, baseline {len(base_pairs):,}, "
               f"{'identical' if kind == 'perceptual' and agree else 'ours within baseline' if agree else 'MISMATCH'}"
               f" ({found:.1%} of baseline pairs found)")
+        if kind == "perceptual":
+            lib = child("perceptual-faiss", args)
+            same = "identical pairs" if lib["digest"] == ours["digest"] else "PAIRS DIFFER"
+            print(f"  ours      {args.n:>9,}: {ours['cpu_seconds']:8.1f} CPU s")
+            print(f"  faiss     {args.n:>9,}: {lib['seconds']:8.1f} s ({lib['cpu_seconds']:.1f} CPU s)   peak RSS {lib['peak_rss_mb']:7.0f} MB   "
+                  f"(IndexBinaryMultiHash {args.faiss_nhash}x{64 // args.faiss_nhash} bits, "
+                  f"nflip {MAX_DISTANCE // args.faiss_nhash}, {lib['threads']} threads; ours: 1 thread)")
+            print(f"  ratio on {args.n:,}: faiss / ours = {lib['seconds'] / ours['seconds']:.2f}x wall, "
+                  f"{lib['cpu_seconds'] / ours['cpu_seconds']:.2f}x CPU;   {same}")
 
 
 if __name__ == "__main__":
