@@ -295,6 +295,9 @@ def train_kmeans(
     perturbed copies. ``x`` is subsampled first to :func:`training_size` rows.
     ``progress(iteration, objective)`` is called after each iteration (objective: the
     sum of the similarities to the assigned centroids).
+
+    Not ``faiss.Kmeans``: it is faster for the same quality, but seeds differently and so
+    changes the bundled sample's cluster outputs (README, "Image clusters: ..."; ``bench/bench_clusters.py``).
     """
     n = len(x)
     m = training_size(n, k, sample_fraction, max_training_points)
