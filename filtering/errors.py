@@ -1,4 +1,4 @@
-"""Exceptions with one-line messages; the CLI maps them to exit codes (SPEC, "CLI")."""
+"""Exceptions with one-line messages; the CLI maps them to exit codes (docs/spec.md, "CLI")."""
 
 
 class PoolsiftError(Exception):

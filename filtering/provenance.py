@@ -1,5 +1,5 @@
 """Provenance: what produced an output — config and its hash, package and git versions,
-model and checkpoint hash, every input file with size and checksum (SPEC, "Output directory").
+model and checkpoint hash, every input file with size and checksum (docs/spec.md, "Output directory").
 
 Input checksums: when the local input files total at most ``FULL_HASH_LIMIT`` (1 GiB,
 a second or two of hashing), each gets the sha256 of its bytes (``"sha256"``). Larger

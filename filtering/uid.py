@@ -1,4 +1,4 @@
-"""Sample uids: 32 hex digits, and DataComp's ``u8,u8`` uid arrays (SPEC, "uid").
+"""Sample uids: 32 hex digits, and DataComp's ``u8,u8`` uid arrays (docs/spec.md, "Semantics that must match DataComp exactly": uid).
 
 DataComp stores a uid as the 128-bit integer of its hex string split into two
 unsigned 64-bit halves (high, low); ``subset.npy`` files sorted that way are what its

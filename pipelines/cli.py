@@ -1,4 +1,4 @@
-"""The ``poolsift`` command line (SPEC, "CLI").
+"""The ``poolsift`` command line (docs/spec.md, "CLI").
 
 Exit codes: 0 success; 2 bad usage or config; 1 any other failure, with a one-line
 cause on stderr (a traceback only with ``--debug``).

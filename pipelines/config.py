@@ -1,4 +1,4 @@
-"""The run config: YAML parsed into typed models that reject unknown keys (SPEC, "Config").
+"""The run config: YAML parsed into typed models that reject unknown keys (docs/spec.md, "Config").
 
 Errors are one line naming the key path and, where known, the valid choices, e.g.
 ``filters[0].clip_score.top_fracton: unknown key; did you mean top_fraction?``.

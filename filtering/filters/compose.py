@@ -1,6 +1,6 @@
 """Filter algebra: a list is an intersection applied in order; ``all``, ``any`` and ``not`` nest.
 
-YAML form (SPEC, "Config")::
+YAML form (docs/spec.md, "Config")::
 
     filters:
       - clip_score: {top_fraction: 0.3}
