@@ -86,3 +86,139 @@ def _hex_matrix(uids) -> np.ndarray:
 
 def u8u8_to_uids(arr: np.ndarray) -> list[str]:
     return [f"{int(h):016x}{int(lo):016x}" for h, lo in zip(arr["f0"], arr["f1"], strict=True)]
+
+
+# --- where a pool's uids come from (SPEC, "uid"; issue 17) --------------------------------
+
+DASHED_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+MAX_EXAMPLES = 10
+
+
+def derive_uid_from_url(url: str) -> str:
+    """A stable 128-bit uid from a sample's url: the first 16 bytes of sha256(url), as hex."""
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+def normalize_uids(raw):
+    """DataComp's form of each uid, vectorised: hex lower-cased, a dashed UUID
+    (8-4-4-4-12) becomes its 32 hex digits; anything else (missing, other lengths,
+    non-hex) becomes null. Nothing is truncated or padded, so no two distinct valid
+    uids can collide."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(raw, pa.ChunkedArray):
+        raw = raw.combine_chunks() if raw.num_chunks else pa.array([], pa.string())
+    low = pc.utf8_lower(raw.cast(pa.string()))
+    dashed = pc.fill_null(pc.match_substring_regex(low, DASHED_UUID), False)
+    low = pc.if_else(dashed, pc.replace_substring(low, "-", ""), low)
+    ok = pc.fill_null(pc.match_substring_regex(low, "^[0-9a-f]{32}$"), False)
+    return pc.if_else(ok, low, pa.scalar(None, pa.string()))
+
+
+class UidError(Exception):
+    """Samples without a usable uid under ``on_invalid: error`` (the caller words it for the CLI)."""
+
+
+def resolve_uids(table, *, source: str, field: str, derive: str, on_invalid: str, failed):
+    """The pool's uid column from the cached raw values (``uid``: the ``.json`` field as read).
+
+    ``source``: ``json`` (the field, normalised) or ``derive`` (every uid from ``derive``:
+    ``key`` = shard name + sample key, ``url`` = the url). A non-failed row whose json uid
+    is missing or malformed is, by ``on_invalid``: ``error`` -> :class:`UidError`;
+    ``derive`` -> derived and counted; ``fail`` -> the row fails with ``bad_uid``. Rows
+    that failed already (unreadable, failed upstream) get a uid derived from shard and key
+    when theirs is unusable; they never reach ``subset.npy``. Returns
+    ``(uid, error, report)``: the uid column, the error column (``bad_uid`` added), and
+    the counts for the manifest.
+    """
+    import pyarrow as pa
+
+    n = table.num_rows
+    raw = table.column("uid")
+    failed = np.asarray(failed, dtype=bool)
+    if source == "derive":
+        uid = pa.nulls(n, pa.string())
+        bad = np.zeros(n, dtype=bool)
+    else:
+        uid = normalize_uids(raw)
+        bad = ~uid.is_valid().to_numpy(zero_copy_only=False)
+    need = np.flatnonzero(~uid.is_valid().to_numpy(zero_copy_only=False))
+    report = {"source": f"json:{field}" if source == "json" else f"derived:{derive}", "derived": 0, "derived_failed": 0}
+    bad_live = bad & ~failed
+    if source == "json":
+        report["invalid"] = int(bad_live.sum())
+        report["on_invalid"] = on_invalid
+        if bad_live.any():
+            report["examples"] = _uid_examples(table, np.flatnonzero(bad_live)[:MAX_EXAMPLES], field)
+        if bad_live.any() and on_invalid == "error":
+            ex = report["examples"][0]
+            raise UidError(
+                f"{int(bad_live.sum())} sample(s) have no valid uid in .json field {field!r} "
+                f"(first: {ex['source_shard']} key {ex['key']}: {ex['problem']})"
+            )
+    if not len(need):
+        return uid.cast(pa.string()), table.column("error"), report
+    keys = table.column("key").take(pa.array(need)).to_pylist()
+    shards = table.column("source_shard").take(pa.array(need)).to_pylist()
+    urls = table.column("url").take(pa.array(need)).to_pylist() if "url" in table.column_names else [None] * len(need)
+    by_url = derive == "url" and not (source == "json" and on_invalid == "fail")
+    values, no_url = [], []
+    for i, key, shard, url in zip(need, keys, shards, urls, strict=True):
+        if failed[i] or not by_url:
+            values.append(derive_uid(_name(shard), key))
+        elif isinstance(url, str) and url:
+            values.append(derive_uid_from_url(url))
+        else:
+            no_url.append((shard, key))
+            values.append(derive_uid(_name(shard), key))
+    if no_url:
+        raise UidError(f"{len(no_url)} sample(s) have no url to derive a uid from (first: {no_url[0][0]} key {no_url[0][1]})")
+    full = np.empty(n, dtype=object)
+    full[:] = uid.to_numpy(zero_copy_only=False)
+    full[need] = values
+    error = table.column("error")
+    fail_now = bad_live if (source == "json" and on_invalid == "fail") else np.zeros(n, dtype=bool)
+    if fail_now.any():
+        errors = error.to_numpy(zero_copy_only=False).copy()
+        errors[fail_now] = [f"bad_uid: .json field {field!r} missing or not 32 hex digits"] * int(fail_now.sum())
+        error = pa.array(errors, pa.string())
+    report["derived_failed"] = int((failed | fail_now)[need].sum())
+    report["derived"] = len(need) - report["derived_failed"]
+    return pa.array(full, pa.string()), error, report
+
+
+def _name(url: str) -> str:
+    from filtering.io.paths import shard_name
+
+    return shard_name(url)
+
+
+def _uid_examples(table, rows, field: str) -> list[dict]:
+    import pyarrow as pa
+
+    picked = table.select(["source_shard", "key", "uid"]).take(pa.array(rows)).to_pylist()
+    return [
+        {"source_shard": r["source_shard"], "key": r["key"],
+         "problem": f"missing .json field {field!r}" if r["uid"] is None else f"{r['uid'][:80]!r} is not 32 hex digits or a UUID"}
+        for r in picked
+    ]
+
+
+def find_duplicates(uids, alive):
+    """Rows whose uid an earlier alive row already has (``later``), and the number of
+    distinct uids that occur more than once. Vectorised: sorted ``u8,u8`` pairs."""
+    alive_idx = np.flatnonzero(alive)
+    later = np.zeros(len(alive), dtype=bool)
+    if len(alive_idx) < 2:
+        return later, 0
+    import pyarrow as pa
+
+    col = uids.take(pa.array(alive_idx)) if hasattr(uids, "take") else np.asarray(uids, dtype=object)[alive_idx]
+    pairs = uids_to_u8u8(col)
+    order = np.lexsort((pairs["f1"], pairs["f0"]))  # stable: equal uids stay in pool order
+    s = pairs[order]
+    same = (s["f0"][1:] == s["f0"][:-1]) & (s["f1"][1:] == s["f1"][:-1])
+    later[alive_idx[order[1:][same]]] = True
+    starts = same & ~np.concatenate([[False], same[:-1]])
+    return later, int(starts.sum())

@@ -25,14 +25,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class UidConfig(Strict):
+    """Where each sample's uid comes from (SPEC, "uid"): never replaced silently."""
+
+    source: Literal["json", "derive"] = "json"  # the .json field, or derived from `derive` for every sample
+    field: str = Field(default="uid", min_length=1)  # the .json field (and img2dataset parquet column)
+    derive: Literal["key", "url"] = "key"  # key: sha256(shard name NUL key); url: sha256(url); first 128 bits
+    on_invalid: Literal["error", "derive", "fail"] = "error"  # a missing or malformed json uid: exit 2 | derive, counted | fail the sample
+    duplicates: Literal["report", "keep_first", "error"] = "report"  # a uid on two samples: warn | drop later copies | exit 1
+
+
 class InputConfig(Strict):
     shards: str | list[str] | None = None
     datacomp_metadata: str | None = None
+    uid: UidConfig = UidConfig()
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
         if (self.shards is None) == (self.datacomp_metadata is None):
             raise ValueError("give exactly one of input.shards or input.datacomp_metadata")
+        if self.datacomp_metadata is not None and self.uid.model_dump(exclude={"duplicates"}) != UidConfig().model_dump(exclude={"duplicates"}):
+            raise ValueError("uid: DataComp metadata has its own uid column; only input.uid.duplicates applies to it")
         return self
 
 

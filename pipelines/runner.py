@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filtering.errors import ConfigError, FunnelError
-from filtering.filters.compose import FilterOutcome, apply_filters
+from filtering.errors import ConfigError, FunnelError, PoolsiftError
+from filtering.filters.base import Decision
+from filtering.filters.compose import FilterNode, FilterOutcome, apply_filters
 from filtering.io.atomic import atomic_write_text, makedirs, remove_temp_files
 from filtering.io.paths import join
 from filtering.pool import Pool
@@ -47,7 +48,7 @@ def source_stage(cfg: Config, cache_root: str) -> SourceStage:
         return DataCompStage(cfg.input.datacomp_metadata, cache_root)
     from filtering.stages.score import ScoreStage
 
-    return ScoreStage(cfg.input.shards, cfg.model, cache_root)
+    return ScoreStage(cfg.input.shards, cfg.model, cache_root, cfg.input.uid)
 
 
 def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
@@ -154,13 +155,68 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
         pool = the_plan.source.run(ctx)
         for stage in the_plan.stages:
             stage.run(ctx, pool)
-        outcome = apply_filters(cfg.filter_tree, pool)
+        nodes = list(cfg.filter_tree)
+        dup = check_duplicate_uids(pool, cfg.input.uid.duplicates, ctx)
+        if dup is not None:
+            nodes.insert(0, dup)
+        outcome = apply_filters(nodes, pool)
         manifest = write_outputs(cfg, ctx, pool, outcome)
         if cfg.output.report:
             from filtering.report import write_report
 
             write_report(out_dir, log=log)
     return RunResult(out_dir, manifest, pool, outcome)
+
+
+class _UidDuplicates(FilterNode):
+    """``input.uid.duplicates: keep_first``: later copies of a uid are dropped, first in the funnel."""
+
+    def __init__(self, later: np.ndarray):
+        self.later = later
+
+    def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision:
+        return Decision(keep=~self.later, reason="duplicate_uid")
+
+    def label(self) -> str:
+        return "uid_duplicates"
+
+    def leaves(self) -> list:
+        return []
+
+
+def check_duplicate_uids(pool: Pool, policy: str, ctx: RunContext) -> FilterNode | None:
+    """Report uids that two or more readable samples share (SPEC, "uid"; issue 14, finding 12):
+    count and examples in the manifest and one warning line; ``error`` stops the run,
+    ``keep_first`` returns the funnel step that drops the later copies."""
+    import pyarrow.compute as pc
+
+    from filtering.uid import find_duplicates
+
+    alive = ~pool.failed
+    uids = pool.table.column("uid")
+    later, n_uids = find_duplicates(uids, alive)
+    n_rows = int(later.sum())
+    report: dict[str, Any] = {"policy": policy, "rows": n_rows, "uids": n_uids}
+    if n_rows:
+        example_uids = list(dict.fromkeys(uids.take(pa.array(np.flatnonzero(later)[:100])).to_pylist()))[:5]
+        examples = []
+        for uid in example_uids:
+            rows = np.flatnonzero(pc.equal(uids, uid).to_numpy(zero_copy_only=False) & alive)
+            where = pool.table.select(["source_shard", "key"]).take(pa.array(rows[:5])).to_pylist()
+            examples.append({"uid": uid, "count": len(rows), "samples": where})
+        report["examples"] = examples
+        action = {"report": "all copies kept", "keep_first": "later copies dropped (duplicate_uid)", "error": "stopping"}[policy]
+        ctx.log(
+            f"warning: {n_uids} uid(s) occur on more than one sample ({n_rows} extra copies, e.g. {example_uids[0]}); "
+            f"{action} (input.uid.duplicates)"
+        )
+    ctx.stage_info.setdefault("uids", {})["duplicates"] = report
+    if n_rows and policy == "error":
+        raise PoolsiftError(
+            f"input.uid.duplicates: {n_uids} uid(s) occur on more than one sample ({n_rows} extra copies, "
+            f"e.g. {example_uids[0]}); set input.uid.duplicates: keep_first or report"
+        )
+    return _UidDuplicates(later) if n_rows and policy == "keep_first" else None
 
 
 def model_record(cfg: Config, ctx: RunContext) -> dict[str, Any]:
@@ -190,7 +246,7 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
         done = {"subset_npy": join(out.dir, "subset.npy")}
         write_uids(done["subset_npy"], pool.table.column("uid").filter(pa.array(outcome.keep)))
         if out.dropped:
-            table = dropped_table(pool.table, outcome, failed)
+            table = dropped_table(pool.table, outcome, failed, pool.artifacts.get("carried_columns", ()))
             done["dropped"] = write_parts(join(out.dir, "dropped"), table, out.rows_per_part, prov, hex_columns)
         else:
             remove_parts(join(out.dir, "dropped"))  # an earlier run's audit trail would not match this subset
@@ -238,7 +294,8 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
         "counts": counts,
         "thresholds": pool.artifacts.get("thresholds", {}),
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
-        "stages": ctx.stage_info,
+        "uids": ctx.stage_info.get("uids", {}),
+        "stages": {k: v for k, v in ctx.stage_info.items() if k != "uids"},
         "failures": failures,
         "failures_truncated": len(fail_idx) > MAX_MANIFEST_FAILURES,
         "outputs": outputs,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -21,12 +22,13 @@ import numpy as np
 import pyarrow as pa
 
 from filtering.cache import ShardCache
-from filtering.errors import PoolsiftError
-from filtering.io.paths import expand_shards, file_info, shard_name
+from filtering.errors import ConfigError, PoolsiftError
+from filtering.io.paths import expand_shards, file_info
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard
 from filtering.pool import Pool, ShardPart
 from filtering.stages.base import RunContext, SourceStage
-from filtering.uid import sample_uid
+from filtering.stages.img2dataset import STATS_COUNTS, merge_side_parquet, read_stats, side_parquet, source_stamp
+from filtering.uid import UidError, resolve_uids
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -39,13 +41,21 @@ SCORE_SCHEMA = pa.schema(
         ("original_height", pa.int32()),
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("sha256", pa.string()),
+        ("sha256", pa.string()),  # the source's own (img2dataset: of the downloaded file); see load_pool
+        ("image_sha256", pa.string()),  # poolsift's: of the image bytes stored in the shard
         ("phash", pa.uint64()),
         ("image_ext", pa.string()),
         ("clip_score", pa.float32()),
+        ("status", pa.string()),  # img2dataset's, from the .json or the shard's parquet
+        ("error_message", pa.string()),
+        ("exif", pa.string()),
         ("error", pa.string()),
     ]
 )
+# Source columns dropped from the pool when no sample has them (a plain WebDataset pool).
+OPTIONAL_SOURCE_COLUMNS = ("status", "error_message", "exif")
+# Bumped when the cached table's meaning changes (2: raw json uid, source and own sha256).
+CACHE_FORMAT = 2
 EMBEDDING_KINDS = ("image", "text")
 DECODE_CHUNK = 32
 
@@ -298,11 +308,16 @@ class ScoreStage(SourceStage):
 
     name = "score"
 
-    def __init__(self, shards_spec, model_cfg, cache_root: str):
+    def __init__(self, shards_spec, model_cfg, cache_root: str, uid_cfg=None):
         # Nothing is read here: `poolsift validate` plans the run without touching data.
         self.shards_spec = shards_spec
         self.model_cfg = model_cfg
         self.cache_root = cache_root
+        self.uid_cfg = uid_cfg  # pipelines.config.UidConfig; None = the defaults
+
+    @property
+    def uid_field(self) -> str:
+        return getattr(self.uid_cfg, "field", "uid")
 
     @functools.cached_property
     def urls(self) -> list[str]:
@@ -310,7 +325,8 @@ class ScoreStage(SourceStage):
 
     @functools.cached_property
     def cache(self) -> ShardCache:
-        return ShardCache(self.cache_root, "score", model_spec(self.model_cfg))
+        spec = {**model_spec(self.model_cfg), "rows": CACHE_FORMAT, "uid_field": self.uid_field}
+        return ShardCache(self.cache_root, "score", spec)
 
     def provides(self) -> set[str]:
         return set(SCORE_SCHEMA.names)
@@ -320,7 +336,7 @@ class ScoreStage(SourceStage):
 
     def run(self, ctx: RunContext) -> Pool:
         sources = {u: file_info(u) for u in self.urls}
-        todo = [u for u in self.urls if not self.cache.is_done(u, sources[u])]
+        todo = [u for u in self.urls if not self.cache.is_done(u, source_stamp(u))]
         if todo:
             ctx.log(f"scoring {len(todo)} of {len(self.urls)} shards ({len(self.urls) - len(todo)} cached)")
             if ctx.executor is not None:
@@ -333,7 +349,30 @@ class ScoreStage(SourceStage):
         if info:
             ctx.model_info.update(info)
         ctx.inputs.extend({"path": u, **sources[u]} for u in self.urls)
-        return self.load_pool()
+        for u in self.urls:
+            if side := side_parquet(u):
+                ctx.inputs.append({"path": side, **file_info(side)})
+        upstream = self.upstream_stats()
+        if upstream:
+            ctx.stage_info["img2dataset"] = upstream
+        pool = self.load_pool()
+        ctx.stage_info["uids"] = pool.artifacts["uids"]
+        if pool.artifacts["uids"].get("derived"):
+            u = pool.artifacts["uids"]
+            ctx.log(f"warning: {u['derived']} uid(s) derived from the sample {self._derive_from()} (input.uid), not read from the pool")
+        return pool
+
+    def _derive_from(self) -> str:
+        return getattr(self.uid_cfg, "derive", "key")
+
+    def upstream_stats(self) -> dict | None:
+        """img2dataset's own counts (``NNNNN_stats.json``), summed over the shards that have them."""
+        found = [s for u in self.urls if (s := read_stats(u)) is not None]
+        parquets = sum(1 for u in self.urls if side_parquet(u))
+        if not found and not parquets:
+            return None
+        totals = {k: sum(int(s.get(k) or 0) for s in found if isinstance(s.get(k), int | float)) for k in STATS_COUNTS}
+        return {"shards_with_parquet": parquets, "shards_with_stats": len(found), **totals}
 
     def load_pool(self) -> Pool:
         tables, parts, start = [], [], 0
@@ -342,14 +381,52 @@ class ScoreStage(SourceStage):
             tables.append(t)
             parts.append(ShardPart(u, self.cache.table_path(u), start, start + t.num_rows))
             start += t.num_rows
-        table = pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else SCORE_SCHEMA.empty_table()
+        table, uid_report = self.resolve_uids(table)
         return Pool(
             table=table,
             parts=parts,
             embedding_loader=lambda kind, part: self.cache.read_array(part.url, kind),
             embedding_kinds=EMBEDDING_KINDS,
             default_embedding="image",
+            artifacts={"uids": uid_report, "carried_columns": tuple(uid_report.pop("carried_columns", ()))},
         )
+
+    def resolve_uids(self, table: pa.Table) -> tuple[pa.Table, dict]:
+        """The pool's uids from the cached raw values (input.uid), and its source columns:
+        ``status``/``error_message``/``exif`` only when some sample has them; the source's
+        ``sha256`` beside poolsift's ``image_sha256`` when the source has one, else
+        poolsift's hash of the stored bytes is the ``sha256`` column (the stored file is
+        then the only file there is, and the bundled sample's tables stay as they were)."""
+        cfg = self.uid_cfg
+        failed = table.column("error").is_valid().to_numpy(zero_copy_only=False)
+        try:
+            uid, error, report = resolve_uids(
+                table,
+                source=getattr(cfg, "source", "json"),
+                field=self.uid_field,
+                derive=self._derive_from(),
+                on_invalid=getattr(cfg, "on_invalid", "error"),
+                failed=failed,
+            )
+        except UidError as e:
+            raise ConfigError(
+                f"input.uid: {e}; set input.uid.on_invalid to derive (from input.uid.derive: key | url) "
+                "or fail, or input.uid.source: derive"
+            ) from e
+        table = table.set_column(table.column_names.index("uid"), "uid", uid)
+        table = table.set_column(table.column_names.index("error"), "error", error)
+        for name in OPTIONAL_SOURCE_COLUMNS:
+            if name in table.column_names and table.column(name).null_count == table.num_rows:
+                table = table.drop_columns([name])
+        if table.column("sha256").null_count == table.num_rows:
+            own = table.column("image_sha256")
+            table = table.drop_columns(["image_sha256"])
+            table = table.set_column(table.column_names.index("sha256"), "sha256", own)
+        carried = [c for c in table.column_names if c in OPTIONAL_SOURCE_COLUMNS or c not in SCORE_SCHEMA.names]
+        if carried:
+            report["carried_columns"] = carried
+        return table, report
 
     # --- scoring ---------------------------------------------------------------------
 
@@ -363,7 +440,7 @@ class ScoreStage(SourceStage):
         try:
             for acc in score_stream(
                 urls, clip.pil_transform, encoder, self.model_cfg.batch_size, workers, bar,
-                draft=self.draft_size(clip.pil_transform),
+                draft=self.draft_size(clip.pil_transform), uid_field=self.uid_field,
             ):
                 self.write_shard(acc, encoder.dim)
         finally:
@@ -385,6 +462,8 @@ class ScoreStage(SourceStage):
         return max(1, cores - 1) if device.startswith("cuda") else max(1, cores // 4)
 
     def write_shard(self, acc: _ShardAcc, dim: int) -> None:
+        """Cache one shard's rows and embeddings; an img2dataset parquet beside the shard adds
+        its columns and one failure row (zero embeddings) per URL it attempted and failed."""
         table = pa.Table.from_pylist(acc.rows, schema=SCORE_SCHEMA)
         image = np.concatenate(acc.image) if acc.image else np.zeros((0, dim), np.float16)
         text = np.concatenate(acc.text) if acc.text else np.zeros((0, dim), np.float16)
@@ -393,27 +472,47 @@ class ScoreStage(SourceStage):
             table = pa.concat_tables([table, pa.Table.from_pylist([_shard_error_row(acc.url, acc.read.error)], schema=SCORE_SCHEMA)])
             image = np.concatenate([image, np.zeros((1, image.shape[1]), np.float16)])
             text = np.concatenate([text, np.zeros((1, text.shape[1]), np.float16)])
-        self.cache.write(acc.url, table, {"image": image, "text": text})
+        table, added = merge_side_parquet(table, acc.url, self.uid_field)
+        if added:
+            image = np.concatenate([image, np.zeros((added, image.shape[1]), np.float16)])
+            text = np.concatenate([text, np.zeros((added, text.shape[1]), np.float16)])
+        self.cache.write(acc.url, table, {"image": image, "text": text}, source=source_stamp(acc.url))
 
 
 def _shard_error_row(url: str, error: str) -> dict:
-    name = shard_name(url)
-    return {"uid": sample_uid(None, name, "__shard__"), "key": "__shard__", "source_shard": url, "caption": "", "error": error}
+    # uid None: the pool derives it from shard name and key, as for every failed row without one
+    return {"uid": None, "key": "__shard__", "source_shard": url, "caption": "", "error": error}
 
 
-def _row(sample: RawSample, url: str) -> dict:
+def _raw_string(value) -> str | None:
+    """A .json value kept as text: strings as they are, anything else as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, sort_keys=True, default=str)[:100_000]
+    except (TypeError, ValueError, RecursionError):
+        return repr(type(value))
+
+
+def _row(sample: RawSample, url: str, uid_field: str = "uid") -> dict:
+    """One sample's cached row. ``uid`` is the .json field as read; the pool's uid is
+    resolved from it when the pool is loaded (:func:`filtering.uid.resolve_uids`)."""
     meta = sample.meta or {}
     image = sample.image
     return {
-        "uid": sample_uid(meta, shard_name(url), sample.key),
+        "uid": _raw_string(meta.get(uid_field)),
         "key": sample.key,
         "source_shard": url,
         "caption": sample.caption,
         "url": meta.get("url") if isinstance(meta.get("url"), str) else None,
         "original_width": _int_or_none(meta.get("original_width")),
         "original_height": _int_or_none(meta.get("original_height")),
-        "sha256": hashlib.sha256(image).hexdigest() if image is not None else None,
+        "sha256": meta.get("sha256") if isinstance(meta.get("sha256"), str) else None,
+        "image_sha256": hashlib.sha256(image).hexdigest() if image is not None else None,
         "image_ext": sample.image_ext,
+        "status": meta.get("status") if isinstance(meta.get("status"), str) else None,
+        "error_message": _raw_string(meta.get("error_message")),
+        "exif": _raw_string(meta.get("exif")),
     }
 
 
@@ -483,6 +582,7 @@ def score_stream(
     *,
     draft: int | None = None,
     chunk: int = DECODE_CHUNK,
+    uid_field: str = "uid",
 ) -> Iterator[_ShardAcc]:
     """Yield each shard's scored rows and embeddings, in shard order.
 
@@ -544,7 +644,7 @@ def score_stream(
             acc = _ShardAcc(url, [], [], [])
         if kind == "chunk":
             for sample, d in zip(payload, decoded(fut, payload), strict=True):
-                batch.append((_row(sample, url), d))
+                batch.append((_row(sample, url, uid_field), d))
                 if len(batch) >= batch_size:
                     flush()
         else:

@@ -204,8 +204,9 @@ def subset_stream(pool, keep: np.ndarray, drop_columns: tuple[str, ...] = ("erro
     return schema, ordered_map(one, parts, workers=workers, ahead=2 * workers)
 
 
-def dropped_table(pool_table: pa.Table, outcome, failed: np.ndarray) -> pa.Table:
-    """uid, key, source_shard, filter, reason and duplicate_of for every dropped or failed row.
+def dropped_table(pool_table: pa.Table, outcome, failed: np.ndarray, carried: tuple[str, ...] = ()) -> pa.Table:
+    """uid, key, source_shard, filter, reason and duplicate_of for every dropped or failed row,
+    then the ``carried`` source columns (img2dataset's ``status``, ``error_message``, ...).
 
     Built column-wise with no per-row Python: the filter labels and reason codes are the
     few values the funnel already lists, so each column is encoded by comparing against
@@ -239,6 +240,7 @@ def dropped_table(pool_table: pa.Table, outcome, failed: np.ndarray) -> pa.Table
             "filter": strings_from_few(filt, labels),
             "reason": strings_from_few(reason, codes),
             "duplicate_of": strings_from_few(outcome.duplicate_of[idx], []),
+            **{name: pool_table.column(name).filter(mask) for name in carried if name in pool_table.column_names},
         }
     )
 

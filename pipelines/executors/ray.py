@@ -135,7 +135,7 @@ class RayExecutor:
         ds = self.ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
         ds = ds.flat_map(
             _read_decode,
-            fn_kwargs={"transform": pil_transform, "draft": draft, "batch_size": model["batch_size"]},
+            fn_kwargs={"transform": pil_transform, "draft": draft, "batch_size": model["batch_size"], "uid_field": stage.uid_field},
             num_cpus=1,
         )
         ds = ds.map_batches(
@@ -218,7 +218,7 @@ def _pil_transform(model: dict):
     return _load_model({**model, "device": "cpu"}).pil_transform
 
 
-def _read_decode(item: dict, transform, draft: int | None, batch_size: int) -> Iterator[dict]:
+def _read_decode(item: dict, transform, draft: int | None, batch_size: int, uid_field: str = "uid") -> Iterator[dict]:
     """One shard -> its model batches (decoded pixels of the readable images), then an end row."""
     from filtering.io.reader import ShardReadResult, iter_shard
     from filtering.scorers.decode import decode_one
@@ -240,7 +240,7 @@ def _read_decode(item: dict, transform, draft: int | None, batch_size: int) -> I
         }
 
     for sample in iter_shard(url, result):
-        batch.append((_row(sample, url), decode_one(sample.image, transform, draft)))
+        batch.append((_row(sample, url, uid_field), decode_one(sample.image, transform, draft)))
         if len(batch) == batch_size:
             yield emit()
             batch, index = [], index + 1

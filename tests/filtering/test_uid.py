@@ -57,3 +57,32 @@ def test_sort_u8u8_is_numpys_record_order_with_and_without_ties():
     arr["f0"][1::7] = 5
     np.testing.assert_array_equal(sort_u8u8(arr), np.sort(arr))
     assert len(sort_u8u8(arr[:0])) == 0 and sort_u8u8(arr[:1])[0] == arr[0]
+
+
+def test_normalize_uids_lowercases_and_undashes_only_exact_forms():
+    import pyarrow as pa
+
+    from filtering.uid import normalize_uids
+
+    raw = pa.array([
+        "AB" * 16, "8a6e0804-2bd0-4672-b79d-d97027f9071a", "8A6E0804-2BD0-4672-B79D-D97027F9071A",
+        "8a6e08042bd0-4672-b79d-d97027f9071a",  # dashes in the wrong places
+        "ab" * 15, "ab" * 17, "zz" * 16, None, "",
+    ])
+    assert normalize_uids(raw).to_pylist() == [
+        "ab" * 16, "8a6e08042bd04672b79dd97027f9071a", "8a6e08042bd04672b79dd97027f9071a",
+        None, None, None, None, None, None,
+    ]
+
+
+def test_find_duplicates_marks_later_copies_among_alive_rows_only():
+    import numpy as np
+    import pyarrow as pa
+
+    from filtering.uid import find_duplicates
+
+    a, b, c = "0" * 31 + "1", "f" * 32, "1" + "0" * 31
+    uids = pa.array([b, a, b, c, a, b])
+    alive = np.array([True, True, True, True, False, True])
+    later, n = find_duplicates(uids, alive)
+    assert later.tolist() == [False, False, True, False, False, True] and n == 1

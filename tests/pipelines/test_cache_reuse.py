@@ -35,7 +35,8 @@ def tiny_pool(tmp_path):
     write_shard(tmp_path / "00000.tar", 12, 1, corrupt={3}, no_uid={5})
     write_shard(tmp_path / "00001.tar", 9, 2)
     cfg = {
-        "input": {"shards": str(tmp_path / "{00000..00001}.tar")},
+        # sample 010005 has no uid: derived on purpose (the default is an exit-2 error)
+        "input": {"shards": str(tmp_path / "{00000..00001}.tar"), "uid": {"on_invalid": "derive"}},
         "model": {"arch": "poolsift-tiny", "pretrained": None, "precision": "fp32", "batch_size": 4, "num_workers": 0},
         "filters": [{"clip_score": {"top_fraction": 0.5}}],
         "output": {"dir": str(tmp_path / "out")},
@@ -98,6 +99,16 @@ def test_uids_come_from_json_or_are_derived(tiny_pool, tmp_path):
     by_key = dict(zip(table["key"], table["uid"], strict=True))
     assert by_key["010000"] == f"{1:08x}{0:024x}"
     assert by_key["010005"] == derive_uid("00000.tar", "010005")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["uids"]["derived"] == 1 and manifest["uids"]["invalid"] == 1
     kept = np.load(tmp_path / "out" / "subset.npy")
     assert kept.dtype == np.dtype("u8,u8") and len(kept) == 20
     np.testing.assert_array_equal(kept, np.sort(kept))
+
+
+def test_a_missing_uid_is_an_exit_2_error_unless_the_config_says_how_to_derive(tiny_pool, tmp_path):
+    code, _, err = run_cli("run", tiny_pool, "--quiet", "--set", "input.uid.on_invalid=error")
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert "input.uid" in line and "010005" in line and "missing .json field 'uid'" in line
+    assert not (tmp_path / "out" / "subset.npy").exists()
