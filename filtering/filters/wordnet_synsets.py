@@ -71,12 +71,18 @@ CHUNK_ROWS = 1 << 18
 _SPLIT = f"[{_SPACE}]+"  # Python's str.split() separators
 
 
-def _apply_rules(forms: list[str], rules) -> list[str]:
-    """NLTK's ``apply_rules``, without repeats (a repeat's results repeat earlier ones,
-    so the first base form found is the same)."""
+SUFFIXES = tuple(tuple({old for old, _ in rules}) for rules in SUBSTITUTIONS)
+
+
+def _apply_rules(forms: list[str], j: int) -> list[str]:
+    """NLTK's ``apply_rules`` for ``POS[j]``, without repeats (a repeat's results repeat
+    earlier ones, so the first base form found is the same)."""
     out: list[str] = []
     seen: set[str] = set()
+    rules, suffixes = SUBSTITUTIONS[j], SUFFIXES[j]
     for form in forms:
+        if not form.endswith(suffixes):  # one C call rules out most forms
+            continue
         for old, new in rules:
             if form.endswith(old):
                 derived = form[: -len(old)] + new
@@ -103,6 +109,9 @@ class FirstSynset:
         chars = set("".join(lemmas)).union(*("".join(e) for e in exceptions))
         self.alphabet = frozenset(chars)
         self.alphabet_re = "^[" + "".join(re.escape(c) for c in sorted(chars)) + "]+$"
+        # A word that is no lemma, no exception entry and ends with no rule's suffix has no synset.
+        self.keys = frozenset(self.row).union(*exceptions)
+        self.suffixes = tuple(set().union(*SUFFIXES))
         self.lemma_array = pa.array(lemmas, pa.string())
         # The answer for each lemma spelled as it is (most words of a caption are lemmas); a
         # noun lemma is its own noun base form, so its first noun sense.
@@ -118,12 +127,12 @@ class FirstSynset:
             return next((f for f in (form, *exc) if f in lemmas), None)
         if form in lemmas:
             return form
-        forms = _apply_rules([form], SUBSTITUTIONS[j])  # 1.-2. the rules once
+        forms = _apply_rules([form], j)  # 1.-2. the rules once
         while forms:  # 3. and again, while nothing is found
             for f in forms:
                 if f in lemmas:
                     return f
-            forms = _apply_rules(forms, SUBSTITUTIONS[j])
+            forms = _apply_rules(forms, j)
         return None
 
     def _lookup(self, word: str) -> int:
@@ -135,7 +144,7 @@ class FirstSynset:
 
     def __call__(self, word: str) -> int:
         word = word.lower()
-        if not self.alphabet.issuperset(word):
+        if not self.alphabet.issuperset(word) or (word not in self.keys and not word.endswith(self.suffixes)):
             return -1
         return self._lookup(word)
 
