@@ -7,16 +7,19 @@ Errors are one line naming the key path and, where known, the valid choices, e.g
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from filtering.errors import ConfigError
+from filtering.errors import ConfigError, InputError
 from filtering.filters.compose import FilterNode, parse_filters
 from filtering.validation import format_validation_error
 
@@ -208,7 +211,106 @@ def load_raw(path: str | Path) -> dict:
     raw = parse_yaml_value(text, str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping")
+    resolve_paths(raw, p.parent)
     return raw
+
+
+# Top-level keys that name paths; ``pretrained`` only when it is a path, not a tag.
+PATH_KEYS = (("input", "shards"), ("input", "datacomp_metadata"), ("model", "pretrained"),
+             ("clusters", "reference"), ("clusters", "centroids"), ("output", "dir"))
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _is_local_path(value: Any, key: str) -> bool:
+    if not isinstance(value, str) or not value or "://" in value and not value.startswith("file://"):
+        return False
+    if key == "model.pretrained":  # open_clip tags (openai, laion2b_s34b_b79k) and hf-hub: are not paths
+        return not value.startswith("hf-hub:") and ("/" in value or value.endswith(CHECKPOINT_SUFFIXES))
+    return True
+
+
+def config_paths(raw: Any) -> Iterator[tuple[str, Any, Any]]:
+    """``(key path, container, key)`` of every local path a raw config names, filters included."""
+    if not isinstance(raw, dict):
+        return
+    for section, key in PATH_KEYS:
+        node = raw.get(section)
+        if not isinstance(node, dict):
+            continue
+        value = node.get(key)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if _is_local_path(item, f"{section}.{key}"):
+                    yield f"{section}.{key}[{i}]", value, i
+        elif _is_local_path(value, f"{section}.{key}"):
+            yield f"{section}.{key}", node, key
+    if isinstance(raw.get("filters"), list):
+        yield from _filter_paths(raw["filters"], "filters")
+
+
+def _filter_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
+    from filtering.filters.base import REGISTRY
+
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or len(spec) != 1:
+            continue
+        (name, params), = spec.items()
+        sub = f"{path}[{i}].{name}"
+        if name in ("all", "any") and isinstance(params, list):
+            yield from _filter_paths(params, sub)
+        elif name == "not":
+            yield from ((sub + p.removeprefix(f"{sub}[0]"), c, k) for p, c, k in _filter_paths([params], sub))
+        elif name in REGISTRY and isinstance(params, dict):
+            for field in getattr(REGISTRY[name].Params, "path_fields", ()):
+                if _is_local_path(params.get(field), field):
+                    yield f"{sub}.{field}", params, field
+
+
+def resolve_paths(raw: dict, base: str | Path, absolute: bool = False) -> None:
+    """Rewrite the relative paths of a raw config so they point where they did from ``base``
+    (the config file's folder; SPEC, "Relative paths in a config resolve against the
+    config file's folder"). They are written relative to the working directory when they
+    lie under it, so a config run from its usual place records the same paths (and
+    config hash) on every machine; otherwise (or with ``absolute``) as absolute paths."""
+    base_abs = os.path.abspath(base)
+    cwd = os.getcwd()
+    for _, container, key in list(config_paths(raw)):
+        value = container[key]
+        local = value.removeprefix("file://")
+        if os.path.isabs(local) or local.startswith("{"):  # a brace list may hold absolute paths
+            continue
+        target = os.path.normpath(os.path.join(base_abs, local))
+        rel = os.path.relpath(target, cwd)
+        container[key] = target if absolute or rel == ".." or rel.startswith("../") else rel
+
+
+def expand_local(pattern: str) -> Iterator[tuple[str, list[str]]]:
+    """Each brace alternative of ``pattern`` with the local files or folders it names."""
+    import braceexpand
+
+    for one in braceexpand.braceexpand(pattern):
+        path = one.removeprefix("file://")
+        if any(c in path for c in "*?["):
+            yield one, glob.glob(path, recursive=True)
+        else:
+            yield one, [path] if os.path.exists(path) else []
+
+
+def check_local_paths(cfg: Config) -> None:
+    """Every local input path the config names exists (SPEC, "validate ... without touching
+    data": only ``stat`` and folder listings of glob patterns, never file contents).
+    Raises :class:`InputError` (exit 2) naming the first missing one and its key."""
+    raw = cfg.to_dict()
+    raw["filters"] = cfg.filters
+    for key, container, k in config_paths(raw):
+        if key == "output.dir":
+            continue
+        value = container[k]
+        for pattern, found in expand_local(value):
+            if not found:
+                if key.startswith("input.shards"):
+                    raise InputError(f"input.shards: no shards found at {pattern!r}")
+                raise InputError(f"{key}: no such file or folder {pattern!r}")
 
 
 def parse_config(raw: dict) -> Config:

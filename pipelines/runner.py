@@ -26,6 +26,7 @@ from filtering.io.paths import join
 from filtering.pool import Pool
 from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
 from filtering.stages.base import ColumnStage, RunContext, SourceStage
+from filtering.writers.commit import file_records, invalidate
 from filtering.writers.parquet import (
     HEX_COLUMNS,
     dropped_table,
@@ -35,7 +36,7 @@ from filtering.writers.parquet import (
     write_parts_stream,
 )
 from filtering.writers.uids import write_uids
-from pipelines.config import Config, input_kind
+from pipelines.config import Config, check_local_paths, input_kind
 from pipelines.lock import output_lock
 
 MAX_MANIFEST_FAILURES = 10_000
@@ -48,7 +49,7 @@ def source_stage(cfg: Config, cache_root: str) -> SourceStage:
         return DataCompStage(cfg.input.datacomp_metadata, cache_root)
     from filtering.stages.score import ScoreStage
 
-    return ScoreStage(cfg.input.shards, cfg.model, cache_root, cfg.input.uid)
+    return ScoreStage(cfg.input.shards, cfg.model, cache_root, cfg.input.uid, output_dir=cfg.output.dir)
 
 
 def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
@@ -98,6 +99,7 @@ def plan(cfg: Config, cache_root: str) -> Plan:
             "output.webdataset: resharding copies samples from WebDataset shards, but input.datacomp_metadata "
             "has no images; use input.shards, or feed subset.npy to DataComp's resharder"
         )
+    check_local_paths(cfg)  # every file the config names, before any shard is read
     return Plan(source, chosen)
 
 
@@ -240,6 +242,7 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
 
     # DataComp's key is its uid: hex, so stored like the uid (see HEX_COLUMNS)
     hex_columns = HEX_COLUMNS | {"key"} if input_kind(cfg) == "datacomp" else HEX_COLUMNS
+    invalidate(out.dir)  # the manifest is the commit record: gone until every output is written (writers/commit.py)
 
     def side_outputs() -> dict[str, Any]:
         """subset.npy and the dropped rows: written on a thread while the subset streams."""
@@ -302,6 +305,8 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
     }
     if "reshard_map" in pool.artifacts:
         manifest["shards"] = pool.artifacts["reshard_map"]
+    written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", []), *outputs.get("shards", [])]
+    manifest["files"] = file_records(out.dir, written)
     atomic_write_text(join(out.dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
 

@@ -50,15 +50,14 @@ def run_cli_subprocess(*args: str, cwd: Path = REPO, timeout: float = 600, **kw)
 
 
 def write_config(path: Path, base: Path = SAMPLE_CONFIG, **sections) -> Path:
-    """Write a copy of ``base`` with top-level sections replaced; relative paths made absolute."""
+    """Write a copy of ``base`` with top-level sections replaced; relative paths made
+    absolute (``base``'s against its folder, those in ``sections`` against the repo)."""
+    from pipelines.config import resolve_paths
+
     cfg = yaml.safe_load(base.read_text())
+    resolve_paths(cfg, base.parent, absolute=True)
     cfg.update(sections)
-    shards = cfg.get("input", {}).get("shards")
-    if isinstance(shards, str) and not os.path.isabs(shards) and "://" not in shards:
-        cfg["input"]["shards"] = str(REPO / shards)
-    pre = cfg.get("model", {}).get("pretrained")
-    if isinstance(pre, str) and (REPO / pre).is_file():
-        cfg["model"]["pretrained"] = str(REPO / pre)
+    resolve_paths(cfg, REPO, absolute=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 

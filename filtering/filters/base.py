@@ -23,6 +23,7 @@ class Params(BaseModel):
     numbers (a NaN threshold compares false with every score and would drop the pool)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    path_fields: ClassVar[tuple[str, ...]] = ()  # parameters that name local files (read before any data)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -34,6 +34,7 @@ COMMON_KEYS = ("reference", "method", "name")
 
 
 class DecontaminateParams(Params):
+    path_fields: ClassVar[tuple[str, ...]] = ("reference",)  # local paths: resolved against the config's folder
     reference: str
     method: Literal["semantic", "perceptual"] = "semantic"
     threshold: float = Field(default=0.95, gt=0, le=1)

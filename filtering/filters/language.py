@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -81,6 +81,7 @@ class MissingModelError(IdentifierUnavailableError, InputError):
 
 
 class LanguageParams(Params):
+    path_fields: ClassVar[tuple[str, ...]] = ("model_path",)  # local paths: resolved against the config's folder
     languages: list[str] = Field(min_length=1)
     backend: Backend = "py3langid"
     fallback: list[Backend] | None = Field(default=None, min_length=1)  # used in order when backend is unavailable

@@ -19,6 +19,7 @@ import functools
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -125,6 +126,7 @@ def contains_entity(text: pa.Array, index: EntityIndex) -> np.ndarray:
 
 
 class TextEntitiesParams(Params):
+    path_fields: ClassVar[tuple[str, ...]] = ("classes_file",)  # local paths: resolved against the config's folder
     classes_file: str | None = Field(default=None, min_length=1)  # default: bundled ImageNet-1k names
     field: str | None = None  # text column; default caption
 

@@ -10,7 +10,7 @@ Reason codes: ``uid_not_listed`` (mode keep), ``uid_listed`` (mode drop).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,7 @@ from filtering.uid import UID_DTYPE, uids_to_u8u8
 
 
 class UidsParams(Params):
+    path_fields: ClassVar[tuple[str, ...]] = ("path",)  # local paths: resolved against the config's folder
     path: str = Field(min_length=1)
     mode: Literal["keep", "drop"] = "keep"
 

@@ -8,12 +8,41 @@ on POSIX); fsspec URLs write the temporary object then move it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterator
 from typing import IO
 
+from filtering.errors import PoolsiftError
 from filtering.io.paths import get_fs, is_local, local_path
+
+
+class WriteError(PoolsiftError):
+    """Writing an output or cache file failed (disk full, permissions): one line naming it."""
+
+
+def write_error(path: str, e: OSError) -> WriteError:
+    """``e`` as one line naming ``path``. numpy's short writes carry no errno (``16000
+    requested and 8128 written``); they happen when the disk fills, which is said."""
+    if e.errno is not None:
+        cause = f"{e.strerror or os.strerror(e.errno)} (errno {e.errno})"
+    else:
+        cause = " ".join(str(e).split()) or type(e).__name__
+        if "requested and" in cause:
+            cause = f"short write ({cause}); is the disk full?"
+    return WriteError(f"cannot write {path}: {cause}")
+
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a failure to write (not, say, an input read error raised while an
+    output file was open)."""
+    if not isinstance(e, OSError):
+        return False
+    return e.errno in _WRITE_ERRNOS or (e.errno is None and "requested and" in str(e))
 
 
 def _tmp_name(path: str) -> str:
@@ -34,9 +63,11 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+            if is_write_failure(e):
+                raise write_error(path, e) from e
             raise
         return
     fs, path = get_fs(url)

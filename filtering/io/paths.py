@@ -53,8 +53,30 @@ def _protocol_prefix(url: str) -> str:
     return url.split("://", 1)[0] + "://" if "://" in url else ""
 
 
-def expand_shards(spec: str | Iterable[str], suffix: str = ".tar") -> list[str]:
-    """Expand a shard spec into a sorted list of existing shard URLs.
+# What a run writes in its output directory (SPEC, "Output directory"). A shard spec
+# that reaches into an output directory (``DIR/*`` with ``output.dir: DIR``, or ``**``
+# over a folder holding it) skips these, so a rerun reads the same inputs as the first run.
+OUTPUT_ENTRIES = ("manifest.json", "subset.npy", "subset", "dropped", "shards", "cache", "report.html",
+                  "sweep.json", ".poolsift.lock")
+
+
+def is_output_file(url: str, out_dir: str) -> bool:
+    """Whether ``url`` is something a run with output directory ``out_dir`` writes."""
+    if is_local(url) != is_local(out_dir):
+        return False
+    if is_local(url):
+        path, root = os.path.abspath(local_path(url)), os.path.abspath(local_path(out_dir))
+    else:
+        path, root = url.rstrip("/"), out_dir.rstrip("/")
+    if not path.startswith(root + "/"):
+        return False
+    first = path[len(root) + 1 :].split("/", 1)[0]
+    return first in OUTPUT_ENTRIES or first.startswith(".tmp-")
+
+
+def expand_shards(spec: str | Iterable[str], suffix: str = ".tar", output_dir: str | None = None) -> list[str]:
+    """Expand a shard spec into a sorted list of existing shard URLs, without the files
+    a run writes in ``output_dir``.
 
     Raises :class:`InputError` naming the first pattern that matches nothing.
     """
@@ -64,8 +86,12 @@ def expand_shards(spec: str | Iterable[str], suffix: str = ".tar") -> list[str]:
     found: list[str] = []
     for item in items:
         for pattern in braceexpand.braceexpand(item):
-            matches = _expand_one(pattern, suffix)
+            every = _expand_one(pattern, suffix)
+            matches = [m for m in every if output_dir is None or not is_output_file(m, output_dir)]
             if not matches:
+                if every:
+                    raise InputError(f"input.shards: {pattern!r} matches only the outputs in output.dir "
+                                     f"{output_dir}, which are never read as shards")
                 raise InputError(f"input.shards: no shards found at {pattern!r}")
             found.extend(matches)
     return sorted(dict.fromkeys(found))

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,32 @@ def checkpoint_file(arch: str, pretrained: str | None) -> str | None:
     return download_pretrained(cfg) if cfg else None
 
 
+_REFUSED = re.compile(r"GLOBAL ([\w.]+)")  # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y whose ..."
+
+
+def checkpoint_error(model_name: str, tag: str | None, e: BaseException) -> str:
+    """Why a checkpoint did not load, as one line naming it.
+
+    torch's refusal of a pickle that holds code is several paragraphs ending in a docs
+    URL and advice to pass ``weights_only=False``; that advice is never passed on: a
+    checkpoint that needs it can run code on load.
+    """
+    where = f"model.pretrained: {tag}" if tag and os.path.isfile(tag) else f"model {model_name!r} (pretrained={tag!r})"
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        found = _REFUSED.search(text)
+        what = f"a reference to {found.group(1)}" if found else "objects other than tensors and plain values"
+        return (f"{where}: refused: the checkpoint is a pickle holding {what}; only tensors and plain values load "
+                "safely (convert it to .safetensors)")
+    if isinstance(e, EOFError) or (tag and os.path.isfile(tag) and os.path.getsize(tag) == 0):
+        return f"{where}: the file is empty or cut short"
+    cause = " ".join(text.replace("Error(s) in loading state_dict for", "state dict for").split())
+    cause = cause or type(e).__name__
+    if len(cause) > 300:
+        cause = cause[:297] + "..."
+    return f"{where}: cannot load: {cause}"
+
+
 @dataclass
 class ClipModel:
     """A loaded CLIP model with its tokenizer and split preprocessing."""
@@ -188,8 +215,10 @@ def load_clip(
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=tag, device=device, weights_only=True
         )
-    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
-        raise PoolsiftError(f"could not load model {model_name!r} (pretrained={tag!r}): {e}") from e
+    except Exception as e:  # noqa: BLE001 — torch, safetensors and zip raise many types; all become one line
+        if isinstance(e, PoolsiftError):
+            raise
+        raise PoolsiftError(checkpoint_error(model_name, tag, e)) from e
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     pil_transform, tensor_transform = split_transform(preprocess)

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from filtering.errors import InputError
 from filtering.io.paths import get_fs, join, shard_id
 from filtering.uid import uids_to_u8u8
+from filtering.writers.commit import verify
 
 FINE_BINS = 4000  # fine histogram over [-1, 1]; rebinned to the occupied range for display
 BATCH_ROWS = 65_536
@@ -289,8 +290,9 @@ def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int 
     """Collect the report's numbers and thumbnail candidates (images are filled later)."""
     manifest_path = join(out_dir, "manifest.json")
     if not _exists(manifest_path):
-        raise InputError(f"{out_dir}: no manifest.json; is this a poolsift output directory?")
+        raise InputError(f"{out_dir}: no manifest.json (not a poolsift output directory, or its last run did not finish)")
     manifest = _read_json(manifest_path)
+    verify(out_dir, manifest)  # the files are the ones the manifest lists (writers/commit.py)
     data = ReportData(out_dir=out_dir, manifest=manifest)
     subset_parts = _glob(join(out_dir, "subset", "part-*.parquet"))
     dropped_parts = _glob(join(out_dir, "dropped", "part-*.parquet"))

@@ -18,15 +18,17 @@ Embeddings are read per shard and per array on demand.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import posixpath
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filtering.errors import InputError
+from filtering.errors import InputError, PoolsiftError
 from filtering.io.arrow import preload_pandas
 from filtering.io.paths import file_info, get_fs, is_local, local_path, open_file
 from filtering.pool import LateColumns, Pool, ShardPart
@@ -203,7 +205,7 @@ class DataCompStage(SourceStage):
         return wanted
 
     def _read_shard(self, shard: DataCompShard, columns: list[str]) -> pa.Table:
-        with open_file(shard.parquet) as f:
+        with naming(shard.parquet), open_file(shard.parquet) as f:
             table = pq.ParquetFile(f).read(columns=columns, use_threads=True)
         table = table.replace_schema_metadata(None)
         return _normalise(table, requested=self.requested)
@@ -215,14 +217,32 @@ class _LateSpec:
     types: dict[str, pa.DataType]  # pool name -> type shared by every shard
 
 
+class DataCompReadError(PoolsiftError):
+    """A metadata file that cannot be read: one line naming the file and the cause (exit 1)."""
+
+
+@contextlib.contextmanager
+def naming(path: str):
+    """Errors from reading ``path`` (Arrow, zip, numpy, the file system) as one line naming it."""
+    try:
+        yield
+    except PoolsiftError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        cause = " ".join(str(e).split()) or type(e).__name__
+        if len(cause) > 200:
+            cause = cause[:197] + "..."
+        raise DataCompReadError(f"input.datacomp_metadata: cannot read {path}: {cause}") from e
+
+
 def _read_schema(shard: DataCompShard) -> pa.Schema:
-    with open_file(shard.parquet) as f:
+    with naming(shard.parquet), open_file(shard.parquet) as f:
         return pq.ParquetFile(f).schema_arrow
 
 
 def _read_late(path: str, late: _LateSpec, part: ShardPart, mask: np.ndarray | None) -> pa.Table:
     """The late columns of one shard, for the rows ``mask`` selects (None: all rows)."""
-    with open_file(path) as f:
+    with naming(path), open_file(path) as f:
         pf = pq.ParquetFile(f)
         present = [c for c in late.raw if c in pf.schema_arrow.names]
         table = pf.read(columns=present, use_threads=False)  # callers read several shards at once
@@ -298,10 +318,11 @@ def load_npz_array(path: str | None, kind: str, part: ShardPart) -> np.ndarray:
     """
     if path is None:
         raise InputError(f"input.datacomp_metadata: no .npz next to {part.url}, so embedding {kind!r} is unavailable")
-    arr = _mmap_npz_member(path.removeprefix("file://"), kind) if is_local(path) else None
-    if arr is None:
-        with open_file(path) as f, np.load(f) as npz:
-            arr = _member(npz, path, kind)
+    with naming(path):
+        arr = _mmap_npz_member(path.removeprefix("file://"), kind) if is_local(path) else None
+        if arr is None:
+            with open_file(path) as f, np.load(f) as npz:
+                arr = _member(npz, path, kind)
     if arr.ndim != 2 or arr.shape[0] != part.n:
         raise InputError(f"{path}: {kind} has shape {arr.shape}, but {part.url} has {part.n} rows")
     return arr
@@ -310,7 +331,6 @@ def load_npz_array(path: str | None, kind: str, part: ShardPart) -> np.ndarray:
 def _mmap_npz_member(path: str, kind: str) -> np.ndarray | None:
     """Memory-map ``kind.npy`` inside an uncompressed npz; None when that is not possible."""
     import struct
-    import zipfile
 
     with zipfile.ZipFile(path) as zf:
         try:

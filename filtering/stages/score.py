@@ -308,12 +308,13 @@ class ScoreStage(SourceStage):
 
     name = "score"
 
-    def __init__(self, shards_spec, model_cfg, cache_root: str, uid_cfg=None):
+    def __init__(self, shards_spec, model_cfg, cache_root: str, uid_cfg=None, output_dir: str | None = None):
         # Nothing is read here: `poolsift validate` plans the run without touching data.
         self.shards_spec = shards_spec
         self.model_cfg = model_cfg
         self.cache_root = cache_root
         self.uid_cfg = uid_cfg  # pipelines.config.UidConfig; None = the defaults
+        self.output_dir = output_dir  # its outputs are never read back as shards
 
     @property
     def uid_field(self) -> str:
@@ -321,7 +322,7 @@ class ScoreStage(SourceStage):
 
     @functools.cached_property
     def urls(self) -> list[str]:
-        return expand_shards(self.shards_spec)
+        return expand_shards(self.shards_spec, output_dir=self.output_dir)
 
     @functools.cached_property
     def cache(self) -> ShardCache:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from filtering.errors import PoolsiftError
-from filtering.io.atomic import atomic_open
+from filtering.io.atomic import atomic_open, is_write_failure, write_error
 from filtering.io.paths import get_fs, join
 from filtering.io.reader import ShardReadResult, iter_shard
 from filtering.pool import Pool
@@ -116,8 +116,10 @@ def reshard(pool: Pool, keep: np.ndarray, out_dir_url: str, samples_per_shard: i
                     + (f" ({result.error})" if result.error else "")
                 )
         writer.close()
-    except BaseException:
+    except BaseException as e:
         writer.abort()
+        if is_write_failure(e) and writer.shards:
+            raise write_error(writer.shards[-1]["path"], e) from e
         raise
     finally:
         bar.close()

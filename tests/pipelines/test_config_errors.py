@@ -33,8 +33,13 @@ def check(tmp_path, config, *args, command="validate"):
 
 def test_base_config_is_valid(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(BASE))
-    code, out, err = run_cli("validate", path)
+    relative = {**BASE, "input": {"shards": "pool/{00000..00003}.tar"},
+                "model": {**BASE["model"], "pretrained": "tiny.safetensors"}}
+    path.write_text(yaml.safe_dump(relative))
+    (tmp_path / "pool").mkdir()
+    for name in ["tiny.safetensors", *(f"pool/0000{i}.tar" for i in range(4))]:
+        (tmp_path / name).touch()
+    code, out, err = run_cli("validate", path)  # paths relative to the config's folder
     assert code == 0, err
     assert "OK (4 filters" in out
 
@@ -94,11 +99,8 @@ def test_yaml_and_file_errors(tmp_path):
     assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
 
 
-def test_missing_input_paths_fail_the_run_not_validate(tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(BASE))
-    code, out, err = run_cli("validate", path)
-    assert code == 0, err  # validate does not touch data
+def test_missing_input_paths_fail_validate_and_run(tmp_path):
+    assert check(tmp_path, BASE).startswith("input.shards: no shards found")  # validate stats, never reads
     assert check(tmp_path, BASE, command="run").startswith("input.shards: no shards found")
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are resolved
     datacomp = {"input": {"datacomp_metadata": str(tmp_path / "no_such_dir")}, "filters": []}

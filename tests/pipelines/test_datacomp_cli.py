@@ -145,10 +145,10 @@ def test_clip_score_intersect_image_clusters_equals_datacomp(tmp_path, metadata)
     np.testing.assert_array_equal(got, expected)
 
 
-def test_validate_reads_no_data_and_run_names_a_missing_folder(tmp_path):
+def test_validate_and_run_name_a_missing_folder(tmp_path):
     cfg = _config(tmp_path / "c.yaml", tmp_path / "nowhere", tmp_path / "run", [{"clip_score": {"top_fraction": 0.3}}])
     code, stdout, stderr = run_cli("validate", cfg)
-    assert code == 0, stderr
+    assert code == 2 and "input.datacomp_metadata" in stderr and "nowhere" in stderr, stderr
     code, _, stderr = run_cli("run", cfg, "--quiet")
     assert code == 2
     assert "input.datacomp_metadata" in stderr and "nowhere" in stderr

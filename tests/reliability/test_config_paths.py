@@ -1,0 +1,113 @@
+"""Every local path a config names is checked before any shard is read, at ``validate``
+and ``run`` (issue 14, finding 7), and relative paths resolve against the config file's
+folder (issue 17; SPEC, "Config")."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO, SAMPLE, run_cli, run_cli_subprocess, write_config
+
+pytestmark = pytest.mark.slow  # runs the CLI or loads the model
+
+MISSING = [
+    ({"filters": [{"uids": {"path": "{tmp}/no_uids.npy"}}]}, "filters[0].uids.path"),
+    ({"filters": [{"not": {"decontaminate": {"reference": "{tmp}/no_eval_set", "method": "perceptual"}}}]},
+     "filters[0].not.decontaminate.reference"),
+    ({"filters": [{"any": [{"clip_score": {"min": 0.1}}, {"image_clusters": {}}]}],
+      "clusters": {"num_clusters": 4, "reference": "sample_data/reference", "centroids": "{tmp}/no_centroids.npy"}}, "clusters.centroids"),
+    ({"filters": [{"image_clusters": {}}], "clusters": {"num_clusters": 4, "reference": "{tmp}/ref_{0..2}.npy"}},
+     "clusters.reference"),
+    ({"model": {"arch": "poolsift-tiny", "pretrained": "{tmp}/weights/tiny.safetensors"}}, "model.pretrained"),
+]
+
+
+def _fill(sections: dict, tmp) -> dict:
+    return yaml.safe_load(yaml.safe_dump(sections).replace("{tmp}", str(tmp)))
+
+
+@pytest.mark.parametrize(("sections", "key"), MISSING, ids=[k for _, k in MISSING])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_missing_file_is_exit_2_before_any_shard_is_read(tmp_path, sections, key, command):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", **_fill(sections, tmp_path), output={"dir": str(out)})
+    code, _, err = run_cli(command, cfg, *(["--quiet"] if command == "run" else []))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"poolsift: error: {key}: no such file or folder "), err
+    assert not out.exists(), "nothing scored, cached or written before the check"
+
+
+def test_one_missing_member_of_a_brace_range_is_named(tmp_path):
+    for i in (0, 2):
+        np.save(tmp_path / f"ref_{i}.npy", np.zeros((1, 4), np.float32))
+    sections = _fill(MISSING[3][0], tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", **sections)
+    code, _, err = run_cli("validate", cfg)
+    assert code == 2
+    assert err.strip() == f"poolsift: error: clusters.reference: no such file or folder '{tmp_path}/ref_1.npy'"
+
+
+def copied_sample_config(folder):
+    """configs/sample.yaml, its model and pool copied beside it, paths relative to it."""
+    folder.mkdir()
+    shutil.copytree(SAMPLE / "pool", folder / "pool")
+    shutil.copy(SAMPLE / "tiny_clip" / "poolsift-tiny.safetensors", folder / "tiny.safetensors")
+    cfg = yaml.safe_load((REPO / "configs" / "sample.yaml").read_text())
+    cfg["input"]["shards"] = "pool/{00000..00003}.tar"
+    cfg["model"]["pretrained"] = "tiny.safetensors"
+    cfg["output"]["dir"] = "out"
+    (folder / "sample.yaml").write_text(yaml.safe_dump(cfg))
+    return folder / "sample.yaml"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    config = copied_sample_config(tmp_path / "project")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli_subprocess("validate", config, cwd=elsewhere, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"output to {tmp_path}/project/out" in proc.stdout
+    proc = run_cli_subprocess("run", config, "--quiet", cwd=elsewhere, timeout=600,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "project" / "out" / "subset.npy").is_file()
+    assert not os.listdir(elsewhere)
+
+
+def test_a_copied_config_whose_model_is_not_beside_it_fails_validate(tmp_path):
+    config = copied_sample_config(tmp_path / "project")
+    (tmp_path / "project" / "tiny.safetensors").unlink()
+    code, _, err = run_cli("validate", config)
+    assert code == 2
+    assert err.strip() == (
+        f"poolsift: error: model.pretrained: no such file or folder '{tmp_path}/project/tiny.safetensors'"
+    )
+
+
+def test_set_and_output_paths_stay_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from pipelines.config import load_config
+
+    config = copied_sample_config(tmp_path / "project")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(config, ["output.dir=mine"])
+    assert cfg.output.dir == "mine"
+    assert cfg.input.shards == "project/pool/{00000..00003}.tar"  # under the working directory: kept relative
+    assert cfg.model.pretrained == "project/tiny.safetensors"
+
+
+def test_tags_are_not_paths(tmp_path):
+    from pipelines.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"input": {"shards": "s3://bucket/{0..3}.tar"},
+                                    "model": {"arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}}))
+    cfg = load_config(path)
+    assert cfg.model.pretrained == "laion2b_s34b_b79k"
+    assert cfg.input.shards == "s3://bucket/{0..3}.tar"
