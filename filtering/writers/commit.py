@@ -33,15 +33,17 @@ class OutputMismatchError(PoolsiftError):
 
 
 def invalidate(out_dir: str) -> None:
-    """Remove the manifest: from here until a new one is written the folder holds no result."""
-    path = join(out_dir, MANIFEST)
-    if is_local(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(local_path(path))
-        return
-    fs, p = get_fs(path)
-    if fs.exists(p):
-        fs.rm(p)
+    """Remove the manifest (and the report drawn from it): from here until a new one is
+    written the folder holds no result."""
+    for name in (MANIFEST, "report.html"):
+        path = join(out_dir, name)
+        if is_local(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(local_path(path))
+            continue
+        fs, p = get_fs(path)
+        if fs.exists(p):
+            fs.rm(p)
 
 
 def _relative(out_dir: str, url: str) -> str:

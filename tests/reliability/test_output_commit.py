@@ -51,8 +51,9 @@ def test_the_manifest_lists_every_output_file(tmp_path, rerun_dir):
 
 def test_disk_full_writing_subset_npy_on_a_rerun(tmp_path, rerun_dir, monkeypatch):
     out = rerun_dir
-    cfg = config(tmp_path, out)
+    cfg = config(tmp_path, out, report=True)
     good_run(cfg, out)
+    assert (out / "report.html").is_file()
     import filtering.writers.uids as uids
 
     def full(f, arr, *a, **k):
@@ -63,6 +64,7 @@ def test_disk_full_writing_subset_npy_on_a_rerun(tmp_path, rerun_dir, monkeypatc
     code, _, err = run_cli("run", cfg, "--quiet", "--set", "filters[0].clip_score.min=0.3")
     assert code == 1
     assert_no_result(out, err)
+    assert not (out / "report.html").exists(), "the old run's report beside the new outputs"
 
 
 def test_disk_full_while_resharding_on_a_rerun(tmp_path, rerun_dir, monkeypatch):
