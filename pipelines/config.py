@@ -93,10 +93,17 @@ class Config(Strict):
     input: InputConfig
     model: ModelConfig = ModelConfig()
     clusters: ClustersConfig | None = None
+    scorers: list[Any] = []  # [{embedding_head: {...}}, ...]: filtering/scorers/, parsed in parse_config
     filters: list[Any] = []
     output: OutputConfig = OutputConfig()
 
     _filter_tree: list[FilterNode] = []
+    _scorers: list[Any] = []
+
+    @property
+    def scorer_list(self) -> list[Any]:
+        """The ``scorers:`` entries as :class:`filtering.scorers.base.Scorer` objects."""
+        return self._scorers
 
     @property
     def filter_tree(self) -> list[FilterNode]:
@@ -322,6 +329,10 @@ def parse_config(raw: dict) -> Config:
     if not isinstance(raw.get("filters", []), list):
         raise ConfigError("filters: must be a list of filters")
     cfg._filter_tree = parse_filters(cfg.filters, path="filters", input_kind=input_kind(cfg))
+    if cfg.scorers:
+        from filtering.scorers.base import input_info, parse_scorers
+
+        cfg._scorers = parse_scorers(cfg.scorers, input_info(input_kind(cfg), cfg.model.arch))
     return cfg
 
 

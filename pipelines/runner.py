@@ -63,6 +63,15 @@ def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
     return stages
 
 
+def scorer_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
+    """One stage per ``scorers:`` entry, each caching under its own fingerprint."""
+    if not cfg.scorer_list:
+        return []
+    from filtering.scorers.base import ScorerStage
+
+    return [ScorerStage(s, cache_root) for s in cfg.scorer_list]
+
+
 @dataclass
 class Plan:
     source: SourceStage
@@ -84,6 +93,11 @@ def plan(cfg: Config, cache_root: str) -> Plan:
             chosen.append(stage)
             provided |= stage.provides()
             needed |= getattr(stage, "requires", lambda: set())()
+    for stage in scorer_stages(cfg, cache_root):  # configured scorers always run: their columns are outputs
+        stage.check(input_kind(cfg))
+        chosen.append(stage)
+        provided |= stage.provides()
+        needed |= stage.requires()
     for node in cfg.filter_tree:
         for f in node.leaves():
             missing = f.requires() - provided

@@ -283,3 +283,64 @@ def datacomp_laion2b_uids(root: Path, language) -> np.ndarray:
 def gcld3_language(model):
     """``get_gcld3_language`` (lines 40-54) bound to ``model``."""
     return lambda text: model.FindLanguage(text=text.replace("\n", " ")).language
+
+
+# --- embedding heads (issue 18): the public heads' forward passes in float64 numpy -------------
+
+AESTHETIC_SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128), "layers.6": (16, 64),
+                    "layers.7": (1, 16)}
+NSFW_SHAPES = {"linear_1": (64, 768), "linear_2": (512, 64), "linear_3": (256, 512), "linear_4": (1, 256)}
+
+
+def random_state_dict(shapes: dict[str, tuple[int, int]], seed: int = 0, norm: int | None = None) -> dict[str, np.ndarray]:
+    """float32 weights with the given Linear shapes (and NeMo's ``norm`` buffers when ``norm``)."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for name, (out, inp) in shapes.items():
+        sd[f"{name}.weight"] = (rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(np.float32)
+        sd[f"{name}.bias"] = (0.1 * rng.standard_normal(out)).astype(np.float32)
+    if norm:
+        sd["norm.mean"] = (0.01 * rng.standard_normal(norm)).astype(np.float32)
+        sd["norm.variance"] = rng.uniform(0.0005, 0.002, norm).astype(np.float32)
+    return sd
+
+
+def save_torch_state_dict(sd: dict[str, np.ndarray], path: Path) -> Path:
+    """As the public heads are saved: ``torch.save(model.state_dict(), path)`` (an OrderedDict of tensors)."""
+    from collections import OrderedDict
+
+    import torch
+
+    torch.save(OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items()), path)
+    return path
+
+
+def reference_aesthetic(emb: np.ndarray, sd: dict[str, np.ndarray]) -> np.ndarray:
+    """improved-aesthetic-predictor's ``simple_inference.py``: L2-normalise, then the five Linear layers."""
+    x = emb.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for name in AESTHETIC_SHAPES:
+        x = x @ sd[f"{name}.weight"].astype(np.float64).T + sd[f"{name}.bias"]
+    return x[:, 0]
+
+
+def reference_nsfw(emb: np.ndarray, sd: dict[str, np.ndarray]) -> np.ndarray:
+    """NeMo Curator's ``NSFWModel`` on L2-normalised embeddings: norm, 3 x (Linear, ReLU), Linear, sigmoid."""
+    x = emb.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    x = (x - sd["norm.mean"]) / np.sqrt(sd["norm.variance"].astype(np.float64))
+    for i, name in enumerate(NSFW_SHAPES):
+        x = x @ sd[f"{name}.weight"].astype(np.float64).T + sd[f"{name}.bias"]
+        x = np.maximum(x, 0) if i < 3 else 1 / (1 + np.exp(-x))
+    return x[:, 0]
+
+
+def pool_embeddings(root: Path, kind: str) -> tuple[list[str], np.ndarray]:
+    """(uids, embeddings) of the whole pool in shard order, read with pandas and np.load."""
+    import pandas as pd
+
+    uids, emb = [], []
+    for p in _parquets(root):
+        uids += pd.read_parquet(p, columns=["uid"])["uid"].tolist()
+        emb.append(np.load(p.with_suffix(".npz"))[kind])
+    return uids, np.concatenate(emb)

@@ -8,6 +8,7 @@ from filtering.filters import (  # noqa: F401
     image_clusters,
     image_size,
     language,
+    score,
     text_entities,
     uids,
     wordnet_synsets,

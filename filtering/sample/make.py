@@ -9,6 +9,8 @@ mtime/uid/gid/mode/owner names in a fixed order.
 Layout of ``out_dir``::
 
     pool/00000.tar .. 00003.tar   250 samples each, 1,000 in all
+    quality/00004.tar              QUALITY_SAMPLES clean samples, WATERMARKED of them with a
+                                   watermark-like text overlay (``truth.watermark``)
     reference/<class>/NNN.jpg      REFERENCE_PER_CLASS images of each REFERENCE_CLASSES class
     README.md                      what is here and the truth schema
 
@@ -44,6 +46,11 @@ real size; for corrupt samples the size it was meant to have) and ``truth``:
     JPEG whose first 64 bytes are overwritten); ``None`` otherwise.
 ``background``, ``background_colour``
     Background kind (solid, gradient, noise, stripes) and a solid one's colour name.
+``watermark``, ``watermark_text`` (quality shard only)
+    Whether rows of semi-transparent text (:mod:`filtering.sample.watermark`) cover the
+    image, and the text. The quality shard's samples have no other fault; its fault is
+    "watermark" or "clean". It sits in its own folder, drawn from its own seed streams,
+    so the pool's four shards and every config that reads them are unchanged by it.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from filtering.sample import synth
+from filtering.sample import synth, watermark
 
 NUM_SHARDS = 4
 SAMPLES_PER_SHARD = 250
@@ -79,7 +86,11 @@ FAULTS: tuple[str, ...] = ("clean", *FAULT_COUNTS, "exact_dup", "near_dup")
 REFERENCE_CLASSES: tuple[str, ...] = ("triangle", "star", "heart", "arrow")
 REFERENCE_PER_CLASS = 20
 
-_POOL_STREAM, _REFERENCE_STREAM, _UID_STREAM = 0, 1, 2
+QUALITY_SHARD = 4  # keys 00004NNNN: the fifth shard of the sample, in its own folder
+QUALITY_SAMPLES = 250
+WATERMARKED = 75
+
+_POOL_STREAM, _REFERENCE_STREAM, _UID_STREAM, _QUALITY_STREAM, _QUALITY_UID_STREAM = 0, 1, 2, 3, 4
 _SIZE_RANGE = (96, 224)
 _QUALITY_RANGE = (80, 88)
 _CORRUPT_KINDS = ("truncated", "random", "bad_header")
@@ -242,14 +253,45 @@ def _write_pool(pool_dir: Path, samples: list[_Sample]) -> None:
     pool_dir.mkdir(parents=True, exist_ok=True)
     for shard in range(NUM_SHARDS):
         chunk = samples[shard * SAMPLES_PER_SHARD : (shard + 1) * SAMPLES_PER_SHARD]
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in chunk:
-                key = s.meta["key"]
-                _tar_member(tar, f"{key}.jpg", s.jpg)
-                _tar_member(tar, f"{key}.txt", s.caption.encode("utf-8"))
-                _tar_member(tar, f"{key}.json", json.dumps(s.meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-        (pool_dir / f"{shard:05d}.tar").write_bytes(buf.getvalue())
+        _write_shard(pool_dir / f"{shard:05d}.tar", chunk)
+
+
+def _write_shard(path: Path, chunk: list[_Sample]) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in chunk:
+            key = s.meta["key"]
+            _tar_member(tar, f"{key}.jpg", s.jpg)
+            _tar_member(tar, f"{key}.txt", s.caption.encode("utf-8"))
+            _tar_member(tar, f"{key}.json", json.dumps(s.meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    path.write_bytes(buf.getvalue())
+
+
+def _quality_samples(seed: int) -> list[_Sample]:
+    """Clean samples, ``WATERMARKED`` of them (at random positions) with a text overlay."""
+    rng = np.random.default_rng([seed, _QUALITY_STREAM])
+    marked = np.zeros(QUALITY_SAMPLES, dtype=bool)
+    marked[rng.choice(QUALITY_SAMPLES, size=WATERMARKED, replace=False)] = True
+    uid_rng = np.random.default_rng([seed, _QUALITY_UID_STREAM])
+    samples = []
+    for i in range(QUALITY_SAMPLES):
+        scene = synth.random_scene(rng)
+        width, height = _normal_size(rng)
+        quality = int(rng.integers(_QUALITY_RANGE[0], _QUALITY_RANGE[1] + 1))
+        img = synth.render_scene(scene, width, height)
+        truth = _truth(scene, width, height, "clean")
+        wm = watermark.random_watermark(rng) if marked[i] else None
+        if wm is not None:
+            img = watermark.overlay(img, wm)
+            truth["fault"] = "watermark"
+        caption = synth.scene_caption(rng, scene)
+        truth.update(caption_colour=_caption_colour(caption, "en", scene.colour), watermark=wm is not None,
+                     watermark_text=wm.text if wm else None)
+        s = _Sample(jpg=_encode(img, quality), caption=caption, width=width, height=height, truth=truth, order=float(i))
+        s.meta = {"uid": uid_rng.bytes(16).hex(), "key": f"{QUALITY_SHARD:05d}{i:04d}",
+                  "original_width": width, "original_height": height, "truth": truth}
+        samples.append(s)
+    return samples
 
 
 def _write_reference(ref_dir: Path, seed: int) -> dict[str, int]:
@@ -276,6 +318,9 @@ regenerating with the same seed gives byte-identical files.
   WebDataset shards (`KEY.jpg`, `KEY.txt`, `KEY.json`). Keys: 5 digits of shard, 4 of
   index. The `.json` holds `uid`, `key`, `original_width`,
   `original_height` and `truth`, the planted ground truth.
+- `quality/{quality_shard:05d}.tar`: {quality} more clean samples, {watermarked} of them under a
+  watermark-like text overlay (`truth.watermark`), for `configs/sample_quality.yaml`
+  and the watermark head in `heads/` (trained by `filtering/sample/train_quality_head.py`).
 - `reference/<class>/NNN.jpg`: {per_class} images each of {ref_classes}, standing in
   for ImageNet as the image-cluster reference set.
 
@@ -285,7 +330,8 @@ Planted faults (`truth.fault`): {faults}.
 mismatched, duplicate_of (the original's uid), dup_kind ("exact" | "near"),
 near_kind ("requality" | "resize" | "crop"), empty_caption, non_english, tiny,
 extreme_aspect, corrupt, corrupt_kind ("truncated" | "random" | "bad_header"),
-background, background_colour. See the docstring of
+background, background_colour; in the quality shard also watermark and
+watermark_text. See the docstring of
 `filtering/sample/make.py` for the exact rules.
 """
 
@@ -326,6 +372,8 @@ def make_sample(out_dir: Path | str, seed: int = 0) -> dict:
         s.meta.update(original_width=s.width, original_height=s.height, truth=s.truth)
 
     _write_pool(out_dir / "pool", samples)
+    (out_dir / "quality").mkdir(parents=True, exist_ok=True)
+    _write_shard(out_dir / "quality" / f"{QUALITY_SHARD:05d}.tar", _quality_samples(seed))
     reference = _write_reference(out_dir / "reference", seed)
     fault_counts = Counter(s.truth["fault"] for s in samples)
     summary = {
@@ -334,6 +382,7 @@ def make_sample(out_dir: Path | str, seed: int = 0) -> dict:
         "shards": NUM_SHARDS,
         "faults": {name: fault_counts.get(name, 0) for name in FAULTS},
         "reference": reference,
+        "quality": {"samples": QUALITY_SAMPLES, "watermark": WATERMARKED},
         "pool_bytes": sum((out_dir / "pool" / f"{k:05d}.tar").stat().st_size for k in range(NUM_SHARDS)),
         "reference_bytes": sum(p.stat().st_size for p in (out_dir / "reference").rglob("*.jpg")),
     }
@@ -344,6 +393,9 @@ def make_sample(out_dir: Path | str, seed: int = 0) -> dict:
         per_class=REFERENCE_PER_CLASS,
         ref_classes=", ".join(REFERENCE_CLASSES),
         faults=", ".join(f"{k} {v}" for k, v in summary["faults"].items()),
+        quality_shard=QUALITY_SHARD,
+        quality=QUALITY_SAMPLES,
+        watermarked=WATERMARKED,
     )
     (out_dir / "README.md").write_text(readme, encoding="utf-8")
     return summary

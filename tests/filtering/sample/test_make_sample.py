@@ -58,7 +58,31 @@ def test_same_seed_gives_byte_identical_files(generated):
     make_sample(b, seed=0)
     da, db = digests(a), digests(b)
     assert da == db
-    assert len(da) == NUM_SHARDS + len(REFERENCE_CLASSES) * REFERENCE_PER_CLASS + 1
+    assert len(da) == NUM_SHARDS + 1 + len(REFERENCE_CLASSES) * REFERENCE_PER_CLASS + 1  # + quality shard, README
+
+
+def test_regenerated_sample_is_the_shipped_one(generated):
+    """``poolsift make-sample`` reproduces sample_data/ byte for byte (pool, quality shard, reference, README)."""
+    _, a, _ = generated
+    shipped = Path(__file__).resolve().parents[3] / "sample_data"
+    ours = digests(a)
+    assert ours == {name: digest for name, digest in digests(shipped).items() if name in ours}
+    assert {n for n in digests(shipped) if n.startswith(("pool/", "quality/", "reference/"))} <= set(ours)
+
+
+def test_quality_shard_plants_watermarks(generated):
+    from filtering.sample.make import QUALITY_SAMPLES, WATERMARKED
+
+    summary, a, _ = generated
+    with tarfile.open(a / "quality/00004.tar") as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(metas) == QUALITY_SAMPLES == summary["quality"]["samples"]
+    marked = [m for m in metas if m["truth"]["watermark"]]
+    assert len(marked) == WATERMARKED
+    assert {m["truth"]["fault"] for m in metas} == {"clean", "watermark"}
+    assert all(m["key"].startswith("00004") and UID.match(m["uid"]) for m in metas)
+    pool_uids = {json.loads(s["json"])["uid"] for s in read_pool(a)}
+    assert pool_uids.isdisjoint(m["uid"] for m in metas)
 
 
 def test_other_seed_differs(generated, tmp_path):

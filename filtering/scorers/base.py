@@ -1,0 +1,342 @@
+"""Scorers: one step writes a score column, a filter thresholds it (NeMo Curator's Score/Filter split).
+
+A scorer is one file: a :class:`Scorer` subclass with a ``kind`` (its name in YAML's
+``scorers:`` list), a pydantic ``Params`` model (unknown keys rejected), and
+
+- :meth:`Scorer.provides`: the columns it adds (``aesthetic_score``...);
+- :meth:`Scorer.needs`: what it reads: an embedding kind, pool columns, captions,
+  images; checked by the planner before any data is read;
+- :meth:`Scorer.fingerprint`: everything besides its input that changes its result
+  (weights digest, preset, version); its cache lives under its own fingerprint, so
+  adding or changing one scorer never invalidates another's cache;
+- :meth:`Scorer.check`: plan-time checks that need no data (files exist, shapes fit);
+- :meth:`Scorer.setup`: loads the model, once per process, never in ``__init__``, so
+  a scorer stays small and picklable (Ray actors, worker processes);
+- :meth:`Scorer.score`: one :class:`Batch` in, named numpy arrays (one row each) out.
+
+:class:`ScorerStage` owns the loop every scorer shares: shard by shard, read the
+cached result (``DIR/cache/scorer-<name>-<fp>/<shard>.parquet``, keyed by what the
+shard's input was), or compute it in batches and cache it; failed rows get nulls.
+Scorers that need decoded images are declared but not yet fed by this loop (CLIP
+scoring still runs in the source stage); the planner rejects them with a clear error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from filtering.errors import ConfigError
+from filtering.pool import Pool, ShardPart
+from filtering.stages.base import ColumnStage, RunContext
+from filtering.validation import format_validation_error
+
+# DataComp's npz arrays (Gadre et al. 2023: OpenAI CLIP ViT-B/32 and ViT-L/14 embeddings).
+DATACOMP_EMBEDDING_DIMS = {"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768}
+BATCH_ROWS = 65_536  # rows per score() call: bounded memory, large enough for BLAS
+
+
+class ScorerParams(BaseModel):
+    """Base for scorer parameters: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a scorer reads. ``embedding``: it reads an embedding kind, ``embedding_kind``
+    (None: the pool's default, CLIP ``image`` for shards, ``l14_img`` for DataComp)."""
+
+    embedding: bool = False
+    embedding_kind: str | None = None
+    columns: frozenset[str] = frozenset()
+    captions: bool = False
+    images: bool = False
+
+    def pool_columns(self, caption_column: str = "caption") -> set[str]:
+        return set(self.columns) | ({caption_column} if self.captions else set())
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What a scorer may know about the input before any data is read."""
+
+    kind: str  # "webdataset" | "datacomp"
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # known ones, e.g. {"l14_img": 768}
+
+
+@dataclass
+class Batch:
+    """Consecutive rows of one shard: the embeddings and columns a scorer asked for."""
+
+    part: ShardPart
+    start: int  # first row, relative to the part
+    embeddings: np.ndarray | None = None  # float32 (rows, dim)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        if self.embeddings is not None:
+            return len(self.embeddings)
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+class Scorer(ABC):
+    """One score computation. Subclasses set ``kind`` and ``Params`` and implement the rest."""
+
+    kind: ClassVar[str]
+    Params: ClassVar[type[ScorerParams]] = ScorerParams
+    version: ClassVar[int] = 1  # bump when the computation changes: old caches are then not reused
+
+    def __init__(self, params: BaseModel, input_info: InputInfo, path: str = "scorers"):
+        self.params = params
+        self.input = input_info
+        self.path = path  # the config key path, for messages
+        self._ready = False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.params, "name", None) or self.kind
+
+    @abstractmethod
+    def provides(self) -> tuple[str, ...]:
+        """The columns this scorer adds."""
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything besides the input that changes the result (weights digest, settings)."""
+        return self.params.model_dump(mode="json")
+
+    def check(self) -> None:
+        """Plan-time checks that read no pool data; raise ``ConfigError`` naming the key."""
+        return None
+
+    def setup(self) -> None:
+        """Load models or weights; called once per process before the first :meth:`score`."""
+        return None
+
+    @abstractmethod
+    def score(self, batch: Batch) -> dict[str, np.ndarray]:
+        """One array per provided column, ``batch.rows`` long."""
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "columns": list(self.provides()),
+                "params": self.params.model_dump(mode="json", exclude_none=True)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the configuration only: loaded models stay behind, ``setup`` reloads."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_model")}
+        state["_ready"] = False
+        return state
+
+
+def input_info(input_kind: str, model_arch: str | None = None) -> InputInfo:
+    """Embedding sizes known without reading data: DataComp's arrays, or the CLIP
+    model's ``embed_dim`` from its JSON config (read as a file, open_clip not imported)."""
+    if input_kind == "datacomp":
+        return InputInfo(input_kind, dict(DATACOMP_EMBEDDING_DIMS))
+    dim = _clip_embed_dim(model_arch) if model_arch else None
+    return InputInfo(input_kind, {"image": dim, "text": dim} if dim else {})
+
+
+def _clip_embed_dim(arch: str) -> int | None:
+    import importlib.util
+    import json
+
+    candidates = [Path(arch)] if arch.endswith(".json") else []
+    candidates.append(Path(__file__).resolve().parent.parent / "models" / "configs" / f"{arch}.json")
+    spec = importlib.util.find_spec("open_clip")
+    if spec and spec.submodule_search_locations:
+        candidates += [Path(loc) / "model_configs" / f"{arch}.json" for loc in spec.submodule_search_locations]
+    for c in candidates:
+        if c.is_file():
+            try:
+                return int(json.loads(c.read_text())["embed_dim"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
+REGISTRY: dict[str, type[Scorer]] = {}
+
+
+def register(cls: type[Scorer]) -> type[Scorer]:
+    if cls.kind in REGISTRY and REGISTRY[cls.kind] is not cls:
+        raise ValueError(f"scorer kind {cls.kind!r} registered twice")
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def _builtin() -> None:
+    import filtering.scorers.embedding_head  # noqa: F401  (registers on import)
+
+
+def scorer_class(kind: str, path: str = "scorers") -> type[Scorer]:
+    _builtin()
+    cls = REGISTRY.get(kind)
+    if cls is None:
+        valid = sorted(REGISTRY)
+        close = difflib.get_close_matches(kind, valid, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"{path}: unknown scorer {kind!r}; {hint}valid scorers: {', '.join(valid)}")
+    return cls
+
+
+def parse_scorers(specs: Any, input_info: InputInfo, path: str = "scorers") -> list[Scorer]:
+    """Parse the ``scorers:`` list, each entry ``{kind: params}``; two scorers may not
+    write the same column."""
+    if specs is None:
+        return []
+    if not isinstance(specs, list):
+        raise ConfigError(f"{path}: must be a list of scorers, each {{kind: {{...}}}}")
+    scorers: list[Scorer] = []
+    owner: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        where = f"{path}[{i}]"
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"{where}: each scorer is a mapping with exactly one key, the scorer kind")
+        (kind, params), = spec.items()
+        cls = scorer_class(str(kind), where)
+        sub = f"{where}.{kind}"
+        try:
+            model = cls.Params.model_validate(params or {})
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, cls.Params, prefix=(sub,))) from e
+        scorer = cls(model, input_info, sub)
+        for column in scorer.provides():
+            if column in owner:
+                raise ConfigError(f"{sub}: column {column!r} is already written by {owner[column]}; give it another name")
+            owner[column] = sub
+        scorers.append(scorer)
+    return scorers
+
+
+# --- the per-shard cached loop ---------------------------------------------------------
+
+
+class ScorerStage(ColumnStage):
+    """Runs one scorer over the pool, shard by shard, through its own cache."""
+
+    def __init__(self, scorer: Scorer, cache_root: str):
+        self.scorer = scorer
+        self.cache_root = cache_root
+        self.name = f"scorer:{scorer.name}"
+
+    def provides(self) -> set[str]:
+        return set(self.scorer.provides())
+
+    def requires(self) -> set[str]:
+        return self.scorer.needs().pool_columns()
+
+    def check(self, input_kind: str) -> None:
+        needs = self.scorer.needs()
+        if needs.images:
+            raise ConfigError(
+                f"{self.scorer.path}: this scorer reads decoded images, which only the CLIP scoring stage "
+                "decodes today; image scorers are not yet supported"
+            )
+        self.scorer.check()
+
+    def run(self, ctx: RunContext, pool: Pool) -> None:
+        from filtering.cache import ShardCache
+
+        scorer = self.scorer
+        needs = scorer.needs()
+        t0 = time.perf_counter()
+        kind = None
+        if needs.embedding:
+            try:
+                kind = pool.resolve_embedding(needs.embedding_kind)
+            except KeyError as e:
+                raise ConfigError(f"{scorer.path}.embedding: {e.args[0]}") from e
+        columns = sorted(needs.pool_columns())
+        spec = {"kind": scorer.kind, "version": scorer.version, "scorer": scorer.fingerprint(), "embedding": kind,
+                "columns": columns}
+        cache = ShardCache(self.cache_root, f"scorer-{scorer.name}", spec)
+        provided = scorer.provides()
+        out = {c: None for c in provided}
+        computed = cached = 0
+        failed = pool.failed
+        bar = ctx.bar(pool.n, f"score {scorer.name}")
+        try:
+            for part in pool.parts:
+                emb = pool.embedding_loader(kind, part) if kind is not None else None
+                cols = {c: pool.column(c)[part.start : part.stop] for c in columns}
+                source = {"input": _input_fingerprint(part, emb, kind, cols)}
+                if cache.is_done(part.url, source):
+                    table = cache.read_table(part.url)
+                    result = {c: table.column(c).to_numpy() for c in provided}
+                    cached += 1
+                else:
+                    scorer.ensure_setup()
+                    result = self._compute(part, emb, cols)
+                    cache.write(part.url, pa.table(result), {}, source=source)
+                    computed += 1
+                for c in provided:
+                    if out[c] is None:
+                        out[c] = np.zeros(pool.n, dtype=result[c].dtype)
+                    out[c][part.start : part.stop] = result[c]
+                bar.update(part.n)
+        finally:
+            bar.close()
+        for c in provided:
+            values = out[c] if out[c] is not None else np.zeros(pool.n, np.float32)
+            pool.add_column(c, pa.array(values, mask=failed))
+        ctx.stage_info.setdefault("scorers", {})[scorer.name] = {
+            **scorer.describe(),
+            "embedding": kind,
+            "cache": {"dir": cache.dir, "shards_scored": computed, "shards_cached": cached},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    def _compute(self, part: ShardPart, emb: np.ndarray | None, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chunks: dict[str, list[np.ndarray]] = {c: [] for c in self.scorer.provides()}
+        for lo in range(0, part.n, BATCH_ROWS):
+            hi = min(part.n, lo + BATCH_ROWS)
+            batch = Batch(
+                part=part,
+                start=lo,
+                embeddings=None if emb is None else np.asarray(emb[lo:hi], dtype=np.float32),
+                columns={c: v[lo:hi] for c, v in cols.items()},
+            )
+            result = self.scorer.score(batch)
+            for c in chunks:
+                arr = np.asarray(result[c])
+                if arr.shape[:1] != (hi - lo,):
+                    raise ValueError(f"scorer {self.scorer.name}: column {c!r} has {arr.shape[:1]} rows, expected {hi - lo}")
+                chunks[c].append(arr)
+        if part.n == 0:
+            return {c: np.zeros(0, np.float32) for c in chunks}
+        return {c: np.concatenate(v) for c, v in chunks.items()}
+
+
+def _input_fingerprint(part: ShardPart, emb: np.ndarray | None, kind: str | None, cols: dict[str, np.ndarray]) -> str:
+    """What one shard's input to a scorer was: its embeddings (url, shape and a strided
+    sample of rows, as the cluster stage keys its assignments) and the columns read."""
+    from filtering.stages.clusters import part_fingerprint
+
+    h = hashlib.sha256(json.dumps([part.url, part.n]).encode())
+    if emb is not None:
+        h.update(part_fingerprint(part, emb, kind or "").encode())
+    for name in sorted(cols):
+        h.update(name.encode())
+        h.update(pa.array(cols[name]).to_string().encode() if cols[name].dtype == object
+                 else np.ascontiguousarray(cols[name]).tobytes())
+    return h.hexdigest()[:24]
