@@ -110,7 +110,10 @@ class Config(Strict):
         return self._filter_tree
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        if not d.get("scorers"):  # configs without scorers record (and hash) as they did before the section existed
+            d.pop("scorers", None)
+        return d
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()

@@ -85,6 +85,7 @@ class ReportData:
     duplicate_rows: int = 0
     sweep: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    score_columns: list[Any] = field(default_factory=list)  # score_columns.ColumnReport, one per filtered column
 
     def samples(self) -> Iterator[Sample]:
         for grid in self.grids.values():
@@ -96,6 +97,9 @@ class ReportData:
         for g in self.duplicates:
             yield g.survivor
             yield from g.copies
+        for c in self.score_columns:
+            yield from c.best
+            yield from c.worst
 
 
 # --- reading -----------------------------------------------------------------------
@@ -390,6 +394,11 @@ def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int 
     if subset_parts and "cluster_id" in _schema_names(subset_parts[0]):
         data.clusters = _clusters(out_dir, subset_parts, "caption", field_name, clusters_shown, per_cluster,
                                   sources if data.score_scope == "pool" else [])
+
+    # 4. every score column a score filter used (aesthetic, NSFW, watermark heads...).
+    from filtering.report.score_columns import gather_score_columns
+
+    data.score_columns = gather_score_columns(out_dir, manifest, kept_set, per_grid)
 
     sweep_path = join(out_dir, "sweep.json")
     if _exists(sweep_path):

@@ -149,6 +149,27 @@ def section_scores(data: ReportData) -> str:
     return "".join(out)
 
 
+def section_score_columns(data: ReportData) -> str:
+    """One block per column a score filter used: histogram with thresholds, best and worst rows."""
+    out = []
+    for c in data.score_columns:
+        by = f" (written by scorer {escape(c.scorer)})" if c.scorer else ""
+        out.append(f'<section id="score-{escape(c.column)}"><h2>{escape(c.column)}</h2>')
+        h = c.histogram
+        if h is None:
+            out.append(f'<p class="note">No values of {escape(c.column)} found{by}.</p></section>')
+            continue
+        scope = "every scored row of the pool" if c.scope == "pool" else "kept rows only"
+        thr = ", ".join(f"{t:.4g}" for t in h.thresholds) or "none"
+        out.append(f'<p class="note">{escape(c.column)}{by} over {scope}: {int(h.kept.sum() + h.dropped.sum()):,} rows; '
+                   f'threshold {thr}. Green: kept in the final subset; grey: dropped by any filter.</p>')
+        out.append(svg.histogram(h.edges, h.kept, h.dropped, h.thresholds, h.field))
+        for title, rows in ((f"Highest {c.column}", c.best), (f"Lowest {c.column}", c.worst)):
+            out.append(f"<h3>{escape(title)}</h3>" + cards(rows, "kept", has_pictures(data)))
+        out.append("</section>")
+    return "".join(out)
+
+
 def section_failures(data: ReportData) -> str:
     failed = int(data.manifest.get("counts", {}).get("failed", 0))
     if not failed and not data.failures:
@@ -250,7 +271,7 @@ def render(data: ReportData) -> str:
     c = m.get("counts", {})
     notes = "".join(f'<p class="note">{escape(n)}</p>' for n in data.notes)
     body = "".join([
-        section_funnel(data), section_scores(data), section_failures(data), section_clusters(data),
+        section_funnel(data), section_scores(data), section_score_columns(data), section_failures(data), section_clusters(data),
         section_duplicates(data), section_sweep(data), section_provenance(data),
     ])
     sub = (f"{escape(str(data.out_dir))} · {int(c.get('input', 0)):,} rows in, {int(c.get('kept', 0)):,} kept · "

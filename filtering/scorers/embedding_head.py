@@ -233,12 +233,21 @@ def _act_numpy(x: np.ndarray, act: str) -> np.ndarray:
 def forward_numpy(head: Head, x: np.ndarray, layers: list[Layer] | None = None) -> np.ndarray:
     """Scores of the rows of ``x`` (float32), one per row."""
     x = np.asarray(x, dtype=np.float32)
+    layers = layers if layers is not None else head.layers
+    scale = None
     if head.normalize:
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        norm = np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)
+        if head.mean is None:  # (x / |x|) @ W.T == (x @ W.T) / |x|: no normalised copy of the input
+            scale = 1.0 / norm
+        else:
+            x = x / norm[:, None]
     if head.mean is not None:
         x = (x - head.mean) / np.sqrt(head.variance)
-    for layer in layers if layers is not None else head.layers:
+    for layer in layers:
         x = x @ layer.weight.T
+        if scale is not None:
+            x *= scale[:, None]
+            scale = None
         if layer.bias is not None:
             x += layer.bias
         x = _act_numpy(x, layer.activation)

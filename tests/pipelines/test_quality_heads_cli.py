@@ -43,7 +43,7 @@ def _sample_config(path, out, **sections):
     raw = yaml.safe_load(PRESET.read_text())
     head = raw["scorers"][0]["embedding_head"]
     head["weights"] = str(REPO / head["weights"])
-    return write_config(path, base=PRESET, scorers=raw["scorers"], output={"dir": str(out)}, **sections)
+    return write_config(path, base=PRESET, scorers=raw["scorers"], output={"dir": str(out), "report": True}, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,12 @@ def test_public_aesthetic_architecture_from_a_torch_state_dict_scores_a_datacomp
     np.testing.assert_allclose(t["aesthetic_score"], [expected[u] for u in t["uid"]], atol=1e-5, rtol=0)
     ref = np.array(list(expected.values()))
     assert min(t["aesthetic_score"]) >= np.sort(ref)[::-1][int(len(ref) * 0.5)] - 1e-5
+    from filtering.report import gather
+
+    [col] = gather(str(out)).score_columns  # the report reads every row's score from the scorer's cache
+    assert (col.column, col.scope, col.scorer) == ("aesthetic_score", "pool", "aesthetic")
+    assert (int(col.histogram.kept.sum()), int(col.histogram.dropped.sum())) == (len(t["uid"]), len(uids) - len(t["uid"]))
+    assert col.best[0].score == pytest.approx(ref.max(), abs=1e-5) and col.worst[0].score == pytest.approx(ref.min(), abs=1e-5)
 
 
 def test_numpy_head_reads_only_its_npz_array_imports_no_torch_and_equals_reference(tmp_path, metadata):
@@ -195,3 +201,35 @@ def test_numpy_head_reads_only_its_npz_array_imports_no_torch_and_equals_referen
     t = pq.read_table(out / "subset", columns=["uid", "nsfw_score"]).to_pydict()
     by_uid = dict(zip(uids, expected, strict=True))
     np.testing.assert_allclose(t["nsfw_score"], [by_uid[u] for u in t["uid"]], atol=1e-5, rtol=0)
+
+
+def test_report_shows_the_score_column_with_its_threshold_and_best_and_worst(quality_run):
+    from filtering.report import gather
+
+    base, _ = quality_run
+    data = gather(str(base / "run"))
+    [col] = data.score_columns
+    assert (col.column, col.scope, col.scorer) == ("watermark_score", "pool", "watermark")
+    assert col.histogram.thresholds == [0.7]
+    assert int(col.histogram.kept.sum()) == json.loads((base / "run" / "manifest.json").read_text())["counts"]["kept"]
+    assert int(col.histogram.kept.sum() + col.histogram.dropped.sum()) == 250
+    truth = _watermark_truth()
+    assert sum(truth[s.uid] for s in col.best) >= 10 and not any(truth[s.uid] for s in col.worst)
+    assert col.best[0].score >= col.best[-1].score > col.worst[-1].score >= col.worst[0].score
+    html = (base / "run" / "report.html").read_text()
+    assert 'id="score-watermark_score"' in html and "threshold 0.7000" in html
+    assert "Highest watermark_score" in html and "Lowest watermark_score" in html
+
+
+def test_sweep_over_a_score_threshold(quality_run, tmp_path):
+    base, cfg = quality_run
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(base / "run" / "cache", out / "cache")
+    code, stdout, stderr = run_cli("sweep", cfg, "--param", "filters[0].score.max=0.1,0.9", "--set", f"output.dir={out}",
+                                   "--quiet")
+    assert code == 0, stderr
+    results = json.loads((out / "sweep.json").read_text())["results"]
+    assert [r["thresholds"] for r in results] == [{"watermark_score": 0.1}, {"watermark_score": 0.9}]
+    assert results[0]["kept"] < results[1]["kept"]
