@@ -256,6 +256,8 @@ def config_paths(raw: Any) -> Iterator[tuple[str, Any, Any]]:
             yield f"{section}.{key}", node, key
     if isinstance(raw.get("filters"), list):
         yield from _filter_paths(raw["filters"], "filters")
+    if isinstance(raw.get("scorers"), list):
+        yield from _scorer_paths(raw["scorers"], "scorers")
 
 
 def _filter_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
@@ -274,6 +276,20 @@ def _filter_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
             for field in getattr(REGISTRY[name].Params, "path_fields", ()):
                 if _is_local_path(params.get(field), field):
                     yield f"{sub}.{field}", params, field
+
+
+def _scorer_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
+    """The path fields (``Params.path_fields``) of each ``scorers:`` entry, e.g. a head's ``weights``."""
+    from filtering.scorers.base import REGISTRY, builtin_scorers
+
+    builtin_scorers()
+    for i, spec in enumerate(specs):
+        if isinstance(spec, dict) and len(spec) == 1:
+            (name, params), = spec.items()
+            if name in REGISTRY and isinstance(params, dict):
+                for field in getattr(REGISTRY[name].Params, "path_fields", ()):
+                    if _is_local_path(params.get(field), field):
+                        yield f"{path}[{i}].{name}.{field}", params, field
 
 
 def resolve_paths(raw: dict, base: str | Path, absolute: bool = False) -> None:

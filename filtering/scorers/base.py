@@ -184,12 +184,12 @@ def register(cls: type[Scorer]) -> type[Scorer]:
     return cls
 
 
-def _builtin() -> None:
+def builtin_scorers() -> None:
     import filtering.scorers.embedding_head  # noqa: F401  (registers on import)
 
 
 def scorer_class(kind: str, path: str = "scorers") -> type[Scorer]:
-    _builtin()
+    builtin_scorers()
     cls = REGISTRY.get(kind)
     if cls is None:
         valid = sorted(REGISTRY)

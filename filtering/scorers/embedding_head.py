@@ -38,7 +38,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -53,6 +53,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class EmbeddingHeadParams(ScorerParams):
+    path_fields: ClassVar[tuple[str, ...]] = ("weights",)  # resolved against the config's folder
     name: str  # the column is <name>_score unless ``column`` says otherwise
     preset: str
     weights: str

@@ -40,10 +40,7 @@ def _watermark_truth() -> dict[str, bool]:
 
 
 def _sample_config(path, out, **sections):
-    raw = yaml.safe_load(PRESET.read_text())
-    head = raw["scorers"][0]["embedding_head"]
-    head["weights"] = str(REPO / head["weights"])
-    return write_config(path, base=PRESET, scorers=raw["scorers"], output={"dir": str(out), "report": True}, **sections)
+    return write_config(path, base=PRESET, output={"dir": str(out), "report": True}, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +230,15 @@ def test_sweep_over_a_score_threshold(quality_run, tmp_path):
     results = json.loads((out / "sweep.json").read_text())["results"]
     assert [r["thresholds"] for r in results] == [{"watermark_score": 0.1}, {"watermark_score": 0.9}]
     assert results[0]["kept"] < results[1]["kept"]
+
+
+def test_weights_path_resolves_against_the_config_folder(tmp_path, metadata):
+    (tmp_path / "heads").mkdir()
+    save_file(random_state_dict({"layers.0": (1, 768)}), str(tmp_path / "heads" / "w.safetensors"))
+    scorers = [{"embedding_head": {"name": "q", "preset": "linear", "weights": "heads/w.safetensors"}}]
+    cfg = _dc_config(tmp_path / "c.yaml", metadata, tmp_path / "run", scorers, [])
+    code, _, stderr = run_cli("validate", cfg)  # the tests run from the repository root, not tmp_path
+    assert code == 0, stderr
+    (tmp_path / "heads" / "w.safetensors").unlink()
+    code, _, stderr = run_cli("validate", cfg)
+    assert code == 2 and "scorers[0].embedding_head.weights" in stderr and "w.safetensors" in stderr
