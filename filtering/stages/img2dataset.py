@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from filtering.errors import PoolsiftError
 from filtering.io.atomic import exists
 from filtering.io.paths import file_info, get_fs
 
@@ -62,8 +63,12 @@ def read_stats(url: str) -> dict | None:
 
 def _read_parquet(path: str) -> pa.Table:
     fs, p = get_fs(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f)
+    try:
+        with fs.open(p, "rb") as f:
+            return pq.read_table(f)
+    except (pa.ArrowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PoolsiftError(f"{path}: cannot read img2dataset's parquet beside the shard: {first}") from e
 
 
 def _as_strings(col: pa.ChunkedArray) -> pa.ChunkedArray:
