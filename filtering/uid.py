@@ -88,7 +88,7 @@ def u8u8_to_uids(arr: np.ndarray) -> list[str]:
     return [f"{int(h):016x}{int(lo):016x}" for h, lo in zip(arr["f0"], arr["f1"], strict=True)]
 
 
-# --- where a pool's uids come from (SPEC, "uid"; issue 17) --------------------------------
+# --- where a pool's uids come from (docs/spec.md, "Semantics that must match DataComp exactly"; issue 17) --------------------------------
 
 DASHED_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 MAX_EXAMPLES = 10

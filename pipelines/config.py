@@ -29,7 +29,7 @@ class Strict(BaseModel):
 
 
 class UidConfig(Strict):
-    """Where each sample's uid comes from (SPEC, "uid"): never replaced silently."""
+    """Where each sample's uid comes from (docs/spec.md, "Semantics that must match DataComp exactly"): never replaced silently."""
 
     source: Literal["json", "derive"] = "json"  # the .json field, or derived from `derive` for every sample
     field: str = Field(default="uid", min_length=1)  # the .json field (and img2dataset parquet column)

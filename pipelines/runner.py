@@ -201,7 +201,7 @@ class _UidDuplicates(FilterNode):
 
 
 def check_duplicate_uids(pool: Pool, policy: str, ctx: RunContext) -> FilterNode | None:
-    """Report uids that two or more readable samples share (SPEC, "uid"; issue 14, finding 12):
+    """Report uids that two or more readable samples share (docs/spec.md, "Semantics that must match DataComp exactly"; issue 14, finding 12):
     count and examples in the manifest and one warning line; ``error`` stops the run,
     ``keep_first`` returns the funnel step that drops the later copies."""
     import pyarrow.compute as pc

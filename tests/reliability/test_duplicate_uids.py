@@ -52,6 +52,7 @@ def _manifest(tmp_path):
     return json.loads((tmp_path / "out" / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_duplicates_are_reported_in_the_manifest_and_one_warning_line(wds_config, tmp_path):
     code, _, err = run_cli("run", wds_config, "--quiet")
     assert code == 0, err
@@ -65,6 +66,7 @@ def test_duplicates_are_reported_in_the_manifest_and_one_warning_line(wds_config
     assert len(kept) == 6  # kept as they are, as asked, but no longer without a word
 
 
+@pytest.mark.slow
 def test_keep_first_drops_later_copies_with_a_reason_and_the_funnel_adds_up(wds_config, tmp_path):
     code, _, err = run_cli("run", wds_config, "--quiet", "--set", "input.uid.duplicates=keep_first")
     assert code == 0, err
@@ -80,6 +82,7 @@ def test_keep_first_drops_later_copies_with_a_reason_and_the_funnel_adds_up(wds_
     assert sorted((r["key"], r["reason"], r["uid"]) for r in dropped) == [("10003", "duplicate_uid", DUP), ("20001", "duplicate_uid", DUP)]
 
 
+@pytest.mark.slow
 def test_duplicates_error_stops_the_run_in_one_line(wds_config, tmp_path):
     code, _, err = run_cli("run", wds_config, "--quiet", "--set", "input.uid.duplicates=error")
     assert code == 1
@@ -88,6 +91,7 @@ def test_duplicates_error_stops_the_run_in_one_line(wds_config, tmp_path):
     assert not (tmp_path / "out" / "subset.npy").exists()
 
 
+@pytest.mark.slow
 def test_datacomp_duplicates_across_shards(tmp_path):
     meta = make_datacomp_pool(tmp_path / "meta", shards=2, rows=20)
     first, second = sorted(meta.glob("*.parquet"))
