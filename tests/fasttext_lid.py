@@ -10,15 +10,35 @@ from __future__ import annotations
 from pathlib import Path
 
 TRAINING = {
-    "en": ["a photo of a dog on the beach", "the red car in the city at night", "a small cat with a blue house",
-           "an old tree near the river", "view of the mountains in winter", "white flowers in a garden",
-           # Python calls these blank, fastText sees words: a model may well call them English,
-           # and DataComp asks it (lid.176.bin is asked about every caption).
-           "\xa0\xa0\xa0", "\xa0 \xa0\xa0\xa0", "\u3000\u3000"],
-    "de": ["ein Hund am Strand", "das rote Auto in der Stadt bei Nacht", "eine kleine Katze mit einem Haus",
-           "ein alter Baum am Fluss", "Blick auf die Berge im Winter", "weiße Blumen im Garten"],
-    "fr": ["un chien sur la plage", "la voiture rouge dans la ville la nuit", "un petit chat avec une maison",
-           "un vieil arbre près de la rivière", "vue sur les montagnes en hiver", "des fleurs blanches au jardin"],
+    "en": [
+        "a photo of a dog on the beach",
+        "the red car in the city at night",
+        "a small cat with a blue house",
+        "an old tree near the river",
+        "view of the mountains in winter",
+        "white flowers in a garden",
+        # Python calls these blank, fastText sees words: a model may well call them English,
+        # and DataComp asks it (lid.176.bin is asked about every caption).
+        "\xa0\xa0\xa0",
+        "\xa0 \xa0\xa0\xa0",
+        "\u3000\u3000",
+    ],
+    "de": [
+        "ein Hund am Strand",
+        "das rote Auto in der Stadt bei Nacht",
+        "eine kleine Katze mit einem Haus",
+        "ein alter Baum am Fluss",
+        "Blick auf die Berge im Winter",
+        "weiße Blumen im Garten",
+    ],
+    "fr": [
+        "un chien sur la plage",
+        "la voiture rouge dans la ville la nuit",
+        "un petit chat avec une maison",
+        "un vieil arbre près de la rivière",
+        "vue sur les montagnes en hiver",
+        "des fleurs blanches au jardin",
+    ],
 }
 
 

@@ -35,8 +35,16 @@ def metadata(tmp_path_factory):
 
 def _run(tmp_path, preset, metadata, *sets):
     out = tmp_path / "run"
-    code, _, err = run_cli("run", REPO / "configs" / preset, "--output", out, "--quiet",
-                           "--set", f"input.datacomp_metadata={metadata}", *sum((["--set", s] for s in sets), []))
+    code, _, err = run_cli(
+        "run",
+        REPO / "configs" / preset,
+        "--output",
+        out,
+        "--quiet",
+        "--set",
+        f"input.datacomp_metadata={metadata}",
+        *sum((["--set", s] for s in sets), []),
+    )
     assert code == 0, err
     return out, err, json.loads((out / "manifest.json").read_text())
 
@@ -49,7 +57,9 @@ def test_basic_filter_preset_equals_datacomp(tmp_path, metadata, lid):
     np.testing.assert_array_equal(got, expected)
     # the run says which identifier ran, in one line, and records it
     lines = [ln for ln in err.splitlines() if "language:" in ln]
-    assert lines == [f"poolsift: language: ran fasttext (a fastText model that is not lid.176.bin (sha256 differs), {lid})"]
+    assert lines == [
+        f"poolsift: language: ran fasttext (a fastText model that is not lid.176.bin (sha256 differs), {lid})"
+    ]
     [record] = manifest["language_identifiers"]
     assert record["backend"] == record["requested"] == "fasttext" and record["model_path"] == str(lid)
 
@@ -73,8 +83,15 @@ def test_image_based_caption_prefilter_equals_datacomp(tmp_path, metadata, lid, 
     assert [next(iter(f)) for f in text_rules] == ["caption", "language"]
     text_rules[1]["language"]["model_path"] = str(lid)
     path = tmp_path / "image_based_text.yaml"
-    path.write_text(yaml.safe_dump({"input": {"datacomp_metadata": str(metadata)}, "filters": text_rules,
-                                    "output": {"dir": str(tmp_path / "run")}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"datacomp_metadata": str(metadata)},
+                "filters": text_rules,
+                "output": {"dir": str(tmp_path / "run")},
+            }
+        )
+    )
     code, _, err = run_cli("run", path, "--quiet")
     assert code == 0, err
     expected = datacomp_caption_filter_uids(metadata, fasttext.load_model(str(lid)))

@@ -24,14 +24,22 @@ B32, L14 = "clip_b32_similarity_score", "clip_l14_similarity_score"
 
 @pytest.fixture(scope="module")
 def metadata(tmp_path_factory):
-    return make_datacomp_edge_pool(tmp_path_factory.mktemp("dc") / "metadata", shards=3, rows=300, seed=5,
-                                   nan_fraction=0.1)
+    return make_datacomp_edge_pool(
+        tmp_path_factory.mktemp("dc") / "metadata", shards=3, rows=300, seed=5, nan_fraction=0.1
+    )
 
 
 def _run(tmp_path, metadata, params, *extra):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"input": {"datacomp_metadata": str(metadata)}, "filters": [{"clip_score": params}],
-                                    "output": {"dir": str(tmp_path / "run")}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"datacomp_metadata": str(metadata)},
+                "filters": [{"clip_score": params}],
+                "output": {"dir": str(tmp_path / "run")},
+            }
+        )
+    )
     code, _, err = run_cli("run", path, "--quiet", *extra)
     assert code == 0, err
     return np.load(tmp_path / "run" / "subset.npy"), json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -49,11 +57,19 @@ def test_top_fraction_with_nan_equals_datacomp(tmp_path, metadata, field, fracti
 
 
 def test_l14_30pct_preset_equals_datacomp(tmp_path, metadata):
-    code, _, err = run_cli("run", REPO / "configs" / "clip_score_l14_30pct.yaml", "--output", tmp_path / "run", "--quiet",
-                           "--set", f"input.datacomp_metadata={metadata}")
+    code, _, err = run_cli(
+        "run",
+        REPO / "configs" / "clip_score_l14_30pct.yaml",
+        "--output",
+        tmp_path / "run",
+        "--quiet",
+        "--set",
+        f"input.datacomp_metadata={metadata}",
+    )
     assert code == 0, err
-    np.testing.assert_array_equal(np.load(tmp_path / "run" / "subset.npy"),
-                                  datacomp_clip_score_uids(metadata, L14, fraction=0.3))
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "run" / "subset.npy"), datacomp_clip_score_uids(metadata, L14, fraction=0.3)
+    )
 
 
 @pytest.mark.parametrize("field", [B32, L14])

@@ -34,8 +34,16 @@ def lid(tmp_path_factory):
 
 def _run(tmp_path, metadata, *sets):
     out = tmp_path / "run"
-    code, _, err = run_cli("run", REPO / "configs" / "laion2b.yaml", "--output", out, "--quiet",
-                           "--set", f"input.datacomp_metadata={metadata}", *sum((["--set", s] for s in sets), []))
+    code, _, err = run_cli(
+        "run",
+        REPO / "configs" / "laion2b.yaml",
+        "--output",
+        out,
+        "--quiet",
+        "--set",
+        f"input.datacomp_metadata={metadata}",
+        *sum((["--set", s] for s in sets), []),
+    )
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if "language:" in ln]
     assert len(lines) == 1, err
@@ -45,8 +53,9 @@ def _run(tmp_path, metadata, *sets):
 def test_laion2b_preset_equals_datacomp_with_gcld3(tmp_path, metadata):
     gcld3 = pytest.importorskip("gcld3")
     got, line, manifest = _run(tmp_path, metadata)
-    expected = datacomp_laion2b_uids(metadata, gcld3_language(gcld3.NNetLanguageIdentifier(min_num_bytes=0,
-                                                                                            max_num_bytes=1000)))
+    expected = datacomp_laion2b_uids(
+        metadata, gcld3_language(gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000))
+    )
     assert 20 < len(expected) < 600
     np.testing.assert_array_equal(got, expected)
     assert line.startswith("poolsift: language: ran gcld3") and "laion2b" in line
@@ -56,8 +65,13 @@ def test_laion2b_preset_equals_datacomp_with_gcld3(tmp_path, metadata):
 def test_laion2b_rule_equals_datacomp_with_fasttext_on_both_sides(tmp_path, metadata, lid):
     import fasttext
 
-    got, line, _ = _run(tmp_path, metadata, "filters[1].language.backend=fasttext", "filters[1].language.fallback=null",
-                        f"filters[1].language.model_path={lid}")
+    got, line, _ = _run(
+        tmp_path,
+        metadata,
+        "filters[1].language.backend=fasttext",
+        "filters[1].language.fallback=null",
+        f"filters[1].language.model_path={lid}",
+    )
     model = fasttext.load_model(str(lid))
     expected = datacomp_laion2b_uids(metadata, lambda text: fasttext_language(text, model))
     assert 20 < len(expected) < 600

@@ -330,3 +330,20 @@ def test_gcld3_adapter_as_datacomp_calls_it(monkeypatch, fresh_identifiers):
 def test_fallback_params_rejected(params):
     with pytest.raises(ValueError):
         LanguageParams(**params)
+
+
+@pytest.mark.parametrize("backend", ["fasttext", "gcld3"])
+def test_datacomp_identifiers_on_several_cores_give_the_same_result(backend, tmp_path_factory, fresh_identifiers):
+    if backend == "gcld3":
+        pytest.importorskip("gcld3")
+        model_path = None
+    else:
+        pytest.importorskip("fasttext")
+        from tests.fasttext_lid import train_tiny_lid
+
+        model_path = str(train_tiny_lid(tmp_path_factory.mktemp("lid") / "tiny_lid.bin"))
+    texts = [f"{t} {i}" for i, t in enumerate(ODD * 10)]
+    serial = language.predict_texts(texts, backend, model_path, workers=1)
+    parallel = language.predict_texts(texts, backend, model_path, workers=2, min_parallel=0)
+    assert serial[0] == parallel[0]
+    np.testing.assert_array_equal(serial[1], parallel[1])
