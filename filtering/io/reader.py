@@ -6,7 +6,20 @@ is reported, not raised: the samples read so far are kept, and the shard-level e
 becomes a failure record.
 
 Samples are webdataset's: regular members grouped by key (the name up to the first
-dot of its base name), extensions lower-cased, ``__meta__`` files skipped. The tar
+dot of its base name), extensions lower-cased, ``__meta__`` files skipped. Where
+webdataset raises and drops the rest of the shard, this reader keeps going:
+
+- a member name repeated within a sample (``x.jpg`` twice) makes that one sample a
+  failure (``RawSample.error``, reason ``duplicate_member``); later samples are read;
+- at damage (a cut, a bad checksum, a header claiming more bytes than the file holds)
+  the sample being assembled is kept when it is complete: when the damaged member's
+  header names another key, or, when that header cannot be trusted, when the sample
+  has the members the shard's previous sample had (for the shard's first sample:
+  unless the damaged header, read as a hint, names the same key). Everything after
+  the damage is lost, and reported as the shard's error.
+
+A header's size is never trusted for an allocation: large members are read in
+pieces, so a 1 TiB claim in a small file costs what the file holds. The tar
 headers are parsed here rather than by Python's ``tarfile``, which spends about 50 us
 per member in Python code: at the thousands of samples per second a GPU scores, that
 alone would take a core. Parsing covers ustar, GNU (long names) and pax headers. A
@@ -31,6 +44,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 class RawSample:
     key: str
     members: dict[str, bytes]  # extension -> bytes, as stored in the tar
+    error: str | None = None  # why this sample cannot be used ("reason: detail"): it becomes a failure row
 
     @property
     def image_ext(self) -> str | None:
@@ -48,14 +62,23 @@ class RawSample:
 
     @property
     def meta(self) -> dict | None:
+        return self.read_meta()[0]
+
+    def read_meta(self) -> tuple[dict | None, str | None]:
+        """The ``.json`` member as a dict, and why it is unusable when it is present but not
+        a JSON object (``bad_json: ...``); ``(None, None)`` when there is none."""
         raw = self.members.get("json")
         if raw is None:
-            return None
+            return None, None
         try:
             value = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
+        except RecursionError:
+            return None, "bad_json: nested too deep"
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            return None, f"bad_json: {one_line(e)[:120]}"
+        if not isinstance(value, dict):
+            return None, f"bad_json: a {type(value).__name__}, not an object"
+        return value, None
 
 
 @dataclass
@@ -65,38 +88,52 @@ class ShardReadResult:
     samples_read: int = 0
 
 
+def unsafe_name(key: str) -> str | None:
+    """Why a sample key cannot be written back as a member name (``output.webdataset``),
+    or None. An absolute path or a ``..`` component would let a tar extractor without a
+    filter (``tarfile.extractall``) write outside its target folder."""
+    if key.startswith(("/", "\\")):
+        return "unsafe_name: absolute member name"
+    if ".." in key.replace("\\", "/").split("/"):
+        return "unsafe_name: '..' in the member name"
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message (MemoryError)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def iter_shard(url: str, result: ShardReadResult | None = None) -> Iterator[RawSample]:
     """Yield the samples of one tar shard in stored order; errors go to ``result.error``."""
     result = result if result is not None else ShardReadResult(url)
     try:
         try:
             with open_file(url) as f:
-                for key, members in group_members(tar_members(f)):
+                for key, members, error in group_members(tar_members(f)):
                     result.samples_read += 1
-                    yield RawSample(key=key, members=members)
+                    yield RawSample(key=key, members=members, error=error)
         except _UnsupportedTarError:
             for i, sample in enumerate(_iter_shard_webdataset(url)):
                 if i >= result.samples_read:  # those before were read already, identically
                     result.samples_read += 1
                     yield sample
     except Exception as e:  # noqa: BLE001 — a broken tar must not stop the run
-        result.error = f"unreadable_shard: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        result.error = f"unreadable_shard: {type(e).__name__}: {one_line(e)[:200]}"
 
 
 def _iter_shard_webdataset(url: str) -> Iterator[RawSample]:
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    """Members from webdataset's tar iterator (any format ``tarfile`` reads), grouped as above."""
+    from webdataset.tariterators import tar_file_iterator
 
     def files():
         with open_file(url) as f:
             for item in tar_file_iterator(f):
-                item["__url__"] = url
-                yield item
+                yield item["fname"], item["data"]
 
-    for sample in group_by_keys(files()):
-        key = sample.pop("__key__")
-        sample.pop("__url__", None)
-        sample.pop("__local_path__", None)
-        yield RawSample(key=key, members=sample)
+    for key, members, error in group_members(files()):
+        yield RawSample(key=key, members=members, error=error)
 
 
 class _UnsupportedTarError(Exception):
@@ -104,7 +141,12 @@ class _UnsupportedTarError(Exception):
 
 
 class TarError(Exception):
-    """A damaged tar stream."""
+    """A damaged tar stream. ``member``: the damaged member's name when its header was read;
+    ``verified``: whether that header's checksum held (else the name is only a hint)."""
+
+    def __init__(self, message: str, member: str | None = None, verified: bool = False):
+        super().__init__(message)
+        self.member, self.verified = member, verified
 
 
 _BLOCK = 512
@@ -130,10 +172,20 @@ def _name(raw: bytes) -> str:
     return raw.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _read_exact(f, n: int) -> bytes:
-    data = f.read(n)
+_READ_PIECE = 1 << 26  # 64 MiB
+
+
+def _read_exact(f, n: int, member: str | None = None) -> bytes:
+    if n <= _READ_PIECE:
+        data = f.read(n)
+    else:  # a header can claim any size: read what the file holds, a piece at a time
+        pieces, left = [], n
+        while left and (piece := f.read(min(left, _READ_PIECE))):
+            pieces.append(piece)
+            left -= len(piece)
+        data = b"".join(pieces)
     if len(data) != n:
-        raise TarError("unexpected end of data")
+        raise TarError("unexpected end of data", member, verified=member is not None)
     return data
 
 
@@ -180,13 +232,22 @@ def tar_members(f) -> Iterator[tuple[str, bytes]]:
             return
         first = False
         if len(header) != _BLOCK:
-            raise TarError("unexpected end of data")
+            raise TarError("unexpected end of data", _name(header[0:100]))
         if header.count(0) == _BLOCK:  # end of archive
             return
-        if not _checksum_ok(header):
-            raise TarError("bad checksum")
+        try:
+            ok = _checksum_ok(header)
+        except TarError:
+            ok = False
+        if not ok:
+            raise TarError("bad checksum", _name(header[0:100]))
         kind = header[156:157]
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        try:
+            size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        except ValueError:
+            raise TarError(f"invalid pax size {pax['size'][:40]!r}") from None
+        if size < 0:
+            raise TarError(f"negative member size {size}")
         padding = -size % _BLOCK
         if kind in (b"L", b"K", b"x"):  # about the next member
             data = _read_exact(f, size + padding)[:size]
@@ -210,9 +271,9 @@ def tar_members(f) -> Iterator[tuple[str, bytes]]:
         long_name, pax = None, {}
         if kind not in _REGULAR or (kind == b"\x00" and name.endswith("/")):
             if size:
-                _read_exact(f, size + padding)
+                _read_exact(f, size + padding, name)
             continue
-        data = _read_exact(f, size)
+        data = _read_exact(f, size, name)
         f.read(padding)  # a stream cut inside the padding ends after this member, as in tarfile
         if "/" not in name and name.startswith("__") and name.endswith("__"):
             continue
@@ -221,21 +282,51 @@ def tar_members(f) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
-def group_members(members) -> Iterator[tuple[str, dict[str, bytes]]]:
+def group_members(members) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """webdataset's ``group_by_keys``: consecutive members sharing a key form a sample;
-    the extension (after the base name's first dot) is lower-cased."""
-    key, sample = None, None
-    for name, data in members:
+    the extension (after the base name's first dot) is lower-cased. Yields
+    ``(key, members, error)``: ``error`` names a repeated member (the first copy is
+    kept). When the member stream fails, the sample being assembled is yielded first
+    if it is complete (:func:`_complete_at_damage`), then the error propagates."""
+    key, sample, error, shape = None, None, None, None
+    it = iter(members)
+    while True:
+        try:
+            name, data = next(it)
+        except StopIteration:
+            break
+        except _UnsupportedTarError:
+            raise  # the fallback reader rereads this sample
+        except Exception as e:
+            if sample and _complete_at_damage(e, key, sample, shape):
+                yield key, sample, error
+            raise
         m = _KEY_EXT.match(name)
         if not m:
             continue
         prefix, suffix = m.group(1), m.group(2).lower()
         if sample is None or prefix != key:
             if sample:
-                yield key, sample
-            key, sample = prefix, {}
+                yield key, sample, error
+                shape = set(sample)
+            key, sample, error = prefix, {}, None
         if suffix in sample:
-            raise ValueError(f"{name}: duplicate file name in tar file {suffix} {['__key__', '__url__', *sample]}")
+            error = error or f"duplicate_member: {name[-200:]} appears twice in one sample"
+            continue
         sample[suffix] = data
     if sample:
-        yield key, sample
+        yield key, sample, error
+
+
+def _complete_at_damage(e: Exception, key: str, sample: dict, shape: set | None) -> bool:
+    """Whether the sample assembled when the stream broke has all its members: the damaged
+    member's (checksummed) header names another key; else the sample has the extensions
+    of the shard's previous sample; else (first sample) the damaged header's name, read
+    as a hint, names another key or nothing readable."""
+    member = getattr(e, "member", None)
+    m = _KEY_EXT.match(member) if member else None
+    if getattr(e, "verified", False) and member is not None:
+        return m is None or m.group(1) != key
+    if shape is not None:
+        return set(sample) >= shape
+    return m is None or m.group(1) != key

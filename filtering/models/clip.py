@@ -9,6 +9,10 @@ configs registered with :func:`open_clip.add_model_config`: those bundled in
 open_clip's inference transform is split in two so that decode workers can run the
 PIL part (resize, crop, RGB) on uint8 images and the model process runs the tensor part
 (scale to [0, 1], normalize) on the device; the composition is the model's own transform.
+
+open_clip's ``SimpleTokenizer`` encodes a whole caption before cutting it to the context
+(a 10 MB caption took 34 s); :class:`BoundedTokenizer` stops at the tokens the context
+can hold, with the same tokens.
 """
 
 from __future__ import annotations
@@ -171,6 +175,77 @@ class ClipModel:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
 
 
+class BoundedTokenizer:
+    """open_clip's ``SimpleTokenizer``, encoding a caption only as far as the context holds.
+
+    open_clip returns ``[sot] + encode(text) + [eot]`` cut to ``context_length`` (last
+    token set to eot): only the first ``context_length - 2`` BPE tokens are used once
+    there are ``context_length - 1``. Words are encoded in order, the tokenizer's own
+    way, until there are that many, so the result is open_clip's own (tests compare).
+    Two bounds come first, each far beyond what a caption that fits the context needs:
+
+    - ``max_chars`` (65,536): the caption is cut to that many characters before the
+      cleaning (ftfy, HTML entities, whitespace), which is linear but slow on non-ASCII
+      text (1.3 s per MB). The context holds at most 76 x 32 characters' worth of BPE
+      tokens (2,432 with the 77-token context), so only a caption that is 96% whitespace,
+      control characters or entities could fit the context and be changed by the cut;
+    - ``max_word``: a single word that alone fills the context (more characters than
+      ``context_length - 1`` times the longest token) is cut to that, as BPE is
+      quadratic in a word's length; only a caption that does not fit holds one.
+    """
+
+    max_chars = 65_536
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.context_length = tokenizer.context_length
+        longest = max(len(t) for t in tokenizer.encoder)  # characters per BPE token, at most
+        self.max_word = (self.context_length - 1) * longest
+
+    def __getattr__(self, name: str):
+        if name == "tokenizer":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """BPE token ids of ``text``, stopping once there are ``limit``."""
+        tok = self.tokenizer
+        out: list[int] = []
+        for m in tok.pat.finditer(tok.clean_fn(text[: self.max_chars])):
+            word = m.group()[: self.max_word]
+            symbols = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+            out.extend(tok.encoder[t] for t in tok.bpe(symbols).split(" "))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None):
+        import torch
+
+        texts = [texts] if isinstance(texts, str) else texts
+        n = context_length or self.context_length
+        tok = self.tokenizer
+        result = torch.zeros(len(texts), n, dtype=torch.long)
+        for i, text in enumerate(texts):
+            tokens = [tok.sot_token_id, *self.encode(text, n - 1), tok.eot_token_id]
+            if len(tokens) > n:
+                tokens = tokens[:n]
+                tokens[-1] = tok.eot_token_id
+            result[i, : len(tokens)] = torch.tensor(tokens)
+        return result
+
+
+def bounded_tokenizer(tokenizer):
+    """``tokenizer`` wrapped in :class:`BoundedTokenizer` when it is open_clip's plain BPE
+    tokenizer; others (Hugging Face tokenizers, which cut in Rust, or ones with a
+    reduction strategy) are returned as they are."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if type(tokenizer) is SimpleTokenizer and getattr(tokenizer, "reduction_fn", None) is None:
+        return BoundedTokenizer(tokenizer)
+    return tokenizer
+
+
 def split_transform(preprocess) -> tuple[Any, Any]:
     """Split an open_clip ``Compose`` at its to-tensor step into a PIL part and a tensor part."""
     from torchvision.transforms import Compose
@@ -220,7 +295,7 @@ def load_clip(
             raise
         raise PoolsiftError(checkpoint_error(model_name, tag, e)) from e
     model.eval()
-    tokenizer = open_clip.get_tokenizer(model_name)
+    tokenizer = bounded_tokenizer(open_clip.get_tokenizer(model_name))
     pil_transform, tensor_transform = split_transform(preprocess)
     ckpt = checkpoint_file(name, pretrained)
     info = {

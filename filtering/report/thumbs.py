@@ -4,7 +4,9 @@ Only shards that hold a wanted sample are opened, each streamed once with the st
 library's tar reader (no torch import for a report) and closed as soon as its wanted
 keys are found; the number of shards opened is capped. Thumbnails are
 small JPEGs re-encoded from the image (the report is for looking, not for training),
-embedded as ``data:`` URIs so the page needs no network.
+embedded as ``data:`` URIs so the page needs no network. Images are decoded under
+scoring's limits (:func:`filtering.scorers.decode.decode_limits`): an image that scoring
+refused as a decompression bomb gets no thumbnail.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ def thumbnail_uri(data: bytes, size: int = THUMB_PX) -> str | None:
     """A base64 JPEG data URI of the image scaled to fit ``size`` pixels; None if it does not decode."""
     from PIL import Image
 
+    from filtering.scorers.decode import decode_limits
+
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with decode_limits(), Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
             rgb = img.convert("RGB")
             rgb.thumbnail((size, size))

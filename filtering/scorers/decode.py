@@ -17,6 +17,7 @@ decoded image, so it too can differ in a few bits from a full-size decode.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import signal
@@ -152,6 +153,19 @@ def draft_target(transform) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def decode_limits():
+    """The limits every image decode in poolsift runs under (scoring, the report): an image
+    of more than PIL's ``Image.MAX_IMAGE_PIXELS`` (89.5 MP) is refused as a decompression
+    bomb. PIL itself only warns up to twice that, and a 12000x12000 PNG of 560 KB would
+    take 1.2 GB to decode."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def phash64(img) -> int:
     import imagehash
 
@@ -169,8 +183,7 @@ def decode_one(data: bytes | None, transform=None, draft: int | None = -1) -> De
     if data is None:
         return Decoded(None, None, None, None, "missing_image: no jpg/jpeg/png/webp member")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with decode_limits():
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if draft and img.format == "JPEG" and min(width, height) >= 2 * draft:

@@ -6,6 +6,11 @@ score is the cosine similarity of the unit-norm embeddings. Each shard's result 
 table of metadata and scores, plus float16 unit-norm image and text embeddings — is
 written atomically; a rerun (or a resumed, killed run) reuses it without loading the
 model. Corrupt samples become rows with an ``error`` reason and zero embeddings.
+
+A sample's faults stay with that sample: a duplicated member, an unreadable ``.json``,
+an unsafe or non-UTF-8 member name make it a failure row; a metadata field that
+cannot be stored (``original_width`` of 1e400 or 3e9, a ``url`` that is not valid
+text) is left empty and counted (``manifest.json``, ``stages.score.field_warnings``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import functools
 import hashlib
 import json
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,7 +29,7 @@ import pyarrow as pa
 from filtering.cache import ShardCache
 from filtering.errors import ConfigError, PoolsiftError
 from filtering.io.paths import expand_shards, file_info
-from filtering.io.reader import RawSample, ShardReadResult, iter_shard
+from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
 from filtering.pool import Pool, ShardPart
 from filtering.stages.base import RunContext, SourceStage
 from filtering.stages.img2dataset import STATS_COUNTS, merge_side_parquet, read_stats, side_parquet, source_stamp
@@ -60,11 +65,27 @@ EMBEDDING_KINDS = ("image", "text")
 DECODE_CHUNK = 32
 
 
-def _int_or_none(value) -> int | None:
+_INT32_MAX = 2**31 - 1
+
+
+def _int32(value) -> tuple[int | None, bool]:
+    """An int32 column's value from a ``.json`` field, and whether the field was unusable
+    (present but not a number in range: left empty and counted)."""
+    if value is None:
+        return None, False
     try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+        out = int(value)
+    except (TypeError, ValueError, OverflowError):  # "abc", [], inf (1e400), nan
+        return None, True
+    return (out, False) if -_INT32_MAX - 1 <= out <= _INT32_MAX else (None, True)
+
+
+def _text_ok(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates ("\ud800" in JSON, undecodable bytes in a name)
+        return False
+    return True
 
 
 def model_spec(model_cfg) -> dict:
@@ -356,6 +377,11 @@ class ScoreStage(SourceStage):
         upstream = self.upstream_stats()
         if upstream:
             ctx.stage_info["img2dataset"] = upstream
+        warnings = self.field_warnings()
+        if warnings:
+            ctx.stage_info.setdefault(self.name, {})["field_warnings"] = warnings
+            detail = ", ".join(f"{k} {v}" for k, v in warnings.items())
+            ctx.log(f"warning: {sum(warnings.values())} unusable .json fields left empty ({detail})")
         pool = self.load_pool()
         ctx.stage_info["uids"] = pool.artifacts["uids"]
         if pool.artifacts["uids"].get("derived"):
@@ -462,12 +488,20 @@ class ScoreStage(SourceStage):
         cores = os.cpu_count() or 2
         return max(1, cores - 1) if device.startswith("cuda") else max(1, cores // 4)
 
+    def field_warnings(self) -> dict[str, int]:
+        """Unusable metadata fields left empty, counted per field over every shard."""
+        total: Counter = Counter()
+        for u in self.urls:
+            total.update(self.cache.read_meta(u).get("field_warnings", {}))
+        return dict(sorted(total.items()))
+
     def write_shard(self, acc: _ShardAcc, dim: int) -> None:
         """Cache one shard's rows and embeddings; an img2dataset parquet beside the shard adds
         its columns and one failure row (zero embeddings) per URL it attempted and failed."""
-        table = pa.Table.from_pylist(acc.rows, schema=SCORE_SCHEMA)
+        warnings = Counter(w for row in acc.rows for w in row.pop("_warnings", ()))
         image = np.concatenate(acc.image) if acc.image else np.zeros((0, dim), np.float16)
         text = np.concatenate(acc.text) if acc.text else np.zeros((0, dim), np.float16)
+        table = _rows_table(acc.rows, image, text)
         if acc.read is not None and acc.read.error:
             # The rest of a cut-short shard cannot be read: one failure row stands for it.
             table = pa.concat_tables([table, pa.Table.from_pylist([_shard_error_row(acc.url, acc.read.error)], schema=SCORE_SCHEMA)])
@@ -477,7 +511,36 @@ class ScoreStage(SourceStage):
         if added:
             image = np.concatenate([image, np.zeros((added, image.shape[1]), np.float16)])
             text = np.concatenate([text, np.zeros((added, text.shape[1]), np.float16)])
-        self.cache.write(acc.url, table, {"image": image, "text": text}, source=source_stamp(acc.url))
+        extra = {"field_warnings": dict(sorted(warnings.items()))} if warnings else None
+        self.cache.write(acc.url, table, {"image": image, "text": text}, source=source_stamp(acc.url), extra=extra)
+
+
+_ROW_ERRORS = (pa.ArrowException, ValueError, TypeError, OverflowError, UnicodeError)
+
+
+def _rows_table(rows: list[dict], image: np.ndarray, text: np.ndarray) -> pa.Table:
+    """The shard's rows as a table. A row Arrow cannot store (``_row`` should prevent
+    every one) becomes a failure row with zero embeddings rather than failing the shard."""
+    try:
+        return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+    except _ROW_ERRORS:
+        pass
+    for i, row in enumerate(rows):
+        try:
+            pa.Table.from_pylist([row], schema=SCORE_SCHEMA)
+        except _ROW_ERRORS as e:
+            rows[i] = {
+                "uid": row.get("uid"), "key": _safe_text(row.get("key")), "source_shard": row.get("source_shard"),
+                "caption": "", "error": f"bad_row: {type(e).__name__}: {one_line(e)[:160]}",
+            }
+            image[i] = 0
+            text[i] = 0
+    return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+
+
+def _safe_text(value) -> str:
+    value = value if isinstance(value, str) else str(value)
+    return value if _text_ok(value) else value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _shard_error_row(url: str, error: str) -> dict:
@@ -497,24 +560,42 @@ def _raw_string(value) -> str | None:
 
 def _row(sample: RawSample, url: str, uid_field: str = "uid") -> dict:
     """One sample's cached row. ``uid`` is the .json field as read; the pool's uid is
-    resolved from it when the pool is loaded (:func:`filtering.uid.resolve_uids`)."""
-    meta = sample.meta or {}
+    resolved from it when the pool is loaded (:func:`filtering.uid.resolve_uids`).
+    ``error`` is set when the sample itself is unusable; ``_warnings`` (popped before
+    caching) names the .json fields left empty because they cannot be stored."""
+    meta, error = sample.read_meta()
+    meta = meta or {}
     image = sample.image
-    return {
-        "uid": _raw_string(meta.get(uid_field)),
-        "key": sample.key,
-        "source_shard": url,
-        "caption": sample.caption,
-        "url": meta.get("url") if isinstance(meta.get("url"), str) else None,
-        "original_width": _int_or_none(meta.get("original_width")),
-        "original_height": _int_or_none(meta.get("original_height")),
-        "sha256": meta.get("sha256") if isinstance(meta.get("sha256"), str) else None,
-        "image_sha256": hashlib.sha256(image).hexdigest() if image is not None else None,
-        "image_ext": sample.image_ext,
-        "status": meta.get("status") if isinstance(meta.get("status"), str) else None,
-        "error_message": _raw_string(meta.get("error_message")),
-        "exif": _raw_string(meta.get("exif")),
-    }
+    key = sample.key
+    if not _text_ok(key):
+        key, error = _safe_text(key), error or "bad_name: member name is not UTF-8"
+    error = sample.error or error or unsafe_name(key)
+    warnings = []
+    row = {"uid": _raw_string(meta.get(uid_field)), "key": key, "source_shard": url, "caption": sample.caption}
+    for name in ("original_width", "original_height"):
+        row[name], bad = _int32(meta.get(name))
+        if bad:
+            warnings.append(name)
+    texts = {name: meta.get(name) if isinstance(meta.get(name), str) else None for name in ("url", "sha256", "status")}
+    texts["error_message"] = _raw_string(meta.get("error_message"))
+    texts["exif"] = _raw_string(meta.get("exif"))
+    for name, value in texts.items():
+        if value is not None and not _text_ok(value):
+            texts[name] = None
+            warnings.append(name)
+    row.update(texts)
+    row["image_sha256"] = hashlib.sha256(image).hexdigest() if image is not None else None
+    row["image_ext"] = sample.image_ext
+    if error:
+        row["error"] = error
+    if warnings:
+        row["_warnings"] = warnings
+    return row
+
+
+def decode_input(sample: RawSample) -> bytes | None:
+    """The image bytes worth decoding: none for a sample already failed by the reader."""
+    return sample.image if sample.error is None else None
 
 
 def _read_tasks(urls: list[str], chunk: int = DECODE_CHUNK) -> Iterator[tuple]:
@@ -535,7 +616,7 @@ def _read_tasks(urls: list[str], chunk: int = DECODE_CHUNK) -> Iterator[tuple]:
 def submit_batch(encoder, items: list[tuple[dict, object]]) -> tuple[list[int], object | None]:
     """Start encoding one model batch of (row, Decoded): its readable images with their
     captions. Returns the readable rows' positions and the pending result (None if none)."""
-    ok = [i for i, (_, d) in enumerate(items) if d.error is None]
+    ok = [i for i, (row, d) in enumerate(items) if d.error is None and not row.get("error")]
     if not ok:
         return ok, None
     pixels = np.stack([items[i][1].pixels for i in ok])
@@ -549,8 +630,8 @@ def complete_batch(items: list[tuple[dict, object]], ok: list[int], pending, dim
     return the batch's float16 image and text embeddings, zeros for rows that failed."""
     image = np.zeros((len(items), dim), np.float16)
     text = np.zeros_like(image)
-    for row, d in items:
-        row.update(width=d.width, height=d.height, phash=d.phash, error=d.error, clip_score=None)
+    for row, d in items:  # a failure found before decoding (row["error"]) comes first
+        row.update(width=d.width, height=d.height, phash=d.phash, error=row.get("error") or d.error, clip_score=None)
     if pending is not None:
         img, txt = pending.result()
         image[ok], text[ok] = img, txt
@@ -632,7 +713,7 @@ def score_stream(
 
     def decoded(fut, samples) -> list:
         if fut is None:
-            return [decode_one(s.image, pil_transform, draft) for s in samples]
+            return [decode_one(decode_input(s), pil_transform, draft) for s in samples]
         try:
             return fut.result()
         except BrokenProcessPool as e:
@@ -661,7 +742,7 @@ def score_stream(
             fut = None
             if task[0] == "chunk" and executor is not None:
                 try:
-                    fut = executor.submit(decode_batch, [s.image for s in task[2]])
+                    fut = executor.submit(decode_batch, [decode_input(s) for s in task[2]])
                 except BrokenProcessPool as e:
                     raise _worker_died(e) from e
             window.append((task, fut))

@@ -12,6 +12,10 @@ Source shards are streamed one at a time and only one sample is held in memory. 
 i-th sample read from a shard is the i-th pool row of that shard (the scoring stage
 records them in read order), so duplicate keys inside a shard cannot be confused; the
 key is checked as well, and a source shard that no longer matches its scores is an error.
+
+Member names are safe to extract: a sample whose key is absolute or has a ``..``
+component is failed when it is scored (reason ``unsafe_name``), so it is never kept;
+the writer refuses one all the same (a cache scored by an older poolsift).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 from filtering.errors import PoolsiftError
 from filtering.io.atomic import atomic_open, is_write_failure, write_error
 from filtering.io.paths import get_fs, join
-from filtering.io.reader import ShardReadResult, iter_shard
+from filtering.io.reader import ShardReadResult, iter_shard, unsafe_name
 from filtering.pool import Pool
 
 TAR_MODE = 0o644
@@ -43,6 +47,8 @@ class _ShardWriter:
         self._tar: tarfile.TarFile | None = None
 
     def write(self, key: str, members: dict[str, bytes], source: str) -> None:
+        if unsafe_name(key):
+            raise PoolsiftError(f"reshard: {source}: sample {key[:200]!r}: {unsafe_name(key)}; rerun without the cache")
         if self._tar is None or self.shards[-1]["count"] >= self.samples_per_shard:
             self._next()
         for ext, data in members.items():

@@ -222,7 +222,7 @@ def _read_decode(item: dict, transform, draft: int | None, batch_size: int, uid_
     """One shard -> its model batches (decoded pixels of the readable images), then an end row."""
     from filtering.io.reader import ShardReadResult, iter_shard
     from filtering.scorers.decode import decode_one
-    from filtering.stages.score import _row
+    from filtering.stages.score import _row, decode_input
 
     url = item["url"]
     result = ShardReadResult(url)
@@ -240,7 +240,7 @@ def _read_decode(item: dict, transform, draft: int | None, batch_size: int, uid_
         }
 
     for sample in iter_shard(url, result):
-        batch.append((_row(sample, url, uid_field), decode_one(sample.image, transform, draft)))
+        batch.append((_row(sample, url, uid_field), decode_one(decode_input(sample), transform, draft)))
         if len(batch) == batch_size:
             yield emit()
             batch, index = [], index + 1

@@ -59,11 +59,18 @@ def _read(path):
 
 
 def _reference(path):
-    """webdataset's samples, up to its first error."""
+    """webdataset's own samples (its tar iterator and ``group_by_keys``), up to its first error."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
     out = []
     try:
-        for s in _iter_shard_webdataset(str(path)):
-            out.append((s.key, s.members))
+        with open(path, "rb") as f:
+            files = ({**item, "__url__": str(path)} for item in tar_file_iterator(f))
+            for s in group_by_keys(files):
+                key = s.pop("__key__")
+                s.pop("__url__", None)
+                s.pop("__local_path__", None)
+                out.append((key, s))
     except Exception:  # noqa: BLE001
         pass
     return out
@@ -118,8 +125,20 @@ def test_damage_is_reported_with_the_samples_before_it(tmp_path):
     assert _read(tmp_path / "empty.tar")[1].error == "unreadable_shard: TarError: empty file"
 
 
-def test_duplicate_member_is_an_error_as_in_webdataset(tmp_path):
-    path = tmp_path / "dup.tar"
-    path.write_bytes(_tar(tarfile.GNU_FORMAT, [("a.txt", b"1"), ("a.txt", b"2")], extras=False))
-    samples, result = _read(path)
-    assert samples == [] and result.error.startswith("unreadable_shard: ValueError: a.txt: duplicate file name")
+def test_duplicate_member_fails_its_sample_where_webdataset_drops_the_shard(tmp_path):
+    members = [("a.txt", b"1"), ("a.txt", b"2"), ("b.txt", b"3")]
+    for fmt in (tarfile.GNU_FORMAT, "gz"):
+        path = tmp_path / f"dup{fmt}.tar"
+        data = _tar(tarfile.GNU_FORMAT, members, extras=False)
+        path.write_bytes(gzip.compress(data) if fmt == "gz" else data)  # the fast reader and the fallback
+        result = ShardReadResult(str(path))
+        samples = [(s.key, s.members, s.error) for s in iter_shard(str(path), result)]
+        assert result.error is None
+        assert samples == [("a", {"txt": b"1"}, "duplicate_member: a.txt appears twice in one sample"), ("b", {"txt": b"3"}, None)]
+    assert _reference(path) == []  # webdataset raises at the duplicate
+
+
+def test_the_fallback_reader_gives_the_fast_readers_samples(tmp_path):
+    path = tmp_path / "s.tar"
+    path.write_bytes(_tar(tarfile.PAX_FORMAT))
+    assert [(s.key, s.members) for s in _iter_shard_webdataset(str(path))] == _read(path)[0]
