@@ -232,6 +232,8 @@ def tar_members(f) -> Iterator[tuple[str, bytes]]:
             return
         first = False
         if len(header) != _BLOCK:
+            if header.count(0) == len(header):  # cut inside the end-of-archive blocks
+                return
             raise TarError("unexpected end of data", _name(header[0:100]))
         if header.count(0) == _BLOCK:  # end of archive
             return
@@ -288,37 +290,33 @@ def group_members(members) -> Iterator[tuple[str, dict[str, bytes], str | None]]
     ``(key, members, error)``: ``error`` names a repeated member (the first copy is
     kept). When the member stream fails, the sample being assembled is yielded first
     if it is complete (:func:`_complete_at_damage`), then the error propagates."""
-    key, sample, error, shape = None, None, None, None
-    it = iter(members)
-    while True:
-        try:
-            name, data = next(it)
-        except StopIteration:
-            break
-        except _UnsupportedTarError:
-            raise  # the fallback reader rereads this sample
-        except Exception as e:
-            if sample and _complete_at_damage(e, key, sample, shape):
-                yield key, sample, error
-            raise
-        m = _KEY_EXT.match(name)
-        if not m:
-            continue
-        prefix, suffix = m.group(1), m.group(2).lower()
-        if sample is None or prefix != key:
-            if sample:
-                yield key, sample, error
-                shape = set(sample)
-            key, sample, error = prefix, {}, None
-        if suffix in sample:
-            error = error or f"duplicate_member: {name[-200:]} appears twice in one sample"
-            continue
-        sample[suffix] = data
+    key, sample, error, previous = None, None, None, None
+    try:
+        for name, data in members:
+            m = _KEY_EXT.match(name)
+            if not m:
+                continue
+            prefix, suffix = m.group(1), m.group(2).lower()
+            if sample is None or prefix != key:
+                if sample:
+                    yield key, sample, error
+                    previous = sample
+                key, sample, error = prefix, {}, None
+            if suffix in sample:
+                error = error or f"duplicate_member: {name[-200:]} appears twice in one sample"
+                continue
+            sample[suffix] = data
+    except _UnsupportedTarError:
+        raise  # the fallback reader rereads this sample
+    except Exception as e:
+        if sample and _complete_at_damage(e, key, sample, previous):
+            yield key, sample, error
+        raise
     if sample:
         yield key, sample, error
 
 
-def _complete_at_damage(e: Exception, key: str, sample: dict, shape: set | None) -> bool:
+def _complete_at_damage(e: Exception, key: str, sample: dict, previous: dict | None) -> bool:
     """Whether the sample assembled when the stream broke has all its members: the damaged
     member's (checksummed) header names another key; else the sample has the extensions
     of the shard's previous sample; else (first sample) the damaged header's name, read
@@ -327,6 +325,6 @@ def _complete_at_damage(e: Exception, key: str, sample: dict, shape: set | None)
     m = _KEY_EXT.match(member) if member else None
     if getattr(e, "verified", False) and member is not None:
         return m is None or m.group(1) != key
-    if shape is not None:
-        return set(sample) >= shape
+    if previous is not None:
+        return sample.keys() >= previous.keys()
     return m is None or m.group(1) != key
