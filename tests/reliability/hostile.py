@@ -49,11 +49,14 @@ def meta_of(members: list[tuple[str, bytes]], key: str) -> dict:
     return json.loads(dict(members)[f"{key}.json"])
 
 
-def run_pool(tmp_path: Path, shards: list[Path], **output) -> tuple[int, str, dict | None, Path]:
-    """``poolsift run`` of the sample config on ``shards``; (exit code, stderr, manifest, out dir)."""
+def run_pool(tmp_path: Path, shards: list[Path], uid: dict | None = None, **output) -> tuple[int, str, dict | None, Path]:
+    """``poolsift run`` of the sample config on ``shards`` (``uid``: ``input.uid`` settings);
+    returns (exit code, stderr, manifest, out dir)."""
     out = tmp_path / "out"
     cfg = yaml.safe_load((REPO / "configs" / "sample.yaml").read_text())
     cfg["input"]["shards"] = [str(s) for s in shards]
+    if uid:
+        cfg["input"]["uid"] = uid
     cfg["model"]["pretrained"] = str(REPO / cfg["model"]["pretrained"])
     cfg["model"]["num_workers"] = 0  # decode in this process: a few samples need no pool
     cfg["output"] = {"dir": str(out), **output}

@@ -5,7 +5,9 @@ anywhere, one bit flipped in a member's header or in its bytes, a member repeate
 neighbouring members swapped. Every case must leave: exit 0, the manifest's
 ``input == kept + failed + sum(dropped)``, every sample that lies wholly before the
 damage present (kept, dropped by a filter, or failed for its own reason), and no file
-written outside the output directory. Seeded: the same cases every run.
+written outside the output directory. Seeded: the same cases every run. Samples whose
+``.json`` the damage removed have no uid: ``input.uid.on_invalid: fail`` makes each
+of those a failure row (by default a missing uid stops the run, exit 2).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ def test_damaged_shards_never_fail_the_run_or_lose_complete_samples(tmp_path, ru
         expected[str(shard)], kinds[str(shard)] = before, kind
     before_run = _files(tmp_path, tmp_path / "out")
 
-    code, err, manifest, out = run_pool(tmp_path, shards, webdataset=True)
+    # A sample split by damage can lack its .json: fail it alone (the default, a missing
+    # uid, stops the run by design: input.uid.on_invalid).
+    code, err, manifest, out = run_pool(tmp_path, shards, uid={"on_invalid": "fail"}, webdataset=True)
 
     assert code == 0, err
     assert accounted(manifest), manifest["counts"]
