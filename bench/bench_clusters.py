@@ -16,8 +16,17 @@ folder by a child process, so this process's peak memory is the clustering's own
 Prints wall times, peak RSS (``getrusage``), the ratios, and whether our assignment of
 the subset equals numpy's argmax.
 
+``--agreement``: exactness next to speed at DataComp's cluster count instead. ``--agree-n``
+embeddings and ``--agree-k`` centroids (768-d, drawn the same clustered way, centroid norms
+0.9-1 like L2 k-means means) are assigned by every backend poolsift's auto rule can pick
+(faiss, bf16-screen native where the CPU has it, bf16-screen emulated, faiss-gpu where
+installed); ``--agree-thin`` draws both near a 3-d subspace instead, where rows have many
+near-best centroids (the screens' hard case, and where float32 ties happen) and by the plain float32 argmax DataComp computes (faiss k=1, numpy); each
+line gives rows/s and how many rows equal the float64 argmax (ties to the lowest id).
+
     .venv/bin/python bench/bench_clusters.py                   # 1,000,000 x 768 -> 10,000
     .venv/bin/python bench/bench_clusters.py --n 100000 --k 1000
+    .venv/bin/python bench/bench_clusters.py --agreement       # 5,000 rows x 100,000 centroids
 """
 
 from __future__ import annotations
@@ -54,6 +63,77 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def float64_argmax(x: np.ndarray, centroids: np.ndarray, chunk: int = 250) -> np.ndarray:
+    """The float64 argmax of ``x @ centroids.T``; scores within 1e-12 of the best count as
+    tied (float64 rounding, not the data) and go to the lowest id."""
+    c64 = centroids.astype(np.float64)
+    out = np.empty(len(x), np.int64)
+    for lo in range(0, len(x), chunk):
+        s = x[lo : lo + chunk].astype(np.float64) @ c64.T
+        out[lo : lo + chunk] = np.argmax(s >= s.max(axis=1, keepdims=True) - 1e-12, axis=1)
+    return out
+
+
+def agreement(args) -> None:
+    from filtering import clustering
+
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((max(2, args.agree_k // 50), args.d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+    def draw(m: int) -> np.ndarray:
+        if args.agree_thin:  # near a 3-d subspace: many near-best centroids per row
+            x = 0.25 / np.sqrt(args.d) * rng.standard_normal((m, args.d), dtype=np.float32)
+            x[:, :3] = rng.standard_normal((m, 3))
+        else:
+            x = centres[rng.integers(0, len(centres), m)] + 0.6 / np.sqrt(args.d) * rng.standard_normal((m, args.d), dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    x = draw(args.agree_n).astype(np.float16).astype(np.float32)  # as the pool stores them
+    centroids = (draw(args.agree_k) * rng.uniform(0.9, 1.0, (args.agree_k, 1))).astype(np.float32)
+    t = time.perf_counter()
+    truth = float64_argmax(x, centroids)
+    print(f"{args.agree_n:,} rows x {args.agree_k:,} centroids, d={args.d}; float64 argmax in {time.perf_counter() - t:.1f} s")
+
+    def faiss_k1():
+        import faiss
+
+        index = faiss.IndexFlatIP(args.d)
+        index.add(centroids)
+        return lambda v: index.search(v, 1)[1][:, 0]
+
+    def numpy_fp32():
+        return lambda v: np.concatenate([np.argmax(v[lo : lo + 1000] @ centroids.T, axis=1) for lo in range(0, len(v), 1000)])
+
+    def ours(backend: str, native: bool | None):
+        def setup():
+            a = clustering.Assigner(centroids, backend)
+            a.native_bf16 = native
+            a(x[:1])  # builds the index / the bf16 copy of the centroids
+            return lambda v: clustering.assign(v, a)[0]
+
+        return setup
+
+    cases = [("faiss IndexFlatIP k=1 (fp32 argmax)", faiss_k1), ("numpy fp32 argmax", numpy_fp32),
+             ("poolsift faiss", ours("faiss", None))]
+    if clustering.native_bf16():
+        cases.append(("poolsift bf16-screen native", ours("bf16-screen", True)))
+    cases.append(("poolsift bf16-screen emulated", ours("bf16-screen", False)))
+    if clustering.faiss_gpus() > 0:
+        cases.append(("poolsift faiss-gpu", ours("faiss-gpu", None)))
+    print(f"auto backend here: {clustering.default_backend(args.agree_k)}; timings exclude building the index")
+    base = None
+    for name, setup in cases:
+        fn = setup()
+        t, c = time.perf_counter(), cpu_seconds()
+        ids = fn(x)
+        wall, cpu = time.perf_counter() - t, cpu_seconds() - c
+        base = base or cpu
+        same = int((ids == truth).sum())
+        print(f"{name:36s} {args.agree_n / wall:7.0f} rows/s wall, {args.agree_n / cpu:7.0f} rows/CPU-s "
+              f"(x{base / cpu:4.2f} vs faiss k=1)  = float64 argmax: {same:,} of {args.agree_n:,}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -65,7 +145,14 @@ def main() -> None:
     p.add_argument("--baseline-n", type=int, default=50_000)
     p.add_argument("--baseline-iters", type=int, default=None, help="faiss.Kmeans iterations (default: --niter)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--agreement", action="store_true", help="only the exactness-and-speed comparison at --agree-k centroids")
+    p.add_argument("--agree-n", type=int, default=5000)
+    p.add_argument("--agree-k", type=int, default=100_000)
+    p.add_argument("--agree-thin", action="store_true", help="embeddings and centroids near a 3-d subspace (the screens' hard case)")
     args = p.parse_args()
+    if args.agreement:
+        agreement(args)
+        return
 
     from filtering import clustering
 

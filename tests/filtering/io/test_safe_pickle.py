@@ -94,10 +94,12 @@ def test_imagenet_embeddings_dict_of_tensors(tmp_path, protocol, dtype):
     np.testing.assert_array_equal(load_reference_embeddings(path), expected)
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_bare_tensor_and_plain_pickles(tmp_path, protocol):
     path = write(tmp_path, "c.pt", torch_file(torch.from_numpy(CENTROIDS), protocol))
     np.testing.assert_array_equal(load_centroids(path), CENTROIDS)
+    path = write(tmp_path, "c64.pt", torch_file(CENTROIDS.astype(np.float64), protocol))  # protocol 5: _frombuffer
+    np.testing.assert_array_equal(safe_pickle.load(path), CENTROIDS.astype(np.float64))
     for proto in (2, 4, 5):
         for data in (pickle.dumps(CENTROIDS, protocol=proto), as_numpy1(pickle.dumps(CENTROIDS, protocol=proto)) if proto in (2, 4) else None):
             if data is None:
