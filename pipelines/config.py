@@ -303,7 +303,9 @@ def resolve_paths(raw: dict, base: str | Path, absolute: bool = False) -> None:
     for _, container, key in list(config_paths(raw)):
         value = container[key]
         local = value.removeprefix("file://")
-        if os.path.isabs(local) or local.startswith("{"):  # a brace list may hold absolute paths
+        # "~/x" is the user's home on whatever machine runs it: kept as written (so the
+        # recorded config is the same everywhere), expanded where the file is opened.
+        if os.path.isabs(local) or local.startswith(("{", "~")):  # a brace list may hold absolute paths
             continue
         target = os.path.normpath(os.path.join(base_abs, local))
         rel = os.path.relpath(target, cwd)
@@ -315,11 +317,21 @@ def expand_local(pattern: str) -> Iterator[tuple[str, list[str]]]:
     import braceexpand
 
     for one in braceexpand.braceexpand(pattern):
-        path = one.removeprefix("file://")
+        path = os.path.expanduser(one.removeprefix("file://"))
         if any(c in path for c in "*?["):
             yield one, glob.glob(path, recursive=True)
         else:
             yield one, [path] if os.path.exists(path) else []
+
+
+def _may_be_missing(key: str, params: Any, field: str) -> bool:
+    """Whether the filter at ``key`` (``filters[2].language.model_path``) handles a missing
+    file itself (``Params.path_may_be_missing``: the language filter's fallback)."""
+    from filtering.filters.base import REGISTRY
+
+    parts = key.split(".")
+    cls = REGISTRY.get(parts[-2]) if key.startswith("filters") and len(parts) >= 2 else None
+    return cls is not None and isinstance(params, dict) and cls.Params.path_may_be_missing(params, field)
 
 
 def check_local_paths(cfg: Config) -> None:
@@ -333,7 +345,7 @@ def check_local_paths(cfg: Config) -> None:
             continue
         value = container[k]
         for pattern, found in expand_local(value):
-            if not found:
+            if not found and not _may_be_missing(key, container, k):
                 if key.startswith("input.shards"):
                     raise InputError(f"input.shards: no shards found at {pattern!r}")
                 raise InputError(f"{key}: no such file or folder {pattern!r}")

@@ -25,6 +25,12 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     path_fields: ClassVar[tuple[str, ...]] = ()  # parameters that name local files (read before any data)
 
+    @classmethod
+    def path_may_be_missing(cls, params: dict[str, Any], field: str) -> bool:
+        """True when a missing file at ``field`` is for the filter to handle (e.g. by a
+        fallback), so the check of local paths before the run lets it pass."""
+        return False
+
 
 @dataclass
 class Decision:

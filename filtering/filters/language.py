@@ -103,6 +103,11 @@ class LanguageParams(Params):
             out.append(code)
         return out
 
+    @classmethod
+    def path_may_be_missing(cls, params: dict[str, Any], field: str) -> bool:
+        """With a ``fallback:``, a missing model is not an error: the next identifier runs."""
+        return field == "model_path" and bool(params.get("fallback"))
+
     @field_validator("fallback", mode="before")
     @classmethod
     def _one_or_list(cls, value: Any) -> Any:

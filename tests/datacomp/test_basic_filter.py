@@ -96,3 +96,32 @@ def test_image_based_caption_prefilter_equals_datacomp(tmp_path, metadata, lid, 
     assert code == 0, err
     expected = datacomp_caption_filter_uids(metadata, fasttext.load_model(str(lid)))
     np.testing.assert_array_equal(np.load(tmp_path / "run" / "subset.npy"), expected)
+
+
+def test_preset_finds_the_model_where_datacomp_downloads_it(tmp_path, metadata, lid, monkeypatch):
+    """``~/.cache/fasttext/lid.176.bin`` is expanded on the machine that runs; absent, the
+    fallback runs (the path check lets it pass); without ``fallback:`` it is an error."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _, err, manifest = _run(tmp_path / "a", "basic_filter.yaml", metadata)
+    assert manifest["language_identifiers"][0]["backend"] == "py3langid"
+    assert "no fastText model at" in err and str(tmp_path / "home" / ".cache" / "fasttext" / "lid.176.bin") in err
+    code, _, err = run_cli(
+        "validate",
+        REPO / "configs" / "basic_filter.yaml",
+        "--set",
+        f"input.datacomp_metadata={metadata}",
+        "--set",
+        "filters[2].language.fallback=null",
+    )
+    assert code == 2 and "filters[2].language.model_path" in err
+
+    cache = tmp_path / "home" / ".cache" / "fasttext"
+    cache.mkdir(parents=True)
+    shutil.copy(lid, cache / "lid.176.bin")
+    out, _, manifest = _run(tmp_path / "b", "basic_filter.yaml", metadata)
+    assert manifest["language_identifiers"][0]["backend"] == "fasttext"
+    np.testing.assert_array_equal(
+        np.load(out / "subset.npy"), datacomp_basic_filter_uids(metadata, fasttext.load_model(str(lid)))
+    )
