@@ -10,6 +10,7 @@ over one float column per shard (range, then bins) keep memory flat in the pool 
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,7 @@ def _scorer_files(out_dir: str, manifest: dict[str, Any], column: str) -> tuple[
         cache_dir = info.get("cache", {}).get("dir")
         if not cache_dir:
             return name, []
+        cache_dir = join(out_dir, "cache", posixpath.basename(cache_dir.rstrip("/")))  # the run may have moved
         if manifest.get("input_kind") == "datacomp":
             sources = score_sources(out_dir, manifest, "uid")
             urls = sources
