@@ -111,3 +111,25 @@ def test_tags_are_not_paths(tmp_path):
     cfg = load_config(path)
     assert cfg.model.pretrained == "laion2b_s34b_b79k"
     assert cfg.input.shards == "s3://bucket/{0..3}.tar"
+
+
+def test_home_paths_and_optional_models(tmp_path):
+    """``~`` paths are the user's home, not the config's folder; a language model with a
+    fallback backend may be missing (the filter falls back), one without may not."""
+    from pipelines.config import load_config
+
+    for name in ["tiny.safetensors", "pool.tar"]:
+        (tmp_path / name).touch()
+    language = {"languages": ["en"], "backend": "fasttext", "model_path": "~/no/such/lid.176.bin"}
+    raw = {"input": {"shards": "pool.tar"}, "model": {"arch": "poolsift-tiny", "pretrained": "tiny.safetensors"},
+           "filters": [{"language": {**language, "fallback": ["py3langid"]}}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path).filters[0]["language"]["model_path"] == "~/no/such/lid.176.bin"
+    code, _, err = run_cli("validate", path)
+    assert code == 0, err
+    raw["filters"] = [{"language": language}]
+    path.write_text(yaml.safe_dump(raw))
+    code, _, err = run_cli("validate", path)
+    assert code == 2
+    assert err.strip() == "poolsift: error: filters[0].language.model_path: no such file or folder '~/no/such/lid.176.bin'"
