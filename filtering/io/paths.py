@@ -53,7 +53,7 @@ def _protocol_prefix(url: str) -> str:
     return url.split("://", 1)[0] + "://" if "://" in url else ""
 
 
-# What a run writes in its output directory (SPEC, "Output directory"). A shard spec
+# What a run writes in its output directory (docs/spec.md, "Output directory"). A shard spec
 # that reaches into an output directory (``DIR/*`` with ``output.dir: DIR``, or ``**``
 # over a folder holding it) skips these, so a rerun reads the same inputs as the first run.
 OUTPUT_ENTRIES = ("manifest.json", "subset.npy", "subset", "dropped", "shards", "cache", "report.html",
