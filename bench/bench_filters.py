@@ -70,6 +70,13 @@ def naive_caption(captions):
     return np.array([len(t.split()) > 2 and len(t) > 5 for t in captions])
 
 
+def naive_caption_fasttext(captions):
+    """DataComp's image_based pre-filter words (apply_filter.py:67): fastText's own tokenizer per row."""
+    import fasttext
+
+    return np.array([len(fasttext.tokenize(t)) > 1 and len(t) > 5 for t in captions])
+
+
 def naive_image_size(w, h):
     return np.array([min(a, b) >= 200 and max(a, b) / min(a, b) <= 3.0 for a, b in zip(w, h, strict=True)])
 
@@ -120,12 +127,19 @@ def main() -> None:
         write_uids(listed_path, listed)
         cases = [
             ("caption {min_words: 3, min_chars: 6}", Caption(CaptionParams(min_words=3, min_chars=6), info), lambda: naive_caption(captions)),
+            ("caption {min_words: 2, min_chars: 6, tokenizer: fasttext}",
+             Caption(CaptionParams(min_words=2, min_chars=6, tokenizer="fasttext"), info),
+             lambda: naive_caption_fasttext(captions)),
             ("image_size {min_side: 200, max_aspect_ratio: 3}", ImageSize(ImageSizeParams(min_side=200, max_aspect_ratio=3.0), info), lambda: naive_image_size(w, h)),
             ("text_entities (ImageNet-1k)", TextEntities(TextEntitiesParams(), info), lambda: naive_entities(captions)),
             ("wordnet_synsets (ImageNet-21k)", WordNetSynsets(WordNetSynsetsParams(), info), lambda: naive_synsets(captions)),
             ("uids {mode: keep}", Uids(UidsParams(path=listed_path), info), lambda: naive_uids(uids, listed)),
         ]
         print(f"{'filter':<48} {'poolsift':>10} {'per-row':>10} {'ratio':>8}  same mask  kept")
+        try:
+            import fasttext  # noqa: F401
+        except ImportError:  # the per-row side needs fastText; poolsift's side does not
+            cases = [c for c in cases if "tokenizer: fasttext" not in c[0]]
         for name, f, naive in cases:
             ours, t_ours = timed(lambda f=f: f.apply(pool, alive).keep)
             base, t_base = timed(naive)
