@@ -89,6 +89,14 @@ class OutputConfig(Strict):
     report: bool = False
 
 
+class ExecutionConfig(Strict):
+    """``auto``: the streaming plan (pipelines/executors/streaming.py) when its outputs equal
+    the in-memory path's, else in memory; ``memory`` / ``streaming`` force one (streaming
+    still falls back, with a log line, when the pool turns out to need the whole pool)."""
+
+    mode: Literal["auto", "memory", "streaming"] = "auto"
+
+
 class Config(Strict):
     input: InputConfig
     model: ModelConfig = ModelConfig()
@@ -96,6 +104,7 @@ class Config(Strict):
     scorers: list[Any] = []  # [{embedding_head: {...}}, ...]: filtering/scorers/, parsed in parse_config
     filters: list[Any] = []
     output: OutputConfig = OutputConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     _filter_tree: list[FilterNode] = []
     _scorers: list[Any] = []
@@ -113,6 +122,7 @@ class Config(Strict):
         d = self.model_dump(mode="json")
         if not d.get("scorers"):  # configs without scorers record (and hash) as they did before the section existed
             d.pop("scorers", None)
+        d.pop("execution", None)  # how a run executes never changes its outputs, so it is not part of the config's identity
         return d
 
     def sha256(self) -> str:

@@ -134,8 +134,8 @@ def language_identifiers(cfg: Config) -> list[dict[str, Any]]:
 class RunResult:
     out_dir: str
     manifest: dict[str, Any]
-    pool: Pool
-    outcome: FilterOutcome
+    pool: Pool | None  # None on the streaming plan: no process held the pool
+    outcome: FilterOutcome | None
 
 
 def progress_factory(enabled: bool):
@@ -168,6 +168,13 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
             progress=progress_factory(progress),
             log=log,
         )
+        manifest = streamed(cfg, the_plan, ctx, executor)
+        if manifest is not None:
+            if cfg.output.report:
+                from filtering.report import write_report
+
+                write_report(out_dir, log=log)
+            return RunResult(out_dir, manifest, None, None)
         pool = the_plan.source.run(ctx)
         for stage in the_plan.stages:
             stage.run(ctx, pool)
@@ -182,6 +189,21 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
 
             write_report(out_dir, log=log)
     return RunResult(out_dir, manifest, pool, outcome)
+
+
+def streamed(cfg: Config, the_plan: Plan, ctx: RunContext, executor) -> dict[str, Any] | None:
+    """The run on the streaming plan (pipelines/executors/streaming.py) when ``execution.mode``
+    allows it and the outputs equal the in-memory path's; its manifest, or None."""
+    if cfg.execution.mode == "memory":
+        return None
+    from pipelines.executors import streaming
+
+    reason = streaming.why_not(cfg, the_plan, executor)
+    if reason is not None:
+        if cfg.execution.mode == "streaming":
+            raise ConfigError(f"execution.mode: streaming is not possible for this run: {reason}")
+        return None
+    return streaming.run_streaming(cfg, the_plan, ctx)
 
 
 class _UidDuplicates(FilterNode):

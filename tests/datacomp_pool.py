@@ -344,3 +344,26 @@ def pool_embeddings(root: Path, kind: str) -> tuple[list[str], np.ndarray]:
         uids += pd.read_parquet(p, columns=["uid"])["uid"].tolist()
         emb.append(np.load(p.with_suffix(".npz"))[kind])
     return uids, np.concatenate(emb)
+
+
+def set_nan_scores(root: Path, field: str, fraction: float, seed: int = 1) -> None:
+    """Set ``field`` to NaN on about ``fraction`` of the rows of every shard under ``root``
+    (DataComp pools have samples without a score)."""
+    rng = np.random.default_rng(seed)
+    for p in _parquets(root):
+        table = pq.read_table(p)
+        scores = table.column(field).to_numpy().copy()
+        scores[rng.random(len(scores)) < fraction] = np.nan
+        i = table.column_names.index(field)
+        pq.write_table(table.set_column(i, field, pa.array(scores, table.schema.field(field).type)), p)
+
+
+def repeat_uid(root: Path) -> str:
+    """Give the last row of the last shard the uid of the first row of the first shard; returns it."""
+    parquets = _parquets(root)
+    first = pq.read_table(parquets[0]).column("uid")[0].as_py()
+    table = pq.read_table(parquets[-1])
+    uids = table.column("uid").to_pylist()
+    uids[-1] = first
+    pq.write_table(table.set_column(table.column_names.index("uid"), "uid", pa.array(uids, pa.string())), parquets[-1])
+    return first

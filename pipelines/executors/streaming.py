@@ -1,0 +1,532 @@
+"""The streaming plan: a DataComp-metadata pool filtered shard by shard on all cores.
+
+Used when every filter in the tree decides a row from that row alone (caption,
+language, image_size, text_entities, wordnet_synsets, uids, ``clip_score`` /
+``score`` thresholds), or is a ``clip_score`` ``top_fraction`` over the whole pool. No
+process holds the pool; each phase is a map over shards on a process pool, or a small
+reduction in the driver:
+
+1. **scan** (per shard): read ``uid`` and the ``top_fraction`` score columns only;
+   write the shard's sorted ``u8,u8`` uids to a spill file; return, per score column,
+   the NaN count and a 65,536-bin histogram of the scores' order-preserving bit keys.
+2. **duplicates** (per uid range): the spilled uids of every shard, one range of
+   their high bits at a time, sorted; any repeat sends the run to the in-memory path,
+   which reports it exactly as before (``input.uid.duplicates``).
+3. **threshold** (driver + per shard): DataComp's ``sorted_desc[int(N * f)]``
+   (``filtering/filters/clip_score.py``, NaN counted in N and sorted last). The
+   histograms give the bin holding that rank; the shards return only the scores in
+   that bin, and ``np.partition`` picks the exact value, in the column's dtype.
+4. **write** (per shard): the shard read as a one-shard pool, the filter tree applied
+   with the global thresholds (same code as the in-memory path), subset and dropped
+   parts written atomically, the kept uids spilled sorted; the funnel comes back as
+   counts per filter and reason code.
+5. **subset.npy**: a k-way merge of the sorted per-shard uid files, one high-bit
+   range per task, written into place; the manifest last, from the summed counts.
+
+What each phase holds per row is in the README ("What each stage holds per row").
+Outputs equal the in-memory path's: ``subset.npy`` byte for byte, the subset and
+dropped tables row for row (in pool order, split into parts per shard), the manifest's
+counts, thresholds and uid report.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from filtering.filters.clip_score import ClipScore
+from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
+from filtering.io.atomic import atomic_open, atomic_write_text
+from filtering.io.paths import is_local, join, local_path, open_file
+from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
+from filtering.stages.base import RunContext
+from filtering.uid import UID_DTYPE, uids_to_u8u8
+from filtering.writers.commit import file_records, invalidate
+from filtering.writers.parquet import HEX_COLUMNS, _leaf_paths, _PartWriter, dropped_table, remove_parts, subset_stream
+from filtering.writers.uids import sort_u8u8
+
+# Filters whose decision for a row reads only that row (a global top_fraction is handled apart).
+ROW_LOCAL = frozenset({"caption", "language", "image_size", "text_entities", "wordnet_synsets", "uids", "clip_score", "score"})
+KEY_BITS = 16  # histogram of the top bits of each score's order-preserving key
+FINE_BITS = 12  # uid ranges: the top bits of the uid's high half
+RANGE_ROWS = 2_000_000  # uids sorted per merge task (32 MB)
+SPILL = ".streaming"
+
+
+def why_not(cfg, the_plan, executor) -> str | None:
+    """Why this run cannot stream (None: it can, with outputs equal to the in-memory path's)."""
+    from pipelines.config import input_kind
+
+    if input_kind(cfg) != "datacomp":
+        return "input is not DataComp metadata"
+    if executor is not None:
+        return "an executor is configured"
+    if the_plan.stages:
+        return f"stage {type(the_plan.stages[0]).__name__} needs the whole pool"
+    if cfg.output.webdataset:
+        return "output.webdataset"
+    if not (is_local(cfg.output.dir) and is_local(cfg.input.datacomp_metadata)):
+        return "remote input or output"
+    for node in cfg.filter_tree:
+        reason = _node_why_not(node)
+        if reason:
+            return reason
+    return None
+
+
+def _node_why_not(node: FilterNode) -> str | None:
+    if isinstance(node, AllOf | AnyOf):
+        return next((r for c in node.children if (r := _node_why_not(c))), None)
+    if isinstance(node, Not):
+        return _node_why_not(node.child)
+    if not isinstance(node, Leaf):
+        return f"filter {node.label()} is not row-local"
+    f = node.filter
+    if f.name not in ROW_LOCAL:
+        return f"filter {f.name} is not row-local"
+    if f.name == "score" and f.params.top_fraction is not None:
+        return "score top_fraction (only clip_score's top_fraction streams)"
+    return None
+
+
+def _top_fraction_leaves(nodes: list[FilterNode]) -> list[ClipScore]:
+    out = []
+    for node in nodes:
+        for f in node.leaves():
+            if isinstance(f, ClipScore) and f.params.top_fraction is not None:
+                out.append(f)
+    return out
+
+
+class _GlobalClipScore(ClipScore):
+    """``clip_score`` with the threshold the whole pool gave (a shard's own would differ)."""
+
+    def __init__(self, base: ClipScore, value):
+        super().__init__(base.params, base.input)
+        self.value = value
+
+    def threshold(self, pool):
+        return self.value
+
+
+def _with_thresholds(nodes: list[FilterNode], values: list) -> list[FilterNode]:
+    """The tree with each top_fraction ``clip_score`` leaf (in ``leaves()`` order) fixed to its global value."""
+    it = iter(values)
+
+    def walk(node: FilterNode) -> FilterNode:
+        if isinstance(node, AllOf):
+            return AllOf([walk(c) for c in node.children])
+        if isinstance(node, AnyOf):
+            return AnyOf([walk(c) for c in node.children])
+        if isinstance(node, Not):
+            return Not(walk(node.child))
+        f = node.filter
+        if isinstance(f, ClipScore) and f.params.top_fraction is not None:
+            return Leaf(_GlobalClipScore(f, next(it)))
+        return node
+
+    return [walk(n) for n in nodes]
+
+
+# ---------------------------------------------------------------- score keys
+
+
+def score_keys(values: np.ndarray) -> np.ndarray:
+    """uint64 keys ordered as the (non-NaN) float values: sign-flipped IEEE bits; -0.0 as 0.0."""
+    bits = (np.asarray(values, dtype=np.float64) + 0.0).view(np.uint64)
+    neg = (bits >> np.uint64(63)).astype(bool)
+    return np.where(neg, ~bits, bits | np.uint64(1 << 63))
+
+
+def _score_column(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False)  # as Pool.column reads it
+
+
+# ---------------------------------------------------------------- workers (module level: picklable)
+
+
+@dataclass(frozen=True)
+class _Shared:
+    cfg: Any
+    requested: frozenset[str]
+    fields: tuple[str, ...]  # score column of each top_fraction leaf
+    spill: str
+    out_dir: str
+    prov: dict[str, Any]
+    hex_columns: frozenset[str]
+    rows_per_part: int
+
+
+def _read(shard, columns: list[str]) -> pa.Table:
+    from filtering.stages.datacomp import naming
+
+    with naming(shard.parquet), open_file(shard.parquet) as f:
+        return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+
+
+def _scan(args) -> dict[str, Any]:
+    sh, i, shard = args
+    fields = list(dict.fromkeys(sh.fields))
+    table = _read(shard, ["uid", *fields])
+    out: dict[str, Any] = {"n": table.num_rows, "hists": {}, "nan": {}, "dtype": {}}
+    try:
+        uids = sort_u8u8(uids_to_u8u8(table.column("uid").cast(pa.string())))
+    except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
+        out["bad_uids"] = f"{type(e).__name__}: {e}"
+        return out
+    np.save(os.path.join(sh.spill, f"all-{i:06d}.npy"), uids)
+    out["uid_bins"] = np.bincount((uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.int64), minlength=1 << FINE_BITS)
+    for name in fields:
+        scores = _score_column(table, name)
+        nan = np.isnan(scores)
+        out["nan"][name] = int(nan.sum())
+        out["dtype"][name] = scores.dtype.str
+        keys = score_keys(scores[~nan])
+        out["hists"][name] = np.bincount((keys >> np.uint64(64 - KEY_BITS)).astype(np.int64), minlength=1 << KEY_BITS)
+    return out
+
+
+def _gather(args) -> dict[str, np.ndarray]:
+    """The scores of one shard that fall in the chosen histogram bin, per column."""
+    sh, shard, bins = args
+    table = _read(shard, list(bins))
+    out = {}
+    for name, b in bins.items():
+        scores = _score_column(table, name)
+        scores = scores[~np.isnan(scores)]
+        out[name] = scores[(score_keys(scores) >> np.uint64(64 - KEY_BITS)) == np.uint64(b)]
+    return out
+
+
+def _load_range(paths: list[str], ranges: list[tuple[int, int]]) -> np.ndarray:
+    chunks = []
+    for path, (lo, hi) in zip(paths, ranges, strict=True):
+        if hi > lo:
+            chunks.append(np.array(np.load(path, mmap_mode="r")[lo:hi]))
+    return sort_u8u8(np.concatenate(chunks)) if chunks else np.zeros(0, UID_DTYPE)
+
+
+def _has_repeat(args) -> bool:
+    paths, ranges = args
+    s = _load_range(paths, ranges)
+    return bool(len(s) > 1 and ((s["f0"][1:] == s["f0"][:-1]) & (s["f1"][1:] == s["f1"][:-1])).any())
+
+
+def _merge_range(args) -> int:
+    paths, ranges, target, offset = args
+    s = _load_range(paths, ranges)
+    if len(s):
+        out = np.load(target, mmap_mode="r+")
+        out[offset : offset + len(s)] = s
+        out.flush()
+        del out
+    return len(s)
+
+
+class _ShardPartWriter(_PartWriter):
+    """Parts of one shard, named ``part-SSSSSS-KKKKK.parquet`` until the driver numbers them."""
+
+    def __init__(self, dir_url, schema, rows_per_part, options, shard_index):
+        super().__init__(dir_url, schema, rows_per_part, options)
+        self.shard_index = shard_index
+
+    def _writer(self):
+        if self.writer is None:
+            import contextlib
+
+            path = join(self.dir_url, f"part-{self.shard_index:06d}-{len(self.paths):05d}.parquet")
+            self.stack = contextlib.ExitStack()
+            f = self.stack.enter_context(atomic_open(path))
+            self.writer = pq.ParquetWriter(f, self.schema, **self.options)
+            self.paths.append(path)
+        return self.writer
+
+
+def _write_tables(dir_url, tables, schema, sh: _Shared, shard_index: int, always: bool) -> list[str]:
+    """``write_parts_stream``'s encoding, for one shard's rows (nothing when empty, unless ``always``)."""
+    meta = {**(schema.metadata or {}), b"poolsift": json.dumps(sh.prov, sort_keys=True)}
+    schema = schema.with_metadata(meta)
+    hexes = {f.name for f in schema if f.name in sh.hex_columns and pa.types.is_string(f.type)}
+    leaves = _leaf_paths(schema)
+    options = {
+        "compression": {p: "none" if p in hexes else "snappy" for p in leaves} or "snappy",
+        "use_dictionary": [p for p in leaves if p not in hexes],
+    }
+    tables = [t for t in tables if t.num_rows]  # one shard's rows
+    if not tables and not always:
+        return []
+    parts = _ShardPartWriter(dir_url, schema, sh.rows_per_part, options, shard_index)
+    with parts:
+        for table in tables:
+            parts.add(table)
+    return parts.paths
+
+
+def _shard_pool(sh: _Shared, shard):
+    from filtering.stages.datacomp import DataCompStage
+
+    stage = DataCompStage(sh.cfg.input.datacomp_metadata, join(sh.out_dir, "cache"))
+    stage._shards = [shard]
+    stage.request(set(sh.requested))
+    ctx = RunContext(config=sh.cfg, out_dir=sh.out_dir, cache_dir=join(sh.out_dir, "cache"), log=lambda _m: None)
+    return stage.run(ctx), ctx
+
+
+def _write(args) -> dict[str, Any]:
+    sh, i, shard, thresholds = args
+    pool, ctx = _shard_pool(sh, shard)
+    nodes = _with_thresholds(list(sh.cfg.filter_tree), thresholds)
+    outcome = apply_filters(nodes, pool)
+    schema, tables = subset_stream(pool, outcome.keep)
+    subset = _write_tables(join(sh.out_dir, "subset"), tables, schema, sh, i, always=i == 0)
+    dropped = []
+    if sh.cfg.output.dropped:
+        table = dropped_table(pool.table, outcome, pool.failed, pool.artifacts.get("carried_columns", ()))
+        dropped = _write_tables(join(sh.out_dir, "dropped"), [table], table.schema, sh, i, always=i == 0)
+    kept = sort_u8u8(uids_to_u8u8(pool.table.column("uid").filter(pa.array(outcome.keep))))
+    np.save(os.path.join(sh.spill, f"kept-{i:06d}.npy"), kept)
+    return {
+        "funnel": outcome.funnel,
+        "kept": int(outcome.keep.sum()),
+        "uid_bins": np.bincount((kept["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.int64), minlength=1 << FINE_BITS),
+        "subset": subset,
+        "dropped": dropped,
+        "thresholds": pool.artifacts.get("thresholds", {}),
+        "language_identifiers": pool.artifacts.get("language_identifiers", []),
+        "stage_info": ctx.stage_info.get("datacomp", {}),
+    }
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _ranges(bins: list[np.ndarray], limit: int = RANGE_ROWS) -> list[list[tuple[int, int]]]:
+    """Group the fine uid bins into tasks of about ``limit`` rows: per task, each shard's row range."""
+    per_shard = np.stack(bins)  # shards x bins
+    cum = np.concatenate([np.zeros((len(bins), 1), np.int64), np.cumsum(per_shard, axis=1)], axis=1)
+    totals = per_shard.sum(axis=0)
+    tasks, start, acc = [], 0, 0
+    for b, count in enumerate(totals):
+        acc += int(count)
+        if acc >= limit or b == len(totals) - 1:
+            tasks.append([(int(cum[s, start]), int(cum[s, b + 1])) for s in range(len(bins))])
+            start, acc = b + 1, 0
+    return tasks
+
+
+def _select(hist: np.ndarray, nan: int, total: int, fraction: float, dtype: np.dtype):
+    """DataComp's ``top_fraction`` index from the counts: None (keep all), NaN, or (bin, rank in bin)."""
+    n = int(total * fraction)
+    if n >= total:
+        return None
+    scored = total - nan
+    if n >= scored:
+        return dtype.type(np.nan)
+    m = scored - 1 - n  # ascending rank of sorted_desc[n]
+    cum = np.cumsum(hist)
+    b = int(np.searchsorted(cum, m, side="right"))
+    return (b, m - (int(cum[b - 1]) if b else 0))
+
+
+def _sum_funnels(funnels: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    out = []
+    for steps in zip(*funnels, strict=True):
+        reasons: Counter = Counter()
+        for s in steps:
+            reasons.update(s["reasons"])
+        out.append(
+            {
+                "name": steps[0]["name"],
+                "in": sum(s["in"] for s in steps),
+                "kept": sum(s["kept"] for s in steps),
+                "dropped": sum(s["dropped"] for s in steps),
+                "reasons": dict(sorted((k, v) for k, v in reasons.items() if v)),
+            }
+        )
+    return out
+
+
+def _uniform(shards) -> bool:
+    """Every shard has the same schema (else the in-memory path's permissive concat applies)."""
+    from filtering.stages.datacomp import _read_schema
+
+    first = _read_schema(shards[0]).remove_metadata()
+    return all(_read_schema(s).remove_metadata().equals(first) for s in shards[1:])
+
+
+def workers_for(n_shards: int) -> int:
+    env = os.environ.get("POOLSIFT_WORKERS")
+    n = int(env) if env else (os.cpu_count() or 1)
+    return max(1, min(n, n_shards))
+
+
+def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
+    """Run the whole plan shard-parallel; returns the manifest, or None (nothing written)
+    when the pool turns out to need the in-memory path (repeated uids, mixed schemas)."""
+    source = the_plan.source
+    shards = source._shards
+    out_dir = cfg.output.dir
+    if not _uniform(shards):
+        ctx.log("execution: shards differ in schema; filtering in memory")
+        return None
+    spill = os.path.join(local_path(out_dir), SPILL)
+    shutil.rmtree(spill, ignore_errors=True)
+    os.makedirs(spill)
+    try:
+        return _run(cfg, source, shards, ctx, spill)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | None:
+    from pipelines.runner import _json_default, check_funnel, model_record
+
+    top = _top_fraction_leaves(list(cfg.filter_tree))
+    config_dict = cfg.to_dict()
+    model = model_record(cfg, ctx)
+    prov = provenance(config_dict, cfg.sha256(), model)
+    sh = _Shared(
+        cfg=cfg,
+        requested=frozenset(source.requested),
+        fields=tuple(f.field for f in top),
+        spill=spill,
+        out_dir=cfg.output.dir,
+        prov=prov,
+        hex_columns=frozenset(HEX_COLUMNS | {"key"}),
+        rows_per_part=cfg.output.rows_per_part,
+    )
+    n_workers = workers_for(len(shards))
+    all_paths = [os.path.join(spill, f"all-{i:06d}.npy") for i in range(len(shards))]
+    kept_paths = [os.path.join(spill, f"kept-{i:06d}.npy") for i in range(len(shards))]
+    with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
+        # 1. scan
+        bar = ctx.bar(len(shards), "scan", unit="shards")
+        scans = []
+        for r in pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)]):
+            scans.append(r)
+            bar.update(1)
+        bar.close()
+        bad = next((s["bad_uids"] for s in scans if "bad_uids" in s), None)
+        if bad:
+            ctx.log(f"execution: uids that subset.npy cannot hold ({bad}); filtering in memory")
+            return None
+        # 2. duplicates
+        if any(pool.map(_has_repeat, [(all_paths, r) for r in _ranges([s["uid_bins"] for s in scans])])):
+            ctx.log("execution: repeated uids; filtering in memory")
+            return None
+        for p in all_paths:
+            os.remove(p)
+        total = sum(s["n"] for s in scans)
+        ctx.inputs.extend(_inputs(shards))
+        # 3. thresholds
+        values: list[Any] = []
+        picks = []
+        for f in top:
+            name = f.field
+            hist = np.sum([s["hists"][name] for s in scans], axis=0)
+            nan = sum(s["nan"][name] for s in scans)
+            pick = _select(hist, nan, total, f.params.top_fraction, np.dtype(scans[0]["dtype"][name]))
+            picks.append(pick)
+        bins_needed: list[dict[str, int]] = [{} for _ in top]
+        for k, (f, pick) in enumerate(zip(top, picks, strict=True)):
+            if isinstance(pick, tuple):
+                bins_needed[k][f.field] = pick[0]
+        for k, (f, pick) in enumerate(zip(top, picks, strict=True)):
+            if not isinstance(pick, tuple):
+                values.append(pick)
+                continue
+            gathered = [g[f.field] for g in pool.map(_gather, [(sh, s, bins_needed[k]) for s in shards])]
+            cand = np.concatenate(gathered)
+            values.append(np.partition(cand, pick[1])[pick[1]])
+            del cand, gathered
+        # 4. write
+        out_dir = cfg.output.dir
+        invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
+        remove_parts(join(out_dir, "subset"))
+        remove_parts(join(out_dir, "dropped"))
+        bar = ctx.bar(len(shards), "filter and write", unit="shards")
+        results = []
+        for r in pool.map(_write, [(sh, i, s, values) for i, s in enumerate(shards)]):
+            results.append(r)
+            bar.update(1)
+        bar.close()
+        kept = sum(r["kept"] for r in results)
+        # 5. subset.npy
+        subset_npy = join(out_dir, "subset.npy")
+        tmp = os.path.join(spill, "subset.npy")
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=UID_DTYPE, shape=(kept,)).flush()
+        tasks, offset = [], 0
+        for r in _ranges([r["uid_bins"] for r in results]):
+            tasks.append((kept_paths, r, tmp, offset))
+            offset += sum(hi - lo for lo, hi in r)
+        assert offset == kept
+        list(pool.map(_merge_range, tasks))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, local_path(subset_npy))
+    subset_parts = _number(join(out_dir, "subset"), [p for r in results for p in r["subset"]])
+    outputs: dict[str, Any] = {"subset": subset_parts, "subset_npy": subset_npy}
+    if cfg.output.dropped:
+        outputs["dropped"] = _number(join(out_dir, "dropped"), [p for r in results for p in r["dropped"]])
+    if cfg.output.report:
+        outputs["report"] = join(out_dir, "report.html")
+    first = results[0]
+    info = dict(first["stage_info"])
+    info.update(shards=len(shards), rows=total)
+    ctx.stage_info["datacomp"] = info
+    ctx.log(f"read {total:,} rows of DataComp metadata from {len(shards)} shards ({n_workers} worker processes)")
+    ctx.stage_info.setdefault("uids", {})["duplicates"] = {"policy": cfg.input.uid.duplicates, "rows": 0, "uids": 0}
+    funnel = _sum_funnels([r["funnel"] for r in results])
+    counts = {"input": total, "failed": 0, "failed_reasons": {}, "kept": kept, "filters": funnel}
+    check_funnel(counts)
+    inputs, checksum_method = checksum_inputs(ctx.inputs)
+    manifest = {
+        "poolsift_version": prov["poolsift_version"],
+        "git_commit": git_commit(),
+        "created_at": now_iso(),
+        "config": config_dict,
+        "config_sha256": prov["config_sha256"],
+        "model": model,
+        "input_kind": "datacomp",
+        "inputs": inputs,
+        "input_checksum": checksum_method,
+        "counts": counts,
+        "thresholds": first["thresholds"],
+        "language_identifiers": first["language_identifiers"],
+        "uids": ctx.stage_info.get("uids", {}),
+        "stages": {k: v for k, v in ctx.stage_info.items() if k != "uids"},
+        "failures": list(ctx.failures),
+        "failures_truncated": False,
+        "outputs": outputs,
+    }
+    written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", [])]
+    manifest["files"] = file_records(out_dir, written)
+    manifest["execution"] = {"plan": "streaming", "workers": n_workers}
+    atomic_write_text(join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    return manifest
+
+
+def _number(dir_url: str, paths: list[str]) -> list[str]:
+    """Rename the per-shard parts (already in pool order) to ``part-NNNNN.parquet``."""
+    out = []
+    for j, p in enumerate(paths):
+        target = join(dir_url, f"part-{j:05d}.parquet")
+        os.replace(local_path(p), local_path(target))
+        out.append(target)
+    return out
+
+
+def _inputs(shards) -> list[dict[str, Any]]:
+    from filtering.stages.datacomp import _input_records
+
+    return _input_records(shards)
