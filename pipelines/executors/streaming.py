@@ -233,18 +233,18 @@ def _merge_range(args) -> int:
     return len(s)
 
 
-class _ShardPartWriter(_PartWriter):
-    """Parts of one shard, named ``part-SSSSSS-KKKKK.parquet`` until the driver numbers them."""
+class _NamedPartWriter(_PartWriter):
+    """One part, ``part-NNNNN.parquet`` with the number the whole pool's order gives it."""
 
-    def __init__(self, dir_url, schema, rows_per_part, options, shard_index):
+    def __init__(self, dir_url, schema, rows_per_part, options, index):
         super().__init__(dir_url, schema, rows_per_part, options)
-        self.shard_index = shard_index
+        self.index = index
 
     def _writer(self):
         if self.writer is None:
             import contextlib
 
-            path = join(self.dir_url, f"part-{self.shard_index:06d}-{len(self.paths):05d}.parquet")
+            path = join(self.dir_url, f"part-{self.index:05d}.parquet")
             self.stack = contextlib.ExitStack()
             f = self.stack.enter_context(atomic_open(path))
             self.writer = pq.ParquetWriter(f, self.schema, **self.options)
@@ -252,8 +252,14 @@ class _ShardPartWriter(_PartWriter):
         return self.writer
 
 
-def _write_tables(dir_url, tables, schema, sh: _Shared, shard_index: int, always: bool) -> list[str]:
-    """``write_parts_stream``'s encoding, for one shard's rows (nothing when empty, unless ``always``)."""
+def _write_part(args) -> str:
+    """Part ``index`` of a folder from slices of the per-shard spill files, encoded as
+    ``write_parts_stream`` encodes it (same row groups, so the same bytes)."""
+    sh, dir_url, index, pieces, schema_path = args
+    tables = []
+    for path, lo, n in pieces:  # memory-mapped: the slices are read as they are encoded
+        tables.append(pa.ipc.open_file(pa.memory_map(path)).read_all().slice(lo, n))
+    schema = pa.ipc.open_file(pa.memory_map(schema_path)).schema
     meta = {**(schema.metadata or {}), b"poolsift": json.dumps(sh.prov, sort_keys=True)}
     schema = schema.with_metadata(meta)
     hexes = {f.name for f in schema if f.name in sh.hex_columns and pa.types.is_string(f.type)}
@@ -262,14 +268,21 @@ def _write_tables(dir_url, tables, schema, sh: _Shared, shard_index: int, always
         "compression": {p: "none" if p in hexes else "snappy" for p in leaves} or "snappy",
         "use_dictionary": [p for p in leaves if p not in hexes],
     }
-    tables = [t for t in tables if t.num_rows]  # one shard's rows
-    if not tables and not always:
-        return []
-    parts = _ShardPartWriter(dir_url, schema, sh.rows_per_part, options, shard_index)
+    parts = _NamedPartWriter(dir_url, schema, sh.rows_per_part, options, index)
     with parts:
         for table in tables:
             parts.add(table)
-    return parts.paths
+    assert len(parts.paths) == 1
+    return parts.paths[0]
+
+
+def _spill_table(path: str, schema: pa.Schema, tables) -> int:
+    n = 0
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for t in tables:
+            writer.write_table(t)
+            n += t.num_rows
+    return n
 
 
 def _shard_pool(sh: _Shared, shard):
@@ -282,29 +295,52 @@ def _shard_pool(sh: _Shared, shard):
     return stage.run(ctx), ctx
 
 
-def _write(args) -> dict[str, Any]:
+def _filter(args) -> dict[str, Any]:
+    """One shard through the filter tree: kept rows (late columns read for them only) and
+    the dropped rows spilled as Arrow files, the kept uids sorted, the funnel as counts."""
     sh, i, shard, thresholds = args
     pool, ctx = _shard_pool(sh, shard)
     nodes = _with_thresholds(list(sh.cfg.filter_tree), thresholds)
     outcome = apply_filters(nodes, pool)
     schema, tables = subset_stream(pool, outcome.keep)
-    subset = _write_tables(join(sh.out_dir, "subset"), tables, schema, sh, i, always=i == 0)
-    dropped = []
+    n_kept = _spill_table(os.path.join(sh.spill, f"subset-{i:06d}.arrow"), schema, tables)
+    n_dropped = 0
     if sh.cfg.output.dropped:
         table = dropped_table(pool.table, outcome, pool.failed, pool.artifacts.get("carried_columns", ()))
-        dropped = _write_tables(join(sh.out_dir, "dropped"), [table], table.schema, sh, i, always=i == 0)
+        n_dropped = _spill_table(os.path.join(sh.spill, f"dropped-{i:06d}.arrow"), table.schema, [table])
     kept = sort_u8u8(uids_to_u8u8(pool.table.column("uid").filter(pa.array(outcome.keep))))
     np.save(os.path.join(sh.spill, f"kept-{i:06d}.npy"), kept)
     return {
         "funnel": outcome.funnel,
-        "kept": int(outcome.keep.sum()),
+        "kept": n_kept,
+        "dropped": n_dropped,
         "uid_bins": np.bincount((kept["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.int64), minlength=1 << FINE_BITS),
-        "subset": subset,
-        "dropped": dropped,
         "thresholds": pool.artifacts.get("thresholds", {}),
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "stage_info": ctx.stage_info.get("datacomp", {}),
     }
+
+
+def part_pieces(counts: list[int], rows_per_part: int) -> list[list[tuple[int, int, int]]]:
+    """The parts of a folder as the in-memory writer cuts them (``rows_per_part`` rows of
+    the rows in pool order; one empty part when there are none): per part, the
+    ``(shard, first row in shard, rows)`` slices it takes."""
+    cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(cum[-1])
+    parts = []
+    for start in range(0, max(total, 1), rows_per_part):
+        stop = min(start + rows_per_part, total)
+        pieces = []
+        s = int(np.searchsorted(cum, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            take = min(stop, int(cum[s + 1])) - pos
+            if take > 0:
+                pieces.append((s, pos - int(cum[s]), take))
+            pos += take
+            s += 1
+        parts.append(pieces)
+    return parts
 
 
 # ---------------------------------------------------------------- driver
@@ -454,12 +490,20 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
         invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
         remove_parts(join(out_dir, "subset"))
         remove_parts(join(out_dir, "dropped"))
-        bar = ctx.bar(len(shards), "filter and write", unit="shards")
+        bar = ctx.bar(len(shards), "filter", unit="shards")
         results = []
-        for r in pool.map(_write, [(sh, i, s, values) for i, s in enumerate(shards)]):
+        for r in pool.map(_filter, [(sh, i, s, values) for i, s in enumerate(shards)]):
             results.append(r)
             bar.update(1)
         bar.close()
+        outputs: dict[str, Any] = {}
+        for folder in ("subset", "dropped") if cfg.output.dropped else ("subset",):
+            files = [os.path.join(spill, f"{folder}-{i:06d}.arrow") for i in range(len(shards))]
+            tasks = [
+                (sh, join(out_dir, folder), j, [(files[s], lo, n) for s, lo, n in pieces], files[0])
+                for j, pieces in enumerate(part_pieces([r["kept" if folder == "subset" else "dropped"] for r in results], sh.rows_per_part))
+            ]
+            outputs[folder] = list(pool.map(_write_part, tasks))
         kept = sum(r["kept"] for r in results)
         # 5. subset.npy
         subset_npy = join(out_dir, "subset.npy")
@@ -474,10 +518,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, local_path(subset_npy))
-    subset_parts = _number(join(out_dir, "subset"), [p for r in results for p in r["subset"]])
-    outputs: dict[str, Any] = {"subset": subset_parts, "subset_npy": subset_npy}
-    if cfg.output.dropped:
-        outputs["dropped"] = _number(join(out_dir, "dropped"), [p for r in results for p in r["dropped"]])
+    outputs = {"subset": outputs["subset"], "subset_npy": subset_npy, **{k: v for k, v in outputs.items() if k != "subset"}}
     if cfg.output.report:
         outputs["report"] = join(out_dir, "report.html")
     first = results[0]
@@ -514,16 +555,6 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
     manifest["execution"] = {"plan": "streaming", "workers": n_workers}
     atomic_write_text(join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
-
-
-def _number(dir_url: str, paths: list[str]) -> list[str]:
-    """Rename the per-shard parts (already in pool order) to ``part-NNNNN.parquet``."""
-    out = []
-    for j, p in enumerate(paths):
-        target = join(dir_url, f"part-{j:05d}.parquet")
-        os.replace(local_path(p), local_path(target))
-        out.append(target)
-    return out
 
 
 def _inputs(shards) -> list[dict[str, Any]]:
