@@ -72,7 +72,7 @@ def test_base_config_is_valid(tmp_path):
         ("model.batch_size=0", "model.batch_size: Input should be greater than 0"),
         # unknown top-level sections
         ("filterz=[]", "filterz: unknown key; did you mean filters?"),
-        ("reporting={}", "reporting: unknown key; valid keys: clusters, filters, input, model, output"),
+        ("reporting={}", "reporting: unknown key; valid keys: clusters, execution, filters, input, model, output"),
         # bad --set paths
         ("filters[7].caption.min_words=3", "--set filters[7].caption.min_words: no such key path in the config"),
         ("filters..x=1", "--set 'filters..x': malformed key path"),
