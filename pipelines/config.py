@@ -303,9 +303,9 @@ def _scorer_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
 
 
 def resolve_paths(raw: dict, base: str | Path, absolute: bool = False) -> None:
-    """Rewrite the relative paths of a raw config so they point where they did from ``base``
-    (the config file's folder; docs/spec.md, "Semantics that must match DataComp exactly":
-    relative paths in a config resolve against the config file's folder). They are written relative to the working directory when they
+    """Rewrite the relative paths of a raw config so they point where they did from ``base``,
+    the config file's folder (docs/spec.md, "Semantics that must match DataComp exactly":
+    relative paths). They are written relative to the working directory when they
     lie under it, so a config run from its usual place records the same paths (and
     config hash) on every machine; otherwise (or with ``absolute``) as absolute paths."""
     base_abs = os.path.abspath(base)
@@ -345,8 +345,8 @@ def _may_be_missing(key: str, params: Any, field: str) -> bool:
 
 
 def check_local_paths(cfg: Config) -> None:
-    """Every local input path the config names exists (docs/spec.md, "CLI": validate checks the config without touching
-    data; only ``stat`` and folder listings of glob patterns, never file contents).
+    """Every local input path the config names exists, checked without touching data
+    (docs/spec.md, "CLI": validate): only ``stat`` and glob listings, never file contents.
     Raises :class:`InputError` (exit 2) naming the first missing one and its key."""
     raw = cfg.to_dict()
     raw["filters"] = cfg.filters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def run_pool(tmp_path: Path, shards: list[Path], uid: dict | None = None, **outp
     cfg["input"]["shards"] = [str(s) for s in shards]
     if uid:
         cfg["input"]["uid"] = uid
-    cfg["model"]["pretrained"] = str(REPO / cfg["model"]["pretrained"])
+    cfg["model"]["pretrained"] = os.path.normpath(REPO / "configs" / cfg["model"]["pretrained"])  # relative to configs/
     cfg["model"]["num_workers"] = 0  # decode in this process: a few samples need no pool
     cfg["output"] = {"dir": str(out), **output}
     path = tmp_path / "config.yaml"
