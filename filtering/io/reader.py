@@ -120,7 +120,8 @@ def iter_shard(url: str, result: ShardReadResult | None = None) -> Iterator[RawS
                     result.samples_read += 1
                     yield sample
     except Exception as e:  # noqa: BLE001 — a broken tar must not stop the run
-        result.error = f"unreadable_shard: {type(e).__name__}: {one_line(e)[:200]}"
+        lines = str(e).strip().splitlines()  # MemoryError() has none
+        result.error = f"unreadable_shard: {type(e).__name__}" + (f": {lines[0][:200]}" if lines else "")
 
 
 def _iter_shard_webdataset(url: str) -> Iterator[RawSample]:

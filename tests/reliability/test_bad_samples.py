@@ -61,3 +61,18 @@ def test_a_header_claiming_a_terabyte_is_a_shard_failure_that_keeps_the_samples_
     assert accounted(manifest)
     assert {k for _, k in present(out)} == {"000000000", "000000001", "000000002"}
     assert failures(out)["__shard__"] == "unreadable_shard: TarError: unexpected end of data"
+
+
+def test_an_exception_without_a_message_is_reported_not_raised(tmp_path, monkeypatch):
+    import filtering.io.reader as reader
+
+    def no_memory(f):
+        yield from ()
+        raise MemoryError()
+
+    monkeypatch.setattr(reader, "tar_members", no_memory)
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(tar_bytes(bundled_members(1)))
+    result = reader.ShardReadResult(str(shard))
+    assert list(reader.iter_shard(str(shard), result)) == []
+    assert result.error == "unreadable_shard: MemoryError"

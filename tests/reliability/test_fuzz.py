@@ -99,7 +99,7 @@ def test_damaged_shards_never_fail_the_run_or_lose_complete_samples(tmp_path, ru
     assert _files(tmp_path, tmp_path / "out") - before_run == {tmp_path / "config.yaml"} - before_run
     found: dict[str, set[str]] = {}
     for r in rows(out, "subset") + rows(out, "dropped"):
-        if not str(r["reason"] if "reason" in r else "").startswith("unreadable_shard"):
+        if not (r.get("reason") or "").startswith("unreadable_shard"):
             found.setdefault(r["source_shard"], set()).add(r["key"])
     for shard, keys in expected.items():
         missing = set(keys) - found.get(shard, set())
