@@ -36,6 +36,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -444,6 +445,14 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
     n_workers = workers_for(len(shards))
     all_paths = [os.path.join(spill, f"all-{i:06d}.npy") for i in range(len(shards))]
     kept_paths = [os.path.join(spill, f"kept-{i:06d}.npy") for i in range(len(shards))]
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = round(now - clock[0], 3)
+        clock[0] = now
+
     with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
         # 1. scan
         bar = ctx.bar(len(shards), "scan", unit="shards")
@@ -456,6 +465,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
         if bad:
             ctx.log(f"execution: uids that subset.npy cannot hold ({bad}); filtering in memory")
             return None
+        lap("scan")
         # 2. duplicates
         if any(pool.map(_has_repeat, [(all_paths, r) for r in _ranges([s["uid_bins"] for s in scans])])):
             ctx.log("execution: repeated uids; filtering in memory")
@@ -464,6 +474,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
             os.remove(p)
         total = sum(s["n"] for s in scans)
         ctx.inputs.extend(_inputs(shards))
+        lap("duplicates")
         # 3. thresholds
         values: list[Any] = []
         picks = []
@@ -485,6 +496,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
             cand = np.concatenate(gathered)
             values.append(np.partition(cand, pick[1])[pick[1]])
             del cand, gathered
+        lap("threshold")
         # 4. write
         out_dir = cfg.output.dir
         invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
@@ -496,15 +508,17 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
             results.append(r)
             bar.update(1)
         bar.close()
-        outputs: dict[str, Any] = {}
-        for folder in ("subset", "dropped") if cfg.output.dropped else ("subset",):
+        folders = ("subset", "dropped") if cfg.output.dropped else ("subset",)
+        tasks = []
+        for folder in folders:  # every part of both folders in one map: encoding is the costly step
             files = [os.path.join(spill, f"{folder}-{i:06d}.arrow") for i in range(len(shards))]
-            tasks = [
-                (sh, join(out_dir, folder), j, [(files[s], lo, n) for s, lo, n in pieces], files[0])
-                for j, pieces in enumerate(part_pieces([r["kept" if folder == "subset" else "dropped"] for r in results], sh.rows_per_part))
-            ]
-            outputs[folder] = list(pool.map(_write_part, tasks))
+            counts = [r["kept" if folder == "subset" else "dropped"] for r in results]
+            for j, pieces in enumerate(part_pieces(counts, sh.rows_per_part)):
+                tasks.append((sh, join(out_dir, folder), j, [(files[s], lo, n) for s, lo, n in pieces], files[0]))
+        written = list(pool.map(_write_part, tasks))
+        outputs: dict[str, Any] = {f: [p for t, p in zip(tasks, written, strict=True) if t[1] == join(out_dir, f)] for f in folders}
         kept = sum(r["kept"] for r in results)
+        lap("filter_and_write")
         # 5. subset.npy
         subset_npy = join(out_dir, "subset.npy")
         tmp = os.path.join(spill, "subset.npy")
@@ -517,6 +531,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
         list(pool.map(_merge_range, tasks))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    lap("subset_npy")
     os.replace(tmp, local_path(subset_npy))
     outputs = {"subset": outputs["subset"], "subset_npy": subset_npy, **{k: v for k, v in outputs.items() if k != "subset"}}
     if cfg.output.report:
@@ -552,7 +567,8 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
     }
     written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", [])]
     manifest["files"] = file_records(out_dir, written)
-    manifest["execution"] = {"plan": "streaming", "workers": n_workers}
+    lap("manifest")
+    manifest["execution"] = {"plan": "streaming", "workers": n_workers, "seconds": seconds}
     atomic_write_text(join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
 

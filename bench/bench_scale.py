@@ -1,0 +1,223 @@
+"""poolsift at pool scale (issue 16): DataComp-format pools of 1.6M, 6.4M and 25.6M rows.
+
+Generates parquet-only DataComp metadata (uid, url, text, original size, B/32 and L/14
+scores, sha256; shards of 100,000 rows; vectorised, cached under ``--dir`` so later runs
+reuse it) and times, per size, each as a whole process tree:
+
+- ``poolsift run`` with ``clip_score: {top_fraction: 0.3}`` on L/14, writing the subset
+  parquet, subset.npy, the dropped rows and the manifest (``execution.mode`` as given:
+  ``auto`` takes the streaming plan, ``memory`` the in-memory one);
+- a straightforward script: 2 worker processes read uid + score per shard with pyarrow,
+  the driver takes DataComp's threshold over all scores, the workers keep the rows over
+  it with one Python ``int()`` per kept uid half, the driver sorts and saves subset.npy.
+
+Printed per size: wall and CPU seconds (children included), peak RSS of the whole
+process tree (sum over its processes, sampled every 20 ms) and PSS (shared pages split
+between processes), bytes of peak RSS per input row, the ratios, and whether the uid
+sets are identical.
+
+    .venv/bin/python bench/bench_scale.py --dir /tmp/poolsift-scale --sizes 1.6M 6.4M
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.bench_datacomp import captions, hex_strings  # noqa: E402
+
+KEY = "clip_l14_similarity_score"
+FRACTION = 0.3
+SHARD_ROWS = 100_000
+
+SCRIPT = """
+import glob, sys
+from multiprocessing import Pool
+import numpy as np, pyarrow.parquet as pq
+meta, out, key, fraction = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+def scores(path):
+    return pq.read_table(path, columns=[key]).column(key).to_numpy()
+
+def kept(args):
+    path, threshold = args
+    t = pq.read_table(path, columns=["uid", key])
+    uids = t.column("uid").to_numpy(zero_copy_only=False)[t.column(key).to_numpy() >= threshold]
+    return np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in uids], np.dtype("u8,u8"))
+
+if __name__ == "__main__":
+    paths = sorted(glob.glob(meta + "/*.parquet"))
+    with Pool(2) as pool:
+        s = np.concatenate(pool.map(scores, paths))
+        threshold = -np.sort(-s)[int(len(s) * fraction)]
+        uids = np.concatenate(pool.map(kept, [(p, threshold) for p in paths]))
+    uids.sort()
+    np.save(out, uids)
+"""
+
+
+def parse_size(text: str) -> int:
+    t = text.upper()
+    scale = 1_000_000 if t.endswith("M") else 1_000 if t.endswith("K") else 1
+    return int(float(t.rstrip("MK")) * scale)
+
+
+def generate(root: Path, rows: int, seed: int = 0) -> None:
+    """``rows`` rows in shards of SHARD_ROWS, no npz (nothing here reads embeddings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s, start in enumerate(range(0, rows, SHARD_ROWS)):
+        path = root / f"{s:08d}.parquet"
+        if path.exists():
+            continue
+        n = min(SHARD_ROWS, rows - start)
+        rng = np.random.default_rng([seed, s])
+        uid = hex_strings(rng.integers(0, 256, (n, 16), dtype=np.uint8))
+        l14 = rng.normal(0.28, 0.05, n)
+        table = pa.table(
+            {
+                "uid": uid,
+                "url": pc.binary_join_element_wise("https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""),
+                "text": captions(rng, n),
+                "original_width": pa.array(rng.integers(64, 4000, n)),
+                "original_height": pa.array(rng.integers(64, 4000, n)),
+                # float64 as DataComp ships them, rounded to 1e-4 so that scores tie
+                "clip_b32_similarity_score": pa.array(np.round(l14 * 0.9 + rng.normal(0, 0.02, n), 4)),
+                "clip_l14_similarity_score": pa.array(np.round(l14, 4)),
+                "sha256": hex_strings(rng.integers(0, 256, (n, 32), dtype=np.uint8)),
+            }
+        )
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        tmp.rename(path)
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _memory(pids: list[int]) -> tuple[int, int]:
+    rss = pss = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return rss, pss
+
+
+def timed(cmd: list[str]) -> tuple[float, float, float, float]:
+    """Wall s, CPU s (children included), peak summed RSS and PSS (bytes) of a process tree."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(REPO)}
+    peak = [0, 0]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            rss, pss = _memory(_tree(proc.pid))
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])}... failed:\n{stderr}")
+    return wall, usage.ru_utime + usage.ru_stime, peak[0], peak[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", required=True, help="pools are generated (once) and runs written under this folder")
+    ap.add_argument("--sizes", nargs="+", default=["1.6M", "6.4M", "25.6M"])
+    ap.add_argument("--mode", default="auto", choices=["auto", "memory", "streaming"], help="poolsift's execution.mode")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each contender, interleaved; the fastest is reported")
+    args = ap.parse_args()
+    work = Path(args.dir)
+    py = sys.executable
+    rows_out = []
+    for size in args.sizes:
+        rows = parse_size(size)
+        meta = work / f"pool-{rows}"
+        t = time.perf_counter()
+        generate(meta, rows)
+        print(f"{size}: pool ready under {meta} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        cfg = work / f"run-{rows}.yaml"
+        cfg.write_text(
+            f"input: {{datacomp_metadata: '{meta}'}}\n"
+            f"filters:\n  - clip_score: {{top_fraction: {FRACTION}, field: {KEY}}}\n"
+            f"output: {{dir: '{work / f'out-{rows}'}'}}\n"
+            f"execution: {{mode: {args.mode}}}\n"
+        )
+        for p in sorted(meta.glob("*.parquet")):  # page cache warm for both
+            p.read_bytes()
+        commands = {
+            "poolsift run": [py, "-m", "pipelines.cli", "run", str(cfg), "--quiet"],
+            "script": [py, "-c", SCRIPT, str(meta), str(work / f"script-{rows}.npy"), KEY, str(FRACTION)],
+        }
+        runs = {name: [] for name in commands}
+        for _ in range(args.repeat):
+            for name, cmd in commands.items():
+                runs[name].append(timed(cmd))
+        best = {name: min(r) for name, r in runs.items()}
+        ours = np.load(work / f"out-{rows}" / "subset.npy")
+        theirs = np.load(work / f"script-{rows}.npy")
+        rows_out.append((size, rows, best, np.array_equal(ours, theirs), len(ours)))
+        print_table(rows_out, args)
+
+
+def print_table(rows_out, args) -> None:
+    print(f"\nclip_score L/14 top {FRACTION:.0%} on DataComp-format parquet; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f}; poolsift execution.mode {args.mode}; best of {args.repeat}")
+    print(f"{'rows':>7} {'contender':<13}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>7}"
+          f"{'script/poolsift wall':>22}  same uids")
+    for size, rows, best, same, kept in rows_out:
+        base = best["poolsift run"][0]
+        for name, (wall, cpu, rss, pss) in best.items():
+            ratio = f"{best['script'][0] / base:>21.2f}x" if name == "poolsift run" else ""
+            print(f"{size:>7} {name:<13}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>7.0f}{ratio:>22}"
+                  f"  {same if name == 'poolsift run' else ''}")
+        print(f"{'':>7} kept {kept:,} rows")
+
+
+if __name__ == "__main__":
+    main()
