@@ -681,6 +681,7 @@ def score_stream(
     import multiprocessing as mp
     from concurrent.futures.process import BrokenProcessPool
 
+    from filtering import procpool
     from filtering.scorers.decode import decode_batch, decode_one, init_worker
 
     executor = None
@@ -715,7 +716,7 @@ def score_stream(
         if fut is None:
             return [decode_one(decode_input(s), pil_transform, draft) for s in samples]
         try:
-            return fut.result()
+            return procpool.result(fut, executor)
         except BrokenProcessPool as e:
             raise _worker_died(e) from e
 
@@ -753,4 +754,4 @@ def score_stream(
     finally:
         if executor is not None:
             # On an error or interrupt: drop queued chunks; running ones finish within a chunk.
-            executor.shutdown(wait=True, cancel_futures=True)
+            procpool.shutdown(executor)
