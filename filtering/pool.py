@@ -64,6 +64,7 @@ class Pool:
     default_embedding: str | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
     late: LateColumns | None = None
+    internal: set[str] = field(default_factory=set)  # columns filters read but outputs leave out
     _numpy: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property

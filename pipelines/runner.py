@@ -72,6 +72,24 @@ def scorer_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
     return [ScorerStage(s, cache_root) for s in cfg.scorer_list]
 
 
+def filter_scorer_stages(cfg: Config, cache_root: str, provided: set[str]) -> list[ColumnStage]:
+    """The scorers the filters bring (``Filter.scorers()``, e.g. ``language``'s
+    ``language_id``): one stage per scorer name, shared by the filters that name it;
+    their columns are internal (read by filters, not written to the outputs)."""
+    from filtering.scorers.base import ScorerStage
+
+    stages: list[ColumnStage] = []
+    seen = set(provided)
+    for node in cfg.filter_tree:
+        for f in node.leaves():
+            for scorer in f.scorers():
+                if set(scorer.provides()) <= seen:
+                    continue
+                stages.append(ScorerStage(scorer, cache_root, internal=True))
+                seen |= set(scorer.provides())
+    return stages
+
+
 @dataclass
 class Plan:
     source: SourceStage
@@ -98,6 +116,11 @@ def plan(cfg: Config, cache_root: str) -> Plan:
         chosen.append(stage)
         provided |= stage.provides()
         needed |= stage.requires()
+    for stage in filter_scorer_stages(cfg, cache_root, provided):
+        stage.check(input_kind(cfg))
+        chosen.append(stage)
+        provided |= stage.provides()
+        needed |= stage.requires()
     for node in cfg.filter_tree:
         for f in node.leaves():
             missing = f.requires() - provided
@@ -114,7 +137,29 @@ def plan(cfg: Config, cache_root: str) -> Plan:
             "has no images; use input.shards, or feed subset.npy to DataComp's resharder"
         )
     check_local_paths(cfg)  # every file the config names, before any shard is read
+    check_embeddings(cfg, source, chosen)
     return Plan(source, chosen)
+
+
+def check_embeddings(cfg: Config, source: SourceStage, stages: list[ColumnStage]) -> None:
+    """Every embedding kind a filter or stage reads must be one the source provides; the
+    source may list its input to know (DataComp: which npz arrays exist), never reads it."""
+    wanted: dict[str, str | None] = {}
+    for node in cfg.filter_tree:
+        for f in node.leaves():
+            for kind in f.embeddings_required():
+                wanted.setdefault(f"filters: {f.name}.embedding", kind)
+    for stage in stages:
+        for key, kind in stage.embeddings_required().items():
+            wanted.setdefault(key, kind)
+    if not wanted:
+        return
+    kinds, default = source.embeddings()
+    for key, kind in wanted.items():
+        if kind is None and default is None or kind is not None and kind not in kinds:
+            what = f"embedding {kind!r}" if kind else "embeddings"
+            has = f"it has {list(kinds)}" if kinds else getattr(source, "no_embeddings", "the input has none")
+            raise ConfigError(f"{key}: reads {what}, which the {input_kind(cfg)} input does not provide; {has}")
 
 
 def language_identifiers(cfg: Config) -> list[dict[str, Any]]:

@@ -76,6 +76,12 @@ class Filter(ABC):
         """Embedding kinds read (None: the pool's default)."""
         return set()
 
+    def scorers(self) -> list:
+        """The scorers (:class:`filtering.scorers.base.Scorer`) whose columns this filter
+        reads; the planner runs each one (shared between filters with the same name),
+        caching per shard, and keeps their columns out of the outputs."""
+        return []
+
     @abstractmethod
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         """Decide for every row; ``alive`` marks the rows that reached this filter."""

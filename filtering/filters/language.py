@@ -80,28 +80,21 @@ class MissingModelError(IdentifierUnavailableError, InputError):
     pass
 
 
-class LanguageParams(Params):
+class IdentifierParams(Params):
+    """Which identifier classifies which text column: the settings the ``language_id``
+    scorer and the ``language`` filter share."""
+
     path_fields: ClassVar[tuple[str, ...]] = ("model_path",)  # local paths: resolved against the config's folder
-    languages: list[str] = Field(min_length=1)
     backend: Backend = "py3langid"
     fallback: list[Backend] | None = Field(default=None, min_length=1)  # used in order when backend is unavailable
     model_path: str | None = None  # fasttext: path to lid.176.bin (or lid.176.ftz); ~ expanded
     candidates: list[str] | None = Field(default=None, min_length=2)  # None: every language the model knows
-    min_confidence: float | None = Field(default=None, ge=0, le=1)
     field: str | None = None  # text column; default caption
 
-    @field_validator("languages", "candidates")
+    @field_validator("candidates")
     @classmethod
-    def _codes(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        out = []
-        for code in value:
-            code = str(code).strip().lower()
-            if not (2 <= len(code) <= 3 and code.isascii() and code.isalpha()):
-                raise ValueError(f"{code!r} is not an ISO 639-1 language code such as en, de, fr")
-            out.append(code)
-        return out
+    def _candidate_codes(cls, value: list[str] | None) -> list[str] | None:
+        return language_codes(value)
 
     @classmethod
     def path_may_be_missing(cls, params: dict[str, Any], field: str) -> bool:
@@ -119,7 +112,7 @@ class LanguageParams(Params):
         return [self.backend, *(self.fallback or [])]
 
     @model_validator(mode="after")
-    def _model_path(self) -> LanguageParams:
+    def _model_path(self) -> IdentifierParams:
         chain = self.chain
         if len(set(chain)) != len(chain):
             raise ValueError(f"fallback repeats an identifier: {', '.join(chain)}")
@@ -129,6 +122,32 @@ class LanguageParams(Params):
             raise ValueError(f"model_path is only used by backend fasttext, not {self.backend}")
         if "gcld3" in chain and self.candidates is not None:
             raise ValueError("candidates: gcld3 cannot be restricted to candidate languages")
+        return self
+
+
+def language_codes(value: list[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    out = []
+    for code in value:
+        code = str(code).strip().lower()
+        if not (2 <= len(code) <= 3 and code.isascii() and code.isalpha()):
+            raise ValueError(f"{code!r} is not an ISO 639-1 language code such as en, de, fr")
+        out.append(code)
+    return out
+
+
+class LanguageParams(IdentifierParams):
+    languages: list[str] = Field(min_length=1)
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("languages")
+    @classmethod
+    def _codes(cls, value: list[str]) -> list[str]:
+        return language_codes(value)
+
+    @model_validator(mode="after")
+    def _candidates_cover_languages(self) -> LanguageParams:
         if self.candidates is not None and not set(self.languages) <= set(self.candidates):
             raise ValueError("candidates must include every language in languages")
         return self
@@ -376,12 +395,31 @@ class LanguageFilter(TextFilter):
     def __init__(self, params: LanguageParams, input_info):
         super().__init__(params, input_info)
         self._identity: dict[str, Any] | None = None
+        self._scorer = None
 
     def identity(self) -> dict[str, Any]:
         """Which identifier this filter runs (loaded on first call): see :func:`resolve`."""
         if self._identity is None:
             self._identity = resolve(self.params)
         return self._identity
+
+    def scorer(self):
+        """The ``language_id`` scorer whose columns this filter reads (the Score half)."""
+        if self._scorer is None:
+            from filtering.scorers.base import InputInfo as ScorerInput
+            from filtering.scorers.language_id import LanguageIdParams, LanguageIdScorer, implicit_name
+
+            p = self.params
+            params = LanguageIdParams(backend=p.backend, fallback=p.fallback, model_path=p.model_path,
+                                      candidates=p.candidates, field=self.field, name=implicit_name(p))
+            self._scorer = LanguageIdScorer(params, ScorerInput(self.input.kind), path=f"filters: {self.name}")
+        return self._scorer
+
+    def scorers(self) -> list:
+        return [self.scorer()]
+
+    def requires(self) -> set[str]:
+        return {self.field, *self.scorer().provides()}
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         p = self.params
@@ -400,8 +438,12 @@ class LanguageFilter(TextFilter):
         reason[blank] = "language_empty"
         rows = np.flatnonzero(alive & ~blank)
         if len(rows):
-            candidates = tuple(sorted(p.candidates)) if p.candidates else None
-            codes, conf = predict_languages(pool, self.field, rows, backend, model_path, candidates)
+            code_column, conf_column = self.scorer().provides()
+            if pool.has_column(code_column):  # the run's language_id scorer classified every caption (cached)
+                codes, conf = pool.column(code_column)[rows], pool.column(conf_column)[rows]
+            else:  # used on its own (library, tests): classify the rows that reach it
+                candidates = tuple(sorted(p.candidates)) if p.candidates else None
+                codes, conf = predict_languages(pool, self.field, rows, backend, model_path, candidates)
             allowed = np.isin(codes, p.languages)
             sure = conf >= p.min_confidence if p.min_confidence is not None else np.ones(len(rows), bool)
             keep[rows] = allowed & sure

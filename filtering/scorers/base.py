@@ -186,6 +186,7 @@ def register(cls: type[Scorer]) -> type[Scorer]:
 
 def builtin_scorers() -> None:
     import filtering.scorers.embedding_head  # noqa: F401  (registers on import)
+    import filtering.scorers.language_id  # noqa: F401
 
 
 def scorer_class(kind: str, path: str = "scorers") -> type[Scorer]:
@@ -234,9 +235,10 @@ def parse_scorers(specs: Any, input_info: InputInfo, path: str = "scorers") -> l
 class ScorerStage(ColumnStage):
     """Runs one scorer over the pool, shard by shard, through its own cache."""
 
-    def __init__(self, scorer: Scorer, cache_root: str):
+    def __init__(self, scorer: Scorer, cache_root: str, internal: bool = False):
         self.scorer = scorer
         self.cache_root = cache_root
+        self.internal = internal  # a filter's own scorer: its columns stay out of the outputs
         self.name = f"scorer:{scorer.name}"
 
     def provides(self) -> set[str]:
@@ -244,6 +246,10 @@ class ScorerStage(ColumnStage):
 
     def requires(self) -> set[str]:
         return self.scorer.needs().pool_columns()
+
+    def embeddings_required(self) -> dict[str, str | None]:
+        needs = self.scorer.needs()
+        return {f"{self.scorer.path}.embedding": needs.embedding_kind} if needs.embedding else {}
 
     def check(self, input_kind: str) -> None:
         needs = self.scorer.needs()
@@ -277,6 +283,8 @@ class ScorerStage(ColumnStage):
         bar = ctx.bar(pool.n, f"score {scorer.name}")
         try:
             for part in pool.parts:
+                if part.n == 0:
+                    continue
                 emb = pool.embedding_loader(kind, part) if kind is not None else None
                 cols = {c: pool.column(c)[part.start : part.stop] for c in columns}
                 source = {"input": _input_fingerprint(part, emb, kind, cols)}
@@ -299,6 +307,8 @@ class ScorerStage(ColumnStage):
         for c in provided:
             values = out[c] if out[c] is not None else np.zeros(pool.n, np.float32)
             pool.add_column(c, pa.array(values, mask=failed))
+            if self.internal:
+                pool.internal.add(c)
         ctx.stage_info.setdefault("scorers", {})[scorer.name] = {
             **scorer.describe(),
             "embedding": kind,

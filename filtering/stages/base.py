@@ -66,10 +66,21 @@ class SourceStage(Stage):
         """Resolve the input paths, raising ``InputError`` if they are missing; ``run``
         calls it before anything is written."""
 
+    def embeddings(self) -> tuple[tuple[str, ...], str | None]:
+        """The embedding kinds the pool will have and the default one, known before any
+        data is read (the planner checks every filter's and stage's needs against them).
+        May list the input, never reads it."""
+        return (), None
+
     @abstractmethod
     def run(self, ctx: RunContext) -> Pool: ...
 
 
 class ColumnStage(Stage):
+    def embeddings_required(self) -> dict[str, str | None]:
+        """Embedding kinds this stage reads, by the config key that names each (None:
+        the pool's default); the planner checks them against the source's before any data is read."""
+        return {}
+
     @abstractmethod
     def run(self, ctx: RunContext, pool: Pool) -> None: ...

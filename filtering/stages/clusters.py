@@ -77,6 +77,9 @@ class ClusterStage(ColumnStage):
             raise ConfigError("clusters.reference: required (image folder, shards, or .npy/.pt embeddings)")
         return set()
 
+    def embeddings_required(self) -> dict[str, str | None]:
+        return {"clusters.embedding": self.cfg.clusters.embedding}
+
     # --- run -------------------------------------------------------------------------
 
     def run(self, ctx: RunContext, pool: Pool) -> None:

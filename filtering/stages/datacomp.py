@@ -95,6 +95,7 @@ class DataCompStage(SourceStage):
     """Builds the pool from DataComp's per-shard parquet metadata and npz embeddings."""
 
     name = "datacomp"
+    no_embeddings = "input.datacomp_metadata has no .npz next to every .parquet (DataComp's embedding files)"
 
     def __init__(self, metadata_dir: str, cache_root: str):
         self.metadata_dir = metadata_dir
@@ -113,6 +114,13 @@ class DataCompStage(SourceStage):
 
     def check_inputs(self) -> None:
         self._shards = list_shards(self.metadata_dir)
+
+    def embeddings(self) -> tuple[tuple[str, ...], str | None]:
+        """The npz arrays every shard has (the folder listed, one npz's zip directory read)."""
+        if self._shards is None:
+            self._shards = list_shards(self.metadata_dir)
+        kinds = _embedding_kinds(self._shards)
+        return kinds, default_embedding(kinds)
 
     def run(self, ctx: RunContext) -> Pool:
         shards = self._shards if self._shards is not None else list_shards(self.metadata_dir)
@@ -161,7 +169,7 @@ class DataCompStage(SourceStage):
             parts=parts,
             embedding_loader=lambda kind, part: load_npz_array(npz[part.sid], kind, part),
             embedding_kinds=kinds,
-            default_embedding="l14_img" if "l14_img" in kinds else (kinds[0] if kinds else None),
+            default_embedding=default_embedding(kinds),
             late=late_columns,
         )
 
@@ -298,6 +306,10 @@ def _with_source_shard(table: pa.Table, shards: list[DataCompShard], counts: lis
     dictionary = pa.array([s.parquet for s in shards], pa.string())
     column = pa.DictionaryArray.from_arrays(indices, dictionary).cast(pa.string())
     return table.add_column(table.column_names.index("key") + 1, "source_shard", column)
+
+
+def default_embedding(kinds: tuple[str, ...]) -> str | None:
+    return "l14_img" if "l14_img" in kinds else (kinds[0] if kinds else None)
 
 
 def _embedding_kinds(shards: list[DataCompShard]) -> tuple[str, ...]:

@@ -356,6 +356,9 @@ class ScoreStage(SourceStage):
     def check_inputs(self) -> None:
         self.urls  # noqa: B018  (expanding the shard spec raises InputError if nothing matches)
 
+    def embeddings(self) -> tuple[tuple[str, ...], str | None]:
+        return EMBEDDING_KINDS, "image"  # the run's CLIP model embeds every image and caption
+
     def run(self, ctx: RunContext) -> Pool:
         sources = {u: file_info(u) for u in self.urls}
         todo = [u for u in self.urls if not self.cache.is_done(u, source_stamp(u))]

@@ -182,7 +182,9 @@ def subset_table(pool_table: pa.Table, keep: np.ndarray, drop_columns: tuple[str
 
 def subset_stream(pool, keep: np.ndarray, drop_columns: tuple[str, ...] = ("error",), workers: int = 2):
     """The kept rows of ``pool`` as ``(schema, tables)``: one table per source shard, in
-    pool order, late columns read for the kept rows only (``workers`` shards at a time)."""
+    pool order, late columns read for the kept rows only (``workers`` shards at a time).
+    The pool's ``internal`` columns (a filter's own scorer columns) are left out too."""
+    drop_columns = (*drop_columns, *sorted(pool.internal))
     cols = [c for c in pool.column_names if c not in drop_columns]
     if pool.late is None:
         table = subset_table(pool.table, keep, drop_columns)

@@ -1,0 +1,140 @@
+"""``language_id``: the caption's language and the identifier's confidence, cached per shard.
+
+The Score half of the ``language`` filter (NeMo Curator's Score/Filter split): this
+scorer classifies every non-null caption once and writes two columns, ``<name>`` (ISO
+639-1 code, or the identifier's own label such as ``und``) and ``<name>_confidence``;
+the filter only reads them and decides. A rerun that changes ``languages:`` or
+``min_confidence:`` therefore classifies nothing: every shard comes from the cache.
+
+The identifiers (py3langid, lingua, fastText's ``lid.176.bin``, gcld3) and the
+``fallback:`` chain are those of :mod:`filtering.filters.language`. The cache
+fingerprint holds the identifier that actually loaded (after any fallback), the
+sha256 of a fastText model file, the candidate languages and the identifier package's
+version; the column read is part of each shard's input key. The requested chain is not
+in it: two configs that end up running the same identifier share one cache.
+
+Each ``language`` filter adds its scorer by itself (columns named after a short hash
+of its identifier settings, kept out of the outputs); the scorer may also be listed
+under ``scorers:`` to write the columns into the subset::
+
+    scorers:
+      - language_id: {backend: fasttext, model_path: ~/.cache/fasttext/lid.176.bin}
+
+Null captions get null codes and NaN confidences. Captions are classified once per
+distinct text within a batch of rows; large batches are split over worker processes
+(:func:`filtering.filters.language.predict_texts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from pydantic import field_validator
+
+from filtering.filters.language import IdentifierParams, predict_texts, resolve
+from filtering.scorers.base import Batch, Needs, Scorer, register
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The package whose version each identifier's results depend on.
+PACKAGE = {"py3langid": "py3langid", "lingua": "lingua-language-detector", "fasttext": "fasttext", "gcld3": "gcld3"}
+
+
+class LanguageIdParams(IdentifierParams):
+    """The identifier settings of :class:`~filtering.filters.language.IdentifierParams`
+    and the columns' name (``<name>``, ``<name>_confidence``)."""
+
+    name: str = "language"
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError("must be a name of letters, digits and underscores")
+        return value
+
+
+def _package_version(backend: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE[backend])
+    except PackageNotFoundError:
+        return None
+
+
+@register
+class LanguageIdScorer(Scorer):
+    kind = "language_id"
+    Params = LanguageIdParams
+
+    @property
+    def field(self) -> str:
+        return self.params.field or "caption"
+
+    @property
+    def confidence_column(self) -> str:
+        return f"{self.name}_confidence"
+
+    def provides(self) -> tuple[str, ...]:
+        return (self.name, self.confidence_column)
+
+    def needs(self) -> Needs:
+        return Needs(columns=frozenset({self.field}))
+
+    def identity(self) -> dict[str, Any]:
+        """The identifier that loads (first available of the chain): see :func:`resolve`."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = resolve(self.params)
+        return self._identity
+
+    def fingerprint(self) -> dict[str, Any]:
+        ident = self.identity()
+        backend = ident["backend"]
+        return {
+            "backend": backend,
+            "model_sha256": ident.get("model_sha256"),
+            "candidates": sorted(self.params.candidates) if self.params.candidates else None,
+            "package": _package_version(backend),
+        }
+
+    def check(self) -> None:
+        self.identity()  # a missing package or model file fails here, before any data is read
+
+    def setup(self) -> None:
+        self.identity()
+
+    def score(self, batch: Batch) -> dict[str, np.ndarray]:
+        texts = batch.columns[self.field]
+        n = len(texts)
+        codes = np.full(n, None, dtype=object)
+        conf = np.full(n, np.nan, dtype=np.float64)
+        present = np.array([t is not None for t in texts], dtype=bool) if n else np.zeros(0, bool)
+        distinct = list(dict.fromkeys(texts[present].tolist()))
+        if distinct:
+            ident = self.identity()
+            model_path = os.path.expanduser(self.params.model_path) if self.params.model_path else None
+            candidates = tuple(sorted(self.params.candidates)) if self.params.candidates else None
+            got, p = predict_texts(distinct, ident["backend"], model_path if ident["backend"] == "fasttext" else None,
+                                   candidates)
+            index = {t: i for i, t in enumerate(distinct)}
+            at = np.fromiter((index[t] for t in texts[present]), dtype=np.int64, count=int(present.sum()))
+            codes[present] = np.asarray(got, dtype=object)[at]
+            conf[present] = p[at]
+        return {self.name: codes, self.confidence_column: conf}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_identity", None)
+        return state
+
+
+def implicit_name(params: IdentifierParams) -> str:
+    """The column name a ``language`` filter's own scorer writes: one per identifier setting,
+    so two filters with the same identifier share one scorer and one cache."""
+    key = json.dumps([params.chain, params.model_path, sorted(params.candidates or []), params.field or "caption"])
+    return f"_language_{params.backend}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"

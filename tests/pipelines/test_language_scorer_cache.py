@@ -1,0 +1,79 @@
+"""language: the identifier runs as a cached scorer (language_id), the filter only decides.
+A rerun that only changes ``languages:`` classifies nothing; the outputs are those of
+classifying inside the filter."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from filtering.filters import language
+from pipelines.config import load_config
+from pipelines.runner import run
+from tests.conftest import REPO, write_config
+
+pytestmark = pytest.mark.slow  # runs the whole pipeline (make test-fast leaves these out)
+
+
+@pytest.fixture
+def classified(monkeypatch):
+    """Every caption the py3langid identifier is asked about, in order."""
+    seen: list[str] = []
+    real = language._Py3Langid.predict
+
+    def counting(self, texts):
+        seen.extend(texts)
+        return real(self, texts)
+
+    monkeypatch.setattr(language._Py3Langid, "predict", counting)
+    return seen
+
+
+def _config(tmp_path, out, name, languages):
+    base = yaml.safe_load((REPO / "configs" / "sample_basic.yaml").read_text())
+    filters = base["filters"]
+    for f in filters:
+        if "language" in f:
+            f["language"]["languages"] = languages
+    return write_config(tmp_path / name, base=REPO / "configs" / "sample_basic.yaml", filters=filters,
+                        output={"dir": str(out)})
+
+
+def test_rerun_changing_languages_reclassifies_nothing(tmp_path, rerun_dir, classified):
+    quiet = dict(progress=False, log=lambda msg: None)
+    first = run(load_config(_config(tmp_path, rerun_dir, "en.yaml", ["en"])), **quiet)
+    assert classified, "the first run classifies the captions"
+    n_first = len(classified)
+    assert n_first <= first.manifest["counts"]["input"]  # once per distinct caption, at most once per row
+    info = first.manifest["stages"]["scorers"]
+    [(name, record)] = info.items()
+    assert record["kind"] == "language_id" and record["cache"]["shards_scored"] == 4
+
+    second = run(load_config(_config(tmp_path, rerun_dir, "en_de.yaml", ["en", "de"])), **quiet)
+    assert len(classified) == n_first  # nothing classified again: every shard came from the cache
+    assert second.manifest["stages"]["scorers"][name]["cache"] == {**record["cache"], "shards_scored": 0,
+                                                                  "shards_cached": 4}
+    assert second.manifest["counts"]["kept"] > first.manifest["counts"]["kept"]  # German captions now kept
+    assert second.manifest["language_identifiers"][0]["backend"] == "py3langid"
+    subset = pq.read_table(rerun_dir / "subset")
+    assert not [c for c in subset.column_names if c.startswith("_language")]  # the scorer's columns stay internal
+
+
+def test_scorer_columns_give_the_decision_the_filter_gives_alone(tmp_path, rerun_dir):
+    """The cached-column path and the classify-in-the-filter path decide the same rows."""
+    cfg = load_config(_config(tmp_path, rerun_dir, "en.yaml", ["en"]))
+    result = run(cfg, progress=False, log=lambda msg: None)
+    pool = result.pool
+    [lang] = [f for node in cfg.filter_tree for f in node.leaves() if f.name == "language"]
+    code_col, conf_col = lang.scorer().provides()
+    assert pool.has_column(code_col)
+    alive = ~pool.failed  # failed rows reach no filter (their scorer columns are null)
+    assert alive.sum() > 900
+    via_columns = lang.apply(pool, alive)
+    pool.internal.clear()
+    pool.table = pool.table.drop_columns([code_col, conf_col])
+    pool._numpy.clear()
+    pool.artifacts.pop("language_predictions", None)
+    alone = lang.apply(pool, alive)
+    np.testing.assert_array_equal(via_columns.keep, alone.keep)
+    np.testing.assert_array_equal(via_columns.reason, alone.reason)
