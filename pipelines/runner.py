@@ -376,7 +376,7 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
         "inputs": inputs,
         "input_checksum": checksum_method,
         "counts": counts,
-        "thresholds": pool.artifacts.get("thresholds", {}),
+        "thresholds": outcome.thresholds,
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "uids": ctx.stage_info.get("uids", {}),
         "stages": {k: v for k, v in ctx.stage_info.items() if k != "uids"},

@@ -104,9 +104,8 @@ def sweep(config_path: str, param: str, overrides: list[str] | tuple[str, ...] =
                     stage.run(ctx, pool)
                 pools[pkey] = pool
             pool = pools[pkey]
-            pool.artifacts.pop("thresholds", None)
             outcome = apply_filters(cfg.filter_tree, pool)
-            thresholds = {k: (None if v is None else float(v)) for k, v in pool.artifacts.get("thresholds", {}).items()}
+            thresholds = {k: (None if v is None else float(v)) for k, v in outcome.thresholds.items()}
             results.append({
                 "value": value,
                 "input": int(pool.n),

@@ -9,7 +9,7 @@ so changing filter settings and rerunning costs seconds.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,11 +39,14 @@ class Decision:
     ``keep[i]`` matters only for rows that reached the filter. ``reason`` is a reason
     code for dropped rows: one string for all, or an object array per row.
     ``duplicate_of`` (dedup filters) gives, for each dropped copy, the uid it duplicates.
+    ``thresholds`` (score filters) maps each score column to the threshold applied (None:
+    everything kept); the funnel, the manifest and ``sweep`` take them from here.
     """
 
     keep: np.ndarray
     reason: str | np.ndarray
     duplicate_of: np.ndarray | None = None
+    thresholds: dict[str, float | None] = field(default_factory=dict)
 
     def reasons_for(self, rows: np.ndarray) -> np.ndarray:
         if isinstance(self.reason, str):

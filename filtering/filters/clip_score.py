@@ -73,7 +73,6 @@ class ClipScore(Filter):
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         scores = pool.column(self.field)
         threshold = self.threshold(pool)
-        pool.artifacts.setdefault("thresholds", {})[self.field] = threshold
         missing = np.isnan(scores)
         if threshold is None:
             keep = ~missing
@@ -82,4 +81,4 @@ class ClipScore(Filter):
                 keep = (scores >= scores.dtype.type(threshold)) & ~missing
         code = "clip_score_below_min" if self.params.min is not None else "clip_score_below_top_fraction"
         reason = np.where(missing, "clip_score_missing", code).astype(object) if missing.any() else code
-        return Decision(keep, reason)
+        return Decision(keep, reason, thresholds={self.field: threshold})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,16 +70,18 @@ class AllOf(FilterNode):
     def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision:
         reason = np.full(pool.n, None, dtype=object)
         dup = None
+        thresholds: dict[str, float | None] = {}
         current = alive.copy()
         for child in self.children:
             d = child.evaluate(pool, current)
+            thresholds.update(d.thresholds)
             dropped = current & ~d.keep
             reason[dropped] = d.reason if isinstance(d.reason, str) else d.reasons_for(dropped)
             if d.duplicate_of is not None:
                 dup = np.full(pool.n, None, dtype=object) if dup is None else dup
                 dup[dropped] = d.duplicate_of[dropped]
             current &= d.keep
-        return Decision(current, reason, dup)
+        return Decision(current, reason, dup, thresholds)
 
     def label(self) -> str:
         return f"all({', '.join(c.label() for c in self.children)})"
@@ -105,7 +107,7 @@ class AnyOf(FilterNode):
         if dropped.any():
             parts = [d.reasons_for(dropped) for d in decisions]
             reason[dropped] = ["|".join(r) for r in zip(*parts, strict=True)]
-        return Decision(keep, reason)
+        return Decision(keep, reason, thresholds={k: v for d in decisions for k, v in d.thresholds.items()})
 
     def label(self) -> str:
         return f"any({', '.join(c.label() for c in self.children)})"
@@ -123,7 +125,7 @@ class Not(FilterNode):
 
     def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision:
         d = self.child.evaluate(pool, alive)
-        return Decision(~d.keep, f"not_{self.child.label()}")
+        return Decision(~d.keep, f"not_{self.child.label()}", thresholds=d.thresholds)
 
     def label(self) -> str:
         return f"not({self.child.label()})"
@@ -185,6 +187,7 @@ class FilterOutcome:
     drop_reason: np.ndarray  # object: reason code
     duplicate_of: np.ndarray  # object: uid duplicated (dedup drops) or None
     funnel: list[dict[str, Any]]
+    thresholds: dict[str, float | None] = field(default_factory=dict)  # score column -> threshold applied
 
 
 def funnel_labels(nodes: list[FilterNode], path: str = "filters") -> list[str]:
@@ -203,8 +206,10 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
     drop_reason = np.full(pool.n, None, dtype=object)
     duplicate_of = np.full(pool.n, None, dtype=object)
     funnel = []
+    thresholds: dict[str, float | None] = {}
     for node, label in zip(nodes, funnel_labels(nodes), strict=True):
         d = node.evaluate(pool, alive)
+        thresholds.update(d.thresholds)
         dropped = alive & ~d.keep
         n_dropped = int(dropped.sum())
         drop_filter[dropped] = label
@@ -231,4 +236,4 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
         )
         if progress is not None:
             progress(label)
-    return FilterOutcome(alive, drop_filter, drop_reason, duplicate_of, funnel)
+    return FilterOutcome(alive, drop_filter, drop_reason, duplicate_of, funnel, thresholds)

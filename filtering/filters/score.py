@@ -55,7 +55,7 @@ class Score(Filter):
         low = p.min
         if p.top_fraction is not None:
             low = top_fraction_threshold(scores[~pool.failed], p.top_fraction)  # NaN counts in N, as in clip_score
-        pool.artifacts.setdefault("thresholds", {})[column] = low if low is not None else p.max
+        thresholds = {column: low if low is not None else p.max}
         # Comparisons in the column's own dtype, so float64 scores are not rounded.
         with np.errstate(invalid="ignore"):
             below = ~(scores >= scores.dtype.type(low)) & ~missing if low is not None else np.zeros(pool.n, dtype=bool)
@@ -63,9 +63,9 @@ class Score(Filter):
         keep = ~missing & ~below & ~above
         low_code = f"{column}_below_top_fraction" if p.top_fraction is not None else f"{column}_below_min"
         if not missing.any() and (p.max is None or low is None):  # one code for every drop: no per-row objects
-            return Decision(keep, low_code if p.max is None else f"{column}_above_max")
+            return Decision(keep, low_code if p.max is None else f"{column}_above_max", thresholds=thresholds)
         reason = np.full(pool.n, None, dtype=object)
         reason[below] = low_code
         reason[above] = f"{column}_above_max"
         reason[missing] = f"{column}_missing"
-        return Decision(keep, reason)
+        return Decision(keep, reason, thresholds=thresholds)

@@ -142,3 +142,13 @@ def test_parse_errors_name_the_nested_key(specs, message):
         parse_filters(specs)
     assert str(e.value).startswith(message)
     assert "\n" not in str(e.value)
+
+
+def test_thresholds_travel_in_decisions_through_combinators(pool):
+    pool.add_column("q", pa.array(np.arange(pool.n, dtype=np.float32)))
+    out = run([{"any": [{"not": {"score": {"column": "q", "min": 2.0}}}, {"caption": {"min_words": 3}}]},
+               {"score": {"column": "q", "max": 100.0}}], pool)
+    assert out.thresholds == {"q": 100.0}  # a later entry's threshold for the same column wins, as it is applied last
+    out = run([{"all": [{"score": {"column": "q", "top_fraction": 0.5}}]}], pool)
+    assert list(out.thresholds) == ["q"] and out.thresholds["q"] is not None
+    assert "thresholds" not in pool.artifacts

@@ -45,13 +45,12 @@ def test_min_max_range_and_reason_codes():
     assert set(only_max.funnel[0]["reasons"]) == {"aesthetic_score_above_max"}
 
 
-def test_threshold_recorded_for_report_and_sweep():
+def test_threshold_returned_in_the_decision_for_report_and_sweep():
     pool = pool_of(np.arange(10, dtype=np.float32))
-    run({"top_fraction": 0.3}, pool)
-    assert pool.artifacts["thresholds"]["aesthetic_score"] == 6.0  # sorted_desc[int(10 * 0.3)]
+    assert run({"top_fraction": 0.3}, pool).thresholds == {"aesthetic_score": 6.0}  # sorted_desc[int(10 * 0.3)]
     pool = pool_of(np.arange(10, dtype=np.float32))
-    run({"max": 0.5}, pool)
-    assert pool.artifacts["thresholds"]["aesthetic_score"] == 0.5
+    assert run({"max": 0.5}, pool).thresholds == {"aesthetic_score": 0.5}
+    assert "thresholds" not in pool.artifacts  # the pool is not written to: nothing for sweep to undo
 
 
 @pytest.mark.parametrize("spec, message", [
