@@ -131,9 +131,9 @@ def plan(cfg: Config, cache_root: str) -> Plan:
                 )
     if hasattr(source, "request"):  # sources that read only the columns asked for
         source.request(needed & source.provides())
-    if cfg.output.webdataset and input_kind(cfg) == "datacomp":
+    if cfg.output.webdataset and not source.info.images:
         raise ConfigError(
-            "output.webdataset: resharding copies samples from WebDataset shards, but input.datacomp_metadata "
+            f"output.webdataset: resharding copies samples from WebDataset shards, but the {source.info.kind} input "
             "has no images; use input.shards, or feed subset.npy to DataComp's resharder"
         )
     check_local_paths(cfg)  # every file the config names, before any shard is read
@@ -228,7 +228,7 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
         if dup is not None:
             nodes.insert(0, dup)
         outcome = apply_filters(nodes, pool)
-        manifest = write_outputs(cfg, ctx, pool, outcome)
+        manifest = write_outputs(cfg, ctx, pool, outcome, the_plan.source)
         if cfg.output.report:
             from filtering.report import write_report
 
@@ -302,9 +302,9 @@ def check_duplicate_uids(pool: Pool, policy: str, ctx: RunContext) -> FilterNode
     return _UidDuplicates(later) if n_rows and policy == "keep_first" else None
 
 
-def model_record(cfg: Config, ctx: RunContext) -> dict[str, Any]:
-    if input_kind(cfg) == "datacomp":
-        return {"arch": None, "pretrained": None, "checkpoint_sha256": None, "note": "scores and embeddings from DataComp metadata"}
+def model_record(cfg: Config, ctx: RunContext, source: SourceStage) -> dict[str, Any]:
+    if source.info.model is not None:  # no model ran: the source says where the scores come from
+        return dict(source.info.model)
     info = dict(ctx.model_info)
     return {
         "arch": info.get("arch", cfg.model.arch),
@@ -314,15 +314,14 @@ def model_record(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     }
 
 
-def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome) -> dict[str, Any]:
+def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome, source: SourceStage) -> dict[str, Any]:
     out = cfg.output
     failed = pool.failed
     config_dict = cfg.to_dict()
-    model = model_record(cfg, ctx)
+    model = model_record(cfg, ctx, source)
     prov = provenance(config_dict, cfg.sha256(), model)
 
-    # DataComp's key is its uid: hex, so stored like the uid (see HEX_COLUMNS)
-    hex_columns = HEX_COLUMNS | {"key"} if input_kind(cfg) == "datacomp" else HEX_COLUMNS
+    hex_columns = HEX_COLUMNS | set(source.info.hex_columns)  # stored like the uid (see HEX_COLUMNS)
     invalidate(out.dir)  # the manifest is the commit record: gone until every output is written (writers/commit.py)
 
     def side_outputs() -> dict[str, Any]:
@@ -372,7 +371,8 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
         "config": config_dict,
         "config_sha256": prov["config_sha256"],
         "model": model,
-        "input_kind": input_kind(cfg),
+        "input_kind": source.info.kind,
+        "source": source.describe(),
         "inputs": inputs,
         "input_checksum": checksum_method,
         "counts": counts,

@@ -59,7 +59,9 @@ class ClipScore(Filter):
     def field(self) -> str:
         if self.params.field:
             return self.params.field
-        return "clip_l14_similarity_score" if self.input.kind == "datacomp" else "clip_score"
+        from filtering.stages.base import source_info
+
+        return source_info(self.input.kind).score_field
 
     def requires(self) -> set[str]:
         return {self.field}

@@ -72,7 +72,9 @@ class Dedup(Filter):
 
     @property
     def score_field(self) -> str:
-        return "clip_l14_similarity_score" if self.input.kind == "datacomp" else "clip_score"
+        from filtering.stages.base import source_info
+
+        return source_info(self.input.kind).score_field
 
     @property
     def reason(self) -> str:

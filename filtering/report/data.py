@@ -209,9 +209,20 @@ class Reservoir:
 # --- the gatherer ------------------------------------------------------------------
 
 
+def source_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``source`` record (what depends on the input kind, as the source stage
+    stated it); manifests written before it existed get their input kind's."""
+    record = manifest.get("source")
+    if isinstance(record, dict) and "kind" in record:
+        return record
+    from filtering.stages.base import source_info
+
+    return source_info(manifest.get("input_kind") or "webdataset").to_dict()
+
+
 def score_field(manifest: dict[str, Any]) -> str:
-    """The score the clip_score filter used (its ``field``), else the input kind's default."""
-    default = "clip_l14_similarity_score" if manifest.get("input_kind") == "datacomp" else "clip_score"
+    """The score the clip_score filter used (its ``field``), else the source's default."""
+    default = source_record(manifest)["score_field"]
 
     def walk(node: Any) -> str | None:
         if isinstance(node, list):
@@ -229,14 +240,22 @@ def score_field(manifest: dict[str, Any]) -> str:
 
 
 def score_sources(out_dir: str, manifest: dict[str, Any], field_name: str) -> list[str]:
-    """Parquet files holding every row's score: the score cache or DataComp's metadata."""
+    """Parquet files holding every row's score: the run's score cache (the manifest's
+    ``source.score_cache``) or, where the scores are the input's (DataComp), its metadata."""
     inputs = [i["path"] for i in manifest.get("inputs", []) if isinstance(i, dict) and "path" in i]
-    if manifest.get("input_kind") == "datacomp":
+    source = source_record(manifest)
+    if source.get("scores_in_inputs"):
         meta_dir = manifest.get("config", {}).get("input", {}).get("datacomp_metadata")
         files = [p for p in inputs if p.endswith(".parquet")]
         if not files and meta_dir:
             files = _glob(join(meta_dir, "*.parquet"))
         return [f for f in files if _exists(f)]
+    if source.get("score_cache"):
+        files = [join(out_dir, source["score_cache"], f"{shard_id(u)}.parquet") for u in inputs]
+        if files and all(_exists(f) for f in files) and field_name in _schema_names(files[0]):
+            return files
+        return []
+    # A manifest written before the source record: the newest score cache holding every input.
     best: list[str] = []
     best_mtime = -1.0
     for cache_dir in _glob(join(out_dir, "cache", "score-*")):
@@ -340,7 +359,7 @@ def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int 
     hist_dropped = np.zeros(FINE_BINS, dtype=np.int64)
     top_kept, low_kept, top_dropped = TopK(per_grid, True), TopK(per_grid, False), TopK(per_grid, True)
     sources = score_sources(out_dir, manifest, field_name)
-    caption_col = "text" if manifest.get("input_kind") == "datacomp" else "caption"
+    caption_col = source_record(manifest)["caption_column"]
     columns = ["uid", "key", "source_shard", caption_col, field_name, "error"]
     if sources and kept_set is not None:
         data.score_scope = "pool"

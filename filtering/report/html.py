@@ -8,7 +8,7 @@ from html import escape
 from typing import Any
 
 from filtering.report import svg
-from filtering.report.data import ReportData, Sample
+from filtering.report.data import ReportData, Sample, source_record
 
 CSS = """
 *{box-sizing:border-box}
@@ -79,7 +79,7 @@ def cards(samples: list[Sample], cls: str, pictures: bool = True) -> str:
 
 
 def has_pictures(data: ReportData) -> bool:
-    return data.manifest.get("input_kind") != "datacomp"  # DataComp metadata: no images at all
+    return bool(source_record(data.manifest)["images"])  # DataComp metadata: no images at all
 
 
 def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:

@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 
 from filtering.io.paths import join, shard_id
-from filtering.report.data import Sample, ScoreHistogram, TopK, _exists, _glob, _Row, iter_batches, score_sources
+from filtering.report.data import (
+    Sample,
+    ScoreHistogram,
+    TopK,
+    _exists,
+    _glob,
+    _Row,
+    iter_batches,
+    score_sources,
+    source_record,
+)
 
 BINS = 50
 
@@ -68,12 +78,11 @@ def _scorer_files(out_dir: str, manifest: dict[str, Any], column: str) -> tuple[
         if not cache_dir:
             return name, []
         cache_dir = join(out_dir, "cache", posixpath.basename(cache_dir.rstrip("/")))  # the run may have moved
-        if manifest.get("input_kind") == "datacomp":
-            sources = score_sources(out_dir, manifest, "uid")
+        sources = score_sources(out_dir, manifest, "uid")
+        if source_record(manifest).get("scores_in_inputs"):  # the scorer ran per metadata file
             urls = sources
         else:
             urls = [i["path"] for i in manifest.get("inputs", []) if isinstance(i, dict) and "path" in i]
-            sources = score_sources(out_dir, manifest, "uid")
         files = [join(cache_dir, f"{shard_id(u)}.parquet") for u in urls]
         if not sources or len(sources) != len(files) or not all(_exists(f) for f in files):
             return name, []
@@ -88,7 +97,7 @@ def _column(path: str, column: str) -> np.ndarray:
 
 def gather_score_columns(out_dir: str, manifest: dict[str, Any], kept_set, per_grid: int = 12) -> list[ColumnReport]:
     reports = []
-    caption_col = "text" if manifest.get("input_kind") == "datacomp" else "caption"
+    caption_col = source_record(manifest)["caption_column"]
     subset_parts = _glob(join(out_dir, "subset", "part-*.parquet"))
     for column, bounds in filtered_columns(manifest).items():
         scorer, pairs = _scorer_files(out_dir, manifest, column)

@@ -301,7 +301,9 @@ class EmbeddingHead(Scorer):
     def embedding_kind(self) -> str | None:
         if self.params.embedding:
             return self.params.embedding
-        return "l14_img" if self.input.kind == "datacomp" else "image"
+        from filtering.stages.base import source_info
+
+        return source_info(self.input.kind).default_embedding
 
     def fingerprint(self) -> dict[str, Any]:
         return {**self.params.model_dump(mode="json", exclude={"name", "device"}), "weights": self.weights_sha256()}

@@ -50,6 +50,36 @@ class RunContext:
         return self.progress(total=total, desc=desc, unit=unit)
 
 
+@dataclass(frozen=True)
+class SourceInfo:
+    """What depends on the input kind, stated by the source stage that reads it: filters
+    take their defaults from it at config time, the runner its writer settings and model
+    record, and the manifest carries it (``source``) for the report."""
+
+    kind: str  # "webdataset" | "datacomp"
+    score_field: str  # the CLIP score column clip_score and dedup's highest_clip_score read by default
+    caption_column: str  # the caption's column in the source's own files (DataComp: text)
+    images: bool  # whether the input holds images (resharding, the report's thumbnails)
+    hex_columns: tuple[str, ...] = ()  # columns stored as hex like the uid (DataComp's key)
+    default_embedding: str | None = None  # the embedding kind read when a filter names none
+    scores_in_inputs: bool = False  # scores are read from the input files (DataComp) rather than scored
+    model: dict[str, Any] | None = None  # a fixed model record (no model runs); None: the run's CLIP model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+def source_info(kind: str) -> SourceInfo:
+    """The :class:`SourceInfo` of the source stage for ``kind`` (imports no model code)."""
+    if kind == "datacomp":
+        from filtering.stages.datacomp import DataCompStage
+
+        return DataCompStage.info
+    from filtering.stages.score import ScoreStage
+
+    return ScoreStage.info
+
+
 class Stage(ABC):
     name: ClassVar[str]
 
@@ -60,7 +90,14 @@ class Stage(ABC):
 
 class SourceStage(Stage):
     """Builds the pool. Constructing one must not touch data (``poolsift validate`` plans
-    runs with it); input paths are resolved by :meth:`check_inputs` or ``run``."""
+    runs with it); input paths are resolved by :meth:`check_inputs` or ``run``. ``info``
+    states what depends on the input kind (:class:`SourceInfo`)."""
+
+    info: ClassVar[SourceInfo]
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``source`` record: ``info`` and where this run's scores are cached."""
+        return self.info.to_dict()
 
     def check_inputs(self) -> None:
         """Resolve the input paths, raising ``InputError`` if they are missing; ``run``

@@ -32,7 +32,7 @@ from filtering.errors import InputError, PoolsiftError
 from filtering.io.arrow import preload_pandas
 from filtering.io.paths import file_info, get_fs, is_local, local_path, open_file
 from filtering.pool import LateColumns, Pool, ShardPart
-from filtering.stages.base import RunContext, SourceStage
+from filtering.stages.base import RunContext, SourceInfo, SourceStage
 
 SCORE_FIELDS = ("clip_b32_similarity_score", "clip_l14_similarity_score")
 EMBEDDING_ARRAYS = ("b32_img", "b32_txt", "l14_img", "l14_txt")
@@ -95,6 +95,13 @@ class DataCompStage(SourceStage):
     """Builds the pool from DataComp's per-shard parquet metadata and npz embeddings."""
 
     name = "datacomp"
+    info = SourceInfo(
+        kind="datacomp", score_field="clip_l14_similarity_score", caption_column="text", images=False,
+        hex_columns=("key",),  # DataComp's key is its uid: hex, so stored like the uid
+        default_embedding="l14_img", scores_in_inputs=True,
+        model={"arch": None, "pretrained": None, "checkpoint_sha256": None,
+               "note": "scores and embeddings from DataComp metadata"},
+    )
     no_embeddings = "input.datacomp_metadata has no .npz next to every .parquet (DataComp's embedding files)"
 
     def __init__(self, metadata_dir: str, cache_root: str):
@@ -309,7 +316,8 @@ def _with_source_shard(table: pa.Table, shards: list[DataCompShard], counts: lis
 
 
 def default_embedding(kinds: tuple[str, ...]) -> str | None:
-    return "l14_img" if "l14_img" in kinds else (kinds[0] if kinds else None)
+    preferred = DataCompStage.info.default_embedding
+    return preferred if preferred in kinds else (kinds[0] if kinds else None)
 
 
 def _embedding_kinds(shards: list[DataCompShard]) -> tuple[str, ...]:

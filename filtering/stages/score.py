@@ -22,6 +22,7 @@ import os
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +32,7 @@ from filtering.errors import ConfigError, PoolsiftError
 from filtering.io.paths import expand_shards, file_info
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
 from filtering.pool import Pool, ShardPart
-from filtering.stages.base import RunContext, SourceStage
+from filtering.stages.base import RunContext, SourceInfo, SourceStage
 from filtering.stages.img2dataset import STATS_COUNTS, merge_side_parquet, read_stats, side_parquet, source_stamp
 from filtering.uid import UidError, resolve_uids
 
@@ -328,6 +329,8 @@ class ScoreStage(SourceStage):
     """Source stage for ``input.shards``: builds the pool from the per-shard score cache."""
 
     name = "score"
+    info = SourceInfo(kind="webdataset", score_field="clip_score", caption_column="caption", images=True,
+                      default_embedding="image")
 
     def __init__(self, shards_spec, model_cfg, cache_root: str, uid_cfg=None, output_dir: str | None = None):
         # Nothing is read here: `poolsift validate` plans the run without touching data.
@@ -357,7 +360,11 @@ class ScoreStage(SourceStage):
         self.urls  # noqa: B018  (expanding the shard spec raises InputError if nothing matches)
 
     def embeddings(self) -> tuple[tuple[str, ...], str | None]:
-        return EMBEDDING_KINDS, "image"  # the run's CLIP model embeds every image and caption
+        return EMBEDDING_KINDS, self.info.default_embedding  # the run's CLIP model embeds every image and caption
+
+    def describe(self) -> dict[str, Any]:
+        """With this run's score cache, relative to the output directory (``cache/score-<fp>``)."""
+        return {**self.info.to_dict(), "score_cache": "cache/" + self.cache.dir.rstrip("/").rsplit("/", 1)[-1]}
 
     def run(self, ctx: RunContext) -> Pool:
         sources = {u: file_info(u) for u in self.urls}
