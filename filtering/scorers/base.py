@@ -232,6 +232,53 @@ def parse_scorers(specs: Any, input_info: InputInfo, path: str = "scorers") -> l
 # --- the per-shard cached loop ---------------------------------------------------------
 
 
+@dataclass
+class ShardLoopResult:
+    columns: dict[str, np.ndarray]  # one array per column, pool.n rows (rows of empty shards: zeros)
+    computed: int  # shards computed now
+    cached: int  # shards read from the cache
+
+
+def cached_shard_loop(ctx: RunContext, pool: Pool, cache, columns: tuple[str, ...], source_of, compute,
+                      desc: str, kind: str | None = None) -> ShardLoopResult:
+    """The loop every per-shard computation over the pool shares (scorers, cluster
+    assignment, decontamination distances): for each shard, read its cached table when
+    the cache entry was made from the same input, else compute it and cache it.
+
+    ``cache``: a :class:`filtering.cache.ShardCache` (its fingerprint is the computation's
+    settings); ``source_of(part, emb)``: what the shard's input was (the cache key's
+    ``source``; ``emb`` is the shard's ``kind`` embeddings, loaded only when ``kind`` is
+    given); ``compute(part, emb)``: one array per column, ``part.n`` rows. Memory stays
+    one shard plus the output columns.
+    """
+    out: dict[str, np.ndarray | None] = dict.fromkeys(columns)
+    computed = cached = 0
+    bar = ctx.bar(pool.n, desc)
+    try:
+        for part in pool.parts:
+            if part.n == 0:
+                continue
+            emb = pool.embedding_loader(kind, part) if kind is not None else None
+            source = source_of(part, emb)
+            if cache.is_done(part.url, source):
+                table = cache.read_table(part.url)
+                result = {c: table.column(c).to_numpy() for c in columns}
+                cached += 1
+            else:
+                result = compute(part, emb)
+                cache.write(part.url, pa.table({c: result[c] for c in columns}), {}, source=source)
+                computed += 1
+            for c in columns:
+                if out[c] is None:
+                    out[c] = np.zeros(pool.n, dtype=result[c].dtype)
+                out[c][part.start : part.stop] = result[c]
+            bar.update(part.n)
+    finally:
+        bar.close()
+    filled = {c: v if v is not None else np.zeros(pool.n, np.float32) for c, v in out.items()}
+    return ShardLoopResult(filled, computed, cached)
+
+
 class ScorerStage(ColumnStage):
     """Runs one scorer over the pool, shard by shard, through its own cache."""
 
@@ -277,36 +324,23 @@ class ScorerStage(ColumnStage):
                 "columns": columns}
         cache = ShardCache(self.cache_root, f"scorer-{scorer.name}", spec)
         provided = scorer.provides()
-        out = {c: None for c in provided}
-        computed = cached = 0
         failed = pool.failed
-        bar = ctx.bar(pool.n, f"score {scorer.name}")
-        try:
-            for part in pool.parts:
-                if part.n == 0:
-                    continue
-                emb = pool.embedding_loader(kind, part) if kind is not None else None
-                cols = {c: pool.column(c)[part.start : part.stop] for c in columns}
-                source = {"input": _input_fingerprint(part, emb, kind, cols)}
-                if cache.is_done(part.url, source):
-                    table = cache.read_table(part.url)
-                    result = {c: table.column(c).to_numpy() for c in provided}
-                    cached += 1
-                else:
-                    scorer.ensure_setup()
-                    result = self._compute(part, emb, cols)
-                    cache.write(part.url, pa.table(result), {}, source=source)
-                    computed += 1
-                for c in provided:
-                    if out[c] is None:
-                        out[c] = np.zeros(pool.n, dtype=result[c].dtype)
-                    out[c][part.start : part.stop] = result[c]
-                bar.update(part.n)
-        finally:
-            bar.close()
+
+        def cols_of(part: ShardPart) -> dict[str, np.ndarray]:
+            return {c: pool.column(c)[part.start : part.stop] for c in columns}
+
+        def compute(part: ShardPart, emb: np.ndarray | None) -> dict[str, np.ndarray]:
+            scorer.ensure_setup()
+            return self._compute(part, emb, cols_of(part))
+
+        loop = cached_shard_loop(
+            ctx, pool, cache, tuple(provided),
+            source_of=lambda part, emb: {"input": _input_fingerprint(part, emb, kind, cols_of(part))},
+            compute=compute, desc=f"score {scorer.name}", kind=kind,
+        )
+        computed, cached = loop.computed, loop.cached
         for c in provided:
-            values = out[c] if out[c] is not None else np.zeros(pool.n, np.float32)
-            pool.add_column(c, pa.array(values, mask=failed))
+            pool.add_column(c, pa.array(loop.columns[c], mask=failed))
             if self.internal:
                 pool.internal.add(c)
         ctx.stage_info.setdefault("scorers", {})[scorer.name] = {

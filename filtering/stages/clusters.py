@@ -278,30 +278,24 @@ class ClusterStage(ColumnStage):
         return targets
 
     def assignments(self, ctx, pool, parts, cfp, kind, assigner, info) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's nearest centroid, per shard through the shared cached loop
+        (:func:`filtering.scorers.base.cached_shard_loop`), keyed by the shard's embeddings."""
+        from filtering.scorers.base import cached_shard_loop
+
         cache = ShardCache(self.cache_root, "clusters", {"centroids": cfp, "embedding": kind, "assign": ASSIGN_VERSION})
-        ids = np.zeros(pool.n, np.int64)
-        sims = np.zeros(len(ids), np.float32)
-        computed = cached = 0
-        bar = ctx.bar(len(ids), "assign clusters")
-        try:
-            for part, pfp in parts:
-                source = {"embedding": pfp}
-                if cache.is_done(part.url, source):
-                    t = cache.read_table(part.url)
-                    cached += 1
-                else:
-                    a_ids, a_sims = clustering.assign(pool.embedding_loader(kind, part), assigner)
-                    t = pa.table({"cluster_id": a_ids, "cluster_sim": a_sims})
-                    cache.write(part.url, t, {}, source=source)
-                    computed += 1
-                ids[part.start : part.stop] = t.column("cluster_id").to_numpy()
-                sims[part.start : part.stop] = t.column("cluster_sim").to_numpy()
-                bar.update(part.n)
-        finally:
-            bar.close()
-        info["cache"]["shards_assigned"] = computed
-        info["cache"]["shards_cached"] = cached
-        return ids, sims
+        fingerprints = {part.url: pfp for part, pfp in parts}
+
+        def compute(part, emb):
+            a_ids, a_sims = clustering.assign(pool.embedding_loader(kind, part), assigner)
+            return {"cluster_id": a_ids, "cluster_sim": a_sims}
+
+        loop = cached_shard_loop(ctx, pool, cache, ("cluster_id", "cluster_sim"),
+                                 source_of=lambda part, emb: {"embedding": fingerprints[part.url]},
+                                 compute=compute, desc="assign clusters")
+        info["cache"]["shards_assigned"] = loop.computed
+        info["cache"]["shards_cached"] = loop.cached
+        ids = loop.columns["cluster_id"].astype(np.int64, copy=False)
+        return ids, loop.columns["cluster_sim"].astype(np.float32, copy=False)
 
 
 # --- helpers -----------------------------------------------------------------------

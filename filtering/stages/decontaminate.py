@@ -126,6 +126,7 @@ class DecontaminateStage(ColumnStage):
         """Per shard, cached: a rerun with another threshold reads the columns back."""
         from filtering import clustering
         from filtering.cache import ShardCache
+        from filtering.scorers.base import cached_shard_loop
         from filtering.stages.clusters import part_fingerprint
 
         key = "filters.decontaminate.embedding"
@@ -134,34 +135,25 @@ class DecontaminateStage(ColumnStage):
         except KeyError as e:
             raise ConfigError(f"{key}: {e.args[0]}") from e
         cache = ShardCache(self.cache_root, "decontam-nearest", {"reference": ref.fingerprint, "embedding": kind})
-        sims = np.zeros(pool.n, np.float32)
-        ids = np.zeros(pool.n, np.int64)
         assigner = None
-        bar = ctx.bar(pool.n, f"decontaminate {t.value_column}")
-        try:
-            for part, emb in pool.iter_embeddings(kind):
-                source = {"embedding": part_fingerprint(part, emb, kind)}
-                if cache.is_done(part.url, source):
-                    table = cache.read_table(part.url)
-                    ids[part.start : part.stop] = table.column("match").to_numpy()
-                    sims[part.start : part.stop] = table.column("similarity").to_numpy()
-                    bar.update(part.n)
-                    continue
-                if assigner is None:
-                    if emb.shape[1] != ref.embeddings.shape[1]:
-                        raise ConfigError(
-                            f"filters.decontaminate.reference: {t.reference!r} has embeddings of dimension "
-                            f"{ref.embeddings.shape[1]}, the pool's {kind!r} embeddings have {emb.shape[1]}; "
-                            "embed the reference with the same model"
-                        )
-                    assigner = clustering.Assigner(ref.embeddings)
-                part_ids, part_sims = clustering.assign(emb, assigner)
-                cache.write(part.url, pa.table({"match": part_ids, "similarity": part_sims}), {}, source=source)
-                ids[part.start : part.stop], sims[part.start : part.stop] = part_ids, part_sims
-                bar.update(part.n)
-        finally:
-            bar.close()
-        return sims, ids
+
+        def compute(part, emb):
+            nonlocal assigner
+            if assigner is None:
+                if emb.shape[1] != ref.embeddings.shape[1]:
+                    raise ConfigError(
+                        f"filters.decontaminate.reference: {t.reference!r} has embeddings of dimension "
+                        f"{ref.embeddings.shape[1]}, the pool's {kind!r} embeddings have {emb.shape[1]}; "
+                        "embed the reference with the same model"
+                    )
+                assigner = clustering.Assigner(ref.embeddings)
+            part_ids, part_sims = clustering.assign(emb, assigner)
+            return {"match": part_ids, "similarity": part_sims}
+
+        loop = cached_shard_loop(ctx, pool, cache, ("match", "similarity"),
+                                 source_of=lambda part, emb: {"embedding": part_fingerprint(part, emb, kind)},
+                                 compute=compute, desc=f"decontaminate {t.value_column}", kind=kind)
+        return loop.columns["similarity"].astype(np.float32, copy=False), loop.columns["match"].astype(np.int64, copy=False)
 
     @staticmethod
     def nearest_perceptual(pool: Pool, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
