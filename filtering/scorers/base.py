@@ -41,8 +41,6 @@ from filtering.pool import Pool, ShardPart
 from filtering.stages.base import ColumnStage, RunContext
 from filtering.validation import format_validation_error
 
-# DataComp's npz arrays (Gadre et al. 2023: OpenAI CLIP ViT-B/32 and ViT-L/14 embeddings).
-DATACOMP_EMBEDDING_DIMS = {"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768}
 BATCH_ROWS = 65_536  # rows per score() call: bounded memory, large enough for BLAS
 
 
@@ -148,10 +146,14 @@ class Scorer(ABC):
 
 
 def input_info(input_kind: str, model_arch: str | None = None) -> InputInfo:
-    """Embedding sizes known without reading data: DataComp's arrays, or the CLIP
-    model's ``embed_dim`` from its JSON config (read as a file, open_clip not imported)."""
-    if input_kind == "datacomp":
-        return InputInfo(input_kind, dict(DATACOMP_EMBEDDING_DIMS))
+    """Embedding sizes known without reading data: those the source states (DataComp's
+    npz arrays), or the CLIP model's ``embed_dim`` from its JSON config (read as a file,
+    open_clip not imported)."""
+    from filtering.stages.base import source_info
+
+    known = source_info(input_kind).embedding_dims
+    if known:
+        return InputInfo(input_kind, dict(known))
     dim = _clip_embed_dim(model_arch) if model_arch else None
     return InputInfo(input_kind, {"image": dim, "text": dim} if dim else {})
 

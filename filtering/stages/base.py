@@ -62,11 +62,13 @@ class SourceInfo:
     images: bool  # whether the input holds images (resharding, the report's thumbnails)
     hex_columns: tuple[str, ...] = ()  # columns stored as hex like the uid (DataComp's key)
     default_embedding: str | None = None  # the embedding kind read when a filter names none
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # sizes known before reading (else from the model)
     scores_in_inputs: bool = False  # scores are read from the input files (DataComp) rather than scored
     model: dict[str, Any] | None = None  # a fixed model record (no model runs); None: the run's CLIP model
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+        return {k: list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v
+                for k, v in self.__dict__.items()}
 
 
 def source_info(kind: str) -> SourceInfo:

@@ -99,6 +99,8 @@ class DataCompStage(SourceStage):
         kind="datacomp", score_field="clip_l14_similarity_score", caption_column="text", images=False,
         hex_columns=("key",),  # DataComp's key is its uid: hex, so stored like the uid
         default_embedding="l14_img", scores_in_inputs=True,
+        # the npz arrays: OpenAI CLIP ViT-B/32 and ViT-L/14 embeddings (Gadre et al. 2023)
+        embedding_dims={"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768},
         model={"arch": None, "pretrained": None, "checkpoint_sha256": None,
                "note": "scores and embeddings from DataComp metadata"},
     )
