@@ -154,7 +154,10 @@ def check_embeddings(cfg: Config, source: SourceStage, stages: list[ColumnStage]
             wanted.setdefault(key, kind)
     if not wanted:
         return
-    kinds, default = source.embeddings()
+    known = source.embeddings()
+    if known is None:  # the input cannot be listed yet: it is checked when read
+        return
+    kinds, default = known
     for key, kind in wanted.items():
         if kind is None and default is None or kind is not None and kind not in kinds:
             what = f"embedding {kind!r}" if kind else "embeddings"

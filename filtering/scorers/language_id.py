@@ -102,8 +102,8 @@ class LanguageIdScorer(Scorer):
             "package": _package_version(backend),
         }
 
-    def check(self) -> None:
-        self.identity()  # a missing package or model file fails here, before any data is read
+    # No check(): `poolsift validate` loads no model. The run loads the identifier (and
+    # says which one runs) before any data is read (pipelines/runner.py: language_identifiers).
 
     def setup(self) -> None:
         self.identity()

@@ -105,10 +105,11 @@ class SourceStage(Stage):
         """Resolve the input paths, raising ``InputError`` if they are missing; ``run``
         calls it before anything is written."""
 
-    def embeddings(self) -> tuple[tuple[str, ...], str | None]:
+    def embeddings(self) -> tuple[tuple[str, ...], str | None] | None:
         """The embedding kinds the pool will have and the default one, known before any
-        data is read (the planner checks every filter's and stage's needs against them).
-        May list the input, never reads it."""
+        data is read (the planner checks every filter's and stage's needs against them);
+        None when that cannot be known yet (the input is then checked when read). May
+        list the input, never reads it."""
         return (), None
 
     @abstractmethod

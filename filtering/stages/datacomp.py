@@ -124,10 +124,14 @@ class DataCompStage(SourceStage):
     def check_inputs(self) -> None:
         self._shards = list_shards(self.metadata_dir)
 
-    def embeddings(self) -> tuple[tuple[str, ...], str | None]:
-        """The npz arrays every shard has (the folder listed, one npz's zip directory read)."""
+    def embeddings(self) -> tuple[tuple[str, ...], str | None] | None:
+        """The npz arrays every shard has (the folder listed, one npz's zip directory read);
+        None when the folder holds no metadata yet (``check_inputs`` says so at run time)."""
         if self._shards is None:
-            self._shards = list_shards(self.metadata_dir)
+            try:
+                self._shards = list_shards(self.metadata_dir)
+            except InputError:
+                return None
         kinds = _embedding_kinds(self._shards)
         return kinds, default_embedding(kinds)
 
