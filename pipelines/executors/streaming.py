@@ -66,14 +66,15 @@ SPILL = ".streaming"
 
 def why_not(cfg, the_plan, executor) -> str | None:
     """Why this run cannot stream (None: it can, with outputs equal to the in-memory path's)."""
-    from pipelines.config import input_kind
+    from filtering.scorers.base import ScorerStage
 
-    if input_kind(cfg) != "datacomp":
+    if the_plan.source.info.kind != "datacomp":
         return "input is not DataComp metadata"
     if executor is not None:
         return "an executor is configured"
-    if the_plan.stages:
-        return f"stage {type(the_plan.stages[0]).__name__} needs the whole pool"
+    whole = [s for s in the_plan.stages if not isinstance(s, ScorerStage)]  # scorers work shard by shard
+    if whole:
+        return f"stage {type(whole[0]).__name__} needs the whole pool"
     if cfg.output.webdataset:
         return "output.webdataset"
     if not (is_local(cfg.output.dir) and is_local(cfg.input.datacomp_metadata)):
@@ -166,6 +167,7 @@ class _Shared:
     prov: dict[str, Any]
     hex_columns: frozenset[str]
     rows_per_part: int
+    scorer_stages: tuple = ()  # the plan's ScorerStages, run on each shard's pool (cached per shard)
 
 
 def _read(shard, columns: list[str]) -> pa.Table:
@@ -301,6 +303,8 @@ def _filter(args) -> dict[str, Any]:
     the dropped rows spilled as Arrow files, the kept uids sorted, the funnel as counts."""
     sh, i, shard, thresholds = args
     pool, ctx = _shard_pool(sh, shard)
+    for stage in sh.scorer_stages:  # e.g. language's language_id: its cache is per shard anyway
+        stage.run(ctx, pool)
     nodes = _with_thresholds(list(sh.cfg.filter_tree), thresholds)
     outcome = apply_filters(nodes, pool)
     schema, tables = subset_stream(pool, outcome.keep)
@@ -316,9 +320,10 @@ def _filter(args) -> dict[str, Any]:
         "kept": n_kept,
         "dropped": n_dropped,
         "uid_bins": np.bincount((kept["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.int64), minlength=1 << FINE_BITS),
-        "thresholds": pool.artifacts.get("thresholds", {}),
+        "thresholds": outcome.thresholds,
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "stage_info": ctx.stage_info.get("datacomp", {}),
+        "scorers": ctx.stage_info.get("scorers", {}),
     }
 
 
@@ -420,17 +425,17 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
     shutil.rmtree(spill, ignore_errors=True)
     os.makedirs(spill)
     try:
-        return _run(cfg, source, shards, ctx, spill)
+        return _run(cfg, source, shards, ctx, spill, the_plan.stages)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
 
 
-def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | None:
+def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -> dict[str, Any] | None:
     from pipelines.runner import _json_default, check_funnel, model_record
 
     top = _top_fraction_leaves(list(cfg.filter_tree))
     config_dict = cfg.to_dict()
-    model = model_record(cfg, ctx)
+    model = model_record(cfg, ctx, source)
     prov = provenance(config_dict, cfg.sha256(), model)
     sh = _Shared(
         cfg=cfg,
@@ -439,8 +444,9 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
         spill=spill,
         out_dir=cfg.output.dir,
         prov=prov,
-        hex_columns=frozenset(HEX_COLUMNS | {"key"}),
+        hex_columns=frozenset(HEX_COLUMNS | set(source.info.hex_columns)),
         rows_per_part=cfg.output.rows_per_part,
+        scorer_stages=tuple(the_plan_stages),
     )
     n_workers = workers_for(len(shards))
     all_paths = [os.path.join(spill, f"all-{i:06d}.npy") for i in range(len(shards))]
@@ -540,6 +546,16 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
     info = dict(first["stage_info"])
     info.update(shards=len(shards), rows=total)
     ctx.stage_info["datacomp"] = info
+    scorers: dict[str, Any] = {}  # each shard's scorer records: one per scorer, shard counts summed
+    for r in results:
+        for name, rec in r["scorers"].items():
+            agg = scorers.setdefault(name, {**rec, "seconds": 0.0,
+                                            "cache": {"dir": rec["cache"]["dir"], "shards_scored": 0, "shards_cached": 0}})
+            agg["seconds"] = round(agg["seconds"] + rec.get("seconds", 0.0), 3)
+            for k in ("shards_scored", "shards_cached"):
+                agg["cache"][k] += rec["cache"][k]
+    if scorers:
+        ctx.stage_info["scorers"] = scorers
     ctx.log(f"read {total:,} rows of DataComp metadata from {len(shards)} shards ({n_workers} worker processes)")
     ctx.stage_info.setdefault("uids", {})["duplicates"] = {"policy": cfg.input.uid.duplicates, "rows": 0, "uids": 0}
     funnel = _sum_funnels([r["funnel"] for r in results])
@@ -553,7 +569,8 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str) -> dict[str, Any] | N
         "config": config_dict,
         "config_sha256": prov["config_sha256"],
         "model": model,
-        "input_kind": "datacomp",
+        "input_kind": source.info.kind,
+        "source": source.describe(),
         "inputs": inputs,
         "input_checksum": checksum_method,
         "counts": counts,

@@ -77,3 +77,29 @@ def test_scorer_columns_give_the_decision_the_filter_gives_alone(tmp_path, rerun
     alone = lang.apply(pool, alive)
     np.testing.assert_array_equal(via_columns.keep, alone.keep)
     np.testing.assert_array_equal(via_columns.reason, alone.reason)
+
+
+def test_streaming_plan_runs_the_language_scorer_per_shard_with_the_same_outputs(tmp_path):
+    """DataComp metadata on the streaming plan: the language_id scorer runs in the shard
+    workers, through the same per-shard cache; the outputs equal the in-memory plan's."""
+    from pipelines.config import parse_config
+    from tests.datacomp_pool import make_datacomp_pool
+
+    metadata = make_datacomp_pool(tmp_path / "metadata", shards=3, rows=40)
+
+    def run_mode(out, mode, languages):
+        raw = {"input": {"datacomp_metadata": str(metadata)},
+               "filters": [{"language": {"languages": languages}}, {"clip_score": {"top_fraction": 0.5}}],
+               "output": {"dir": str(out)}, "execution": {"mode": mode}}
+        return run(parse_config(raw), progress=False, log=lambda msg: None)
+
+    mem = run_mode(tmp_path / "mem", "memory", ["en"])
+    streamed = run_mode(tmp_path / "str", "streaming", ["en"])
+    assert streamed.manifest["execution"]["plan"] == "streaming"
+    assert (tmp_path / "mem" / "subset.npy").read_bytes() == (tmp_path / "str" / "subset.npy").read_bytes()
+    for key in ("counts", "thresholds", "language_identifiers", "source"):
+        assert mem.manifest[key] == streamed.manifest[key], key
+    [(name, record)] = streamed.manifest["stages"]["scorers"].items()
+    assert record["cache"]["shards_scored"] == 3
+    again = run_mode(tmp_path / "str", "streaming", ["en", "de"])  # the workers classify nothing:
+    assert again.manifest["stages"]["scorers"][name]["cache"] == {**record["cache"], "shards_scored": 0, "shards_cached": 3}
