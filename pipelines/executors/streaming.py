@@ -72,7 +72,9 @@ def why_not(cfg, the_plan, executor) -> str | None:
         return "input is not DataComp metadata"
     if executor is not None:
         return "an executor is configured"
-    whole = [s for s in the_plan.stages if not isinstance(s, ScorerStage)]  # scorers work shard by shard
+    # A filter's own scorers (language's language_id) run shard by shard in the workers;
+    # configured scorers (model heads) keep the in-memory path, which loads them once.
+    whole = [s for s in the_plan.stages if not (isinstance(s, ScorerStage) and s.internal)]
     if whole:
         return f"stage {type(whole[0]).__name__} needs the whole pool"
     if cfg.output.webdataset:
