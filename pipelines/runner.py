@@ -47,9 +47,9 @@ def source_stage(cfg: Config, cache_root: str) -> SourceStage:
         from filtering.stages.datacomp import DataCompStage
 
         return DataCompStage(cfg.input.datacomp_metadata, cache_root)
-    from filtering.stages.score import ScoreStage
+    from filtering.stages.score import WebDatasetStage
 
-    return ScoreStage(cfg.input.shards, cfg.model, cache_root, cfg.input.uid, output_dir=cfg.output.dir)
+    return WebDatasetStage(cfg.input.shards, cfg.model, cache_root, cfg.input.uid, output_dir=cfg.output.dir)
 
 
 def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:

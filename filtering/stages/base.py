@@ -77,9 +77,9 @@ def source_info(kind: str) -> SourceInfo:
         from filtering.stages.datacomp import DataCompStage
 
         return DataCompStage.info
-    from filtering.stages.score import ScoreStage
+    from filtering.stages.score import WebDatasetStage
 
-    return ScoreStage.info
+    return WebDatasetStage.info
 
 
 class Stage(ABC):

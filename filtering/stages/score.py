@@ -325,7 +325,7 @@ class ClipEncoder:
         return self.submit(pixels, captions).result()
 
 
-class ScoreStage(SourceStage):
+class WebDatasetStage(SourceStage):
     """Source stage for ``input.shards``: builds the pool from the per-shard score cache."""
 
     name = "score"

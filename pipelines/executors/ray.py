@@ -116,7 +116,7 @@ class RayExecutor:
     # --- scoring -----------------------------------------------------------------------
 
     def score(self, stage, urls: list[str], ctx) -> None:
-        """Score ``urls`` for ``stage`` (a :class:`~filtering.stages.score.ScoreStage`) into its cache."""
+        """Score ``urls`` for ``stage`` (a :class:`~filtering.stages.score.WebDatasetStage`) into its cache."""
         self.connect()
         ray = self.ray
         data_ctx = ray.data.DataContext.get_current()
