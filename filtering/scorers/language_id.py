@@ -119,8 +119,9 @@ class LanguageIdScorer(Scorer):
             ident = self.identity()
             model_path = os.path.expanduser(self.params.model_path) if self.params.model_path else None
             candidates = tuple(sorted(self.params.candidates)) if self.params.candidates else None
-            got, p = predict_texts(distinct, ident["backend"], model_path if ident["backend"] == "fasttext" else None,
-                                   candidates)
+            got, p = predict_texts(
+                distinct, ident["backend"], model_path if ident["backend"] == "fasttext" else None, candidates
+            )
             index = {t: i for i, t in enumerate(distinct)}
             at = np.fromiter((index[t] for t in texts[present]), dtype=np.int64, count=int(present.sum()))
             codes[present] = np.asarray(got, dtype=object)[at]

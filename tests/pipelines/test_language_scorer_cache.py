@@ -35,8 +35,9 @@ def _config(tmp_path, out, name, languages):
     for f in filters:
         if "language" in f:
             f["language"]["languages"] = languages
-    return write_config(tmp_path / name, base=REPO / "configs" / "sample_basic.yaml", filters=filters,
-                        output={"dir": str(out)})
+    return write_config(
+        tmp_path / name, base=REPO / "configs" / "sample_basic.yaml", filters=filters, output={"dir": str(out)}
+    )
 
 
 def test_rerun_changing_languages_reclassifies_nothing(tmp_path, rerun_dir, classified):
@@ -51,8 +52,11 @@ def test_rerun_changing_languages_reclassifies_nothing(tmp_path, rerun_dir, clas
 
     second = run(load_config(_config(tmp_path, rerun_dir, "en_de.yaml", ["en", "de"])), **quiet)
     assert len(classified) == n_first  # nothing classified again: every shard came from the cache
-    assert second.manifest["stages"]["scorers"][name]["cache"] == {**record["cache"], "shards_scored": 0,
-                                                                  "shards_cached": 4}
+    assert second.manifest["stages"]["scorers"][name]["cache"] == {
+        **record["cache"],
+        "shards_scored": 0,
+        "shards_cached": 4,
+    }
     assert second.manifest["counts"]["kept"] > first.manifest["counts"]["kept"]  # German captions now kept
     assert second.manifest["language_identifiers"][0]["backend"] == "py3langid"
     subset = pq.read_table(rerun_dir / "subset")
@@ -88,9 +92,12 @@ def test_streaming_plan_runs_the_language_scorer_per_shard_with_the_same_outputs
     metadata = make_datacomp_pool(tmp_path / "metadata", shards=3, rows=40)
 
     def run_mode(out, mode, languages):
-        raw = {"input": {"datacomp_metadata": str(metadata)},
-               "filters": [{"language": {"languages": languages}}, {"clip_score": {"top_fraction": 0.5}}],
-               "output": {"dir": str(out)}, "execution": {"mode": mode}}
+        raw = {
+            "input": {"datacomp_metadata": str(metadata)},
+            "filters": [{"language": {"languages": languages}}, {"clip_score": {"top_fraction": 0.5}}],
+            "output": {"dir": str(out)},
+            "execution": {"mode": mode},
+        }
         return run(parse_config(raw), progress=False, log=lambda msg: None)
 
     mem = run_mode(tmp_path / "mem", "memory", ["en"])
@@ -102,4 +109,8 @@ def test_streaming_plan_runs_the_language_scorer_per_shard_with_the_same_outputs
     [(name, record)] = streamed.manifest["stages"]["scorers"].items()
     assert record["cache"]["shards_scored"] == 3
     again = run_mode(tmp_path / "str", "streaming", ["en", "de"])  # the workers classify nothing:
-    assert again.manifest["stages"]["scorers"][name]["cache"] == {**record["cache"], "shards_scored": 0, "shards_cached": 3}
+    assert again.manifest["stages"]["scorers"][name]["cache"] == {
+        **record["cache"],
+        "shards_scored": 0,
+        "shards_cached": 3,
+    }

@@ -21,8 +21,12 @@ def no_npz(tmp_path_factory):
 
 
 def _config(tmp_path, metadata, filters, **sections):
-    cfg = {"input": {"datacomp_metadata": str(metadata)}, "filters": filters, "output": {"dir": str(tmp_path / "out")},
-           **sections}
+    cfg = {
+        "input": {"datacomp_metadata": str(metadata)},
+        "filters": filters,
+        "output": {"dir": str(tmp_path / "out")},
+        **sections,
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -60,7 +64,6 @@ def test_filters_without_embeddings_validate_without_npz(tmp_path, no_npz):
 def test_image_clusters_without_npz_fails_at_validate(tmp_path, no_npz):
     ref = tmp_path / "ref.npy"
     np.save(ref, np.ones((3, 24), np.float32))
-    cfg = _config(tmp_path, no_npz, [{"image_clusters": {}}],
-                  clusters={"reference": str(ref), "num_clusters": 4})
+    cfg = _config(tmp_path, no_npz, [{"image_clusters": {}}], clusters={"reference": str(ref), "num_clusters": 4})
     code, _, err = run_cli("validate", str(cfg))
     assert code == 2 and "clusters.embedding" in err, err

@@ -17,8 +17,15 @@ def test_datacomp_source_record_model_and_hex_key(tmp_path):
     metadata = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=20)
     out = tmp_path / "out"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"input": {"datacomp_metadata": str(metadata)},
-                                   "filters": [{"clip_score": {"top_fraction": 0.5}}], "output": {"dir": str(out)}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"datacomp_metadata": str(metadata)},
+                "filters": [{"clip_score": {"top_fraction": 0.5}}],
+                "output": {"dir": str(out)},
+            }
+        )
+    )
     code, _, err = run_cli("run", str(cfg), "--quiet")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -29,7 +36,14 @@ def test_datacomp_source_record_model_and_hex_key(tmp_path):
     schema = pq.read_schema(next((out / "subset").glob("*.parquet")))
     assert str(schema.field("key").type) == str(schema.field("uid").type)  # DataComp's key stored as hex, as uid
 
-    cfg.write_text(yaml.safe_dump({"input": {"datacomp_metadata": str(metadata)}, "filters": [],
-                                   "output": {"dir": str(out), "webdataset": True}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"datacomp_metadata": str(metadata)},
+                "filters": [],
+                "output": {"dir": str(out), "webdataset": True},
+            }
+        )
+    )
     code, _, err = run_cli("validate", str(cfg))
     assert code == 2 and "output.webdataset" in err and "no images" in err

@@ -12,9 +12,13 @@ from filtering.stages.base import RunContext
 
 def _pool(emb):
     parts = [ShardPart("a.tar", "a", 0, 3), ShardPart("empty.tar", "e", 3, 3), ShardPart("b.tar", "b", 3, 5)]
-    return Pool(pa.table({"uid": [str(i) for i in range(5)]}), parts,
-                embedding_loader=lambda kind, part: emb[part.start : part.stop], embedding_kinds=("image",),
-                default_embedding="image")
+    return Pool(
+        pa.table({"uid": [str(i) for i in range(5)]}),
+        parts,
+        embedding_loader=lambda kind, part: emb[part.start : part.stop],
+        embedding_kinds=("image",),
+        default_embedding="image",
+    )
 
 
 def test_computes_each_shard_once_and_recomputes_only_a_changed_one(tmp_path):
@@ -28,9 +32,16 @@ def test_computes_each_shard_once_and_recomputes_only_a_changed_one(tmp_path):
         return {"s": e.sum(axis=1), "i": np.arange(part.n, dtype=np.int64)}
 
     def run(embeddings):
-        return cached_shard_loop(ctx, _pool(embeddings), cache, ("s", "i"),
-                                 source_of=lambda part, e: {"sum": float(e.sum())}, compute=compute, desc="t",
-                                 kind="image")
+        return cached_shard_loop(
+            ctx,
+            _pool(embeddings),
+            cache,
+            ("s", "i"),
+            source_of=lambda part, e: {"sum": float(e.sum())},
+            compute=compute,
+            desc="t",
+            kind="image",
+        )
 
     first = run(emb)
     assert calls == ["a.tar", "b.tar"] and (first.computed, first.cached) == (2, 0)  # the empty shard is skipped

@@ -15,8 +15,16 @@ from filtering.filters.language import LanguageFilter, LanguageParams
 from filtering.pool import ShardPart
 from filtering.scorers.base import Batch, InputInfo, parse_scorers
 
-CAPTIONS = np.array(["a photo of a red circle on a blue background", "ein roter Kreis auf blauem Grund", None,
-                     "a photo of a red circle on a blue background", "   "], dtype=object)
+CAPTIONS = np.array(
+    [
+        "a photo of a red circle on a blue background",
+        "ein roter Kreis auf blauem Grund",
+        None,
+        "a photo of a red circle on a blue background",
+        "   ",
+    ],
+    dtype=object,
+)
 
 
 @pytest.fixture
@@ -39,7 +47,9 @@ def _score(scorer, captions=CAPTIONS):
 def test_codes_and_confidences_once_per_distinct_caption(monkeypatch):
     calls = []
     real = language._Py3Langid.predict
-    monkeypatch.setattr(language._Py3Langid, "predict", lambda self, texts: calls.append(list(texts)) or real(self, texts))
+    monkeypatch.setattr(
+        language._Py3Langid, "predict", lambda self, texts: calls.append(list(texts)) or real(self, texts)
+    )
     s = _scorer()
     assert s.provides() == ("language", "language_confidence")
     out = _score(s)
