@@ -201,16 +201,29 @@ def _scan(args) -> dict[str, Any]:
     return out
 
 
-def _gather(args) -> dict[str, np.ndarray]:
-    """The scores of one shard that fall in the chosen histogram bin, per column."""
-    sh, shard, bins = args
-    table = _read(shard, list(bins))
-    out = {}
-    for name, b in bins.items():
-        scores = _score_column(table, name)
-        scores = scores[~np.isnan(scores)]
-        out[name] = scores[(score_keys(scores) >> np.uint64(64 - KEY_BITS)) == np.uint64(b)]
-    return out
+def _keys_under(scores: np.ndarray, prefix: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The non-NaN scores whose key starts with ``prefix`` (its top ``bits`` bits), and their keys."""
+    scores = scores[~np.isnan(scores)]
+    keys = score_keys(scores)
+    if bits:
+        hit = (keys >> np.uint64(64 - bits)) == np.uint64(prefix)
+        scores, keys = scores[hit], keys[hit]
+    return scores, keys
+
+
+def _refine(args) -> np.ndarray:
+    """One shard's histogram of the next KEY_BITS key bits, among scores under ``prefix``."""
+    sh, shard, name, prefix, bits = args
+    _, keys = _keys_under(_score_column(_read(shard, [name]), name), prefix, bits)
+    shift = np.uint64(64 - bits - KEY_BITS)
+    return np.bincount(((keys >> shift) & np.uint64((1 << KEY_BITS) - 1)).astype(np.int64), minlength=1 << KEY_BITS)
+
+
+def _gather(args) -> np.ndarray:
+    """One shard's scores under ``prefix``."""
+    sh, shard, name, prefix, bits = args
+    scores, _ = _keys_under(_score_column(_read(shard, [name]), name), prefix, bits)
+    return scores
 
 
 def _load_range(paths: list[str], ranges: list[tuple[int, int]]) -> np.ndarray:
@@ -368,18 +381,45 @@ def _ranges(bins: list[np.ndarray], limit: int = RANGE_ROWS) -> list[list[tuple[
     return tasks
 
 
-def _select(hist: np.ndarray, nan: int, total: int, fraction: float, dtype: np.dtype):
-    """DataComp's ``top_fraction`` index from the counts: None (keep all), NaN, or (bin, rank in bin)."""
+GATHER_LIMIT = 1 << 20  # scores gathered into the driver at most (8 MB), except exact ties
+
+
+def select_threshold(hist: np.ndarray, nan: int, total: int, fraction: float, dtype: np.dtype, refine, gather):
+    """DataComp's ``top_fraction`` threshold (``filtering/filters/clip_score.py``) from counts:
+    None (index past the end: keep all), NaN (index among the NaN rows), or the exact value
+    at ``sorted_desc[int(N * fraction)]``.
+
+    ``hist`` counts the non-NaN scores by the top KEY_BITS bits of their key. While the
+    bin holding the rank has more than GATHER_LIMIT scores, ``refine(prefix, bits)``
+    (the summed histogram of the next bits under that prefix) narrows it; then
+    ``gather(prefix, bits)`` returns the scores under the prefix and ``np.partition``
+    picks the value. A prefix of all 64 bits is one value: no gathering at all."""
     n = int(total * fraction)
     if n >= total:
         return None
     scored = total - nan
     if n >= scored:
         return dtype.type(np.nan)
-    m = scored - 1 - n  # ascending rank of sorted_desc[n]
-    cum = np.cumsum(hist)
-    b = int(np.searchsorted(cum, m, side="right"))
-    return (b, m - (int(cum[b - 1]) if b else 0))
+    rank = scored - 1 - n  # ascending rank of sorted_desc[n] among the scored rows
+    prefix, bits = 0, 0
+    while True:
+        cum = np.cumsum(hist)
+        b = int(np.searchsorted(cum, rank, side="right"))
+        rank -= int(cum[b - 1]) if b else 0
+        prefix, bits = (prefix << KEY_BITS) | b, bits + KEY_BITS
+        if bits == 64:
+            return key_value(prefix, dtype)
+        if int(hist[b]) <= GATHER_LIMIT:
+            scores = gather(prefix, bits)
+            return np.partition(scores, rank)[rank]
+        hist = refine(prefix, bits)
+
+
+def key_value(key: int, dtype: np.dtype):
+    """The score whose key is ``key`` (the inverse of :func:`score_keys`), in ``dtype``."""
+    k = np.uint64(key)
+    bits = k & np.uint64((1 << 63) - 1) if k >> np.uint64(63) else ~k
+    return dtype.type(np.array([bits], dtype=np.uint64).view(np.float64)[0])
 
 
 def _sum_funnels(funnels: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -464,46 +504,46 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
         # 1. scan
         bar = ctx.bar(len(shards), "scan", unit="shards")
-        scans = []
-        for r in pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)]):
-            scans.append(r)
+        total, uid_bins, bad = 0, [], None
+        hists: dict[str, np.ndarray] = {}
+        nans: dict[str, int] = {}
+        dtypes: dict[str, str] = {}
+        for r in pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)]):  # summed as they come
+            bad = bad or r.get("bad_uids")
+            if not bad:
+                total += r["n"]
+                uid_bins.append(r["uid_bins"])
+                for name, h in r["hists"].items():
+                    hists[name] = hists[name] + h if name in hists else h
+                    nans[name] = nans.get(name, 0) + r["nan"][name]
+                    dtypes[name] = r["dtype"][name]
             bar.update(1)
         bar.close()
-        bad = next((s["bad_uids"] for s in scans if "bad_uids" in s), None)
         if bad:
             ctx.log(f"execution: uids that subset.npy cannot hold ({bad}); filtering in memory")
             return None
         lap("scan")
         # 2. duplicates
-        if any(pool.map(_has_repeat, [(all_paths, r) for r in _ranges([s["uid_bins"] for s in scans])])):
+        if any(pool.map(_has_repeat, [(all_paths, r) for r in _ranges(uid_bins)])):
             ctx.log("execution: repeated uids; filtering in memory")
             return None
         for p in all_paths:
             os.remove(p)
-        total = sum(s["n"] for s in scans)
         ctx.inputs.extend(_inputs(shards))
         lap("duplicates")
         # 3. thresholds
         values: list[Any] = []
-        picks = []
         for f in top:
             name = f.field
-            hist = np.sum([s["hists"][name] for s in scans], axis=0)
-            nan = sum(s["nan"][name] for s in scans)
-            pick = _select(hist, nan, total, f.params.top_fraction, np.dtype(scans[0]["dtype"][name]))
-            picks.append(pick)
-        bins_needed: list[dict[str, int]] = [{} for _ in top]
-        for k, (f, pick) in enumerate(zip(top, picks, strict=True)):
-            if isinstance(pick, tuple):
-                bins_needed[k][f.field] = pick[0]
-        for k, (f, pick) in enumerate(zip(top, picks, strict=True)):
-            if not isinstance(pick, tuple):
-                values.append(pick)
-                continue
-            gathered = [g[f.field] for g in pool.map(_gather, [(sh, s, bins_needed[k]) for s in shards])]
-            cand = np.concatenate(gathered)
-            values.append(np.partition(cand, pick[1])[pick[1]])
-            del cand, gathered
+
+            def refine(prefix, bits, name=name):
+                return np.sum(list(pool.map(_refine, [(sh, s, name, prefix, bits) for s in shards])), axis=0)
+
+            def gather(prefix, bits, name=name):
+                return np.concatenate(list(pool.map(_gather, [(sh, s, name, prefix, bits) for s in shards])))
+
+            dtype = np.dtype(dtypes[name])
+            values.append(select_threshold(hists[name], nans[name], total, f.params.top_fraction, dtype, refine, gather))
         lap("threshold")
         # 4. write
         out_dir = cfg.output.dir

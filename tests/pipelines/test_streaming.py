@@ -164,3 +164,11 @@ def test_execution_is_not_part_of_the_config_identity(metadata):
     a = parse_config(raw)
     b = parse_config({**raw, "execution": {"mode": "memory"}})
     assert a.sha256() == b.sha256()
+
+
+def test_top_fraction_refined_bin_by_bin(tmp_path, nan_metadata, monkeypatch):
+    """The threshold's bin narrowed by further passes over the shards (forced: at most 2 scores gathered)."""
+    from pipelines.executors import streaming
+
+    monkeypatch.setattr(streaming, "GATHER_LIMIT", 2)
+    assert_same_outputs(nan_metadata, tmp_path, [{"clip_score": {"top_fraction": 0.4}}])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from filtering.filters.clip_score import top_fraction_threshold
-from pipelines.executors.streaming import KEY_BITS, _select, part_pieces, score_keys
+from pipelines.executors import streaming
+from pipelines.executors.streaming import KEY_BITS, key_value, part_pieces, score_keys, select_threshold
 
 
 def test_score_keys_order_like_the_values():
@@ -14,30 +15,49 @@ def test_score_keys_order_like_the_values():
     keys = score_keys(v)
     assert (np.diff(keys.astype(np.float64)) >= 0).all() and keys[3] == keys[4]  # -0.0 == 0.0
     assert (np.argsort(keys, kind="stable") == np.argsort(v, kind="stable")).all()
+    back = [key_value(int(k), np.dtype(np.float64)) for k in keys]
+    assert back[:3] == list(v[:3]) and back[4:] == list(v[4:])
 
 
 def _threshold(scores: np.ndarray, fraction: float, shards: int = 5):
-    """The streaming reduction: per-shard histograms, then the values of one bin."""
+    """The streaming reduction over in-memory "shards": per-shard histograms, refined, then one bin's values."""
+    from pipelines.executors.streaming import _keys_under
+
     parts = np.array_split(scores, shards)
     nan = sum(int(np.isnan(p).sum()) for p in parts)
     hist = sum(np.bincount((score_keys(p[~np.isnan(p)]) >> np.uint64(64 - KEY_BITS)).astype(np.int64), minlength=1 << KEY_BITS) for p in parts)
-    pick = _select(hist, nan, len(scores), fraction, scores.dtype)
-    if not isinstance(pick, tuple):
-        return pick
-    b, rank = pick
-    cand = np.concatenate([p[~np.isnan(p)][(score_keys(p[~np.isnan(p)]) >> np.uint64(64 - KEY_BITS)) == b] for p in parts])
-    return np.partition(cand, rank)[rank]
+
+    def refine(prefix, bits):
+        shift = np.uint64(64 - bits - KEY_BITS)
+        return sum(
+            np.bincount(((_keys_under(p, prefix, bits)[1] >> shift) & np.uint64(0xFFFF)).astype(np.int64), minlength=1 << KEY_BITS)
+            for p in parts
+        )
+
+    def gather(prefix, bits):
+        return np.concatenate([_keys_under(p, prefix, bits)[0] for p in parts])
+
+    return select_threshold(hist, nan, len(scores), fraction, scores.dtype, refine, gather)
+
+
+@pytest.fixture(params=["gather", "refine"])
+def gather_limit(request, monkeypatch):
+    """Both paths: the bin's scores gathered at once, and refined bit by bit first (forced)."""
+    if request.param == "refine":
+        monkeypatch.setattr(streaming, "GATHER_LIMIT", 3)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("fraction", [0.0, 0.001, 0.3, 0.5, 0.77, 0.999, 1.0])
-def test_threshold_equals_in_memory(dtype, fraction):
+def test_threshold_equals_in_memory(dtype, fraction, gather_limit):
     rng = np.random.default_rng(7)
     for scores in (
         np.round(rng.uniform(0.1, 0.4, 5000), 2).astype(dtype),  # many ties
         rng.normal(0, 1, 5000).astype(dtype),  # negatives
         np.where(rng.random(5000) < 0.3, np.nan, rng.uniform(0, 1, 5000)).astype(dtype),  # NaN counted in N
-        np.full(1000, 0.25, dtype),
+        np.full(1000, 0.25, dtype),  # one value: refined to all 64 bits, nothing gathered
+        np.concatenate([np.full(500, -0.5, dtype), np.full(500, 0.5, dtype), np.linspace(-1, 1, 300).astype(dtype)]),
         np.full(10, np.nan, dtype),
     ):
         want = top_fraction_threshold(scores, fraction)
