@@ -8,6 +8,7 @@ whether the pinned webdataset release and the shards work together.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 
@@ -34,6 +35,12 @@ def test_open_clip_train_main_trains_on_the_resharded_sample(rerun_dir, tmp_path
     monkeypatch.chdir(tmp_path)
     logs = tmp_path / "logs"
     batch = 16
+    # open_clip_train sets every logger to INFO and adds root handlers; left so, torch
+    # logs its compile metrics at interpreter exit, after pytest's summary line.
+    loggers = [logging.root, *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
+    for logger in loggers:
+        monkeypatch.setattr(logger, "level", logger.level)
     train_main([
         "--dataset-type", "webdataset",
         "--train-data", str(rerun_dir / "shards" / f"{{00000..{n_shards - 1:05d}}}.tar"),
