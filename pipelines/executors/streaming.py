@@ -14,19 +14,21 @@ reduction in the driver:
    which reports it exactly as before (``input.uid.duplicates``).
 3. **threshold** (driver + per shard): DataComp's ``sorted_desc[int(N * f)]``
    (``filtering/filters/clip_score.py``, NaN counted in N and sorted last). The
-   histograms give the bin holding that rank; the shards return only the scores in
+   histograms give the bin holding that rank (narrowed by more 16-bit histogram passes
+   while it holds more than GATHER_LIMIT scores); the shards return only the scores in
    that bin, and ``np.partition`` picks the exact value, in the column's dtype.
-4. **write** (per shard): the shard read as a one-shard pool, the filter tree applied
-   with the global thresholds (same code as the in-memory path), subset and dropped
-   parts written atomically, the kept uids spilled sorted; the funnel comes back as
+4. **filter** (per shard): the shard read as a one-shard pool, the filter tree applied
+   with the global thresholds (same code as the in-memory path); kept and dropped rows
+   spilled as Arrow files, the kept uids spilled sorted; the funnel comes back as
    counts per filter and reason code.
-5. **subset.npy**: a k-way merge of the sorted per-shard uid files, one high-bit
-   range per task, written into place; the manifest last, from the summed counts.
+5. **write** (per output part): parts cut where the in-memory writer cuts them, each
+   encoded from the memory-mapped spill files; ``subset.npy`` by a k-way merge of the
+   sorted per-shard uid files, one high-bit range per task, written into place; the
+   manifest last (the commit record), from the summed counts.
 
 What each phase holds per row is in the README ("What each stage holds per row").
-Outputs equal the in-memory path's: ``subset.npy`` byte for byte, the subset and
-dropped tables row for row (in pool order, split into parts per shard), the manifest's
-counts, thresholds and uid report.
+Outputs equal the in-memory path's: ``subset.npy`` and every subset and dropped part
+byte for byte, and the manifest's counts, thresholds and uid report.
 """
 
 from __future__ import annotations
