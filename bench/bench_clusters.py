@@ -86,14 +86,18 @@ def agreement(args) -> None:
             x = 0.25 / np.sqrt(args.d) * rng.standard_normal((m, args.d), dtype=np.float32)
             x[:, :3] = rng.standard_normal((m, 3))
         else:
-            x = centres[rng.integers(0, len(centres), m)] + 0.6 / np.sqrt(args.d) * rng.standard_normal((m, args.d), dtype=np.float32)
+            x = centres[rng.integers(0, len(centres), m)] + 0.6 / np.sqrt(args.d) * rng.standard_normal(
+                (m, args.d), dtype=np.float32
+            )
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     x = draw(args.agree_n).astype(np.float16).astype(np.float32)  # as the pool stores them
     centroids = (draw(args.agree_k) * rng.uniform(0.9, 1.0, (args.agree_k, 1))).astype(np.float32)
     t = time.perf_counter()
     truth = float64_argmax(x, centroids)
-    print(f"{args.agree_n:,} rows x {args.agree_k:,} centroids, d={args.d}; float64 argmax in {time.perf_counter() - t:.1f} s")
+    print(
+        f"{args.agree_n:,} rows x {args.agree_k:,} centroids, d={args.d}; float64 argmax in {time.perf_counter() - t:.1f} s"
+    )
 
     def faiss_k1():
         import faiss
@@ -103,7 +107,9 @@ def agreement(args) -> None:
         return lambda v: index.search(v, 1)[1][:, 0]
 
     def numpy_fp32():
-        return lambda v: np.concatenate([np.argmax(v[lo : lo + 1000] @ centroids.T, axis=1) for lo in range(0, len(v), 1000)])
+        return lambda v: np.concatenate(
+            [np.argmax(v[lo : lo + 1000] @ centroids.T, axis=1) for lo in range(0, len(v), 1000)]
+        )
 
     def ours(backend: str, native: bool | None):
         def setup():
@@ -114,8 +120,11 @@ def agreement(args) -> None:
 
         return setup
 
-    cases = [("faiss IndexFlatIP k=1 (fp32 argmax)", faiss_k1), ("numpy fp32 argmax", numpy_fp32),
-             ("poolsift faiss", ours("faiss", None))]
+    cases = [
+        ("faiss IndexFlatIP k=1 (fp32 argmax)", faiss_k1),
+        ("numpy fp32 argmax", numpy_fp32),
+        ("poolsift faiss", ours("faiss", None)),
+    ]
     if clustering.native_bf16():
         cases.append(("poolsift bf16-screen native", ours("bf16-screen", True)))
     cases.append(("poolsift bf16-screen emulated", ours("bf16-screen", False)))
@@ -130,8 +139,10 @@ def agreement(args) -> None:
         wall, cpu = time.perf_counter() - t, cpu_seconds() - c
         base = base or cpu
         same = int((ids == truth).sum())
-        print(f"{name:36s} {args.agree_n / wall:7.0f} rows/s wall, {args.agree_n / cpu:7.0f} rows/CPU-s "
-              f"(x{base / cpu:4.2f} vs faiss k=1)  = float64 argmax: {same:,} of {args.agree_n:,}")
+        print(
+            f"{name:36s} {args.agree_n / wall:7.0f} rows/s wall, {args.agree_n / cpu:7.0f} rows/CPU-s "
+            f"(x{base / cpu:4.2f} vs faiss k=1)  = float64 argmax: {same:,} of {args.agree_n:,}"
+        )
 
 
 def main() -> None:
@@ -145,10 +156,16 @@ def main() -> None:
     p.add_argument("--baseline-n", type=int, default=50_000)
     p.add_argument("--baseline-iters", type=int, default=None, help="faiss.Kmeans iterations (default: --niter)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--agreement", action="store_true", help="only the exactness-and-speed comparison at --agree-k centroids")
+    p.add_argument(
+        "--agreement", action="store_true", help="only the exactness-and-speed comparison at --agree-k centroids"
+    )
     p.add_argument("--agree-n", type=int, default=5000)
     p.add_argument("--agree-k", type=int, default=100_000)
-    p.add_argument("--agree-thin", action="store_true", help="embeddings and centroids near a 3-d subspace (the screens' hard case)")
+    p.add_argument(
+        "--agree-thin",
+        action="store_true",
+        help="embeddings and centroids near a 3-d subspace (the screens' hard case)",
+    )
     args = p.parse_args()
     if args.agreement:
         agreement(args)
@@ -165,8 +182,10 @@ def main() -> None:
         child.start()
         child.join()
         shards = sorted(Path(tmp).glob("*.image.npy"))
-        print(f"generated {args.n:,} x {args.d} float16 embeddings in {len(shards)} shards "
-              f"({sum(s.stat().st_size for s in shards) / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s")
+        print(
+            f"generated {args.n:,} x {args.d} float16 embeddings in {len(shards)} shards "
+            f"({sum(s.stat().st_size for s in shards) / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s"
+        )
         backend = clustering.default_backend(args.k)
         print(f"assignment backend: {backend}; rss before: {peak_rss_mib():.0f} MiB")
 
@@ -179,7 +198,9 @@ def main() -> None:
         m = clustering.training_size(args.n, args.k, max_training_points=args.max_training_points)
         rows = clustering.sample_indices(args.n, m, args.seed)
         which = np.searchsorted(offsets, rows, side="right") - 1
-        sample = np.concatenate([np.asarray(arrays[s][rows[which == s] - offsets[s]], np.float32) for s in np.unique(which)])
+        sample = np.concatenate(
+            [np.asarray(arrays[s][rows[which == s] - offsets[s]], np.float32) for s in np.unique(which)]
+        )
         del arrays
         t1, k1 = time.perf_counter(), cpu_seconds()
         centroids = clustering.train_kmeans(sample, args.k, niter=args.niter, seed=args.seed)
@@ -195,9 +216,11 @@ def main() -> None:
         ours_total = t3 - t0
         ours_cpu = cpu_seconds() - c0
         ours_rss = peak_rss_mib()
-        print(f"ours: sample {m:,} rows {t1 - t0:.1f} s, k-means {args.niter} iters {t2 - t1:.1f} s "
-              f"({(t2 - t1) / args.niter:.2f} s/iter), assign {args.n:,} rows {t3 - t2:.1f} s; "
-              f"total {ours_total:.1f} s wall ({ours_cpu:.0f} CPU s), peak RSS {ours_rss:.0f} MiB")
+        print(
+            f"ours: sample {m:,} rows {t1 - t0:.1f} s, k-means {args.niter} iters {t2 - t1:.1f} s "
+            f"({(t2 - t1) / args.niter:.2f} s/iter), assign {args.n:,} rows {t3 - t2:.1f} s; "
+            f"total {ours_total:.1f} s wall ({ours_cpu:.0f} CPU s), peak RSS {ours_rss:.0f} MiB"
+        )
 
         # --- baselines on a subset ---
         nb = min(args.baseline_n, args.n)
@@ -213,30 +236,46 @@ def main() -> None:
         o_ids, _ = clustering.assign(sub, assigner)
         t_ours_sub = time.perf_counter() - t
         scale = args.n / nb
-        print(f"assign {nb:,} rows: numpy argmax {t_numpy:.1f} s, faiss IndexFlatIP {t_faiss:.1f} s, ours {t_ours_sub:.1f} s; "
-              f"ours == numpy argmax: {np.array_equal(o_ids, ref)} (faiss == numpy: {np.array_equal(f_ids, ref)})")
-        print(f"extrapolated to {args.n:,} rows: numpy {t_numpy * scale:.0f} s, faiss {t_faiss * scale:.0f} s, "
-              f"ours {t3 - t2:.0f} s  -> ratio numpy/ours {t_numpy * scale / (t3 - t2):.2f}x, "
-              f"faiss/ours {t_faiss * scale / (t3 - t2):.2f}x")
+        print(
+            f"assign {nb:,} rows: numpy argmax {t_numpy:.1f} s, faiss IndexFlatIP {t_faiss:.1f} s, ours {t_ours_sub:.1f} s; "
+            f"ours == numpy argmax: {np.array_equal(o_ids, ref)} (faiss == numpy: {np.array_equal(f_ids, ref)})"
+        )
+        print(
+            f"extrapolated to {args.n:,} rows: numpy {t_numpy * scale:.0f} s, faiss {t_faiss * scale:.0f} s, "
+            f"ours {t3 - t2:.0f} s  -> ratio numpy/ours {t_numpy * scale / (t3 - t2):.2f}x, "
+            f"faiss/ours {t_faiss * scale / (t3 - t2):.2f}x"
+        )
 
         iters = args.niter if args.baseline_iters is None else args.baseline_iters
         if iters > 0:
             import faiss
 
-            km = faiss.Kmeans(args.d, args.k, niter=iters, seed=args.seed, spherical=True,
-                              max_points_per_centroid=1 << 30, min_points_per_centroid=1, verbose=False)
+            km = faiss.Kmeans(
+                args.d,
+                args.k,
+                niter=iters,
+                seed=args.seed,
+                spherical=True,
+                max_points_per_centroid=1 << 30,
+                min_points_per_centroid=1,
+                verbose=False,
+            )
             t, k1 = time.perf_counter(), cpu_seconds()
             km.train(sample)
             per_iter, cpu_iter = (time.perf_counter() - t) / iters, (cpu_seconds() - k1) / iters
             ours_iter, ours_cpu_iter = (t2 - t1) / args.niter, ours_km_cpu / args.niter
-            print(f"k-means per iteration on {m:,} points: faiss.Kmeans {per_iter:.2f} s ({cpu_iter:.2f} CPU s), "
-                  f"ours {ours_iter:.2f} s ({ours_cpu_iter:.2f} CPU s) -> ratio faiss/ours {per_iter / ours_iter:.2f}x wall, "
-                  f"{cpu_iter / ours_cpu_iter:.2f}x CPU")
+            print(
+                f"k-means per iteration on {m:,} points: faiss.Kmeans {per_iter:.2f} s ({cpu_iter:.2f} CPU s), "
+                f"ours {ours_iter:.2f} s ({ours_cpu_iter:.2f} CPU s) -> ratio faiss/ours {per_iter / ours_iter:.2f}x wall, "
+                f"{cpu_iter / ours_cpu_iter:.2f}x CPU"
+            )
             unit = clustering.normalize(sample)
             q_faiss = float(clustering.assign(unit, clustering.normalize(km.centroids))[1].mean())
             q_ours = float(clustering.assign(unit, centroids)[1].mean())
-            print(f"k-means quality (mean similarity to the nearest centroid, {iters} vs {args.niter} iterations): "
-                  f"faiss.Kmeans {q_faiss:.5f}, ours {q_ours:.5f}")
+            print(
+                f"k-means quality (mean similarity to the nearest centroid, {iters} vs {args.niter} iterations): "
+                f"faiss.Kmeans {q_faiss:.5f}, ours {q_ours:.5f}"
+            )
         target = "OK" if ours_total <= 300 and ours_rss <= 4096 else "MISSED"
         print(f"target (<= 300 s, <= 4096 MiB): {target}  ({ours_total:.0f} s, {ours_rss:.0f} MiB)")
     finally:

@@ -40,10 +40,63 @@ KEY = "clip_l14_similarity_score"
 FRACTION = 0.3
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
-ADJ = ["small", "large", "red", "blue", "green", "old", "new", "vintage", "modern", "cute", "happy", "dark", "bright", "wooden", "white", "black"]
-NOUN = ["dog", "cat", "car", "house", "tree", "beach", "city", "mountain", "river", "bird", "flower", "table", "chair", "shoe", "dress", "cake"]
+ADJ = [
+    "small",
+    "large",
+    "red",
+    "blue",
+    "green",
+    "old",
+    "new",
+    "vintage",
+    "modern",
+    "cute",
+    "happy",
+    "dark",
+    "bright",
+    "wooden",
+    "white",
+    "black",
+]
+NOUN = [
+    "dog",
+    "cat",
+    "car",
+    "house",
+    "tree",
+    "beach",
+    "city",
+    "mountain",
+    "river",
+    "bird",
+    "flower",
+    "table",
+    "chair",
+    "shoe",
+    "dress",
+    "cake",
+]
 PREP = ["on", "in", "near", "under", "with", "by", "at", "behind"]
-PLACE = ["the", "street", "a", "park", "the", "kitchen", "a", "table", "the", "sea", "a", "forest", "the", "snow", "a", "garden", "sunset", "night"]
+PLACE = [
+    "the",
+    "street",
+    "a",
+    "park",
+    "the",
+    "kitchen",
+    "a",
+    "table",
+    "the",
+    "sea",
+    "a",
+    "forest",
+    "the",
+    "snow",
+    "a",
+    "garden",
+    "sunset",
+    "night",
+]
 
 
 def hex_strings(raw: np.ndarray):
@@ -99,12 +152,16 @@ def generate(root: Path, rows: int, shards: int, seed: int = 0) -> None:
         table = pa.table(
             {
                 "uid": uid,
-                "url": pc.binary_join_element_wise("https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""),
+                "url": pc.binary_join_element_wise(
+                    "https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""
+                ),
                 "text": captions(rng, n),
                 "original_width": pa.array(rng.integers(64, 4000, n)),
                 "original_height": pa.array(rng.integers(64, 4000, n)),
                 # DataComp's scores are float32; rounding to 1e-4 makes ties, as real scores have
-                "clip_b32_similarity_score": pa.array(np.round(l14 * 0.9 + rng.normal(0, 0.02, n).astype(np.float32), 4)),
+                "clip_b32_similarity_score": pa.array(
+                    np.round(l14 * 0.9 + rng.normal(0, 0.02, n).astype(np.float32), 4)
+                ),
                 "clip_l14_similarity_score": pa.array(np.round(l14, 4)),
                 "face_bboxes": face_bboxes(rng, n),
                 "sha256": hex_strings(rng.integers(0, 256, (n, 32), dtype=np.uint8)),
@@ -194,7 +251,15 @@ def main() -> None:
         commands = {
             "poolsift run": [py, "-m", "pipelines.cli", "run", str(cfg), "--quiet"],
             "pandas, whole parquet": [py, "-c", PANDAS_FULL, str(meta), str(work / "full.npy"), KEY, str(FRACTION)],
-            "pandas, uid+score only": [py, "-c", PANDAS_PROJECTED, str(meta), str(work / "projected.npy"), KEY, str(FRACTION)],
+            "pandas, uid+score only": [
+                py,
+                "-c",
+                PANDAS_PROJECTED,
+                str(meta),
+                str(work / "projected.npy"),
+                KEY,
+                str(FRACTION),
+            ],
         }
         # Interleaved repeats, best of each: other load on the machine hits all contenders alike.
         runs = {name: [] for name in commands}
@@ -207,8 +272,10 @@ def main() -> None:
         projected = np.load(work / "projected.npy")
 
         base = results["poolsift run"][0]
-        print(f"\nDataComp-format pool: {args.rows:,} rows, {args.shards} shards; clip_score L/14 top {FRACTION:.0%}; "
-              f"best of {args.repeat}, each a whole process")
+        print(
+            f"\nDataComp-format pool: {args.rows:,} rows, {args.shards} shards; clip_score L/14 top {FRACTION:.0%}; "
+            f"best of {args.repeat}, each a whole process"
+        )
         cpu_base = results["poolsift run"][1]
         print(f"{'':<24}{'wall s':>9}{'cpu s':>9}{'peak RSS MiB':>15}{'wall vs poolsift':>18}{'cpu vs poolsift':>17}")
         for name, (wall, cpu, rss) in results.items():

@@ -182,9 +182,22 @@ def subset(x, src, dst, m):
 
 
 def child(kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--job", kind, "--n", str(args.n), "--baseline-n", str(args.baseline_n),
-           "--dup-fraction", str(args.dup_fraction), "--faiss-nhash", str(args.faiss_nhash),
-           "--faiss-threads", str(args.faiss_threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--job",
+        kind,
+        "--n",
+        str(args.n),
+        "--baseline-n",
+        str(args.baseline_n),
+        "--dup-fraction",
+        str(args.dup_fraction),
+        "--faiss-nhash",
+        str(args.faiss_nhash),
+        "--faiss-threads",
+        str(args.faiss_threads),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -195,14 +208,29 @@ def main() -> None:
     ap.add_argument("--baseline-n", type=int, default=50_000)
     ap.add_argument("--dup-fraction", type=float, default=0.05)
     ap.add_argument("--only", choices=["semantic", "perceptual"])
-    ap.add_argument("--faiss-nhash", type=int, default=4, choices=[2, 4, 8],
-                    help="faiss substrings (exact when they cover all 64 bits); 4 = 16-bit tables, nflip 2 at k=8")
+    ap.add_argument(
+        "--faiss-nhash",
+        type=int,
+        default=4,
+        choices=[2, 4, 8],
+        help="faiss substrings (exact when they cover all 64 bits); 4 = 16-bit tables, nflip 2 at k=8",
+    )
     ap.add_argument("--faiss-threads", type=int, default=0, help="faiss OpenMP threads (0 = its default, all cores)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
-        print(json.dumps(job(args.job, args.n, min(args.baseline_n, args.n), args.dup_fraction,
-                             args.faiss_nhash, args.faiss_threads)))
+        print(
+            json.dumps(
+                job(
+                    args.job,
+                    args.n,
+                    min(args.baseline_n, args.n),
+                    args.dup_fraction,
+                    args.faiss_nhash,
+                    args.faiss_threads,
+                )
+            )
+        )
         return
     m = min(args.baseline_n, args.n)
     scale = (args.n / m) ** 2
@@ -215,29 +243,44 @@ def main() -> None:
         base_pairs = {tuple(p) for p in base.pop("subset_pairs")}
         agree = ours_pairs == base_pairs if kind == "perceptual" else ours_pairs <= base_pairs
         found = len(ours_pairs & base_pairs) / max(1, len(base_pairs))
-        what = (f"SemDeDup, {DIM}-d, cosine >= {THRESHOLD}" if kind == "semantic"
-                else f"64-bit hashes, Hamming <= {MAX_DISTANCE}")
+        what = (
+            f"SemDeDup, {DIM}-d, cosine >= {THRESHOLD}"
+            if kind == "semantic"
+            else f"64-bit hashes, Hamming <= {MAX_DISTANCE}"
+        )
         print(f"== {kind} dedup: {args.n:,} items ({what}), {args.dup_fraction:.0%} planted near copies")
-        print(f"  ours      {args.n:>9,}: {ours['seconds']:8.1f} s   peak RSS {ours['peak_rss_mb']:7.0f} MB   "
-              f"planted recall {ours['recall']:.4f}   dropped {ours['dropped']:,}")
+        print(
+            f"  ours      {args.n:>9,}: {ours['seconds']:8.1f} s   peak RSS {ours['peak_rss_mb']:7.0f} MB   "
+            f"planted recall {ours['recall']:.4f}   dropped {ours['dropped']:,}"
+        )
         print(f"  ours      {m:>9,}: {ours['subset_seconds']:8.2f} s")
-        print(f"  baseline  {m:>9,}: {base['seconds']:8.2f} s   peak RSS {base['peak_rss_mb']:7.0f} MB   "
-              f"planted recall {base['recall']:.4f}   (all pairs, numpy)")
-        print(f"  ratio on {m:,}: baseline / ours = {base['seconds'] / ours['subset_seconds']:.1f}x;   "
-              f"baseline extrapolated to {args.n:,}: {base['seconds'] * scale:,.0f} s "
-              f"= {base['seconds'] * scale / ours['seconds']:.0f}x ours")
-        print(f"  subset pairs: ours {len(ours_pairs):,}, baseline {len(base_pairs):,}, "
-              f"{'identical' if kind == 'perceptual' and agree else 'ours within baseline' if agree else 'MISMATCH'}"
-              f" ({found:.1%} of baseline pairs found)")
+        print(
+            f"  baseline  {m:>9,}: {base['seconds']:8.2f} s   peak RSS {base['peak_rss_mb']:7.0f} MB   "
+            f"planted recall {base['recall']:.4f}   (all pairs, numpy)"
+        )
+        print(
+            f"  ratio on {m:,}: baseline / ours = {base['seconds'] / ours['subset_seconds']:.1f}x;   "
+            f"baseline extrapolated to {args.n:,}: {base['seconds'] * scale:,.0f} s "
+            f"= {base['seconds'] * scale / ours['seconds']:.0f}x ours"
+        )
+        print(
+            f"  subset pairs: ours {len(ours_pairs):,}, baseline {len(base_pairs):,}, "
+            f"{'identical' if kind == 'perceptual' and agree else 'ours within baseline' if agree else 'MISMATCH'}"
+            f" ({found:.1%} of baseline pairs found)"
+        )
         if kind == "perceptual":
             lib = child("perceptual-faiss", args)
             same = "identical pairs" if lib["digest"] == ours["digest"] else "PAIRS DIFFER"
             print(f"  ours      {args.n:>9,}: {ours['cpu_seconds']:8.1f} CPU s")
-            print(f"  faiss     {args.n:>9,}: {lib['seconds']:8.1f} s ({lib['cpu_seconds']:.1f} CPU s)   peak RSS {lib['peak_rss_mb']:7.0f} MB   "
-                  f"(IndexBinaryMultiHash {args.faiss_nhash}x{64 // args.faiss_nhash} bits, "
-                  f"nflip {MAX_DISTANCE // args.faiss_nhash}, {lib['threads']} threads; ours: 1 thread)")
-            print(f"  ratio on {args.n:,}: faiss / ours = {lib['seconds'] / ours['seconds']:.2f}x wall, "
-                  f"{lib['cpu_seconds'] / ours['cpu_seconds']:.2f}x CPU;   {same}")
+            print(
+                f"  faiss     {args.n:>9,}: {lib['seconds']:8.1f} s ({lib['cpu_seconds']:.1f} CPU s)   peak RSS {lib['peak_rss_mb']:7.0f} MB   "
+                f"(IndexBinaryMultiHash {args.faiss_nhash}x{64 // args.faiss_nhash} bits, "
+                f"nflip {MAX_DISTANCE // args.faiss_nhash}, {lib['threads']} threads; ours: 1 thread)"
+            )
+            print(
+                f"  ratio on {args.n:,}: faiss / ours = {lib['seconds'] / ours['seconds']:.2f}x wall, "
+                f"{lib['cpu_seconds'] / ours['cpu_seconds']:.2f}x CPU;   {same}"
+            )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,30 @@ from filtering.filters.wordnet_synsets import WordNetSynsets, WordNetSynsetsPara
 from filtering.pool import Pool
 from filtering.writers.uids import write_uids
 
-FILLER = ["a", "the", "photo", "of", "on", "in", "with", "and", "red", "blue", "green", "big", "small", "my", "new", "old", "best", "view", "sale", "free", "home", "day"]
+FILLER = [
+    "a",
+    "the",
+    "photo",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "my",
+    "new",
+    "old",
+    "best",
+    "view",
+    "sale",
+    "free",
+    "home",
+    "day",
+]
 
 
 def make_pool(n: int, seed: int) -> Pool:
@@ -91,7 +114,11 @@ def naive_entities(captions):
     for text in captions:
         words = re.findall(r"[^\W_]+", text.lower())
         out.append(
-            any(" ".join(words[i : i + k]) in spellings for k in range(1, longest + 1) for i in range(len(words) - k + 1))
+            any(
+                " ".join(words[i : i + k]) in spellings
+                for k in range(1, longest + 1)
+                for i in range(len(words) - k + 1)
+            )
         )
     return np.array(out)
 
@@ -126,13 +153,27 @@ def main() -> None:
         listed = uids[::3]
         write_uids(listed_path, listed)
         cases = [
-            ("caption {min_words: 3, min_chars: 6}", Caption(CaptionParams(min_words=3, min_chars=6), info), lambda: naive_caption(captions)),
-            ("caption {min_words: 2, min_chars: 6, tokenizer: fasttext}",
-             Caption(CaptionParams(min_words=2, min_chars=6, tokenizer="fasttext"), info),
-             lambda: naive_caption_fasttext(captions)),
-            ("image_size {min_side: 200, max_aspect_ratio: 3}", ImageSize(ImageSizeParams(min_side=200, max_aspect_ratio=3.0), info), lambda: naive_image_size(w, h)),
+            (
+                "caption {min_words: 3, min_chars: 6}",
+                Caption(CaptionParams(min_words=3, min_chars=6), info),
+                lambda: naive_caption(captions),
+            ),
+            (
+                "caption {min_words: 2, min_chars: 6, tokenizer: fasttext}",
+                Caption(CaptionParams(min_words=2, min_chars=6, tokenizer="fasttext"), info),
+                lambda: naive_caption_fasttext(captions),
+            ),
+            (
+                "image_size {min_side: 200, max_aspect_ratio: 3}",
+                ImageSize(ImageSizeParams(min_side=200, max_aspect_ratio=3.0), info),
+                lambda: naive_image_size(w, h),
+            ),
             ("text_entities (ImageNet-1k)", TextEntities(TextEntitiesParams(), info), lambda: naive_entities(captions)),
-            ("wordnet_synsets (ImageNet-21k)", WordNetSynsets(WordNetSynsetsParams(), info), lambda: naive_synsets(captions)),
+            (
+                "wordnet_synsets (ImageNet-21k)",
+                WordNetSynsets(WordNetSynsetsParams(), info),
+                lambda: naive_synsets(captions),
+            ),
             ("uids {mode: keep}", Uids(UidsParams(path=listed_path), info), lambda: naive_uids(uids, listed)),
         ]
         print(f"{'filter':<48} {'poolsift':>10} {'per-row':>10} {'ratio':>8}  same mask  kept")
@@ -144,7 +185,9 @@ def main() -> None:
             ours, t_ours = timed(lambda f=f: f.apply(pool, alive).keep)
             base, t_base = timed(naive)
             same = np.array_equal(ours, base)
-            print(f"{name:<48} {t_ours:>9.2f}s {t_base:>9.2f}s {t_base / t_ours:>7.1f}x  {str(same):<9}  {ours.mean():.1%}")
+            print(
+                f"{name:<48} {t_ours:>9.2f}s {t_base:>9.2f}s {t_base / t_ours:>7.1f}x  {str(same):<9}  {ours.mean():.1%}"
+            )
 
 
 if __name__ == "__main__":

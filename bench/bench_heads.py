@@ -32,7 +32,13 @@ from safetensors.numpy import save_file
 from filtering.pool import ShardPart
 from filtering.scorers.base import BATCH_ROWS, Batch, InputInfo, parse_scorers
 
-SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128), "layers.6": (16, 64), "layers.7": (1, 16)}
+SHAPES = {
+    "layers.0": (1024, 768),
+    "layers.2": (128, 1024),
+    "layers.4": (64, 128),
+    "layers.6": (16, 64),
+    "layers.7": (1, 16),
+}
 
 
 def weights(path: Path, seed: int = 0) -> Path:
@@ -46,8 +52,19 @@ def weights(path: Path, seed: int = 0) -> Path:
 
 
 def scorer(path: Path, backend: str):
-    [s] = parse_scorers([{"embedding_head": {"name": "aesthetic", "preset": "laion_aesthetic", "weights": str(path),
-                                             "backend": backend}}], InputInfo("datacomp", {"l14_img": 768}))
+    [s] = parse_scorers(
+        [
+            {
+                "embedding_head": {
+                    "name": "aesthetic",
+                    "preset": "laion_aesthetic",
+                    "weights": str(path),
+                    "backend": backend,
+                }
+            }
+        ],
+        InputInfo("datacomp", {"l14_img": 768}),
+    )
     s.ensure_setup()
     return s
 
@@ -92,9 +109,16 @@ def main() -> None:
         rows_layers, out_layers = rate(lambda x: forward_numpy(head, x), block, a.slow_rows)
         rows_torch, out_torch = rate(call(slow_t), block, a.slow_rows)
 
-        model = torch.nn.Sequential(torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-                                    torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                                    torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(768, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
         from safetensors.torch import load_file
 
         model.load_state_dict({k.removeprefix("layers."): v for k, v in load_file(str(path)).items()})
@@ -122,7 +146,9 @@ def main() -> None:
         ("per-row torch loop (public script)", a.loop_rows, rows_loop),
     ):
         print(f"{name:<36}{rows:>12,}{r:>14,.0f}{r / rows_loop:>9.0f}x")
-    print(f"1M rows: numpy folded {1e6 / rows_np:.2f} s, torch {1e6 / rows_torch:.1f} s, loop {1e6 / rows_loop / 60:.1f} min")
+    print(
+        f"1M rows: numpy folded {1e6 / rows_np:.2f} s, torch {1e6 / rows_torch:.1f} s, loop {1e6 / rows_loop / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

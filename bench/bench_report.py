@@ -46,16 +46,23 @@ def generate(root: Path, rows: int, shards: int, seed: int = 0) -> None:
     for s, n in enumerate(sizes):
         rng = np.random.default_rng([seed, s])
         l14 = rng.normal(0.28, 0.05, n).astype(np.float32)
-        pq.write_table(pa.table({
-            "uid": hex_strings(rng.integers(0, 256, (n, 16), dtype=np.uint8)),
-            "text": captions(rng, n),
-            "original_width": pa.array(rng.integers(64, 4000, n)),
-            "original_height": pa.array(rng.integers(64, 4000, n)),
-            "clip_b32_similarity_score": pa.array(np.round(l14 * 0.9 + rng.normal(0, 0.02, n).astype(np.float32), 4)),
-            KEY: pa.array(np.round(l14, 4)),
-            "face_bboxes": face_bboxes(rng, n),
-            "sha256": hex_strings(rng.integers(0, 256, (n, 32), dtype=np.uint8)),
-        }), root / f"{s:08d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "uid": hex_strings(rng.integers(0, 256, (n, 16), dtype=np.uint8)),
+                    "text": captions(rng, n),
+                    "original_width": pa.array(rng.integers(64, 4000, n)),
+                    "original_height": pa.array(rng.integers(64, 4000, n)),
+                    "clip_b32_similarity_score": pa.array(
+                        np.round(l14 * 0.9 + rng.normal(0, 0.02, n).astype(np.float32), 4)
+                    ),
+                    KEY: pa.array(np.round(l14, 4)),
+                    "face_bboxes": face_bboxes(rng, n),
+                    "sha256": hex_strings(rng.integers(0, 256, (n, 32), dtype=np.uint8)),
+                }
+            ),
+            root / f"{s:08d}.parquet",
+        )
 
 
 PANDAS = """
@@ -91,9 +98,11 @@ def main() -> None:
         t = time.perf_counter()
         generate(meta, args.rows, args.shards)
         cfg = work / "bench.yaml"
-        cfg.write_text(f"input: {{datacomp_metadata: '{meta}'}}\n"
-                       f"filters:\n  - clip_score: {{top_fraction: 0.3, field: {KEY}}}\n"
-                       f"output: {{dir: '{out}'}}\n")
+        cfg.write_text(
+            f"input: {{datacomp_metadata: '{meta}'}}\n"
+            f"filters:\n  - clip_score: {{top_fraction: 0.3, field: {KEY}}}\n"
+            f"output: {{dir: '{out}'}}\n"
+        )
         timed([sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--quiet"])
         print(f"pool of {args.rows:,} rows generated and filtered in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         for p in meta.glob("*.parquet"):
@@ -108,17 +117,28 @@ def main() -> None:
         ours = {"kept": int(data.histogram.kept.sum()), "dropped": int(data.histogram.dropped.sum())}
         import subprocess
 
-        theirs = json.loads(subprocess.run([sys.executable, "-c", PANDAS, str(meta), str(out), KEY], cwd=REPO,
-                                           capture_output=True, text=True, check=True).stdout)
+        theirs = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", PANDAS, str(meta), str(out), KEY],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         base_wall, base_cpu, base_rss = results["poolsift report"]
-        print(f"\nreport of a DataComp-format pool: {args.rows:,} rows, {args.shards} shards; "
-              f"report.html {(out / 'report.html').stat().st_size / 1024:.0f} KiB")
+        print(
+            f"\nreport of a DataComp-format pool: {args.rows:,} rows, {args.shards} shards; "
+            f"report.html {(out / 'report.html').stat().st_size / 1024:.0f} KiB"
+        )
         print(f"{'':<22}{'wall s':>9}{'cpu s':>9}{'peak RSS MiB':>15}{'wall vs ours':>14}{'RSS vs ours':>13}")
         for name, (wall, cpu, rss) in results.items():
             print(f"{name:<22}{wall:>9.2f}{cpu:>9.2f}{rss:>15.0f}{wall / base_wall:>13.2f}x{rss / base_rss:>12.2f}x")
         print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"histogram rows kept/dropped: poolsift {ours['kept']:,}/{ours['dropped']:,}, "
-              f"pandas {theirs['kept']:,}/{theirs['dropped']:,}; equal: {ours == theirs}")
+        print(
+            f"histogram rows kept/dropped: poolsift {ours['kept']:,}/{ours['dropped']:,}, "
+            f"pandas {theirs['kept']:,}/{theirs['dropped']:,}; equal: {ours == theirs}"
+        )
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

@@ -89,7 +89,9 @@ def generate(root: Path, rows: int, seed: int = 0) -> None:
         table = pa.table(
             {
                 "uid": uid,
-                "url": pc.binary_join_element_wise("https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""),
+                "url": pc.binary_join_element_wise(
+                    "https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""
+                ),
                 "text": captions(rng, n),
                 "original_width": pa.array(rng.integers(64, 4000, n)),
                 "original_height": pa.array(rng.integers(64, 4000, n)),
@@ -170,7 +172,9 @@ def main() -> None:
     ap.add_argument("--dir", required=True, help="pools are generated (once) and runs written under this folder")
     ap.add_argument("--sizes", nargs="+", default=["1.6M", "6.4M", "25.6M"])
     ap.add_argument("--mode", default="auto", choices=["auto", "memory", "streaming"], help="poolsift's execution.mode")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each contender, interleaved; the fastest is reported")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs of each contender, interleaved; the fastest is reported"
+    )
     args = ap.parse_args()
     work = Path(args.dir)
     py = sys.executable
@@ -206,16 +210,22 @@ def main() -> None:
 
 
 def print_table(rows_out, args) -> None:
-    print(f"\nclip_score L/14 top {FRACTION:.0%} on DataComp-format parquet; {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.1f}; poolsift execution.mode {args.mode}; best of {args.repeat}")
-    print(f"{'rows':>7} {'contender':<13}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>7}"
-          f"{'script/poolsift wall':>22}  same uids")
+    print(
+        f"\nclip_score L/14 top {FRACTION:.0%} on DataComp-format parquet; {os.cpu_count()} CPUs; "
+        f"load average {os.getloadavg()[0]:.1f}; poolsift execution.mode {args.mode}; best of {args.repeat}"
+    )
+    print(
+        f"{'rows':>7} {'contender':<13}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>7}"
+        f"{'script/poolsift wall':>22}  same uids"
+    )
     for size, rows, best, same, kept in rows_out:
         base = best["poolsift run"][0]
         for name, (wall, cpu, rss, pss) in best.items():
             ratio = f"{best['script'][0] / base:>21.2f}x" if name == "poolsift run" else ""
-            print(f"{size:>7} {name:<13}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>7.0f}{ratio:>22}"
-                  f"  {same if name == 'poolsift run' else ''}")
+            print(
+                f"{size:>7} {name:<13}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>7.0f}{ratio:>22}"
+                f"  {same if name == 'poolsift run' else ''}"
+            )
         print(f"{'':>7} kept {kept:,} rows")
 
 

@@ -45,7 +45,45 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-WORDS = ["a", "photo", "of", "the", "red", "small", "large", "dog", "cat", "tree", "house", "car", "on", "in", "with", "near", "blue", "green", "sunny", "street", "beach", "old", "new", "wooden", "table", "chair", "window", "painting", "abstract", "city", "night", "mountain", "river", "boat", "bike", "flower", "garden"]
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "small",
+    "large",
+    "dog",
+    "cat",
+    "tree",
+    "house",
+    "car",
+    "on",
+    "in",
+    "with",
+    "near",
+    "blue",
+    "green",
+    "sunny",
+    "street",
+    "beach",
+    "old",
+    "new",
+    "wooden",
+    "table",
+    "chair",
+    "window",
+    "painting",
+    "abstract",
+    "city",
+    "night",
+    "mountain",
+    "river",
+    "boat",
+    "bike",
+    "flower",
+    "garden",
+]
 
 
 def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, int], seed: int = 0) -> list[str]:
@@ -88,8 +126,15 @@ class GpuUtilisation:
         self.main_cpu_per_sample = float("nan")
         self.enabled = device.startswith("cuda") and shutil.which("nvidia-smi") is not None
         index = device.split(":", 1)[1] if ":" in device else "0"
-        self.cmd = ["nvidia-smi", "-i", index, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                    "-lms", "200"]
+        self.cmd = [
+            "nvidia-smi",
+            "-i",
+            index,
+            "--query-gpu=utilization.gpu",
+            "--format=csv,noheader,nounits",
+            "-lms",
+            "200",
+        ]
 
     def __enter__(self):
         if self.enabled:
@@ -122,7 +167,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_stream(urls, clip, batch_size, workers, draft, util: GpuUtilisation | None = None) -> tuple[float, np.ndarray, int]:
+def run_stream(
+    urls, clip, batch_size, workers, draft, util: GpuUtilisation | None = None
+) -> tuple[float, np.ndarray, int]:
     import resource
 
     from filtering.stages.score import ClipEncoder, score_stream
@@ -232,8 +279,11 @@ def bench_model(title, clip, urls, batch_size, workers, draft_urls=None) -> None
 
     draft = draft_target(clip.pil_transform)
     fp32 = dataclasses.replace(clip, precision="fp32")
-    print(f"\n== {title}: {len(urls)} shards, batch {batch_size}, {workers} decode worker(s), "
-          f"torch threads {_threads()}, precision auto -> {clip.precision}", flush=True)
+    print(
+        f"\n== {title}: {len(urls)} shards, batch {batch_size}, {workers} decode worker(s), "
+        f"torch threads {_threads()}, precision auto -> {clip.precision}",
+        flush=True,
+    )
     ceiling = run_ceiling(urls, clip, batch_size)
     util = GpuUtilisation(clip.device)
     ours, s_auto, n = run_stream(urls, clip, batch_size, workers, draft, util)
@@ -246,13 +296,17 @@ def bench_model(title, clip, urls, batch_size, workers, draft_urls=None) -> None
     if clip.device.startswith("cuda"):
         print(f"GPU utilisation during poolsift  {util}")
         cpu = util.main_cpu_per_sample
-        print(f"main process CPU per sample      {cpu * 1e6:8.0f} us (alone it caps the stage at {1 / cpu:,.0f} samples/s)")
+        print(
+            f"main process CPU per sample      {cpu * 1e6:8.0f} us (alone it caps the stage at {1 / cpu:,.0f} samples/s)"
+        )
     print(f"auto ({clip.precision}) vs fp32 scores    {compare(s_auto, s_fp32)}")
     if draft_urls:
         full_rate, s_full, m = run_stream(draft_urls, fp32, batch_size, workers, None)
         draft_rate, s_draft, _ = run_stream(draft_urls, fp32, batch_size, workers, draft)
-        print(f"jpeg_draft on {m} large JPEGs     full decode {full_rate:.1f}/s, draft {draft_rate:.1f}/s "
-              f"({draft_rate / full_rate:.2f}x); fp32 scores draft vs full: {compare(s_draft, s_full)}")
+        print(
+            f"jpeg_draft on {m} large JPEGs     full decode {full_rate:.1f}/s, draft {draft_rate:.1f}/s "
+            f"({draft_rate / full_rate:.2f}x); fp32 scores draft vs full: {compare(s_draft, s_full)}"
+        )
 
 
 def _threads() -> int:
@@ -265,8 +319,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("tiny", "vit"))
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="decode processes (default: 1 on a CPU, all cores but one on a GPU)")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="decode processes (default: 1 on a CPU, all cores but one on a GPU)"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--per-shard", type=int, default=256)
@@ -278,8 +333,10 @@ def main() -> None:
     from filtering.io.paths import expand_shards
     from filtering.models.clip import load_clip
 
-    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}, "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     tmp = Path(args.tmp)
     ckpt = REPO / "sample_data/tiny_clip/poolsift-tiny.safetensors"
     if args.only in (None, "tiny") and not ckpt.is_file():
@@ -296,8 +353,9 @@ def main() -> None:
         clip = load_clip("ViT-B-32", None, args.device, "auto")
         urls = synthetic_shards(tmp, args.shards, args.per_shard, (512, 384))
         large = synthetic_shards(tmp, 1, 64, (1024, 768), seed=1)
-        bench_model("ViT-B-32 (random weights) on synthetic 512x384 JPEGs", clip, urls, args.batch_size,
-                    args.workers, large)
+        bench_model(
+            "ViT-B-32 (random weights) on synthetic 512x384 JPEGs", clip, urls, args.batch_size, args.workers, large
+        )
     print(f"load average after {os.getloadavg()[0]:.2f}")
 
 

@@ -64,12 +64,22 @@ class ShardCache:
         return self._read_meta(self.table_path(url))
 
     def write(
-        self, url: str, table: pa.Table, arrays: dict[str, np.ndarray], source: dict | None = None, extra: dict | None = None
+        self,
+        url: str,
+        table: pa.Table,
+        arrays: dict[str, np.ndarray],
+        source: dict | None = None,
+        extra: dict | None = None,
     ) -> None:
         for kind, arr in arrays.items():
             with atomic_open(self.array_path(url, kind)) as f:
                 np.save(f, arr)
-        meta = {"source": source if source is not None else file_info(url), "url": url, "spec": self.spec, **(extra or {})}
+        meta = {
+            "source": source if source is not None else file_info(url),
+            "url": url,
+            "spec": self.spec,
+            **(extra or {}),
+        }
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta)})
         with atomic_open(self.table_path(url)) as f:
             pq.write_table(table, f)

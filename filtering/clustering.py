@@ -372,7 +372,9 @@ def _load_matrix(path: str, what: str, dict_key: str | None) -> np.ndarray:
         value = safe_pickle.load(path)  # arrays only: no code from the file runs
         if isinstance(value, dict):
             if dict_key is None or dict_key not in value:
-                raise ValueError(f"{path}: expected a {what} tensor{f' or a dict with {dict_key!r}' if dict_key else ''}; found keys {sorted(value)}")
+                raise ValueError(
+                    f"{path}: expected a {what} tensor{f' or a dict with {dict_key!r}' if dict_key else ''}; found keys {sorted(value)}"
+                )
             value = value[dict_key]
         arr = _to_numpy(value, path, what)
     else:

@@ -173,7 +173,9 @@ def resolve_uids(table, *, source: str, field: str, derive: str, on_invalid: str
             no_url.append((shard, key))
             values.append(derive_uid(_name(shard), key))
     if no_url:
-        raise UidError(f"{len(no_url)} sample(s) have no url to derive a uid from (first: {no_url[0][0]} key {no_url[0][1]})")
+        raise UidError(
+            f"{len(no_url)} sample(s) have no url to derive a uid from (first: {no_url[0][0]} key {no_url[0][1]})"
+        )
     full = np.empty(n, dtype=object)
     full[:] = uid.to_numpy(zero_copy_only=False)
     full[need] = values
@@ -199,8 +201,13 @@ def _uid_examples(table, rows, field: str) -> list[dict]:
 
     picked = table.select(["source_shard", "key", "uid"]).take(pa.array(rows)).to_pylist()
     return [
-        {"source_shard": r["source_shard"], "key": r["key"],
-         "problem": f"missing .json field {field!r}" if r["uid"] is None else f"{r['uid'][:80]!r} is not 32 hex digits or a UUID"}
+        {
+            "source_shard": r["source_shard"],
+            "key": r["key"],
+            "problem": f"missing .json field {field!r}"
+            if r["uid"] is None
+            else f"{r['uid'][:80]!r} is not 32 hex digits or a UUID",
+        }
         for r in picked
     ]
 

@@ -17,8 +17,14 @@ from filtering.errors import ConfigError, PoolsiftError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value, e.g. filters[0].clip_score.top_fraction=0.3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value, e.g. filters[0].clip_score.top_fraction=0.3 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="subset size per value of one setting, from the cached scores")
     _add_config_args(p)
-    p.add_argument("--param", required=True, metavar="KEY.PATH=V1,V2,...",
-                   help="the setting and its values, e.g. filters[0].clip_score.top_fraction=0.1,0.2,0.3,0.5")
+    p.add_argument(
+        "--param",
+        required=True,
+        metavar="KEY.PATH=V1,V2,...",
+        help="the setting and its values, e.g. filters[0].clip_score.top_fraction=0.1,0.2,0.3,0.5",
+    )
     p.add_argument("--output", help="output directory (overrides output.dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -106,8 +116,9 @@ def cmd_make_sample(args) -> int:
 def cmd_report(args) -> int:
     from filtering.report import write_report
 
-    path = write_report(args.dir, output=args.output, seed=args.seed,
-                        log=lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
+    path = write_report(
+        args.dir, output=args.output, seed=args.seed, log=lambda msg: print(f"poolsift: {msg}", file=sys.stderr)
+    )
     print(f"report: {path}")
     return 0
 
@@ -122,8 +133,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "make-sample": cmd_make_sample, "report": cmd_report,
-            "sweep": cmd_sweep}
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "make-sample": cmd_make_sample,
+    "report": cmd_report,
+    "sweep": cmd_sweep,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,12 @@ class UidConfig(Strict):
     source: Literal["json", "derive"] = "json"  # the .json field, or derived from `derive` for every sample
     field: str = Field(default="uid", min_length=1)  # the .json field (and img2dataset parquet column)
     derive: Literal["key", "url"] = "key"  # key: sha256(shard name NUL key); url: sha256(url); first 128 bits
-    on_invalid: Literal["error", "derive", "fail"] = "error"  # a missing or malformed json uid: exit 2 | derive, counted | fail the sample
-    duplicates: Literal["report", "keep_first", "error"] = "report"  # a uid on two samples: warn | drop later copies | exit 1
+    on_invalid: Literal["error", "derive", "fail"] = (
+        "error"  # a missing or malformed json uid: exit 2 | derive, counted | fail the sample
+    )
+    duplicates: Literal["report", "keep_first", "error"] = (
+        "report"  # a uid on two samples: warn | drop later copies | exit 1
+    )
 
 
 class InputConfig(Strict):
@@ -47,7 +51,9 @@ class InputConfig(Strict):
     def _one_source(self) -> InputConfig:
         if (self.shards is None) == (self.datacomp_metadata is None):
             raise ValueError("give exactly one of input.shards or input.datacomp_metadata")
-        if self.datacomp_metadata is not None and self.uid.model_dump(exclude={"duplicates"}) != UidConfig().model_dump(exclude={"duplicates"}):
+        if self.datacomp_metadata is not None and self.uid.model_dump(exclude={"duplicates"}) != UidConfig().model_dump(
+            exclude={"duplicates"}
+        ):
             raise ValueError("uid: DataComp metadata has its own uid column; only input.uid.duplicates applies to it")
         return self
 
@@ -122,7 +128,9 @@ class Config(Strict):
         d = self.model_dump(mode="json")
         if not d.get("scorers"):  # configs without scorers record (and hash) as they did before the section existed
             d.pop("scorers", None)
-        d.pop("execution", None)  # how a run executes never changes its outputs, so it is not part of the config's identity
+        d.pop(
+            "execution", None
+        )  # how a run executes never changes its outputs, so it is not part of the config's identity
         return d
 
     def sha256(self) -> str:
@@ -236,8 +244,14 @@ def load_raw(path: str | Path) -> dict:
 
 
 # Top-level keys that name paths; ``pretrained`` only when it is a path, not a tag.
-PATH_KEYS = (("input", "shards"), ("input", "datacomp_metadata"), ("model", "pretrained"),
-             ("clusters", "reference"), ("clusters", "centroids"), ("output", "dir"))
+PATH_KEYS = (
+    ("input", "shards"),
+    ("input", "datacomp_metadata"),
+    ("model", "pretrained"),
+    ("clusters", "reference"),
+    ("clusters", "centroids"),
+    ("output", "dir"),
+)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -276,7 +290,7 @@ def _filter_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict) or len(spec) != 1:
             continue
-        (name, params), = spec.items()
+        ((name, params),) = spec.items()
         sub = f"{path}[{i}].{name}"
         if name in ("all", "any") and isinstance(params, list):
             yield from _filter_paths(params, sub)
@@ -295,7 +309,7 @@ def _scorer_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
     builtin_scorers()
     for i, spec in enumerate(specs):
         if isinstance(spec, dict) and len(spec) == 1:
-            (name, params), = spec.items()
+            ((name, params),) = spec.items()
             if name in REGISTRY and isinstance(params, dict):
                 for field in getattr(REGISTRY[name].Params, "path_fields", ()):
                     if _is_local_path(params.get(field), field):

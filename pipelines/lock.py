@@ -37,7 +37,9 @@ def output_lock(out_dir: str) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise OutputLockedError(f"{path}: is a symbolic link; refusing to use it as the run lock (remove it)") from None
+            raise OutputLockedError(
+                f"{path}: is a symbolic link; refusing to use it as the run lock (remove it)"
+            ) from None
         raise OutputLockedError(f"{path}: cannot open the run lock: {e.strerror}") from None
     try:
         st = os.fstat(fd)

@@ -291,7 +291,11 @@ def check_duplicate_uids(pool: Pool, policy: str, ctx: RunContext) -> FilterNode
             where = pool.table.select(["source_shard", "key"]).take(pa.array(rows[:5])).to_pylist()
             examples.append({"uid": uid, "count": len(rows), "samples": where})
         report["examples"] = examples
-        action = {"report": "all copies kept", "keep_first": "later copies dropped (duplicate_uid)", "error": "stopping"}[policy]
+        action = {
+            "report": "all copies kept",
+            "keep_first": "later copies dropped (duplicate_uid)",
+            "error": "stopping",
+        }[policy]
         ctx.log(
             f"warning: {n_uids} uid(s) occur on more than one sample ({n_rows} extra copies, e.g. {example_uids[0]}); "
             f"{action} (input.uid.duplicates)"
@@ -317,7 +321,9 @@ def model_record(cfg: Config, ctx: RunContext, source: SourceStage) -> dict[str,
     }
 
 
-def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome, source: SourceStage) -> dict[str, Any]:
+def write_outputs(
+    cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome, source: SourceStage
+) -> dict[str, Any]:
     out = cfg.output
     failed = pool.failed
     config_dict = cfg.to_dict()
@@ -356,7 +362,9 @@ def write_outputs(cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutco
     if len(fail_idx):  # only the failed rows are materialised as Python objects
         rows = pool.table.select(["source_shard", "key", "uid", "error"]).take(fail_idx)
         reasons = Counter(str(e).split(":", 1)[0] for e in rows.column("error").to_pylist())
-        failures = rows.slice(0, MAX_MANIFEST_FAILURES).rename_columns(["source_shard", "key", "uid", "reason"]).to_pylist()
+        failures = (
+            rows.slice(0, MAX_MANIFEST_FAILURES).rename_columns(["source_shard", "key", "uid", "reason"]).to_pylist()
+        )
     failures += ctx.failures
     inputs, checksum_method = checksum_inputs(ctx.inputs)
     counts = {
@@ -419,7 +427,9 @@ def format_funnel(manifest: dict[str, Any]) -> str:
     lines.append(f"{'failed':<{width}}  {c['failed']:>10,}" + (f"  ({fr})" if fr else ""))
     for f in c["filters"]:
         why = ", ".join(f"{k} {v}" for k, v in f["reasons"].items())
-        lines.append(f"{f['name']:<{width}}  {-f['dropped']:>+10,}  -> {f['kept']:,} left" + (f"  ({why})" if why else ""))
+        lines.append(
+            f"{f['name']:<{width}}  {-f['dropped']:>+10,}  -> {f['kept']:,} left" + (f"  ({why})" if why else "")
+        )
     pct = 100.0 * c["kept"] / c["input"] if c["input"] else 0.0
     lines.append(f"{'kept':<{width}}  {c['kept']:>10,}  ({pct:.1f}% of input)")
     return "\n".join(lines)

@@ -69,8 +69,9 @@ def _pool_key(cfg: Config, the_plan) -> str:
     return json.dumps([settings, stages, needed], sort_keys=True)
 
 
-def sweep(config_path: str, param: str, overrides: list[str] | tuple[str, ...] = (), progress: bool = False,
-          log=None) -> dict[str, Any]:
+def sweep(
+    config_path: str, param: str, overrides: list[str] | tuple[str, ...] = (), progress: bool = False, log=None
+) -> dict[str, Any]:
     """Run the sweep; returns what ``sweep.json`` holds (also written to the output dir)."""
     log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
     key, values = parse_param(param)
@@ -97,8 +98,9 @@ def sweep(config_path: str, param: str, overrides: list[str] | tuple[str, ...] =
             pkey = _pool_key(cfg, the_plan)
             if pkey not in pools:
                 the_plan.source.check_inputs()
-                ctx = RunContext(config=cfg, out_dir=out_dir, cache_dir=cache_root,
-                                 progress=progress_factory(progress), log=log)
+                ctx = RunContext(
+                    config=cfg, out_dir=out_dir, cache_dir=cache_root, progress=progress_factory(progress), log=log
+                )
                 pool = the_plan.source.run(ctx)
                 for stage in the_plan.stages:
                     stage.run(ctx, pool)
@@ -106,14 +108,16 @@ def sweep(config_path: str, param: str, overrides: list[str] | tuple[str, ...] =
             pool = pools[pkey]
             outcome = apply_filters(cfg.filter_tree, pool)
             thresholds = {k: (None if v is None else float(v)) for k, v in outcome.thresholds.items()}
-            results.append({
-                "value": value,
-                "input": int(pool.n),
-                "failed": int(pool.failed.sum()),
-                "kept": int(outcome.keep.sum()),
-                "thresholds": thresholds,
-                "filters": outcome.funnel,
-            })
+            results.append(
+                {
+                    "value": value,
+                    "input": int(pool.n),
+                    "failed": int(pool.failed.sum()),
+                    "kept": int(outcome.keep.sum()),
+                    "thresholds": thresholds,
+                    "filters": outcome.funnel,
+                }
+            )
         record = {
             "param": key,
             "values": [v for v, _ in configs],
@@ -123,7 +127,9 @@ def sweep(config_path: str, param: str, overrides: list[str] | tuple[str, ...] =
             "results": results,
         }
         atomic_write_text(join(out_dir, "sweep.json"), json.dumps(record, indent=2) + "\n")
-        if exists(join(out_dir, "manifest.json")) and (configs[0][1].output.report or exists(join(out_dir, "report.html"))):
+        if exists(join(out_dir, "manifest.json")) and (
+            configs[0][1].output.report or exists(join(out_dir, "report.html"))
+        ):
             from filtering.report import write_report
 
             write_report(out_dir, log=log)
@@ -143,6 +149,8 @@ def format_sweep(record: dict[str, Any]) -> str:
         rows.append([str(r["value"]), f"{r['kept']:,}", pct, thr] + [f"{f['dropped']:,}" for f in r["filters"]])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-              for row in rows]
+    lines += [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    ]
     return "\n".join(lines)

@@ -45,7 +45,11 @@ def run_cli_subprocess(*args: str, cwd: Path = REPO, timeout: float = 600, **kw)
     """Run ``poolsift`` as a separate process (for crash, lock and exit-code tests)."""
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
     )
 
 

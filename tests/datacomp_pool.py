@@ -14,7 +14,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-WORDS = ["a", "photo", "of", "the", "small", "red", "blue", "dog", "cat", "car", "tree", "house", "on", "in", "with", "at", "night", "beach", "city", "old", "new"]
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "small",
+    "red",
+    "blue",
+    "dog",
+    "cat",
+    "car",
+    "tree",
+    "house",
+    "on",
+    "in",
+    "with",
+    "at",
+    "night",
+    "beach",
+    "city",
+    "old",
+    "new",
+]
 
 
 def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -158,13 +180,40 @@ def datacomp_text_entity_uids(root: Path, wordnet, imagenet21k_ids: list[str]) -
 
 # --- Edge cases for DataComp's text rules and NaN scores (issue 13) -------------------------
 
-ENGLISH = ["a photo of a dog on the beach", "the red car in the city at night", "a small cat with a blue house",
-           "an old tree near the river", "view of the mountains in winter", "white flowers in a garden"]
-FOREIGN = ["ein Hund am Strand", "das rote Auto in der Stadt bei Nacht", "un chien sur la plage",
-           "la voiture rouge dans la ville la nuit", "weiße Blumen im Garten", "des fleurs blanches au jardin"]
+ENGLISH = [
+    "a photo of a dog on the beach",
+    "the red car in the city at night",
+    "a small cat with a blue house",
+    "an old tree near the river",
+    "view of the mountains in winter",
+    "white flowers in a garden",
+]
+FOREIGN = [
+    "ein Hund am Strand",
+    "das rote Auto in der Stadt bei Nacht",
+    "un chien sur la plage",
+    "la voiture rouge dans la ville la nuit",
+    "weiße Blumen im Garten",
+    "des fleurs blanches au jardin",
+]
 # Captions on which Python's split, fastText's tokenizer, len() and the identifiers disagree.
-ODD_CAPTIONS = ["", " ", "\n", "\n\n\n\n\n\n", "Watch\n", "Watches", "1178\xa0city", "dog", "a b c", "ab cd",
-                "ab cd e", "\xa0\xa0\xa0 \xa0\xa0\xa0", "two\u3000words here", "x\0y\0z", "\tdog\ton\tsand\t"]
+ODD_CAPTIONS = [
+    "",
+    " ",
+    "\n",
+    "\n\n\n\n\n\n",
+    "Watch\n",
+    "Watches",
+    "1178\xa0city",
+    "dog",
+    "a b c",
+    "ab cd",
+    "ab cd e",
+    "\xa0\xa0\xa0 \xa0\xa0\xa0",
+    "two\u3000words here",
+    "x\0y\0z",
+    "\tdog\ton\tsand\t",
+]
 _SPACES = [" ", "\xa0", "\u3000", "\u2009", "\t", "\n", "  ", "\r\n"]
 
 
@@ -182,7 +231,9 @@ def edge_caption(rng: np.random.Generator) -> str:
     return text
 
 
-def make_datacomp_edge_pool(root: Path, shards: int = 3, rows: int = 150, seed: int = 0, nan_fraction: float = 0.1) -> Path:
+def make_datacomp_edge_pool(
+    root: Path, shards: int = 3, rows: int = 150, seed: int = 0, nan_fraction: float = 0.1
+) -> Path:
     """``make_datacomp_pool``, then captions from :func:`edge_caption`, image sizes at the
     basic filter's edges (shorter side 199/200, aspect exactly 3, zero) and CLIP scores
     rounded to 0.01 (ties at every threshold) with ``nan_fraction`` of them NaN."""
@@ -287,12 +338,19 @@ def gcld3_language(model):
 
 # --- embedding heads (issue 18): the public heads' forward passes in float64 numpy -------------
 
-AESTHETIC_SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128), "layers.6": (16, 64),
-                    "layers.7": (1, 16)}
+AESTHETIC_SHAPES = {
+    "layers.0": (1024, 768),
+    "layers.2": (128, 1024),
+    "layers.4": (64, 128),
+    "layers.6": (16, 64),
+    "layers.7": (1, 16),
+}
 NSFW_SHAPES = {"linear_1": (64, 768), "linear_2": (512, 64), "linear_3": (256, 512), "linear_4": (1, 256)}
 
 
-def random_state_dict(shapes: dict[str, tuple[int, int]], seed: int = 0, norm: int | None = None) -> dict[str, np.ndarray]:
+def random_state_dict(
+    shapes: dict[str, tuple[int, int]], seed: int = 0, norm: int | None = None
+) -> dict[str, np.ndarray]:
     """float32 weights with the given Linear shapes (and NeMo's ``norm`` buffers when ``norm``)."""
     rng = np.random.default_rng(seed)
     sd = {}

@@ -59,9 +59,7 @@ def survivors(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
     return best_of_group[labels]
 
 
-def resolve(
-    n: int, i: np.ndarray, j: np.ndarray, uids: np.ndarray, rank: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def resolve(n: int, i: np.ndarray, j: np.ndarray, uids: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(keep, duplicate_of)`` over ``n`` rows from duplicate pairs ``(i, j)``.
 
     ``duplicate_of`` (object) holds the survivor's uid for dropped rows, None elsewhere.

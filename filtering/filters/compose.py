@@ -150,7 +150,7 @@ def parse_filter(spec: Any, path: str, input_kind: str) -> FilterNode:
 
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"{path}: each filter is a mapping with exactly one key, the filter name")
-    (name, params), = spec.items()
+    ((name, params),) = spec.items()
     name = str(name)
     sub = f"{path}.{name}"
     if name in ("all", "any"):

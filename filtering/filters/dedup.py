@@ -168,7 +168,9 @@ def gather_embeddings(pool: Pool, kind: str | None, rows: np.ndarray) -> np.ndar
     out = None
     for part, emb in pool.iter_embeddings(kind):
         if out is None:
-            out = np.zeros((len(rows), emb.shape[1]), emb.dtype if emb.dtype in (np.float16, np.float32) else np.float32)
+            out = np.zeros(
+                (len(rows), emb.shape[1]), emb.dtype if emb.dtype in (np.float16, np.float32) else np.float32
+            )
         lo, hi = np.searchsorted(sorted_rows, [part.start, part.stop])
         if hi > lo:
             out[in_row_order[lo:hi]] = emb[sorted_rows[lo:hi] - part.start]

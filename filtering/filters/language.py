@@ -213,11 +213,14 @@ class _FastText:
         except ImportError as e:
             raise MissingPackageError(
                 "language.backend fasttext needs the fasttext package: pip install 'poolsift[fasttext]' "
-                "(or pip install fasttext)", "fasttext is not installed"
+                "(or pip install fasttext)",
+                "fasttext is not installed",
             ) from e
         if not os.path.isfile(model_path):
-            raise MissingModelError(f"language.model_path: no fastText model at {model_path!r} (lid.176.bin: {LID176_URL})",
-                                    f"no fastText model at {model_path!r}")
+            raise MissingModelError(
+                f"language.model_path: no fastText model at {model_path!r} (lid.176.bin: {LID176_URL})",
+                f"no fastText model at {model_path!r}",
+            )
         if hasattr(fasttext, "FastText"):  # its load-time warning on stderr, silenced as DataComp does
             fasttext.FastText.eprint = lambda *args: None
         self.model = fasttext.load_model(model_path)
@@ -337,9 +340,14 @@ def resolve(params: LanguageParams) -> dict[str, Any]:
 PARALLEL_MIN_TEXTS = 50_000
 
 
-def predict_texts(texts: list[str], backend: str, model_path: str | None = None,
-                  candidates: tuple[str, ...] | None = None, workers: int | None = None,
-                  min_parallel: int = PARALLEL_MIN_TEXTS) -> tuple[list[str], np.ndarray]:
+def predict_texts(
+    texts: list[str],
+    backend: str,
+    model_path: str | None = None,
+    candidates: tuple[str, ...] | None = None,
+    workers: int | None = None,
+    min_parallel: int = PARALLEL_MIN_TEXTS,
+) -> tuple[list[str], np.ndarray]:
     """``identifier(...).predict(texts)``, split over worker processes for large inputs.
 
     py3langid and fastText classify one caption at a time (py3langid: about 7,000
@@ -370,8 +378,14 @@ def _predict_chunk(args) -> tuple[list[str], np.ndarray]:
     return identifier(backend, model_path, candidates).predict(texts)
 
 
-def predict_languages(pool: Pool, field: str, rows: np.ndarray, backend: str, model_path: str | None = None,
-                      candidates: tuple[str, ...] | None = None):
+def predict_languages(
+    pool: Pool,
+    field: str,
+    rows: np.ndarray,
+    backend: str,
+    model_path: str | None = None,
+    candidates: tuple[str, ...] | None = None,
+):
     """Language code and confidence for ``rows`` (indices), predicting each distinct
     caption once per run and identifier (memoised in ``pool.artifacts``)."""
     memo: dict[str, tuple[str, float]] = pool.artifacts.setdefault("language_predictions", {}).setdefault(
@@ -410,8 +424,14 @@ class LanguageFilter(TextFilter):
             from filtering.scorers.language_id import LanguageIdParams, LanguageIdScorer, implicit_name
 
             p = self.params
-            params = LanguageIdParams(backend=p.backend, fallback=p.fallback, model_path=p.model_path,
-                                      candidates=p.candidates, field=self.field, name=implicit_name(p))
+            params = LanguageIdParams(
+                backend=p.backend,
+                fallback=p.fallback,
+                model_path=p.model_path,
+                candidates=p.candidates,
+                field=self.field,
+                name=implicit_name(p),
+            )
             self._scorer = LanguageIdScorer(params, ScorerInput(self.input.kind), path=f"filters: {self.name}")
         return self._scorer
 

@@ -59,7 +59,9 @@ class Score(Filter):
         # Comparisons in the column's own dtype, so float64 scores are not rounded.
         with np.errstate(invalid="ignore"):
             below = ~(scores >= scores.dtype.type(low)) & ~missing if low is not None else np.zeros(pool.n, dtype=bool)
-            above = ~(scores <= scores.dtype.type(p.max)) & ~missing if p.max is not None else np.zeros(pool.n, dtype=bool)
+            above = (
+                ~(scores <= scores.dtype.type(p.max)) & ~missing if p.max is not None else np.zeros(pool.n, dtype=bool)
+            )
         keep = ~missing & ~below & ~above
         low_code = f"{column}_below_top_fraction" if p.top_fraction is not None else f"{column}_below_min"
         if not missing.any() and (p.max is None or low is None):  # one code for every drop: no per-row objects

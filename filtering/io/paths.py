@@ -56,8 +56,17 @@ def _protocol_prefix(url: str) -> str:
 # What a run writes in its output directory (docs/spec.md, "Output directory"). A shard spec
 # that reaches into an output directory (``DIR/*`` with ``output.dir: DIR``, or ``**``
 # over a folder holding it) skips these, so a rerun reads the same inputs as the first run.
-OUTPUT_ENTRIES = ("manifest.json", "subset.npy", "subset", "dropped", "shards", "cache", "report.html",
-                  "sweep.json", ".poolsift.lock")
+OUTPUT_ENTRIES = (
+    "manifest.json",
+    "subset.npy",
+    "subset",
+    "dropped",
+    "shards",
+    "cache",
+    "report.html",
+    "sweep.json",
+    ".poolsift.lock",
+)
 
 
 def is_output_file(url: str, out_dir: str) -> bool:
@@ -90,8 +99,10 @@ def expand_shards(spec: str | Iterable[str], suffix: str = ".tar", output_dir: s
             matches = [m for m in every if output_dir is None or not is_output_file(m, output_dir)]
             if not matches:
                 if every:
-                    raise InputError(f"input.shards: {pattern!r} matches only the outputs in output.dir "
-                                     f"{output_dir}, which are never read as shards")
+                    raise InputError(
+                        f"input.shards: {pattern!r} matches only the outputs in output.dir "
+                        f"{output_dir}, which are never read as shards"
+                    )
                 raise InputError(f"input.shards: no shards found at {pattern!r}")
             found.extend(matches)
     return sorted(dict.fromkeys(found))

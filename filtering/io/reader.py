@@ -201,7 +201,7 @@ def _checksum_ok(header: bytes) -> bool:
 def _pax(data: bytes) -> dict[str, str]:
     """The records (``"%d %s=%s\\n"``) of a pax extended header."""
     out, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b"\x00":
+    while pos < len(data) and data[pos : pos + 1] != b"\x00":
         space = data.index(b" ", pos)
         length = int(data[pos:space])
         if length <= space - pos:

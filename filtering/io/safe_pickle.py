@@ -29,9 +29,16 @@ from filtering.io.paths import open_file
 _core = getattr(np, "_core", None) or np.core  # numpy 2.x, else 1.x
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGES = {  # torch.<Name>Storage -> element type of its raw bytes
-    "FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": "u2",
-    "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
-    "ByteStorage": "u1", "BoolStorage": "?",
+    "FloatStorage": "f4",
+    "DoubleStorage": "f8",
+    "HalfStorage": "f2",
+    "BFloat16Storage": "u2",
+    "LongStorage": "i8",
+    "IntStorage": "i4",
+    "ShortStorage": "i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
 }
 
 
@@ -161,7 +168,11 @@ class _ArrayUnpickler(pickle.Unpickler):
                 raw = self.archive.read(name)
             except KeyError as e:
                 raise ValueError(f"{self.path}: storage {name} is missing") from e
-            dtype = np.dtype(kind.dtype).newbyteorder(self.byteorder) if kind.dtype not in ("?", "i1", "u1") else np.dtype(kind.dtype)
+            dtype = (
+                np.dtype(kind.dtype).newbyteorder(self.byteorder)
+                if kind.dtype not in ("?", "i1", "u1")
+                else np.dtype(kind.dtype)
+            )
             if not isinstance(numel, int) or len(raw) < numel * dtype.itemsize:
                 raise ValueError(f"{self.path}: storage {name} holds {len(raw)} bytes, fewer than {numel} elements")
             values = np.frombuffer(raw, dtype=dtype, count=numel)
@@ -200,5 +211,7 @@ def load(path: str) -> Any:
             raise ValueError(f"{path}: neither a torch-saved file nor a pickle")
         obj = _unpickle(_ArrayUnpickler(f.read(), path))
     if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:
-        raise ValueError(f"{path}: torch's legacy (pre-1.6) format is not read; save it again with torch.save, or as .npy")
+        raise ValueError(
+            f"{path}: torch's legacy (pre-1.6) format is not read; save it again with torch.save, or as .npy"
+        )
     return obj

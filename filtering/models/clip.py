@@ -145,8 +145,10 @@ def checkpoint_error(model_name: str, tag: str | None, e: BaseException) -> str:
     if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
         found = _REFUSED.search(text)
         what = f"a reference to {found.group(1)}" if found else "objects other than tensors and plain values"
-        return (f"{where}: refused: the checkpoint is a pickle holding {what}; only tensors and plain values load "
-                "safely (convert it to .safetensors)")
+        return (
+            f"{where}: refused: the checkpoint is a pickle holding {what}; only tensors and plain values load "
+            "safely (convert it to .safetensors)"
+        )
     if isinstance(e, EOFError) or (tag and os.path.isfile(tag) and os.path.getsize(tag) == 0):
         return f"{where}: the file is empty or cut short"
     cause = " ".join(text.replace("Error(s) in loading state_dict for", "state dict for").split())
@@ -278,9 +280,7 @@ def load_clip(
     else:
         model_name, tag = name, pretrained
         if name not in open_clip.list_models():
-            raise ConfigError(
-                f"model.arch: unknown architecture {name!r}. Available: {open_clip.list_models()}"
-            )
+            raise ConfigError(f"model.arch: unknown architecture {name!r}. Available: {open_clip.list_models()}")
         if tag and not os.path.isfile(tag) and tag not in open_clip.list_pretrained_tags_by_model(name):
             raise ConfigError(
                 f"model.pretrained: {tag!r} is neither a local file nor a known tag for {name}. "

@@ -308,12 +308,21 @@ def _kept_uids(out_dir: str) -> _UidSet | None:
     return _UidSet(np.load(path, mmap_mode="r"))
 
 
-def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int = 6, per_cluster: int = 5,
-           duplicate_groups: int = 8, copies_per_group: int = 4) -> ReportData:
+def gather(
+    out_dir: str,
+    per_grid: int = 12,
+    seed: int = 0,
+    clusters_shown: int = 6,
+    per_cluster: int = 5,
+    duplicate_groups: int = 8,
+    copies_per_group: int = 4,
+) -> ReportData:
     """Collect the report's numbers and thumbnail candidates (images are filled later)."""
     manifest_path = join(out_dir, "manifest.json")
     if not _exists(manifest_path):
-        raise InputError(f"{out_dir}: no manifest.json (not a poolsift output directory, or its last run did not finish)")
+        raise InputError(
+            f"{out_dir}: no manifest.json (not a poolsift output directory, or its last run did not finish)"
+        )
     manifest = _read_json(manifest_path)
     verify(out_dir, manifest)  # the files are the ones the manifest lists (writers/commit.py)
     data = ReportData(out_dir=out_dir, manifest=manifest)
@@ -326,15 +335,23 @@ def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int 
     for part in dropped_parts:
         for b in iter_batches(part, ["uid", "key", "source_shard", "filter", "reason", "duplicate_of"]):
             row = _Row(b)
-            failed = np.flatnonzero(pc.equal(b.column("filter"), "failed").fill_null(False).to_numpy(zero_copy_only=False))
-            failures.offer(len(failed), lambda j, f=failed, r=row: Sample(
-                r("uid", f[j]), r("key", f[j]), r("source_shard", f[j]), note=r("reason", f[j])))
+            failed = np.flatnonzero(
+                pc.equal(b.column("filter"), "failed").fill_null(False).to_numpy(zero_copy_only=False)
+            )
+            failures.offer(
+                len(failed),
+                lambda j, f=failed, r=row: Sample(
+                    r("uid", f[j]), r("key", f[j]), r("source_shard", f[j]), note=r("reason", f[j])
+                ),
+            )
             if "duplicate_of" not in b.schema.names:
                 continue
             has = np.flatnonzero(b.column("duplicate_of").is_valid().to_numpy(zero_copy_only=False))
             data.duplicate_rows += len(has)
             room = max(MAX_DUP_ROWS - len(dup_rows), 0)
-            dup_rows += [(row("duplicate_of", i), row("uid", i), row("key", i), row("source_shard", i)) for i in has[:room]]
+            dup_rows += [
+                (row("duplicate_of", i), row("uid", i), row("key", i), row("source_shard", i)) for i in has[:room]
+            ]
     data.failures = failures.result()
 
     by_survivor: dict[str, list[tuple[str, str | None, str | None]]] = defaultdict(list)
@@ -383,8 +400,14 @@ def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int 
             hist_dropped += np.bincount(bins[valid & ~kept], minlength=FINE_BINS)
 
             def maker(rows, note, r=row, sc=scores):
-                return lambda j: Sample(r("uid", rows[j]), r("key", rows[j]), r("source_shard", rows[j]),
-                                        r(caption_col, rows[j]), float(sc[rows[j]]), note)
+                return lambda j: Sample(
+                    r("uid", rows[j]),
+                    r("key", rows[j]),
+                    r("source_shard", rows[j]),
+                    r(caption_col, rows[j]),
+                    float(sc[rows[j]]),
+                    note,
+                )
 
             rows_k = np.flatnonzero(valid & kept)
             top_kept.offer(scores[rows_k], maker(rows_k, "kept"))
@@ -402,17 +425,32 @@ def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int 
                         s.caption = row(caption_col, i)
                         s.score = float(scores[i]) if valid[i] else None
     if hist_kept.sum() + hist_dropped.sum():
-        data.histogram = _rebin(field_name, fine_edges, hist_kept, hist_dropped,
-                                [float(t) for t in thresholds.values() if t is not None and np.isfinite(t)]
-                                if threshold is None else [float(threshold)] if np.isfinite(threshold) else [])
+        data.histogram = _rebin(
+            field_name,
+            fine_edges,
+            hist_kept,
+            hist_dropped,
+            [float(t) for t in thresholds.values() if t is not None and np.isfinite(t)]
+            if threshold is None
+            else [float(threshold)]
+            if np.isfinite(threshold)
+            else [],
+        )
     data.grids = {"highest-scored kept": top_kept.result(), "lowest-scored kept": low_kept.result()}
     if data.score_scope == "pool":
         data.grids["highest-scored dropped"] = top_dropped.result()
 
     # 3. clusters, when the clusters stage ran.
     if subset_parts and "cluster_id" in _schema_names(subset_parts[0]):
-        data.clusters = _clusters(out_dir, subset_parts, "caption", field_name, clusters_shown, per_cluster,
-                                  sources if data.score_scope == "pool" else [])
+        data.clusters = _clusters(
+            out_dir,
+            subset_parts,
+            "caption",
+            field_name,
+            clusters_shown,
+            per_cluster,
+            sources if data.score_scope == "pool" else [],
+        )
 
     # 4. every score column a score filter used (aesthetic, NSFW, watermark heads...).
     from filtering.report.score_columns import gather_score_columns
@@ -425,8 +463,14 @@ def gather(out_dir: str, per_grid: int = 12, seed: int = 0, clusters_shown: int 
     return data
 
 
-def _rebin(field_name: str, edges: np.ndarray, kept: np.ndarray, dropped: np.ndarray,
-           thresholds: list[float], target_bins: int = 60) -> ScoreHistogram:
+def _rebin(
+    field_name: str,
+    edges: np.ndarray,
+    kept: np.ndarray,
+    dropped: np.ndarray,
+    thresholds: list[float],
+    target_bins: int = 60,
+) -> ScoreHistogram:
     """Merge fine bins into about ``target_bins`` over the occupied range (plus thresholds)."""
     total = kept + dropped
     nz = np.flatnonzero(total)
@@ -450,8 +494,13 @@ def _cluster_counts(files: list[str], masks: list[str | None] | None = None) -> 
     for f, mask_file in zip(files, masks or [None] * len(files), strict=True):
         failed = None
         if mask_file and _exists(mask_file) and "error" in _schema_names(mask_file):
-            failed = np.concatenate([b.column("error").is_valid().to_numpy(zero_copy_only=False)
-                                     for b in iter_batches(mask_file, ["error"])] or [np.zeros(0, bool)])
+            failed = np.concatenate(
+                [
+                    b.column("error").is_valid().to_numpy(zero_copy_only=False)
+                    for b in iter_batches(mask_file, ["error"])
+                ]
+                or [np.zeros(0, bool)]
+            )
         start = 0
         for b in iter_batches(f, ["cluster_id", "cluster_target"]):
             valid = b.column("cluster_id").is_valid().to_numpy(zero_copy_only=False)
@@ -477,8 +526,15 @@ def _cache_spec(url: str) -> dict[str, Any]:
         return {}
 
 
-def _clusters(out_dir: str, subset_parts: list[str], caption_col: str, field_name: str,
-              shown: int, per_cluster: int, score_files: list[str]) -> ClusterSummary:
+def _clusters(
+    out_dir: str,
+    subset_parts: list[str],
+    caption_col: str,
+    field_name: str,
+    shown: int,
+    per_cluster: int,
+    score_files: list[str],
+) -> ClusterSummary:
     """Cluster sizes over the pool when the clusters stage's cache holds every row's
     cluster (``cache/clusters-*/``), else over the subset; targets from the stage's
     cached target set when found, else from the subset's ``cluster_target``."""
@@ -495,7 +551,11 @@ def _clusters(out_dir: str, subset_parts: list[str], caption_col: str, field_nam
     if pool_files:
         target |= _cluster_counts(subset_parts)[1]  # the subset says which clusters were targets
         centroids = _cache_spec(pool_files[0]).get("centroids")
-        found = sorted(_glob(join(out_dir, "cache", f"centroids-{centroids}", "targets-*.npy")), key=_mtime) if centroids else []
+        found = (
+            sorted(_glob(join(out_dir, "cache", f"centroids-{centroids}", "targets-*.npy")), key=_mtime)
+            if centroids
+            else []
+        )
         if len(found) == 1 and "://" not in found[0]:  # one reference set: its targets are this run's
             target |= dict.fromkeys(np.load(found[0]).astype(np.int64).tolist(), True)
             has_target = True
@@ -513,8 +573,16 @@ def _clusters(out_dir: str, subset_parts: list[str], caption_col: str, field_nam
                 cid = int(ids[i])
                 if len(examples[cid]) < per_cluster:
                     score = row(field_name, i)
-                    examples[cid].append(Sample(row("uid", i), row("key", i), row("source_shard", i), row(caption_col, i),
-                                                None if score is None or score != score else float(score), f"cluster {cid}"))
+                    examples[cid].append(
+                        Sample(
+                            row("uid", i),
+                            row("key", i),
+                            row("source_shard", i),
+                            row(caption_col, i),
+                            None if score is None or score != score else float(score),
+                            f"cluster {cid}",
+                        )
+                    )
     return ClusterSummary(
         sizes=[(cid, n, target.get(cid, False)) for cid, n in ordered],
         scope=scope,

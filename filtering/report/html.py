@@ -60,16 +60,25 @@ def _fmt_score(v: float | None) -> str:
 
 def card(s: Sample, cls: str, pictures: bool = True) -> str:
     """One thumbnail card; ``pictures=False`` (metadata-only input) leaves the image box out."""
-    picture = "" if not pictures else (f'<img src="{s.image}" alt="{escape(s.caption or s.key or s.uid)}" title="{escape(s.uid)}">' if s.image
-               else f'<div class="noimg" title="{escape(s.uid)}">no image</div>')
+    picture = (
+        ""
+        if not pictures
+        else (
+            f'<img src="{s.image}" alt="{escape(s.caption or s.key or s.uid)}" title="{escape(s.uid)}">'
+            if s.image
+            else f'<div class="noimg" title="{escape(s.uid)}">no image</div>'
+        )
+    )
     caption = escape(s.caption) if s.caption else "<i>(no caption)</i>"
     note = escape(s.note or "")
     if cls == "failed":
         line = f'<div class="reason" title="{note}">{note}</div>'
     else:
         line = f'<div class="meta"><span class="score">{_fmt_score(s.score)}</span> · {note}</div>'
-    return (f'<div class="card {cls}">{picture}<div class="cap" title="{escape(s.caption or "")}">{caption}</div>{line}'
-            f'<div class="meta" title="{escape(str(s.source_shard))}">{escape(str(s.key or ""))}</div></div>')
+    return (
+        f'<div class="card {cls}">{picture}<div class="cap" title="{escape(s.caption or "")}">{caption}</div>{line}'
+        f'<div class="meta" title="{escape(str(s.source_shard))}">{escape(str(s.key or ""))}</div></div>'
+    )
 
 
 def cards(samples: list[Sample], cls: str, pictures: bool = True) -> str:
@@ -85,7 +94,9 @@ def has_pictures(data: ReportData) -> bool:
 def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
     th = "".join(f'<th class="{"num" if i in numeric else ""}">{escape(h)}</th>' for i, h in enumerate(header))
     body = "".join(
-        "<tr>" + "".join(f'<td class="{"num" if i in numeric else ""}">{escape(_cell(v))}</td>' for i, v in enumerate(r)) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="{"num" if i in numeric else ""}">{escape(_cell(v))}</td>' for i, v in enumerate(r))
+        + "</tr>"
         for r in rows
     )
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
@@ -112,16 +123,32 @@ def section_funnel(data: ReportData) -> str:
     kept = int(c.get("kept", 0))
     stages.append(("kept", kept, 0, ""))
     pct = 100.0 * kept / total if total else 0.0
-    kpis = '<div class="kpis">' + "".join(f'<div class="kpi"><b>{v}</b><span>{escape(k)}</span></div>' for k, v in [
-        ("input rows", f"{total:,}"), ("failed to read", f"{failed:,}"), ("kept", f"{kept:,}"), ("kept share", f"{pct:.1f}%"),
-    ]) + "</div>"
+    kpis = (
+        '<div class="kpis">'
+        + "".join(
+            f'<div class="kpi"><b>{v}</b><span>{escape(k)}</span></div>'
+            for k, v in [
+                ("input rows", f"{total:,}"),
+                ("failed to read", f"{failed:,}"),
+                ("kept", f"{kept:,}"),
+                ("kept share", f"{pct:.1f}%"),
+            ]
+        )
+        + "</div>"
+    )
     reason_rows = [[f["name"], r, n] for f in c.get("filters", []) for r, n in (f.get("reasons") or {}).items()]
     reason_rows += [["failed", r, n] for r, n in fr.items()]
     return (
-        '<section id="funnel"><h2>Funnel</h2>' + kpis + svg.funnel(stages, total)
+        '<section id="funnel"><h2>Funnel</h2>'
+        + kpis
+        + svg.funnel(stages, total)
         + '<p class="note">Each bar is the rows left after that step; the grey tail is what the step removed '
-        '(red: samples that could not be read or decoded). A list of filters is applied in order.</p>'
-        + ("<h3>Drops and failures by reason</h3>" + _table(["step", "reason", "rows"], reason_rows, {2}) if reason_rows else "")
+        "(red: samples that could not be read or decoded). A list of filters is applied in order.</p>"
+        + (
+            "<h3>Drops and failures by reason</h3>" + _table(["step", "reason", "rows"], reason_rows, {2})
+            if reason_rows
+            else ""
+        )
         + "</section>"
     )
 
@@ -134,8 +161,10 @@ def section_scores(data: ReportData) -> str:
     else:
         scope = {"pool": "every scored row of the pool", "kept": "kept rows only"}.get(data.score_scope, "")
         thr = ", ".join(f"{t:.4f}" for t in h.thresholds) or "none"
-        out.append(f'<p class="note">{escape(h.field)} over {scope}: {int(h.kept.sum() + h.dropped.sum()):,} rows, '
-                   f'{len(h.kept)} bins; threshold {thr}. Green: kept in the final subset; grey: dropped by any filter.</p>')
+        out.append(
+            f'<p class="note">{escape(h.field)} over {scope}: {int(h.kept.sum() + h.dropped.sum()):,} rows, '
+            f"{len(h.kept)} bins; threshold {thr}. Green: kept in the final subset; grey: dropped by any filter.</p>"
+        )
         out.append(svg.histogram(h.edges, h.kept, h.dropped, h.thresholds, h.field))
     titles = {
         "highest-scored kept": ("kept", "the best of the subset"),
@@ -144,7 +173,10 @@ def section_scores(data: ReportData) -> str:
     }
     for name, rows in data.grids.items():
         cls, why = titles.get(name, ("kept", ""))
-        out.append(f"<h3>{escape(name.capitalize())} <span class=\"note\">— {escape(why)}</span></h3>" + cards(rows, cls, has_pictures(data)))
+        out.append(
+            f'<h3>{escape(name.capitalize())} <span class="note">— {escape(why)}</span></h3>'
+            + cards(rows, cls, has_pictures(data))
+        )
     out.append("</section>")
     return "".join(out)
 
@@ -161,8 +193,10 @@ def section_score_columns(data: ReportData) -> str:
             continue
         scope = "every scored row of the pool" if c.scope == "pool" else "kept rows only"
         thr = ", ".join(f"{t:.4g}" for t in h.thresholds) or "none"
-        out.append(f'<p class="note">{escape(c.column)}{by} over {scope}: {int(h.kept.sum() + h.dropped.sum()):,} rows; '
-                   f'threshold {thr}. Green: kept in the final subset; grey: dropped by any filter.</p>')
+        out.append(
+            f'<p class="note">{escape(c.column)}{by} over {scope}: {int(h.kept.sum() + h.dropped.sum()):,} rows; '
+            f"threshold {thr}. Green: kept in the final subset; grey: dropped by any filter.</p>"
+        )
         out.append(svg.histogram(h.edges, h.kept, h.dropped, h.thresholds, h.field))
         for title, rows in ((f"Highest {c.column}", c.best), (f"Lowest {c.column}", c.worst)):
             out.append(f"<h3>{escape(title)}</h3>" + cards(rows, "kept", has_pictures(data)))
@@ -174,9 +208,12 @@ def section_failures(data: ReportData) -> str:
     failed = int(data.manifest.get("counts", {}).get("failed", 0))
     if not failed and not data.failures:
         return ""
-    return (f'<section id="failures"><h2>Failures</h2><p class="note">A seeded random sample of {len(data.failures)} of the '
-            f'{failed:,} samples that could not be read or decoded, with the reason.</p>'
-            + cards(data.failures, "failed", has_pictures(data)) + "</section>")
+    return (
+        f'<section id="failures"><h2>Failures</h2><p class="note">A seeded random sample of {len(data.failures)} of the '
+        f"{failed:,} samples that could not be read or decoded, with the reason.</p>"
+        + cards(data.failures, "failed", has_pictures(data))
+        + "</section>"
+    )
 
 
 def section_clusters(data: ReportData) -> str:
@@ -185,14 +222,25 @@ def section_clusters(data: ReportData) -> str:
         return ""
     shown = cl.sizes[:120]
     scope = "over the whole pool" if cl.scope == "pool" else "over the kept subset"
-    target = f", {cl.n_target:,} of them target clusters (nearest to a reference embedding)" if cl.n_target is not None else ""
-    out = [f'<section id="clusters"><h2>Image clusters</h2><p class="note">{cl.n_clusters:,} clusters with rows {scope}{target}. '
-           f'The {len(shown)} largest, by size; <span class="swatch" style="background:{svg.KEPT}"></span>kept (target) '
-           f'<span class="swatch" style="background:{svg.DROPPED}"></span>not a target.</p>']
-    out.append(svg.bars([(f"cluster {cid}", n, flag) for cid, n, flag in shown], "clusters, largest first (rows per cluster)"))
+    target = (
+        f", {cl.n_target:,} of them target clusters (nearest to a reference embedding)"
+        if cl.n_target is not None
+        else ""
+    )
+    out = [
+        f'<section id="clusters"><h2>Image clusters</h2><p class="note">{cl.n_clusters:,} clusters with rows {scope}{target}. '
+        f'The {len(shown)} largest, by size; <span class="swatch" style="background:{svg.KEPT}"></span>kept (target) '
+        f'<span class="swatch" style="background:{svg.DROPPED}"></span>not a target.</p>'
+    ]
+    out.append(
+        svg.bars([(f"cluster {cid}", n, flag) for cid, n, flag in shown], "clusters, largest first (rows per cluster)")
+    )
     for cid, rows in cl.examples.items():
         size = next((n for c, n, _ in cl.sizes if c == cid), 0)
-        out.append(f"<h3>Cluster {cid} <span class=\"note\">— {size:,} rows</span></h3>" + cards(rows, "kept", has_pictures(data)))
+        out.append(
+            f'<h3>Cluster {cid} <span class="note">— {size:,} rows</span></h3>'
+            + cards(rows, "kept", has_pictures(data))
+        )
     out.append("</section>")
     return "".join(out)
 
@@ -200,14 +248,22 @@ def section_clusters(data: ReportData) -> str:
 def section_duplicates(data: ReportData) -> str:
     if not data.duplicates:
         return ""
-    out = [f'<section id="duplicates"><h2>Duplicate groups</h2><p class="note">{data.duplicate_rows:,} rows were dropped '
-           f"as duplicates. The {len(data.duplicates)} largest groups: the survivor (left) beside the copies it displaced.</p>"
-           '<div class="dups">']
+    out = [
+        f'<section id="duplicates"><h2>Duplicate groups</h2><p class="note">{data.duplicate_rows:,} rows were dropped '
+        f"as duplicates. The {len(data.duplicates)} largest groups: the survivor (left) beside the copies it displaced.</p>"
+        '<div class="dups">'
+    ]
     for g in data.duplicates:
         more = g.total_copies - len(g.copies)
         tail = f'<div class="arrow note">+{more:,} more</div>' if more > 0 else ""
-        out.append('<div class="dup">' + card(g.survivor, "survivor", has_pictures(data)) + '<div class="arrow" title="displaced">⟵</div>'
-                   + "".join(card(c, "duplicate", has_pictures(data)) for c in g.copies) + tail + "</div>")
+        out.append(
+            '<div class="dup">'
+            + card(g.survivor, "survivor", has_pictures(data))
+            + '<div class="arrow" title="displaced">⟵</div>'
+            + "".join(card(c, "duplicate", has_pictures(data)) for c in g.copies)
+            + tail
+            + "</div>"
+        )
     out.append("</div></section>")
     return "".join(out)
 
@@ -218,18 +274,28 @@ def section_sweep(data: ReportData) -> str:
         return ""
     res = sw["results"]
     numeric = all(isinstance(r["value"], int | float) and not isinstance(r["value"], bool) for r in res)
-    out = [f'<section id="sweep"><h2>Sweep: {escape(str(sw.get("param")))}</h2>'
-           '<p class="note">Subset size per value, from the cached scores (subsets not rewritten).</p>']
+    out = [
+        f'<section id="sweep"><h2>Sweep: {escape(str(sw.get("param")))}</h2>'
+        '<p class="note">Subset size per value, from the cached scores (subsets not rewritten).</p>'
+    ]
     if numeric and len(res) > 1:
         pts = sorted((float(r["value"]), int(r["kept"])) for r in res)
         current = config_value(data.manifest.get("config", {}), str(sw.get("param")))
         mark = float(current) if isinstance(current, int | float) and not isinstance(current, bool) else None
         out.append(svg.curve([p[0] for p in pts], [p[1] for p in pts], str(sw.get("param")), "rows kept", mark))
     names = [f["name"] for f in res[0].get("filters", [])]
-    rows = [[r["value"], r["kept"], f"{100.0 * r['kept'] / r['input']:.1f}%" if r.get("input") else ""]
-            + [f["dropped"] for f in r.get("filters", [])] for r in res]
-    out.append(_table(["value", "kept", "of input"] + [f"{n} dropped" for n in names], rows,
-                      {1, 2} | set(range(3, 3 + len(names)))))
+    rows = [
+        [r["value"], r["kept"], f"{100.0 * r['kept'] / r['input']:.1f}%" if r.get("input") else ""]
+        + [f["dropped"] for f in r.get("filters", [])]
+        for r in res
+    ]
+    out.append(
+        _table(
+            ["value", "kept", "of input"] + [f"{n} dropped" for n in names],
+            rows,
+            {1, 2} | set(range(3, 3 + len(names))),
+        )
+    )
     out.append("</section>")
     return "".join(out)
 
@@ -252,17 +318,24 @@ def section_provenance(data: ReportData) -> str:
     rows = [[i.get("path"), i.get("size"), (i.get("sha256") or "")[:16]] for i in inputs[:20]]
     more = f'<p class="note">… and {len(inputs) - 20:,} more inputs (see manifest.json)</p>' if len(inputs) > 20 else ""
     facts = [
-        ["poolsift", m.get("poolsift_version")], ["git commit", (m.get("git_commit") or "")[:12]],
-        ["created", m.get("created_at")], ["input kind", m.get("input_kind")],
+        ["poolsift", m.get("poolsift_version")],
+        ["git commit", (m.get("git_commit") or "")[:12]],
+        ["created", m.get("created_at")],
+        ["input kind", m.get("input_kind")],
         ["config sha256", (m.get("config_sha256") or "")[:16]],
         ["model", f"{model.get('arch')} · {model.get('pretrained')}"],
         ["checkpoint sha256", (model.get("checkpoint_sha256") or "")[:16]],
         ["input checksum", m.get("input_checksum")],
     ]
     return (
-        '<section id="provenance"><h2>Provenance</h2>' + _table(["", ""], facts)
-        + f"<h3>Inputs ({len(inputs):,})</h3>" + _table(["path", "bytes", "sha256"], rows, {1}) + more
-        + "<h3>Config</h3><pre>" + escape(json.dumps(m.get("config", {}), indent=2)) + "</pre></section>"
+        '<section id="provenance"><h2>Provenance</h2>'
+        + _table(["", ""], facts)
+        + f"<h3>Inputs ({len(inputs):,})</h3>"
+        + _table(["path", "bytes", "sha256"], rows, {1})
+        + more
+        + "<h3>Config</h3><pre>"
+        + escape(json.dumps(m.get("config", {}), indent=2))
+        + "</pre></section>"
     )
 
 
@@ -270,16 +343,25 @@ def render(data: ReportData) -> str:
     m = data.manifest
     c = m.get("counts", {})
     notes = "".join(f'<p class="note">{escape(n)}</p>' for n in data.notes)
-    body = "".join([
-        section_funnel(data), section_scores(data), section_score_columns(data), section_failures(data), section_clusters(data),
-        section_duplicates(data), section_sweep(data), section_provenance(data),
-    ])
-    sub = (f"{escape(str(data.out_dir))} · {int(c.get('input', 0)):,} rows in, {int(c.get('kept', 0)):,} kept · "
-           f"{escape(str(m.get('created_at', '')))}")
+    body = "".join(
+        [
+            section_funnel(data),
+            section_scores(data),
+            section_score_columns(data),
+            section_failures(data),
+            section_clusters(data),
+            section_duplicates(data),
+            section_sweep(data),
+            section_provenance(data),
+        ]
+    )
+    sub = (
+        f"{escape(str(data.out_dir))} · {int(c.get('input', 0)):,} rows in, {int(c.get('kept', 0)):,} kept · "
+        f"{escape(str(m.get('created_at', '')))}"
+    )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>poolsift report — {escape(str(data.out_dir))}</title><style>{CSS}</style></head><body>"
         f'<header><h1>poolsift report</h1><div class="sub">{sub}</div></header><main>{notes}{body}</main></body></html>\n'
     )
-

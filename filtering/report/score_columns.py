@@ -138,8 +138,14 @@ def gather_score_columns(out_dir: str, manifest: dict[str, Any], kept_set, per_g
 
                 def make(j, rows=rows, row=row, sc=sc, kept=kept, caption=caption):
                     i = rows[j]
-                    return Sample(row("uid", i), row("key", i), row("source_shard", i), row(caption, i), float(sc[i]),
-                                  "kept" if kept[i] else "dropped")
+                    return Sample(
+                        row("uid", i),
+                        row("key", i),
+                        row("source_shard", i),
+                        row(caption, i),
+                        float(sc[i]),
+                        "kept" if kept[i] else "dropped",
+                    )
 
                 best.offer(sc[rows], make)
                 worst.offer(sc[rows], make)

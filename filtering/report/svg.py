@@ -61,21 +61,36 @@ def funnel(stages: list[tuple[str, int, int, str]], total: int, width: int = 900
         w_left = bar_w * left / total if total else 0
         w_rem = bar_w * removed / total if total else 0
         colour = KEPT if i == len(stages) - 1 else ACCENT
-        tip = escape(f"{label}: {left:,} left" + (f", {removed:,} removed" if removed else "") + (f" ({detail})" if detail else ""))
+        tip = escape(
+            f"{label}: {left:,} left"
+            + (f", {removed:,} removed" if removed else "")
+            + (f" ({detail})" if detail else "")
+        )
         parts.append(f'<g class="funnel-row"><title>{tip}</title>')
         parts.append(f'<text x="{label_w - 10}" y="{y + 21}" text-anchor="end" class="lbl">{escape(label)}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y + 5}" width="{w_left:.1f}" height="{row_h - 10}" rx="3" fill="{colour}"/>')
+        parts.append(
+            f'<rect x="{label_w}" y="{y + 5}" width="{w_left:.1f}" height="{row_h - 10}" rx="3" fill="{colour}"/>'
+        )
         if removed:
-            parts.append(f'<rect x="{label_w + w_left:.1f}" y="{y + 5}" width="{max(w_rem, 1.5):.1f}" height="{row_h - 10}" '
-                         f'rx="3" fill="{FAILED if label == "failed" else DROPPED}" opacity="0.85"/>')
+            parts.append(
+                f'<rect x="{label_w + w_left:.1f}" y="{y + 5}" width="{max(w_rem, 1.5):.1f}" height="{row_h - 10}" '
+                f'rx="3" fill="{FAILED if label == "failed" else DROPPED}" opacity="0.85"/>'
+            )
         pct = 100.0 * left / total if total else 0.0
         text = f"{left:,}  ({pct:.1f}%)" + (f"   −{removed:,}" if removed else "")
         parts.append(f'<text x="{label_w + w_left + w_rem + 8:.1f}" y="{y + 21}" class="val">{text}</text></g>')
     return _svg(width, height, "".join(parts), "funnel", "funnel")
 
 
-def histogram(edges: np.ndarray, kept: np.ndarray, dropped: np.ndarray, thresholds: list[float],
-              xlabel: str, width: int = 900, height: int = 300) -> str:
+def histogram(
+    edges: np.ndarray,
+    kept: np.ndarray,
+    dropped: np.ndarray,
+    thresholds: list[float],
+    xlabel: str,
+    width: int = 900,
+    height: int = 300,
+) -> str:
     """Stacked bars (kept below, dropped above) with dashed threshold lines."""
     ml, mr, mt, mb = 64, 20, 28, 46
     pw, ph = width - ml - mr, height - mt - mb
@@ -97,7 +112,9 @@ def histogram(edges: np.ndarray, kept: np.ndarray, dropped: np.ndarray, threshol
     for t in nice_ticks(lo, hi, 8):
         parts.append(f'<text x="{sx(t):.1f}" y="{mt + ph + 16}" text-anchor="middle" class="tick">{t:g}</text>')
     parts.append(f'<text x="{ml + pw / 2}" y="{height - 8}" text-anchor="middle" class="lbl">{escape(xlabel)}</text>')
-    parts.append(f'<text x="14" y="{mt + ph / 2}" transform="rotate(-90 14 {mt + ph / 2})" text-anchor="middle" class="lbl">rows</text>')
+    parts.append(
+        f'<text x="14" y="{mt + ph / 2}" transform="rotate(-90 14 {mt + ph / 2})" text-anchor="middle" class="lbl">rows</text>'
+    )
     for i in range(len(kept)):
         x0, x1 = sx(edges[i]), sx(edges[i + 1])
         w = max(x1 - x0 - 1, 0.8)
@@ -107,22 +124,32 @@ def histogram(edges: np.ndarray, kept: np.ndarray, dropped: np.ndarray, threshol
         tip = escape(f"{edges[i]:.3f} – {edges[i + 1]:.3f}: {k:,} kept, {d:,} dropped")
         parts.append(f'<g class="bin"><title>{tip}</title>')
         if k:
-            parts.append(f'<rect class="kept" x="{x0:.1f}" y="{sy(k):.1f}" width="{w:.1f}" height="{mt + ph - sy(k):.1f}" fill="{KEPT}"/>')
+            parts.append(
+                f'<rect class="kept" x="{x0:.1f}" y="{sy(k):.1f}" width="{w:.1f}" height="{mt + ph - sy(k):.1f}" fill="{KEPT}"/>'
+            )
         if d:
-            parts.append(f'<rect class="dropped" x="{x0:.1f}" y="{sy(k + d):.1f}" width="{w:.1f}" height="{sy(k) - sy(k + d):.1f}" fill="{DROPPED}"/>')
+            parts.append(
+                f'<rect class="dropped" x="{x0:.1f}" y="{sy(k + d):.1f}" width="{w:.1f}" height="{sy(k) - sy(k + d):.1f}" fill="{DROPPED}"/>'
+            )
         parts.append("</g>")
     for t in thresholds:
         x = sx(t)
-        parts.append(f'<line class="threshold" x1="{x:.1f}" y1="{mt - 14}" x2="{x:.1f}" y2="{mt + ph}" stroke="{INK}" '
-                     f'stroke-width="2" stroke-dasharray="6 4"><title>threshold {t:.4f}</title></line>')
+        parts.append(
+            f'<line class="threshold" x1="{x:.1f}" y1="{mt - 14}" x2="{x:.1f}" y2="{mt + ph}" stroke="{INK}" '
+            f'stroke-width="2" stroke-dasharray="6 4"><title>threshold {t:.4f}</title></line>'
+        )
         right = x > ml + pw * 0.8  # near the right edge: label on the left of the line
-        parts.append(f'<text x="{x - 6 if right else x + 6:.1f}" y="{mt - 6}" text-anchor="{"end" if right else "start"}" '
-                     f'class="lbl">threshold {t:.4f}</text>')
+        parts.append(
+            f'<text x="{x - 6 if right else x + 6:.1f}" y="{mt - 6}" text-anchor="{"end" if right else "start"}" '
+            f'class="lbl">threshold {t:.4f}</text>'
+        )
     legend_x, legend_y = ml + pw - 130, height - 19  # bottom right, clear of bars and threshold labels
-    parts.append(f'<rect x="{legend_x}" y="{legend_y}" width="12" height="12" fill="{KEPT}"/>'
-                 f'<text x="{legend_x + 17}" y="{legend_y + 10}" class="tick">kept</text>'
-                 f'<rect x="{legend_x + 60}" y="{legend_y}" width="12" height="12" fill="{DROPPED}"/>'
-                 f'<text x="{legend_x + 77}" y="{legend_y + 10}" class="tick">dropped</text>')
+    parts.append(
+        f'<rect x="{legend_x}" y="{legend_y}" width="12" height="12" fill="{KEPT}"/>'
+        f'<text x="{legend_x + 17}" y="{legend_y + 10}" class="tick">kept</text>'
+        f'<rect x="{legend_x + 60}" y="{legend_y}" width="12" height="12" fill="{DROPPED}"/>'
+        f'<text x="{legend_x + 77}" y="{legend_y + 10}" class="tick">dropped</text>'
+    )
     return _svg(width, height, "".join(parts), f"histogram of {xlabel}", "histogram")
 
 
@@ -142,14 +169,23 @@ def bars(values: list[tuple[str, int, bool]], ylabel: str, width: int = 900, hei
     for i, (label, v, flag) in enumerate(values):
         h = ph * v / ymax
         x = ml + i * bw
-        parts.append(f'<rect class="bar" x="{x + 0.5:.1f}" y="{mt + ph - h:.1f}" width="{max(bw - 1, 0.8):.1f}" height="{h:.1f}" '
-                     f'fill="{KEPT if flag else DROPPED}"><title>{escape(label)}: {v:,}</title></rect>')
+        parts.append(
+            f'<rect class="bar" x="{x + 0.5:.1f}" y="{mt + ph - h:.1f}" width="{max(bw - 1, 0.8):.1f}" height="{h:.1f}" '
+            f'fill="{KEPT if flag else DROPPED}"><title>{escape(label)}: {v:,}</title></rect>'
+        )
     parts.append(f'<text x="{ml + pw / 2}" y="{height - 10}" text-anchor="middle" class="lbl">{escape(ylabel)}</text>')
     return _svg(width, height, "".join(parts), ylabel, "bars")
 
 
-def curve(xs: list[float], ys: list[int], xlabel: str, ylabel: str, mark: float | None = None,
-          width: int = 900, height: int = 280) -> str:
+def curve(
+    xs: list[float],
+    ys: list[int],
+    xlabel: str,
+    ylabel: str,
+    mark: float | None = None,
+    width: int = 900,
+    height: int = 280,
+) -> str:
     """A line with labelled points (sweep: subset size per parameter value); ``mark``: this run's value."""
     ml, mr, mt, mb = 80, 30, 20, 46
     pw, ph = width - ml - mr, height - mt - mb
@@ -170,14 +206,20 @@ def curve(xs: list[float], ys: list[int], xlabel: str, ylabel: str, mark: float 
         parts.append(f'<line x1="{ml}" y1="{sy(t):.1f}" x2="{ml + pw}" y2="{sy(t):.1f}" class="grid"/>')
         parts.append(f'<text x="{ml - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{_fmt(t)}</text>')
     if mark is not None and lo <= mark <= hi:
-        parts.append(f'<line class="current" x1="{sx(mark):.1f}" y1="{mt}" x2="{sx(mark):.1f}" y2="{mt + ph}" stroke="{INK}" '
-                     f'stroke-dasharray="5 4"/><text x="{sx(mark) + 6:.1f}" y="{mt + 12}" class="tick">this run: {mark:g}</text>')
+        parts.append(
+            f'<line class="current" x1="{sx(mark):.1f}" y1="{mt}" x2="{sx(mark):.1f}" y2="{mt + ph}" stroke="{INK}" '
+            f'stroke-dasharray="5 4"/><text x="{sx(mark) + 6:.1f}" y="{mt + 12}" class="tick">this run: {mark:g}</text>'
+        )
     pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys, strict=True))
     parts.append(f'<polyline class="sweep-line" points="{pts}" fill="none" stroke="{ACCENT}" stroke-width="2.5"/>')
     for x, y in zip(xs, ys, strict=True):
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{ACCENT}"><title>{x:g}: {y:,} kept</title></circle>')
+        parts.append(
+            f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{ACCENT}"><title>{x:g}: {y:,} kept</title></circle>'
+        )
         parts.append(f'<text x="{sx(x):.1f}" y="{mt + ph + 16}" text-anchor="middle" class="tick">{x:g}</text>')
         parts.append(f'<text x="{sx(x) + 7:.1f}" y="{sy(y) - 8:.1f}" class="tick">{y:,}</text>')
     parts.append(f'<text x="{ml + pw / 2}" y="{height - 8}" text-anchor="middle" class="lbl">{escape(xlabel)}</text>')
-    parts.append(f'<text x="16" y="{mt + ph / 2}" transform="rotate(-90 16 {mt + ph / 2})" text-anchor="middle" class="lbl">{escape(ylabel)}</text>')
+    parts.append(
+        f'<text x="16" y="{mt + ph / 2}" transform="rotate(-90 16 {mt + ph / 2})" text-anchor="middle" class="lbl">{escape(ylabel)}</text>'
+    )
     return _svg(width, height, "".join(parts), "sweep", "sweep")

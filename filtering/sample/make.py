@@ -182,9 +182,7 @@ def _base_sample(rng: np.random.Generator, fault: str, index: int, corrupt_kind:
     cls, colour, language = scene.cls, scene.colour, "en"
     if fault == "mismatched":
         cls = synth.CLASSES[int(rng.choice([i for i, c in enumerate(synth.CLASSES) if c != scene.cls]))]
-        colour = list(synth.COLOURS)[
-            int(rng.choice([i for i, c in enumerate(synth.COLOURS) if c != scene.colour]))
-        ]
+        colour = list(synth.COLOURS)[int(rng.choice([i for i, c in enumerate(synth.COLOURS) if c != scene.colour]))]
         caption = synth.caption_for(rng, cls, colour)
         truth.update(mismatched=True, caption_class=cls)
     elif fault == "non_english":
@@ -235,7 +233,9 @@ def _plant_duplicates(rng: np.random.Generator, base: list[_Sample]) -> list[_Sa
             kind = _NEAR_KINDS[n % len(_NEAR_KINDS)]
             jpg, width, height = _near_copy(rng, orig, kind)
             truth.update(fault="near_dup", dup_kind="near", near_kind=kind)
-        dups.append(_Sample(jpg=jpg, caption=orig.caption, width=width, height=height, truth=truth, order=order, origin=oi))
+        dups.append(
+            _Sample(jpg=jpg, caption=orig.caption, width=width, height=height, truth=truth, order=order, origin=oi)
+        )
     return dups
 
 
@@ -263,7 +263,9 @@ def _write_shard(path: Path, chunk: list[_Sample]) -> None:
             key = s.meta["key"]
             _tar_member(tar, f"{key}.jpg", s.jpg)
             _tar_member(tar, f"{key}.txt", s.caption.encode("utf-8"))
-            _tar_member(tar, f"{key}.json", json.dumps(s.meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+            _tar_member(
+                tar, f"{key}.json", json.dumps(s.meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            )
     path.write_bytes(buf.getvalue())
 
 
@@ -285,11 +287,19 @@ def _quality_samples(seed: int) -> list[_Sample]:
             img = watermark.overlay(img, wm)
             truth["fault"] = "watermark"
         caption = synth.scene_caption(rng, scene)
-        truth.update(caption_colour=_caption_colour(caption, "en", scene.colour), watermark=wm is not None,
-                     watermark_text=wm.text if wm else None)
+        truth.update(
+            caption_colour=_caption_colour(caption, "en", scene.colour),
+            watermark=wm is not None,
+            watermark_text=wm.text if wm else None,
+        )
         s = _Sample(jpg=_encode(img, quality), caption=caption, width=width, height=height, truth=truth, order=float(i))
-        s.meta = {"uid": uid_rng.bytes(16).hex(), "key": f"{QUALITY_SHARD:05d}{i:04d}",
-                  "original_width": width, "original_height": height, "truth": truth}
+        s.meta = {
+            "uid": uid_rng.bytes(16).hex(),
+            "key": f"{QUALITY_SHARD:05d}{i:04d}",
+            "original_width": width,
+            "original_height": height,
+            "truth": truth,
+        }
         samples.append(s)
     return samples
 
@@ -399,4 +409,3 @@ def make_sample(out_dir: Path | str, seed: int = 0) -> dict:
     )
     (out_dir / "README.md").write_text(readme, encoding="utf-8")
     return summary
-

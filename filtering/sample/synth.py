@@ -103,11 +103,7 @@ class Scene:
 def contrasting_colours(colour: str) -> list[str]:
     """Named colours usable as a background behind an object of ``colour``."""
     ref = np.array(COLOURS[colour], dtype=float)
-    return [
-        name
-        for name, rgb in COLOURS.items()
-        if np.linalg.norm(np.array(rgb, dtype=float) - ref) >= MIN_CONTRAST
-    ]
+    return [name for name, rgb in COLOURS.items() if np.linalg.norm(np.array(rgb, dtype=float) - ref) >= MIN_CONTRAST]
 
 
 def random_scene(
@@ -152,6 +148,7 @@ def _vary(rgb: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, int
 
 
 # --- shapes: polygons in a unit frame (object fits the unit disc), drawn in order ---
+
 
 def _ngon(n: int, radius: float = 1.0, phase: float = 0.0, cx: float = 0.0, cy: float = 0.0):
     return [
@@ -216,8 +213,7 @@ def _mask(scene: Scene, width: int, height: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for pts, fill in SHAPES[scene.cls]:
         xy = [
-            (ss * (cx + radius * (x * cos_a - y * sin_a)), ss * (cy + radius * (x * sin_a + y * cos_a)))
-            for x, y in pts
+            (ss * (cx + radius * (x * cos_a - y * sin_a)), ss * (cy + radius * (x * sin_a + y * cos_a))) for x, y in pts
         ]
         draw.polygon(xy, fill=fill)
     return img.resize((width, height), Image.Resampling.BOX)
@@ -242,9 +238,7 @@ def _background(scene: Scene, width: int, height: int) -> np.ndarray:
     # Smooth noise: a coarse random field upsampled, so it compresses well as JPEG.
     nrng = np.random.default_rng(scene.noise_seed)
     coarse = nrng.normal(0.0, 1.0, size=(6, 6)).astype(np.float32)
-    field = np.asarray(
-        Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32
-    )
+    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
     return c0 + np.clip(field, -2, 2)[..., None] * 12.0
 
 
@@ -294,8 +288,16 @@ _EN_BG_TEMPLATES: tuple[str, ...] = (
 )
 
 # German: every class noun is masculine or neuter, so "ein"/"einem" always agree.
-_DE_CLASSES = dict(zip(CLASSES, ("Kreis", "Quadrat", "Dreieck", "Stern", "Kreuz", "Ring", "Herz", "Pfeil", "Halbmond", "Sechseck"), strict=True))
-_DE_COLOURS = dict(zip(COLOURS, ("Rot", "Orange", "Gelb", "Grün", "Blau", "Lila", "Rosa", "Braun", "Schwarz", "Weiß"), strict=True))
+_DE_CLASSES = dict(
+    zip(
+        CLASSES,
+        ("Kreis", "Quadrat", "Dreieck", "Stern", "Kreuz", "Ring", "Herz", "Pfeil", "Halbmond", "Sechseck"),
+        strict=True,
+    )
+)
+_DE_COLOURS = dict(
+    zip(COLOURS, ("Rot", "Orange", "Gelb", "Grün", "Blau", "Lila", "Rosa", "Braun", "Schwarz", "Weiß"), strict=True)
+)
 _DE_TEMPLATES = (
     "ein {cls} in {colour}",
     "ein Foto von einem {cls} in {colour}",
@@ -304,8 +306,42 @@ _DE_TEMPLATES = (
     "ein {cls}",
 )
 # French and Spanish: (noun, grammatical gender); adjectives agree with the gender.
-_FR_CLASSES = dict(zip(CLASSES, (("cercle", "m"), ("carré", "m"), ("triangle", "m"), ("étoile", "f"), ("croix", "f"), ("anneau", "m"), ("cœur", "m"), ("flèche", "f"), ("croissant", "m"), ("hexagone", "m")), strict=True))
-_FR_COLOURS = dict(zip(COLOURS, (("rouge", "rouge"), ("orange", "orange"), ("jaune", "jaune"), ("vert", "verte"), ("bleu", "bleue"), ("violet", "violette"), ("rose", "rose"), ("marron", "marron"), ("noir", "noire"), ("blanc", "blanche")), strict=True))
+_FR_CLASSES = dict(
+    zip(
+        CLASSES,
+        (
+            ("cercle", "m"),
+            ("carré", "m"),
+            ("triangle", "m"),
+            ("étoile", "f"),
+            ("croix", "f"),
+            ("anneau", "m"),
+            ("cœur", "m"),
+            ("flèche", "f"),
+            ("croissant", "m"),
+            ("hexagone", "m"),
+        ),
+        strict=True,
+    )
+)
+_FR_COLOURS = dict(
+    zip(
+        COLOURS,
+        (
+            ("rouge", "rouge"),
+            ("orange", "orange"),
+            ("jaune", "jaune"),
+            ("vert", "verte"),
+            ("bleu", "bleue"),
+            ("violet", "violette"),
+            ("rose", "rose"),
+            ("marron", "marron"),
+            ("noir", "noire"),
+            ("blanc", "blanche"),
+        ),
+        strict=True,
+    )
+)
 _FR_TEMPLATES = (
     "{art} {cls} {adj}",
     "une photo {de} {cls} {adj}",
@@ -313,8 +349,42 @@ _FR_TEMPLATES = (
     "dessin {de} {cls} {adj}",
     "image {de} {cls}",
 )
-_ES_CLASSES = dict(zip(CLASSES, (("círculo", "m"), ("cuadrado", "m"), ("triángulo", "m"), ("estrella", "f"), ("cruz", "f"), ("anillo", "m"), ("corazón", "m"), ("flecha", "f"), ("media luna", "f"), ("hexágono", "m")), strict=True))
-_ES_COLOURS = dict(zip(COLOURS, (("rojo", "roja"), ("naranja", "naranja"), ("amarillo", "amarilla"), ("verde", "verde"), ("azul", "azul"), ("morado", "morada"), ("rosa", "rosa"), ("marrón", "marrón"), ("negro", "negra"), ("blanco", "blanca")), strict=True))
+_ES_CLASSES = dict(
+    zip(
+        CLASSES,
+        (
+            ("círculo", "m"),
+            ("cuadrado", "m"),
+            ("triángulo", "m"),
+            ("estrella", "f"),
+            ("cruz", "f"),
+            ("anillo", "m"),
+            ("corazón", "m"),
+            ("flecha", "f"),
+            ("media luna", "f"),
+            ("hexágono", "m"),
+        ),
+        strict=True,
+    )
+)
+_ES_COLOURS = dict(
+    zip(
+        COLOURS,
+        (
+            ("rojo", "roja"),
+            ("naranja", "naranja"),
+            ("amarillo", "amarilla"),
+            ("verde", "verde"),
+            ("azul", "azul"),
+            ("morado", "morada"),
+            ("rosa", "rosa"),
+            ("marrón", "marrón"),
+            ("negro", "negra"),
+            ("blanco", "blanca"),
+        ),
+        strict=True,
+    )
+)
 _ES_TEMPLATES = (
     "{art} {cls} {adj}",
     "una foto de {art} {cls} {adj}",

@@ -106,8 +106,13 @@ def train(out: Path = OUT, n_train: int = 4000, n_eval: int = 1000, steps: int =
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"layers.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
     # One metadata entry: safetensors writes several in no fixed order, and the file must be reproducible.
-    about = {"preset": "mlp", "activation": "relu", "output": "sigmoid", "embedding": f"{CLIP_ARCH} image",
-             "trained_by": "filtering.sample.train_quality_head"}
+    about = {
+        "preset": "mlp",
+        "activation": "relu",
+        "output": "sigmoid",
+        "embedding": f"{CLIP_ARCH} image",
+        "trained_by": "filtering.sample.train_quality_head",
+    }
     save_file(tensors, str(out), metadata={"poolsift": json.dumps(about, sort_keys=True)})
     metrics = {
         "train_auc": round(roc_auc(p_train, y_train), 4),

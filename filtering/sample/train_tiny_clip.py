@@ -75,8 +75,17 @@ def save_fp16(model, out: Path) -> None:
     save_file(tensors, str(out), metadata={"arch": MODEL_NAME, "format": "pt"})
 
 
-def train(out: Path, *, steps: int, lr: float, batch_size: int = 128, num_images: int = 12000,
-          init: Path | None = None, seed: int = TRAIN_SEED, threads: int = 2) -> dict:
+def train(
+    out: Path,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 128,
+    num_images: int = 12000,
+    init: Path | None = None,
+    seed: int = TRAIN_SEED,
+    threads: int = 2,
+) -> dict:
     import open_clip
     import torch
     from torchvision.transforms import Compose
@@ -124,7 +133,10 @@ def train(out: Path, *, steps: int, lr: float, batch_size: int = 128, num_images
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == steps - 1:
-            print(f"step {step + 1}/{steps} loss {loss.item():.3f} {(step + 1) / (time.time() - t1):.2f} steps/s", flush=True)
+            print(
+                f"step {step + 1}/{steps} loss {loss.item():.3f} {(step + 1) / (time.time() - t1):.2f} steps/s",
+                flush=True,
+            )
     model.eval()
     save_fp16(model, out)
     metrics = evaluate(model, tokenizer, resize_crop, mean, std)
@@ -172,8 +184,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=TRAIN_SEED)
     parser.add_argument("--threads", type=int, default=2)
     a = parser.parse_args(argv)
-    train(a.out, steps=a.steps, lr=a.lr, batch_size=a.batch_size, num_images=a.num_images, init=a.init,
-          seed=a.seed, threads=a.threads)
+    train(
+        a.out,
+        steps=a.steps,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        num_images=a.num_images,
+        init=a.init,
+        seed=a.seed,
+        threads=a.threads,
+    )
 
 
 if __name__ == "__main__":

@@ -135,8 +135,12 @@ class Scorer(ABC):
             self._ready = True
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "columns": list(self.provides()),
-                "params": self.params.model_dump(mode="json", exclude_none=True)}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "columns": list(self.provides()),
+            "params": self.params.model_dump(mode="json", exclude_none=True),
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the configuration only: loaded models stay behind, ``setup`` reloads."""
@@ -215,7 +219,7 @@ def parse_scorers(specs: Any, input_info: InputInfo, path: str = "scorers") -> l
         where = f"{path}[{i}]"
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ConfigError(f"{where}: each scorer is a mapping with exactly one key, the scorer kind")
-        (kind, params), = spec.items()
+        ((kind, params),) = spec.items()
         cls = scorer_class(str(kind), where)
         sub = f"{where}.{kind}"
         try:
@@ -225,7 +229,9 @@ def parse_scorers(specs: Any, input_info: InputInfo, path: str = "scorers") -> l
         scorer = cls(model, input_info, sub)
         for column in scorer.provides():
             if column in owner:
-                raise ConfigError(f"{sub}: column {column!r} is already written by {owner[column]}; give it another name")
+                raise ConfigError(
+                    f"{sub}: column {column!r} is already written by {owner[column]}; give it another name"
+                )
             owner[column] = sub
         scorers.append(scorer)
     return scorers
@@ -241,8 +247,9 @@ class ShardLoopResult:
     cached: int  # shards read from the cache
 
 
-def cached_shard_loop(ctx: RunContext, pool: Pool, cache, columns: tuple[str, ...], source_of, compute,
-                      desc: str, kind: str | None = None) -> ShardLoopResult:
+def cached_shard_loop(
+    ctx: RunContext, pool: Pool, cache, columns: tuple[str, ...], source_of, compute, desc: str, kind: str | None = None
+) -> ShardLoopResult:
     """The loop every per-shard computation over the pool shares (scorers, cluster
     assignment, decontamination distances): for each shard, read its cached table when
     the cache entry was made from the same input, else compute it and cache it.
@@ -322,8 +329,13 @@ class ScorerStage(ColumnStage):
             except KeyError as e:
                 raise ConfigError(f"{scorer.path}.embedding: {e.args[0]}") from e
         columns = sorted(needs.pool_columns())
-        spec = {"kind": scorer.kind, "version": scorer.version, "scorer": scorer.fingerprint(), "embedding": kind,
-                "columns": columns}
+        spec = {
+            "kind": scorer.kind,
+            "version": scorer.version,
+            "scorer": scorer.fingerprint(),
+            "embedding": kind,
+            "columns": columns,
+        }
         cache = ShardCache(self.cache_root, f"scorer-{scorer.name}", spec)
         provided = scorer.provides()
         failed = pool.failed
@@ -336,9 +348,14 @@ class ScorerStage(ColumnStage):
             return self._compute(part, emb, cols_of(part))
 
         loop = cached_shard_loop(
-            ctx, pool, cache, tuple(provided),
+            ctx,
+            pool,
+            cache,
+            tuple(provided),
             source_of=lambda part, emb: {"input": _input_fingerprint(part, emb, kind, cols_of(part))},
-            compute=compute, desc=f"score {scorer.name}", kind=kind,
+            compute=compute,
+            desc=f"score {scorer.name}",
+            kind=kind,
         )
         computed, cached = loop.computed, loop.cached
         for c in provided:
@@ -366,7 +383,9 @@ class ScorerStage(ColumnStage):
             for c in chunks:
                 arr = np.asarray(result[c])
                 if arr.shape[:1] != (hi - lo,):
-                    raise ValueError(f"scorer {self.scorer.name}: column {c!r} has {arr.shape[:1]} rows, expected {hi - lo}")
+                    raise ValueError(
+                        f"scorer {self.scorer.name}: column {c!r} has {arr.shape[:1]} rows, expected {hi - lo}"
+                    )
                 chunks[c].append(arr)
         if part.n == 0:
             return {c: np.zeros(0, np.float32) for c in chunks}
@@ -383,6 +402,9 @@ def _input_fingerprint(part: ShardPart, emb: np.ndarray | None, kind: str | None
         h.update(part_fingerprint(part, emb, kind or "").encode())
     for name in sorted(cols):
         h.update(name.encode())
-        h.update(pa.array(cols[name]).to_string().encode() if cols[name].dtype == object
-                 else np.ascontiguousarray(cols[name]).tobytes())
+        h.update(
+            pa.array(cols[name]).to_string().encode()
+            if cols[name].dtype == object
+            else np.ascontiguousarray(cols[name]).tobytes()
+        )
     return h.hexdigest()[:24]

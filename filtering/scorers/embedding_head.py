@@ -147,8 +147,15 @@ def _linear(sd: dict[str, np.ndarray], prefix: str, path: str) -> tuple[np.ndarr
     return w, None if b is None else np.asarray(b, dtype=np.float32).reshape(-1)
 
 
-def build_head(sd: dict[str, np.ndarray], preset: str, *, activation: str | None = None, output: str | None = None,
-               normalize: bool | None = None, path: str = "weights") -> Head:
+def build_head(
+    sd: dict[str, np.ndarray],
+    preset: str,
+    *,
+    activation: str | None = None,
+    output: str | None = None,
+    normalize: bool | None = None,
+    path: str = "weights",
+) -> Head:
     """The preset's architecture over the state dict ``sd``; raises ``ConfigError`` naming what is off."""
     fixed = preset in ("laion_aesthetic", "nemo_nsfw")
     if fixed and (activation, output, normalize) != (None, None, None):
@@ -164,13 +171,23 @@ def build_head(sd: dict[str, np.ndarray], preset: str, *, activation: str | None
         mean = np.asarray(sd["norm.mean"], np.float32).reshape(-1)
         variance = np.asarray(sd["norm.variance"], np.float32).reshape(-1)
     else:
-        prefixes = tuple(sorted((k.removesuffix("weight").removesuffix(".") for k, v in sd.items()
-                                 if k.endswith("weight") and np.ndim(v) == 2), key=_natural))
+        prefixes = tuple(
+            sorted(
+                (
+                    k.removesuffix("weight").removesuffix(".")
+                    for k, v in sd.items()
+                    if k.endswith("weight") and np.ndim(v) == 2
+                ),
+                key=_natural,
+            )
+        )
         if not prefixes:
             raise ConfigError(f"{path}: no 2-d Linear weights in the file (it has {sorted(sd)})")
         if preset == "linear" and len(prefixes) != 1:
-            raise ConfigError(f"{path}: the linear preset takes one Linear layer, the file has {len(prefixes)}: "
-                              f"{list(prefixes)}; use preset: mlp")
+            raise ConfigError(
+                f"{path}: the linear preset takes one Linear layer, the file has {len(prefixes)}: "
+                f"{list(prefixes)}; use preset: mlp"
+            )
         act = activation or ("relu" if preset == "mlp" else "none")
         acts, out_act = [act] * (len(prefixes) - 1), {"sigmoid": "sigmoid"}.get(output or "identity", "none")
         l2 = True if normalize is None else normalize
@@ -180,15 +197,17 @@ def build_head(sd: dict[str, np.ndarray], preset: str, *, activation: str | None
         missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if missing or extra:
             raise ConfigError(
-                f"{path}: not a {preset} state dict: " + "; ".join(
-                    ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else []))
+                f"{path}: not a {preset} state dict: "
+                + "; ".join(([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else []))
             )
     layers = []
     for prefix, act in zip(prefixes, [*acts, out_act], strict=True):
         w, b = _linear(sd, prefix, path)
         if layers and layers[-1].weight.shape[0] != w.shape[1]:
-            raise ConfigError(f"{path}: layer {prefix!r} takes {w.shape[1]} inputs but the layer before gives "
-                              f"{layers[-1].weight.shape[0]}")
+            raise ConfigError(
+                f"{path}: layer {prefix!r} takes {w.shape[1]} inputs but the layer before gives "
+                f"{layers[-1].weight.shape[0]}"
+            )
         if b is not None and b.shape != (w.shape[0],):
             raise ConfigError(f"{path}: {prefix}.bias has {b.shape[0]} values for {w.shape[0]} outputs")
         layers.append(Layer(w, b, act))
@@ -326,15 +345,18 @@ class EmbeddingHead(Scorer):
             sd = load_state_dict(p.weights)
         except InputError as e:
             raise InputError(f"{self.path}.weights: {e}") from e
-        return build_head(sd, p.preset, activation=p.activation, output=p.output, normalize=p.normalize,
-                          path=f"{self.path}.weights")
+        return build_head(
+            sd, p.preset, activation=p.activation, output=p.output, normalize=p.normalize, path=f"{self.path}.weights"
+        )
 
     def check(self) -> None:
         """The weights load and fit the preset; their input size fits the embedding kind where known."""
         kind = self.embedding_kind()
         if self.input.kind == "webdataset" and kind not in ("image", "text"):
-            raise ConfigError(f"{self.path}.embedding: WebDataset input has the run's CLIP embeddings 'image' and "
-                              f"'text', not {kind!r} (DataComp's npz arrays need input.datacomp_metadata)")
+            raise ConfigError(
+                f"{self.path}.embedding: WebDataset input has the run's CLIP embeddings 'image' and "
+                f"'text', not {kind!r} (DataComp's npz arrays need input.datacomp_metadata)"
+            )
         head = self.load_head()
         dim = self.input.embedding_dims.get(kind)
         if dim is not None:

@@ -67,8 +67,10 @@ class SourceInfo:
     model: dict[str, Any] | None = None  # a fixed model record (no model runs); None: the run's CLIP model
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v
-                for k, v in self.__dict__.items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v
+            for k, v in self.__dict__.items()
+        }
 
 
 def source_info(kind: str) -> SourceInfo:

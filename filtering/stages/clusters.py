@@ -243,7 +243,9 @@ class ClusterStage(ColumnStage):
             if in_process:
                 decoded_chunks = ([decode_one(b, clip.pil_transform, draft) for b in chunk] for chunk in chunks)
             else:
-                decoded_chunks = _decode_in_workers(chunks, clip.pil_transform, draft, self._workers(), decode_batch, init_worker)
+                decoded_chunks = _decode_in_workers(
+                    chunks, clip.pil_transform, draft, self._workers(), decode_batch, init_worker
+                )
             for decoded in decoded_chunks:
                 for d in decoded:
                     if d.error is not None:
@@ -289,9 +291,15 @@ class ClusterStage(ColumnStage):
             a_ids, a_sims = clustering.assign(pool.embedding_loader(kind, part), assigner)
             return {"cluster_id": a_ids, "cluster_sim": a_sims}
 
-        loop = cached_shard_loop(ctx, pool, cache, ("cluster_id", "cluster_sim"),
-                                 source_of=lambda part, emb: {"embedding": fingerprints[part.url]},
-                                 compute=compute, desc="assign clusters")
+        loop = cached_shard_loop(
+            ctx,
+            pool,
+            cache,
+            ("cluster_id", "cluster_sim"),
+            source_of=lambda part, emb: {"embedding": fingerprints[part.url]},
+            compute=compute,
+            desc="assign clusters",
+        )
         info["cache"]["shards_assigned"] = loop.computed
         info["cache"]["shards_cached"] = loop.cached
         ids = loop.columns["cluster_id"].astype(np.int64, copy=False)
@@ -327,7 +335,9 @@ def reference_source(ref: str) -> tuple[str, list[str], list]:
         images = sorted(p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTS))
         if images:
             info = fs.info  # one stat per file: cheap next to decoding, and catches edits
-            listing = [[os.path.relpath(p, path), int(info(p).get("size") or 0), str(info(p).get("mtime"))] for p in images]
+            listing = [
+                [os.path.relpath(p, path), int(info(p).get("size") or 0), str(info(p).get("mtime"))] for p in images
+            ]
             return "folder", [prefix + p for p in images], listing
     try:
         urls = expand_shards(ref)
@@ -367,8 +377,9 @@ def _decode_in_workers(chunks, transform, draft, workers, decode_batch, init_wor
     import multiprocessing as mp
 
     window: deque = deque()
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
-                                initargs=(transform, draft)) as ex:
+    with cf.ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(transform, draft)
+    ) as ex:
         for chunk in chunks:
             window.append(ex.submit(decode_batch, chunk))
             while len(window) > 4 * workers:

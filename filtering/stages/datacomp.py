@@ -96,13 +96,21 @@ class DataCompStage(SourceStage):
 
     name = "datacomp"
     info = SourceInfo(
-        kind="datacomp", score_field="clip_l14_similarity_score", caption_column="text", images=False,
+        kind="datacomp",
+        score_field="clip_l14_similarity_score",
+        caption_column="text",
+        images=False,
         hex_columns=("key",),  # DataComp's key is its uid: hex, so stored like the uid
-        default_embedding="l14_img", scores_in_inputs=True,
+        default_embedding="l14_img",
+        scores_in_inputs=True,
         # the npz arrays: OpenAI CLIP ViT-B/32 and ViT-L/14 embeddings (Gadre et al. 2023)
         embedding_dims={"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768},
-        model={"arch": None, "pretrained": None, "checkpoint_sha256": None,
-               "note": "scores and embeddings from DataComp metadata"},
+        model={
+            "arch": None,
+            "pretrained": None,
+            "checkpoint_sha256": None,
+            "note": "scores and embeddings from DataComp metadata",
+        },
     )
     no_embeddings = "input.datacomp_metadata has no .npz next to every .parquet (DataComp's embedding files)"
 
@@ -195,7 +203,12 @@ class DataCompStage(SourceStage):
                 if name in ("uid", "key") or name in need:
                     continue
                 f = schema.field(name)
-                if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type):
+                if (
+                    pa.types.is_string(f.type)
+                    or pa.types.is_large_string(f.type)
+                    or pa.types.is_binary(f.type)
+                    or pa.types.is_large_binary(f.type)
+                ):
                     fields.setdefault(name, []).append(f)
         if not fields:
             return None
@@ -268,7 +281,9 @@ def _read_late(path: str, late: _LateSpec, part: ShardPart, mask: np.ndarray | N
         present = [c for c in late.raw if c in pf.schema_arrow.names]
         table = pf.read(columns=present, use_threads=False)  # callers read several shards at once
     if table.num_rows != part.n:
-        raise InputError(f"input.datacomp_metadata: {path} changed during the run ({table.num_rows} rows, was {part.n})")
+        raise InputError(
+            f"input.datacomp_metadata: {path} changed during the run ({table.num_rows} rows, was {part.n})"
+        )
     if mask is not None:
         table = table.filter(pa.array(mask))
     n = table.num_rows
@@ -362,7 +377,9 @@ def _mmap_npz_member(path: str, kind: str) -> np.ndarray | None:
         try:
             info = zf.getinfo(f"{kind}.npy")
         except KeyError:
-            raise InputError(f"{path}: no array {kind!r}; it has {sorted(n.removesuffix('.npy') for n in zf.namelist())}") from None
+            raise InputError(
+                f"{path}: no array {kind!r}; it has {sorted(n.removesuffix('.npy') for n in zf.namelist())}"
+            ) from None
         if info.compress_type != zipfile.ZIP_STORED:
             return None
     with open(path, "rb") as f:

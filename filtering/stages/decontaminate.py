@@ -150,10 +150,19 @@ class DecontaminateStage(ColumnStage):
             part_ids, part_sims = clustering.assign(emb, assigner)
             return {"match": part_ids, "similarity": part_sims}
 
-        loop = cached_shard_loop(ctx, pool, cache, ("match", "similarity"),
-                                 source_of=lambda part, emb: {"embedding": part_fingerprint(part, emb, kind)},
-                                 compute=compute, desc=f"decontaminate {t.value_column}", kind=kind)
-        return loop.columns["similarity"].astype(np.float32, copy=False), loop.columns["match"].astype(np.int64, copy=False)
+        loop = cached_shard_loop(
+            ctx,
+            pool,
+            cache,
+            ("match", "similarity"),
+            source_of=lambda part, emb: {"embedding": part_fingerprint(part, emb, kind)},
+            compute=compute,
+            desc=f"decontaminate {t.value_column}",
+            kind=kind,
+        )
+        return loop.columns["similarity"].astype(np.float32, copy=False), loop.columns["match"].astype(
+            np.int64, copy=False
+        )
 
     @staticmethod
     def nearest_perceptual(pool: Pool, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
@@ -175,8 +184,13 @@ class DecontaminateStage(ColumnStage):
             kind, items, listing = reference_source(t.reference)
         except InputError as e:
             raise InputError(f"{key}: {str(e).split(': ', 1)[-1]}") from e
-        spec: dict[str, Any] = {"reference": t.reference, "kind": kind, "files": listing, "method": t.method,
-                                "version": ALGO_VERSION}
+        spec: dict[str, Any] = {
+            "reference": t.reference,
+            "kind": kind,
+            "files": listing,
+            "method": t.method,
+            "version": ALGO_VERSION,
+        }
         if kind != "embeddings":
             spec["jpeg_draft"] = getattr(self.cfg.model, "jpeg_draft", False)
             if t.method == "semantic" or spec["jpeg_draft"]:
@@ -287,11 +301,15 @@ def _load_arrays(files: list[str], t: Target, key: str) -> ReferenceSet:
         arrays = []
         for f in files:
             if not f.lower().endswith(".npy"):
-                raise InputError(f"{key}: perceptual decontamination needs images or a .npy of uint64 hashes, got {f!r}")
+                raise InputError(
+                    f"{key}: perceptual decontamination needs images or a .npy of uint64 hashes, got {f!r}"
+                )
             with open_file(f) as fh:
                 arr = np.load(io.BytesIO(fh.read()), allow_pickle=False)
             if arr.ndim != 1 or arr.dtype not in (np.uint64, np.int64):
-                raise InputError(f"{key}: {f!r} must be a 1-d uint64 array of perceptual hashes, got {arr.dtype} {arr.shape}")
+                raise InputError(
+                    f"{key}: {f!r} must be a 1-d uint64 array of perceptual hashes, got {arr.dtype} {arr.shape}"
+                )
             arrays.append(arr.astype(np.uint64))
             ids += [f"{os.path.basename(f)}:{i}" for i in range(len(arr))]
         return ReferenceSet(np.asarray(ids, dtype=str), hashes=np.concatenate(arrays))

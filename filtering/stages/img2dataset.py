@@ -76,7 +76,14 @@ def _as_strings(col: pa.ChunkedArray) -> pa.ChunkedArray:
         return col.cast(pa.string())
     if pa.types.is_null(col.type):
         return pa.chunked_array([pa.nulls(len(col), pa.string())])
-    return pa.chunked_array([pa.array([None if v is None else json.dumps(v, sort_keys=True, default=str) for v in col.to_pylist()], pa.string())])
+    return pa.chunked_array(
+        [
+            pa.array(
+                [None if v is None else json.dumps(v, sort_keys=True, default=str) for v in col.to_pylist()],
+                pa.string(),
+            )
+        ]
+    )
 
 
 def merge_side_parquet(table: pa.Table, url: str, uid_field: str) -> tuple[pa.Table, int]:
@@ -102,7 +109,9 @@ def merge_side_parquet(table: pa.Table, url: str, uid_field: str) -> tuple[pa.Ta
         else:
             table = table.append_column(name, values)
     # the attempted URLs the tar lacks: failed upstream (or listed as a success but absent)
-    missing = ~np.asarray(pc.fill_null(pc.is_in(side.column("key"), value_set=table.column("key").combine_chunks()), False))
+    missing = ~np.asarray(
+        pc.fill_null(pc.is_in(side.column("key"), value_set=table.column("key").combine_chunks()), False)
+    )
     idx = np.flatnonzero(missing)
     if not len(idx):
         return table, 0
@@ -110,12 +119,15 @@ def merge_side_parquet(table: pa.Table, url: str, uid_field: str) -> tuple[pa.Ta
     status = _col(rows, "status")
     message = _col(rows, "error_message")
     errors = [
-        f"failed_upstream: {s or 'unknown'}: {m or ''}".rstrip(": ") if s != "success"
+        f"failed_upstream: {s or 'unknown'}: {m or ''}".rstrip(": ")
+        if s != "success"
         else "missing_from_shard: img2dataset lists it as a success but the tar has no such sample"
         for s, m in zip(status, message, strict=True)
     ]
     added = {
-        "uid": _as_strings(rows.column(uid_field)) if uid_field in rows.column_names else pa.nulls(len(idx), pa.string()),
+        "uid": _as_strings(rows.column(uid_field))
+        if uid_field in rows.column_names
+        else pa.nulls(len(idx), pa.string()),
         "key": rows.column("key"),
         "source_shard": pa.array([url] * len(idx), pa.string()),
         "caption": pa.array(["" if c is None else str(c) for c in _col(rows, "caption")], pa.string()),

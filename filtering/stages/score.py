@@ -147,7 +147,11 @@ def encode_text_trimmed(model, tokens, length: int | None = None):
     x = model.ln_final(x)
     x = text_global_pool(x, tokens, model.text_pool_type)
     if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+        x = (
+            model.text_projection(x)
+            if isinstance(model.text_projection, torch.nn.Linear)
+            else x @ model.text_projection
+        )
     return normalize(x, dim=-1)
 
 
@@ -329,8 +333,9 @@ class WebDatasetStage(SourceStage):
     """Source stage for ``input.shards``: builds the pool from the per-shard score cache."""
 
     name = "score"
-    info = SourceInfo(kind="webdataset", score_field="clip_score", caption_column="caption", images=True,
-                      default_embedding="image")
+    info = SourceInfo(
+        kind="webdataset", score_field="clip_score", caption_column="caption", images=True, default_embedding="image"
+    )
 
     def __init__(self, shards_spec, model_cfg, cache_root: str, uid_cfg=None, output_dir: str | None = None):
         # Nothing is read here: `poolsift validate` plans the run without touching data.
@@ -396,7 +401,9 @@ class WebDatasetStage(SourceStage):
         ctx.stage_info["uids"] = pool.artifacts["uids"]
         if pool.artifacts["uids"].get("derived"):
             u = pool.artifacts["uids"]
-            ctx.log(f"warning: {u['derived']} uid(s) derived from the sample {self._derive_from()} (input.uid), not read from the pool")
+            ctx.log(
+                f"warning: {u['derived']} uid(s) derived from the sample {self._derive_from()} (input.uid), not read from the pool"
+            )
         return pool
 
     def _derive_from(self) -> str:
@@ -476,8 +483,14 @@ class WebDatasetStage(SourceStage):
         bar = ctx.bar(None, "score")
         try:
             for acc in score_stream(
-                urls, clip.pil_transform, encoder, self.model_cfg.batch_size, workers, bar,
-                draft=self.draft_size(clip.pil_transform), uid_field=self.uid_field,
+                urls,
+                clip.pil_transform,
+                encoder,
+                self.model_cfg.batch_size,
+                workers,
+                bar,
+                draft=self.draft_size(clip.pil_transform),
+                uid_field=self.uid_field,
             ):
                 self.write_shard(acc, encoder.dim)
         finally:
@@ -514,7 +527,9 @@ class WebDatasetStage(SourceStage):
         table = _rows_table(acc.rows, image, text)
         if acc.read is not None and acc.read.error:
             # The rest of a cut-short shard cannot be read: one failure row stands for it.
-            table = pa.concat_tables([table, pa.Table.from_pylist([_shard_error_row(acc.url, acc.read.error)], schema=SCORE_SCHEMA)])
+            table = pa.concat_tables(
+                [table, pa.Table.from_pylist([_shard_error_row(acc.url, acc.read.error)], schema=SCORE_SCHEMA)]
+            )
             image = np.concatenate([image, np.zeros((1, image.shape[1]), np.float16)])
             text = np.concatenate([text, np.zeros((1, text.shape[1]), np.float16)])
         table, added = merge_side_parquet(table, acc.url, self.uid_field)
@@ -540,8 +555,11 @@ def _rows_table(rows: list[dict], image: np.ndarray, text: np.ndarray) -> pa.Tab
             pa.Table.from_pylist([row], schema=SCORE_SCHEMA)
         except _ROW_ERRORS as e:
             rows[i] = {
-                "uid": row.get("uid"), "key": _safe_text(row.get("key")), "source_shard": row.get("source_shard"),
-                "caption": "", "error": f"bad_row: {type(e).__name__}: {one_line(e)[:160]}",
+                "uid": row.get("uid"),
+                "key": _safe_text(row.get("key")),
+                "source_shard": row.get("source_shard"),
+                "caption": "",
+                "error": f"bad_row: {type(e).__name__}: {one_line(e)[:160]}",
             }
             image[i] = 0
             text[i] = 0

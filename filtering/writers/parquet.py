@@ -252,7 +252,9 @@ def _same_data(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
     if a.num_chunks != b.num_chunks or a.type != b.type:
         return False
     return all(
-        x.offset == y.offset and len(x) == len(y) and [u.address if u else None for u in x.buffers()] == [u.address if u else None for u in y.buffers()]
+        x.offset == y.offset
+        and len(x) == len(y)
+        and [u.address if u else None for u in x.buffers()] == [u.address if u else None for u in y.buffers()]
         for x, y in zip(a.chunks, b.chunks, strict=True)
     )
 

@@ -135,7 +135,12 @@ class RayExecutor:
         ds = self.ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
         ds = ds.flat_map(
             _read_decode,
-            fn_kwargs={"transform": pil_transform, "draft": draft, "batch_size": model["batch_size"], "uid_field": stage.uid_field},
+            fn_kwargs={
+                "transform": pil_transform,
+                "draft": draft,
+                "batch_size": model["batch_size"],
+                "uid_field": stage.uid_field,
+            },
             num_cpus=1,
         )
         ds = ds.map_batches(
@@ -234,7 +239,11 @@ def _read_decode(item: dict, transform, draft: int | None, batch_size: int, uid_
         pixels = np.stack(ok) if ok else np.zeros((0, 0, 0, 3), np.uint8)
         samples = [(r, [d.width, d.height, d.phash, d.error]) for r, d in batch]
         return {
-            "url": url, "index": index, "final": False, "read_error": "", "n": len(batch),
+            "url": url,
+            "index": index,
+            "final": False,
+            "read_error": "",
+            "n": len(batch),
             "samples": json.dumps({"items": samples, "shape": list(pixels.shape)}),
             "pixels": pixels.tobytes(),
         }
@@ -248,8 +257,15 @@ def _read_decode(item: dict, transform, draft: int | None, batch_size: int, uid_
         yield emit()
         index += 1
     # The end row: how many batches the shard has, and whether it was cut short.
-    yield {"url": url, "index": index, "final": True, "read_error": result.error or "", "n": 0,
-           "samples": json.dumps({"items": [], "shape": [0, 0, 0, 3]}), "pixels": b""}
+    yield {
+        "url": url,
+        "index": index,
+        "final": True,
+        "read_error": result.error or "",
+        "n": 0,
+        "samples": json.dumps({"items": [], "shape": [0, 0, 0, 3]}),
+        "pixels": b"",
+    }
 
 
 def _actor_class(model: dict) -> type:
@@ -274,7 +290,9 @@ class _ModelActor:
         from filtering.scorers.decode import Decoded
         from filtering.stages.score import encode_batch
 
-        out: dict[str, list] = {k: [] for k in ("url", "index", "final", "read_error", "n", "rows", "image", "text", "dim", "info")}
+        out: dict[str, list] = {
+            k: [] for k in ("url", "index", "final", "read_error", "n", "rows", "image", "text", "dim", "info")
+        }
         for i in range(len(batch["url"])):
             payload = json.loads(batch["samples"][i])
             shape = payload["shape"]
@@ -296,5 +314,7 @@ class _ModelActor:
             out["text"].append(text.tobytes())
             out["dim"].append(self.encoder.dim)
             out["info"].append(self.info)
-        return {k: np.array(v, dtype=object) if k in ("url", "read_error", "rows", "image", "text", "info") else np.array(v)
-                for k, v in out.items()}
+        return {
+            k: np.array(v, dtype=object) if k in ("url", "read_error", "rows", "image", "text", "info") else np.array(v)
+            for k, v in out.items()
+        }

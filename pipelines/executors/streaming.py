@@ -59,7 +59,9 @@ from filtering.writers.parquet import HEX_COLUMNS, _leaf_paths, _PartWriter, dro
 from filtering.writers.uids import sort_u8u8
 
 # Filters whose decision for a row reads only that row (a global top_fraction is handled apart).
-ROW_LOCAL = frozenset({"caption", "language", "image_size", "text_entities", "wordnet_synsets", "uids", "clip_score", "score"})
+ROW_LOCAL = frozenset(
+    {"caption", "language", "image_size", "text_entities", "wordnet_synsets", "uids", "clip_score", "score"}
+)
 KEY_BITS = 16  # histogram of the top bits of each score's order-preserving key
 FINE_BITS = 12  # uid ranges: the top bits of the uid's high half
 RANGE_ROWS = 2_000_000  # uids sorted per merge task (32 MB)
@@ -545,7 +547,9 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
                 return np.concatenate(list(pool.map(_gather, [(sh, s, name, prefix, bits) for s in shards])))
 
             dtype = np.dtype(dtypes[name])
-            values.append(select_threshold(hists[name], nans[name], total, f.params.top_fraction, dtype, refine, gather))
+            values.append(
+                select_threshold(hists[name], nans[name], total, f.params.top_fraction, dtype, refine, gather)
+            )
         lap("threshold")
         # 4. write
         out_dir = cfg.output.dir
@@ -566,7 +570,9 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
             for j, pieces in enumerate(part_pieces(counts, sh.rows_per_part)):
                 tasks.append((sh, join(out_dir, folder), j, [(files[s], lo, n) for s, lo, n in pieces], files[0]))
         written = list(pool.map(_write_part, tasks))
-        outputs: dict[str, Any] = {f: [p for t, p in zip(tasks, written, strict=True) if t[1] == join(out_dir, f)] for f in folders}
+        outputs: dict[str, Any] = {
+            f: [p for t, p in zip(tasks, written, strict=True) if t[1] == join(out_dir, f)] for f in folders
+        }
         kept = sum(r["kept"] for r in results)
         lap("filter_and_write")
         # 5. subset.npy
@@ -583,7 +589,11 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         os.fsync(f.fileno())
     lap("subset_npy")
     os.replace(tmp, local_path(subset_npy))
-    outputs = {"subset": outputs["subset"], "subset_npy": subset_npy, **{k: v for k, v in outputs.items() if k != "subset"}}
+    outputs = {
+        "subset": outputs["subset"],
+        "subset_npy": subset_npy,
+        **{k: v for k, v in outputs.items() if k != "subset"},
+    }
     if cfg.output.report:
         outputs["report"] = join(out_dir, "report.html")
     first = results[0]
@@ -593,8 +603,10 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     scorers: dict[str, Any] = {}  # each shard's scorer records: one per scorer, shard counts summed
     for r in results:
         for name, rec in r["scorers"].items():
-            agg = scorers.setdefault(name, {**rec, "seconds": 0.0,
-                                            "cache": {"dir": rec["cache"]["dir"], "shards_scored": 0, "shards_cached": 0}})
+            agg = scorers.setdefault(
+                name,
+                {**rec, "seconds": 0.0, "cache": {"dir": rec["cache"]["dir"], "shards_scored": 0, "shards_cached": 0}},
+            )
             agg["seconds"] = round(agg["seconds"] + rec.get("seconds", 0.0), 3)
             for k in ("shards_scored", "shards_cached"):
                 agg["cache"][k] += rec["cache"][k]

@@ -188,11 +188,19 @@ def _run(tmp_path, preset: str, metadata, centroids_path, in1k_paths, lid):
     reference = str(in1k_paths[0]).replace("_0.pt", "_{0..4}.pt")  # the preset's own brace form
     out = tmp_path / "run"
     code, _, err = run_cli(
-        "run", REPO / "configs" / preset, "--output", out, "--quiet",
-        "--set", f"input.datacomp_metadata={metadata}",
-        "--set", f"clusters.centroids={centroids_path}",
-        "--set", f"clusters.reference={reference}",
-        "--set", f"filters[{language}].language.model_path={lid}",
+        "run",
+        REPO / "configs" / preset,
+        "--output",
+        out,
+        "--quiet",
+        "--set",
+        f"input.datacomp_metadata={metadata}",
+        "--set",
+        f"clusters.centroids={centroids_path}",
+        "--set",
+        f"clusters.reference={reference}",
+        "--set",
+        f"filters[{language}].language.model_path={lid}",
     )
     assert code == 0, err
     return np.load(out / "subset.npy"), json.loads((out / "manifest.json").read_text())
@@ -205,7 +213,9 @@ def test_image_based_presets_equal_datacomp(tmp_path, world, centroids, lid, fra
     _no_float32_ties(metadata, c, in1k_paths)
     preset = "image_based.yaml" if fraction is None else "image_based_intersect_clip_score.yaml"
     got, manifest = _run(tmp_path, preset, metadata, centroids_path, in1k_paths, lid)
-    expected = load_uids_with_image_filter(metadata, centroids_path, in1k_paths, fasttext.load_model(str(lid)), fraction)
+    expected = load_uids_with_image_filter(
+        metadata, centroids_path, in1k_paths, fasttext.load_model(str(lid)), fraction
+    )
     assert 50 < len(expected) < 1500  # the clusters and the caption rules both bite
     np.testing.assert_array_equal(got, expected)
     info = manifest["stages"]["clusters"]
@@ -224,10 +234,25 @@ def test_a_centroids_file_that_runs_code_is_refused(tmp_path, world, lid):
     bad = tmp_path / "centroids.pt"
     torch.save(Payload(), bad, pickle_protocol=4)
     out = tmp_path / "run"
-    code, _, err = run_cli("run", REPO / "configs" / "image_based.yaml", "--output", out, "--quiet",
-                           "--set", f"input.datacomp_metadata={metadata}", "--set", f"clusters.centroids={bad}",
-                           "--set", f"clusters.reference={in1k_paths[0]}", "--set", f"filters[1].language.model_path={lid}")
+    code, _, err = run_cli(
+        "run",
+        REPO / "configs" / "image_based.yaml",
+        "--output",
+        out,
+        "--quiet",
+        "--set",
+        f"input.datacomp_metadata={metadata}",
+        "--set",
+        f"clusters.centroids={bad}",
+        "--set",
+        f"clusters.reference={in1k_paths[0]}",
+        "--set",
+        f"filters[1].language.model_path={lid}",
+    )
     assert code == 2
     [line] = [ln for ln in err.splitlines() if "error" in ln]
-    assert line == f"poolsift: error: clusters.centroids: {bad}: refused to load posix.system: only arrays, tensors and plain containers are read"
+    assert (
+        line
+        == f"poolsift: error: clusters.centroids: {bad}: refused to load posix.system: only arrays, tensors and plain containers are read"
+    )
     assert not (tmp_path / "ran").exists()

@@ -135,11 +135,15 @@ BACKEND_CASES = [
     pytest.param("faiss", None, id="faiss"),
     pytest.param("bf16-screen", False, id="bf16-emulated"),  # runs on any CPU
     pytest.param(
-        "bf16-screen", True, id="bf16-native",
+        "bf16-screen",
+        True,
+        id="bf16-native",
         marks=pytest.mark.skipif(not clustering.native_bf16(), reason="CPU without native bf16 (AVX512-BF16/AMX)"),
     ),
     pytest.param(
-        "faiss-gpu", None, id="faiss-gpu",
+        "faiss-gpu",
+        None,
+        id="faiss-gpu",
         marks=pytest.mark.skipif(clustering.faiss_gpus() == 0, reason="no faiss GPU build or no GPU"),
     ),
 ]

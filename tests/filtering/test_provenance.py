@@ -51,7 +51,10 @@ def _python310() -> str | None:
     import glob
     import shutil
 
-    candidates = [*sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3.10"))), shutil.which("python3.10")]
+    candidates = [
+        *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3.10"))),
+        shutil.which("python3.10"),
+    ]
     for exe in filter(None, candidates):
         probe = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
         if probe.returncode == 0 and probe.stdout.strip() == "(3, 10)":
@@ -66,8 +69,14 @@ def test_timestamps_work_on_the_oldest_supported_python():
     if exe is None:
         pytest.skip("no Python 3.10 interpreter on this machine (the static check below still runs)")
     code = "from filtering.provenance import now_iso; s = now_iso(); assert s.endswith('+00:00'), s; print(s)"
-    proc = subprocess.run([exe, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [exe, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     missing = re.search(r"ModuleNotFoundError: No module named '([^'.]+)", proc.stderr)
     if missing and missing.group(1) not in ("filtering", "pipelines"):
         pytest.skip(f"the Python 3.10 interpreter lacks {missing.group(1)} (the static check below still runs)")
@@ -76,10 +85,19 @@ def test_timestamps_work_on_the_oldest_supported_python():
 
 # Stdlib names added in Python 3.11+ (module, attribute); requires-python is >= 3.10.
 PY311_NAMES = {
-    ("datetime", "UTC"), ("enum", "StrEnum"), ("typing", "Self"), ("typing", "Never"),
-    ("typing", "LiteralString"), ("typing", "assert_never"), ("typing", "reveal_type"),
-    ("typing", "NotRequired"), ("typing", "Required"), ("hashlib", "file_digest"),
-    ("asyncio", "TaskGroup"), ("asyncio", "timeout"), ("operator", "call"),
+    ("datetime", "UTC"),
+    ("enum", "StrEnum"),
+    ("typing", "Self"),
+    ("typing", "Never"),
+    ("typing", "LiteralString"),
+    ("typing", "assert_never"),
+    ("typing", "reveal_type"),
+    ("typing", "NotRequired"),
+    ("typing", "Required"),
+    ("hashlib", "file_digest"),
+    ("asyncio", "TaskGroup"),
+    ("asyncio", "timeout"),
+    ("operator", "call"),
 }
 
 
@@ -96,8 +114,11 @@ def test_no_module_uses_stdlib_names_newer_than_python_310():
             elif isinstance(node, ast.ImportFrom) and node.module in {"tomllib", "wsgiref.types"}:
                 found.append(f"{path.relative_to(REPO)}: {node.module}")
             elif isinstance(node, ast.ImportFrom):
-                found += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
-                          if (node.module, a.name) in PY311_NAMES]
+                found += [
+                    f"{path.relative_to(REPO)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if (node.module, a.name) in PY311_NAMES
+                ]
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 if (aliases.get(node.value.id), node.attr) in PY311_NAMES:

@@ -64,14 +64,29 @@ def test_normalize_uids_lowercases_and_undashes_only_exact_forms():
 
     from filtering.uid import normalize_uids
 
-    raw = pa.array([
-        "AB" * 16, "8a6e0804-2bd0-4672-b79d-d97027f9071a", "8A6E0804-2BD0-4672-B79D-D97027F9071A",
-        "8a6e08042bd0-4672-b79d-d97027f9071a",  # dashes in the wrong places
-        "ab" * 15, "ab" * 17, "zz" * 16, None, "",
-    ])
+    raw = pa.array(
+        [
+            "AB" * 16,
+            "8a6e0804-2bd0-4672-b79d-d97027f9071a",
+            "8A6E0804-2BD0-4672-B79D-D97027F9071A",
+            "8a6e08042bd0-4672-b79d-d97027f9071a",  # dashes in the wrong places
+            "ab" * 15,
+            "ab" * 17,
+            "zz" * 16,
+            None,
+            "",
+        ]
+    )
     assert normalize_uids(raw).to_pylist() == [
-        "ab" * 16, "8a6e08042bd04672b79dd97027f9071a", "8a6e08042bd04672b79dd97027f9071a",
-        None, None, None, None, None, None,
+        "ab" * 16,
+        "8a6e08042bd04672b79dd97027f9071a",
+        "8a6e08042bd04672b79dd97027f9071a",
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     ]
 
 

@@ -54,7 +54,9 @@ def test_every_dropped_or_failed_sample_once(tmp_path, rerun_dir, truth):
 def test_funnel_is_the_filters_own_counts(tmp_path, rerun_dir):
     result = run_in(tmp_path, rerun_dir)
     alive = ~result.pool.failed
-    for node, entry in zip(load_config(tmp_path / "audit.yaml").filter_tree, result.manifest["counts"]["filters"], strict=True):
+    for node, entry in zip(
+        load_config(tmp_path / "audit.yaml").filter_tree, result.manifest["counts"]["filters"], strict=True
+    ):
         decision = node.evaluate(result.pool, alive)
         dropped = alive & ~decision.keep
         assert entry["name"] == node.label()

@@ -12,7 +12,10 @@ pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
     [
         ("input: {shards: '/nonexistent/{00000..00003}.tar'}\nfilters: []\n", "input.shards: no shards found"),
         ("input: {shards: x.tar}\nmodle: {}\n", "modle: unknown key; did you mean model?"),
-        ("input: {shards: x.tar}\nfilters:\n  - clip_scor: {min: 0.2}\n", "unknown filter 'clip_scor'; did you mean clip_score?"),
+        (
+            "input: {shards: x.tar}\nfilters:\n  - clip_scor: {min: 0.2}\n",
+            "unknown filter 'clip_scor'; did you mean clip_score?",
+        ),
         ("input: {shards: x.tar}\nmodel: {batch_size: -3}\n", "model.batch_size: Input should be greater than 0"),
         ("input: [unclosed\n", "invalid YAML"),
     ],

@@ -33,8 +33,11 @@ def check(tmp_path, config, *args, command="validate"):
 
 def test_base_config_is_valid(tmp_path):
     path = tmp_path / "config.yaml"
-    relative = {**BASE, "input": {"shards": "pool/{00000..00003}.tar"},
-                "model": {**BASE["model"], "pretrained": "tiny.safetensors"}}
+    relative = {
+        **BASE,
+        "input": {"shards": "pool/{00000..00003}.tar"},
+        "model": {**BASE["model"], "pretrained": "tiny.safetensors"},
+    }
     path.write_text(yaml.safe_dump(relative))
     (tmp_path / "pool").mkdir()
     for name in ["tiny.safetensors", *(f"pool/0000{i}.tar" for i in range(4))]:
@@ -48,25 +51,52 @@ def test_base_config_is_valid(tmp_path):
     ("override", "message"),
     [
         # misspelled keys, at any depth
-        ("filters[2].clip_score.top_fracton=0.3", "filters[2].clip_score.top_fracton: unknown key; did you mean top_fraction?"),
-        ("filters[1].any[0].image_size.min_sid=3", "filters[1].any[0].image_size.min_sid: unknown key; did you mean min_side?"),
-        ("filters[1].any[1].not.language.langauges=[en]", "filters[1].any[1].not.language.langauges: unknown key; did you mean languages?"),
+        (
+            "filters[2].clip_score.top_fracton=0.3",
+            "filters[2].clip_score.top_fracton: unknown key; did you mean top_fraction?",
+        ),
+        (
+            "filters[1].any[0].image_size.min_sid=3",
+            "filters[1].any[0].image_size.min_sid: unknown key; did you mean min_side?",
+        ),
+        (
+            "filters[1].any[1].not.language.langauges=[en]",
+            "filters[1].any[1].not.language.langauges: unknown key; did you mean languages?",
+        ),
         ("model.archh=ViT-B-32", "model.archh: unknown key; did you mean arch?"),
         ("output.drop=false", "output.drop: unknown key; did you mean dropped?"),
         # wrong types
-        ("filters[2].clip_score.top_fraction=lots", "filters[2].clip_score.top_fraction: Input should be a valid number"),
+        (
+            "filters[2].clip_score.top_fraction=lots",
+            "filters[2].clip_score.top_fraction: Input should be a valid number",
+        ),
         ("filters[0].caption=3", "filters[0].caption: expected a mapping of keys to values (got 3)"),
         ("output.dropped=maybe", "output.dropped: Input should be a valid boolean"),
         ("input.shards=3", "input.shards: expected str or list[str] (got 3)"),
         ("filters={clip_score: {min: 0.2}}", "filters: Input should be a valid list"),
         # unknown filter names list the valid ones
-        ("filters[0]={captions: {min_words: 2}}", "filters[0]: unknown filter 'captions'; did you mean caption? valid filters: "),
+        (
+            "filters[0]={captions: {min_words: 2}}",
+            "filters[0]: unknown filter 'captions'; did you mean caption? valid filters: ",
+        ),
         ("filters[1].any[1].not={lang: {}}", "filters[1].any[1].not: unknown filter 'lang'; "),
         # impossible values
-        ("filters[2].clip_score.top_fraction=1.5", "filters[2].clip_score.top_fraction: Input should be less than or equal to 1 (got 1.5)"),
-        ("filters[1].any[0].image_size.min_side=0", "filters[1].any[0].image_size.min_side: Input should be greater than or equal to 1"),
-        ("filters[1].any[1].not.language.languages=[klingon]", "filters[1].any[1].not.language.languages: 'klingon' is not an ISO 639-1 language code"),
-        ("filters[2].clip_score={min: 0.2, top_fraction: 0.3}", "filters[2].clip_score: give exactly one of min or top_fraction"),
+        (
+            "filters[2].clip_score.top_fraction=1.5",
+            "filters[2].clip_score.top_fraction: Input should be less than or equal to 1 (got 1.5)",
+        ),
+        (
+            "filters[1].any[0].image_size.min_side=0",
+            "filters[1].any[0].image_size.min_side: Input should be greater than or equal to 1",
+        ),
+        (
+            "filters[1].any[1].not.language.languages=[klingon]",
+            "filters[1].any[1].not.language.languages: 'klingon' is not an ISO 639-1 language code",
+        ),
+        (
+            "filters[2].clip_score={min: 0.2, top_fraction: 0.3}",
+            "filters[2].clip_score: give exactly one of min or top_fraction",
+        ),
         ("filters[1].any=[]", "filters[1].any: expects a non-empty list of filters"),
         ("model.device=gpu", "model.device: must be one of auto | cpu | cuda | cuda:N"),
         ("model.batch_size=0", "model.batch_size: Input should be greater than 0"),
@@ -108,6 +138,9 @@ def test_missing_input_paths_fail_validate_and_run(tmp_path):
 
 
 def test_filter_needing_a_column_the_input_lacks(tmp_path):
-    config = {"input": {"datacomp_metadata": "path/to/metadata"}, "filters": [{"image_size": {"min_side": 200, "size_from": "decoded"}}]}
+    config = {
+        "input": {"datacomp_metadata": "path/to/metadata"},
+        "filters": [{"image_size": {"min_side": 200, "size_from": "decoded"}}],
+    }
     got = check(tmp_path, config)
     assert got.startswith("filters: image_size needs ['height', 'width']")

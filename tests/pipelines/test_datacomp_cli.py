@@ -115,7 +115,9 @@ def test_metadata_only_run_never_imports_torch(tmp_path, metadata):
 
 
 def test_resharding_needs_images(tmp_path, metadata):
-    cfg = _config(tmp_path / "c.yaml", metadata, tmp_path / "run", [{"clip_score": {"top_fraction": 0.3}}], webdataset=True)
+    cfg = _config(
+        tmp_path / "c.yaml", metadata, tmp_path / "run", [{"clip_score": {"top_fraction": 0.3}}], webdataset=True
+    )
     code, _, stderr = run_cli("validate", cfg)
     assert code == 2
     assert "output.webdataset" in stderr and "subset.npy" in stderr
@@ -132,7 +134,11 @@ def test_clip_score_intersect_image_clusters_equals_datacomp(tmp_path, metadata)
     np.save(tmp_path / "reference.npy", reference)
     cfg = {
         "input": {"datacomp_metadata": str(metadata)},
-        "clusters": {"centroids": str(tmp_path / "centroids.npy"), "reference": str(tmp_path / "reference.npy"), "embedding": "l14_img"},
+        "clusters": {
+            "centroids": str(tmp_path / "centroids.npy"),
+            "reference": str(tmp_path / "reference.npy"),
+            "embedding": "l14_img",
+        },
         "filters": [{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}],
         "output": {"dir": str(tmp_path / "run")},
     }

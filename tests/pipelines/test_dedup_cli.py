@@ -25,8 +25,9 @@ def run_dedup(base, scored_sample, name: str, **sections) -> tuple[dict, dict]:
     out.mkdir()
     shutil.copytree(scored_sample / "cache", out / "cache")
     raw = yaml.safe_load(PRESET.read_text())
-    cfg = write_config(base / f"{name}.yaml", filters=sections.pop("filters", raw["filters"]),
-                       output={"dir": str(out)}, **sections)
+    cfg = write_config(
+        base / f"{name}.yaml", filters=sections.pop("filters", raw["filters"]), output={"dir": str(out)}, **sections
+    )
     code, _, stderr = run_cli("run", cfg, "--quiet")
     assert code == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -78,8 +79,11 @@ def test_few_non_duplicates_dropped(dedup_run, truth):
         return truth[u]["truth"]["duplicate_of"] or u
 
     usable = [u for u, m in truth.items() if m["truth"]["fault"] not in ("exact_dup", "near_dup", "corrupt")]
-    wrong = [u for u in usable if u in dropped and dropped[u]["reason"].startswith("duplicate_")
-             and root(u) != root(survivor(u, dropped))]
+    wrong = [
+        u
+        for u in usable
+        if u in dropped and dropped[u]["reason"].startswith("duplicate_") and root(u) != root(survivor(u, dropped))
+    ]
     assert len(wrong) < 0.02 * len(usable), f"{len(wrong)} of {len(usable)} non-duplicates dropped"
 
 
@@ -103,7 +107,9 @@ def test_identical_across_reruns_and_shard_orders(dedup_run, tmp_path, scored_sa
     orders = {"rerun": SHARDS, "reversed": SHARDS[::-1], "shuffled": [SHARDS[i] for i in (2, 0, 3, 1)]}
     for name, shards in orders.items():
         manifest, dropped = run_dedup(tmp_path, scored_sample, name, input={"shards": shards})
-        assert {u: r["duplicate_of"] for u, r in dropped.items()} == {u: r["duplicate_of"] for u, r in first.items()}, name
+        assert {u: r["duplicate_of"] for u, r in dropped.items()} == {u: r["duplicate_of"] for u, r in first.items()}, (
+            name
+        )
         assert manifest["counts"]["filters"] == dedup_run[0]["counts"]["filters"], name
 
 
@@ -136,7 +142,9 @@ def _pool_images(n: int) -> list[tuple[str, str, bytes]]:
     return out
 
 
-@pytest.mark.parametrize(("method", "params"), [("perceptual", {"max_distance": 0}), ("semantic", {"threshold": 0.9995})])
+@pytest.mark.parametrize(
+    ("method", "params"), [("perceptual", {"max_distance": 0}), ("semantic", {"threshold": 0.9995})]
+)
 def test_decontaminate_against_an_image_folder(tmp_path, scored_sample, truth, method, params):
     """Evaluation images copied from the pool are found, with the matched file as duplicate_of."""
     ref = tmp_path / "evalset"
@@ -156,8 +164,12 @@ def test_decontaminate_against_an_image_folder(tmp_path, scored_sample, truth, m
     for uid, row in dropped.items():
         if row["reason"] == f"contaminated_{method}":
             assert uid in leaked_uids or truth[uid]["truth"]["duplicate_of"] in leaked_uids
-    assert manifest["stages"]["decontaminate"][f"decontam_evalset_{'distance' if method == 'perceptual' else 'similarity'}"][
-        "reference_items"] == 8
+    assert (
+        manifest["stages"]["decontaminate"][
+            f"decontam_evalset_{'distance' if method == 'perceptual' else 'similarity'}"
+        ]["reference_items"]
+        == 8
+    )
     # the cached reference set is reused by a rerun (no re-embedding)
     _, again = run_dedup(tmp_path, scored_sample, f"decon_{method}_2", filters=[spec])
     assert again == dropped

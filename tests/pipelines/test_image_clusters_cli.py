@@ -18,7 +18,11 @@ PRESET = REPO / "configs" / "sample_image_clusters.yaml"
 
 
 def kept_uids(out) -> set[str]:
-    return {u for p in sorted((out / "subset").glob("*.parquet")) for u in pq.read_table(p, columns=["uid"]).column("uid").to_pylist()}
+    return {
+        u
+        for p in sorted((out / "subset").glob("*.parquet"))
+        for u in pq.read_table(p, columns=["uid"]).column("uid").to_pylist()
+    }
 
 
 def manifest(out) -> dict:
@@ -32,8 +36,13 @@ def clustered(tmp_path_factory, scored_sample):
     out.mkdir()
     shutil.copytree(scored_sample / "cache", out / "cache")
     clusters = yaml.safe_load(PRESET.read_text())["clusters"] | {"reference": str(SAMPLE / "reference")}
-    cfg = write_config(out.parent / "ic.yaml", base=PRESET, clusters=clusters,
-                       filters=[{"image_clusters": {}}], output={"dir": str(out)})
+    cfg = write_config(
+        out.parent / "ic.yaml",
+        base=PRESET,
+        clusters=clusters,
+        filters=[{"image_clusters": {}}],
+        output={"dir": str(out)},
+    )
     code, _, err = run_cli("run", cfg, "--quiet")
     assert code == 0, err
     return out, cfg, kept_uids(out), manifest(out)
@@ -67,8 +76,13 @@ def test_rerun_with_other_clip_threshold_reuses_clusters(clustered, monkeypatch)
     monkeypatch.setattr("filtering.clustering.train_kmeans", boom)
     sizes = {}
     for fraction in (0.3, 0.6):
-        code, _, err = run_cli("run", cfg, "--quiet", "--set",
-                               f"filters=[{{clip_score: {{top_fraction: {fraction}}}}}, {{image_clusters: {{}}}}]")
+        code, _, err = run_cli(
+            "run",
+            cfg,
+            "--quiet",
+            "--set",
+            f"filters=[{{clip_score: {{top_fraction: {fraction}}}}}, {{image_clusters: {{}}}}]",
+        )
         assert code == 0, err
         info = manifest(out)["stages"]["clusters"]
         assert info["centroids"] == "cached" and info["reference"] == "cached"

@@ -67,8 +67,10 @@ def test_preset_validates_without_reading_data(preset: Path, no_data_access, tmp
     if stand_ins:  # as shipped, the placeholders are reported: one line naming the key
         code, out, err = run_cli("validate", preset)
         assert code == 2
-        assert err.startswith("poolsift: error: ") and ": no such file or folder 'configs/path/to/" in err or (
-            "input.shards: no shards found at 'configs/path/to/" in err
+        assert (
+            err.startswith("poolsift: error: ")
+            and ": no such file or folder 'configs/path/to/" in err
+            or ("input.shards: no shards found at 'configs/path/to/" in err)
         ), err
 
 

@@ -86,7 +86,9 @@ def test_shipped_head_separates_planted_from_clean(quality_run, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["scorers"]["watermark"]["cache"] == {
         "dir": str(out / "cache" / next(p.name for p in (out / "cache").glob("scorer-watermark-*"))),
-        "shards_scored": 0, "shards_cached": 1}
+        "shards_scored": 0,
+        "shards_cached": 1,
+    }
 
 
 def test_a_second_scorer_leaves_the_first_ones_cache_alone(quality_run, tmp_path):
@@ -106,12 +108,22 @@ def test_a_second_scorer_leaves_the_first_ones_cache_alone(quality_run, tmp_path
     assert scorers["watermark"]["cache"]["shards_cached"] == 1
     assert scorers["watermark_t"]["cache"]["shards_scored"] == 1
     t = pq.read_table(out / "subset", columns=["watermark_score", "watermark_t_score"])
-    np.testing.assert_allclose(t.column("watermark_t_score").to_numpy(), t.column("watermark_score").to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        t.column("watermark_t_score").to_numpy(), t.column("watermark_score").to_numpy(), atol=1e-5
+    )
 
 
 def test_head_and_embedding_size_mismatch_fails_validate(tmp_path):
     save_torch_state_dict(random_state_dict(AESTHETIC_SHAPES), tmp_path / "aesthetic.pth")
-    scorers = [{"embedding_head": {"name": "aesthetic", "preset": "laion_aesthetic", "weights": str(tmp_path / "aesthetic.pth")}}]
+    scorers = [
+        {
+            "embedding_head": {
+                "name": "aesthetic",
+                "preset": "laion_aesthetic",
+                "weights": str(tmp_path / "aesthetic.pth"),
+            }
+        }
+    ]
     cfg = _sample_config(tmp_path / "c.yaml", tmp_path / "run")
     raw = yaml.safe_load(cfg.read_text())
     raw["scorers"] = scorers
@@ -123,8 +135,11 @@ def test_head_and_embedding_size_mismatch_fails_validate(tmp_path):
 
 
 def test_filter_on_a_column_nothing_provides_fails_validate(tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", filters=[{"score": {"column": "aesthetic_score", "min": 5}}],
-                       output={"dir": str(tmp_path / "run")})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        filters=[{"score": {"column": "aesthetic_score", "min": 5}}],
+        output={"dir": str(tmp_path / "run")},
+    )
     code, _, stderr = run_cli("validate", cfg)
     assert code == 2 and "score needs ['aesthetic_score']" in stderr
 
@@ -138,8 +153,12 @@ def metadata(tmp_path_factory):
 
 
 def _dc_config(path, metadata, out, scorers, filters):
-    cfg = {"input": {"datacomp_metadata": str(metadata)}, "scorers": scorers, "filters": filters,
-           "output": {"dir": str(out)}}
+    cfg = {
+        "input": {"datacomp_metadata": str(metadata)},
+        "scorers": scorers,
+        "filters": filters,
+        "output": {"dir": str(out)},
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -147,10 +166,20 @@ def _dc_config(path, metadata, out, scorers, filters):
 def test_public_aesthetic_architecture_from_a_torch_state_dict_scores_a_datacomp_pool(tmp_path, metadata):
     sd = random_state_dict(AESTHETIC_SHAPES, seed=7)
     weights = save_torch_state_dict(sd, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    scorers = [{"embedding_head": {"name": "aesthetic", "preset": "laion_aesthetic", "weights": str(weights),
-                                   "embedding": "l14_img"}}]
+    scorers = [
+        {
+            "embedding_head": {
+                "name": "aesthetic",
+                "preset": "laion_aesthetic",
+                "weights": str(weights),
+                "embedding": "l14_img",
+            }
+        }
+    ]
     out = tmp_path / "run"
-    cfg = _dc_config(tmp_path / "c.yaml", metadata, out, scorers, [{"score": {"column": "aesthetic_score", "top_fraction": 0.5}}])
+    cfg = _dc_config(
+        tmp_path / "c.yaml", metadata, out, scorers, [{"score": {"column": "aesthetic_score", "top_fraction": 0.5}}]
+    )
     code, _, stderr = run_cli("run", cfg, "--quiet")
     assert code == 0, stderr
     uids, emb = pool_embeddings(metadata, "l14_img")
@@ -164,14 +193,21 @@ def test_public_aesthetic_architecture_from_a_torch_state_dict_scores_a_datacomp
 
     [col] = gather(str(out)).score_columns  # the report reads every row's score from the scorer's cache
     assert (col.column, col.scope, col.scorer) == ("aesthetic_score", "pool", "aesthetic")
-    assert (int(col.histogram.kept.sum()), int(col.histogram.dropped.sum())) == (len(t["uid"]), len(uids) - len(t["uid"]))
-    assert col.best[0].score == pytest.approx(ref.max(), abs=1e-5) and col.worst[0].score == pytest.approx(ref.min(), abs=1e-5)
+    assert (int(col.histogram.kept.sum()), int(col.histogram.dropped.sum())) == (
+        len(t["uid"]),
+        len(uids) - len(t["uid"]),
+    )
+    assert col.best[0].score == pytest.approx(ref.max(), abs=1e-5) and col.worst[0].score == pytest.approx(
+        ref.min(), abs=1e-5
+    )
 
 
 def test_numpy_head_reads_only_its_npz_array_imports_no_torch_and_equals_reference(tmp_path, metadata):
     sd = random_state_dict(NSFW_SHAPES, seed=8, norm=768)
     save_file(sd, str(tmp_path / "nsfw.safetensors"))
-    scorers = [{"embedding_head": {"name": "nsfw", "preset": "nemo_nsfw", "weights": str(tmp_path / "nsfw.safetensors")}}]
+    scorers = [
+        {"embedding_head": {"name": "nsfw", "preset": "nemo_nsfw", "weights": str(tmp_path / "nsfw.safetensors")}}
+    ]
     out = tmp_path / "run"
     cfg = _dc_config(tmp_path / "c.yaml", metadata, out, scorers, [{"score": {"column": "nsfw_score", "max": 0.5}}])
     code = (
@@ -224,8 +260,9 @@ def test_sweep_over_a_score_threshold(quality_run, tmp_path):
 
     out = tmp_path / "sweep"
     shutil.copytree(base / "run" / "cache", out / "cache")
-    code, stdout, stderr = run_cli("sweep", cfg, "--param", "filters[0].score.max=0.1,0.9", "--set", f"output.dir={out}",
-                                   "--quiet")
+    code, stdout, stderr = run_cli(
+        "sweep", cfg, "--param", "filters[0].score.max=0.1,0.9", "--set", f"output.dir={out}", "--quiet"
+    )
     assert code == 0, stderr
     results = json.loads((out / "sweep.json").read_text())["results"]
     assert [r["thresholds"] for r in results] == [{"watermark_score": 0.1}, {"watermark_score": 0.9}]

@@ -82,8 +82,9 @@ def test_errors_inside_ray_tasks_come_out_as_one_line(tmp_path, executor):
     from pipelines.config import load_config
     from pipelines.runner import run
 
-    cfg = load_config(write_config(tmp_path / "sample.yaml", output={"dir": str(tmp_path / "out")}),
-                      ["model.arch=no-such-arch"])
+    cfg = load_config(
+        write_config(tmp_path / "sample.yaml", output={"dir": str(tmp_path / "out")}), ["model.arch=no-such-arch"]
+    )
     logs = []
     with pytest.raises(ConfigError, match="^model.arch: unknown architecture 'no-such-arch'") as e:
         run(cfg, executor=executor, progress=False, log=logs.append)

@@ -56,12 +56,20 @@ def test_filter_only_rerun_loads_no_model_and_reads_no_images(tmp_path, rerun_di
     assert "the model is not loaded" in stderr
     assert manifest["counts"]["input"] == first["counts"]["input"]
     assert manifest["counts"]["failed"] == first["counts"]["failed"]
-    assert [f["name"] for f in manifest["counts"]["filters"]] == ["caption", "image_size", "any(clip_score, not(text_entities))"]
+    assert [f["name"] for f in manifest["counts"]["filters"]] == [
+        "caption",
+        "image_size",
+        "any(clip_score, not(text_entities))",
+    ]
     assert manifest["model"]["checkpoint_sha256"] == first["model"]["checkpoint_sha256"]
 
     # Scores in the new subset are the cached ones, not recomputed.
     cache_files = sorted(scored_sample.glob("cache/score-*/*.parquet"))
-    cached = {r["uid"]: r["clip_score"] for f in cache_files for r in pq.read_table(f).select(["uid", "clip_score"]).to_pylist()}
+    cached = {
+        r["uid"]: r["clip_score"]
+        for f in cache_files
+        for r in pq.read_table(f).select(["uid", "clip_score"]).to_pylist()
+    }
     rerun = pq.read_table(rerun_dir / "subset").select(["uid", "clip_score"]).to_pylist()
     assert rerun and all(r["clip_score"] == cached[r["uid"]] for r in rerun)
 

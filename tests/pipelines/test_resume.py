@@ -33,7 +33,10 @@ def _kill_mid_scoring(cfg, out, timeout=300):
     """Start ``poolsift run`` and SIGKILL it (and its decode workers) once 1..N-1 shards are done."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--quiet"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout
     try:

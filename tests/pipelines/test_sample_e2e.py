@@ -25,7 +25,9 @@ def load_scores(out_dir):
     tables = [pq.read_table(p) for p in sorted((out_dir / "cache").glob("score-*/*.parquet"))]
     rows = {}
     for t in tables:
-        for uid, score, error in zip(t["uid"].to_pylist(), t["clip_score"].to_pylist(), t["error"].to_pylist(), strict=True):
+        for uid, score, error in zip(
+            t["uid"].to_pylist(), t["clip_score"].to_pylist(), t["error"].to_pylist(), strict=True
+        ):
             rows[uid] = (score, error)
     return rows
 

@@ -84,8 +84,20 @@ def assert_same_outputs(metadata: Path, tmp_path: Path, filters, **output) -> di
             ta, tb = _table(a / folder), _table(b / folder)
             assert ta.schema == tb.schema
             assert_tables_equal(ta, tb)
-    for key in ("counts", "thresholds", "uids", "stages", "inputs", "config", "config_sha256", "language_identifiers", "model"):
-        assert json.dumps(mem.manifest[key], default=_json_default) == json.dumps(streamed.manifest[key], default=_json_default), key
+    for key in (
+        "counts",
+        "thresholds",
+        "uids",
+        "stages",
+        "inputs",
+        "config",
+        "config_sha256",
+        "language_identifiers",
+        "model",
+    ):
+        assert json.dumps(mem.manifest[key], default=_json_default) == json.dumps(
+            streamed.manifest[key], default=_json_default
+        ), key
     # the parquet metadata (provenance) is the same too
     pa_meta = pq.read_schema(sorted((a / "subset").glob("part-*"))[0]).metadata
     pb_meta = pq.read_schema(sorted((b / "subset").glob("part-*"))[0]).metadata
@@ -149,7 +161,11 @@ def test_repeated_uid_falls_back_to_memory(tmp_path):
 
 
 def test_auto_streams_only_row_local_trees(tmp_path, metadata):
-    raw = {"input": {"datacomp_metadata": str(metadata)}, "filters": [{"clip_score": {"top_fraction": 0.3}}], "output": {"dir": str(tmp_path / "a")}}
+    raw = {
+        "input": {"datacomp_metadata": str(metadata)},
+        "filters": [{"clip_score": {"top_fraction": 0.3}}],
+        "output": {"dir": str(tmp_path / "a")},
+    }
     assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is None
     raw["filters"] = [{"score": {"column": B32, "top_fraction": 0.3}}]
     raw["output"]["dir"] = str(tmp_path / "b")

@@ -25,12 +25,18 @@ def _threshold(scores: np.ndarray, fraction: float, shards: int = 5):
 
     parts = np.array_split(scores, shards)
     nan = sum(int(np.isnan(p).sum()) for p in parts)
-    hist = sum(np.bincount((score_keys(p[~np.isnan(p)]) >> np.uint64(64 - KEY_BITS)).astype(np.int64), minlength=1 << KEY_BITS) for p in parts)
+    hist = sum(
+        np.bincount((score_keys(p[~np.isnan(p)]) >> np.uint64(64 - KEY_BITS)).astype(np.int64), minlength=1 << KEY_BITS)
+        for p in parts
+    )
 
     def refine(prefix, bits):
         shift = np.uint64(64 - bits - KEY_BITS)
         return sum(
-            np.bincount(((_keys_under(p, prefix, bits)[1] >> shift) & np.uint64(0xFFFF)).astype(np.int64), minlength=1 << KEY_BITS)
+            np.bincount(
+                ((_keys_under(p, prefix, bits)[1] >> shift) & np.uint64(0xFFFF)).astype(np.int64),
+                minlength=1 << KEY_BITS,
+            )
             for p in parts
         )
 

@@ -15,8 +15,9 @@ PARAM = "filters[0].clip_score.top_fraction"
 
 @pytest.mark.slow
 def test_sweep_matches_real_runs(rerun_dir, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
-                       output={"dir": str(rerun_dir)})
+    cfg = write_config(
+        tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}], output={"dir": str(rerun_dir)}
+    )
     code, stdout, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}=0.1,0.2,0.5", "--quiet")
     assert code == 0, stderr
     assert "all 4 shards cached" in stderr  # the stages ran, from the cache
@@ -41,8 +42,11 @@ def test_sweep_matches_real_runs(rerun_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_curve_in_report(rerun_dir, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
-                       output={"dir": str(rerun_dir), "report": True})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        filters=[{"clip_score": {"top_fraction": 0.3}}],
+        output={"dir": str(rerun_dir), "report": True},
+    )
     assert run_cli("run", cfg, "--quiet")[0] == 0
     code, _, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}=0.25,0.75", "--quiet")
     assert code == 0, stderr
@@ -71,7 +75,8 @@ def test_values_split_outside_lists_mappings_and_quotes(spec, values):
 
 @pytest.mark.slow
 def test_bad_value_names_the_key(tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
-                       output={"dir": str(tmp_path / "out")})
+    cfg = write_config(
+        tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}], output={"dir": str(tmp_path / "out")}
+    )
     code, _, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}=0.1,1.5")
     assert code == 2 and "top_fraction" in stderr

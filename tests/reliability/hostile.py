@@ -50,7 +50,9 @@ def meta_of(members: list[tuple[str, bytes]], key: str) -> dict:
     return json.loads(dict(members)[f"{key}.json"])
 
 
-def run_pool(tmp_path: Path, shards: list[Path], uid: dict | None = None, **output) -> tuple[int, str, dict | None, Path]:
+def run_pool(
+    tmp_path: Path, shards: list[Path], uid: dict | None = None, **output
+) -> tuple[int, str, dict | None, Path]:
     """``poolsift run`` of the sample config on ``shards`` (``uid``: ``input.uid`` settings);
     returns (exit code, stderr, manifest, out dir)."""
     out = tmp_path / "out"

@@ -112,8 +112,9 @@ def test_a_yaml_alias_bomb_is_refused_in_bounded_memory(tmp_path):
 
     # 1 GiB of address space (the unguarded walk needed 2.9 GB); the timeout only
     # guards against a hang, it is not a speed assertion.
-    proc = subprocess.run([sys.executable, "-c", LIMITED, "validate", str(path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", LIMITED, "validate", str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     msg = one_line_exit_2(proc.returncode, proc.stderr)
     assert msg == f"{path}: YAML aliases expand to more than 100,000 values", msg
 
@@ -141,6 +142,11 @@ def test_a_long_bad_value_is_shown_truncated(config):
 def test_the_bomb_through_run_is_exit_2_too(tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(BOMB)
-    proc = run_cli_subprocess("run", path, "--quiet", timeout=120,
-                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)))
+    proc = run_cli_subprocess(
+        "run",
+        path,
+        "--quiet",
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)),
+    )
     one_line_exit_2(proc.returncode, proc.stderr)

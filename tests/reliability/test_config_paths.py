@@ -17,12 +17,25 @@ pytestmark = pytest.mark.slow  # runs the CLI or loads the model
 
 MISSING = [
     ({"filters": [{"uids": {"path": "{tmp}/no_uids.npy"}}]}, "filters[0].uids.path"),
-    ({"filters": [{"not": {"decontaminate": {"reference": "{tmp}/no_eval_set", "method": "perceptual"}}}]},
-     "filters[0].not.decontaminate.reference"),
-    ({"filters": [{"any": [{"clip_score": {"min": 0.1}}, {"image_clusters": {}}]}],
-      "clusters": {"num_clusters": 4, "reference": "sample_data/reference", "centroids": "{tmp}/no_centroids.npy"}}, "clusters.centroids"),
-    ({"filters": [{"image_clusters": {}}], "clusters": {"num_clusters": 4, "reference": "{tmp}/ref_{0..2}.npy"}},
-     "clusters.reference"),
+    (
+        {"filters": [{"not": {"decontaminate": {"reference": "{tmp}/no_eval_set", "method": "perceptual"}}}]},
+        "filters[0].not.decontaminate.reference",
+    ),
+    (
+        {
+            "filters": [{"any": [{"clip_score": {"min": 0.1}}, {"image_clusters": {}}]}],
+            "clusters": {
+                "num_clusters": 4,
+                "reference": "sample_data/reference",
+                "centroids": "{tmp}/no_centroids.npy",
+            },
+        },
+        "clusters.centroids",
+    ),
+    (
+        {"filters": [{"image_clusters": {}}], "clusters": {"num_clusters": 4, "reference": "{tmp}/ref_{0..2}.npy"}},
+        "clusters.reference",
+    ),
     ({"model": {"arch": "poolsift-tiny", "pretrained": "{tmp}/weights/tiny.safetensors"}}, "model.pretrained"),
 ]
 
@@ -70,12 +83,14 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     config = copied_sample_config(tmp_path / "project")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = run_cli_subprocess("validate", config, cwd=elsewhere, timeout=120,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = run_cli_subprocess(
+        "validate", config, cwd=elsewhere, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"output to {tmp_path}/project/out" in proc.stdout
-    proc = run_cli_subprocess("run", config, "--quiet", cwd=elsewhere, timeout=600,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = run_cli_subprocess(
+        "run", config, "--quiet", cwd=elsewhere, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "project" / "out" / "subset.npy").is_file()
     assert not os.listdir(elsewhere)
@@ -106,8 +121,14 @@ def test_tags_are_not_paths(tmp_path):
     from pipelines.config import load_config
 
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"input": {"shards": "s3://bucket/{0..3}.tar"},
-                                    "model": {"arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"shards": "s3://bucket/{0..3}.tar"},
+                "model": {"arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+            }
+        )
+    )
     cfg = load_config(path)
     assert cfg.model.pretrained == "laion2b_s34b_b79k"
     assert cfg.input.shards == "s3://bucket/{0..3}.tar"
@@ -121,8 +142,11 @@ def test_home_paths_and_optional_models(tmp_path):
     for name in ["tiny.safetensors", "pool.tar"]:
         (tmp_path / name).touch()
     language = {"languages": ["en"], "backend": "fasttext", "model_path": "~/no/such/lid.176.bin"}
-    raw = {"input": {"shards": "pool.tar"}, "model": {"arch": "poolsift-tiny", "pretrained": "tiny.safetensors"},
-           "filters": [{"language": {**language, "fallback": ["py3langid"]}}]}
+    raw = {
+        "input": {"shards": "pool.tar"},
+        "model": {"arch": "poolsift-tiny", "pretrained": "tiny.safetensors"},
+        "filters": [{"language": {**language, "fallback": ["py3langid"]}}],
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert load_config(path).filters[0]["language"]["model_path"] == "~/no/such/lid.176.bin"
@@ -132,4 +156,6 @@ def test_home_paths_and_optional_models(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     code, _, err = run_cli("validate", path)
     assert code == 2
-    assert err.strip() == "poolsift: error: filters[0].language.model_path: no such file or folder '~/no/such/lid.176.bin'"
+    assert (
+        err.strip() == "poolsift: error: filters[0].language.model_path: no such file or folder '~/no/such/lid.176.bin'"
+    )

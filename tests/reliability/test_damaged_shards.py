@@ -27,8 +27,11 @@ def test_a_cut_in_the_next_samples_first_member_keeps_the_complete_sample_before
         "in_header.tar": data[: m[6].offset + 300],  # inside 000000002.jpg's header
         "mid_sample.tar": data[: m[7].offset_data + 5],  # inside 000000002.txt: 000000002 is incomplete
     }
-    expect = {"in_data.tar": ["000000000"], "in_header.tar": ["000000000", "000000001"],
-              "mid_sample.tar": ["000000000", "000000001"]}
+    expect = {
+        "in_data.tar": ["000000000"],
+        "in_header.tar": ["000000000", "000000001"],
+        "mid_sample.tar": ["000000000", "000000001"],
+    }
     for name, cut in cases.items():
         (tmp_path / name).write_bytes(cut)
         keys, error = _keys(tmp_path / name)

@@ -26,7 +26,11 @@ def _shard(path, uids: list[str], seed: int) -> None:
         for i, uid in enumerate(uids):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
-            for ext, data in (("jpg", buf.getvalue()), ("txt", f"picture {i}".encode()), ("json", json.dumps({"uid": uid}).encode())):
+            for ext, data in (
+                ("jpg", buf.getvalue()),
+                ("txt", f"picture {i}".encode()),
+                ("json", json.dumps({"uid": uid}).encode()),
+            ):
                 info = tarfile.TarInfo(f"{seed}{i:04d}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
@@ -72,14 +76,23 @@ def test_keep_first_drops_later_copies_with_a_reason_and_the_funnel_adds_up(wds_
     assert code == 0, err
     m = _manifest(tmp_path)
     c = m["counts"]
-    assert c["filters"][0] == {"name": "uid_duplicates", "in": 6, "kept": 4, "dropped": 2, "reasons": {"duplicate_uid": 2}}
+    assert c["filters"][0] == {
+        "name": "uid_duplicates",
+        "in": 6,
+        "kept": 4,
+        "dropped": 2,
+        "reasons": {"duplicate_uid": 2},
+    }
     assert c["input"] == 6 == c["kept"] + c["failed"] + sum(f["dropped"] for f in c["filters"])
     kept = np.load(tmp_path / "out" / "subset.npy")
     assert len(kept) == len(np.unique(kept)) == 4
     subset = pq.read_table(tmp_path / "out" / "subset").to_pydict()
     assert dict(zip(subset["uid"], subset["key"], strict=True))[DUP] == "10001"  # the first copy stays
     dropped = pq.read_table(tmp_path / "out" / "dropped").to_pylist()
-    assert sorted((r["key"], r["reason"], r["uid"]) for r in dropped) == [("10003", "duplicate_uid", DUP), ("20001", "duplicate_uid", DUP)]
+    assert sorted((r["key"], r["reason"], r["uid"]) for r in dropped) == [
+        ("10003", "duplicate_uid", DUP),
+        ("20001", "duplicate_uid", DUP),
+    ]
 
 
 @pytest.mark.slow
@@ -102,7 +115,11 @@ def test_datacomp_duplicates_across_shards(tmp_path):
     import pyarrow as pa
 
     pq.write_table(b.set_column(b.column_names.index("uid"), "uid", pa.array(uids, pa.string())), second)
-    cfg = {"input": {"datacomp_metadata": str(meta), "uid": {"duplicates": "keep_first"}}, "filters": [], "output": {"dir": str(tmp_path / "out")}}
+    cfg = {
+        "input": {"datacomp_metadata": str(meta), "uid": {"duplicates": "keep_first"}},
+        "filters": [],
+        "output": {"dir": str(tmp_path / "out")},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     code, _, err = run_cli("run", path, "--quiet")

@@ -73,8 +73,11 @@ def test_a_bad_checkpoint_is_one_line_naming_it(tmp_path, name, make, cause):
 def test_run_with_a_refused_pickle_is_one_line(tmp_path):
     path = tmp_path / "evil.pt"
     _evil_pt(path)
-    cfg = write_config(tmp_path / "c.yaml", model={"arch": "poolsift-tiny", "pretrained": str(path), "device": "cpu"},
-                       output={"dir": str(tmp_path / "out")})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        model={"arch": "poolsift-tiny", "pretrained": str(path), "device": "cpu"},
+        output={"dir": str(tmp_path / "out")},
+    )
     code, _, err = run_cli("run", cfg, "--quiet")
     assert code == 1
     lines = [line for line in err.strip().splitlines() if line.startswith("poolsift: error:")]
@@ -89,8 +92,10 @@ def test_a_corrupt_datacomp_parquet_is_named(tmp_path):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2] + b"\0" * 64 + data[-8:])
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"input: {{datacomp_metadata: {root}}}\nfilters: [{{clip_score: {{top_fraction: 0.5}}}}]\n"
-                   f"output: {{dir: {tmp_path / 'out'}}}\n")
+    cfg.write_text(
+        f"input: {{datacomp_metadata: {root}}}\nfilters: [{{clip_score: {{top_fraction: 0.5}}}}]\n"
+        f"output: {{dir: {tmp_path / 'out'}}}\n"
+    )
     code, _, err = run_cli("run", cfg, "--quiet")
     assert code == 1, err
     lines = err.strip().splitlines()
@@ -101,7 +106,10 @@ def test_a_corrupt_datacomp_parquet_is_named(tmp_path):
 @pytest.mark.parametrize(
     ("error", "cause"),
     [
-        (OSError("16000 requested and 8128 written"), "short write (16000 requested and 8128 written); is the disk full?"),
+        (
+            OSError("16000 requested and 8128 written"),
+            "short write (16000 requested and 8128 written); is the disk full?",
+        ),
         (OSError(errno.ENOSPC, "No space left on device"), "No space left on device (errno 28)"),
     ],
 )

@@ -17,8 +17,28 @@ TINY = str(REPO / "sample_data" / "tiny_clip" / "poolsift-tiny.safetensors")
 
 def _captions() -> list[str]:
     rng = random.Random(0)
-    words = ["dog", "beach", "a", "photo", "of", "the", "running", "&amp;", "&lt;b&gt;", "Ã©", "Ã\xa0", "é", "中文",
-             "!!", "42", "don't", "\t", "\n", "\u200b", "x" * 40]
+    words = [
+        "dog",
+        "beach",
+        "a",
+        "photo",
+        "of",
+        "the",
+        "running",
+        "&amp;",
+        "&lt;b&gt;",
+        "Ã©",
+        "Ã\xa0",
+        "é",
+        "中文",
+        "!!",
+        "42",
+        "don't",
+        "\t",
+        "\n",
+        "\u200b",
+        "x" * 40,
+    ]
     out = [m.get("caption", "") for m in read_truth().values()]
     out += [" ".join(rng.choice(words) for _ in range(rng.randint(0, 150))) for _ in range(300)]
     out += [

@@ -34,8 +34,9 @@ def assert_no_result(out, err):
     assert not (out / "manifest.json").exists(), "an old manifest beside new outputs"
     code, _, err = run_cli("report", out)
     assert code == 2
-    assert err.strip() == (f"poolsift: error: {out}: no manifest.json "
-                           "(not a poolsift output directory, or its last run did not finish)")
+    assert err.strip() == (
+        f"poolsift: error: {out}: no manifest.json (not a poolsift output directory, or its last run did not finish)"
+    )
 
 
 def test_the_manifest_lists_every_output_file(tmp_path, rerun_dir):
@@ -109,8 +110,10 @@ def test_readers_refuse_files_that_disagree_with_the_manifest(tmp_path, rerun_di
     (out / "subset" / "part-00007.parquet").write_bytes((out / "subset" / "part-00000.parquet").read_bytes())
     code, _, err = run_cli("report", out)
     assert code == 1
-    assert err.strip() == (f"poolsift: error: {out}/subset/part-00007.parquet: not listed in manifest.json; "
-                           "the folder was changed after its run, or a later run did not finish; rerun poolsift run")
+    assert err.strip() == (
+        f"poolsift: error: {out}/subset/part-00007.parquet: not listed in manifest.json; "
+        "the folder was changed after its run, or a later run did not finish; rerun poolsift run"
+    )
 
 
 @pytest.mark.parametrize("missing", ["subset.npy", "subset/part-00000.parquet"])

@@ -15,8 +15,11 @@ from tests.conftest import SAMPLE, run_cli, write_config
 
 
 def run_twice(tmp_path, shards: str, out) -> list[dict]:
-    cfg = write_config(tmp_path / "c.yaml", input={"shards": shards},
-                       output={"dir": str(out), "webdataset": True, "samples_per_shard": 50})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        input={"shards": shards},
+        output={"dir": str(out), "webdataset": True, "samples_per_shard": 50},
+    )
     manifests = []
     for _ in range(2):
         code, _, err = run_cli("run", cfg, "--quiet")
@@ -44,8 +47,16 @@ def test_a_rerun_reads_the_same_shards(tmp_path, layout):
 
 def test_output_files_are_recognised(tmp_path):
     out = str(tmp_path / "out")
-    for inside in ["manifest.json", "subset.npy", ".poolsift.lock", "subset/part-00000.parquet", "shards/00000.tar",
-                   "cache/score/x.arrow", "dropped/part-00000.parquet", ".tmp-1234-subset.npy"]:
+    for inside in [
+        "manifest.json",
+        "subset.npy",
+        ".poolsift.lock",
+        "subset/part-00000.parquet",
+        "shards/00000.tar",
+        "cache/score/x.arrow",
+        "dropped/part-00000.parquet",
+        ".tmp-1234-subset.npy",
+    ]:
         assert is_output_file(f"{out}/{inside}", out), inside
     for outside in ["00000.tar", "pool/00000.tar", "subsets/x.tar"]:
         assert not is_output_file(f"{out}/{outside}", out), outside

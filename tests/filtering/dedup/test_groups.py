@@ -32,12 +32,15 @@ def test_smallest_uid_survives():
 
 def test_singletons_survive():
     uids = np.array(["x", "y"], dtype=object)
-    keep, dup = groups.resolve(2, np.zeros(0, int), np.zeros(0, int), uids, groups.keep_rank(uids, None, "smallest_uid"))
+    keep, dup = groups.resolve(
+        2, np.zeros(0, int), np.zeros(0, int), uids, groups.keep_rank(uids, None, "smallest_uid")
+    )
     assert keep.all() and dup.tolist() == [None, None]
 
 
 def test_exact_groups_on_several_keys():
-    labels = groups.exact_groups([np.array(["h1", "h1", "h2", "h1"], dtype=object),
-                                  np.array(["cap", "cap", "cap", "other"], dtype=object)])
+    labels = groups.exact_groups(
+        [np.array(["h1", "h1", "h2", "h1"], dtype=object), np.array(["cap", "cap", "cap", "other"], dtype=object)]
+    )
     assert labels[0] == labels[1]
     assert len({labels[0], labels[2], labels[3]}) == 3

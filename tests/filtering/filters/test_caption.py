@@ -51,7 +51,10 @@ def test_matches_python_split_and_len():
     for n_words in range(0, 5):
         for n_chars in range(0, 14):
             keep, _, _ = decide(texts, min_words=n_words, min_chars=n_chars)
-            expect = [(len(t.split()) >= n_words and len(t) >= n_chars and (bool(t.strip()) or n_words == n_chars == 0)) for t in texts]
+            expect = [
+                (len(t.split()) >= n_words and len(t) >= n_chars and (bool(t.strip()) or n_words == n_chars == 0))
+                for t in texts
+            ]
             assert keep.tolist() == expect, (n_words, n_chars)
 
 
@@ -80,11 +83,47 @@ def test_params_rejected(params):
 
 # Every separator fastText knows, Unicode spaces it does not, and word characters of
 # 1, 2, 3 and 4 UTF-8 bytes.
-_PIECES = [" ", "\n", "\r", "\t", "\v", "\f", "\0", "\xa0", "\u2009", "\u3000", "\x1c", "\x85", "\u200b", "\u2028",
-           "a", "é", "猫", "\U0001f600", "</s>"]
+_PIECES = [
+    " ",
+    "\n",
+    "\r",
+    "\t",
+    "\v",
+    "\f",
+    "\0",
+    "\xa0",
+    "\u2009",
+    "\u3000",
+    "\x1c",
+    "\x85",
+    "\u200b",
+    "\u2028",
+    "a",
+    "é",
+    "猫",
+    "\U0001f600",
+    "</s>",
+]
 ODD_CAPTIONS = [
-    "", " ", "\n", "\n\n", "\r\n", "Watch\n", "\nWatch", "1178\xa0city", "a\u2009b\u3000c", "  a  b ", "a\n\nb",
-    "x\0y", "a\x0bb\x0cc\rd\te", "é ü", "a\x1cb", "a\x85b", " \t\n lead and trail \n\t ", "word", "two words",
+    "",
+    " ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "Watch\n",
+    "\nWatch",
+    "1178\xa0city",
+    "a\u2009b\u3000c",
+    "  a  b ",
+    "a\n\nb",
+    "x\0y",
+    "a\x0bb\x0cc\rd\te",
+    "é ü",
+    "a\x1cb",
+    "a\x85b",
+    " \t\n lead and trail \n\t ",
+    "word",
+    "two words",
 ]
 
 

@@ -128,13 +128,28 @@ def test_repeated_entries_get_distinct_funnel_names(pool):
 @pytest.mark.parametrize(
     "specs, message",
     [
-        ([{"any": [{"caption": {"min_wrds": 3}}]}], "filters[0].any[0].caption.min_wrds: unknown key; did you mean min_words?"),
-        ([{"caption": {"min_words": 1}}, {"any": [{"not": {"captio": {}}}]}], "filters[1].any[0].not: unknown filter 'captio'; did you mean caption?"),
+        (
+            [{"any": [{"caption": {"min_wrds": 3}}]}],
+            "filters[0].any[0].caption.min_wrds: unknown key; did you mean min_words?",
+        ),
+        (
+            [{"caption": {"min_words": 1}}, {"any": [{"not": {"captio": {}}}]}],
+            "filters[1].any[0].not: unknown filter 'captio'; did you mean caption?",
+        ),
         ([{"any": []}], "filters[0].any: expects a non-empty list of filters"),
-        ([{"not": [{"caption": {"min_words": 1}}, {"caption": {"min_words": 2}}]}], "filters[0].not: expects one filter"),
-        ([{"caption": {"min_words": 1}, "language": {"languages": ["en"]}}], "filters[0]: each filter is a mapping with exactly one key"),
+        (
+            [{"not": [{"caption": {"min_words": 1}}, {"caption": {"min_words": 2}}]}],
+            "filters[0].not: expects one filter",
+        ),
+        (
+            [{"caption": {"min_words": 1}, "language": {"languages": ["en"]}}],
+            "filters[0]: each filter is a mapping with exactly one key",
+        ),
         (["caption"], "filters[0]: each filter is a mapping with exactly one key"),
-        ([{"all": [{"image_size": {"min_side": 0}}]}], "filters[0].all[0].image_size.min_side: Input should be greater than or equal to 1"),
+        (
+            [{"all": [{"image_size": {"min_side": 0}}]}],
+            "filters[0].all[0].image_size.min_side: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_parse_errors_name_the_nested_key(specs, message):
@@ -146,8 +161,13 @@ def test_parse_errors_name_the_nested_key(specs, message):
 
 def test_thresholds_travel_in_decisions_through_combinators(pool):
     pool.add_column("q", pa.array(np.arange(pool.n, dtype=np.float32)))
-    out = run([{"any": [{"not": {"score": {"column": "q", "min": 2.0}}}, {"caption": {"min_words": 3}}]},
-               {"score": {"column": "q", "max": 100.0}}], pool)
+    out = run(
+        [
+            {"any": [{"not": {"score": {"column": "q", "min": 2.0}}}, {"caption": {"min_words": 3}}]},
+            {"score": {"column": "q", "max": 100.0}},
+        ],
+        pool,
+    )
     assert out.thresholds == {"q": 100.0}  # a later entry's threshold for the same column wins, as it is applied last
     out = run([{"all": [{"score": {"column": "q", "top_fraction": 0.5}}]}], pool)
     assert list(out.thresholds) == ["q"] and out.thresholds["q"] is not None

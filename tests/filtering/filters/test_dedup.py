@@ -107,8 +107,13 @@ def test_same_result_whatever_the_row_order(method):
     perm = rng.permutation(n)
 
     def result(order):
-        pool = make_pool([sha[i] for i in order], hashes[order].tolist(), scores[order],
-                         emb=emb[order].astype(np.float16), uids=[uids[i] for i in order])
+        pool = make_pool(
+            [sha[i] for i in order],
+            hashes[order].tolist(),
+            scores[order],
+            emb=emb[order].astype(np.float16),
+            uids=[uids[i] for i in order],
+        )
         out = run(pool, **params)
         return {u: (bool(k), d) for u, k, d in zip(pool.column("uid"), out.keep, out.duplicate_of, strict=True)}
 

@@ -50,11 +50,19 @@ def test_original_size_first_then_decoded():
 
 
 def test_requires_original_size_unless_decoded():
-    assert ImageSize(ImageSizeParams(min_side=1), InputInfo("datacomp")).requires() == {"original_width", "original_height"}
-    assert ImageSize(ImageSizeParams(min_side=1, size_from="decoded"), InputInfo("webdataset")).requires() == {"width", "height"}
+    assert ImageSize(ImageSizeParams(min_side=1), InputInfo("datacomp")).requires() == {
+        "original_width",
+        "original_height",
+    }
+    assert ImageSize(ImageSizeParams(min_side=1, size_from="decoded"), InputInfo("webdataset")).requires() == {
+        "width",
+        "height",
+    }
 
 
-@pytest.mark.parametrize("params", [{}, {"min_side": 0}, {"max_aspect_ratio": 0.5}, {"min_side": 200, "size_from": "exif"}])
+@pytest.mark.parametrize(
+    "params", [{}, {"min_side": 0}, {"max_aspect_ratio": 0.5}, {"min_side": 200, "size_from": "exif"}]
+)
 def test_params_rejected(params):
     with pytest.raises(ValueError):
         ImageSizeParams(**params)

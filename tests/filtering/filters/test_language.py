@@ -118,10 +118,14 @@ def test_fasttext_candidates_pick_the_best_ranked_candidate(monkeypatch, tmp_pat
     class FakeModel:
         def predict(self, texts, k=1):
             assert k == -1
-            return [("__label__nl", "__label__en", "__label__de")] * len(texts), [np.array([0.5, 0.3, 0.2])] * len(texts)
+            return [("__label__nl", "__label__en", "__label__de")] * len(texts), [np.array([0.5, 0.3, 0.2])] * len(
+                texts
+            )
 
     monkeypatch.setitem(sys.modules, "fasttext", types.SimpleNamespace(load_model=lambda path: FakeModel()))
-    d, _ = decide(["a cross"], languages=["en"], backend="fasttext", model_path=str(model_file), candidates=["en", "de"])
+    d, _ = decide(
+        ["a cross"], languages=["en"], backend="fasttext", model_path=str(model_file), candidates=["en", "de"]
+    )
     assert d.keep.tolist() == [True]
 
 
@@ -194,8 +198,16 @@ def test_params_rejected(params):
 
 def test_many_captions_are_classified_on_several_cores_with_the_same_result():
     texts = [
-        "a photo of a dog on the beach", "ein Hund am Strand", "un chien sur la plage", "un perro en la playa",
-        "een hond op het strand", "un cane sulla spiaggia", "", "12345", "cat", "猫がソファの上で寝ている",
+        "a photo of a dog on the beach",
+        "ein Hund am Strand",
+        "un chien sur la plage",
+        "un perro en la playa",
+        "een hond op het strand",
+        "un cane sulla spiaggia",
+        "",
+        "12345",
+        "cat",
+        "猫がソファの上で寝ている",
     ]
     texts = [f"{t} {i}" if t else t for i, t in enumerate(texts * 12)]
     serial = language.predict_texts(texts, "py3langid", workers=1)
@@ -222,8 +234,19 @@ def datacomp_fasttext_en(model, texts):
     return [lab[0].replace("__label__", "") == "en" for lab in labels]
 
 
-ODD = ["a dog on the beach", "ein Hund am Strand", "un chien\nsur la plage", "", " ", "\xa0 \xa0", "dog\n",
-       "the red car", "Katze", "\n\n", "1178\xa0city"]
+ODD = [
+    "a dog on the beach",
+    "ein Hund am Strand",
+    "un chien\nsur la plage",
+    "",
+    " ",
+    "\xa0 \xa0",
+    "dog\n",
+    "the red car",
+    "Katze",
+    "\n\n",
+    "1178\xa0city",
+]
 
 
 def test_fasttext_backend_decides_as_datacomp_with_the_same_model(tiny_lid, fresh_identifiers):
@@ -289,8 +312,9 @@ def test_gcld3_missing_says_how_to_get_it_and_falls_back(tiny_lid, monkeypatch, 
     monkeypatch.setitem(sys.modules, "gcld3", None)
     with pytest.raises(ConfigError, match="protobuf-compiler libprotobuf-dev"):
         resolve(LanguageParams(languages=["en"], backend="gcld3"))
-    record = resolve(LanguageParams(languages=["en"], backend="gcld3", fallback=["fasttext", "py3langid"],
-                                    model_path=str(tiny_lid)))
+    record = resolve(
+        LanguageParams(languages=["en"], backend="gcld3", fallback=["fasttext", "py3langid"], model_path=str(tiny_lid))
+    )
     assert record["backend"] == "fasttext"
     assert record["unavailable"].keys() == {"gcld3"}
     assert "NOT what DataComp's identifier for its laion2b baseline gives" in record["note"]

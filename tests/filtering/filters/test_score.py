@@ -11,11 +11,13 @@ from filtering.pool import Pool
 
 def pool_of(scores, errors=None, dtype=None) -> Pool:
     n = len(scores)
-    table = pa.table({
-        "uid": [f"{i:032x}" for i in range(n)],
-        "aesthetic_score": pa.array(scores, dtype or pa.float32()),
-        "error": pa.array(errors if errors is not None else [None] * n, pa.string()),
-    })
+    table = pa.table(
+        {
+            "uid": [f"{i:032x}" for i in range(n)],
+            "aesthetic_score": pa.array(scores, dtype or pa.float32()),
+            "error": pa.array(errors if errors is not None else [None] * n, pa.string()),
+        }
+    )
     return Pool(table=table, parts=[])
 
 
@@ -37,8 +39,14 @@ def test_min_max_range_and_reason_codes():
     scores = np.array([1, 4, 5, 6, 9, np.nan, 5], dtype=np.float32)
     out = run({"min": 4, "max": 6}, pool_of(scores, errors=[None] * 6 + ["decode: bad"]))
     assert out.keep.tolist() == [False, True, True, True, False, False, False]
-    assert out.drop_reason.tolist()[:6] == ["aesthetic_score_below_min", None, None, None,
-                                            "aesthetic_score_above_max", "aesthetic_score_missing"]
+    assert out.drop_reason.tolist()[:6] == [
+        "aesthetic_score_below_min",
+        None,
+        None,
+        None,
+        "aesthetic_score_above_max",
+        "aesthetic_score_missing",
+    ]
     assert out.funnel[0]["name"] == "score" and out.funnel[0]["in"] == 6  # the failed row never reaches it
     only_max = run({"max": 5}, pool_of(scores[:5]))
     assert only_max.keep.tolist() == [True, True, True, False, False]
@@ -53,12 +61,15 @@ def test_threshold_returned_in_the_decision_for_report_and_sweep():
     assert "thresholds" not in pool.artifacts  # the pool is not written to: nothing for sweep to undo
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({}, "give min, max (or both), or top_fraction"),
-    ({"top_fraction": 0.3, "min": 1}, "give top_fraction alone"),
-    ({"min": 5, "max": 1}, "min (5.0) is above max (1.0)"),
-    ({"top_fraction": 1.5}, "top_fraction"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({}, "give min, max (or both), or top_fraction"),
+        ({"top_fraction": 0.3, "min": 1}, "give top_fraction alone"),
+        ({"min": 5, "max": 1}, "min (5.0) is above max (1.0)"),
+        ({"top_fraction": 1.5}, "top_fraction"),
+    ],
+)
 def test_bad_params(spec, message):
     with pytest.raises(ConfigError, match=r"filters\[0\]\.score") as e:
         parse_filters([{"score": {"column": "x", **spec}}])

@@ -58,7 +58,9 @@ def test_plural_rules(tmp_path):
 
 def test_user_classes_file(tmp_path):
     (tmp_path / "classes.txt").write_text("red circle\nsquare\n")
-    keep, reasons = decide(["a red circle", "a red square", "a circle", "a triangle"], classes_file=str(tmp_path / "classes.txt"))
+    keep, reasons = decide(
+        ["a red circle", "a red square", "a circle", "a triangle"], classes_file=str(tmp_path / "classes.txt")
+    )
     assert keep == [True, True, False, False]
     assert reasons == ["caption_no_entity"] * 2
     with pytest.raises(InputError, match="classes_file"):

@@ -34,8 +34,12 @@ def s3():
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     mp = pytest.MonkeyPatch()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }.items():
         mp.setenv(key, value)
     mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})  # every s3:// URL goes to the stand-in
     s3fs.S3FileSystem.clear_instance_cache()
@@ -80,8 +84,9 @@ def test_cache_and_atomic_writes_on_s3(s3):
 @pytest.mark.slow
 def test_run_from_s3_to_s3_gives_the_local_subset(tmp_path, s3, scored_sample):
     out = f"s3://{BUCKET}/runs/sample"
-    cfg = write_config(tmp_path / "s3.yaml", input={"shards": f"s3://{BUCKET}/sample/{{00000..00003}}.tar"},
-                       output={"dir": out})
+    cfg = write_config(
+        tmp_path / "s3.yaml", input={"shards": f"s3://{BUCKET}/sample/{{00000..00003}}.tar"}, output={"dir": out}
+    )
     code, stdout, err = run_cli("run", cfg, "--quiet")
     assert code == 0, err
 
@@ -93,7 +98,11 @@ def test_run_from_s3_to_s3_gives_the_local_subset(tmp_path, s3, scored_sample):
     remote = remote_table(f"{BUCKET}/runs/sample/subset/part-00000.parquet")
     assert remote.column("source_shard")[0].as_py().startswith(f"s3://{BUCKET}/sample/")
     drop = ["source_shard"]
-    assert remote.drop_columns(drop).replace_schema_metadata(None).equals(local.drop_columns(drop).replace_schema_metadata(None))
+    assert (
+        remote.drop_columns(drop)
+        .replace_schema_metadata(None)
+        .equals(local.drop_columns(drop).replace_schema_metadata(None))
+    )
     assert json.loads(remote.schema.metadata[b"poolsift"])["config"]["output"]["dir"] == out
     with s3.open(f"{BUCKET}/runs/sample/subset.npy", "rb") as f:
         assert f.read() == (scored_sample / "subset.npy").read_bytes()

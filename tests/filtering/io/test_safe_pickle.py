@@ -83,7 +83,11 @@ def test_datacomp_centroids_numpy_array_in_torch_file(tmp_path, protocol, numpy1
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_imagenet_embeddings_dict_of_tensors(tmp_path, protocol, dtype):
     feats = torch.from_numpy(FEATURES.astype(np.float32)).to(dtype)
-    obj = {"image_features": feats, "labels": torch.arange(9), "view": feats[2:5, 1:]}  # a strided view of the same storage
+    obj = {
+        "image_features": feats,
+        "labels": torch.arange(9),
+        "view": feats[2:5, 1:],
+    }  # a strided view of the same storage
     path = write(tmp_path, "in1k.pt", torch_file(obj, protocol))
     got = safe_pickle.load(path)
     assert sorted(got) == ["image_features", "labels", "view"]
@@ -101,7 +105,10 @@ def test_bare_tensor_and_plain_pickles(tmp_path, protocol):
     path = write(tmp_path, "c64.pt", torch_file(CENTROIDS.astype(np.float64), protocol))  # protocol 5: _frombuffer
     np.testing.assert_array_equal(safe_pickle.load(path), CENTROIDS.astype(np.float64))
     for proto in (2, 4, 5):
-        for data in (pickle.dumps(CENTROIDS, protocol=proto), as_numpy1(pickle.dumps(CENTROIDS, protocol=proto)) if proto in (2, 4) else None):
+        for data in (
+            pickle.dumps(CENTROIDS, protocol=proto),
+            as_numpy1(pickle.dumps(CENTROIDS, protocol=proto)) if proto in (2, 4) else None,
+        ):
             if data is None:
                 continue
             np.testing.assert_array_equal(load_centroids(write(tmp_path, f"p{proto}.pt", data)), CENTROIDS)
@@ -160,9 +167,10 @@ def _torch_zip(pkl: bytes, storages: dict[str, bytes]) -> bytes:
 
 def _tensor_pickle(size: int, stride: int) -> bytes:
     """``_rebuild_tensor_v2(storage '0' of 6 floats, 0, (size,), (stride,), False, None)`` in protocol 0 opcodes."""
-    return (b"ctorch._utils\n_rebuild_tensor_v2\n("
-            b"(Vstorage\nctorch\nFloatStorage\nV0\nVcpu\nI6\ntQ"
-            + f"I0\n(I{size}\nt(I{stride}\ntI00\nNtR.".encode())
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        b"(Vstorage\nctorch\nFloatStorage\nV0\nVcpu\nI6\ntQ" + f"I0\n(I{size}\nt(I{stride}\ntI00\nNtR.".encode()
+    )
 
 
 def test_tensors_stay_inside_their_storage(tmp_path):

@@ -76,7 +76,9 @@ def _reference(path):
     return out
 
 
-@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "ustar", "pax"])
+@pytest.mark.parametrize(
+    "fmt", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "ustar", "pax"]
+)
 def test_samples_equal_webdatasets(tmp_path, fmt):
     path = tmp_path / "s.tar"
     path.write_bytes(_tar(fmt))
@@ -134,7 +136,10 @@ def test_duplicate_member_fails_its_sample_where_webdataset_drops_the_shard(tmp_
         result = ShardReadResult(str(path))
         samples = [(s.key, s.members, s.error) for s in iter_shard(str(path), result)]
         assert result.error is None
-        assert samples == [("a", {"txt": b"1"}, "duplicate_member: a.txt appears twice in one sample"), ("b", {"txt": b"3"}, None)]
+        assert samples == [
+            ("a", {"txt": b"1"}, "duplicate_member: a.txt appears twice in one sample"),
+            ("b", {"txt": b"3"}, None),
+        ]
     assert _reference(path) == []  # webdataset raises at the duplicate
 
 

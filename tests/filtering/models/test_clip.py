@@ -78,7 +78,10 @@ def test_hf_hub_checkpoint_from_local_cache_offline(tmp_path, random_tiny, monke
 
     clip = load_clip("ignored-when-hf-hub", "hf-hub:poolsift/tiny", device="cpu", precision="fp32")
     assert _same_weights(clip.model, random_tiny)
-    assert clip.info["checkpoint_sha256"] == hashlib.sha256((snap / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    assert (
+        clip.info["checkpoint_sha256"]
+        == hashlib.sha256((snap / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    )
 
 
 def test_unknown_arch_and_tag_list_the_choices():

@@ -16,9 +16,12 @@ def clustered_run(tmp_path_factory, scored_sample):
     root = tmp_path_factory.mktemp("clustered")
     out = root / "run"
     shutil.copytree(scored_sample / "cache", out / "cache")
-    cfg = write_config(root / "c.yaml", clusters={"num_clusters": 16, "reference": str(SAMPLE / "reference")},
-                       filters=[{"dedup": {"method": "perceptual"}}, {"image_clusters": {}}],
-                       output={"dir": str(out), "report": True})
+    cfg = write_config(
+        root / "c.yaml",
+        clusters={"num_clusters": 16, "reference": str(SAMPLE / "reference")},
+        filters=[{"dedup": {"method": "perceptual"}}, {"image_clusters": {}}],
+        output={"dir": str(out), "report": True},
+    )
     code, _, stderr = run_cli("run", cfg, "--quiet")
     assert code == 0, stderr
     return out

@@ -28,8 +28,16 @@ from filtering.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars", "--mute-audio",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--hide-scrollbars",
+    "--mute-audio",
 ]
 
 pytestmark = [
@@ -50,10 +58,17 @@ class Browser:
         self.log_path = user_data_dir / "chrome.log"
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         args = [CHROMIUM, *FLAGS, f"--user-data-dir={user_data_dir}", "--remote-debugging-pipe", "about:blank"]
-        self.pid = os.posix_spawn(CHROMIUM, args, os.environ, file_actions=[
-            (os.POSIX_SPAWN_DUP2, a, 3), (os.POSIX_SPAWN_DUP2, b, 4),
-            (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2),
-        ])
+        self.pid = os.posix_spawn(
+            CHROMIUM,
+            args,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, a, 3),
+                (os.POSIX_SPAWN_DUP2, b, 4),
+                (os.POSIX_SPAWN_DUP2, log, 1),
+                (os.POSIX_SPAWN_DUP2, log, 2),
+            ],
+        )
         for fd in (to_chrome_r, from_chrome_w, a, b, log):
             os.close(fd)
         self._buf = b""
@@ -144,12 +159,18 @@ def render(browser: Browser, html: Path) -> tuple[dict, list[dict], list[str], b
     browser.events.clear()
     for domain in ("Page", "Runtime", "Log", "Network"):
         browser.send(f"{domain}.enable", session=session)
-    browser.send("Emulation.setDeviceMetricsOverride",
-                 {"width": 1280, "height": 4000, "deviceScaleFactor": 1, "mobile": False}, session=session)
+    browser.send(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1280, "height": 4000, "deviceScaleFactor": 1, "mobile": False},
+        session=session,
+    )
     browser.send("Page.navigate", {"url": html.resolve().as_uri()}, session=session)
     browser.wait_event("Page.loadEventFired")
-    facts = json.loads(browser.send("Runtime.evaluate", {"expression": PAGE_FACTS, "returnByValue": True},
-                                    session=session)["result"]["value"])
+    facts = json.loads(
+        browser.send("Runtime.evaluate", {"expression": PAGE_FACTS, "returnByValue": True}, session=session)["result"][
+            "value"
+        ]
+    )
     shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=session)
     errors = []
     requests = []
@@ -173,7 +194,9 @@ def check_screenshot(png: bytes) -> Image.Image:
     assert img.width == 1280 and img.height >= 2000
     px = np.asarray(img.resize((320, img.height // 4)))
     assert px.std() > 20, "the screenshot is blank"
-    assert len(np.unique(px.reshape(-1, 3), axis=0)) > 500, "the screenshot has too few colours to hold plots and photos"
+    assert len(np.unique(px.reshape(-1, 3), axis=0)) > 500, (
+        "the screenshot has too few colours to hold plots and photos"
+    )
     return img
 
 

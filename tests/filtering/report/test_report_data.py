@@ -51,8 +51,9 @@ def test_kept_membership_with_equal_high_halves():
 
 
 def _run_top30(rerun_dir, tmp_path, **output):
-    cfg = write_config(tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}],
-                       output={"dir": str(rerun_dir), **output})
+    cfg = write_config(
+        tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}], output={"dir": str(rerun_dir), **output}
+    )
     code, _, stderr = run_cli("run", cfg, "--quiet")
     assert code == 0, stderr
     return json.loads((rerun_dir / "manifest.json").read_text())
@@ -73,7 +74,9 @@ def test_report_numbers_match_the_run(rerun_dir, tmp_path):
     assert h.thresholds == [pytest.approx(manifest["thresholds"]["clip_score"])]
     threshold = h.thresholds[0]
     kept_scores = pq.read_table(rerun_dir / "subset").column("clip_score").to_numpy()
-    best, weakest, below = (data.grids[k] for k in ("highest-scored kept", "lowest-scored kept", "highest-scored dropped"))
+    best, weakest, below = (
+        data.grids[k] for k in ("highest-scored kept", "lowest-scored kept", "highest-scored dropped")
+    )
     assert [s.score for s in best] == pytest.approx(np.sort(kept_scores)[::-1][:12].tolist())
     assert [s.score for s in weakest] == pytest.approx(np.sort(kept_scores)[:12].tolist())
     assert all(s.score < threshold for s in below) and all(s.score >= threshold for s in weakest)
@@ -101,9 +104,11 @@ def test_report_cli_and_missing_score_cache(rerun_dir, tmp_path):
 @pytest.mark.slow
 def test_metadata_only_datacomp_report(tmp_path):
     meta = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=80)
-    cfg = {"input": {"datacomp_metadata": str(meta)},
-           "filters": [{"clip_score": {"top_fraction": 0.3, "field": "clip_b32_similarity_score"}}],
-           "output": {"dir": str(tmp_path / "run"), "report": True}}
+    cfg = {
+        "input": {"datacomp_metadata": str(meta)},
+        "filters": [{"clip_score": {"top_fraction": 0.3, "field": "clip_b32_similarity_score"}}],
+        "output": {"dir": str(tmp_path / "run"), "report": True},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     code, _, stderr = run_cli("run", tmp_path / "c.yaml", "--quiet")
     assert code == 0, stderr

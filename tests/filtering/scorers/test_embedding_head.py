@@ -104,7 +104,9 @@ def test_input_size_mismatch_names_head_and_embedding(tmp_path):
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown scorer 'embeding_head'; did you mean embedding_head"):
         parse_scorers([{"embeding_head": {}}], DC)
-    with pytest.raises(ConfigError, match=r"scorers\[0\].embedding_head.preset: unknown preset 'aesthetic'; valid presets"):
+    with pytest.raises(
+        ConfigError, match=r"scorers\[0\].embedding_head.preset: unknown preset 'aesthetic'; valid presets"
+    ):
         parse_scorers([{"embedding_head": {"name": "a", "preset": "aesthetic", "weights": "w"}}], DC)
     with pytest.raises(ConfigError, match=r"scorers\[0\].embedding_head.backnd: unknown key; did you mean backend"):
         parse_scorers([{"embedding_head": {"name": "a", "preset": "mlp", "weights": "w", "backnd": "numpy"}}], DC)
@@ -117,8 +119,12 @@ def test_config_errors():
 
 def test_webdataset_input_offers_the_runs_clip_embeddings(tmp_path):
     save_file(random_state_dict({"layers.0": (1, 64)}), str(tmp_path / "w.safetensors"))
-    s = _scorer(tmp_path / "w.safetensors", "linear", info=InputInfo("webdataset", {"image": 64, "text": 64}),
-                embedding="l14_img")
+    s = _scorer(
+        tmp_path / "w.safetensors",
+        "linear",
+        info=InputInfo("webdataset", {"image": 64, "text": 64}),
+        embedding="l14_img",
+    )
     with pytest.raises(ConfigError, match="WebDataset input has the run's CLIP embeddings 'image' and 'text'"):
         s.check()
 

@@ -20,8 +20,13 @@ def make_pool(embs: list[np.ndarray], failed_rows=()) -> Pool:
         start += len(e)
     error = [("corrupt_image: x" if i in failed_rows else None) for i in range(start)]
     table = pa.table({"uid": [f"{i:032x}" for i in range(start)], "error": pa.array(error, pa.string())})
-    return Pool(table, parts, embedding_loader=lambda kind, part: embs[parts.index(part)],
-                embedding_kinds=("image", "text"), default_embedding="image")
+    return Pool(
+        table,
+        parts,
+        embedding_loader=lambda kind, part: embs[parts.index(part)],
+        embedding_kinds=("image", "text"),
+        default_embedding="image",
+    )
 
 
 def blobs(n, centers, rng, noise=0.2):
@@ -50,7 +55,9 @@ def config(tmp_path, **clusters):
 
 
 def run_stage(cfg, tmp_path, pool) -> dict:
-    ctx = RunContext(config=cfg, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "run" / "cache"), log=lambda m: None)
+    ctx = RunContext(
+        config=cfg, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "run" / "cache"), log=lambda m: None
+    )
     ClusterStage(cfg, ctx.cache_dir).run(ctx, pool)
     return ctx.stage_info["clusters"]
 

@@ -28,12 +28,18 @@ def test_pool_carries_datacomp_columns_in_shard_order(pool_dir):
     assert pool.column("uid").tolist() == [u for t in raw for u in t.column("uid").to_pylist()]
     assert pool.column("caption").tolist() == [u for t in raw for u in t.column("text").to_pylist()]
     assert pool.column("key").tolist() == [u for t in raw for u in t.column("key").to_pylist()]
-    assert pool.column("source_shard").tolist() == [str(p) for p, t in zip(parquets, raw, strict=True) for _ in range(t.num_rows)]
+    assert pool.column("source_shard").tolist() == [
+        str(p) for p, t in zip(parquets, raw, strict=True) for _ in range(t.num_rows)
+    ]
     # scores keep their native dtypes: no rounding before thresholds
     assert pool.table.schema.field("clip_b32_similarity_score").type == "float"
     assert pool.table.schema.field("clip_l14_similarity_score").type == "double"
     assert "face_bboxes" not in pool.table.column_names  # bulky lists only on request
-    assert [(p.sid, p.start, p.stop) for p in pool.parts] == [("00000000", 0, 50), ("00000001", 50, 101), ("00000002", 101, 153)]
+    assert [(p.sid, p.start, p.stop) for p in pool.parts] == [
+        ("00000000", 0, 50),
+        ("00000001", 50, 101),
+        ("00000002", 101, 153),
+    ]
     assert [i["path"] for i in ctx.inputs] == [str(p) for s in parquets for p in (s, s.with_suffix(".npz"))]
     assert all(i["size"] > 0 for i in ctx.inputs)
 

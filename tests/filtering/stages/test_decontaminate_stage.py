@@ -28,8 +28,12 @@ def pool_with(emb: np.ndarray, phash: list[int], failed: list[bool]) -> Pool:
 
 def run_stage(tmp_path, filters, pool):
     # jpeg_draft off: hashing reference images then needs no model
-    cfg = parse_config({"input": {"shards": str(tmp_path / "none.tar")}, "model": {"jpeg_draft": False}, "filters": filters})
-    ctx = RunContext(config=cfg, out_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), progress=None, log=lambda m: None)
+    cfg = parse_config(
+        {"input": {"shards": str(tmp_path / "none.tar")}, "model": {"jpeg_draft": False}, "filters": filters}
+    )
+    ctx = RunContext(
+        config=cfg, out_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), progress=None, log=lambda m: None
+    )
     stage = DecontaminateStage(cfg, ctx.cache_dir)
     stage.run(ctx, pool)
     return cfg, stage, ctx
@@ -73,8 +77,16 @@ def test_semantic_similarity_and_match_columns(data):
 
 def test_perceptual_distance_against_hashes(data):
     tmp_path, pool = data
-    filters = [{"decontaminate": {"reference": str(tmp_path / "evalhashes.npy"), "method": "perceptual",
-                                  "max_distance": 2, "name": "evalh"}}]
+    filters = [
+        {
+            "decontaminate": {
+                "reference": str(tmp_path / "evalhashes.npy"),
+                "method": "perceptual",
+                "max_distance": 2,
+                "name": "evalh",
+            }
+        }
+    ]
     cfg, _, _ = run_stage(tmp_path, filters, pool)
     assert pool.table.column("decontam_evalh_distance")[3].as_py() == 2
     out = apply_filters(cfg.filter_tree, pool)
@@ -117,7 +129,9 @@ def test_perceptual_reference_from_shards(tmp_path):
     from tests.conftest import SAMPLE
 
     shard = SAMPLE / "pool" / "00001.tar"
-    sample = next(s for s in iter_shard(str(shard)) if decode_one(s.image, lambda im: np.zeros((1, 1, 3), np.uint8)).error is None)
+    sample = next(
+        s for s in iter_shard(str(shard)) if decode_one(s.image, lambda im: np.zeros((1, 1, 3), np.uint8)).error is None
+    )
     h = decode_one(sample.image, lambda im: np.zeros((1, 1, 3), np.uint8), None).phash
     pool = pool_with(np.zeros((3, 4), np.float16), [h, h ^ 1, h ^ 0xFFFF_FFFF], [False] * 3)
     filters = [{"decontaminate": {"reference": str(shard), "method": "perceptual", "max_distance": 1}}]

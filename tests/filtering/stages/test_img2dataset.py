@@ -78,10 +78,21 @@ def pool_dir(server, tmp_path_factory):
     pq.write_table(pa.Table.from_pylist(_rows(server)), listing)
     out = tmp / "pool"
     download(
-        url_list=str(listing), input_format="parquet", url_col="url", caption_col="caption",
-        save_additional_columns=["id", "batch"], output_format="webdataset", output_folder=str(out),
-        number_sample_per_shard=PER_SHARD, processes_count=1, thread_count=4, image_size=32,
-        timeout=5, retries=0, enable_wandb=False, distributor="multiprocessing",
+        url_list=str(listing),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=["id", "batch"],
+        output_format="webdataset",
+        output_folder=str(out),
+        number_sample_per_shard=PER_SHARD,
+        processes_count=1,
+        thread_count=4,
+        image_size=32,
+        timeout=5,
+        retries=0,
+        enable_wandb=False,
+        distributor="multiprocessing",
     )
     return str(out)
 
@@ -128,7 +139,9 @@ def test_img2dataset_shards_failures_columns_and_uids(pool_dir, tmp_path):
     stored = {}
     for i in range(3):
         with tarfile.open(f"{pool_dir}/{i:05d}.tar") as tf:
-            stored.update({m.name.split(".")[0]: tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")})
+            stored.update(
+                {m.name.split(".")[0]: tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")}
+            )
     for batch, row in subset.items():
         src = by_batch[batch]
         assert row["key"] == src["key"] and row["status"] == "success" and row["error_message"] is None
@@ -142,7 +155,9 @@ def test_img2dataset_shards_failures_columns_and_uids(pool_dir, tmp_path):
     for r in dropped:
         src = by_batch[r["batch"]]
         assert r["key"] == src["key"] and r["status"] == src["status"] != "success"
-        assert r["reason"].startswith(f"failed_upstream: {src['status']}: ") and r["error_message"] == src["error_message"]
+        assert (
+            r["reason"].startswith(f"failed_upstream: {src['status']}: ") and r["error_message"] == src["error_message"]
+        )
         assert r["uid"] == f"{int(r['batch'][1:]):032x}"
     assert {r["source_shard"].rsplit("/", 1)[-1] for r in dropped} == {"00000.tar", "00001.tar", "00002.tar"}
 

@@ -12,23 +12,27 @@ from filtering.stages.score import SCORE_SCHEMA
 
 
 def _scored(url: str, keys: list[str]) -> pa.Table:
-    rows = [{"uid": f"{int(k):032x}", "key": k, "source_shard": url, "caption": f"c{k}", "exif": '{"a": 1}'} for k in keys]
+    rows = [
+        {"uid": f"{int(k):032x}", "key": k, "source_shard": url, "caption": f"c{k}", "exif": '{"a": 1}'} for k in keys
+    ]
     return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
 
 
 def test_attempted_urls_missing_from_the_tar_become_failure_rows_with_their_columns(tmp_path):
     url = str(tmp_path / "00000.tar")
     (tmp_path / "00000.tar").write_bytes(b"")
-    side = pa.table({
-        "key": ["0", "1", "2", "3"],
-        "url": ["u0", "u1", "u2", "u3"],
-        "caption": ["c0", "c1", "c2", "c3"],
-        "uid": [f"{i:032x}" for i in range(4)],
-        "status": ["success", "failed_to_download", "success", "success"],
-        "error_message": [None, "404 Not Found", None, None],
-        "exif": [None, None, '{"b": 2}', None],
-        "batch": [7, 8, 9, 10],
-    })
+    side = pa.table(
+        {
+            "key": ["0", "1", "2", "3"],
+            "url": ["u0", "u1", "u2", "u3"],
+            "caption": ["c0", "c1", "c2", "c3"],
+            "uid": [f"{i:032x}" for i in range(4)],
+            "status": ["success", "failed_to_download", "success", "success"],
+            "error_message": [None, "404 Not Found", None, None],
+            "exif": [None, None, '{"b": 2}', None],
+            "batch": [7, 8, 9, 10],
+        }
+    )
     pq.write_table(side, tmp_path / "00000.parquet")
     table, added = merge_side_parquet(_scored(url, ["0", "2"]), url, "uid")
     assert added == 2 and table.num_rows == 4

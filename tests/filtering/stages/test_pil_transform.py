@@ -14,7 +14,18 @@ from filtering.scorers.decode import PilTransform, draft_target, pil_only
 def _images(rng):
     from PIL import Image
 
-    sizes = [(224, 224), (225, 224), (640, 480), (480, 640), (300, 1000), (1000, 37), (13, 9), (1, 1), (223, 500), (97, 96)]
+    sizes = [
+        (224, 224),
+        (225, 224),
+        (640, 480),
+        (480, 640),
+        (300, 1000),
+        (1000, 37),
+        (13, 9),
+        (1, 1),
+        (223, 500),
+        (97, 96),
+    ]
     for w, h in sizes:
         rgb = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         yield rgb
@@ -33,7 +44,13 @@ def _transforms():
         Compose([Resize(224, interpolation=bicubic), CenterCrop(224), MaybeConvertMode()]),  # open_clip's default
         Compose([Resize(64, interpolation=bicubic), CenterCrop((64, 64)), MaybeConvertMode()]),  # the tiny model
         Compose([Resize((224, 224), interpolation=bicubic), MaybeConvertMode()]),  # resize_mode: squash
-        Compose([Resize(100, interpolation=InterpolationMode.BILINEAR, max_size=150), CenterCrop((120, 90)), MaybeConvertMode()]),
+        Compose(
+            [
+                Resize(100, interpolation=InterpolationMode.BILINEAR, max_size=150),
+                CenterCrop((120, 90)),
+                MaybeConvertMode(),
+            ]
+        ),
     ]
 
 

@@ -26,7 +26,9 @@ def test_open_clip_train_main_trains_on_the_resharded_sample(rerun_dir, tmp_path
     from filtering.models.clip import register_bundled_configs
 
     cfg = write_config(tmp_path / "sample.yaml", output={"dir": str(rerun_dir)})
-    code, _, stderr = run_cli("run", cfg, "--quiet", "--set", "output.webdataset=true", "--set", "output.samples_per_shard=64")
+    code, _, stderr = run_cli(
+        "run", cfg, "--quiet", "--set", "output.webdataset=true", "--set", "output.samples_per_shard=64"
+    )
     assert code == 0, stderr
     manifest = json.loads((rerun_dir / "manifest.json").read_text())
     n_shards, kept = len(manifest["shards"]), manifest["counts"]["kept"]
@@ -41,17 +43,46 @@ def test_open_clip_train_main_trains_on_the_resharded_sample(rerun_dir, tmp_path
     monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
     for logger in loggers:
         monkeypatch.setattr(logger, "level", logger.level)
-    train_main([
-        "--dataset-type", "webdataset",
-        "--train-data", str(rerun_dir / "shards" / f"{{00000..{n_shards - 1:05d}}}.tar"),
-        "--train-num-samples", str(kept),
-        "--model", "poolsift-tiny",
-        "--pretrained", str(SAMPLE / "tiny_clip" / "poolsift-tiny.safetensors"),
-        "--batch-size", str(batch), "--epochs", "1", "--workers", "0",
-        "--lr", "1e-4", "--warmup", "1", "--precision", "fp32", "--device", "cpu",
-        "--log-every-n-steps", "1", "--save-frequency", "1", "--seed", "0",
-        "--logs", str(logs), "--name", "tiny", "--report-to", "",
-    ])
+    train_main(
+        [
+            "--dataset-type",
+            "webdataset",
+            "--train-data",
+            str(rerun_dir / "shards" / f"{{00000..{n_shards - 1:05d}}}.tar"),
+            "--train-num-samples",
+            str(kept),
+            "--model",
+            "poolsift-tiny",
+            "--pretrained",
+            str(SAMPLE / "tiny_clip" / "poolsift-tiny.safetensors"),
+            "--batch-size",
+            str(batch),
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--lr",
+            "1e-4",
+            "--warmup",
+            "1",
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--log-every-n-steps",
+            "1",
+            "--save-frequency",
+            "1",
+            "--seed",
+            "0",
+            "--logs",
+            str(logs),
+            "--name",
+            "tiny",
+            "--report-to",
+            "",
+        ]
+    )
 
     run = logs / "tiny"
     assert (run / "checkpoints" / "epoch_1.pt").is_file()

@@ -14,7 +14,9 @@ SCHEMA = pa.schema([("uid", pa.string()), ("caption", pa.string()), ("n", pa.int
 
 def _table(start: int, n: int) -> pa.Table:
     ids = np.arange(start, start + n)
-    return pa.table({"uid": [f"{i:032x}" for i in ids], "caption": [f"caption {i}" for i in ids], "n": ids}, schema=SCHEMA)
+    return pa.table(
+        {"uid": [f"{i:032x}" for i in ids], "caption": [f"caption {i}" for i in ids], "n": ids}, schema=SCHEMA
+    )
 
 
 @pytest.mark.parametrize("rows_per_part", [1, 7, 50, 1000])

@@ -41,7 +41,11 @@ def source(tmp_path):
         samples = []
         for i in range(7):
             key = f"{s:05d}{i:04d}"
-            members = {"jpg": rng.bytes(int(rng.integers(10, 300))), "txt": f"caption {s} {i}".encode(), "json": json.dumps({"i": i}).encode()}
+            members = {
+                "jpg": rng.bytes(int(rng.integers(10, 300))),
+                "txt": f"caption {s} {i}".encode(),
+                "json": json.dumps({"i": i}).encode(),
+            }
             if i % 3 == 0:
                 members["npy"] = rng.bytes(16)  # members beyond image/text travel too
             samples.append((key, members))
@@ -170,13 +174,20 @@ def test_open_clip_training_loader_reads_the_resharded_sample(rerun_dir, tmp_pat
     from tests.conftest import run_cli, write_config
 
     cfg = write_config(tmp_path / "sample.yaml", output={"dir": str(rerun_dir)})
-    code, _, stderr = run_cli("run", cfg, "--quiet", "--set", "output.webdataset=true", "--set", "output.samples_per_shard=100")
+    code, _, stderr = run_cli(
+        "run", cfg, "--quiet", "--set", "output.webdataset=true", "--set", "output.samples_per_shard=100"
+    )
     assert code == 0, stderr
     manifest = json.loads((rerun_dir / "manifest.json").read_text())
     n = len(manifest["shards"])
     args = argparse.Namespace(
-        val_data=str(rerun_dir / "shards" / f"{{00000..{n - 1:05d}}}.tar"), val_num_samples=manifest["counts"]["kept"],
-        batch_size=32, workers=0, world_size=1, seed=0, train_data_upsampling_factors=None,
+        val_data=str(rerun_dir / "shards" / f"{{00000..{n - 1:05d}}}.tar"),
+        val_num_samples=manifest["counts"]["kept"],
+        batch_size=32,
+        workers=0,
+        world_size=1,
+        seed=0,
+        train_data_upsampling_factors=None,
     )
     preprocess = open_clip.image_transform(64, is_train=False)  # open_clip's own eval transform
     info = get_wds_dataset(args, preprocess, is_train=False, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
