@@ -11,6 +11,9 @@ worker while it returns 5 MB) hangs in 6 runs of 8.
 :func:`result` therefore polls the future and the workers' exit codes, and
 :func:`shutdown` closes the parent's copies of the two pipe ends the stuck threads wait
 on, which turns the hang into the ``BrokenProcessPool`` the executor would have raised.
+:class:`ProcessPool` does the same for ``map`` and ``with`` blocks; every process pool in
+poolsift is one of these (decode workers, reference decoding, language identification on
+all cores, the streaming plan).
 """
 
 from __future__ import annotations
@@ -40,17 +43,46 @@ def result(fut: cf.Future, executor: cf.ProcessPoolExecutor):
                 raise BrokenProcessPool("a worker process exited while its results were awaited") from None
 
 
+def _unblock(executor: cf.ProcessPoolExecutor) -> None:
+    """Kill the live workers and close our pipe ends, so the executor's threads can finish."""
+    for p in _processes(executor):
+        if p.exitcode is None:
+            p.kill()
+    # The manager thread may be blocked reading a half-sent result, the queue's feeder
+    # thread writing a task nobody will read: closing our ends gives them EOF / EPIPE.
+    for queue, end in (("_result_queue", "_writer"), ("_call_queue", "_reader")):
+        conn = getattr(getattr(executor, queue, None), end, None)
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
 def shutdown(executor: cf.ProcessPoolExecutor) -> None:
     """Cancel what is queued and stop the workers; never hangs on a pool whose worker died."""
     if worker_died(executor):
-        for p in _processes(executor):
-            if p.exitcode is None:
-                p.kill()
-        # The manager thread may be blocked reading a half-sent result, the queue's feeder
-        # thread writing a task nobody will read: closing our ends gives them EOF / EPIPE.
-        for queue, end in (("_result_queue", "_writer"), ("_call_queue", "_reader")):
-            conn = getattr(getattr(executor, queue, None), end, None)
-            if conn is not None:
-                with contextlib.suppress(OSError):
-                    conn.close()
-    executor.shutdown(wait=True, cancel_futures=True)
+        _unblock(executor)
+    cf.ProcessPoolExecutor.shutdown(executor, wait=True, cancel_futures=True)
+
+
+class ProcessPool(cf.ProcessPoolExecutor):
+    """``ProcessPoolExecutor`` whose ``map`` raises and whose ``shutdown`` (also on leaving a
+    ``with`` block) returns when a worker was killed, instead of hanging (module doc)."""
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+
+        def ordered():
+            try:
+                for f in futures:
+                    yield result(f, self)
+            finally:
+                for f in futures:
+                    f.cancel()
+
+        return ordered()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if worker_died(self):
+            _unblock(self)
+            cancel_futures = True
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)

@@ -359,14 +359,15 @@ def predict_texts(
     if backend == "lingua" or workers < 2 or len(texts) < max(min_parallel, 2):
         return identifier(backend, model_path, candidates).predict(texts)
     identifier(backend, model_path, candidates)  # configuration errors surface here, once
-    import concurrent.futures as cf
     import multiprocessing as mp
+
+    from filtering.procpool import ProcessPool
 
     step = -(-len(texts) // (4 * workers))
     chunks = [texts[i : i + step] for i in range(0, len(texts), step)]
     codes: list[str] = []
     confs = []
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as executor:
+    with ProcessPool(workers, mp_context=mp.get_context("spawn")) as executor:
         for c, p in executor.map(_predict_chunk, [(backend, model_path, candidates, chunk) for chunk in chunks]):
             codes += c
             confs.append(p)

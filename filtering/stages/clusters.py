@@ -373,19 +373,20 @@ def _image_chunks(kind: str, items: list[str]) -> Iterator[list[bytes | None]]:
 
 def _decode_in_workers(chunks, transform, draft, workers, decode_batch, init_worker):
     """Decode chunks in worker processes, in order, with a bounded window in flight."""
-    import concurrent.futures as cf
     import multiprocessing as mp
 
+    from filtering.procpool import ProcessPool, result
+
     window: deque = deque()
-    with cf.ProcessPoolExecutor(
+    with ProcessPool(
         workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(transform, draft)
     ) as ex:
         for chunk in chunks:
             window.append(ex.submit(decode_batch, chunk))
             while len(window) > 4 * workers:
-                yield window.popleft().result()
+                yield result(window.popleft(), ex)
         while window:
-            yield window.popleft().result()
+            yield result(window.popleft(), ex)
 
 
 def _file_info(path: str, key: str) -> dict:

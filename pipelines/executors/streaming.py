@@ -33,7 +33,6 @@ byte for byte, and the manifest's counts, thresholds and uid report.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
@@ -51,6 +50,7 @@ from filtering.filters.clip_score import ClipScore
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
 from filtering.io.atomic import atomic_open, atomic_write_text
 from filtering.io.paths import is_local, join, local_path, open_file
+from filtering.procpool import ProcessPool
 from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
 from filtering.stages.base import RunContext
 from filtering.uid import UID_DTYPE, uids_to_u8u8
@@ -505,7 +505,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         seconds[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPool(n_workers, mp_context=mp.get_context("spawn")) as pool:
         # 1. scan
         bar = ctx.bar(len(shards), "scan", unit="shards")
         total, uid_bins, bad = 0, [], None
