@@ -366,7 +366,6 @@ def write_outputs(
             rows.slice(0, MAX_MANIFEST_FAILURES).rename_columns(["source_shard", "key", "uid", "reason"]).to_pylist()
         )
     failures += ctx.failures
-    inputs, checksum_method = checksum_inputs(ctx.inputs)
     counts = {
         "input": int(pool.n),
         "failed": int(failed.sum()),
@@ -375,7 +374,45 @@ def write_outputs(
         "filters": outcome.funnel,
     }
     check_funnel(counts)
-    manifest = {
+    manifest = manifest_record(
+        config_dict,
+        prov,
+        model,
+        source,
+        ctx,
+        counts=counts,
+        thresholds=outcome.thresholds,
+        language_identifiers=pool.artifacts.get("language_identifiers", []),
+        failures=failures,
+        failures_truncated=len(fail_idx) > MAX_MANIFEST_FAILURES,
+        outputs=outputs,
+    )
+    if "reshard_map" in pool.artifacts:
+        manifest["shards"] = pool.artifacts["reshard_map"]
+    written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", []), *outputs.get("shards", [])]
+    manifest["files"] = file_records(out.dir, written)
+    atomic_write_text(join(out.dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    return manifest
+
+
+def manifest_record(
+    config_dict: dict[str, Any],
+    prov: dict[str, Any],
+    model: dict[str, Any],
+    source: SourceStage,
+    ctx: RunContext,
+    *,
+    counts: dict[str, Any],
+    thresholds: Any,
+    language_identifiers: list,
+    failures: list,
+    failures_truncated: bool,
+    outputs: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest's common body (docs/spec.md, "Output directory"), for both plans; the
+    callers add ``shards``, ``files`` and ``execution`` and write it last."""
+    inputs, checksum_method = checksum_inputs(ctx.inputs)
+    return {
         "poolsift_version": prov["poolsift_version"],
         "git_commit": git_commit(),
         "created_at": now_iso(),
@@ -387,20 +424,14 @@ def write_outputs(
         "inputs": inputs,
         "input_checksum": checksum_method,
         "counts": counts,
-        "thresholds": outcome.thresholds,
-        "language_identifiers": pool.artifacts.get("language_identifiers", []),
+        "thresholds": thresholds,
+        "language_identifiers": language_identifiers,
         "uids": ctx.stage_info.get("uids", {}),
         "stages": {k: v for k, v in ctx.stage_info.items() if k != "uids"},
         "failures": failures,
-        "failures_truncated": len(fail_idx) > MAX_MANIFEST_FAILURES,
+        "failures_truncated": failures_truncated,
         "outputs": outputs,
     }
-    if "reshard_map" in pool.artifacts:
-        manifest["shards"] = pool.artifacts["reshard_map"]
-    written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", []), *outputs.get("shards", [])]
-    manifest["files"] = file_records(out.dir, written)
-    atomic_write_text(join(out.dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
-    return manifest
 
 
 def check_funnel(counts: dict[str, Any]) -> None:

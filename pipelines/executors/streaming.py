@@ -51,7 +51,7 @@ from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply
 from filtering.io.atomic import atomic_open, atomic_write_text
 from filtering.io.paths import is_local, join, local_path, open_file
 from filtering.procpool import ProcessPool
-from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
+from filtering.provenance import provenance
 from filtering.stages.base import RunContext
 from filtering.uid import UID_DTYPE, uids_to_u8u8
 from filtering.writers.commit import file_records, invalidate
@@ -477,7 +477,7 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
 
 
 def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -> dict[str, Any] | None:
-    from pipelines.runner import _json_default, check_funnel, model_record
+    from pipelines.runner import _json_default, check_funnel, manifest_record, model_record
 
     top = _top_fraction_leaves(list(cfg.filter_tree))
     config_dict = cfg.to_dict()
@@ -617,27 +617,19 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     funnel = _sum_funnels([r["funnel"] for r in results])
     counts = {"input": total, "failed": 0, "failed_reasons": {}, "kept": kept, "filters": funnel}
     check_funnel(counts)
-    inputs, checksum_method = checksum_inputs(ctx.inputs)
-    manifest = {
-        "poolsift_version": prov["poolsift_version"],
-        "git_commit": git_commit(),
-        "created_at": now_iso(),
-        "config": config_dict,
-        "config_sha256": prov["config_sha256"],
-        "model": model,
-        "input_kind": source.info.kind,
-        "source": source.describe(),
-        "inputs": inputs,
-        "input_checksum": checksum_method,
-        "counts": counts,
-        "thresholds": first["thresholds"],
-        "language_identifiers": first["language_identifiers"],
-        "uids": ctx.stage_info.get("uids", {}),
-        "stages": {k: v for k, v in ctx.stage_info.items() if k != "uids"},
-        "failures": list(ctx.failures),
-        "failures_truncated": False,
-        "outputs": outputs,
-    }
+    manifest = manifest_record(
+        config_dict,
+        prov,
+        model,
+        source,
+        ctx,
+        counts=counts,
+        thresholds=first["thresholds"],
+        language_identifiers=first["language_identifiers"],
+        failures=list(ctx.failures),
+        failures_truncated=False,
+        outputs=outputs,
+    )
     written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", [])]
     manifest["files"] = file_records(out_dir, written)
     lap("manifest")
