@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from filtering.errors import ConfigError
+
 
 def _all_field_names(model: type[BaseModel], seen: set | None = None) -> set[str]:
     seen = set() if seen is None else seen
@@ -121,3 +123,10 @@ def format_validation_error(e: ValidationError, model: type[BaseModel], prefix: 
     value = err.get("input")
     shown = _shown(value) if not isinstance(value, dict | list) else ""
     return f"{path}: {msg}{shown}" if path else f"{msg}{shown}"
+
+
+def unknown_name(path: str, what: str, name: str, valid: list[str]) -> ConfigError:
+    """``PATH: unknown filter 'x'; did you mean y? valid filters: ...`` for any registry."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return ConfigError(f"{path}: unknown {what} {name!r}; {hint}valid {what}s: {', '.join(valid)}")

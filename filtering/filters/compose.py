@@ -15,7 +15,6 @@ row that any child keeps (children all see the same rows); ``not`` inverts its c
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pydantic import ValidationError
 from filtering.errors import ConfigError
 from filtering.filters.base import REGISTRY, Decision, Filter, InputInfo
 from filtering.pool import Pool
-from filtering.validation import format_validation_error
+from filtering.validation import format_validation_error, unknown_name
 
 COMBINATORS = ("all", "any", "not")
 
@@ -138,10 +137,7 @@ class Not(FilterNode):
 
 
 def _unknown_name(name: str, path: str) -> ConfigError:
-    valid = sorted(REGISTRY) + list(COMBINATORS)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"did you mean {close[0]}? " if close else ""
-    return ConfigError(f"{path}: unknown filter {name!r}; {hint}valid filters: {', '.join(valid)}")
+    return unknown_name(path, "filter", name, sorted(REGISTRY) + list(COMBINATORS))
 
 
 def parse_filter(spec: Any, path: str, input_kind: str) -> FilterNode:

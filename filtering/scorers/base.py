@@ -23,7 +23,6 @@ scoring still runs in the source stage); the planner rejects them with a clear e
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import time
@@ -39,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from filtering.errors import ConfigError
 from filtering.pool import Pool, ShardPart
 from filtering.stages.base import ColumnStage, RunContext
-from filtering.validation import format_validation_error
+from filtering.validation import format_validation_error, unknown_name
 
 BATCH_ROWS = 65_536  # rows per score() call: bounded memory, large enough for BLAS
 
@@ -199,10 +198,7 @@ def scorer_class(kind: str, path: str = "scorers") -> type[Scorer]:
     builtin_scorers()
     cls = REGISTRY.get(kind)
     if cls is None:
-        valid = sorted(REGISTRY)
-        close = difflib.get_close_matches(kind, valid, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"{path}: unknown scorer {kind!r}; {hint}valid scorers: {', '.join(valid)}")
+        raise unknown_name(path, "scorer", kind, sorted(REGISTRY))
     return cls
 
 
