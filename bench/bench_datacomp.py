@@ -136,9 +136,30 @@ def unit_f16(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x.astype(np.float16)
 
 
-def generate(root: Path, rows: int, shards: int, seed: int = 0) -> None:
+def metadata_table(rng: np.random.Generator, n: int, score_dtype=np.float32, faces: bool = True):
+    """One shard of DataComp's metadata columns; scores rounded to 1e-4 make ties, as real
+    scores have (DataComp ships float32; bench_scale.py uses float64)."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    uid = hex_strings(rng.integers(0, 256, (n, 16), dtype=np.uint8))
+    l14 = rng.normal(0.28, 0.05, n).astype(score_dtype)
+    columns = {
+        "uid": uid,
+        "url": pc.binary_join_element_wise("https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""),
+        "text": captions(rng, n),
+        "original_width": pa.array(rng.integers(64, 4000, n)),
+        "original_height": pa.array(rng.integers(64, 4000, n)),
+        "clip_b32_similarity_score": pa.array(np.round(l14 * 0.9 + rng.normal(0, 0.02, n).astype(score_dtype), 4)),
+        "clip_l14_similarity_score": pa.array(np.round(l14, 4)),
+    }
+    if faces:
+        columns["face_bboxes"] = face_bboxes(rng, n)
+    columns["sha256"] = hex_strings(rng.integers(0, 256, (n, 32), dtype=np.uint8))
+    return pa.table(columns)
+
+
+def generate(root: Path, rows: int, shards: int, seed: int = 0) -> None:
     import pyarrow.parquet as pq
 
     root.mkdir(parents=True, exist_ok=True)
@@ -147,26 +168,7 @@ def generate(root: Path, rows: int, shards: int, seed: int = 0) -> None:
     for s, n in enumerate(sizes):
         rng = np.random.default_rng([seed, s])
         t = time.perf_counter()
-        uid = hex_strings(rng.integers(0, 256, (n, 16), dtype=np.uint8))
-        l14 = rng.normal(0.28, 0.05, n).astype(np.float32)
-        table = pa.table(
-            {
-                "uid": uid,
-                "url": pc.binary_join_element_wise(
-                    "https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""
-                ),
-                "text": captions(rng, n),
-                "original_width": pa.array(rng.integers(64, 4000, n)),
-                "original_height": pa.array(rng.integers(64, 4000, n)),
-                # DataComp's scores are float32; rounding to 1e-4 makes ties, as real scores have
-                "clip_b32_similarity_score": pa.array(
-                    np.round(l14 * 0.9 + rng.normal(0, 0.02, n).astype(np.float32), 4)
-                ),
-                "clip_l14_similarity_score": pa.array(np.round(l14, 4)),
-                "face_bboxes": face_bboxes(rng, n),
-                "sha256": hex_strings(rng.integers(0, 256, (n, 32), dtype=np.uint8)),
-            }
-        )
+        table = metadata_table(rng, n)
         pq.write_table(table, root / f"{s:08d}.parquet")
         np.savez(
             root / f"{s:08d}.npz",

@@ -33,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.bench_datacomp import captions, hex_strings  # noqa: E402
+from bench.bench_datacomp import metadata_table  # noqa: E402
 
 KEY = "clip_l14_similarity_score"
 FRACTION = 0.3
@@ -73,8 +73,6 @@ def parse_size(text: str) -> int:
 
 def generate(root: Path, rows: int, seed: int = 0) -> None:
     """``rows`` rows in shards of SHARD_ROWS, no npz (nothing here reads embeddings)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     root.mkdir(parents=True, exist_ok=True)
@@ -84,23 +82,7 @@ def generate(root: Path, rows: int, seed: int = 0) -> None:
             continue
         n = min(SHARD_ROWS, rows - start)
         rng = np.random.default_rng([seed, s])
-        uid = hex_strings(rng.integers(0, 256, (n, 16), dtype=np.uint8))
-        l14 = rng.normal(0.28, 0.05, n)
-        table = pa.table(
-            {
-                "uid": uid,
-                "url": pc.binary_join_element_wise(
-                    "https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""
-                ),
-                "text": captions(rng, n),
-                "original_width": pa.array(rng.integers(64, 4000, n)),
-                "original_height": pa.array(rng.integers(64, 4000, n)),
-                # float64 as DataComp ships them, rounded to 1e-4 so that scores tie
-                "clip_b32_similarity_score": pa.array(np.round(l14 * 0.9 + rng.normal(0, 0.02, n), 4)),
-                "clip_l14_similarity_score": pa.array(np.round(l14, 4)),
-                "sha256": hex_strings(rng.integers(0, 256, (n, 32), dtype=np.uint8)),
-            }
-        )
+        table = metadata_table(rng, n, score_dtype=np.float64, faces=False)  # float64, as bench_datacomp notes
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
         tmp.rename(path)
