@@ -425,3 +425,14 @@ def repeat_uid(root: Path) -> str:
     uids[-1] = first
     pq.write_table(table.set_column(table.column_names.index("uid"), "uid", pa.array(uids, pa.string())), parquets[-1])
     return first
+
+
+def run_preset(out, preset: str, metadata, *sets: str, command: str = "run") -> tuple[int, str]:
+    """``poolsift run configs/PRESET`` on ``metadata`` (its placeholder path replaced), with
+    ``--set`` overrides; returns the exit code and stderr."""
+    from tests.conftest import REPO, run_cli
+
+    where = ["--output", out, "--quiet"] if command == "run" else []
+    overrides = [f"input.datacomp_metadata={metadata}", *sets]
+    code, _, err = run_cli(command, REPO / "configs" / preset, *where, *sum((["--set", s] for s in overrides), []))
+    return code, err

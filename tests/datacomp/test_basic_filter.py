@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tests.datacomp_pool import datacomp_basic_filter_uids, datacomp_caption_filter_uids, make_datacomp_edge_pool
+from tests.datacomp_pool import (
+    datacomp_basic_filter_uids,
+    datacomp_caption_filter_uids,
+    make_datacomp_edge_pool,
+    run_preset,
+)
 
 pytestmark = pytest.mark.slow  # runs the CLI
 
@@ -35,16 +40,7 @@ def metadata(tmp_path_factory):
 
 def _run(tmp_path, preset, metadata, *sets):
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "run",
-        REPO / "configs" / preset,
-        "--output",
-        out,
-        "--quiet",
-        "--set",
-        f"input.datacomp_metadata={metadata}",
-        *sum((["--set", s] for s in sets), []),
-    )
+    code, err = run_preset(out, preset, metadata, *sets)
     assert code == 0, err
     return out, err, json.loads((out / "manifest.json").read_text())
 
@@ -107,14 +103,7 @@ def test_preset_finds_the_model_where_datacomp_downloads_it(tmp_path, metadata, 
     _, err, manifest = _run(tmp_path / "a", "basic_filter.yaml", metadata)
     assert manifest["language_identifiers"][0]["backend"] == "py3langid"
     assert "no fastText model at" in err and str(tmp_path / "home" / ".cache" / "fasttext" / "lid.176.bin") in err
-    code, _, err = run_cli(
-        "validate",
-        REPO / "configs" / "basic_filter.yaml",
-        "--set",
-        f"input.datacomp_metadata={metadata}",
-        "--set",
-        "filters[2].language.fallback=null",
-    )
+    code, err = run_preset(None, "basic_filter.yaml", metadata, "filters[2].language.fallback=null", command="validate")
     assert code == 2 and "filters[2].language.model_path" in err
 
     cache = tmp_path / "home" / ".cache" / "fasttext"

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli
-from tests.datacomp_pool import datacomp_clip_score_uids, datacomp_threshold, make_datacomp_edge_pool
+from tests.conftest import run_cli
+from tests.datacomp_pool import datacomp_clip_score_uids, datacomp_threshold, make_datacomp_edge_pool, run_preset
 
 pytestmark = pytest.mark.slow  # runs the CLI
 
@@ -57,15 +57,7 @@ def test_top_fraction_with_nan_equals_datacomp(tmp_path, metadata, field, fracti
 
 
 def test_l14_30pct_preset_equals_datacomp(tmp_path, metadata):
-    code, _, err = run_cli(
-        "run",
-        REPO / "configs" / "clip_score_l14_30pct.yaml",
-        "--output",
-        tmp_path / "run",
-        "--quiet",
-        "--set",
-        f"input.datacomp_metadata={metadata}",
-    )
+    code, err = run_preset(tmp_path / "run", "clip_score_l14_30pct.yaml", metadata)
     assert code == 0, err
     np.testing.assert_array_equal(
         np.load(tmp_path / "run" / "subset.npy"), datacomp_clip_score_uids(metadata, L14, fraction=0.3)

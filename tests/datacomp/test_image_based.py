@@ -23,8 +23,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_cli
-from tests.datacomp_pool import _parquets, make_datacomp_edge_pool, uids_u8u8
+from tests.datacomp_pool import _parquets, make_datacomp_edge_pool, run_preset, uids_u8u8
 
 pytestmark = pytest.mark.slow  # runs the CLI
 
@@ -187,19 +186,12 @@ def _run(tmp_path, preset: str, metadata, centroids_path, in1k_paths, lid):
     language = {"image_based.yaml": 1, "image_based_intersect_clip_score.yaml": 2}[preset]
     reference = str(in1k_paths[0]).replace("_0.pt", "_{0..4}.pt")  # the preset's own brace form
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "run",
-        REPO / "configs" / preset,
-        "--output",
+    code, err = run_preset(
         out,
-        "--quiet",
-        "--set",
-        f"input.datacomp_metadata={metadata}",
-        "--set",
+        preset,
+        metadata,
         f"clusters.centroids={centroids_path}",
-        "--set",
         f"clusters.reference={reference}",
-        "--set",
         f"filters[{language}].language.model_path={lid}",
     )
     assert code == 0, err
@@ -234,19 +226,12 @@ def test_a_centroids_file_that_runs_code_is_refused(tmp_path, world, lid):
     bad = tmp_path / "centroids.pt"
     torch.save(Payload(), bad, pickle_protocol=4)
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "run",
-        REPO / "configs" / "image_based.yaml",
-        "--output",
+    code, err = run_preset(
         out,
-        "--quiet",
-        "--set",
-        f"input.datacomp_metadata={metadata}",
-        "--set",
+        "image_based.yaml",
+        metadata,
         f"clusters.centroids={bad}",
-        "--set",
         f"clusters.reference={in1k_paths[0]}",
-        "--set",
         f"filters[1].language.model_path={lid}",
     )
     assert code == 2

@@ -13,8 +13,13 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_cli
-from tests.datacomp_pool import datacomp_laion2b_uids, fasttext_language, gcld3_language, make_datacomp_edge_pool
+from tests.datacomp_pool import (
+    datacomp_laion2b_uids,
+    fasttext_language,
+    gcld3_language,
+    make_datacomp_edge_pool,
+    run_preset,
+)
 
 pytestmark = pytest.mark.slow  # runs the CLI
 
@@ -34,16 +39,7 @@ def lid(tmp_path_factory):
 
 def _run(tmp_path, metadata, *sets):
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "run",
-        REPO / "configs" / "laion2b.yaml",
-        "--output",
-        out,
-        "--quiet",
-        "--set",
-        f"input.datacomp_metadata={metadata}",
-        *sum((["--set", s] for s in sets), []),
-    )
+    code, err = run_preset(out, "laion2b.yaml", metadata, *sets)
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if "language:" in ln]
     assert len(lines) == 1, err

@@ -4,8 +4,7 @@ lines 337-352: every uid of every parquet), on a pool with odd captions and NaN 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_cli
-from tests.datacomp_pool import _parquets, make_datacomp_edge_pool, uids_u8u8
+from tests.datacomp_pool import _parquets, make_datacomp_edge_pool, run_preset, uids_u8u8
 
 pytestmark = pytest.mark.slow  # runs the CLI
 
@@ -14,15 +13,7 @@ def test_no_filter_preset_equals_datacomp(tmp_path):
     import pandas as pd
 
     metadata = make_datacomp_edge_pool(tmp_path / "metadata", shards=3, rows=120, seed=2)
-    code, _, err = run_cli(
-        "run",
-        REPO / "configs" / "no_filter.yaml",
-        "--output",
-        tmp_path / "run",
-        "--quiet",
-        "--set",
-        f"input.datacomp_metadata={metadata}",
-    )
+    code, err = run_preset(tmp_path / "run", "no_filter.yaml", metadata)
     assert code == 0, err
     expected = np.concatenate(
         [uids_u8u8(pd.read_parquet(p, columns=["uid"])["uid"].values) for p in _parquets(metadata)]
