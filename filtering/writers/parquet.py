@@ -76,10 +76,15 @@ def write_parts_stream(
 class _PartWriter:
     """Streams tables into ``part-NNNNN.parquet`` files of ``rows_per_part`` rows, in row
     groups of up to ``ROW_GROUP_ROWS`` written as soon as they fill, so encoding overlaps
-    with whatever produces the tables. Each part is renamed into place when complete."""
+    with whatever produces the tables. Each part is renamed into place when complete.
+    ``first_index``: the number of the first part (the streaming plan writes one part per
+    task, numbered as the whole pool's order gives it)."""
 
-    def __init__(self, dir_url: str, schema: pa.Schema, rows_per_part: int, options: dict[str, Any]):
+    def __init__(
+        self, dir_url: str, schema: pa.Schema, rows_per_part: int, options: dict[str, Any], first_index: int = 0
+    ):
         self.dir_url, self.schema, self.rows_per_part, self.options = dir_url, schema, rows_per_part, options
+        self.first_index = first_index
         self.group = min(rows_per_part, ROW_GROUP_ROWS)
         self.paths: list[str] = []
         self.pending: list[pa.Table] = []
@@ -106,7 +111,7 @@ class _PartWriter:
 
     def _writer(self) -> pq.ParquetWriter:
         if self.writer is None:
-            path = join(self.dir_url, f"part-{len(self.paths):05d}.parquet")
+            path = join(self.dir_url, f"part-{self.first_index + len(self.paths):05d}.parquet")
             self.stack = contextlib.ExitStack()
             f = self.stack.enter_context(atomic_open(path))
             self.writer = pq.ParquetWriter(f, self.schema, **self.options)

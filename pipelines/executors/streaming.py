@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from filtering.filters.clip_score import ClipScore
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
-from filtering.io.atomic import atomic_open, atomic_write_text
+from filtering.io.atomic import atomic_write_text
 from filtering.io.paths import is_local, join, local_path, open_file
 from filtering.procpool import ProcessPool
 from filtering.provenance import provenance
@@ -255,25 +255,6 @@ def _merge_range(args) -> int:
     return len(s)
 
 
-class _NamedPartWriter(_PartWriter):
-    """One part, ``part-NNNNN.parquet`` with the number the whole pool's order gives it."""
-
-    def __init__(self, dir_url, schema, rows_per_part, options, index):
-        super().__init__(dir_url, schema, rows_per_part, options)
-        self.index = index
-
-    def _writer(self):
-        if self.writer is None:
-            import contextlib
-
-            path = join(self.dir_url, f"part-{self.index:05d}.parquet")
-            self.stack = contextlib.ExitStack()
-            f = self.stack.enter_context(atomic_open(path))
-            self.writer = pq.ParquetWriter(f, self.schema, **self.options)
-            self.paths.append(path)
-        return self.writer
-
-
 def _write_part(args) -> str:
     """Part ``index`` of a folder from slices of the per-shard spill files, encoded as
     ``write_parts_stream`` encodes it (same row groups, so the same bytes)."""
@@ -290,7 +271,7 @@ def _write_part(args) -> str:
         "compression": {p: "none" if p in hexes else "snappy" for p in leaves} or "snappy",
         "use_dictionary": [p for p in leaves if p not in hexes],
     }
-    parts = _NamedPartWriter(dir_url, schema, sh.rows_per_part, options, index)
+    parts = _PartWriter(dir_url, schema, sh.rows_per_part, options, first_index=index)
     with parts:
         for table in tables:
             parts.add(table)
