@@ -172,7 +172,7 @@ def run_stream(
 ) -> tuple[float, np.ndarray, int]:
     import resource
 
-    from filtering.stages.score import ClipEncoder, score_stream
+    from filtering.stages.webdataset import ClipEncoder, score_stream
 
     encoder = ClipEncoder(clip)
     if util is not None:
@@ -198,8 +198,8 @@ def run_stream(
 def run_ceiling(urls, clip, batch_size) -> float:
     """The forward pass alone, on inputs decoded and tokenized beforehand."""
     from filtering.io.reader import iter_shard
-    from filtering.scorers.decode import decode_one
-    from filtering.stages.score import ClipEncoder
+    from filtering.stages.image_decode import decode_one
+    from filtering.stages.webdataset import ClipEncoder
 
     encoder = ClipEncoder(clip)
     pixels, captions = [], []
@@ -215,7 +215,7 @@ def run_ceiling(urls, clip, batch_size) -> float:
         batches.append((np.stack(pixels[i : i + batch_size]), tokens))
     import torch
 
-    from filtering.stages.score import token_length
+    from filtering.stages.webdataset import token_length
 
     device = clip.device
     batches = [(torch.from_numpy(x).to(device), t.to(device)) for x, t in batches]  # already on the device
@@ -275,7 +275,7 @@ def compare(a: np.ndarray, b: np.ndarray, fraction: float = 0.3) -> str:
 
 
 def bench_model(title, clip, urls, batch_size, workers, draft_urls=None) -> None:
-    from filtering.scorers.decode import draft_target
+    from filtering.stages.image_decode import draft_target
 
     draft = draft_target(clip.pil_transform)
     fp32 = dataclasses.replace(clip, precision="fp32")

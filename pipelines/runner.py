@@ -47,7 +47,7 @@ def source_stage(cfg: Config, cache_root: str) -> SourceStage:
         from filtering.stages.datacomp import DataCompStage
 
         return DataCompStage(cfg.input.datacomp_metadata, cache_root)
-    from filtering.stages.score import WebDatasetStage
+    from filtering.stages.webdataset import WebDatasetStage
 
     return WebDatasetStage(cfg.input.shards, cfg.model, cache_root, cfg.input.uid, output_dir=cfg.output.dir)
 

@@ -5,7 +5,7 @@ library's tar reader (no torch import for a report) and closed as soon as its wa
 keys are found; the number of shards opened is capped. Thumbnails are
 small JPEGs re-encoded from the image (the report is for looking, not for training),
 embedded as ``data:`` URIs so the page needs no network. Images are decoded under
-scoring's limits (:func:`filtering.scorers.decode.decode_limits`): an image that scoring
+scoring's limits (:func:`filtering.stages.image_decode.decode_limits`): an image that scoring
 refused as a decompression bomb gets no thumbnail.
 """
 
@@ -30,7 +30,7 @@ def thumbnail_uri(data: bytes, size: int = THUMB_PX) -> str | None:
     """A base64 JPEG data URI of the image scaled to fit ``size`` pixels; None if it does not decode."""
     from PIL import Image
 
-    from filtering.scorers.decode import decode_limits
+    from filtering.stages.image_decode import decode_limits
 
     try:
         with decode_limits(), Image.open(io.BytesIO(data)) as img:

@@ -79,7 +79,7 @@ def source_info(kind: str) -> SourceInfo:
         from filtering.stages.datacomp import DataCompStage
 
         return DataCompStage.info
-    from filtering.stages.score import WebDatasetStage
+    from filtering.stages.webdataset import WebDatasetStage
 
     return WebDatasetStage.info
 

@@ -177,7 +177,7 @@ class DecontaminateStage(ColumnStage):
 
     def reference(self, ctx: RunContext, t: Target) -> tuple[ReferenceSet, str]:
         from filtering.stages.clusters import reference_source
-        from filtering.stages.score import model_spec
+        from filtering.stages.webdataset import model_spec
 
         key = "filters.decontaminate.reference"
         try:
@@ -218,11 +218,11 @@ class DecontaminateStage(ColumnStage):
 
     def embed(self, ctx: RunContext, t: Target, kind: str, items: list[str]) -> tuple[ReferenceSet, int]:
         """Decode (and for semantic, encode) reference images as the scoring stage does pool images."""
-        from filtering.scorers.decode import decode_one, draft_target
+        from filtering.stages.image_decode import decode_one, draft_target
 
         semantic = t.method == "semantic"
         if semantic:
-            from filtering.stages.score import ClipEncoder
+            from filtering.stages.webdataset import ClipEncoder
 
             clip = ctx.clip()
             encoder = ClipEncoder(clip)

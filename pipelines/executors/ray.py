@@ -5,7 +5,7 @@ decodes its images with the model's own PIL transform and cuts it into model bat
 of ``model.batch_size`` consecutive samples (a batch never spans two shards; the last
 one is partial). An actor pool runs the CLIP model — loaded once per actor, in its
 constructor, never shipped — and encodes each batch exactly as
-:func:`filtering.stages.score.score_stream` does, so every shard's scores and
+:func:`filtering.stages.webdataset.score_stream` does, so every shard's scores and
 embeddings are bit-for-bit those of a local run on the same hardware. The driver
 collects each shard's batches and writes them to the same per-shard cache, one shard
 at a time, atomically; the filter and write stages then run unchanged. A run killed
@@ -116,7 +116,7 @@ class RayExecutor:
     # --- scoring -----------------------------------------------------------------------
 
     def score(self, stage, urls: list[str], ctx) -> None:
-        """Score ``urls`` for ``stage`` (a :class:`~filtering.stages.score.WebDatasetStage`) into its cache."""
+        """Score ``urls`` for ``stage`` (a :class:`~filtering.stages.webdataset.WebDatasetStage`) into its cache."""
         self.connect()
         ray = self.ray
         data_ctx = ray.data.DataContext.get_current()
@@ -160,7 +160,7 @@ class RayExecutor:
     def _collect(self, rows: Iterator[dict], stage, bar) -> None:
         """Gather each shard's batches (they arrive in any order) and write a shard once all are in."""
         from filtering.io.reader import ShardReadResult
-        from filtering.stages.score import _ShardAcc
+        from filtering.stages.webdataset import _ShardAcc
 
         pending: dict[str, dict[int, dict]] = {}
         ends: dict[str, dict] = {}
@@ -226,8 +226,8 @@ def _pil_transform(model: dict):
 def _read_decode(item: dict, transform, draft: int | None, batch_size: int, uid_field: str = "uid") -> Iterator[dict]:
     """One shard -> its model batches (decoded pixels of the readable images), then an end row."""
     from filtering.io.reader import ShardReadResult, iter_shard
-    from filtering.scorers.decode import decode_one
-    from filtering.stages.score import _row, decode_input
+    from filtering.stages.image_decode import decode_one
+    from filtering.stages.webdataset import _row, decode_input
 
     url = item["url"]
     result = ShardReadResult(url)
@@ -280,15 +280,15 @@ class _ModelActor:
     """One CLIP model per actor, built here so it is never pickled."""
 
     def __init__(self, model: dict):
-        from filtering.stages.score import ClipEncoder
+        from filtering.stages.webdataset import ClipEncoder
 
         self.clip = _load_model(model)
         self.encoder = ClipEncoder(self.clip)
         self.info = json.dumps(self.clip.info, sort_keys=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from filtering.scorers.decode import Decoded
-        from filtering.stages.score import encode_batch
+        from filtering.stages.image_decode import Decoded
+        from filtering.stages.webdataset import encode_batch
 
         out: dict[str, list] = {
             k: [] for k in ("url", "index", "final", "read_error", "n", "rows", "image", "text", "dim", "info")

@@ -77,7 +77,7 @@ def test_rerun_reuses_cache_without_building_the_model(tiny_pool, tmp_path, monk
 
 
 def test_changed_shard_is_rescored_alone(tiny_pool, tmp_path, monkeypatch):
-    import filtering.stages.score as score
+    import filtering.stages.webdataset as score
 
     assert run_cli("run", tiny_pool, "--quiet")[0] == 0
     write_shard(tmp_path / "00001.tar", 7, 3)  # replaced with different content

@@ -29,7 +29,7 @@ def no_data_access(monkeypatch):
 
     for mod in pkgutil.iter_modules(filtering.stages.__path__, "filtering.stages."):
         importlib.import_module(mod.name)
-    import filtering.stages.score as score
+    import filtering.stages.webdataset as score
 
     monkeypatch.setattr(fsspec.core, "url_to_fs", _no_data)
     monkeypatch.setattr(fsspec, "open", _no_data)

@@ -25,8 +25,8 @@ def no_model_no_images(monkeypatch):
     """Loading a model, reading a shard or decoding an image fails the test."""
     import filtering.io.reader as reader
     import filtering.models.clip as clip_models
-    import filtering.scorers.decode as decode
-    import filtering.stages.score as score
+    import filtering.stages.image_decode as decode
+    import filtering.stages.webdataset as score
 
     def forbidden(what):
         def fail(*args, **kwargs):

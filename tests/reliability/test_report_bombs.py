@@ -7,7 +7,7 @@ import io
 from PIL import Image
 
 from filtering.report.thumbs import thumbnail_uri
-from filtering.scorers.decode import decode_one
+from filtering.stages.image_decode import decode_one
 
 
 def _png(w: int, h: int) -> bytes:

@@ -125,7 +125,7 @@ def test_two_references_with_one_name_are_rejected(tmp_path):
 def test_perceptual_reference_from_shards(tmp_path):
     """A shard reference is hashed as the scoring stage hashes pool images; ids are shard name/key."""
     from filtering.io.reader import iter_shard
-    from filtering.scorers.decode import decode_one
+    from filtering.stages.image_decode import decode_one
     from tests.conftest import SAMPLE
 
     shard = SAMPLE / "pool" / "00001.tar"

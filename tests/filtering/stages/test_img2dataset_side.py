@@ -8,7 +8,7 @@ import pytest
 
 from filtering.errors import PoolsiftError
 from filtering.stages.img2dataset import merge_side_parquet, source_stamp
-from filtering.stages.score import SCORE_SCHEMA
+from filtering.stages.webdataset import SCORE_SCHEMA
 
 
 def _scored(url: str, keys: list[str]) -> pa.Table:

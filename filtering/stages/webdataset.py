@@ -498,7 +498,7 @@ class WebDatasetStage(SourceStage):
 
     def draft_size(self, pil_transform) -> int | None:
         """The size large JPEGs may be DCT-downscaled to while decoding; None when off."""
-        from filtering.scorers.decode import draft_target
+        from filtering.stages.image_decode import draft_target
 
         return draft_target(pil_transform) if getattr(self.model_cfg, "jpeg_draft", False) else None
 
@@ -700,7 +700,7 @@ def score_stream(
     of chunks, so memory stays bounded and the model never waits while work is
     queued; ``workers=0`` decodes in this process. A model batch never spans two
     shards, so a shard's result does not depend on which shards were scored with it
-    (the Ray executor relies on this). ``draft``: see :mod:`filtering.scorers.decode`.
+    (the Ray executor relies on this). ``draft``: see :mod:`filtering.stages.image_decode`.
     If the encoder (or anything else) raises, pending chunks are cancelled and the
     workers shut down before the exception propagates; a worker that dies becomes a
     :class:`PoolsiftError`.
@@ -710,7 +710,7 @@ def score_stream(
     from concurrent.futures.process import BrokenProcessPool
 
     from filtering import procpool
-    from filtering.scorers.decode import decode_batch, decode_one, init_worker
+    from filtering.stages.image_decode import decode_batch, decode_one, init_worker
 
     executor = None
     if workers > 0:

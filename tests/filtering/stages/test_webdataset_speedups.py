@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from filtering.errors import PoolsiftError
-from filtering.scorers.decode import decode_one, draft_target
-from filtering.stages.score import ClipEncoder, encode_text_bucketed, encode_text_trimmed, score_stream
+from filtering.stages.image_decode import decode_one, draft_target
+from filtering.stages.webdataset import ClipEncoder, encode_text_bucketed, encode_text_trimmed, score_stream
 
 REPO = Path(__file__).resolve().parents[3]
 CAPTIONS = [
@@ -286,7 +286,7 @@ def test_contiguous_attention_gives_the_same_embeddings():
     import torch
 
     from filtering.models.clip import register_bundled_configs
-    from filtering.stages.score import contiguous_attention
+    from filtering.stages.webdataset import contiguous_attention
 
     register_bundled_configs()
     torch.manual_seed(0)
