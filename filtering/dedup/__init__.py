@@ -1,3 +1,5 @@
-"""Deduplication algorithms: exact groups, Hamming-radius search over perceptual hashes,
-SemDeDup over embeddings, and survivor selection. Filters in ``filtering/filters/dedup.py``
-and ``filtering/filters/decontaminate.py`` wire them to pool columns."""
+"""Deduplication in one package: the ``dedup`` filter (:mod:`filtering.dedup.dedup_filter`,
+registered by ``filtering/filters/__init__.py``), exact groups and survivor selection
+(:mod:`filtering.dedup.groups`), Hamming-radius search over perceptual hashes
+(:mod:`filtering.dedup.hamming`) and SemDeDup over embeddings (:mod:`filtering.dedup.semantic`).
+The decontamination stage reuses ``hamming.nearest`` and ``dedup_filter.hash_column``."""

@@ -1,10 +1,10 @@
 """Built-in filters, registered by name on import. Add a filter: one file, one import here."""
 
+from filtering.dedup import dedup_filter  # noqa: F401  (dedup lives in one package: filtering/dedup/)
 from filtering.filters import (  # noqa: F401
     caption,
     clip_score,
     decontaminate,
-    dedup,
     image_clusters,
     image_size,
     language,

@@ -166,8 +166,8 @@ class DecontaminateStage(ColumnStage):
 
     @staticmethod
     def nearest_perceptual(pool: Pool, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
+        from filtering.dedup.dedup_filter import hash_column
         from filtering.dedup.hamming import nearest
-        from filtering.filters.dedup import hash_column
 
         hashes, null = hash_column(pool, "phash")
         dist, idx = nearest(hashes, ref.hashes)

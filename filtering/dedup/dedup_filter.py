@@ -1,4 +1,4 @@
-"""Deduplication filter: exact, perceptual or semantic duplicates; one copy of each group survives.
+"""The ``dedup`` filter: exact, perceptual or semantic duplicates; one copy of each group survives.
 
 - ``method: exact``: same ``sha256`` of the image bytes (``with_caption: true``: and the
   same caption).
