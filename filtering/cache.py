@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,11 +23,28 @@ import pyarrow.parquet as pq
 from filtering.io.atomic import atomic_open, atomic_write_text, exists
 from filtering.io.paths import file_info, get_fs, is_local, join, shard_id
 
+if TYPE_CHECKING:
+    from filtering.pool import ShardPart
+
 META_KEY = b"poolsift_cache"
+ROWS_SAMPLED_PER_SHARD = 16  # embedding rows read to fingerprint one shard's embeddings
 
 
 def fingerprint(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def part_fingerprint(part: ShardPart, emb: np.ndarray, kind: str) -> str:
+    """What one shard's embeddings are: its url, row count, shape and a strided sample of rows.
+
+    Reading a handful of rows (memory-mapped) is enough to tell a rescored or replaced
+    shard from the one an assignment was computed from, without hashing every byte.
+    """
+    h = hashlib.sha256(json.dumps([part.url, part.n, kind, list(emb.shape), str(emb.dtype)]).encode())
+    if len(emb):
+        rows = np.unique(np.linspace(0, len(emb) - 1, ROWS_SAMPLED_PER_SHARD).astype(np.int64))
+        h.update(np.ascontiguousarray(emb[rows]).tobytes())
+    return h.hexdigest()[:24]
 
 
 class ShardCache:

@@ -2,7 +2,9 @@
 
 DataComp stores a uid as the 128-bit integer of its hex string split into two
 unsigned 64-bit halves (high, low); ``subset.npy`` files sorted that way are what its
-resharder consumes.
+resharder consumes. Everything that parses, derives, packs, sorts, reads or matches uids
+is here; the ``uids`` filter (``filtering/filters/uids.py``) and the ``subset.npy`` writer
+(``filtering/writers/uids.py``) only use it.
 """
 
 from __future__ import annotations
@@ -86,6 +88,55 @@ def _hex_matrix(uids) -> np.ndarray:
 
 def u8u8_to_uids(arr: np.ndarray) -> list[str]:
     return [f"{int(h):016x}{int(lo):016x}" for h, lo in zip(arr["f0"], arr["f1"], strict=True)]
+
+
+def sort_u8u8(arr: np.ndarray) -> np.ndarray:
+    """``np.sort`` order of a ``u8,u8`` array (by high half, then low half).
+
+    numpy's generic record compare is slow, and ``np.lexsort`` on the two halves takes
+    twice as long as one sort: uids are random, so high halves almost never tie. Sort
+    by the high half and only fall back to the two-key sort when some do.
+    """
+    order = np.argsort(arr["f0"], kind="stable")
+    out = arr[order]
+    if len(out) > 1 and (out["f0"][1:] == out["f0"][:-1]).any():
+        out = arr[np.lexsort((arr["f1"], arr["f0"]))]
+    return out
+
+
+def u8u8_isin(arr: np.ndarray, listed: np.ndarray) -> np.ndarray:
+    """Whether each uid of ``arr`` is in ``listed`` (both ``u8,u8``), as a bool array:
+    Arrow's hash-based ``is_in`` over the uids as 16-byte binary values."""
+    import pyarrow.compute as pc
+
+    return pc.is_in(_as_binary(arr), value_set=_as_binary(listed)).to_numpy(zero_copy_only=False)
+
+
+def _as_binary(arr: np.ndarray):
+    """A ``u8,u8`` array as 16-byte binary values (a pyarrow array)."""
+    import pyarrow as pa
+
+    raw = np.ascontiguousarray(arr).view(np.uint8)
+    return pa.Array.from_buffers(pa.binary(16), len(arr), [None, pa.py_buffer(raw)])
+
+
+def load_uid_list(path: str, key: str = "uids.path") -> np.ndarray:
+    """A ``u8,u8`` uid array from a DataComp-format ``.npy`` at ``path`` (local or fsspec
+    URL); ``key`` (the config key that named it) starts the error messages."""
+    from filtering.errors import InputError
+    from filtering.io.paths import open_file
+
+    try:
+        with open_file(path, "rb") as f:
+            arr = np.load(f, allow_pickle=False)
+    except FileNotFoundError as e:
+        raise InputError(f"{key}: no file at {path!r}") from e
+    except ValueError as e:
+        raise InputError(f"{key}: {path!r} is not a numpy .npy file ({e})") from e
+    names = arr.dtype.names or ()
+    if len(names) != 2 or any(arr.dtype[n] != np.uint64 for n in names):
+        raise InputError(f"{key}: {path!r} has dtype {arr.dtype}; expected DataComp's u8,u8 uid array")
+    return arr.astype(UID_DTYPE).reshape(-1)
 
 
 # --- where a pool's uids come from (docs/spec.md, "Semantics that must match DataComp exactly"; issue 17) --------------------------------

@@ -55,10 +55,10 @@ def source_stage(cfg: Config, cache_root: str) -> SourceStage:
 def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
     """Every column stage that could run, in dependency order; the plan keeps those needed."""
     stages: list[ColumnStage] = []
-    from filtering.stages.clusters import ClusterStage
-    from filtering.stages.decontaminate import DecontaminateStage
+    from filtering.decontaminate.decontaminate_stage import DecontaminateStage
+    from filtering.image_clusters.image_clusters_stage import ImageClustersStage
 
-    stages.append(ClusterStage(cfg, cache_root))
+    stages.append(ImageClustersStage(cfg, cache_root))
     stages.append(DecontaminateStage(cfg, cache_root))
     return stages
 

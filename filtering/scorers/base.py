@@ -391,7 +391,7 @@ class ScorerStage(ColumnStage):
 def _input_fingerprint(part: ShardPart, emb: np.ndarray | None, kind: str | None, cols: dict[str, np.ndarray]) -> str:
     """What one shard's input to a scorer was: its embeddings (url, shape and a strided
     sample of rows, as the cluster stage keys its assignments) and the columns read."""
-    from filtering.stages.clusters import part_fingerprint
+    from filtering.cache import part_fingerprint
 
     h = hashlib.sha256(json.dumps([part.url, part.n]).encode())
     if emb is not None:

@@ -53,10 +53,9 @@ from filtering.io.paths import is_local, join, local_path, open_file
 from filtering.procpool import ProcessPool
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
-from filtering.uid import UID_DTYPE, uids_to_u8u8
+from filtering.uid import UID_DTYPE, sort_u8u8, uids_to_u8u8
 from filtering.writers.commit import file_records, invalidate
 from filtering.writers.parquet import HEX_COLUMNS, _leaf_paths, _PartWriter, dropped_table, remove_parts, subset_stream
-from filtering.writers.uids import sort_u8u8
 
 # Filters whose decision for a row reads only that row (a global top_fraction is handled apart).
 ROW_LOCAL = frozenset(

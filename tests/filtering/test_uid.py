@@ -46,8 +46,7 @@ def test_vectorised_u8u8_equals_python_ints_for_every_input_form():
 
 
 def test_sort_u8u8_is_numpys_record_order_with_and_without_ties():
-    from filtering.uid import UID_DTYPE
-    from filtering.writers.uids import sort_u8u8
+    from filtering.uid import UID_DTYPE, sort_u8u8
 
     rng = np.random.default_rng(0)
     arr = np.empty(1000, dtype=UID_DTYPE)

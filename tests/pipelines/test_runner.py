@@ -36,6 +36,8 @@ def test_a_broken_cluster_stage_import_is_not_hidden(monkeypatch, tmp_path):
     """An import bug in the cluster stage must surface as itself, not drop the stage silently
     (which later reads as "no stage provides cluster_id", a misleading config error)."""
     cfg = load_config(SAMPLE_CONFIG)
-    monkeypatch.setitem(sys.modules, "filtering.stages.clusters", None)  # makes the import raise ImportError
+    monkeypatch.setitem(
+        sys.modules, "filtering.image_clusters.image_clusters_stage", None
+    )  # makes the import raise ImportError
     with pytest.raises(ImportError):
         runner.column_stages(cfg, str(tmp_path))

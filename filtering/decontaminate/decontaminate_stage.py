@@ -62,7 +62,7 @@ class ReferenceSet:
 def targets_of(filter_tree) -> list[Target]:
     """The distinct references of the tree's ``decontaminate`` leaves; two different
     references may not share a column name."""
-    from filtering.filters.decontaminate import Decontaminate
+    from filtering.decontaminate.decontaminate_filter import Decontaminate
 
     by_column: dict[str, Target] = {}
     for node in filter_tree:
@@ -125,9 +125,8 @@ class DecontaminateStage(ColumnStage):
     def nearest_semantic(self, ctx, pool: Pool, t: Target, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
         """Per shard, cached: a rerun with another threshold reads the columns back."""
         from filtering import clustering
-        from filtering.cache import ShardCache
+        from filtering.cache import ShardCache, part_fingerprint
         from filtering.scorers.base import cached_shard_loop
-        from filtering.stages.clusters import part_fingerprint
 
         key = "filters.decontaminate.embedding"
         try:
@@ -176,7 +175,7 @@ class DecontaminateStage(ColumnStage):
     # --- reference set ---------------------------------------------------------------
 
     def reference(self, ctx: RunContext, t: Target) -> tuple[ReferenceSet, str]:
-        from filtering.stages.clusters import reference_source
+        from filtering.image_clusters.image_clusters_stage import reference_source
         from filtering.stages.webdataset import model_spec
 
         key = "filters.decontaminate.reference"

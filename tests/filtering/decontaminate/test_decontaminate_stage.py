@@ -4,11 +4,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from filtering.decontaminate.decontaminate_stage import DecontaminateStage
 from filtering.errors import ConfigError
 from filtering.filters.compose import apply_filters
 from filtering.pool import Pool, ShardPart
 from filtering.stages.base import RunContext
-from filtering.stages.decontaminate import DecontaminateStage
 from pipelines.config import parse_config
 
 

@@ -4,7 +4,7 @@ DataComp (Gadre et al. 2023, §3.2 and App. F) removed pool images that are near
 duplicates of its evaluation images, so that no evaluation image leaks into training.
 Here the evaluation set (``reference``: an image folder, WebDataset shards, or a
 ``.npy``/``.pt`` of embeddings, or a ``.npy`` of uint64 perceptual hashes) is compared
-with every pool row by :class:`filtering.stages.decontaminate.DecontaminateStage`, which
+with every pool row by :class:`filtering.decontaminate.decontaminate_stage.DecontaminateStage`, which
 adds two columns per reference (Score/Filter split):
 
 - ``method: semantic``: ``decontam_<name>_similarity``, the largest cosine similarity of

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 
 from filtering import clustering
+from filtering.image_clusters.image_clusters_stage import ImageClustersStage
 from filtering.pool import Pool, ShardPart
 from filtering.stages.base import RunContext
-from filtering.stages.clusters import ClusterStage
 from pipelines.config import parse_config
 
 
@@ -58,7 +58,7 @@ def run_stage(cfg, tmp_path, pool) -> dict:
     ctx = RunContext(
         config=cfg, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "run" / "cache"), log=lambda m: None
     )
-    ClusterStage(cfg, ctx.cache_dir).run(ctx, pool)
+    ImageClustersStage(cfg, ctx.cache_dir).run(ctx, pool)
     return ctx.stage_info["clusters"]
 
 

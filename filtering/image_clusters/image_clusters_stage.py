@@ -25,7 +25,6 @@ assignments without loading a model or re-clustering:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -37,11 +36,11 @@ import numpy as np
 import pyarrow as pa
 
 from filtering import clustering
-from filtering.cache import ShardCache, fingerprint
+from filtering.cache import ShardCache, fingerprint, part_fingerprint
 from filtering.errors import ConfigError, InputError
 from filtering.io.atomic import atomic_open, atomic_write_text, exists
 from filtering.io.paths import expand_shards, file_info, get_fs, join
-from filtering.pool import Pool, ShardPart
+from filtering.pool import Pool
 from filtering.stages.base import ColumnStage, RunContext
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -53,10 +52,9 @@ ALGO_VERSION = 1  # bump when the training rule changes (centroids are retrained
 ASSIGN_VERSION = 3
 DECODE_CHUNK = 64
 IN_PROCESS_DECODE_MAX = 2000  # smaller reference sets decode in-process (no worker start-up)
-ROWS_SAMPLED_PER_SHARD = 16
 
 
-class ClusterStage(ColumnStage):
+class ImageClustersStage(ColumnStage):
     name = "clusters"
 
     def __init__(self, cfg, cache_root: str):
@@ -307,19 +305,6 @@ class ClusterStage(ColumnStage):
 
 
 # --- helpers -----------------------------------------------------------------------
-
-
-def part_fingerprint(part: ShardPart, emb: np.ndarray, kind: str) -> str:
-    """What one shard's embeddings are: its url, row count, shape and a strided sample of rows.
-
-    Reading a handful of rows (memory-mapped) is enough to tell a rescored or replaced
-    shard from the one an assignment was computed from, without hashing every byte.
-    """
-    h = hashlib.sha256(json.dumps([part.url, part.n, kind, list(emb.shape), str(emb.dtype)]).encode())
-    if len(emb):
-        rows = np.unique(np.linspace(0, len(emb) - 1, ROWS_SAMPLED_PER_SHARD).astype(np.int64))
-        h.update(np.ascontiguousarray(emb[rows]).tobytes())
-    return h.hexdigest()[:24]
 
 
 def reference_source(ref: str) -> tuple[str, list[str], list]:
