@@ -60,7 +60,22 @@ def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
 
     stages.append(ImageClustersStage(cfg, cache_root))
     stages.append(DecontaminateStage(cfg, cache_root))
+    stages.extend(dedup_search_stages(cfg, cache_root))
     return stages
+
+
+def dedup_search_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
+    """One candidate search per distinct search settings of the ``dedup`` filters
+    (``filtering/dedup/search_stage.py``): computed once, cached, read by the filters."""
+    from filtering.dedup.search_stage import DedupSearchStage
+
+    settings = []
+    for node in cfg.filter_tree:
+        for f in node.leaves():
+            search = getattr(f, "search_settings", lambda: None)()
+            if search is not None and search not in settings:
+                settings.append(search)
+    return [DedupSearchStage(s, cache_root) for s in settings]
 
 
 def scorer_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:

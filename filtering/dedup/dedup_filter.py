@@ -11,6 +11,13 @@
   embeddings into ``num_clusters`` clusters, then pairs with cosine ``>= threshold``
   within a cluster (:mod:`filtering.dedup.semantic`).
 
+For ``exact`` and ``perceptual`` the candidate search is not done here: a column stage
+(:mod:`filtering.dedup.search_stage`, added by the planner for this filter's search
+settings) searches the whole pool once by hash partitioning
+(:mod:`filtering.dedup.partitioned`), caches the result, and leaves a group label per
+row and pairs of labels; this filter restricts them to the rows that reach it and
+decides. ``semantic`` still searches here (k-means trains on the rows that reach it).
+
 Pairs are joined into groups (connected components); in each group the copy preferred
 by ``keep`` survives (``highest_clip_score``, ties by smallest uid; or ``smallest_uid``)
 and the others are dropped with reason ``duplicate_<method>`` and ``duplicate_of`` set
@@ -26,6 +33,8 @@ import numpy as np
 from pydantic import Field, PositiveInt, model_validator
 
 from filtering.dedup import groups
+from filtering.dedup.partitioned import SearchSettings
+from filtering.dedup.search_stage import label_column, pairs_key
 from filtering.errors import ConfigError
 from filtering.filters.base import Decision, Filter, Params, register
 from filtering.pool import Pool
@@ -85,11 +94,21 @@ class Dedup(Filter):
         cols = {"uid"}
         if p.keep == "highest_clip_score":
             cols.add(self.score_field)
-        if p.method == "exact":
-            cols |= {"sha256", "caption"} if p.with_caption else {"sha256"}
-        elif p.method == "perceptual":
-            cols.add("phash")
+        search = self.search_settings()
+        if search is not None:
+            cols |= set(search.columns()) | {label_column(search)}
         return cols
+
+    def search_settings(self) -> SearchSettings | None:
+        """What the candidate search stage (:mod:`filtering.dedup.search_stage`) computes for
+        this filter: only the settings that change the candidates, so filters that differ in
+        ``keep`` or ``min_similarity`` share one cached search. None for ``semantic``."""
+        p = self.params
+        if p.method == "exact":
+            return SearchSettings("exact", with_caption=p.with_caption)
+        if p.method == "perceptual":
+            return SearchSettings("perceptual", max_distance=p.max_distance, key_column="phash")
+        return None
 
     def embeddings_required(self) -> set[str | None]:
         p = self.params
@@ -123,26 +142,14 @@ class Dedup(Filter):
     def pairs(self, pool: Pool, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Duplicate pairs among ``rows``, as positions into ``rows``."""
         p = self.params
-        if p.method == "exact":
-            keys = [pool.column("sha256")[rows]]
-            if p.with_caption:
-                keys.append(pool.column("caption")[rows])
-            labels = groups.exact_groups(keys)
-            missing = np.asarray([k is None for k in keys[0]], dtype=bool)
-            labels = np.where(missing, labels.max(initial=0) + 1 + np.arange(len(rows)), labels)
-            # Link every row to the first row of its label: a star per group.
-            _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-            first_of = first[inverse]
-            linked = first_of != np.arange(len(rows))
-            return first_of[linked], np.flatnonzero(linked)
-        if p.method == "perceptual":
-            from filtering.dedup.hamming import near_pairs
-
-            hashes, null = hash_column(pool, "phash")
-            ok = np.flatnonzero(~null[rows])
-            i, j = near_pairs(hashes[rows[ok]], p.max_distance)
-            i, j = ok[i], ok[j]
-            if p.min_similarity is not None and len(i):
+        search = self.search_settings()
+        if search is not None:
+            # The candidates were searched once over the whole pool (cached, search_stage.py);
+            # here they are only restricted to ``rows``.
+            column = label_column(search)
+            pair_a, pair_b = pool.artifacts[pairs_key(column)]
+            i, j = groups.label_edges(pool.column(column)[rows], pair_a, pair_b)
+            if p.method == "perceptual" and p.min_similarity is not None and len(i):
                 # Confirm hash neighbours with the image embeddings: cheap (one dot product per
                 # pair) and it removes look-alike images that merely share a coarse layout.
                 involved = np.unique(np.concatenate([i, j]))

@@ -71,6 +71,33 @@ def resolve(n: int, i: np.ndarray, j: np.ndarray, uids: np.ndarray, rank: np.nda
     return keep, dup
 
 
+def label_edges(labels: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges ``(i, j)``, ``i < j``, among rows with group ``labels`` (the partitioned
+    search's, :mod:`filtering.dedup.partitioned`) and pairs of labels ``(pair_a, pair_b)``.
+
+    Rows sharing a label are linked through the first row of the label (a star); a pair
+    of labels links the first rows of the two labels, and only when both labels occur in
+    ``labels``: the rows here may be a subset of those searched. These are the edges the
+    in-memory search (:func:`filtering.dedup.hamming.near_pairs`: a star per hash value,
+    first occurrences for pairs of values) gives over the same rows in the same order.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    uniq, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    first_of = first[inverse.ravel()]
+    rows = np.arange(n)
+    star = first_of != rows
+    i, j = [first_of[star]], [rows[star]]
+    if len(pair_a) and len(uniq):
+        ia = np.minimum(np.searchsorted(uniq, pair_a), len(uniq) - 1)
+        ib = np.minimum(np.searchsorted(uniq, pair_b), len(uniq) - 1)
+        present = (uniq[ia] == pair_a) & (uniq[ib] == pair_b)
+        i.append(first[ia[present]])
+        j.append(first[ib[present]])
+    a, b = np.concatenate(i).astype(np.int64), np.concatenate(j).astype(np.int64)
+    return np.minimum(a, b), np.maximum(a, b)
+
+
 def exact_groups(keys: list[np.ndarray]) -> np.ndarray:
     """Group label per row: rows sharing every key column share a label (None is a value too)."""
     label = np.zeros(len(keys[0]), np.int64)

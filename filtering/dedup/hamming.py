@@ -103,16 +103,28 @@ def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, starts + np.arange(total)
 
 
-def unique_pairs(values: np.ndarray, max_distance: int, substrings: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def unique_pairs(
+    values: np.ndarray, max_distance: int, substrings: int | None = None, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs ``(i, j)``, ``i < j``, of the *distinct* uint64 ``values`` within ``max_distance``.
 
-    ``values`` must be unique. Each pair is returned once.
+    ``values`` must be unique (within each group). Each pair is returned once. With
+    ``groups`` (any integer label per value), only pairs in the same group: the group
+    becomes the high part of every substring key, so each group is searched on its own
+    in the same vectorised passes (the partitioned search, :mod:`filtering.dedup.partitioned`).
     """
     values = np.asarray(values, dtype=np.uint64)
     n = len(values)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    m = substrings or choose_substrings(n, max_distance)
+    group_bits, group_rank = 0, None
+    if groups is not None:
+        uniq, group_rank = np.unique(np.asarray(groups), return_inverse=True)
+        group_rank = group_rank.ravel().astype(np.uint64)
+        group_bits = max(1, int(len(uniq) - 1).bit_length())
+    m = substrings or choose_substrings(max(2, n >> group_bits), max_distance)
+    while max(_widths(m)) + group_bits > 64:  # a key is group and substring in one uint64
+        m += 1
     radius = max_distance // m
     out_i, out_j = [], []
     shift = 0
@@ -120,11 +132,13 @@ def unique_pairs(values: np.ndarray, max_distance: int, substrings: int | None =
         mask = np.uint64((1 << width) - 1)
         keys = (values >> np.uint64(shift)) & mask
         shift += width
-        table = _Table(keys, width)
+        if group_rank is not None:
+            keys |= group_rank << np.uint64(width)
+        table = _Table(keys, width + group_bits)
         # Probe in key order: the probes of one flip then walk the offset table almost
         # sequentially instead of at random (several times faster on large tables).
         qkeys, qrows = table.sorted_keys, table.order
-        step = max(1, min(n, MAX_CHUNK_CANDIDATES // max(1, 4 * ((n >> width) + 1))))
+        step = max(1, min(n, MAX_CHUNK_CANDIDATES // max(1, 4 * ((n >> (width + group_bits)) + 1))))
         for flip in _flip_masks(width, radius):
             for lo_q in range(0, n, step):
                 lo, hi = table.buckets(qkeys[lo_q : lo_q + step] ^ flip)

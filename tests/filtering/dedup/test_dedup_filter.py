@@ -1,12 +1,16 @@
 """dedup filter: the three methods on a synthetic pool, survivor policies, shard-order invariance."""
 
+import tempfile
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from filtering.dedup.search_stage import DedupSearchStage
 from filtering.errors import ConfigError
 from filtering.filters.compose import apply_filters, parse_filters
 from filtering.pool import Pool, ShardPart
+from filtering.stages.base import RunContext
 
 
 def make_pool(sha, phash, scores, emb=None, failed=None, uids=None) -> Pool:
@@ -33,8 +37,17 @@ def make_pool(sha, phash, scores, emb=None, failed=None, uids=None) -> Pool:
     )
 
 
+def apply_searched(nodes, pool):
+    """``apply_filters`` after the candidate search stages the planner adds for these filters."""
+    with tempfile.TemporaryDirectory() as cache:
+        ctx = RunContext(config=None, out_dir=cache, cache_dir=cache)
+        for settings in {f.search_settings() for node in nodes for f in node.leaves() if f.name == "dedup"} - {None}:
+            DedupSearchStage(settings, cache).run(ctx, pool)
+    return apply_filters(nodes, pool)
+
+
 def run(pool, **params):
-    return apply_filters(parse_filters([{"dedup": params}]), pool)
+    return apply_searched(parse_filters([{"dedup": params}]), pool)
 
 
 def test_exact_keeps_highest_clip_score_and_records_survivor():
@@ -81,7 +94,7 @@ def test_semantic_groups_similar_embeddings():
 def test_only_rows_that_reach_the_filter_compete():
     # row 1 (best score) was dropped by clip_score first, so row 0 survives the dedup
     pool = make_pool(["a", "a", "a"], [1, 1, 1], [0.5, 0.1, 0.4])
-    out = apply_filters(parse_filters([{"clip_score": {"min": 0.3}}, {"dedup": {"method": "exact"}}]), pool)
+    out = apply_searched(parse_filters([{"clip_score": {"min": 0.3}}, {"dedup": {"method": "exact"}}]), pool)
     np.testing.assert_array_equal(out.keep, [True, False, False])
     assert out.drop_reason.tolist() == [None, "clip_score_below_min", "duplicate_exact"]
     assert out.duplicate_of[2] == f"{0:032x}"
@@ -140,10 +153,13 @@ def test_rejects_bad_params_naming_the_key(params, message):
 
 
 def test_requires_the_columns_it_reads():
+    """The key columns (so a missing one is named at plan time) and the search stage's label column."""
     (node,) = parse_filters([{"dedup": {"method": "perceptual"}}])
-    assert node.filter.requires() == {"uid", "phash", "clip_score"}
+    assert node.filter.requires() == {"uid", "phash", "clip_score", "dedup_label_phash_d6"}
     (node,) = parse_filters([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], input_kind="datacomp")
-    assert node.filter.requires() == {"uid", "sha256"}
+    assert node.filter.requires() == {"uid", "sha256", "dedup_label_exact"}
+    (node,) = parse_filters([{"dedup": {"method": "semantic"}}])
+    assert node.filter.requires() == {"uid", "clip_score"}
 
 
 def test_perceptual_min_similarity_confirms_hash_pairs():
@@ -156,3 +172,75 @@ def test_perceptual_min_similarity_confirms_hash_pairs():
     # row 2 shares the hash neighbourhood but not the content
     np.testing.assert_array_equal(out.keep, [True, False, True, True])
     assert out.duplicate_of[1] == f"{0:032x}"
+
+
+def in_memory_decision(pool, alive, params):
+    """The filter as it was before the search moved to its cached stage: exact_groups /
+    near_pairs over the rows that reach it, in uid order (the reference)."""
+    from filtering.dedup import groups
+    from filtering.dedup.dedup_filter import hash_column
+    from filtering.dedup.hamming import near_pairs
+
+    uids_all = pool.column("uid")
+    rows = np.flatnonzero(alive)
+    rows = rows[np.argsort(np.asarray(uids_all[rows], dtype=str), kind="stable")]
+    if params["method"] == "exact":
+        keys = [pool.column("sha256")[rows]]
+        labels = groups.exact_groups(keys)
+        missing = np.asarray([k is None for k in keys[0]], dtype=bool)
+        labels = np.where(missing, labels.max(initial=0) + 1 + np.arange(len(rows)), labels)
+        _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+        first_of = first[inverse]
+        linked = first_of != np.arange(len(rows))
+        i, j = first_of[linked], np.flatnonzero(linked)
+    else:
+        hashes, null = hash_column(pool, "phash")
+        ok = np.flatnonzero(~null[rows])
+        i, j = near_pairs(hashes[rows[ok]], params["max_distance"])
+        i, j = ok[i], ok[j]
+    uids = uids_all[rows]
+    scores = (
+        pool.column("clip_score")[rows] if params.get("keep", "highest_clip_score") == "highest_clip_score" else None
+    )
+    rank = groups.keep_rank(uids, scores, params.get("keep", "highest_clip_score"))
+    keep_local, dup_local = groups.resolve(len(rows), i, j, uids, rank)
+    keep = np.ones(pool.n, dtype=bool)
+    keep[rows] = keep_local
+    dup = np.full(pool.n, None, dtype=object)
+    dup[rows] = dup_local
+    return keep, dup
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"method": "exact"},
+        {"method": "exact", "keep": "smallest_uid"},
+        {"method": "perceptual", "max_distance": 4},
+        {"method": "perceptual", "max_distance": 6, "keep": "smallest_uid"},
+    ],
+)
+def test_same_survivors_as_the_in_memory_search_with_ties_chains_and_earlier_drops(params):
+    """Many copies, chains of near copies, tied and missing scores, rows an earlier filter
+    dropped (a chain's middle link among them): the decision of the search over the whole
+    pool, restricted, equals that of the in-memory search over the rows that reached it."""
+    rng = np.random.default_rng(len(str(params)))
+    n = 600
+    seeds = rng.integers(0, 2**62, 60, dtype=np.int64).astype(np.uint64)
+    phash = seeds[rng.integers(0, 60, n)]
+    chain_step = np.uint64(0b1111)  # 4 bits per link: links within 4, ends further apart
+    links = rng.random(n) < 0.4
+    phash[links] ^= chain_step << (np.uint64(4) * rng.integers(0, 3, int(links.sum())).astype(np.uint64))
+    sha = [f"sha{v}" for v in rng.integers(0, 150, n)]
+    sha = [None if rng.random() < 0.03 else v for v in sha]
+    scores = rng.choice([0.1, 0.2, 0.3, np.nan], n).astype(np.float32)  # ties everywhere
+    uids = [f"{v:032x}" for v in rng.permutation(n)]  # uid order differs from row order
+    pool = make_pool(sha, phash.tolist(), scores.tolist(), uids=uids)
+    gate = {"clip_score": {"min": 0.15}}  # drops the 0.1 rows (and NaN) before dedup
+    out = apply_searched(parse_filters([gate, {"dedup": params}]), pool)
+    alive = ~np.isnan(scores) & (scores >= 0.15)
+    keep, dup = in_memory_decision(pool, alive, params)
+    dropped_here = alive & ~keep
+    assert dropped_here.sum() > 50
+    assert np.array_equal(out.keep, alive & keep)
+    assert list(out.duplicate_of[dropped_here]) == list(dup[dropped_here])

@@ -1,0 +1,389 @@
+"""Exact and perceptual duplicate search by hash partitioning, with memory that stays flat
+as the pool grows (issue 16: "exact by hash partitioning, sorted spill files locally;
+perceptual by candidate keys partitioned the same way").
+
+Two steps, each a plain function of picklable arguments so that a process pool (here) or
+a Ray task can run it:
+
+1. :func:`emit_shard` (one shard): reads the shard's key columns and writes
+   ``(key, row)`` records into ``P`` spill files, one per partition, chosen by a hash of
+   the key. Every record of one key lands in one partition.
+
+   - exact: the key is ``sha256`` (and the caption with ``with_caption``: the partition
+     is chosen by ``sha256`` alone, so equal pairs meet too). Rows without ``sha256``
+     emit nothing: each is a group of its own, as in the in-memory search.
+   - perceptual: by the pigeonhole principle, two 64-bit hashes within Hamming distance
+     ``k`` agree exactly on at least one of ``k + 1`` disjoint blocks of their bits
+     (Norouzi et al., "Fast Search in Hamming Space with Multi-Index Hashing", CVPR
+     2012). Each row emits one record per block, keyed by (block index, block value):
+     the candidate keys. Rows without a hash emit nothing.
+
+2. :func:`reduce_partition` (one partition, its spill files): sorts and groups the
+   records and returns small integer arrays.
+
+   - ``rows, labels``: for each row that took part, the smallest row with the same key
+     (exact) or the same hash value (perceptual, from block 0, whose records hold every
+     row). Equal labels are one group.
+   - perceptual only, ``pairs``: the labels of two *distinct* hash values within distance
+     ``k``, found inside each (block, block value) group by multi-index hashing
+     (:func:`filtering.dedup.hamming.unique_pairs` with the group as part of the key)
+     and verified with the full 64-bit distance. A pair agreeing on several blocks is
+     reported only by its first equal block, so by one partition.
+
+:func:`search` runs both over a list of :class:`ShardKeys` and returns, for every pool
+row, its label (its own row when it took no part) and the pairs: the candidate structure
+from which :func:`filtering.dedup.groups.label_components` forms the same groups as the
+in-memory search, for any subset of rows. The driver holds one ``int64`` per row plus the
+pairs; a partition holds about :data:`RECORDS_PER_PARTITION` records, whatever the pool
+size. The labels are row positions in the pool, so they depend on shard order; the
+decision (survivor rule, ``duplicate_of``) orders rows by uid and does not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from filtering.dedup.hamming import unique_pairs
+
+RECORDS_PER_PARTITION = 1 << 21  # ~2M records (about 48 MB of spill) per partition
+SPILL_VERSION = 1  # bump when the records or labels change meaning (the stage's cache key)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    method: str  # "exact" | "perceptual"
+    max_distance: int = 0  # perceptual: Hamming radius
+    with_caption: bool = False  # exact: the caption is part of the key
+    key_column: str = "sha256"  # exact: the hash column; perceptual: the 64-bit hash column
+
+    def columns(self) -> list[str]:
+        if self.method == "exact":
+            return [self.key_column, "caption"] if self.with_caption else [self.key_column]
+        return [self.key_column]
+
+    def records_per_row(self) -> int:
+        return self.max_distance + 1 if self.method == "perceptual" else 1
+
+    def describe(self) -> dict:
+        return {
+            "method": self.method,
+            "max_distance": self.max_distance if self.method == "perceptual" else None,
+            "with_caption": self.with_caption if self.method == "exact" else None,
+            "key_column": self.key_column,
+            "version": SPILL_VERSION,
+        }
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """One shard's rows ``[first_row, first_row + n)``: either its key columns (``table``)
+    or a Parquet file to read them from (``path``, read by the worker)."""
+
+    first_row: int
+    n: int
+    path: str | None = None
+    table: pa.Table | None = None
+
+    def __reduce__(self):
+        # Pickling a sliced Arrow table sends its whole buffers (every shard would ship the
+        # pool); Arrow's IPC stream writes only the slice.
+        if self.table is None:
+            return (ShardKeys, (self.first_row, self.n, self.path, None))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.table.schema) as w:
+            w.write_table(self.table)
+        return (_shard_from_ipc, (self.first_row, self.n, sink.getvalue()))
+
+    def read(self, columns: list[str]) -> pa.Table:
+        if self.table is not None:
+            return self.table.select(columns)
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path, columns=columns)
+
+
+def _shard_from_ipc(first_row: int, n: int, buf: pa.Buffer) -> ShardKeys:
+    return ShardKeys(first_row, n, table=pa.ipc.open_stream(buf).read_all())
+
+
+# -- hashing -----------------------------------------------------------------------------
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads any uint64 keys evenly over partitions."""
+    x = np.asarray(x, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def string_hash64(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A uint64 per string, equal for equal strings (a polynomial over the UTF-8 bytes,
+    vectorised over Arrow's buffers: no Python object per row). Nulls hash to 0."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    arr = arr.cast(pa.large_binary())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    base = offsets[0]
+    total = int(offsets[-1] - base)
+    out = np.zeros(n, np.uint64)
+    if total:
+        longest = int(lengths.max())
+        with np.errstate(over="ignore"):
+            powers = np.cumprod(np.full(longest, 0x100000001B3, np.uint64), dtype=np.uint64)
+            pos = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1] - base, lengths)
+            terms = data[base : base + total].astype(np.uint64) * powers[pos]
+            nonempty = np.flatnonzero(lengths > 0)
+            out[nonempty] = np.add.reduceat(terms, (offsets[:-1] - base)[nonempty])
+    with np.errstate(over="ignore"):
+        out += lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return np.where(valid, mix64(out), np.uint64(0))
+
+
+def blocks(max_distance: int) -> list[tuple[int, int]]:
+    """``(shift, width)`` of the ``max_distance + 1`` disjoint blocks the 64 bits are cut into."""
+    m = max_distance + 1
+    base, extra = divmod(64, m)
+    out, shift = [], 0
+    for b in range(m):
+        width = base + (1 if b < extra else 0)
+        out.append((shift, width))
+        shift += width
+    return out
+
+
+def first_equal_block(u: np.ndarray, v: np.ndarray, max_distance: int) -> np.ndarray:
+    """Index of the first block on which ``u`` and ``v`` agree (``max_distance + 1`` when none)."""
+    diff = np.bitwise_xor(np.asarray(u, np.uint64), np.asarray(v, np.uint64))
+    first = np.full(len(diff), max_distance + 1, np.int64)
+    for b, (shift, width) in reversed(list(enumerate(blocks(max_distance)))):
+        equal = (diff >> np.uint64(shift)) & np.uint64((1 << width) - 1) == 0
+        first[equal] = b
+    return first
+
+
+# -- step 1: emit ------------------------------------------------------------------------
+
+_PERCEPTUAL = np.dtype([("g", "<u8"), ("h", "<u8"), ("r", "<i8")])
+
+
+def partition_dir(spill_dir: str, p: int) -> str:
+    return os.path.join(spill_dir, f"p{p:05d}")
+
+
+def emit_shard(shard: ShardKeys, settings: SearchSettings, partitions: int, spill_dir: str, tag: str) -> int:
+    """Write one shard's records into ``partitions`` spill files; returns the records written."""
+    table = shard.read(settings.columns())
+    rows = shard.first_row + np.arange(table.num_rows, dtype=np.int64)
+    key = table.column(settings.key_column)
+    valid = key.is_valid().to_numpy(zero_copy_only=False)
+    written = 0
+    if settings.method == "exact":
+        part = (string_hash64(key) % np.uint64(partitions)).astype(np.int64)
+        take = np.flatnonzero(valid)
+        records = pa.table(
+            {"r": rows[take], **{c: table.column(c).take(take) for c in settings.columns()}}
+        ).combine_chunks()
+        part = part[take]
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+        for p in range(partitions):
+            if bounds[p + 1] > bounds[p]:
+                _write_arrow(records.take(order[bounds[p] : bounds[p + 1]]), partition_dir(spill_dir, p), tag)
+                written += int(bounds[p + 1] - bounds[p])
+        return written
+    hashes = np.asarray(key.fill_null(0).to_numpy(), dtype=np.uint64)[valid]
+    rows = rows[valid]
+    for b, (shift, width) in enumerate(blocks(settings.max_distance)):
+        value = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+        # The block index in the top byte: blocks are at most 32 bits wide when there are two or more.
+        g = (np.uint64(b) << np.uint64(56)) | value
+        part = (mix64(g) % np.uint64(partitions)).astype(np.int64)
+        rec = np.empty(len(rows), _PERCEPTUAL)
+        rec["g"], rec["h"], rec["r"] = g, hashes, rows
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+        for p in range(partitions):
+            if bounds[p + 1] > bounds[p]:
+                _write_npy(rec[order[bounds[p] : bounds[p + 1]]], partition_dir(spill_dir, p), f"{tag}-b{b}")
+                written += int(bounds[p + 1] - bounds[p])
+    return written
+
+
+def _write_arrow(table: pa.Table, folder: str, tag: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{tag}.tmp")
+    with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    os.replace(tmp, os.path.join(folder, f"{tag}.arrow"))
+
+
+def _write_npy(rec: np.ndarray, folder: str, tag: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{tag}.tmp.npy")
+    np.save(tmp, rec)
+    os.replace(tmp, os.path.join(folder, f"{tag}.npy"))
+
+
+def _block_of(g: np.ndarray, max_distance: int) -> np.ndarray:
+    """The block index packed into group keys (``max_distance`` 0: one 64-bit block, no index)."""
+    if max_distance == 0:
+        return np.zeros(len(g), np.int64)
+    return (g >> np.uint64(56)).astype(np.int64)
+
+
+# -- step 2: reduce ----------------------------------------------------------------------
+
+
+@dataclass
+class PartitionResult:
+    rows: np.ndarray  # int64: rows labelled by this partition
+    labels: np.ndarray  # int64: the smallest row with the same key / hash value
+    pair_a: np.ndarray  # int64 labels: perceptual pairs of distinct values (pair_a < pair_b)
+    pair_b: np.ndarray
+
+
+def _min_row_labels(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each record, the smallest row among records with the same code."""
+    order = np.lexsort((rows, codes))
+    c = codes[order]
+    start = np.r_[True, c[1:] != c[:-1]]
+    first_row = rows[order][start]
+    group = np.cumsum(start) - 1
+    out = np.empty(len(rows), np.int64)
+    out[order] = first_row[group]
+    return out
+
+
+def reduce_partition(paths: Sequence[str], settings: SearchSettings) -> PartitionResult:
+    """Groups (and, perceptual, near pairs) among the records of one partition's spill files."""
+    empty = np.zeros(0, np.int64)
+    if settings.method == "exact":
+        tables = [pa.ipc.open_file(pa.memory_map(p)).read_all() for p in paths]
+        if not tables:
+            return PartitionResult(empty, empty, empty, empty)
+        t = pa.concat_tables(tables).combine_chunks()
+        rows = t.column("r").to_numpy()
+        codes = np.zeros(len(rows), np.int64)
+        for c in settings.columns():
+            enc = pc.dictionary_encode(t.column(c), null_encoding="encode").combine_chunks()
+            idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            _, codes = np.unique(codes * (len(enc.dictionary) + 1) + idx, return_inverse=True)
+            codes = codes.ravel().astype(np.int64)
+        return PartitionResult(rows, _min_row_labels(codes, rows), empty, empty)
+
+    rec = np.concatenate([np.load(p) for p in paths]) if paths else np.zeros(0, _PERCEPTUAL)
+    if len(rec) == 0:
+        return PartitionResult(empty, empty, empty, empty)
+    order = np.lexsort((rec["r"], rec["h"], rec["g"]))
+    rec = rec[order]
+    del order
+    g, h, r = rec["g"], rec["h"], rec["r"]
+    # One entry per (group, hash value); its label is its smallest row (the first, sorted by row).
+    first = np.r_[True, (g[1:] != g[:-1]) | (h[1:] != h[:-1])]
+    start = np.flatnonzero(first)
+    ug, uh, ul = g[start], h[start], r[start]
+    # Block 0's records hold every row once: they give each row its label.
+    in_block0 = _block_of(g, settings.max_distance) == 0
+    rows_out = r[in_block0]
+    labels_out = ul[(np.cumsum(first) - 1)[in_block0]]
+    del rec, g, h, r, first, start, in_block0
+    if settings.max_distance == 0:  # distinct values are never within distance 0
+        return PartitionResult(rows_out, labels_out, empty, empty)
+    i, j = unique_pairs(uh, settings.max_distance, groups=ug)
+    if len(i):
+        # Reported by the first block the two values agree on, so by one partition only.
+        block = _block_of(ug[i], settings.max_distance)
+        mine = first_equal_block(uh[i], uh[j], settings.max_distance) == block
+        i, j = i[mine], j[mine]
+    a, b = ul[i], ul[j]
+    return PartitionResult(rows_out, labels_out, np.minimum(a, b), np.maximum(a, b))
+
+
+# -- both steps over a pool ----------------------------------------------------------------
+
+
+def num_partitions(n: int, settings: SearchSettings, records_per_partition: int = RECORDS_PER_PARTITION) -> int:
+    return max(1, math.ceil(n * settings.records_per_row() / records_per_partition))
+
+
+def _emit_task(args) -> int:
+    return emit_shard(*args)
+
+
+def _reduce_task(args) -> PartitionResult:
+    return reduce_partition(*args)
+
+
+def search(
+    shards: Sequence[ShardKeys],
+    n: int,
+    settings: SearchSettings,
+    workers: int = 1,
+    work_dir: str | None = None,
+    partitions: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, pair_a, pair_b)`` over ``n`` rows (module docstring).
+
+    ``labels[i]`` is the smallest row with the same key (``i`` for a row with no key);
+    ``(pair_a, pair_b)`` (perceptual) link labels of distinct hash values within the
+    radius. Spill files go to a temporary folder under ``work_dir`` (removed after);
+    ``workers > 1`` runs emit and reduce on a process pool.
+    """
+    partitions = partitions or num_partitions(n, settings)
+    if work_dir is not None:
+        os.makedirs(work_dir, exist_ok=True)
+    spill = tempfile.mkdtemp(prefix="dedup-spill-", dir=work_dir)
+    try:
+        emit_args = [(s, settings, partitions, spill, f"s{k:06d}") for k, s in enumerate(shards)]
+        labels = np.arange(n, dtype=np.int64)
+        pair_a, pair_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+
+        def reduce_args():
+            for p in range(partitions):
+                folder = partition_dir(spill, p)
+                names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+                yield ([os.path.join(folder, f) for f in names if not f.startswith(".")], settings)
+
+        def take(result: PartitionResult) -> None:
+            labels[result.rows] = result.labels
+            pair_a.append(result.pair_a)
+            pair_b.append(result.pair_b)
+
+        if workers > 1:
+            import multiprocessing as mp
+
+            from filtering.procpool import ProcessPool
+
+            # spawn, as every poolsift process pool: the driver may hold torch's threads
+            with ProcessPool(workers, mp_context=mp.get_context("spawn")) as pool:
+                for _ in pool.map(_emit_task, emit_args):
+                    pass
+                for result in pool.map(_reduce_task, list(reduce_args())):
+                    take(result)
+        else:
+            for a in emit_args:
+                _emit_task(a)
+            for a in reduce_args():
+                take(_reduce_task(a))
+        # Each pair comes from one partition only (first equal block), in partition order.
+        return labels, np.concatenate(pair_a), np.concatenate(pair_b)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)

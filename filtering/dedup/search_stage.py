@@ -1,0 +1,133 @@
+"""The dedup candidate search as a column stage: computation, cached; the filter decides.
+
+For ``method: exact`` and ``method: perceptual`` the ``dedup`` filter
+(:mod:`filtering.dedup.dedup_filter`) reads one internal column, the row's group label
+from :func:`filtering.dedup.partitioned.search` (``dedup_label_exact``,
+``dedup_label_exact_caption`` or ``dedup_label_phash_d<k>``), and, perceptual, the pairs
+of labels within the radius (``pool.artifacts[<column> + ".pairs"]``). The search runs
+once over every row of the pool, so it does not depend on which rows reach the filter;
+the filter restricts the labels and pairs to those rows, which gives the groups the
+search over those rows alone would give (:func:`filtering.dedup.groups.label_edges`).
+
+The result is cached in ``DIR/cache/dedup-<fingerprint>/`` (``labels.npy``,
+``pairs.npy``): the fingerprint covers the search settings, the shard layout and a
+digest of the key columns' contents (their Arrow buffers: one fast pass, no Python
+object per row), so a rerun that changes the survivor rule, an earlier or a later
+filter, or the outputs does not search again, and a changed input is never misread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from filtering.cache import fingerprint
+from filtering.dedup import partitioned
+from filtering.io.atomic import atomic_open, atomic_write_text, exists
+from filtering.io.paths import get_fs, is_local, join
+from filtering.pool import Pool
+from filtering.stages.base import ColumnStage, RunContext
+
+PARALLEL_MIN_ROWS = 200_000  # below this a process pool costs more than it saves
+
+
+def label_column(settings: partitioned.SearchSettings) -> str:
+    if settings.method == "exact":
+        return "dedup_label_exact_caption" if settings.with_caption else "dedup_label_exact"
+    return f"dedup_label_{settings.key_column}_d{settings.max_distance}"
+
+
+def pairs_key(column: str) -> str:
+    return f"{column}.pairs"
+
+
+def content_digest(pool: Pool, columns: list[str]) -> str:
+    """sha256 of the columns' Arrow buffers (with each chunk's offset and length)."""
+    h = hashlib.sha256()
+    for name in columns:
+        col = pool.table.column(name)
+        h.update(f"{name}:{col.type}:{col.num_chunks}".encode())
+        for chunk in col.chunks:
+            h.update(f"{chunk.offset}:{len(chunk)}:{chunk.null_count}".encode())
+            for buf in chunk.buffers():
+                h.update(b"-" if buf is None else memoryview(buf))
+    return h.hexdigest()
+
+
+class DedupSearchStage(ColumnStage):
+    """One candidate search (one set of search settings), shared by dedup filters with the same settings."""
+
+    def __init__(self, settings: partitioned.SearchSettings, cache_root: str, workers: int | None = None):
+        self.settings = settings
+        self.cache_root = cache_root
+        self.workers = workers
+        self.column = label_column(settings)
+        self.name = f"dedup:{self.column}"
+
+    def provides(self) -> set[str]:
+        return {self.column}
+
+    def requires(self) -> set[str]:
+        return set(self.settings.columns())
+
+    def spec(self, pool: Pool) -> dict[str, Any]:
+        return {
+            "search": self.settings.describe(),
+            "rows": pool.n,
+            "parts": [[p.url, p.start, p.stop] for p in pool.parts],
+            "content": content_digest(pool, self.settings.columns()),
+        }
+
+    def run(self, ctx: RunContext, pool: Pool) -> None:
+        t0 = time.perf_counter()
+        pool.materialize(self.settings.columns())  # DataComp's captions are read late
+        spec = self.spec(pool)
+        folder = join(self.cache_root, f"dedup-{fingerprint(spec)}")
+        labels_path, pairs_path = join(folder, "labels.npy"), join(folder, "pairs.npy")
+        cached = exists(labels_path) and exists(pairs_path)
+        if cached:
+            labels = _load(labels_path)
+            pairs = _load(pairs_path)
+        else:
+            labels, a, b = self.search(pool)
+            pairs = np.stack([a, b], axis=1) if len(a) else np.zeros((0, 2), np.int64)
+            _save(pairs_path, pairs)
+            _save(labels_path, labels)  # last: its presence marks a complete entry
+            atomic_write_text(join(folder, "spec.json"), json.dumps(spec, indent=1))
+        pool.add_column(self.column, pa.array(labels, pa.int64()))
+        pool.internal.add(self.column)
+        pool.artifacts[pairs_key(self.column)] = (pairs[:, 0], pairs[:, 1])
+        info = ctx.stage_info.setdefault("dedup", {})
+        info[self.column] = {
+            "cache": "reused" if cached else "computed",
+            "fingerprint": fingerprint(spec),
+            "pairs": int(len(pairs)),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    def search(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        table = pool.table.select(self.settings.columns())
+        shards = [partitioned.ShardKeys(p.start, p.n, table=table.slice(p.start, p.n)) for p in pool.parts]
+        workers = self.workers
+        if workers is None:
+            workers = min(os.cpu_count() or 1, 8) if pool.n >= PARALLEL_MIN_ROWS else 1
+        work_dir = self.cache_root if is_local(self.cache_root) else None  # spill files stay local
+        return partitioned.search(shards, pool.n, self.settings, workers=workers, work_dir=work_dir)
+
+
+def _save(path: str, arr: np.ndarray) -> None:
+    with atomic_open(path) as f:
+        np.save(f, arr)
+
+
+def _load(path: str) -> np.ndarray:
+    fs, p = get_fs(path)
+    with fs.open(p, "rb") as f:
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)
