@@ -30,6 +30,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,18 @@ ALGO_VERSION = 1  # bump when the training rule changes (centroids are retrained
 ASSIGN_VERSION = 3
 DECODE_CHUNK = 64
 IN_PROCESS_DECODE_MAX = 2000  # smaller reference sets decode in-process (no worker start-up)
+
+
+@dataclass(frozen=True)
+class ClusterTargets:
+    """What assigning rows needs once the whole-pool part is done: small and picklable,
+    so shard workers (the streaming plan) assign exactly as the in-memory run does."""
+
+    kind: str  # the embedding kind
+    cfp: str  # fingerprint of the centroids: names their cache folder and the assignments'
+    centroids: str  # the cached centroids.npy
+    targets: np.ndarray  # sorted ids of the target clusters
+    num_clusters: int
 
 
 class ImageClustersStage(ColumnStage):
@@ -81,6 +94,21 @@ class ImageClustersStage(ColumnStage):
     # --- run -------------------------------------------------------------------------
 
     def run(self, ctx: RunContext, pool: Pool) -> None:
+        t0 = time.perf_counter()
+        targets = self.find_targets(ctx, pool)
+        self.assign(ctx, pool, targets)
+        info = ctx.stage_info["clusters"]
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        ctx.log(
+            f"clusters: {len(targets.targets)} of {targets.num_clusters} clusters are nearest to the reference set; "
+            f"{info['rows_in_target']:,} of {pool.n:,} rows fall in them"
+        )
+
+    def find_targets(self, ctx: RunContext, pool: Pool) -> ClusterTargets:
+        """The whole-pool part: centroids (trained on a sample of ``pool``'s embeddings, or
+        loaded), the reference embeddings and the target clusters, each cached. Reads the
+        pool's embeddings (a sample for training, a few rows per shard for the
+        fingerprints), never a column: the streaming plan calls it on a pool of parts alone."""
         cc = self.cfg.clusters
         self.requires()
         try:
@@ -89,42 +117,74 @@ class ImageClustersStage(ColumnStage):
             raise ConfigError(f"clusters.embedding: {e.args[0]}") from e
         info: dict[str, Any] = {"embedding": kind, "cache": {}}
         ctx.stage_info["clusters"] = info
-        t0 = time.perf_counter()
-        failed = pool.failed
         # One light pass for fingerprints; arrays are not kept (memory stays one shard).
         parts = [(part, part_fingerprint(part, emb, kind)) for part, emb in pool.iter_embeddings(kind)]
 
-        centroids, cfp = self.centroids(ctx, pool, parts, failed, info)
+        centroids, cfp = self.centroids(ctx, pool, parts, info)
         reference, rfp = self.reference(ctx, info)
         if reference.shape[1] != centroids.shape[1]:
             raise ConfigError(
                 f"clusters.reference: embeddings of dimension {reference.shape[1]} do not match the pool's "
                 f"{kind!r} embeddings of dimension {centroids.shape[1]}; embed the reference with the same model"
             )
-        assigner = clustering.Assigner(centroids)
-        targets = self.targets(centroids, cfp, reference, rfp, assigner, info)
-        ids, sims = self.assignments(ctx, pool, parts, cfp, kind, assigner, info)
-
-        target_mask = np.zeros(len(centroids), dtype=bool)
-        target_mask[targets] = True
-        pool.add_column("cluster_id", pa.array(ids, mask=failed))
-        pool.add_column("cluster_sim", pa.array(sims, mask=failed))
-        pool.add_column("cluster_target", target_mask[ids] & ~failed)
+        targets = self.targets(centroids, cfp, reference, rfp, info)
         info.update(
             num_clusters=int(len(centroids)),
             target_clusters=int(len(targets)),
-            rows_in_target=int((target_mask[ids] & ~failed).sum()),
-            assign_backend=assigner.backend,
-            seconds=round(time.perf_counter() - t0, 3),
+            assign_backend=clustering.default_backend(len(centroids)),
         )
-        ctx.log(
-            f"clusters: {len(targets)} of {len(centroids)} clusters are nearest to the reference set; "
-            f"{info['rows_in_target']:,} of {pool.n:,} rows fall in them"
+        path = join(self.cache_root, f"centroids-{cfp}", "centroids.npy")
+        return ClusterTargets(kind, cfp, path, targets, int(len(centroids)))
+
+    def assign(self, ctx: RunContext, pool: Pool, targets: ClusterTargets, assigners: dict | None = None) -> None:
+        """The per-row part: each row's nearest centroid, per shard through the shared cached
+        loop (:func:`filtering.scorers.base.cached_shard_loop`, keyed by the shard's
+        embeddings), as the columns ``cluster_id``, ``cluster_sim`` and ``cluster_target``.
+        Row-local, so the streaming plan runs it on each shard's pool in its workers, where
+        ``assigners`` keeps one :class:`filtering.clustering.Assigner` per process."""
+        from filtering.scorers.base import cached_shard_loop
+
+        info = ctx.stage_info.setdefault("clusters", {"embedding": targets.kind, "cache": {}})
+        kind = targets.kind
+        cache = ShardCache(
+            self.cache_root, "clusters", {"centroids": targets.cfp, "embedding": kind, "assign": ASSIGN_VERSION}
         )
+        assigners = {} if assigners is None else assigners
+
+        def compute(part, emb):
+            assigner = assigners.get(targets.centroids)
+            if assigner is None:  # only when some shard is not cached: centroids loaded once
+                assigners.clear()
+                assigner = assigners[targets.centroids] = clustering.Assigner(_load_npy(targets.centroids))
+            a_ids, a_sims = clustering.assign(emb, assigner)
+            return {"cluster_id": a_ids, "cluster_sim": a_sims}
+
+        loop = cached_shard_loop(
+            ctx,
+            pool,
+            cache,
+            ("cluster_id", "cluster_sim"),
+            source_of=lambda part, emb: {"embedding": part_fingerprint(part, emb, kind)},
+            compute=compute,
+            desc="assign clusters",
+            kind=kind,
+        )
+        info["cache"]["shards_assigned"] = loop.computed
+        info["cache"]["shards_cached"] = loop.cached
+        ids = loop.columns["cluster_id"].astype(np.int64, copy=False)
+        sims = loop.columns["cluster_sim"].astype(np.float32, copy=False)
+        failed = pool.failed
+        target_mask = np.zeros(targets.num_clusters, dtype=bool)
+        target_mask[targets.targets] = True
+        in_target = target_mask[ids] & ~failed
+        pool.add_column("cluster_id", pa.array(ids, mask=failed))
+        pool.add_column("cluster_sim", pa.array(sims, mask=failed))
+        pool.add_column("cluster_target", in_target)
+        info["rows_in_target"] = int(in_target.sum())
 
     # --- centroids -------------------------------------------------------------------
 
-    def centroids(self, ctx, pool, parts, failed, info) -> tuple[np.ndarray, str]:
+    def centroids(self, ctx, pool, parts, info) -> tuple[np.ndarray, str]:
         cc = self.cfg.clusters
         if cc.centroids:
             spec = {"file": cc.centroids, "source": _file_info(cc.centroids, "clusters.centroids")}
@@ -150,22 +210,26 @@ class ImageClustersStage(ColumnStage):
                 raise InputError(f"clusters.centroids: {e}") from e
             info["centroids"] = "loaded"
         else:
-            centroids = self.train(ctx, pool, failed, info)
+            centroids = self.train(ctx, pool, info)
             info["centroids"] = "trained"
         _save_npy(path, centroids)
         atomic_write_text(join(self.cache_root, f"centroids-{cfp}", "spec.json"), json.dumps(spec, indent=1))
         return centroids, cfp
 
-    def train(self, ctx, pool, failed, info) -> np.ndarray:
+    def train(self, ctx, pool, info) -> np.ndarray:
         cc = self.cfg.clusters
-        valid = np.flatnonzero(~failed)
-        m = clustering.training_size(len(valid), cc.num_clusters, cc.sample_fraction, cc.max_training_points)
+        # Failed rows (WebDataset input) are left out; without any, no per-row index array.
+        valid = np.flatnonzero(~pool.failed) if pool.has_column("error") else None
+        usable = pool.n if valid is None else len(valid)
+        m = clustering.training_size(usable, cc.num_clusters, cc.sample_fraction, cc.max_training_points)
         if m < cc.num_clusters:
             raise ConfigError(
                 f"clusters.num_clusters: {cc.num_clusters} clusters need at least as many training points; "
-                f"the pool has {len(valid)} usable rows (sample: {m})"
+                f"the pool has {usable} usable rows (sample: {m})"
             )
-        rows = valid[clustering.sample_indices(len(valid), m, cc.seed)]
+        rows = clustering.sample_indices(usable, m, cc.seed)
+        if valid is not None:
+            rows = valid[rows]
         sample = pool.embeddings(info["embedding"], rows)  # only the sampled rows, shard by shard
         ctx.log(f"clusters: k-means of {m:,} points into {cc.num_clusters:,} clusters ({cc.niter} iterations)")
         bar = ctx.bar(cc.niter, "k-means", unit="iterations")
@@ -267,41 +331,15 @@ class ImageClustersStage(ColumnStage):
 
     # --- targets and assignments -----------------------------------------------------
 
-    def targets(self, centroids, cfp, reference, rfp, assigner, info) -> np.ndarray:
+    def targets(self, centroids, cfp, reference, rfp, info) -> np.ndarray:
         path = join(self.cache_root, f"centroids-{cfp}", f"targets-{rfp}-a{ASSIGN_VERSION}.npy")
         if exists(path):
             info["cache"]["targets"] = "cached"
             return _load_npy(path)
-        targets = clustering.target_clusters(reference, assigner)
+        targets = clustering.target_clusters(reference, clustering.Assigner(centroids))
         _save_npy(path, targets)
         info["cache"]["targets"] = "computed"
         return targets
-
-    def assignments(self, ctx, pool, parts, cfp, kind, assigner, info) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's nearest centroid, per shard through the shared cached loop
-        (:func:`filtering.scorers.base.cached_shard_loop`), keyed by the shard's embeddings."""
-        from filtering.scorers.base import cached_shard_loop
-
-        cache = ShardCache(self.cache_root, "clusters", {"centroids": cfp, "embedding": kind, "assign": ASSIGN_VERSION})
-        fingerprints = {part.url: pfp for part, pfp in parts}
-
-        def compute(part, emb):
-            a_ids, a_sims = clustering.assign(pool.embedding_loader(kind, part), assigner)
-            return {"cluster_id": a_ids, "cluster_sim": a_sims}
-
-        loop = cached_shard_loop(
-            ctx,
-            pool,
-            cache,
-            ("cluster_id", "cluster_sim"),
-            source_of=lambda part, emb: {"embedding": fingerprints[part.url]},
-            compute=compute,
-            desc="assign clusters",
-        )
-        info["cache"]["shards_assigned"] = loop.computed
-        info["cache"]["shards_cached"] = loop.cached
-        ids = loop.columns["cluster_id"].astype(np.int64, copy=False)
-        return ids, loop.columns["cluster_sim"].astype(np.float32, copy=False)
 
 
 # --- helpers -----------------------------------------------------------------------

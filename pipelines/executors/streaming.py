@@ -2,7 +2,8 @@
 
 Used when every filter in the tree decides a row from that row alone (caption,
 language, image_size, text_entities, wordnet_synsets, uids, ``clip_score`` /
-``score`` thresholds), or is a ``clip_score`` ``top_fraction`` over the whole pool. No
+``score`` thresholds, ``image_clusters`` once the target clusters are known), or is a
+``clip_score`` ``top_fraction`` over the whole pool. No
 process holds the pool; each phase is a map over shards on a process pool, or a small
 reduction in the driver:
 
@@ -17,8 +18,13 @@ reduction in the driver:
    histograms give the bin holding that rank (narrowed by more 16-bit histogram passes
    while it holds more than GATHER_LIMIT scores); the shards return only the scores in
    that bin, and ``np.partition`` picks the exact value, in the column's dtype.
-4. **filter** (per shard): the shard read as a one-shard pool, the filter tree applied
-   with the global thresholds (same code as the in-memory path); kept and dropped rows
+3b. **cluster targets** (driver; ``image_clusters`` only): centroids, reference
+   embeddings and target ids by ``ImageClustersStage.find_targets`` on a pool of shard
+   parts and embeddings (no column), in the in-memory path's caches.
+4. **filter** (per shard): the shard read as a one-shard pool, its rows assigned to
+   clusters (``ImageClustersStage.assign``, the in-memory path's per-shard cache), the
+   filter tree applied with the global thresholds (same code as the in-memory path);
+   kept and dropped rows
    spilled as Arrow files, the kept uids spilled sorted; the funnel comes back as
    counts per filter and reason code.
 5. **write** (per output part): parts cut where the in-memory writer cuts them, each
@@ -39,7 +45,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -58,8 +64,20 @@ from filtering.writers.commit import file_records, invalidate
 from filtering.writers.parquet import HEX_COLUMNS, _leaf_paths, _PartWriter, dropped_table, remove_parts, subset_stream
 
 # Filters whose decision for a row reads only that row (a global top_fraction is handled apart).
+# ``image_clusters`` is row-local once the target clusters are known (a small id set the
+# driver finds first); each shard's rows are then assigned in the workers.
 ROW_LOCAL = frozenset(
-    {"caption", "language", "image_size", "text_entities", "wordnet_synsets", "uids", "clip_score", "score"}
+    {
+        "caption",
+        "language",
+        "image_size",
+        "text_entities",
+        "wordnet_synsets",
+        "uids",
+        "clip_score",
+        "score",
+        "image_clusters",
+    }
 )
 KEY_BITS = 16  # histogram of the top bits of each score's order-preserving key
 FINE_BITS = 12  # uid ranges: the top bits of the uid's high half
@@ -69,6 +87,7 @@ SPILL = ".streaming"
 
 def why_not(cfg, the_plan, executor) -> str | None:
     """Why this run cannot stream (None: it can, with outputs equal to the in-memory path's)."""
+    from filtering.image_clusters.image_clusters_stage import ImageClustersStage
     from filtering.scorers.base import ScorerStage
 
     if the_plan.source.info.kind != "datacomp":
@@ -77,7 +96,12 @@ def why_not(cfg, the_plan, executor) -> str | None:
         return "an executor is configured"
     # A filter's own scorers (language's language_id) run shard by shard in the workers;
     # configured scorers (model heads) keep the in-memory path, which loads them once.
-    whole = [s for s in the_plan.stages if not (isinstance(s, ScorerStage) and s.internal)]
+    # The cluster stage splits: targets in the driver, assignment in the workers.
+    whole = [
+        s
+        for s in the_plan.stages
+        if not (isinstance(s, ScorerStage) and s.internal) and not isinstance(s, ImageClustersStage)
+    ]
     if whole:
         return f"stage {type(whole[0]).__name__} needs the whole pool"
     if cfg.output.webdataset:
@@ -173,6 +197,7 @@ class _Shared:
     hex_columns: frozenset[str]
     rows_per_part: int
     scorer_stages: tuple = ()  # the plan's ScorerStages, run on each shard's pool (cached per shard)
+    clusters: Any = None  # (ImageClustersStage, ClusterTargets): assign each shard's rows
 
 
 def _read(shard, columns: list[str]) -> pa.Table:
@@ -304,6 +329,9 @@ def _filter(args) -> dict[str, Any]:
     pool, ctx = _shard_pool(sh, shard)
     for stage in sh.scorer_stages:  # e.g. language's language_id: its cache is per shard anyway
         stage.run(ctx, pool)
+    if sh.clusters is not None:  # the same per-shard cache entries as the in-memory run's
+        stage, targets = sh.clusters
+        stage.assign(ctx, pool, targets, _ASSIGNERS)
     nodes = _with_thresholds(list(sh.cfg.filter_tree), thresholds)
     outcome = apply_filters(nodes, pool)
     schema, tables = subset_stream(pool, outcome.keep)
@@ -323,7 +351,42 @@ def _filter(args) -> dict[str, Any]:
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "stage_info": ctx.stage_info.get("datacomp", {}),
         "scorers": ctx.stage_info.get("scorers", {}),
+        "clusters": ctx.stage_info.get("clusters"),
     }
+
+
+_ASSIGNERS: dict = {}  # per worker process: the centroids' Assigner, built once
+
+
+def _cluster_targets(stage, shards, counts: list[int], ctx: RunContext):
+    """The target clusters, found as the in-memory run finds them (same caches), from a
+    pool of shard parts and embeddings only: no metadata column, nothing per row."""
+    from filtering.pool import Pool, ShardPart
+    from filtering.stages.datacomp import _embedding_kinds, default_embedding, load_npz_array
+
+    parts, start = [], 0
+    for shard, n in zip(shards, counts, strict=True):
+        parts.append(ShardPart(shard.parquet, shard.stem, start, start + n))
+        start += n
+    npz = {s.stem: s.npz for s in shards}
+    kinds = _embedding_kinds(shards)
+    skeleton = Pool(
+        table=pa.table({"rows": pa.nulls(start)}),  # a null-typed column: a row count, no buffers
+        parts=parts,
+        embedding_loader=lambda kind, part: load_npz_array(npz[part.sid], kind, part),
+        embedding_kinds=kinds,
+        default_embedding=default_embedding(kinds),
+    )
+    return stage.find_targets(ctx, skeleton)
+
+
+def _sum_cluster_info(info: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The driver's record of the targets, with the shards' assignment counts summed."""
+    info = {**info, "cache": dict(info["cache"])}
+    info["cache"]["shards_assigned"] = sum(r["clusters"]["cache"]["shards_assigned"] for r in results)
+    info["cache"]["shards_cached"] = sum(r["clusters"]["cache"]["shards_cached"] for r in results)
+    info["rows_in_target"] = sum(r["clusters"]["rows_in_target"] for r in results)
+    return info
 
 
 def part_pieces(counts: list[int], rows_per_part: int) -> list[list[tuple[int, int, int]]]:
@@ -457,7 +520,10 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
 
 
 def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -> dict[str, Any] | None:
+    from filtering.image_clusters.image_clusters_stage import ImageClustersStage
     from pipelines.runner import _json_default, check_funnel, manifest_record, model_record
+
+    cluster_stage = next((s for s in the_plan_stages if isinstance(s, ImageClustersStage)), None)
 
     top = _top_fraction_leaves(list(cfg.filter_tree))
     config_dict = cfg.to_dict()
@@ -472,7 +538,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         prov=prov,
         hex_columns=frozenset(HEX_COLUMNS | set(source.info.hex_columns)),
         rows_per_part=cfg.output.rows_per_part,
-        scorer_stages=tuple(the_plan_stages),
+        scorer_stages=tuple(s for s in the_plan_stages if s is not cluster_stage),
     )
     n_workers = workers_for(len(shards))
     all_paths = [os.path.join(spill, f"all-{i:06d}.npy") for i in range(len(shards))]
@@ -488,7 +554,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     with ProcessPool(n_workers, mp_context=mp.get_context("spawn")) as pool:
         # 1. scan
         bar = ctx.bar(len(shards), "scan", unit="shards")
-        total, uid_bins, bad = 0, [], None
+        total, uid_bins, bad, counts = 0, [], None, []
         hists: dict[str, np.ndarray] = {}
         nans: dict[str, int] = {}
         dtypes: dict[str, str] = {}
@@ -496,6 +562,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
             bad = bad or r.get("bad_uids")
             if not bad:
                 total += r["n"]
+                counts.append(r["n"])
                 uid_bins.append(r["uid_bins"])
                 for name, h in r["hists"].items():
                     hists[name] = hists[name] + h if name in hists else h
@@ -531,6 +598,10 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
                 select_threshold(hists[name], nans[name], total, f.params.top_fraction, dtype, refine, gather)
             )
         lap("threshold")
+        # 3b. cluster targets: a small id set, found before any row is assigned
+        if cluster_stage is not None:
+            sh = replace(sh, clusters=(cluster_stage, _cluster_targets(cluster_stage, shards, counts, ctx)))
+            lap("cluster_targets")
         # 4. write
         out_dir = cfg.output.dir
         invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
@@ -580,6 +651,9 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     info = dict(first["stage_info"])
     info.update(shards=len(shards), rows=total)
     ctx.stage_info["datacomp"] = info
+    if cluster_stage is not None:  # after the source's record, as the in-memory run orders them
+        found = ctx.stage_info.pop("clusters")
+        ctx.stage_info["clusters"] = {**_sum_cluster_info(found, results), "seconds": seconds["cluster_targets"]}
     scorers: dict[str, Any] = {}  # each shard's scorer records: one per scorer, shard counts summed
     for r in results:
         for name, rec in r["scorers"].items():

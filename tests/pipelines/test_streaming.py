@@ -36,14 +36,23 @@ def nan_metadata(tmp_path_factory):
     return root
 
 
-def _run(metadata: Path, out: Path, filters, mode: str, **output):
+def _run(metadata: Path, out: Path, filters, mode: str, clusters=None, **output):
     raw = {
         "input": {"datacomp_metadata": str(metadata)},
         "filters": filters,
         "output": {"dir": str(out), **output},
         "execution": {"mode": mode},
     }
+    if clusters is not None:
+        raw["clusters"] = clusters
     return run(parse_config(raw), progress=False, log=lambda _m: None)
+
+
+def _timeless(value):
+    """A manifest record without its timings."""
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k not in ("seconds", "training_seconds")}
+    return value
 
 
 def _table(folder: Path) -> pa.Table:
@@ -64,13 +73,16 @@ def assert_tables_equal(ta: pa.Table, tb: pa.Table) -> None:
             assert a.to_pylist() == b.to_pylist(), name
 
 
-def assert_same_outputs(metadata: Path, tmp_path: Path, filters, **output) -> dict:
+def assert_same_outputs(metadata: Path, tmp_path: Path, filters, clusters=None, fresh_cache=False, **output) -> dict:
     """Both plans into the same folder (the config, output.dir included, is the same); the
-    in-memory run's outputs are copied aside first."""
+    in-memory run's outputs are copied aside first. ``fresh_cache``: the streaming run
+    starts without the in-memory run's cache, so both compute everything."""
     a, b = tmp_path / "memory", tmp_path / "run"
-    mem = _run(metadata, b, filters, "memory", **output)
+    mem = _run(metadata, b, filters, "memory", clusters, **output)
     shutil.copytree(b, a)
-    streamed = _run(metadata, b, filters, "streaming", **output)
+    if fresh_cache:
+        shutil.rmtree(b / "cache")
+    streamed = _run(metadata, b, filters, "streaming", clusters, **output)
     assert streamed.pool is None and mem.pool is not None  # the plan that ran
     assert streamed.manifest["execution"]["plan"] == "streaming"
     assert not (b / ".streaming").exists()
@@ -95,8 +107,8 @@ def assert_same_outputs(metadata: Path, tmp_path: Path, filters, **output) -> di
         "language_identifiers",
         "model",
     ):
-        assert json.dumps(mem.manifest[key], default=_json_default) == json.dumps(
-            streamed.manifest[key], default=_json_default
+        assert json.dumps(_timeless(mem.manifest[key]), default=_json_default) == json.dumps(
+            _timeless(streamed.manifest[key]), default=_json_default
         ), key
     # the parquet metadata (provenance) is the same too
     pa_meta = pq.read_schema(sorted((a / "subset").glob("part-*"))[0]).metadata
@@ -188,3 +200,78 @@ def test_top_fraction_refined_bin_by_bin(tmp_path, nan_metadata, monkeypatch):
 
     monkeypatch.setattr(streaming, "GATHER_LIMIT", 2)
     assert_same_outputs(nan_metadata, tmp_path, [{"clip_score": {"top_fraction": 0.4}}])
+
+
+# ---------------------------------------------------------------- image clusters
+
+
+@pytest.fixture(scope="module")
+def cluster_files(tmp_path_factory):
+    """Centroids and an ImageNet-like reference set for the pool's 24-d ``l14_img``."""
+    root = tmp_path_factory.mktemp("clusters")
+    rng = np.random.default_rng(5)
+    centroids = rng.standard_normal((12, 24)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    np.save(root / "centroids.npy", centroids)
+    np.save(root / "reference.npy", rng.standard_normal((4, 24)).astype(np.float32))
+    return root
+
+
+IMAGE_BASED = [{"image_clusters": {}}]
+IMAGE_BASED_CLIP = [{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}]
+
+
+@pytest.mark.parametrize("filters", [IMAGE_BASED, IMAGE_BASED_CLIP], ids=["image_based", "image_based_clip_score"])
+@pytest.mark.parametrize("centroids", ["file", "trained"])
+def test_image_clusters(tmp_path, metadata, cluster_files, filters, centroids):
+    """DataComp's image_based and image_based x clip_score baselines: targets in the driver,
+    assignment in the workers, each side computing everything (fresh caches): same
+    outputs and the same stage record (centroids trained or loaded, targets, shard counts)."""
+    clusters = {"reference": str(cluster_files / "reference.npy"), "embedding": "l14_img"}
+    if centroids == "file":
+        clusters["centroids"] = str(cluster_files / "centroids.npy")
+    else:
+        clusters.update(num_clusters=6, niter=4, seed=2)
+    m = assert_same_outputs(metadata, tmp_path, filters, clusters, fresh_cache=True, rows_per_part=50)
+    info = m["stages"]["clusters"]
+    assert info["cache"] == {"targets": "computed", "shards_assigned": 4, "shards_cached": 0}
+    assert info["centroids"] == ("loaded" if centroids == "file" else "trained")
+    if filters == IMAGE_BASED:
+        assert m["counts"]["kept"] == info["rows_in_target"]
+    else:  # the clip_score threshold bites inside the target clusters
+        assert m["counts"]["kept"] < info["rows_in_target"]
+    assert 0 < m["counts"]["kept"] < m["counts"]["input"]
+    assert m["counts"]["filters"][-1]["reasons"]["image_cluster_not_in_target"] > 0
+
+
+def test_image_clusters_share_caches_with_the_in_memory_plan(tmp_path, metadata, cluster_files):
+    """Centroids, reference, targets and per-shard assignments written by one plan are read
+    by the other: a streaming rerun after an in-memory run assigns nothing, and back."""
+    clusters = {"reference": str(cluster_files / "reference.npy"), "num_clusters": 6, "niter": 4}
+    out = tmp_path / "out"
+
+    def rerun(mode):
+        result = _run(metadata, out, IMAGE_BASED_CLIP, mode, clusters)
+        assert (result.pool is None) == (mode == "streaming")
+        return result.manifest["stages"]["clusters"], (out / "subset.npy").read_bytes()
+
+    info, subset = rerun("memory")
+    assert (info["centroids"], info["cache"]["shards_assigned"]) == ("trained", 4)
+    info, again = rerun("streaming")
+    assert again == subset
+    assert (info["centroids"], info["reference"], info["cache"]) == (
+        "cached",
+        "cached",
+        {"targets": "cached", "shards_assigned": 0, "shards_cached": 4},
+    )
+    (assignments,) = (out / "cache").glob("clusters-*")
+    shutil.rmtree(assignments)
+    info, again = rerun("streaming")  # the workers assign and cache
+    assert again == subset and info["cache"]["shards_assigned"] == 4
+    info, again = rerun("memory")  # and the in-memory run reads what they cached
+    assert again == subset and info["cache"] == {"targets": "cached", "shards_assigned": 0, "shards_cached": 4}
+
+
+def test_image_clusters_stream_in_auto_mode(tmp_path, metadata, cluster_files):
+    clusters = {"reference": str(cluster_files / "reference.npy"), "centroids": str(cluster_files / "centroids.npy")}
+    assert _run(metadata, tmp_path / "out", IMAGE_BASED, "auto", clusters).pool is None
