@@ -3,7 +3,7 @@
 One run prints, for each model and on the same shards:
 - ceiling: the model's forward pass alone (image + trimmed text, auto precision) on
   tensors already decoded, resized and tokenized in memory;
-- poolsift: ``score_stream`` end to end — tar reading, sha256, decode + resize + phash in
+- poolsift: ``score_stream`` end to end — tar reading, sha256, decode + resize + the phash scorer in
   worker processes, uint8 transfer, normalization and forward on the device;
 - straightforward: PIL decode per image, the model's full preprocess, fp32, text padded
   to the full context, no workers, the same batch size (no phash: it does less work);
@@ -172,17 +172,24 @@ def run_stream(
 ) -> tuple[float, np.ndarray, int]:
     import resource
 
-    from filtering.stages.webdataset import ClipEncoder, score_stream
+    from filtering.scorers.base import InputInfo
+    from filtering.scorers.clip import ClipParams, ClipScorer
+    from filtering.scorers.phash import PhashScorer
+    from filtering.stages.image_decode import DecodePlan
+    from filtering.stages.webdataset import score_stream
 
-    encoder = ClipEncoder(clip)
+    info = InputInfo("webdataset")
+    scorer = ClipScorer(ClipParams(arch=clip.info.get("arch", "bench"), precision=clip.precision), info)
+    scorer.attach(clip)  # the run's path: the CLIP scorer on a loaded model, the phash scorer in the workers
+    plan = DecodePlan(draft, [PhashScorer(PhashScorer.Params(), info)], {scorer.name: clip.pil_transform})
     if util is not None:
         util.__enter__()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     scores = []
     try:
-        for acc in score_stream(urls, clip.pil_transform, encoder, batch_size, workers, draft=draft):
-            scores += [r["clip_score"] for r in acc.rows]
+        for shard in score_stream(urls, plan, [scorer], batch_size, workers):
+            scores += shard.results(scorer, len(shard.rows), [])[0]["clip_score"].to_pylist()
         _sync(clip.device)
     finally:
         if util is not None:
@@ -198,8 +205,8 @@ def run_stream(
 def run_ceiling(urls, clip, batch_size) -> float:
     """The forward pass alone, on inputs decoded and tokenized beforehand."""
     from filtering.io.reader import iter_shard
+    from filtering.scorers.clip import ClipEncoder
     from filtering.stages.image_decode import decode_one
-    from filtering.stages.webdataset import ClipEncoder
 
     encoder = ClipEncoder(clip)
     pixels, captions = [], []
@@ -215,7 +222,7 @@ def run_ceiling(urls, clip, batch_size) -> float:
         batches.append((np.stack(pixels[i : i + batch_size]), tokens))
     import torch
 
-    from filtering.stages.webdataset import token_length
+    from filtering.scorers.clip import token_length
 
     device = clip.device
     batches = [(torch.from_numpy(x).to(device), t.to(device)) for x, t in batches]  # already on the device

@@ -105,6 +105,16 @@ def filter_scorer_stages(cfg: Config, cache_root: str, provided: set[str]) -> li
     return stages
 
 
+def add_scorer(stage, source: SourceStage, chosen: list[ColumnStage], cfg: Config) -> None:
+    """A scorer that reads images runs in the source's decode pass (the pool holds no
+    pixels); any other runs as a column stage on the pool."""
+    stage.check(input_kind(cfg))
+    if stage.reads_images:
+        source.add_image_scorer(stage.scorer)
+    else:
+        chosen.append(stage)
+
+
 @dataclass
 class Plan:
     source: SourceStage
@@ -127,13 +137,11 @@ def plan(cfg: Config, cache_root: str) -> Plan:
             provided |= stage.provides()
             needed |= getattr(stage, "requires", lambda: set())()
     for stage in scorer_stages(cfg, cache_root):  # configured scorers always run: their columns are outputs
-        stage.check(input_kind(cfg))
-        chosen.append(stage)
+        add_scorer(stage, source, chosen, cfg)
         provided |= stage.provides()
         needed |= stage.requires()
     for stage in filter_scorer_stages(cfg, cache_root, provided):
-        stage.check(input_kind(cfg))
-        chosen.append(stage)
+        add_scorer(stage, source, chosen, cfg)
         provided |= stage.provides()
         needed |= stage.requires()
     for node in cfg.filter_tree:

@@ -28,6 +28,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def cached_rows(out_dir: Path, columns=("uid", "clip_score", "error")) -> list[dict]:
+    """Every cached row of a WebDataset run (``cache/source-*``) with the scorer columns
+    asked for (from each ``cache/scorer-*`` holding them), in shard order, uids as read."""
+    import pyarrow.parquet as pq
+
+    [rows_dir] = (Path(out_dir) / "cache").glob("source-*")
+    out = []
+    for path in sorted(rows_dir.glob("*.parquet")):
+        table = pq.read_table(path)
+        for scorer_dir in sorted((Path(out_dir) / "cache").glob("scorer-*")):
+            piece = scorer_dir / path.name
+            if piece.exists():
+                extra = pq.read_table(piece)
+                for name in extra.column_names:
+                    if name in columns:
+                        table = table.append_column(name, extra.column(name))
+        out += table.select([c for c in columns if c in table.column_names]).to_pylist()
+    return out
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run ``poolsift`` in this process; returns (exit code, stdout, stderr)."""
     from pipelines.cli import main

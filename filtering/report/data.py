@@ -1,8 +1,9 @@
 """What the report shows, gathered from an output directory in bounded memory.
 
 Everything is read column-selectively and in record batches: scores of every row come
-from the score cache (``DIR/cache/score-*/``, WebDataset input) or the pool's own
-metadata parquet (DataComp input); the kept set from ``subset.npy``; reasons and
+from the run's caches (WebDataset input: the rows in ``DIR/cache/source-*/``, each score
+in its scorer's ``DIR/cache/scorer-*/``, row-aligned, as the manifest's ``source`` record
+names them; ``score-*/`` before) or the pool's own metadata parquet (DataComp input); the kept set from ``subset.npy``; reasons and
 duplicate links from ``dropped/``. Plots are built from fixed fine bins (cosine scores
 lie in [-1, 1]) and thumbnails from a few capped candidate lists (top-k heaps and a
 seeded reservoir), so memory does not grow with the pool. Missing pieces (no score
@@ -252,9 +253,12 @@ def score_sources(out_dir: str, manifest: dict[str, Any], field_name: str) -> li
         return [f for f in files if _exists(f)]
     if source.get("score_cache"):
         files = [join(out_dir, source["score_cache"], f"{shard_id(u)}.parquet") for u in inputs]
-        if files and all(_exists(f) for f in files) and field_name in _schema_names(files[0]):
+        if not files or not all(_exists(f) for f in files):
+            return []
+        if field_name in _schema_names(files[0]):
             return files
-        return []
+        beside = [score_column_file(out_dir, manifest, field_name, f) for f in files]
+        return files if all(b is not None and _exists(b) for b in beside) else []
     # A manifest written before the source record: the newest score cache holding every input.
     best: list[str] = []
     best_mtime = -1.0
@@ -268,6 +272,27 @@ def score_sources(out_dir: str, manifest: dict[str, Any], field_name: str) -> li
         if mtime > best_mtime:
             best, best_mtime = files, mtime
     return best
+
+
+def score_column_file(out_dir: str, manifest: dict[str, Any], field_name: str, rows_file: str) -> str | None:
+    """The scorer cache file holding ``field_name`` for the shard of ``rows_file`` (row-aligned
+    with it; the manifest's ``source.score_columns``), or None when the column is not cached apart."""
+    folder = (source_record(manifest).get("score_columns") or {}).get(field_name)
+    if not folder:
+        return None
+    return join(out_dir, folder, rows_file.rstrip("/").rsplit("/", 1)[-1])
+
+
+def with_score_column(batches: Iterator[pa.RecordBatch], score_file: str | None, field_name: str):
+    """``batches`` of a rows file with ``field_name`` appended from its scorer's cache file."""
+    if score_file is None:
+        yield from batches
+        return
+    values = pa.concat_arrays([b.column(field_name) for b in iter_batches(score_file, [field_name])] or [pa.array([])])
+    start = 0
+    for b in batches:
+        yield b.append_column(field_name, values.slice(start, b.num_rows))
+        start += b.num_rows
 
 
 class _UidSet:
@@ -385,7 +410,10 @@ def gather(
         columns[3] = caption_col
         data.notes.append("no score cache found: the histogram shows kept rows only")
     for src in sources:
-        for b in iter_batches(src, columns):
+        side = score_column_file(out_dir, manifest, field_name, src) if data.score_scope == "pool" else None
+        if side is not None and field_name in _schema_names(src):
+            side = None
+        for b in with_score_column(iter_batches(src, columns), side, field_name):
             uid_arr = b.column("uid") if "uid" in b.schema.names else None
             if uid_arr is None or field_name not in b.schema.names:
                 continue

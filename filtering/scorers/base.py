@@ -5,20 +5,26 @@ A scorer is one file: a :class:`Scorer` subclass with a ``kind`` (its name in YA
 
 - :meth:`Scorer.provides`: the columns it adds (``aesthetic_score``...);
 - :meth:`Scorer.needs`: what it reads: an embedding kind, pool columns, captions,
-  images; checked by the planner before any data is read;
+  decoded images (``images``: scored where the image is decoded, in the source's decode
+  workers) or the output of its own :meth:`Scorer.transform` (``pixels``: batched, in the
+  process or Ray actor that holds its model); checked by the planner before any data is read;
 - :meth:`Scorer.fingerprint`: everything besides its input that changes its result
   (weights digest, preset, version); its cache lives under its own fingerprint, so
   adding or changing one scorer never invalidates another's cache;
 - :meth:`Scorer.check`: plan-time checks that need no data (files exist, shapes fit);
 - :meth:`Scorer.setup`: loads the model, once per process, never in ``__init__``, so
   a scorer stays small and picklable (Ray actors, worker processes);
-- :meth:`Scorer.score`: one :class:`Batch` in, named numpy arrays (one row each) out.
+- :meth:`Scorer.score`: one :class:`Batch` in, named numpy arrays (one row each) out;
+  :meth:`Scorer.embeddings` names the 2-D ones (cached as float16 ``.npy``, read by
+  filters as embedding kinds).
 
 :class:`ScorerStage` owns the loop every scorer shares: shard by shard, read the
 cached result (``DIR/cache/scorer-<name>-<fp>/<shard>.parquet``, keyed by what the
 shard's input was), or compute it in batches and cache it; failed rows get nulls.
-Scorers that need decoded images are declared but not yet fed by this loop (CLIP
-scoring still runs in the source stage); the planner rejects them with a clear error.
+Scorers that read images cannot run on the pool (it holds no pixels): the planner hands
+them to the source stage, whose decode pass feeds them (WebDataset:
+:mod:`filtering.stages.webdataset`, each cached under its own
+``scorer-<name>-<fp>/``); a source without images rejects them at plan time.
 """
 
 from __future__ import annotations
@@ -58,7 +64,12 @@ class Needs:
     embedding_kind: str | None = None
     columns: frozenset[str] = frozenset()
     captions: bool = False
-    images: bool = False
+    images: bool = False  # decoded images (PIL, in their own mode), one per call, in the decode workers
+    pixels: bool = False  # uint8 NHWC output of the scorer's transform(), batched where its model is
+
+    @property
+    def reads_images(self) -> bool:
+        return self.images or self.pixels
 
     def pool_columns(self, caption_column: str = "caption") -> set[str]:
         return set(self.columns) | ({caption_column} if self.captions else set())
@@ -74,18 +85,33 @@ class InputInfo:
 
 @dataclass
 class Batch:
-    """Consecutive rows of one shard: the embeddings and columns a scorer asked for."""
+    """Consecutive rows of one shard: the embeddings, columns, images or pixels a scorer
+    asked for. Image batches hold only the rows whose image decoded (and, for pixels,
+    went through the transform); the source leaves the others null."""
 
-    part: ShardPart
-    start: int  # first row, relative to the part
+    part: ShardPart | None = None  # None for image batches (the pool does not exist yet)
+    start: int = 0  # first row, relative to the part
     embeddings: np.ndarray | None = None  # float32 (rows, dim)
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    images: list | None = None  # PIL images as decoded (Needs.images)
+    pixels: np.ndarray | None = None  # uint8 (rows, H, W, 3) from the scorer's transform (Needs.pixels)
 
     @property
     def rows(self) -> int:
-        if self.embeddings is not None:
-            return len(self.embeddings)
+        for value in (self.embeddings, self.pixels, self.images):
+            if value is not None:
+                return len(value)
         return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+class Done:
+    """A result computed at once, for :meth:`Scorer.submit`."""
+
+    def __init__(self, value: dict[str, np.ndarray]):
+        self.value = value
+
+    def result(self) -> dict[str, np.ndarray]:
+        return self.value
 
 
 class Scorer(ABC):
@@ -126,7 +152,45 @@ class Scorer(ABC):
 
     @abstractmethod
     def score(self, batch: Batch) -> dict[str, np.ndarray]:
-        """One array per provided column, ``batch.rows`` long."""
+        """One array per provided column (and per :meth:`embeddings` kind, ``(rows, dim)``),
+        ``batch.rows`` long."""
+
+    def embeddings(self) -> tuple[str, ...]:
+        """Embedding kinds this scorer writes (image scorers only): 2-D float arrays in
+        :meth:`score`'s result, cached as float16 ``<shard>.<kind>.npy``."""
+        return ()
+
+    def embedding_dims(self) -> dict[str, int]:
+        """The width of each :meth:`embeddings` kind, after :meth:`setup`."""
+        return {}
+
+    def column_types(self) -> dict[str, pa.DataType]:
+        """The Arrow type of each provided column (rows it could not score are null)."""
+        return dict.fromkeys(self.provides(), pa.float32())
+
+    def transform(self):
+        """``Needs.pixels`` scorers: the picklable PIL transform (image -> image) the decode
+        workers apply before :meth:`score` sees the pixels; may load what it needs."""
+        return None
+
+    @property
+    def device(self) -> str:
+        """Where :meth:`setup` puts the model (``auto``, ``cpu``, ``cuda``...): executors size
+        their model workers by it."""
+        return "cpu"
+
+    def placed(self, device: str) -> Scorer:
+        """A copy that runs on ``device`` (a Ray actor's own GPU); scorers without a model: self."""
+        return self
+
+    def info(self) -> dict[str, Any] | None:
+        """What ran, after :meth:`setup` (versions, checksums): cached beside the results."""
+        return None
+
+    def submit(self, batch: Batch):
+        """Start scoring ``batch``; ``result()`` of the returned object gives :meth:`score`'s
+        arrays. Models on a GPU override it to overlap the next batch's copy with this one."""
+        return Done(self.score(batch))
 
     def ensure_setup(self) -> None:
         if not self._ready:
@@ -190,8 +254,10 @@ def register(cls: type[Scorer]) -> type[Scorer]:
 
 
 def builtin_scorers() -> None:
-    import filtering.scorers.embedding_head  # noqa: F401  (registers on import)
+    import filtering.scorers.clip  # noqa: F401  (registers on import)
+    import filtering.scorers.embedding_head  # noqa: F401
     import filtering.scorers.language_id  # noqa: F401
+    import filtering.scorers.phash  # noqa: F401
 
 
 def scorer_class(kind: str, path: str = "scorers") -> type[Scorer]:
@@ -303,13 +369,12 @@ class ScorerStage(ColumnStage):
         needs = self.scorer.needs()
         return {f"{self.scorer.path}.embedding": needs.embedding_kind} if needs.embedding else {}
 
+    @property
+    def reads_images(self) -> bool:
+        """Fed by the source's decode pass (the planner hands it to the source), not by :meth:`run`."""
+        return self.scorer.needs().reads_images
+
     def check(self, input_kind: str) -> None:
-        needs = self.scorer.needs()
-        if needs.images:
-            raise ConfigError(
-                f"{self.scorer.path}: this scorer reads decoded images, which only the CLIP scoring stage "
-                "decodes today; image scorers are not yet supported"
-            )
         self.scorer.check()
 
     def run(self, ctx: RunContext, pool: Pool) -> None:

@@ -114,6 +114,16 @@ class SourceStage(Stage):
         list the input, never reads it."""
         return (), None
 
+    def add_image_scorer(self, scorer) -> None:
+        """Run ``scorer`` (a :class:`filtering.scorers.base.Scorer` that reads images) in the
+        source's decode pass; sources without images refuse it."""
+        from filtering.errors import ConfigError
+
+        raise ConfigError(
+            f"{scorer.path}: reads decoded images, which the {self.info.kind} input does not have; "
+            "use input.shards (WebDataset)"
+        )
+
     @abstractmethod
     def run(self, ctx: RunContext) -> Pool: ...
 

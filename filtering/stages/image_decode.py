@@ -23,7 +23,7 @@ import re
 import signal
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -167,21 +167,25 @@ def decode_limits():
 
 
 def phash64(img) -> int:
-    import imagehash
+    from filtering.scorers.phash import phash64 as phash
 
-    bits = imagehash.phash(img).hash.flatten()
-    return int(np.packbits(bits).view(">u8")[0])
+    return phash(img)
 
 
-def decode_one(data: bytes | None, transform=None, draft: int | None = -1) -> Decoded:
-    """Decode one image. ``draft``: the shorter-side size a JPEG may be DCT-downscaled to
-    (None = full decode; the default -1 means the worker's setting)."""
+def _reason(e: Exception) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    # PIL names the buffer by its address ("<_io.BytesIO object at 0x7f..>"): drop it, so the
+    # same bytes give the same reason in every run (resumed and Ray runs must match exactly).
+    return f"corrupt_image: {_ADDRESS.sub('', msg).strip()[:160]}"
+
+
+def open_image(data: bytes | None, draft: int | None = None):
+    """Decode one image: (PIL image, original width, original height, error). ``draft``: the
+    shorter-side size a JPEG may be DCT-downscaled to (None = full decode)."""
     from PIL import Image
 
-    transform = transform or _TRANSFORM
-    draft = _DRAFT if draft == -1 else draft
     if data is None:
-        return Decoded(None, None, None, None, "missing_image: no jpg/jpeg/png/webp member")
+        return None, None, None, "missing_image: no jpg/jpeg/png/webp member"
     try:
         with decode_limits():
             img = Image.open(io.BytesIO(data))
@@ -190,20 +194,102 @@ def decode_one(data: bytes | None, transform=None, draft: int | None = -1) -> De
                 # DCT-domain scaling by 1/2, 1/4 or 1/8; both sides stay >= draft.
                 img.draft(img.mode, (draft, draft))
             img.load()
-        if width < 1 or height < 1:
-            return Decoded(None, width, height, None, "corrupt_image: empty image")
-        ph = phash64(img if img.mode == "RGB" else img.convert("RGB"))
-        pixels = np.asarray(transform(img), dtype=np.uint8)
-        if pixels.ndim != 3 or pixels.shape[2] != 3:
-            return Decoded(None, width, height, ph, f"corrupt_image: unexpected shape {pixels.shape}")
-        return Decoded(pixels, width, height, ph, None)
     except Exception as e:  # noqa: BLE001 — any decoder failure is a per-sample failure
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        # PIL names the buffer by its address ("<_io.BytesIO object at 0x7f..>"): drop it, so the
-        # same bytes give the same reason in every run (resumed and Ray runs must match exactly).
-        msg = _ADDRESS.sub("", msg).strip()[:160]
-        return Decoded(None, None, None, None, f"corrupt_image: {msg}")
+        return None, None, None, _reason(e)
+    if width < 1 or height < 1:
+        return None, width, height, "corrupt_image: empty image"
+    return img, width, height, None
+
+
+def decode_one(data: bytes | None, transform=None, draft: int | None = -1) -> Decoded:
+    """Decode one image. ``draft``: the shorter-side size a JPEG may be DCT-downscaled to
+    (None = full decode; the default -1 means the worker's setting)."""
+    transform = transform or _TRANSFORM
+    draft = _DRAFT if draft == -1 else draft
+    img, width, height, error = open_image(data, draft)
+    if error is not None:
+        return Decoded(None, width, height, None, error)
+    try:
+        ph = phash64(img)
+        pixels = np.asarray(transform(img), dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001
+        return Decoded(None, None, None, None, _reason(e))
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        return Decoded(None, width, height, ph, f"corrupt_image: unexpected shape {pixels.shape}")
+    return Decoded(pixels, width, height, ph, None)
 
 
 def decode_batch(items: list[bytes | None]) -> list[Decoded]:
     return [decode_one(d) for d in items]
+
+
+# --- decoding for image scorers (the WebDataset source) ------------------------------
+
+
+@dataclass
+class DecodePlan:
+    """What the decode workers do with each image besides checking it: run the image
+    scorers (``Needs.images``) on the decoded image, and apply each pixel scorer's
+    transform (``Needs.pixels``), keyed by scorer name. Picklable: sent once per worker."""
+
+    draft: int | None = None
+    scorers: list = field(default_factory=list)  # Needs.images scorers
+    transforms: dict = field(default_factory=dict)  # pixel scorer name -> PIL transform
+
+
+@dataclass
+class DecodedImage:
+    """One sample's image after the decode pass. ``values``: per image scorer, its
+    columns' values (absent: not scored); ``pixels``: per pixel scorer, its input."""
+
+    width: int | None
+    height: int | None
+    error: str | None
+    values: dict = field(default_factory=dict)
+    pixels: dict = field(default_factory=dict)
+
+
+_PLAN: DecodePlan | None = None
+
+
+def init_scoring_worker(plan: DecodePlan) -> None:
+    """Pool initializer of the source's decode workers (see :func:`init_worker`)."""
+    global _PLAN
+    _PLAN = plan
+    init_worker(None, plan.draft)
+
+
+def decode_image(data: bytes | None, wanted, plan: DecodePlan | None = None) -> DecodedImage:
+    """Decode one image, run the wanted image scorers on it and the wanted pixel scorers'
+    transforms. A scorer or transform that fails on this image leaves it unscored by that
+    scorer (null); only a failed decode fails the sample."""
+    from filtering.scorers.base import Batch
+
+    plan = plan or _PLAN
+    img, width, height, error = open_image(data, plan.draft)
+    out = DecodedImage(width, height, error)
+    if img is None:
+        return out
+    for scorer in plan.scorers:
+        if scorer.name not in wanted:
+            continue
+        try:
+            scorer.ensure_setup()
+            result = scorer.score(Batch(images=[img]))
+            out.values[scorer.name] = {c: np.asarray(result[c])[0] for c in scorer.provides()}
+        except Exception:  # noqa: BLE001, S112 — one odd image leaves that scorer's value null
+            continue
+    for name, transform in plan.transforms.items():
+        if name not in wanted:
+            continue
+        try:
+            pixels = np.asarray(transform(img), dtype=np.uint8)
+        except Exception:  # noqa: BLE001, S112
+            continue
+        if pixels.ndim == 3 and pixels.shape[2] == 3:
+            out.pixels[name] = pixels
+    return out
+
+
+def decode_images(items: list[bytes | None], wanted) -> list[DecodedImage]:
+    return [decode_image(d, wanted) for d in items]

@@ -1,11 +1,22 @@
-"""The scoring stage: stream WebDataset shards, decode, CLIP-encode, cache per shard.
+"""The WebDataset source: stream shards, decode images once, feed the image scorers, cache per shard.
 
-For each shard not already cached: samples are read in order, images decoded and
-resized by worker processes, then image and text are encoded in batches; the CLIP
-score is the cosine similarity of the unit-norm embeddings. Each shard's result — a
-table of metadata and scores, plus float16 unit-norm image and text embeddings — is
-written atomically; a rerun (or a resumed, killed run) reuses it without loading the
-model. Corrupt samples become rows with an ``error`` reason and zero embeddings.
+For each shard some cache lacks, samples are read in order and their images decoded by
+worker processes (:mod:`filtering.stages.image_decode`), which also run the image
+scorers (``Needs.images``: the perceptual hash, :mod:`filtering.scorers.phash`, and any
+configured one) and apply each pixel scorer's transform (``Needs.pixels``: CLIP,
+:mod:`filtering.scorers.clip`, the model's own PIL preprocessing). Pixel scorers then
+score batches of ``model.batch_size`` consecutive samples of one shard in this process
+(or in Ray actors, :mod:`pipelines.executors.ray`, through the same functions).
+
+Each shard is cached in pieces, each under its own fingerprint, arrays first and the
+table last, atomically: the rows (``source-<fp>/``: metadata, sizes, ``error``) and one
+entry per scorer (``scorer-<name>-<fp>/``: its columns, row-aligned, and its embeddings),
+so adding a scorer computes only that scorer, and a rerun (or a resumed, killed run)
+reuses every piece without loading a model. Corrupt samples become rows with an
+``error`` reason, null scores and zero embeddings. :meth:`WebDatasetStage.read_shard`
+and :meth:`WebDatasetStage.load_pool` assemble the pool from the pieces. Caches of the
+layout before (``score-<fp>/``, one table holding the CLIP scores) are never read: they
+are named once in the log and the shards are scored again.
 
 A sample's faults stay with that sample: a duplicated member, an unreadable ``.json``,
 an unsafe or non-UTF-8 member name make it a failure row; a metadata field that
@@ -21,7 +32,7 @@ import json
 import os
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,13 +40,25 @@ import pyarrow as pa
 
 from filtering.cache import ShardCache
 from filtering.errors import ConfigError, PoolsiftError
-from filtering.io.paths import expand_shards, file_info
+from filtering.io.paths import expand_shards, file_info, get_fs, join
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
 from filtering.pool import Pool, ShardPart
+from filtering.scorers.base import Batch, Scorer, input_info
+from filtering.scorers.clip import (  # noqa: F401  (re-exported: the reference-set encoders import them from here)
+    ClipEncoder,
+    ClipScorer,
+    encode_text_bucketed,
+    encode_text_trimmed,
+    model_spec,
+)
+from filtering.scorers.phash import PhashScorer
 from filtering.stages.base import RunContext, SourceInfo, SourceStage
+from filtering.stages.image_decode import DecodedImage, DecodePlan
 from filtering.stages.img2dataset import STATS_COUNTS, merge_side_parquet, read_stats, side_parquet, source_stamp
 from filtering.uid import UidError, resolve_uids
 
+# The pool's columns from this source, in order: the rows' own (ROW_SCHEMA, cached in
+# source-<fp>/) with the built-in scorers' phash and clip_score in their places.
 SCORE_SCHEMA = pa.schema(
     [
         ("uid", pa.string()),
@@ -60,9 +83,11 @@ SCORE_SCHEMA = pa.schema(
 )
 # Source columns dropped from the pool when no sample has them (a plain WebDataset pool).
 OPTIONAL_SOURCE_COLUMNS = ("status", "error_message", "exif")
-# Bumped when the cached table's meaning changes (2: raw json uid, source and own sha256).
-CACHE_FORMAT = 2
-EMBEDDING_KINDS = ("image", "text")
+BUILTIN_SCORED = ("phash", "clip_score")
+ROW_SCHEMA = pa.schema([f for f in SCORE_SCHEMA if f.name not in BUILTIN_SCORED])
+# Bumped when the cached rows' meaning changes (2: raw json uid, source and own sha256;
+# 3: rows and each scorer's results cached apart).
+CACHE_FORMAT = 3
 DECODE_CHUNK = 32
 
 
@@ -89,248 +114,10 @@ def _text_ok(value: str) -> bool:
     return True
 
 
-def model_spec(model_cfg) -> dict:
-    """What identifies a model's scores: arch, weights (file content for local files), and
-    the precision they are computed in on this machine (``auto`` resolved)."""
-    pretrained = model_cfg.pretrained
-    weights = pretrained
-    if pretrained and os.path.isfile(pretrained):
-        h = hashlib.sha256()
-        with open(pretrained, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        weights = f"sha256:{h.hexdigest()}"
-    from filtering.models.clip import precision_key
-
-    precision = precision_key(model_cfg.precision, getattr(model_cfg, "device", "auto"))
-    spec = {"arch": model_cfg.arch, "weights": weights, "precision": precision}
-    if getattr(model_cfg, "jpeg_draft", False):
-        spec["jpeg_draft"] = True  # DCT-downscaled decoding changes pixels slightly
-    return spec
-
-
-@dataclass
-class _ShardAcc:
-    """Rows of one shard being scored, in read order."""
-
-    url: str
-    rows: list[dict]
-    image: list[np.ndarray]
-    text: list[np.ndarray]
-    read: ShardReadResult | None = None
-
-
-def encode_text_trimmed(model, tokens, length: int | None = None):
-    """Encode text trimmed to the batch's longest real token sequence.
-
-    Exact for open_clip's causal text tower: the causal mask means positions after a
-    sequence's end-of-text token never influence it, so dropping trailing padding
-    columns changes nothing (checked against the padded result in tests). Other text
-    towers fall back to the model's own ``encode_text``. ``length`` (the longest real
-    sequence) can be given by a caller that knows it, to avoid a device sync.
-    """
-    import torch
-    from open_clip.model import CLIP
-    from open_clip.transformer import text_global_pool
-    from torch.nn.functional import normalize
-
-    if not isinstance(model, CLIP) or model.text_pool_type != "argmax" or model.attn_mask is None:
-        return model.encode_text(tokens, normalize=True)
-    if length is None:
-        length = token_length(tokens)
-    length = max(1, min(length, tokens.shape[1]))
-    tokens = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type)
-    if model.text_projection is not None:
-        x = (
-            model.text_projection(x)
-            if isinstance(model.text_projection, torch.nn.Linear)
-            else x @ model.text_projection
-        )
-    return normalize(x, dim=-1)
-
-
-# On the CPU, a batch's captions are encoded in up to TEXT_BUCKETS groups of similar
-# token length (at least TEXT_BUCKET_ROWS each), each trimmed to its own longest: less
-# padding than trimming the whole batch to its longest caption.
-TEXT_BUCKETS = 4
-TEXT_BUCKET_ROWS = 16
-
-
-def encode_text_bucketed(model, tokens, buckets: int = TEXT_BUCKETS, min_rows: int = TEXT_BUCKET_ROWS):
-    """:func:`encode_text_trimmed` over groups of captions sorted by token length.
-
-    Exact for the same reason trimming is (each caption sees only its own tokens), and
-    on the CPU, where cost follows the padded length, about 1.5x faster on captions of
-    mixed length (bench/bench_scoring.py). Rows come back in the input order.
-    """
-    import torch
-
-    k = min(buckets, len(tokens) // min_rows)
-    if k <= 1:
-        return encode_text_trimmed(model, tokens)
-    lengths = (tokens != 0).sum(dim=1)
-    order = torch.argsort(lengths, stable=True)
-    out = None
-    for rows in torch.tensor_split(order, k):
-        emb = encode_text_trimmed(model, tokens[rows], int(lengths[rows].max()))
-        if out is None:
-            out = emb.new_empty((len(tokens), emb.shape[1]))
-        out[rows] = emb
-    return out
-
-
-def token_length(tokens) -> int:
-    """The longest real (non-padding) token sequence in a padded batch."""
-    return int((tokens != 0).sum(dim=1).max().item()) if tokens.numel() else 1
-
-
-def _mha_forward_contiguous(self, query, key, value, **kwargs):
-    """``nn.MultiheadAttention.forward`` for ``batch_first`` modules, fed sequence-first contiguous inputs.
-
-    torch's batch-first attention transposes its input to a non-contiguous view before the
-    input projection; on CPU a bf16 ``linear`` on such a view falls back to a batched
-    matmul against a per-position copy of the weight, about 15x slower than on a
-    contiguous input (torch 2.x). Same arithmetic, contiguous layout.
-    """
-    import torch
-
-    if not self.batch_first:
-        return torch.nn.MultiheadAttention.forward(self, query, key, value, **kwargs)
-    q = query.transpose(0, 1).contiguous()
-    k = q if key is query else key.transpose(0, 1).contiguous()
-    v = q if value is query else (k if value is key else value.transpose(0, 1).contiguous())
-    self.batch_first = False
-    try:
-        out, weights = torch.nn.MultiheadAttention.forward(self, q, k, v, **kwargs)
-    finally:
-        self.batch_first = True
-    return out.transpose(0, 1), weights
-
-
-def contiguous_attention(model) -> None:
-    """Route the model's batch-first attention modules through :func:`_mha_forward_contiguous`."""
-    import types
-
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.MultiheadAttention) and module.batch_first:
-            module.forward = types.MethodType(_mha_forward_contiguous, module)
-
-
-class _Done:
-    """An encoded batch already on the host."""
-
-    def __init__(self, image: np.ndarray, text: np.ndarray):
-        self.image, self.text = image, text
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.image, self.text
-
-
-class _CudaPending:
-    """An encoded batch whose device-to-host copy may still be running."""
-
-    def __init__(self, image, text, event, keepalive):
-        self.image, self.text, self.event, self.keepalive = image, text, event, keepalive
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        self.event.synchronize()
-        self.keepalive = None
-        return self.image.numpy(), self.text.numpy()
-
-
-class ClipEncoder:
-    """Batched image and text encoding with the model's own normalization, on its device.
-
-    Pixels arrive as uint8 NHWC (resized by the decode workers); the float conversion
-    and normalization run on the device, under ``torch.inference_mode`` and, for
-    ``precision`` bf16/fp16, autocast over the fp32 weights. On CUDA, :meth:`submit`
-    stages each batch in pinned memory and copies it on a side stream, so the copy of
-    the next batch overlaps the forward pass of the current one; results come back
-    through pinned buffers and are waited for only when asked for.
-    """
-
-    def __init__(self, clip, channels_last: bool = False):
-        import torch
-
-        self.clip = clip
-        self.device = torch.device(clip.device)
-        self.channels_last = channels_last
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        if self.device.type == "cpu" and clip.autocast_dtype is not None:
-            contiguous_attention(clip.model)
-        self.dim = int(self._encode_text([""]).shape[1])
-
-    def _encode_text(self, captions: list[str]):
-        import torch
-
-        with torch.inference_mode():
-            tokens = self.clip.tokenizer(captions).to(self.clip.device)
-            return encode_text_trimmed(self.clip.model, tokens).float()
-
-    def _forward(self, x, tokens, length: int):
-        """uint8 NHWC pixels and trimmed tokens, both on the device -> unit-norm float32 embeddings."""
-        import torch
-        from torch.nn.functional import normalize
-
-        clip = self.clip
-        dtype = clip.autocast_dtype
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            x = clip.tensor_transform(x)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            img = normalize(clip.model.encode_image(x).float(), dim=-1)
-            if self.device.type == "cpu":  # on a GPU the padding costs little and more launches would
-                txt = encode_text_bucketed(clip.model, tokens)
-            else:
-                txt = encode_text_trimmed(clip.model, tokens, length)
-            txt = normalize(txt.float(), dim=-1)
-        return img, txt
-
-    def submit(self, pixels: np.ndarray, captions: list[str]):
-        """Start encoding a batch; returns an object whose ``result()`` gives (image, text) arrays."""
-        import torch
-
-        tokens = self.clip.tokenizer(captions)  # one call for the whole batch
-        length = token_length(tokens)
-        tokens = tokens[:, :length]
-        with torch.inference_mode():
-            if self.device.type != "cuda":
-                img, txt = self._forward(torch.from_numpy(pixels), tokens, length)
-                return _Done(img.numpy(), txt.numpy())
-            host_x = torch.from_numpy(pixels).pin_memory()
-            host_t = tokens.contiguous().pin_memory()
-            compute = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(self._copy_stream):
-                x = host_x.to(self.device, non_blocking=True)
-                t = host_t.to(self.device, non_blocking=True)
-            compute.wait_stream(self._copy_stream)
-            # x and t were allocated on the copy stream but are used (and freed) on the compute stream.
-            x.record_stream(compute)
-            t.record_stream(compute)
-            img, txt = self._forward(x, t, length)
-            out_img = torch.empty(img.shape, dtype=torch.float32, pin_memory=True)
-            out_txt = torch.empty(txt.shape, dtype=torch.float32, pin_memory=True)
-            out_img.copy_(img, non_blocking=True)
-            out_txt.copy_(txt, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(compute)
-            return _CudaPending(out_img, out_txt, event, keepalive=(host_x, host_t, img, txt))
-
-    def __call__(self, pixels: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return self.submit(pixels, captions).result()
-
-
 class WebDatasetStage(SourceStage):
-    """Source stage for ``input.shards``: builds the pool from the per-shard score cache."""
+    """Source stage for ``input.shards``: builds the pool from the per-shard caches of its
+    rows and of every image scorer (CLIP and the perceptual hash always, and those the
+    planner hands it with :meth:`add_image_scorer`)."""
 
     name = "score"
     info = SourceInfo(
@@ -344,6 +131,17 @@ class WebDatasetStage(SourceStage):
         self.cache_root = cache_root
         self.uid_cfg = uid_cfg  # pipelines.config.UidConfig; None = the defaults
         self.output_dir = output_dir  # its outputs are never read back as shards
+        info = input_info("webdataset", model_cfg.arch)
+        self.clip = ClipScorer.from_model_config(model_cfg, info)
+        self.scorers: list[Scorer] = [self.clip, PhashScorer(PhashScorer.Params(), info, "phash")]
+
+    def add_image_scorer(self, scorer: Scorer) -> None:
+        """Run ``scorer`` in the decode pass: its columns join the pool, cached apart."""
+        taken = set(self.provides())
+        clash = sorted(taken & set(scorer.provides()))
+        if clash:
+            raise ConfigError(f"{scorer.path}: column {clash[0]!r} is already written by the WebDataset source")
+        self.scorers.append(scorer)
 
     @property
     def uid_field(self) -> str:
@@ -353,28 +151,60 @@ class WebDatasetStage(SourceStage):
     def urls(self) -> list[str]:
         return expand_shards(self.shards_spec, output_dir=self.output_dir)
 
+    def decode_spec(self) -> dict[str, Any] | None:
+        """What changes the decoded images besides the bytes: DCT-domain JPEG downscaling
+        to the CLIP model's input size (``model.jpeg_draft``)."""
+        return {"jpeg_draft": model_spec(self.clip.params)} if self.model_cfg.jpeg_draft else None
+
     @functools.cached_property
     def cache(self) -> ShardCache:
-        spec = {**model_spec(self.model_cfg), "rows": CACHE_FORMAT, "uid_field": self.uid_field}
-        return ShardCache(self.cache_root, "score", spec)
+        """The rows' cache (metadata, sizes, ``error``)."""
+        spec = {"rows": CACHE_FORMAT, "uid_field": self.uid_field, "decode": self.decode_spec()}
+        return ShardCache(self.cache_root, "source", spec)
+
+    @functools.cache  # noqa: B019 — one cache object per scorer, for the stage's lifetime
+    def scorer_cache(self, scorer: Scorer) -> ShardCache:
+        """One scorer's cache: its columns (row-aligned with the rows') and embeddings."""
+        spec = {
+            "kind": scorer.kind,
+            "version": scorer.version,
+            "scorer": scorer.fingerprint(),
+            "rows": CACHE_FORMAT,
+            "decode": self.decode_spec(),
+        }
+        return ShardCache(self.cache_root, f"scorer-{scorer.name}", spec)
 
     def provides(self) -> set[str]:
-        return set(SCORE_SCHEMA.names)
+        return set(SCORE_SCHEMA.names) | {c for s in self.scorers for c in s.provides()}
 
     def check_inputs(self) -> None:
         self.urls  # noqa: B018  (expanding the shard spec raises InputError if nothing matches)
 
     def embeddings(self) -> tuple[tuple[str, ...], str | None]:
-        return EMBEDDING_KINDS, self.info.default_embedding  # the run's CLIP model embeds every image and caption
+        kinds = tuple(k for s in self.scorers for k in s.embeddings())  # CLIP embeds every image and caption
+        return kinds, self.info.default_embedding
 
     def describe(self) -> dict[str, Any]:
-        """With this run's score cache, relative to the output directory (``cache/score-<fp>``)."""
-        return {**self.info.to_dict(), "score_cache": "cache/" + self.cache.dir.rstrip("/").rsplit("/", 1)[-1]}
+        """With this run's caches, relative to the output directory: the rows'
+        (``score_cache``) and each scorer column's (``score_columns``)."""
+        return {
+            **self.info.to_dict(),
+            "score_cache": _relative(self.cache.dir),
+            "score_columns": {c: _relative(self.scorer_cache(s).dir) for s in self.scorers for c in s.provides()},
+        }
+
+    def missing(self, url: str) -> tuple[str, ...]:
+        """The pieces of ``url``'s result not cached: ``source`` (the rows) and scorer names."""
+        stamp = source_stamp(url)
+        names = [] if self.cache.is_done(url, stamp) else ["source"]
+        names += [s.name for s in self.scorers if not self.scorer_cache(s).is_done(url, stamp)]
+        return tuple(names)
 
     def run(self, ctx: RunContext) -> Pool:
         sources = {u: file_info(u) for u in self.urls}
-        todo = [u for u in self.urls if not self.cache.is_done(u, source_stamp(u))]
+        todo = {u: w for u in self.urls if (w := self.missing(u))}
         if todo:
+            self.note_previous_layout(ctx)
             ctx.log(f"scoring {len(todo)} of {len(self.urls)} shards ({len(self.urls) - len(todo)} cached)")
             if ctx.executor is not None:
                 ctx.executor.score(self, todo, ctx)
@@ -382,7 +212,7 @@ class WebDatasetStage(SourceStage):
                 self.score_local(todo, ctx)
         else:
             ctx.log(f"all {len(self.urls)} shards cached; the model is not loaded")
-        info = self.cache.read_info()
+        info = self.scorer_cache(self.clip).read_info()
         if info:
             ctx.model_info.update(info)
         ctx.inputs.extend({"path": u, **sources[u]} for u in self.urls)
@@ -397,6 +227,13 @@ class WebDatasetStage(SourceStage):
             ctx.stage_info.setdefault(self.name, {})["field_warnings"] = warnings
             detail = ", ".join(f"{k} {v}" for k, v in warnings.items())
             ctx.log(f"warning: {sum(warnings.values())} unusable .json fields left empty ({detail})")
+        for s in self.scorers:
+            ctx.stage_info.setdefault("scorers", {})[s.name] = {
+                **s.describe(),
+                "source": "decode pass",
+                # no per-run counts: a resumed run's manifest equals an uninterrupted one's
+                "cache": {"dir": self.scorer_cache(s).dir},
+            }
         pool = self.load_pool()
         ctx.stage_info["uids"] = pool.artifacts["uids"]
         if pool.artifacts["uids"].get("derived"):
@@ -405,6 +242,18 @@ class WebDatasetStage(SourceStage):
                 f"warning: {u['derived']} uid(s) derived from the sample {self._derive_from()} (input.uid), not read from the pool"
             )
         return pool
+
+    def note_previous_layout(self, ctx: RunContext) -> None:
+        """One line when the cache folder holds score caches of the layout before the
+        per-scorer one: they are not read (their tables mix rows and CLIP scores)."""
+        fs, root = get_fs(self.cache_root)
+        old = [d for d in fs.glob(join(root, "score-*")) if fs.isdir(d)] if fs.exists(root) else []
+        if old:
+            names = ", ".join(_relative(d) for d in sorted(old)[:3]) + (" ..." if len(old) > 3 else "")
+            ctx.log(
+                f"note: {names} hold(s) scores in the previous cache layout, which is not read; shards are scored "
+                "again into cache/source-* and cache/scorer-*-* (remove the old folder(s) to free the space)"
+            )
 
     def _derive_from(self) -> str:
         return getattr(self.uid_cfg, "derive", "key")
@@ -418,21 +267,49 @@ class WebDatasetStage(SourceStage):
         totals = {k: sum(int(s.get(k) or 0) for s in found if isinstance(s.get(k), int | float)) for k in STATS_COUNTS}
         return {"shards_with_parquet": parquets, "shards_with_stats": len(found), **totals}
 
-    def load_pool(self) -> Pool:
+    def read_shard(self, url: str) -> pa.Table:
+        """One shard's cached rows with every scorer's columns, in the pool's column order:
+        SCORE_SCHEMA's, then columns carried from an img2dataset parquet, then the other
+        scorers' (uids not yet resolved: :meth:`resolve_uids`)."""
+        table = self.cache.read_table(url)
+        scored: dict[str, pa.ChunkedArray] = {}
+        for s in self.scorers:
+            t = self.scorer_cache(s).read_table(url, columns=list(s.provides()))
+            if t.num_rows != table.num_rows:
+                raise PoolsiftError(
+                    f"cache: {self.scorer_cache(s).table_path(url)} has {t.num_rows} rows, the shard {table.num_rows}; "
+                    "remove it to score the shard again"
+                )
+            for c in s.provides():
+                scored[c] = t.column(c)
+        names = [c for c in SCORE_SCHEMA.names if c in scored or c in table.column_names]
+        names += [c for c in table.column_names if c not in names and c not in scored]
+        names += [c for c in scored if c not in names]
+        return pa.table({c: scored[c] if c in scored else table.column(c) for c in names})
+
+    def load_pool(self, urls: list[str] | None = None) -> Pool:
+        """The pool of ``urls`` (default: every shard) from the caches; ``load_pool([url])``
+        is the one-shard pool. Embeddings stay on disk, read per shard from the scorer
+        that writes each kind."""
         tables, parts, start = [], [], 0
-        for u in self.urls:
-            t = self.cache.read_table(u)
+        for u in self.urls if urls is None else urls:
+            t = self.read_shard(u)
             tables.append(t)
             parts.append(ShardPart(u, self.cache.table_path(u), start, start + t.num_rows))
             start += t.num_rows
-        table = pa.concat_tables(tables, promote_options="permissive") if tables else SCORE_SCHEMA.empty_table()
+        empty = pa.schema(
+            [*SCORE_SCHEMA, *(pa.field(c, t) for s in self.scorers[2:] for c, t in s.column_types().items())]
+        )
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else empty.empty_table()
         table, uid_report = self.resolve_uids(table)
+        writers = {k: s for s in self.scorers for k in s.embeddings()}
+        kinds, default = self.embeddings()
         return Pool(
             table=table,
             parts=parts,
-            embedding_loader=lambda kind, part: self.cache.read_array(part.url, kind),
-            embedding_kinds=EMBEDDING_KINDS,
-            default_embedding="image",
+            embedding_loader=lambda kind, part: self.scorer_cache(writers[kind]).read_array(part.url, kind),
+            embedding_kinds=kinds,
+            default_embedding=default,
             artifacts={"uids": uid_report, "carried_columns": tuple(uid_report.pop("carried_columns", ()))},
         )
 
@@ -467,40 +344,65 @@ class WebDatasetStage(SourceStage):
             own = table.column("image_sha256")
             table = table.drop_columns(["image_sha256"])
             table = table.set_column(table.column_names.index("sha256"), "sha256", own)
-        carried = [c for c in table.column_names if c in OPTIONAL_SOURCE_COLUMNS or c not in SCORE_SCHEMA.names]
+        scored = {c for s in self.scorers for c in s.provides()}
+        carried = [
+            c
+            for c in table.column_names
+            if c in OPTIONAL_SOURCE_COLUMNS or (c not in SCORE_SCHEMA.names and c not in scored)
+        ]
         if carried:
             report["carried_columns"] = carried
         return table, report
 
     # --- scoring ---------------------------------------------------------------------
 
-    def score_local(self, urls: list[str], ctx: RunContext) -> None:
-        """Score ``urls`` in this process, decoding in worker processes."""
-        clip = ctx.clip()
-        self.cache.write_info(clip.info)
-        encoder = ClipEncoder(clip)
-        workers = self.num_workers(clip.device)
-        bar = ctx.bar(None, "score")
-        try:
-            for acc in score_stream(
-                urls,
-                clip.pil_transform,
-                encoder,
-                self.model_cfg.batch_size,
-                workers,
-                bar,
-                draft=self.draft_size(clip.pil_transform),
-                uid_field=self.uid_field,
-            ):
-                self.write_shard(acc, encoder.dim)
-        finally:
-            bar.close()
+    def pixel_scorers(self) -> list[Scorer]:
+        return [s for s in self.scorers if s.needs().pixels]
 
-    def draft_size(self, pil_transform) -> int | None:
-        """The size large JPEGs may be DCT-downscaled to while decoding; None when off."""
+    def transform_scorers(self, wanted) -> list[Scorer]:
+        """The pixel scorers whose transform the decode pass needs: those ``wanted``, and
+        CLIP's whenever JPEG draft decoding is on (its input size sets the draft size)."""
+        draft = self.model_cfg.jpeg_draft
+        return [s for s in self.pixel_scorers() if s.name in wanted or (draft and s is self.clip)]
+
+    def decode_plan(self, transforms: dict[str, Any]) -> DecodePlan:
+        """What the decode workers run: the image scorers and the pixel scorers' transforms
+        (``transforms``, by scorer name; CLIP's sets the JPEG draft size)."""
         from filtering.stages.image_decode import draft_target
 
-        return draft_target(pil_transform) if getattr(self.model_cfg, "jpeg_draft", False) else None
+        draft = draft_target(transforms[self.clip.name]) if self.model_cfg.jpeg_draft else None
+        return DecodePlan(
+            draft=draft, scorers=[s for s in self.scorers if s.needs().images], transforms=dict(transforms)
+        )
+
+    def score_local(self, todo: dict[str, tuple[str, ...]], ctx: RunContext) -> None:
+        """Score the missing pieces of each shard in ``todo`` in this process, decoding in
+        worker processes; the CLIP model is the run context's, loaded once."""
+        wanted = {name for names in todo.values() for name in names}
+        models = [s for s in self.pixel_scorers() if s.name in wanted]
+        if self.clip.name in wanted or self.model_cfg.jpeg_draft:
+            self.clip.attach(ctx.clip())
+        for s in models:
+            s.ensure_setup()
+            if (info := s.info()) is not None:
+                self.scorer_cache(s).write_info(info)
+        transforms = {s.name: s.transform() for s in self.transform_scorers(wanted)}
+        device = ctx.clip().device if self.clip.name in wanted else "cpu"
+        bar = ctx.bar(None, "score")
+        try:
+            for shard in score_stream(
+                list(todo),
+                self.decode_plan(transforms),
+                models,
+                self.model_cfg.batch_size,
+                self.num_workers(device),
+                bar,
+                wanted=todo,
+                uid_field=self.uid_field,
+            ):
+                self.write_shard(shard, todo[shard.url])
+        finally:
+            bar.close()
 
     def num_workers(self, device: str = "cpu") -> int:
         """Decode processes: a GPU wants every other core decoding; on a CPU the model's
@@ -518,41 +420,49 @@ class WebDatasetStage(SourceStage):
             total.update(self.cache.read_meta(u).get("field_warnings", {}))
         return dict(sorted(total.items()))
 
-    def write_shard(self, acc: _ShardAcc, dim: int) -> None:
-        """Cache one shard's rows and embeddings; an img2dataset parquet beside the shard adds
-        its columns and one failure row (zero embeddings) per URL it attempted and failed."""
-        warnings = Counter(w for row in acc.rows for w in row.pop("_warnings", ()))
-        image = np.concatenate(acc.image) if acc.image else np.zeros((0, dim), np.float16)
-        text = np.concatenate(acc.text) if acc.text else np.zeros((0, dim), np.float16)
-        table = _rows_table(acc.rows, image, text)
-        if acc.read is not None and acc.read.error:
+    def write_shard(self, shard: ShardScores, wanted: tuple[str, ...]) -> None:
+        """Cache the ``wanted`` pieces of one shard: its rows (``source``) and each named
+        scorer's columns and embeddings. An img2dataset parquet beside the shard adds its
+        columns and one failure row per URL it attempted and failed (scores null)."""
+        rows = shard.rows
+        warnings = Counter(w for row in rows for w in row.pop("_warnings", ()))
+        table, bad = _rows_table(rows)
+        if shard.read_error:
             # The rest of a cut-short shard cannot be read: one failure row stands for it.
             table = pa.concat_tables(
-                [table, pa.Table.from_pylist([_shard_error_row(acc.url, acc.read.error)], schema=SCORE_SCHEMA)]
+                [table, pa.Table.from_pylist([_shard_error_row(shard.url, shard.read_error)], schema=ROW_SCHEMA)]
             )
-            image = np.concatenate([image, np.zeros((1, image.shape[1]), np.float16)])
-            text = np.concatenate([text, np.zeros((1, text.shape[1]), np.float16)])
-        table, added = merge_side_parquet(table, acc.url, self.uid_field)
-        if added:
-            image = np.concatenate([image, np.zeros((added, image.shape[1]), np.float16)])
-            text = np.concatenate([text, np.zeros((added, text.shape[1]), np.float16)])
-        extra = {"field_warnings": dict(sorted(warnings.items()))} if warnings else None
-        self.cache.write(acc.url, table, {"image": image, "text": text}, source=source_stamp(acc.url), extra=extra)
+        table, _ = merge_side_parquet(table, shard.url, self.uid_field)
+        stamp = source_stamp(shard.url)
+        for s in self.scorers:
+            if s.name in wanted:
+                columns, arrays = shard.results(s, table.num_rows, bad)
+                self.scorer_cache(s).write(shard.url, pa.table(columns), arrays, source=stamp)
+        if "source" in wanted:  # last: with every scorer's piece, the shard is complete
+            extra = {"field_warnings": dict(sorted(warnings.items()))} if warnings else None
+            self.cache.write(shard.url, table, {}, source=stamp, extra=extra)
+
+
+def _relative(cache_dir: str) -> str:
+    """``cache/<name>``: a cache folder as the manifest records it (the run may move)."""
+    return "cache/" + cache_dir.rstrip("/").rsplit("/", 1)[-1]
 
 
 _ROW_ERRORS = (pa.ArrowException, ValueError, TypeError, OverflowError, UnicodeError)
 
 
-def _rows_table(rows: list[dict], image: np.ndarray, text: np.ndarray) -> pa.Table:
-    """The shard's rows as a table. A row Arrow cannot store (``_row`` should prevent
-    every one) becomes a failure row with zero embeddings rather than failing the shard."""
+def _rows_table(rows: list[dict]) -> tuple[pa.Table, list[int]]:
+    """The shard's rows as a table, and the rows replaced: a row Arrow cannot store
+    (``_row`` should prevent every one) becomes a failure row (its scores null, its
+    embeddings zero) rather than failing the shard."""
     try:
-        return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA), []
     except _ROW_ERRORS:
         pass
+    bad = []
     for i, row in enumerate(rows):
         try:
-            pa.Table.from_pylist([row], schema=SCORE_SCHEMA)
+            pa.Table.from_pylist([row], schema=ROW_SCHEMA)
         except _ROW_ERRORS as e:
             rows[i] = {
                 "uid": row.get("uid"),
@@ -561,9 +471,8 @@ def _rows_table(rows: list[dict], image: np.ndarray, text: np.ndarray) -> pa.Tab
                 "caption": "",
                 "error": f"bad_row: {type(e).__name__}: {one_line(e)[:160]}",
             }
-            image[i] = 0
-            text[i] = 0
-    return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+            bad.append(i)
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA), bad
 
 
 def _safe_text(value) -> str:
@@ -641,38 +550,142 @@ def _read_tasks(urls: list[str], chunk: int = DECODE_CHUNK) -> Iterator[tuple]:
         yield "end", url, result
 
 
-def submit_batch(encoder, items: list[tuple[dict, object]]) -> tuple[list[int], object | None]:
-    """Start encoding one model batch of (row, Decoded): its readable images with their
-    captions. Returns the readable rows' positions and the pending result (None if none)."""
-    ok = [i for i, (row, d) in enumerate(items) if d.error is None and not row.get("error")]
-    if not ok:
-        return ok, None
-    pixels = np.stack([items[i][1].pixels for i in ok])
-    captions = [items[i][0]["caption"] for i in ok]
-    submit = getattr(encoder, "submit", None)
-    return ok, submit(pixels, captions) if submit is not None else _Done(*encoder(pixels, captions))
+# --- the decode pass and the pixel scorers' batches (local and Ray alike) ----------------
 
 
-def complete_batch(items: list[tuple[dict, object]], ok: list[int], pending, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fill each row's decode fields and ``clip_score`` (cosine of the unit-norm embeddings);
-    return the batch's float16 image and text embeddings, zeros for rows that failed."""
-    image = np.zeros((len(items), dim), np.float16)
-    text = np.zeros_like(image)
-    for row, d in items:  # a failure found before decoding (row["error"]) comes first
-        row.update(width=d.width, height=d.height, phash=d.phash, error=row.get("error") or d.error, clip_score=None)
-    if pending is not None:
-        img, txt = pending.result()
-        image[ok], text[ok] = img, txt
-        scores = np.einsum("ij,ij->i", img, txt)
-        for j, i in enumerate(ok):
-            items[i][0]["clip_score"] = float(scores[j])
-    return image, text
+@dataclass
+class SampleBatch:
+    """Up to ``model.batch_size`` consecutive samples of one shard after the decode pass:
+    each sample's row (its decode fields filled in) and decoded image."""
+
+    url: str
+    index: int  # the batch's position in its shard
+    rows: list[dict]
+    images: list[DecodedImage]
 
 
-def encode_batch(encoder, items: list[tuple[dict, object]]) -> tuple[np.ndarray, np.ndarray]:
-    """One model batch, encoded and completed at once (the Ray executor's model actors)."""
-    ok, pending = submit_batch(encoder, items)
-    return complete_batch(items, ok, pending, encoder.dim)
+@dataclass
+class ScoredBatch:
+    """A :class:`SampleBatch` after the pixel scorers: per scorer, the positions of the
+    rows it scored and its named arrays for them; ``dims``: its embeddings' widths."""
+
+    url: str
+    index: int
+    rows: list[dict]
+    images: list[DecodedImage]  # pixels dropped
+    outputs: dict[str, tuple[list[int], dict[str, np.ndarray]]] = field(default_factory=dict)
+    dims: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class ShardEnd:
+    """The last item of a shard: how many batches it had, and whether it was cut short."""
+
+    url: str
+    batches: int
+    read_error: str | None
+
+
+def sample_row(sample: RawSample, url: str, image: DecodedImage, uid_field: str = "uid") -> dict:
+    """A sample's cached row with its decode fields; a failure found before decoding comes first."""
+    row = _row(sample, url, uid_field)
+    row.update(width=image.width, height=image.height, error=row.get("error") or image.error)
+    return row
+
+
+class PendingBatch:
+    """A batch submitted to the pixel scorers; :meth:`complete` waits for their results."""
+
+    def __init__(self, batch: SampleBatch, runs: dict, dims: dict):
+        self.batch, self.runs, self.dims = batch, runs, dims
+
+    def complete(self) -> ScoredBatch:
+        outputs = {name: (ok, pending.result()) for name, (ok, pending) in self.runs.items()}
+        return ScoredBatch(self.batch.url, self.batch.index, self.batch.rows, self.batch.images, outputs, self.dims)
+
+
+def submit_batch(batch: SampleBatch, scorers: list[Scorer], wanted) -> PendingBatch:
+    """Start each wanted pixel scorer on the batch's readable samples (those with no error
+    whose pixels it has), with their captions when it reads them; drop the pixels."""
+    runs, dims = {}, {}
+    for s in scorers:
+        if s.name not in wanted:
+            continue
+        s.ensure_setup()
+        dims[s.name] = {k: int(d) for k, d in s.embedding_dims().items()}
+        ok = [
+            i
+            for i, (row, d) in enumerate(zip(batch.rows, batch.images, strict=True))
+            if not row.get("error") and s.name in d.pixels
+        ]
+        if not ok:
+            continue
+        pixels = np.stack([batch.images[i].pixels[s.name] for i in ok])
+        columns = {"caption": np.array([batch.rows[i]["caption"] for i in ok], dtype=object)}
+        runs[s.name] = (ok, s.submit(Batch(pixels=pixels, columns=columns if s.needs().captions else {})))
+    for d in batch.images:
+        d.pixels = {}
+    return PendingBatch(batch, runs, dims)
+
+
+def score_batch(batch: SampleBatch, scorers: list[Scorer], wanted) -> ScoredBatch:
+    """One batch through the pixel scorers at once (the Ray executor's model actors)."""
+    return submit_batch(batch, scorers, wanted).complete()
+
+
+class ShardScores:
+    """One shard's scored batches, in order, turned into each scorer's cached piece."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.rows: list[dict] = []
+        self.images: list[DecodedImage] = []
+        self.outputs: dict[str, list[tuple[int, list[int], dict[str, np.ndarray]]]] = {}
+        self.dims: dict[str, dict[str, int]] = {}
+        self.read_error: str | None = None
+
+    def add(self, scored: ScoredBatch) -> None:
+        offset = len(self.rows)
+        self.rows.extend(scored.rows)
+        self.images.extend(scored.images)
+        for name, (ok, arrays) in scored.outputs.items():
+            self.outputs.setdefault(name, []).append((offset, ok, arrays))
+        self.dims.update(scored.dims)
+
+    def results(self, scorer: Scorer, n: int, bad: list[int]) -> tuple[dict[str, pa.Array], dict[str, np.ndarray]]:
+        """``scorer``'s columns over the shard's ``n`` rows (null where it did not score:
+        failed and added rows, ``bad`` rows) and its embeddings (float16, zero there)."""
+        types = scorer.column_types()
+        columns: dict[str, pa.Array] = {}
+        arrays: dict[str, np.ndarray] = {}
+        if scorer.needs().images:  # scored per image in the decode workers
+            for c in scorer.provides():
+                values = [d.values.get(scorer.name, {}).get(c) for d in self.images]
+                values += [None] * (n - len(values))
+                for i in bad:
+                    values[i] = None
+                columns[c] = pa.array(values, type=types[c])
+            return columns, arrays
+        pieces = self.outputs.get(scorer.name, [])
+        idx = np.concatenate([np.asarray(ok, np.int64) + offset for offset, ok, _ in pieces] or [np.zeros(0, np.int64)])
+        for c in scorer.provides():
+            values = np.zeros(n, dtype=types[c].to_pandas_dtype())
+            scored = np.zeros(n, dtype=bool)
+            if pieces:
+                values[idx] = np.concatenate([np.asarray(a[c]) for _, _, a in pieces])
+                scored[idx] = True
+            scored[bad] = False
+            columns[c] = pa.array(values, type=types[c], mask=~scored)
+        for kind in scorer.embeddings():
+            dim = self.dims.get(scorer.name, {}).get(kind)
+            if dim is None:
+                dim = pieces[0][2][kind].shape[1] if pieces else int(scorer.input.embedding_dims.get(kind) or 0)
+            emb = np.zeros((n, dim), np.float16)
+            if pieces:
+                emb[idx] = np.concatenate([np.asarray(a[kind]) for _, _, a in pieces])
+            emb[bad] = 0
+            arrays[kind] = emb
+        return columns, arrays
 
 
 def _worker_died(e: Exception) -> PoolsiftError:
@@ -682,88 +695,118 @@ def _worker_died(e: Exception) -> PoolsiftError:
     )
 
 
+def read_shard_batches(
+    url: str, plan: DecodePlan, wanted, batch_size: int, uid_field: str = "uid"
+) -> Iterator[SampleBatch | ShardEnd]:
+    """One shard read and decoded in this process, cut into model batches, then its
+    :class:`ShardEnd` (the Ray executor's read tasks; the local executor decodes the same
+    way in worker processes, with the same batch boundaries)."""
+    from filtering.stages.image_decode import decode_image
+
+    result = ShardReadResult(url)
+    rows: list[dict] = []
+    images: list[DecodedImage] = []
+    index = 0
+    for sample in iter_shard(url, result):
+        image = decode_image(decode_input(sample), wanted, plan)
+        rows.append(sample_row(sample, url, image, uid_field))
+        images.append(image)
+        if len(rows) == batch_size:
+            yield SampleBatch(url, index, rows, images)
+            rows, images, index = [], [], index + 1
+    if rows:
+        yield SampleBatch(url, index, rows, images)
+        index += 1
+    yield ShardEnd(url, index, result.error)
+
+
 def score_stream(
     urls,
-    pil_transform,
-    encoder,
+    plan: DecodePlan,
+    scorers: list[Scorer],
     batch_size: int,
     workers: int,
     bar=None,
     *,
-    draft: int | None = None,
+    wanted: dict[str, tuple[str, ...]] | None = None,
     chunk: int = DECODE_CHUNK,
     uid_field: str = "uid",
-) -> Iterator[_ShardAcc]:
-    """Yield each shard's scored rows and embeddings, in shard order.
+) -> Iterator[ShardScores]:
+    """Yield each shard's scored rows, in shard order.
 
-    Decoding runs in ``workers`` processes ahead of the model through a bounded window
-    of chunks, so memory stays bounded and the model never waits while work is
-    queued; ``workers=0`` decodes in this process. A model batch never spans two
-    shards, so a shard's result does not depend on which shards were scored with it
-    (the Ray executor relies on this). ``draft``: see :mod:`filtering.stages.image_decode`.
-    If the encoder (or anything else) raises, pending chunks are cancelled and the
-    workers shut down before the exception propagates; a worker that dies becomes a
-    :class:`PoolsiftError`.
+    Decoding (and the image scorers) runs in ``workers`` processes ahead of the pixel
+    scorers through a bounded window of chunks, so memory stays bounded and the model
+    never waits while work is queued; ``workers=0`` decodes in this process. A model
+    batch never spans two shards, so a shard's result does not depend on which shards
+    were scored with it (the Ray executor relies on this). ``wanted``: per url, the
+    scorer names to run (default: all). If a scorer (or anything else) raises, pending
+    chunks are cancelled and the workers shut down before the exception propagates; a
+    worker that dies becomes a :class:`PoolsiftError`.
     """
     import concurrent.futures as cf
     import multiprocessing as mp
     from concurrent.futures.process import BrokenProcessPool
 
     from filtering import procpool
-    from filtering.stages.image_decode import decode_batch, decode_one, init_worker
+    from filtering.stages.image_decode import decode_image, decode_images, init_scoring_worker
+
+    every = tuple(s.name for s in [*scorers, *plan.scorers])
+
+    def names(url: str):
+        return wanted.get(url, ()) if wanted is not None else every
 
     executor = None
     if workers > 0:
         executor = cf.ProcessPoolExecutor(
-            workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(pil_transform, draft)
+            workers, mp_context=mp.get_context("spawn"), initializer=init_scoring_worker, initargs=(plan,)
         )
     window: deque = deque()
     # Enough chunks in flight to keep every worker busy and one model batch ready behind the current one.
     max_pending = 2 * max(workers, 1) + -(-batch_size // chunk)
-    batch: list[tuple[dict, object]] = []  # (row, Decoded) waiting for the model
-    inflight: deque = deque()  # (acc, batch, ok, pending encode) in submission order
-    acc: _ShardAcc | None = None
+    batch = SampleBatch("", 0, [], [])  # waiting for the model
+    inflight: deque = deque()  # (shard, pending batch) in submission order
+    shard: ShardScores | None = None
 
     def flush() -> None:
-        ok, pending = submit_batch(encoder, batch)
-        inflight.append((acc, list(batch), ok, pending))
-        batch.clear()
+        nonlocal batch
+        inflight.append((shard, submit_batch(batch, scorers, names(batch.url))))
+        batch = SampleBatch(batch.url, batch.index + 1, [], [])
         finish(keep=1)  # keep one batch on the device while the next is prepared
 
     def finish(keep: int) -> None:
         while len(inflight) > keep:
-            owner, items, ok, pending = inflight.popleft()
-            image, text = complete_batch(items, ok, pending, encoder.dim)
-            owner.rows.extend(row for row, _ in items)
-            owner.image.append(image)
-            owner.text.append(text)
+            owner, pending = inflight.popleft()
+            scored = pending.complete()
+            owner.add(scored)
             if bar is not None:
-                bar.update(len(items))
+                bar.update(len(scored.rows))
 
-    def decoded(fut, samples) -> list:
+    def decoded(fut, url, samples) -> list[DecodedImage]:
         if fut is None:
-            return [decode_one(decode_input(s), pil_transform, draft) for s in samples]
+            return [decode_image(decode_input(s), names(url), plan) for s in samples]
         try:
             return procpool.result(fut, executor)
         except BrokenProcessPool as e:
             raise _worker_died(e) from e
 
-    def handle(task, fut) -> Iterator[_ShardAcc]:
-        nonlocal acc
+    def handle(task, fut) -> Iterator[ShardScores]:
+        nonlocal shard, batch
         kind, url, payload = task
-        if acc is None:
-            acc = _ShardAcc(url, [], [], [])
+        if shard is None:
+            shard = ShardScores(url)
+            batch = SampleBatch(url, 0, [], [])
         if kind == "chunk":
-            for sample, d in zip(payload, decoded(fut, payload), strict=True):
-                batch.append((_row(sample, url, uid_field), d))
-                if len(batch) >= batch_size:
+            for sample, image in zip(payload, decoded(fut, url, payload), strict=True):
+                batch.rows.append(sample_row(sample, url, image, uid_field))
+                batch.images.append(image)
+                if len(batch.rows) >= batch_size:
                     flush()
         else:
-            if batch:
+            if batch.rows:
                 flush()
             finish(keep=0)
-            acc.read = payload
-            done, acc = acc, None
+            shard.read_error = payload.error
+            done, shard = shard, None
             yield done
 
     try:
@@ -771,7 +814,7 @@ def score_stream(
             fut = None
             if task[0] == "chunk" and executor is not None:
                 try:
-                    fut = executor.submit(decode_batch, [decode_input(s) for s in task[2]])
+                    fut = executor.submit(decode_images, [decode_input(s) for s in task[2]], names(task[1]))
                 except BrokenProcessPool as e:
                     raise _worker_died(e) from e
             window.append((task, fut))

@@ -1,15 +1,18 @@
 """Scoring on a Ray cluster, with Ray Data streaming shards from CPU tasks to model actors.
 
-The unit of work is a shard, as in the local executor: a CPU task reads one shard,
-decodes its images with the model's own PIL transform and cuts it into model batches
-of ``model.batch_size`` consecutive samples (a batch never spans two shards; the last
-one is partial). An actor pool runs the CLIP model — loaded once per actor, in its
-constructor, never shipped — and encodes each batch exactly as
-:func:`filtering.stages.webdataset.score_stream` does, so every shard's scores and
-embeddings are bit-for-bit those of a local run on the same hardware. The driver
-collects each shard's batches and writes them to the same per-shard cache, one shard
-at a time, atomically; the filter and write stages then run unchanged. A run killed
-part-way resumes from the shards already in the cache.
+The unit of work is a shard, as in the local executor, and the work goes through the
+scorer protocol (:mod:`filtering.scorers.base`) with the source's own functions: a CPU
+task reads one shard and decodes it (``read_shard_batches``: the image scorers such as
+the perceptual hash run there, the pixel scorers' transforms too), cut into model
+batches of ``model.batch_size`` consecutive samples (a batch never spans two shards;
+the last one is partial). An actor pool holds the pixel scorers (CLIP): ``setup()``
+runs once per actor, the models are never shipped, and each batch is scored by
+``score_batch`` exactly as the local ``score_stream`` does, so every shard's cache
+entries are bit-for-bit those of a local run on the same hardware. Batches travel as
+the pickled named objects (``SampleBatch``, ``ScoredBatch``, ``ShardEnd``). The driver
+collects each shard's batches and writes its pieces with the source's ``write_shard``,
+one shard at a time, atomically; the filter and write stages then run unchanged. A run
+killed part-way resumes from the shards already in the cache.
 
 Every node must have poolsift installed and read access to the input shards (a
 shared file system or an fsspec URL such as ``s3://``); only the driver writes.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,84 +119,85 @@ class RayExecutor:
 
     # --- scoring -----------------------------------------------------------------------
 
-    def score(self, stage, urls: list[str], ctx) -> None:
-        """Score ``urls`` for ``stage`` (a :class:`~filtering.stages.webdataset.WebDatasetStage`) into its cache."""
+    def score(self, stage, todo: dict[str, tuple[str, ...]], ctx) -> None:
+        """Score the missing pieces of each shard in ``todo`` (url -> scorer names, ``source``
+        for the rows) for ``stage`` (a :class:`~filtering.stages.webdataset.WebDatasetStage`)
+        into its caches, through the scorer protocol: read tasks decode and run the image
+        scorers, model actors set up the pixel scorers once and score batches."""
+        from filtering.stages.webdataset import SampleBatch, ShardEnd, ShardScores, score_batch
+
         self.connect()
         ray = self.ray
         data_ctx = ray.data.DataContext.get_current()
         data_ctx.enable_progress_bars = False
         data_ctx.print_on_execution_start = False
 
-        model = stage.model_cfg.model_dump()
-        pil_transform = _unwrap(ray, lambda: ray.get(ray.remote(num_cpus=1)(_pil_transform).remote(model)))
-        draft = stage.draft_size(pil_transform) if hasattr(stage, "draft_size") else None
-        pool = self.model_pool(model["device"])
+        wanted = {name for names in todo.values() for name in names}
+        needed = stage.transform_scorers(wanted)
+        transforms = _unwrap(ray, lambda: ray.get(ray.remote(num_cpus=1)(_transforms).remote(needed)))
+        plan = stage.decode_plan(transforms)
+        models = [s for s in stage.pixel_scorers() if s.name in wanted]
+        pool = self.model_pool(models[0].device if models else "cpu")
         ctx.log(
-            f"ray: {len(urls)} shards, {pool['size']} model actor(s) with "
+            f"ray: {len(todo)} shards, {pool['size'] if models else 0} model actor(s) with "
             f"{pool['num_gpus']} GPU / {pool['num_cpus']} CPU each"
         )
 
-        ds = self.ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+        items = [{"url": u, "wanted": json.dumps(list(names))} for u, names in todo.items()]
+        ds = self.ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(
             _read_decode,
-            fn_kwargs={
-                "transform": pil_transform,
-                "draft": draft,
-                "batch_size": model["batch_size"],
-                "uid_field": stage.uid_field,
-            },
+            fn_kwargs={"plan": plan, "batch_size": stage.model_cfg.batch_size, "uid_field": stage.uid_field},
             num_cpus=1,
         )
-        ds = ds.map_batches(
-            _actor_class(model),  # the config travels with the class, not as object-store arguments
-            batch_size=1,  # one row = one model batch, already cut along the shard
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool["size"]),
-            num_gpus=pool["num_gpus"],
-            num_cpus=pool["num_cpus"],
-        )
+        if models:
+            ds = ds.map_batches(
+                _actor_class(models, gpu=pool["num_gpus"] > 0),  # scorers travel with the class, set up in the actor
+                batch_size=1,  # one row = one model batch, already cut along the shard
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+                num_gpus=pool["num_gpus"],
+                num_cpus=pool["num_cpus"],
+            )
         bar = ctx.bar(None, "score")
+        infos_written: set[str] = set()
+        batches: dict[str, dict[int, object]] = {}
+        ends: dict[str, object] = {}
+
+        def collect() -> None:
+            for row in ds.iter_rows():
+                for name, info in json.loads(row.get("info") or "{}").items():
+                    if name not in infos_written and info is not None:
+                        # Written before the first shard, as the local executor does, so a resumed run finds it.
+                        stage.scorer_cache(next(s for s in models if s.name == name)).write_info(info)
+                        infos_written.add(name)
+                item = pickle.loads(row["payload"])
+                url = item.url
+                if isinstance(item, SampleBatch):  # no model ran on it (only image scorers wanted)
+                    item = score_batch(item, [], todo[url])
+                if isinstance(item, ShardEnd):
+                    ends[url] = item
+                else:
+                    batches.setdefault(url, {})[item.index] = item
+                    bar.update(len(item.rows))
+                end = ends.get(url)
+                got = batches.get(url, {})
+                if end is None or len(got) < end.batches:
+                    continue
+                shard = ShardScores(url)
+                for i in range(end.batches):
+                    shard.add(got[i])
+                shard.read_error = end.read_error
+                stage.write_shard(shard, todo[url])
+                batches.pop(url, None)
+                ends.pop(url)
+            if batches or ends:
+                raise PoolsiftError(f"ray: {len(set(batches) | set(ends))} shard(s) came back incomplete")
+
         try:
-            _unwrap(ray, lambda: self._collect(ds.iter_rows(), stage, bar))
+            _unwrap(ray, collect)
         finally:
             bar.close()
-
-    def _collect(self, rows: Iterator[dict], stage, bar) -> None:
-        """Gather each shard's batches (they arrive in any order) and write a shard once all are in."""
-        from filtering.io.reader import ShardReadResult
-        from filtering.stages.webdataset import _ShardAcc
-
-        pending: dict[str, dict[int, dict]] = {}
-        ends: dict[str, dict] = {}
-        info_written = False
-        for row in rows:
-            url = row["url"]
-            if not info_written:
-                # Written before the first shard, as the local executor does, so a resumed run finds it.
-                stage.cache.write_info(json.loads(row["info"]))
-                info_written = True
-            if row["final"]:
-                ends[url] = row
-            else:
-                pending.setdefault(url, {})[int(row["index"])] = row
-                bar.update(int(row["n"]))
-            end = ends.get(url)
-            batches = pending.get(url, {})
-            if end is None or len(batches) < int(end["index"]):
-                continue
-            dim = int(end["dim"])
-            acc = _ShardAcc(url, [], [], [], read=ShardReadResult(url, error=end["read_error"] or None))
-            for i in range(int(end["index"])):
-                b = batches[i]
-                n = int(b["n"])
-                acc.rows.extend(json.loads(b["rows"]))
-                acc.image.append(np.frombuffer(b["image"], np.float16).reshape(n, dim))
-                acc.text.append(np.frombuffer(b["text"], np.float16).reshape(n, dim))
-            stage.write_shard(acc, dim)
-            pending.pop(url, None)
-            ends.pop(url)
-        if pending or ends:
-            raise PoolsiftError(f"ray: {len(set(pending) | set(ends))} shard(s) came back incomplete")
 
 
 def _unwrap(ray, call):
@@ -209,112 +214,51 @@ def _unwrap(ray, call):
         raise PoolsiftError(f"ray: {first}") from e
 
 
-def _load_model(model: dict):
-    from filtering.models.clip import load_clip
-
-    device = model["device"]
-    if device.startswith("cuda"):
-        device = "cuda"  # Ray gives each actor its own GPU through CUDA_VISIBLE_DEVICES
-    return load_clip(model["arch"], model["pretrained"], device, model["precision"])
+def _transforms(scorers) -> dict[str, Any]:
+    """Each pixel scorer's PIL preprocessing (picklable), for the decode tasks."""
+    return {s.name: s.transform() for s in scorers}
 
 
-def _pil_transform(model: dict):
-    """The model's PIL preprocessing (picklable), for the decode tasks."""
-    return _load_model({**model, "device": "cpu"}).pil_transform
+def _read_decode(item: dict, plan, batch_size: int, uid_field: str = "uid") -> Iterator[dict]:
+    """One shard -> its model batches (decoded, image scorers run), then its end."""
+    from filtering.stages.webdataset import read_shard_batches
+
+    url, wanted = item["url"], tuple(json.loads(item["wanted"]))
+    for out in read_shard_batches(url, plan, wanted, batch_size, uid_field):
+        yield {"url": url, "wanted": item["wanted"], "payload": pickle.dumps(out), "info": ""}
 
 
-def _read_decode(item: dict, transform, draft: int | None, batch_size: int, uid_field: str = "uid") -> Iterator[dict]:
-    """One shard -> its model batches (decoded pixels of the readable images), then an end row."""
-    from filtering.io.reader import ShardReadResult, iter_shard
-    from filtering.stages.image_decode import decode_one
-    from filtering.stages.webdataset import _row, decode_input
-
-    url = item["url"]
-    result = ShardReadResult(url)
-    batch: list[tuple[dict, Any]] = []
-    index = 0
-
-    def emit() -> dict:
-        ok = [d.pixels for _, d in batch if d.error is None]
-        pixels = np.stack(ok) if ok else np.zeros((0, 0, 0, 3), np.uint8)
-        samples = [(r, [d.width, d.height, d.phash, d.error]) for r, d in batch]
-        return {
-            "url": url,
-            "index": index,
-            "final": False,
-            "read_error": "",
-            "n": len(batch),
-            "samples": json.dumps({"items": samples, "shape": list(pixels.shape)}),
-            "pixels": pixels.tobytes(),
-        }
-
-    for sample in iter_shard(url, result):
-        batch.append((_row(sample, url, uid_field), decode_one(decode_input(sample), transform, draft)))
-        if len(batch) == batch_size:
-            yield emit()
-            batch, index = [], index + 1
-    if batch:
-        yield emit()
-        index += 1
-    # The end row: how many batches the shard has, and whether it was cut short.
-    yield {
-        "url": url,
-        "index": index,
-        "final": True,
-        "read_error": result.error or "",
-        "n": 0,
-        "samples": json.dumps({"items": [], "shape": [0, 0, 0, 3]}),
-        "pixels": b"",
-    }
-
-
-def _actor_class(model: dict) -> type:
+def _actor_class(scorers: list, gpu: bool) -> type:
     class ModelActor(_ModelActor):
         def __init__(self):
-            super().__init__(model)
+            super().__init__(scorers, gpu)
 
     return ModelActor
 
 
 class _ModelActor:
-    """One CLIP model per actor, built here so it is never pickled."""
+    """The pixel scorers, set up once per actor (models loaded here, never shipped)."""
 
-    def __init__(self, model: dict):
-        from filtering.stages.webdataset import ClipEncoder
-
-        self.clip = _load_model(model)
-        self.encoder = ClipEncoder(self.clip)
-        self.info = json.dumps(self.clip.info, sort_keys=True)
+    def __init__(self, scorers: list, gpu: bool):
+        # Ray gives each actor its own GPU through CUDA_VISIBLE_DEVICES: it is always "cuda" there.
+        self.scorers = [s.placed("cuda") if gpu else s for s in scorers]
+        for s in self.scorers:
+            s.ensure_setup()
+        self.info = json.dumps({s.name: s.info() for s in self.scorers}, sort_keys=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from filtering.stages.image_decode import Decoded
-        from filtering.stages.webdataset import encode_batch
+        from filtering.stages.webdataset import SampleBatch, score_batch
 
-        out: dict[str, list] = {
-            k: [] for k in ("url", "index", "final", "read_error", "n", "rows", "image", "text", "dim", "info")
-        }
-        for i in range(len(batch["url"])):
-            payload = json.loads(batch["samples"][i])
-            shape = payload["shape"]
-            pixels = np.frombuffer(batch["pixels"][i], np.uint8).reshape(shape)
-            items, k = [], 0
-            for row, (width, height, phash, error) in payload["items"]:
-                px = None
-                if error is None:
-                    px, k = pixels[k], k + 1
-                items.append((row, Decoded(px, width, height, phash, error)))
-            image, text = encode_batch(self.encoder, items)
-            out["url"].append(batch["url"][i])
-            out["index"].append(int(batch["index"][i]))
-            out["final"].append(bool(batch["final"][i]))
-            out["read_error"].append(batch["read_error"][i])
-            out["n"].append(len(items))
-            out["rows"].append(json.dumps([row for row, _ in items]))
-            out["image"].append(image.tobytes())
-            out["text"].append(text.tobytes())
-            out["dim"].append(self.encoder.dim)
-            out["info"].append(self.info)
+        payloads = []
+        for payload, wanted in zip(batch["payload"], batch["wanted"], strict=True):
+            item = pickle.loads(payload)
+            if isinstance(item, SampleBatch):
+                item = score_batch(item, self.scorers, tuple(json.loads(wanted)))
+            payloads.append(pickle.dumps(item))
+        n = len(payloads)
         return {
-            k: np.array(v, dtype=object) if k in ("url", "read_error", "rows", "image", "text", "info") else np.array(v)
-            for k, v in out.items()
+            "url": np.array(list(batch["url"]), dtype=object),
+            "wanted": np.array(list(batch["wanted"]), dtype=object),
+            "payload": np.array(payloads, dtype=object),
+            "info": np.array([self.info] * n, dtype=object),
         }

@@ -55,14 +55,19 @@ def test_ray_executor_matches_local(tmp_path, scored_sample, executor):
         for name in ours:
             assert _table(out / folder / name).equals(_table(scored_sample / folder / name)), f"{folder}/{name}"
 
-    # The per-shard cache itself is bit-identical: same batch boundaries, same model.
-    [ray_cache] = (out / "cache").glob("score-*")
-    local_cache = scored_sample / "cache" / ray_cache.name
-    for path in sorted(ray_cache.iterdir()):
-        if path.suffix == ".npy":
-            assert np.array_equal(np.load(path), np.load(local_cache / path.name)), path.name
-        elif path.suffix == ".parquet":
-            assert _table(path).equals(_table(local_cache / path.name)), path.name
+    # The per-shard caches themselves (the rows' and each scorer's: CLIP, phash) are
+    # bit-identical: same batch boundaries, same model, same pieces.
+    ray_caches = sorted(p.name for p in (out / "cache").iterdir())
+    assert ray_caches == sorted(p.name for p in (scored_sample / "cache").iterdir())
+    assert [c.split("-")[0] for c in ray_caches] == ["scorer", "scorer", "source"]
+    for name in ray_caches:
+        local_cache = scored_sample / "cache" / name
+        assert sorted(p.name for p in (out / "cache" / name).iterdir()) == sorted(p.name for p in local_cache.iterdir())
+        for path in sorted((out / "cache" / name).iterdir()):
+            if path.suffix == ".npy":
+                assert np.array_equal(np.load(path), np.load(local_cache / path.name)), path.name
+            elif path.suffix == ".parquet":
+                assert _table(path).equals(_table(local_cache / path.name)), path.name
 
 
 def test_missing_ray_is_a_one_line_usage_error(tmp_path, monkeypatch):

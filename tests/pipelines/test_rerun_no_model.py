@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, run_cli, write_config
+from tests.conftest import REPO, cached_rows, run_cli, write_config
 
 FILTERS_A = [
     {"caption": {"min_words": 2, "min_chars": 6}},
@@ -37,7 +37,7 @@ def no_model_no_images(monkeypatch):
     monkeypatch.setattr(clip_models, "load_clip", forbidden("loaded the model"))
     monkeypatch.setattr(reader, "iter_shard", forbidden("read a shard"))
     monkeypatch.setattr(score, "iter_shard", forbidden("read a shard"))
-    for name in ("decode_one", "decode_batch"):
+    for name in ("decode_one", "decode_batch", "decode_image", "decode_images", "open_image"):
         monkeypatch.setattr(decode, name, forbidden("decoded an image"))
 
 
@@ -64,12 +64,7 @@ def test_filter_only_rerun_loads_no_model_and_reads_no_images(tmp_path, rerun_di
     assert manifest["model"]["checkpoint_sha256"] == first["model"]["checkpoint_sha256"]
 
     # Scores in the new subset are the cached ones, not recomputed.
-    cache_files = sorted(scored_sample.glob("cache/score-*/*.parquet"))
-    cached = {
-        r["uid"]: r["clip_score"]
-        for f in cache_files
-        for r in pq.read_table(f).select(["uid", "clip_score"]).to_pylist()
-    }
+    cached = {r["uid"]: r["clip_score"] for r in cached_rows(scored_sample)}
     rerun = pq.read_table(rerun_dir / "subset").select(["uid", "clip_score"]).to_pylist()
     assert rerun and all(r["clip_score"] == cached[r["uid"]] for r in rerun)
 

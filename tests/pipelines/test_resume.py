@@ -25,8 +25,9 @@ N_SHARDS = 4
 
 
 def _done_shards(out):
-    """Complete shard results: the table is written last, atomically, so it marks completion."""
-    return [p for p in out.glob("cache/score-*/*.parquet") if not p.name.startswith(".tmp-")]
+    """Complete shard results: the rows' table is written last (after every scorer's piece),
+    atomically, so it marks completion."""
+    return [p for p in out.glob("cache/source-*/*.parquet") if not p.name.startswith(".tmp-")]
 
 
 def _kill_mid_scoring(cfg, out, timeout=300):
@@ -53,7 +54,7 @@ def _kill_mid_scoring(cfg, out, timeout=300):
 
 def _files(out):
     names = ["subset.npy"] + [f"{d}/{p.name}" for d in ("subset", "dropped") for p in sorted((out / d).glob("*"))]
-    names += [str(p.relative_to(out)) for p in sorted(out.glob("cache/score-*/*"))]
+    names += [str(p.relative_to(out)) for p in sorted(out.glob("cache/*/*"))]
     return {n: (out / n).read_bytes() for n in names}
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import cached_rows
+
 pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
 
 
@@ -22,14 +24,7 @@ def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def load_scores(out_dir):
-    tables = [pq.read_table(p) for p in sorted((out_dir / "cache").glob("score-*/*.parquet"))]
-    rows = {}
-    for t in tables:
-        for uid, score, error in zip(
-            t["uid"].to_pylist(), t["clip_score"].to_pylist(), t["error"].to_pylist(), strict=True
-        ):
-            rows[uid] = (score, error)
-    return rows
+    return {r["uid"]: (r["clip_score"], r["error"]) for r in cached_rows(out_dir)}
 
 
 def test_tiny_clip_separates_matching_from_mismatched(scored_sample, truth):

@@ -24,8 +24,11 @@ import numpy as np
 import pytest
 
 from filtering.errors import PoolsiftError
-from filtering.stages.image_decode import decode_one, draft_target
-from filtering.stages.webdataset import ClipEncoder, encode_text_bucketed, encode_text_trimmed, score_stream
+from filtering.scorers.base import InputInfo
+from filtering.scorers.clip import ClipEncoder, ClipParams, ClipScorer, encode_text_bucketed, encode_text_trimmed
+from filtering.scorers.phash import PhashScorer
+from filtering.stages.image_decode import DecodePlan, decode_one, draft_target
+from filtering.stages.webdataset import score_stream
 
 REPO = Path(__file__).resolve().parents[3]
 CAPTIONS = [
@@ -124,25 +127,32 @@ def test_trimmed_text_equals_padded_on_vit_b32():
 # --- worker shutdown -----------------------------------------------------------------
 
 
-class _Failing:
-    """A real encoder that raises ``exc`` on its ``fail_at``-th batch, noting live workers."""
+def _scorer(clip, cls=ClipScorer) -> ClipScorer:
+    """The CLIP scorer on the already loaded tiny model (fp32, CPU)."""
+    scorer = cls(ClipParams(arch="poolsift-tiny", device="cpu", precision="fp32"), InputInfo("webdataset"), "model")
+    scorer.attach(clip)
+    return scorer
 
-    def __init__(self, clip, exc: BaseException | None = None, fail_at: int = 2, kill: bool = False):
-        self.inner = ClipEncoder(clip)
-        self.dim = self.inner.dim
-        self.exc, self.fail_at, self.kill = exc, fail_at, kill
-        self.calls = 0
-        self.worker_pids: set[int] = set()
 
-    def __call__(self, pixels, captions):
+def _plan(clip) -> DecodePlan:
+    return DecodePlan(None, [PhashScorer(PhashScorer.Params(), InputInfo("webdataset"))], {"clip": clip.pil_transform})
+
+
+class _Failing(ClipScorer):
+    """The real CLIP scorer, raising ``exc`` on its ``fail_at``-th batch, noting live workers."""
+
+    exc: BaseException | None = None
+    fail_at, kill, calls = 2, False, 0
+
+    def submit(self, batch):
         self.calls += 1
-        self.worker_pids |= {p.pid for p in multiprocessing.active_children()}
+        self.worker_pids = getattr(self, "worker_pids", set()) | {p.pid for p in multiprocessing.active_children()}
         if self.kill and self.calls == 1:
             for pid in self.worker_pids:
                 os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
         if self.exc is not None and self.calls == self.fail_at:
             raise self.exc
-        return self.inner(pixels, captions)
+        return super().submit(batch)
 
 
 def _alive(pid: int) -> bool:
@@ -154,20 +164,22 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("model exploded"), KeyboardInterrupt()])
-def test_workers_gone_after_encoder_error(tiny_clip, shards, exc):
-    encoder = _Failing(tiny_clip, exc)
+def test_workers_gone_after_scorer_error(tiny_clip, shards, exc):
+    scorer = _scorer(tiny_clip, _Failing)
+    scorer.exc = exc
     with pytest.raises(type(exc)):
-        for _ in score_stream(shards, tiny_clip.pil_transform, encoder, 8, 1, chunk=8):
+        for _ in score_stream(shards, _plan(tiny_clip), [scorer], 8, 1, chunk=8):
             pass
-    assert encoder.worker_pids, "the decode worker should have been running"
+    assert scorer.worker_pids, "the decode worker should have been running"
     assert multiprocessing.active_children() == []
-    assert not any(_alive(p) for p in encoder.worker_pids)
+    assert not any(_alive(p) for p in scorer.worker_pids)
 
 
 def test_dead_worker_is_a_clear_error(tiny_clip, shards):
-    encoder = _Failing(tiny_clip, kill=True)
+    scorer = _scorer(tiny_clip, _Failing)
+    scorer.kill = True
     with pytest.raises(PoolsiftError, match="decode worker process died"):
-        for _ in score_stream(shards, tiny_clip.pil_transform, encoder, 8, 1, chunk=8):
+        for _ in score_stream(shards, _plan(tiny_clip), [scorer], 8, 1, chunk=8):
             pass
     assert multiprocessing.active_children() == []
 
@@ -175,42 +187,40 @@ def test_dead_worker_is_a_clear_error(tiny_clip, shards):
 # --- deferred encoding, workers, shard boundaries ---------------------------------------
 
 
-class _Deferred:
-    """Encodes on ``result()``, like the CUDA path whose copies finish later; records batch sizes."""
+class _Deferred(ClipScorer):
+    """Scores on ``result()``, like the CUDA path whose copies finish later; records batch sizes."""
 
-    def __init__(self, clip):
-        self.inner = ClipEncoder(clip)
-        self.dim = self.inner.dim
-        self.sizes: list[int] = []
-        self.outstanding = 0
-
-    def submit(self, pixels, captions):
-        self.sizes.append(len(pixels))
-        self.outstanding += 1
-        enc = self
+    def submit(self, batch):
+        self.sizes = getattr(self, "sizes", []) + [batch.rows]
+        self.outstanding = getattr(self, "outstanding", 0) + 1
+        scorer = self
 
         class Pending:
             def result(self):
-                enc.outstanding -= 1
-                return enc.inner(pixels, captions)
+                scorer.outstanding -= 1
+                return ClipScorer.score(scorer, batch)
 
         return Pending()
 
 
 def test_deferred_encoding_and_workers_match_in_process(tiny_clip, shards):
-    plain = ClipEncoder(tiny_clip)
-    ref = list(score_stream(shards, tiny_clip.pil_transform, plain, 16, 0))
-    deferred = _Deferred(tiny_clip)
-    got = list(score_stream(shards, tiny_clip.pil_transform, deferred, 16, 1, chunk=8))
+    plain = _scorer(tiny_clip)
+    plan = _plan(tiny_clip)
+    [phash] = plan.scorers
+    ref = list(score_stream(shards, plan, [plain], 16, 0))
+    deferred = _scorer(tiny_clip, _Deferred)
+    got = list(score_stream(shards, plan, [deferred], 16, 1, chunk=8))
     assert [a.url for a in got] == shards
     # 40 samples per shard, the corrupt one skipped by the model: batches never span shards.
     assert deferred.sizes == [16, 16, 8, 15, 16, 8]
     assert deferred.outstanding == 0
     for a, b in zip(ref, got, strict=True):
         assert [r["key"] for r in a.rows] == [r["key"] for r in b.rows]
-        assert [r["clip_score"] for r in a.rows] == [r["clip_score"] for r in b.rows]
-        assert [r["phash"] for r in a.rows] == [r["phash"] for r in b.rows]
-        np.testing.assert_array_equal(np.concatenate(a.image), np.concatenate(b.image))
+        n = len(a.rows)
+        (ca, ea), (cb, eb) = a.results(plain, n, []), b.results(deferred, n, [])
+        assert ca["clip_score"].equals(cb["clip_score"]) and ca["clip_score"].null_count <= 1
+        np.testing.assert_array_equal(ea["image"], eb["image"])
+        assert a.results(phash, n, [])[0]["phash"].equals(b.results(phash, n, [])[0]["phash"])
     errors = [r["error"] for r in got[1].rows if r["error"]]
     assert len(errors) == 1 and errors[0].startswith("corrupt_image")
 
@@ -286,7 +296,7 @@ def test_contiguous_attention_gives_the_same_embeddings():
     import torch
 
     from filtering.models.clip import register_bundled_configs
-    from filtering.stages.webdataset import contiguous_attention
+    from filtering.scorers.clip import contiguous_attention
 
     register_bundled_configs()
     torch.manual_seed(0)
