@@ -110,7 +110,7 @@ def add_scorer(stage, source: SourceStage, chosen: list[ColumnStage], cfg: Confi
     pixels); any other runs as a column stage on the pool."""
     stage.check(input_kind(cfg))
     if stage.reads_images:
-        source.add_image_scorer(stage.scorer)
+        source.add_image_scorer(stage.scorer, internal=stage.internal)
     else:
         chosen.append(stage)
 

@@ -114,9 +114,10 @@ class SourceStage(Stage):
         list the input, never reads it."""
         return (), None
 
-    def add_image_scorer(self, scorer) -> None:
+    def add_image_scorer(self, scorer, internal: bool = False) -> None:
         """Run ``scorer`` (a :class:`filtering.scorers.base.Scorer` that reads images) in the
-        source's decode pass; sources without images refuse it."""
+        source's decode pass (``internal``: a filter's own, its columns left out of the
+        outputs); sources without images refuse it."""
         from filtering.errors import ConfigError
 
         raise ConfigError(

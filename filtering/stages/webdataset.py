@@ -134,14 +134,18 @@ class WebDatasetStage(SourceStage):
         info = input_info("webdataset", model_cfg.arch)
         self.clip = ClipScorer.from_model_config(model_cfg, info)
         self.scorers: list[Scorer] = [self.clip, PhashScorer(PhashScorer.Params(), info, "phash")]
+        self.internal: set[str] = set()
 
-    def add_image_scorer(self, scorer: Scorer) -> None:
-        """Run ``scorer`` in the decode pass: its columns join the pool, cached apart."""
+    def add_image_scorer(self, scorer: Scorer, internal: bool = False) -> None:
+        """Run ``scorer`` in the decode pass: its columns join the pool, cached apart
+        (``internal``: a filter's own scorer, its columns read by filters, not written out)."""
         taken = set(self.provides())
         clash = sorted(taken & set(scorer.provides()))
         if clash:
             raise ConfigError(f"{scorer.path}: column {clash[0]!r} is already written by the WebDataset source")
         self.scorers.append(scorer)
+        if internal:
+            self.internal |= set(scorer.provides())
 
     @property
     def uid_field(self) -> str:
@@ -311,6 +315,7 @@ class WebDatasetStage(SourceStage):
             embedding_kinds=kinds,
             default_embedding=default,
             artifacts={"uids": uid_report, "carried_columns": tuple(uid_report.pop("carried_columns", ()))},
+            internal=set(self.internal),
         )
 
     def resolve_uids(self, table: pa.Table) -> tuple[pa.Table, dict]:

@@ -90,3 +90,31 @@ def test_an_image_scorer_defined_in_a_test_runs_through_the_cli(tmp_path, rerun_
     assert all(r["brightness"] is None for r in rows if (r["source_shard"], r["key"]) not in ref)
     kept = dict(zip(subset["key"], subset["brightness"], strict=True))
     assert all(kept[r["key"]] == pytest.approx(r["brightness"]) for r in readable if r["key"] in kept)
+
+
+def _plan(tmp_path, input_section, scorers):
+    from pipelines.config import parse_config
+    from pipelines.runner import plan
+
+    cfg = parse_config(
+        {"input": input_section, "scorers": scorers, "filters": [], "output": {"dir": str(tmp_path / "out")}}
+    )
+    return plan(cfg, str(tmp_path / "out" / "cache"))
+
+
+def test_the_planner_hands_image_scorers_to_the_source(tmp_path):
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / name).write_bytes(b"")  # planning only stats them
+    the_plan = _plan(tmp_path, {"shards": str(tmp_path / "{00000..00001}.tar")}, [{"mean_brightness": {}}])
+    assert the_plan.stages == []  # not a column stage: the source's decode pass runs it
+    assert [s.kind for s in the_plan.source.scorers] == ["clip", "phash", "mean_brightness"]
+    assert "brightness" in the_plan.source.provides()
+
+
+def test_image_scorers_without_images_or_on_a_taken_column_are_config_errors(tmp_path):
+    from filtering.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"scorers\[0\]\.mean_brightness: reads decoded images, which the datacomp"):
+        _plan(tmp_path, {"datacomp_metadata": str(tmp_path)}, [{"mean_brightness": {}}])
+    with pytest.raises(ConfigError, match=r"scorers\[0\]\.phash: column 'phash' is already written by the WebDataset"):
+        _plan(tmp_path, {"shards": str(tmp_path / "00000.tar")}, [{"phash": {}}])
