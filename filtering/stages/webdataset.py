@@ -231,7 +231,7 @@ class WebDatasetStage(SourceStage):
             ctx.stage_info.setdefault(self.name, {})["field_warnings"] = warnings
             detail = ", ".join(f"{k} {v}" for k, v in warnings.items())
             ctx.log(f"warning: {sum(warnings.values())} unusable .json fields left empty ({detail})")
-        for s in self.scorers:
+        for s in self.scorers[len(BUILTIN_SCORED) :]:  # the built-ins' caches are in the source record
             ctx.stage_info.setdefault("scorers", {})[s.name] = {
                 **s.describe(),
                 "source": "decode pass",
