@@ -40,8 +40,8 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return popcount64(np.bitwise_xor(np.asarray(a, np.uint64), np.asarray(b, np.uint64)))
 
 
-def _widths(m: int) -> list[int]:
-    base, extra = divmod(64, m)
+def _widths(m: int, bits: int = 64) -> list[int]:
+    base, extra = divmod(bits, m)
     return [base + (1 if i < extra else 0) for i in range(m)]
 
 
@@ -49,16 +49,18 @@ def _ball(bits: int, radius: int) -> int:
     return sum(math.comb(bits, r) for r in range(radius + 1))
 
 
-def choose_substrings(n: int, max_distance: int) -> int:
+def choose_substrings(
+    n: int, max_distance: int, bits: int = 64, direct_bits: int = DIRECT_TABLE_BITS, key_bits: int = 0
+) -> int:
     """The number of substrings ``m`` minimising probes + expected candidates (uniform hashes)."""
     best, best_cost = 1, math.inf
     for m in range(1, min(max_distance + 1, 16) + 1):
-        widths = _widths(m)
+        widths = _widths(m, bits)
         r = max_distance // m
         probes = sum(_ball(w, r) for w in widths)
         if probes > 5_000:
             continue
-        lookup = 1.0 if max(widths) <= DIRECT_TABLE_BITS else 8.0  # binary search costs ~log n gathers
+        lookup = 1.0 if max(widths) + key_bits <= direct_bits else 8.0  # binary search costs ~log n gathers
         expected = sum(_ball(w, r) * n / 2.0**w for w in widths)
         cost = n * (probes * lookup + 2.0 * expected)
         if cost < best_cost:
@@ -77,11 +79,11 @@ def _flip_masks(bits: int, radius: int) -> np.ndarray:
 class _Table:
     """Hash values grouped by one substring: ``order`` sorted by key, bucket offsets per key."""
 
-    def __init__(self, keys: np.ndarray, width: int):
+    def __init__(self, keys: np.ndarray, width: int, direct_bits: int = DIRECT_TABLE_BITS):
         self.width = width
         self.order = np.argsort(keys, kind="stable")
         self.sorted_keys = keys[self.order]
-        self.direct = width <= DIRECT_TABLE_BITS
+        self.direct = width <= direct_bits
         if self.direct:
             counts = np.bincount(keys.astype(np.int64), minlength=1 << width)
             self.offsets = np.zeros((1 << width) + 1, np.int64)
@@ -104,7 +106,13 @@ def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unique_pairs(
-    values: np.ndarray, max_distance: int, substrings: int | None = None, groups: np.ndarray | None = None
+    values: np.ndarray,
+    max_distance: int,
+    substrings: int | None = None,
+    groups: np.ndarray | None = None,
+    bits: int = 64,
+    max_candidates: int = MAX_CHUNK_CANDIDATES,
+    direct_bits: int = DIRECT_TABLE_BITS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs ``(i, j)``, ``i < j``, of the *distinct* uint64 ``values`` within ``max_distance``.
 
@@ -112,6 +120,10 @@ def unique_pairs(
     ``groups`` (any integer label per value), only pairs in the same group: the group
     becomes the high part of every substring key, so each group is searched on its own
     in the same vectorised passes (the partitioned search, :mod:`filtering.dedup.partitioned`).
+    ``bits``: only the low ``bits`` bits can differ (the others are cut into no substring).
+    ``max_candidates``: candidate pairs verified at a time (memory: ~80 bytes each);
+    ``direct_bits``: keys up to this width index a dense offset table (16 bytes per
+    possible key), wider ones binary-search.
     """
     values = np.asarray(values, dtype=np.uint64)
     n = len(values)
@@ -122,38 +134,45 @@ def unique_pairs(
         uniq, group_rank = np.unique(np.asarray(groups), return_inverse=True)
         group_rank = group_rank.ravel().astype(np.uint64)
         group_bits = max(1, int(len(uniq) - 1).bit_length())
-    m = substrings or choose_substrings(max(2, n >> group_bits), max_distance)
-    while max(_widths(m)) + group_bits > 64:  # a key is group and substring in one uint64
+    m = substrings or choose_substrings(max(2, n >> group_bits), max_distance, bits, direct_bits, group_bits)
+    while max(_widths(m, bits)) + group_bits > 64:  # a key is group and substring in one uint64
         m += 1
     radius = max_distance // m
     out_i, out_j = [], []
     shift = 0
-    for width in _widths(m):
+    for width in _widths(m, bits):
         mask = np.uint64((1 << width) - 1)
         keys = (values >> np.uint64(shift)) & mask
         shift += width
         if group_rank is not None:
             keys |= group_rank << np.uint64(width)
-        table = _Table(keys, width + group_bits)
+        table = _Table(keys, width + group_bits, direct_bits)
         # Probe in key order: the probes of one flip then walk the offset table almost
         # sequentially instead of at random (several times faster on large tables).
         qkeys, qrows = table.sorted_keys, table.order
-        step = max(1, min(n, MAX_CHUNK_CANDIDATES // max(1, 4 * ((n >> (width + group_bits)) + 1))))
+        step = max(1, min(n, max_candidates // max(1, 4 * ((n >> (width + group_bits)) + 1))))
         for flip in _flip_masks(width, radius):
             for lo_q in range(0, n, step):
                 lo, hi = table.buckets(qkeys[lo_q : lo_q + step] ^ flip)
                 hit = np.flatnonzero(hi > lo)
                 if len(hit) == 0:
                     continue
-                q, pos = _expand(lo[hit], hi[hit])
-                i = qrows[lo_q + hit[q]]
-                j = table.order[pos]
-                # Each unordered pair is probed from both ends with the same flip: keep i < j.
-                keep = i < j
-                i, j = i[keep], j[keep]
-                close = hamming(values[i], values[j]) <= max_distance
-                out_i.append(i[close])
-                out_j.append(j[close])
+                # Verify at most ``max_candidates`` pairs at a time (each costs ~80 bytes here).
+                total = np.cumsum(hi[hit] - lo[hit])
+                cuts = np.searchsorted(total, np.arange(max_candidates, int(total[-1]), max_candidates), "right")
+                for piece in np.split(hit, cuts):
+                    if len(piece) == 0:
+                        continue
+                    q, pos = _expand(lo[piece], hi[piece])
+                    i = qrows[lo_q + piece[q]]
+                    j = table.order[pos]
+                    del q, pos
+                    # Each unordered pair is probed from both ends with the same flip: keep i < j.
+                    keep = i < j
+                    i, j = i[keep], j[keep]
+                    close = hamming(values[i], values[j]) <= max_distance
+                    out_i.append(i[close])
+                    out_j.append(j[close])
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     i = np.concatenate(out_i).astype(np.int64)

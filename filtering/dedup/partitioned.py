@@ -32,15 +32,19 @@ a Ray task can run it:
 
 :func:`search` runs both over a list of :class:`ShardKeys` and returns, for every pool
 row, its label (its own row when it took no part) and the pairs: the candidate structure
-from which :func:`filtering.dedup.groups.label_components` forms the same groups as the
+from which :func:`filtering.dedup.groups.label_edges` forms the same groups as the
 in-memory search, for any subset of rows. The driver holds one ``int64`` per row plus the
-pairs; a partition holds about :data:`RECORDS_PER_PARTITION` records, whatever the pool
-size. The labels are row positions in the pool, so they depend on shard order; the
-decision (survivor rule, ``duplicate_of``) orders rows by uid and does not.
+pairs; a partition holds at most about :data:`RECORDS_PER_PARTITION` records, whatever
+the pool size, and verifies at most :data:`CANDIDATES_AT_A_TIME` candidate pairs at once
+(``bench/bench_dedup_scale.py``: peak RSS of the process tree 660 MB at 250k rows and
+701 MB at 1M, against 518 MB and 1,659 MB for the in-memory search). The labels are row
+positions in the pool, so they depend on shard order; the decision (survivor rule,
+``duplicate_of``) orders rows by uid and does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -54,7 +58,11 @@ import pyarrow.compute as pc
 
 from filtering.dedup.hamming import unique_pairs
 
-RECORDS_PER_PARTITION = 1 << 21  # ~2M records (about 48 MB of spill) per partition
+# Records per partition: a worker's memory is about a few times its partition's spill
+# (exact: a sha256 string and a row, ~80 bytes; perceptual: 24 bytes; survivors: ~60 bytes).
+RECORDS_PER_PARTITION = {"exact": 1 << 17, "perceptual": 1 << 19, "survivors": 1 << 17}
+CANDIDATES_AT_A_TIME = 1 << 20  # candidate pairs a partition verifies at once (~80 MB)
+DIRECT_BITS = 20  # dense offset tables of at most 2^20 keys (16 MB) per partition
 SPILL_VERSION = 1  # bump when the records or labels change meaning (the stage's cache key)
 
 
@@ -211,19 +219,21 @@ def emit_shard(shard: ShardKeys, settings: SearchSettings, partitions: int, spil
         return written
     hashes = np.asarray(key.fill_null(0).to_numpy(), dtype=np.uint64)[valid]
     rows = rows[valid]
+    m = settings.max_distance + 1
+    rec = np.empty(len(rows) * m, _PERCEPTUAL)  # one record per row and block
     for b, (shift, width) in enumerate(blocks(settings.max_distance)):
         value = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
         # The block index in the top byte: blocks are at most 32 bits wide when there are two or more.
-        g = (np.uint64(b) << np.uint64(56)) | value
-        part = (mix64(g) % np.uint64(partitions)).astype(np.int64)
-        rec = np.empty(len(rows), _PERCEPTUAL)
-        rec["g"], rec["h"], rec["r"] = g, hashes, rows
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(partitions + 1))
-        for p in range(partitions):
-            if bounds[p + 1] > bounds[p]:
-                _write_npy(rec[order[bounds[p] : bounds[p + 1]]], partition_dir(spill_dir, p), f"{tag}-b{b}")
-                written += int(bounds[p + 1] - bounds[p])
+        rec["g"][b::m] = (np.uint64(b) << np.uint64(56)) | value
+        rec["h"][b::m] = hashes
+        rec["r"][b::m] = rows
+    part = (mix64(rec["g"]) % np.uint64(partitions)).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+    for p in range(partitions):
+        if bounds[p + 1] > bounds[p]:
+            _write_npy(rec[order[bounds[p] : bounds[p + 1]]], partition_dir(spill_dir, p), tag)
+            written += int(bounds[p + 1] - bounds[p])
     return written
 
 
@@ -240,6 +250,19 @@ def _write_npy(rec: np.ndarray, folder: str, tag: str) -> None:
     tmp = os.path.join(folder, f".{tag}.tmp.npy")
     np.save(tmp, rec)
     os.replace(tmp, os.path.join(folder, f"{tag}.npy"))
+
+
+def without_block(h: np.ndarray, block: np.ndarray, max_distance: int) -> tuple[np.ndarray, int]:
+    """Each hash with the bits of its ``block`` cut out (higher bits shifted down), and the
+    number of low bits that may be set: the Hamming distance of two hashes equal on that
+    block is the distance of the results."""
+    table = np.asarray(blocks(max_distance), np.int64)
+    shift = table[block, 0].astype(np.uint64)
+    width = table[block, 1].astype(np.uint64)
+    low = h & ((np.uint64(1) << shift) - np.uint64(1))
+    top = shift + width
+    high = np.where(top >= 64, np.uint64(0), h >> np.minimum(top, np.uint64(63)))
+    return low | (high << shift), 64 - int(table[:, 1].min())
 
 
 def _block_of(g: np.ndarray, max_distance: int) -> np.ndarray:
@@ -307,7 +330,13 @@ def reduce_partition(paths: Sequence[str], settings: SearchSettings) -> Partitio
     del rec, g, h, r, first, start, in_block0
     if settings.max_distance == 0:  # distinct values are never within distance 0
         return PartitionResult(rows_out, labels_out, empty, empty)
-    i, j = unique_pairs(uh, settings.max_distance, groups=ug)
+    # Inside a group the block's bits are equal: search the other bits only (cut out of the
+    # value), or the substring that coincides with the block would put each group in one bucket.
+    rest, bits = without_block(uh, _block_of(ug, settings.max_distance), settings.max_distance)
+    i, j = unique_pairs(
+        rest, settings.max_distance, groups=ug, bits=bits, max_candidates=CANDIDATES_AT_A_TIME, direct_bits=DIRECT_BITS
+    )
+    del rest
     if len(i):
         # Reported by the first block the two values agree on, so by one partition only.
         block = _block_of(ug[i], settings.max_distance)
@@ -320,8 +349,46 @@ def reduce_partition(paths: Sequence[str], settings: SearchSettings) -> Partitio
 # -- both steps over a pool ----------------------------------------------------------------
 
 
-def num_partitions(n: int, settings: SearchSettings, records_per_partition: int = RECORDS_PER_PARTITION) -> int:
-    return max(1, math.ceil(n * settings.records_per_row() / records_per_partition))
+def num_partitions(records: int, kind: str, workers: int = 1) -> int:
+    """Enough partitions to bound each one's records, and at least one per worker."""
+    return max(1, workers, math.ceil(records / RECORDS_PER_PARTITION[kind]))
+
+
+@contextlib.contextmanager
+def _mapper(workers: int, executor=None):
+    """An ordered ``map(fn, args)``: on ``executor`` if given, else on a new process pool
+    of ``workers`` (spawned, as every poolsift pool: the driver may hold torch's threads),
+    else in this process. At most two tasks per worker are in flight, so the driver holds
+    only a few partitions' results at a time."""
+    if executor is None and workers <= 1:
+        yield map
+        return
+
+    def windowed(pool):
+        from collections import deque
+
+        from filtering.procpool import result
+
+        def run(fn, args):
+            window: deque = deque()
+            for a in args:
+                window.append(pool.submit(fn, a))
+                if len(window) >= 2 * max(1, workers):
+                    yield result(window.popleft(), pool)
+            while window:
+                yield result(window.popleft(), pool)
+
+        return run
+
+    if executor is not None:
+        yield windowed(executor)
+        return
+    import multiprocessing as mp
+
+    from filtering.procpool import ProcessPool
+
+    with ProcessPool(workers, mp_context=mp.get_context("spawn")) as pool:
+        yield windowed(pool)
 
 
 def _emit_task(args) -> int:
@@ -339,15 +406,16 @@ def search(
     workers: int = 1,
     work_dir: str | None = None,
     partitions: int | None = None,
+    executor=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(labels, pair_a, pair_b)`` over ``n`` rows (module docstring).
 
     ``labels[i]`` is the smallest row with the same key (``i`` for a row with no key);
     ``(pair_a, pair_b)`` (perceptual) link labels of distinct hash values within the
     radius. Spill files go to a temporary folder under ``work_dir`` (removed after);
-    ``workers > 1`` runs emit and reduce on a process pool.
+    ``workers > 1`` runs emit and reduce on a process pool (``executor``: on that one).
     """
-    partitions = partitions or num_partitions(n, settings)
+    partitions = partitions or num_partitions(n * settings.records_per_row(), settings.method, workers)
     if work_dir is not None:
         os.makedirs(work_dir, exist_ok=True)
     spill = tempfile.mkdtemp(prefix="dedup-spill-", dir=work_dir)
@@ -367,23 +435,154 @@ def search(
             pair_a.append(result.pair_a)
             pair_b.append(result.pair_b)
 
-        if workers > 1:
-            import multiprocessing as mp
-
-            from filtering.procpool import ProcessPool
-
-            # spawn, as every poolsift process pool: the driver may hold torch's threads
-            with ProcessPool(workers, mp_context=mp.get_context("spawn")) as pool:
-                for _ in pool.map(_emit_task, emit_args):
-                    pass
-                for result in pool.map(_reduce_task, list(reduce_args())):
-                    take(result)
-        else:
-            for a in emit_args:
-                _emit_task(a)
-            for a in reduce_args():
-                take(_reduce_task(a))
+        with _mapper(workers, executor) as run:
+            for _ in run(_emit_task, emit_args):
+                pass
+            for result in run(_reduce_task, reduce_args()):
+                take(result)
         # Each pair comes from one partition only (first equal block), in partition order.
         return labels, np.concatenate(pair_a), np.concatenate(pair_b)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+# -- survivors without the pool in memory ------------------------------------------------------
+#
+# The filter (in-memory plan) applies the survivor rule in the driver, where the pool's uids
+# already are. A driver that must not hold per-row strings (a pool larger than memory) uses
+# the two steps below instead: components from the labels and pairs as integers, then the
+# best row of each component found per partition of components, from the shards' uid and
+# score columns. The rule is the filter's (filtering.dedup.groups.keep_rank): score
+# descending, missing scores last, then the smallest uid, then the first row.
+
+
+def components_of(
+    labels: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, alive: np.ndarray | None = None
+) -> np.ndarray:
+    """Component per row (an int64 row number naming it; -1 for rows not alive) over the
+    alive rows: rows sharing a label, and labels linked by a pair when both labels have an
+    alive row. Writes into a copy of ``labels`` only: one int64 per row."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(labels)
+    present = np.zeros(n, dtype=bool)
+    present[labels if alive is None else labels[alive]] = True
+    keep = present[pair_a] & present[pair_b]
+    a, b = pair_a[keep], pair_b[keep]
+    out = labels.copy()
+    if len(a):
+        # The graph over the labels that some pair names only (not one node per row).
+        nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+        inv = inv.ravel()
+        graph = coo_matrix((np.ones(len(a), np.int8), (inv[: len(a)], inv[len(a) :])), shape=(len(nodes),) * 2)
+        _, cc = connected_components(graph, directed=False)
+        # Name each component by its smallest label (a row number, stable across runs).
+        smallest = np.full(cc.max() + 1, n, np.int64)
+        np.minimum.at(smallest, cc, nodes)
+        at = np.minimum(np.searchsorted(nodes, out), len(nodes) - 1)
+        hit = np.flatnonzero(nodes[at] == out)
+        out[hit] = smallest[cc[at[hit]]]
+    if alive is not None:
+        out[~alive] = -1
+    return out
+
+
+@dataclass(frozen=True)
+class RankColumns:
+    uid: str = "uid"
+    score: str | None = "clip_score"  # None: keep the smallest uid
+
+
+def emit_ranked(
+    shard: ShardKeys, comp: np.ndarray, columns: RankColumns, partitions: int, spill_dir: str, tag: str
+) -> int:
+    """One shard's ``(component, score, uid, row)`` records for rows in components of two or more
+    (``comp``: the shard's slice, -1 for rows that take no part)."""
+    take = np.flatnonzero(comp >= 0)
+    if len(take) == 0:
+        return 0
+    names = [columns.uid] + ([columns.score] if columns.score else [])
+    table = shard.read(names).take(take)
+    data = {"c": comp[take], "r": shard.first_row + take, "u": table.column(columns.uid)}
+    if columns.score:
+        s = table.column(columns.score).to_numpy(zero_copy_only=False).astype(np.float64)
+        data["s"] = np.where(np.isnan(s), -np.inf, s) + 0.0  # missing last; -0.0 ties 0.0
+    records = pa.table(data)
+    part = (mix64(comp[take].astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+    for p in range(partitions):
+        if bounds[p + 1] > bounds[p]:
+            _write_arrow(records.take(order[bounds[p] : bounds[p + 1]]), partition_dir(spill_dir, p), tag)
+    return len(take)
+
+
+def best_of_partition(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(components, best rows)`` among one partition's ranked records."""
+    if not paths:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    t = pa.concat_tables([pa.ipc.open_file(pa.memory_map(p)).read_all() for p in paths])
+    keys = [("c", "ascending")] + ([("s", "descending")] if "s" in t.column_names else [])
+    order = pc.sort_indices(t, sort_keys=keys + [("u", "ascending"), ("r", "ascending")])
+    c = t.column("c").take(order).to_numpy()
+    r = t.column("r").take(order).to_numpy()
+    first = np.r_[True, c[1:] != c[:-1]]
+    return c[first], r[first]
+
+
+def _emit_ranked_task(args) -> int:
+    return emit_ranked(*args)
+
+
+def _best_task(paths) -> tuple[np.ndarray, np.ndarray]:
+    return best_of_partition(paths)
+
+
+def survivors(
+    shards: Sequence[ShardKeys],
+    comp: np.ndarray,
+    columns: RankColumns,
+    workers: int = 1,
+    work_dir: str | None = None,
+    partitions: int | None = None,
+    executor=None,
+) -> np.ndarray:
+    """For each row, the row that survives its component (itself for a singleton; -1 for rows
+    not alive), reusing ``comp`` (from :func:`components_of`) as the output array."""
+    n = len(comp)
+    alive = comp >= 0
+    multi = alive.copy()
+    multi[alive] = np.bincount(comp[alive], minlength=n)[comp[alive]] > 1
+    partitions = partitions or num_partitions(int(multi.sum()), "survivors", workers)
+    spill = tempfile.mkdtemp(prefix="dedup-rank-", dir=work_dir)
+    try:
+
+        def shard_comp(s: ShardKeys) -> np.ndarray:
+            lo, hi = s.first_row, s.first_row + s.n
+            return np.where(multi[lo:hi], comp[lo:hi], -1)
+
+        emit_args = ((s, shard_comp(s), columns, partitions, spill, f"s{k:06d}") for k, s in enumerate(shards))
+        folders = [partition_dir(spill, p) for p in range(partitions)]
+
+        def paths(folder):
+            names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            return [os.path.join(folder, f) for f in names if not f.startswith(".")]
+
+        with _mapper(workers, executor) as run:
+            for _ in run(_emit_ranked_task, emit_args):
+                pass
+            results = list(run(_best_task, (paths(f) for f in folders)))
+        out = comp  # reused: component -> surviving row
+        single = np.flatnonzero(alive & ~multi)
+        out[single] = single
+        del single, alive
+        c = np.concatenate([r[0] for r in results] + [np.zeros(0, np.int64)])
+        r = np.concatenate([r[1] for r in results] + [np.zeros(0, np.int64)])
+        order = np.argsort(c)
+        c, r = c[order], r[order]
+        rows = np.flatnonzero(multi)
+        out[rows] = r[np.searchsorted(c, out[rows])]
+        return out
     finally:
         shutil.rmtree(spill, ignore_errors=True)

@@ -161,3 +161,59 @@ def test_shards_read_from_parquet_files(tmp_path):
     from_files = partitioned.search([ShardKeys(250 * k, 250, path=p) for k, p in enumerate(paths)], 1000, s)
     in_memory = partitioned.search(shards_of(table, [250] * 4), 1000, s)
     assert np.array_equal(from_files[0], in_memory[0])
+
+
+@pytest.mark.parametrize("keep", ["highest_clip_score", "smallest_uid"])
+@pytest.mark.parametrize("method", ["exact", "perceptual"])
+def test_survivors_without_the_pool_equal_the_filters_rule(method, keep, tmp_path):
+    """components_of + survivors (integers in the driver, uids and scores read per shard)
+    pick the survivor groups.resolve picks over the alive rows in uid order: ties in
+    score, missing scores, duplicated uids, chains, rows not alive."""
+    rng = np.random.default_rng(11)
+    hashes = chained_hashes(rng, 120, 4)
+    n = len(hashes)
+    table, null = perceptual_table(hashes, rng)
+    uids = np.asarray([f"{v:08x}" for v in rng.permutation(n)], object)
+    uids[rng.random(n) < 0.02] = uids[0]  # a few repeated uids: ties broken by row
+    scores = rng.choice([0.1, 0.2, 0.3, np.nan, -0.0, 0.0], n).astype(np.float32)
+    table = table.append_column("uid", pa.array(uids, pa.string())).append_column("clip_score", pa.array(scores))
+    table = table.append_column("sha256", pa.array((hashes % np.uint64(97)).astype(str).astype(object), pa.string()))
+    alive = rng.random(n) < 0.8
+    s = (
+        SearchSettings("exact")
+        if method == "exact"
+        else SearchSettings("perceptual", max_distance=4, key_column="phash")
+    )
+    shards = shards_of(table, [n // 2, n - n // 2])
+    labels, a, b = partitioned.search(shards, n, s, partitions=3)
+    comp = partitioned.components_of(labels, a, b, alive)
+    columns = partitioned.RankColumns(score="clip_score" if keep == "highest_clip_score" else None)
+    got = partitioned.survivors(shards, comp, columns, partitions=2, work_dir=str(tmp_path))
+
+    rows = np.flatnonzero(alive)
+    rows = rows[np.argsort(np.asarray(uids[rows], dtype=str), kind="stable")]
+    i, j = groups.label_edges(labels[rows], a, b)
+    rank = groups.keep_rank(uids[rows], scores[rows] if keep == "highest_clip_score" else None, keep)
+    best = groups.survivors(groups.components(len(rows), i, j), rank)
+    expected = np.full(n, -1, np.int64)
+    expected[rows] = rows[best]
+    assert (expected[rows] != rows).sum() > 50  # many rows are dropped as copies
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("max_distance", [1, 6, 12])
+def test_cutting_out_a_shared_block_keeps_the_distance(max_distance):
+    rng = np.random.default_rng(max_distance)
+    u = rng.integers(0, 2**63, 500, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    v = rng.integers(0, 2**63, 500, dtype=np.int64).astype(np.uint64) * np.uint64(3)
+    block = rng.integers(0, max_distance + 1, 500)
+    for b in range(max_distance + 1):  # make v equal to u on its block
+        shift, width = partitioned.blocks(max_distance)[b]
+        mask = np.uint64(((1 << width) - 1) << shift)
+        on = block == b
+        v[on] = (v[on] & ~mask) | (u[on] & mask)
+    cu, bits = partitioned.without_block(u, block, max_distance)
+    cv, _ = partitioned.without_block(v, block, max_distance)
+    assert np.array_equal(hamming.hamming(cu, cv), hamming.hamming(u, v))
+    assert bits == 64 - min(w for _, w in partitioned.blocks(max_distance))
+    assert np.all(cu >> np.uint64(bits) == 0)  # the unique_pairs search covers every bit left
