@@ -14,9 +14,10 @@ entry per scorer (``scorer-<name>-<fp>/``: its columns, row-aligned, and its emb
 so adding a scorer computes only that scorer, and a rerun (or a resumed, killed run)
 reuses every piece without loading a model. Corrupt samples become rows with an
 ``error`` reason, null scores and zero embeddings. :meth:`WebDatasetStage.read_shard`
-and :meth:`WebDatasetStage.load_pool` assemble the pool from the pieces. Caches of the
-layout before (``score-<fp>/``, one table holding the CLIP scores) are never read: they
-are named once in the log and the shards are scored again.
+and :meth:`WebDatasetStage.load_pool` assemble the pool from the pieces. A cache of the
+layout before (``score-<fp>/``, one table holding rows and scores) written with this
+run's settings is split into the pieces (no model loaded); others are never read; one
+log line says which (:meth:`WebDatasetStage.previous_layout`).
 
 A sample's faults stay with that sample: a duplicated member, an unreadable ``.json``,
 an unsafe or non-UTF-8 member name make it a failure row; a metadata field that
@@ -208,7 +209,8 @@ class WebDatasetStage(SourceStage):
         sources = {u: file_info(u) for u in self.urls}
         todo = {u: w for u in self.urls if (w := self.missing(u))}
         if todo:
-            self.note_previous_layout(ctx)
+            self.previous_layout(todo, ctx)
+        if todo:
             ctx.log(f"scoring {len(todo)} of {len(self.urls)} shards ({len(self.urls) - len(todo)} cached)")
             if ctx.executor is not None:
                 ctx.executor.score(self, todo, ctx)
@@ -247,17 +249,64 @@ class WebDatasetStage(SourceStage):
             )
         return pool
 
-    def note_previous_layout(self, ctx: RunContext) -> None:
-        """One line when the cache folder holds score caches of the layout before the
-        per-scorer one: they are not read (their tables mix rows and CLIP scores)."""
+    def previous_layout(self, todo: dict[str, tuple[str, ...]], ctx: RunContext) -> None:
+        """Caches of the layout before the per-scorer one (``score-<fp>/``: one table per
+        shard with the rows, ``phash`` and ``clip_score``, and the embeddings). The one this
+        run's settings would have written (same model spec, uid field and row format) is
+        split into the rows' and the CLIP and phash scorers' pieces, and those shards leave
+        ``todo``; any other is never read. One line says which happened."""
         fs, root = get_fs(self.cache_root)
-        old = [d for d in fs.glob(join(root, "score-*")) if fs.isdir(d)] if fs.exists(root) else []
-        if old:
-            names = ", ".join(_relative(d) for d in sorted(old)[:3]) + (" ..." if len(old) > 3 else "")
+        found = sorted(d.rstrip("/") for d in fs.glob(join(root, "score-*")) if fs.isdir(d)) if fs.exists(root) else []
+        if not found:
+            return
+        old = ShardCache(
+            self.cache_root, "score", {**model_spec(self.model_cfg), "rows": 2, "uid_field": self.uid_field}
+        )
+        builtin = {"source", *(s.name for s in self.scorers[: len(BUILTIN_SCORED)])}
+        reused = 0
+        for url, wanted in list(todo.items()):
+            if set(wanted) & builtin and self._split_previous(old, url, wanted):
+                reused += 1
+                todo[url] = tuple(w for w in wanted if w not in builtin)
+                if not todo[url]:
+                    del todo[url]
+        if reused:
+            if self.scorer_cache(self.clip).read_info() is None and (info := old.read_info()) is not None:
+                self.scorer_cache(self.clip).write_info(info)
             ctx.log(
-                f"note: {names} hold(s) scores in the previous cache layout, which is not read; shards are scored "
-                "again into cache/source-* and cache/scorer-*-* (remove the old folder(s) to free the space)"
+                f"note: {reused} shard(s) reused from {_relative(old.dir)} (the previous cache layout), "
+                "now split into cache/source-* and cache/scorer-*; the old folder can be removed"
             )
+        else:
+            names = ", ".join(_relative(d) for d in found[:3]) + (" ..." if len(found) > 3 else "")
+            ctx.log(
+                f"note: {names} hold(s) scores in the previous cache layout for other settings, which are not read; "
+                "shards are scored again into cache/source-* and cache/scorer-* (remove the old folder(s) to free the space)"
+            )
+
+    def _split_previous(self, old: ShardCache, url: str, wanted: tuple[str, ...]) -> bool:
+        """One shard of the previous layout's cache, if complete for the same input, written
+        as the pieces ``wanted`` asks for (rows, CLIP, phash)."""
+        stamp = source_stamp(url)
+        try:
+            if not old.is_done(url, stamp):
+                return False
+            table = old.read_table(url)
+            meta = old.read_meta(url)
+            arrays = {k: np.asarray(old.read_array(url, k)) for k in self.clip.embeddings()}
+        except (OSError, ValueError, pa.ArrowException):
+            return False
+        if not set(BUILTIN_SCORED) <= set(table.column_names) or any(len(a) != table.num_rows for a in arrays.values()):
+            return False
+        clip, phash = self.scorers[: len(BUILTIN_SCORED)]
+        if phash.name in wanted:
+            self.scorer_cache(phash).write(url, table.select(["phash"]), {}, source=stamp)
+        if clip.name in wanted:
+            self.scorer_cache(clip).write(url, table.select(["clip_score"]), arrays, source=stamp)
+        if "source" in wanted:  # last, as write_shard does
+            extra = {"field_warnings": meta["field_warnings"]} if meta.get("field_warnings") else None
+            self.cache.write(url, table.drop_columns(list(BUILTIN_SCORED)), {}, source=stamp, extra=extra)
+        return True
 
     def _derive_from(self) -> str:
         return getattr(self.uid_cfg, "derive", "key")
