@@ -101,17 +101,23 @@ def u8u8_to_uids(arr: np.ndarray) -> list[str]:
 
 
 def sort_u8u8(arr: np.ndarray) -> np.ndarray:
-    """``np.sort`` order of a ``u8,u8`` array (by high half, then low half).
+    """``np.sort`` order of a ``u8,u8`` array (by high half, then low half)."""
+    return arr[order_u8u8(arr)]
+
+
+def order_u8u8(arr: np.ndarray, kind: str = "stable") -> np.ndarray:
+    """The permutation that sorts a ``u8,u8`` array as ``np.sort`` does (ties in any order).
 
     numpy's generic record compare is slow, and ``np.lexsort`` on the two halves takes
     twice as long as one sort: uids are random, so high halves almost never tie. Sort
-    by the high half and only fall back to the two-key sort when some do.
+    by the high half and only fall back to the two-key sort when some do. ``stable``
+    (timsort) merges an array made of sorted runs in a fraction of quicksort's time.
     """
-    order = np.argsort(arr["f0"], kind="stable")
-    out = arr[order]
-    if len(out) > 1 and (out["f0"][1:] == out["f0"][:-1]).any():
-        out = arr[np.lexsort((arr["f1"], arr["f0"]))]
-    return out
+    order = np.argsort(arr["f0"], kind=kind)
+    high = arr["f0"][order]
+    if len(high) > 1 and (high[1:] == high[:-1]).any():
+        order = np.lexsort((arr["f1"], arr["f0"]))
+    return order
 
 
 def u8u8_isin(arr: np.ndarray, listed: np.ndarray) -> np.ndarray:

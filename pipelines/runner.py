@@ -361,7 +361,13 @@ def write_outputs(
         done = {"subset_npy": join(out.dir, "subset.npy")}
         write_uids(done["subset_npy"], pool.table.column("uid").filter(pa.array(outcome.keep)))
         if out.dropped:
-            table = dropped_table(pool.table, outcome, failed, pool.artifacts.get("carried_columns", ()))
+            table = dropped_table(
+                pool.table,
+                outcome,
+                failed,
+                pool.artifacts.get("carried_columns", ()),
+                key=not pool.artifacts.get("key_is_uid"),
+            )
             done["dropped"] = write_parts(join(out.dir, "dropped"), table, out.rows_per_part, prov, hex_columns)
         else:
             remove_parts(join(out.dir, "dropped"))  # an earlier run's audit trail would not match this subset

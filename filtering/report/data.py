@@ -360,13 +360,14 @@ def gather(
     for part in dropped_parts:
         for b in iter_batches(part, ["uid", "key", "source_shard", "filter", "reason", "duplicate_of"]):
             row = _Row(b)
+            key = "key" if "key" in b.schema.names else "uid"  # DataComp's dropped rows: the key is the uid
             failed = np.flatnonzero(
                 pc.equal(b.column("filter"), "failed").fill_null(False).to_numpy(zero_copy_only=False)
             )
             failures.offer(
                 len(failed),
-                lambda j, f=failed, r=row: Sample(
-                    r("uid", f[j]), r("key", f[j]), r("source_shard", f[j]), note=r("reason", f[j])
+                lambda j, f=failed, r=row, k=key: Sample(
+                    r("uid", f[j]), r(k, f[j]), r("source_shard", f[j]), note=r("reason", f[j])
                 ),
             )
             if "duplicate_of" not in b.schema.names:
@@ -375,7 +376,7 @@ def gather(
             data.duplicate_rows += len(has)
             room = max(MAX_DUP_ROWS - len(dup_rows), 0)
             dup_rows += [
-                (row("duplicate_of", i), row("uid", i), row("key", i), row("source_shard", i)) for i in has[:room]
+                (row("duplicate_of", i), row("uid", i), row(key, i), row("source_shard", i)) for i in has[:room]
             ]
     data.failures = failures.result()
 

@@ -192,6 +192,8 @@ class DataCompStage(SourceStage):
             embedding_kinds=kinds,
             default_embedding=default_embedding(kinds),
             late=late_columns,
+            # DataComp ships no key: the pool's key is the uid, which the dropped rows need not repeat
+            artifacts={"key_is_uid": not any("key" in w for w in wanted)},
         )
 
     def _late_columns(self, schemas: list[pa.Schema], wanted: list[list[str]]) -> _LateSpec | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import glob
+import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -57,14 +59,7 @@ def write_parts_stream(
     """Write the rows of ``tables`` (each of ``schema``), in order, as parts of
     ``rows_per_part`` rows; at least one part, empty if there are no rows.
     ``hex_columns``: string columns of hex digests, written plain and uncompressed."""
-    meta = {**(schema.metadata or {}), META_KEY: json.dumps(provenance, sort_keys=True)}
-    schema = schema.with_metadata(meta)
-    hexes = {f.name for f in schema if f.name in hex_columns and pa.types.is_string(f.type)}
-    leaves = _leaf_paths(schema)  # per-column options name Parquet leaf columns
-    options = {
-        "compression": {path: "none" if path in hexes else "snappy" for path in leaves} or "snappy",
-        "use_dictionary": [path for path in leaves if path not in hexes],
-    }
+    schema, options = part_format(schema, provenance, hex_columns)
     parts = _PartWriter(dir_url, schema, rows_per_part, options)
     with parts:
         for table in tables:
@@ -73,18 +68,51 @@ def write_parts_stream(
     return parts.paths
 
 
+def part_format(schema: pa.Schema, provenance: dict[str, Any], hex_columns=HEX_COLUMNS) -> tuple[pa.Schema, dict]:
+    """The parts' schema (the provenance JSON in its metadata) and ParquetWriter options:
+    hex digest columns plain and uncompressed, the others dictionary-encoded and Snappy."""
+    meta = {**(schema.metadata or {}), META_KEY: json.dumps(provenance, sort_keys=True)}
+    schema = schema.with_metadata(meta)
+    hexes = {f.name for f in schema if f.name in hex_columns and pa.types.is_string(f.type)}
+    leaves = _leaf_paths(schema)  # per-column options name Parquet leaf columns
+    options = {
+        "compression": {path: "none" if path in hexes else "snappy" for path in leaves} or "snappy",
+        "use_dictionary": [path for path in leaves if path not in hexes],
+    }
+    return schema, options
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that passes bytes on to ``f`` and hashes them as they go, so
+    the manifest's sha256 costs no second read of the file."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha256.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class _PartWriter:
     """Streams tables into ``part-NNNNN.parquet`` files of ``rows_per_part`` rows, in row
     groups of up to ``ROW_GROUP_ROWS`` written as soon as they fill, so encoding overlaps
     with whatever produces the tables. Each part is renamed into place when complete.
-    ``first_index``: the number of the first part (the streaming plan writes one part per
-    task, numbered as the whole pool's order gives it)."""
+    ``records``: per part written, ``(path, rows, size, sha256)``, the hash taken from the
+    bytes as they are written."""
 
-    def __init__(
-        self, dir_url: str, schema: pa.Schema, rows_per_part: int, options: dict[str, Any], first_index: int = 0
-    ):
+    def __init__(self, dir_url: str, schema: pa.Schema, rows_per_part: int, options: dict[str, Any]):
         self.dir_url, self.schema, self.rows_per_part, self.options = dir_url, schema, rows_per_part, options
-        self.first_index = first_index
         self.group = min(rows_per_part, ROW_GROUP_ROWS)
         self.paths: list[str] = []
         self.pending: list[pa.Table] = []
@@ -92,6 +120,8 @@ class _PartWriter:
         self.in_part = 0
         self.stack: contextlib.ExitStack | None = None
         self.writer: pq.ParquetWriter | None = None
+        self.file: _HashingFile | None = None
+        self.records: list[tuple[str, int, int, str]] = []
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -111,18 +141,19 @@ class _PartWriter:
 
     def _writer(self) -> pq.ParquetWriter:
         if self.writer is None:
-            path = join(self.dir_url, f"part-{self.first_index + len(self.paths):05d}.parquet")
+            path = join(self.dir_url, f"part-{len(self.paths):05d}.parquet")
             self.stack = contextlib.ExitStack()
-            f = self.stack.enter_context(atomic_open(path))
-            self.writer = pq.ParquetWriter(f, self.schema, **self.options)
+            self.file = _HashingFile(self.stack.enter_context(atomic_open(path)))
+            self.writer = pq.ParquetWriter(self.file, self.schema, **self.options)
             self.paths.append(path)
         return self.writer
 
     def _close_part(self) -> None:
-        assert self.writer is not None and self.stack is not None
+        assert self.writer is not None and self.stack is not None and self.file is not None
         self.writer.close()
         self.stack.close()  # fsync and rename
-        self.writer, self.stack, self.in_part = None, None, 0
+        self.records.append((self.paths[-1], self.in_part, self.file.size, self.file.sha256.hexdigest()))
+        self.writer, self.stack, self.file, self.in_part = None, None, None, 0
 
     def __enter__(self) -> _PartWriter:
         return self
@@ -211,9 +242,13 @@ def subset_stream(pool, keep: np.ndarray, drop_columns: tuple[str, ...] = ("erro
     return schema, ordered_map(one, parts, workers=workers, ahead=2 * workers)
 
 
-def dropped_table(pool_table: pa.Table, outcome, failed: np.ndarray, carried: tuple[str, ...] = ()) -> pa.Table:
+def dropped_table(
+    pool_table: pa.Table, outcome, failed: np.ndarray, carried: tuple[str, ...] = (), key: bool = True
+) -> pa.Table:
     """uid, key, source_shard, filter, reason and duplicate_of for every dropped or failed row,
     then the ``carried`` source columns (img2dataset's ``status``, ``error_message``, ...).
+    ``key=False`` leaves the key out: a source whose key is the uid (DataComp metadata),
+    where it would repeat 32 hex digits per row.
 
     Built column-wise with no per-row Python: the filter labels and reason codes are the
     few values the funnel already lists, so each column is encoded by comparing against
@@ -237,12 +272,14 @@ def dropped_table(pool_table: pa.Table, outcome, failed: np.ndarray, carried: tu
             codes += list(dict.fromkeys(e for e in errors if isinstance(e, str)))
     mask = pa.array(out)  # a boolean filter copies strings much faster than a take
     uid = pool_table.column("uid").filter(mask)
-    key = pool_table.column("key")
-    key = uid if _same_data(key, pool_table.column("uid")) else key.filter(mask)
+    keys = {}
+    if key:
+        column = pool_table.column("key")
+        keys["key"] = uid if _same_data(column, pool_table.column("uid")) else column.filter(mask)
     return pa.table(
         {
             "uid": uid,
-            "key": key,
+            **keys,
             "source_shard": pool_table.column("source_shard").filter(mask),
             "filter": strings_from_few(filt, labels),
             "reason": strings_from_few(reason, codes),

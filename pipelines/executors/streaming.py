@@ -7,34 +7,36 @@ language, image_size, text_entities, wordnet_synsets, uids, ``clip_score`` /
 process holds the pool; each phase is a map over shards on a process pool, or a small
 reduction in the driver:
 
-1. **scan** (per shard): read ``uid`` and the ``top_fraction`` score columns only;
-   write the shard's sorted ``u8,u8`` uids to a spill file; return, per score column,
-   the NaN count and a 65,536-bin histogram of the scores' order-preserving bit keys.
-2. **duplicates** (per uid range): the spilled uids of every shard, one range of
-   their high bits at a time, sorted; any repeat sends the run to the in-memory path,
-   which reports it exactly as before (``input.uid.duplicates``).
-3. **threshold** (driver + per shard): DataComp's ``sorted_desc[int(N * f)]``
+1. **scan** (per shard): read the ``top_fraction`` score columns only; return, per
+   column, the NaN count and a 65,536-bin histogram of the scores' order-preserving bit
+   keys. No scan without a ``top_fraction``.
+2. **threshold** (driver + per shard): DataComp's ``sorted_desc[int(N * f)]``
    (``filtering/filters/clip_score.py``, NaN counted in N and sorted last). The
    histograms give the bin holding that rank (narrowed by more 16-bit histogram passes
    while it holds more than GATHER_LIMIT scores); the shards return only the scores in
    that bin, and ``np.partition`` picks the exact value, in the column's dtype.
-3b. **cluster targets** (driver; ``image_clusters`` only): centroids, reference
+3. **cluster targets** (driver; ``image_clusters`` only): centroids, reference
    embeddings and target ids by ``ImageClustersStage.find_targets`` on a pool of shard
    parts and embeddings (no column), in the in-memory path's caches.
-4. **filter** (per shard): the shard read as a one-shard pool, its rows assigned to
-   clusters (``ImageClustersStage.assign``, the in-memory path's per-shard cache), the
-   filter tree applied with the global thresholds (same code as the in-memory path);
-   kept and dropped rows
-   spilled as Arrow files, the kept uids spilled sorted; the funnel comes back as
-   counts per filter and reason code.
-5. **write** (per output part): parts cut where the in-memory writer cuts them, each
-   encoded from the memory-mapped spill files; ``subset.npy`` by a k-way merge of the
-   sorted per-shard uid files, one high-bit range per task, written into place; the
-   manifest last (the commit record), from the summed counts.
+4. **filter and write** (per shard): the shard read as a one-shard pool, its rows
+   assigned to clusters (``ImageClustersStage.assign``, the in-memory path's per-shard
+   cache), the filter tree applied with the global thresholds (same code as the
+   in-memory path); the kept and
+   dropped rows written as the shard's own Parquet parts into the spill folder, hashed
+   as they are written; the shard's uids spilled sorted with a keep flag each; the
+   funnel comes back as counts per filter and reason code.
+5. **uid check and subset.npy** (per uid range): the spilled uids of every shard, one
+   range of their high bits at a time, merged; any repeat sends the run to the
+   in-memory path, which reports it exactly as before (``input.uid.duplicates``);
+   otherwise the range's kept uids are written into ``subset.npy`` at their offset.
+6. **commit** (driver): the old manifest removed, the parts renamed into place in pool
+   order, ``subset.npy`` renamed, the manifest written last (the commit record) from the
+   summed counts and the workers' hashes.
 
 What each phase holds per row is in the README ("What each stage holds per row").
-Outputs equal the in-memory path's: ``subset.npy`` and every subset and dropped part
-byte for byte, and the manifest's counts, thresholds and uid report.
+Outputs hold what the in-memory path writes: ``subset.npy`` byte for byte, the same
+subset and dropped rows (parts cut per source shard instead of every ``rows_per_part``
+rows of the pool), and the manifest's counts, thresholds and uid report.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ from filtering.io.paths import is_local, join, local_path, open_file
 from filtering.procpool import ProcessPool
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
-from filtering.uid import UID_DTYPE, sort_u8u8, uids_to_u8u8
+from filtering.uid import UID_DTYPE, order_u8u8, uids_to_u8u8
 from filtering.writers.commit import file_records, invalidate
-from filtering.writers.parquet import HEX_COLUMNS, _leaf_paths, _PartWriter, dropped_table, remove_parts, subset_stream
+from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, remove_parts, subset_stream
 
 # Filters whose decision for a row reads only that row (a global top_fraction is handled apart).
 # ``image_clusters`` is row-local once the target clusters are known (a small id set the
@@ -208,17 +210,12 @@ def _read(shard, columns: list[str]) -> pa.Table:
 
 
 def _scan(args) -> dict[str, Any]:
-    sh, i, shard = args
+    """One shard's top_fraction score columns: per column, the NaN count and the histogram
+    of the top KEY_BITS bits of the scores' keys."""
+    sh, shard = args
     fields = list(dict.fromkeys(sh.fields))
-    table = _read(shard, ["uid", *fields])
+    table = _read(shard, fields)
     out: dict[str, Any] = {"n": table.num_rows, "hists": {}, "nan": {}, "dtype": {}}
-    try:
-        uids = sort_u8u8(uids_to_u8u8(table.column("uid").cast(pa.string())))
-    except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
-        out["bad_uids"] = f"{type(e).__name__}: {e}"
-        return out
-    np.save(os.path.join(sh.spill, f"all-{i:06d}.npy"), uids)
-    out["uid_bins"] = np.bincount((uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.int64), minlength=1 << FINE_BITS)
     for name in fields:
         scores = _score_column(table, name)
         nan = np.isnan(scores)
@@ -227,6 +224,14 @@ def _scan(args) -> dict[str, Any]:
         keys = score_keys(scores[~nan])
         out["hists"][name] = np.bincount((keys >> np.uint64(64 - KEY_BITS)).astype(np.int64), minlength=1 << KEY_BITS)
     return out
+
+
+def _count_rows(shard) -> int:
+    """A shard's row count, from its Parquet footer."""
+    from filtering.stages.datacomp import naming
+
+    with naming(shard.parquet), open_file(shard.parquet) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _keys_under(scores: np.ndarray, prefix: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,62 +259,31 @@ def _gather(args) -> np.ndarray:
     return scores
 
 
-def _load_range(paths: list[str], ranges: list[tuple[int, int]]) -> np.ndarray:
-    chunks = []
-    for path, (lo, hi) in zip(paths, ranges, strict=True):
-        if hi > lo:
-            chunks.append(np.array(np.load(path, mmap_mode="r")[lo:hi]))
-    return sort_u8u8(np.concatenate(chunks)) if chunks else np.zeros(0, UID_DTYPE)
+def _load_range(paths: list[str], ranges: list[tuple[int, int]], dtype=UID_DTYPE) -> np.ndarray:
+    chunks = [np.load(path, mmap_mode="r")[lo:hi] for path, (lo, hi) in zip(paths, ranges, strict=True) if hi > lo]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
 
 
-def _has_repeat(args) -> bool:
-    paths, ranges = args
-    s = _load_range(paths, ranges)
-    return bool(len(s) > 1 and ((s["f0"][1:] == s["f0"][:-1]) & (s["f1"][1:] == s["f1"][:-1])).any())
+def _uid_range(args) -> bool:
+    """One range of uid high bits over every shard: whether a uid repeats in it (then
+    nothing is written); else its kept uids, sorted, written into ``subset.npy`` at ``offset``.
 
-
-def _merge_range(args) -> int:
-    paths, ranges, target, offset = args
-    s = _load_range(paths, ranges)
-    if len(s):
+    Each shard's uids were spilled sorted, with a keep flag per uid, so the range is a
+    concatenation of sorted runs: a stable sort (a merge of runs) orders it."""
+    uid_paths, kept_paths, ranges, target, offset = args
+    uids = _load_range(uid_paths, ranges)
+    kept = _load_range(kept_paths, ranges, np.bool_)
+    order = order_u8u8(uids)
+    uids, kept = uids[order], kept[order]
+    if len(uids) > 1 and ((uids["f0"][1:] == uids["f0"][:-1]) & (uids["f1"][1:] == uids["f1"][:-1])).any():
+        return True
+    uids = uids[kept]
+    if len(uids):
         out = np.load(target, mmap_mode="r+")
-        out[offset : offset + len(s)] = s
+        out[offset : offset + len(uids)] = uids
         out.flush()
         del out
-    return len(s)
-
-
-def _write_part(args) -> str:
-    """Part ``index`` of a folder from slices of the per-shard spill files, encoded as
-    ``write_parts_stream`` encodes it (same row groups, so the same bytes)."""
-    sh, dir_url, index, pieces, schema_path = args
-    tables = []
-    for path, lo, n in pieces:  # memory-mapped: the slices are read as they are encoded
-        tables.append(pa.ipc.open_file(pa.memory_map(path)).read_all().slice(lo, n))
-    schema = pa.ipc.open_file(pa.memory_map(schema_path)).schema
-    meta = {**(schema.metadata or {}), b"poolsift": json.dumps(sh.prov, sort_keys=True)}
-    schema = schema.with_metadata(meta)
-    hexes = {f.name for f in schema if f.name in sh.hex_columns and pa.types.is_string(f.type)}
-    leaves = _leaf_paths(schema)
-    options = {
-        "compression": {p: "none" if p in hexes else "snappy" for p in leaves} or "snappy",
-        "use_dictionary": [p for p in leaves if p not in hexes],
-    }
-    parts = _PartWriter(dir_url, schema, sh.rows_per_part, options, first_index=index)
-    with parts:
-        for table in tables:
-            parts.add(table)
-    assert len(parts.paths) == 1
-    return parts.paths[0]
-
-
-def _spill_table(path: str, schema: pa.Schema, tables) -> int:
-    n = 0
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for t in tables:
-            writer.write_table(t)
-            n += t.num_rows
-    return n
+    return False
 
 
 def _shard_pool(sh: _Shared, shard):
@@ -322,11 +296,28 @@ def _shard_pool(sh: _Shared, shard):
     return stage.run(ctx), ctx
 
 
+def _write_folder(sh: _Shared, folder: str, i: int, schema: pa.Schema, tables) -> list[tuple[str, int, int, str]]:
+    """One shard's rows of ``folder`` as parts of at most ``rows_per_part`` rows, in the
+    spill folder (renamed into place once the whole pool has passed); per part
+    ``(path, rows, size, sha256)``."""
+    schema, options = part_format(schema, sh.prov, sh.hex_columns)
+    parts = _PartWriter(os.path.join(sh.spill, folder, f"{i:06d}"), schema, sh.rows_per_part, options)
+    with parts:
+        for table in tables:
+            parts.add(table)
+    return parts.records
+
+
 def _filter(args) -> dict[str, Any]:
-    """One shard through the filter tree: kept rows (late columns read for them only) and
-    the dropped rows spilled as Arrow files, the kept uids sorted, the funnel as counts."""
+    """One shard through the filter tree, its outputs written: the kept rows (late columns
+    read for them only) and the dropped rows as parts, hashed as they are written; the
+    shard's uids spilled sorted with a keep flag each; the funnel as counts."""
     sh, i, shard, thresholds = args
     pool, ctx = _shard_pool(sh, shard)
+    try:
+        uids = uids_to_u8u8(pool.table.column("uid").cast(pa.string()))
+    except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
+        return {"bad_uids": f"{type(e).__name__}: {e}"}
     for stage in sh.scorer_stages:  # e.g. language's language_id: its cache is per shard anyway
         stage.run(ctx, pool)
     if sh.clusters is not None:  # the same per-shard cache entries as the in-memory run's
@@ -334,19 +325,29 @@ def _filter(args) -> dict[str, Any]:
         stage.assign(ctx, pool, targets, _ASSIGNERS)
     nodes = _with_thresholds(list(sh.cfg.filter_tree), thresholds)
     outcome = apply_filters(nodes, pool)
-    schema, tables = subset_stream(pool, outcome.keep)
-    n_kept = _spill_table(os.path.join(sh.spill, f"subset-{i:06d}.arrow"), schema, tables)
-    n_dropped = 0
+    order = order_u8u8(uids, kind="quicksort")  # random uids: quicksort is the faster
+    uids, keep = uids[order], outcome.keep[order]
+    np.save(os.path.join(sh.spill, f"uids-{i:06d}.npy"), uids)
+    np.save(os.path.join(sh.spill, f"kept-{i:06d}.npy"), keep)
+    bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.int64)
+    schema, tables = subset_stream(pool, outcome.keep, workers=1)
+    parts = {"subset": _write_folder(sh, "subset", i, schema, tables)}
     if sh.cfg.output.dropped:
-        table = dropped_table(pool.table, outcome, pool.failed, pool.artifacts.get("carried_columns", ()))
-        n_dropped = _spill_table(os.path.join(sh.spill, f"dropped-{i:06d}.arrow"), table.schema, [table])
-    kept = sort_u8u8(uids_to_u8u8(pool.table.column("uid").filter(pa.array(outcome.keep))))
-    np.save(os.path.join(sh.spill, f"kept-{i:06d}.npy"), kept)
+        table = dropped_table(
+            pool.table,
+            outcome,
+            pool.failed,
+            pool.artifacts.get("carried_columns", ()),
+            key=not pool.artifacts.get("key_is_uid"),
+        )
+        parts["dropped"] = _write_folder(sh, "dropped", i, table.schema, [table])
     return {
+        "n": pool.n,
         "funnel": outcome.funnel,
-        "kept": n_kept,
-        "dropped": n_dropped,
-        "uid_bins": np.bincount((kept["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.int64), minlength=1 << FINE_BITS),
+        "kept": int(outcome.keep.sum()),
+        "parts": parts,
+        "uid_bins": np.bincount(bins, minlength=1 << FINE_BITS),
+        "kept_bins": np.bincount(bins[keep], minlength=1 << FINE_BITS),
         "thresholds": outcome.thresholds,
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "stage_info": ctx.stage_info.get("datacomp", {}),
@@ -389,43 +390,24 @@ def _sum_cluster_info(info: dict[str, Any], results: list[dict[str, Any]]) -> di
     return info
 
 
-def part_pieces(counts: list[int], rows_per_part: int) -> list[list[tuple[int, int, int]]]:
-    """The parts of a folder as the in-memory writer cuts them (``rows_per_part`` rows of
-    the rows in pool order; one empty part when there are none): per part, the
-    ``(shard, first row in shard, rows)`` slices it takes."""
-    cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    total = int(cum[-1])
-    parts = []
-    for start in range(0, max(total, 1), rows_per_part):
-        stop = min(start + rows_per_part, total)
-        pieces = []
-        s = int(np.searchsorted(cum, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            take = min(stop, int(cum[s + 1])) - pos
-            if take > 0:
-                pieces.append((s, pos - int(cum[s]), take))
-            pos += take
-            s += 1
-        parts.append(pieces)
-    return parts
-
-
 # ---------------------------------------------------------------- driver
 
 
-def _ranges(bins: list[np.ndarray], limit: int = RANGE_ROWS) -> list[list[tuple[int, int]]]:
-    """Group the fine uid bins into tasks of about ``limit`` rows: per task, each shard's row range."""
-    per_shard = np.stack(bins)  # shards x bins
-    cum = np.concatenate([np.zeros((len(bins), 1), np.int64), np.cumsum(per_shard, axis=1)], axis=1)
-    totals = per_shard.sum(axis=0)
-    tasks, start, acc = [], 0, 0
+def _bin_groups(bins: list[np.ndarray], limit: int = RANGE_ROWS) -> list[tuple[int, int]]:
+    """Group the fine uid bins (summed over shards) into ranges of about ``limit`` rows."""
+    totals = np.sum(bins, axis=0)
+    groups, start, acc = [], 0, 0
     for b, count in enumerate(totals):
         acc += int(count)
         if acc >= limit or b == len(totals) - 1:
-            tasks.append([(int(cum[s, start]), int(cum[s, b + 1])) for s in range(len(bins))])
+            groups.append((start, b + 1))
             start, acc = b + 1, 0
-    return tasks
+    return groups
+
+
+def _rows_in(bins: list[np.ndarray], start: int, stop: int) -> list[tuple[int, int]]:
+    """Each shard's row range (of its rows sorted by uid) for the bins ``start:stop``."""
+    return [(int(b[:start].sum()), int(b[:stop].sum())) for b in bins]
 
 
 GATHER_LIMIT = 1 << 20  # scores gathered into the driver at most (8 MB), except exact ties
@@ -541,7 +523,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         scorer_stages=tuple(s for s in the_plan_stages if s is not cluster_stage),
     )
     n_workers = workers_for(len(shards))
-    all_paths = [os.path.join(spill, f"all-{i:06d}.npy") for i in range(len(shards))]
+    uid_paths = [os.path.join(spill, f"uids-{i:06d}.npy") for i in range(len(shards))]
     kept_paths = [os.path.join(spill, f"kept-{i:06d}.npy") for i in range(len(shards))]
     seconds: dict[str, float] = {}
     clock = [time.perf_counter()]
@@ -552,37 +534,24 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         clock[0] = now
 
     with ProcessPool(n_workers, mp_context=mp.get_context("spawn")) as pool:
-        # 1. scan
-        bar = ctx.bar(len(shards), "scan", unit="shards")
-        total, uid_bins, bad, counts = 0, [], None, []
+        # 1. scan: the top_fraction score columns only (nothing to read without one)
         hists: dict[str, np.ndarray] = {}
         nans: dict[str, int] = {}
         dtypes: dict[str, str] = {}
-        for r in pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)]):  # summed as they come
-            bad = bad or r.get("bad_uids")
-            if not bad:
-                total += r["n"]
-                counts.append(r["n"])
-                uid_bins.append(r["uid_bins"])
+        scanned, shard_rows = 0, []
+        if top:
+            bar = ctx.bar(len(shards), "scan", unit="shards")
+            for r in pool.map(_scan, [(sh, s) for s in shards]):  # summed as they come
+                scanned += r["n"]
+                shard_rows.append(r["n"])
                 for name, h in r["hists"].items():
                     hists[name] = hists[name] + h if name in hists else h
                     nans[name] = nans.get(name, 0) + r["nan"][name]
                     dtypes[name] = r["dtype"][name]
-            bar.update(1)
-        bar.close()
-        if bad:
-            ctx.log(f"execution: uids that subset.npy cannot hold ({bad}); filtering in memory")
-            return None
-        lap("scan")
-        # 2. duplicates
-        if any(pool.map(_has_repeat, [(all_paths, r) for r in _ranges(uid_bins)])):
-            ctx.log("execution: repeated uids; filtering in memory")
-            return None
-        for p in all_paths:
-            os.remove(p)
-        ctx.inputs.extend(_inputs(shards))
-        lap("duplicates")
-        # 3. thresholds
+                bar.update(1)
+            bar.close()
+            lap("scan")
+        # 2. thresholds
         values: list[Any] = []
         for f in top:
             name = f.field
@@ -595,56 +564,77 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
 
             dtype = np.dtype(dtypes[name])
             values.append(
-                select_threshold(hists[name], nans[name], total, f.params.top_fraction, dtype, refine, gather)
+                select_threshold(hists[name], nans[name], scanned, f.params.top_fraction, dtype, refine, gather)
             )
-        lap("threshold")
-        # 3b. cluster targets: a small id set, found before any row is assigned
+        if top:
+            lap("threshold")
+        # 3. cluster targets: a small id set, found before any row is assigned
         if cluster_stage is not None:
-            sh = replace(sh, clusters=(cluster_stage, _cluster_targets(cluster_stage, shards, counts, ctx)))
+            if not top:  # row counts from the Parquet footers
+                shard_rows = list(pool.map(_count_rows, shards))
+            sh = replace(sh, clusters=(cluster_stage, _cluster_targets(cluster_stage, shards, shard_rows, ctx)))
             lap("cluster_targets")
-        # 4. write
-        out_dir = cfg.output.dir
-        invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
-        remove_parts(join(out_dir, "subset"))
-        remove_parts(join(out_dir, "dropped"))
+        # 4. filter and write: every shard's parts, into the spill folder
         bar = ctx.bar(len(shards), "filter", unit="shards")
         results = []
         for r in pool.map(_filter, [(sh, i, s, values) for i, s in enumerate(shards)]):
+            if "bad_uids" in r:
+                ctx.log(f"execution: uids that subset.npy cannot hold ({r['bad_uids']}); filtering in memory")
+                return None
             results.append(r)
             bar.update(1)
         bar.close()
-        folders = ("subset", "dropped") if cfg.output.dropped else ("subset",)
-        tasks = []
-        for folder in folders:  # every part of both folders in one map: encoding is the costly step
-            files = [os.path.join(spill, f"{folder}-{i:06d}.arrow") for i in range(len(shards))]
-            counts = [r["kept" if folder == "subset" else "dropped"] for r in results]
-            for j, pieces in enumerate(part_pieces(counts, sh.rows_per_part)):
-                tasks.append((sh, join(out_dir, folder), j, [(files[s], lo, n) for s, lo, n in pieces], files[0]))
-        written = list(pool.map(_write_part, tasks))
-        outputs: dict[str, Any] = {
-            f: [p for t, p in zip(tasks, written, strict=True) if t[1] == join(out_dir, f)] for f in folders
-        }
+        total = sum(r["n"] for r in results)
         kept = sum(r["kept"] for r in results)
         lap("filter_and_write")
-        # 5. subset.npy
-        subset_npy = join(out_dir, "subset.npy")
+        # 5. uid check and subset.npy, per range of uid high bits
         tmp = os.path.join(spill, "subset.npy")
         np.lib.format.open_memmap(tmp, mode="w+", dtype=UID_DTYPE, shape=(kept,)).flush()
+        uid_bins = [r["uid_bins"] for r in results]
+        kept_bins = [r["kept_bins"] for r in results]
         tasks, offset = [], 0
-        for r in _ranges([r["uid_bins"] for r in results]):
-            tasks.append((kept_paths, r, tmp, offset))
-            offset += sum(hi - lo for lo, hi in r)
+        for start, stop in _bin_groups(uid_bins):
+            tasks.append((uid_paths, kept_paths, _rows_in(uid_bins, start, stop), tmp, offset))
+            offset += sum(int(b[start:stop].sum()) for b in kept_bins)
         assert offset == kept
-        list(pool.map(_merge_range, tasks))
+        if any(pool.map(_uid_range, tasks)):
+            ctx.log("execution: repeated uids; filtering in memory")
+            return None
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    lap("subset_npy")
+    ctx.inputs.extend(_inputs(shards))
+    lap("uid_check_and_subset_npy")
+    # 6. commit: the parts and subset.npy renamed into place, the manifest written last
+    out_dir = cfg.output.dir
+    invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
+    folders = ("subset", "dropped") if cfg.output.dropped else ("subset",)
+    if not cfg.output.dropped:
+        remove_parts(join(out_dir, "dropped"))
+    outputs: dict[str, Any] = {}
+    files: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        outputs[folder] = []
+        records = [rec for r in results for rec in r["parts"][folder]]
+        placed = [rec for rec in records if rec[1]] or records[:1]  # one empty part when no rows at all
+        for path in {rec[0] for rec in records} - {rec[0] for rec in placed}:
+            os.remove(path)
+        target = join(out_dir, folder)
+        remove_parts(target)
+        os.makedirs(local_path(target), exist_ok=True)
+        for j, (path, _rows, size, sha) in enumerate(placed):
+            name = f"part-{j:05d}.parquet"
+            os.replace(path, os.path.join(local_path(target), name))
+            outputs[folder].append(join(target, name))
+            files[f"{folder}/{name}"] = {"size": size, "sha256": sha}
+    subset_npy = join(out_dir, "subset.npy")
     os.replace(tmp, local_path(subset_npy))
+    files.update(file_records(out_dir, [subset_npy]))
     outputs = {
         "subset": outputs["subset"],
         "subset_npy": subset_npy,
         **{k: v for k, v in outputs.items() if k != "subset"},
     }
+    lap("commit")
     if cfg.output.report:
         outputs["report"] = join(out_dir, "report.html")
     first = results[0]
@@ -684,8 +674,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         failures_truncated=False,
         outputs=outputs,
     )
-    written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", [])]
-    manifest["files"] = file_records(out_dir, written)
+    manifest["files"] = dict(sorted(files.items()))
     lap("manifest")
     manifest["execution"] = {"plan": "streaming", "workers": n_workers, "seconds": seconds}
     atomic_write_text(join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")

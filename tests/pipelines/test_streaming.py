@@ -1,9 +1,10 @@
 """The streaming plan (pipelines/executors/streaming.py) against the in-memory path on
-DataComp-format pools: subset.npy and every subset and dropped part byte for byte,
-the manifest's counts, thresholds and uid report."""
+DataComp-format pools: subset.npy byte for byte, the subset and dropped tables row for
+row (the plans cut parts differently), the manifest's counts, thresholds and uid report."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -87,15 +88,22 @@ def assert_same_outputs(metadata: Path, tmp_path: Path, filters, clusters=None, 
     assert streamed.manifest["execution"]["plan"] == "streaming"
     assert not (b / ".streaming").exists()
     assert (a / "subset.npy").read_bytes() == (b / "subset.npy").read_bytes()
-    for folder in ("subset", "dropped"):  # the same parts, byte for byte
-        names = sorted(p.name for p in (a / folder).glob("part-*.parquet"))
-        assert names == sorted(p.name for p in (b / folder).glob("part-*.parquet")), folder
-        assert all((a / folder / n).read_bytes() == (b / folder / n).read_bytes() for n in names), folder
-    for folder in ("subset", "dropped"):
+    for folder in ("subset", "dropped"):  # the same rows in the same order, whatever the parts
+        assert (a / folder).exists() == (b / folder).exists(), folder
         if (a / folder).exists():
             ta, tb = _table(a / folder), _table(b / folder)
             assert ta.schema == tb.schema
             assert_tables_equal(ta, tb)
+            rows = [pq.ParquetFile(p).metadata.num_rows for p in sorted((b / folder).glob("part-*.parquet"))]
+            assert all(rows) or rows == [0]  # no empty part unless the folder has no rows
+            assert max(rows) <= streamed.manifest["config"]["output"]["rows_per_part"]
+    files = streamed.manifest["files"]  # hashed while written: the bytes on disk
+    assert set(files) == {
+        str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and p.name not in ("manifest.json", ".poolsift.lock")
+    }
+    for rel, record in files.items():
+        data = (b / rel).read_bytes()
+        assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
     for key in (
         "counts",
         "thresholds",
@@ -143,7 +151,7 @@ def test_min_and_row_local_chain(tmp_path, metadata):
     ]
     m = assert_same_outputs(metadata, tmp_path, filters, rows_per_part=5)
     assert [f["name"] for f in m["counts"]["filters"]][0] == "caption"
-    assert len(m["outputs"]["dropped"]) > 4  # parts that span shards, cut where the in-memory writer cuts
+    assert len(m["outputs"]["dropped"]) > 4  # each shard's rows in parts of at most rows_per_part
 
 
 def test_any_not_composition(tmp_path, metadata):
@@ -152,6 +160,23 @@ def test_any_not_composition(tmp_path, metadata):
         {"all": [{"clip_score": {"top_fraction": 0.5}}, {"score": {"column": B32, "min": 0.15, "max": 0.38}}]},
     ]
     assert_same_outputs(metadata, tmp_path, filters)
+
+
+def test_dropped_rows_do_not_repeat_the_uid_as_key(tmp_path):
+    """DataComp's own metadata has no key (the pool's key is the uid): the subset keeps the
+    key column, the dropped rows of both plans leave it out."""
+    root = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=40, with_key=False)
+    assert_same_outputs(root, tmp_path, [{"clip_score": {"top_fraction": 0.3}}])
+    for plan in ("memory", "run"):
+        assert _table(tmp_path / plan / "dropped").column_names == [
+            "uid",
+            "source_shard",
+            "filter",
+            "reason",
+            "duplicate_of",
+        ]
+        subset = _table(tmp_path / plan / "subset")
+        assert subset.column("key").equals(subset.column("uid"))
 
 
 def test_without_dropped_and_nothing_kept(tmp_path, metadata):

@@ -7,7 +7,7 @@ import pytest
 
 from filtering.filters.clip_score import top_fraction_threshold
 from pipelines.executors import streaming
-from pipelines.executors.streaming import KEY_BITS, key_value, part_pieces, score_keys, select_threshold
+from pipelines.executors.streaming import KEY_BITS, key_value, score_keys, select_threshold
 
 
 def test_score_keys_order_like_the_values():
@@ -76,11 +76,15 @@ def test_threshold_equals_in_memory(dtype, fraction, gather_limit):
             assert got == want and got.dtype == want.dtype
 
 
-@pytest.mark.parametrize("rows_per_part", [1, 3, 7, 100])
-def test_part_pieces_cut_like_the_in_memory_writer(rows_per_part):
-    counts = [5, 0, 3, 9, 0, 1]
-    parts = part_pieces(counts, rows_per_part)
-    rows = [(s, lo + k) for pieces in parts for s, lo, n in pieces for k in range(n)]
-    assert rows == [(s, k) for s, c in enumerate(counts) for k in range(c)]  # every row once, in pool order
-    assert all(sum(n for _, _, n in p) == rows_per_part for p in parts[:-1])
-    assert part_pieces([0, 0], 10) == [[]]  # one empty part
+def test_uid_ranges_split_every_shard_at_the_same_bins():
+    rng = np.random.default_rng(0)
+    bins = [rng.integers(0, 5, 64) for _ in range(3)]
+    groups = streaming._bin_groups(bins, limit=40)
+    assert groups[0][0] == 0 and groups[-1][1] == 64
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:], strict=False))  # contiguous, no bin twice
+    for start, stop in groups[:-1]:
+        assert sum(int(b[start:stop].sum()) for b in bins) >= 40
+    rows = [streaming._rows_in(bins, start, stop) for start, stop in groups]
+    for s, b in enumerate(bins):  # each shard's sorted rows, cut into consecutive ranges covering them all
+        assert [r[s] for r in rows][0][0] == 0 and rows[-1][s][1] == int(b.sum())
+        assert all(x[s][1] == y[s][0] for x, y in zip(rows, rows[1:], strict=False))
