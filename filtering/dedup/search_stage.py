@@ -70,6 +70,7 @@ class DedupSearchStage(ColumnStage):
         self.workers = workers
         self.column = label_column(settings)
         self.name = f"dedup:{self.column}"
+        self.last_workers = 1
 
     def provides(self) -> set[str]:
         return {self.column}
@@ -109,6 +110,7 @@ class DedupSearchStage(ColumnStage):
             "cache": "reused" if cached else "computed",
             "fingerprint": fingerprint(spec),
             "pairs": int(len(pairs)),
+            "workers": None if cached else self.last_workers,
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
@@ -117,7 +119,9 @@ class DedupSearchStage(ColumnStage):
         shards = [partitioned.ShardKeys(p.start, p.n, table=table.slice(p.start, p.n)) for p in pool.parts]
         workers = self.workers
         if workers is None:
-            workers = min(os.cpu_count() or 1, 8) if pool.n >= PARALLEL_MIN_ROWS else 1
+            env = os.environ.get("POOLSIFT_WORKERS")  # as the streaming plan: one per core unless set
+            workers = (int(env) if env else (os.cpu_count() or 1)) if pool.n >= PARALLEL_MIN_ROWS else 1
+        self.last_workers = max(1, workers)
         work_dir = self.cache_root if is_local(self.cache_root) else None  # spill files stay local
         return partitioned.search(shards, pool.n, self.settings, workers=workers, work_dir=work_dir)
 

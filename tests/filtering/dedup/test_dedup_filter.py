@@ -244,3 +244,26 @@ def test_same_survivors_as_the_in_memory_search_with_ties_chains_and_earlier_dro
     assert dropped_here.sum() > 50
     assert np.array_equal(out.keep, alive & keep)
     assert list(out.duplicate_of[dropped_here]) == list(dup[dropped_here])
+
+
+def test_search_stage_workers_from_poolsift_workers(monkeypatch, tmp_path):
+    """Above PARALLEL_MIN_ROWS the search runs on POOLSIFT_WORKERS processes, with the
+    result of the in-process search; the manifest's stage info says how many."""
+    from filtering.dedup import search_stage
+
+    sha = [f"s{i % 7}" for i in range(40)]
+    phash = [(i % 5) * 0x1111 for i in range(40)]
+    results = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("POOLSIFT_WORKERS", workers)
+        monkeypatch.setattr(search_stage, "PARALLEL_MIN_ROWS", 10)
+        pool = make_pool(sha, phash, [0.1] * 40)
+        ctx = RunContext(config=None, out_dir=str(tmp_path), cache_dir=str(tmp_path / workers))
+        stage = DedupSearchStage(
+            parse_filters([{"dedup": {"method": "exact"}}])[0].filter.search_settings(), ctx.cache_dir
+        )
+        stage.run(ctx, pool)
+        assert ctx.stage_info["dedup"]["dedup_label_exact"]["workers"] == int(workers)
+        results.append(pool.column("dedup_label_exact"))
+    assert np.array_equal(results[0], results[1])
+    assert np.array_equal(results[0], [i % 7 for i in range(40)])  # the smallest row of each sha
