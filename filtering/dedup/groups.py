@@ -52,6 +52,8 @@ def keep_rank(uids: np.ndarray, scores: np.ndarray | None, policy: str) -> np.nd
 def survivors(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
     """For each row, the index of its group's best-ranked row (itself for singletons)."""
     labels = np.asarray(labels)
+    if len(labels) == 0:  # nothing reached the filter (np.r_ below would make one group)
+        return np.zeros(0, np.int64)
     order = np.lexsort((rank, labels))  # by group, best rank first
     first = np.r_[True, labels[order][1:] != labels[order][:-1]]
     best_of_group = np.empty(labels.max() + 1 if len(labels) else 0, np.int64)

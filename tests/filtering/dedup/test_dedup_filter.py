@@ -267,3 +267,13 @@ def test_search_stage_workers_from_poolsift_workers(monkeypatch, tmp_path):
         results.append(pool.column("dedup_label_exact"))
     assert np.array_equal(results[0], results[1])
     assert np.array_equal(results[0], [i % 7 for i in range(40)])  # the smallest row of each sha
+
+
+@pytest.mark.parametrize("method", ["exact", "perceptual", "semantic"])
+def test_no_row_reaching_the_filter_keeps_nothing_and_does_not_fail(method):
+    """An earlier filter that drops every row (or an empty pool) leaves dedup nothing to group."""
+    pool = make_pool(list("ab"), [1, 1], [0.1, 0.2], emb=np.ones((2, 4), np.float16))
+    out = apply_searched(parse_filters([{"clip_score": {"min": 0.9}}, {"dedup": {"method": method}}]), pool)
+    assert not out.keep.any() and list(out.drop_reason) == ["clip_score_below_min"] * 2
+    empty = make_pool([], [], [])
+    assert len(apply_searched(parse_filters([{"dedup": {"method": method}}]), empty).keep) == 0
