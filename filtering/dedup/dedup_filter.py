@@ -16,7 +16,9 @@ For ``exact`` and ``perceptual`` the candidate search is not done here: a column
 settings) searches the whole pool once by hash partitioning
 (:mod:`filtering.dedup.partitioned`), caches the result, and leaves a group label per
 row and pairs of labels; this filter restricts them to the rows that reach it and
-decides. ``semantic`` still searches here (k-means trains on the rows that reach it).
+decides. ``semantic`` still searches here (k-means trains on the rows that reach it);
+on large pools its per-cluster comparisons run on worker processes, a partition of
+clusters each (:func:`filtering.dedup.semantic.semdedup_pairs`).
 
 Pairs are joined into groups (connected components); in each group the copy preferred
 by ``keep`` survives (``highest_clip_score``, ties by smallest uid; or ``smallest_uid``)
@@ -163,7 +165,11 @@ class Dedup(Filter):
 
         emb = self.embeddings(pool, rows)
         valid = np.flatnonzero(np.any(emb != 0, axis=1))  # failed rows carry zero embeddings
-        i, j, _ = semdedup_pairs(emb[valid], p.threshold, p.num_clusters, niter=p.niter, seed=p.seed)
+        from filtering.dedup.search_stage import workers_for
+
+        # Large pools compare their clusters on worker processes (spill files in TMPDIR).
+        workers = workers_for(len(valid))
+        i, j, _ = semdedup_pairs(emb[valid], p.threshold, p.num_clusters, niter=p.niter, seed=p.seed, workers=workers)
         return valid[i], valid[j]
 
 

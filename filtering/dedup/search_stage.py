@@ -38,6 +38,15 @@ from filtering.stages.base import ColumnStage, RunContext
 PARALLEL_MIN_ROWS = 200_000  # below this a process pool costs more than it saves
 
 
+def workers_for(rows: int) -> int:
+    """Worker processes for a dedup step over ``rows`` rows: as the streaming plan, one per
+    core unless ``POOLSIFT_WORKERS`` says otherwise; none below :data:`PARALLEL_MIN_ROWS`."""
+    if rows < PARALLEL_MIN_ROWS:
+        return 1
+    env = os.environ.get("POOLSIFT_WORKERS")
+    return max(1, int(env) if env else (os.cpu_count() or 1))
+
+
 def label_column(settings: partitioned.SearchSettings) -> str:
     if settings.method == "exact":
         return "dedup_label_exact_caption" if settings.with_caption else "dedup_label_exact"
@@ -117,10 +126,7 @@ class DedupSearchStage(ColumnStage):
     def search(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = pool.table.select(self.settings.columns())
         shards = [partitioned.ShardKeys(p.start, p.n, table=table.slice(p.start, p.n)) for p in pool.parts]
-        workers = self.workers
-        if workers is None:
-            env = os.environ.get("POOLSIFT_WORKERS")  # as the streaming plan: one per core unless set
-            workers = (int(env) if env else (os.cpu_count() or 1)) if pool.n >= PARALLEL_MIN_ROWS else 1
+        workers = self.workers if self.workers is not None else workers_for(pool.n)
         self.last_workers = max(1, workers)
         work_dir = self.cache_root if is_local(self.cache_root) else None  # spill files stay local
         return partitioned.search(shards, pool.n, self.settings, workers=workers, work_dir=work_dir)

@@ -43,11 +43,17 @@ def semdedup_pairs(
     niter: int = 10,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
+    work_dir: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Duplicate pairs ``(i, j)`` among the rows of ``x`` (unit-norm float), and each row's cluster.
 
     ``x`` may be float16 or memory-mapped; clusters are compared in float32.
-    ``progress(rows_done)`` is called after each cluster.
+    ``progress(rows_done)`` is called after each cluster (each partition with workers).
+    ``workers > 1``: the clusters are cut into partitions (NeMo Curator's per-cluster
+    step), each written to a spill file under ``work_dir`` and compared on one worker
+    process by the same code on the same arrays in the same order, so the pairs are
+    those of one process.
     """
     from filtering.clustering import assign, normalize, train_kmeans
 
@@ -64,14 +70,17 @@ def semdedup_pairs(
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True])
     out_i, out_j = [], []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        members = order[a:b]
-        if len(members) > 1:
-            ci, cj = cluster_pairs(normalize(x[members]), threshold)
-            out_i.append(members[ci])
-            out_j.append(members[cj])
-        if progress is not None:
-            progress(b - a)
+    if workers > 1:
+        out_i, out_j = _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress)
+    else:
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            members = order[a:b]
+            if len(members) > 1:
+                ci, cj = cluster_pairs(normalize(x[members]), threshold)
+                out_i.append(members[ci])
+                out_j.append(members[cj])
+            if progress is not None:
+                progress(b - a)
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), labels
     i, j = np.concatenate(out_i), np.concatenate(out_j)
@@ -83,3 +92,66 @@ def brute_force_pairs(x: np.ndarray, threshold: float, block: int = 2048) -> tup
     from filtering.clustering import normalize
 
     return cluster_pairs(normalize(x), threshold, block)
+
+
+def partition_pairs(path: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs inside each cluster of one partition spill file (``x``: the clusters' rows one
+    after the other, ``bounds``: where each cluster starts and ends), as positions in it."""
+    from filtering.clustering import normalize
+
+    with np.load(path) as z:
+        x, bounds = z["x"], z["bounds"]
+    out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        ci, cj = cluster_pairs(normalize(x[a:b]), threshold)
+        out_i.append(ci + a)
+        out_j.append(cj + a)
+    return np.concatenate(out_i), np.concatenate(out_j)
+
+
+def _partition_task(args) -> tuple[np.ndarray, np.ndarray]:
+    return partition_pairs(*args)
+
+
+def _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress) -> tuple[list, list]:
+    """The per-cluster comparisons of :func:`semdedup_pairs`: partitions of clusters on a process pool."""
+    import os
+    import shutil
+    import tempfile
+
+    from filtering.dedup.partitioned import _mapper
+
+    sizes = np.diff(bounds)
+    clusters = np.flatnonzero(sizes > 1)
+    # Balance the partitions by comparisons (size^2): largest clusters first, each to the lightest.
+    parts = max(1, min(len(clusters), 4 * workers))
+    load = np.zeros(parts)
+    owner = np.empty(len(clusters), np.int64)
+    for pos in np.argsort(-(sizes[clusters].astype(np.float64) ** 2), kind="stable"):
+        k = int(np.argmin(load))
+        owner[pos] = k
+        load[k] += float(sizes[clusters[pos]]) ** 2
+    spill = tempfile.mkdtemp(prefix="semdedup-", dir=work_dir)
+    try:
+        members_of, args = [], []
+        for k in range(parts):
+            members = [order[bounds[c] : bounds[c + 1]] for c in clusters[owner == k]]
+            rows = np.concatenate(members) if members else np.zeros(0, np.int64)
+            path = os.path.join(spill, f"part-{k:05d}.npz")
+            np.savez(
+                path, x=np.asarray(x[rows]), bounds=np.r_[0, np.cumsum([len(m) for m in members])].astype(np.int64)
+            )
+            members_of.append(rows)
+            args.append((path, threshold))
+        out_i, out_j = [], []
+        with _mapper(workers) as run:
+            for rows, (pi, pj) in zip(members_of, run(_partition_task, args), strict=True):
+                out_i.append(rows[pi])
+                out_j.append(rows[pj])
+                if progress is not None:
+                    progress(len(rows))
+        if progress is not None:
+            progress(int(sizes[sizes <= 1].sum()))
+        return out_i, out_j
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)

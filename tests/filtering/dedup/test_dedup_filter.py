@@ -277,3 +277,24 @@ def test_no_row_reaching_the_filter_keeps_nothing_and_does_not_fail(method):
     assert not out.keep.any() and list(out.drop_reason) == ["clip_score_below_min"] * 2
     empty = make_pool([], [], [])
     assert len(apply_searched(parse_filters([{"dedup": {"method": method}}]), empty).keep) == 0
+
+
+def test_semantic_on_workers_decides_as_in_one_process(monkeypatch):
+    """Above PARALLEL_MIN_ROWS the clusters are compared on POOLSIFT_WORKERS processes:
+    the same drops and duplicate_of as in one process."""
+    from filtering.dedup import search_stage
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, 16))
+    emb = centres[rng.integers(0, 6, 300)] + 0.003 * rng.normal(size=(300, 16))
+    n = len(emb)
+    scores = rng.choice([0.2, 0.3], n).tolist()
+    outs = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("POOLSIFT_WORKERS", workers)
+        monkeypatch.setattr(search_stage, "PARALLEL_MIN_ROWS", 10)
+        pool = make_pool([None] * n, [None] * n, scores, emb=emb.astype(np.float16))
+        outs.append(run(pool, method="semantic", threshold=0.99, num_clusters=6))
+    assert (~outs[0].keep).sum() > 200
+    assert np.array_equal(outs[0].keep, outs[1].keep)
+    assert list(outs[0].duplicate_of) == list(outs[1].duplicate_of)

@@ -46,3 +46,22 @@ def test_one_cluster_is_the_brute_force():
 def test_default_num_clusters_is_about_sqrt_n():
     assert semantic.default_num_clusters(1_000_000) == 1000
     assert semantic.default_num_clusters(10) == 2
+
+
+def test_cluster_partitions_on_workers_give_the_pairs_of_one_process(tmp_path):
+    """Partitions of clusters compared on worker processes (float16 input, as the filter
+    passes it): the same pairs and clusters, every row counted once by progress."""
+    x, _ = planted(n=3000, dups=300, seed=4)
+    x = x.astype(np.float16)
+    one = semantic.semdedup_pairs(x, 0.9, num_clusters=12, seed=1)
+    done = []
+    two = semantic.semdedup_pairs(
+        x, 0.9, num_clusters=12, seed=1, workers=2, work_dir=str(tmp_path), progress=done.append
+    )
+    assert len(one[0]) > 100
+    assert sorted(zip(one[0].tolist(), one[1].tolist(), strict=True)) == sorted(
+        zip(two[0].tolist(), two[1].tolist(), strict=True)
+    )
+    np.testing.assert_array_equal(one[2], two[2])
+    assert sum(done) == len(x)
+    assert list(tmp_path.iterdir()) == []  # spill files removed
