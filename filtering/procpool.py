@@ -68,6 +68,11 @@ class ProcessPool(cf.ProcessPoolExecutor):
     """``ProcessPoolExecutor`` whose ``map`` raises and whose ``shutdown`` (also on leaving a
     ``with`` block) returns when a worker was killed, instead of hanging (module doc)."""
 
+    @property
+    def workers(self) -> int:
+        """How many tasks run at once (the task pool protocol, ``filtering/tasks.py``)."""
+        return self._max_workers
+
     def map(self, fn, *iterables, timeout=None, chunksize=1):
         futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
 

@@ -34,6 +34,7 @@ from filtering.io.atomic import atomic_open, atomic_write_text, exists
 from filtering.io.paths import get_fs, is_local, join
 from filtering.pool import Pool
 from filtering.stages.base import ColumnStage, RunContext
+from filtering.tasks import runs_tasks, task_pool
 
 PARALLEL_MIN_ROWS = 200_000  # below this a process pool costs more than it saves
 
@@ -106,7 +107,7 @@ class DedupSearchStage(ColumnStage):
             labels = _load(labels_path)
             pairs = _load(pairs_path)
         else:
-            labels, a, b = self.search(pool)
+            labels, a, b = self.search(pool, ctx.executor)
             pairs = np.stack([a, b], axis=1) if len(a) else np.zeros((0, 2), np.int64)
             _save(pairs_path, pairs)
             _save(labels_path, labels)  # last: its presence marks a complete entry
@@ -123,12 +124,19 @@ class DedupSearchStage(ColumnStage):
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
-    def search(self, pool: Pool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, pool: Pool, executor=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The partitioned search; with an executor that runs tasks (Ray, ``filtering/tasks.py``)
+        its emit and reduce steps are tasks there, with the same results."""
         table = pool.table.select(self.settings.columns())
         shards = [partitioned.ShardKeys(p.start, p.n, table=table.slice(p.start, p.n)) for p in pool.parts]
         workers = self.workers if self.workers is not None else workers_for(pool.n)
         self.last_workers = max(1, workers)
         work_dir = self.cache_root if is_local(self.cache_root) else None  # spill files stay local
+        if executor is not None and runs_tasks(executor):
+            with task_pool(executor, workers) as tasks:
+                return partitioned.search(
+                    shards, pool.n, self.settings, workers=tasks.workers, work_dir=work_dir, executor=tasks
+                )
         return partitioned.search(shards, pool.n, self.settings, workers=workers, work_dir=work_dir)
 
 

@@ -16,6 +16,14 @@ killed part-way resumes from the shards already in the cache.
 
 Every node must have poolsift installed and read access to the input shards (a
 shared file system or an fsspec URL such as ``s3://``); only the driver writes.
+
+The rest of the plan runs on Ray through :meth:`RayExecutor.task_pool` (the task pool
+protocol of ``filtering/tasks.py``): the streaming plan's phases and the partitioned dedup
+search submit plain functions as Ray tasks and take their results in submission order,
+so the outputs are byte for byte the local process pool's. Those tasks read and write
+spill files under the output folder (``OUT/.streaming/``, dedup's work folders), so on a
+cluster of several machines the output folder must be on storage every node mounts at
+the same path.
 """
 
 from __future__ import annotations
@@ -103,6 +111,11 @@ class RayExecutor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def task_pool(self) -> RayTaskPool:
+        """Plain-function tasks on this cluster (``filtering/tasks.py``), one CPU each."""
+        self.connect()
+        return RayTaskPool(self.ray)
 
     def model_pool(self, device: str) -> dict[str, Any]:
         """Actor count and per-actor resources for the model stage."""
@@ -198,6 +211,49 @@ class RayExecutor:
             _unwrap(ray, collect)
         finally:
             bar.close()
+
+
+class RayTaskPool:
+    """The task pool protocol (``filtering/tasks.py``) on Ray: each call is a Ray task of one
+    CPU; ``map`` submits every task and yields the results in submission order (so which
+    node finishes first never changes an output); tasks left unread are cancelled."""
+
+    def __init__(self, ray):
+        self.ray = ray
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self._remote: dict[Any, Any] = {}
+
+    def _task(self, fn):
+        if fn not in self._remote:
+            self._remote[fn] = self.ray.remote(num_cpus=1)(fn)
+        return self._remote[fn]
+
+    def submit(self, fn, *args):
+        """``fn(*args)`` as a Ray task; a ``concurrent.futures.Future`` of its result."""
+        return self._task(fn).remote(*args).future()
+
+    def map(self, fn, args):
+        task = self._task(fn)
+        refs = [task.remote(a) for a in args]
+        ray = self.ray
+
+        def ordered():
+            read = 0
+            try:
+                for ref in refs:
+                    yield _unwrap(ray, lambda ref=ref: ray.get(ref))
+                    read += 1
+            finally:
+                for ref in refs[read:]:  # a reader that stopped early (``any``) wants no more
+                    ray.cancel(ref)
+
+        return ordered()
+
+    def __enter__(self) -> RayTaskPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remote.clear()
 
 
 def _unwrap(ray, call):

@@ -4,8 +4,9 @@ Used when every filter in the tree decides a row from that row alone (caption,
 language, image_size, text_entities, wordnet_synsets, uids, ``clip_score`` /
 ``score`` thresholds, ``image_clusters`` once the target clusters are known), or is a
 ``clip_score`` ``top_fraction`` over the whole pool. No
-process holds the pool; each phase is a map over shards on a process pool, or a small
-reduction in the driver:
+process holds the pool; each phase is a map over shards on a task pool
+(``filtering/tasks.py``: a local process pool, or Ray tasks with ``--executor ray``), or a
+small reduction in the driver:
 
 1. **scan** (per shard): read the ``top_fraction`` score columns only; return, per
    column, the NaN count and a 65,536-bin histogram of the scores' order-preserving bit
@@ -42,7 +43,6 @@ rows of the pool), and the manifest's counts, thresholds and uid report.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -58,9 +58,9 @@ from filtering.filters.clip_score import ClipScore
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
 from filtering.io.atomic import atomic_write_text
 from filtering.io.paths import is_local, join, local_path, open_file
-from filtering.procpool import ProcessPool
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
+from filtering.tasks import runs_tasks, task_pool
 from filtering.uid import UID_DTYPE, order_u8u8, uids_to_u8u8
 from filtering.writers.commit import file_records, invalidate
 from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, remove_parts, subset_stream
@@ -94,8 +94,8 @@ def why_not(cfg, the_plan, executor) -> str | None:
 
     if the_plan.source.info.kind != "datacomp":
         return "input is not DataComp metadata"
-    if executor is not None:
-        return "an executor is configured"
+    if not runs_tasks(executor):
+        return "the executor runs no plan tasks"
     # A filter's own scorers (language's language_id) run shard by shard in the workers;
     # configured scorers (model heads) keep the in-memory path, which loads them once.
     # The cluster stage splits: targets in the driver, assignment in the workers.
@@ -522,7 +522,6 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         rows_per_part=cfg.output.rows_per_part,
         scorer_stages=tuple(s for s in the_plan_stages if s is not cluster_stage),
     )
-    n_workers = workers_for(len(shards))
     uid_paths = [os.path.join(spill, f"uids-{i:06d}.npy") for i in range(len(shards))]
     kept_paths = [os.path.join(spill, f"kept-{i:06d}.npy") for i in range(len(shards))]
     seconds: dict[str, float] = {}
@@ -533,7 +532,8 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         seconds[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    with ProcessPool(n_workers, mp_context=mp.get_context("spawn")) as pool:
+    with task_pool(ctx.executor, workers_for(len(shards))) as pool:
+        n_workers = pool.workers
         # 1. scan: the top_fraction score columns only (nothing to read without one)
         hists: dict[str, np.ndarray] = {}
         nans: dict[str, int] = {}
@@ -656,7 +656,8 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
                 agg["cache"][k] += rec["cache"][k]
     if scorers:
         ctx.stage_info["scorers"] = scorers
-    ctx.log(f"read {total:,} rows of DataComp metadata from {len(shards)} shards ({n_workers} worker processes)")
+    where = "CPUs on Ray" if ctx.executor is not None else "worker processes"
+    ctx.log(f"read {total:,} rows of DataComp metadata from {len(shards)} shards ({n_workers} {where})")
     ctx.stage_info.setdefault("uids", {})["duplicates"] = {"policy": cfg.input.uid.duplicates, "rows": 0, "uids": 0}
     funnel = _sum_funnels([r["funnel"] for r in results])
     counts = {"input": total, "failed": 0, "failed_reasons": {}, "kept": kept, "filters": funnel}
@@ -676,7 +677,8 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     )
     manifest["files"] = dict(sorted(files.items()))
     lap("manifest")
-    manifest["execution"] = {"plan": "streaming", "workers": n_workers, "seconds": seconds}
+    executor = "ray" if ctx.executor is not None else "local"
+    manifest["execution"] = {"plan": "streaming", "executor": executor, "workers": n_workers, "seconds": seconds}
     atomic_write_text(join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
 

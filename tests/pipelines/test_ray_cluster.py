@@ -1,14 +1,25 @@
 """The Ray executor on a simulated multi-node cluster (issue 16): two Ray nodes on this
-machine (``ray.cluster_utils.Cluster``, one CPU each) score the bundled sample, and the
-outputs equal a local run's with the same filters (clip_score top_fraction, caption):
-subset.npy byte for byte, subset and dropped tables, the manifest's counts and thresholds."""
+machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the module.
 
+- The bundled sample scored on the cluster: outputs equal a local run's with the same
+  filters (clip_score top_fraction, caption).
+- A DataComp-metadata pool through the whole plan as Ray tasks (``RayExecutor.task_pool``):
+  the streaming plan for clip_score top_fraction and image_clusters (DataComp's
+  image_based), the partitioned dedup search for an exact dedup; subset.npy and every
+  subset and dropped part byte for byte, the manifest's counts and thresholds equal to
+  the local process pool's.
+"""
+
+import json
 import shutil
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import write_config
+from tests.datacomp_pool import make_datacomp_pool
 
 pytestmark = pytest.mark.slow  # starts a two-node Ray and runs the pipeline
 
@@ -67,3 +78,105 @@ def test_two_node_cluster_matches_local(tmp_path, scored_sample, cluster):
         assert ours and ours == sorted(p.name for p in (reference / folder).glob("*.parquet"))
         for name in ours:
             assert _table(out / folder / name).equals(_table(reference / folder / name)), f"{folder}/{name}"
+
+
+# ---------------------------------------------------------------- the whole plan on Ray
+
+
+@pytest.fixture(scope="module")
+def datacomp(tmp_path_factory):
+    """A DataComp pool whose sha256 values repeat (exact dedup finds groups across shards),
+    with centroids and a reference set for ``image_clusters`` on its 24-d ``l14_img``."""
+    root = tmp_path_factory.mktemp("dc")
+    metadata = make_datacomp_pool(root / "metadata", shards=4, rows=60)
+    rng = np.random.default_rng(7)
+    hashes = [f"{v:064x}" for v in rng.integers(0, 2**62, size=50)]
+    for path in sorted(metadata.glob("*.parquet")):
+        table = pq.read_table(path)
+        dup = pa.array([hashes[k] for k in rng.integers(0, len(hashes), table.num_rows)], pa.string())
+        pq.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", dup), path)
+    centroids = rng.standard_normal((8, 24)).astype(np.float32)
+    np.save(root / "centroids.npy", centroids / np.linalg.norm(centroids, axis=1, keepdims=True))
+    np.save(root / "reference.npy", rng.standard_normal((3, 24)).astype(np.float32))
+    return root
+
+
+class _Recording:
+    """A RayExecutor whose task pools record which functions were sent to Ray."""
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.sent: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.executor, name)
+
+    def task_pool(self):
+        pool = self.executor.task_pool()
+        submit, map_ = pool.submit, pool.map
+
+        def record(fn):
+            self.sent.append(fn.__name__)
+            return fn
+
+        pool.submit = lambda fn, *args: submit(record(fn), *args)
+        pool.map = lambda fn, args: map_(record(fn), args)
+        return pool
+
+
+def _run_datacomp(datacomp, out, filters, executor=None):
+    from pipelines.config import parse_config
+    from pipelines.runner import run
+
+    raw = {
+        "input": {"datacomp_metadata": str(datacomp / "metadata")},
+        "filters": filters,
+        "clusters": {"reference": str(datacomp / "reference.npy"), "centroids": str(datacomp / "centroids.npy")},
+        "output": {"dir": str(out), "rows_per_part": 40},
+    }
+    return run(parse_config(raw), executor=executor, progress=False, log=lambda _m: None)
+
+
+def _same_outputs(a, b) -> None:
+    assert (a / "subset.npy").read_bytes() == (b / "subset.npy").read_bytes()
+    for folder in ("subset", "dropped"):  # the same parts, byte for byte (provenance included)
+        names = sorted(p.name for p in (a / folder).glob("part-*.parquet"))
+        assert names and names == sorted(p.name for p in (b / folder).glob("part-*.parquet")), folder
+        for name in names:
+            assert (a / folder / name).read_bytes() == (b / folder / name).read_bytes(), f"{folder}/{name}"
+
+
+@pytest.mark.parametrize(
+    "filters, plan, sent",
+    [
+        ([{"clip_score": {"top_fraction": 0.3}}], "streaming", {"_scan", "_gather", "_filter", "_uid_range"}),
+        ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "streaming", {"_scan", "_filter"}),
+        ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "memory", {"_emit_task", "_reduce_task"}),
+    ],
+    ids=["clip_score_top_fraction", "image_clusters", "dedup_exact"],
+)
+def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, plan, sent):
+    from pipelines.executors.ray import RayExecutor
+
+    # Both runs write to the same folder (the config, output.dir included, goes into every
+    # part's provenance); the local run's outputs are moved aside, its cache dropped.
+    out = tmp_path / "ray"
+    local = _run_datacomp(datacomp, out, filters)
+    shutil.move(out, tmp_path / "local")
+    shutil.rmtree(tmp_path / "local" / "cache", ignore_errors=True)
+    executor = _Recording(RayExecutor(address=cluster.address))
+    try:
+        on_ray = _run_datacomp(datacomp, out, filters, executor)
+    finally:
+        executor.close()
+    assert sent <= set(executor.sent), executor.sent  # the phases ran as Ray tasks
+    assert (on_ray.pool is None) == (plan == "streaming")
+    if plan == "streaming":
+        assert on_ray.manifest["execution"]["executor"] == "ray"
+        assert local.manifest["execution"]["executor"] == "local"
+        assert not (tmp_path / "ray" / ".streaming").exists()
+    mine, theirs = on_ray.manifest, local.manifest
+    assert mine["counts"] == theirs["counts"]
+    assert json.dumps(mine["thresholds"]) == json.dumps(theirs["thresholds"])
+    assert 0 < theirs["counts"]["kept"] < theirs["counts"]["input"]
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
