@@ -134,6 +134,7 @@ class DedupSearchStage(ColumnStage):
         work_dir = self.cache_root if is_local(self.cache_root) else None  # spill files stay local
         if executor is not None and runs_tasks(executor):
             with task_pool(executor, workers) as tasks:
+                self.last_workers = tasks.workers
                 return partitioned.search(
                     shards, pool.n, self.settings, workers=tasks.workers, work_dir=work_dir, executor=tasks
                 )
