@@ -24,10 +24,10 @@ small reduction in the driver:
    cache), the filter tree applied with the global thresholds (same code as the
    in-memory path); the kept and
    dropped rows written as the shard's own Parquet parts into the spill folder, hashed
-   as they are written; the shard's uids spilled sorted with a keep flag each; the
-   funnel comes back as counts per filter and reason code.
+   as they are written; the shard's uids spilled grouped by range of their high bits,
+   with a keep flag each; the funnel comes back as counts per filter and reason code.
 5. **uid check and subset.npy** (per uid range): the spilled uids of every shard, one
-   range of their high bits at a time, merged; any repeat sends the run to the
+   range of their high bits at a time, their high halves sorted; any repeat sends the run to the
    in-memory path, which reports it exactly as before (``input.uid.duplicates``);
    otherwise the range's kept uids are written into ``subset.npy`` at their offset.
 6. **commit** (driver): the old manifest removed, the parts renamed into place in pool
@@ -268,16 +268,19 @@ def _uid_range(args) -> bool:
     """One range of uid high bits over every shard: whether a uid repeats in it (then
     nothing is written); else its kept uids, sorted, written into ``subset.npy`` at ``offset``.
 
-    Each shard's uids were spilled sorted, with a keep flag per uid, so the range is a
-    concatenation of sorted runs: a stable sort (a merge of runs) orders it."""
+    The repeat check sorts the high halves alone (a plain uint64 sort); only when two
+    of them are equal are whole uids compared. The kept uids, a fraction of the range,
+    are the only ones sorted as records."""
     uid_paths, kept_paths, ranges, target, offset = args
     uids = _load_range(uid_paths, ranges)
     kept = _load_range(kept_paths, ranges, np.bool_)
-    order = order_u8u8(uids)
-    uids, kept = uids[order], kept[order]
-    if len(uids) > 1 and ((uids["f0"][1:] == uids["f0"][:-1]) & (uids["f1"][1:] == uids["f1"][:-1])).any():
-        return True
+    high = np.sort(uids["f0"])
+    if len(high) > 1 and (high[1:] == high[:-1]).any():
+        whole = uids[order_u8u8(uids, kind="quicksort")]
+        if ((whole["f0"][1:] == whole["f0"][:-1]) & (whole["f1"][1:] == whole["f1"][:-1])).any():
+            return True
     uids = uids[kept]
+    uids = uids[order_u8u8(uids, kind="quicksort")]
     if len(uids):
         out = np.load(target, mmap_mode="r+")
         out[offset : offset + len(uids)] = uids
@@ -311,7 +314,7 @@ def _write_folder(sh: _Shared, folder: str, i: int, schema: pa.Schema, tables) -
 def _filter(args) -> dict[str, Any]:
     """One shard through the filter tree, its outputs written: the kept rows (late columns
     read for them only) and the dropped rows as parts, hashed as they are written; the
-    shard's uids spilled sorted with a keep flag each; the funnel as counts."""
+    shard's uids spilled grouped by uid range with a keep flag each; the funnel as counts."""
     sh, i, shard, thresholds = args
     pool, ctx = _shard_pool(sh, shard)
     try:
@@ -325,11 +328,12 @@ def _filter(args) -> dict[str, Any]:
         stage.assign(ctx, pool, targets, _ASSIGNERS)
     nodes = _with_thresholds(list(sh.cfg.filter_tree), thresholds)
     outcome = apply_filters(nodes, pool)
-    order = order_u8u8(uids, kind="quicksort")  # random uids: quicksort is the faster
-    uids, keep = uids[order], outcome.keep[order]
+    # grouped by uid range (a radix sort of FINE_BITS-bit keys), the unit of the uid phase
+    bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.uint16)
+    order = np.argsort(bins, kind="stable")
+    uids, keep, bins = uids[order], outcome.keep[order], bins[order]
     np.save(os.path.join(sh.spill, f"uids-{i:06d}.npy"), uids)
     np.save(os.path.join(sh.spill, f"kept-{i:06d}.npy"), keep)
-    bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.int64)
     schema, tables = subset_stream(pool, outcome.keep, workers=1)
     parts = {"subset": _write_folder(sh, "subset", i, schema, tables)}
     if sh.cfg.output.dropped:
@@ -406,7 +410,7 @@ def _bin_groups(bins: list[np.ndarray], limit: int = RANGE_ROWS) -> list[tuple[i
 
 
 def _rows_in(bins: list[np.ndarray], start: int, stop: int) -> list[tuple[int, int]]:
-    """Each shard's row range (of its rows sorted by uid) for the bins ``start:stop``."""
+    """Each shard's row range (of its rows grouped by uid bin) for the bins ``start:stop``."""
     return [(int(b[:start].sum()), int(b[:stop].sum())) for b in bins]
 
 

@@ -88,3 +88,23 @@ def test_uid_ranges_split_every_shard_at_the_same_bins():
     for s, b in enumerate(bins):  # each shard's sorted rows, cut into consecutive ranges covering them all
         assert [r[s] for r in rows][0][0] == 0 and rows[-1][s][1] == int(b.sum())
         assert all(x[s][1] == y[s][0] for x, y in zip(rows, rows[1:], strict=False))
+
+
+def test_uid_range_compares_whole_uids_only_where_high_halves_tie(tmp_path):
+    """Equal high halves with different low halves are distinct uids (kept, sorted by the
+    low half); an equal pair in both halves is a repeat, and nothing is written."""
+    from filtering.uid import UID_DTYPE
+
+    def spill(i, pairs, keep):
+        uids = np.array(pairs, UID_DTYPE)
+        np.save(tmp_path / f"u{i}.npy", uids)
+        np.save(tmp_path / f"k{i}.npy", np.array(keep))
+        return str(tmp_path / f"u{i}.npy"), str(tmp_path / f"k{i}.npy")
+
+    (u0, k0), (u1, k1) = spill(0, [(7, 9), (3, 1)], [True, True]), spill(1, [(7, 2), (5, 5)], [True, False])
+    target = tmp_path / "subset.npy"
+    np.lib.format.open_memmap(target, mode="w+", dtype=UID_DTYPE, shape=(3,)).flush()
+    assert not streaming._uid_range(([u0, u1], [k0, k1], [(0, 2), (0, 2)], str(target), 0))
+    assert np.load(target).tolist() == [(3, 1), (7, 2), (7, 9)]
+    _, k2 = spill(2, [(7, 9)], [False])
+    assert streaming._uid_range(([u0, str(tmp_path / "u2.npy")], [k0, k2], [(0, 2), (0, 1)], str(target), 0))
