@@ -25,6 +25,7 @@ assignments without loading a model or re-clustering:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -168,6 +169,7 @@ class ImageClustersStage(ColumnStage):
             compute=compute,
             desc="assign clusters",
             kind=kind,
+            task=functools.partial(_assign_shard, targets.centroids),
         )
         info["cache"]["shards_assigned"] = loop.computed
         info["cache"]["shards_cached"] = loop.cached
@@ -430,3 +432,17 @@ def _load_npy(path: str) -> np.ndarray:
         import io
 
         return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
+_TASK_ASSIGNERS: dict[str, clustering.Assigner] = {}  # per task worker process (Ray): one set of centroids
+
+
+def _assign_shard(centroids: str, part, emb, cols) -> dict[str, np.ndarray]:
+    """One shard's assignment where the executor runs it (``cached_shard_loop``'s ``task``):
+    the centroids loaded once per worker process, the same arithmetic as the driver's."""
+    assigner = _TASK_ASSIGNERS.get(centroids)
+    if assigner is None:
+        _TASK_ASSIGNERS.clear()
+        assigner = _TASK_ASSIGNERS[centroids] = clustering.Assigner(_load_npy(centroids))
+    ids, sims = clustering.assign(emb, assigner)
+    return {"cluster_id": ids, "cluster_sim": sims}

@@ -29,6 +29,8 @@ them to the source stage, whose decode pass feeds them (WebDataset:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -310,7 +312,16 @@ class ShardLoopResult:
 
 
 def cached_shard_loop(
-    ctx: RunContext, pool: Pool, cache, columns: tuple[str, ...], source_of, compute, desc: str, kind: str | None = None
+    ctx: RunContext,
+    pool: Pool,
+    cache,
+    columns: tuple[str, ...],
+    source_of,
+    compute,
+    desc: str,
+    kind: str | None = None,
+    task=None,
+    inputs: tuple[str, ...] = (),
 ) -> ShardLoopResult:
     """The loop every per-shard computation over the pool shares (scorers, cluster
     assignment, decontamination distances): for each shard, read its cached table when
@@ -321,33 +332,81 @@ def cached_shard_loop(
     ``source``; ``emb`` is the shard's ``kind`` embeddings, loaded only when ``kind`` is
     given); ``compute(part, emb)``: one array per column, ``part.n`` rows. Memory stays
     one shard plus the output columns.
+
+    ``task``: the same computation as a picklable ``task(part, emb, cols)`` (``cols``: the
+    shard's ``inputs`` pool columns). With an executor that runs tasks (``--executor ray``,
+    ``filtering/tasks.py``) the shards not cached are computed there, a few at a time in
+    flight, and their columns come back to be cached here as a local run caches them.
     """
+    from collections import deque
+
+    from filtering.tasks import runs_tasks, task_pool
+
     out: dict[str, np.ndarray | None] = dict.fromkeys(columns)
     computed = cached = 0
+    remote = task is not None and ctx.executor is not None and runs_tasks(ctx.executor)
     bar = ctx.bar(pool.n, desc)
+
+    def fill(part: ShardPart, result) -> None:
+        for c in columns:
+            if out[c] is None:
+                out[c] = np.zeros(pool.n, dtype=result[c].dtype)
+            out[c][part.start : part.stop] = result[c]
+        bar.update(part.n)
+
+    def store(part: ShardPart, source, result) -> None:
+        cache.write(part.url, pa.table({c: result[c] for c in columns}), {}, source=source)
+        fill(part, result)
+
     try:
-        for part in pool.parts:
-            if part.n == 0:
-                continue
-            emb = pool.embedding_loader(kind, part) if kind is not None else None
-            source = source_of(part, emb)
-            if cache.is_done(part.url, source):
-                table = cache.read_table(part.url)
-                result = {c: table.column(c).to_numpy() for c in columns}
-                cached += 1
-            else:
-                result = compute(part, emb)
-                cache.write(part.url, pa.table({c: result[c] for c in columns}), {}, source=source)
+        with task_pool(ctx.executor, 1) if remote else contextlib.nullcontext() as tasks:
+            window: deque = deque()  # (part, source, future): at most two per worker in flight
+            for part in pool.parts:
+                if part.n == 0:
+                    continue
+                emb = pool.embedding_loader(kind, part) if kind is not None else None
+                source = source_of(part, emb)
+                if cache.is_done(part.url, source):
+                    table = cache.read_table(part.url)
+                    fill(part, {c: table.column(c).to_numpy() for c in columns})
+                    cached += 1
+                    continue
                 computed += 1
-            for c in columns:
-                if out[c] is None:
-                    out[c] = np.zeros(pool.n, dtype=result[c].dtype)
-                out[c][part.start : part.stop] = result[c]
-            bar.update(part.n)
+                if not remote:
+                    store(part, source, compute(part, emb))
+                    continue
+                cols = {c: pool.column(c)[part.start : part.stop] for c in inputs}
+                window.append((part, source, tasks.submit(_shard_task, task, part, emb, cols)))
+                while len(window) > 2 * tasks.workers:
+                    p, src, fut = window.popleft()
+                    store(p, src, fut.result())
+            while window:
+                p, src, fut = window.popleft()
+                store(p, src, fut.result())
     finally:
         bar.close()
     filled = {c: v if v is not None else np.zeros(pool.n, np.float32) for c, v in out.items()}
     return ShardLoopResult(filled, computed, cached)
+
+
+def _shard_task(task, part: ShardPart, emb, cols) -> dict[str, np.ndarray]:
+    """One shard of :func:`cached_shard_loop` where the executor runs it (a Ray task)."""
+    return {c: np.asarray(v) for c, v in task(part, emb, cols).items()}
+
+
+_SET_UP: dict[str, Scorer] = {}  # per task worker process: scorers set up once, by identity
+
+
+def _score_shard(stage: ScorerStage, part: ShardPart, emb, cols) -> dict[str, np.ndarray]:
+    """A :class:`ScorerStage`'s shard in a task worker: its scorer set up once per process."""
+    scorer = stage.scorer
+    key = json.dumps([scorer.kind, scorer.name, scorer.version, scorer.fingerprint()], sort_keys=True, default=str)
+    if key not in _SET_UP:
+        _SET_UP.clear()  # one scorer's model at a time
+        scorer.ensure_setup()
+        _SET_UP[key] = scorer
+    stage.scorer = _SET_UP[key]  # this process's copy of the stage
+    return stage._compute(part, emb, cols)
 
 
 class ScorerStage(ColumnStage):
@@ -417,6 +476,8 @@ class ScorerStage(ColumnStage):
             compute=compute,
             desc=f"score {scorer.name}",
             kind=kind,
+            task=functools.partial(_score_shard, self),
+            inputs=tuple(columns),
         )
         computed, cached = loop.computed, loop.cached
         for c in provided:

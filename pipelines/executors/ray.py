@@ -229,8 +229,20 @@ class RayTaskPool:
         return self._remote[fn]
 
     def submit(self, fn, *args):
-        """``fn(*args)`` as a Ray task; a ``concurrent.futures.Future`` of its result."""
-        return self._task(fn).remote(*args).future()
+        """``fn(*args)`` as a Ray task; a ``concurrent.futures.Future`` of its result (a
+        poolsift error raised in the task comes out as itself, as from :meth:`map`)."""
+        import concurrent.futures as cf
+
+        out: cf.Future = cf.Future()
+
+        def done(inner) -> None:
+            try:
+                out.set_result(_unwrap(self.ray, inner.result))
+            except BaseException as e:  # noqa: BLE001 — handed to the reader of ``out``
+                out.set_exception(e)
+
+        self._task(fn).remote(*args).future().add_done_callback(done)
+        return out
 
     def map(self, fn, args):
         task = self._task(fn)

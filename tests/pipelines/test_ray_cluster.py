@@ -124,7 +124,7 @@ class _Recording:
         return pool
 
 
-def _run_datacomp(datacomp, out, filters, executor=None):
+def _run_datacomp(datacomp, out, filters, executor=None, mode="auto"):
     from pipelines.config import parse_config
     from pipelines.runner import run
 
@@ -133,6 +133,7 @@ def _run_datacomp(datacomp, out, filters, executor=None):
         "filters": filters,
         "clusters": {"reference": str(datacomp / "reference.npy"), "centroids": str(datacomp / "centroids.npy")},
         "output": {"dir": str(out), "rows_per_part": 40},
+        "execution": {"mode": mode},
     }
     return run(parse_config(raw), executor=executor, progress=False, log=lambda _m: None)
 
@@ -147,31 +148,34 @@ def _same_outputs(a, b) -> None:
 
 
 @pytest.mark.parametrize(
-    "filters, plan, sent",
+    "filters, mode, sent",
     [
-        ([{"clip_score": {"top_fraction": 0.3}}], "streaming", {"_scan", "_gather", "_filter", "_uid_range"}),
-        ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "streaming", {"_scan", "_filter"}),
-        ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "memory", {"_emit_task", "_reduce_task"}),
+        ([{"clip_score": {"top_fraction": 0.3}}], "auto", {"_scan", "_gather", "_filter", "_uid_range"}),
+        ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "auto", {"_scan", "_filter"}),
+        ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "auto", {"_emit_task", "_reduce_task"}),
+        # the in-memory plan: each shard's cluster assignment a Ray task (cached_shard_loop)
+        ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "memory", {"_shard_task"}),
     ],
-    ids=["clip_score_top_fraction", "image_clusters", "dedup_exact"],
+    ids=["clip_score_top_fraction", "image_clusters", "dedup_exact", "image_clusters_in_memory"],
 )
-def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, plan, sent):
+def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, mode, sent):
     from pipelines.executors.ray import RayExecutor
 
     # Both runs write to the same folder (the config, output.dir included, goes into every
     # part's provenance); the local run's outputs are moved aside, its cache dropped.
     out = tmp_path / "ray"
-    local = _run_datacomp(datacomp, out, filters)
-    shutil.move(out, tmp_path / "local")
-    shutil.rmtree(tmp_path / "local" / "cache", ignore_errors=True)
+    local = _run_datacomp(datacomp, out, filters, mode=mode)
+    shutil.copytree(out, tmp_path / "local")
+    shutil.rmtree(out)
     executor = _Recording(RayExecutor(address=cluster.address))
     try:
-        on_ray = _run_datacomp(datacomp, out, filters, executor)
+        on_ray = _run_datacomp(datacomp, out, filters, executor, mode)
     finally:
         executor.close()
     assert sent <= set(executor.sent), executor.sent  # the phases ran as Ray tasks
-    assert (on_ray.pool is None) == (plan == "streaming")
-    if plan == "streaming":
+    streamed = "_filter" in sent
+    assert (on_ray.pool is None) == streamed and (local.pool is None) == streamed
+    if streamed:
         assert on_ray.manifest["execution"]["executor"] == "ray"
         assert local.manifest["execution"]["executor"] == "local"
         assert not (tmp_path / "ray" / ".streaming").exists()
@@ -180,3 +184,11 @@ def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filt
     assert json.dumps(mine["thresholds"]) == json.dumps(theirs["thresholds"])
     assert 0 < theirs["counts"]["kept"] < theirs["counts"]["input"]
     _same_outputs(tmp_path / "local", tmp_path / "ray")
+    if "_shard_task" in sent:  # the assignments Ray computed are cached as a local run caches them
+        (ours,) = (out / "cache").glob("clusters-*")
+        theirs = tmp_path / "local" / "cache" / ours.name
+        names = sorted(p.name for p in ours.iterdir())
+        assert names and names == sorted(p.name for p in theirs.iterdir())
+        for name in names:
+            if name.endswith(".parquet"):
+                assert pq.read_table(ours / name).equals(pq.read_table(theirs / name)), name
