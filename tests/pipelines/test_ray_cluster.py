@@ -155,8 +155,10 @@ def _same_outputs(a, b) -> None:
         ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "auto", {"_emit_task", "_reduce_task"}),
         # the in-memory plan: each shard's cluster assignment a Ray task (cached_shard_loop)
         ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "memory", {"_shard_task"}),
+        # and each shard's language_id scorer (the filter's own), set up once per Ray worker
+        ([{"language": {"languages": ["en"]}}, {"clip_score": {"top_fraction": 0.5}}], "memory", {"_shard_task"}),
     ],
-    ids=["clip_score_top_fraction", "image_clusters", "dedup_exact", "image_clusters_in_memory"],
+    ids=["clip_score_top_fraction", "image_clusters", "dedup_exact", "image_clusters_in_memory", "language_in_memory"],
 )
 def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, mode, sent):
     from pipelines.executors.ray import RayExecutor
@@ -184,8 +186,8 @@ def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filt
     assert json.dumps(mine["thresholds"]) == json.dumps(theirs["thresholds"])
     assert 0 < theirs["counts"]["kept"] < theirs["counts"]["input"]
     _same_outputs(tmp_path / "local", tmp_path / "ray")
-    if "_shard_task" in sent:  # the assignments Ray computed are cached as a local run caches them
-        (ours,) = (out / "cache").glob("clusters-*")
+    if "_shard_task" in sent:  # the columns Ray computed are cached as a local run caches them
+        (ours,) = [*(out / "cache").glob("clusters-*"), *(out / "cache").glob("scorer-*")]
         theirs = tmp_path / "local" / "cache" / ours.name
         names = sorted(p.name for p in ours.iterdir())
         assert names and names == sorted(p.name for p in theirs.iterdir())
