@@ -18,6 +18,7 @@ all cores, the streaming plan).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 from concurrent.futures.process import BrokenProcessPool
@@ -74,12 +75,12 @@ class ProcessPool(cf.ProcessPoolExecutor):
         return self._max_workers
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
-        futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+        futures = collections.deque(self.submit(fn, *args) for args in zip(*iterables, strict=False))
 
         def ordered():
             try:
-                for f in futures:
-                    yield result(f, self)
+                while futures:  # a result handed out is not held here too (histograms of every shard)
+                    yield result(futures.popleft(), self)
             finally:
                 for f in futures:
                     f.cancel()
