@@ -50,6 +50,9 @@ METADATA_COLUMNS = (
 )
 ON_REQUEST = frozenset({"face_bboxes"})  # nested lists: read only when a filter needs them
 DERIVED = ("source_shard", "caption")
+# Not DataComp's, read when a shard carries it: a 64-bit perceptual hash of the image
+# (uint64), for ``dedup: {method: perceptual}`` on metadata (a shard without it is named).
+OPTIONAL = ("phash",)
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class DataCompStage(SourceStage):
     def provides(self) -> set[str]:
         # Static: validating a config must not read data. Columns a given pool lacks are
         # reported when it is read.
-        return set(METADATA_COLUMNS) | set(DERIVED)
+        return set(METADATA_COLUMNS) | set(DERIVED) | set(OPTIONAL)
 
     def request(self, columns: set[str]) -> None:
         """Columns some filter reads; on-request columns among them are read too."""

@@ -64,6 +64,7 @@ from filtering.tasks import runs_tasks, task_pool
 from filtering.uid import UID_DTYPE, order_u8u8, uids_to_u8u8
 from filtering.writers.commit import file_records, invalidate
 from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, remove_parts, subset_stream
+from pipelines.executors.dedup_phase import dedup_positions, run_dedup, with_decisions
 
 # Filters whose decision for a row reads only that row (a global top_fraction is handled apart).
 # ``image_clusters`` is row-local once the target clusters are known (a small id set the
@@ -89,6 +90,7 @@ SPILL = ".streaming"
 
 def why_not(cfg, the_plan, executor) -> str | None:
     """Why this run cannot stream (None: it can, with outputs equal to the in-memory path's)."""
+    from filtering.dedup.search_stage import DedupSearchStage
     from filtering.image_clusters.image_clusters_stage import ImageClustersStage
     from filtering.scorers.base import ScorerStage
 
@@ -102,7 +104,7 @@ def why_not(cfg, the_plan, executor) -> str | None:
     whole = [
         s
         for s in the_plan.stages
-        if not (isinstance(s, ScorerStage) and s.internal) and not isinstance(s, ImageClustersStage)
+        if not (isinstance(s, ScorerStage) and s.internal) and not isinstance(s, ImageClustersStage | DedupSearchStage)
     ]
     if whole:
         return f"stage {type(whole[0]).__name__} needs the whole pool"
@@ -111,9 +113,22 @@ def why_not(cfg, the_plan, executor) -> str | None:
     if not (is_local(cfg.output.dir) and is_local(cfg.input.datacomp_metadata)):
         return "remote input or output"
     for node in cfg.filter_tree:
-        reason = _node_why_not(node)
+        if isinstance(node, Leaf) and node.filter.name == "dedup":
+            reason = _dedup_why_not(node.filter)
+        else:
+            reason = _node_why_not(node)
         if reason:
             return reason
+    return None
+
+
+def _dedup_why_not(f) -> str | None:
+    """A top-level ``dedup`` streams as a global survivor step (exact and perceptual only)."""
+    p = f.params
+    if p.method == "semantic":
+        return "dedup method semantic (k-means over the rows that reach it, in memory)"
+    if p.min_similarity is not None:
+        return "dedup min_similarity (reads embeddings of the candidate pairs, in memory)"
     return None
 
 
@@ -125,6 +140,8 @@ def _node_why_not(node: FilterNode) -> str | None:
     if not isinstance(node, Leaf):
         return f"filter {node.label()} is not row-local"
     f = node.filter
+    if f.name == "dedup":
+        return "dedup inside any/not (only a top-level dedup streams)"
     if f.name not in ROW_LOCAL:
         return f"filter {f.name} is not row-local"
     if f.name == "score" and f.params.top_fraction is not None:
@@ -315,7 +332,7 @@ def _filter(args) -> dict[str, Any]:
     """One shard through the filter tree, its outputs written: the kept rows (late columns
     read for them only) and the dropped rows as parts, hashed as they are written; the
     shard's uids spilled grouped by uid range with a keep flag each; the funnel as counts."""
-    sh, i, shard, thresholds = args
+    sh, i, shard, thresholds, decided = args
     pool, ctx = _shard_pool(sh, shard)
     try:
         uids = uids_to_u8u8(pool.table.column("uid").cast(pa.string()))
@@ -326,7 +343,7 @@ def _filter(args) -> dict[str, Any]:
     if sh.clusters is not None:  # the same per-shard cache entries as the in-memory run's
         stage, targets = sh.clusters
         stage.assign(ctx, pool, targets, _ASSIGNERS)
-    nodes = _with_thresholds(list(sh.cfg.filter_tree), thresholds)
+    nodes = with_decisions(_with_thresholds(list(sh.cfg.filter_tree), thresholds), decided)
     outcome = apply_filters(nodes, pool)
     # grouped by uid range (a radix sort of FINE_BITS-bit keys), the unit of the uid phase
     bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.uint16)
@@ -506,6 +523,7 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
 
 
 def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -> dict[str, Any] | None:
+    from filtering.dedup.search_stage import DedupSearchStage
     from filtering.image_clusters.image_clusters_stage import ImageClustersStage
     from pipelines.runner import _json_default, check_funnel, manifest_record, model_record
 
@@ -524,7 +542,9 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         prov=prov,
         hex_columns=frozenset(HEX_COLUMNS | set(source.info.hex_columns)),
         rows_per_part=cfg.output.rows_per_part,
-        scorer_stages=tuple(s for s in the_plan_stages if s is not cluster_stage),
+        scorer_stages=tuple(
+            s for s in the_plan_stages if s is not cluster_stage and not isinstance(s, DedupSearchStage)
+        ),
     )
     uid_paths = [os.path.join(spill, f"uids-{i:06d}.npy") for i in range(len(shards))]
     kept_paths = [os.path.join(spill, f"kept-{i:06d}.npy") for i in range(len(shards))]
@@ -578,10 +598,19 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
                 shard_rows = list(pool.map(_count_rows, shards))
             sh = replace(sh, clusters=(cluster_stage, _cluster_targets(cluster_stage, shards, shard_rows, ctx)))
             lap("cluster_targets")
+        # 3b. dedup: the search, then the survivors over small per-row arrays (dedup_phase.py)
+        decided = [None] * len(shards)
+        if dedup_positions(list(cfg.filter_tree)):
+            if not shard_rows:
+                shard_rows = list(pool.map(_count_rows, shards))
+            decided = run_dedup(pool, sh, shards, shard_rows, values, ctx)
+            if decided is None:
+                return None
+            lap("dedup")
         # 4. filter and write: every shard's parts, into the spill folder
         bar = ctx.bar(len(shards), "filter", unit="shards")
         results = []
-        for r in pool.map(_filter, [(sh, i, s, values) for i, s in enumerate(shards)]):
+        for r in pool.map(_filter, [(sh, i, s, values, decided[i]) for i, s in enumerate(shards)]):
             if "bad_uids" in r:
                 ctx.log(f"execution: uids that subset.npy cannot hold ({r['bad_uids']}); filtering in memory")
                 return None

@@ -74,10 +74,13 @@ def assert_tables_equal(ta: pa.Table, tb: pa.Table) -> None:
             assert a.to_pylist() == b.to_pylist(), name
 
 
-def assert_same_outputs(metadata: Path, tmp_path: Path, filters, clusters=None, fresh_cache=False, **output) -> dict:
+def assert_same_outputs(
+    metadata: Path, tmp_path: Path, filters, clusters=None, fresh_cache=False, search_record=True, **output
+) -> dict:
     """Both plans into the same folder (the config, output.dir included, is the same); the
     in-memory run's outputs are copied aside first. ``fresh_cache``: the streaming run
-    starts without the in-memory run's cache, so both compute everything."""
+    starts without the in-memory run's cache, so both compute everything. ``search_record``
+    False: the dedup search's record (``stages.dedup``: its cache entry) is not compared."""
     a, b = tmp_path / "memory", tmp_path / "run"
     mem = _run(metadata, b, filters, "memory", clusters, **output)
     shutil.copytree(b, a)
@@ -114,6 +117,9 @@ def assert_same_outputs(metadata: Path, tmp_path: Path, filters, clusters=None, 
         "language_identifiers",
         "model",
     ):
+        if key == "stages" and not search_record:
+            assert set(mem.manifest[key]["dedup"]) == set(streamed.manifest[key]["dedup"])
+            mem.manifest[key].pop("dedup"), streamed.manifest[key].pop("dedup")
         assert json.dumps(_timeless(mem.manifest[key]), default=_json_default) == json.dumps(
             _timeless(streamed.manifest[key]), default=_json_default
         ), key
@@ -299,3 +305,88 @@ def test_image_clusters_share_caches_with_the_in_memory_plan(tmp_path, metadata,
 def test_image_clusters_stream_in_auto_mode(tmp_path, metadata, cluster_files):
     clusters = {"reference": str(cluster_files / "reference.npy"), "centroids": str(cluster_files / "centroids.npy")}
     assert _run(metadata, tmp_path / "out", IMAGE_BASED, "auto", clusters).pool is None
+
+
+# ---------------------------------------------------------------- dedup (pipelines/executors/dedup_phase.py)
+
+
+@pytest.fixture(scope="module")
+def dup_metadata(tmp_path_factory):
+    """A pool with exact copies (a few sha256 values shared within and across shards),
+    near copies (phash with 1 to 3 bits flipped, chains) and tied scores (one decimal)."""
+    root = make_datacomp_pool(tmp_path_factory.mktemp("dcdup") / "metadata", shards=4, rows=90, seed=5)
+    rng = np.random.default_rng(7)
+    bases = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+    for path in sorted(root.glob("*.parquet")):
+        t = pq.read_table(path)
+        n = t.num_rows
+        sha = np.asarray([f"{v:064x}" for v in rng.integers(0, 2**62, n)], object)
+        copy = rng.random(n) < 0.4
+        sha[copy] = [f"{v:064x}" for v in rng.integers(0, 12, int(copy.sum()))]
+        phash = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+        near = rng.random(n) < 0.5
+        flips = np.zeros(n, np.uint64)
+        for _ in range(3):
+            flips |= np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)
+        phash[near] = bases[rng.integers(0, len(bases), n)][near] ^ np.where(rng.random(n) < 0.5, flips, 0)[near]
+        score = np.round(t.column(L14).to_numpy(zero_copy_only=False), 1).astype(np.float32)
+        t = t.set_column(t.schema.get_field_index("sha256"), "sha256", pa.array(sha, pa.string()))
+        t = t.set_column(t.schema.get_field_index(L14), L14, pa.array(score, t.schema.field(L14).type))
+        t = t.append_column("phash", pa.array(phash, pa.uint64()))
+        pq.write_table(t, path)
+    return root
+
+
+def _same_but_search_record(metadata, tmp_path, filters):
+    m = assert_same_outputs(metadata, tmp_path, filters, search_record=False)
+    assert m["execution"]["seconds"]["dedup"] >= 0  # the dedup phase ran
+    return m
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [{"dedup": {"method": "exact"}}],
+        [{"dedup": {"method": "exact", "with_caption": True, "keep": "smallest_uid"}}],
+        [{"dedup": {"method": "perceptual", "max_distance": 6}}],
+        [{"dedup": {"method": "exact"}}, {"dedup": {"method": "perceptual", "max_distance": 4}}],
+        [{"caption": {"min_words": 3}}, {"dedup": {"method": "exact"}}, {"clip_score": {"min": 0.1}}],
+        [{"clip_score": {"top_fraction": 0.5}}, {"dedup": {"method": "perceptual", "keep": "highest_clip_score"}}],
+    ],
+    ids=["exact", "exact-caption-smallest-uid", "perceptual", "exact-then-perceptual", "after-caption", "after-top"],
+)
+def test_dedup_streams(tmp_path, dup_metadata, filters):
+    m = _same_but_search_record(dup_metadata, tmp_path, filters)
+    dropped = sum(f["dropped"] for f in m["counts"]["filters"] if f["name"].startswith("dedup"))
+    assert dropped > 0  # the pool has copies: the step decided something
+
+
+def test_dedup_ties_keep_the_smallest_uid(tmp_path, dup_metadata):
+    """Scores of one decimal tie: among equal scores the survivor is the smallest uid, as in memory."""
+    _same_but_search_record(dup_metadata, tmp_path, [{"dedup": {"method": "exact"}}])
+    pool = pa.concat_tables([pq.read_table(p, columns=["uid", L14]) for p in sorted(dup_metadata.glob("*.parquet"))])
+    score = dict(zip(pool.column("uid").to_pylist(), pool.column(L14).to_pylist(), strict=True))
+    dups = [
+        (r["uid"], r["duplicate_of"]) for r in _table(tmp_path / "run" / "dropped").to_pylist() if r["duplicate_of"]
+    ]
+    ties = [(u, d) for u, d in dups if score[d] == score[u]]
+    assert ties  # the fixture has tied copies
+    assert all(d < u for u, d in ties)
+    assert all(score[d] >= score[u] for u, d in dups)
+
+
+@pytest.mark.parametrize(
+    ("filters", "reason"),
+    [
+        ([{"dedup": {"method": "semantic", "embedding": "l14_img"}}], "semantic"),
+        ([{"any": [{"dedup": {"method": "exact"}}, {"caption": {"min_words": 3}}]}], "any/not"),
+    ],
+)
+def test_dedup_positions_that_stay_in_memory(tmp_path, dup_metadata, filters, reason):
+    from pipelines.executors.streaming import why_not
+
+    raw = {"input": {"datacomp_metadata": str(dup_metadata)}, "filters": filters, "output": {"dir": str(tmp_path)}}
+    cfg = parse_config(raw)
+    from pipelines.runner import plan
+
+    assert reason in why_not(cfg, plan(cfg, str(tmp_path / "cache")), None)
