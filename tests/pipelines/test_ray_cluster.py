@@ -5,7 +5,8 @@ machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the modul
   filters (clip_score top_fraction, caption).
 - A DataComp-metadata pool through the whole plan as Ray tasks (``RayExecutor.task_pool``):
   the streaming plan for clip_score top_fraction and image_clusters (DataComp's
-  image_based), the partitioned dedup search for an exact dedup; subset.npy and every
+  image_based) and an exact dedup (its search, alive-at-dedup and filter phases), the
+  in-memory plan's partitioned dedup search; subset.npy and every
   subset and dropped part byte for byte, the manifest's counts and thresholds equal to
   the local process pool's.
 """
@@ -152,13 +153,23 @@ def _same_outputs(a, b) -> None:
     [
         ([{"clip_score": {"top_fraction": 0.3}}], "auto", {"_scan", "_gather", "_filter", "_uid_range"}),
         ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "auto", {"_scan", "_filter"}),
-        ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "auto", {"_emit_task", "_reduce_task"}),
+        # the streaming plan's dedup phase (pipelines/executors/dedup_phase.py)
+        ([{"dedup": {"method": "exact"}}], "auto", {"_emit", "_reduce", "_alive_at", "_filter"}),
+        # the in-memory plan: the partitioned search's tasks
+        ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "memory", {"_emit_task", "_reduce_task"}),
         # the in-memory plan: each shard's cluster assignment a Ray task (cached_shard_loop)
         ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "memory", {"_shard_task"}),
         # and each shard's language_id scorer (the filter's own), set up once per Ray worker
         ([{"language": {"languages": ["en"]}}, {"clip_score": {"top_fraction": 0.5}}], "memory", {"_shard_task"}),
     ],
-    ids=["clip_score_top_fraction", "image_clusters", "dedup_exact", "image_clusters_in_memory", "language_in_memory"],
+    ids=[
+        "clip_score_top_fraction",
+        "image_clusters",
+        "dedup_exact",
+        "dedup_exact_in_memory",
+        "image_clusters_in_memory",
+        "language_in_memory",
+    ],
 )
 def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, mode, sent):
     from pipelines.executors.ray import RayExecutor
