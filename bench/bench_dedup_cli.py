@@ -1,0 +1,123 @@
+"""The whole CLI run of exact + perceptual dedup on DataComp metadata, both plans (issue 16).
+
+Generates DataComp-format parquet shards (``bench_scale.SHARD_ROWS`` rows each, no npz)
+whose ``sha256`` repeats (10% exact copies of a random row of the pool, across shards)
+and with a uint64 ``phash`` column (15% near copies: another row's hash with up to 4
+bits flipped), then runs ``poolsift run`` with ``dedup: exact`` then ``dedup:
+perceptual`` (``max_distance: 6``; ``keep: highest_clip_score``), writing every output,
+once with ``execution.mode: memory`` and once with ``streaming``, each in its own
+process tree from a fresh output folder (no dedup cache). Prints wall, CPU and peak
+RSS of the process tree (``bench_scale.timed``) and whether ``subset.npy`` and the
+manifest's counts agree.
+
+    .venv/bin/python bench/bench_dedup_cli.py --dir /tmp/poolsift-dedup-cli --sizes 250k 1M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.bench_datacomp import metadata_table  # noqa: E402
+from bench.bench_scale import SHARD_ROWS, parse_size, timed  # noqa: E402
+
+
+def mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64: a fixed pseudo-random uint64 per row number."""
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def generate(root: Path, rows: int, seed: int = 0) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s, start in enumerate(range(0, rows, SHARD_ROWS)):
+        path = root / f"{s:08d}.parquet"
+        if path.exists():
+            continue
+        n = min(SHARD_ROWS, rows - start)
+        rng = np.random.default_rng([seed, s])
+        table = metadata_table(rng, n, score_dtype=np.float64, faces=False)
+        g = np.arange(start, start + n, dtype=np.uint64)
+        src = g.copy()
+        copy = rng.random(n) < 0.10
+        src[copy] = rng.integers(0, rows, int(copy.sum())).astype(np.uint64)
+        sha = [f"{a:016x}{b:016x}{a:016x}{b:016x}" for a, b in zip(mix(src), mix(src ^ np.uint64(1)), strict=True)]
+        near_src = g.copy()
+        near = rng.random(n) < 0.15
+        near_src[near] = rng.integers(0, rows, int(near.sum())).astype(np.uint64)
+        flips = np.zeros(n, np.uint64)
+        for _ in range(4):
+            on = rng.random(n) < 0.6
+            flips[on] |= np.uint64(1) << rng.integers(0, 64, int(on.sum())).astype(np.uint64)
+        phash = mix(near_src ^ np.uint64(0xABCDEF)) ^ np.where(near, flips, np.uint64(0))
+        table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha, pa.string()))
+        table = table.append_column("phash", pa.array(phash, pa.uint64()))
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        tmp.rename(path)
+
+
+def config(pool: Path, out: Path, mode: str) -> str:
+    import yaml
+
+    raw = {
+        "input": {"datacomp_metadata": str(pool)},
+        "filters": [{"dedup": {"method": "exact"}}, {"dedup": {"method": "perceptual", "max_distance": 6}}],
+        "output": {"dir": str(out)},
+        "execution": {"mode": mode},
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/poolsift-dedup-cli")
+    ap.add_argument("--sizes", nargs="+", default=["250k", "1M"])
+    ap.add_argument("--modes", nargs="+", default=["memory", "streaming"])
+    args = ap.parse_args()
+    base = Path(args.dir)
+    table = []
+    for size in args.sizes:
+        rows = parse_size(size)
+        pool = base / f"pool-{rows}"
+        generate(pool, rows)
+        subsets, counts = {}, {}
+        for mode in args.modes:
+            out = base / f"out-{rows}-{mode}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode), "--quiet"]
+            wall, cpu, rss, _pss = timed(cmd)
+            manifest = json.loads((out / "manifest.json").read_text())
+            assert manifest.get("execution", {}).get("plan", "memory") in (mode, "memory")
+            subsets[mode] = (out / "subset.npy").read_bytes()
+            counts[mode] = manifest["counts"]
+            table.append((rows, mode, wall, cpu, rss, manifest["counts"]["kept"]))
+            print(
+                f"{rows:>9} {mode:<10} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB", flush=True
+            )
+        if len(subsets) == 2:
+            a, b = subsets.values()
+            ca, cb = counts.values()
+            print(f"{rows:>9} same subset.npy: {a == b}, same counts: {ca == cb}", flush=True)
+    print()
+    print(f"{'rows':>9} {'plan':<10}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'B/row':>7}{'kept':>10}")
+    for rows, mode, wall, cpu, rss, kept in table:
+        print(f"{rows:>9} {mode:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{rss / rows:>7.0f}{kept:>10}")
+
+
+if __name__ == "__main__":
+    main()
