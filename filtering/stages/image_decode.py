@@ -172,11 +172,15 @@ def phash64(img) -> int:
     return phash(img)
 
 
-def _reason(e: Exception) -> str:
+def _message(e: Exception) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     # PIL names the buffer by its address ("<_io.BytesIO object at 0x7f..>"): drop it, so the
     # same bytes give the same reason in every run (resumed and Ray runs must match exactly).
-    return f"corrupt_image: {_ADDRESS.sub('', msg).strip()[:160]}"
+    return _ADDRESS.sub("", msg).strip()[:160]
+
+
+def _reason(e: Exception) -> str:
+    return f"corrupt_image: {_message(e)}"
 
 
 def open_image(data: bytes | None, draft: int | None = None):
@@ -235,18 +239,23 @@ class DecodePlan:
     draft: int | None = None
     scorers: list = field(default_factory=list)  # Needs.images scorers
     transforms: dict = field(default_factory=dict)  # pixel scorer name -> PIL transform
+    # Scorers whose failure on an image fails the sample (the source's own: CLIP's
+    # preprocessing and the perceptual hash); run whenever the rows ("source") are wanted.
+    required: frozenset = frozenset()
 
 
 @dataclass
 class DecodedImage:
     """One sample's image after the decode pass. ``values``: per image scorer, its
-    columns' values (absent: not scored); ``pixels``: per pixel scorer, its input."""
+    columns' values (absent: not scored); ``pixels``: per pixel scorer, its input;
+    ``failures``: per scorer (not a required one) that failed on this image, why."""
 
     width: int | None
     height: int | None
     error: str | None
     values: dict = field(default_factory=dict)
     pixels: dict = field(default_factory=dict)
+    failures: dict = field(default_factory=dict)
 
 
 _PLAN: DecodePlan | None = None
@@ -261,8 +270,10 @@ def init_scoring_worker(plan: DecodePlan) -> None:
 
 def decode_image(data: bytes | None, wanted, plan: DecodePlan | None = None) -> DecodedImage:
     """Decode one image, run the wanted image scorers on it and the wanted pixel scorers'
-    transforms. A scorer or transform that fails on this image leaves it unscored by that
-    scorer (null); only a failed decode fails the sample."""
+    transforms. A failed decode, or a failure of a ``plan.required`` scorer or transform
+    (CLIP's preprocessing, the perceptual hash), fails the sample as a corrupt image; any
+    other scorer or transform that fails on this image leaves that scorer's value null and
+    its reason in ``failures`` (the source counts them per scorer in the manifest)."""
     from filtering.scorers.base import Batch
 
     plan = plan or _PLAN
@@ -270,24 +281,45 @@ def decode_image(data: bytes | None, wanted, plan: DecodePlan | None = None) -> 
     out = DecodedImage(width, height, error)
     if img is None:
         return out
+
+    def runs(name: str) -> bool:
+        return name in wanted or ("source" in wanted and name in plan.required)
+
+    def failed(name: str, message: str, sized: bool = False) -> DecodedImage | None:
+        """A required step's failure fails the sample (as before scorers: decode_one's
+        reasons); another's is recorded and that scorer's value left null."""
+        if name in plan.required:
+            return (
+                DecodedImage(width, height, f"corrupt_image: {message}")
+                if sized
+                else DecodedImage(None, None, f"corrupt_image: {message}")
+            )
+        out.failures[name] = message
+        return None
+
     for scorer in plan.scorers:
-        if scorer.name not in wanted:
+        if not runs(scorer.name):
             continue
         try:
             scorer.ensure_setup()
             result = scorer.score(Batch(images=[img]))
             out.values[scorer.name] = {c: np.asarray(result[c])[0] for c in scorer.provides()}
-        except Exception:  # noqa: BLE001, S112 — one odd image leaves that scorer's value null
-            continue
+        except Exception as e:  # noqa: BLE001 — one odd image: a failed sample or a null value
+            if (fail := failed(scorer.name, _message(e))) is not None:
+                return fail
     for name, transform in plan.transforms.items():
-        if name not in wanted:
+        if not runs(name):
             continue
         try:
             pixels = np.asarray(transform(img), dtype=np.uint8)
-        except Exception:  # noqa: BLE001, S112
+        except Exception as e:  # noqa: BLE001
+            if (fail := failed(name, _message(e))) is not None:
+                return fail
             continue
         if pixels.ndim == 3 and pixels.shape[2] == 3:
             out.pixels[name] = pixels
+        elif (fail := failed(name, f"unexpected shape {pixels.shape}", sized=True)) is not None:
+            return fail
     return out
 
 

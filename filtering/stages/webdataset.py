@@ -234,12 +234,18 @@ class WebDatasetStage(SourceStage):
             detail = ", ".join(f"{k} {v}" for k, v in warnings.items())
             ctx.log(f"warning: {sum(warnings.values())} unusable .json fields left empty ({detail})")
         for s in self.scorers[len(BUILTIN_SCORED) :]:  # the built-ins' caches are in the source record
-            ctx.stage_info.setdefault("scorers", {})[s.name] = {
+            record = ctx.stage_info.setdefault("scorers", {})[s.name] = {
                 **s.describe(),
                 "source": "decode pass",
                 # no per-run counts: a resumed run's manifest equals an uninterrupted one's
                 "cache": {"dir": self.scorer_cache(s).dir},
             }
+            if failed := self.scorer_failures(s):
+                record["failed"] = failed
+                ctx.log(
+                    f"warning: scorer {s.name} failed on {failed['count']} image(s), left null "
+                    f"(first: {failed['first_error']})"
+                )
         pool = self.load_pool()
         ctx.stage_info["uids"] = pool.artifacts["uids"]
         if pool.artifacts["uids"].get("derived"):
@@ -415,8 +421,9 @@ class WebDatasetStage(SourceStage):
 
     def transform_scorers(self, wanted) -> list[Scorer]:
         """The pixel scorers whose transform the decode pass needs: those ``wanted``, and
-        CLIP's whenever JPEG draft decoding is on (its input size sets the draft size)."""
-        draft = self.model_cfg.jpeg_draft
+        CLIP's whenever JPEG draft decoding is on (its input size sets the draft size) or
+        the rows are wanted (its preprocessing failing on an image fails the sample)."""
+        draft = self.model_cfg.jpeg_draft or "source" in wanted
         return [s for s in self.pixel_scorers() if s.name in wanted or (draft and s is self.clip)]
 
     def decode_plan(self, transforms: dict[str, Any]) -> DecodePlan:
@@ -426,7 +433,10 @@ class WebDatasetStage(SourceStage):
 
         draft = draft_target(transforms[self.clip.name]) if self.model_cfg.jpeg_draft else None
         return DecodePlan(
-            draft=draft, scorers=[s for s in self.scorers if s.needs().images], transforms=dict(transforms)
+            draft=draft,
+            scorers=[s for s in self.scorers if s.needs().images],
+            transforms=dict(transforms),
+            required=frozenset(s.name for s in self.scorers[: len(BUILTIN_SCORED)]),
         )
 
     def score_local(self, todo: dict[str, tuple[str, ...]], ctx: RunContext) -> None:
@@ -467,6 +477,18 @@ class WebDatasetStage(SourceStage):
         cores = os.cpu_count() or 2
         return max(1, cores - 1) if device.startswith("cuda") else max(1, cores // 4)
 
+    def scorer_failures(self, scorer: Scorer) -> dict[str, Any] | None:
+        """The images ``scorer`` failed on (its value null, the row not failed), over every
+        shard from its cache: the count and the first error in shard order."""
+        count, first = 0, None
+        cache = self.scorer_cache(scorer)
+        for u in self.urls:
+            f = cache.read_meta(u).get("failures")
+            if f:
+                count += f["count"]
+                first = first or f["first_error"]
+        return {"count": count, "first_error": first} if count else None
+
     def field_warnings(self) -> dict[str, int]:
         """Unusable metadata fields left empty, counted per field over every shard."""
         total: Counter = Counter()
@@ -491,7 +513,14 @@ class WebDatasetStage(SourceStage):
         for s in self.scorers:
             if s.name in wanted:
                 columns, arrays = shard.results(s, table.num_rows, bad)
-                self.scorer_cache(s).write(shard.url, pa.table(columns), arrays, source=stamp)
+                failures = shard.failures(s.name, bad)
+                self.scorer_cache(s).write(
+                    shard.url,
+                    pa.table(columns),
+                    arrays,
+                    source=stamp,
+                    extra={"failures": failures} if failures else None,
+                )
         if "source" in wanted:  # last: with every scorer's piece, the shard is complete
             extra = {"field_warnings": dict(sorted(warnings.items()))} if warnings else None
             self.cache.write(shard.url, table, {}, source=stamp, extra=extra)
@@ -705,6 +734,16 @@ class ShardScores:
         for name, (ok, arrays) in scored.outputs.items():
             self.outputs.setdefault(name, []).append((offset, ok, arrays))
         self.dims.update(scored.dims)
+
+    def failures(self, name: str, bad: list[int]) -> dict[str, Any] | None:
+        """How many of the shard's readable images scorer ``name`` failed on, and the first reason."""
+        skip = set(bad)
+        reasons = [
+            d.failures[name]
+            for i, (row, d) in enumerate(zip(self.rows, self.images, strict=True))
+            if name in d.failures and not row.get("error") and i not in skip
+        ]
+        return {"count": len(reasons), "first_error": reasons[0]} if reasons else None
 
     def results(self, scorer: Scorer, n: int, bad: list[int]) -> tuple[dict[str, pa.Array], dict[str, np.ndarray]]:
         """``scorer``'s columns over the shard's ``n`` rows (null where it did not score:
