@@ -176,7 +176,7 @@ class DecontaminateStage(ColumnStage):
 
     def reference(self, ctx: RunContext, t: Target) -> tuple[ReferenceSet, str]:
         from filtering.image_clusters.image_clusters_stage import reference_source
-        from filtering.stages.webdataset import model_spec
+        from filtering.scorers.clip import model_spec
 
         key = "filters.decontaminate.reference"
         try:
@@ -221,7 +221,7 @@ class DecontaminateStage(ColumnStage):
 
         semantic = t.method == "semantic"
         if semantic:
-            from filtering.stages.webdataset import ClipEncoder
+            from filtering.scorers.clip import ClipEncoder
 
             clip = ctx.clip()
             encoder = ClipEncoder(clip)

@@ -253,7 +253,7 @@ class ImageClustersStage(ColumnStage):
         source = reference_source(ref)
         spec: dict[str, Any] = {"reference": ref, "kind": source[0], "files": source[2]}
         if source[0] != "embeddings":
-            from filtering.stages.webdataset import model_spec
+            from filtering.scorers.clip import model_spec
 
             spec["model"] = model_spec(self.cfg.model)
             spec["jpeg_draft"] = getattr(self.cfg.model, "jpeg_draft", False)
@@ -281,8 +281,8 @@ class ImageClustersStage(ColumnStage):
 
     def embed_reference(self, ctx, source) -> tuple[np.ndarray, int]:
         """Encode reference images exactly as pool images are: same decode, transform, model."""
+        from filtering.scorers.clip import ClipEncoder
         from filtering.stages.image_decode import decode_batch, decode_one, draft_target, init_worker
-        from filtering.stages.webdataset import ClipEncoder
 
         kind, items, _ = source
         clip = ctx.clip()

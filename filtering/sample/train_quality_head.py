@@ -59,8 +59,8 @@ def render_jpegs(n: int, rng: np.random.Generator, share: float = 0.5) -> tuple[
 def embed(jpegs: list[bytes], batch_size: int = 256) -> np.ndarray:
     """Image embeddings as a run computes them: ``decode_one`` then ``ClipEncoder`` (fp32, CPU)."""
     from filtering.models.clip import load_clip
+    from filtering.scorers.clip import ClipEncoder
     from filtering.stages.image_decode import decode_one
-    from filtering.stages.webdataset import ClipEncoder
 
     clip = load_clip(CLIP_ARCH, CLIP_WEIGHTS, "cpu", "fp32")
     encoder = ClipEncoder(clip)

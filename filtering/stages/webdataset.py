@@ -45,13 +45,7 @@ from filtering.io.paths import expand_shards, file_info, get_fs, join
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
 from filtering.pool import Pool, ShardPart
 from filtering.scorers.base import Batch, Scorer, input_info
-from filtering.scorers.clip import (  # noqa: F401  (re-exported: the reference-set encoders import them from here)
-    ClipEncoder,
-    ClipScorer,
-    encode_text_bucketed,
-    encode_text_trimmed,
-    model_spec,
-)
+from filtering.scorers.clip import ClipScorer, model_spec
 from filtering.scorers.phash import PhashScorer
 from filtering.stages.base import RunContext, SourceInfo, SourceStage
 from filtering.stages.image_decode import DecodedImage, DecodePlan

@@ -114,7 +114,7 @@ def test_precision_auto_resolution():
 def test_score_caches_are_keyed_by_the_precision_auto_resolves_to(monkeypatch):
     """A cache scored in bf16 on one machine is not reused as fp32 scores on another."""
     import filtering.models.clip as clip_mod
-    from filtering.stages.webdataset import model_spec
+    from filtering.scorers.clip import model_spec
 
     class Cfg:
         arch, pretrained, precision, device = "ViT-B-32", "openai", "auto", "auto"
