@@ -5,6 +5,7 @@ dropped rows, uid list, cache and funnel must equal the local run's (``scored_sa
 """
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -95,3 +96,30 @@ def test_errors_inside_ray_tasks_come_out_as_one_line(tmp_path, executor):
         run(cfg, executor=executor, progress=False, log=logs.append)
     assert logs == ["scoring 4 of 4 shards (0 cached)"]  # raised by the model load in a Ray task
     assert "\n" not in str(e.value)
+
+
+def test_a_failing_image_scorer_on_ray_is_counted_as_locally(tmp_path, rerun_dir, executor):
+    """An added image scorer that raises on some images (tests/filtering/scorers/
+    test_image_scorer_failures.py) gives on Ray the local run's nulls, count and reasons."""
+    from pipelines.config import load_config
+    from pipelines.runner import run
+    from tests.filtering.scorers.test_image_scorer_failures import OddWidthFails  # noqa: F401  (registers it)
+
+    sections = {"scorers": [{"odd_width_fails": {}}], "filters": [{"score": {"column": "even_width", "min": 0}}]}
+    local = tmp_path / "local"
+    shutil.copytree(rerun_dir / "cache", local / "cache")
+    results = {}
+    for name, ex, out in (("ray", executor, rerun_dir), ("local", None, local)):
+        cfg = load_config(write_config(tmp_path / f"{name}.yaml", output={"dir": str(out)}, **sections))
+        logs = []
+        results[name] = run(cfg, executor=ex, progress=False, log=logs.append).manifest
+        assert (name == "ray") == any(m.startswith("ray: 4 shards") for m in logs), logs
+    ray_m, local_m = results["ray"], results["local"]
+    assert ray_m["counts"] == local_m["counts"]
+    assert (
+        ray_m["stages"]["scorers"]["odd_width_fails"]["failed"]
+        == local_m["stages"]["scorers"]["odd_width_fails"]["failed"]
+    )
+    assert ray_m["stages"]["scorers"]["odd_width_fails"]["failed"]["count"] > 0
+    assert set(next(f for f in ray_m["counts"]["filters"] if f["name"] == "score")["reasons"]) == {"even_width_missing"}
+    assert (rerun_dir / "subset.npy").read_bytes() == (local / "subset.npy").read_bytes()
