@@ -91,7 +91,9 @@ class RayExecutor:
         if self.address is None:
             kwargs.update(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False)
         try:
-            ray.init(address=self.address, **kwargs)
+            # "local": a private Ray, never one that RAY_ADDRESS or a `ray start` on this
+            # machine points at (README: without --ray-address a private Ray is started).
+            ray.init(address=self.address or "local", **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"join the Ray cluster at {self.address}" if self.address else "start a local Ray"
             raise PoolsiftError(f"could not {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

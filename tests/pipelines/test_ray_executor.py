@@ -5,6 +5,7 @@ dropped rows, uid list, cache and funnel must equal the local run's (``scored_sa
 """
 
 import json
+import os
 import shutil
 import sys
 
@@ -28,10 +29,20 @@ def executor():
     ray = pytest.importorskip("ray")
     from pipelines.executors.ray import RayExecutor
 
-    with RayExecutor(num_cpus=2) as ex:
-        ex.connect()
-        assert ray.cluster_resources()["CPU"] == 2
-        yield ex
+    # Without --ray-address the executor starts a private Ray, whatever RAY_ADDRESS says
+    # (README): here it names an address where nothing listens.
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "127.0.0.1:9"
+    try:
+        with RayExecutor(num_cpus=2) as ex:
+            ex.connect()
+            assert ray.cluster_resources()["CPU"] == 2
+            yield ex
+    finally:
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
     assert not ray.is_initialized(), "the executor shuts down the Ray it started"
 
 
