@@ -16,6 +16,7 @@ manifest's counts agree.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -26,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.bench_datacomp import metadata_table  # noqa: E402
-from bench.bench_scale import SHARD_ROWS, parse_size, timed  # noqa: E402
+from bench.bench_scale import parse_size, timed, write_shards  # noqa: E402
 
 
 def mix(x: np.ndarray) -> np.ndarray:
@@ -38,35 +39,30 @@ def mix(x: np.ndarray) -> np.ndarray:
 
 
 def generate(root: Path, rows: int, seed: int = 0) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    write_shards(root, rows, functools.partial(_shard, rows=rows), seed)
 
-    root.mkdir(parents=True, exist_ok=True)
-    for s, start in enumerate(range(0, rows, SHARD_ROWS)):
-        path = root / f"{s:08d}.parquet"
-        if path.exists():
-            continue
-        n = min(SHARD_ROWS, rows - start)
-        rng = np.random.default_rng([seed, s])
-        table = metadata_table(rng, n, score_dtype=np.float64, faces=False)
-        g = np.arange(start, start + n, dtype=np.uint64)
-        src = g.copy()
-        copy = rng.random(n) < 0.10
-        src[copy] = rng.integers(0, rows, int(copy.sum())).astype(np.uint64)
-        sha = [f"{a:016x}{b:016x}{a:016x}{b:016x}" for a, b in zip(mix(src), mix(src ^ np.uint64(1)), strict=True)]
-        near_src = g.copy()
-        near = rng.random(n) < 0.15
-        near_src[near] = rng.integers(0, rows, int(near.sum())).astype(np.uint64)
-        flips = np.zeros(n, np.uint64)
-        for _ in range(4):
-            on = rng.random(n) < 0.6
-            flips[on] |= np.uint64(1) << rng.integers(0, 64, int(on.sum())).astype(np.uint64)
-        phash = mix(near_src ^ np.uint64(0xABCDEF)) ^ np.where(near, flips, np.uint64(0))
-        table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha, pa.string()))
-        table = table.append_column("phash", pa.array(phash, pa.uint64()))
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        tmp.rename(path)
+
+def _shard(rng, s, start, n, rows):
+    """10% exact copies (sha256 of another row) and 15% near copies (phash within a few bits)."""
+    import pyarrow as pa
+
+    table = metadata_table(rng, n, score_dtype=np.float64, faces=False)
+    g = np.arange(start, start + n, dtype=np.uint64)
+    src = g.copy()
+    copy = rng.random(n) < 0.10
+    src[copy] = rng.integers(0, rows, int(copy.sum())).astype(np.uint64)
+    sha = [f"{a:016x}{b:016x}{a:016x}{b:016x}" for a, b in zip(mix(src), mix(src ^ np.uint64(1)), strict=True)]
+    near_src = g.copy()
+    near = rng.random(n) < 0.15
+    near_src[near] = rng.integers(0, rows, int(near.sum())).astype(np.uint64)
+    flips = np.zeros(n, np.uint64)
+    for _ in range(4):
+        on = rng.random(n) < 0.6
+        flips[on] |= np.uint64(1) << rng.integers(0, 64, int(on.sum())).astype(np.uint64)
+    phash = mix(near_src ^ np.uint64(0xABCDEF)) ^ np.where(near, flips, np.uint64(0))
+    table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha, pa.string()))
+    table = table.append_column("phash", pa.array(phash, pa.uint64()))
+    return table
 
 
 def config(pool: Path, out: Path, mode: str) -> str:

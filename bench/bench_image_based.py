@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.bench_datacomp import metadata_table  # noqa: E402
-from bench.bench_scale import parse_size, timed  # noqa: E402
+from bench.bench_scale import parse_size, timed, write_shards  # noqa: E402
 
 SHARD_ROWS = 50_000
 DIM = 768  # ViT-L/14
@@ -40,19 +40,11 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def generate(root: Path, rows: int, seed: int = 0) -> None:
-    import pyarrow.parquet as pq
-
-    root.mkdir(parents=True, exist_ok=True)
-    for s, start in enumerate(range(0, rows, SHARD_ROWS)):
-        path = root / f"{s:08d}.parquet"
-        if path.exists():
-            continue
-        n = min(SHARD_ROWS, rows - start)
-        rng = np.random.default_rng([seed, s])
+    def shard(rng, s, start, n):
         np.savez(root / f"{s:08d}.npz", l14_img=_unit(rng, n).astype(np.float16))  # before the parquet: it marks done
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(metadata_table(rng, n, score_dtype=np.float64, faces=False), tmp)
-        tmp.rename(path)
+        return metadata_table(rng, n, score_dtype=np.float64, faces=False)
+
+    write_shards(root, rows, shard, seed, shard_rows=SHARD_ROWS)
 
 
 def main() -> None:

@@ -71,21 +71,31 @@ def parse_size(text: str) -> int:
     return int(float(t.rstrip("MK")) * scale)
 
 
-def generate(root: Path, rows: int, seed: int = 0) -> None:
-    """``rows`` rows in shards of SHARD_ROWS, no npz (nothing here reads embeddings)."""
+def write_shards(root: Path, rows: int, make_table, seed: int = 0, shard_rows: int = SHARD_ROWS) -> None:
+    """``rows`` rows as parquet shards of ``shard_rows``; ``make_table(rng, s, start, n)`` gives
+    shard ``s`` (rows ``start`` to ``start + n``), from its own seeded ``rng``. A shard whose
+    parquet exists is kept: written last, through a temporary name, it marks the shard done."""
     import pyarrow.parquet as pq
 
     root.mkdir(parents=True, exist_ok=True)
-    for s, start in enumerate(range(0, rows, SHARD_ROWS)):
+    for s, start in enumerate(range(0, rows, shard_rows)):
         path = root / f"{s:08d}.parquet"
         if path.exists():
             continue
-        n = min(SHARD_ROWS, rows - start)
-        rng = np.random.default_rng([seed, s])
-        table = metadata_table(rng, n, score_dtype=np.float64, faces=False)  # float64, as bench_datacomp notes
+        n = min(shard_rows, rows - start)
+        table = make_table(np.random.default_rng([seed, s]), s, start, n)
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
         tmp.rename(path)
+
+
+def generate(root: Path, rows: int, seed: int = 0) -> None:
+    """``rows`` rows in shards of SHARD_ROWS, no npz (nothing here reads embeddings)."""
+
+    def shard(rng, s, start, n):
+        return metadata_table(rng, n, score_dtype=np.float64, faces=False)  # float64, as bench_datacomp notes
+
+    write_shards(root, rows, shard, seed)
 
 
 def _tree(pid: int) -> list[int]:
