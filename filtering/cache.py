@@ -26,6 +26,20 @@ from filtering.io.paths import file_info, get_fs, is_local, join, shard_id
 if TYPE_CHECKING:
     from filtering.pool import ShardPart
 
+
+def save_npy(url: str, arr: np.ndarray) -> None:
+    """``arr`` as an ``.npy`` file at ``url`` (local or fsspec), atomically."""
+    with atomic_open(url) as f:
+        np.save(f, arr)
+
+
+def load_npy(url: str) -> np.ndarray:
+    """An ``.npy`` file written by :func:`save_npy`, read whole (local or fsspec); no pickles."""
+    fs, p = get_fs(url)
+    with fs.open(p, "rb") as f:
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
 META_KEY = b"poolsift_cache"
 ROWS_SAMPLED_PER_SHARD = 16  # embedding rows read to fingerprint one shard's embeddings
 
@@ -89,8 +103,7 @@ class ShardCache:
         extra: dict | None = None,
     ) -> None:
         for kind, arr in arrays.items():
-            with atomic_open(self.array_path(url, kind)) as f:
-                np.save(f, arr)
+            save_npy(self.array_path(url, kind), arr)
         meta = {
             "source": source if source is not None else file_info(url),
             "url": url,

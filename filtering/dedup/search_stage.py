@@ -19,7 +19,6 @@ filter, or the outputs does not search again, and a changed input is never misre
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -28,10 +27,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filtering.cache import fingerprint
+from filtering.cache import fingerprint, load_npy, save_npy
 from filtering.dedup import partitioned
-from filtering.io.atomic import atomic_open, atomic_write_text, exists
-from filtering.io.paths import get_fs, is_local, join
+from filtering.io.atomic import atomic_write_text, exists
+from filtering.io.paths import is_local, join
 from filtering.pool import Pool
 from filtering.stages.base import ColumnStage, RunContext
 from filtering.tasks import runs_tasks, task_pool
@@ -104,13 +103,13 @@ class DedupSearchStage(ColumnStage):
         labels_path, pairs_path = join(folder, "labels.npy"), join(folder, "pairs.npy")
         cached = exists(labels_path) and exists(pairs_path)
         if cached:
-            labels = _load(labels_path)
-            pairs = _load(pairs_path)
+            labels = load_npy(labels_path)
+            pairs = load_npy(pairs_path)
         else:
             labels, a, b = self.search(pool, ctx.executor)
             pairs = np.stack([a, b], axis=1) if len(a) else np.zeros((0, 2), np.int64)
-            _save(pairs_path, pairs)
-            _save(labels_path, labels)  # last: its presence marks a complete entry
+            save_npy(pairs_path, pairs)
+            save_npy(labels_path, labels)  # last: its presence marks a complete entry
             atomic_write_text(join(folder, "spec.json"), json.dumps(spec, indent=1))
         pool.add_column(self.column, pa.array(labels, pa.int64()))
         pool.internal.add(self.column)
@@ -139,14 +138,3 @@ class DedupSearchStage(ColumnStage):
                     shards, pool.n, self.settings, workers=tasks.workers, work_dir=work_dir, executor=tasks
                 )
         return partitioned.search(shards, pool.n, self.settings, workers=workers, work_dir=work_dir)
-
-
-def _save(path: str, arr: np.ndarray) -> None:
-    with atomic_open(path) as f:
-        np.save(f, arr)
-
-
-def _load(path: str) -> np.ndarray:
-    fs, p = get_fs(path)
-    with fs.open(p, "rb") as f:
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)

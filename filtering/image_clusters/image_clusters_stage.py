@@ -38,9 +38,9 @@ import numpy as np
 import pyarrow as pa
 
 from filtering import clustering
-from filtering.cache import ShardCache, fingerprint, part_fingerprint
+from filtering.cache import ShardCache, fingerprint, load_npy, part_fingerprint, save_npy
 from filtering.errors import ConfigError, InputError
-from filtering.io.atomic import atomic_open, atomic_write_text, exists
+from filtering.io.atomic import atomic_write_text, exists
 from filtering.io.paths import expand_shards, file_info, get_fs, join
 from filtering.pool import Pool
 from filtering.stages.base import ColumnStage, RunContext
@@ -156,7 +156,7 @@ class ImageClustersStage(ColumnStage):
             assigner = assigners.get(targets.centroids)
             if assigner is None:  # only when some shard is not cached: centroids loaded once
                 assigners.clear()
-                assigner = assigners[targets.centroids] = clustering.Assigner(_load_npy(targets.centroids))
+                assigner = assigners[targets.centroids] = clustering.Assigner(load_npy(targets.centroids))
             a_ids, a_sims = clustering.assign(emb, assigner)
             return {"cluster_id": a_ids, "cluster_sim": a_sims}
 
@@ -204,7 +204,7 @@ class ImageClustersStage(ColumnStage):
         path = join(self.cache_root, f"centroids-{cfp}", "centroids.npy")
         if exists(path):
             info["centroids"] = "cached"
-            return _load_npy(path), cfp
+            return load_npy(path), cfp
         if cc.centroids:
             try:
                 centroids = clustering.load_centroids(cc.centroids)
@@ -214,7 +214,7 @@ class ImageClustersStage(ColumnStage):
         else:
             centroids = self.train(ctx, pool, info)
             info["centroids"] = "trained"
-        _save_npy(path, centroids)
+        save_npy(path, centroids)
         atomic_write_text(join(self.cache_root, f"centroids-{cfp}", "spec.json"), json.dumps(spec, indent=1))
         return centroids, cfp
 
@@ -260,7 +260,7 @@ class ImageClustersStage(ColumnStage):
         rfp = fingerprint(spec)
         path = join(self.cache_root, f"reference-{rfp}", "embeddings.npy")
         if exists(path):
-            emb = _load_npy(path)
+            emb = load_npy(path)
             info["reference"] = "cached"
         else:
             if source[0] == "embeddings":
@@ -275,7 +275,7 @@ class ImageClustersStage(ColumnStage):
                 info["reference_failed"] = failures
             if len(emb) == 0:
                 raise InputError(f"clusters.reference: no usable reference images in {ref!r}")
-            _save_npy(path, emb)
+            save_npy(path, emb)
         info["reference_count"] = int(len(emb))
         return emb, rfp
 
@@ -337,9 +337,9 @@ class ImageClustersStage(ColumnStage):
         path = join(self.cache_root, f"centroids-{cfp}", f"targets-{rfp}-a{ASSIGN_VERSION}.npy")
         if exists(path):
             info["cache"]["targets"] = "cached"
-            return _load_npy(path)
+            return load_npy(path)
         targets = clustering.target_clusters(reference, clustering.Assigner(centroids))
-        _save_npy(path, targets)
+        save_npy(path, targets)
         info["cache"]["targets"] = "computed"
         return targets
 
@@ -421,19 +421,6 @@ def _file_info(path: str, key: str) -> dict:
         raise InputError(f"{key}: {path!r} not found") from e
 
 
-def _save_npy(path: str, arr: np.ndarray) -> None:
-    with atomic_open(path) as f:
-        np.save(f, arr)
-
-
-def _load_npy(path: str) -> np.ndarray:
-    fs, p = get_fs(path)
-    with fs.open(p, "rb") as f:
-        import io
-
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)
-
-
 _TASK_ASSIGNERS: dict[str, clustering.Assigner] = {}  # per task worker process (Ray): one set of centroids
 
 
@@ -443,6 +430,6 @@ def _assign_shard(centroids: str, part, emb, cols) -> dict[str, np.ndarray]:
     assigner = _TASK_ASSIGNERS.get(centroids)
     if assigner is None:
         _TASK_ASSIGNERS.clear()
-        assigner = _TASK_ASSIGNERS[centroids] = clustering.Assigner(_load_npy(centroids))
+        assigner = _TASK_ASSIGNERS[centroids] = clustering.Assigner(load_npy(centroids))
     ids, sims = clustering.assign(emb, assigner)
     return {"cluster_id": ids, "cluster_sim": sims}

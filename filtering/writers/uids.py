@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from filtering.io.atomic import atomic_open
+from filtering.cache import save_npy
 from filtering.uid import sort_u8u8, uids_to_u8u8
 
 
 def write_uids(path: str, uids) -> np.ndarray:
     arr = sort_u8u8(uids_to_u8u8(uids))
-    with atomic_open(path) as f:
-        np.save(f, arr)
+    save_npy(path, arr)
     return arr
