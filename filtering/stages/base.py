@@ -11,9 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from filtering.pool import Pool
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -127,6 +130,45 @@ class SourceStage(Stage):
 
     @abstractmethod
     def run(self, ctx: RunContext) -> Pool: ...
+
+    # --- the streaming plan (pipelines/executors/streaming.py): the pool one shard at a time.
+    # A source that streams implements these; the plan never asks what kind of input it is.
+
+    streams_clusters = False  # whether image_clusters (:meth:`skeleton_pool`) and dedup's search stream on it
+
+    def stream_why_not(self) -> str | None:
+        """Why this source cannot stream (None: it can); called before anything is read."""
+        return f"input {self.info.kind} has no one-shard pool"
+
+    def stream_shards(self) -> list:
+        """The shards, in pool order (each picklable: it is sent to the workers)."""
+        raise NotImplementedError
+
+    def stream_prepare(self, ctx: RunContext) -> str | None:
+        """In the driver, before any worker: the pool-wide decisions a one-shard pool needs
+        (kept on ``self``, which travels to the workers) and the run records that do not
+        depend on the rows; or why the pool must be filtered in memory after all."""
+        return None
+
+    def shard_scores(self, shard, names: list[str]) -> dict[str, np.ndarray]:
+        """The score columns ``names`` of one shard's readable (non-failed) rows, as the
+        top_fraction threshold reads them."""
+        raise NotImplementedError
+
+    def shard_rows(self, shard) -> int:
+        """One shard's row count (cheap: a footer)."""
+        raise NotImplementedError
+
+    def shard_pool(self, shard, ctx: RunContext) -> Pool:
+        """The one-shard pool: the rows the in-memory pool holds for ``shard``, same columns."""
+        raise NotImplementedError
+
+    def shard_record(self, ctx: RunContext, pool: Pool) -> Any:
+        """What a worker returns about its shard for :meth:`stream_record` (picklable)."""
+        return None
+
+    def stream_record(self, ctx: RunContext, records: list, shards: list, rows: int) -> None:
+        """The source's run records (``ctx.inputs``, ``ctx.stage_info``) from the shards' records."""
 
 
 class ColumnStage(Stage):

@@ -199,6 +199,66 @@ class DataCompStage(SourceStage):
             artifacts={"key_is_uid": not any("key" in w for w in wanted)},
         )
 
+    # --- the streaming plan (pipelines/executors/streaming.py) --------------------------
+
+    streams_clusters = True
+
+    def stream_why_not(self) -> str | None:
+        return None if is_local(self.metadata_dir) else "remote input"
+
+    def stream_shards(self) -> list[DataCompShard]:
+        if self._shards is None:
+            self._shards = list_shards(self.metadata_dir)
+        return self._shards
+
+    def stream_prepare(self, ctx: RunContext) -> str | None:
+        """Every shard has the same schema (else the in-memory path's permissive concat applies)."""
+        shards = self.stream_shards()
+        first = _read_schema(shards[0]).remove_metadata()
+        if not all(_read_schema(s).remove_metadata().equals(first) for s in shards[1:]):
+            return "shards differ in schema"
+        return None
+
+    def shard_scores(self, shard: DataCompShard, names: list[str]) -> dict[str, np.ndarray]:
+        with naming(shard.parquet), open_file(shard.parquet) as f:
+            table = pq.ParquetFile(f).read(columns=list(dict.fromkeys(names)), use_threads=False)
+        return {n: table.column(n).to_numpy(zero_copy_only=False) for n in names}  # as Pool.column reads it
+
+    def shard_rows(self, shard: DataCompShard) -> int:
+        with naming(shard.parquet), open_file(shard.parquet) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+    def shard_pool(self, shard: DataCompShard, ctx: RunContext) -> Pool:
+        stage = DataCompStage(self.metadata_dir, self.cache_root)
+        stage._shards = [shard]
+        stage.request(set(self.requested))
+        return stage.run(ctx)
+
+    def shard_record(self, ctx: RunContext, pool: Pool) -> dict:
+        return ctx.stage_info.get(self.name, {})
+
+    def stream_record(self, ctx: RunContext, records: list, shards: list, rows: int) -> None:
+        ctx.inputs.extend(_input_records(shards))
+        ctx.stage_info[self.name] = {**records[0], "shards": len(shards), "rows": rows}
+
+    def skeleton_pool(self, counts: list[int]) -> Pool:
+        """A pool of shard parts and embeddings only (no column, nothing per row): what
+        ``ImageClustersStage.find_targets`` reads."""
+        shards = self.stream_shards()
+        parts, start = [], 0
+        for shard, n in zip(shards, counts, strict=True):
+            parts.append(ShardPart(shard.parquet, shard.stem, start, start + n))
+            start += n
+        npz = {s.stem: s.npz for s in shards}
+        kinds = _embedding_kinds(shards)
+        return Pool(
+            table=pa.table({"rows": pa.nulls(start)}),  # a null-typed column: a row count, no buffers
+            parts=parts,
+            embedding_loader=lambda kind, part: load_npz_array(npz[part.sid], kind, part),
+            embedding_kinds=kinds,
+            default_embedding=default_embedding(kinds),
+        )
+
     def _late_columns(self, schemas: list[pa.Schema], wanted: list[list[str]]) -> _LateSpec | None:
         """String columns no filter reads (url, text, sha256...): read only when writing the subset."""
         need = {"text" if c == "caption" else c for c in self.requested}

@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from filtering.cache import ShardCache
 from filtering.errors import ConfigError, PoolsiftError
-from filtering.io.paths import expand_shards, file_info, get_fs, join
+from filtering.io.paths import expand_shards, file_info, get_fs, is_local, join
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
 from filtering.pool import Pool, ShardPart
 from filtering.scorers.base import Batch, Scorer, input_info
@@ -50,7 +50,7 @@ from filtering.scorers.phash import PhashScorer
 from filtering.stages.base import RunContext, SourceInfo, SourceStage
 from filtering.stages.image_decode import DecodedImage, DecodePlan
 from filtering.stages.img2dataset import STATS_COUNTS, merge_side_parquet, read_stats, side_parquet, source_stamp
-from filtering.uid import UidError, resolve_uids
+from filtering.uid import MAX_EXAMPLES, UidError, resolve_uids
 
 # The pool's columns from this source, in order: the rows' own (ROW_SCHEMA, cached in
 # source-<fp>/) with the built-in scorers' phash and clip_score in their places.
@@ -200,7 +200,6 @@ class WebDatasetStage(SourceStage):
         return tuple(names)
 
     def run(self, ctx: RunContext) -> Pool:
-        sources = {u: file_info(u) for u in self.urls}
         todo = {u: w for u in self.urls if (w := self.missing(u))}
         if todo:
             self.previous_layout(todo, ctx)
@@ -212,6 +211,16 @@ class WebDatasetStage(SourceStage):
                 self.score_local(todo, ctx)
         else:
             ctx.log(f"all {len(self.urls)} shards cached; the model is not loaded")
+        self._record_run(ctx)
+        pool = self.load_pool()
+        ctx.stage_info["uids"] = pool.artifacts["uids"]
+        self._log_derived(ctx, pool.artifacts["uids"])
+        return pool
+
+    def _record_run(self, ctx: RunContext) -> None:
+        """The run's records that do not depend on the rows: the model, the inputs, the
+        upstream counts, the unusable fields, the extra image scorers."""
+        sources = {u: file_info(u) for u in self.urls}
         info = self.scorer_cache(self.clip).read_info()
         if info:
             ctx.model_info.update(info)
@@ -240,14 +249,87 @@ class WebDatasetStage(SourceStage):
                     f"warning: scorer {s.name} failed on {failed['count']} image(s), left null "
                     f"(first: {failed['first_error']})"
                 )
-        pool = self.load_pool()
-        ctx.stage_info["uids"] = pool.artifacts["uids"]
-        if pool.artifacts["uids"].get("derived"):
-            u = pool.artifacts["uids"]
+
+    def _log_derived(self, ctx: RunContext, u: dict) -> None:
+        if u.get("derived"):
             ctx.log(
                 f"warning: {u['derived']} uid(s) derived from the sample {self._derive_from()} (input.uid), not read from the pool"
             )
-        return pool
+
+    # --- the streaming plan (pipelines/executors/streaming.py): a re-filter of a pool
+    # whose every shard is cached; each worker builds its one-shard pool from the caches.
+
+    def stream_why_not(self) -> str | None:
+        if not is_local(self.cache_root):
+            return "remote cache"
+        todo = sum(1 for u in self.urls if self.missing(u))
+        if todo:
+            return f"{todo} of {len(self.urls)} shards are not cached yet (scored in memory)"
+        return None
+
+    def stream_shards(self) -> list[str]:
+        return list(self.urls)
+
+    def stream_prepare(self, ctx: RunContext) -> str | None:
+        """The pool-wide column choices :meth:`resolve_uids` makes (a source column left out
+        when no sample has it, the stored file's hash as ``sha256``), from the cached
+        tables' footers; the same columns in every shard; then the run records."""
+        first, nulls, rows = None, Counter(), 0
+        names = [*OPTIONAL_SOURCE_COLUMNS, "sha256"]
+        for u in self.urls:
+            schema, counts, n = _footer_nulls(self.cache.table_path(u), names)
+            if first is None:
+                first = schema
+            elif not schema.equals(first):
+                return "cached shards differ in columns"
+            nulls.update(counts)
+            rows += n
+        drop = tuple(c for c in OPTIONAL_SOURCE_COLUMNS if c in nulls and nulls[c] == rows)
+        self._pool_columns = (drop, nulls["sha256"] == rows)
+        ctx.log(f"all {len(self.urls)} shards cached; the model is not loaded")
+        self._record_run(ctx)
+        return None
+
+    def shard_scores(self, shard: str, names: list[str]) -> dict[str, np.ndarray]:
+        """From the scorers' caches, over the rows not failed (``error`` set, or a bad uid
+        failed by ``input.uid.on_invalid: fail``), as ``ClipScore.threshold`` reads them."""
+        cfg = self.uid_cfg
+        if getattr(cfg, "source", "json") == "json" and getattr(cfg, "on_invalid", "error") == "fail":
+            rows = self.cache.read_table(shard, columns=["uid", "key", "source_shard", "url", "error"])
+            failed = rows.column("error").is_valid().to_numpy(zero_copy_only=False)
+            _, error, _ = resolve_uids(
+                rows, source="json", field=self.uid_field, derive=self._derive_from(), on_invalid="fail", failed=failed
+            )
+        else:
+            error = self.cache.read_table(shard, columns=["error"]).column("error")
+        alive = ~error.is_valid().to_numpy(zero_copy_only=False)
+        out = {}
+        for name in names:
+            writer = next((s for s in self.scorers if name in s.provides()), None)
+            cache = self.scorer_cache(writer) if writer is not None else self.cache
+            out[name] = cache.read_table(shard, columns=[name]).column(name).to_numpy(zero_copy_only=False)[alive]
+        return out
+
+    def shard_rows(self, shard: str) -> int:
+        return _footer_nulls(self.cache.table_path(shard), [])[2]
+
+    def shard_pool(self, shard: str, ctx: RunContext) -> Pool:
+        return self.load_pool([shard], pool_columns=self._pool_columns)
+
+    def shard_record(self, ctx: RunContext, pool: Pool) -> dict:
+        return pool.artifacts["uids"]
+
+    def stream_record(self, ctx: RunContext, records: list, shards: list, rows: int) -> None:
+        """The uid report summed over the shards (examples: the first ones, in pool order)."""
+        report = dict(records[0])
+        for k in ("derived", "derived_failed", "invalid"):
+            if k in report:
+                report[k] = sum(r[k] for r in records)
+        examples = [e for r in records for e in r.get("examples", ())][:MAX_EXAMPLES]
+        if examples:
+            report["examples"] = examples
+        ctx.stage_info["uids"] = report
+        self._log_derived(ctx, report)
 
     def previous_layout(self, todo: dict[str, tuple[str, ...]], ctx: RunContext) -> None:
         """Caches of the layout before the per-scorer one (``score-<fp>/``: one table per
@@ -340,9 +422,10 @@ class WebDatasetStage(SourceStage):
         names += [c for c in scored if c not in names]
         return pa.table({c: scored[c] if c in scored else table.column(c) for c in names})
 
-    def load_pool(self, urls: list[str] | None = None) -> Pool:
+    def load_pool(self, urls: list[str] | None = None, pool_columns: tuple | None = None) -> Pool:
         """The pool of ``urls`` (default: every shard) from the caches; ``load_pool([url])``
-        is the one-shard pool. Embeddings stay on disk, read per shard from the scorer
+        is the one-shard pool (``pool_columns``: the whole pool's column choices, see
+        :meth:`resolve_uids`, so that it has the whole pool's columns). Embeddings stay on disk, read per shard from the scorer
         that writes each kind."""
         tables, parts, start = [], [], 0
         for u in self.urls if urls is None else urls:
@@ -354,7 +437,7 @@ class WebDatasetStage(SourceStage):
             [*SCORE_SCHEMA, *(pa.field(c, t) for s in self.scorers[2:] for c, t in s.column_types().items())]
         )
         table = pa.concat_tables(tables, promote_options="permissive") if tables else empty.empty_table()
-        table, uid_report = self.resolve_uids(table)
+        table, uid_report = self.resolve_uids(table, pool_columns)
         writers = {k: s for s in self.scorers for k in s.embeddings()}
         kinds, default = self.embeddings()
         return Pool(
@@ -367,7 +450,7 @@ class WebDatasetStage(SourceStage):
             internal=set(self.internal),
         )
 
-    def resolve_uids(self, table: pa.Table) -> tuple[pa.Table, dict]:
+    def resolve_uids(self, table: pa.Table, pool_columns: tuple | None = None) -> tuple[pa.Table, dict]:
         """The pool's uids from the cached raw values (input.uid), and its source columns:
         ``status``/``error_message``/``exif`` only when some sample has them; the source's
         ``sha256`` beside poolsift's ``image_sha256`` when the source has one, else
@@ -391,10 +474,18 @@ class WebDatasetStage(SourceStage):
             ) from e
         table = table.set_column(table.column_names.index("uid"), "uid", uid)
         table = table.set_column(table.column_names.index("error"), "error", error)
-        for name in OPTIONAL_SOURCE_COLUMNS:
-            if name in table.column_names and table.column(name).null_count == table.num_rows:
-                table = table.drop_columns([name])
-        if table.column("sha256").null_count == table.num_rows:
+        if pool_columns is None:  # (source columns no sample has, whether no sample has a sha256)
+            pool_columns = (
+                tuple(
+                    c
+                    for c in OPTIONAL_SOURCE_COLUMNS
+                    if c in table.column_names and table.column(c).null_count == table.num_rows
+                ),
+                table.column("sha256").null_count == table.num_rows,
+            )
+        drop, own_sha256 = pool_columns
+        table = table.drop_columns([c for c in drop if c in table.column_names])
+        if own_sha256:
             own = table.column("image_sha256")
             table = table.drop_columns(["image_sha256"])
             table = table.set_column(table.column_names.index("sha256"), "sha256", own)
@@ -518,6 +609,28 @@ class WebDatasetStage(SourceStage):
         if "source" in wanted:  # last: with every scorer's piece, the shard is complete
             extra = {"field_warnings": dict(sorted(warnings.items()))} if warnings else None
             self.cache.write(shard.url, table, {}, source=stamp, extra=extra)
+
+
+def _footer_nulls(path: str, names: list[str]) -> tuple[pa.Schema, Counter, int]:
+    """A cached table's schema (no metadata), the null counts of its columns ``names``
+    (from the row groups' statistics; the column read where they lack one), its rows."""
+    import pyarrow.parquet as pq
+
+    fs, p = get_fs(path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.metadata
+        leaves = {meta.schema.column(j).path: j for j in range(meta.num_columns)}
+        counts: Counter = Counter()
+        for name in names:
+            if name not in leaves:
+                continue
+            stats = [meta.row_group(g).column(leaves[name]).statistics for g in range(meta.num_row_groups)]
+            if all(st is not None and st.has_null_count for st in stats):
+                counts[name] = sum(st.null_count for st in stats)
+            else:
+                counts[name] = pf.read(columns=[name]).column(name).null_count
+        return pf.schema_arrow.remove_metadata(), counts, meta.num_rows
 
 
 def _relative(cache_dir: str) -> str:

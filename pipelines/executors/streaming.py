@@ -1,4 +1,9 @@
-"""The streaming plan: a DataComp-metadata pool filtered shard by shard on all cores.
+"""The streaming plan: a pool filtered shard by shard on all cores.
+
+The source stage owns everything that depends on the input kind (``SourceStage``'s
+streaming methods: ``stream_shards``, ``stream_prepare``, ``shard_scores``,
+``shard_pool``, ``stream_record``): DataComp metadata read per shard, or a WebDataset
+pool whose every shard is cached (a re-filter: the one-shard pool from the caches).
 
 Used when every filter in the tree decides a row from that row alone (caption,
 language, image_size, text_entities, wordnet_synsets, uids, ``clip_score`` /
@@ -42,6 +47,7 @@ rows of the pool), and the manifest's counts, thresholds and uid report.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -52,12 +58,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from filtering.filters.clip_score import ClipScore
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
 from filtering.io.atomic import atomic_write_text
-from filtering.io.paths import is_local, join, local_path, open_file
+from filtering.io.paths import is_local, join, local_path
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
 from filtering.tasks import runs_tasks, task_pool
@@ -94,8 +99,10 @@ def why_not(cfg, the_plan, executor) -> str | None:
     from filtering.image_clusters.image_clusters_stage import ImageClustersStage
     from filtering.scorers.base import ScorerStage
 
-    if the_plan.source.info.kind != "datacomp":
-        return "input is not DataComp metadata"
+    source = the_plan.source
+    reason = source.stream_why_not()
+    if reason:
+        return reason
     if not runs_tasks(executor):
         return "the executor runs no plan tasks"
     # A filter's own scorers (language's language_id) run shard by shard in the workers;
@@ -108,10 +115,13 @@ def why_not(cfg, the_plan, executor) -> str | None:
     ]
     if whole:
         return f"stage {type(whole[0]).__name__} needs the whole pool"
+    split = [s for s in the_plan.stages if isinstance(s, ImageClustersStage | DedupSearchStage)]
+    if split and not source.streams_clusters:  # driver-side targets or search over the source's shards
+        return f"stage {type(split[0]).__name__} on {source.info.kind} input"
     if cfg.output.webdataset:
         return "output.webdataset"
-    if not (is_local(cfg.output.dir) and is_local(cfg.input.datacomp_metadata)):
-        return "remote input or output"
+    if not is_local(cfg.output.dir):
+        return "remote output"
     for node in cfg.filter_tree:
         if isinstance(node, Leaf) and node.filter.name == "dedup":
             reason = _dedup_why_not(node.filter)
@@ -198,17 +208,13 @@ def score_keys(values: np.ndarray) -> np.ndarray:
     return np.where(neg, ~bits, bits | np.uint64(1 << 63))
 
 
-def _score_column(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).to_numpy(zero_copy_only=False)  # as Pool.column reads it
-
-
 # ---------------------------------------------------------------- workers (module level: picklable)
 
 
 @dataclass(frozen=True)
 class _Shared:
     cfg: Any
-    requested: frozenset[str]
+    source: Any  # the SourceStage: builds each one-shard pool
     fields: tuple[str, ...]  # score column of each top_fraction leaf
     spill: str
     out_dir: str
@@ -217,13 +223,7 @@ class _Shared:
     rows_per_part: int
     scorer_stages: tuple = ()  # the plan's ScorerStages, run on each shard's pool (cached per shard)
     clusters: Any = None  # (ImageClustersStage, ClusterTargets): assign each shard's rows
-
-
-def _read(shard, columns: list[str]) -> pa.Table:
-    from filtering.stages.datacomp import naming
-
-    with naming(shard.parquet), open_file(shard.parquet) as f:
-        return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+    max_failures: int = 10_000  # failed rows listed per shard (the manifest lists as many in all)
 
 
 def _scan(args) -> dict[str, Any]:
@@ -231,10 +231,10 @@ def _scan(args) -> dict[str, Any]:
     of the top KEY_BITS bits of the scores' keys."""
     sh, shard = args
     fields = list(dict.fromkeys(sh.fields))
-    table = _read(shard, fields)
-    out: dict[str, Any] = {"n": table.num_rows, "hists": {}, "nan": {}, "dtype": {}}
+    columns = sh.source.shard_scores(shard, fields)
+    out: dict[str, Any] = {"n": len(columns[fields[0]]), "hists": {}, "nan": {}, "dtype": {}}
     for name in fields:
-        scores = _score_column(table, name)
+        scores = columns[name]
         nan = np.isnan(scores)
         out["nan"][name] = int(nan.sum())
         out["dtype"][name] = scores.dtype.str
@@ -243,12 +243,10 @@ def _scan(args) -> dict[str, Any]:
     return out
 
 
-def _count_rows(shard) -> int:
-    """A shard's row count, from its Parquet footer."""
-    from filtering.stages.datacomp import naming
-
-    with naming(shard.parquet), open_file(shard.parquet) as f:
-        return pq.ParquetFile(f).metadata.num_rows
+def _count_rows(args) -> int:
+    """A shard's row count (a footer)."""
+    sh, shard = args
+    return sh.source.shard_rows(shard)
 
 
 def _keys_under(scores: np.ndarray, prefix: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +262,7 @@ def _keys_under(scores: np.ndarray, prefix: int, bits: int) -> tuple[np.ndarray,
 def _refine(args) -> np.ndarray:
     """One shard's histogram of the next KEY_BITS key bits, among scores under ``prefix``."""
     sh, shard, name, prefix, bits = args
-    _, keys = _keys_under(_score_column(_read(shard, [name]), name), prefix, bits)
+    _, keys = _keys_under(sh.source.shard_scores(shard, [name])[name], prefix, bits)
     shift = np.uint64(64 - bits - KEY_BITS)
     return np.bincount(((keys >> shift) & np.uint64((1 << KEY_BITS) - 1)).astype(np.int64), minlength=1 << KEY_BITS)
 
@@ -272,7 +270,7 @@ def _refine(args) -> np.ndarray:
 def _gather(args) -> np.ndarray:
     """One shard's scores under ``prefix``."""
     sh, shard, name, prefix, bits = args
-    scores, _ = _keys_under(_score_column(_read(shard, [name]), name), prefix, bits)
+    scores, _ = _keys_under(sh.source.shard_scores(shard, [name])[name], prefix, bits)
     return scores
 
 
@@ -307,13 +305,8 @@ def _uid_range(args) -> bool:
 
 
 def _shard_pool(sh: _Shared, shard):
-    from filtering.stages.datacomp import DataCompStage
-
-    stage = DataCompStage(sh.cfg.input.datacomp_metadata, join(sh.out_dir, "cache"))
-    stage._shards = [shard]
-    stage.request(set(sh.requested))
     ctx = RunContext(config=sh.cfg, out_dir=sh.out_dir, cache_dir=join(sh.out_dir, "cache"), log=lambda _m: None)
-    return stage.run(ctx), ctx
+    return sh.source.shard_pool(shard, ctx), ctx
 
 
 def _write_folder(sh: _Shared, folder: str, i: int, schema: pa.Schema, tables) -> list[tuple[str, int, int, str]]:
@@ -332,10 +325,16 @@ def _filter(args) -> dict[str, Any]:
     """One shard through the filter tree, its outputs written: the kept rows (late columns
     read for them only) and the dropped rows as parts, hashed as they are written; the
     shard's uids spilled grouped by uid range with a keep flag each; the funnel as counts."""
+    from filtering.errors import ConfigError
+
     sh, i, shard, thresholds, decided = args
-    pool, ctx = _shard_pool(sh, shard)
     try:
-        uids = uids_to_u8u8(pool.table.column("uid").cast(pa.string()))
+        pool, ctx = _shard_pool(sh, shard)
+    except ConfigError as e:  # e.g. input.uid.on_invalid: error; the in-memory path counts the whole pool
+        return {"fallback": f"{e}"}
+    alive = ~pool.failed  # failed rows never reach subset.npy nor the uid check
+    try:
+        uids = uids_to_u8u8(pool.table.column("uid").filter(pa.array(alive)).cast(pa.string()))
     except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
         return {"bad_uids": f"{type(e).__name__}: {e}"}
     for stage in sh.scorer_stages:  # e.g. language's language_id: its cache is per shard anyway
@@ -348,7 +347,7 @@ def _filter(args) -> dict[str, Any]:
     # grouped by uid range (a radix sort of FINE_BITS-bit keys), the unit of the uid phase
     bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.uint16)
     order = np.argsort(bins, kind="stable")
-    uids, keep, bins = uids[order], outcome.keep[order], bins[order]
+    uids, keep, bins = uids[order], outcome.keep[alive][order], bins[order]
     np.save(os.path.join(sh.spill, f"uids-{i:06d}.npy"), uids)
     np.save(os.path.join(sh.spill, f"kept-{i:06d}.npy"), keep)
     schema, tables = subset_stream(pool, outcome.keep, workers=1)
@@ -362,8 +361,18 @@ def _filter(args) -> dict[str, Any]:
             key=not pool.artifacts.get("key_is_uid"),
         )
         parts["dropped"] = _write_folder(sh, "dropped", i, table.schema, [table])
+    failed = np.flatnonzero(pool.failed)
+    reasons: Counter = Counter()
+    failures: list[dict] = []
+    if len(failed):  # as the in-memory path lists them (pipelines/runner.py, write_outputs)
+        rows = pool.table.select(["source_shard", "key", "uid", "error"]).take(failed)
+        reasons = Counter(str(e).split(":", 1)[0] for e in rows.column("error").to_pylist())
+        failures = rows.slice(0, sh.max_failures).rename_columns(["source_shard", "key", "uid", "reason"]).to_pylist()
     return {
         "n": pool.n,
+        "failed": len(failed),
+        "failed_reasons": reasons,
+        "failures": failures,
         "funnel": outcome.funnel,
         "kept": int(outcome.keep.sum()),
         "parts": parts,
@@ -371,7 +380,7 @@ def _filter(args) -> dict[str, Any]:
         "kept_bins": np.bincount(bins[keep], minlength=1 << FINE_BITS),
         "thresholds": outcome.thresholds,
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
-        "stage_info": ctx.stage_info.get("datacomp", {}),
+        "source": sh.source.shard_record(ctx, pool),
         "scorers": ctx.stage_info.get("scorers", {}),
         "clusters": ctx.stage_info.get("clusters"),
     }
@@ -380,26 +389,10 @@ def _filter(args) -> dict[str, Any]:
 _ASSIGNERS: dict = {}  # per worker process: the centroids' Assigner, built once
 
 
-def _cluster_targets(stage, shards, counts: list[int], ctx: RunContext):
-    """The target clusters, found as the in-memory run finds them (same caches), from a
-    pool of shard parts and embeddings only: no metadata column, nothing per row."""
-    from filtering.pool import Pool, ShardPart
-    from filtering.stages.datacomp import _embedding_kinds, default_embedding, load_npz_array
-
-    parts, start = [], 0
-    for shard, n in zip(shards, counts, strict=True):
-        parts.append(ShardPart(shard.parquet, shard.stem, start, start + n))
-        start += n
-    npz = {s.stem: s.npz for s in shards}
-    kinds = _embedding_kinds(shards)
-    skeleton = Pool(
-        table=pa.table({"rows": pa.nulls(start)}),  # a null-typed column: a row count, no buffers
-        parts=parts,
-        embedding_loader=lambda kind, part: load_npz_array(npz[part.sid], kind, part),
-        embedding_kinds=kinds,
-        default_embedding=default_embedding(kinds),
-    )
-    return stage.find_targets(ctx, skeleton)
+def _cluster_targets(stage, source, counts: list[int], ctx: RunContext):
+    """The target clusters, found as the in-memory run finds them (same caches), from the
+    source's pool of shard parts and embeddings only: no metadata column, nothing per row."""
+    return stage.find_targets(ctx, source.skeleton_pool(counts))
 
 
 def _sum_cluster_info(info: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -490,14 +483,6 @@ def _sum_funnels(funnels: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def _uniform(shards) -> bool:
-    """Every shard has the same schema (else the in-memory path's permissive concat applies)."""
-    from filtering.stages.datacomp import _read_schema
-
-    first = _read_schema(shards[0]).remove_metadata()
-    return all(_read_schema(s).remove_metadata().equals(first) for s in shards[1:])
-
-
 def workers_for(n_shards: int) -> int:
     env = os.environ.get("POOLSIFT_WORKERS")
     n = int(env) if env else (os.cpu_count() or 1)
@@ -508,24 +493,35 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
     """Run the whole plan shard-parallel; returns the manifest, or None (nothing written)
     when the pool turns out to need the in-memory path (repeated uids, mixed schemas)."""
     source = the_plan.source
-    shards = source._shards
+    shards = source.stream_shards()
     out_dir = cfg.output.dir
-    if not _uniform(shards):
-        ctx.log("execution: shards differ in schema; filtering in memory")
+    # what the run records in the context, restored if the in-memory path runs after all
+    saved = (list(ctx.inputs), copy.deepcopy(ctx.stage_info), dict(ctx.model_info))
+    reason = source.stream_prepare(ctx)
+    if reason:
+        ctx.log(f"execution: {reason}; filtering in memory")
+        ctx.inputs[:], ctx.model_info = saved[0], saved[2]
+        ctx.stage_info.clear()
+        ctx.stage_info.update(saved[1])
         return None
     spill = os.path.join(local_path(out_dir), SPILL)
     shutil.rmtree(spill, ignore_errors=True)
     os.makedirs(spill)
     try:
-        return _run(cfg, source, shards, ctx, spill, the_plan.stages)
+        manifest = _run(cfg, source, shards, ctx, spill, the_plan.stages)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
+    if manifest is None:
+        ctx.inputs[:], ctx.model_info = saved[0], saved[2]
+        ctx.stage_info.clear()
+        ctx.stage_info.update(saved[1])
+    return manifest
 
 
 def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -> dict[str, Any] | None:
     from filtering.dedup.search_stage import DedupSearchStage
     from filtering.image_clusters.image_clusters_stage import ImageClustersStage
-    from pipelines.runner import _json_default, check_funnel, manifest_record, model_record
+    from pipelines.runner import MAX_MANIFEST_FAILURES, _json_default, check_funnel, manifest_record, model_record
 
     cluster_stage = next((s for s in the_plan_stages if isinstance(s, ImageClustersStage)), None)
 
@@ -535,7 +531,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     prov = provenance(config_dict, cfg.sha256(), model)
     sh = _Shared(
         cfg=cfg,
-        requested=frozenset(source.requested),
+        source=source,
         fields=tuple(f.field for f in top),
         spill=spill,
         out_dir=cfg.output.dir,
@@ -545,6 +541,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         scorer_stages=tuple(
             s for s in the_plan_stages if s is not cluster_stage and not isinstance(s, DedupSearchStage)
         ),
+        max_failures=MAX_MANIFEST_FAILURES,
     )
     uid_paths = [os.path.join(spill, f"uids-{i:06d}.npy") for i in range(len(shards))]
     kept_paths = [os.path.join(spill, f"kept-{i:06d}.npy") for i in range(len(shards))]
@@ -594,15 +591,13 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
             lap("threshold")
         # 3. cluster targets: a small id set, found before any row is assigned
         if cluster_stage is not None:
-            if not top:  # row counts from the Parquet footers
-                shard_rows = list(pool.map(_count_rows, shards))
-            sh = replace(sh, clusters=(cluster_stage, _cluster_targets(cluster_stage, shards, shard_rows, ctx)))
+            shard_rows = list(pool.map(_count_rows, [(sh, s) for s in shards]))  # every row, failed ones too
+            sh = replace(sh, clusters=(cluster_stage, _cluster_targets(cluster_stage, source, shard_rows, ctx)))
             lap("cluster_targets")
         # 3b. dedup: the search, then the survivors over small per-row arrays (dedup_phase.py)
         decided = [None] * len(shards)
         if dedup_positions(list(cfg.filter_tree)):
-            if not shard_rows:
-                shard_rows = list(pool.map(_count_rows, shards))
+            shard_rows = list(pool.map(_count_rows, [(sh, s) for s in shards]))  # every row, failed ones too
             decided = run_dedup(pool, sh, shards, shard_rows, values, ctx)
             if decided is None:
                 return None
@@ -613,6 +608,9 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         for r in pool.map(_filter, [(sh, i, s, values, decided[i]) for i, s in enumerate(shards)]):
             if "bad_uids" in r:
                 ctx.log(f"execution: uids that subset.npy cannot hold ({r['bad_uids']}); filtering in memory")
+                return None
+            if "fallback" in r:
+                ctx.log(f"execution: {r['fallback']}; filtering in memory")
                 return None
             results.append(r)
             bar.update(1)
@@ -635,7 +633,6 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
             return None
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    ctx.inputs.extend(_inputs(shards))
     lap("uid_check_and_subset_npy")
     # 6. commit: the parts and subset.npy renamed into place, the manifest written last
     out_dir = cfg.output.dir
@@ -671,9 +668,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     if cfg.output.report:
         outputs["report"] = join(out_dir, "report.html")
     first = results[0]
-    info = dict(first["stage_info"])
-    info.update(shards=len(shards), rows=total)
-    ctx.stage_info["datacomp"] = info
+    source.stream_record(ctx, [r["source"] for r in results], shards, total)
     if cluster_stage is not None:  # after the source's record, as the in-memory run orders them
         found = ctx.stage_info.pop("clusters")
         ctx.stage_info["clusters"] = {**_sum_cluster_info(found, results), "seconds": seconds["cluster_targets"]}
@@ -687,13 +682,22 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
             agg["seconds"] = round(agg["seconds"] + rec.get("seconds", 0.0), 3)
             for k in ("shards_scored", "shards_cached"):
                 agg["cache"][k] += rec["cache"][k]
-    if scorers:
-        ctx.stage_info["scorers"] = scorers
+    if scorers:  # after the source's own (image scorers in its decode pass), as in memory
+        ctx.stage_info.setdefault("scorers", {}).update(scorers)
     where = "CPUs on Ray" if ctx.executor is not None else "worker processes"
-    ctx.log(f"read {total:,} rows of DataComp metadata from {len(shards)} shards ({n_workers} {where})")
+    ctx.log(f"read {total:,} rows from {len(shards)} shards ({n_workers} {where})")
     ctx.stage_info.setdefault("uids", {})["duplicates"] = {"policy": cfg.input.uid.duplicates, "rows": 0, "uids": 0}
     funnel = _sum_funnels([r["funnel"] for r in results])
-    counts = {"input": total, "failed": 0, "failed_reasons": {}, "kept": kept, "filters": funnel}
+    failed = sum(r["failed"] for r in results)
+    reasons = sum((r["failed_reasons"] for r in results), Counter())
+    failures = [f for r in results for f in r["failures"]][:MAX_MANIFEST_FAILURES]
+    counts = {
+        "input": total,
+        "failed": failed,
+        "failed_reasons": dict(sorted(reasons.items())),
+        "kept": kept,
+        "filters": funnel,
+    }
     check_funnel(counts)
     manifest = manifest_record(
         config_dict,
@@ -704,8 +708,8 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         counts=counts,
         thresholds=first["thresholds"],
         language_identifiers=first["language_identifiers"],
-        failures=list(ctx.failures),
-        failures_truncated=False,
+        failures=failures + list(ctx.failures),
+        failures_truncated=failed > MAX_MANIFEST_FAILURES,
         outputs=outputs,
     )
     manifest["files"] = dict(sorted(files.items()))
@@ -714,9 +718,3 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     manifest["execution"] = {"plan": "streaming", "executor": executor, "workers": n_workers, "seconds": seconds}
     atomic_write_text(join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
-
-
-def _inputs(shards) -> list[dict[str, Any]]:
-    from filtering.stages.datacomp import _input_records
-
-    return _input_records(shards)

@@ -1,0 +1,99 @@
+"""The streaming plan on a WebDataset pool whose every shard is cached (a re-filter)
+against the in-memory path: subset.npy byte for byte, the subset and dropped tables row
+for row, the manifest's counts, failures, thresholds, uid report and records; a pool
+not fully cached is filtered in memory, and says why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.bench_refilter import config, make_shards, write_caches
+from filtering.errors import ConfigError
+from pipelines.config import parse_config
+from pipelines.runner import _json_default, run
+from tests.conftest import SAMPLE_CONFIG, write_config
+from tests.pipelines.test_streaming import _table, _timeless, assert_tables_equal
+
+pytestmark = pytest.mark.slow  # runs the whole pipeline
+
+ROW_LOCAL = [{"caption": {"min_words": 2}}, {"image_size": {"min_side": 64}}]
+
+
+def _same_outputs(mem, streamed, a: Path, b: Path) -> None:
+    assert streamed.pool is None and mem.pool is not None  # the plan that ran
+    assert streamed.manifest["execution"]["plan"] == "streaming"
+    assert (a / "subset.npy").read_bytes() == (b / "subset.npy").read_bytes()
+    for folder in ("subset", "dropped"):
+        ta, tb = _table(a / folder), _table(b / folder)
+        assert ta.schema == tb.schema
+        assert_tables_equal(ta, tb)
+    for key in (
+        "counts",
+        "failures",
+        "failures_truncated",
+        "thresholds",
+        "uids",
+        "stages",
+        "inputs",
+        "model",
+        "source",
+    ):
+        assert json.dumps(_timeless(mem.manifest[key]), default=_json_default) == json.dumps(
+            _timeless(streamed.manifest[key]), default=_json_default
+        ), key
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[str, Path]:
+    """Five shards of 120 samples (the last shorter), every shard's caches written."""
+    root = tmp_path_factory.mktemp("wds")
+    pattern = make_shards(root / "shards", 550, shard_rows=120)
+    write_caches(config(pattern, root / "cache-src", "auto"), shard_rows=120)
+    return pattern, root / "cache-src" / "cache"
+
+
+@pytest.mark.parametrize("fraction", [0.3, 1.0, 0.0])
+def test_generated_pool(tmp_path, generated, fraction):
+    pattern, cache = generated
+    a, b = tmp_path / "memory", tmp_path / "run"
+    shutil.copytree(cache, b / "cache")
+    filters = [*ROW_LOCAL, {"clip_score": {"top_fraction": fraction}}]
+    mem = run(config(pattern, b, "memory", filters), progress=False, log=lambda _m: None)
+    shutil.copytree(b, a)
+    streamed = run(config(pattern, b, "streaming", filters), progress=False, log=lambda _m: None)
+    _same_outputs(mem, streamed, a, b)
+    assert streamed.manifest["counts"]["input"] == 550
+
+
+def _sample_run(out: Path, mode: str, filters):
+    cfg = write_config(
+        out.parent / f"{mode}.yaml", SAMPLE_CONFIG, filters=filters, output={"dir": str(out)}, execution={"mode": mode}
+    )
+    return run(parse_config(yaml.safe_load(cfg.read_text())), progress=False, log=lambda _m: None)
+
+
+def test_bundled_sample_with_failed_rows(tmp_path, rerun_dir):
+    """The sample's corrupt images are failed rows: counted and listed as in memory."""
+    filters = [{"caption": {"min_words": 2}}, {"clip_score": {"top_fraction": 0.5}}]
+    mem = _sample_run(rerun_dir, "memory", filters)
+    a = tmp_path / "memory"
+    shutil.copytree(rerun_dir, a)
+    streamed = _sample_run(rerun_dir, "streaming", filters)
+    _same_outputs(mem, streamed, a, rerun_dir)
+    assert streamed.manifest["counts"]["failed"] > 0
+
+
+def test_not_every_shard_cached_is_filtered_in_memory(tmp_path, generated):
+    pattern, cache = generated
+    out = tmp_path / "run"
+    shutil.copytree(cache, out / "cache")
+    [first] = sorted((out / "cache").glob("source-*"))
+    sorted(first.glob("*.parquet"))[0].unlink()  # one shard's rows no longer cached
+    filters = [{"clip_score": {"top_fraction": 0.3}}]
+    with pytest.raises(ConfigError, match="1 of 5 shards are not cached"):
+        run(config(pattern, out, "streaming", filters), progress=False, log=lambda _m: None)
