@@ -259,6 +259,10 @@ class WebDatasetStage(SourceStage):
     # --- the streaming plan (pipelines/executors/streaming.py): a re-filter of a pool
     # whose every shard is cached; each worker builds its one-shard pool from the caches.
 
+    # Opt-in for now: a streamed re-filter cuts its parts per source shard, and runs on a
+    # cached pool (reruns with new filter settings) would change layout under ``auto``.
+    streams_in_auto = False
+
     def stream_why_not(self) -> str | None:
         if not is_local(self.cache_root):
             return "remote cache"

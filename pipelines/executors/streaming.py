@@ -103,6 +103,8 @@ def why_not(cfg, the_plan, executor) -> str | None:
     reason = source.stream_why_not()
     if reason:
         return reason
+    if cfg.execution.mode == "auto" and not source.streams_in_auto:
+        return f"{source.info.kind} input streams on execution.mode: streaming only"
     if not runs_tasks(executor):
         return "the executor runs no plan tasks"
     # A filter's own scorers (language's language_id) run shard by shard in the workers;
