@@ -457,11 +457,16 @@ def search(
 
 
 def components_of(
-    labels: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray, alive: np.ndarray | None = None
+    labels: np.ndarray,
+    pair_a: np.ndarray,
+    pair_b: np.ndarray,
+    alive: np.ndarray | None = None,
+    copy: bool = True,
 ) -> np.ndarray:
     """Component per row (an int64 row number naming it; -1 for rows not alive) over the
     alive rows: rows sharing a label, and labels linked by a pair when both labels have an
-    alive row. Writes into a copy of ``labels`` only: one int64 per row."""
+    alive row. Writes into a copy of ``labels`` (one int64 per row), or with ``copy=False``
+    into ``labels`` itself (a caller done with them holds no second per-row array)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -470,7 +475,7 @@ def components_of(
     present[labels if alive is None else labels[alive]] = True
     keep = present[pair_a] & present[pair_b]
     a, b = pair_a[keep], pair_b[keep]
-    out = labels.copy()
+    out = labels.copy() if copy else labels
     if len(a):
         # The graph over the labels that some pair names only (not one node per row).
         nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)

@@ -134,7 +134,10 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
     decided: list[dict[int, tuple]] = [{} for _ in shards]
     searched: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     info = ctx.stage_info.setdefault("dedup", {})
-    for position in dedup_positions(nodes):
+    positions = dedup_positions(nodes)
+    # The last position that uses each search: its labels are freed (and reused) there.
+    last_use = {nodes[p].filter.search_settings(): p for p in positions}
+    for position in positions:
         f = nodes[position].filter
         settings = f.search_settings()
         t0 = time.perf_counter()
@@ -147,28 +150,34 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
                 "workers": tasks.workers,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
-        labels, pair_a, pair_b = searched[settings]
+        last = last_use[settings] == position
+        labels, pair_a, pair_b = searched.pop(settings) if last else searched[settings]
         results = []
         for r in tasks.map(_alive_at, [(sh, s, thresholds, decided[i], position) for i, s in enumerate(shards)]):
             if "bad_uids" in r:
                 ctx.log(f"execution: uids the dedup step cannot order ({r['bad_uids']}); filtering in memory")
                 return None
+            r["alive"] = np.unpackbits(r["alive"], count=r["n"]).view(bool)
             results.append(r)
-        alive = np.concatenate(
-            [np.unpackbits(r["alive"], count=r["n"]).astype(bool) for r in results] + [np.zeros(0, bool)]
-        )
-        hi = np.concatenate([r["hi"] for r in results] + [np.zeros(0, np.uint64)])
-        lo = np.concatenate([r["lo"] for r in results] + [np.zeros(0, np.uint64)])
-        score = None
+        # One column at a time, each shard's part freed once copied: the driver never holds
+        # a column twice.
+        alive = _gather(results, "alive", bool)
+        hi = _gather(results, "hi", np.uint64)
+        lo = _gather(results, "lo", np.uint64)
+        neg_score = None
         if f.params.keep == "highest_clip_score":
-            score = np.concatenate([r["score"] for r in results] + [np.zeros(0, np.float64)])
+            neg_score = _gather(results, "score", np.float64)
+            np.negative(neg_score, out=neg_score)
         del results
         rows = np.flatnonzero(alive)
-        comp = partitioned.components_of(labels, pair_a, pair_b, alive)[rows]
-        del alive
-        drop, best = _survivors(comp, score, hi, lo)
+        comp = partitioned.components_of(labels, pair_a, pair_b, alive, copy=not last)
+        del labels, pair_a, pair_b, alive
+        comp = comp[rows]
+        drop, best = _survivors(comp, neg_score, hi, lo)
+        del comp, neg_score
         # per shard: the dropped rows (shard-local) and their survivors' uids
         dropped_rows = rows[drop]
+        del rows
         cut = np.searchsorted(dropped_rows, starts)
         for i in range(len(shards)):
             a, b = cut[i], cut[i + 1]
@@ -176,21 +185,47 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
     return decided
 
 
-def _survivors(comp: np.ndarray, score, hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _gather(results: list[dict], key: str, dtype) -> np.ndarray:
+    """The shards' ``key`` arrays end to end, each shard's freed once copied."""
+    out = np.empty(sum(len(r[key]) for r in results), dtype)
+    at = 0
+    for r in results:
+        part = r.pop(key)
+        out[at : at + len(part)] = part
+        at += len(part)
+    return out
+
+
+def _survivors(comp: np.ndarray, neg_score, hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Over the alive rows (in row order): the positions dropped, and for each its survivor's
-    position. The filter's rule: score descending (if any), then the smallest uid."""
+    position. The filter's rule: score descending (``neg_score``: the negated scores, if
+    any), then the smallest uid, then the first row.
+
+    Only the rows of components of two or more are sorted (a singleton survives itself)."""
     if len(comp) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    at = np.arange(len(comp))
-    keys = (at, lo, hi) + ((-score,) if score is not None else ()) + (comp,)
-    order = np.lexsort(keys)  # by component, best first
-    c = comp[order]
-    first = np.r_[True, c[1:] != c[:-1]]
-    best_of = order[np.flatnonzero(first)[np.cumsum(first) - 1]]  # per sorted position
-    best = np.empty(len(comp), np.int64)
-    best[order] = best_of
-    drop = np.flatnonzero(best != at)
-    return drop, best[drop]
+    size = np.bincount(comp)
+    multi = np.flatnonzero(size[comp] > 1)
+    del size
+    c = comp[multi]
+    keys = (lo[multi], hi[multi]) + ((neg_score[multi],) if neg_score is not None else ()) + (c,)
+    order = np.lexsort(keys)  # by component, best first; stable, so ties keep row order
+    del keys
+    c = c[order]
+    first = np.empty(len(c), bool)
+    first[:1] = True
+    np.not_equal(c[1:], c[:-1], out=first[1:])
+    del c
+    group = np.cumsum(first)
+    group -= 1
+    best = order[np.flatnonzero(first)][group]  # per sorted position: its component's best
+    del group, first
+    loser = np.flatnonzero(best != order)
+    # positions (into the alive rows) of the dropped rows and of their survivors, by row
+    dropped, survivor = multi[order[loser]], multi[best[loser]]
+    del order, best, loser
+    by_row = np.argsort(dropped, kind="stable")
+    return dropped[by_row], survivor[by_row]
 
 
 def _search(tasks, sh, shards, shard_rows, starts, n: int, settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
