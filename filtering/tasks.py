@@ -28,23 +28,8 @@ def task_pool(executor, workers: int) -> Iterator:
         return
     from filtering.procpool import ProcessPool
 
-    with ProcessPool(workers, mp_context=mp.get_context("spawn"), initializer=system_arrow_pool) as pool:
+    with ProcessPool(workers, mp_context=mp.get_context("spawn")) as pool:
         yield pool
-
-
-def system_arrow_pool() -> None:
-    """A worker's Arrow allocations from the system allocator (unless the user chose one
-    with ``ARROW_DEFAULT_MEMORY_POOL``). Arrow's default mimalloc pool keeps what each
-    task freed, so a worker's RSS climbed with every shard it took (bench_dedup_cli,
-    streaming, 1M rows: 420-436 MB per worker against 360 MB with the system pool,
-    whole tree 993 -> 804 MB), and the peak grew with the pool's shards per worker."""
-    import os
-
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return
-    import pyarrow as pa
-
-    pa.set_memory_pool(pa.system_memory_pool())
 
 
 def runs_tasks(executor) -> bool:
