@@ -16,9 +16,10 @@ For ``exact`` and ``perceptual`` the candidate search is not done here: a column
 settings) searches the whole pool once by hash partitioning
 (:mod:`filtering.dedup.partitioned`), caches the result, and leaves a group label per
 row and pairs of labels; this filter restricts them to the rows that reach it and
-decides. ``semantic`` still searches here (k-means trains on the rows that reach it);
+decides. ``semantic`` searches here (k-means trains on the rows that reach it);
 on large pools its per-cluster comparisons run on worker processes, a partition of
-clusters each (:func:`filtering.dedup.semantic.semdedup_pairs`).
+clusters each (:func:`filtering.dedup.semantic.semdedup_pairs`). The streaming plan runs
+the same steps shard by shard (``pipelines/executors/dedup_phase.py``), same pairs.
 
 Pairs are joined into groups (connected components); in each group the copy preferred
 by ``keep`` survives (``highest_clip_score``, ties by smallest uid; or ``smallest_uid``)

@@ -113,6 +113,18 @@ def _partition_task(args) -> tuple[np.ndarray, np.ndarray]:
     return partition_pairs(*args)
 
 
+def balance(sizes: np.ndarray, parts: int) -> np.ndarray:
+    """The partition (of ``parts``) of each cluster of ``sizes`` rows, balanced by comparisons
+    (size^2): largest clusters first, each to the lightest partition so far."""
+    load = np.zeros(max(1, parts))
+    owner = np.empty(len(sizes), np.int64)
+    for pos in np.argsort(-(np.asarray(sizes, np.float64) ** 2), kind="stable"):
+        k = int(np.argmin(load))
+        owner[pos] = k
+        load[k] += float(sizes[pos]) ** 2
+    return owner
+
+
 def _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress) -> tuple[list, list]:
     """The per-cluster comparisons of :func:`semdedup_pairs`: partitions of clusters on a process pool."""
     import os
@@ -123,14 +135,8 @@ def _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress) 
 
     sizes = np.diff(bounds)
     clusters = np.flatnonzero(sizes > 1)
-    # Balance the partitions by comparisons (size^2): largest clusters first, each to the lightest.
     parts = max(1, min(len(clusters), 4 * workers))
-    load = np.zeros(parts)
-    owner = np.empty(len(clusters), np.int64)
-    for pos in np.argsort(-(sizes[clusters].astype(np.float64) ** 2), kind="stable"):
-        k = int(np.argmin(load))
-        owner[pos] = k
-        load[k] += float(sizes[clusters[pos]]) ** 2
+    owner = balance(sizes[clusters], parts)
     spill = tempfile.mkdtemp(prefix="semdedup-", dir=work_dir)
     try:
         members_of, args = [], []
@@ -155,3 +161,77 @@ def _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress) 
         return out_i, out_j
     finally:
         shutil.rmtree(spill, ignore_errors=True)
+
+
+# -- per shard, then per partition of clusters: the pool never in one process ---------------
+#
+# The streaming plan (pipelines/executors/dedup_phase.py) runs the steps of
+# :func:`semdedup_pairs` after the k-means: each shard's rows assigned and spilled sorted by
+# cluster (:func:`spill_assigned`), then each partition of clusters gathered from every
+# shard's spill and compared (:func:`spilled_partition_pairs`), the rows of each cluster in
+# the canonical order the in-memory search compares them in, so the pairs are the same.
+
+
+def spill_assigned(x: np.ndarray, rows: np.ndarray, rank: np.ndarray, centroids, k: int, prefix: str) -> np.ndarray:
+    """One shard's rows (``x``: embeddings in the search's dtype; ``rows``: pool rows;
+    ``rank``: positions in the canonical order) assigned to their nearest centroid
+    (``centroids``: an array or :class:`filtering.clustering.Assigner`; None: one cluster)
+    and written sorted by (cluster, rank) as ``prefix.{x,label,rank,row}.npy``. Returns the
+    rows per cluster (``k``)."""
+    import os
+
+    from filtering.clustering import assign
+
+    label = assign(x, centroids)[0] if centroids is not None and len(x) else np.zeros(len(x), np.int64)
+    order = np.lexsort((rank, label))
+    for name, arr in (("x", x), ("label", label), ("rank", rank), ("row", rows)):
+        tmp = f"{prefix}.{name}.tmp.npy"
+        np.save(tmp, np.ascontiguousarray(arr[order]))
+        os.replace(tmp, f"{prefix}.{name}.npy")
+    return np.bincount(label, minlength=k)
+
+
+def spilled_partition_pairs(
+    prefixes: list[str], clusters: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (pool rows) inside each of ``clusters``, gathered from every shard's spill
+    (:func:`spill_assigned`): a cluster's rows in canonical order, compared by
+    :func:`cluster_pairs` as :func:`semdedup_pairs` compares them."""
+    from filtering.clustering import normalize
+
+    clusters = np.sort(np.asarray(clusters, np.int64))
+    label, rank, row, src, local = [], [], [], [], []
+    for s, prefix in enumerate(prefixes):
+        lab = np.load(f"{prefix}.label.npy")
+        take = np.flatnonzero(np.isin(lab, clusters, assume_unique=False))
+        if len(take) == 0:
+            continue
+        label.append(lab[take])
+        rank.append(np.load(f"{prefix}.rank.npy", mmap_mode="r")[take])
+        row.append(np.load(f"{prefix}.row.npy", mmap_mode="r")[take])
+        src.append(np.full(len(take), s, np.int64))
+        local.append(take)
+    empty = np.zeros(0, np.int64)
+    if not label:
+        return empty, empty
+    label, rank, row = np.concatenate(label), np.concatenate(rank), np.concatenate(row)
+    src, local = np.concatenate(src), np.concatenate(local)
+    order = np.lexsort((rank, label))
+    label, row, src, local = label[order], row[order], src[order], local[order]
+    del rank, order
+    x = None
+    for s in np.unique(src):  # each shard's rows read once, straight into their places
+        mem = np.load(f"{prefixes[s]}.x.npy", mmap_mode="r")
+        if x is None:
+            x = np.empty((len(row), mem.shape[1]), mem.dtype)
+        at = np.flatnonzero(src == s)
+        x[at] = mem[local[at]]
+        del mem
+    bounds = np.flatnonzero(np.r_[True, label[1:] != label[:-1], True])
+    out_i, out_j = [empty], [empty]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b - a > 1:
+            ci, cj = cluster_pairs(normalize(x[a:b]), threshold)
+            out_i.append(row[a + ci])
+            out_j.append(row[a + cj])
+    return np.concatenate(out_i), np.concatenate(out_j)

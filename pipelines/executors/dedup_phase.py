@@ -1,17 +1,29 @@
-"""The streaming plan's dedup phase: exact and perceptual ``dedup`` without the pool in the driver.
+"""The streaming plan's dedup phase: top-level ``dedup`` without the pool in the driver.
 
-A top-level ``dedup`` (``method: exact`` or ``perceptual``, no ``min_similarity``) is a
-global decision over small per-row arrays, in three steps between the cluster targets
-and the filter pass (``pipelines/executors/streaming.py``):
+A top-level ``dedup`` (``method: exact``, ``perceptual`` or ``semantic``, no
+``min_similarity``) is a global decision over small per-row arrays, in three steps between
+the cluster targets and the filter pass (``pipelines/executors/streaming.py``):
 
-1. **search** (per shard, then per partition): each shard's key columns (``sha256``,
-   ``caption``, ``phash``) emitted into spill files partitioned by key hash, each
-   partition reduced on a worker (:mod:`filtering.dedup.partitioned`, the in-memory
+1. **search** (exact, perceptual; per shard, then per partition): each shard's key columns
+   (``sha256``, ``caption``, ``phash``) emitted into spill files partitioned by key hash,
+   each partition reduced on a worker (:mod:`filtering.dedup.partitioned`, the in-memory
    search stage's code); the driver holds one int64 label per row and the pairs of labels.
 2. **alive at dedup** (per shard): the shard through the filters before the dedup (the
    global thresholds, earlier dedups' decisions); returned as the alive mask and, for the
    alive rows, the keep score (float64) and the uid as two uint64 (its string order for
-   lowercase 32-hex uids; any other uid sends the run to the in-memory path).
+   lowercase 32-hex uids; any other uid sends the run to the in-memory path); semantic:
+   also whether each alive row's embedding is not all zero (the rows the filter compares).
+2b. **semantic search** (issue 16: SemDeDup per k-means cluster partition, as NeMo Curator
+   runs it): the valid alive rows put in uid order (the filter's canonical order, from the
+   uint64 pairs); k-means trained in the driver on the in-memory filter's sample
+   (:func:`filtering.clustering.sample_indices` over that order, at most 64 rows per
+   cluster), those rows' embeddings fetched shard by shard; each shard's rows assigned to
+   the centroids and spilled sorted by cluster in a worker
+   (:func:`filtering.dedup.semantic.spill_assigned`); each partition of clusters (balanced
+   by comparisons) gathered from every shard's spill and compared on one worker
+   (:func:`filtering.dedup.semantic.spilled_partition_pairs`: ``cluster_pairs`` on a
+   cluster's rows in uid order, the in-memory arrays, so the same pairs). The driver holds
+   the sample and a few int64 per valid row; the pairs are rows, their labels the rows.
 3. **survivors** (driver): components of the alive rows
    (:func:`filtering.dedup.partitioned.components_of`), then in each component of two or
    more the row preferred by the filter's rule (:func:`filtering.dedup.groups.keep_rank`:
@@ -117,7 +129,78 @@ def _alive_at(args) -> dict[str, Any]:
     if f.params.keep == "highest_clip_score":
         s = np.asarray(pool.column(f.score_field)[rows], dtype=np.float64)
         out["score"] = np.where(np.isnan(s), -np.inf, s) + 0.0  # missing last; -0.0 ties 0.0
+    if f.params.method == "semantic":
+        try:
+            emb = _embeddings(pool, f)
+        except Exception as e:  # noqa: BLE001 — the in-memory path reports it its own way
+            return {"fallback": f"{type(e).__name__}: {e}"}
+        out["dtype"] = _search_dtype(emb.dtype).str
+        valid = np.zeros(len(rows), bool)  # failed rows carry zero embeddings
+        for lo in range(0, len(rows), EMBEDDING_BLOCK):
+            block = np.asarray(emb[rows[lo : lo + EMBEDDING_BLOCK]], dtype=_search_dtype(emb.dtype))
+            valid[lo : lo + EMBEDDING_BLOCK] = np.any(block != 0, axis=1)
+        out["valid"] = np.packbits(valid)
     return out
+
+
+# ---------------------------------------------------------------- semantic: workers
+
+EMBEDDING_BLOCK = 65_536  # embedding rows converted at a time in a worker
+PARTITION_BYTES = 256 << 20  # a partition's embeddings (float32), at most about this, unless one cluster is larger
+
+
+def _search_dtype(dtype) -> np.dtype:
+    """The dtype the in-memory filter gathers embeddings in (``gather_embeddings``)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype in (np.float16, np.float32) else np.dtype(np.float32)
+
+
+def _embeddings(pool, f) -> np.ndarray:
+    """The shard's embeddings for ``dedup`` leaf ``f`` (memory-mapped where the source allows)."""
+    from filtering.errors import ConfigError
+
+    try:
+        kind = pool.resolve_embedding(f.params.embedding)
+    except KeyError as e:
+        raise ConfigError(f"filters.dedup.embedding: {e.args[0]}") from e
+    parts = [emb for _, emb in pool.iter_embeddings(kind)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _rows_of(args) -> np.ndarray:
+    """Embeddings of some rows of one shard (the k-means training sample), in the search's dtype."""
+    from pipelines.executors.streaming import _shard_pool
+
+    sh, shard, position, rows, dtype = args
+    pool, _ = _shard_pool(sh, shard)
+    return np.asarray(_embeddings(pool, sh.cfg.filter_tree[position].filter)[rows], dtype=dtype)
+
+
+_CENTROIDS: dict[str, Any] = {}  # one Assigner per worker process (path -> Assigner)
+
+
+def _assign_spill(args) -> np.ndarray:
+    """One shard's valid rows assigned to the centroids and spilled sorted by cluster."""
+    from filtering.clustering import Assigner
+    from filtering.dedup.semantic import spill_assigned
+    from pipelines.executors.streaming import _shard_pool
+
+    sh, shard, position, local, first_row, rank, dtype, centroids, k, prefix = args
+    pool, _ = _shard_pool(sh, shard)
+    x = np.asarray(_embeddings(pool, sh.cfg.filter_tree[position].filter)[local], dtype=dtype)
+    assigner = None
+    if centroids is not None:
+        assigner = _CENTROIDS.get(centroids)
+        if assigner is None:
+            _CENTROIDS.clear()
+            assigner = _CENTROIDS[centroids] = Assigner(np.load(centroids))
+    return spill_assigned(x, local + first_row, rank, assigner, k, prefix)
+
+
+def _compare_partition(args) -> tuple[np.ndarray, np.ndarray]:
+    from filtering.dedup.semantic import spilled_partition_pairs
+
+    return spilled_partition_pairs(*args)
 
 
 # ---------------------------------------------------------------- driver
@@ -133,43 +216,60 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
     starts = np.r_[0, np.cumsum(shard_rows)].astype(np.int64)
     decided: list[dict[int, tuple]] = [{} for _ in shards]
     searched: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    info = ctx.stage_info.setdefault("dedup", {})
     positions = dedup_positions(nodes)
     # The last position that uses each search: its labels are freed (and reused) there.
-    last_use = {nodes[p].filter.search_settings(): p for p in positions}
+    last_use = {s: p for p in positions if (s := nodes[p].filter.search_settings()) is not None}
     for position in positions:
         f = nodes[position].filter
-        settings = f.search_settings()
+        settings = f.search_settings()  # None: semantic, searched below over the rows alive here
         t0 = time.perf_counter()
-        if settings not in searched:
+        if settings is not None and settings not in searched:
             searched[settings] = _search(tasks, sh, shards, shard_rows, starts, n, settings)
             labels, pair_a, _ = searched[settings]
-            info[label_column(settings)] = {
+            ctx.stage_info.setdefault("dedup", {})[label_column(settings)] = {
                 "cache": "computed",
                 "pairs": int(len(pair_a)),
                 "workers": tasks.workers,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
-        last = last_use[settings] == position
-        labels, pair_a, pair_b = searched.pop(settings) if last else searched[settings]
+        last = settings is None or last_use[settings] == position
+        if settings is not None:
+            labels, pair_a, pair_b = searched.pop(settings) if last else searched[settings]
         results = []
         for r in tasks.map(_alive_at, [(sh, s, thresholds, decided[i], position) for i, s in enumerate(shards)]):
             if "bad_uids" in r:
                 ctx.log(f"execution: uids the dedup step cannot order ({r['bad_uids']}); filtering in memory")
                 return None
+            if "fallback" in r:
+                ctx.log(f"execution: dedup embeddings ({r['fallback']}); filtering in memory")
+                return None
             r["alive"] = np.unpackbits(r["alive"], count=r["n"]).view(bool)
+            if "valid" in r:
+                r["valid"] = np.unpackbits(r["valid"], count=len(r["hi"])).view(bool)
             results.append(r)
+        dtype = None
+        if settings is None:
+            dtypes = {r["dtype"] for r in results}
+            if len(dtypes) > 1:  # the in-memory filter gathers them in the first shard's dtype
+                ctx.log(f"execution: dedup embeddings of mixed dtypes ({sorted(dtypes)}); filtering in memory")
+                return None
+            dtype = np.dtype(dtypes.pop())
         # One column at a time, each shard's part freed once copied: the driver never holds
         # a column twice.
         alive = _gather(results, "alive", bool)
         hi = _gather(results, "hi", np.uint64)
         lo = _gather(results, "lo", np.uint64)
+        valid = _gather(results, "valid", bool) if settings is None else None
         neg_score = None
         if f.params.keep == "highest_clip_score":
             neg_score = _gather(results, "score", np.float64)
             np.negative(neg_score, out=neg_score)
         del results
         rows = np.flatnonzero(alive)
+        if settings is None:
+            pair_a, pair_b = _semantic_pairs(tasks, sh, shards, starts, position, rows, hi, lo, valid, dtype)
+            labels = np.arange(n, dtype=np.int64)
+            del valid
         comp = partitioned.components_of(labels, pair_a, pair_b, alive, copy=not last)
         del labels, pair_a, pair_b, alive
         comp = comp[rows]
@@ -226,6 +326,85 @@ def _survivors(comp: np.ndarray, neg_score, hi: np.ndarray, lo: np.ndarray) -> t
     del order, best, loser
     by_row = np.argsort(dropped, kind="stable")
     return dropped[by_row], survivor[by_row]
+
+
+def _semantic_pairs(
+    tasks, sh, shards, starts, position: int, rows, hi, lo, valid, dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """SemDeDup's pairs (pool rows) among the alive rows ``rows`` whose embedding is not all
+    zero (``valid``), as :func:`filtering.dedup.semantic.semdedup_pairs` finds them in the
+    in-memory filter: the rows in uid order (``hi``, ``lo``); k-means trained in the driver
+    on the same sample of them, fetched shard by shard; each shard's rows assigned and
+    spilled sorted by cluster in the workers; each partition of clusters compared on one
+    worker, a cluster's rows in uid order (the same arrays, so the same pairs)."""
+    from filtering.clustering import sample_indices, train_kmeans
+    from filtering.dedup import semantic
+
+    p = sh.cfg.filter_tree[position].filter.params
+    empty = np.zeros(0, np.int64)
+    canon = np.lexsort((lo, hi))  # positions (into rows) by uid: the filter's order
+    canon = canon[valid[canon]]
+    vrows = rows[canon]  # the valid rows' pool rows, by uid
+    del canon
+    n = len(vrows)
+    if n < 2:
+        return empty, empty
+    k = min(p.num_clusters or semantic.default_num_clusters(n), n)
+    spill = tempfile.mkdtemp(prefix="semdedup-", dir=sh.spill)
+    try:
+
+        def by_shard(pool_rows: np.ndarray):
+            """Per shard with rows among ``pool_rows``: (shard, its rows (local, ascending), their positions in ``pool_rows``)."""
+            order = np.argsort(pool_rows, kind="stable")
+            cut = np.searchsorted(pool_rows[order], starts)
+            for i in range(len(shards)):
+                if cut[i + 1] > cut[i]:
+                    at = order[cut[i] : cut[i + 1]]
+                    yield i, pool_rows[at] - starts[i], at
+
+        centroids, dim = None, 0
+        if k > 1:
+            # The in-memory training sample: the same positions of the rows in uid order.
+            m = min(n, semantic.TRAINING_POINTS_PER_CLUSTER * k)
+            sample = vrows[sample_indices(n, m, p.seed)]
+            parts = list(by_shard(sample))
+            x = None
+            args = [(sh, shards[i], position, local, dtype) for i, local, _ in parts]
+            for (_, _, at), part in zip(parts, tasks.map(_rows_of, args), strict=True):
+                if x is None:
+                    x = np.empty((m, part.shape[1]), dtype)
+                x[at] = part
+            del parts, sample
+            dim = x.shape[1]
+            trained = train_kmeans(x, k, niter=p.niter, seed=p.seed, max_training_points=m)
+            del x
+            centroids = os.path.join(spill, "centroids.npy")
+            np.save(centroids, trained)
+            del trained
+        sizes = np.zeros(k, np.int64)
+        prefixes = []
+        args = []
+        for i, local, at in by_shard(vrows):
+            prefixes.append(os.path.join(spill, f"s{i:06d}"))
+            args.append((sh, shards[i], position, local, int(starts[i]), at, dtype, centroids, k, prefixes[-1]))
+        for counts in tasks.map(_assign_spill, args):
+            sizes += counts
+        del args
+        clusters = np.flatnonzero(sizes > 1)
+        if len(clusters) == 0:
+            return empty, empty
+        size_bytes = float((sizes[clusters] * max(dim, 1) * 4).sum())
+        parts_n = min(len(clusters), max(4 * tasks.workers, int(np.ceil(size_bytes / PARTITION_BYTES))))
+        owner = semantic.balance(sizes[clusters], parts_n)
+        out_a, out_b = [empty], [empty]
+        work = [(prefixes, clusters[owner == q], p.threshold) for q in range(parts_n)]
+        for a, b in tasks.map(_compare_partition, work):
+            out_a.append(a)
+            out_b.append(b)
+        a, b = np.concatenate(out_a), np.concatenate(out_b)
+        return np.minimum(a, b), np.maximum(a, b)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _search(tasks, sh, shards, shard_rows, starts, n: int, settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -135,10 +135,8 @@ def why_not(cfg, the_plan, executor) -> str | None:
 
 
 def _dedup_why_not(f) -> str | None:
-    """A top-level ``dedup`` streams as a global survivor step (exact and perceptual only)."""
+    """A top-level ``dedup`` streams as a global survivor step (dedup_phase.py)."""
     p = f.params
-    if p.method == "semantic":
-        return "dedup method semantic (k-means over the rows that reach it, in memory)"
     if p.min_similarity is not None:
         return "dedup min_similarity (reads embeddings of the candidate pairs, in memory)"
     return None

@@ -5,7 +5,8 @@ machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the modul
   filters (clip_score top_fraction, caption).
 - A DataComp-metadata pool through the whole plan as Ray tasks (``RayExecutor.task_pool``):
   the streaming plan for clip_score top_fraction and image_clusters (DataComp's
-  image_based) and an exact dedup (its search, alive-at-dedup and filter phases), the
+  image_based), an exact dedup (its search, alive-at-dedup and filter phases) and a
+  semantic one (training sample, assignment, partitions of clusters), the
   in-memory plan's partitioned dedup search; subset.npy and every
   subset and dropped part byte for byte, the manifest's counts and thresholds equal to
   the local process pool's.
@@ -155,6 +156,12 @@ def _same_outputs(a, b) -> None:
         ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "auto", {"_scan", "_filter"}),
         # the streaming plan's dedup phase (pipelines/executors/dedup_phase.py)
         ([{"dedup": {"method": "exact"}}], "auto", {"_emit", "_reduce", "_alive_at", "_filter"}),
+        # semantic: the training sample, the assignment and each partition of clusters as tasks
+        (
+            [{"dedup": {"method": "semantic", "embedding": "l14_img", "num_clusters": 3, "threshold": 0.5}}],
+            "auto",
+            {"_alive_at", "_rows_of", "_assign_spill", "_compare_partition", "_filter"},
+        ),
         # the in-memory plan: the partitioned search's tasks
         ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "memory", {"_emit_task", "_reduce_task"}),
         # the in-memory plan: each shard's cluster assignment a Ray task (cached_shard_loop)
@@ -166,6 +173,7 @@ def _same_outputs(a, b) -> None:
         "clip_score_top_fraction",
         "image_clusters",
         "dedup_exact",
+        "dedup_semantic",
         "dedup_exact_in_memory",
         "image_clusters_in_memory",
         "language_in_memory",

@@ -65,3 +65,36 @@ def test_cluster_partitions_on_workers_give_the_pairs_of_one_process(tmp_path):
     np.testing.assert_array_equal(one[2], two[2])
     assert sum(done) == len(x)
     assert list(tmp_path.iterdir()) == []  # spill files removed
+
+
+def test_spilled_shards_give_the_pairs_of_one_process(tmp_path):
+    """The streaming plan's steps (rows assigned and spilled per shard, partitions of
+    clusters gathered from every shard's spill) on rows in a shuffled pool order: the
+    pairs of :func:`semantic.semdedup_pairs` over the rows in canonical order."""
+    from filtering.clustering import assign, train_kmeans
+
+    x, _ = planted(n=1200, dups=200, seed=5)
+    x = x.astype(np.float16)
+    k = 6
+    one_i, one_j, labels = semantic.semdedup_pairs(x, 0.9, num_clusters=k, seed=2)
+    m = min(len(x), semantic.TRAINING_POINTS_PER_CLUSTER * k)
+    centroids = train_kmeans(x, k, niter=10, seed=2, max_training_points=m)
+    np.testing.assert_array_equal(assign(x, centroids)[0], labels)
+    for cents, want in ((centroids, (one_i, one_j)), (None, semantic.semdedup_pairs(x, 0.9, num_clusters=1)[:2])):
+        rank_of_row = np.random.default_rng(0).permutation(len(x))  # pool row r holds canonical row rank_of_row[r]
+        cuts = [0, 300, 301, 700, len(x)]  # shards, one of a single row
+        prefixes, sizes = [], np.zeros(k, np.int64)
+        for s, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+            rows = np.arange(a, b)
+            prefixes.append(str(tmp_path / f"{id(cents)}-s{s}"))
+            sizes += semantic.spill_assigned(x[rank_of_row[rows]], rows, rank_of_row[rows], cents, k, prefixes[-1])
+        assert sizes.sum() == len(x)
+        clusters = np.flatnonzero(sizes > 1)
+        owner = semantic.balance(sizes[clusters], 3)
+        got = set()
+        for q in range(3):
+            a, b = semantic.spilled_partition_pairs(prefixes, clusters[owner == q], 0.9)
+            ra, rb = rank_of_row[a], rank_of_row[b]
+            got |= set(zip(np.minimum(ra, rb).tolist(), np.maximum(ra, rb).tolist(), strict=True))
+        assert len(got) > 100
+        assert got == set(zip(want[0].tolist(), want[1].tolist(), strict=True))

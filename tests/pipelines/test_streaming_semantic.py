@@ -1,0 +1,91 @@
+"""Semantic dedup on the streaming plan (pipelines/executors/dedup_phase.py: k-means trained
+in the driver on the in-memory path's sample, rows assigned and spilled per shard, each
+partition of clusters compared on one worker) against the in-memory plan: subset.npy byte
+for byte, the subset and dropped tables row for row, the manifest's counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from filtering.errors import ConfigError
+from tests.datacomp_pool import make_datacomp_pool
+from tests.pipelines.test_streaming import L14, _run, _table, assert_same_outputs
+
+pytestmark = pytest.mark.slow  # runs the whole pipeline
+
+SEM = {"method": "semantic", "embedding": "l14_img"}
+
+
+@pytest.fixture(scope="module")
+def sem_metadata(tmp_path_factory):
+    """l14_img with planted near copies within and across shards: exact copies, chains
+    (each link >= 0.95 apart, the chain's ends below), some all-zero rows (the filter skips
+    them), scores of one decimal (ties: the smallest uid survives)."""
+    root = make_datacomp_pool(tmp_path_factory.mktemp("dcsem") / "metadata", shards=4, rows=90, seed=11)
+    rng = np.random.default_rng(3)
+    d = 24
+    bases = rng.standard_normal((30, d))
+    bases /= np.linalg.norm(bases, axis=1, keepdims=True)
+    side = rng.standard_normal((30, d))
+    side -= np.einsum("ij,ij->i", side, bases)[:, None] * bases  # orthogonal to the base
+    side /= np.linalg.norm(side, axis=1, keepdims=True)
+    for path in sorted(root.glob("*.npz")):
+        with np.load(path) as z:
+            arrays = dict(z)
+        emb = arrays["l14_img"].astype(np.float64)
+        n = len(emb)
+        near = np.flatnonzero(rng.random(n) < 0.45)
+        b = rng.integers(0, len(bases), len(near))
+        step = rng.integers(0, 4, len(near)) * 0.25  # chain position: 0, 0.25, 0.5, 0.75
+        emb[near] = bases[b] + step[:, None] * side[b] + rng.normal(0, 0.003, (len(near), d))
+        emb[rng.choice(n, 3, replace=False)] = 0.0
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        arrays["l14_img"] = (emb / np.where(norms > 0, norms, 1)).astype(np.float16)
+        np.savez(path, **arrays)
+        pq_path = path.with_suffix(".parquet")
+        t = pq.read_table(pq_path)
+        score = np.round(t.column(L14).to_numpy(zero_copy_only=False), 1)
+        t = t.set_column(t.schema.get_field_index(L14), L14, pa.array(score, t.schema.field(L14).type))
+        pq.write_table(t, pq_path)
+    return root
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [{"dedup": SEM}],
+        # 3 clusters train on 192 of the 366 rows: the driver fetches that sample only
+        [{"dedup": {**SEM, "num_clusters": 3, "keep": "smallest_uid", "seed": 4}}],
+        [{"dedup": {**SEM, "num_clusters": 1, "threshold": 0.9}}],
+        [{"clip_score": {"top_fraction": 0.7}}, {"caption": {"min_words": 2}}, {"dedup": {**SEM, "niter": 3}}],
+        [{"dedup": {"method": "exact"}}, {"dedup": {**SEM, "num_clusters": 5}}, {"dedup": {**SEM, "threshold": 0.8}}],
+    ],
+    ids=["default", "sampled-smallest-uid", "one-cluster", "after-filters", "exact-then-two-semantic"],
+)
+def test_semantic_dedup_streams(tmp_path, sem_metadata, filters):
+    searched = any(f.get("dedup", {}).get("method") == "exact" for f in filters)  # its search record differs
+    m = assert_same_outputs(sem_metadata, tmp_path, filters, search_record=not searched)
+    assert m["execution"]["seconds"]["dedup"] >= 0  # the dedup phase ran
+    dropped = [f["dropped"] for f in m["counts"]["filters"] if f["name"].startswith("dedup")]
+    assert max(dropped) > 20 and dropped[-1] > 0  # the planted copies were found
+    if filters == [{"dedup": SEM}]:  # chains: some copies are dropped for a survivor they are not near
+        emb = {}
+        for path in sorted(sem_metadata.glob("*.parquet")):
+            uids = pq.read_table(path, columns=["uid"]).column("uid").to_pylist()
+            with np.load(path.with_suffix(".npz")) as z:
+                emb.update(zip(uids, z["l14_img"].astype(np.float32), strict=True))
+        pairs = [(r["uid"], r["duplicate_of"]) for r in _table(tmp_path / "run" / "dropped").to_pylist()]
+        sims = [float(emb[u] @ emb[d]) for u, d in pairs if d]
+        assert min(sims) < 0.95 <= max(sims)
+
+
+def test_missing_embedding_reports_as_in_memory(tmp_path, sem_metadata):
+    filters = [{"dedup": {"method": "semantic", "embedding": "nope"}}]
+    with pytest.raises(ConfigError) as mem:
+        _run(sem_metadata, tmp_path / "a", filters, "memory")
+    with pytest.raises(ConfigError) as streamed:
+        _run(sem_metadata, tmp_path / "b", filters, "streaming")
+    assert str(mem.value) == str(streamed.value)
