@@ -11,6 +11,11 @@ RSS of the process tree (``bench_scale.timed``) and whether ``subset.npy`` and t
 manifest's counts agree.
 
     .venv/bin/python bench/bench_dedup_cli.py --dir /tmp/poolsift-dedup-cli --sizes 250k 1M
+
+``--semantic``: ``dedup: {method: semantic, embedding: l14_img}`` (SemDeDup, default
+``num_clusters`` about sqrt(N), ``threshold: 0.95``) instead, on the same shards plus an
+npz each whose ``l14_img`` (768-d float16, as DataComp's L/14) holds points around 256
+topic centres, 10% of them near copies (cosine about 0.999) of another row of their shard.
 """
 
 from __future__ import annotations
@@ -38,11 +43,31 @@ def mix(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def generate(root: Path, rows: int, seed: int = 0) -> None:
-    write_shards(root, rows, functools.partial(_shard, rows=rows), seed)
+EMB_DIM = 768
 
 
-def _shard(rng, s, start, n, rows):
+def generate(root: Path, rows: int, seed: int = 0, semantic: bool = False) -> None:
+    make = functools.partial(_semantic_shard if semantic else _shard, rows=rows, root=root)
+    write_shards(root, rows, make, seed)
+
+
+def _semantic_shard(rng, s, start, n, rows, root):
+    """The exact/perceptual shard, and its npz (written first: the parquet marks the shard done)."""
+    topics = np.random.default_rng(12345).standard_normal((256, EMB_DIM)).astype(np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    x = rng.standard_normal((n, EMB_DIM), dtype=np.float32) * np.float32(0.8 / np.sqrt(EMB_DIM))
+    x += topics[rng.integers(0, len(topics), n)]
+    near = np.flatnonzero(rng.random(n) < 0.10)
+    x[near] = x[rng.integers(0, n, len(near))]
+    x[near] += rng.standard_normal((len(near), EMB_DIM), dtype=np.float32) * np.float32(0.04 / np.sqrt(EMB_DIM))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    tmp = root / f"{s:08d}.tmp.npz"
+    np.savez(tmp, l14_img=x.astype(np.float16))
+    tmp.rename(root / f"{s:08d}.npz")
+    return _shard(rng, s, start, n, rows)
+
+
+def _shard(rng, s, start, n, rows, root=None):
     """10% exact copies (sha256 of another row) and 15% near copies (phash within a few bits)."""
     import pyarrow as pa
 
@@ -65,12 +90,15 @@ def _shard(rng, s, start, n, rows):
     return table
 
 
-def config(pool: Path, out: Path, mode: str) -> str:
+def config(pool: Path, out: Path, mode: str, semantic: bool = False) -> str:
     import yaml
 
+    filters = [{"dedup": {"method": "exact"}}, {"dedup": {"method": "perceptual", "max_distance": 6}}]
+    if semantic:
+        filters = [{"dedup": {"method": "semantic", "embedding": "l14_img"}}]
     raw = {
         "input": {"datacomp_metadata": str(pool)},
-        "filters": [{"dedup": {"method": "exact"}}, {"dedup": {"method": "perceptual", "max_distance": 6}}],
+        "filters": filters,
         "output": {"dir": str(out)},
         "execution": {"mode": mode},
     }
@@ -84,18 +112,19 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/poolsift-dedup-cli")
     ap.add_argument("--sizes", nargs="+", default=["250k", "1M"])
     ap.add_argument("--modes", nargs="+", default=["memory", "streaming"])
+    ap.add_argument("--semantic", action="store_true", help="semantic dedup on generated embeddings (npz)")
     args = ap.parse_args()
     base = Path(args.dir)
     table = []
     for size in args.sizes:
         rows = parse_size(size)
-        pool = base / f"pool-{rows}"
-        generate(pool, rows)
+        pool = base / (f"pool-{rows}-semantic" if args.semantic else f"pool-{rows}")
+        generate(pool, rows, semantic=args.semantic)
         subsets, counts = {}, {}
         for mode in args.modes:
-            out = base / f"out-{rows}-{mode}"
+            out = base / f"out-{rows}-{mode}{'-semantic' if args.semantic else ''}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode), "--quiet"]
+            cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode, args.semantic), "--quiet"]
             wall, cpu, rss, _pss = timed(cmd)
             manifest = json.loads((out / "manifest.json").read_text())
             assert manifest.get("execution", {}).get("plan", "memory") in (mode, "memory")
