@@ -1,8 +1,8 @@
 """The streaming plan's dedup phase: top-level ``dedup`` without the pool in the driver.
 
-A top-level ``dedup`` (``method: exact``, ``perceptual`` or ``semantic``, no
-``min_similarity``) is a global decision over small per-row arrays, in three steps between
-the cluster targets and the filter pass (``pipelines/executors/streaming.py``):
+A top-level ``dedup`` (``method: exact``, ``perceptual`` or ``semantic``) is a global
+decision over small per-row arrays, in three steps between the cluster targets and the
+filter pass (``pipelines/executors/streaming.py``):
 
 1. **search** (exact, perceptual; per shard, then per partition): each shard's key columns
    (``sha256``, ``caption``, ``phash``) emitted into spill files partitioned by key hash,
@@ -24,6 +24,10 @@ the cluster targets and the filter pass (``pipelines/executors/streaming.py``):
    (:func:`filtering.dedup.semantic.spilled_partition_pairs`: ``cluster_pairs`` on a
    cluster's rows in uid order, the in-memory arrays, so the same pairs). The driver holds
    the sample and a few int64 per valid row; the pairs are rows, their labels the rows.
+2c. **min_similarity** (perceptual): the filter's edges among the alive rows in uid order
+   (:func:`filtering.dedup.groups.label_edges`, in the driver: int64 arrays); the rows
+   they touch read per shard, normalised and spilled in workers; each chunk of edges
+   confirmed by its cosine in a worker, as the filter computes it.
 3. **survivors** (driver): components of the alive rows
    (:func:`filtering.dedup.partitioned.components_of`), then in each component of two or
    more the row preferred by the filter's rule (:func:`filtering.dedup.groups.keep_rank`:
@@ -129,12 +133,13 @@ def _alive_at(args) -> dict[str, Any]:
     if f.params.keep == "highest_clip_score":
         s = np.asarray(pool.column(f.score_field)[rows], dtype=np.float64)
         out["score"] = np.where(np.isnan(s), -np.inf, s) + 0.0  # missing last; -0.0 ties 0.0
-    if f.params.method == "semantic":
+    if f.embeddings_required():  # semantic, or perceptual with min_similarity
         try:
             emb = _embeddings(pool, f)
         except Exception as e:  # noqa: BLE001 — the in-memory path reports it its own way
             return {"fallback": f"{type(e).__name__}: {e}"}
         out["dtype"] = _search_dtype(emb.dtype).str
+    if f.params.method == "semantic":
         valid = np.zeros(len(rows), bool)  # failed rows carry zero embeddings
         for lo in range(0, len(rows), EMBEDDING_BLOCK):
             block = np.asarray(emb[rows[lo : lo + EMBEDDING_BLOCK]], dtype=_search_dtype(emb.dtype))
@@ -197,6 +202,41 @@ def _assign_spill(args) -> np.ndarray:
     return spill_assigned(x, local + first_row, rank, assigner, k, prefix)
 
 
+def _normalized_spill(args) -> None:
+    """Some rows of one shard (ascending), as the filter confirms pairs with them: float32,
+    divided by their norm (at least 1e-12), written to ``path``."""
+    from pipelines.executors.streaming import _shard_pool
+
+    sh, shard, position, rows, dtype, path = args
+    pool, _ = _shard_pool(sh, shard)
+    emb = np.asarray(_embeddings(pool, sh.cfg.filter_tree[position].filter)[rows], dtype=dtype).astype(np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    tmp = f"{path}.tmp.npy"
+    np.save(tmp, emb)
+    os.replace(tmp, path)
+
+
+def _take(paths: list, cuts: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Rows ``pos`` of the shards' spills end to end (shard ``s`` holds ``cuts[s]:cuts[s + 1]``)."""
+    shard = np.searchsorted(cuts, pos, side="right") - 1
+    out = None
+    for s in np.unique(shard):
+        mem = np.load(paths[s], mmap_mode="r")
+        if out is None:
+            out = np.empty((len(pos), mem.shape[1]), np.float32)
+        at = np.flatnonzero(shard == s)
+        out[at] = mem[pos[at] - cuts[s]]
+        del mem
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def _close_edges(args) -> np.ndarray:
+    """Which edges ``(a, b)`` (positions in the spills) have cosine >= ``min_similarity``, packed."""
+    paths, cuts, a, b, min_similarity = args
+    close = np.einsum("ij,ij->i", _take(paths, cuts, a), _take(paths, cuts, b)) >= min_similarity
+    return np.packbits(close)
+
+
 def _compare_partition(args) -> tuple[np.ndarray, np.ndarray]:
     from filtering.dedup.semantic import spilled_partition_pairs
 
@@ -248,7 +288,7 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
                 r["valid"] = np.unpackbits(r["valid"], count=len(r["hi"])).view(bool)
             results.append(r)
         dtype = None
-        if settings is None:
+        if f.embeddings_required():
             dtypes = {r["dtype"] for r in results}
             if len(dtypes) > 1:  # the in-memory filter gathers them in the first shard's dtype
                 ctx.log(f"execution: dedup embeddings of mixed dtypes ({sorted(dtypes)}); filtering in memory")
@@ -270,6 +310,13 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
             pair_a, pair_b = _semantic_pairs(tasks, sh, shards, starts, position, rows, hi, lo, valid, dtype)
             labels = np.arange(n, dtype=np.int64)
             del valid
+        elif f.params.min_similarity is not None:
+            # Pairs of rows, each confirmed by the embeddings: the filter's edges, not its labels.
+            pair_a, pair_b = _confirmed_edges(
+                tasks, sh, shards, starts, position, rows, hi, lo, labels, pair_a, pair_b, dtype
+            )
+            labels = np.arange(n, dtype=np.int64)
+            last = True  # components_of may write into these labels: they are this step's own
         comp = partitioned.components_of(labels, pair_a, pair_b, alive, copy=not last)
         del labels, pair_a, pair_b, alive
         comp = comp[rows]
@@ -326,6 +373,54 @@ def _survivors(comp: np.ndarray, neg_score, hi: np.ndarray, lo: np.ndarray) -> t
     del order, best, loser
     by_row = np.argsort(dropped, kind="stable")
     return dropped[by_row], survivor[by_row]
+
+
+EDGES_PER_TASK = 1 << 20  # edges confirmed per task (two float32 rows each, gathered)
+
+
+def _confirmed_edges(tasks, sh, shards, starts, position, rows, hi, lo, labels, pair_a, pair_b, dtype):
+    """``min_similarity``: the filter's edges among the alive rows ``rows`` in uid order
+    (:func:`filtering.dedup.groups.label_edges`: a star per label from its first row, the
+    first rows of paired labels), kept when the two rows' embeddings have cosine >=
+    ``min_similarity`` as the filter computes it; returned as pool rows. The rows an edge
+    touches are read per shard in workers, normalised and spilled; chunks of edges are
+    confirmed in workers from the spills."""
+    from filtering.dedup.groups import label_edges
+
+    p = sh.cfg.filter_tree[position].filter.params
+    empty = np.zeros(0, np.int64)
+    crow = rows[np.lexsort((lo, hi))]  # the alive rows by uid: the filter's order
+    i, j = label_edges(labels[crow], pair_a, pair_b)
+    a, b = crow[i], crow[j]
+    del crow, i, j
+    if len(a) == 0:
+        return empty, empty
+    involved = np.unique(np.concatenate([a, b]))
+    pa_, pb_ = np.searchsorted(involved, a), np.searchsorted(involved, b)
+    cuts = np.searchsorted(involved, starts)
+    spill = tempfile.mkdtemp(prefix="dedup-confirm-", dir=sh.spill)
+    try:
+        paths: list = [None] * len(shards)
+        work = []
+        for k in range(len(shards)):
+            if cuts[k + 1] > cuts[k]:
+                paths[k] = os.path.join(spill, f"s{k:06d}.npy")
+                local = involved[cuts[k] : cuts[k + 1]] - starts[k]
+                work.append((sh, shards[k], position, local, dtype, paths[k]))
+        del involved
+        for _ in tasks.map(_normalized_spill, work):
+            pass
+        close = np.zeros(len(a), bool)
+        chunks = range(0, len(a), EDGES_PER_TASK)
+        work = [
+            (paths, cuts, pa_[c : c + EDGES_PER_TASK], pb_[c : c + EDGES_PER_TASK], p.min_similarity) for c in chunks
+        ]
+        for c, packed in zip(chunks, tasks.map(_close_edges, work), strict=True):
+            m = min(EDGES_PER_TASK, len(a) - c)
+            close[c : c + m] = np.unpackbits(packed, count=m).view(bool)
+        return a[close], b[close]
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _semantic_pairs(

@@ -125,20 +125,10 @@ def why_not(cfg, the_plan, executor) -> str | None:
     if not is_local(cfg.output.dir):
         return "remote output"
     for node in cfg.filter_tree:
-        if isinstance(node, Leaf) and node.filter.name == "dedup":
-            reason = _dedup_why_not(node.filter)
-        else:
-            reason = _node_why_not(node)
+        # A top-level dedup (any method and settings) is a global survivor step (dedup_phase.py).
+        reason = None if isinstance(node, Leaf) and node.filter.name == "dedup" else _node_why_not(node)
         if reason:
             return reason
-    return None
-
-
-def _dedup_why_not(f) -> str | None:
-    """A top-level ``dedup`` streams as a global survivor step (dedup_phase.py)."""
-    p = f.params
-    if p.min_similarity is not None:
-        return "dedup min_similarity (reads embeddings of the candidate pairs, in memory)"
     return None
 
 

@@ -378,7 +378,6 @@ def test_dedup_ties_keep_the_smallest_uid(tmp_path, dup_metadata):
 @pytest.mark.parametrize(
     ("filters", "reason"),
     [
-        ([{"dedup": {"method": "perceptual", "min_similarity": 0.9, "embedding": "l14_img"}}], "min_similarity"),
         ([{"any": [{"dedup": {"method": "exact"}}, {"caption": {"min_words": 3}}]}], "any/not"),
     ],
 )

@@ -23,7 +23,9 @@ SEM = {"method": "semantic", "embedding": "l14_img"}
 def sem_metadata(tmp_path_factory):
     """l14_img with planted near copies within and across shards: exact copies, chains
     (each link >= 0.95 apart, the chain's ends below), some all-zero rows (the filter skips
-    them), scores of one decimal (ties: the smallest uid survives)."""
+    them), scores of one decimal (ties: the smallest uid survives). A ``phash`` column: a
+    near copy's is its base's with 0 to 3 bits flipped; a few other rows take a base's hash
+    too (look-alikes whose embeddings differ: ``min_similarity`` rejects them)."""
     root = make_datacomp_pool(tmp_path_factory.mktemp("dcsem") / "metadata", shards=4, rows=90, seed=11)
     rng = np.random.default_rng(3)
     d = 24
@@ -32,6 +34,7 @@ def sem_metadata(tmp_path_factory):
     side = rng.standard_normal((30, d))
     side -= np.einsum("ij,ij->i", side, bases)[:, None] * bases  # orthogonal to the base
     side /= np.linalg.norm(side, axis=1, keepdims=True)
+    hashes = rng.integers(0, 2**63, len(bases), dtype=np.int64).astype(np.uint64)
     for path in sorted(root.glob("*.npz")):
         with np.load(path) as z:
             arrays = dict(z)
@@ -41,6 +44,15 @@ def sem_metadata(tmp_path_factory):
         b = rng.integers(0, len(bases), len(near))
         step = rng.integers(0, 4, len(near)) * 0.25  # chain position: 0, 0.25, 0.5, 0.75
         emb[near] = bases[b] + step[:, None] * side[b] + rng.normal(0, 0.003, (len(near), d))
+        phash = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+        flips = np.zeros(len(near), np.uint64)
+        for _ in range(3):
+            flips |= np.where(
+                rng.random(len(near)) < 0.5, np.uint64(1) << rng.integers(0, 64, len(near)).astype(np.uint64), 0
+            )
+        phash[near] = hashes[b] ^ flips
+        alike = np.setdiff1d(rng.choice(n, 12, replace=False), near)
+        phash[alike] = hashes[rng.integers(0, len(hashes), len(alike))]
         emb[rng.choice(n, 3, replace=False)] = 0.0
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         arrays["l14_img"] = (emb / np.where(norms > 0, norms, 1)).astype(np.float16)
@@ -49,6 +61,7 @@ def sem_metadata(tmp_path_factory):
         t = pq.read_table(pq_path)
         score = np.round(t.column(L14).to_numpy(zero_copy_only=False), 1)
         t = t.set_column(t.schema.get_field_index(L14), L14, pa.array(score, t.schema.field(L14).type))
+        t = t.append_column("phash", pa.array(phash, pa.uint64()))
         pq.write_table(t, pq_path)
     return root
 
@@ -80,6 +93,35 @@ def test_semantic_dedup_streams(tmp_path, sem_metadata, filters):
         pairs = [(r["uid"], r["duplicate_of"]) for r in _table(tmp_path / "run" / "dropped").to_pylist()]
         sims = [float(emb[u] @ emb[d]) for u, d in pairs if d]
         assert min(sims) < 0.95 <= max(sims)
+
+
+CONFIRMED = {"method": "perceptual", "max_distance": 4, "min_similarity": 0.9, "embedding": "l14_img"}
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [{"dedup": CONFIRMED}],
+        # two dedups share one search: the confirmed one first, the plain one frees the labels
+        [{"dedup": {**CONFIRMED, "max_distance": 6, "keep": "smallest_uid"}}, {"dedup": {"method": "perceptual"}}],
+        [
+            {"caption": {"min_words": 2}},
+            {"dedup": {"method": "exact"}},
+            {"dedup": {**CONFIRMED, "min_similarity": 0.99}},
+        ],
+    ],
+    ids=["confirmed", "confirmed-then-plain", "after-filters"],
+)
+def test_min_similarity_streams(tmp_path, sem_metadata, filters):
+    """``min_similarity``: the filter's edges among the rows that reach it, confirmed by
+    cosines of embeddings read per shard in the workers."""
+    m = assert_same_outputs(sem_metadata, tmp_path, filters, search_record=False)
+    dropped = [f["dropped"] for f in m["counts"]["filters"] if f["name"].startswith("dedup")]
+    assert dropped[0 if len(filters) < 3 else -1] > 20
+    if filters == [{"dedup": CONFIRMED}]:  # the look-alikes are rejected: fewer dropped than by hashes alone
+        plain = {k: v for k, v in CONFIRMED.items() if k not in ("min_similarity", "embedding")}
+        alone = _run(sem_metadata, tmp_path / "plain", [{"dedup": plain}], "streaming")
+        assert alone.manifest["counts"]["filters"][0]["dropped"] > dropped[0]
 
 
 def test_missing_embedding_reports_as_in_memory(tmp_path, sem_metadata):
