@@ -172,19 +172,38 @@ def _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress) 
 # the canonical order the in-memory search compares them in, so the pairs are the same.
 
 
-def spill_assigned(x: np.ndarray, rows: np.ndarray, rank: np.ndarray, centroids, k: int, prefix: str) -> np.ndarray:
-    """One shard's rows (``x``: embeddings in the search's dtype; ``rows``: pool rows;
-    ``rank``: positions in the canonical order) assigned to their nearest centroid
-    (``centroids``: an array or :class:`filtering.clustering.Assigner`; None: one cluster)
-    and written sorted by (cluster, rank) as ``prefix.{x,label,rank,row}.npy``. Returns the
-    rows per cluster (``k``)."""
+def spill_assigned(
+    emb: np.ndarray, local: np.ndarray, rows: np.ndarray, rank: np.ndarray, centroids, k: int, prefix: str, dtype=None
+) -> np.ndarray:
+    """One shard's rows ``local`` of ``emb`` (its embeddings, e.g. memory-mapped; taken in
+    ``dtype``, the search's), which are pool rows ``rows`` at positions ``rank`` of the
+    canonical order, assigned to their nearest centroid (``centroids``: an array or
+    :class:`filtering.clustering.Assigner`; None: one cluster) and written sorted by
+    (cluster, rank) as ``prefix.{x,label,rank,row}.npy``, a batch of rows at a time (the
+    shard's embeddings are never held whole). Returns the rows per cluster (``k``)."""
     import os
 
-    from filtering.clustering import assign
+    from filtering.clustering import DEFAULT_BATCH, assign
 
-    label = assign(x, centroids)[0] if centroids is not None and len(x) else np.zeros(len(x), np.int64)
+    dtype = np.dtype(dtype or emb.dtype)
+
+    class Taken:  # the rows, read a batch at a time by ``assign``
+        def __len__(self) -> int:
+            return len(local)
+
+        def __getitem__(self, at) -> np.ndarray:
+            return np.asarray(emb[local[at]], dtype=dtype)
+
+    label = assign(Taken(), centroids)[0] if centroids is not None and len(local) else np.zeros(len(local), np.int64)
     order = np.lexsort((rank, label))
-    for name, arr in (("x", x), ("label", label), ("rank", rank), ("row", rows)):
+    tmp = f"{prefix}.x.tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(local), emb.shape[1]))
+    for lo in range(0, len(order), DEFAULT_BATCH):
+        out[lo : lo + DEFAULT_BATCH] = emb[local[order[lo : lo + DEFAULT_BATCH]]]
+    out.flush()
+    del out
+    os.replace(tmp, f"{prefix}.x.npy")
+    for name, arr in (("label", label), ("rank", rank), ("row", rows)):
         tmp = f"{prefix}.{name}.tmp.npy"
         np.save(tmp, np.ascontiguousarray(arr[order]))
         os.replace(tmp, f"{prefix}.{name}.npy")

@@ -192,14 +192,14 @@ def _assign_spill(args) -> np.ndarray:
 
     sh, shard, position, local, first_row, rank, dtype, centroids, k, prefix = args
     pool, _ = _shard_pool(sh, shard)
-    x = np.asarray(_embeddings(pool, sh.cfg.filter_tree[position].filter)[local], dtype=dtype)
+    emb = _embeddings(pool, sh.cfg.filter_tree[position].filter)
     assigner = None
     if centroids is not None:
         assigner = _CENTROIDS.get(centroids)
         if assigner is None:
             _CENTROIDS.clear()
             assigner = _CENTROIDS[centroids] = Assigner(np.load(centroids))
-    return spill_assigned(x, local + first_row, rank, assigner, k, prefix)
+    return spill_assigned(emb, local, local + first_row, rank, assigner, k, prefix, dtype)
 
 
 def _normalized_spill(args) -> None:

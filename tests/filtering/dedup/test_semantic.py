@@ -87,7 +87,8 @@ def test_spilled_shards_give_the_pairs_of_one_process(tmp_path):
         for s, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
             rows = np.arange(a, b)
             prefixes.append(str(tmp_path / f"{id(cents)}-s{s}"))
-            sizes += semantic.spill_assigned(x[rank_of_row[rows]], rows, rank_of_row[rows], cents, k, prefixes[-1])
+            emb = x[rank_of_row]  # the pool in its own order; this shard's rows are rows a:b
+            sizes += semantic.spill_assigned(emb, rows, rows, rank_of_row[rows], cents, k, prefixes[-1])
         assert sizes.sum() == len(x)
         clusters = np.flatnonzero(sizes > 1)
         owner = semantic.balance(sizes[clusters], 3)
