@@ -206,15 +206,16 @@ def run_ceiling(urls, clip, batch_size) -> float:
     """The forward pass alone, on inputs decoded and tokenized beforehand."""
     from filtering.io.reader import iter_shard
     from filtering.scorers.clip import ClipEncoder
-    from filtering.stages.image_decode import decode_one
+    from filtering.stages.image_decode import decode_image, reference_plan
 
     encoder = ClipEncoder(clip)
+    plan = reference_plan(clip.pil_transform)
     pixels, captions = [], []
     for url in urls:
         for s in iter_shard(url):
-            d = decode_one(s.image, clip.pil_transform, None)
+            d = decode_image(s.image, plan.required, plan)
             if d.error is None:
-                pixels.append(d.pixels)
+                pixels.append(d.pixels["clip"])
                 captions.append(s.caption)
     batches = []
     for i in range(0, len(pixels), batch_size):

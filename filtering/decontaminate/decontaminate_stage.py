@@ -13,8 +13,10 @@ the fingerprint covers the reference files (names, sizes, modification stamps), 
 method and, for images embedded here, the model; reruns load it without the model.
 Semantic similarities are cached per shard too (``decontam-nearest-<fp>/``, keyed by the
 reference set and the shard's embeddings), so a rerun with another threshold is free.
-Reference images go through the scoring stage's own decoding (``decode_one``) and
-encoder (``ClipEncoder``), so their embeddings and hashes are comparable with the pool's.
+Reference images go through the scoring stage's own decoding (``decode_image`` under
+``reference_plan``, read and decoded as the image-cluster reference set is:
+``decode_reference``) and encoder (``ClipEncoder``), so their embeddings and hashes are
+comparable with the pool's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 from filtering.cache import fingerprint
 from filtering.errors import ConfigError, InputError
 from filtering.io.atomic import atomic_open, atomic_write_text, exists
-from filtering.io.paths import get_fs, join, shard_name
+from filtering.io.paths import get_fs, join
 from filtering.pool import Pool
 from filtering.stages.base import ColumnStage, RunContext
 
@@ -217,21 +218,20 @@ class DecontaminateStage(ColumnStage):
 
     def embed(self, ctx: RunContext, t: Target, kind: str, items: list[str]) -> tuple[ReferenceSet, int]:
         """Decode (and for semantic, encode) reference images as the scoring stage does pool images."""
-        from filtering.stages.image_decode import decode_one, draft_target
+        from filtering.image_clusters.image_clusters_stage import decode_reference
+        from filtering.stages.image_decode import draft_target, reference_plan
 
         semantic = t.method == "semantic"
+        jpeg_draft = getattr(self.cfg.model, "jpeg_draft", False)
         if semantic:
             from filtering.scorers.clip import ClipEncoder
 
             clip = ctx.clip()
             encoder = ClipEncoder(clip)
-            transform = clip.pil_transform
-            draft = draft_target(transform) if getattr(self.cfg.model, "jpeg_draft", False) else None
+            plan = reference_plan(clip.pil_transform, draft_target(clip.pil_transform) if jpeg_draft else None)
         else:
             # Hash exactly as the scoring stage hashed the pool: with its JPEG draft decoding.
-            transform, draft = _thumbnail, None
-            if getattr(self.cfg.model, "jpeg_draft", False):
-                draft = draft_target(ctx.clip().pil_transform)
+            plan = reference_plan(None, draft_target(ctx.clip().pil_transform) if jpeg_draft else None)
         ids: list[str] = []
         hashes: list[int] = []
         emb: list[np.ndarray] = []
@@ -245,16 +245,15 @@ class DecontaminateStage(ColumnStage):
 
         bar = ctx.bar(len(items) if kind == "folder" else None, f"reference {t.value_column}", unit="images")
         try:
-            for item_id, data in _reference_images(kind, items, get_fs(t.reference)[1]):
-                d = decode_one(data, transform, draft)
+            for item_id, d in decode_reference(t.reference, (kind, items, None), plan, self.cfg.model):
                 bar.update(1)
                 if d.error is not None:
                     failures += 1
                     continue
                 ids.append(item_id)
-                hashes.append(d.phash)
+                hashes.append(d.values["phash"]["phash"])
                 if semantic:
-                    pending.append(d.pixels)
+                    pending.append(d.pixels["clip"])
                     if len(pending) >= self.cfg.model.batch_size:
                         flush()
             if semantic and pending:
@@ -266,28 +265,6 @@ class DecontaminateStage(ColumnStage):
             matrix = np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)
             return ReferenceSet(np.asarray(ids, dtype=str), embeddings=matrix), failures
         return ReferenceSet(np.asarray(ids, dtype=str), hashes=np.asarray(hashes, dtype=np.uint64)), failures
-
-
-def _thumbnail(img):
-    """Stand-in model transform for hashing only: decode_one needs one, the pixels are unused."""
-    return np.zeros((1, 1, 3), np.uint8)
-
-
-def _reference_images(kind: str, items: list[str], root: str) -> Iterator[tuple[str, bytes | None]]:
-    """(id, image bytes): folder images by path relative to the folder; shard samples by key."""
-    from filtering.io.paths import open_file
-    from filtering.io.reader import iter_shard
-
-    if kind == "folder":
-        for p in items:
-            rel = os.path.relpath(p.split("://", 1)[-1], root).replace(os.sep, "/")
-            with open_file(p) as f:
-                yield rel, f.read()
-    else:
-        for url in items:
-            name = shard_name(url)
-            for sample in iter_shard(url):
-                yield f"{name}/{sample.key}", sample.image
 
 
 def _load_arrays(files: list[str], t: Target, key: str) -> ReferenceSet:

@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ from filtering import clustering
 from filtering.cache import ShardCache, fingerprint, load_npy, part_fingerprint, save_npy
 from filtering.errors import ConfigError, InputError
 from filtering.io.atomic import atomic_write_text, exists
-from filtering.io.paths import expand_shards, file_info, get_fs, join
+from filtering.io.paths import expand_shards, file_info, get_fs, join, shard_name
 from filtering.pool import Pool
 from filtering.stages.base import ColumnStage, RunContext
 
@@ -282,20 +281,16 @@ class ImageClustersStage(ColumnStage):
     def embed_reference(self, ctx, source) -> tuple[np.ndarray, int]:
         """Encode reference images exactly as pool images are: same decode, transform, model."""
         from filtering.scorers.clip import ClipEncoder
-        from filtering.stages.image_decode import decode_batch, decode_one, draft_target, init_worker
+        from filtering.stages.image_decode import draft_target, reference_plan
 
-        kind, items, _ = source
         clip = ctx.clip()
         encoder = ClipEncoder(clip)
         draft = draft_target(clip.pil_transform) if getattr(self.cfg.model, "jpeg_draft", False) else None
-        total = len(items) if kind == "folder" else None
-        chunks = _image_chunks(kind, items)
-        in_process = kind == "folder" and len(items) <= IN_PROCESS_DECODE_MAX
         batch_size = self.cfg.model.batch_size
         out: list[np.ndarray] = []
         pending: list[np.ndarray] = []
         failures = 0
-        bar = ctx.bar(total, "embed reference", unit="images")
+        bar = ctx.bar(len(source[1]) if source[0] == "folder" else None, "embed reference", unit="images")
 
         def flush() -> None:
             img, _ = encoder(np.stack(pending), [""] * len(pending))
@@ -304,20 +299,14 @@ class ImageClustersStage(ColumnStage):
             pending.clear()
 
         try:
-            if in_process:
-                decoded_chunks = ([decode_one(b, clip.pil_transform, draft) for b in chunk] for chunk in chunks)
-            else:
-                decoded_chunks = _decode_in_workers(
-                    chunks, clip.pil_transform, draft, self._workers(), decode_batch, init_worker
-                )
-            for decoded in decoded_chunks:
-                for d in decoded:
-                    if d.error is not None:
-                        failures += 1
-                        continue
-                    pending.append(d.pixels)
-                    if len(pending) >= batch_size:
-                        flush()
+            plan = reference_plan(clip.pil_transform, draft)
+            for _, d in decode_reference(self.cfg.clusters.reference, source, plan, self.cfg.model):
+                if d.error is not None:
+                    failures += 1
+                    continue
+                pending.append(d.pixels["clip"])
+                if len(pending) >= batch_size:
+                    flush()
             if pending:
                 flush()
         finally:
@@ -326,10 +315,6 @@ class ImageClustersStage(ColumnStage):
             ctx.log(f"clusters: {failures} reference images could not be decoded and were skipped")
         dim = encoder.dim
         return (np.concatenate(out) if out else np.zeros((0, dim), np.float16)), failures
-
-    def _workers(self) -> int:
-        n = self.cfg.model.num_workers
-        return n if n is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
 
     # --- targets and assignments -----------------------------------------------------
 
@@ -373,45 +358,41 @@ def reference_source(ref: str) -> tuple[str, list[str], list]:
     return "shards", urls, [[u, file_info(u)] for u in urls]
 
 
-def _image_chunks(kind: str, items: list[str]) -> Iterator[list[bytes | None]]:
+def reference_images(kind: str, items: list[str], root: str) -> Iterator[tuple[str, bytes | None]]:
+    """(id, image bytes) of a ``folder`` or ``shards`` reference (:func:`reference_source`),
+    read one at a time: folder images by path relative to the folder (``root``), shard
+    samples as ``shard name/key``."""
     from filtering.io.paths import open_file
     from filtering.io.reader import iter_shard
 
-    chunk: list[bytes | None] = []
     if kind == "folder":
         for p in items:
+            rel = os.path.relpath(p.split("://", 1)[-1], root).replace(os.sep, "/")
             with open_file(p) as f:
-                chunk.append(f.read())
-            if len(chunk) == DECODE_CHUNK:
-                yield chunk
-                chunk = []
+                yield rel, f.read()
     else:
         for url in items:
+            name = shard_name(url)
             for sample in iter_shard(url):
-                chunk.append(sample.image)
-                if len(chunk) == DECODE_CHUNK:
-                    yield chunk
-                    chunk = []
-    if chunk:
-        yield chunk
+                yield f"{name}/{sample.key}", sample.image
 
 
-def _decode_in_workers(chunks, transform, draft, workers, decode_batch, init_worker):
-    """Decode chunks in worker processes, in order, with a bounded window in flight."""
-    import multiprocessing as mp
+def decode_reference(ref: str, source, plan, model_cfg) -> Iterator[tuple[str, Any]]:
+    """(id, :class:`~filtering.stages.image_decode.DecodedImage`) of each image of the
+    reference ``ref`` (``source``: its :func:`reference_source`), in order, decoded by
+    ``plan`` through :func:`~filtering.stages.image_decode.decode_in_order`: in this
+    process for a folder of up to ``IN_PROCESS_DECODE_MAX`` images (no worker start-up),
+    else in ``model.num_workers`` processes with a bounded window in flight."""
+    from filtering.stages.image_decode import decode_in_order
 
-    from filtering.procpool import ProcessPool, result
+    kind, items, _ = source
+    workers = 0 if kind == "folder" and len(items) <= IN_PROCESS_DECODE_MAX else _workers(model_cfg)
+    return decode_in_order(reference_images(kind, items, get_fs(ref)[1]), plan, workers, DECODE_CHUNK)
 
-    window: deque = deque()
-    with ProcessPool(
-        workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(transform, draft)
-    ) as ex:
-        for chunk in chunks:
-            window.append(ex.submit(decode_batch, chunk))
-            while len(window) > 4 * workers:
-                yield result(window.popleft(), ex)
-        while window:
-            yield result(window.popleft(), ex)
+
+def _workers(model_cfg) -> int:
+    n = model_cfg.num_workers
+    return n if n is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _file_info(path: str, key: str) -> dict:

@@ -5,8 +5,9 @@ watermark-like text overlay (:mod:`filtering.sample.watermark`) on a known share
 images. This script trains the head that finds it, the way ``train_tiny_clip`` trains
 the CLIP: on fresh renders of the synthetic domain from their own seed stream, never
 the sample itself, and through the scoring path's own steps (JPEG encoded at the
-sample's qualities, decoded by ``decode_one``, encoded by the bundled tiny CLIP's
-``ClipEncoder``), so training sees what a run sees::
+sample's qualities, decoded as reference images are, by ``decode_image`` under
+``reference_plan``, encoded by the bundled tiny CLIP's ``ClipEncoder``), so training
+sees what a run sees::
 
     python -m filtering.sample.train_quality_head
 
@@ -57,17 +58,22 @@ def render_jpegs(n: int, rng: np.random.Generator, share: float = 0.5) -> tuple[
 
 
 def embed(jpegs: list[bytes], batch_size: int = 256) -> np.ndarray:
-    """Image embeddings as a run computes them: ``decode_one`` then ``ClipEncoder`` (fp32, CPU)."""
+    """Image embeddings as a run computes them: ``decode_image`` then ``ClipEncoder`` (fp32, CPU)."""
     from filtering.models.clip import load_clip
     from filtering.scorers.clip import ClipEncoder
-    from filtering.stages.image_decode import decode_one
+    from filtering.stages.image_decode import decode_in_order, reference_plan
 
     clip = load_clip(CLIP_ARCH, CLIP_WEIGHTS, "cpu", "fp32")
     encoder = ClipEncoder(clip)
+    plan = reference_plan(clip.pil_transform)
     out = []
     for lo in range(0, len(jpegs), batch_size):
-        pixels = np.stack([decode_one(b, clip.pil_transform, None).pixels for b in jpegs[lo : lo + batch_size]])
-        img, _ = encoder(pixels, [""] * len(pixels))
+        pixels = []
+        for i, d in decode_in_order(enumerate(jpegs[lo : lo + batch_size], lo), plan, workers=0):
+            if d.error is not None:
+                raise RuntimeError(f"rendered image {i} did not decode: {d.error}")
+            pixels.append(d.pixels["clip"])
+        img, _ = encoder(np.stack(pixels), [""] * len(pixels))
         out.append(np.asarray(img, dtype=np.float32))
     return np.concatenate(out)
 

@@ -13,6 +13,13 @@ images at the cost of slightly different pixels (scores move by about 1e-3; see 
 README's Performance section). ``draft=None`` decodes at full size, exactly as the
 model's own preprocessing does. The perceptual hash is computed from the same
 decoded image, so it too can differ in a few bits from a full-size decode.
+
+Pool images (the WebDataset source) and reference images (decontamination, the
+image-cluster reference set, the quality head's training images) take the one path,
+:func:`decode_image` under a :class:`DecodePlan`: reference images under
+:func:`reference_plan` (the source's required steps: the perceptual hash and CLIP's
+preprocessing), in order through :func:`decode_in_order`, so their hashes, pixels and
+failure reasons are the pool's.
 """
 
 from __future__ import annotations
@@ -23,37 +30,14 @@ import re
 import signal
 import sys
 import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-_TRANSFORM = None
 _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
-_DRAFT: int | None = None
-
-
-@dataclass
-class Decoded:
-    pixels: np.ndarray | None  # HxWx3 uint8 after the model's PIL transform
-    width: int | None
-    height: int | None
-    phash: int | None  # 64-bit DCT perceptual hash (imagehash.phash) as an unsigned int
-    error: str | None
-
-
-def init_worker(transform, draft: int | None = None) -> None:
-    """Pool initializer: keep the PIL transform per process instead of pickling it per task.
-
-    Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the parent alone
-    decides how to stop (cancel pending chunks, shut the pool down) instead of workers
-    dying mid-task and leaving the pool broken.
-    """
-    global _TRANSFORM, _DRAFT
-    _TRANSFORM = transform
-    _DRAFT = draft
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if "torch" in sys.modules:  # a transform only torchvision can run brought torch in
-        sys.modules["torch"].set_num_threads(1)
 
 
 class PilTransform:
@@ -166,12 +150,6 @@ def decode_limits():
         yield
 
 
-def phash64(img) -> int:
-    from filtering.scorers.phash import phash64 as phash
-
-    return phash(img)
-
-
 def _message(e: Exception) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     # PIL names the buffer by its address ("<_io.BytesIO object at 0x7f..>"): drop it, so the
@@ -205,29 +183,7 @@ def open_image(data: bytes | None, draft: int | None = None):
     return img, width, height, None
 
 
-def decode_one(data: bytes | None, transform=None, draft: int | None = -1) -> Decoded:
-    """Decode one image. ``draft``: the shorter-side size a JPEG may be DCT-downscaled to
-    (None = full decode; the default -1 means the worker's setting)."""
-    transform = transform or _TRANSFORM
-    draft = _DRAFT if draft == -1 else draft
-    img, width, height, error = open_image(data, draft)
-    if error is not None:
-        return Decoded(None, width, height, None, error)
-    try:
-        ph = phash64(img)
-        pixels = np.asarray(transform(img), dtype=np.uint8)
-    except Exception as e:  # noqa: BLE001
-        return Decoded(None, None, None, None, _reason(e))
-    if pixels.ndim != 3 or pixels.shape[2] != 3:
-        return Decoded(None, width, height, ph, f"corrupt_image: unexpected shape {pixels.shape}")
-    return Decoded(pixels, width, height, ph, None)
-
-
-def decode_batch(items: list[bytes | None]) -> list[Decoded]:
-    return [decode_one(d) for d in items]
-
-
-# --- decoding for image scorers (the WebDataset source) ------------------------------
+# --- decoding with image scorers and transforms (pool and reference images) ----------
 
 
 @dataclass
@@ -262,10 +218,18 @@ _PLAN: DecodePlan | None = None
 
 
 def init_scoring_worker(plan: DecodePlan) -> None:
-    """Pool initializer of the source's decode workers (see :func:`init_worker`)."""
+    """Pool initializer of the decode workers: keep the plan per process instead of
+    pickling it per task.
+
+    Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the parent alone
+    decides how to stop (cancel pending chunks, shut the pool down) instead of workers
+    dying mid-task and leaving the pool broken.
+    """
     global _PLAN
     _PLAN = plan
-    init_worker(None, plan.draft)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if "torch" in sys.modules:  # a transform only torchvision can run brought torch in
+        sys.modules["torch"].set_num_threads(1)
 
 
 def decode_image(data: bytes | None, wanted, plan: DecodePlan | None = None) -> DecodedImage:
@@ -286,8 +250,8 @@ def decode_image(data: bytes | None, wanted, plan: DecodePlan | None = None) -> 
         return name in wanted or ("source" in wanted and name in plan.required)
 
     def failed(name: str, message: str, sized: bool = False) -> DecodedImage | None:
-        """A required step's failure fails the sample (as before scorers: decode_one's
-        reasons); another's is recorded and that scorer's value left null."""
+        """A required step's failure fails the sample as a corrupt image (the reason a
+        failed decode gives); another's is recorded and that scorer's value left null."""
         if name in plan.required:
             return (
                 DecodedImage(width, height, f"corrupt_image: {message}")
@@ -325,3 +289,62 @@ def decode_image(data: bytes | None, wanted, plan: DecodePlan | None = None) -> 
 
 def decode_images(items: list[bytes | None], wanted) -> list[DecodedImage]:
     return [decode_image(d, wanted) for d in items]
+
+
+# --- reference images ------------------------------------------------------------------
+
+REFERENCE_WINDOW = 4  # chunks in flight per worker process
+
+
+def reference_plan(transform=None, draft: int | None = None) -> DecodePlan:
+    """How reference images are decoded: as the source decodes pool images, with its
+    required steps, the perceptual hash (``phash``) and, given CLIP's ``transform``, its
+    preprocessing (``clip``); either failing fails the image with the reason a pool
+    sample would get. ``draft``: the JPEG draft size (None = full decode)."""
+    from filtering.scorers.base import InputInfo
+    from filtering.scorers.phash import PhashScorer
+
+    transforms = {} if transform is None else {"clip": transform}
+    phash = PhashScorer(PhashScorer.Params(), InputInfo("webdataset"))
+    return DecodePlan(draft, [phash], transforms, required=frozenset({phash.name, *transforms}))
+
+
+def decode_in_order(
+    items: Iterable[tuple[Any, bytes | None]], plan: DecodePlan, workers: int, chunk: int = 64
+) -> Iterator[tuple[Any, DecodedImage]]:
+    """``(key, image bytes)`` pairs in, ``(key, decoded image)`` pairs out, in order, each
+    image through ``plan``'s required steps. ``workers=0`` decodes in this process; else
+    ``workers`` spawned processes decode chunks of ``chunk`` images, at most
+    ``REFERENCE_WINDOW`` chunks per worker in flight, so memory holds a window of images
+    however many there are (the parent keeps only the keys of those in flight). A worker
+    that dies raises ``BrokenProcessPool``; leaving early cancels what is queued."""
+    import itertools
+
+    wanted = tuple(sorted(plan.required))
+    it = iter(items)
+    chunks = iter(lambda: list(itertools.islice(it, chunk)), [])
+    if workers <= 0:
+        for pairs in chunks:
+            for key, data in pairs:
+                yield key, decode_image(data, wanted, plan)
+        return
+    import multiprocessing as mp
+
+    from filtering.procpool import ProcessPool, result
+
+    window: deque = deque()
+    with ProcessPool(
+        workers, mp_context=mp.get_context("spawn"), initializer=init_scoring_worker, initargs=(plan,)
+    ) as ex:
+        try:
+            for pairs in chunks:
+                window.append(([k for k, _ in pairs], ex.submit(decode_images, [d for _, d in pairs], wanted)))
+                while len(window) > REFERENCE_WINDOW * workers:
+                    keys, fut = window.popleft()
+                    yield from zip(keys, result(fut, ex), strict=True)
+            while window:
+                keys, fut = window.popleft()
+                yield from zip(keys, result(fut, ex), strict=True)
+        finally:
+            for _, fut in window:
+                fut.cancel()

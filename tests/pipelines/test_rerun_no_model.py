@@ -37,7 +37,7 @@ def no_model_no_images(monkeypatch):
     monkeypatch.setattr(clip_models, "load_clip", forbidden("loaded the model"))
     monkeypatch.setattr(reader, "iter_shard", forbidden("read a shard"))
     monkeypatch.setattr(score, "iter_shard", forbidden("read a shard"))
-    for name in ("decode_one", "decode_batch", "decode_image", "decode_images", "open_image"):
+    for name in ("decode_in_order", "decode_image", "decode_images", "open_image"):
         monkeypatch.setattr(decode, name, forbidden("decoded an image"))
 
 

@@ -116,6 +116,7 @@ def test_a_partly_written_shard_result_is_not_taken_as_done(tmp_path):
 
 def test_decode_failure_reasons_are_the_same_in_every_process():
     """A resumed or Ray run must write the same reasons: no object addresses in them."""
-    from filtering.stages.image_decode import decode_one
+    from filtering.stages.image_decode import decode_image, reference_plan
 
-    assert decode_one(b"not an image", lambda im: im).error == "corrupt_image: cannot identify image file"
+    plan = reference_plan(lambda im: im)
+    assert decode_image(b"not an image", plan.required, plan).error == "corrupt_image: cannot identify image file"

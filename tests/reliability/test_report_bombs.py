@@ -7,7 +7,7 @@ import io
 from PIL import Image
 
 from filtering.report.thumbs import thumbnail_uri
-from filtering.stages.image_decode import decode_one
+from filtering.stages.image_decode import decode_image, reference_plan
 
 
 def _png(w: int, h: int) -> bytes:
@@ -21,8 +21,9 @@ def test_an_image_scoring_refuses_gets_no_thumbnail(monkeypatch):
     # A small limit stands in for 89.5 MP, the same rule on a 12000x12000 bomb.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     bomb = _png(120, 120)  # 14,400 pixels
-    assert decode_one(bomb, lambda img: img.convert("RGB"), None).error.startswith("corrupt_image:")
+    plan = reference_plan(lambda img: img.convert("RGB"))
+    assert decode_image(bomb, plan.required, plan).error.startswith("corrupt_image:")
     assert thumbnail_uri(bomb) is None
     fine = _png(90, 90)
-    assert decode_one(fine, lambda img: img.convert("RGB"), None).error is None
+    assert decode_image(fine, plan.required, plan).error is None
     assert thumbnail_uri(fine).startswith("data:image/jpeg;base64,")

@@ -125,14 +125,13 @@ def test_two_references_with_one_name_are_rejected(tmp_path):
 def test_perceptual_reference_from_shards(tmp_path):
     """A shard reference is hashed as the scoring stage hashes pool images; ids are shard name/key."""
     from filtering.io.reader import iter_shard
-    from filtering.stages.image_decode import decode_one
+    from filtering.stages.image_decode import decode_image, reference_plan
     from tests.conftest import SAMPLE
 
     shard = SAMPLE / "pool" / "00001.tar"
-    sample = next(
-        s for s in iter_shard(str(shard)) if decode_one(s.image, lambda im: np.zeros((1, 1, 3), np.uint8)).error is None
-    )
-    h = decode_one(sample.image, lambda im: np.zeros((1, 1, 3), np.uint8), None).phash
+    plan = reference_plan()  # the perceptual hash alone, at full size (jpeg_draft off)
+    decoded = (decode_image(s.image, plan.required, plan) for s in iter_shard(str(shard)))
+    h = int(next(d for d in decoded if d.error is None).values["phash"]["phash"])
     pool = pool_with(np.zeros((3, 4), np.float16), [h, h ^ 1, h ^ 0xFFFF_FFFF], [False] * 3)
     filters = [{"decontaminate": {"reference": str(shard), "method": "perceptual", "max_distance": 1}}]
     cfg, _, ctx = run_stage(tmp_path, filters, pool)

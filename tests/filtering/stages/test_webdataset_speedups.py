@@ -27,7 +27,7 @@ from filtering.errors import PoolsiftError
 from filtering.scorers.base import InputInfo
 from filtering.scorers.clip import ClipEncoder, ClipParams, ClipScorer, encode_text_bucketed, encode_text_trimmed
 from filtering.scorers.phash import PhashScorer
-from filtering.stages.image_decode import DecodePlan, decode_one, draft_target
+from filtering.stages.image_decode import DecodePlan, decode_image, draft_target, reference_plan
 from filtering.stages.webdataset import score_stream
 
 REPO = Path(__file__).resolve().parents[3]
@@ -132,6 +132,12 @@ def _scorer(clip, cls=ClipScorer) -> ClipScorer:
     scorer = cls(ClipParams(arch="poolsift-tiny", device="cpu", precision="fp32"), InputInfo("webdataset"), "model")
     scorer.attach(clip)
     return scorer
+
+
+def _decode(data: bytes, transform, draft: int | None = None):
+    """One image as reference images are decoded (phash and the CLIP transform required)."""
+    plan = reference_plan(transform, draft)
+    return decode_image(data, plan.required, plan)
 
 
 def _plan(clip) -> DecodePlan:
@@ -239,9 +245,9 @@ def test_bf16_scores_within_tolerance_of_fp32_on_sample(tiny_clip):
     pixels, captions = [], []
     for url in expand_shards(str(REPO / "sample_data/pool/{00000..00003}.tar")):
         for s in iter_shard(url):
-            d = decode_one(s.image, tiny_clip.pil_transform, None)
+            d = _decode(s.image, tiny_clip.pil_transform)
             if d.error is None:
-                pixels.append(d.pixels)
+                pixels.append(d.pixels["clip"])
                 captions.append(s.caption)
     pixels = np.stack(pixels)
 
@@ -275,16 +281,18 @@ def test_draft_decodes_large_jpegs_close_to_full(tiny_clip):
     from PIL import Image
 
     data = _jpeg(np.random.default_rng(1), 1024, 768)
-    full = decode_one(data, tiny_clip.pil_transform, None)
-    draft = decode_one(data, tiny_clip.pil_transform, 64)
-    assert (draft.width, draft.height) == (full.width, full.height) == (1024, 768)  # original size reported
-    assert draft.pixels.shape == full.pixels.shape == (64, 64, 3)
-    diff = np.abs(draft.pixels.astype(int) - full.pixels.astype(int))
+    full = _decode(data, tiny_clip.pil_transform).pixels["clip"]
+    draft = _decode(data, tiny_clip.pil_transform, 64)
+    assert (draft.width, draft.height) == (1024, 768)  # original size reported
+    draft = draft.pixels["clip"]
+    assert draft.shape == full.shape == (64, 64, 3)
+    diff = np.abs(draft.astype(int) - full.astype(int))
     assert 0 < diff.mean() < 4.0  # of 255; the effect on scores is in the bench
     # A JPEG under twice the target is decoded at full size: identical pixels.
     small = _jpeg(np.random.default_rng(2), 120, 100)
     np.testing.assert_array_equal(
-        decode_one(small, tiny_clip.pil_transform, 64).pixels, decode_one(small, tiny_clip.pil_transform, None).pixels
+        _decode(small, tiny_clip.pil_transform, 64).pixels["clip"],
+        _decode(small, tiny_clip.pil_transform).pixels["clip"],
     )
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (64, 64))
