@@ -77,15 +77,24 @@ def _sample_run(out: Path, mode: str, filters):
     return run(parse_config(yaml.safe_load(cfg.read_text())), progress=False, log=lambda _m: None)
 
 
-def test_bundled_sample_with_failed_rows(tmp_path, rerun_dir):
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [{"caption": {"min_words": 2}}, {"clip_score": {"top_fraction": 0.5}}],
+        # failed rows carry zero embeddings: semantic dedup leaves them out, as in memory
+        [{"caption": {"min_words": 2}}, {"dedup": {"method": "semantic", "threshold": 0.9, "num_clusters": 2}}],
+    ],
+    ids=["top_fraction", "semantic_dedup"],
+)
+def test_bundled_sample_with_failed_rows(tmp_path, rerun_dir, filters):
     """The sample's corrupt images are failed rows: counted and listed as in memory."""
-    filters = [{"caption": {"min_words": 2}}, {"clip_score": {"top_fraction": 0.5}}]
     mem = _sample_run(rerun_dir, "memory", filters)
     a = tmp_path / "memory"
     shutil.copytree(rerun_dir, a)
     streamed = _sample_run(rerun_dir, "streaming", filters)
     _same_outputs(mem, streamed, a, rerun_dir)
     assert streamed.manifest["counts"]["failed"] > 0
+    assert streamed.manifest["counts"]["filters"][-1]["dropped"] > 0
 
 
 def test_not_every_shard_cached_is_filtered_in_memory(tmp_path, generated):
