@@ -18,8 +18,9 @@ in its own process tree, exact dedup (``keep: highest_clip_score``) and perceptu
 
 Printed per size: wall and CPU seconds (children included), peak RSS of the whole
 process tree (sum over its processes, sampled every 20 ms; ``bench_scale.timed``), peak
-RSS per row, the growth in bytes per added row between the sizes, and whether both
-contenders chose the same survivor for every row (both steps).
+RSS per row, the growth in bytes per added row between the sizes, the spill files the
+partitioned contender wrote (all four steps, counted as each spill folder is removed),
+and whether both contenders chose the same survivor for every row (both steps).
 
     .venv/bin/python bench/bench_dedup_scale.py --dir /tmp/poolsift-dedup-scale --sizes 250k 1M
 """
@@ -133,6 +134,7 @@ def run_partitioned(root: Path, out: Path, workers: int) -> None:
         start += rows
     n = start
     work = str(out.parent)
+    files = count_spill_files(pt)
     import multiprocessing as mp
 
     from filtering.procpool import ProcessPool
@@ -151,7 +153,24 @@ def run_partitioned(root: Path, out: Path, workers: int) -> None:
             np.save(out.parent / f"{out.stem}-{method}.npy", survivor)
             alive = survivor == np.arange(n)
             del survivor
+    (out.parent / f"{out.stem}-files.txt").write_text(str(sum(files)))
     (out.parent / f"{out.stem}.done").write_text("ok")
+
+
+def count_spill_files(pt) -> list[int]:
+    """The files in each spill folder, counted as the search removes it."""
+    import os
+    import shutil
+
+    counts: list[int] = []
+    rmtree = shutil.rmtree
+
+    def counting(path, *args, **kwargs):
+        counts.append(sum(len(f) for _, _, f in os.walk(path)))
+        rmtree(path, *args, **kwargs)
+
+    pt.shutil = type("counted", (), {"rmtree": staticmethod(counting)})
+    return counts
 
 
 def load(out: Path, contender: str) -> dict[str, np.ndarray]:
@@ -187,11 +206,15 @@ def main() -> None:
         for contender in args.contenders:
             out = base / f"result-{rows}-{contender}.npz"
             cmd = [sys.executable, __file__, "--workers", str(args.workers), "--child", contender, str(pool), str(out)]
+            (out.parent / f"{out.stem}-files.txt").unlink(missing_ok=True)
             wall, cpu, rss, _pss = timed(cmd)
             results[contender] = load(out, contender)
+            files_txt = out.parent / f"{out.stem}-files.txt"
+            files = int(files_txt.read_text()) if contender == "partitioned" and files_txt.exists() else None
             table.append((rows, contender, wall, cpu, rss))
             print(
-                f"{rows:>9} {contender:<12} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB",
+                f"{rows:>9} {contender:<12} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB"
+                + (f"  spill files {files:,}" if files is not None else ""),
                 flush=True,
             )
         if len(results) == 2:

@@ -5,9 +5,15 @@ perceptual by candidate keys partitioned the same way").
 Two steps, each a plain function of picklable arguments so that a process pool (here) or
 a Ray task can run it:
 
-1. :func:`emit_shard` (one shard): reads the shard's key columns and writes
-   ``(key, row)`` records into ``P`` spill files, one per partition, chosen by a hash of
-   the key. Every record of one key lands in one partition.
+1. :func:`emit_shards` (one map task: a few consecutive shards, :func:`task_groups`):
+   reads each shard's key columns and writes ``(key, row)`` records, each in the
+   partition (of ``P``) chosen by a hash of the key, so every record of one key lands in
+   one partition. A task writes one spill file, whatever ``P``: an Arrow IPC file whose
+   record batches each hold one partition's records (sorted by partition every
+   :data:`FLUSH_BYTES`, so a task's memory is bounded), the batch-to-partition index
+   going back to the driver (:class:`Spilled`). With a few tasks per worker, a pool of
+   thousands of shards and hundreds of partitions writes a few files per worker, not
+   shards x partitions.
 
    - exact: the key is ``sha256`` (and the caption with ``with_caption``: the partition
      is chosen by ``sha256`` alone, so equal pairs meet too). Rows without ``sha256``
@@ -18,8 +24,8 @@ a Ray task can run it:
      2012). Each row emits one record per block, keyed by (block index, block value):
      the candidate keys. Rows without a hash emit nothing.
 
-2. :func:`reduce_partition` (one partition, its spill files): sorts and groups the
-   records and returns small integer arrays.
+2. :func:`reduce_partition` (one partition: its record batches in every task's file):
+   sorts and groups the records and returns small integer arrays.
 
    - ``rows, labels``: for each row that took part, the smallest row with the same key
      (exact) or the same hash value (perceptual, from block 0, whose records hold every
@@ -49,7 +55,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +64,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from filtering.dedup.hamming import unique_pairs
+from filtering.io.paths import get_fs, is_local, join, local_path
 
 # Records per partition: a worker's memory is about a few times its partition's spill
 # (exact: a sha256 string and a row, ~80 bytes; perceptual: 24 bytes; survivors: ~60 bytes).
@@ -64,6 +72,8 @@ RECORDS_PER_PARTITION = {"exact": 1 << 17, "perceptual": 1 << 19, "survivors": 1
 CANDIDATES_AT_A_TIME = 1 << 20  # candidate pairs a partition verifies at once (~80 MB)
 DIRECT_BITS = 20  # dense offset tables of at most 2^20 keys (16 MB) per partition
 SPILL_VERSION = 1  # bump when the records or labels change meaning (the stage's cache key)
+TASKS_PER_WORKER = 4  # map tasks per worker: one spill file each, so files = tasks, not shards x partitions
+FLUSH_BYTES = 64 << 20  # a map task sorts and writes its records by partition every ~64 MB
 
 
 @dataclass(frozen=True)
@@ -189,67 +199,188 @@ def first_equal_block(u: np.ndarray, v: np.ndarray, max_distance: int) -> np.nda
 
 # -- step 1: emit ------------------------------------------------------------------------
 
-_PERCEPTUAL = np.dtype([("g", "<u8"), ("h", "<u8"), ("r", "<i8")])
 
-
-def partition_dir(spill_dir: str, p: int) -> str:
-    return os.path.join(spill_dir, f"p{p:05d}")
-
-
-def emit_shard(shard: ShardKeys, settings: SearchSettings, partitions: int, spill_dir: str, tag: str) -> int:
-    """Write one shard's records into ``partitions`` spill files; returns the records written."""
+def shard_records(shard: ShardKeys, settings: SearchSettings, partitions: int) -> tuple[pa.Table, np.ndarray]:
+    """One shard's records and the partition of each (module docstring, step 1)."""
     table = shard.read(settings.columns())
     rows = shard.first_row + np.arange(table.num_rows, dtype=np.int64)
     key = table.column(settings.key_column)
     valid = key.is_valid().to_numpy(zero_copy_only=False)
-    written = 0
     if settings.method == "exact":
         part = (string_hash64(key) % np.uint64(partitions)).astype(np.int64)
         take = np.flatnonzero(valid)
-        records = pa.table(
-            {"r": rows[take], **{c: table.column(c).take(take) for c in settings.columns()}}
-        ).combine_chunks()
-        part = part[take]
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(partitions + 1))
-        for p in range(partitions):
-            if bounds[p + 1] > bounds[p]:
-                _write_arrow(records.take(order[bounds[p] : bounds[p + 1]]), partition_dir(spill_dir, p), tag)
-                written += int(bounds[p + 1] - bounds[p])
-        return written
+        records = pa.table({"r": rows[take], **{c: table.column(c).take(take) for c in settings.columns()}})
+        return records, part[take]
     hashes = np.asarray(key.fill_null(0).to_numpy(), dtype=np.uint64)[valid]
     rows = rows[valid]
     m = settings.max_distance + 1
-    rec = np.empty(len(rows) * m, _PERCEPTUAL)  # one record per row and block
+    g = np.empty(len(rows) * m, np.uint64)  # one record per row and block
     for b, (shift, width) in enumerate(blocks(settings.max_distance)):
         value = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
         # The block index in the top byte: blocks are at most 32 bits wide when there are two or more.
-        rec["g"][b::m] = (np.uint64(b) << np.uint64(56)) | value
-        rec["h"][b::m] = hashes
-        rec["r"][b::m] = rows
-    part = (mix64(rec["g"]) % np.uint64(partitions)).astype(np.int64)
-    order = np.argsort(part, kind="stable")
-    bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+        g[b::m] = (np.uint64(b) << np.uint64(56)) | value
+    part = (mix64(g) % np.uint64(partitions)).astype(np.int64)
+    return pa.table({"g": g, "h": np.repeat(hashes, m), "r": np.repeat(rows, m)}), part
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """One map task's spill file: an Arrow IPC file of record batches, each of one
+    partition (``parts[i]``: the partition of batch ``i``)."""
+
+    path: str
+    parts: np.ndarray  # int32 per record batch
+    records: int
+
+
+class SpillWriter:
+    """Appends records to one spill file: buffered up to :data:`FLUSH_BYTES`, then sorted
+    by partition and written as one record batch per partition present, so a map task's
+    memory is bounded whatever its number of shards, and its file is one, whatever the
+    number of partitions."""
+
+    def __init__(self, path: str, partitions: int):
+        self.path, self.partitions = path, partitions
+        self.schema: pa.Schema | None = None
+        self.pending: list[tuple[pa.Table, np.ndarray]] = []
+        self.pending_bytes = 0
+        self.parts: list[int] = []
+        self.records = 0
+        self._stack = contextlib.ExitStack()
+        self._writer = None
+
+    def add(self, records: pa.Table, part: np.ndarray) -> None:
+        if records.num_rows == 0:
+            return
+        if self.schema is None:
+            self.schema = records.schema
+        elif records.schema != self.schema:  # e.g. string here, large_string in another shard
+            records = records.cast(self.schema)
+        self.pending.append((records, part))
+        self.pending_bytes += records.nbytes
+        if self.pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        records = pa.concat_tables([t for t, _ in self.pending])
+        part = np.concatenate([p for _, p in self.pending])
+        self.pending, self.pending_bytes = [], 0
+        order = np.argsort(part, kind="stable")
+        records = records.take(order).combine_chunks()
+        bounds = np.searchsorted(part[order], np.arange(self.partitions + 1))
+        del order, part
+        if self._writer is None:
+            self._writer = pa.ipc.new_file(self._stack.enter_context(_open_write(self.path)), self.schema)
+        for p in np.flatnonzero(np.diff(bounds)):
+            for batch in records.slice(bounds[p], bounds[p + 1] - bounds[p]).to_batches():
+                self._writer.write_batch(batch)
+                self.parts.append(int(p))
+        self.records += records.num_rows
+
+    def close(self) -> Spilled:
+        with self._stack:
+            self.flush()
+            if self._writer is not None:
+                self._writer.close()
+        return Spilled(self.path, np.asarray(self.parts, np.int32), self.records)
+
+    def abort(self) -> None:
+        """Close the file unfinished (a failed task: its folder is removed with the search's)."""
+        self._stack.close()
+
+
+@contextlib.contextmanager
+def _open_write(url: str):
+    """A file for a spill file: locally written under a temporary name and renamed; on an
+    fsspec file system (``output.dir`` on shared storage) written in place, as an object
+    store does atomically. Nobody reads it before its task has returned."""
+    if is_local(url):
+        path = local_path(url)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+        with pa.OSFile(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+        return
+    fs, path = get_fs(url)
+    with fs.open(path, "wb") as f:
+        yield f
+
+
+def read_batches(pieces: Sequence[tuple[str, np.ndarray]]) -> list[pa.RecordBatch]:
+    """The record batches ``pieces`` names: ``(spill file, batch indices)`` pairs."""
+    out = []
+    for url, batches in pieces:
+        if is_local(url):  # memory-mapped: the batches keep the map open
+            reader = pa.ipc.open_file(pa.memory_map(local_path(url)))
+            out.extend(reader.get_batch(int(i)) for i in batches)
+            continue
+        fs, path = get_fs(url)
+        with fs.open(path, "rb") as f:
+            reader = pa.ipc.open_file(f)
+            out.extend(reader.get_batch(int(i)) for i in batches)
+    return out
+
+
+def partition_pieces(spilled: Sequence[Spilled], partitions: int) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """For each partition in order, the ``(spill file, batch indices)`` that hold its records."""
+    index = []
+    for s in spilled:
+        order = np.argsort(s.parts, kind="stable")
+        index.append((s.path, order, np.searchsorted(s.parts[order], np.arange(partitions + 1))))
     for p in range(partitions):
-        if bounds[p + 1] > bounds[p]:
-            _write_npy(rec[order[bounds[p] : bounds[p + 1]]], partition_dir(spill_dir, p), tag)
-            written += int(bounds[p + 1] - bounds[p])
-    return written
+        yield [(path, order[b[p] : b[p + 1]]) for path, order, b in index if b[p + 1] > b[p]]
 
 
-def _write_arrow(table: pa.Table, folder: str, tag: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{tag}.tmp")
-    with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-        w.write_table(table)
-    os.replace(tmp, os.path.join(folder, f"{tag}.arrow"))
+def emit_shards(shards: Iterable[ShardKeys], settings: SearchSettings, partitions: int, path: str) -> Spilled:
+    """One map task: the records of ``shards`` (read one at a time) into one spill file."""
+    writer = SpillWriter(path, partitions)
+    try:
+        for shard in shards:
+            writer.add(*shard_records(shard, settings, partitions))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
-def _write_npy(rec: np.ndarray, folder: str, tag: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{tag}.tmp.npy")
-    np.save(tmp, rec)
-    os.replace(tmp, os.path.join(folder, f"{tag}.npy"))
+def task_groups(sizes: Sequence[int], workers: int) -> list[list[int]]:
+    """Consecutive shards cut into :data:`TASKS_PER_WORKER` map tasks per worker (fewer with
+    fewer shards), balanced by rows: each task writes one spill file."""
+    tasks = max(1, min(len(sizes), TASKS_PER_WORKER * max(1, workers)))
+    ends = np.cumsum(sizes, dtype=np.int64)
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, tasks) / tasks, side="left") + 1 if len(sizes) else []
+    bounds = np.unique(np.r_[0, cuts, len(sizes)]).astype(int)
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def spill_path(spill_dir: str, task: int) -> str:
+    return join(spill_dir, f"t{task:06d}.arrow")
+
+
+def make_spill_dir(work_dir: str | None, prefix: str) -> str:
+    """A new folder for one search's spill files: under ``work_dir`` (a local path or an
+    fsspec URL: the output's file system, which every worker of a cluster sees), or in
+    the local temporary folder."""
+    if work_dir is None or is_local(work_dir):
+        folder = local_path(work_dir) if work_dir is not None else None
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+        return tempfile.mkdtemp(prefix=prefix, dir=folder)
+    url = join(work_dir, f"{prefix}{uuid.uuid4().hex[:12]}")
+    fs, path = get_fs(url)
+    fs.makedirs(path, exist_ok=True)
+    return url
+
+
+def remove_spill_dir(url: str) -> None:
+    if is_local(url):
+        shutil.rmtree(local_path(url), ignore_errors=True)
+        return
+    fs, path = get_fs(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
 
 
 def without_block(h: np.ndarray, block: np.ndarray, max_distance: int) -> tuple[np.ndarray, int]:
@@ -295,14 +426,16 @@ def _min_row_labels(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def reduce_partition(paths: Sequence[str], settings: SearchSettings) -> PartitionResult:
-    """Groups (and, perceptual, near pairs) among the records of one partition's spill files."""
+def reduce_partition(pieces: Sequence[tuple[str, np.ndarray]], settings: SearchSettings) -> PartitionResult:
+    """Groups (and, perceptual, near pairs) among the records of one partition
+    (``pieces``: its record batches in the map tasks' spill files)."""
     empty = np.zeros(0, np.int64)
+    batches = read_batches(pieces)
+    if not batches:
+        return PartitionResult(empty, empty, empty, empty)
     if settings.method == "exact":
-        tables = [pa.ipc.open_file(pa.memory_map(p)).read_all() for p in paths]
-        if not tables:
-            return PartitionResult(empty, empty, empty, empty)
-        t = pa.concat_tables(tables).combine_chunks()
+        t = pa.Table.from_batches(batches).combine_chunks()
+        del batches
         rows = t.column("r").to_numpy()
         codes = np.zeros(len(rows), np.int64)
         for c in settings.columns():
@@ -312,13 +445,11 @@ def reduce_partition(paths: Sequence[str], settings: SearchSettings) -> Partitio
             codes = codes.ravel().astype(np.int64)
         return PartitionResult(rows, _min_row_labels(codes, rows), empty, empty)
 
-    rec = np.concatenate([np.load(p) for p in paths]) if paths else np.zeros(0, _PERCEPTUAL)
-    if len(rec) == 0:
-        return PartitionResult(empty, empty, empty, empty)
-    order = np.lexsort((rec["r"], rec["h"], rec["g"]))
-    rec = rec[order]
+    g, h, r = (np.concatenate([b.column(name).to_numpy() for b in batches]) for name in ("g", "h", "r"))
+    del batches
+    order = np.lexsort((r, h, g))
+    g, h, r = g[order], h[order], r[order]
     del order
-    g, h, r = rec["g"], rec["h"], rec["r"]
     # One entry per (group, hash value); its label is its smallest row (the first, sorted by row).
     first = np.r_[True, (g[1:] != g[:-1]) | (h[1:] != h[:-1])]
     start = np.flatnonzero(first)
@@ -327,7 +458,7 @@ def reduce_partition(paths: Sequence[str], settings: SearchSettings) -> Partitio
     in_block0 = _block_of(g, settings.max_distance) == 0
     rows_out = r[in_block0]
     labels_out = ul[(np.cumsum(first) - 1)[in_block0]]
-    del rec, g, h, r, first, start, in_block0
+    del g, h, r, first, start, in_block0
     if settings.max_distance == 0:  # distinct values are never within distance 0
         return PartitionResult(rows_out, labels_out, empty, empty)
     # Inside a group the block's bits are equal: search the other bits only (cut out of the
@@ -391,12 +522,25 @@ def _mapper(workers: int, executor=None):
         yield windowed(pool)
 
 
-def _emit_task(args) -> int:
-    return emit_shard(*args)
+def _emit_task(args) -> Spilled:
+    return emit_shards(*args)
 
 
 def _reduce_task(args) -> PartitionResult:
     return reduce_partition(*args)
+
+
+def reduce_spilled(run, spilled: Sequence[Spilled], n: int, settings: SearchSettings, partitions: int):
+    """Step 2 over the map tasks' spill files (``run``: an ordered map, local or a task
+    pool's): ``(labels, pair_a, pair_b)`` over ``n`` rows."""
+    labels = np.arange(n, dtype=np.int64)
+    pair_a, pair_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for result in run(_reduce_task, ((pieces, settings) for pieces in partition_pieces(spilled, partitions))):
+        labels[result.rows] = result.labels
+        pair_a.append(result.pair_a)
+        pair_b.append(result.pair_b)
+    # Each pair comes from one partition only (first equal block), in partition order.
+    return labels, np.concatenate(pair_a), np.concatenate(pair_b)
 
 
 def search(
@@ -412,38 +556,22 @@ def search(
 
     ``labels[i]`` is the smallest row with the same key (``i`` for a row with no key);
     ``(pair_a, pair_b)`` (perceptual) link labels of distinct hash values within the
-    radius. Spill files go to a temporary folder under ``work_dir`` (removed after);
-    ``workers > 1`` runs emit and reduce on a process pool (``executor``: on that one).
+    radius. Spill files, one per map task (:func:`task_groups`), go to a new folder under
+    ``work_dir`` (a local path or an fsspec URL; removed after); ``workers > 1`` runs emit
+    and reduce on a process pool (``executor``: on that one).
     """
     partitions = partitions or num_partitions(n * settings.records_per_row(), settings.method, workers)
-    if work_dir is not None:
-        os.makedirs(work_dir, exist_ok=True)
-    spill = tempfile.mkdtemp(prefix="dedup-spill-", dir=work_dir)
+    spill = make_spill_dir(work_dir, "dedup-spill-")
     try:
-        emit_args = [(s, settings, partitions, spill, f"s{k:06d}") for k, s in enumerate(shards)]
-        labels = np.arange(n, dtype=np.int64)
-        pair_a, pair_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-
-        def reduce_args():
-            for p in range(partitions):
-                folder = partition_dir(spill, p)
-                names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-                yield ([os.path.join(folder, f) for f in names if not f.startswith(".")], settings)
-
-        def take(result: PartitionResult) -> None:
-            labels[result.rows] = result.labels
-            pair_a.append(result.pair_a)
-            pair_b.append(result.pair_b)
-
+        emit_args = [
+            ([shards[k] for k in group], settings, partitions, spill_path(spill, t))
+            for t, group in enumerate(task_groups([s.n for s in shards], workers))
+        ]
         with _mapper(workers, executor) as run:
-            for _ in run(_emit_task, emit_args):
-                pass
-            for result in run(_reduce_task, reduce_args()):
-                take(result)
-        # Each pair comes from one partition only (first equal block), in partition order.
-        return labels, np.concatenate(pair_a), np.concatenate(pair_b)
+            spilled = list(run(_emit_task, emit_args))
+            return reduce_spilled(run, spilled, n, settings, partitions)
     finally:
-        shutil.rmtree(spill, ignore_errors=True)
+        remove_spill_dir(spill)
 
 
 # -- survivors without the pool in memory ------------------------------------------------------
@@ -499,35 +627,41 @@ class RankColumns:
     score: str | None = "clip_score"  # None: keep the smallest uid
 
 
-def emit_ranked(
-    shard: ShardKeys, comp: np.ndarray, columns: RankColumns, partitions: int, spill_dir: str, tag: str
-) -> int:
-    """One shard's ``(component, score, uid, row)`` records for rows in components of two or more
-    (``comp``: the shard's slice, -1 for rows that take no part)."""
+def ranked_records(shard: ShardKeys, comp: np.ndarray, columns: RankColumns, partitions: int):
+    """One shard's ``(component, score, uid, row)`` records for rows in components of two or
+    more (``comp``: the shard's slice, -1 for rows that take no part), and their partitions."""
     take = np.flatnonzero(comp >= 0)
-    if len(take) == 0:
-        return 0
     names = [columns.uid] + ([columns.score] if columns.score else [])
     table = shard.read(names).take(take)
     data = {"c": comp[take], "r": shard.first_row + take, "u": table.column(columns.uid)}
     if columns.score:
         s = table.column(columns.score).to_numpy(zero_copy_only=False).astype(np.float64)
         data["s"] = np.where(np.isnan(s), -np.inf, s) + 0.0  # missing last; -0.0 ties 0.0
-    records = pa.table(data)
     part = (mix64(comp[take].astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
-    order = np.argsort(part, kind="stable")
-    bounds = np.searchsorted(part[order], np.arange(partitions + 1))
-    for p in range(partitions):
-        if bounds[p + 1] > bounds[p]:
-            _write_arrow(records.take(order[bounds[p] : bounds[p + 1]]), partition_dir(spill_dir, p), tag)
-    return len(take)
+    return pa.table(data), part
 
 
-def best_of_partition(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def emit_ranked(
+    shards: Iterable[tuple[ShardKeys, np.ndarray]], columns: RankColumns, partitions: int, path: str
+) -> Spilled:
+    """One map task: the ranked records of ``(shard, comp)`` pairs into one spill file."""
+    writer = SpillWriter(path, partitions)
+    try:
+        for shard, comp in shards:
+            if (comp >= 0).any():
+                writer.add(*ranked_records(shard, comp, columns, partitions))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def best_of_partition(pieces: Sequence[tuple[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """``(components, best rows)`` among one partition's ranked records."""
-    if not paths:
+    batches = read_batches(pieces)
+    if not batches:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    t = pa.concat_tables([pa.ipc.open_file(pa.memory_map(p)).read_all() for p in paths])
+    t = pa.Table.from_batches(batches)
     keys = [("c", "ascending")] + ([("s", "descending")] if "s" in t.column_names else [])
     order = pc.sort_indices(t, sort_keys=keys + [("u", "ascending"), ("r", "ascending")])
     c = t.column("c").take(order).to_numpy()
@@ -540,8 +674,8 @@ def _emit_ranked_task(args) -> int:
     return emit_ranked(*args)
 
 
-def _best_task(paths) -> tuple[np.ndarray, np.ndarray]:
-    return best_of_partition(paths)
+def _best_task(pieces) -> tuple[np.ndarray, np.ndarray]:
+    return best_of_partition(pieces)
 
 
 def survivors(
@@ -560,24 +694,20 @@ def survivors(
     multi = alive.copy()
     multi[alive] = np.bincount(comp[alive], minlength=n)[comp[alive]] > 1
     partitions = partitions or num_partitions(int(multi.sum()), "survivors", workers)
-    spill = tempfile.mkdtemp(prefix="dedup-rank-", dir=work_dir)
+    spill = make_spill_dir(work_dir, "dedup-rank-")
     try:
 
         def shard_comp(s: ShardKeys) -> np.ndarray:
             lo, hi = s.first_row, s.first_row + s.n
             return np.where(multi[lo:hi], comp[lo:hi], -1)
 
-        emit_args = ((s, shard_comp(s), columns, partitions, spill, f"s{k:06d}") for k, s in enumerate(shards))
-        folders = [partition_dir(spill, p) for p in range(partitions)]
-
-        def paths(folder):
-            names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-            return [os.path.join(folder, f) for f in names if not f.startswith(".")]
-
+        emit_args = (
+            ([(shards[k], shard_comp(shards[k])) for k in group], columns, partitions, spill_path(spill, t))
+            for t, group in enumerate(task_groups([s.n for s in shards], workers))
+        )
         with _mapper(workers, executor) as run:
-            for _ in run(_emit_ranked_task, emit_args):
-                pass
-            results = list(run(_best_task, (paths(f) for f in folders)))
+            spilled = list(run(_emit_ranked_task, emit_args))
+            results = list(run(_best_task, partition_pieces(spilled, partitions)))
         out = comp  # reused: component -> surviving row
         single = np.flatnonzero(alive & ~multi)
         out[single] = single
@@ -590,4 +720,4 @@ def survivors(
         out[rows] = r[np.searchsorted(c, out[rows])]
         return out
     finally:
-        shutil.rmtree(spill, ignore_errors=True)
+        remove_spill_dir(spill)

@@ -4,9 +4,10 @@ A top-level ``dedup`` (``method: exact``, ``perceptual`` or ``semantic``) is a g
 decision over small per-row arrays, in three steps between the cluster targets and the
 filter pass (``pipelines/executors/streaming.py``):
 
-1. **search** (exact, perceptual; per shard, then per partition): each shard's key columns
-   (``sha256``, ``caption``, ``phash``) emitted into spill files partitioned by key hash,
-   each partition reduced on a worker (:mod:`filtering.dedup.partitioned`, the in-memory
+1. **search** (exact, perceptual; per group of shards, then per partition): each shard's
+   key columns (``sha256``, ``caption``, ``phash``) emitted as records partitioned by key
+   hash, one spill file per map task (a few tasks per worker), each partition reduced on
+   a worker (:mod:`filtering.dedup.partitioned`, the in-memory
    search stage's code); the driver holds one int64 label per row and the pairs of labels.
 2. **alive at dedup** (per shard): the shard through the filters before the dedup (the
    global thresholds, earlier dedups' decisions); returned as the alive mask and, for the
@@ -90,18 +91,19 @@ def with_decisions(nodes: list[FilterNode], decided: dict[int, tuple] | None) ->
 # ---------------------------------------------------------------- workers
 
 
-def _emit(args) -> int:
+def _emit(args) -> partitioned.Spilled:
+    """One map task: its shards' key columns, read one shard at a time, into one spill file."""
     from pipelines.executors.streaming import _shard_pool
 
-    sh, shard, first_row, n, settings, partitions, spill, tag = args
-    pool, _ = _shard_pool(sh, shard)  # the source's names and types (DataComp's text is caption)
-    pool.materialize(settings.columns())
-    keys = partitioned.ShardKeys(first_row, n, table=pool.table.select(settings.columns()))
-    return partitioned.emit_shard(keys, settings, partitions, spill, tag)
+    sh, group, settings, partitions, path = args
 
+    def keys():
+        for shard, first_row, n in group:
+            pool, _ = _shard_pool(sh, shard)  # the source's names and types (DataComp's text is caption)
+            pool.materialize(settings.columns())
+            yield partitioned.ShardKeys(first_row, n, table=pool.table.select(settings.columns()))
 
-def _reduce(args) -> partitioned.PartitionResult:
-    return partitioned.reduce_partition(*args)
+    return partitioned.emit_shards(keys(), settings, partitions, path)
 
 
 def _alive_at(args) -> dict[str, Any]:
@@ -505,27 +507,19 @@ def _semantic_pairs(
 def _search(tasks, sh, shards, shard_rows, starts, n: int, settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The partitioned candidate search over every row (the in-memory search stage's result)."""
     partitions = partitioned.num_partitions(n * settings.records_per_row(), settings.method, tasks.workers)
-    spill = tempfile.mkdtemp(prefix="dedup-spill-", dir=sh.spill)
+    spill = partitioned.make_spill_dir(sh.spill, "dedup-spill-")
     try:
         emit = [
-            (sh, s, int(starts[k]), int(shard_rows[k]), settings, partitions, spill, f"s{k:06d}")
-            for k, s in enumerate(shards)
+            (
+                sh,
+                [(shards[k], int(starts[k]), int(shard_rows[k])) for k in group],
+                settings,
+                partitions,
+                partitioned.spill_path(spill, t),
+            )
+            for t, group in enumerate(partitioned.task_groups(shard_rows, tasks.workers))
         ]
-        for _ in tasks.map(_emit, emit):
-            pass
-        labels = np.arange(n, dtype=np.int64)
-        pair_a, pair_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-
-        def reduce_args():
-            for p in range(partitions):
-                folder = partitioned.partition_dir(spill, p)
-                names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-                yield ([os.path.join(folder, f) for f in names if not f.startswith(".")], settings)
-
-        for result in tasks.map(_reduce, list(reduce_args())):
-            labels[result.rows] = result.labels
-            pair_a.append(result.pair_a)
-            pair_b.append(result.pair_b)
-        return labels, np.concatenate(pair_a), np.concatenate(pair_b)
+        spilled = list(tasks.map(_emit, emit))
+        return partitioned.reduce_spilled(tasks.map, spilled, n, settings, partitions)
     finally:
-        shutil.rmtree(spill, ignore_errors=True)
+        partitioned.remove_spill_dir(spill)

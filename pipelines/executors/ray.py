@@ -21,9 +21,10 @@ The rest of the plan runs on Ray through :meth:`RayExecutor.task_pool` (the task
 protocol of ``filtering/tasks.py``): the streaming plan's phases and the partitioned dedup
 search submit plain functions as Ray tasks and take their results in submission order,
 so the outputs are byte for byte the local process pool's. Those tasks read and write
-spill files under the output folder (``OUT/.streaming/``, dedup's work folders), so on a
-cluster of several machines the output folder must be on storage every node mounts at
-the same path.
+spill files under the output folder (``OUT/.streaming/``, dedup's work folders, written
+through fsspec when the output is a URL), so on a cluster of several machines the
+output folder must be on storage every node sees: mounted at the same path, or an
+fsspec URL.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def _same_outputs(a, b) -> None:
         ([{"clip_score": {"top_fraction": 0.3}}], "auto", {"_scan", "_gather", "_filter", "_uid_range"}),
         ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "auto", {"_scan", "_filter"}),
         # the streaming plan's dedup phase (pipelines/executors/dedup_phase.py)
-        ([{"dedup": {"method": "exact"}}], "auto", {"_emit", "_reduce", "_alive_at", "_filter"}),
+        ([{"dedup": {"method": "exact"}}], "auto", {"_emit", "_reduce_task", "_alive_at", "_filter"}),
         # semantic: the training sample, the assignment and each partition of clusters as tasks
         (
             [{"dedup": {"method": "semantic", "embedding": "l14_img", "num_clusters": 3, "threshold": 0.5}}],

@@ -217,3 +217,109 @@ def test_cutting_out_a_shared_block_keeps_the_distance(max_distance):
     assert np.array_equal(hamming.hamming(cu, cv), hamming.hamming(u, v))
     assert bits == 64 - min(w for _, w in partitioned.blocks(max_distance))
     assert np.all(cu >> np.uint64(bits) == 0)  # the unique_pairs search covers every bit left
+
+
+class InProcessTasks:
+    """A task pool (``filtering/tasks.py``) that runs each task here when it is submitted and
+    counts the spill files under ``root`` (a local folder or an fsspec URL) at every submit."""
+
+    def __init__(self, root: str, workers: int = 2):
+        self.root, self.workers = root, workers
+        self.most_files = 0
+        self.paths: set[str] = set()
+
+    def _count(self) -> None:
+        if "://" in self.root:
+            from filtering.io.paths import get_fs
+
+            fs, path = get_fs(self.root)
+            found = fs.find(path) if fs.exists(path) else []
+        else:
+            import os
+
+            found = [os.path.join(d, f) for d, _, files in os.walk(self.root) for f in files]
+        self.paths.update(found)
+        self.most_files = max(self.most_files, len(found))
+
+    def submit(self, fn, *args):
+        import concurrent.futures as cf
+
+        self._count()
+        out: cf.Future = cf.Future()
+        out.set_result(fn(*args))
+        return out
+
+    def map(self, fn, args):
+        return (self.submit(fn, a).result() for a in args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_spill_files_are_one_per_map_task_not_per_shard_and_partition(tmp_path, monkeypatch):
+    """Forty shards and sixteen partitions: shards x partitions would be 640 files; the map
+    tasks write one each (a few per worker), with the in-memory search's result, also when
+    a task flushes its records many times (memory bounded)."""
+    rng = np.random.default_rng(8)
+    hashes = chained_hashes(rng, 200, 3)
+    table, _ = perceptual_table(hashes, rng)
+    n = len(hashes)
+    sizes = [n // 40] * 39 + [n - 39 * (n // 40)]
+    s = SearchSettings("perceptual", max_distance=3, key_column="phash")
+    expected = partitioned.search(shards_of(table, sizes), n, s, partitions=16)
+    pool = InProcessTasks(str(tmp_path))
+    got = partitioned.search(
+        shards_of(table, sizes), n, s, workers=2, partitions=16, work_dir=str(tmp_path), executor=pool
+    )
+    assert 1 <= pool.most_files <= 2 * 4  # two workers, TASKS_PER_WORKER map tasks each
+    for x, y in zip(expected, got, strict=True):
+        assert np.array_equal(x, y)
+    monkeypatch.setattr(partitioned, "FLUSH_BYTES", 2000)  # a flush every shard or two
+    small = partitioned.search(shards_of(table, sizes), n, s, workers=2, partitions=16, executor=pool)
+    for x, y in zip(expected, small, strict=True):
+        assert np.array_equal(x, y)
+
+    uids = pa.array([f"{v:08x}" for v in rng.permutation(n)], pa.string())
+    table = table.append_column("uid", uids).append_column("clip_score", pa.array(rng.random(n)))
+    comp = partitioned.components_of(*expected)
+    pool = InProcessTasks(str(tmp_path))
+    ranked = partitioned.survivors(
+        shards_of(table, sizes),
+        comp.copy(),
+        partitioned.RankColumns(),
+        workers=2,
+        partitions=16,
+        work_dir=str(tmp_path),
+        executor=pool,
+    )
+    assert 1 <= pool.most_files <= 2 * 4  # two workers, TASKS_PER_WORKER map tasks each
+    one = partitioned.survivors(shards_of(table, sizes), comp.copy(), partitioned.RankColumns(), partitions=16)
+    assert np.array_equal(ranked, one)
+    assert list(tmp_path.iterdir()) == []  # spill files removed
+
+
+def test_spill_files_go_to_a_remote_work_dir_and_are_removed():
+    """An fsspec URL as ``work_dir`` (the output's file system, which every Ray node sees):
+    the spill files are written and read there, the result is the local one's, and nothing
+    is left behind."""
+    import fsspec
+
+    rng = np.random.default_rng(9)
+    n = 2000
+    table = exact_table(rng, n)
+    s = SearchSettings("exact", with_caption=True)
+    sizes = [500, 500, 1000]
+    expected = partitioned.search(shards_of(table, sizes), n, s, partitions=5)
+    pool = InProcessTasks("memory://spill-test/cache")
+    got = partitioned.search(
+        shards_of(table, sizes), n, s, workers=2, partitions=5, work_dir="memory://spill-test/cache", executor=pool
+    )
+    for x, y in zip(expected, got, strict=True):
+        assert np.array_equal(x, y)
+    assert pool.most_files >= 1
+    assert all(p.startswith("/spill-test/cache/dedup-spill-") for p in pool.paths)
+    fs = fsspec.filesystem("memory")
+    assert fs.find("/spill-test/cache") == []
