@@ -125,13 +125,17 @@ class DedupSearchStage(ColumnStage):
 
     def search(self, pool: Pool, executor=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The partitioned search; with an executor that runs tasks (Ray, ``filtering/tasks.py``)
-        its emit and reduce steps are tasks there, with the same results."""
+        its emit and reduce steps are tasks there, with the same results, and its spill
+        files go under the cache folder even when that is an fsspec URL."""
         table = pool.table.select(self.settings.columns())
         shards = [partitioned.ShardKeys(p.start, p.n, table=table.slice(p.start, p.n)) for p in pool.parts]
         workers = self.workers if self.workers is not None else workers_for(pool.n)
         self.last_workers = max(1, workers)
-        work_dir = self.cache_root if is_local(self.cache_root) else None  # spill files stay local
-        if executor is not None and runs_tasks(executor):
+        on_cluster = executor is not None and runs_tasks(executor)
+        # Spill files under the cache, on the output's file system, which every Ray node sees;
+        # local workers of a run with a remote output spill to local disk instead.
+        work_dir = self.cache_root if is_local(self.cache_root) or on_cluster else None
+        if on_cluster:
             with task_pool(executor, workers) as tasks:
                 self.last_workers = tasks.workers
                 return partitioned.search(

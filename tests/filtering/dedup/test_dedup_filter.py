@@ -298,3 +298,34 @@ def test_semantic_on_workers_decides_as_in_one_process(monkeypatch):
     assert (~outs[0].keep).sum() > 200
     assert np.array_equal(outs[0].keep, outs[1].keep)
     assert list(outs[0].duplicate_of) == list(outs[1].duplicate_of)
+
+
+def test_search_on_a_task_pool_spills_under_a_remote_cache():
+    """With the tasks on a cluster (an executor with a task pool, as Ray's) and the output on
+    an fsspec file system, the spill files go under the output's cache folder, which every
+    node sees, not to the driver's local temporary folder; they are removed after, and the
+    labels are the in-process search's."""
+    import fsspec
+
+    from tests.filtering.dedup.test_partitioned import InProcessTasks
+
+    class ClusterExecutor:
+        def __init__(self, tasks):
+            self.tasks = tasks
+
+        def task_pool(self):
+            return self.tasks
+
+    sha = [f"s{i % 7}" for i in range(40)]
+    settings = parse_filters([{"dedup": {"method": "exact"}}])[0].filter.search_settings()
+    cache = "memory://remote-out/cache"
+    tasks = InProcessTasks(cache)
+    pool = make_pool(sha, [0] * 40, [0.1] * 40)
+    ctx = RunContext(config=None, out_dir="memory://remote-out", cache_dir=cache, executor=ClusterExecutor(tasks))
+    DedupSearchStage(settings, cache).run(ctx, pool)
+    assert np.array_equal(pool.column("dedup_label_exact"), [i % 7 for i in range(40)])
+    spills = {p for p in tasks.paths if "/dedup-spill-" in p}
+    assert spills and all(p.startswith("/remote-out/cache/dedup-spill-") for p in spills)
+    fs = fsspec.filesystem("memory")
+    assert not [p for p in fs.find("/remote-out") if "spill" in p]
+    fs.rm("/remote-out", recursive=True)
