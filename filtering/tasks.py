@@ -21,15 +21,34 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def task_pool(executor, workers: int) -> Iterator:
     """The executor's task pool (``executor.task_pool()``: Ray), or a local process pool of
-    ``workers`` (spawned, as every poolsift pool: the driver may hold torch's threads)."""
+    ``workers``, started as :func:`start_method` says."""
     if executor is not None:
         with executor.task_pool() as pool:
             yield pool
         return
     from filtering.procpool import ProcessPool
 
-    with ProcessPool(workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPool(workers, mp_context=mp.get_context(start_method())) as pool:
         yield pool
+
+
+def start_method() -> str:
+    """``fork`` when the driver runs no other Python thread and has not imported torch (a
+    metadata-only run: numpy, pyarrow and the config), else ``spawn``.
+
+    A spawned worker starts a fresh interpreter and imports poolsift, pyarrow and numpy
+    again: about 0.5 CPU seconds each and, with the pool's first tasks waiting on it, about
+    a second of wall time per run (measured with bench/bench_scale.py). A forked one starts
+    at once with the driver's modules. Forking is unsafe only where another thread may
+    hold a lock at the fork (torch's thread pools, a preloading or progress thread), so
+    those drivers keep spawning.
+    """
+    import sys
+    import threading
+
+    if "torch" in sys.modules or threading.active_count() > 1 or "fork" not in mp.get_all_start_methods():
+        return "spawn"
+    return "fork"
 
 
 def runs_tasks(executor) -> bool:

@@ -163,22 +163,28 @@ class DataCompStage(SourceStage):
                 tables.append(table)
                 bar.update(1)
             bar.close()
+        parquet = {s.stem: s.parquet for s in shards}
+        return self._pool(
+            ctx, shards, tables, wanted, late, lambda part, mask: _read_late(parquet[part.sid], late, part, mask)
+        )
+
+    def _pool(self, ctx: RunContext, shards, tables, wanted, late, read_late) -> Pool:
+        """The pool of ``shards`` from their eager ``tables``; ``read_late(part, mask)`` gives the late columns."""
         parts, start = [], 0
         for shard, t in zip(shards, tables, strict=True):
             parts.append(ShardPart(shard.parquet, shard.stem, start, start + t.num_rows))
             start += t.num_rows
-        table = pa.concat_tables(tables, promote_options="permissive")
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
         table = _with_source_shard(table, shards, [t.num_rows for t in tables])
         kinds = _embedding_kinds(shards)
         npz = {s.stem: s.npz for s in shards}
-        parquet = {s.stem: s.parquet for s in shards}
         order = _pool_order([c for w in wanted for c in w], self.requested)
         late_columns = None
         if late:
             late_columns = LateColumns(
                 schema=pa.schema([(c, late.types[c]) for c in order if c in late.types]),
                 order=tuple(order),
-                read=lambda part, mask: _read_late(parquet[part.sid], late, part, mask),
+                read=read_late,
             )
         ctx.stage_info[self.name] = {
             "metadata_dir": self.metadata_dir,
@@ -229,10 +235,23 @@ class DataCompStage(SourceStage):
             return pq.ParquetFile(f).metadata.num_rows
 
     def shard_pool(self, shard: DataCompShard, ctx: RunContext) -> Pool:
+        """One shard's pool, as ``run`` builds it for a pool of that shard alone, from one
+        read of every column it needs, on this thread: the streaming plan's workers
+        already keep every core busy, and the late columns, read with the rest, are cut
+        from memory for the kept rows instead of opening and decoding the file again."""
         stage = DataCompStage(self.metadata_dir, self.cache_root)
         stage._shards = [shard]
         stage.request(set(self.requested))
-        return stage.run(ctx)
+        ctx.inputs.extend(_input_records([shard]))
+        with naming(shard.parquet), open_file(shard.parquet) as f:
+            pf = pq.ParquetFile(f)
+            wanted = stage._columns_for(pf.schema_arrow, shard.parquet)
+            late = stage._late_columns([pf.schema_arrow], [wanted])
+            raw = pf.read(columns=wanted, use_threads=False).replace_schema_metadata(None)
+        late_raw = late.raw if late else ()
+        table = _normalise(raw.select([c for c in wanted if c not in late_raw]), requested=stage.requested)
+        held = raw.select(list(late_raw))
+        return stage._pool(ctx, [shard], [table], [wanted], late, lambda part, mask: _late_table(held, late, mask))
 
     def shard_record(self, ctx: RunContext, pool: Pool) -> dict:
         return ctx.stage_info.get(self.name, {})
@@ -349,13 +368,19 @@ def _read_late(path: str, late: _LateSpec, part: ShardPart, mask: np.ndarray | N
         raise InputError(
             f"input.datacomp_metadata: {path} changed during the run ({table.num_rows} rows, was {part.n})"
         )
+    return _late_table(table, late, mask)
+
+
+def _late_table(table: pa.Table, late: _LateSpec, mask: np.ndarray | None) -> pa.Table:
+    """The pool's late columns (``late.types``) from a shard's raw ``table`` of them, for
+    the rows ``mask`` selects (None: all rows)."""
     if mask is not None:
         table = table.filter(pa.array(mask))
     n = table.num_rows
     columns = []
     for name, type_ in late.types.items():
         raw = "text" if name == "caption" else name
-        columns.append(table.column(raw).cast(type_) if raw in present else pa.nulls(n, type_))
+        columns.append(table.column(raw).cast(type_) if raw in table.column_names else pa.nulls(n, type_))
     return pa.Table.from_arrays(columns, names=list(late.types))
 
 

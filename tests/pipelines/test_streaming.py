@@ -389,3 +389,14 @@ def test_dedup_positions_that_stay_in_memory(tmp_path, dup_metadata, filters, re
     from pipelines.runner import plan
 
     assert reason in why_not(cfg, plan(cfg, str(tmp_path / "cache")), None)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_forked_and_spawned_workers_write_the_same(tmp_path, metadata, monkeypatch, method):
+    """The local task pool forks when the driver is metadata-only (filtering/tasks.py,
+    ``start_method``) and spawns otherwise: either way the outputs equal the in-memory plan's."""
+    import filtering.tasks as tasks
+
+    monkeypatch.setattr(tasks, "start_method", lambda: method)
+    m = assert_same_outputs(metadata, tmp_path, [{"caption": {"min_words": 2}}, {"clip_score": {"top_fraction": 0.4}}])
+    assert m["counts"]["kept"] > 0
