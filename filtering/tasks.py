@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import sys
 from collections.abc import Iterator
 
 
@@ -26,9 +27,13 @@ def task_pool(executor, workers: int) -> Iterator:
         with executor.task_pool() as pool:
             yield pool
         return
+    from filtering.io.arrow import block_pandas
     from filtering.procpool import ProcessPool
 
-    with ProcessPool(workers, mp_context=mp.get_context(start_method())) as pool:
+    context = mp.get_context(start_method())
+    # a spawned worker blocks pandas as the driver does (filtering/io/arrow.py); a forked one inherits it
+    initializer = block_pandas if context.get_start_method() == "spawn" and _pandas_blocked() else None
+    with ProcessPool(workers, mp_context=context, initializer=initializer) as pool:
         yield pool
 
 
@@ -43,12 +48,17 @@ def start_method() -> str:
     hold a lock at the fork (torch's thread pools, a preloading or progress thread), so
     those drivers keep spawning.
     """
-    import sys
     import threading
 
     if "torch" in sys.modules or threading.active_count() > 1 or "fork" not in mp.get_all_start_methods():
         return "spawn"
     return "fork"
+
+
+def _pandas_blocked() -> bool:
+    from filtering.io.arrow import _FINDER
+
+    return _FINDER in sys.meta_path
 
 
 def runs_tasks(executor) -> bool:

@@ -3,9 +3,53 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import importlib.util
 import sys
 import threading
+from collections.abc import Iterator
+
+
+class _NoPandas(importlib.abc.MetaPathFinder):
+    """An import finder that fails ``import pandas`` (see :func:`without_pandas`)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is not loaded while poolsift runs (filtering/io/arrow.py: without_pandas)")
+        return None
+
+
+_FINDER = _NoPandas()
+
+
+def block_pandas() -> None:
+    """Make ``import pandas`` fail in this process, unless pandas is loaded already."""
+    if "pandas" not in sys.modules and _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+
+
+@contextlib.contextmanager
+def without_pandas() -> Iterator[None]:
+    """Run with pandas unimportable (unless it is loaded already), so pyarrow does not load it.
+
+    pyarrow imports pandas, when installed, on the first conversion of an array
+    (``to_numpy``, ``pa.array``, ``Table.filter``), only to check inputs for pandas
+    objects and set up pandas' null values: about 0.3 CPU seconds in every process, the
+    driver and each worker (three in ``bench/bench_scale.py``; 0.9 of a 6.4M-row run's
+    12 CPU seconds). pyarrow does without it when the import fails. poolsift never
+    hands pyarrow a pandas object nor asks it for one, so a run needs none. Worker
+    processes forked inside inherit the block; spawned task-pool workers set it with
+    :func:`block_pandas`. Leaving the block restores imports (the CLI runs one command
+    per process; a test calling it in-process gets pandas back afterwards).
+    """
+    installed = "pandas" not in sys.modules and _FINDER not in sys.meta_path
+    if installed:
+        sys.meta_path.insert(0, _FINDER)
+    try:
+        yield
+    finally:
+        if installed and _FINDER in sys.meta_path:
+            sys.meta_path.remove(_FINDER)
 
 
 def preload_pandas() -> None:
@@ -19,7 +63,7 @@ def preload_pandas() -> None:
     import lock: pandas' import never calls back into pyarrow's pandas check (if it
     did, pyarrow would deadlock on its non-reentrant lock in a single thread).
     """
-    if "pandas" in sys.modules or importlib.util.find_spec("pandas") is None:
+    if "pandas" in sys.modules or _FINDER in sys.meta_path or importlib.util.find_spec("pandas") is None:
         return
 
     def load() -> None:
