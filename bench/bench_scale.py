@@ -7,14 +7,25 @@ reuse it) and times, per size, each as a whole process tree:
 - ``poolsift run`` with ``clip_score: {top_fraction: 0.3}`` on L/14, writing the subset
   parquet, subset.npy, the dropped rows and the manifest (``execution.mode`` as given:
   ``auto`` takes the streaming plan, ``memory`` the in-memory one);
-- a straightforward script: 2 worker processes read uid + score per shard with pyarrow,
-  the driver takes DataComp's threshold over all scores, the workers keep the rows over
-  it with one Python ``int()`` per kept uid half, the driver sorts and saves subset.npy.
+- ``script``, issue 16's straightforward script: 2 worker processes read uid + score per
+  shard with pyarrow, the driver takes DataComp's threshold over all scores, the workers
+  keep the rows over it with one Python ``int()`` per kept uid half, the driver sorts
+  and saves subset.npy. It writes subset.npy only;
+- ``datacomp``: DataComp's own ``clip_score`` baseline, ported from its source
+  (mlfoundations/datacomp ``baselines/apply_filter.py``: ``get_threshold``,
+  ``load_uids_with_clip_score_helper``, ``worker_threadpool``, then ``uids.sort()`` and
+  ``np.save``): pandas ``read_parquet`` through fsspec on a 2-process pool. subset.npy only;
+- ``floor``: the least a program can do to write what poolsift writes, without its
+  checks, hashes, manifest or provenance: 2 workers read the scores, the driver takes
+  the threshold, each worker reads its shard's every column once, writes the kept rows
+  as Parquet (pyarrow's defaults) and the dropped rows' uid and reason, and returns the
+  kept uids decoded by numpy; the driver sorts and saves subset.npy. It bounds from below
+  what any tool writing the subset tables can reach.
 
 Printed per size: wall and CPU seconds (children included), peak RSS of the whole
 process tree (sum over its processes, sampled every 20 ms) and PSS (shared pages split
-between processes), bytes of peak RSS per input row, the ratios, and whether the uid
-sets are identical.
+between processes), bytes of peak RSS per input row, each contender's wall and CPU
+over poolsift's (above 1: poolsift is faster), and whether its uid set is identical.
 
     .venv/bin/python bench/bench_scale.py --dir /tmp/poolsift-scale --sizes 1.6M 6.4M
 """
@@ -60,6 +71,96 @@ if __name__ == "__main__":
         s = np.concatenate(pool.map(scores, paths))
         threshold = -np.sort(-s)[int(len(s) * fraction)]
         uids = np.concatenate(pool.map(kept, [(p, threshold) for p in paths]))
+    uids.sort()
+    np.save(out, uids)
+"""
+
+# DataComp's clip_score baseline (baselines/apply_filter.py), its functions as written there
+# less the gcld3 branch and tqdm; the entry point as apply_filter() runs it.
+DATACOMP = """
+import sys
+from functools import partial
+from multiprocessing import Pool
+import fsspec, numpy as np, pandas as pd
+meta, out, key, fraction = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+def worker_threadpool(worker_fn, concat_fn, paths, n_workers):
+    with Pool(n_workers) as pool:
+        uids = []
+        for u in pool.imap_unordered(worker_fn, paths):
+            uids.append(u)
+    return concat_fn(uids)
+
+def load_metadata(metadata_dir_path, num_workers, columns=None):
+    fs, url = fsspec.core.url_to_fs(metadata_dir_path)
+    parquet_paths = [str(x) for x in fs.ls(url) if ".parquet" in x]
+    worker = partial(pd.read_parquet, columns=columns, filesystem=fs)
+    return worker_threadpool(worker, pd.concat, parquet_paths, num_workers)
+
+def get_threshold(metadata_dir_path, key, fraction, num_workers):
+    df = load_metadata(metadata_dir_path, num_workers=num_workers, columns=[key])
+    n = int(len(df) * fraction)
+    return -np.sort(-df[key].values)[n]
+
+def load_uids_with_clip_score_helper(fs_url, key, threshold):
+    fs, url = fs_url
+    df = pd.read_parquet(url, columns=["uid", key], filesystem=fs)
+    return np.array(
+        [(int(uid[:16], 16), int(uid[16:32], 16)) for uid in df[df[key] >= threshold]["uid"].values],
+        np.dtype("u8,u8"),
+    )
+
+def load_uids_with_clip_score(metadata_dir_path, key, fraction, num_workers):
+    threshold = get_threshold(metadata_dir_path, key, fraction, num_workers)
+    fs, url = fsspec.core.url_to_fs(metadata_dir_path)
+    parquet_paths = [(fs, str(x)) for x in fs.ls(url) if ".parquet" in x]
+    worker = partial(load_uids_with_clip_score_helper, key=key, threshold=threshold)
+    return worker_threadpool(worker, np.concatenate, parquet_paths, num_workers)
+
+if __name__ == "__main__":
+    uids = load_uids_with_clip_score(meta, key, fraction, 2)
+    uids.sort()
+    np.save(out, uids)
+"""
+
+# What writing poolsift's outputs costs at the least: one read of every column, the
+# kept rows and the dropped uids written with pyarrow's defaults, uids decoded by numpy.
+FLOOR = """
+import glob, os, sys
+from multiprocessing import Pool
+import numpy as np, pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+meta, out, key, fraction = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+folder = out + ".parts"
+NIBBLE = np.zeros(256, np.uint64)
+NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint64)
+SHIFTS = np.uint64(4) * np.arange(15, -1, -1, dtype=np.uint64)
+
+def scores(path):
+    return pq.read_table(path, columns=[key], use_threads=False).column(key).to_numpy()
+
+def write(args):
+    i, path, threshold = args
+    t = pq.read_table(path, use_threads=False)
+    keep = pa.array(t.column(key).to_numpy() >= threshold)
+    pq.write_table(t.filter(keep), f"{folder}/subset-{i:05d}.parquet")
+    dropped = t.select(["uid"]).filter(pc.invert(keep))
+    reason = pa.DictionaryArray.from_arrays(pa.array(np.zeros(dropped.num_rows, np.int32)), pa.array(["below"]))
+    pq.write_table(dropped.append_column("reason", reason), f"{folder}/dropped-{i:05d}.parquet")
+    u = t.column("uid").filter(keep).combine_chunks()
+    offsets = np.frombuffer(u.buffers()[1], np.int32, len(u) + 1, u.offset * 4)
+    digits = NIBBLE[np.frombuffer(u.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(-1, 2, 16)]
+    halves = (digits << SHIFTS).sum(axis=2, dtype=np.uint64)
+    uids = np.empty(len(u), np.dtype("u8,u8"))
+    uids["f0"], uids["f1"] = halves[:, 0], halves[:, 1]
+    return uids
+
+if __name__ == "__main__":
+    paths = sorted(glob.glob(meta + "/*.parquet"))
+    os.makedirs(folder, exist_ok=True)
+    with Pool(2) as pool:
+        s = np.concatenate(pool.map(scores, paths))
+        threshold = -np.sort(-s)[int(len(s) * fraction)]
+        uids = np.concatenate(pool.map(write, [(i, p, threshold) for i, p in enumerate(paths)]))
     uids.sort()
     np.save(out, uids)
 """
@@ -185,6 +286,13 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["1.6M", "6.4M", "25.6M"])
     ap.add_argument("--mode", default="auto", choices=["auto", "memory", "streaming"], help="poolsift's execution.mode")
     ap.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["script", "datacomp", "floor"],
+        choices=["script", "datacomp", "floor"],
+        help="what poolsift is timed against",
+    )
+    ap.add_argument(
         "--repeat", type=int, default=1, help="runs of each contender, interleaved; the fastest is reported"
     )
     args = ap.parse_args()
@@ -206,18 +314,22 @@ def main() -> None:
         )
         for p in sorted(meta.glob("*.parquet")):  # page cache warm for both
             p.read_bytes()
-        commands = {
-            "poolsift run": [py, "-m", "pipelines.cli", "run", str(cfg), "--quiet"],
-            "script": [py, "-c", SCRIPT, str(meta), str(work / f"script-{rows}.npy"), KEY, str(FRACTION)],
-        }
+        commands = {"poolsift run": [py, "-m", "pipelines.cli", "run", str(cfg), "--quiet"]}
+        for name, code in (("script", SCRIPT), ("datacomp", DATACOMP), ("floor", FLOOR)):
+            if name in args.contenders:
+                commands[name] = [py, "-c", code, str(meta), str(work / f"{name}-{rows}.npy"), KEY, str(FRACTION)]
         runs = {name: [] for name in commands}
         for _ in range(args.repeat):
             for name, cmd in commands.items():
                 runs[name].append(timed(cmd))
         best = {name: min(r) for name, r in runs.items()}
         ours = np.load(work / f"out-{rows}" / "subset.npy")
-        theirs = np.load(work / f"script-{rows}.npy")
-        rows_out.append((size, rows, best, np.array_equal(ours, theirs), len(ours)))
+        same = {
+            name: np.array_equal(ours, np.load(work / f"{name}-{rows}.npy"))
+            for name in commands
+            if name != "poolsift run"
+        }
+        rows_out.append((size, rows, best, same, len(ours)))
         print_table(rows_out, args)
 
 
@@ -228,15 +340,15 @@ def print_table(rows_out, args) -> None:
     )
     print(
         f"{'rows':>7} {'contender':<13}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>7}"
-        f"{'script/poolsift wall':>22}  same uids"
+        f"{'its wall / ours':>17}{'its cpu / ours':>16}  same uids"
     )
     for size, rows, best, same, kept in rows_out:
-        base = best["poolsift run"][0]
+        wall0, cpu0 = best["poolsift run"][0], best["poolsift run"][1]
         for name, (wall, cpu, rss, pss) in best.items():
-            ratio = f"{best['script'][0] / base:>21.2f}x" if name == "poolsift run" else ""
+            ratios = f"{wall / wall0:>16.2f}x{cpu / cpu0:>15.2f}x" if name != "poolsift run" else " " * 33
             print(
-                f"{size:>7} {name:<13}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>7.0f}{ratio:>22}"
-                f"  {same if name == 'poolsift run' else ''}"
+                f"{size:>7} {name:<13}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>7.0f}{ratios}"
+                f"  {same.get(name, '')}"
             )
         print(f"{'':>7} kept {kept:,} rows")
 
