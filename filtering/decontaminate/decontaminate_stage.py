@@ -12,7 +12,9 @@ The reference set is loaded once and cached under ``DIR/cache/decontam-<fp>/``, 
 the fingerprint covers the reference files (names, sizes, modification stamps), the
 method and, for images embedded here, the model; reruns load it without the model.
 Semantic similarities are cached per shard too (``decontam-nearest-<fp>/``, keyed by the
-reference set and the shard's embeddings), so a rerun with another threshold is free.
+reference set and the shard's embeddings), so a rerun with another threshold is free; with
+``--executor ray`` each shard not cached is a Ray task that reads the reference set from
+its cache file (``_nearest_shard``), and the driver caches its columns as a local run does.
 Reference images go through the scoring stage's own decoding (``decode_image`` under
 ``reference_plan``, read and decoded as the image-cluster reference set is:
 ``decode_reference``) and encoder (``ClipEncoder``), so their embeddings and hashes are
@@ -21,6 +23,7 @@ comparable with the pool's.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -106,7 +109,7 @@ class DecontaminateStage(ColumnStage):
             if t.method == "semantic":
                 values, idx = self.nearest_semantic(ctx, pool, t, ref)
             else:
-                values, idx = self.nearest_perceptual(pool, ref)
+                values, idx = self.nearest_perceptual(pool, ref, ctx.executor, self.reference_path(ref.fingerprint))
             match = np.asarray(ref.ids, dtype=object)[np.maximum(idx, 0)]
             pool.add_column(t.value_column, pa.array(values, mask=failed))
             pool.add_column(t.match_column, pa.array(match, type=pa.string(), mask=failed))
@@ -140,12 +143,7 @@ class DecontaminateStage(ColumnStage):
         def compute(part, emb):
             nonlocal assigner
             if assigner is None:
-                if emb.shape[1] != ref.embeddings.shape[1]:
-                    raise ConfigError(
-                        f"filters.decontaminate.reference: {t.reference!r} has embeddings of dimension "
-                        f"{ref.embeddings.shape[1]}, the pool's {kind!r} embeddings have {emb.shape[1]}; "
-                        "embed the reference with the same model"
-                    )
+                _check_dimension(t.reference, ref.embeddings.shape[1], kind, emb)
                 assigner = clustering.Assigner(ref.embeddings)
             part_ids, part_sims = clustering.assign(emb, assigner)
             return {"match": part_ids, "similarity": part_sims}
@@ -159,21 +157,39 @@ class DecontaminateStage(ColumnStage):
             compute=compute,
             desc=f"decontaminate {t.value_column}",
             kind=kind,
+            # On Ray each shard not cached is a task; the reference set comes from its cache file.
+            task=functools.partial(_nearest_shard, self.reference_path(ref.fingerprint), t.reference, kind),
         )
         return loop.columns["similarity"].astype(np.float32, copy=False), loop.columns["match"].astype(
             np.int64, copy=False
         )
 
     @staticmethod
-    def nearest_perceptual(pool: Pool, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
+    def nearest_perceptual(pool: Pool, ref: ReferenceSet, executor=None, path: str | None = None):
+        """Smallest Hamming distance to a reference hash and its index, per row. With an
+        executor that runs tasks (``--executor ray``) each shard is a task that reads the
+        reference hashes from their cache file (``path``); row by row the same search."""
         from filtering.dedup.dedup_filter import hash_column
         from filtering.dedup.hamming import nearest
+        from filtering.tasks import runs_tasks, task_pool
 
         hashes, null = hash_column(pool, "phash")
-        dist, idx = nearest(hashes, ref.hashes)
+        parts = [p for p in pool.parts if p.n]
+        tiled = sum(p.n for p in parts) == pool.n
+        if executor is None or not runs_tasks(executor) or path is None or not parts or not tiled:
+            dist, idx = nearest(hashes, ref.hashes)
+        else:
+            dist, idx = np.full(pool.n, 65, np.int32), np.full(pool.n, -1, np.int64)
+            with task_pool(executor, 1) as tasks:
+                args = [(path, hashes[p.start : p.stop]) for p in parts]
+                for p, (d, i) in zip(parts, tasks.map(_nearest_hashes, args), strict=True):
+                    dist[p.start : p.stop], idx[p.start : p.stop] = d, i
         return np.where(null, 65, dist).astype(np.int16), idx
 
     # --- reference set ---------------------------------------------------------------
+
+    def reference_path(self, rfp: str) -> str:
+        return join(self.cache_root, f"decontam-{rfp}", "reference.npz")
 
     def reference(self, ctx: RunContext, t: Target) -> tuple[ReferenceSet, str]:
         from filtering.image_clusters.image_clusters_stage import reference_source
@@ -196,7 +212,7 @@ class DecontaminateStage(ColumnStage):
             if t.method == "semantic" or spec["jpeg_draft"]:
                 spec["model"] = model_spec(self.cfg.model)
         rfp = fingerprint(spec)
-        path = join(self.cache_root, f"decontam-{rfp}", "reference.npz")
+        path = self.reference_path(rfp)
         if exists(path):
             ref = _load(path)
             ref.fingerprint = rfp
@@ -315,3 +331,46 @@ def _load(path: str) -> ReferenceSet:
     with fs.open(p, "rb") as f:
         data = np.load(io.BytesIO(f.read()), allow_pickle=False)
         return ReferenceSet(data["ids"], data.get("hashes"), data.get("embeddings"))
+
+
+def _check_dimension(reference: str, dim: int, kind: str, emb: np.ndarray) -> None:
+    if emb.shape[1] != dim:
+        raise ConfigError(
+            f"filters.decontaminate.reference: {reference!r} has embeddings of dimension "
+            f"{dim}, the pool's {kind!r} embeddings have {emb.shape[1]}; "
+            "embed the reference with the same model"
+        )
+
+
+_TASK_REFERENCES: dict[str, Any] = {}  # per task worker process (Ray): one reference set's Assigner
+
+
+def _nearest_shard(path: str, reference: str, kind: str, part, emb, cols) -> dict[str, np.ndarray]:
+    """One shard's nearest reference items where the executor runs it (``cached_shard_loop``'s
+    ``task``): the reference set read from its cache file once per worker process, the
+    same arithmetic as the driver's."""
+    from filtering import clustering
+
+    assigner = _TASK_REFERENCES.get(path)
+    if assigner is None:
+        _TASK_REFERENCES.clear()
+        ref = _load(path).embeddings
+        _check_dimension(reference, ref.shape[1], kind, emb)
+        assigner = _TASK_REFERENCES[path] = clustering.Assigner(ref)
+    ids, sims = clustering.assign(emb, assigner)
+    return {"match": ids, "similarity": sims}
+
+
+def _nearest_hashes(args) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's nearest reference hashes where the executor runs it (a Ray task)."""
+    from filtering.dedup.hamming import nearest
+
+    path, hashes = args
+    ref = _TASK_HASHES.get(path)
+    if ref is None:
+        _TASK_HASHES.clear()
+        ref = _TASK_HASHES[path] = _load(path).hashes
+    return nearest(hashes, ref)
+
+
+_TASK_HASHES: dict[str, np.ndarray] = {}  # per task worker process (Ray): one reference set's hashes

@@ -7,7 +7,9 @@ machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the modul
   the streaming plan for clip_score top_fraction and image_clusters (DataComp's
   image_based), an exact dedup (its search, alive-at-dedup and filter phases) and a
   semantic one (training sample, assignment, partitions of clusters), the
-  in-memory plan's partitioned dedup search; subset.npy and every
+  in-memory plan's partitioned dedup search and per-shard columns (cluster assignment,
+  language_id, semantic decontamination), perceptual decontamination's per-shard
+  nearest hashes; subset.npy and every
   subset and dropped part byte for byte, the manifest's counts and thresholds equal to
   the local process pool's.
 """
@@ -168,6 +170,15 @@ def _same_outputs(a, b) -> None:
         ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "memory", {"_shard_task"}),
         # and each shard's language_id scorer (the filter's own), set up once per Ray worker
         ([{"language": {"languages": ["en"]}}, {"clip_score": {"top_fraction": 0.5}}], "memory", {"_shard_task"}),
+        # and each shard's nearest reference items for semantic decontamination
+        (
+            [
+                {"decontaminate": {"reference": "@DC@/reference.npy", "method": "semantic", "threshold": 0.3}},
+                {"clip_score": {"top_fraction": 0.5}},
+            ],
+            "memory",
+            {"_shard_task"},
+        ),
     ],
     ids=[
         "clip_score_top_fraction",
@@ -177,11 +188,13 @@ def _same_outputs(a, b) -> None:
         "dedup_exact_in_memory",
         "image_clusters_in_memory",
         "language_in_memory",
+        "decontaminate_semantic_in_memory",
     ],
 )
 def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, mode, sent):
     from pipelines.executors.ray import RayExecutor
 
+    filters = json.loads(json.dumps(filters).replace("@DC@", str(datacomp)))
     # Both runs write to the same folder (the config, output.dir included, goes into every
     # part's provenance); the local run's outputs are moved aside, its cache dropped.
     out = tmp_path / "ray"
@@ -206,10 +219,65 @@ def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filt
     assert 0 < theirs["counts"]["kept"] < theirs["counts"]["input"]
     _same_outputs(tmp_path / "local", tmp_path / "ray")
     if "_shard_task" in sent:  # the columns Ray computed are cached as a local run caches them
-        (ours,) = [*(out / "cache").glob("clusters-*"), *(out / "cache").glob("scorer-*")]
+        (ours,) = [
+            p for stage in ("clusters", "scorer", "decontam-nearest") for p in (out / "cache").glob(f"{stage}-*")
+        ]
         theirs = tmp_path / "local" / "cache" / ours.name
         names = sorted(p.name for p in ours.iterdir())
         assert names and names == sorted(p.name for p in theirs.iterdir())
         for name in names:
             if name.endswith(".parquet"):
                 assert pq.read_table(ours / name).equals(pq.read_table(theirs / name)), name
+
+
+def test_perceptual_decontamination_on_two_nodes_matches_local(tmp_path, scored_sample, cluster):
+    """Each shard's nearest reference hashes are a Ray task (the reference hashes read from
+    their cache file there): the distances, matches and outputs are the local run's."""
+    from pipelines.config import load_config
+    from pipelines.executors.ray import RayExecutor
+    from pipelines.runner import run
+
+    pieces = [pq.read_table(p) for p in sorted((scored_sample / "cache").glob("scorer-*/*.parquet"))]
+    pool_hashes = np.concatenate(
+        [t.column("phash").drop_null().to_numpy() for t in pieces if "phash" in t.column_names]
+    )
+    rng = np.random.default_rng(3)
+    reference = np.r_[pool_hashes[:6].astype(np.uint64), rng.integers(0, 2**63, 20, dtype=np.int64).astype(np.uint64)]
+    np.save(tmp_path / "eval_hashes.npy", reference)
+    filters = [
+        {"decontaminate": {"reference": str(tmp_path / "eval_hashes.npy"), "method": "perceptual", "max_distance": 4}},
+        *FILTERS,
+    ]
+    outs = {}
+    for name in ("local", "ray"):
+        outs[name] = tmp_path / name
+        shutil.copytree(scored_sample / "cache", outs[name] / "cache")
+    local = run(
+        load_config(write_config(tmp_path / "local.yaml", output={"dir": str(outs["local"])}, filters=filters)),
+        progress=False,
+        log=lambda _m: None,
+    )
+    executor = _Recording(RayExecutor(address=cluster.address))
+    try:
+        on_ray = run(
+            load_config(write_config(tmp_path / "ray.yaml", output={"dir": str(outs["ray"])}, filters=filters)),
+            executor=executor,
+            progress=False,
+            log=lambda _m: None,
+        )
+    finally:
+        executor.close()
+    assert "_nearest_hashes" in executor.sent, executor.sent
+    steps = {f["name"]: f for f in local.manifest["counts"]["filters"]}
+    assert steps["decontaminate"]["dropped"] > 0
+    assert on_ray.manifest["counts"] == local.manifest["counts"]
+    assert on_ray.manifest["stages"]["decontaminate"] == {
+        k: {**v, "seconds": on_ray.manifest["stages"]["decontaminate"][k]["seconds"]}
+        for k, v in local.manifest["stages"]["decontaminate"].items()
+    }
+    assert (outs["ray"] / "subset.npy").read_bytes() == (outs["local"] / "subset.npy").read_bytes()
+    for folder in ("subset", "dropped"):
+        names = sorted(p.name for p in (outs["local"] / folder).glob("*.parquet"))
+        assert names and names == sorted(p.name for p in (outs["ray"] / folder).glob("*.parquet"))
+        for name in names:
+            assert _table(outs["ray"] / folder / name).equals(_table(outs["local"] / folder / name)), name
