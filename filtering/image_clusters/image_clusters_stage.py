@@ -127,7 +127,7 @@ class ImageClustersStage(ColumnStage):
                 f"clusters.reference: embeddings of dimension {reference.shape[1]} do not match the pool's "
                 f"{kind!r} embeddings of dimension {centroids.shape[1]}; embed the reference with the same model"
             )
-        targets = self.targets(centroids, cfp, reference, rfp, info)
+        targets = self.targets(centroids, cfp, reference, rfp, info, ctx.executor)
         info.update(
             num_clusters=int(len(centroids)),
             target_clusters=int(len(targets)),
@@ -318,12 +318,26 @@ class ImageClustersStage(ColumnStage):
 
     # --- targets and assignments -----------------------------------------------------
 
-    def targets(self, centroids, cfp, reference, rfp, info) -> np.ndarray:
+    def targets(self, centroids, cfp, reference, rfp, info, executor=None) -> np.ndarray:
+        """DataComp's target set (:func:`filtering.clustering.target_clusters`), cached. With
+        an executor that runs tasks (``--executor ray``) the reference set's assignment is
+        cut into tasks of :data:`TARGET_CHUNK_ROWS` rows, a multiple of the assignment's
+        batch, so every batch is the one the driver would assign: the same target set."""
+        from filtering.tasks import runs_tasks, task_pool
+
         path = join(self.cache_root, f"centroids-{cfp}", f"targets-{rfp}-a{ASSIGN_VERSION}.npy")
         if exists(path):
             info["cache"]["targets"] = "cached"
             return load_npy(path)
-        targets = clustering.target_clusters(reference, clustering.Assigner(centroids))
+        saved = join(self.cache_root, f"centroids-{cfp}", "centroids.npy")
+        if executor is not None and runs_tasks(executor) and len(reference) and exists(saved):
+            chunks = [
+                (saved, reference[lo : lo + TARGET_CHUNK_ROWS]) for lo in range(0, len(reference), TARGET_CHUNK_ROWS)
+            ]
+            with task_pool(executor, 1) as tasks:
+                targets = np.unique(np.concatenate(list(tasks.map(_target_chunk, chunks))))
+        else:
+            targets = clustering.target_clusters(reference, clustering.Assigner(centroids))
         save_npy(path, targets)
         info["cache"]["targets"] = "computed"
         return targets
@@ -400,6 +414,20 @@ def _file_info(path: str, key: str) -> dict:
         return file_info(path)
     except (OSError, FileNotFoundError) as e:
         raise InputError(f"{key}: {path!r} not found") from e
+
+
+TARGET_CHUNK_ROWS = 16 * clustering.DEFAULT_BATCH  # reference rows per target task on Ray
+
+
+def _target_chunk(args) -> np.ndarray:
+    """The nearest centroids of one chunk of the reference set (a task on Ray): the
+    centroids loaded once per worker process, the driver's batches and arithmetic."""
+    centroids, chunk = args
+    assigner = _TASK_ASSIGNERS.get(centroids)
+    if assigner is None:
+        _TASK_ASSIGNERS.clear()
+        assigner = _TASK_ASSIGNERS[centroids] = clustering.Assigner(load_npy(centroids))
+    return clustering.target_clusters(chunk, assigner)
 
 
 _TASK_ASSIGNERS: dict[str, clustering.Assigner] = {}  # per task worker process (Ray): one set of centroids

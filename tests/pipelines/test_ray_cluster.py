@@ -155,7 +155,11 @@ def _same_outputs(a, b) -> None:
     "filters, mode, sent",
     [
         ([{"clip_score": {"top_fraction": 0.3}}], "auto", {"_scan", "_gather", "_filter", "_uid_range"}),
-        ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "auto", {"_scan", "_filter"}),
+        (
+            [{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}],
+            "auto",
+            {"_scan", "_target_chunk", "_filter"},
+        ),
         # the streaming plan's dedup phase (pipelines/executors/dedup_phase.py)
         ([{"dedup": {"method": "exact"}}], "auto", {"_emit", "_reduce_task", "_alive_at", "_filter"}),
         # semantic: the training sample, the assignment and each partition of clusters as tasks
@@ -167,7 +171,7 @@ def _same_outputs(a, b) -> None:
         # the in-memory plan: the partitioned search's tasks
         ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "memory", {"_emit_task", "_reduce_task"}),
         # the in-memory plan: each shard's cluster assignment a Ray task (cached_shard_loop)
-        ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "memory", {"_shard_task"}),
+        ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "memory", {"_target_chunk", "_shard_task"}),
         # and each shard's language_id scorer (the filter's own), set up once per Ray worker
         ([{"language": {"languages": ["en"]}}, {"clip_score": {"top_fraction": 0.5}}], "memory", {"_shard_task"}),
         # and each shard's nearest reference items for semantic decontamination
@@ -218,6 +222,10 @@ def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filt
     assert json.dumps(mine["thresholds"]) == json.dumps(theirs["thresholds"])
     assert 0 < theirs["counts"]["kept"] < theirs["counts"]["input"]
     _same_outputs(tmp_path / "local", tmp_path / "ray")
+    if "_target_chunk" in sent:  # the target set Ray's tasks found is the local one
+        (ours,) = (out / "cache").glob("centroids-*/targets-*.npy")
+        theirs = tmp_path / "local" / "cache" / ours.parent.name / ours.name
+        assert np.load(ours).tolist() == np.load(theirs).tolist() and len(np.load(ours))
     if "_shard_task" in sent:  # the columns Ray computed are cached as a local run caches them
         (ours,) = [
             p for stage in ("clusters", "scorer", "decontam-nearest") for p in (out / "cache").glob(f"{stage}-*")

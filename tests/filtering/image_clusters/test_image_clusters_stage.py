@@ -118,3 +118,41 @@ def test_dimension_mismatch_names_the_reference(data):
     np.save(tmp / "ref.npy", np.ones((3, 8), np.float32))
     with pytest.raises(ConfigError, match="clusters.reference"):
         run_stage(config(tmp), tmp, make_pool(embs))
+
+
+def test_targets_on_a_task_pool_are_the_drivers(tmp_path, monkeypatch):
+    """With an executor that runs tasks (Ray) the reference set's nearest centroids are found
+    in chunks of whole assignment batches, one task each: the same target set as the
+    driver's one pass, here over three chunks."""
+    from filtering.image_clusters import image_clusters_stage as stage_module
+    from tests.filtering.dedup.test_partitioned import InProcessTasks
+
+    class RecordingTasks(InProcessTasks):
+        def __init__(self, root):
+            super().__init__(root)
+            self.sent: list[str] = []
+
+        def map(self, fn, args):
+            for a in args:
+                self.sent.append(fn.__name__)
+                yield self.submit(fn, a).result()
+
+    class ClusterExecutor:
+        tasks = RecordingTasks(str(tmp_path / "unused"))
+
+        def task_pool(self):
+            return self.tasks
+
+    rng = np.random.default_rng(4)
+    centroids = clustering.normalize(rng.standard_normal((40, 16)))
+    reference = clustering.normalize(rng.standard_normal((10_000, 16)))
+    st = ImageClustersStage.__new__(ImageClustersStage)
+    st.cache_root = str(tmp_path / "cache")
+    monkeypatch.setattr(stage_module, "TARGET_CHUNK_ROWS", clustering.DEFAULT_BATCH)
+    (tmp_path / "cache" / "centroids-c").mkdir(parents=True)
+    np.save(tmp_path / "cache" / "centroids-c" / "centroids.npy", centroids)
+    executor = ClusterExecutor()
+    got = st.targets(centroids, "c", reference, "r1", {"cache": {}}, executor)
+    assert executor.tasks.sent == ["_target_chunk"] * 3
+    expected = clustering.target_clusters(reference, clustering.Assigner(centroids))
+    assert got.tolist() == expected.tolist() and 0 < len(got) <= 40
