@@ -13,14 +13,15 @@ process holds the pool; each phase is a map over shards on a task pool
 (``filtering/tasks.py``: a local process pool, or Ray tasks with ``--executor ray``), or a
 small reduction in the driver:
 
-1. **scan** (per shard): read the ``top_fraction`` score columns only; return, per
-   column, the NaN count and a 65,536-bin histogram of the scores' order-preserving bit
-   keys. No scan without a ``top_fraction``.
+1. **scan** (per shard): read the ``top_fraction`` score columns only, spill them as
+   arrays; return, per column, the NaN count and a 65,536-bin histogram of the scores'
+   order-preserving bit keys. No scan without a ``top_fraction``.
 2. **threshold** (driver + per shard): DataComp's ``sorted_desc[int(N * f)]``
    (``filtering/filters/clip_score.py``, NaN counted in N and sorted last). The
    histograms give the bin holding that rank (narrowed by more 16-bit histogram passes
    while it holds more than GATHER_LIMIT scores); the shards return only the scores in
-   that bin, and ``np.partition`` picks the exact value, in the column's dtype.
+   that bin, and ``np.partition`` picks the exact value, in the column's dtype. These
+   passes read the scan's spilled arrays, not the shards.
 3. **cluster targets** (driver; ``image_clusters`` only): centroids, reference
    embeddings and target ids by ``ImageClustersStage.find_targets`` on a pool of shard
    parts and embeddings (no column), in the in-memory path's caches.
@@ -216,15 +217,22 @@ class _Shared:
     max_failures: int = 10_000  # failed rows listed per shard (the manifest lists as many in all)
 
 
+def _scores_path(sh: _Shared, name: str, i: int) -> str:
+    return os.path.join(sh.spill, f"scores-{list(dict.fromkeys(sh.fields)).index(name)}-{i:06d}.npy")
+
+
 def _scan(args) -> dict[str, Any]:
     """One shard's top_fraction score columns: per column, the NaN count and the histogram
-    of the top KEY_BITS bits of the scores' keys."""
-    sh, shard = args
+    of the top KEY_BITS bits of the scores' keys. The columns are spilled as they are
+    (8 bytes a row for float64), so the threshold's later passes read an array instead of
+    decoding the shard again."""
+    sh, i, shard = args
     fields = list(dict.fromkeys(sh.fields))
     columns = sh.source.shard_scores(shard, fields)
     out: dict[str, Any] = {"n": len(columns[fields[0]]), "hists": {}, "nan": {}, "dtype": {}}
     for name in fields:
         scores = columns[name]
+        np.save(_scores_path(sh, name, i), scores)
         nan = np.isnan(scores)
         out["nan"][name] = int(nan.sum())
         out["dtype"][name] = scores.dtype.str
@@ -251,16 +259,16 @@ def _keys_under(scores: np.ndarray, prefix: int, bits: int) -> tuple[np.ndarray,
 
 def _refine(args) -> np.ndarray:
     """One shard's histogram of the next KEY_BITS key bits, among scores under ``prefix``."""
-    sh, shard, name, prefix, bits = args
-    _, keys = _keys_under(sh.source.shard_scores(shard, [name])[name], prefix, bits)
+    sh, i, name, prefix, bits = args
+    _, keys = _keys_under(np.load(_scores_path(sh, name, i)), prefix, bits)
     shift = np.uint64(64 - bits - KEY_BITS)
     return np.bincount(((keys >> shift) & np.uint64((1 << KEY_BITS) - 1)).astype(np.int64), minlength=1 << KEY_BITS)
 
 
 def _gather(args) -> np.ndarray:
     """One shard's scores under ``prefix``."""
-    sh, shard, name, prefix, bits = args
-    scores, _ = _keys_under(sh.source.shard_scores(shard, [name])[name], prefix, bits)
+    sh, i, name, prefix, bits = args
+    scores, _ = _keys_under(np.load(_scores_path(sh, name, i)), prefix, bits)
     return scores
 
 
@@ -552,7 +560,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         scanned, shard_rows = 0, []
         if top:
             bar = ctx.bar(len(shards), "scan", unit="shards")
-            for r in pool.map(_scan, [(sh, s) for s in shards]):  # summed as they come
+            for r in pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)]):  # summed as they come
                 scanned += r["n"]
                 shard_rows.append(r["n"])
                 for name, h in r["hists"].items():
@@ -568,10 +576,14 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
             name = f.field
 
             def refine(prefix, bits, name=name):
-                return np.sum(list(pool.map(_refine, [(sh, s, name, prefix, bits) for s in shards])), axis=0)
+                return np.sum(
+                    list(pool.map(_refine, [(sh, i, name, prefix, bits) for i in range(len(shards))])), axis=0
+                )
 
             def gather(prefix, bits, name=name):
-                return np.concatenate(list(pool.map(_gather, [(sh, s, name, prefix, bits) for s in shards])))
+                return np.concatenate(
+                    list(pool.map(_gather, [(sh, i, name, prefix, bits) for i in range(len(shards))]))
+                )
 
             dtype = np.dtype(dtypes[name])
             values.append(
