@@ -61,6 +61,15 @@ def part_fingerprint(part: ShardPart, emb: np.ndarray, kind: str) -> str:
     return h.hexdigest()[:24]
 
 
+def read_npy(path: str) -> np.ndarray:
+    """An ``.npy`` file: memory-mapped when local, so only the rows read are loaded."""
+    if is_local(path):
+        return np.load(path.removeprefix("file://"), mmap_mode="r")
+    fs, p = get_fs(path)
+    with fs.open(p, "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
 class ShardCache:
     def __init__(self, cache_root: str, stage: str, spec: dict[str, Any]):
         self.spec = spec
@@ -133,9 +142,4 @@ class ShardCache:
 
     def read_array(self, url: str, kind: str) -> np.ndarray:
         """Memory-mapped when the cache is local, so only the rows read are loaded."""
-        path = self.array_path(url, kind)
-        if is_local(path):
-            return np.load(path.removeprefix("file://"), mmap_mode="r")
-        fs, p = get_fs(path)
-        with fs.open(p, "rb") as f:
-            return np.load(io.BytesIO(f.read()))
+        return read_npy(self.array_path(url, kind))

@@ -35,6 +35,9 @@ class ShardPart:
 
 
 EmbeddingLoader = Callable[[str, ShardPart], np.ndarray]
+# A picklable zero-argument function that loads one shard's embeddings where it is called
+# (a task on another machine reads the shared file itself; the driver sends no array).
+EmbeddingRef = Callable[[str, ShardPart], Callable[[], np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Pool:
     table: pa.Table
     parts: list[ShardPart]
     embedding_loader: EmbeddingLoader | None = None
+    embedding_ref: EmbeddingRef | None = None
     embedding_kinds: tuple[str, ...] = ()
     default_embedding: str | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)

@@ -337,6 +337,9 @@ def cached_shard_loop(
     shard's ``inputs`` pool columns). With an executor that runs tasks (``--executor ray``,
     ``filtering/tasks.py``) the shards not cached are computed there, a few at a time in
     flight, and their columns come back to be cached here as a local run caches them.
+    Where the pool has ``embedding_ref`` the task loads the shard's embeddings itself
+    (from the shared file), so the driver reads only the rows the cache key samples
+    (memory-mapped; a remote file is still read whole for the key).
     """
     from collections import deque
 
@@ -376,6 +379,10 @@ def cached_shard_loop(
                     store(part, source, compute(part, emb))
                     continue
                 cols = {c: pool.column(c)[part.start : part.stop] for c in inputs}
+                # The task loads the shard's embeddings itself where the pool can say how:
+                # the driver read only the rows its cache key samples.
+                if kind is not None and pool.embedding_ref is not None:
+                    emb = pool.embedding_ref(kind, part)
                 window.append((part, source, tasks.submit(_shard_task, task, part, emb, cols)))
                 while len(window) > 2 * tasks.workers:
                     p, src, fut = window.popleft()
@@ -390,7 +397,10 @@ def cached_shard_loop(
 
 
 def _shard_task(task, part: ShardPart, emb, cols) -> dict[str, np.ndarray]:
-    """One shard of :func:`cached_shard_loop` where the executor runs it (a Ray task)."""
+    """One shard of :func:`cached_shard_loop` where the executor runs it (a Ray task);
+    ``emb``: the shard's embeddings, or a function that loads them here."""
+    if callable(emb):
+        emb = emb()
     return {c: np.asarray(v) for c, v in task(part, emb, cols).items()}
 
 

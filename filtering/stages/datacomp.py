@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import os
 import posixpath
 import zipfile
@@ -198,6 +199,7 @@ class DataCompStage(SourceStage):
             table=table,
             parts=parts,
             embedding_loader=lambda kind, part: load_npz_array(npz[part.sid], kind, part),
+            embedding_ref=lambda kind, part: functools.partial(load_npz_array, npz[part.sid], kind, part),
             embedding_kinds=kinds,
             default_embedding=default_embedding(kinds),
             late=late_columns,
@@ -274,6 +276,7 @@ class DataCompStage(SourceStage):
             table=pa.table({"rows": pa.nulls(start)}),  # a null-typed column: a row count, no buffers
             parts=parts,
             embedding_loader=lambda kind, part: load_npz_array(npz[part.sid], kind, part),
+            embedding_ref=lambda kind, part: functools.partial(load_npz_array, npz[part.sid], kind, part),
             embedding_kinds=kinds,
             default_embedding=default_embedding(kinds),
         )

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filtering.cache import ShardCache
+from filtering.cache import ShardCache, read_npy
 from filtering.errors import ConfigError, PoolsiftError
 from filtering.io.paths import expand_shards, file_info, get_fs, is_local, join
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
@@ -448,6 +448,9 @@ class WebDatasetStage(SourceStage):
             table=table,
             parts=parts,
             embedding_loader=lambda kind, part: self.scorer_cache(writers[kind]).read_array(part.url, kind),
+            embedding_ref=lambda kind, part: functools.partial(
+                read_npy, self.scorer_cache(writers[kind]).array_path(part.url, kind)
+            ),
             embedding_kinds=kinds,
             default_embedding=default,
             artifacts={"uids": uid_report, "carried_columns": tuple(uid_report.pop("carried_columns", ()))},

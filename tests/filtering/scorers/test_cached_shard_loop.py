@@ -55,3 +55,78 @@ def test_computes_each_shard_once_and_recomputes_only_a_changed_one(tmp_path):
     third = run(changed)
     assert calls[2:] == ["b.tar"] and (third.computed, third.cached) == (1, 1)
     assert third.columns["s"][4] == 19
+
+
+def _square_sum(part, e, cols):
+    return {"s": (np.asarray(e, np.float64) ** 2).sum(axis=1)}
+
+
+def test_tasks_load_their_shards_embeddings_themselves(tmp_path):
+    """On an executor that runs tasks, a shard not cached goes out as a loader of its
+    embeddings (``Pool.embedding_ref``: the task reads the shared file), not as the array
+    the driver would have read whole; the columns and the cache are the local loop's."""
+    import functools
+    import pickle
+
+    import pyarrow.parquet as pq
+
+    from filtering.cache import read_npy
+
+    emb = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    paths = {}
+    for name, lo, hi in (("a", 0, 3), ("b", 3, 5)):
+        paths[name] = str(tmp_path / f"{name}.npy")
+        np.save(paths[name], emb[lo:hi])
+
+    def pool():
+        p = _pool(emb)
+        p.embedding_loader = lambda kind, part: read_npy(paths[part.sid])
+        p.embedding_ref = lambda kind, part: functools.partial(read_npy, paths[part.sid])
+        return p
+
+    class Tasks:
+        workers = 1
+        sent: list[bytes] = []
+
+        def submit(self, fn, *args):
+            import concurrent.futures as cf
+
+            payload = pickle.dumps(args)  # what Ray would ship
+            self.sent.append(payload)
+            out: cf.Future = cf.Future()
+            out.set_result(fn(*pickle.loads(payload)))
+            return out
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    class Cluster:
+        def task_pool(self):
+            return Tasks()
+
+    def run(executor, root):
+        ctx = RunContext(config=None, out_dir=str(root), cache_dir=str(root), executor=executor)
+        return cached_shard_loop(
+            ctx,
+            pool(),
+            ShardCache(str(root), "test", {"v": 1}),
+            ("s",),
+            source_of=lambda part, e: {"first": float(e[0, 0])},
+            compute=lambda part, e: _square_sum(part, e, {}),
+            desc="t",
+            kind="image",
+            task=_square_sum,
+        )
+
+    local = run(None, tmp_path / "local")
+    remote = run(Cluster(), tmp_path / "remote")
+    assert len(Tasks.sent) == 2 and all(len(p) < emb[:2].nbytes for p in Tasks.sent)  # no embeddings sent
+    assert remote.computed == 2
+    np.testing.assert_array_equal(remote.columns["s"], local.columns["s"])
+    for name in ("a", "b"):
+        ours = sorted((tmp_path / "remote").glob(f"test-*/{name}*.parquet"))
+        theirs = sorted((tmp_path / "local").glob(f"test-*/{name}*.parquet"))
+        assert ours and [pq.read_table(p) for p in ours] == [pq.read_table(p) for p in theirs]
