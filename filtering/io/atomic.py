@@ -51,8 +51,10 @@ def _tmp_name(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
-    """Open ``url`` for writing; the file appears under its name only if the block succeeds."""
+def atomic_open(url: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
+    """Open ``url`` for writing; the file appears under its name only if the block succeeds.
+    ``fsync=False``: the caller makes it durable later (:func:`fsync_files`), e.g. a spill
+    file that is renamed into place at a commit."""
     if is_local(url):
         path = url.removeprefix("file://")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -61,7 +63,8 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
             with open(tmp, mode) as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
@@ -81,6 +84,21 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
         raise
+
+
+def fsync_files(paths: list[str], threads: int = 16) -> None:
+    """Flush local files to disk, many at once: the waits are the disk's, not the CPU's."""
+    import concurrent.futures as cf
+
+    def one(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    with cf.ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
+        list(pool.map(one, paths))
 
 
 def remove_temp_files(root: str) -> int:

@@ -111,8 +111,11 @@ class _PartWriter:
     ``records``: per part written, ``(path, rows, size, sha256)``, the hash taken from the
     bytes as they are written."""
 
-    def __init__(self, dir_url: str, schema: pa.Schema, rows_per_part: int, options: dict[str, Any]):
+    def __init__(
+        self, dir_url: str, schema: pa.Schema, rows_per_part: int, options: dict[str, Any], fsync: bool = True
+    ):
         self.dir_url, self.schema, self.rows_per_part, self.options = dir_url, schema, rows_per_part, options
+        self.fsync = fsync  # False: the caller flushes the parts to disk (atomic.fsync_files)
         self.group = min(rows_per_part, ROW_GROUP_ROWS)
         self.paths: list[str] = []
         self.pending: list[pa.Table] = []
@@ -143,7 +146,7 @@ class _PartWriter:
         if self.writer is None:
             path = join(self.dir_url, f"part-{len(self.paths):05d}.parquet")
             self.stack = contextlib.ExitStack()
-            self.file = _HashingFile(self.stack.enter_context(atomic_open(path)))
+            self.file = _HashingFile(self.stack.enter_context(atomic_open(path, fsync=self.fsync)))
             self.writer = pq.ParquetWriter(self.file, self.schema, **self.options)
             self.paths.append(path)
         return self.writer

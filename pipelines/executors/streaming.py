@@ -36,7 +36,8 @@ small reduction in the driver:
    range of their high bits at a time, their high halves sorted; any repeat sends the run to the
    in-memory path, which reports it exactly as before (``input.uid.duplicates``);
    otherwise the range's kept uids are written into ``subset.npy`` at their offset.
-6. **commit** (driver): the old manifest removed, the parts renamed into place in pool
+6. **commit** (driver): the parts flushed to disk (all at once: the workers did not wait
+   on the disk one part at a time), the old manifest removed, the parts renamed into place in pool
    order, ``subset.npy`` renamed, the manifest written last (the commit record) from the
    summed counts and the workers' hashes.
 
@@ -62,7 +63,7 @@ import pyarrow as pa
 
 from filtering.filters.clip_score import ClipScore
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
-from filtering.io.atomic import atomic_write_text
+from filtering.io.atomic import atomic_write_text, fsync_files
 from filtering.io.paths import is_local, join, local_path
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
@@ -312,7 +313,9 @@ def _write_folder(sh: _Shared, folder: str, i: int, schema: pa.Schema, tables) -
     spill folder (renamed into place once the whole pool has passed); per part
     ``(path, rows, size, sha256)``."""
     schema, options = part_format(schema, sh.prov, sh.hex_columns)
-    parts = _PartWriter(os.path.join(sh.spill, folder, f"{i:06d}"), schema, sh.rows_per_part, options)
+    # not flushed one by one: a worker waiting on the disk leaves its core idle; the commit
+    # flushes every part at once (fsync_files) before the manifest names them
+    parts = _PartWriter(os.path.join(sh.spill, folder, f"{i:06d}"), schema, sh.rows_per_part, options, fsync=False)
     with parts:
         for table in tables:
             parts.add(table)
@@ -633,10 +636,10 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         if any(pool.map(_uid_range, tasks)):
             ctx.log("execution: repeated uids; filtering in memory")
             return None
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_files([tmp])
     lap("uid_check_and_subset_npy")
     # 6. commit: the parts and subset.npy renamed into place, the manifest written last
+    fsync_files([rec[0] for r in results for recs in r["parts"].values() for rec in recs])
     out_dir = cfg.output.dir
     invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
     folders = ("subset", "dropped") if cfg.output.dropped else ("subset",)

@@ -400,3 +400,25 @@ def test_forked_and_spawned_workers_write_the_same(tmp_path, metadata, monkeypat
     monkeypatch.setattr(tasks, "start_method", lambda: method)
     m = assert_same_outputs(metadata, tmp_path, [{"caption": {"min_words": 2}}, {"clip_score": {"top_fraction": 0.4}}])
     assert m["counts"]["kept"] > 0
+
+
+def test_parts_are_flushed_to_disk_before_the_manifest_names_them(tmp_path, metadata, monkeypatch):
+    """The workers write parts without waiting on the disk; the commit flushes every part
+    (and subset.npy) before renaming them into place and writing the manifest."""
+    import pipelines.executors.streaming as streaming
+    from filtering.io.atomic import fsync_files
+
+    flushed: list[str] = []
+
+    def recording(paths):
+        assert not (tmp_path / "run" / "manifest.json").exists()
+        flushed.extend(paths)
+        fsync_files(paths)
+
+    monkeypatch.setattr(streaming, "fsync_files", recording)
+    out = tmp_path / "run"
+    _run(metadata, out, [{"clip_score": {"top_fraction": 0.5}}], "streaming")
+    parts = [p for p in flushed if "/subset/" in p or "/dropped/" in p]
+    written = [*out.glob("subset/*.parquet"), *out.glob("dropped/*.parquet")]
+    assert len(parts) == len(written) == 8  # 4 shards, a subset and a dropped part each
+    assert any(p.endswith("subset.npy") for p in flushed)
