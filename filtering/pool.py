@@ -63,12 +63,12 @@ class Pool:
     table: pa.Table
     parts: list[ShardPart]
     embedding_loader: EmbeddingLoader | None = None
-    embedding_ref: EmbeddingRef | None = None
     embedding_kinds: tuple[str, ...] = ()
     default_embedding: str | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
     late: LateColumns | None = None
     internal: set[str] = field(default_factory=set)  # columns filters read but outputs leave out
+    embedding_ref: EmbeddingRef | None = None  # a task's own loader of a shard's embeddings
     _numpy: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
