@@ -16,10 +16,10 @@ decoded image, so it too can differ in a few bits from a full-size decode.
 
 Pool images (the WebDataset source) and reference images (decontamination, the
 image-cluster reference set, the quality head's training images) take the one path,
-:func:`decode_image` under a :class:`DecodePlan`: reference images under
-:func:`reference_plan` (the source's required steps: the perceptual hash and CLIP's
-preprocessing), in order through :func:`decode_in_order`, so their hashes, pixels and
-failure reasons are the pool's.
+:func:`decode_image` under a :class:`DecodePlan` (reference images under
+:func:`reference_plan`: the source's required steps, the perceptual hash and CLIP's
+preprocessing), through the one worker loop, :func:`decode_window` (reference images by
+way of :func:`decode_in_order`), so their hashes, pixels and failure reasons are the pool's.
 """
 
 from __future__ import annotations
@@ -291,6 +291,45 @@ def decode_images(items: list[bytes | None], wanted) -> list[DecodedImage]:
     return [decode_image(d, wanted) for d in items]
 
 
+def decode_window(
+    tasks: Iterable[tuple[Any, list[bytes | None] | None, Any]], plan: DecodePlan, workers: int, window: int
+) -> Iterator[tuple[Any, list[DecodedImage] | None]]:
+    """The decode workers' loop, for pool images (the source's ``score_stream``) and
+    reference images (:func:`decode_in_order`) alike: ``(tag, images, wanted)`` tasks in,
+    ``(tag, decoded images)`` out, in order, each image through :func:`decode_image` with
+    the scorers ``wanted`` (a task without images passes through in its place, decoded
+    None). ``workers=0`` decodes in this process as each task comes; else ``workers``
+    spawned processes decode ahead, at most ``window`` tasks in flight beyond the one
+    awaited, so memory holds a window of images however many there are. A worker that
+    dies raises ``BrokenProcessPool``; leaving early (an error, ``close()``) cancels the
+    queued tasks and stops the workers."""
+    if workers <= 0:
+        for tag, images, wanted in tasks:
+            yield tag, None if images is None else [decode_image(d, wanted, plan) for d in images]
+        return
+    import multiprocessing as mp
+
+    from filtering.procpool import ProcessPool, result
+
+    pending: deque = deque()
+    with ProcessPool(
+        workers, mp_context=mp.get_context("spawn"), initializer=init_scoring_worker, initargs=(plan,)
+    ) as ex:
+        try:
+            for tag, images, wanted in tasks:
+                pending.append((tag, None if images is None else ex.submit(decode_images, images, wanted)))
+                while len(pending) > window:
+                    tag, fut = pending.popleft()
+                    yield tag, None if fut is None else result(fut, ex)
+            while pending:
+                tag, fut = pending.popleft()
+                yield tag, None if fut is None else result(fut, ex)
+        finally:
+            for _, fut in pending:
+                if fut is not None:
+                    fut.cancel()
+
+
 # --- reference images ------------------------------------------------------------------
 
 REFERENCE_WINDOW = 4  # chunks in flight per worker process
@@ -313,38 +352,15 @@ def decode_in_order(
     items: Iterable[tuple[Any, bytes | None]], plan: DecodePlan, workers: int, chunk: int = 64
 ) -> Iterator[tuple[Any, DecodedImage]]:
     """``(key, image bytes)`` pairs in, ``(key, decoded image)`` pairs out, in order, each
-    image through ``plan``'s required steps. ``workers=0`` decodes in this process; else
-    ``workers`` spawned processes decode chunks of ``chunk`` images, at most
-    ``REFERENCE_WINDOW`` chunks per worker in flight, so memory holds a window of images
-    however many there are (the parent keeps only the keys of those in flight). A worker
-    that dies raises ``BrokenProcessPool``; leaving early cancels what is queued."""
+    image through ``plan``'s required steps, in chunks of ``chunk`` images through
+    :func:`decode_window` with ``REFERENCE_WINDOW`` chunks per worker in flight (the
+    parent keeps only the keys of those)."""
     import itertools
 
     wanted = tuple(sorted(plan.required))
     it = iter(items)
     chunks = iter(lambda: list(itertools.islice(it, chunk)), [])
-    if workers <= 0:
-        for pairs in chunks:
-            for key, data in pairs:
-                yield key, decode_image(data, wanted, plan)
-        return
-    import multiprocessing as mp
-
-    from filtering.procpool import ProcessPool, result
-
-    window: deque = deque()
-    with ProcessPool(
-        workers, mp_context=mp.get_context("spawn"), initializer=init_scoring_worker, initargs=(plan,)
-    ) as ex:
-        try:
-            for pairs in chunks:
-                window.append(([k for k, _ in pairs], ex.submit(decode_images, [d for _, d in pairs], wanted)))
-                while len(window) > REFERENCE_WINDOW * workers:
-                    keys, fut = window.popleft()
-                    yield from zip(keys, result(fut, ex), strict=True)
-            while window:
-                keys, fut = window.popleft()
-                yield from zip(keys, result(fut, ex), strict=True)
-        finally:
-            for _, fut in window:
-                fut.cancel()
+    tasks = (([k for k, _ in pairs], [d for _, d in pairs], wanted) for pairs in chunks)
+    with contextlib.closing(decode_window(tasks, plan, workers, REFERENCE_WINDOW * workers)) as decoded:
+        for keys, images in decoded:
+            yield from zip(keys, images, strict=True)

@@ -950,24 +950,15 @@ def score_stream(
     chunks are cancelled and the workers shut down before the exception propagates; a
     worker that dies becomes a :class:`PoolsiftError`.
     """
-    import concurrent.futures as cf
-    import multiprocessing as mp
     from concurrent.futures.process import BrokenProcessPool
 
-    from filtering import procpool
-    from filtering.stages.image_decode import decode_image, decode_images, init_scoring_worker
+    from filtering.stages.image_decode import decode_window
 
     every = tuple(s.name for s in [*scorers, *plan.scorers])
 
     def names(url: str):
         return wanted.get(url, ()) if wanted is not None else every
 
-    executor = None
-    if workers > 0:
-        executor = cf.ProcessPoolExecutor(
-            workers, mp_context=mp.get_context("spawn"), initializer=init_scoring_worker, initargs=(plan,)
-        )
-    window: deque = deque()
     # Enough chunks in flight to keep every worker busy and one model batch ready behind the current one.
     max_pending = 2 * max(workers, 1) + -(-batch_size // chunk)
     batch = SampleBatch("", 0, [], [])  # waiting for the model
@@ -988,22 +979,14 @@ def score_stream(
             if bar is not None:
                 bar.update(len(scored.rows))
 
-    def decoded(fut, url, samples) -> list[DecodedImage]:
-        if fut is None:
-            return [decode_image(decode_input(s), names(url), plan) for s in samples]
-        try:
-            return procpool.result(fut, executor)
-        except BrokenProcessPool as e:
-            raise _worker_died(e) from e
-
-    def handle(task, fut) -> Iterator[ShardScores]:
+    def handle(task, images: list[DecodedImage] | None) -> Iterator[ShardScores]:
         nonlocal shard, batch
         kind, url, payload = task
         if shard is None:
             shard = ShardScores(url)
             batch = SampleBatch(url, 0, [], [])
         if kind == "chunk":
-            for sample, image in zip(payload, decoded(fut, url, payload), strict=True):
+            for sample, image in zip(payload, images, strict=True):
                 batch.rows.append(sample_row(sample, url, image, uid_field))
                 batch.images.append(image)
                 if len(batch.rows) >= batch_size:
@@ -1016,20 +999,20 @@ def score_stream(
             done, shard = shard, None
             yield done
 
+    tasks = (
+        (task, [decode_input(s) for s in task[2]] if task[0] == "chunk" else None, names(task[1]))
+        for task in _read_tasks(urls, chunk)
+    )
+    decoded = decode_window(tasks, plan, workers, max_pending)
     try:
-        for task in _read_tasks(urls, chunk):
-            fut = None
-            if task[0] == "chunk" and executor is not None:
-                try:
-                    fut = executor.submit(decode_images, [decode_input(s) for s in task[2]], names(task[1]))
-                except BrokenProcessPool as e:
-                    raise _worker_died(e) from e
-            window.append((task, fut))
-            while len(window) > max_pending:
-                yield from handle(*window.popleft())
-        while window:
-            yield from handle(*window.popleft())
+        while True:
+            try:
+                task, images = next(decoded)
+            except StopIteration:
+                break
+            except BrokenProcessPool as e:
+                raise _worker_died(e) from e
+            yield from handle(task, images)
     finally:
-        if executor is not None:
-            # On an error or interrupt: drop queued chunks; running ones finish within a chunk.
-            procpool.shutdown(executor)
+        # On an error or interrupt: drop queued chunks (running ones finish within a chunk), stop the workers.
+        decoded.close()
