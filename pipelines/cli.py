@@ -96,13 +96,7 @@ def cmd_run(args) -> int:
     elif args.ray_address:
         raise ConfigError("--ray-address needs --executor ray")
     try:
-        if executor is None:
-            from filtering.io.arrow import without_pandas
-
-            with without_pandas():  # 0.3 CPU s less in each process (filtering/io/arrow.py)
-                result = run(cfg, executor=executor, progress=not args.quiet)
-        else:  # Ray's own modules may want pandas
-            result = run(cfg, executor=executor, progress=not args.quiet)
+        result = run(cfg, executor=executor, progress=not args.quiet)
     finally:
         if executor is not None:
             executor.close()  # stops a Ray this run started; a joined cluster keeps running

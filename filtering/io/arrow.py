@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import threading
 from collections.abc import Iterator
 
 
-class _NoPandas(importlib.abc.MetaPathFinder):
-    """An import finder that fails ``import pandas`` (see :func:`without_pandas`)."""
+class _NoPandas(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``pandas`` as a module that fails to load (see :func:`without_pandas`).
+
+    A lookup (``importlib.util.find_spec``, as torch and others probe for optional
+    packages) gets a spec without an origin rather than an error; only importing fails,
+    with the ``ImportError`` every optional-pandas caller handles."""
 
     def find_spec(self, name, path=None, target=None):
         if name == "pandas" or name.startswith("pandas."):
-            raise ImportError("pandas is not loaded while poolsift runs (filtering/io/arrow.py: without_pandas)")
+            return importlib.machinery.ModuleSpec(name, self)
         return None
+
+    def create_module(self, spec):
+        raise ImportError(f"{spec.name} is not loaded while poolsift streams (filtering/io/arrow.py: without_pandas)")
+
+    def exec_module(self, module) -> None:  # never reached: create_module raises
+        raise ImportError(module.__name__)
 
 
 _FINDER = _NoPandas()
@@ -36,11 +47,13 @@ def without_pandas() -> Iterator[None]:
     (``to_numpy``, ``pa.array``, ``Table.filter``), only to check inputs for pandas
     objects and set up pandas' null values: about 0.3 CPU seconds in every process, the
     driver and each worker (three in ``bench/bench_scale.py``; 0.9 of a 6.4M-row run's
-    12 CPU seconds). pyarrow does without it when the import fails. poolsift never
-    hands pyarrow a pandas object nor asks it for one, so a run needs none. Worker
-    processes forked inside inherit the block; spawned task-pool workers set it with
-    :func:`block_pandas`. Leaving the block restores imports (the CLI runs one command
-    per process; a test calling it in-process gets pandas back afterwards).
+    12 CPU seconds). pyarrow does without it when the import fails. The streaming plan
+    (``pipelines/executors/streaming.py``) runs under this when the driver has not
+    imported torch: it hands pyarrow no pandas object and asks it for none, and what its
+    workers load (faiss, the language identifiers) does not need pandas. Worker processes
+    forked inside inherit the block; spawned task-pool workers set it with
+    :func:`block_pandas`. Leaving the block restores imports (a test calling a run
+    in-process gets pandas back afterwards).
     """
     installed = "pandas" not in sys.modules and _FINDER not in sys.meta_path
     if installed:

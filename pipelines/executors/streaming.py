@@ -49,10 +49,12 @@ rows of the pool), and the manifest's counts, thresholds and uid report.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -63,6 +65,7 @@ import pyarrow as pa
 
 from filtering.filters.clip_score import ClipScore
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
+from filtering.io.arrow import without_pandas
 from filtering.io.atomic import atomic_write_text, fsync_files
 from filtering.io.paths import is_local, join, local_path
 from filtering.provenance import provenance
@@ -508,8 +511,12 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
     spill = os.path.join(local_path(out_dir), SPILL)
     shutil.rmtree(spill, ignore_errors=True)
     os.makedirs(spill)
+    # pandas kept out of the driver and its forked workers (0.3 CPU s each), unless the
+    # driver loaded torch (whose modules look for pandas) or runs on Ray
+    keep_pandas = "torch" in sys.modules or ctx.executor is not None
     try:
-        manifest = _run(cfg, source, shards, ctx, spill, the_plan.stages)
+        with contextlib.nullcontext() if keep_pandas else without_pandas():
+            manifest = _run(cfg, source, shards, ctx, spill, the_plan.stages)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
     if manifest is None:

@@ -86,3 +86,22 @@ def test_spawned_task_pool_workers_block_pandas_too(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[False]"
+
+
+def test_a_lookup_finds_pandas_and_only_the_import_fails():
+    """torch (``torch._dynamo.trace_rules``) and others look packages up with
+    ``importlib.util.find_spec``: a lookup must not raise, only the import may."""
+    pytest.importorskip("pandas")
+    out = _python("""
+        import importlib.util
+        from filtering.io.arrow import without_pandas
+        with without_pandas():
+            spec = importlib.util.find_spec("pandas")
+            try:
+                import pandas
+                outcome = "imported"
+            except ImportError:
+                outcome = "ImportError"
+        print(spec is not None, spec.origin, outcome)
+    """)
+    assert out == "True None ImportError"
