@@ -125,23 +125,26 @@ def main() -> None:
             out = base / f"out-{rows}-{mode}{'-semantic' if args.semantic else ''}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode, args.semantic), "--quiet"]
-            wall, cpu, rss, _pss = timed(cmd)
+            wall, cpu, rss, pss = timed(cmd)
             manifest = json.loads((out / "manifest.json").read_text())
             assert manifest.get("execution", {}).get("plan", "memory") in (mode, "memory")
             subsets[mode] = (out / "subset.npy").read_bytes()
             counts[mode] = manifest["counts"]
-            table.append((rows, mode, wall, cpu, rss, manifest["counts"]["kept"]))
+            table.append((rows, mode, wall, cpu, rss, pss, manifest["counts"]["kept"]))
             print(
-                f"{rows:>9} {mode:<10} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB", flush=True
+                f"{rows:>9} {mode:<10} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB (PSS {pss / 1e6:.0f})",
+                flush=True,
             )
         if len(subsets) == 2:
             a, b = subsets.values()
             ca, cb = counts.values()
             print(f"{rows:>9} same subset.npy: {a == b}, same counts: {ca == cb}", flush=True)
     print()
-    print(f"{'rows':>9} {'plan':<10}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'B/row':>7}{'kept':>10}")
-    for rows, mode, wall, cpu, rss, kept in table:
-        print(f"{rows:>9} {mode:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{rss / rows:>7.0f}{kept:>10}")
+    print(f"{'rows':>9} {'plan':<10}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>8}{'B/row':>7}{'kept':>10}")
+    for rows, mode, wall, cpu, rss, pss, kept in table:
+        print(
+            f"{rows:>9} {mode:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>8.0f}{rss / rows:>7.0f}{kept:>10}"
+        )
 
 
 if __name__ == "__main__":
