@@ -131,3 +131,27 @@ def test_missing_embedding_reports_as_in_memory(tmp_path, sem_metadata):
     with pytest.raises(ConfigError) as streamed:
         _run(sem_metadata, tmp_path / "b", filters, "streaming")
     assert str(mem.value) == str(streamed.value)
+
+
+def test_mixed_embedding_dtypes_are_filtered_in_memory(tmp_path):
+    """The filter gathers embeddings in the first shard's dtype: a float32 shard after a
+    float16 one sends the run to the in-memory path, which decides as before."""
+    from pipelines.config import parse_config
+    from pipelines.runner import run
+
+    root = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=30, seed=2)
+    path = sorted(root.glob("*.npz"))[1]
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["l14_img"] = arrays["l14_img"].astype(np.float32)
+    np.savez(path, **arrays)
+    logs = []
+    raw = {
+        "input": {"datacomp_metadata": str(root)},
+        "filters": [{"dedup": {**SEM, "threshold": 0.3}}],
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    result = run(parse_config(raw), progress=False, log=logs.append)
+    assert result.pool is not None  # the in-memory path ran
+    assert any("mixed dtypes" in m for m in logs), logs
+    assert result.manifest["counts"]["filters"][0]["dropped"] > 0
