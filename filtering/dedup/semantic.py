@@ -172,6 +172,21 @@ def _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress) 
 # the canonical order the in-memory search compares them in, so the pairs are the same.
 
 
+class _Taken:
+    """Rows ``local`` of ``emb`` in ``dtype``, read a slice at a time (as ``assign`` batches).
+    A module-level class: one defined in the function would sit in a reference cycle and
+    keep ``emb``'s memory map (its pages count in the worker's RSS) until a garbage collection."""
+
+    def __init__(self, emb: np.ndarray, local: np.ndarray, dtype: np.dtype):
+        self.emb, self.local, self.dtype = emb, local, dtype
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def __getitem__(self, at) -> np.ndarray:
+        return np.asarray(self.emb[self.local[at]], dtype=self.dtype)
+
+
 def spill_assigned(
     emb: np.ndarray, local: np.ndarray, rows: np.ndarray, rank: np.ndarray, centroids, k: int, prefix: str, dtype=None
 ) -> np.ndarray:
@@ -186,22 +201,16 @@ def spill_assigned(
     from filtering.clustering import DEFAULT_BATCH, assign
 
     dtype = np.dtype(dtype or emb.dtype)
-
-    class Taken:  # the rows, read a batch at a time by ``assign``
-        def __len__(self) -> int:
-            return len(local)
-
-        def __getitem__(self, at) -> np.ndarray:
-            return np.asarray(emb[local[at]], dtype=dtype)
-
-    label = assign(Taken(), centroids)[0] if centroids is not None and len(local) else np.zeros(len(local), np.int64)
+    taken = _Taken(emb, local, dtype)
+    label = assign(taken, centroids)[0] if centroids is not None and len(local) else np.zeros(len(local), np.int64)
+    del taken
     order = np.lexsort((rank, label))
     tmp = f"{prefix}.x.tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(local), emb.shape[1]))
-    for lo in range(0, len(order), DEFAULT_BATCH):
-        out[lo : lo + DEFAULT_BATCH] = emb[local[order[lo : lo + DEFAULT_BATCH]]]
-    out.flush()
-    del out
+    with open(tmp, "wb") as f:  # written, not memory-mapped: the pages are not the worker's
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(local), emb.shape[1])})
+        for lo in range(0, len(order), DEFAULT_BATCH):
+            f.write(np.ascontiguousarray(emb[local[order[lo : lo + DEFAULT_BATCH]]], dtype=dtype).tobytes())
     os.replace(tmp, f"{prefix}.x.npy")
     for name, arr in (("label", label), ("rank", rank), ("row", rows)):
         tmp = f"{prefix}.{name}.tmp.npy"

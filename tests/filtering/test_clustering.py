@@ -204,3 +204,21 @@ def test_assignment_is_the_float64_argmax(backend, native, make, k, n):
         within = (s32 >= s32.max(axis=1, keepdims=True) - 2 * 3 * 2.0**-8).sum(axis=1)
         assert (within > clustering.SCREEN_TOP).sum() > 10
         assert (np.argmax(s32, axis=1) != expected[:300]).any()
+
+
+def test_centroid_sums_in_chunks_are_the_one_shot_sums(monkeypatch):
+    """k-means sums its clusters a few thousand rows at a time: bit for bit the one-shot
+    ``np.add.reduceat`` (segments larger than a chunk, single rows, one segment)."""
+    from filtering import clustering
+
+    rng = np.random.default_rng(1)
+    for m, k, rows in [(5000, 40, 256), (3000, 3, 100), (100, 50, 1), (10, 1, 4)]:
+        monkeypatch.setattr(clustering, "SUM_ROWS", rows)
+        data = rng.standard_normal((m, 24), dtype=np.float32)
+        ids = rng.integers(0, k, m)
+        ids[: m // 2] = 0  # one segment larger than a chunk
+        order = np.argsort(ids, kind="stable")
+        counts = np.bincount(ids, minlength=k)
+        starts = np.r_[0, np.cumsum(counts[np.flatnonzero(counts)])[:-1]]
+        one_shot = np.add.reduceat(data[order], starts, axis=0, dtype=np.float64)
+        assert np.array_equal(clustering._segment_sums(data, order, starts), one_shot)
