@@ -8,7 +8,8 @@ pool whose every shard is cached (a re-filter: the one-shard pool from the cache
 Used when every filter in the tree decides a row from that row alone (caption,
 language, image_size, text_entities, wordnet_synsets, uids, ``clip_score`` /
 ``score`` thresholds, ``image_clusters`` once the target clusters are known), or is a
-``clip_score`` ``top_fraction`` over the whole pool. No
+``clip_score`` ``top_fraction`` over the whole pool, or a top-level ``dedup`` of any
+method (decided over the pool between steps 3 and 4: ``dedup_phase.py``). No
 process holds the pool; each phase is a map over shards on a task pool
 (``filtering/tasks.py``: a local process pool, or Ray tasks with ``--executor ray``), or a
 small reduction in the driver:
