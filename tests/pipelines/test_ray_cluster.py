@@ -89,7 +89,7 @@ def test_two_node_cluster_matches_local(tmp_path, scored_sample, cluster):
 
 @pytest.fixture(scope="module")
 def datacomp(tmp_path_factory):
-    """A DataComp pool whose sha256 values repeat (exact dedup finds groups across shards),
+    """A DataComp pool whose sha256 and phash values repeat (dedup finds groups across shards),
     with centroids and a reference set for ``image_clusters`` on its 24-d ``l14_img``."""
     root = tmp_path_factory.mktemp("dc")
     metadata = make_datacomp_pool(root / "metadata", shards=4, rows=60)
@@ -98,7 +98,9 @@ def datacomp(tmp_path_factory):
     for path in sorted(metadata.glob("*.parquet")):
         table = pq.read_table(path)
         dup = pa.array([hashes[k] for k in rng.integers(0, len(hashes), table.num_rows)], pa.string())
-        pq.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", dup), path)
+        table = table.set_column(table.schema.get_field_index("sha256"), "sha256", dup)
+        phash = rng.integers(0, 2**63, 60, dtype=np.int64).astype(np.uint64)[rng.integers(0, 60, table.num_rows)]
+        pq.write_table(table.append_column("phash", pa.array(phash, pa.uint64())), path)
     centroids = rng.standard_normal((8, 24)).astype(np.float32)
     np.save(root / "centroids.npy", centroids / np.linalg.norm(centroids, axis=1, keepdims=True))
     np.save(root / "reference.npy", rng.standard_normal((3, 24)).astype(np.float32))
@@ -168,6 +170,12 @@ def _same_outputs(a, b) -> None:
             "auto",
             {"_alive_at", "_rows_of", "_assign_spill", "_compare_partition", "_filter"},
         ),
+        # min_similarity: the rows the edges touch spilled per shard, chunks of edges confirmed
+        (
+            [{"dedup": {"method": "perceptual", "min_similarity": 0.0, "embedding": "l14_img"}}],
+            "auto",
+            {"_emit", "_alive_at", "_normalized_spill", "_close_edges", "_filter"},
+        ),
         # the in-memory plan: the partitioned search's tasks
         ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "memory", {"_emit_task", "_reduce_task"}),
         # the in-memory plan: each shard's cluster assignment a Ray task (cached_shard_loop)
@@ -189,6 +197,7 @@ def _same_outputs(a, b) -> None:
         "image_clusters",
         "dedup_exact",
         "dedup_semantic",
+        "dedup_min_similarity",
         "dedup_exact_in_memory",
         "image_clusters_in_memory",
         "language_in_memory",
