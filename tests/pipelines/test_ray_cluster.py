@@ -5,8 +5,9 @@ machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the modul
   filters (clip_score top_fraction, caption).
 - A DataComp-metadata pool through the whole plan as Ray tasks (``RayExecutor.task_pool``):
   the streaming plan for clip_score top_fraction and image_clusters (DataComp's
-  image_based), an exact dedup (its search, alive-at-dedup and filter phases) and a
-  semantic one (training sample, assignment, partitions of clusters), the
+  image_based), an exact dedup (its search, alive-at-dedup and filter phases), a
+  semantic one (training sample, assignment, partitions of clusters) and a perceptual
+  one with min_similarity (touched rows spilled, edges confirmed), the
   in-memory plan's partitioned dedup search and per-shard columns (cluster assignment,
   language_id, semantic decontamination), perceptual decontamination's per-shard
   nearest hashes; subset.npy and every
