@@ -37,16 +37,21 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from filtering.errors import ConfigError
-from filtering.pool import Pool, ShardPart
 from filtering.stages.base import ColumnStage, RunContext
 from filtering.validation import format_validation_error, unknown_name
+
+# pyarrow (and the pool, which needs it) is imported where used: the source's decode
+# workers import this module to unpickle image scorers, and start faster without it.
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from filtering.pool import Pool, ShardPart
 
 BATCH_ROWS = 65_536  # rows per score() call: bounded memory, large enough for BLAS
 
@@ -168,6 +173,8 @@ class Scorer(ABC):
 
     def column_types(self) -> dict[str, pa.DataType]:
         """The Arrow type of each provided column (rows it could not score are null)."""
+        import pyarrow as pa
+
         return dict.fromkeys(self.provides(), pa.float32())
 
     def transform(self):
@@ -343,6 +350,8 @@ def cached_shard_loop(
     """
     from collections import deque
 
+    import pyarrow as pa
+
     from filtering.tasks import runs_tasks, task_pool
 
     out: dict[str, np.ndarray | None] = dict.fromkeys(columns)
@@ -447,6 +456,8 @@ class ScorerStage(ColumnStage):
         self.scorer.check()
 
     def run(self, ctx: RunContext, pool: Pool) -> None:
+        import pyarrow as pa
+
         from filtering.cache import ShardCache
 
         scorer = self.scorer
@@ -527,6 +538,8 @@ class ScorerStage(ColumnStage):
 def _input_fingerprint(part: ShardPart, emb: np.ndarray | None, kind: str | None, cols: dict[str, np.ndarray]) -> str:
     """What one shard's input to a scorer was: its embeddings (url, shape and a strided
     sample of rows, as the cluster stage keys its assignments) and the columns read."""
+    import pyarrow as pa
+
     from filtering.cache import part_fingerprint
 
     h = hashlib.sha256(json.dumps([part.url, part.n]).encode())

@@ -9,12 +9,14 @@ The WebDataset source always runs it (``phash`` is one of its columns, read by t
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import pyarrow as pa
 
 from filtering.scorers.base import Batch, Needs, Scorer, register
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def phash64(img) -> int:
@@ -36,6 +38,8 @@ class PhashScorer(Scorer):
         return Needs(images=True)
 
     def column_types(self) -> dict[str, pa.DataType]:
+        import pyarrow as pa  # here, not at the top: the decode workers that run this scorer never need it
+
         return {"phash": pa.uint64()}
 
     def score(self, batch: Batch) -> dict[str, np.ndarray]:

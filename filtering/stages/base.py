@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from filtering.pool import Pool
-
 if TYPE_CHECKING:
     import numpy as np
+
+    from filtering.pool import Pool
 
 
 @dataclass
