@@ -181,7 +181,8 @@ def run_stream(
     info = InputInfo("webdataset")
     scorer = ClipScorer(ClipParams(arch=clip.info.get("arch", "bench"), precision=clip.precision), info)
     scorer.attach(clip)  # the run's path: the CLIP scorer on a loaded model, the phash scorer in the workers
-    plan = DecodePlan(draft, [PhashScorer(PhashScorer.Params(), info)], {scorer.name: clip.pil_transform})
+    phash = PhashScorer(PhashScorer.Params(), info)
+    plan = DecodePlan(draft, [phash], {scorer.name: clip.pil_transform}, required=frozenset({scorer.name, phash.name}))
     if util is not None:
         util.__enter__()
     r0 = resource.getrusage(resource.RUSAGE_SELF)

@@ -790,20 +790,88 @@ def sample_row(sample: RawSample, url: str, image: DecodedImage, uid_field: str 
     return row
 
 
-class PendingBatch:
-    """A batch submitted to the pixel scorers; :meth:`complete` waits for their results."""
+class _Raised:
+    """A scorer's ``submit`` that raised, handed to :meth:`PendingBatch.complete` like a result."""
 
-    def __init__(self, batch: SampleBatch, runs: dict, dims: dict):
-        self.batch, self.runs, self.dims = batch, runs, dims
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+
+@dataclass
+class _Run:
+    """One pixel scorer on one batch: the rows it scores (positions in the batch), its
+    input, and its pending result."""
+
+    scorer: Scorer
+    ok: list[int]
+    inputs: Batch
+    pending: Any
+
+
+def _checked(scorer: Scorer, result: dict, n: int) -> dict[str, np.ndarray]:
+    """``scorer``'s arrays in ``result`` (its columns and embeddings), each ``n`` rows long."""
+    out = {}
+    for name in (*scorer.provides(), *scorer.embeddings()):
+        if name not in result:
+            raise ValueError(f"scorer {scorer.name}: no {name!r} in its result")
+        arr = np.asarray(result[name])
+        if arr.shape[:1] != (n,):
+            raise ValueError(f"scorer {scorer.name}: {name!r} has {arr.shape[:1]} rows, expected {n}")
+        out[name] = arr
+    return out
+
+
+class PendingBatch:
+    """A batch submitted to the pixel scorers; :meth:`complete` waits for their results.
+
+    A scorer whose batch raises (in ``submit`` or ``result``, or with a result of the wrong
+    shape) scores it again row by row, so a row that breaks it does not take its
+    batch-mates down: a row that still fails is left out of the scorer's rows (null in its
+    column) with the reason in its image's ``failures``, counted per scorer as an image
+    scorer's failures are. A ``required`` scorer (CLIP, the source's own model) is never
+    retried: its failure is the model's, not a row's, and stops the run.
+    """
+
+    def __init__(self, batch: SampleBatch, runs: dict[str, _Run], dims: dict, required: frozenset = frozenset()):
+        self.batch, self.runs, self.dims, self.required = batch, runs, dims, required
 
     def complete(self) -> ScoredBatch:
-        outputs = {name: (ok, pending.result()) for name, (ok, pending) in self.runs.items()}
+        outputs = {}
+        for name, run in self.runs.items():
+            try:
+                outputs[name] = (run.ok, _checked(run.scorer, run.pending.result(), len(run.ok)))
+            except Exception:
+                if name in self.required:
+                    raise
+                ok, arrays = self._row_by_row(run)
+                if ok:
+                    outputs[name] = (ok, arrays)
+        self.runs = {}  # the pixels go with the runs
         return ScoredBatch(self.batch.url, self.batch.index, self.batch.rows, self.batch.images, outputs, self.dims)
 
+    def _row_by_row(self, run: _Run) -> tuple[list[int], dict[str, np.ndarray]]:
+        from filtering.stages.image_decode import _message
 
-def submit_batch(batch: SampleBatch, scorers: list[Scorer], wanted) -> PendingBatch:
+        s, inputs = run.scorer, run.inputs
+        ok, results = [], []
+        for j, i in enumerate(run.ok):
+            one = Batch(pixels=inputs.pixels[j : j + 1], columns={c: v[j : j + 1] for c, v in inputs.columns.items()})
+            try:
+                results.append(_checked(s, s.score(one), 1))
+            except Exception as e:  # noqa: BLE001 — this row's value stays null, the reason is counted
+                self.batch.images[i].failures[s.name] = _message(e)
+                continue
+            ok.append(i)
+        return ok, {k: np.concatenate([r[k] for r in results]) for k in results[0]} if results else {}
+
+
+def submit_batch(batch: SampleBatch, scorers: list[Scorer], wanted, required: frozenset = frozenset()) -> PendingBatch:
     """Start each wanted pixel scorer on the batch's readable samples (those with no error
-    whose pixels it has), with their captions when it reads them; drop the pixels."""
+    whose pixels it has), with their captions when it reads them; drop the pixels.
+    ``required``: the scorers whose failure stops the run (:class:`PendingBatch`)."""
     runs, dims = {}, {}
     for s in scorers:
         if s.name not in wanted:
@@ -819,15 +887,22 @@ def submit_batch(batch: SampleBatch, scorers: list[Scorer], wanted) -> PendingBa
             continue
         pixels = np.stack([batch.images[i].pixels[s.name] for i in ok])
         columns = {"caption": np.array([batch.rows[i]["caption"] for i in ok], dtype=object)}
-        runs[s.name] = (ok, s.submit(Batch(pixels=pixels, columns=columns if s.needs().captions else {})))
+        inputs = Batch(pixels=pixels, columns=columns if s.needs().captions else {})
+        try:
+            pending = s.submit(inputs)
+        except Exception as e:
+            if s.name in required:
+                raise
+            pending = _Raised(e)
+        runs[s.name] = _Run(s, ok, inputs, pending)
     for d in batch.images:
         d.pixels = {}
-    return PendingBatch(batch, runs, dims)
+    return PendingBatch(batch, runs, dims, required)
 
 
-def score_batch(batch: SampleBatch, scorers: list[Scorer], wanted) -> ScoredBatch:
+def score_batch(batch: SampleBatch, scorers: list[Scorer], wanted, required: frozenset = frozenset()) -> ScoredBatch:
     """One batch through the pixel scorers at once (the Ray executor's model actors)."""
-    return submit_batch(batch, scorers, wanted).complete()
+    return submit_batch(batch, scorers, wanted, required).complete()
 
 
 class ShardScores:
@@ -972,7 +1047,7 @@ def score_stream(
 
     def flush() -> None:
         nonlocal batch
-        inflight.append((shard, submit_batch(batch, scorers, names(batch.url))))
+        inflight.append((shard, submit_batch(batch, scorers, names(batch.url), plan.required)))
         batch = SampleBatch(batch.url, batch.index + 1, [], [])
         finish(keep=1)  # keep one batch on the device while the next is prepared
 

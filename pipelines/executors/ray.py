@@ -168,7 +168,8 @@ class RayExecutor:
         )
         if models:
             ds = ds.map_batches(
-                _actor_class(models, gpu=pool["num_gpus"] > 0),  # scorers travel with the class, set up in the actor
+                # scorers travel with the class, set up in the actor
+                _actor_class(models, gpu=pool["num_gpus"] > 0, required=plan.required),
                 batch_size=1,  # one row = one model batch, already cut along the shard
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=pool["size"]),
@@ -299,20 +300,22 @@ def _read_decode(item: dict, plan, batch_size: int, uid_field: str = "uid") -> I
         yield {"url": url, "wanted": item["wanted"], "payload": pickle.dumps(out), "info": ""}
 
 
-def _actor_class(scorers: list, gpu: bool) -> type:
+def _actor_class(scorers: list, gpu: bool, required: frozenset = frozenset()) -> type:
     class ModelActor(_ModelActor):
         def __init__(self):
-            super().__init__(scorers, gpu)
+            super().__init__(scorers, gpu, required)
 
     return ModelActor
 
 
 class _ModelActor:
-    """The pixel scorers, set up once per actor (models loaded here, never shipped)."""
+    """The pixel scorers, set up once per actor (models loaded here, never shipped);
+    ``required``: those whose failure stops the run (CLIP), as in a local run."""
 
-    def __init__(self, scorers: list, gpu: bool):
+    def __init__(self, scorers: list, gpu: bool, required: frozenset = frozenset()):
         # Ray gives each actor its own GPU through CUDA_VISIBLE_DEVICES: it is always "cuda" there.
         self.scorers = [s.placed("cuda") if gpu else s for s in scorers]
+        self.required = required
         for s in self.scorers:
             s.ensure_setup()
         self.info = json.dumps({s.name: s.info() for s in self.scorers}, sort_keys=True)
@@ -324,7 +327,7 @@ class _ModelActor:
         for payload, wanted in zip(batch["payload"], batch["wanted"], strict=True):
             item = pickle.loads(payload)
             if isinstance(item, SampleBatch):
-                item = score_batch(item, self.scorers, tuple(json.loads(wanted)))
+                item = score_batch(item, self.scorers, tuple(json.loads(wanted)), self.required)
             payloads.append(pickle.dumps(item))
         n = len(payloads)
         return {

@@ -141,7 +141,9 @@ def _decode(data: bytes, transform, draft: int | None = None):
 
 
 def _plan(clip) -> DecodePlan:
-    return DecodePlan(None, [PhashScorer(PhashScorer.Params(), InputInfo("webdataset"))], {"clip": clip.pil_transform})
+    """As the source plans it: CLIP and phash are its own (``required``: a CLIP failure stops the run)."""
+    phash = PhashScorer(PhashScorer.Params(), InputInfo("webdataset"))
+    return DecodePlan(None, [phash], {"clip": clip.pil_transform}, required=frozenset({"clip", "phash"}))
 
 
 class _Failing(ClipScorer):
