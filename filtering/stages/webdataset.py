@@ -513,17 +513,38 @@ class WebDatasetStage(SourceStage):
 
     def transform_scorers(self, wanted) -> list[Scorer]:
         """The pixel scorers whose transform the decode pass needs: those ``wanted``, and
-        CLIP's whenever JPEG draft decoding is on (its input size sets the draft size) or
-        the rows are wanted (its preprocessing failing on an image fails the sample)."""
-        draft = self.model_cfg.jpeg_draft or "source" in wanted
-        return [s for s in self.pixel_scorers() if s.name in wanted or (draft and s is self.clip)]
+        CLIP's when the rows are wanted (its preprocessing failing on an image fails the
+        sample) or when JPEG draft decoding is on and the draft size (CLIP's input size)
+        is not yet recorded beside the rows' cache (:meth:`recorded_draft`)."""
+        clip = "source" in wanted or (self.model_cfg.jpeg_draft and self.recorded_draft() is None)
+        return [s for s in self.pixel_scorers() if s.name in wanted or (clip and s is self.clip)]
+
+    def recorded_draft(self) -> tuple[int | None] | None:
+        """The JPEG draft size the rows' cache was decoded with, as ``(size,)``: recorded in
+        its ``stage.json`` by :meth:`decode_plan`, so that a scorer added later decodes
+        the images as the rows were without loading the CLIP model. None: not recorded
+        (a cache written before it was, or none yet)."""
+        info = self.cache.read_info() or {}
+        return (info["jpeg_draft"],) if "jpeg_draft" in info else None
 
     def decode_plan(self, transforms: dict[str, Any]) -> DecodePlan:
         """What the decode workers run: the image scorers and the pixel scorers' transforms
-        (``transforms``, by scorer name; CLIP's sets the JPEG draft size)."""
+        (``transforms``, by scorer name). The JPEG draft size (``model.jpeg_draft``) is the
+        one CLIP's preprocessing resizes to, from its transform when given (and recorded
+        then), else as recorded."""
         from filtering.stages.image_decode import draft_target
 
-        draft = draft_target(transforms[self.clip.name]) if self.model_cfg.jpeg_draft else None
+        draft = None
+        if self.model_cfg.jpeg_draft:
+            recorded = self.recorded_draft()
+            if self.clip.name in transforms:
+                draft = draft_target(transforms[self.clip.name])
+                if recorded != (draft,):
+                    self.cache.write_info({"jpeg_draft": draft})
+            elif recorded is not None:
+                (draft,) = recorded
+            else:
+                raise PoolsiftError("model.jpeg_draft: the draft size is unknown without CLIP's preprocessing")
         return DecodePlan(
             draft=draft,
             scorers=[s for s in self.scorers if s.needs().images],
@@ -536,13 +557,14 @@ class WebDatasetStage(SourceStage):
         worker processes; the CLIP model is the run context's, loaded once."""
         wanted = {name for names in todo.values() for name in names}
         models = [s for s in self.pixel_scorers() if s.name in wanted]
-        if self.clip.name in wanted or self.model_cfg.jpeg_draft:
+        needed = self.transform_scorers(wanted)
+        if self.clip.name in wanted or self.clip in needed:
             self.clip.attach(ctx.clip())
         for s in models:
             s.ensure_setup()
             if (info := s.info()) is not None:
                 self.scorer_cache(s).write_info(info)
-        transforms = {s.name: s.transform() for s in self.transform_scorers(wanted)}
+        transforms = {s.name: s.transform() for s in needed}
         device = ctx.clip().device if self.clip.name in wanted else "cpu"
         bar = ctx.bar(None, "score")
         try:
