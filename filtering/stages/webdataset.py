@@ -1049,13 +1049,8 @@ def score_stream(
     """
     from concurrent.futures.process import BrokenProcessPool
 
-    from filtering.io.arrow import preload_pandas
     from filtering.stages.image_decode import decode_window
 
-    # pyarrow imports pandas at its first conversion (a shard's columns, ShardScores.results):
-    # about half a second of this process's CPU. Started now, it runs while the decode
-    # workers start up, when this process only waits, instead of stalling the first shard.
-    preload_pandas()
     every = tuple(s.name for s in [*scorers, *plan.scorers])
 
     def names(url: str):
