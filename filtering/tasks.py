@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import sys
 from collections.abc import Iterator
 
@@ -27,14 +28,35 @@ def task_pool(executor, workers: int) -> Iterator:
         with executor.task_pool() as pool:
             yield pool
         return
-    from filtering.io.arrow import block_pandas
     from filtering.procpool import ProcessPool
 
     context = mp.get_context(start_method())
     # a spawned worker blocks pandas as the driver does (filtering/io/arrow.py); a forked one inherits it
-    initializer = block_pandas if context.get_start_method() == "spawn" and _pandas_blocked() else None
-    with ProcessPool(workers, mp_context=context, initializer=initializer) as pool:
+    no_pandas = context.get_start_method() == "spawn" and _pandas_blocked()
+    with ProcessPool(workers, mp_context=context, initializer=init_worker, initargs=(os.getpid(), no_pandas)) as pool:
         yield pool
+
+
+def init_worker(parent: int, no_pandas: bool = False) -> None:
+    """A task-pool worker's start: it dies with the driver, and blocks pandas if asked.
+
+    A worker forked from the driver holds copies of every file the driver had open: the
+    pool's own pipes (so it never sees them close) and the output folder's lock. Were the
+    driver killed (SIGKILL, the OOM killer), such a worker would wait for tasks for ever
+    and keep the folder locked against every rerun. On Linux the kernel kills it with its
+    parent (``PR_SET_PDEATHSIG``); a parent already gone by then ends it here."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+    if no_pandas:
+        from filtering.io.arrow import block_pandas
+
+        block_pandas()
 
 
 def start_method() -> str:

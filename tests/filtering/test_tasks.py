@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import subprocess
 import sys
+import textwrap
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -61,3 +64,50 @@ def test_both_start_methods_run_tasks(monkeypatch, method):
     monkeypatch.setattr(tasks, "start_method", lambda: method)
     with task_pool(None, 2) as pool:
         assert list(pool.map(_square, range(5))) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_die_with_a_killed_driver(tmp_path, method):
+    """A driver killed mid-run (SIGKILL, the OOM killer) takes its workers with it: a
+    forked worker holds the driver's pipes and the output lock, and would otherwise wait
+    for tasks for ever, keeping the folder locked against every rerun."""
+    if method not in mp.get_all_start_methods():
+        pytest.skip(f"no {method} on this platform")
+    pids = tmp_path / "pids"
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, signal, time
+        import filtering.tasks as tasks
+
+        def task(_):
+            with open({str(pids)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            tasks.start_method = lambda: {method!r}
+            with tasks.task_pool(None, 2) as pool:
+                pool.submit(task, 0), pool.submit(task, 1)
+                while not os.path.exists({str(pids)!r}) or len(open({str(pids)!r}).read().split()) < 2:
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGKILL)
+        """)
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120
+    )
+    assert out.returncode == -9
+    workers = [int(p) for p in pids.read_text().split()]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
