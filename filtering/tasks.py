@@ -28,11 +28,12 @@ def task_pool(executor, workers: int) -> Iterator:
         with executor.task_pool() as pool:
             yield pool
         return
+    from filtering.io.arrow import pandas_blocked
     from filtering.procpool import ProcessPool
 
     context = mp.get_context(start_method())
     # a spawned worker blocks pandas as the driver does (filtering/io/arrow.py); a forked one inherits it
-    no_pandas = context.get_start_method() == "spawn" and _pandas_blocked()
+    no_pandas = context.get_start_method() == "spawn" and pandas_blocked()
     with ProcessPool(workers, mp_context=context, initializer=init_worker, initargs=(os.getpid(), no_pandas)) as pool:
         yield pool
 
@@ -75,12 +76,6 @@ def start_method() -> str:
     if "torch" in sys.modules or threading.active_count() > 1 or "fork" not in mp.get_all_start_methods():
         return "spawn"
     return "fork"
-
-
-def _pandas_blocked() -> bool:
-    from filtering.io.arrow import _FINDER
-
-    return _FINDER in sys.meta_path
 
 
 def runs_tasks(executor) -> bool:

@@ -33,10 +33,18 @@ class _NoPandas(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 _FINDER = _NoPandas()
 
 
-def block_pandas() -> None:
-    """Make ``import pandas`` fail in this process, unless pandas is loaded already."""
-    if "pandas" not in sys.modules and _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
+def block_pandas() -> bool:
+    """Make ``import pandas`` fail in this process, unless pandas is loaded already or
+    blocked; returns whether this call set the block."""
+    if "pandas" in sys.modules or pandas_blocked():
+        return False
+    sys.meta_path.insert(0, _FINDER)
+    return True
+
+
+def pandas_blocked() -> bool:
+    """Whether ``import pandas`` fails here by :func:`block_pandas` (or :func:`without_pandas`)."""
+    return _FINDER in sys.meta_path
 
 
 @contextlib.contextmanager
@@ -55,13 +63,11 @@ def without_pandas() -> Iterator[None]:
     :func:`block_pandas`. Leaving the block restores imports (a test calling a run
     in-process gets pandas back afterwards).
     """
-    installed = "pandas" not in sys.modules and _FINDER not in sys.meta_path
-    if installed:
-        sys.meta_path.insert(0, _FINDER)
+    installed = block_pandas()
     try:
         yield
     finally:
-        if installed and _FINDER in sys.meta_path:
+        if installed and pandas_blocked():
             sys.meta_path.remove(_FINDER)
 
 
@@ -76,7 +82,7 @@ def preload_pandas() -> None:
     import lock: pandas' import never calls back into pyarrow's pandas check (if it
     did, pyarrow would deadlock on its non-reentrant lock in a single thread).
     """
-    if "pandas" in sys.modules or _FINDER in sys.meta_path or importlib.util.find_spec("pandas") is None:
+    if "pandas" in sys.modules or pandas_blocked() or importlib.util.find_spec("pandas") is None:
         return
 
     def load() -> None:
