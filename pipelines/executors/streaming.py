@@ -644,10 +644,9 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         if any(pool.map(_uid_range, tasks)):
             ctx.log("execution: repeated uids; filtering in memory")
             return None
-    fsync_files([tmp])
     lap("uid_check_and_subset_npy")
-    # 6. commit: the parts and subset.npy renamed into place, the manifest written last
-    fsync_files([rec[0] for r in results for recs in r["parts"].values() for rec in recs])
+    # 6. commit: the parts and subset.npy flushed at once, renamed into place, the manifest written last
+    fsync_files([tmp] + [rec[0] for r in results for recs in r["parts"].values() for rec in recs])
     out_dir = cfg.output.dir
     invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
     folders = ("subset", "dropped") if cfg.output.dropped else ("subset",)
