@@ -7,6 +7,9 @@ cause on stderr (a traceback only with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -101,8 +104,81 @@ def cmd_run(args) -> int:
         if executor is not None:
             executor.close()  # stops a Ray this run started; a joined cluster keeps running
     print(format_funnel(result.manifest))
-    print(f"output: {result.out_dir}  (subset/, subset.npy, manifest.json)")
+    print(next_steps(args, cfg, str(result.out_dir)))
     return 0
+
+
+def commands(argv0: str | None = None) -> tuple[str, str]:
+    """How to call poolsift and its Python again from this shell: ``poolsift`` and ``python``
+    when that name on PATH is this program; else the paths it was called by
+    (``.venv/bin/poolsift``, ``.venv/bin/python`` after ``make demo``, whose venv is not
+    activated); else ``python -m pipelines.cli``, with this interpreter."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if os.path.basename(argv0) != "poolsift":
+        python = _shown_path(sys.executable)
+        return f"{python} -m pipelines.cli", python
+    on_path = shutil.which("poolsift")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
+        return "poolsift", "python"
+    python = os.path.join(os.path.dirname(argv0), "python")
+    return _shown_path(argv0), _shown_path(python if os.path.exists(python) else sys.executable)
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when under it (``./x`` for a bare name), else absolute."""
+    rel = os.path.relpath(os.path.abspath(path))
+    shown = os.path.abspath(path) if rel.startswith("..") else rel if os.sep in rel else f".{os.sep}{rel}"
+    return shlex.quote(shown)
+
+
+def next_steps(args, cfg, out_dir: str, argv0: str | None = None) -> str:
+    """What a run wrote and what to do next, as commands the user can paste (``make demo``
+    ends with these lines)."""
+    (prog, python), q = commands(argv0), shlex.quote
+    lines = [
+        f"output: {out_dir}",
+        "  subset/          the kept samples, Parquet, one row each (uid, caption, scores, ...)",
+        "  subset.npy       their uids, sorted, in DataComp's format (its resharder reads it)",
+    ]
+    if cfg.output.dropped:
+        lines.append("  dropped/         every dropped or failed sample, with its filter and reason")
+    lines.append("  manifest.json    the config, inputs, model and the funnel above")
+    if cfg.output.webdataset:
+        lines.append("  shards/          the kept samples as WebDataset shards")
+    if cfg.output.report:
+        lines.append("  report.html      the visual report: open it in a browser")
+    lines.append("next:")
+    if not cfg.output.report:
+        lines.append(f"  {prog} report {q(out_dir)}    # writes report.html (or set output.report: true)")
+    same_run = "".join(f" --set {q(o)}" for o in args.overrides) + (
+        f" --output {q(args.output)}" if args.output else ""
+    )
+    lines.append(f"  {prog} sweep {q(args.config)}{same_run} --param {q(sweep_param(cfg.filters))}")
+    subset = os.path.join(out_dir, "subset")
+    read = f"import pyarrow.parquet as pq; t = pq.read_table({subset!r}); print(t.num_rows, t.column_names)"
+    lines.append(f"  {python} -c {_double_quoted(read)}")
+    sql = f"SELECT uid, caption FROM '{subset}/*.parquet' LIMIT 10"
+    lines.append(f"  duckdb -c {_double_quoted(sql)}    # pip install duckdb")
+    return "\n".join(lines)
+
+
+def _double_quoted(text: str) -> str:
+    """``text`` as one shell word, in double quotes when that needs no escapes (code and SQL
+    that hold single quotes read better so), else as :func:`shlex.quote` writes it."""
+    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
+
+
+def sweep_param(filters: list) -> str:
+    """A ``--param`` for ``poolsift sweep`` around the config's first top-level CLIP-score setting."""
+    for i, spec in enumerate(filters):
+        params = spec.get("clip_score") if isinstance(spec, dict) else None
+        if isinstance(params, dict):
+            if params.get("top_fraction") is not None:
+                return f"filters[{i}].clip_score.top_fraction=0.1,0.2,0.3,0.5"
+            if params.get("min") is not None:
+                t = float(params["min"])
+                return f"filters[{i}].clip_score.min=" + ",".join(f"{t + d:g}" for d in (-0.05, 0.0, 0.05))
+    return "KEY.PATH=V1,V2,..."
 
 
 def cmd_make_sample(args) -> int:
