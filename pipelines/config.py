@@ -114,6 +114,7 @@ class Config(Strict):
 
     _filter_tree: list[FilterNode] = []
     _scorers: list[Any] = []
+    _written_paths: dict[str, tuple[str, str]] = {}  # resolved path -> (as the config file wrote it, its folder)
 
     @property
     def scorer_list(self) -> list[Any]:
@@ -226,7 +227,9 @@ def check_expanded_size(value: Any, what: str, limit: int = MAX_CONFIG_VALUES) -
     size(value)
 
 
-def load_raw(path: str | Path) -> dict:
+def load_raw(path: str | Path, written_paths: dict[str, tuple[str, str]] | None = None) -> dict:
+    """The config file as plain values, its relative paths resolved against its folder;
+    ``written_paths`` (when given) gets each resolved path's original, for error messages."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
@@ -239,7 +242,9 @@ def load_raw(path: str | Path) -> dict:
     raw = parse_yaml_value(text, str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping")
-    resolve_paths(raw, p.parent)
+    resolved = resolve_paths(raw, p.parent)
+    if written_paths is not None:
+        written_paths.update(resolved)
     return raw
 
 
@@ -316,14 +321,16 @@ def _scorer_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
                         yield f"{path}[{i}].{name}.{field}", params, field
 
 
-def resolve_paths(raw: dict, base: str | Path, absolute: bool = False) -> None:
+def resolve_paths(raw: dict, base: str | Path, absolute: bool = False) -> dict[str, tuple[str, str]]:
     """Rewrite the relative paths of a raw config so they point where they did from ``base``,
     the config file's folder (docs/spec.md, "Semantics that must match DataComp exactly":
     relative paths). They are written relative to the working directory when they
     lie under it, so a config run from its usual place records the same paths (and
-    config hash) on every machine; otherwise (or with ``absolute``) as absolute paths."""
+    config hash) on every machine; otherwise (or with ``absolute``) as absolute paths.
+    Returns ``{resolved: (as written, base folder)}`` for the paths it rewrote."""
     base_abs = os.path.abspath(base)
     cwd = os.getcwd()
+    written: dict[str, tuple[str, str]] = {}
     for _, container, key in list(config_paths(raw)):
         value = container[key]
         local = value.removeprefix("file://")
@@ -334,6 +341,8 @@ def resolve_paths(raw: dict, base: str | Path, absolute: bool = False) -> None:
         target = os.path.normpath(os.path.join(base_abs, local))
         rel = os.path.relpath(target, cwd)
         container[key] = target if absolute or rel == ".." or rel.startswith("../") else rel
+        written[container[key]] = (value, base_abs)
+    return written
 
 
 def expand_local(pattern: str) -> Iterator[tuple[str, list[str]]]:
@@ -361,18 +370,54 @@ def _may_be_missing(key: str, params: Any, field: str) -> bool:
 def check_local_paths(cfg: Config) -> None:
     """Every local input path the config names exists, checked without touching data
     (docs/spec.md, "CLI": validate): only ``stat`` and glob listings, never file contents.
-    Raises :class:`InputError` (exit 2) naming the first missing one and its key."""
+    Raises :class:`InputError` (exit 2) naming the first missing one and its key, as the
+    config file wrote it, with the folder it resolved against and the folder that is missing."""
     raw = cfg.to_dict()
     raw["filters"] = cfg.filters
     for key, container, k in config_paths(raw):
-        if key == "output.dir":
+        if key == "output.dir" or _may_be_missing(key, container, k):
             continue
         value = container[k]
-        for pattern, found in expand_local(value):
-            if not found and not _may_be_missing(key, container, k):
-                if key.startswith("input.shards"):
-                    raise InputError(f"input.shards: no shards found at {pattern!r}")
-                raise InputError(f"{key}: no such file or folder {pattern!r}")
+        alternatives = list(expand_local(value))
+        if all(found for _, found in alternatives):
+            continue
+        written, base = cfg._written_paths.get(value, (value, None))
+        raise InputError(_missing_path_message(key, value, written, base, alternatives))
+
+
+PLACEHOLDER_PREFIX = "path/to/"  # the shipped presets' stand-in for the user's data
+
+
+def _missing_path_message(key: str, value: str, written: str, base: str | None, alternatives: list) -> str:
+    """``input.shards: no shards found at '../pool/{0..3}.tar': no folder '../pool' (relative
+    paths resolve against the config's folder, configs/)``; a preset's ``path/to/...``
+    placeholder names the ``--set`` that replaces it."""
+    import braceexpand
+
+    if base is not None and written.lstrip("{").startswith(PLACEHOLDER_PREFIX):
+        return (
+            f"{key}: {written!r} is a placeholder: point it at your data with --set {key}=... "
+            "(or in a copy of the config)"
+        )
+    shown = list(braceexpand.braceexpand(written)) if base is not None else [p for p, _ in alternatives]
+    if len(shown) != len(alternatives):  # a brace inside ".." segments: show the resolved paths
+        shown, base = [p for p, _ in alternatives], None
+    missing = [i for i, (_, found) in enumerate(alternatives) if not found]
+    what = written if len(missing) == len(alternatives) else shown[missing[0]]
+    head = (
+        f"input.shards: no shards found at {what!r}"
+        if key.startswith("input.shards")
+        else (f"{key}: no such file or folder {what!r}")
+    )
+    folder = os.path.dirname(os.path.expanduser(alternatives[missing[0]][0].removeprefix("file://")))
+    several = len(alternatives) > 1 or any(c in what for c in "*?[")  # one plain path names itself
+    if several and folder and not any(c in folder for c in "*?[") and not os.path.isdir(folder):
+        head += f": no folder {os.path.dirname(shown[missing[0]].removeprefix('file://'))!r}"
+    if base is not None:
+        rel = os.path.relpath(base)
+        where = base if rel == ".." or rel.startswith("../") else rel
+        head += f" (relative paths resolve against the config's folder, {where.rstrip(os.sep)}{os.sep})"
+    return head
 
 
 def parse_config(raw: dict) -> Config:
@@ -396,7 +441,10 @@ def input_kind(cfg: Config) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    raw = load_raw(path)
+    written: dict[str, tuple[str, str]] = {}
+    raw = load_raw(path, written)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return parse_config(raw)
+    cfg = parse_config(raw)
+    cfg._written_paths = written
+    return cfg

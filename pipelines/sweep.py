@@ -75,14 +75,17 @@ def sweep(
     """Run the sweep; returns what ``sweep.json`` holds (also written to the output dir)."""
     log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
     key, values = parse_param(param)
-    raw = load_raw(config_path)
+    written: dict[str, tuple[str, str]] = {}
+    raw = load_raw(config_path, written)
     for assignment in overrides:
         apply_override(raw, assignment)
     configs = []
     for value in values:
         variant = copy.deepcopy(raw)
         apply_override(variant, f"{key}={value}")
-        configs.append((yaml.safe_load(value), parse_config(variant)))
+        cfg = parse_config(variant)
+        cfg._written_paths = written
+        configs.append((yaml.safe_load(value), cfg))
     out_dirs = {cfg.output.dir for _, cfg in configs}
     if len(out_dirs) != 1:
         raise ConfigError(f"--param {key}: a sweep works in one output directory; this changes output.dir")

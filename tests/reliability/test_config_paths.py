@@ -102,7 +102,33 @@ def test_a_copied_config_whose_model_is_not_beside_it_fails_validate(tmp_path):
     code, _, err = run_cli("validate", config)
     assert code == 2
     assert err.strip() == (
-        f"poolsift: error: model.pretrained: no such file or folder '{tmp_path}/project/tiny.safetensors'"
+        "poolsift: error: model.pretrained: no such file or folder 'tiny.safetensors' "
+        f"(relative paths resolve against the config's folder, {tmp_path}/project/)"
+    )
+
+
+def test_a_shard_path_relative_to_the_wrong_folder_names_the_config_folder_and_the_missing_folder(
+    tmp_path, monkeypatch
+):
+    """Written as ``../sample_data/...`` in a config one folder too deep: the message keeps the
+    ``..`` as written, names the folder it resolved against, and names the missing folder
+    itself rather than its first expanded file."""
+    (tmp_path / "project" / "configs").mkdir(parents=True)
+    config = tmp_path / "project" / "configs" / "c.yaml"
+    config.write_text("input: {shards: '../sample_data/pool/{00000..00003}.tar'}\nfilters: []\n")
+    monkeypatch.chdir(tmp_path / "project")
+    code, _, err = run_cli("validate", "configs/c.yaml")
+    assert code == 2
+    assert err.strip() == (
+        "poolsift: error: input.shards: no shards found at '../sample_data/pool/{00000..00003}.tar': "
+        "no folder '../sample_data/pool' (relative paths resolve against the config's folder, configs/)"
+    )
+    (tmp_path / "project" / "sample_data" / "pool").mkdir(parents=True)
+    (tmp_path / "project" / "sample_data" / "pool" / "00000.tar").touch()
+    code, _, err = run_cli("validate", "configs/c.yaml")  # the folder is there now, one shard of four
+    assert err.strip() == (
+        "poolsift: error: input.shards: no shards found at '../sample_data/pool/00001.tar' "
+        "(relative paths resolve against the config's folder, configs/)"
     )
 
 
