@@ -180,7 +180,7 @@ class _Lingua:
         except ImportError as e:
             raise MissingPackageError(
                 "language.backend lingua needs lingua-language-detector: pip install 'poolsift[lingua]'",
-                "lingua is not installed",
+                "lingua is not installed: pip install lingua-language-detector",
             ) from e
         builder = lingua.LanguageDetectorBuilder
         if candidates:
@@ -214,7 +214,7 @@ class _FastText:
             raise MissingPackageError(
                 "language.backend fasttext needs the fasttext package: pip install 'poolsift[fasttext]' "
                 "(or pip install fasttext)",
-                "fasttext is not installed",
+                "fasttext is not installed: pip install fasttext-wheel",
             ) from e
         if not os.path.isfile(model_path):
             raise MissingModelError(
@@ -256,7 +256,7 @@ class _Gcld3:
             raise MissingPackageError(
                 "language.backend gcld3 needs the gcld3 package: it builds from source with protobuf's compiler "
                 "and headers (Debian: apt-get install protobuf-compiler libprotobuf-dev; then pip install gcld3)",
-                "gcld3 is not installed",
+                "gcld3 is not installed: apt-get install protobuf-compiler libprotobuf-dev, then pip install gcld3",
             ) from e
         self.ident = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
 

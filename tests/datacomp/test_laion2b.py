@@ -80,6 +80,8 @@ def test_laion2b_preset_without_gcld3_says_it_is_not_datacomps(tmp_path, metadat
 
     monkeypatch.setitem(sys.modules, "gcld3", None)  # as on a machine without gcld3
     _, line, manifest = _run(tmp_path, metadata, f"filters[1].language.model_path={lid}")
-    assert "ran fasttext" in line and "instead of gcld3 (gcld3 is not installed)" in line and "NOT" in line
+    assert (
+        "ran fasttext" in line and "instead of gcld3 (gcld3 is not installed: apt-get install" in line and "NOT" in line
+    )
     record = manifest["language_identifiers"][0]
     assert (record["requested"], record["backend"]) == ("gcld3", "fasttext")
