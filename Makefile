@@ -37,7 +37,7 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 # Every benchmark in its quick mode (minutes on a laptop; the scripts' docstrings give
-# the full-scale commands and README "Performance" the figures).
+# the full-scale commands and docs/performance.md the figures).
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/bench_filters.py --n 100000
 	$(BIN)/python bench/bench_dedup.py --n 100000 --baseline-n 20000

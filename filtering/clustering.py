@@ -297,7 +297,7 @@ def train_kmeans(
     sum of the similarities to the assigned centroids).
 
     Not ``faiss.Kmeans``: it is faster for the same quality, but seeds differently and so
-    changes the bundled sample's cluster outputs (README, "Image clusters: ..."; ``bench/bench_clusters.py``).
+    changes the bundled sample's cluster outputs (docs/config.md, "clusters"; ``bench/bench_clusters.py``).
     """
     n = len(x)
     m = training_size(n, k, sample_fraction, max_training_points)

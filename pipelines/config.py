@@ -65,7 +65,7 @@ class ModelConfig(Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     batch_size: PositiveInt = 256
     num_workers: int | None = Field(default=None, ge=0)  # decode processes; None = from CPU count
-    jpeg_draft: bool = True  # DCT-domain downscaling of large JPEGs while decoding (README, Performance)
+    jpeg_draft: bool = True  # DCT-domain downscaling of large JPEGs while decoding (docs/config.md, model)
 
     @field_validator("device")
     @classmethod

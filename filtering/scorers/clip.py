@@ -5,7 +5,7 @@ weights, precision, device); its cache (``scorer-clip-<fp>/``) holds ``clip_scor
 and the unit-norm float16 ``image`` and ``text`` embeddings, keyed by the model's
 arch, weights digest and precision (:func:`model_spec`).
 
-Fast paths, all exact or measured (README, Performance): images arrive as uint8 NHWC
+Fast paths, all exact or measured (docs/architecture.md, "The scoring stage's fast paths"): images arrive as uint8 NHWC
 pixels from the decode workers (the model's own PIL transform, :mod:`filtering.models.clip`),
 normalization runs on the device; captions are encoded trimmed to the batch's longest
 token sequence (bucketed by length on the CPU); ``bf16``/``fp16`` run as autocast over

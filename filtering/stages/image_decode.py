@@ -9,8 +9,8 @@ JPEGs much larger than the model input are decoded with libjpeg-turbo's DCT-doma
 downscaling (PIL ``Image.draft``): the decoder produces a 1/2, 1/4 or 1/8 scale image
 directly, never smaller than the model's resize target on either side, and the
 model's own resize finishes the job. This skips most of the decoding work for large
-images at the cost of slightly different pixels (scores move by about 1e-3; see the
-README's Performance section). ``draft=None`` decodes at full size, exactly as the
+images at the cost of slightly different pixels (scores move by about 1e-3; see
+docs/performance.md). ``draft=None`` decodes at full size, exactly as the
 model's own preprocessing does. The perceptual hash is computed from the same
 decoded image, so it too can differ in a few bits from a full-size decode.
 

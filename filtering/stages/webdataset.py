@@ -585,7 +585,7 @@ class WebDatasetStage(SourceStage):
     def num_workers(self, device: str = "cpu") -> int:
         """Decode processes: a GPU wants every other core decoding; on a CPU the model's
         matmuls want the cores (decoding is about a quarter of the work in bf16), so one
-        worker per four cores (one on this 2-core machine; README, Performance)."""
+        worker per four cores (one on this 2-core machine; docs/config.md, model)."""
         if self.model_cfg.num_workers is not None:
             return self.model_cfg.num_workers
         cores = os.cpu_count() or 2

@@ -42,7 +42,7 @@ small reduction in the driver:
    order, ``subset.npy`` renamed, the manifest written last (the commit record) from the
    summed counts and the workers' hashes.
 
-What each phase holds per row is in the README ("What each stage holds per row").
+What each phase holds per row is in docs/architecture.md ("What each stage holds per row").
 Outputs hold what the in-memory path writes: ``subset.npy`` byte for byte, the same
 subset and dropped rows (parts cut per source shard instead of every ``rows_per_part``
 rows of the pool), and the manifest's counts, thresholds and uid report.

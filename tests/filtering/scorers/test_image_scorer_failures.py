@@ -1,5 +1,5 @@
 """An image scorer or a model preprocessing that fails on one image never loses the row
-silently (README, "What poolsift guarantees"): a failure of the source's own steps (CLIP's
+silently (docs/guarantees.md): a failure of the source's own steps (CLIP's
 preprocessing, the perceptual hash) fails the sample as a corrupt image, as before they
 were scorers; any other scorer's failure leaves its value null, is counted per scorer in
 the manifest, and a filter on its column drops the row as ``<column>_missing``.

@@ -1,5 +1,5 @@
 """A batched model scorer (``Needs.pixels``) whose ``score()`` raises never stops the run
-nor loses rows silently (README, "What poolsift guarantees"): the batch is scored again
+nor loses rows silently (docs/guarantees.md): the batch is scored again
 row by row, so only the rows that fail alone are left null; they are counted per scorer
 in the manifest as an image scorer's failures are, and a filter on the column drops them
 as ``<column>_missing``. CLIP, the source's own model, is not retried: its failure stops

@@ -39,7 +39,7 @@ CAPTIONS = [
     " ".join(["word"] * 120),  # longer than any context: truncated, ends at the last position
     "a photo of a cat sitting on a wooden table next to a window at night",
 ]
-# Tolerance of bf16 autocast vs fp32 CLIP scores on the bundled sample (README, Performance).
+# Tolerance of bf16 autocast vs fp32 CLIP scores on the bundled sample (docs/performance.md).
 MAX_ABS_DIFF = 0.02
 MIN_TOP30_OVERLAP = 0.95
 
