@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from filtering.errors import ConfigError, InputError
 from filtering.filters.compose import FilterNode, parse_filters
+from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS, IMAGE_FORMATS
 from filtering.validation import format_validation_error
 
 
@@ -46,6 +47,26 @@ class InputConfig(Strict):
     shards: str | list[str] | None = None
     datacomp_metadata: str | None = None
     uid: UidConfig = UidConfig()
+    # The image decoders poolsift may use, on the pool, reference sets and the report's
+    # thumbnails (filtering/stages/image_decode.py): other formats fail the sample.
+    image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
+
+    @field_validator("image_formats", mode="before")
+    @classmethod
+    def _image_formats(cls, value: Any) -> tuple[str, ...]:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list | tuple) or not names:
+            raise ValueError(f"must be a non-empty list of image formats from {', '.join(IMAGE_FORMATS)}")
+        out: list[str] = []
+        for name in names:
+            upper = name.upper() if isinstance(name, str) else None
+            if upper == "JPG":
+                upper = "JPEG"
+            if upper not in IMAGE_FORMATS:
+                raise ValueError(f"unknown image format {name!r}; valid: {', '.join(IMAGE_FORMATS)}")
+            if upper not in out:
+                out.append(upper)
+        return tuple(out)
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:

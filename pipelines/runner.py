@@ -49,7 +49,14 @@ def source_stage(cfg: Config, cache_root: str) -> SourceStage:
         return DataCompStage(cfg.input.datacomp_metadata, cache_root)
     from filtering.stages.webdataset import WebDatasetStage
 
-    return WebDatasetStage(cfg.input.shards, cfg.model, cache_root, cfg.input.uid, output_dir=cfg.output.dir)
+    return WebDatasetStage(
+        cfg.input.shards,
+        cfg.model,
+        cache_root,
+        cfg.input.uid,
+        output_dir=cfg.output.dir,
+        image_formats=cfg.input.image_formats,
+    )
 
 
 def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:

@@ -192,8 +192,9 @@ class DecontaminateStage(ColumnStage):
         return join(self.cache_root, f"decontam-{rfp}", "reference.npz")
 
     def reference(self, ctx: RunContext, t: Target) -> tuple[ReferenceSet, str]:
-        from filtering.image_clusters.image_clusters_stage import reference_source
+        from filtering.image_clusters.image_clusters_stage import configured_formats, reference_source
         from filtering.scorers.clip import model_spec
+        from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS
 
         key = "filters.decontaminate.reference"
         try:
@@ -211,6 +212,8 @@ class DecontaminateStage(ColumnStage):
             spec["jpeg_draft"] = getattr(self.cfg.model, "jpeg_draft", False)
             if t.method == "semantic" or spec["jpeg_draft"]:
                 spec["model"] = model_spec(self.cfg.model)
+            if (formats := configured_formats(self.cfg)) != DEFAULT_IMAGE_FORMATS:
+                spec["formats"] = sorted(formats)
         rfp = fingerprint(spec)
         path = self.reference_path(rfp)
         if exists(path):
@@ -221,10 +224,13 @@ class DecontaminateStage(ColumnStage):
             ref = _load_arrays(items, t, key)
             how = "loaded"
         else:
-            ref, failures = self.embed(ctx, t, kind, items)
+            ref, failures, first = self.embed(ctx, t, kind, items)
             how = "embedded" if t.method == "semantic" else "hashed"
             if failures:
-                ctx.log(f"decontaminate: {failures} reference images in {t.reference!r} could not be decoded; skipped")
+                ctx.log(
+                    f"decontaminate: {failures} reference images in {t.reference!r} could not be decoded; "
+                    f"skipped (first: {first})"
+                )
         if len(ref.ids) == 0:
             raise InputError(f"{key}: no usable reference items in {t.reference!r}")
         ref.fingerprint = rfp
@@ -232,27 +238,29 @@ class DecontaminateStage(ColumnStage):
         atomic_write_text(join(os.path.dirname(path), "spec.json"), json.dumps(spec, indent=1, default=str))
         return ref, how
 
-    def embed(self, ctx: RunContext, t: Target, kind: str, items: list[str]) -> tuple[ReferenceSet, int]:
-        """Decode (and for semantic, encode) reference images as the scoring stage does pool images."""
-        from filtering.image_clusters.image_clusters_stage import decode_reference
+    def embed(self, ctx: RunContext, t: Target, kind: str, items: list[str]) -> tuple[ReferenceSet, int, str | None]:
+        """Decode (and for semantic, encode) reference images as the scoring stage does pool
+        images; with how many failed, and the first one's id and reason."""
+        from filtering.image_clusters.image_clusters_stage import configured_formats, decode_reference
         from filtering.stages.image_decode import draft_target, reference_plan
 
         semantic = t.method == "semantic"
         jpeg_draft = getattr(self.cfg.model, "jpeg_draft", False)
+        formats = configured_formats(self.cfg)
         if semantic:
             from filtering.scorers.clip import ClipEncoder
 
             clip = ctx.clip()
             encoder = ClipEncoder(clip)
-            plan = reference_plan(clip.pil_transform, draft_target(clip.pil_transform) if jpeg_draft else None)
+            plan = reference_plan(clip.pil_transform, draft_target(clip.pil_transform) if jpeg_draft else None, formats)
         else:
             # Hash exactly as the scoring stage hashed the pool: with its JPEG draft decoding.
-            plan = reference_plan(None, draft_target(ctx.clip().pil_transform) if jpeg_draft else None)
+            plan = reference_plan(None, draft_target(ctx.clip().pil_transform) if jpeg_draft else None, formats)
         ids: list[str] = []
         hashes: list[int] = []
         emb: list[np.ndarray] = []
         pending: list[np.ndarray] = []
-        failures = 0
+        failures, first = 0, None
 
         def flush() -> None:
             img, _ = encoder(np.stack(pending), [""] * len(pending))
@@ -265,6 +273,7 @@ class DecontaminateStage(ColumnStage):
                 bar.update(1)
                 if d.error is not None:
                     failures += 1
+                    first = first or f"{item_id}: {d.error}"
                     continue
                 ids.append(item_id)
                 hashes.append(d.values["phash"]["phash"])
@@ -279,8 +288,8 @@ class DecontaminateStage(ColumnStage):
         if semantic:
             dim = encoder.dim
             matrix = np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)
-            return ReferenceSet(np.asarray(ids, dtype=str), embeddings=matrix), failures
-        return ReferenceSet(np.asarray(ids, dtype=str), hashes=np.asarray(hashes, dtype=np.uint64)), failures
+            return ReferenceSet(np.asarray(ids, dtype=str), embeddings=matrix), failures, first
+        return ReferenceSet(np.asarray(ids, dtype=str), hashes=np.asarray(hashes, dtype=np.uint64)), failures, first
 
 
 def _load_arrays(files: list[str], t: Target, key: str) -> ReferenceSet:

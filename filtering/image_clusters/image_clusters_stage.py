@@ -43,6 +43,7 @@ from filtering.io.atomic import atomic_write_text, exists
 from filtering.io.paths import expand_shards, file_info, get_fs, join, shard_name
 from filtering.pool import Pool
 from filtering.stages.base import ColumnStage, RunContext
+from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 EMBEDDING_FILE_EXTS = (".npy", ".pt", ".pth")
@@ -256,6 +257,8 @@ class ImageClustersStage(ColumnStage):
 
             spec["model"] = model_spec(self.cfg.model)
             spec["jpeg_draft"] = getattr(self.cfg.model, "jpeg_draft", False)
+            if (formats := configured_formats(self.cfg)) != DEFAULT_IMAGE_FORMATS:
+                spec["formats"] = sorted(formats)
         rfp = fingerprint(spec)
         path = join(self.cache_root, f"reference-{rfp}", "embeddings.npy")
         if exists(path):
@@ -289,7 +292,7 @@ class ImageClustersStage(ColumnStage):
         batch_size = self.cfg.model.batch_size
         out: list[np.ndarray] = []
         pending: list[np.ndarray] = []
-        failures = 0
+        failures, first_failure = 0, None
         bar = ctx.bar(len(source[1]) if source[0] == "folder" else None, "embed reference", unit="images")
 
         def flush() -> None:
@@ -299,10 +302,11 @@ class ImageClustersStage(ColumnStage):
             pending.clear()
 
         try:
-            plan = reference_plan(clip.pil_transform, draft)
-            for _, d in decode_reference(self.cfg.clusters.reference, source, plan, self.cfg.model):
+            plan = reference_plan(clip.pil_transform, draft, configured_formats(self.cfg))
+            for item, d in decode_reference(self.cfg.clusters.reference, source, plan, self.cfg.model):
                 if d.error is not None:
                     failures += 1
+                    first_failure = first_failure or f"{item}: {d.error}"
                     continue
                 pending.append(d.pixels["clip"])
                 if len(pending) >= batch_size:
@@ -312,7 +316,9 @@ class ImageClustersStage(ColumnStage):
         finally:
             bar.close()
         if failures:
-            ctx.log(f"clusters: {failures} reference images could not be decoded and were skipped")
+            ctx.log(
+                f"clusters: {failures} reference images could not be decoded and were skipped (first: {first_failure})"
+            )
         dim = encoder.dim
         return (np.concatenate(out) if out else np.zeros((0, dim), np.float16)), failures
 
@@ -402,6 +408,11 @@ def decode_reference(ref: str, source, plan, model_cfg) -> Iterator[tuple[str, A
     kind, items, _ = source
     workers = 0 if kind == "folder" and len(items) <= IN_PROCESS_DECODE_MAX else _workers(model_cfg)
     return decode_in_order(reference_images(kind, items, get_fs(ref)[1]), plan, workers, DECODE_CHUNK)
+
+
+def configured_formats(cfg) -> tuple[str, ...]:
+    """The image decoders a run allows (``input.image_formats``), for its reference sets."""
+    return tuple(getattr(getattr(cfg, "input", None), "image_formats", None) or DEFAULT_IMAGE_FORMATS)
 
 
 def _workers(model_cfg) -> int:

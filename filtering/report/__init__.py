@@ -12,7 +12,7 @@ from filtering.io.atomic import atomic_write_text
 from filtering.io.paths import join
 from filtering.report.data import ReportData, gather
 from filtering.report.html import render
-from filtering.report.thumbs import fill_thumbnails
+from filtering.report.thumbs import fill_thumbnails, run_formats
 
 __all__ = ["ReportData", "build_report", "gather", "render", "write_report"]
 
@@ -21,7 +21,7 @@ def build_report(out_dir: str, seed: int = 0, thumbnails: bool = True, log=None)
     """The report of ``out_dir`` as an HTML string."""
     data = gather(out_dir, seed=seed)
     if thumbnails:
-        fill_thumbnails(data.samples(), log=log)
+        fill_thumbnails(data.samples(), log=log, formats=run_formats(data.manifest))
     return render(data)
 
 

@@ -5,8 +5,10 @@ library's tar reader (no torch import for a report) and closed as soon as its wa
 keys are found; the number of shards opened is capped. Thumbnails are
 small JPEGs re-encoded from the image (the report is for looking, not for training),
 embedded as ``data:`` URIs so the page needs no network. Images are decoded under
-scoring's limits (:func:`filtering.stages.image_decode.decode_limits`): an image that scoring
-refused as a decompression bomb gets no thumbnail.
+scoring's limits (:func:`filtering.stages.image_decode.decode_limits`) and with the run's
+allowed decoders only (``input.image_formats``, :func:`filtering.stages.image_decode.open_allowed`):
+an image that scoring refused, as a decompression bomb or in a format not allowed, gets no
+thumbnail.
 """
 
 from __future__ import annotations
@@ -21,19 +23,19 @@ from collections.abc import Iterable, Iterator
 from filtering.io.paths import open_file
 from filtering.io.reader import IMAGE_EXTS
 from filtering.report.data import Sample
+from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS, IMAGE_FORMATS
 
 THUMB_PX = 112
 MAX_SHARDS = 64
 
 
-def thumbnail_uri(data: bytes, size: int = THUMB_PX) -> str | None:
-    """A base64 JPEG data URI of the image scaled to fit ``size`` pixels; None if it does not decode."""
-    from PIL import Image
-
-    from filtering.stages.image_decode import decode_limits
+def thumbnail_uri(data: bytes, size: int = THUMB_PX, formats: Iterable[str] = DEFAULT_IMAGE_FORMATS) -> str | None:
+    """A base64 JPEG data URI of the image scaled to fit ``size`` pixels; None if it does not
+    decode with the decoders of ``formats``."""
+    from filtering.stages.image_decode import decode_limits, open_allowed
 
     try:
-        with decode_limits(), Image.open(io.BytesIO(data)) as img:
+        with decode_limits(), open_allowed(data, formats) as img:
             img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
             rgb = img.convert("RGB")
             rgb.thumbnail((size, size))
@@ -44,8 +46,12 @@ def thumbnail_uri(data: bytes, size: int = THUMB_PX) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def fill_thumbnails(samples: Iterable[Sample], max_shards: int = MAX_SHARDS, log=None) -> int:
-    """Set ``sample.image`` for samples whose shard is readable; returns how many got one."""
+def fill_thumbnails(
+    samples: Iterable[Sample], max_shards: int = MAX_SHARDS, log=None, formats: Iterable[str] = DEFAULT_IMAGE_FORMATS
+) -> int:
+    """Set ``sample.image`` for samples whose shard is readable; returns how many got one.
+    ``formats``: the decoders allowed (the run's ``input.image_formats``)."""
+    formats = tuple(formats)
     wanted: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
     for s in samples:
         if s.source_shard and s.key and str(s.source_shard).endswith(".tar"):
@@ -58,7 +64,7 @@ def fill_thumbnails(samples: Iterable[Sample], max_shards: int = MAX_SHARDS, log
             break
         try:
             for key, data in iter_images(shard, set(keys)):
-                uri = thumbnail_uri(data)
+                uri = thumbnail_uri(data, formats=formats)
                 for s in keys[key]:
                     s.image = uri
                     filled += uri is not None
@@ -66,6 +72,15 @@ def fill_thumbnails(samples: Iterable[Sample], max_shards: int = MAX_SHARDS, log
             if log:
                 log(f"report: no thumbnails from {shard}: {e}")
     return filled
+
+
+def run_formats(manifest: dict) -> tuple[str, ...]:
+    """The decoders the run allowed (its config's ``input.image_formats``), limited to those
+    poolsift offers whatever the manifest says; the default when it names none."""
+    named = ((manifest.get("config") or {}).get("input") or {}).get("image_formats")
+    if not isinstance(named, list | tuple):
+        return DEFAULT_IMAGE_FORMATS
+    return tuple(f for f in named if f in IMAGE_FORMATS) or DEFAULT_IMAGE_FORMATS
 
 
 def iter_images(shard: str, keys: set[str]) -> Iterator[tuple[str, bytes]]:

@@ -202,7 +202,7 @@ def _base_sample(rng: np.random.Generator, fault: str, index: int, corrupt_kind:
 
 
 def _near_copy(rng: np.random.Generator, orig: _Sample, kind: str) -> tuple[bytes, int, int]:
-    img = Image.open(io.BytesIO(orig.jpg)).convert("RGB")
+    img = Image.open(io.BytesIO(orig.jpg), formats=["JPEG"]).convert("RGB")
     if kind == "requality":
         return _encode(img, int(rng.integers(55, 71))), img.width, img.height
     if kind == "resize":

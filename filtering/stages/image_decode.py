@@ -20,6 +20,12 @@ image-cluster reference set, the quality head's training images) take the one pa
 :func:`reference_plan`: the source's required steps, the perceptual hash and CLIP's
 preprocessing), through the one worker loop, :func:`decode_window` (reference images by
 way of :func:`decode_in_order`), so their hashes, pixels and failure reasons are the pool's.
+
+Images are opened only with the decoders of the formats allowed (``input.image_formats``,
+default :data:`DEFAULT_IMAGE_FORMATS`), whatever a member's extension says: pool bytes come
+from the open web, and PIL would otherwise hand EPS and PostScript to Ghostscript, an
+external program with a record of remote-code-execution bugs (CVE-2023-36664,
+CVE-2024-29510). Bytes in another format fail the sample as ``unsupported_format: <FORMAT>``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ from typing import Any
 import numpy as np
 
 _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+# The formats ``input.image_formats`` may name: PIL decoders that run in-process, for
+# formats found on the web. EPS, PDF and the rest are never offered.
+IMAGE_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
+# JPEG, PNG and WebP are what web pools hold; BMP because image-folder reference sets
+# list ``.bmp`` files (filtering/image_clusters/image_clusters_stage.py, IMAGE_EXTS).
+DEFAULT_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Formats PIL cannot open but that turn up where images are expected, by their first bytes.
+_OTHER_SIGNATURES = ((b"%PDF-", "PDF"), (b"<svg", "SVG"), (b"<?xml", "XML"), (b"<!DOCTYPE", "HTML"), (b"<html", "HTML"))
 
 
 class PilTransform:
@@ -161,21 +176,64 @@ def _reason(e: Exception) -> str:
     return f"corrupt_image: {_message(e)}"
 
 
-def open_image(data: bytes | None, draft: int | None = None):
-    """Decode one image: (PIL image, original width, original height, error). ``draft``: the
-    shorter-side size a JPEG may be DCT-downscaled to (None = full decode)."""
+def sniff_format(data: bytes) -> str | None:
+    """The format ``data`` starts like, by the first bytes alone (each PIL plugin's own
+    signature check, nothing parsed or decoded), or None when none matches."""
     from PIL import Image
 
+    Image.init()
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            match = accept is not None and accept(prefix)
+        except Exception:  # noqa: BLE001 — a signature check that cannot read 16 bytes is no match
+            match = False
+        if match and not isinstance(match, str):  # a str is PIL's warning about a variant it cannot read
+            return name
+    head = data[:64].lstrip().lower()
+    return next((name for sig, name in _OTHER_SIGNATURES if head.startswith(sig.lower())), None)
+
+
+def open_allowed(data: bytes, formats: Iterable[str] = DEFAULT_IMAGE_FORMATS):
+    """``PIL.Image.open`` of ``data`` trying only the decoders of ``formats``; bytes in
+    another format raise :class:`UnsupportedFormatError` naming it. The one way poolsift opens
+    image bytes (scoring, reference sets, the report's thumbnails)."""
+    from PIL import Image, UnidentifiedImageError
+
+    formats = tuple(formats)
+    try:
+        return Image.open(io.BytesIO(data), formats=formats)
+    except UnidentifiedImageError:
+        found = sniff_format(data)
+        if found is not None and found not in formats:
+            raise UnsupportedFormatError(found) from None
+        raise
+
+
+class UnsupportedFormatError(Exception):
+    """Image bytes in a format outside the allowed ones (``input.image_formats``)."""
+
+    def __init__(self, found: str):
+        super().__init__(found)
+        self.found = found
+
+
+def open_image(data: bytes | None, draft: int | None = None, formats: Iterable[str] = DEFAULT_IMAGE_FORMATS):
+    """Decode one image: (PIL image, original width, original height, error). ``draft``: the
+    shorter-side size a JPEG may be DCT-downscaled to (None = full decode); ``formats``: the
+    decoders allowed (:func:`open_allowed`)."""
     if data is None:
         return None, None, None, "missing_image: no jpg/jpeg/png/webp member"
     try:
         with decode_limits():
-            img = Image.open(io.BytesIO(data))
+            img = open_allowed(data, formats)
             width, height = img.size
             if draft and img.format == "JPEG" and min(width, height) >= 2 * draft:
                 # DCT-domain scaling by 1/2, 1/4 or 1/8; both sides stay >= draft.
                 img.draft(img.mode, (draft, draft))
             img.load()
+    except UnsupportedFormatError as e:
+        return None, None, None, f"unsupported_format: {e.found}"
     except Exception as e:  # noqa: BLE001 — any decoder failure is a per-sample failure
         return None, None, None, _reason(e)
     if width < 1 or height < 1:
@@ -198,6 +256,7 @@ class DecodePlan:
     # Scorers whose failure on an image fails the sample (the source's own: CLIP's
     # preprocessing and the perceptual hash); run whenever the rows ("source") are wanted.
     required: frozenset = frozenset()
+    formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS  # the decoders allowed (input.image_formats)
 
 
 @dataclass
@@ -241,7 +300,7 @@ def decode_image(data: bytes | None, wanted, plan: DecodePlan | None = None) -> 
     from filtering.scorers.base import Batch
 
     plan = plan or _PLAN
-    img, width, height, error = open_image(data, plan.draft)
+    img, width, height, error = open_image(data, plan.draft, plan.formats)
     out = DecodedImage(width, height, error)
     if img is None:
         return out
@@ -335,17 +394,20 @@ def decode_window(
 REFERENCE_WINDOW = 4  # chunks in flight per worker process
 
 
-def reference_plan(transform=None, draft: int | None = None) -> DecodePlan:
+def reference_plan(
+    transform=None, draft: int | None = None, formats: Iterable[str] = DEFAULT_IMAGE_FORMATS
+) -> DecodePlan:
     """How reference images are decoded: as the source decodes pool images, with its
     required steps, the perceptual hash (``phash``) and, given CLIP's ``transform``, its
     preprocessing (``clip``); either failing fails the image with the reason a pool
-    sample would get. ``draft``: the JPEG draft size (None = full decode)."""
+    sample would get. ``draft``: the JPEG draft size (None = full decode); ``formats``:
+    the decoders allowed (``input.image_formats``)."""
     from filtering.scorers.base import InputInfo
     from filtering.scorers.phash import PhashScorer
 
     transforms = {} if transform is None else {"clip": transform}
     phash = PhashScorer(PhashScorer.Params(), InputInfo("webdataset"))
-    return DecodePlan(draft, [phash], transforms, required=frozenset({phash.name, *transforms}))
+    return DecodePlan(draft, [phash], transforms, required=frozenset({phash.name, *transforms}), formats=tuple(formats))
 
 
 def decode_in_order(

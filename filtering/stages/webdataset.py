@@ -48,7 +48,7 @@ from filtering.scorers.base import Batch, Scorer, input_info
 from filtering.scorers.clip import ClipScorer, model_spec
 from filtering.scorers.phash import PhashScorer
 from filtering.stages.base import RunContext, SourceInfo, SourceStage
-from filtering.stages.image_decode import DecodedImage, DecodePlan
+from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS, DecodedImage, DecodePlan
 from filtering.stages.img2dataset import STATS_COUNTS, merge_side_parquet, read_stats, side_parquet, source_stamp
 from filtering.uid import MAX_EXAMPLES, UidError, resolve_uids
 
@@ -119,9 +119,18 @@ class WebDatasetStage(SourceStage):
         kind="webdataset", score_field="clip_score", caption_column="caption", images=True, default_embedding="image"
     )
 
-    def __init__(self, shards_spec, model_cfg, cache_root: str, uid_cfg=None, output_dir: str | None = None):
+    def __init__(
+        self,
+        shards_spec,
+        model_cfg,
+        cache_root: str,
+        uid_cfg=None,
+        output_dir: str | None = None,
+        image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS,
+    ):
         # Nothing is read here: `poolsift validate` plans the run without touching data.
         self.shards_spec = shards_spec
+        self.image_formats = tuple(image_formats)  # input.image_formats: the decoders allowed
         self.model_cfg = model_cfg
         self.cache_root = cache_root
         self.uid_cfg = uid_cfg  # pipelines.config.UidConfig; None = the defaults
@@ -152,8 +161,15 @@ class WebDatasetStage(SourceStage):
 
     def decode_spec(self) -> dict[str, Any] | None:
         """What changes the decoded images besides the bytes: DCT-domain JPEG downscaling
-        to the CLIP model's input size (``model.jpeg_draft``)."""
-        return {"jpeg_draft": model_spec(self.clip.params)} if self.model_cfg.jpeg_draft else None
+        to the CLIP model's input size (``model.jpeg_draft``), and decoders allowed other
+        than the default ones (``input.image_formats``; the default keeps the caches
+        written before the allow-list)."""
+        spec: dict[str, Any] = {}
+        if self.model_cfg.jpeg_draft:
+            spec["jpeg_draft"] = model_spec(self.clip.params)
+        if self.image_formats != DEFAULT_IMAGE_FORMATS:
+            spec["formats"] = sorted(self.image_formats)
+        return spec or None
 
     @functools.cached_property
     def cache(self) -> ShardCache:
@@ -550,6 +566,7 @@ class WebDatasetStage(SourceStage):
             scorers=[s for s in self.scorers if s.needs().images],
             transforms=dict(transforms),
             required=frozenset(s.name for s in self.scorers[: len(BUILTIN_SCORED)]),
+            formats=self.image_formats,
         )
 
     def score_local(self, todo: dict[str, tuple[str, ...]], ctx: RunContext) -> None:

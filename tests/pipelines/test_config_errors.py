@@ -73,6 +73,15 @@ def test_base_config_is_valid(tmp_path):
         ("filters[0].caption=3", "filters[0].caption: expected a mapping of keys to values (got 3)"),
         ("output.dropped=maybe", "output.dropped: Input should be a valid boolean"),
         ("input.shards=3", "input.shards: expected str or list[str] (got 3)"),
+        # decoders by allow-list (issue 23): never EPS, and the choices named
+        (
+            "input.image_formats=[JPEG, EPS]",
+            "input.image_formats: unknown image format 'EPS'; valid: BMP, GIF, JPEG, PNG, TIFF, WEBP",
+        ),
+        (
+            "input.image_formats=[]",
+            "input.image_formats: must be a non-empty list of image formats from BMP, GIF, JPEG, PNG, TIFF, WEBP",
+        ),
         ("filters={clip_score: {min: 0.2}}", "filters: Input should be a valid list"),
         # unknown filter names list the valid ones
         (
