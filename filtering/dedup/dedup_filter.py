@@ -39,7 +39,7 @@ from filtering.dedup import groups
 from filtering.dedup.partitioned import SearchSettings
 from filtering.dedup.search_stage import label_column, pairs_key
 from filtering.errors import ConfigError
-from filtering.filters.base import Decision, Filter, Params, register
+from filtering.filters.base import Decision, Filter, Params, Survivors, register
 from filtering.pool import Pool
 
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
@@ -118,6 +118,13 @@ class Dedup(Filter):
         uses = p.method == "semantic" or (p.method == "perceptual" and p.min_similarity is not None)
         return {p.embedding} if uses else set()
 
+    def reduction(self) -> Survivors:
+        return Survivors()
+
+    def decided(self, result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Dedup:
+        """``result``: one shard's dropped rows and the uids (high, low halves) of their survivors."""
+        return _DecidedDedup(self.params, self.input, *result)
+
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         p = self.params
         # Canonical order (by uid): the same rows give the same groups whatever the shard order.
@@ -172,6 +179,23 @@ class Dedup(Filter):
         workers = workers_for(len(valid))
         i, j, _ = semdedup_pairs(emb[valid], p.threshold, p.num_clusters, niter=p.niter, seed=p.seed, workers=workers)
         return valid[i], valid[j]
+
+
+class _DecidedDedup(Dedup):
+    """A ``dedup`` whose survivors were picked over the whole pool: one shard's decision."""
+
+    def __init__(self, params, input_info, drop: np.ndarray, dup_hi: np.ndarray, dup_lo: np.ndarray):
+        super().__init__(params, input_info)
+        self.drop, self.dup_hi, self.dup_lo = drop, dup_hi, dup_lo
+
+    def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
+        keep = np.ones(pool.n, dtype=bool)
+        keep[self.drop] = False
+        duplicate_of = np.full(pool.n, None, dtype=object)
+        duplicate_of[self.drop] = [
+            f"{int(h):016x}{int(lo):016x}" for h, lo in zip(self.dup_hi, self.dup_lo, strict=True)
+        ]
+        return Decision(keep, self.reason, duplicate_of)
 
 
 def gather_embeddings(pool: Pool, kind: str | None, rows: np.ndarray) -> np.ndarray:

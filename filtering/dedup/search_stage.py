@@ -73,6 +73,8 @@ def content_digest(pool: Pool, columns: list[str]) -> str:
 class DedupSearchStage(ColumnStage):
     """One candidate search (one set of search settings), shared by dedup filters with the same settings."""
 
+    scope = "reduction"  # on the shard plan, the dedup filter's survivors step searches (dedup_phase.py)
+
     def __init__(self, settings: partitioned.SearchSettings, cache_root: str, workers: int | None = None):
         self.settings = settings
         self.cache_root = cache_root

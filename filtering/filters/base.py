@@ -55,6 +55,32 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class TopFraction:
+    """A global threshold (DataComp, ``baselines/apply_filter.py``): the value at index
+    ``int(N * fraction)`` of ``column`` sorted in descending order over the N rows not
+    failed, NaN counted in N and sorted last. The shard plan finds it from per-shard
+    histograms (``pipelines/executors/streaming.py: select_threshold``)."""
+
+    column: str
+    fraction: float
+    as_float64: bool = False  # a column that is not float is ranked as float64 (``score``)
+
+    def scores(self, values: np.ndarray) -> np.ndarray:
+        """The column's values as the filter ranks them."""
+        return np.asarray(values, dtype=np.float64) if self.as_float64 and values.dtype.kind != "f" else values
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """Groups of duplicates over the whole pool, one survivor each (``dedup``). The shard
+    plan searches and picks them over small per-row arrays before the filter pass
+    (``pipelines/executors/dedup_phase.py``); the filter's own settings say how."""
+
+
+Reduction = TopFraction | Survivors
+
+
+@dataclass(frozen=True)
 class InputInfo:
     """What a filter may know about the input when it is configured (before any data is read)."""
 
@@ -84,6 +110,19 @@ class Filter(ABC):
         reads; the planner runs each one (shared between filters with the same name),
         caching per shard, and keeps their columns out of the outputs."""
         return []
+
+    def reduction(self) -> Reduction | None:
+        """The global step this filter needs before it can decide any row: a threshold
+        over the whole pool (:class:`TopFraction`) or duplicate survivors
+        (:class:`Survivors`). None, the default: the filter decides each row from that
+        row's columns alone, so a shard's rows are decided on that shard's pool."""
+        return None
+
+    def decided(self, result: Any) -> Filter:
+        """This filter with its reduction's result over the whole pool fixed (the
+        threshold; a shard's dropped rows and their survivors), so that applied to one
+        shard's pool it decides as it would on the whole pool."""
+        raise NotImplementedError(f"filter {self.name} declares no reduction")
 
     @abstractmethod
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:

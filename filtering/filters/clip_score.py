@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, model_validator
 
-from filtering.filters.base import Decision, Filter, Params, register
+from filtering.filters.base import Decision, Filter, Params, TopFraction, register
 from filtering.pool import Pool
 
 
@@ -54,6 +54,7 @@ def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float | None:
 class ClipScore(Filter):
     name = "clip_score"
     Params = ClipScoreParams
+    fixed: tuple = ()  # (threshold,) found over the whole pool (:meth:`decided`)
 
     @property
     def field(self) -> str:
@@ -66,9 +67,19 @@ class ClipScore(Filter):
     def requires(self) -> set[str]:
         return {self.field}
 
+    def reduction(self) -> TopFraction | None:
+        return TopFraction(self.field, self.params.top_fraction) if self.params.top_fraction is not None else None
+
+    def decided(self, result) -> ClipScore:
+        fixed = ClipScore(self.params, self.input)
+        fixed.fixed = (result,)
+        return fixed
+
     def threshold(self, pool: Pool) -> float | None:
         if self.params.min is not None:
             return self.params.min
+        if self.fixed:
+            return self.fixed[0]
         scores = pool.column(self.field)
         return top_fraction_threshold(scores[~pool.failed], self.params.top_fraction)
 

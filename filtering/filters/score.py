@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, model_validator
 
-from filtering.filters.base import Decision, Filter, Params, register
+from filtering.filters.base import Decision, Filter, Params, TopFraction, register
 from filtering.filters.clip_score import top_fraction_threshold
 from filtering.pool import Pool
 
@@ -42,9 +42,19 @@ class ScoreParams(Params):
 class Score(Filter):
     name = "score"
     Params = ScoreParams
+    fixed: tuple = ()  # (top_fraction threshold,) found over the whole pool (:meth:`decided`)
 
     def requires(self) -> set[str]:
         return {self.params.column}
+
+    def reduction(self) -> TopFraction | None:
+        p = self.params
+        return TopFraction(p.column, p.top_fraction, as_float64=True) if p.top_fraction is not None else None
+
+    def decided(self, result) -> Score:
+        fixed = Score(self.params, self.input)
+        fixed.fixed = (result,)
+        return fixed
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         p, column = self.params, self.params.column
@@ -54,7 +64,9 @@ class Score(Filter):
         missing = np.isnan(scores)
         low = p.min
         if p.top_fraction is not None:
-            low = top_fraction_threshold(scores[~pool.failed], p.top_fraction)  # NaN counts in N, as in clip_score
+            low = (
+                self.fixed[0] if self.fixed else top_fraction_threshold(scores[~pool.failed], p.top_fraction)
+            )  # NaN counts in N, as in clip_score
         thresholds = {column: low if low is not None else p.max}
         # Comparisons in the column's own dtype, so float64 scores are not rounded.
         with np.errstate(invalid="ignore"):

@@ -56,6 +56,9 @@ DECODE_CHUNK = 64
 IN_PROCESS_DECODE_MAX = 2000  # smaller reference sets decode in-process (no worker start-up)
 
 
+_ASSIGNERS: dict = {}  # per shard-plan worker process: the centroids' Assigner, built once
+
+
 @dataclass(frozen=True)
 class ClusterTargets:
     """What assigning rows needs once the whole-pool part is done: small and picklable,
@@ -70,6 +73,7 @@ class ClusterTargets:
 
 class ImageClustersStage(ColumnStage):
     name = "clusters"
+    scope = "global"  # the target clusters over the pool, then each shard's rows assigned
 
     def __init__(self, cfg, cache_root: str):
         # Nothing is read here: `poolsift validate` plans the run without touching data.
@@ -104,6 +108,22 @@ class ImageClustersStage(ColumnStage):
             f"clusters: {len(targets.targets)} of {targets.num_clusters} clusters are nearest to the reference set; "
             f"{info['rows_in_target']:,} of {pool.n:,} rows fall in them"
         )
+
+    def prepare(self, ctx: RunContext, source, shard_rows: list[int]) -> ClusterTargets:
+        """The target clusters from the source's pool of shard parts and embeddings
+        (``skeleton_pool``: no column, nothing per row), as :meth:`run` finds them."""
+        return self.find_targets(ctx, source.skeleton_pool(shard_rows))
+
+    def run_shard(self, ctx: RunContext, pool: Pool, prepared: ClusterTargets) -> None:
+        self.assign(ctx, pool, prepared, _ASSIGNERS)
+
+    def merge_records(self, record: dict[str, Any], shard_records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The driver's record of the targets, with the shards' assignment counts summed."""
+        record = {**record, "cache": dict(record["cache"])}
+        for key in ("shards_assigned", "shards_cached"):
+            record["cache"][key] = sum(r["cache"][key] for r in shard_records)
+        record["rows_in_target"] = sum(r["rows_in_target"] for r in shard_records)
+        return record
 
     def find_targets(self, ctx: RunContext, pool: Pool) -> ClusterTargets:
         """The whole-pool part: centroids (trained on a sample of ``pool``'s embeddings, or

@@ -436,6 +436,9 @@ class ScorerStage(ColumnStage):
         self.cache_root = cache_root
         self.internal = internal  # a filter's own scorer: its columns stay out of the outputs
         self.name = f"scorer:{scorer.name}"
+        # A filter's own scorer (language's language_id) runs shard by shard in the
+        # workers; a configured one (a model head) keeps the in-memory plan, which loads it once.
+        self.scope = "shard" if internal else "pool"
 
     def provides(self) -> set[str]:
         return set(self.scorer.provides())

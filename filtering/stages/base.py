@@ -173,6 +173,33 @@ class SourceStage(Stage):
 
 
 class ColumnStage(Stage):
+    """Adds columns to the pool. ``scope`` declares how the shard plan runs it
+    (docs/architecture.md, "Data flow of one run"):
+
+    - ``"shard"``: each shard's rows alone, in the workers (``run`` on a one-shard pool);
+    - ``"global"``: a whole-pool step first, in the driver, from the shards' row counts
+      and the source's embeddings, never a column (:meth:`prepare`: a small, picklable
+      result), then each shard's rows in the workers (:meth:`run_shard`);
+    - ``"reduction"``: nothing of its own: the reduction of the filter that reads its
+      columns does its work (dedup's candidate search, in the survivors step);
+    - ``"pool"`` (the default): only over the whole pool in one process (the in-memory plan).
+    """
+
+    scope: str = "pool"
+
+    def prepare(self, ctx: RunContext, source: SourceStage, shard_rows: list[int]) -> Any:
+        """``scope == "global"``: the whole-pool step; its result is handed to :meth:`run_shard`."""
+        raise NotImplementedError
+
+    def run_shard(self, ctx: RunContext, pool: Pool, prepared: Any) -> None:
+        """``scope == "global"``: the columns of one shard's pool, given :meth:`prepare`'s result."""
+        raise NotImplementedError
+
+    def merge_records(self, record: dict[str, Any], shard_records: list[dict[str, Any]]) -> dict[str, Any]:
+        """``scope == "global"``: the run's record (``ctx.stage_info[name]``) from the
+        driver's (``prepare``) and the shards' (``run_shard``)."""
+        return record
+
     def embeddings_required(self) -> dict[str, str | None]:
         """Embedding kinds this stage reads, by the config key that names each (None:
         the pool's default); the planner checks them against the source's before any data is read."""

@@ -52,41 +52,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from filtering.dedup import partitioned
-from filtering.dedup.dedup_filter import Dedup
 from filtering.dedup.search_stage import label_column
-from filtering.filters.base import Decision
-from filtering.filters.compose import FilterNode, Leaf, apply_filters
+from filtering.filters.compose import apply_filters
 from filtering.uid import uids_to_u8u8
-
-
-def dedup_positions(nodes: list[FilterNode]) -> list[int]:
-    """Positions of the top-level ``dedup`` leaves (the only ones the streaming plan takes)."""
-    return [k for k, n in enumerate(nodes) if isinstance(n, Leaf) and isinstance(n.filter, Dedup)]
-
-
-class _DecidedDedup(Dedup):
-    """A ``dedup`` leaf whose decision for one shard was taken over the whole pool."""
-
-    def __init__(self, base: Dedup, drop: np.ndarray, dup_hi: np.ndarray, dup_lo: np.ndarray):
-        super().__init__(base.params, base.input)
-        self.drop, self.dup_hi, self.dup_lo = drop, dup_hi, dup_lo
-
-    def apply(self, pool, alive: np.ndarray) -> Decision:
-        keep = np.ones(pool.n, dtype=bool)
-        keep[self.drop] = False
-        duplicate_of = np.full(pool.n, None, dtype=object)
-        duplicate_of[self.drop] = [
-            f"{int(h):016x}{int(lo):016x}" for h, lo in zip(self.dup_hi, self.dup_lo, strict=True)
-        ]
-        return Decision(keep, self.reason, duplicate_of)
-
-
-def with_decisions(nodes: list[FilterNode], decided: dict[int, tuple] | None) -> list[FilterNode]:
-    """The top-level list with each decided ``dedup`` leaf replaced by its shard's decision."""
-    if not decided:
-        return nodes
-    return [Leaf(_DecidedDedup(n.filter, *decided[k])) if k in decided else n for k, n in enumerate(nodes)]
-
 
 # ---------------------------------------------------------------- workers
 
@@ -109,18 +77,12 @@ def _emit(args) -> partitioned.Spilled:
 def _alive_at(args) -> dict[str, Any]:
     """One shard through the filters before the dedup at ``position``: the alive mask, and
     for the alive rows the keep score and the uid (two uint64)."""
-    from pipelines.executors.streaming import _shard_pool, _with_thresholds
+    from pipelines.executors.streaming import _shard_pool, decided_tree, shard_columns
 
     sh, shard, thresholds, decided, position = args
     pool, ctx = _shard_pool(sh, shard)
-    for stage in sh.scorer_stages:
-        stage.run(ctx, pool)
-    if sh.clusters is not None:
-        from pipelines.executors.streaming import _ASSIGNERS
-
-        stage, targets = sh.clusters
-        stage.assign(ctx, pool, targets, _ASSIGNERS)
-    nodes = with_decisions(_with_thresholds(list(sh.cfg.filter_tree), thresholds), decided)
+    shard_columns(sh, ctx, pool)
+    nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
     alive = apply_filters(nodes[:position], pool).keep
     f = nodes[position].filter
     rows = np.flatnonzero(alive)
@@ -258,7 +220,9 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
     starts = np.r_[0, np.cumsum(shard_rows)].astype(np.int64)
     decided: list[dict[int, tuple]] = [{} for _ in shards]
     searched: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    positions = dedup_positions(nodes)
+    from pipelines.executors.streaming import survivor_positions
+
+    positions = survivor_positions(nodes)
     # The last position that uses each search: its labels are freed (and reused) there.
     last_use = {s: p for p in positions if (s := nodes[p].filter.search_settings()) is not None}
     for position in positions:

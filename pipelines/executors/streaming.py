@@ -5,12 +5,13 @@ streaming methods: ``stream_shards``, ``stream_prepare``, ``shard_scores``,
 ``shard_pool``, ``stream_record``): DataComp metadata read per shard, or a WebDataset
 pool whose every shard is cached (a re-filter: the one-shard pool from the caches).
 
-Used when every filter in the tree decides a row from that row alone (caption,
-language, image_size, text_entities, wordnet_synsets, uids, ``clip_score`` /
-``score`` thresholds, ``image_clusters`` once the target clusters are known), or is a
-``clip_score`` ``top_fraction`` over the whole pool, or a top-level ``dedup`` of any
-method (decided over the pool between steps 3 and 4: ``dedup_phase.py``). No
-process holds the pool; each phase is a map over shards on a task pool
+Used when every filter in the tree decides a row from that row alone (its
+``reduction()`` is None), or declares a global step this plan runs: a ``TopFraction``
+threshold over a source column (``clip_score`` and ``score`` ``top_fraction``), or
+``Survivors`` at the top level (``dedup`` of any method, decided over the pool between
+steps 3 and 4: ``dedup_phase.py``); and every column stage runs per shard
+(``scope``: ``"shard"``, ``"global"`` with its whole-pool step in step 3, or
+``"reduction"``). No process holds the pool; each phase is a map over shards on a task pool
 (``filtering/tasks.py``: a local process pool, or Ray tasks with ``--executor ray``), or a
 small reduction in the driver:
 
@@ -23,14 +24,13 @@ small reduction in the driver:
    while it holds more than GATHER_LIMIT scores); the shards return only the scores in
    that bin, and ``np.partition`` picks the exact value, in the column's dtype. These
    passes read the scan's spilled arrays, not the shards.
-3. **cluster targets** (driver; ``image_clusters`` only): centroids, reference
-   embeddings and target ids by ``ImageClustersStage.find_targets`` on a pool of shard
-   parts and embeddings (no column), in the in-memory path's caches.
-4. **filter and write** (per shard): the shard read as a one-shard pool, its rows
-   assigned to clusters (``ImageClustersStage.assign``, the in-memory path's per-shard
-   cache), the filter tree applied with the global thresholds (same code as the
-   in-memory path); the kept and
-   dropped rows written as the shard's own Parquet parts into the spill folder, hashed
+3. **global stages** (driver): each ``"global"`` stage's ``prepare`` (``image_clusters``:
+   centroids, reference embeddings and target ids by ``ImageClustersStage.find_targets``
+   on a pool of shard parts and embeddings, no column, in the in-memory path's caches).
+4. **filter and write** (per shard): the shard read as a one-shard pool, its columns
+   added by the column stages (``run``, or a global stage's ``run_shard``: the in-memory
+   path's per-shard caches), the filter tree applied with the reductions' results
+   (``Filter.decided``; same code as the in-memory path); the kept and dropped rows written as the shard's own Parquet parts into the spill folder, hashed
    as they are written; the shard's uids spilled grouped by range of their high bits,
    with a keep flag each; the funnel comes back as counts per filter and reason code.
 5. **uid check and subset.npy** (per uid range): the spilled uids of every shard, one
@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filtering.filters.clip_score import ClipScore
+from filtering.filters.base import Filter, Survivors, TopFraction
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
 from filtering.io.arrow import without_pandas
 from filtering.io.atomic import atomic_write_text, fsync_files
@@ -75,24 +75,8 @@ from filtering.tasks import runs_tasks, task_pool
 from filtering.uid import UID_DTYPE, order_u8u8, uids_to_u8u8
 from filtering.writers.commit import file_records, invalidate
 from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, remove_parts, subset_stream
-from pipelines.executors.dedup_phase import dedup_positions, run_dedup, with_decisions
+from pipelines.executors.dedup_phase import run_dedup
 
-# Filters whose decision for a row reads only that row (a global top_fraction is handled apart).
-# ``image_clusters`` is row-local once the target clusters are known (a small id set the
-# driver finds first); each shard's rows are then assigned in the workers.
-ROW_LOCAL = frozenset(
-    {
-        "caption",
-        "language",
-        "image_size",
-        "text_entities",
-        "wordnet_synsets",
-        "uids",
-        "clip_score",
-        "score",
-        "image_clusters",
-    }
-)
 KEY_BITS = 16  # histogram of the top bits of each score's order-preserving key
 FINE_BITS = 12  # uid ranges: the top bits of the uid's high half
 RANGE_ROWS = 2_000_000  # uids sorted per merge task (32 MB)
@@ -100,11 +84,11 @@ SPILL = ".streaming"
 
 
 def why_not(cfg, the_plan, executor) -> str | None:
-    """Why this run cannot stream (None: it can, with outputs equal to the in-memory path's)."""
-    from filtering.dedup.search_stage import DedupSearchStage
-    from filtering.image_clusters.image_clusters_stage import ImageClustersStage
-    from filtering.scorers.base import ScorerStage
+    """Why this run cannot stream (None: it can, with outputs equal to the in-memory path's).
 
+    Nothing here names a filter or a stage: each filter declares the global step it needs
+    (``Filter.reduction()``: none for a row-local filter) and each column stage its scope
+    (``ColumnStage.scope``); this says which of those the plan has no step for yet."""
     source = the_plan.source
     reason = source.stream_why_not()
     if reason:
@@ -113,71 +97,65 @@ def why_not(cfg, the_plan, executor) -> str | None:
         return f"{source.info.kind} input streams on execution.mode: streaming only"
     if not runs_tasks(executor):
         return "the executor runs no plan tasks"
-    # A filter's own scorers (language's language_id) run shard by shard in the workers;
-    # configured scorers (model heads) keep the in-memory path, which loads them once.
-    # The cluster stage splits: targets in the driver, assignment in the workers.
-    whole = [
-        s
-        for s in the_plan.stages
-        if not (isinstance(s, ScorerStage) and s.internal) and not isinstance(s, ImageClustersStage | DedupSearchStage)
-    ]
-    if whole:
-        return f"stage {type(whole[0]).__name__} needs the whole pool"
-    split = [s for s in the_plan.stages if isinstance(s, ImageClustersStage | DedupSearchStage)]
-    if split and not source.streams_clusters:  # driver-side targets or search over the source's shards
-        return f"stage {type(split[0]).__name__} on {source.info.kind} input"
+    for stage in the_plan.stages:
+        if stage.scope == "pool":
+            return f"stage {type(stage).__name__} needs the whole pool"
+        if stage.scope in ("global", "reduction") and not source.streams_clusters:
+            return f"stage {type(stage).__name__} on {source.info.kind} input"  # a whole-pool step over its shards
     if cfg.output.webdataset:
         return "output.webdataset"
     if not is_local(cfg.output.dir):
         return "remote output"
+    provided = set(source.provides())
     for node in cfg.filter_tree:
-        # A top-level dedup (any method and settings) is a global survivor step (dedup_phase.py).
-        reason = None if isinstance(node, Leaf) and node.filter.name == "dedup" else _node_why_not(node)
-        if reason:
-            return reason
+        for f, top in _leaves(node):
+            reason = _reduction_why_not(f, top, provided)
+            if reason:
+                return reason
     return None
 
 
-def _node_why_not(node: FilterNode) -> str | None:
-    if isinstance(node, AllOf | AnyOf):
-        return next((r for c in node.children if (r := _node_why_not(c))), None)
-    if isinstance(node, Not):
-        return _node_why_not(node.child)
-    if not isinstance(node, Leaf):
-        return f"filter {node.label()} is not row-local"
-    f = node.filter
-    if f.name == "dedup":
-        return "dedup inside any/not (only a top-level dedup streams)"
-    if f.name not in ROW_LOCAL:
-        return f"filter {f.name} is not row-local"
-    if f.name == "score" and f.params.top_fraction is not None:
-        return "score top_fraction (only clip_score's top_fraction streams)"
-    return None
+def _leaves(node: FilterNode, top: bool = True):
+    """The tree's filters in ``leaves()`` order, each with whether it is a top-level entry."""
+    if isinstance(node, Leaf):
+        yield node.filter, top
+    elif isinstance(node, AllOf | AnyOf):
+        for child in node.children:
+            yield from _leaves(child, False)
+    elif isinstance(node, Not):
+        yield from _leaves(node.child, False)
+    else:
+        raise TypeError(f"filter node {node.label()} of unknown kind")
 
 
-def _top_fraction_leaves(nodes: list[FilterNode]) -> list[ClipScore]:
-    out = []
-    for node in nodes:
-        for f in node.leaves():
-            if isinstance(f, ClipScore) and f.params.top_fraction is not None:
-                out.append(f)
-    return out
+def _reduction_why_not(f: Filter, top: bool, provided: set[str]) -> str | None:
+    r = f.reduction()
+    if r is None:  # row-local
+        return None
+    if isinstance(r, TopFraction):
+        if r.column not in provided:  # the scan reads the source's shards (shard_scores)
+            return f"filter {f.name}: top_fraction over {r.column}, a column a stage computes"
+        return None
+    if isinstance(r, Survivors):
+        return None if top else f"filter {f.name} inside any/not (its survivors are picked at the top level only)"
+    return f"filter {f.name}: the plan has no step for its reduction {type(r).__name__}"
 
 
-class _GlobalClipScore(ClipScore):
-    """``clip_score`` with the threshold the whole pool gave (a shard's own would differ)."""
-
-    def __init__(self, base: ClipScore, value):
-        super().__init__(base.params, base.input)
-        self.value = value
-
-    def threshold(self, pool):
-        return self.value
+def _top_fractions(nodes: list[FilterNode]) -> list[TopFraction]:
+    """Each ``TopFraction`` reduction of the tree, in ``leaves()`` order."""
+    return [r for node in nodes for f in node.leaves() if isinstance(r := f.reduction(), TopFraction)]
 
 
-def _with_thresholds(nodes: list[FilterNode], values: list) -> list[FilterNode]:
-    """The tree with each top_fraction ``clip_score`` leaf (in ``leaves()`` order) fixed to its global value."""
-    it = iter(values)
+def survivor_positions(nodes: list[FilterNode]) -> list[int]:
+    """Positions of the top-level filters whose reduction is :class:`Survivors` (``dedup``)."""
+    return [k for k, n in enumerate(nodes) if isinstance(n, Leaf) and isinstance(n.filter.reduction(), Survivors)]
+
+
+def decided_tree(nodes: list[FilterNode], thresholds: list, survivors: dict[int, tuple] | None) -> list[FilterNode]:
+    """The tree with every reduction's result over the pool fixed: each ``TopFraction``
+    leaf (in ``leaves()`` order) its threshold, each top-level ``Survivors`` leaf found in
+    ``survivors`` its shard's decision (``Filter.decided``)."""
+    it = iter(thresholds)
 
     def walk(node: FilterNode) -> FilterNode:
         if isinstance(node, AllOf):
@@ -187,11 +165,12 @@ def _with_thresholds(nodes: list[FilterNode], values: list) -> list[FilterNode]:
         if isinstance(node, Not):
             return Not(walk(node.child))
         f = node.filter
-        if isinstance(f, ClipScore) and f.params.top_fraction is not None:
-            return Leaf(_GlobalClipScore(f, next(it)))
-        return node
+        return Leaf(f.decided(next(it))) if isinstance(f.reduction(), TopFraction) else node
 
-    return [walk(n) for n in nodes]
+    out = [walk(n) for n in nodes]
+    for k in survivors or {}:
+        out[k] = Leaf(out[k].filter.decided(survivors[k]))
+    return out
 
 
 # ---------------------------------------------------------------- score keys
@@ -211,19 +190,24 @@ def score_keys(values: np.ndarray) -> np.ndarray:
 class _Shared:
     cfg: Any
     source: Any  # the SourceStage: builds each one-shard pool
-    fields: tuple[str, ...]  # score column of each top_fraction leaf
+    tops: tuple[TopFraction, ...]  # the tree's top_fraction reductions, in leaves() order
     spill: str
     out_dir: str
     prov: dict[str, Any]
     hex_columns: frozenset[str]
     rows_per_part: int
-    scorer_stages: tuple = ()  # the plan's ScorerStages, run on each shard's pool (cached per shard)
-    clusters: Any = None  # (ImageClustersStage, ClusterTargets): assign each shard's rows
+    shard_stages: tuple = ()  # the plan's stages of scope "shard", run on each shard's pool (cached per shard)
+    global_stages: tuple = ()  # (stage, its prepare() result) for the stages of scope "global"
     max_failures: int = 10_000  # failed rows listed per shard (the manifest lists as many in all)
 
 
-def _scores_path(sh: _Shared, name: str, i: int) -> str:
-    return os.path.join(sh.spill, f"scores-{list(dict.fromkeys(sh.fields)).index(name)}-{i:06d}.npy")
+def _score_keys(sh: _Shared) -> list[tuple[str, bool]]:
+    """The distinct score columns the reductions rank, each as ``(column, as_float64)``."""
+    return list(dict.fromkeys((r.column, r.as_float64) for r in sh.tops))
+
+
+def _scores_path(sh: _Shared, key: int, i: int) -> str:
+    return os.path.join(sh.spill, f"scores-{key}-{i:06d}.npy")
 
 
 def _scan(args) -> dict[str, Any]:
@@ -232,17 +216,17 @@ def _scan(args) -> dict[str, Any]:
     (8 bytes a row for float64), so the threshold's later passes read an array instead of
     decoding the shard again."""
     sh, i, shard = args
-    fields = list(dict.fromkeys(sh.fields))
-    columns = sh.source.shard_scores(shard, fields)
-    out: dict[str, Any] = {"n": len(columns[fields[0]]), "hists": {}, "nan": {}, "dtype": {}}
-    for name in fields:
-        scores = columns[name]
-        np.save(_scores_path(sh, name, i), scores)
+    wanted = _score_keys(sh)
+    columns = sh.source.shard_scores(shard, list(dict.fromkeys(c for c, _ in wanted)))
+    out: dict[str, Any] = {"n": len(columns[wanted[0][0]]), "hists": {}, "nan": {}, "dtype": {}}
+    for key, (column, as_float64) in enumerate(wanted):
+        scores = TopFraction(column, 0.0, as_float64).scores(columns[column])
+        np.save(_scores_path(sh, key, i), scores)
         nan = np.isnan(scores)
-        out["nan"][name] = int(nan.sum())
-        out["dtype"][name] = scores.dtype.str
+        out["nan"][key] = int(nan.sum())
+        out["dtype"][key] = scores.dtype.str
         keys = score_keys(scores[~nan])
-        out["hists"][name] = np.bincount((keys >> np.uint64(64 - KEY_BITS)).astype(np.int64), minlength=1 << KEY_BITS)
+        out["hists"][key] = np.bincount((keys >> np.uint64(64 - KEY_BITS)).astype(np.int64), minlength=1 << KEY_BITS)
     return out
 
 
@@ -264,16 +248,16 @@ def _keys_under(scores: np.ndarray, prefix: int, bits: int) -> tuple[np.ndarray,
 
 def _refine(args) -> np.ndarray:
     """One shard's histogram of the next KEY_BITS key bits, among scores under ``prefix``."""
-    sh, i, name, prefix, bits = args
-    _, keys = _keys_under(np.load(_scores_path(sh, name, i)), prefix, bits)
+    sh, i, key, prefix, bits = args
+    _, keys = _keys_under(np.load(_scores_path(sh, key, i)), prefix, bits)
     shift = np.uint64(64 - bits - KEY_BITS)
     return np.bincount(((keys >> shift) & np.uint64((1 << KEY_BITS) - 1)).astype(np.int64), minlength=1 << KEY_BITS)
 
 
 def _gather(args) -> np.ndarray:
     """One shard's scores under ``prefix``."""
-    sh, i, name, prefix, bits = args
-    scores, _ = _keys_under(np.load(_scores_path(sh, name, i)), prefix, bits)
+    sh, i, key, prefix, bits = args
+    scores, _ = _keys_under(np.load(_scores_path(sh, key, i)), prefix, bits)
     return scores
 
 
@@ -342,12 +326,8 @@ def _filter(args) -> dict[str, Any]:
         uids = uids_to_u8u8(pool.table.column("uid").filter(pa.array(alive)).cast(pa.string()))
     except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
         return {"bad_uids": f"{type(e).__name__}: {e}"}
-    for stage in sh.scorer_stages:  # e.g. language's language_id: its cache is per shard anyway
-        stage.run(ctx, pool)
-    if sh.clusters is not None:  # the same per-shard cache entries as the in-memory run's
-        stage, targets = sh.clusters
-        stage.assign(ctx, pool, targets, _ASSIGNERS)
-    nodes = with_decisions(_with_thresholds(list(sh.cfg.filter_tree), thresholds), decided)
+    shard_columns(sh, ctx, pool)
+    nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
     outcome = apply_filters(nodes, pool)
     # grouped by uid range (a radix sort of FINE_BITS-bit keys), the unit of the uid phase
     bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.uint16)
@@ -387,26 +367,18 @@ def _filter(args) -> dict[str, Any]:
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "source": sh.source.shard_record(ctx, pool),
         "scorers": ctx.stage_info.get("scorers", {}),
-        "clusters": ctx.stage_info.get("clusters"),
+        "global_stages": {stage.name: ctx.stage_info.get(stage.name) for stage, _ in sh.global_stages},
     }
 
 
-_ASSIGNERS: dict = {}  # per worker process: the centroids' Assigner, built once
-
-
-def _cluster_targets(stage, source, counts: list[int], ctx: RunContext):
-    """The target clusters, found as the in-memory run finds them (same caches), from the
-    source's pool of shard parts and embeddings only: no metadata column, nothing per row."""
-    return stage.find_targets(ctx, source.skeleton_pool(counts))
-
-
-def _sum_cluster_info(info: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The driver's record of the targets, with the shards' assignment counts summed."""
-    info = {**info, "cache": dict(info["cache"])}
-    info["cache"]["shards_assigned"] = sum(r["clusters"]["cache"]["shards_assigned"] for r in results)
-    info["cache"]["shards_cached"] = sum(r["clusters"]["cache"]["shards_cached"] for r in results)
-    info["rows_in_target"] = sum(r["clusters"]["rows_in_target"] for r in results)
-    return info
+def shard_columns(sh: _Shared, ctx: RunContext, pool) -> None:
+    """The column stages' columns of one shard's pool: the per-shard stages (a filter's
+    own scorer: cached per shard anyway), then each global stage's per-shard part (the
+    same per-shard cache entries as the in-memory run's)."""
+    for stage in sh.shard_stages:
+        stage.run(ctx, pool)
+    for stage, prepared in sh.global_stages:
+        stage.run_shard(ctx, pool, prepared)
 
 
 # ---------------------------------------------------------------- driver
@@ -528,28 +500,23 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
 
 
 def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -> dict[str, Any] | None:
-    from filtering.dedup.search_stage import DedupSearchStage
-    from filtering.image_clusters.image_clusters_stage import ImageClustersStage
     from pipelines.runner import MAX_MANIFEST_FAILURES, _json_default, check_funnel, manifest_record, model_record
 
-    cluster_stage = next((s for s in the_plan_stages if isinstance(s, ImageClustersStage)), None)
-
-    top = _top_fraction_leaves(list(cfg.filter_tree))
+    top = _top_fractions(list(cfg.filter_tree))
+    global_stages = [s for s in the_plan_stages if s.scope == "global"]
     config_dict = cfg.to_dict()
     model = model_record(cfg, ctx, source)
     prov = provenance(config_dict, cfg.sha256(), model)
     sh = _Shared(
         cfg=cfg,
         source=source,
-        fields=tuple(f.field for f in top),
+        tops=tuple(top),
         spill=spill,
         out_dir=cfg.output.dir,
         prov=prov,
         hex_columns=frozenset(HEX_COLUMNS | set(source.info.hex_columns)),
         rows_per_part=cfg.output.rows_per_part,
-        scorer_stages=tuple(
-            s for s in the_plan_stages if s is not cluster_stage and not isinstance(s, DedupSearchStage)
-        ),
+        shard_stages=tuple(s for s in the_plan_stages if s.scope == "shard"),
         max_failures=MAX_MANIFEST_FAILURES,
     )
     uid_paths = [os.path.join(spill, f"uids-{i:06d}.npy") for i in range(len(shards))]
@@ -565,51 +532,50 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     with task_pool(ctx.executor, workers_for(len(shards))) as pool:
         n_workers = pool.workers
         # 1. scan: the top_fraction score columns only (nothing to read without one)
-        hists: dict[str, np.ndarray] = {}
-        nans: dict[str, int] = {}
-        dtypes: dict[str, str] = {}
+        hists: dict[int, np.ndarray] = {}
+        nans: dict[int, int] = {}
+        dtypes: dict[int, str] = {}
         scanned, shard_rows = 0, []
         if top:
             bar = ctx.bar(len(shards), "scan", unit="shards")
             for r in pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)]):  # summed as they come
                 scanned += r["n"]
                 shard_rows.append(r["n"])
-                for name, h in r["hists"].items():
-                    hists[name] = hists[name] + h if name in hists else h
-                    nans[name] = nans.get(name, 0) + r["nan"][name]
-                    dtypes[name] = r["dtype"][name]
+                for key, h in r["hists"].items():
+                    hists[key] = hists[key] + h if key in hists else h
+                    nans[key] = nans.get(key, 0) + r["nan"][key]
+                    dtypes[key] = r["dtype"][key]
                 bar.update(1)
             bar.close()
             lap("scan")
         # 2. thresholds
         values: list[Any] = []
-        for f in top:
-            name = f.field
+        keys = _score_keys(sh)
+        for r in top:
+            key = keys.index((r.column, r.as_float64))
 
-            def refine(prefix, bits, name=name):
-                return np.sum(
-                    list(pool.map(_refine, [(sh, i, name, prefix, bits) for i in range(len(shards))])), axis=0
-                )
+            def refine(prefix, bits, key=key):
+                return np.sum(list(pool.map(_refine, [(sh, i, key, prefix, bits) for i in range(len(shards))])), axis=0)
 
-            def gather(prefix, bits, name=name):
-                return np.concatenate(
-                    list(pool.map(_gather, [(sh, i, name, prefix, bits) for i in range(len(shards))]))
-                )
+            def gather(prefix, bits, key=key):
+                return np.concatenate(list(pool.map(_gather, [(sh, i, key, prefix, bits) for i in range(len(shards))])))
 
-            dtype = np.dtype(dtypes[name])
-            values.append(
-                select_threshold(hists[name], nans[name], scanned, f.params.top_fraction, dtype, refine, gather)
-            )
+            dtype = np.dtype(dtypes[key])
+            values.append(select_threshold(hists[key], nans[key], scanned, r.fraction, dtype, refine, gather))
         if top:
             lap("threshold")
-        # 3. cluster targets: a small id set, found before any row is assigned
-        if cluster_stage is not None:
+        # 3. the global stages' whole-pool steps (image_clusters: the target clusters, a
+        # small id set), before any row is assigned
+        if global_stages:
             shard_rows = list(pool.map(_count_rows, [(sh, s) for s in shards]))  # every row, failed ones too
-            sh = replace(sh, clusters=(cluster_stage, _cluster_targets(cluster_stage, source, shard_rows, ctx)))
-            lap("cluster_targets")
-        # 3b. dedup: the search, then the survivors over small per-row arrays (dedup_phase.py)
+            prepared = []
+            for stage in global_stages:
+                prepared.append((stage, stage.prepare(ctx, source, shard_rows)))
+                lap(stage.name)
+            sh = replace(sh, global_stages=tuple(prepared))
+        # 3b. survivors (dedup): the search, then the survivors over small per-row arrays (dedup_phase.py)
         decided = [None] * len(shards)
-        if dedup_positions(list(cfg.filter_tree)):
+        if survivor_positions(list(cfg.filter_tree)):
             shard_rows = list(pool.map(_count_rows, [(sh, s) for s in shards]))  # every row, failed ones too
             decided = run_dedup(pool, sh, shards, shard_rows, values, ctx)
             if decided is None:
@@ -681,9 +647,10 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         outputs["report"] = join(out_dir, "report.html")
     first = results[0]
     source.stream_record(ctx, [r["source"] for r in results], shards, total)
-    if cluster_stage is not None:  # after the source's record, as the in-memory run orders them
-        found = ctx.stage_info.pop("clusters")
-        ctx.stage_info["clusters"] = {**_sum_cluster_info(found, results), "seconds": seconds["cluster_targets"]}
+    for stage in global_stages:  # after the source's record, as the in-memory run orders them
+        found = ctx.stage_info.pop(stage.name)
+        merged = stage.merge_records(found, [r["global_stages"][stage.name] for r in results])
+        ctx.stage_info[stage.name] = {**merged, "seconds": seconds[stage.name]}
     scorers: dict[str, Any] = {}  # each shard's scorer records: one per scorer, shard counts summed
     for r in results:
         for name, rec in r["scorers"].items():

@@ -202,14 +202,30 @@ def test_repeated_uid_falls_back_to_memory(tmp_path):
     assert uid in json.dumps(result.manifest["uids"])
 
 
-def test_auto_streams_only_row_local_trees(tmp_path, metadata):
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [{"score": {"column": B32, "top_fraction": 0.3}}],
+        # an integer column is ranked as float64; two reductions over one column, one negated
+        [{"not": {"score": {"column": "original_width", "top_fraction": 0.2}}}, {"clip_score": {"top_fraction": 0.5}}],
+        [{"clip_score": {"top_fraction": 0.6, "field": B32}}, {"score": {"column": B32, "top_fraction": 0.4}}],
+    ],
+    ids=["score", "integer-column-under-not", "same-column-twice"],
+)
+def test_score_top_fraction_streams(tmp_path, nan_metadata, filters):
+    """``score``'s top_fraction declares the same reduction as ``clip_score``'s (``TopFraction``)."""
+    m = assert_same_outputs(nan_metadata, tmp_path, filters)
+    assert "scan" in m["execution"]["seconds"]
+
+
+def test_auto_streams_unless_a_step_needs_the_whole_pool(tmp_path, metadata):
     raw = {
         "input": {"datacomp_metadata": str(metadata)},
-        "filters": [{"clip_score": {"top_fraction": 0.3}}],
+        "filters": [{"score": {"column": B32, "top_fraction": 0.3}}],
         "output": {"dir": str(tmp_path / "a")},
     }
     assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is None
-    raw["filters"] = [{"score": {"column": B32, "top_fraction": 0.3}}]
+    raw["filters"] = [{"any": [{"dedup": {"method": "exact"}}, {"caption": {"min_words": 3}}]}]
     raw["output"]["dir"] = str(tmp_path / "b")
     assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is not None
     raw["execution"] = {"mode": "streaming"}

@@ -108,3 +108,51 @@ def test_uid_range_compares_whole_uids_only_where_high_halves_tie(tmp_path):
     assert np.load(target).tolist() == [(3, 1), (7, 2), (7, 9)]
     _, k2 = spill(2, [(7, 9)], [False])
     assert streaming._uid_range(([u0, str(tmp_path / "u2.npy")], [k0, k2], [(0, 2), (0, 1)], str(target), 0))
+
+
+def test_the_plan_reads_what_filters_declare():
+    """A filter that declares no reduction is row-local and streams anywhere; a declared
+    reduction is checked where it sits (streaming.why_not names no filter)."""
+    import pydantic
+
+    from filtering.filters.base import Decision, Filter, InputInfo, Survivors, TopFraction
+    from filtering.filters.compose import AllOf, Leaf, Not
+    from pipelines.executors.streaming import _leaves, _reduction_why_not, decided_tree
+
+    class Params(pydantic.BaseModel):
+        reduction: str | None = None
+
+    class NewFilter(Filter):
+        name = "new_filter"
+
+        def reduction(self):
+            return {None: None, "top": TopFraction("s", 0.5), "dedup": Survivors(), "odd": object()}[
+                self.params.reduction
+            ]
+
+        def decided(self, result):
+            fixed = NewFilter(self.params, self.input)
+            fixed.result = result
+            return fixed
+
+        def apply(self, pool, alive):
+            return Decision(alive, "new_filter")
+
+    info = InputInfo(kind="datacomp")
+    row, top, dedup, odd = (NewFilter(Params(reduction=r), info) for r in (None, "top", "dedup", "odd"))
+    tree = [Leaf(dedup), AllOf([Leaf(row), Not(Leaf(top))])]
+    assert [(f.params.reduction, at_top) for f, at_top in (p for n in tree for p in _leaves(n))] == [
+        ("dedup", True),
+        (None, False),
+        ("top", False),
+    ]
+    assert _reduction_why_not(row, False, set()) is None
+    assert _reduction_why_not(top, False, {"s"}) is None
+    assert "a column a stage computes" in _reduction_why_not(top, True, set())
+    assert _reduction_why_not(dedup, True, set()) is None
+    assert "any/not" in _reduction_why_not(dedup, False, set())
+    assert "no step for its reduction" in _reduction_why_not(odd, True, set())
+    fixed = decided_tree(tree, [0.25], {0: "survivors"})
+    assert fixed[0].filter.result == "survivors"
+    assert fixed[1].children[0].filter is row  # row-local: unchanged
+    assert fixed[1].children[1].child.filter.result == 0.25
