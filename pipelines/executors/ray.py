@@ -29,10 +29,14 @@ fsspec URL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
+import re
+import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +54,31 @@ def _import_ray():
     except ImportError as e:
         raise ConfigError(INSTALL_HINT) from e
     return ray
+
+
+# A line of Ray's C++ core log at info level: "[2026-12-07 16:14:01,539 I 22544 22544] logging.cc:303: ..."
+_RAY_CORE_INFO = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ I \d+ \d+\] ")
+
+
+@contextlib.contextmanager
+def _without_ray_core_notices():
+    """Keep the driver's C++ core notices off the terminal while Ray starts: with
+    ``RAY_BACKEND_LOG_LEVEL`` set, the core still writes "logging.cc:303: Set ray log
+    level ..." straight to file descriptor 2, where Python's logging settings cannot reach.
+    Whatever else was written there meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(True)
+            sys.stderr.write("".join(line for line in lines if not _RAY_CORE_INFO.match(line)))
 
 
 class RayExecutor:
@@ -94,7 +123,8 @@ class RayExecutor:
         try:
             # "local": a private Ray, never one that RAY_ADDRESS or a `ray start` on this
             # machine points at (README: without --ray-address a private Ray is started).
-            ray.init(address=self.address or "local", **kwargs)
+            with _without_ray_core_notices():
+                ray.init(address=self.address or "local", **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"join the Ray cluster at {self.address}" if self.address else "start a local Ray"
             raise PoolsiftError(f"could not {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

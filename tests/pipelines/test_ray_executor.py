@@ -134,3 +134,15 @@ def test_a_failing_image_scorer_on_ray_is_counted_as_locally(tmp_path, rerun_dir
     assert ray_m["stages"]["scorers"]["odd_width_fails"]["failed"]["count"] > 0
     assert set(next(f for f in ray_m["counts"]["filters"] if f["name"] == "score")["reasons"]) == {"even_width_missing"}
     assert (rerun_dir / "subset.npy").read_bytes() == (local / "subset.npy").read_bytes()
+
+
+def test_a_ray_run_prints_nothing_from_rays_logging(rerun_dir):
+    """Ray's C++ core writes "logging.cc:303: Set ray log level ..." to file descriptor 2 as
+    it starts; only poolsift's own lines reach the terminal."""
+    pytest.importorskip("ray")
+    from tests.conftest import SAMPLE_CONFIG, run_cli_subprocess
+
+    proc = run_cli_subprocess("run", SAMPLE_CONFIG, "--output", rerun_dir, "--quiet", "--executor", "ray")
+    assert proc.returncode == 0, proc.stderr
+    assert "logging.cc" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("poolsift: ")] == []
