@@ -86,7 +86,9 @@ class ModelConfig(Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     batch_size: PositiveInt = 256
     num_workers: int | None = Field(default=None, ge=0)  # decode processes; None = from CPU count
-    jpeg_draft: bool = True  # DCT-domain downscaling of large JPEGs while decoding (docs/config.md, model)
+    # Opt-in: large JPEGs decoded DCT-downscaled, faster but not the model's own pixels (docs/config.md, model;
+    # docs/performance.md).
+    jpeg_draft: bool = False
 
     @field_validator("device")
     @classmethod

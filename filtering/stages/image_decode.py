@@ -5,14 +5,15 @@ PIL part of the model's own transform (resize, center crop, RGB) and returned as
 uint8 HWC array: the float conversion and normalization happen on the model's device.
 A corrupt image becomes a reason string; it never raises.
 
-JPEGs much larger than the model input are decoded with libjpeg-turbo's DCT-domain
-downscaling (PIL ``Image.draft``): the decoder produces a 1/2, 1/4 or 1/8 scale image
-directly, never smaller than the model's resize target on either side, and the
-model's own resize finishes the job. This skips most of the decoding work for large
-images at the cost of slightly different pixels (scores move by about 1e-3; see
-docs/performance.md). ``draft=None`` decodes at full size, exactly as the
-model's own preprocessing does. The perceptual hash is computed from the same
-decoded image, so it too can differ in a few bits from a full-size decode.
+By default (``draft=None``) every image is decoded at full size, exactly as the model's
+own preprocessing does, so CLIP scores are open_clip's. As an opt-in
+(``model.jpeg_draft: true``), JPEGs at least twice the model input are decoded with
+libjpeg-turbo's DCT-domain downscaling (PIL ``Image.draft``): the decoder produces a
+1/2, 1/4 or 1/8 scale image directly, never smaller than the model's resize target on
+either side, and the model's own resize finishes the job. This skips most of the
+decoding work for large images, but the pixels differ and so do the scores
+(docs/performance.md). The perceptual hash is computed from the same decoded image, so
+with draft decoding it too can differ in a few bits from a full-size decode.
 
 Pool images (the WebDataset source) and reference images (decontamination, the
 image-cluster reference set, the quality head's training images) take the one path,

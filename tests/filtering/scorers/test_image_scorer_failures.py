@@ -82,7 +82,7 @@ def test_a_failing_image_scorer_is_counted_and_its_rows_dropped_with_a_reason(tm
     assert code == 0, err
     rows = cached_rows(rerun_dir, ("source_shard", "key", "width", "even_width", "error"))
     readable = [r for r in rows if r["error"] is None]
-    # The scorer sees the image as decoded (JPEG draft decoding may shrink it), so its
+    # The scorer sees the image as decoded (model.jpeg_draft would shrink it), so its
     # failures are the readable rows it left null; every value it gave is even.
     odd = [r for r in readable if r["even_width"] is None]
     assert odd and len(odd) < len(readable)  # the sample has both
