@@ -357,14 +357,25 @@ def cached_shard_loop(
     out: dict[str, np.ndarray | None] = dict.fromkeys(columns)
     computed = cached = 0
     remote = task is not None and ctx.executor is not None and runs_tasks(ctx.executor)
-    bar = ctx.bar(pool.n, desc)
+    # The bar opens at the first shard to compute, so a step whose shards are all cached
+    # says "cached" instead of drawing a bar that fills at once.
+    bar, rows_done = None, 0
+
+    def open_bar() -> None:
+        nonlocal bar
+        if bar is None:
+            bar = ctx.bar(pool.n, desc)
+            bar.update(rows_done)
 
     def fill(part: ShardPart, result) -> None:
+        nonlocal rows_done
         for c in columns:
             if out[c] is None:
                 out[c] = np.zeros(pool.n, dtype=result[c].dtype)
             out[c][part.start : part.stop] = result[c]
-        bar.update(part.n)
+        rows_done += part.n
+        if bar is not None:
+            bar.update(part.n)
 
     def store(part: ShardPart, source, result) -> None:
         cache.write(part.url, pa.table({c: result[c] for c in columns}), {}, source=source)
@@ -384,6 +395,7 @@ def cached_shard_loop(
                     cached += 1
                     continue
                 computed += 1
+                open_bar()
                 if not remote:
                     store(part, source, compute(part, emb))
                     continue
@@ -400,7 +412,10 @@ def cached_shard_loop(
                 p, src, fut = window.popleft()
                 store(p, src, fut.result())
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+    if bar is None and cached and ctx.progress is not None:
+        ctx.log(f"{desc}: cached ({cached} shard{'s' if cached != 1 else ''})")
     filled = {c: v if v is not None else np.zeros(pool.n, np.float32) for c, v in out.items()}
     return ShardLoopResult(filled, computed, cached)
 

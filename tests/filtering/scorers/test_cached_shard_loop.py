@@ -130,3 +130,50 @@ def test_tasks_load_their_shards_embeddings_themselves(tmp_path):
         ours = sorted((tmp_path / "remote").glob(f"test-*/{name}*.parquet"))
         theirs = sorted((tmp_path / "local").glob(f"test-*/{name}*.parquet"))
         assert ours and [pq.read_table(p) for p in ours] == [pq.read_table(p) for p in theirs]
+
+
+def test_a_step_whose_shards_are_all_cached_says_cached_instead_of_drawing_a_bar(tmp_path):
+    """A cached rerun used to draw "assign clusters: 1000/1000" filling at once; the bar now
+    opens at the first shard to compute (counting the cached rows before it), and a step
+    with nothing to compute logs one "cached" line."""
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    bars, lines = [], []
+
+    def progress(total=None, desc="", unit="samples"):
+        bars.append(Bar(total))
+        return bars[-1]
+
+    emb = np.arange(10, dtype=np.float32).reshape(5, 2)
+    ctx = RunContext(config=None, out_dir=str(tmp_path), cache_dir=str(tmp_path), progress=progress, log=lines.append)
+    cache = ShardCache(str(tmp_path), "test", {"v": 1})
+
+    def run(embeddings):
+        return cached_shard_loop(
+            ctx,
+            _pool(embeddings),
+            cache,
+            ("s",),
+            source_of=lambda part, e: {"sum": float(e.sum())},
+            compute=lambda part, e: {"s": e.sum(axis=1)},
+            desc="assign clusters",
+            kind="image",
+        )
+
+    run(emb)
+    assert len(bars) == 1 and bars[0].n == 5 and lines == []
+    run(emb)
+    assert len(bars) == 1 and lines == ["assign clusters: cached (2 shards)"]
+    changed = emb.copy()
+    changed[4] += 1
+    run(changed)  # shard a cached, shard b computed: one bar, from 3 of 5 to 5 of 5
+    assert len(bars) == 2 and bars[1].n == 5 and bars[1].total == 5 and len(lines) == 1
