@@ -7,6 +7,7 @@ new filter settings would, instead of rescoring.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -15,10 +16,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.loopback_http import closed_port
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_data"
@@ -26,6 +30,11 @@ SAMPLE_CONFIG = REPO / "configs" / "sample.yaml"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests never read or write the user's cache folder, and a fastText model missing there is
+# "downloaded" from a closed loopback port (refused at once), never from the internet.
+os.environ["POOLSIFT_CACHE"] = tempfile.mkdtemp(prefix="poolsift-test-cache-")
+atexit.register(shutil.rmtree, os.environ["POOLSIFT_CACHE"], ignore_errors=True)
+os.environ["POOLSIFT_LID176_URL"] = f"http://127.0.0.1:{closed_port()}/lid.176.bin"
 
 
 def cached_rows(out_dir: Path, columns=("uid", "clip_score", "error")) -> list[dict]:

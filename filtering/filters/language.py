@@ -7,20 +7,25 @@ Identifiers run offline:
 - ``py3langid`` (default, a core dependency): langid.py's naive Bayes model, ~97 languages.
 - ``lingua``: lingua-language-detector, more accurate on short text (``pip install
   'poolsift[lingua]'``).
-- ``fasttext`` with ``model_path:`` to a ``lid.176.bin`` the user already has: DataComp's
-  identifier for basic_filter, text_based and image_based (``baselines/apply_filter.py``
-  lines 24-37 and 70-73: newlines replaced by spaces, the top label, no threshold).
-  ``pip install 'poolsift[fasttext]'``; the model is
-  https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin, which DataComp's
-  own scripts download to ``~/.cache/fasttext/lid.176.bin``.
+- ``fasttext``: fastText's ``lid.176.bin``, DataComp's identifier for basic_filter,
+  text_based and image_based (``baselines/apply_filter.py`` lines 24-37 and 70-73:
+  newlines replaced by spaces, the top label, no threshold). ``pip install
+  'poolsift[fasttext]'``. The model is read from ``model_path:`` (default: ``lid.176.bin``
+  in the user cache folder, :func:`filtering.models.download.user_cache_dir`); when it is
+  not there, the run downloads it first, as DataComp's scripts do, from ``model_url:``
+  (default ``$POOLSIFT_LID176_URL``, else :data:`LID176_URL`) and keeps it only if its
+  sha256 is ``model_sha256:`` (default :data:`LID176_SHA256`). Without network the run
+  stops with one line naming the URL and where to put the file (exit 2), unless a
+  ``fallback:`` is given. A file already at ``model_path`` is used as it is (the run says
+  when it is not ``lid.176.bin``).
 - ``gcld3``: DataComp's identifier for its LAION-2B reproduction (lines 40-54, 318-324:
   ``NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)``, newlines replaced by
   spaces, ``.language``). ``pip install gcld3`` builds from source and needs protobuf's
   compiler and headers (Debian: ``apt-get install protobuf-compiler libprotobuf-dev``).
 
 ``fallback:`` names identifiers to use, in order, when ``backend`` is not available
-(package not installed, or no model file at ``model_path``); the DataComp presets fall
-back to py3langid. Before any data is read, the run says in one log line which
+(package not installed, or no model file and none could be downloaded); the laion2b
+preset falls back from gcld3 to fastText, then py3langid. Before any data is read, the run says in one log line which
 identifier runs, and, after a fallback, that the result is not the one the wanted
 identifier gives; the manifest records it under ``language_identifiers``.
 
@@ -53,9 +58,11 @@ from filtering.pool import Pool
 BACKENDS = ("py3langid", "lingua", "fasttext", "gcld3")
 Backend = Literal["py3langid", "lingua", "fasttext", "gcld3"]
 
-# The sha256 of fastText's lid.176.bin as DataComp's baselines/utils.py checks it.
+# fastText's lid.176.bin and its sha256 as DataComp's baselines/utils.py (download("fasttext"))
+# fetches and checks it (131,266,198 bytes).
 LID176_SHA256 = "7e69ec5451bc261cc7844e49e4792a85d7f09c06789ec800fc4a44aec362764e"
 LID176_URL = "https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin"
+LID176_URL_ENV = "POOLSIFT_LID176_URL"  # the default model_url (a mirror; tests point it at loopback)
 # Whose baseline each identifier reproduces, for the run's log line.
 BASELINE_OF = {
     "fasttext": "DataComp's identifier (basic_filter, text_based, image_based)",
@@ -80,6 +87,12 @@ class MissingModelError(IdentifierUnavailableError, InputError):
     pass
 
 
+class ModelDownloadError(IdentifierUnavailableError, InputError):
+    """No model file and no network to fetch it: a ``fallback:`` may step over it. (A
+    download whose checksum is wrong is :class:`~filtering.models.download.ChecksumError`,
+    which no fallback hides.)"""
+
+
 class IdentifierParams(Params):
     """Which identifier classifies which text column: the settings the ``language_id``
     scorer and the ``language`` filter share."""
@@ -87,7 +100,11 @@ class IdentifierParams(Params):
     path_fields: ClassVar[tuple[str, ...]] = ("model_path",)  # local paths: resolved against the config's folder
     backend: Backend = "py3langid"
     fallback: list[Backend] | None = Field(default=None, min_length=1)  # used in order when backend is unavailable
-    model_path: str | None = None  # fasttext: path to lid.176.bin (or lid.176.ftz); ~ expanded
+    model_path: str | None = None  # fasttext: the model file (~ expanded); None: lid.176.bin in the user cache
+    model_url: str | None = (
+        None  # fasttext: where a missing model is downloaded from; None: $POOLSIFT_LID176_URL or LID176_URL
+    )
+    model_sha256: str | None = None  # fasttext: the downloaded file's sha256; None: lid.176.bin's
     candidates: list[str] | None = Field(default=None, min_length=2)  # None: every language the model knows
     field: str | None = None  # text column; default caption
 
@@ -96,10 +113,30 @@ class IdentifierParams(Params):
     def _candidate_codes(cls, value: list[str] | None) -> list[str] | None:
         return language_codes(value)
 
+    @field_validator("model_sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is not None and not (len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())):
+            raise ValueError("must be 64 hex digits (a sha256)")
+        return value.lower() if value else value
+
     @classmethod
     def path_may_be_missing(cls, params: dict[str, Any], field: str) -> bool:
-        """With a ``fallback:``, a missing model is not an error: the next identifier runs."""
-        return field == "model_path" and bool(params.get("fallback"))
+        """A missing fastText model is downloaded by the run (or, failing that, a
+        ``fallback:`` runs): not an error before the run."""
+        return field == "model_path"
+
+    def fasttext_model(self) -> str:
+        """The fastText model file: ``model_path`` (``~`` expanded), or ``lid.176.bin`` in
+        the user cache folder."""
+        if self.model_path:
+            return os.path.expanduser(self.model_path)
+        from filtering.models.download import user_cache_dir
+
+        return str(user_cache_dir() / "lid.176.bin")
+
+    def fasttext_url(self) -> str:
+        return self.model_url or os.environ.get(LID176_URL_ENV) or LID176_URL
 
     @field_validator("fallback", mode="before")
     @classmethod
@@ -116,10 +153,10 @@ class IdentifierParams(Params):
         chain = self.chain
         if len(set(chain)) != len(chain):
             raise ValueError(f"fallback repeats an identifier: {', '.join(chain)}")
-        if "fasttext" in chain and not self.model_path:
-            raise ValueError("backend fasttext needs model_path: the lid.176.bin file")
-        if "fasttext" not in chain and self.model_path:
-            raise ValueError(f"model_path is only used by backend fasttext, not {self.backend}")
+        if "fasttext" not in chain:
+            for key in ("model_path", "model_url", "model_sha256"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is only used by backend fasttext, not {self.backend}")
         if "gcld3" in chain and self.candidates is not None:
             raise ValueError("candidates: gcld3 cannot be restricted to candidate languages")
         return self
@@ -301,16 +338,38 @@ def _describe(backend: str, model_path: str | None) -> tuple[str, dict[str, Any]
     return backend, {}
 
 
+def fetch_fasttext_model(params: IdentifierParams, path: str) -> None:
+    """Download the fastText model to ``path`` if it is not there (DataComp's
+    ``download("fasttext", "~/.cache/fasttext")``), with a progress bar, kept only when its
+    sha256 is the expected one. Without the fasttext package nothing is fetched (the
+    identifier then says the package is missing)."""
+    if os.path.isfile(path):
+        return
+    try:
+        import fasttext  # noqa: F401
+    except ImportError:
+        return
+    from filtering.models.download import DownloadError, fetch
+
+    url = params.fasttext_url()
+    try:
+        fetch(url, path, params.model_sha256 or LID176_SHA256, what="language")
+    except DownloadError as e:
+        raise ModelDownloadError(str(e), f"could not download {url} to {path}") from e
+
+
 def resolve(params: LanguageParams) -> dict[str, Any]:
     """Load the first available identifier of ``params.chain``; the record says which ran,
     why the ones before it did not, and carries the run's one log line (``note``).
     Without a usable identifier, the first one's error is raised."""
-    model_path = os.path.expanduser(params.model_path) if params.model_path else None
+    model_path = params.fasttext_model() if "fasttext" in params.chain else None
     candidates = tuple(sorted(params.candidates)) if params.candidates else None
     skipped: list[tuple[str, str]] = []
     errors: list[IdentifierUnavailableError] = []
     for backend in params.chain:
         try:
+            if backend == "fasttext":
+                fetch_fasttext_model(params, model_path)
             identifier(backend, model_path, candidates)
         except IdentifierUnavailableError as e:
             skipped.append((backend, e.reason))
@@ -326,7 +385,7 @@ def resolve(params: LanguageParams) -> dict[str, Any]:
             if wanted in BASELINE_OF:
                 note += f": the kept set is NOT what {BASELINE_OF[wanted]} gives"
             if "fasttext" in dict(skipped) and "no fastText model" in dict(skipped)["fasttext"]:
-                note += f"; lid.176.bin: {LID176_URL}"
+                note += f"; lid.176.bin: {params.fasttext_url()}"
         else:
             note = f"language: ran {name}"
             if backend in BASELINE_OF and extra.get("lid176", True):
@@ -429,6 +488,8 @@ class LanguageFilter(TextFilter):
                 backend=p.backend,
                 fallback=p.fallback,
                 model_path=p.model_path,
+                model_url=p.model_url,
+                model_sha256=p.model_sha256,
                 candidates=p.candidates,
                 field=self.field,
                 name=implicit_name(p),

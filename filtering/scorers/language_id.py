@@ -18,7 +18,7 @@ of its identifier settings, kept out of the outputs); the scorer may also be lis
 under ``scorers:`` to write the columns into the subset::
 
     scorers:
-      - language_id: {backend: fasttext, model_path: ~/.cache/fasttext/lid.176.bin}
+      - language_id: {backend: fasttext}     # lid.176.bin in the user cache, downloaded on first use
 
 Null captions get null codes and NaN confidences. Captions are classified once per
 distinct text within a batch of rows; large batches are split over worker processes
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from typing import Any
 
@@ -40,8 +39,13 @@ from filtering.filters.language import IdentifierParams, predict_texts, resolve
 from filtering.scorers.base import Batch, Needs, Scorer, register
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# The package whose version each identifier's results depend on.
-PACKAGE = {"py3langid": "py3langid", "lingua": "lingua-language-detector", "fasttext": "fasttext", "gcld3": "gcld3"}
+# The packages (any one installed) whose version each identifier's results depend on.
+PACKAGE = {
+    "py3langid": ("py3langid",),
+    "lingua": ("lingua-language-detector",),
+    "fasttext": ("fasttext-community", "fasttext-wheel", "fasttext"),  # each installs the module fasttext
+    "gcld3": ("gcld3",),
+}
 
 
 class LanguageIdParams(IdentifierParams):
@@ -61,10 +65,12 @@ class LanguageIdParams(IdentifierParams):
 def _package_version(backend: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version(PACKAGE[backend])
-    except PackageNotFoundError:
-        return None
+    for name in PACKAGE[backend]:
+        try:
+            return f"{name}=={version(name)}" if len(PACKAGE[backend]) > 1 else version(name)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 @register
@@ -117,11 +123,8 @@ class LanguageIdScorer(Scorer):
         distinct = list(dict.fromkeys(texts[present].tolist()))
         if distinct:
             ident = self.identity()
-            model_path = os.path.expanduser(self.params.model_path) if self.params.model_path else None
             candidates = tuple(sorted(self.params.candidates)) if self.params.candidates else None
-            got, p = predict_texts(
-                distinct, ident["backend"], model_path if ident["backend"] == "fasttext" else None, candidates
-            )
+            got, p = predict_texts(distinct, ident["backend"], ident.get("model_path"), candidates)
             index = {t: i for i, t in enumerate(distinct)}
             at = np.fromiter((index[t] for t in texts[present]), dtype=np.int64, count=int(present.sum()))
             codes[present] = np.asarray(got, dtype=object)[at]

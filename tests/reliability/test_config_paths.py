@@ -161,8 +161,8 @@ def test_tags_are_not_paths(tmp_path):
 
 
 def test_home_paths_and_optional_models(tmp_path):
-    """``~`` paths are the user's home, not the config's folder; a language model with a
-    fallback backend may be missing (the filter falls back), one without may not."""
+    """``~`` paths are the user's home, not the config's folder; a missing fastText model
+    is not a config error, with or without a fallback: the run downloads it first."""
     from pipelines.config import load_config
 
     for name in ["tiny.safetensors", "pool.tar"]:
@@ -181,7 +181,4 @@ def test_home_paths_and_optional_models(tmp_path):
     raw["filters"] = [{"language": language}]
     path.write_text(yaml.safe_dump(raw))
     code, _, err = run_cli("validate", path)
-    assert code == 2
-    assert (
-        err.strip() == "poolsift: error: filters[0].language.model_path: no such file or folder '~/no/such/lid.176.bin'"
-    )
+    assert code == 0, err

@@ -154,7 +154,8 @@ def test_fasttext_missing_package_or_model(monkeypatch, tmp_path, fresh_identifi
         decide(["a red circle"], languages=["en"], backend="fasttext", model_path=str(tmp_path / "lid.176.bin"))
     language.identifier.cache_clear()
     monkeypatch.setitem(sys.modules, "fasttext", types.SimpleNamespace(load_model=lambda path: None))
-    with pytest.raises(InputError, match="no fastText model"):
+    # no model and no network (conftest points the download at a closed loopback port)
+    with pytest.raises(InputError, match=r"cannot download http://127\.0\.0\.1:\d+/lid\.176\.bin .* put it at "):
         decide(["a red circle"], languages=["en"], backend="fasttext", model_path=str(tmp_path / "lid.176.bin"))
 
 
@@ -184,8 +185,9 @@ def test_lingua_backend(monkeypatch, fresh_identifiers):
         {"languages": []},
         {"languages": ["english"]},
         {"languages": ["en"], "backend": "cld3"},
-        {"languages": ["en"], "backend": "fasttext"},
         {"languages": ["en"], "model_path": "lid.176.bin"},
+        {"languages": ["en"], "model_url": "http://127.0.0.1/lid.176.bin"},  # fastText's settings, for py3langid
+        {"languages": ["en"], "backend": "fasttext", "model_sha256": "not-a-digest"},
         {"languages": ["en"], "min_confidence": 1.5},
         {"languages": ["en"], "candidates": ["de", "fr"]},
         {"languages": ["en"], "candidates": ["en"]},
@@ -294,7 +296,7 @@ def test_fallback_runs_py3langid_and_says_the_result_is_not_datacomps(tmp_path, 
     assert "\n" not in record["note"]
     d, _ = decide(CAPTIONS, languages=["en"], backend="fasttext", model_path=str(missing), fallback=["py3langid"])
     assert d.keep.tolist() == [True, False, False, False, False, False, True]  # py3langid's answer
-    with pytest.raises(InputError, match="no fastText model"):  # no fallback: the error, as before
+    with pytest.raises(InputError, match="cannot download"):  # no fallback: the error (conftest: no network)
         resolve(LanguageParams(languages=["en"], backend="fasttext", model_path=str(missing)))
 
 
@@ -345,7 +347,6 @@ def test_gcld3_adapter_as_datacomp_calls_it(monkeypatch, fresh_identifiers):
     "params",
     [
         {"languages": ["en"], "backend": "fasttext", "model_path": "x", "fallback": ["fasttext"]},
-        {"languages": ["en"], "fallback": ["fasttext"]},  # fasttext in the chain needs model_path
         {"languages": ["en"], "backend": "gcld3", "candidates": ["en", "de"]},
         {"languages": ["en"], "fallback": []},
         {"languages": ["en"], "fallback": ["cld2"]},
@@ -371,3 +372,96 @@ def test_datacomp_identifiers_on_several_cores_give_the_same_result(backend, tmp
     parallel = language.predict_texts(texts, backend, model_path, workers=2, min_parallel=0)
     assert serial[0] == parallel[0]
     np.testing.assert_array_equal(serial[1], parallel[1])
+
+
+# --- lid.176.bin on first use: the user cache folder, a download, its checksum -----------------
+
+
+def test_without_model_path_fasttext_reads_lid176_in_the_user_cache(tiny_lid, tmp_path, monkeypatch, fresh_identifiers):
+    """A file at the default cache path is used as it is (here the tiny model: the run says it
+    is not lid.176.bin); nothing is downloaded."""
+    import shutil
+
+    from filtering.filters.language import resolve
+
+    monkeypatch.setenv("POOLSIFT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    shutil.copy(tiny_lid, tmp_path / "cache" / "lid.176.bin")
+    record = resolve(LanguageParams(languages=["en"], backend="fasttext"))
+    assert record["backend"] == "fasttext" and record["model_path"] == str(tmp_path / "cache" / "lid.176.bin")
+    assert "not lid.176.bin" in record["note"]
+
+
+def test_a_missing_model_is_downloaded_into_the_user_cache(tiny_lid, tmp_path, monkeypatch, fresh_identifiers, capsys):
+    import hashlib
+    import shutil
+
+    from filtering.filters.language import resolve
+    from tests.loopback_http import serve
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("POOLSIFT_CACHE")
+    (tmp_path / "www").mkdir()
+    shutil.copy(tiny_lid, tmp_path / "www" / "lid.176.bin")
+    digest = hashlib.sha256(tiny_lid.read_bytes()).hexdigest()
+    with serve(tmp_path / "www") as base:
+        monkeypatch.setenv("POOLSIFT_LID176_URL", f"{base}/lid.176.bin")  # the default model_url
+        record = resolve(LanguageParams(languages=["en"], backend="fasttext", model_sha256=digest))
+    cached = tmp_path / "xdg" / "poolsift" / "lid.176.bin"
+    assert cached.read_bytes() == tiny_lid.read_bytes()
+    assert record["backend"] == "fasttext" and record["model_path"] == str(cached) and record["model_sha256"] == digest
+    assert "downloading lid.176.bin" in capsys.readouterr().err
+    d, _ = decide(["a photo of a dog on the beach", "ein Hund am Strand"], languages=["en"], backend="fasttext")
+    assert d.keep.tolist() == [True, False]  # the downloaded model classifies
+
+
+def test_a_download_with_the_wrong_checksum_is_refused_even_with_a_fallback(
+    tiny_lid, tmp_path, monkeypatch, fresh_identifiers
+):
+    """lid.176.bin's own sha256 (the default) against another file: refused, nothing in the
+    cache, and no fallback hides it."""
+    import shutil
+
+    from filtering.filters.language import resolve
+    from filtering.models.download import ChecksumError
+    from tests.loopback_http import serve
+
+    monkeypatch.setenv("POOLSIFT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "www").mkdir()
+    shutil.copy(tiny_lid, tmp_path / "www" / "lid.176.bin")
+    with serve(tmp_path / "www") as base:
+        params = LanguageParams(
+            languages=["en"], backend="fasttext", model_url=f"{base}/lid.176.bin", fallback=["py3langid"]
+        )
+        with pytest.raises(ChecksumError, match=f"expected {language.LID176_SHA256}"):
+            resolve(params)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_no_network_with_a_fallback_runs_the_fallback_and_says_why(tmp_path, monkeypatch, fresh_identifiers):
+    from filtering.filters.language import resolve
+
+    monkeypatch.setenv("POOLSIFT_CACHE", str(tmp_path / "cache"))
+    record = resolve(LanguageParams(languages=["en"], backend="fasttext", fallback=["py3langid"]))
+    assert record["backend"] == "py3langid"
+    assert "could not download http://127.0.0.1:" in record["note"] and "NOT" in record["note"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_fasttext_candidate_confidence_is_the_candidates_own_probability(tiny_lid, fresh_identifiers):
+    """With ``candidates`` the whole ranking is read (k=-1); each caption's confidence is its
+    best candidate's probability, as fastText's binding gives it. (fasttext-wheel 0.9.2's
+    ``predict`` on a list under numpy 2 repeats the top probability over the whole ranking:
+    a caption whose top label is not a candidate got that label's confidence.)"""
+    import fasttext
+
+    texts = ["a photo of a dog on the beach", "ein Hund am Strand", "un chien sur la plage"]
+    codes, conf = language.identifier("fasttext", str(tiny_lid), ("de", "fr")).predict(texts)
+    model = fasttext.load_model(str(tiny_lid))
+    for text, code, p in zip(texts, codes, conf, strict=True):
+        ranked = [
+            (prob, label.removeprefix("__label__")) for prob, label in model.f.predict(text + "\n", -1, 0.0, "strict")
+        ]
+        best = max((prob, c) for prob, c in ranked if c in ("de", "fr"))
+        assert (code, p) == (best[1], pytest.approx(best[0], rel=1e-6))
+    assert codes[0] in ("de", "fr") and conf[0] < 0.5  # an English caption: its best candidate is unlikely

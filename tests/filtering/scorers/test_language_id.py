@@ -100,4 +100,4 @@ def test_params_rejected():
     with pytest.raises(ConfigError, match="name"):
         _scorer(name="bad name")
     with pytest.raises(ConfigError, match="model_path"):
-        _scorer(backend="fasttext")
+        _scorer(model_path="lid.176.bin")  # fastText's setting, for py3langid
