@@ -36,148 +36,26 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# Other benches import the generator's pieces from here.
+from filtering.sample.datacomp import captions, face_bboxes, hex_strings, metadata_table, unit_f16  # noqa: E402, F401
+
 KEY = "clip_l14_similarity_score"
 FRACTION = 0.3
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-
-ADJ = [
-    "small",
-    "large",
-    "red",
-    "blue",
-    "green",
-    "old",
-    "new",
-    "vintage",
-    "modern",
-    "cute",
-    "happy",
-    "dark",
-    "bright",
-    "wooden",
-    "white",
-    "black",
-]
-NOUN = [
-    "dog",
-    "cat",
-    "car",
-    "house",
-    "tree",
-    "beach",
-    "city",
-    "mountain",
-    "river",
-    "bird",
-    "flower",
-    "table",
-    "chair",
-    "shoe",
-    "dress",
-    "cake",
-]
-PREP = ["on", "in", "near", "under", "with", "by", "at", "behind"]
-PLACE = [
-    "the",
-    "street",
-    "a",
-    "park",
-    "the",
-    "kitchen",
-    "a",
-    "table",
-    "the",
-    "sea",
-    "a",
-    "forest",
-    "the",
-    "snow",
-    "a",
-    "garden",
-    "sunset",
-    "night",
-]
-
-
-def hex_strings(raw: np.ndarray):
-    """(N, B) random bytes -> N lowercase hex strings of 2B characters, without a Python loop."""
-    import pyarrow as pa
-
-    n, width = raw.shape
-    digits = np.empty((n, 2 * width), dtype=np.uint8)
-    digits[:, 0::2], digits[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
-    offsets = np.arange(0, n * 2 * width + 1, 2 * width, dtype=np.int32)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(digits.tobytes()))
-
-
-def captions(rng: np.random.Generator, n: int):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    pick = [pa.array(words).take(pa.array(rng.integers(0, len(words), n))) for words in (ADJ, NOUN, PREP, PLACE)]
-    number = pc.cast(pa.array(rng.integers(0, 10_000, n)), pa.string())
-    return pc.binary_join_element_wise("a photo of a", *pick, "no.", number, " ")
-
-
-def face_bboxes(rng: np.random.Generator, n: int):
-    """Most images have no face; some have one to three boxes of four floats."""
-    import pyarrow as pa
-
-    faces = np.where(rng.random(n) < 0.25, rng.integers(1, 4, n), 0)
-    outer = np.concatenate([[0], np.cumsum(faces)]).astype(np.int32)
-    boxes = int(outer[-1])
-    inner = pa.ListArray.from_arrays(np.arange(0, 4 * boxes + 1, 4, dtype=np.int32), pa.array(rng.random(4 * boxes)))
-    return pa.ListArray.from_arrays(outer, inner)
-
-
-def unit_f16(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    x = rng.standard_normal((n, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float16)
-
-
-def metadata_table(rng: np.random.Generator, n: int, score_dtype=np.float32, faces: bool = True):
-    """One shard of DataComp's metadata columns; scores rounded to 1e-4 make ties, as real
-    scores have (DataComp ships float32; bench_scale.py uses float64)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    uid = hex_strings(rng.integers(0, 256, (n, 16), dtype=np.uint8))
-    l14 = rng.normal(0.28, 0.05, n).astype(score_dtype)
-    columns = {
-        "uid": uid,
-        "url": pc.binary_join_element_wise("https://img.example.com/", pc.utf8_slice_codeunits(uid, 0, 12), ".jpg", ""),
-        "text": captions(rng, n),
-        "original_width": pa.array(rng.integers(64, 4000, n)),
-        "original_height": pa.array(rng.integers(64, 4000, n)),
-        "clip_b32_similarity_score": pa.array(np.round(l14 * 0.9 + rng.normal(0, 0.02, n).astype(score_dtype), 4)),
-        "clip_l14_similarity_score": pa.array(np.round(l14, 4)),
-    }
-    if faces:
-        columns["face_bboxes"] = face_bboxes(rng, n)
-    columns["sha256"] = hex_strings(rng.integers(0, 256, (n, 32), dtype=np.uint8))
-    return pa.table(columns)
 
 
 def generate(root: Path, rows: int, shards: int, seed: int = 0) -> None:
-    import pyarrow.parquet as pq
+    """The pool, by the library's generator (``poolsift make-sample --datacomp`` writes the
+    same layout): nine-word English captions, no duplicates."""
+    from filtering.sample.datacomp import make_datacomp_sample
 
-    root.mkdir(parents=True, exist_ok=True)
-    sizes = np.full(shards, rows // shards)
-    sizes[: rows % shards] += 1
-    for s, n in enumerate(sizes):
-        rng = np.random.default_rng([seed, s])
-        t = time.perf_counter()
-        table = metadata_table(rng, n)
-        pq.write_table(table, root / f"{s:08d}.parquet")
-        np.savez(
-            root / f"{s:08d}.npz",
-            b32_img=unit_f16(rng, n, 512),
-            b32_txt=unit_f16(rng, n, 512),
-            l14_img=unit_f16(rng, n, 768),
-            l14_txt=unit_f16(rng, n, 768),
-        )
-        print(f"  shard {s:08d}: {n:,} rows ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    t = [time.perf_counter()]
+
+    def log(s: int, n: int) -> None:
+        print(f"  shard {s:08d}: {n:,} rows ({time.perf_counter() - t[0]:.1f} s)", file=sys.stderr)
+        t[0] = time.perf_counter()
+
+    make_datacomp_sample(root, rows=rows, shards=shards, seed=seed, mixed=False, log=log)
 
 
 PANDAS_FULL = """

@@ -46,9 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config without touching data")
     _add_config_args(p)
 
-    p = sub.add_parser("make-sample", help="regenerate the bundled sample pool and reference set")
+    p = sub.add_parser(
+        "make-sample",
+        help="regenerate the bundled sample pool and reference set, or (--datacomp) a small DataComp-format pool",
+    )
     p.add_argument("dir", help="output directory, e.g. sample_data")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--datacomp",
+        action="store_true",
+        help="write a pool in DataComp's metadata layout (NNNNNNNN.parquet + NNNNNNNN.npz) for input.datacomp_metadata",
+    )
+    p.add_argument("--rows", type=int, help="--datacomp: rows in all (default 2000)")
+    p.add_argument("--shards", type=int, help="--datacomp: number of shards (default 4)")
+    p.add_argument("--phash", action="store_true", help="--datacomp: add a phash column (for perceptual dedup)")
 
     p = sub.add_parser("report", help="write the visual HTML report of an output directory")
     p.add_argument("dir", help="a run's output directory (holds manifest.json)")
@@ -182,10 +193,32 @@ def sweep_param(filters: list) -> str:
 
 
 def cmd_make_sample(args) -> int:
+    if args.datacomp:
+        return _make_datacomp_sample(args)
+    given = [f"--{k}" for k in ("rows", "shards") if getattr(args, k) is not None] + ["--phash"] * args.phash
+    if given:
+        raise ConfigError(f"make-sample: {', '.join(given)} only go with --datacomp")
     from filtering.sample.make import make_sample
 
     summary = make_sample(Path(args.dir), seed=args.seed)
     print(f"wrote the sample pool and reference set to {args.dir}: {summary}")
+    return 0
+
+
+def _make_datacomp_sample(args) -> int:
+    from filtering.sample.datacomp import make_datacomp_sample
+
+    rows = 2_000 if args.rows is None else args.rows
+    shards = 4 if args.shards is None else args.shards
+    if rows < 1 or shards < 1 or shards > rows:
+        raise ConfigError(f"make-sample: --rows ({rows}) and --shards ({shards}) must be at least 1, shards <= rows")
+    out = Path(args.dir)
+    if out.exists() and any(out.glob("*.parquet")):
+        raise ConfigError(f"make-sample: {out} already holds .parquet files; choose an empty or new folder")
+    make_datacomp_sample(out, rows=rows, shards=shards, seed=args.seed, phash=args.phash)
+    extra = " and phash" if args.phash else ""
+    print(f"wrote a DataComp-format pool to {out}: {rows:,} rows in {shards} shards (parquet + npz embeddings{extra})")
+    print(f"run a DataComp preset on it: poolsift run configs/basic_filter.yaml --set input.datacomp_metadata={out}")
     return 0
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from filtering.sample.datacomp import write_shard
+
 WORDS = [
     "a",
     "photo",
@@ -47,8 +49,11 @@ def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 def make_datacomp_pool(
     root: Path, shards: int = 3, rows: int = 120, seed: int = 0, with_key: bool = True, dims=(16, 24)
 ) -> Path:
-    """Write ``shards`` shards of ``rows`` rows under ``root``; scores are rounded to 0.01
-    so that many samples tie, including at every top-fraction threshold."""
+    """Write ``shards`` shards of ``rows`` rows under ``root`` (the layout by the library's
+    :func:`filtering.sample.datacomp.write_shard`, the values drawn here for the tests:
+    small embeddings, captions of 1-7 words, scores rounded to 0.01 so that many samples
+    tie, including at every top-fraction threshold). ``poolsift make-sample --datacomp``
+    writes a pool with DataComp's own embedding sizes."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     b32_dim, l14_dim = dims
@@ -72,14 +77,13 @@ def make_datacomp_pool(
         }
         if with_key:
             cols["key"] = pa.array([f"{s:04d}{i:05d}" for i in range(n)], pa.string())
-        pq.write_table(pa.table(cols), root / f"{s:08d}.parquet")
-        np.savez(
-            root / f"{s:08d}.npz",
-            b32_img=_unit(rng, n, b32_dim),
-            b32_txt=_unit(rng, n, b32_dim),
-            l14_img=_unit(rng, n, l14_dim),
-            l14_txt=_unit(rng, n, l14_dim),
-        )
+        embeddings = {
+            "b32_img": _unit(rng, n, b32_dim),
+            "b32_txt": _unit(rng, n, b32_dim),
+            "l14_img": _unit(rng, n, l14_dim),
+            "l14_txt": _unit(rng, n, l14_dim),
+        }
+        write_shard(root, s, pa.table(cols), embeddings)
     return root
 
 
