@@ -250,8 +250,8 @@ class _FastText:
         except ImportError as e:
             raise MissingPackageError(
                 "language.backend fasttext needs the fasttext package: pip install 'poolsift[fasttext]' "
-                "(or pip install fasttext)",
-                "fasttext is not installed: pip install fasttext-wheel",
+                "(or pip install fasttext-community)",
+                "fasttext is not installed: pip install fasttext-community",
             ) from e
         if not os.path.isfile(model_path):
             raise MissingModelError(

@@ -20,7 +20,7 @@ def fresh_identifiers():
 @pytest.mark.parametrize(
     ("backend", "module", "hint"),
     [
-        ("fasttext", "fasttext", "(fasttext is not installed: pip install fasttext-wheel)"),
+        ("fasttext", "fasttext", "(fasttext is not installed: pip install fasttext-community)"),
         ("lingua", "lingua", "(lingua is not installed: pip install lingua-language-detector)"),
         (
             "gcld3",
