@@ -41,7 +41,8 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .card .noimg{display:flex;align-items:center;justify-content:center;color:#9ca3af;font-size:11px;text-align:center}
 .card .cap{color:#374151;height:4.35em;overflow:hidden;word-break:break-word;display:-webkit-box;-webkit-line-clamp:3;-webkit-box-orient:vertical}
 .card .meta{color:#6b7280;margin-top:3px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.card .reason{color:#b4432e;margin-top:3px;max-height:2.7em;overflow:hidden;word-break:break-word}
+.card .why{color:#6b7280;margin-top:3px;overflow-wrap:break-word}
+.card .reason{color:#b4432e;margin-top:3px;overflow-wrap:break-word}
 .card .score{font-weight:600;color:#1f2a37}
 .card.kept{border-top:3px solid #2f8f5b}.card.dropped{border-top:3px solid #9ca3af}
 .card.failed{border-top:3px solid #d4634c}.card.survivor{border-top:3px solid #2f8f5b}.card.duplicate{border-top:3px solid #9ca3af}
@@ -58,6 +59,18 @@ def _fmt_score(v: float | None) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
+REASON_CHARS = 60  # about three lines of a card: longer reasons end at a word, in full in the tooltip
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut at the last word boundary before ``limit`` characters, with "…"."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    head = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return head.rstrip(" ,;:(") + "…"
+
+
 def card(s: Sample, cls: str, pictures: bool = True) -> str:
     """One thumbnail card; ``pictures=False`` (metadata-only input) leaves the image box out."""
     picture = (
@@ -70,11 +83,11 @@ def card(s: Sample, cls: str, pictures: bool = True) -> str:
         )
     )
     caption = escape(s.caption) if s.caption else "<i>(no caption)</i>"
-    note = escape(s.note or "")
+    note, full = escape(shorten(s.note or "", REASON_CHARS)), escape(s.note or "")
     if cls == "failed":
-        line = f'<div class="reason" title="{note}">{note}</div>'
-    else:
-        line = f'<div class="meta"><span class="score">{_fmt_score(s.score)}</span> · {note}</div>'
+        line = f'<div class="reason" title="{full}">{note}</div>'
+    else:  # wraps between words: a nowrap line cut the note mid-word ("duplic…")
+        line = f'<div class="why" title="{full}"><span class="score">{_fmt_score(s.score)}</span> · {note}</div>'
     return (
         f'<div class="card {cls}">{picture}<div class="cap" title="{escape(s.caption or "")}">{caption}</div>{line}'
         f'<div class="meta" title="{escape(str(s.source_shard))}">{escape(str(s.key or ""))}</div></div>'
@@ -314,6 +327,7 @@ def config_value(config: Any, key: str) -> Any:
 def section_provenance(data: ReportData) -> str:
     m = data.manifest
     model = m.get("model", {}) or {}
+    loaded = model.get("arch") is not None  # DataComp metadata: scores come with the pool, no model runs
     inputs = m.get("inputs", []) or []
     rows = [[i.get("path"), i.get("size"), (i.get("sha256") or "")[:16]] for i in inputs[:20]]
     more = f'<p class="note">… and {len(inputs) - 20:,} more inputs (see manifest.json)</p>' if len(inputs) > 20 else ""
@@ -323,10 +337,14 @@ def section_provenance(data: ReportData) -> str:
         ["created", m.get("created_at")],
         ["input kind", m.get("input_kind")],
         ["config sha256", (m.get("config_sha256") or "")[:16]],
-        ["model", f"{model.get('arch')} · {model.get('pretrained')}"],
-        ["checkpoint sha256", (model.get("checkpoint_sha256") or "")[:16]],
+        ["model", f"{model.get('arch')} · {model.get('pretrained')}" if loaded else _no_model(model)],
+        ["checkpoint sha256", (model.get("checkpoint_sha256") or "")[:16]] if loaded else None,
         ["input checksum", m.get("input_checksum")],
     ]
+    facts = [f for f in facts if f is not None]
+    config = dict(m.get("config", {}))
+    if not loaded:  # the model section's defaults describe nothing this run loaded
+        config.pop("model", None)
     return (
         '<section id="provenance"><h2>Provenance</h2>'
         + _table(["", ""], facts)
@@ -334,9 +352,15 @@ def section_provenance(data: ReportData) -> str:
         + _table(["path", "bytes", "sha256"], rows, {1})
         + more
         + "<h3>Config</h3><pre>"
-        + escape(json.dumps(m.get("config", {}), indent=2))
-        + "</pre></section>"
+        + escape(json.dumps(config, indent=2))
+        + "</pre>"
+        + ("" if loaded else '<p class="note">No model ran, so the config\'s model section is left out.</p>')
+        + "</section>"
     )
+
+
+def _no_model(model: dict[str, Any]) -> str:
+    return "none loaded" + (f" ({model['note']})" if model.get("note") else "")
 
 
 def render(data: ReportData) -> str:

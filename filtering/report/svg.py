@@ -78,6 +78,8 @@ def funnel(stages: list[tuple[str, int, int, str]], total: int, width: int = 900
             )
         pct = 100.0 * left / total if total else 0.0
         text = f"{left:,}  ({pct:.1f}%)" + (f"   −{removed:,}" if removed else "")
+        if label == "failed":  # the row is about failures: "20,000 (100.0%)" there read as "all failed"
+            text = f"{removed:,} failed  ({100.0 * removed / total:.1f}%)" if removed else "none failed"
         parts.append(f'<text x="{label_w + w_left + w_rem + 8:.1f}" y="{y + 21}" class="val">{text}</text></g>')
     return _svg(width, height, "".join(parts), "funnel", "funnel")
 

@@ -149,6 +149,8 @@ PAGE_FACTS = """JSON.stringify({
   clusterCards: document.querySelectorAll('#clusters .card img').length,
   duplicateCards: document.querySelectorAll('#duplicates .card img').length,
   height: document.documentElement.scrollHeight,
+  clippedReasons: [...document.querySelectorAll('.card .reason, .card .why')]
+    .filter(e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1).map(e => e.textContent),
 })"""
 
 
@@ -220,6 +222,7 @@ def test_sample_report_renders_in_chromium(browser, scored_sample, tmp_path):
     assert facts["grids"][:2] == [min(12, kept)] * 2 and len(facts["grids"]) == 3 and facts["grids"][2] > 0
     assert facts["dataImages"] == facts["images"] == facts["decoded"] >= sum(facts["grids"])
     assert facts["failureCards"] == min(12, manifest["counts"]["failed"]) > 0
+    assert facts["clippedReasons"] == []  # reasons wrap whole, none cut mid-word
     check_screenshot(png)
 
 
@@ -230,5 +233,6 @@ def test_cluster_and_duplicate_sections_render(browser, clustered_run):
     assert {"clusters", "duplicates"} <= set(facts["sections"])
     assert "plot bars" in facts["plots"]
     assert facts["clusterCards"] > 0 and facts["duplicateCards"] > 0
+    assert facts["clippedReasons"] == []  # "duplicate", not "duplic…"
     assert facts["dataImages"] == facts["images"] == facts["decoded"] >= facts["clusterCards"] + facts["duplicateCards"]
     check_screenshot(png)
