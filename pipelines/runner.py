@@ -195,16 +195,22 @@ def check_embeddings(cfg: Config, source: SourceStage, stages: list[ColumnStage]
             raise ConfigError(f"{key}: reads {what}, which the {input_kind(cfg)} input does not provide; {has}")
 
 
-def language_identifiers(cfg: Config) -> list[dict[str, Any]]:
+def language_identifiers(cfg: Config, progress: bool = True) -> list[dict[str, Any]]:
     """Load each language filter's identifier before any data is read, so that a missing
-    model fails early and the run can say which identifier runs (and any fallback)."""
+    model fails early (or is downloaded first: fastText's lid.176.bin, with a bar unless
+    ``progress`` is false) and the run can say which identifier runs (and any fallback).
+    ``language_id`` entries under ``scorers:`` load here too."""
     from filtering.filters.language import LanguageFilter
+    from filtering.scorers.language_id import LanguageIdScorer
 
     records: list[dict[str, Any]] = []
     for node in cfg.filter_tree:
         for f in node.leaves():
-            if isinstance(f, LanguageFilter) and f.identity() not in records:
+            if isinstance(f, LanguageFilter) and f.identity(progress) not in records:
                 records.append(f.identity())
+    for scorer in cfg.scorer_list:
+        if isinstance(scorer, LanguageIdScorer):
+            scorer.identity(progress)
     return records
 
 
@@ -233,7 +239,7 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
     log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
     the_plan = plan(cfg, cache_root)
     the_plan.source.check_inputs()
-    for record in language_identifiers(cfg):
+    for record in language_identifiers(cfg, progress):
         log(record["note"])
     makedirs(out_dir)
     with output_lock(out_dir):

@@ -338,7 +338,7 @@ def _describe(backend: str, model_path: str | None) -> tuple[str, dict[str, Any]
     return backend, {}
 
 
-def fetch_fasttext_model(params: IdentifierParams, path: str) -> None:
+def fetch_fasttext_model(params: IdentifierParams, path: str, progress: bool = True) -> None:
     """Download the fastText model to ``path`` if it is not there (DataComp's
     ``download("fasttext", "~/.cache/fasttext")``), with a progress bar, kept only when its
     sha256 is the expected one. Without the fasttext package nothing is fetched (the
@@ -353,14 +353,15 @@ def fetch_fasttext_model(params: IdentifierParams, path: str) -> None:
 
     url = params.fasttext_url()
     try:
-        fetch(url, path, params.model_sha256 or LID176_SHA256, what="language")
+        fetch(url, path, params.model_sha256 or LID176_SHA256, what="language", progress=progress)
     except DownloadError as e:
         raise ModelDownloadError(str(e), f"could not download {url} to {path}") from e
 
 
-def resolve(params: LanguageParams) -> dict[str, Any]:
-    """Load the first available identifier of ``params.chain``; the record says which ran,
-    why the ones before it did not, and carries the run's one log line (``note``).
+def resolve(params: LanguageParams, progress: bool = True) -> dict[str, Any]:
+    """Load the first available identifier of ``params.chain`` (downloading a missing
+    fastText model, with a progress bar unless ``progress`` is false); the record says which
+    ran, why the ones before it did not, and carries the run's one log line (``note``).
     Without a usable identifier, the first one's error is raised."""
     model_path = params.fasttext_model() if "fasttext" in params.chain else None
     candidates = tuple(sorted(params.candidates)) if params.candidates else None
@@ -369,7 +370,7 @@ def resolve(params: LanguageParams) -> dict[str, Any]:
     for backend in params.chain:
         try:
             if backend == "fasttext":
-                fetch_fasttext_model(params, model_path)
+                fetch_fasttext_model(params, model_path, progress)
             identifier(backend, model_path, candidates)
         except IdentifierUnavailableError as e:
             skipped.append((backend, e.reason))
@@ -471,10 +472,10 @@ class LanguageFilter(TextFilter):
         self._identity: dict[str, Any] | None = None
         self._scorer = None
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, progress: bool = True) -> dict[str, Any]:
         """Which identifier this filter runs (loaded on first call): see :func:`resolve`."""
         if self._identity is None:
-            self._identity = resolve(self.params)
+            self._identity = resolve(self.params, progress)
         return self._identity
 
     def scorer(self):

@@ -92,10 +92,10 @@ class LanguageIdScorer(Scorer):
     def needs(self) -> Needs:
         return Needs(columns=frozenset({self.field}))
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, progress: bool = True) -> dict[str, Any]:
         """The identifier that loads (first available of the chain): see :func:`resolve`."""
         if getattr(self, "_identity", None) is None:
-            self._identity = resolve(self.params)
+            self._identity = resolve(self.params, progress)
         return self._identity
 
     def fingerprint(self) -> dict[str, Any]:

@@ -109,15 +109,23 @@ def test_basic_filter_as_shipped_runs_fasttext_from_the_default_cache_path(tmp_p
     )
 
 
-def test_first_run_downloads_the_model_into_the_cache(tmp_path, home, lid, metadata, server):
+def _download_sets(lid, server) -> list[str]:
     digest = hashlib.sha256(lid.read_bytes()).hexdigest()
     sets = [f"filters[2].language.model_url={server}", f"filters[2].language.model_sha256={digest}"]
-    code, err = run_preset(tmp_path / "run", "basic_filter.yaml", metadata, *sets)
+    return sum((["--set", s] for s in sets), [])
+
+
+def test_first_run_downloads_the_model_into_the_cache(tmp_path, home, lid, metadata, server):
+    from tests.conftest import REPO, run_cli
+
+    preset = REPO / "configs" / "basic_filter.yaml"
+    where = ["--output", tmp_path / "run", "--set", f"input.datacomp_metadata={metadata}"]
+    code, _, err = run_cli("run", preset, *where, *_download_sets(lid, server))
     assert code == 0, err
     cached = home / ".cache" / "poolsift" / "lid.176.bin"
     assert cached.read_bytes() == lid.read_bytes()
     assert sorted(p.name for p in cached.parent.iterdir()) == ["lid.176.bin"]
-    assert "downloading lid.176.bin" in err and "100%" in err  # the progress bar (shown even with --quiet)
+    assert "downloading lid.176.bin" in err and "100%" in err  # the progress bar, its total from Content-Length
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["language_identifiers"][0]["model_path"] == str(cached)
     np.testing.assert_array_equal(
@@ -148,3 +156,34 @@ def test_no_network_is_one_line_naming_the_url_and_where_to_put_the_file(tmp_pat
         f"download it yourself and put it at {cached}"
     ]
     assert not (home / ".cache").exists()
+
+
+def test_quiet_downloads_without_a_bar(tmp_path, home, lid, metadata, server):
+    from tests.conftest import REPO, run_cli
+
+    preset = REPO / "configs" / "basic_filter.yaml"
+    where = ["--output", tmp_path / "run", "--quiet", "--set", f"input.datacomp_metadata={metadata}"]
+    code, _, err = run_cli("run", preset, *where, *_download_sets(lid, server))
+    assert code == 0, err
+    assert (home / ".cache" / "poolsift" / "lid.176.bin").read_bytes() == lid.read_bytes()
+    assert "downloading" not in err
+
+
+def test_a_language_id_scorer_downloads_before_the_run_reads_data(tmp_path, home, lid, metadata, server):
+    """Listed under ``scorers:`` (no language filter), the model is fetched before any shard is read."""
+    import yaml
+
+    from tests.conftest import run_cli
+
+    digest = hashlib.sha256(lid.read_bytes()).hexdigest()
+    cfg = {
+        "input": {"datacomp_metadata": str(metadata)},
+        "scorers": [{"language_id": {"backend": "fasttext", "model_url": server, "model_sha256": digest}}],
+        "filters": [],
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli("run", tmp_path / "c.yaml")
+    assert code == 0, err
+    assert (home / ".cache" / "poolsift" / "lid.176.bin").read_bytes() == lid.read_bytes()
+    assert err.index("downloading lid.176.bin") < err.index("read metadata") < err.index("score language")
