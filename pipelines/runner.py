@@ -26,7 +26,7 @@ from filtering.io.paths import join
 from filtering.pool import Pool
 from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
 from filtering.stages.base import ColumnStage, RunContext, SourceStage
-from filtering.writers.commit import file_records, invalidate
+from filtering.writers.commit import MANIFEST, Staged, file_records, recover, staged_result
 from filtering.writers.parquet import (
     HEX_COLUMNS,
     dropped_table,
@@ -243,7 +243,10 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
         log(record["note"])
     makedirs(out_dir)
     with output_lock(out_dir):
-        remove_temp_files(out_dir)  # a killed run's half-written files; nobody else writes here now
+        # what killed runs left: a switch to finish, half-written files; nobody else writes here now
+        if note := recover(out_dir):
+            log(note)
+        remove_temp_files(out_dir)
         ctx = RunContext(
             config=cfg,
             out_dir=out_dir,
@@ -252,30 +255,29 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
             progress=progress_factory(progress),
             log=log,
         )
-        manifest = streamed(cfg, the_plan, ctx, executor)
-        if manifest is not None:
+        # the new result is written beside the last one and replaces it whole (writers/commit.py)
+        with staged_result(out_dir, log) as result:
+            pool, outcome = None, None  # on the streaming plan no process holds the pool
+            manifest = streamed(cfg, the_plan, ctx, executor, result)
+            if manifest is None:
+                pool = the_plan.source.run(ctx)
+                for stage in the_plan.stages:
+                    stage.run(ctx, pool)
+                nodes = list(cfg.filter_tree)
+                dup = check_duplicate_uids(pool, cfg.input.uid.duplicates, ctx)
+                if dup is not None:
+                    nodes.insert(0, dup)
+                outcome = apply_filters(nodes, pool)
+                manifest = write_outputs(cfg, ctx, pool, outcome, the_plan.source, result)
             if cfg.output.report:
                 from filtering.report import write_report
 
-                write_report(out_dir, log=log)
-            return RunResult(out_dir, manifest, None, None)
-        pool = the_plan.source.run(ctx)
-        for stage in the_plan.stages:
-            stage.run(ctx, pool)
-        nodes = list(cfg.filter_tree)
-        dup = check_duplicate_uids(pool, cfg.input.uid.duplicates, ctx)
-        if dup is not None:
-            nodes.insert(0, dup)
-        outcome = apply_filters(nodes, pool)
-        manifest = write_outputs(cfg, ctx, pool, outcome, the_plan.source)
-        if cfg.output.report:
-            from filtering.report import write_report
-
-            write_report(out_dir, log=log)
+                write_report(result.dir, log=log, shown_as=out_dir)
+            result.switch()
     return RunResult(out_dir, manifest, pool, outcome)
 
 
-def streamed(cfg: Config, the_plan: Plan, ctx: RunContext, executor) -> dict[str, Any] | None:
+def streamed(cfg: Config, the_plan: Plan, ctx: RunContext, executor, result: Staged) -> dict[str, Any] | None:
     """The run on the streaming plan (pipelines/executors/streaming.py) when ``execution.mode``
     allows it and the outputs equal the in-memory path's; its manifest, or None."""
     if cfg.execution.mode == "memory":
@@ -287,7 +289,7 @@ def streamed(cfg: Config, the_plan: Plan, ctx: RunContext, executor) -> dict[str
         if cfg.execution.mode == "streaming":
             raise ConfigError(f"execution.mode: streaming is not possible for this run: {reason}")
         return None
-    return streaming.run_streaming(cfg, the_plan, ctx)
+    return streaming.run_streaming(cfg, the_plan, ctx, result)
 
 
 class _UidDuplicates(FilterNode):
@@ -358,8 +360,10 @@ def model_record(cfg: Config, ctx: RunContext, source: SourceStage) -> dict[str,
 
 
 def write_outputs(
-    cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome, source: SourceStage
+    cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome, source: SourceStage, result: Staged
 ) -> dict[str, Any]:
+    """Every output and the manifest, into the staged result (``result.url``); the
+    manifest names each file as it will be after the switch (``result.final``)."""
     out = cfg.output
     failed = pool.failed
     config_dict = cfg.to_dict()
@@ -367,11 +371,10 @@ def write_outputs(
     prov = provenance(config_dict, cfg.sha256(), model)
 
     hex_columns = HEX_COLUMNS | set(source.info.hex_columns)  # stored like the uid (see HEX_COLUMNS)
-    invalidate(out.dir)  # the manifest is the commit record: gone until every output is written (writers/commit.py)
 
     def side_outputs() -> dict[str, Any]:
         """subset.npy and the dropped rows: written on a thread while the subset streams."""
-        done = {"subset_npy": join(out.dir, "subset.npy")}
+        done = {"subset_npy": result.url("subset.npy")}
         write_uids(done["subset_npy"], pool.table.column("uid").filter(pa.array(outcome.keep)))
         if out.dropped:
             table = dropped_table(
@@ -381,23 +384,26 @@ def write_outputs(
                 pool.artifacts.get("carried_columns", ()),
                 key=not pool.artifacts.get("key_is_uid"),
             )
-            done["dropped"] = write_parts(join(out.dir, "dropped"), table, out.rows_per_part, prov, hex_columns)
+            done["dropped"] = write_parts(result.url("dropped"), table, out.rows_per_part, prov, hex_columns)
         else:
-            remove_parts(join(out.dir, "dropped"))  # an earlier run's audit trail would not match this subset
+            remove_parts(result.url("dropped"))  # remote output: an earlier audit trail would not match
         return done
 
     with cf.ThreadPoolExecutor(1) as side:  # pyarrow encodes and writes without the GIL
         pending = side.submit(side_outputs)
         schema, tables = subset_stream(pool, outcome.keep)
-        subset_parts = write_parts_stream(join(out.dir, "subset"), tables, schema, out.rows_per_part, prov, hex_columns)
+        subset_parts = write_parts_stream(result.url("subset"), tables, schema, out.rows_per_part, prov, hex_columns)
         outputs: dict[str, Any] = {"subset": subset_parts}
         outputs.update(pending.result())
     if out.report:
-        outputs["report"] = join(out.dir, "report.html")  # written after the manifest, from it
+        outputs["report"] = result.url("report.html")  # written after the manifest, from it
     if out.webdataset:
         from filtering.writers.webdataset import reshard
 
-        outputs["shards"] = reshard(pool, outcome.keep, join(out.dir, "shards"), out.samples_per_shard, ctx)
+        outputs["shards"] = reshard(pool, outcome.keep, result.url("shards"), out.samples_per_shard, ctx)
+    written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", []), *outputs.get("shards", [])]
+    files = file_records(result.dir, written)
+    outputs = {k: [result.final(p) for p in v] if isinstance(v, list) else result.final(v) for k, v in outputs.items()}
 
     fail_idx = np.flatnonzero(failed)
     failures, reasons = [], Counter()
@@ -430,10 +436,9 @@ def write_outputs(
         outputs=outputs,
     )
     if "reshard_map" in pool.artifacts:
-        manifest["shards"] = pool.artifacts["reshard_map"]
-    written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", []), *outputs.get("shards", [])]
-    manifest["files"] = file_records(out.dir, written)
-    atomic_write_text(join(out.dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        manifest["shards"] = [{**s, "path": result.final(s["path"])} for s in pool.artifacts["reshard_map"]]
+    manifest["files"] = files
+    atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
 
 

@@ -24,6 +24,7 @@ from filtering.io.paths import join
 from filtering.pool import Pool
 from filtering.provenance import now_iso
 from filtering.stages.base import RunContext
+from filtering.writers.commit import recover
 from pipelines.config import Config, apply_override, load_raw, parse_config
 from pipelines.lock import output_lock
 from pipelines.runner import plan, progress_factory
@@ -97,6 +98,8 @@ def sweep(
     results = []
     makedirs(out_dir)
     with output_lock(out_dir):
+        if note := recover(out_dir):  # a switch a killed run began, before the report reads the result
+            log(note)
         for (value, cfg), the_plan in zip(configs, plans, strict=True):
             pkey = _pool_key(cfg, the_plan)
             if pkey not in pools:

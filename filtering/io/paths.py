@@ -66,6 +66,9 @@ OUTPUT_ENTRIES = (
     "report.html",
     "sweep.json",
     ".poolsift.lock",
+    ".poolsift-next",  # a result being written, the one it replaces, the switch's journal (writers/commit.py)
+    ".poolsift-prev",
+    ".poolsift-commit.json",
 )
 
 

@@ -17,16 +17,19 @@ from filtering.report.thumbs import fill_thumbnails, run_formats
 __all__ = ["ReportData", "build_report", "gather", "render", "write_report"]
 
 
-def build_report(out_dir: str, seed: int = 0, thumbnails: bool = True, log=None) -> str:
-    """The report of ``out_dir`` as an HTML string."""
+def build_report(out_dir: str, seed: int = 0, thumbnails: bool = True, log=None, shown_as: str | None = None) -> str:
+    """The report of ``out_dir`` as an HTML string; ``shown_as``: the folder it names (a
+    run's staged result is drawn before it is switched into place, writers/commit.py)."""
     data = gather(out_dir, seed=seed)
+    if shown_as is not None:
+        data.out_dir = shown_as
     if thumbnails:
         fill_thumbnails(data.samples(), log=log, formats=run_formats(data.manifest))
     return render(data)
 
 
-def write_report(out_dir: str, output: str | None = None, seed: int = 0, log=None) -> str:
+def write_report(out_dir: str, output: str | None = None, seed: int = 0, log=None, shown_as: str | None = None) -> str:
     """Write the report (default ``DIR/report.html``) atomically; returns its path."""
     path = output or join(out_dir, "report.html")
-    atomic_write_text(path, build_report(out_dir, seed=seed, log=log))
+    atomic_write_text(path, build_report(out_dir, seed=seed, log=log, shown_as=shown_as))
     return path

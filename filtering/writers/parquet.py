@@ -163,17 +163,25 @@ class _PartWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            if self.stack is not None:  # the half-written part is removed, never renamed
-                with contextlib.suppress(Exception):  # noqa: BLE001 — the original error is what matters
-                    self.writer.close()
-                self.stack.__exit__(exc_type, exc, tb)
+            self._abort(exc_type, exc, tb)
             return
-        if self.buffered:
-            self._write(self.buffered)
-        if not self.paths:  # no rows at all: one empty part, so readers find the schema
-            self._writer()
-        if self.writer is not None:
-            self._close_part()
+        try:  # the last rows are written here: a failure is the part's, as in add()
+            if self.buffered:
+                self._write(self.buffered)
+            if not self.paths:  # no rows at all: one empty part, so readers find the schema
+                self._writer()
+            if self.writer is not None:
+                self._close_part()
+        except BaseException as e:
+            self._abort(type(e), e, e.__traceback__)  # raises it as a WriteError when a write failed
+            raise
+
+    def _abort(self, exc_type, exc, tb) -> None:
+        if self.stack is not None:  # the half-written part is removed, never renamed
+            with contextlib.suppress(Exception):  # noqa: BLE001 — the original error is what matters
+                self.writer.close()
+            stack, self.stack, self.writer = self.stack, None, None
+            stack.__exit__(exc_type, exc, tb)
 
 
 def _leaf_paths(schema: pa.Schema) -> list[str]:

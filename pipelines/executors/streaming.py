@@ -37,10 +37,11 @@ small reduction in the driver:
    range of their high bits at a time, their high halves sorted; any repeat sends the run to the
    in-memory path, which reports it exactly as before (``input.uid.duplicates``);
    otherwise the range's kept uids are written into ``subset.npy`` at their offset.
-6. **commit** (driver): the parts flushed to disk (all at once: the workers did not wait
-   on the disk one part at a time), the old manifest removed, the parts renamed into place in pool
-   order, ``subset.npy`` renamed, the manifest written last (the commit record) from the
-   summed counts and the workers' hashes.
+6. **commit** (driver): the parts renamed in pool order, and ``subset.npy``, into the
+   run's staged result (``filtering/writers/commit.py``), the manifest written there from the
+   summed counts and the workers' hashes; the runner flushes the staged result to disk (all
+   at once: the workers did not wait on the disk one part at a time) and switches it into
+   place.
 
 What each phase holds per row is in docs/architecture.md ("What each stage holds per row").
 Outputs hold what the in-memory path writes: ``subset.npy`` byte for byte, the same
@@ -67,14 +68,14 @@ import pyarrow as pa
 from filtering.filters.base import Filter, Survivors, TopFraction
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
 from filtering.io.arrow import without_pandas
-from filtering.io.atomic import atomic_write_text, fsync_files
+from filtering.io.atomic import atomic_write_text, is_write_failure, write_error
 from filtering.io.paths import is_local, join, local_path
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
 from filtering.tasks import runs_tasks, task_pool
 from filtering.uid import UID_DTYPE, order_u8u8, uids_to_u8u8
-from filtering.writers.commit import file_records, invalidate
-from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, remove_parts, subset_stream
+from filtering.writers.commit import MANIFEST, Staged, file_records
+from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, subset_stream
 from pipelines.executors.dedup_phase import run_dedup
 
 KEY_BITS = 16  # histogram of the top bits of each score's order-preserving key
@@ -291,6 +292,20 @@ def _uid_range(args) -> bool:
     return False
 
 
+def _create_npy(path: str, n: int) -> None:
+    """``subset.npy`` for ``n`` uids, its blocks reserved on disk, so that a full disk fails
+    here, in one line, not as a SIGBUS in a worker writing the mapped pages."""
+    try:
+        np.lib.format.open_memmap(path, mode="w+", dtype=UID_DTYPE, shape=(n,)).flush()
+        if hasattr(os, "posix_fallocate"):
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        if is_write_failure(e):
+            raise write_error(path, e) from e
+        raise
+
+
 def _shard_pool(sh: _Shared, shard):
     ctx = RunContext(config=sh.cfg, out_dir=sh.out_dir, cache_dir=join(sh.out_dir, "cache"), log=lambda _m: None)
     return sh.source.shard_pool(shard, ctx), ctx
@@ -301,8 +316,8 @@ def _write_folder(sh: _Shared, folder: str, i: int, schema: pa.Schema, tables) -
     spill folder (renamed into place once the whole pool has passed); per part
     ``(path, rows, size, sha256)``."""
     schema, options = part_format(schema, sh.prov, sh.hex_columns)
-    # not flushed one by one: a worker waiting on the disk leaves its core idle; the commit
-    # flushes every part at once (fsync_files) before the manifest names them
+    # not flushed one by one: a worker waiting on the disk leaves its core idle; the switch
+    # flushes every file of the staged result at once (writers/commit.py)
     parts = _PartWriter(os.path.join(sh.spill, folder, f"{i:06d}"), schema, sh.rows_per_part, options, fsync=False)
     with parts:
         for table in tables:
@@ -466,9 +481,10 @@ def workers_for(n_shards: int) -> int:
     return max(1, min(n, n_shards))
 
 
-def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
-    """Run the whole plan shard-parallel; returns the manifest, or None (nothing written)
-    when the pool turns out to need the in-memory path (repeated uids, mixed schemas)."""
+def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, Any] | None:
+    """Run the whole plan shard-parallel, its outputs into ``result``; returns the manifest, or
+    None (nothing written) when the pool turns out to need the in-memory path (repeated uids,
+    mixed schemas)."""
     source = the_plan.source
     shards = source.stream_shards()
     out_dir = cfg.output.dir
@@ -489,7 +505,7 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
     keep_pandas = "torch" in sys.modules or ctx.executor is not None
     try:
         with contextlib.nullcontext() if keep_pandas else without_pandas():
-            manifest = _run(cfg, source, shards, ctx, spill, the_plan.stages)
+            manifest = _run(cfg, source, shards, ctx, spill, result, the_plan.stages)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
     if manifest is None:
@@ -499,7 +515,7 @@ def run_streaming(cfg, the_plan, ctx: RunContext) -> dict[str, Any] | None:
     return manifest
 
 
-def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -> dict[str, Any] | None:
+def _run(cfg, source, shards, ctx: RunContext, spill: str, result: Staged, the_plan_stages=()) -> dict[str, Any] | None:
     from pipelines.runner import MAX_MANIFEST_FAILURES, _json_default, check_funnel, manifest_record, model_record
 
     top = _top_fractions(list(cfg.filter_tree))
@@ -599,7 +615,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         lap("filter_and_write")
         # 5. uid check and subset.npy, per range of uid high bits
         tmp = os.path.join(spill, "subset.npy")
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=UID_DTYPE, shape=(kept,)).flush()
+        _create_npy(tmp, kept)
         uid_bins = [r["uid_bins"] for r in results]
         kept_bins = [r["kept_bins"] for r in results]
         tasks, offset = [], 0
@@ -611,13 +627,10 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
             ctx.log("execution: repeated uids; filtering in memory")
             return None
     lap("uid_check_and_subset_npy")
-    # 6. commit: the parts and subset.npy flushed at once, renamed into place, the manifest written last
-    fsync_files([tmp] + [rec[0] for r in results for recs in r["parts"].values() for rec in recs])
+    # 6. commit: the parts and subset.npy renamed into the staged result, the manifest written
+    # there; the runner flushes it and switches it into place (writers/commit.py)
     out_dir = cfg.output.dir
-    invalidate(out_dir)  # the manifest is the commit record (writers/commit.py)
     folders = ("subset", "dropped") if cfg.output.dropped else ("subset",)
-    if not cfg.output.dropped:
-        remove_parts(join(out_dir, "dropped"))
     outputs: dict[str, Any] = {}
     files: dict[str, dict[str, Any]] = {}
     for folder in folders:
@@ -626,17 +639,16 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
         placed = [rec for rec in records if rec[1]] or records[:1]  # one empty part when no rows at all
         for path in {rec[0] for rec in records} - {rec[0] for rec in placed}:
             os.remove(path)
-        target = join(out_dir, folder)
-        remove_parts(target)
-        os.makedirs(local_path(target), exist_ok=True)
+        target = local_path(result.url(folder))
+        os.makedirs(target, exist_ok=True)
         for j, (path, _rows, size, sha) in enumerate(placed):
             name = f"part-{j:05d}.parquet"
-            os.replace(path, os.path.join(local_path(target), name))
-            outputs[folder].append(join(target, name))
+            os.replace(path, os.path.join(target, name))
+            outputs[folder].append(join(out_dir, folder, name))
             files[f"{folder}/{name}"] = {"size": size, "sha256": sha}
     subset_npy = join(out_dir, "subset.npy")
-    os.replace(tmp, local_path(subset_npy))
-    files.update(file_records(out_dir, [subset_npy]))
+    os.replace(tmp, local_path(result.url("subset.npy")))
+    files.update(file_records(result.dir, [result.url("subset.npy")]))
     outputs = {
         "subset": outputs["subset"],
         "subset_npy": subset_npy,
@@ -695,5 +707,5 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, the_plan_stages=()) -
     lap("manifest")
     executor = "ray" if ctx.executor is not None else "local"
     manifest["execution"] = {"plan": "streaming", "executor": executor, "workers": n_workers, "seconds": seconds}
-    atomic_write_text(join(out_dir, "manifest.json"), json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
