@@ -419,9 +419,10 @@ def test_forked_and_spawned_workers_write_the_same(tmp_path, metadata, monkeypat
 
 
 def test_parts_are_flushed_to_disk_before_the_manifest_names_them(tmp_path, metadata, monkeypatch):
-    """The workers write parts without waiting on the disk; the commit flushes every part
-    (and subset.npy) before renaming them into place and writing the manifest."""
-    import pipelines.executors.streaming as streaming
+    """The workers write parts without waiting on the disk; the switch (writers/commit.py)
+    flushes every file of the staged result (parts, subset.npy, the manifest) at once
+    before it renames anything into place."""
+    import filtering.writers.commit as commit
     from filtering.io.atomic import fsync_files
 
     flushed: list[str] = []
@@ -431,10 +432,11 @@ def test_parts_are_flushed_to_disk_before_the_manifest_names_them(tmp_path, meta
         flushed.extend(paths)
         fsync_files(paths)
 
-    monkeypatch.setattr(streaming, "fsync_files", recording)
+    monkeypatch.setattr(commit, "fsync_files", recording)
     out = tmp_path / "run"
     _run(metadata, out, [{"clip_score": {"top_fraction": 0.5}}], "streaming")
-    parts = [p for p in flushed if "/subset/" in p or "/dropped/" in p]
+    parts = [p for p in flushed if p.endswith(".parquet")]
     written = [*out.glob("subset/*.parquet"), *out.glob("dropped/*.parquet")]
     assert len(parts) == len(written) == 8  # 4 shards, a subset and a dropped part each
+    assert any(p.endswith("manifest.json") for p in flushed)
     assert any(p.endswith("subset.npy") for p in flushed)
