@@ -218,7 +218,9 @@ def _make_datacomp_sample(args) -> int:
     make_datacomp_sample(out, rows=rows, shards=shards, seed=args.seed, phash=args.phash)
     extra = " and phash" if args.phash else ""
     print(f"wrote a DataComp-format pool to {out}: {rows:,} rows in {shards} shards (parquet + npz embeddings{extra})")
-    print(f"run a DataComp preset on it: poolsift run configs/basic_filter.yaml --set input.datacomp_metadata={out}")
+    print(
+        f"run a DataComp preset on it: poolsift run configs/clip_score_l14_30pct.yaml --set input.datacomp_metadata={out}"
+    )
     return 0
 
 
