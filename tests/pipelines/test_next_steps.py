@@ -16,6 +16,7 @@ from pipelines.cli import commands, sweep_param
 from tests.conftest import REPO, SAMPLE_CONFIG
 
 
+@pytest.mark.slow  # names `-m pipelines.cli`, which test_slow_marks reads as running the CLI
 def test_commands_name_the_venv_path_when_poolsift_is_not_on_path(tmp_path, monkeypatch):
     """After ``make demo`` the venv is not activated: ``poolsift`` alone is "command not found"."""
     bin_dir = tmp_path / ".venv" / "bin"
