@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from filtering.errors import InputError
 from filtering.io.paths import get_fs, join, shard_id
-from filtering.uid import uids_to_u8u8
+from filtering.uid import normalize_uids, uids_to_u8u8
 from filtering.writers.commit import verify
 
 FINE_BINS = 4000  # fine histogram over [-1, 1]; rebinned to the occupied range for display
@@ -283,6 +283,36 @@ def score_column_file(out_dir: str, manifest: dict[str, Any], field_name: str, r
     return join(out_dir, folder, rows_file.rstrip("/").rsplit("/", 1)[-1])
 
 
+def uid_file(out_dir: str, manifest: dict[str, Any], rows_file: str) -> str | None:
+    """The file holding the run's resolved ``uid`` and ``error`` of the rows of
+    ``rows_file`` (row-aligned; the manifest's ``source.uid_cache``), or None."""
+    folder = source_record(manifest).get("uid_cache")
+    if not folder:
+        return None
+    path = join(out_dir, folder, rows_file.rstrip("/").rsplit("/", 1)[-1])
+    return path if _exists(path) else None
+
+
+def with_run_uids(batches: Iterator[pa.RecordBatch], resolved: str | None):
+    """``batches`` of a rows cache file with ``uid`` and ``error`` as the run resolved them
+    (:func:`uid_file`): the cached rows keep the ``.json`` uid as read, which is missing
+    or in another spelling where the run derived or normalised it."""
+    if resolved is None:
+        yield from batches
+        return
+    fs, p = get_fs(resolved)
+    with fs.open(p, "rb") as f:
+        run = pq.read_table(f, columns=["uid", "error"])
+    start = 0
+    for b in batches:
+        for name in ("uid", "error"):
+            if name in b.schema.names:
+                i = b.schema.get_field_index(name)
+                b = b.set_column(i, name, run.column(name).slice(start, b.num_rows).combine_chunks())
+        yield b
+        start += b.num_rows
+
+
 def with_score_column(batches: Iterator[pa.RecordBatch], score_file: str | None, field_name: str):
     """``batches`` of a rows file with ``field_name`` appended from its scorer's cache file."""
     if score_file is None:
@@ -308,8 +338,16 @@ class _UidSet:
         self.high = np.ascontiguousarray(arr["f0"]) if len(arr) else np.zeros(0, np.uint64)
 
     def contains(self, uids: pa.Array) -> np.ndarray:
+        """Whether each uid is kept; a uid that is not 32 hex digits (an output written
+        before the run's uids were cached, :func:`uid_file`) is not."""
         if len(self.arr) == 0 or len(uids) == 0:
             return np.zeros(len(uids), dtype=bool)
+        uids = normalize_uids(uids)
+        valid = uids.is_valid().to_numpy(zero_copy_only=False)
+        if not valid.all():
+            found = np.zeros(len(uids), dtype=bool)
+            found[valid] = self.contains(uids.filter(pa.array(valid)))
+            return found
         q = uids_to_u8u8(uids)
         left = np.searchsorted(self.high, q["f0"], "left")
         right = np.searchsorted(self.high, q["f0"], "right")
@@ -414,7 +452,8 @@ def gather(
         side = score_column_file(out_dir, manifest, field_name, src) if data.score_scope == "pool" else None
         if side is not None and field_name in _schema_names(src):
             side = None
-        for b in with_score_column(iter_batches(src, columns), side, field_name):
+        resolved = uid_file(out_dir, manifest, src) if data.score_scope == "pool" else None
+        for b in with_score_column(with_run_uids(iter_batches(src, columns), resolved), side, field_name):
             uid_arr = b.column("uid") if "uid" in b.schema.names else None
             if uid_arr is None or field_name not in b.schema.names:
                 continue

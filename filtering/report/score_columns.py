@@ -27,6 +27,8 @@ from filtering.report.data import (
     iter_batches,
     score_sources,
     source_record,
+    uid_file,
+    with_run_uids,
 )
 
 BINS = 50
@@ -123,7 +125,8 @@ def gather_score_columns(out_dir: str, manifest: dict[str, Any], kept_set, per_g
         for source, scores_file in pairs:  # pass 2: bins and the best and worst rows
             scores = _column(scores_file, column)
             start = 0
-            for b in iter_batches(source, ["uid", "key", "source_shard", caption, "error"]):
+            resolved = uid_file(out_dir, manifest, source) if scope == "pool" else None
+            for b in with_run_uids(iter_batches(source, ["uid", "key", "source_shard", caption, "error"]), resolved):
                 sc = scores[start : start + b.num_rows]
                 start += b.num_rows
                 valid = np.isfinite(sc)

@@ -177,6 +177,16 @@ class WebDatasetStage(SourceStage):
         spec = {"rows": CACHE_FORMAT, "uid_field": self.uid_field, "decode": self.decode_spec()}
         return ShardCache(self.cache_root, "source", spec)
 
+    @functools.cached_property
+    def uid_cache(self) -> ShardCache:
+        """Each row's ``uid`` and ``error`` as the run resolved them (``input.uid``, failed
+        rows included), row-aligned with the rows' cache, which keeps the ``.json`` uid as
+        read: what the report reads, so that a derived uid is the one in ``dropped/``,
+        ``subset.npy`` and the shards. Written when the pool is loaded (:meth:`load_pool`)."""
+        cfg, default = self.uid_cfg, {"source": "json", "derive": "key", "on_invalid": "error"}
+        uid = {"field": self.uid_field, **{k: getattr(cfg, k, v) for k, v in default.items()}}
+        return ShardCache(self.cache_root, "uids", {"rows": CACHE_FORMAT, "uid": uid, "decode": self.decode_spec()})
+
     @functools.cache  # noqa: B019 — one cache object per scorer, for the stage's lifetime
     def scorer_cache(self, scorer: Scorer) -> ShardCache:
         """One scorer's cache: its columns (row-aligned with the rows') and embeddings."""
@@ -205,6 +215,7 @@ class WebDatasetStage(SourceStage):
         return {
             **self.info.to_dict(),
             "score_cache": _relative(self.cache.dir),
+            "uid_cache": _relative(self.uid_cache.dir),
             "score_columns": {c: _relative(self.scorer_cache(s).dir) for s in self.scorers for c in s.provides()},
         }
 
@@ -458,6 +469,7 @@ class WebDatasetStage(SourceStage):
         )
         table = pa.concat_tables(tables, promote_options="permissive") if tables else empty.empty_table()
         table, uid_report = self.resolve_uids(table, pool_columns)
+        self.cache_uids(table, parts)
         writers = {k: s for s in self.scorers for k in s.embeddings()}
         kinds, default = self.embeddings()
         return Pool(
@@ -472,6 +484,14 @@ class WebDatasetStage(SourceStage):
             artifacts={"uids": uid_report, "carried_columns": tuple(uid_report.pop("carried_columns", ()))},
             internal=set(self.internal),
         )
+
+    def cache_uids(self, table: pa.Table, parts: list[ShardPart]) -> None:
+        """Write each shard's resolved ``uid`` and ``error`` (:attr:`uid_cache`) unless cached."""
+        for part in parts:
+            stamp = source_stamp(part.url)
+            if not self.uid_cache.is_done(part.url, stamp):
+                rows = table.select(["uid", "error"]).slice(part.start, part.stop - part.start)
+                self.uid_cache.write(part.url, rows, {}, source=stamp)
 
     def resolve_uids(self, table: pa.Table, pool_columns: tuple | None = None) -> tuple[pa.Table, dict]:
         """The pool's uids from the cached raw values (input.uid), and its source columns:

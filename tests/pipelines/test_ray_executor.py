@@ -71,7 +71,7 @@ def test_ray_executor_matches_local(tmp_path, scored_sample, executor):
     # bit-identical: same batch boundaries, same model, same pieces.
     ray_caches = sorted(p.name for p in (out / "cache").iterdir())
     assert ray_caches == sorted(p.name for p in (scored_sample / "cache").iterdir())
-    assert [c.split("-")[0] for c in ray_caches] == ["scorer", "scorer", "source"]
+    assert [c.split("-")[0] for c in ray_caches] == ["scorer", "scorer", "source", "uids"]
     for name in ray_caches:
         local_cache = scored_sample / "cache" / name
         assert sorted(p.name for p in (out / "cache" / name).iterdir()) == sorted(p.name for p in local_cache.iterdir())
