@@ -86,5 +86,15 @@ def provenance(config: dict[str, Any], config_sha256: str, model: dict[str, Any]
     }
 
 
+def settings_sha256(config: dict[str, Any]) -> str:
+    """sha256 of a recorded config's settings: all but ``output`` (where and what to write),
+    so a sweep (``DIR/sweep.json``) can say which run's settings it was made with."""
+    import hashlib
+    import json
+
+    settings = {k: v for k, v in config.items() if k != "output"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()

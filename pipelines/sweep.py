@@ -6,6 +6,13 @@ model is loaded when the pool was scored before), then re-applies the filters fo
 value, with the config re-parsed per value exactly as ``--set key.path=value`` would.
 It records, per value, the subset size, the thresholds and each filter's funnel counts,
 without writing any subset. ``DIR/sweep.json`` keeps the result; the report draws it.
+
+A sweep is about the run in its output directory: where ``DIR/manifest.json`` records
+settings the config file (with the sweep's own ``--set``) does not have, such as a
+``run --set`` the sweep was not given, the sweep takes the run's values and says so.
+``sweep.json`` records the settings' hash and the run's config hash, and any setting the
+sweep's own ``--set`` made differ from the run's, so the report can leave out a sweep of
+another run and say when the sweep's base differs from the run beside it.
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ from filtering.filters.compose import apply_filters
 from filtering.io.atomic import atomic_write_text, exists, makedirs
 from filtering.io.paths import join
 from filtering.pool import Pool
-from filtering.provenance import now_iso
+from filtering.provenance import now_iso, settings_sha256
 from filtering.stages.base import RunContext
 from filtering.writers.commit import recover
-from pipelines.config import Config, apply_override, load_raw, parse_config
+from pipelines.config import Config, apply_override, config_paths, load_raw, parse_config
 from pipelines.lock import output_lock
 from pipelines.runner import plan, progress_factory
 
@@ -80,6 +87,24 @@ def sweep(
     raw = load_raw(config_path, written)
     for assignment in overrides:
         apply_override(raw, assignment)
+    base = parse_config(raw)
+    run = _read_manifest(base.output.dir)
+    differs: list[dict[str, Any]] = []
+    if run is not None:
+        taken, differs = _rebase_on_run(raw, base, run.get("config") or {}, key, overrides)
+        if taken:
+            log(
+                f"sweep: based on the run in {base.output.dir}, whose settings differ from {config_path}: "
+                + ", ".join(f"{d['key']}={json.dumps(d['run'])} (file: {json.dumps(d['sweep'])})" for d in taken)
+            )
+            base = parse_config(raw)
+        if differs:
+            log(
+                "sweep: these settings differ from the run's (the report says so): "
+                + ", ".join(
+                    f"{d['key']} (sweep: {json.dumps(d['sweep'])}, run: {json.dumps(d['run'])})" for d in differs
+                )
+            )
     configs = []
     for value in values:
         variant = copy.deepcopy(raw)
@@ -129,6 +154,9 @@ def sweep(
             "values": [v for v, _ in configs],
             "config": str(config_path),
             "overrides": list(overrides),
+            "settings_sha256": settings_sha256(base.to_dict()),
+            "run_config_sha256": run.get("config_sha256") if run else None,
+            "differs_from_run": differs,
             "created_at": now_iso(),
             "results": results,
         }
@@ -141,6 +169,61 @@ def sweep(
             write_report(out_dir, log=log)
     record["out_dir"] = out_dir
     return record
+
+
+def _read_manifest(out_dir: str) -> dict[str, Any] | None:
+    path = join(out_dir, "manifest.json")
+    if not exists(path):
+        return None
+    from filtering.io.paths import open_file
+
+    try:
+        with open_file(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None  # an unreadable manifest: the sweep stands on the config file alone
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key path, a's value, b's value)`` where two config dicts differ: leaves, or the
+    whole subtree where their shapes differ (other keys, another list length)."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}.{k}" if path else k)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [(path, a, b)]
+
+
+def _overlaps(key: str, other: str) -> bool:
+    """Whether one key path lies within the other (``filters[0]`` and ``filters[0].clip_score.min``)."""
+    short, long = sorted((key, other), key=len)
+    return long == short or long.startswith((short + ".", short + "["))
+
+
+def _rebase_on_run(raw: dict, base: Config, run_config: dict, param: str, overrides) -> tuple[list, list]:
+    """Set in ``raw`` the run's value of every setting where the run differs from the sweep's
+    base, except the swept one, output settings, paths (written relative to each command's
+    working directory) and those the sweep's own ``--set`` names. Returns (the settings
+    taken from the run, the ones that still differ), each as ``{key, sweep, run}``."""
+    mine = base.to_dict()
+    paths = {k for k, _, _ in config_paths(mine)} | {k for k, _, _ in config_paths(run_config)}
+    explicit = [o.split("=", 1)[0].strip() for o in overrides]
+    taken, differs = [], []
+    found = [
+        d for top in sorted(set(mine) | set(run_config)) for d in _differences(mine.get(top), run_config.get(top), top)
+    ]
+    for k, ours, theirs in found:
+        if _overlaps(k, param) or _overlaps(k, "output") or any(_overlaps(k, p) for p in paths):
+            continue
+        entry = {"key": k, "sweep": ours, "run": theirs}
+        # A whole section or list of another shape (an edited file, an older manifest) is
+        # reported, not copied: it may hold paths written relative to another directory.
+        if any(_overlaps(k, e) for e in explicit) or isinstance(ours, dict | list) or isinstance(theirs, dict | list):
+            differs.append(entry)
+            continue
+        apply_override(raw, f"{k}={json.dumps(theirs)}")
+        taken.append(entry)
+    return taken, differs
 
 
 def format_sweep(record: dict[str, Any]) -> str:

@@ -527,8 +527,29 @@ def gather(
 
     sweep_path = join(out_dir, "sweep.json")
     if _exists(sweep_path):
-        data.sweep = _read_json(sweep_path)
+        data.sweep = sweep_of_this_run(_read_json(sweep_path), manifest, data.notes)
     return data
+
+
+def sweep_of_this_run(sweep: dict[str, Any], manifest: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """``sweep`` when it was made with this run's settings: against this run (its config
+    hash), or from the same settings (made before the run); else None, with a note. A sweep
+    file from before the hashes were recorded is shown only when it is newer than the run."""
+    from filtering.provenance import settings_sha256
+
+    if "run_config_sha256" in sweep or "settings_sha256" in sweep:
+        ours = sweep.get("run_config_sha256") == manifest.get("config_sha256") or sweep.get(
+            "settings_sha256"
+        ) == settings_sha256(manifest.get("config") or {})
+    else:
+        ours = str(sweep.get("created_at", "")) >= str(manifest.get("created_at", ""))
+    if ours:
+        return sweep
+    notes.append(
+        f"sweep.json ({sweep.get('param')}, made {sweep.get('created_at')}) was made with other settings than "
+        "this run's, so it is left out; run poolsift sweep again to draw it beside this run."
+    )
+    return None
 
 
 def _rebin(

@@ -21,6 +21,7 @@ section{background:#fff;border:1px solid #e3e6ea;border-radius:8px;margin:18px 0
 h2{font-size:17px;margin:0 0 10px;font-weight:600}
 h3{font-size:14px;margin:16px 0 8px;color:#374151;font-weight:600}
 .note{color:#6b7280;font-size:12.5px;margin:4px 0 10px}
+.note.warn{color:#b4432e}
 .kpis{display:flex;gap:14px;flex-wrap:wrap;margin:4px 0 12px}
 .kpi{background:#f1f5f9;border-radius:6px;padding:8px 14px;min-width:130px}
 .kpi b{display:block;font-size:19px}
@@ -287,13 +288,24 @@ def section_sweep(data: ReportData) -> str:
         return ""
     res = sw["results"]
     numeric = all(isinstance(r["value"], int | float) and not isinstance(r["value"], bool) for r in res)
+    differs = sw.get("differs_from_run") or []
     out = [
         f'<section id="sweep"><h2>Sweep: {escape(str(sw.get("param")))}</h2>'
         '<p class="note">Subset size per value, from the cached scores (subsets not rewritten).</p>'
     ]
+    if differs:
+        out.append(
+            "<p class=\"note warn\">This sweep's other settings differ from this run's, so its sizes are not this "
+            "run's at any value: "
+            + "; ".join(
+                f"{escape(d['key'])}: sweep {escape(json.dumps(d['sweep']))}, run {escape(json.dumps(d['run']))}"
+                for d in differs
+            )
+            + ".</p>"
+        )
     if numeric and len(res) > 1:
         pts = sorted((float(r["value"]), int(r["kept"])) for r in res)
-        current = config_value(data.manifest.get("config", {}), str(sw.get("param")))
+        current = None if differs else config_value(data.manifest.get("config", {}), str(sw.get("param")))
         mark = float(current) if isinstance(current, int | float) and not isinstance(current, bool) else None
         out.append(svg.curve([p[0] for p in pts], [p[1] for p in pts], str(sw.get("param")), "rows kept", mark))
     names = [f["name"] for f in res[0].get("filters", [])]

@@ -188,8 +188,9 @@ def curve(
     width: int = 900,
     height: int = 280,
 ) -> str:
-    """A line with labelled points (sweep: subset size per parameter value); ``mark``: this run's value."""
-    ml, mr, mt, mb = 80, 30, 20, 46
+    """A line with labelled points (sweep: subset size per parameter value); ``mark``: this run's value,
+    a dashed line labelled above the plot area, where no point's value label reaches."""
+    ml, mr, mt, mb = 80, 30, 34, 46
     pw, ph = width - ml - mr, height - mt - mb
     lo, hi = min(xs), max(xs)
     if hi == lo:
@@ -210,7 +211,9 @@ def curve(
     if mark is not None and lo <= mark <= hi:
         parts.append(
             f'<line class="current" x1="{sx(mark):.1f}" y1="{mt}" x2="{sx(mark):.1f}" y2="{mt + ph}" stroke="{INK}" '
-            f'stroke-dasharray="5 4"/><text x="{sx(mark) + 6:.1f}" y="{mt + 12}" class="tick">this run: {mark:g}</text>'
+            f'stroke-dasharray="5 4"/><text x="{min(max(sx(mark), ml + 45), width - 45):.1f}" y="{mt - 22}" '
+            'text-anchor="middle" class="tick">'
+            f"this run: {mark:g}</text>"
         )
     pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys, strict=True))
     parts.append(f'<polyline class="sweep-line" points="{pts}" fill="none" stroke="{ACCENT}" stroke-width="2.5"/>')

@@ -80,3 +80,71 @@ def test_bad_value_names_the_key(tmp_path):
     )
     code, _, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}=0.1,1.5")
     assert code == 2 and "top_fraction" in stderr
+
+
+def _sections(html: str) -> list[str]:
+    import re
+
+    return re.findall(r'<section id="([^"]+)"', html)
+
+
+@pytest.mark.slow
+def test_a_new_run_with_other_settings_leaves_the_old_sweep_out_of_the_report(rerun_dir, tmp_path):
+    """Reusing an output folder for another config used to draw the earlier run's sweep
+    ("Sweep: filters[0].clip_score.min") beside a funnel without a clip_score filter."""
+    first = write_config(tmp_path / "a.yaml", filters=[{"clip_score": {"min": 0.5}}], output={"dir": str(rerun_dir)})
+    assert run_cli("run", first, "--quiet")[0] == 0
+    assert run_cli("sweep", first, "--param", "filters[0].clip_score.min=0.4,0.6", "--quiet")[0] == 0
+    code, _, stderr = run_cli("report", rerun_dir)
+    assert code == 0 and "sweep" in _sections((rerun_dir / "report.html").read_text())
+
+    other = write_config(
+        tmp_path / "b.yaml", filters=[{"caption": {"min_words": 2}}], output={"dir": str(rerun_dir), "report": True}
+    )
+    assert run_cli("run", other, "--quiet")[0] == 0
+    html = (rerun_dir / "report.html").read_text()
+    assert "sweep" not in _sections(html) and "Sweep: filters[0].clip_score.min" not in html
+    assert "sweep.json (filters[0].clip_score.min" in html and "left out" in html
+
+    # The same settings again (a rerun, or a report flag changed): the sweep still belongs.
+    assert run_cli("run", first, "--quiet", "--set", "output.report=true")[0] == 0
+    assert "sweep" in _sections((rerun_dir / "report.html").read_text())
+
+
+@pytest.mark.slow
+def test_a_sweep_takes_the_runs_settings_and_says_where_its_own_differ(rerun_dir, tmp_path):
+    """``run --set filters[0].clip_score.min=0.6`` then a sweep of another setting: the sweep
+    used the file's 0.5, so its "this run" point disagreed with the funnel."""
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        filters=[{"clip_score": {"min": 0.5}}, {"caption": {"min_words": 1}}],
+        output={"dir": str(rerun_dir), "report": True},
+    )
+    code, _, stderr = run_cli("run", cfg, "--quiet", "--set", "filters[0].clip_score.min=0.6")
+    assert code == 0, stderr
+    kept = json.loads((rerun_dir / "manifest.json").read_text())["counts"]["kept"]
+    code, _, stderr = run_cli("sweep", cfg, "--param", "filters[1].caption.min_words=1,3", "--quiet")
+    assert code == 0, stderr
+    assert "sweep: based on the run in" in stderr and "filters[0].clip_score.min=0.6 (file: 0.5)" in stderr
+    record = json.loads((rerun_dir / "sweep.json").read_text())
+    assert record["results"][0]["kept"] == kept  # min_words 1 is the run itself
+    assert record["differs_from_run"] == []
+    html = (rerun_dir / "report.html").read_text()
+    assert "this run: 1" in html and "differ from this run" not in html
+
+    # The sweep's own --set wins, and the report says the sweep's base is not the run's.
+    code, _, stderr = run_cli(
+        "sweep",
+        cfg,
+        "--set",
+        "filters[0].clip_score.min=0.55",
+        "--param",
+        "filters[1].caption.min_words=1,3",
+        "--quiet",
+    )
+    assert code == 0, stderr
+    record = json.loads((rerun_dir / "sweep.json").read_text())
+    assert record["differs_from_run"] == [{"key": "filters[0].clip_score.min", "sweep": 0.55, "run": 0.6}]
+    html = (rerun_dir / "report.html").read_text()
+    assert "differ from this run" in html and "filters[0].clip_score.min: sweep 0.55, run 0.6" in html
+    assert "this run: 1" not in html  # no point on the curve is this run

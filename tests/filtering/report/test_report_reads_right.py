@@ -81,3 +81,16 @@ def test_webdataset_report_names_its_model_and_failures(scored_sample, tmp_path)
     prov = _provenance(text)
     assert "poolsift-tiny" in prov and '"model"' in prov and "checkpoint sha256" in prov
     assert "none loaded" not in prov
+
+
+def test_the_this_run_label_clears_every_value_label():
+    """It sat inside the plot at the top, where the highest point's value label is drawn."""
+    from filtering.report.svg import curve
+
+    font = 12  # .tick's font size (11.5px): a label spans (baseline - font, baseline + descent]
+    for mark in (0.5, 0.55, 0.6):
+        plot = curve([0.5, 0.55, 0.6], [738, 725, 721], "filters[0].clip_score.min", "rows kept", mark)
+        [(mx, my)] = re.findall(r'<text x="([\d.]+)" y="([\d.]+)"[^>]*>this run: ', plot)
+        values = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.]+)" class="tick">[\d,]+</text>', plot)]
+        assert len(values) >= 3 and all(float(my) + 3 < y - font for y in values), (my, values)
+        assert 40 < float(mx) < 860  # the label fits in the plot's width
