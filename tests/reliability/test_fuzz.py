@@ -6,25 +6,31 @@ neighbouring members swapped. Every case must leave: exit 0, the manifest's
 ``input == kept + failed + sum(dropped)``, every sample that lies wholly before the
 damage present (kept, dropped by a filter, or failed for its own reason), and no file
 written outside the output directory. Seeded: the same cases every run. Samples whose
-``.json`` the damage removed have no uid: ``input.uid.on_invalid: fail`` makes each
-of those a failure row (by default a missing uid stops the run, exit 2).
+``.json`` the damage removed have no uid: ``input.uid.on_invalid: fail`` (first run) makes
+each of those a failure row, ``derive`` (second run) derives one (by default a missing
+uid stops the run, exit 2). Every output is then read by its readers: the manifest
+matches the files beside it (``filtering.writers.commit.verify``, each file's size and
+sha256), and ``poolsift report`` and ``poolsift sweep`` exit 0 on it (issue 23).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import random
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE
+from filtering.writers.commit import verify
+from tests.conftest import SAMPLE, run_cli
 from tests.reliability.hostile import accounted, bundled_members, rows, run_pool, tar_bytes
 
 SAMPLES_PER_CASE = 8
 CASES_PER_RUN = 10
 RUNS = 2
+ON_INVALID = ("fail", "derive")  # per run
 KINDS = ("truncate", "header_bit", "payload_bit", "duplicate", "swap")
 
 
@@ -90,9 +96,9 @@ def test_damaged_shards_never_fail_the_run_or_lose_complete_samples(tmp_path, ru
         expected[str(shard)], kinds[str(shard)] = before, kind
     before_run = _files(tmp_path, tmp_path / "out")
 
-    # A sample split by damage can lack its .json: fail it alone (the default, a missing
-    # uid, stops the run by design: input.uid.on_invalid).
-    code, err, manifest, out = run_pool(tmp_path, shards, uid={"on_invalid": "fail"}, webdataset=True)
+    # A sample split by damage can lack its .json: fail it alone, or derive its uid (the
+    # default, a missing uid, stops the run by design: input.uid.on_invalid).
+    code, err, manifest, out = run_pool(tmp_path, shards, uid={"on_invalid": ON_INVALID[run]}, webdataset=True)
 
     assert code == 0, err
     assert accounted(manifest), manifest["counts"]
@@ -107,3 +113,19 @@ def test_damaged_shards_never_fail_the_run_or_lose_complete_samples(tmp_path, ru
     kept = {(r["source_shard"], r["key"]) for r in rows(out, "subset")}
     resharded = sum(s["count"] for s in manifest.get("shards", []))
     assert resharded == len(kept) == manifest["counts"]["kept"]
+    _readers_succeed(tmp_path, out, manifest)
+
+
+def _readers_succeed(tmp_path: Path, out: Path, manifest: dict) -> None:
+    """The manifest matches the files beside it, before and after ``report`` and ``sweep``
+    read the output, and both exit 0 (failed rows, derived uids and all)."""
+    assert manifest.get("files"), "the manifest lists no files"
+    verify(str(out), manifest, hashes=tuple(manifest["files"]))
+    code, _, err = run_cli("report", out)
+    assert code == 0, err
+    assert (out / "report.html").stat().st_size > 0
+    code, _, err = run_cli("sweep", tmp_path / "config.yaml", "--param", "filters[0].clip_score.min=0.3,0.6", "--quiet")
+    assert code == 0, err
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["failed"] for r in sweep["results"]] == [manifest["counts"]["failed"]] * 2
+    verify(str(out), manifest, hashes=tuple(manifest["files"]))
