@@ -31,6 +31,8 @@ SAMPLES_PER_CASE = 8
 CASES_PER_RUN = 10
 RUNS = 2
 ON_INVALID = ("fail", "derive")  # per run
+
+pytestmark = pytest.mark.slow  # runs the CLI
 KINDS = ("truncate", "header_bit", "payload_bit", "duplicate", "swap")
 
 
