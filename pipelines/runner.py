@@ -384,7 +384,9 @@ def write_outputs(
                 pool.artifacts.get("carried_columns", ()),
                 key=not pool.artifacts.get("key_is_uid"),
             )
-            done["dropped"] = write_parts(result.url("dropped"), table, out.rows_per_part, prov, hex_columns)
+            done["dropped"] = write_parts(
+                result.url("dropped"), table, out.rows_per_part, prov, hex_columns, by="source_shard"
+            )
         else:
             remove_parts(result.url("dropped"))  # remote output: an earlier audit trail would not match
         return done
@@ -392,7 +394,9 @@ def write_outputs(
     with cf.ThreadPoolExecutor(1) as side:  # pyarrow encodes and writes without the GIL
         pending = side.submit(side_outputs)
         schema, tables = subset_stream(pool, outcome.keep)
-        subset_parts = write_parts_stream(result.url("subset"), tables, schema, out.rows_per_part, prov, hex_columns)
+        subset_parts = write_parts_stream(  # parts follow the pool: one source shard each (docs/spec.md)
+            result.url("subset"), tables, schema, out.rows_per_part, prov, hex_columns, by="source_shard"
+        )
         outputs: dict[str, Any] = {"subset": subset_parts}
         outputs.update(pending.result())
     if out.report:

@@ -2,7 +2,9 @@
 
 Parts are ``part-NNNNN.parquet`` of at most ``rows_per_part`` rows each, in pool order
 (shard order, then sample order), each written atomically and carrying the provenance
-JSON in its schema metadata under ``poolsift``. Parts left from an earlier run with
+JSON in its schema metadata under ``poolsift``. Parts follow the pool (docs/spec.md,
+"Output directory"): with ``by="source_shard"`` each part holds rows of one source
+shard, so every plan cuts a pool's parts alike. Parts left from an earlier run with
 more parts are removed, so the folder always holds exactly one run's output.
 
 The subset is written as a stream of per-shard tables: a pool whose source left columns
@@ -42,10 +44,15 @@ R = TypeVar("R")
 
 
 def write_parts(
-    dir_url: str, table: pa.Table, rows_per_part: int, provenance: dict[str, Any], hex_columns=HEX_COLUMNS
+    dir_url: str,
+    table: pa.Table,
+    rows_per_part: int,
+    provenance: dict[str, Any],
+    hex_columns=HEX_COLUMNS,
+    by: str | None = None,
 ) -> list[str]:
     """Write ``table`` as parts under ``dir_url``; returns the part paths."""
-    return write_parts_stream(dir_url, [table], table.schema, rows_per_part, provenance, hex_columns)
+    return write_parts_stream(dir_url, [table], table.schema, rows_per_part, provenance, hex_columns, by)
 
 
 def write_parts_stream(
@@ -55,12 +62,14 @@ def write_parts_stream(
     rows_per_part: int,
     provenance: dict[str, Any],
     hex_columns=HEX_COLUMNS,
+    by: str | None = None,
 ) -> list[str]:
     """Write the rows of ``tables`` (each of ``schema``), in order, as parts of
     ``rows_per_part`` rows; at least one part, empty if there are no rows.
-    ``hex_columns``: string columns of hex digests, written plain and uncompressed."""
+    ``hex_columns``: string columns of hex digests, written plain and uncompressed.
+    ``by``: a part also ends where this column's value changes (``source_shard``)."""
     schema, options = part_format(schema, provenance, hex_columns)
-    parts = _PartWriter(dir_url, schema, rows_per_part, options)
+    parts = _PartWriter(dir_url, schema, rows_per_part, options, by=by)
     with parts:
         for table in tables:
             parts.add(table)
@@ -109,13 +118,22 @@ class _PartWriter:
     groups of up to ``ROW_GROUP_ROWS`` written as soon as they fill, so encoding overlaps
     with whatever produces the tables. Each part is renamed into place when complete.
     ``records``: per part written, ``(path, rows, size, sha256)``, the hash taken from the
-    bytes as they are written."""
+    bytes as they are written. ``by``: a column whose runs of equal values (the rows of
+    one source shard) each start a part of their own."""
 
     def __init__(
-        self, dir_url: str, schema: pa.Schema, rows_per_part: int, options: dict[str, Any], fsync: bool = True
+        self,
+        dir_url: str,
+        schema: pa.Schema,
+        rows_per_part: int,
+        options: dict[str, Any],
+        fsync: bool = True,
+        by: str | None = None,
     ):
         self.dir_url, self.schema, self.rows_per_part, self.options = dir_url, schema, rows_per_part, options
         self.fsync = fsync  # False: the caller flushes the parts to disk (atomic.fsync_files)
+        self.by = by
+        self.value: Any = None  # the ``by`` value of the rows in the current part
         self.group = min(rows_per_part, ROW_GROUP_ROWS)
         self.paths: list[str] = []
         self.pending: list[pa.Table] = []
@@ -127,6 +145,23 @@ class _PartWriter:
         self.records: list[tuple[str, int, int, str]] = []
 
     def add(self, table: pa.Table) -> None:
+        if self.by is not None and table.num_rows:
+            for start, stop, value in _runs(table.column(self.by)):
+                if value != self.value:
+                    self._end_part()
+                    self.value = value
+                self._add(table.slice(start, stop - start))
+            return
+        self._add(table)
+
+    def _end_part(self) -> None:
+        """Everything buffered written, and the part closed (the next rows start a new one)."""
+        if self.buffered:
+            self._write(self.buffered)
+        if self.writer is not None:
+            self._close_part()
+
+    def _add(self, table: pa.Table) -> None:
         if table.num_rows:
             self.pending.append(table)
             self.buffered += table.num_rows
@@ -182,6 +217,24 @@ class _PartWriter:
                 self.writer.close()
             stack, self.stack, self.writer = self.stack, None, None
             stack.__exit__(exc_type, exc, tb)
+
+
+def _runs(column: pa.ChunkedArray) -> Iterator[tuple[int, int, Any]]:
+    """``(start, stop, value)`` of each run of equal values in ``column`` (nulls equal)."""
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if n > 1:
+        same = pc.equal(arr.slice(1), arr.slice(0, n - 1))
+        both_null = pc.and_(arr.slice(1).is_null(), arr.slice(0, n - 1).is_null())
+        changed = pc.invert(pc.or_(same.fill_null(False), both_null)).to_numpy(zero_copy_only=False)
+        cuts = np.flatnonzero(changed) + 1
+    else:
+        cuts = np.zeros(0, np.int64)
+    bounds = [0, *cuts.tolist(), n]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        yield start, stop, arr[start].as_py()
 
 
 def _leaf_paths(schema: pa.Schema) -> list[str]:

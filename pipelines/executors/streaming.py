@@ -45,8 +45,8 @@ small reduction in the driver:
 
 What each phase holds per row is in docs/architecture.md ("What each stage holds per row").
 Outputs hold what the in-memory path writes: ``subset.npy`` byte for byte, the same
-subset and dropped rows (parts cut per source shard instead of every ``rows_per_part``
-rows of the pool), and the manifest's counts, thresholds and uid report.
+subset and dropped rows in the same parts (each of one source shard, on both plans),
+and the manifest's counts, thresholds and uid report.
 """
 
 from __future__ import annotations

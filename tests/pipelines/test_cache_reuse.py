@@ -55,7 +55,7 @@ def test_rerun_reuses_cache_without_building_the_model(tiny_pool, tmp_path, monk
     code, out, err = run_cli("run", tiny_pool, "--quiet")
     assert code == 0, err
     assert len(calls) == 1
-    first = pq.read_table(tmp_path / "out" / "subset" / "part-00000.parquet")
+    first = pq.read_table(tmp_path / "out" / "subset")
 
     def boom(*a, **k):
         raise AssertionError("the model must not be built on a cached rerun")
@@ -64,7 +64,7 @@ def test_rerun_reuses_cache_without_building_the_model(tiny_pool, tmp_path, monk
     code, out, err = run_cli("run", tiny_pool, "--quiet", "--set", "filters[0].clip_score.top_fraction=0.25")
     assert code == 0, err
     assert "cached" in err
-    second = pq.read_table(tmp_path / "out" / "subset" / "part-00000.parquet")
+    second = pq.read_table(tmp_path / "out" / "subset")
     assert second.num_rows < first.num_rows
     assert set(second.column("uid").to_pylist()) <= set(first.column("uid").to_pylist())
 
@@ -95,7 +95,7 @@ def test_uids_come_from_json_or_are_derived(tiny_pool, tmp_path):
     from filtering.uid import derive_uid
 
     assert run_cli("run", tiny_pool, "--quiet", "--set", "filters=[]")[0] == 0
-    table = pq.read_table(tmp_path / "out" / "subset" / "part-00000.parquet").to_pydict()
+    table = pq.read_table(tmp_path / "out" / "subset").to_pydict()
     by_key = dict(zip(table["key"], table["uid"], strict=True))
     assert by_key["010000"] == f"{1:08x}{0:024x}"
     assert by_key["010005"] == derive_uid("00000.tar", "010005")

@@ -36,7 +36,7 @@ def test_tiny_clip_separates_matching_from_mismatched(scored_sample, truth):
 
 
 def test_sample_config_drops_mismatched_keeps_matching(scored_sample, truth):
-    kept = set(pq.read_table(scored_sample / "subset" / "part-00000.parquet", columns=["uid"])["uid"].to_pylist())
+    kept = set(pq.read_table(scored_sample / "subset", columns=["uid"])["uid"].to_pylist())
     faults = {u: m["truth"]["fault"] for u, m in truth.items()}
     mismatched = [u for u, f in faults.items() if f == "mismatched"]
     matching = [u for u, f in faults.items() if f == "clean"]
@@ -54,8 +54,8 @@ def test_corrupt_images_are_failures_with_reasons_and_nothing_is_lost(scored_sam
     assert set(failed) == corrupt
     assert all(r.startswith("corrupt_image: ") and len(r) > len("corrupt_image: ") for r in failed.values())
 
-    dropped = pq.read_table(scored_sample / "dropped" / "part-00000.parquet").to_pydict()
-    kept = pq.read_table(scored_sample / "subset" / "part-00000.parquet", columns=["uid"])["uid"].to_pylist()
+    dropped = pq.read_table(scored_sample / "dropped").to_pydict()  # every part
+    kept = pq.read_table(scored_sample / "subset", columns=["uid"])["uid"].to_pylist()
     assert sorted(dropped["uid"] + kept) == sorted(truth)  # every sample kept, dropped or failed, exactly once
     assert {u for u, f in zip(dropped["uid"], dropped["filter"], strict=True) if f == "failed"} == corrupt
 
@@ -88,5 +88,9 @@ def test_same_config_gives_byte_identical_subset(tmp_path):
     first = tmp_path / "first"
     shutil.move(out, first)
     assert run_cli("run", cfg, "--quiet")[0] == 0
-    for rel in ("subset/part-00000.parquet", "subset.npy", "dropped/part-00000.parquet"):
+    written = sorted(
+        str(p.relative_to(out)) for p in [out / "subset.npy", *out.glob("subset/*"), *out.glob("dropped/*")]
+    )
+    assert written == sorted(str(p.relative_to(first)) for p in [first / "subset.npy", *first.glob("*/part-*")])
+    for rel in written:
         assert (out / rel).read_bytes() == (first / rel).read_bytes(), rel

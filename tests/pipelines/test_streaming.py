@@ -1,6 +1,6 @@
 """The streaming plan (pipelines/executors/streaming.py) against the in-memory path on
 DataComp-format pools: subset.npy byte for byte, the subset and dropped tables row for
-row (the plans cut parts differently), the manifest's counts, thresholds and uid report."""
+row in the same parts (one source shard each), the manifest's counts, thresholds and uid report."""
 
 from __future__ import annotations
 
@@ -100,6 +100,10 @@ def assert_same_outputs(
             rows = [pq.ParquetFile(p).metadata.num_rows for p in sorted((b / folder).glob("part-*.parquet"))]
             assert all(rows) or rows == [0]  # no empty part unless the folder has no rows
             assert max(rows) <= streamed.manifest["config"]["output"]["rows_per_part"]
+            # parts follow the pool on both plans: the same parts, each of one source shard
+            assert rows == [pq.ParquetFile(p).metadata.num_rows for p in sorted((a / folder).glob("part-*.parquet"))]
+            for p in (b / folder).glob("part-*.parquet"):
+                assert len(set(pq.read_table(p, columns=["source_shard"]).column(0).to_pylist())) <= 1, p
     files = streamed.manifest["files"]  # hashed while written: the bytes on disk
     written = [b / "subset.npy", *b.glob("subset/*"), *b.glob("dropped/*")]
     assert set(files) == {str(p.relative_to(b)) for p in written}

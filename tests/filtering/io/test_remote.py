@@ -94,8 +94,11 @@ def test_run_from_s3_to_s3_gives_the_local_subset(tmp_path, s3, scored_sample):
         with s3.open(path, "rb") as f:
             return pq.read_table(f)
 
+    def remote_subset():  # every part, in order (one per source shard)
+        return pa.concat_tables([remote_table(p) for p in sorted(s3.glob(f"{BUCKET}/runs/sample/subset/part-*"))])
+
     local = pq.read_table(scored_sample / "subset")
-    remote = remote_table(f"{BUCKET}/runs/sample/subset/part-00000.parquet")
+    remote = remote_subset()
     assert remote.column("source_shard")[0].as_py().startswith(f"s3://{BUCKET}/sample/")
     drop = ["source_shard"]
     assert (
@@ -115,4 +118,4 @@ def test_run_from_s3_to_s3_gives_the_local_subset(tmp_path, s3, scored_sample):
 
     again = run_cli("run", cfg, "--quiet")
     assert again[0] == 0 and "all 4 shards cached" in again[2]
-    assert remote_table(f"{BUCKET}/runs/sample/subset/part-00000.parquet").equals(remote)
+    assert remote_subset().equals(remote)

@@ -72,3 +72,22 @@ def test_a_failing_stream_leaves_only_complete_parts(tmp_path, monkeypatch):
         write_parts_stream(str(tmp_path / "d"), tables(), SCHEMA, 10, {})
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["part-00000.parquet"]
     assert pq.read_table(tmp_path / "d" / "part-00000.parquet").num_rows == 10
+
+
+@pytest.mark.parametrize("rows_per_part", [1, 4, 7, 1000])
+def test_parts_follow_the_source_shards(tmp_path, rows_per_part):
+    """``by="source_shard"``: each part holds rows of one shard (a shard's rows may arrive in
+    several tables, and one table may hold several shards), at most ``rows_per_part`` each,
+    numbered in pool order (docs/spec.md, "Output directory")."""
+    shards = ["a"] * 9 + ["b"] * 2 + ["c"] * 13
+    table = _table(0, len(shards)).append_column("source_shard", pa.array(shards))
+    pieces = [table.slice(0, 5), table.slice(5, 0), table.slice(5, 10), table.slice(15)]
+    paths = write_parts_stream(str(tmp_path / "d"), iter(pieces), table.schema, rows_per_part, {}, by="source_shard")
+    parts = [pq.read_table(p) for p in paths]
+    assert [p.rsplit("/", 1)[-1] for p in paths] == [f"part-{i:05d}.parquet" for i in range(len(paths))]
+    expected = []
+    for n in (9, 2, 13):
+        expected += [rows_per_part] * (n // rows_per_part) + ([n % rows_per_part] if n % rows_per_part else [])
+    assert [t.num_rows for t in parts] == expected
+    assert all(len(set(t.column("source_shard").to_pylist())) == 1 for t in parts)
+    assert pa.concat_tables(parts).column("n").to_pylist() == list(range(len(shards)))
