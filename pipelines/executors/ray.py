@@ -67,7 +67,11 @@ def _without_ray_core_notices():
     level ..." straight to file descriptor 2, where Python's logging settings cannot reach.
     Whatever else was written there meanwhile is passed on."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to keep clean (a daemon, a closed descriptor)
+        yield
+        return
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
