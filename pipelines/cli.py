@@ -109,14 +109,47 @@ def cmd_run(args) -> int:
         executor = RayExecutor(address=args.ray_address)
     elif args.ray_address:
         raise ConfigError("--ray-address needs --executor ray")
+    before = _recorded_config(cfg.output.dir)
     try:
         result = run(cfg, executor=executor, progress=not args.quiet)
     finally:
         if executor is not None:
             executor.close()  # stops a Ray this run started; a joined cluster keeps running
+    changed = _changed_sections(before, result.manifest.get("config") or {})
+    if changed:
+        print(
+            f"poolsift: replaced the earlier result in {result.out_dir}, made with other settings "
+            f"({', '.join(changed)})",
+            file=sys.stderr,
+        )
     print(format_funnel(result.manifest))
     print(next_steps(args, cfg, str(result.out_dir)))
     return 0
+
+
+def _recorded_config(out_dir: str) -> dict | None:
+    """The config of the result in ``out_dir`` (its manifest), or None."""
+    import json
+
+    from filtering.io.atomic import exists
+    from filtering.io.paths import join, open_file
+
+    path = join(out_dir, "manifest.json")
+    try:
+        if not exists(path):
+            return None
+        with open_file(path, "rb") as f:
+            return json.loads(f.read()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: the run checks and replaces it as it does any leftover
+
+
+def _changed_sections(before: dict | None, after: dict) -> list[str]:
+    """The config sections (``filters``, ``model``...) whose settings differ; ``output`` aside."""
+    if not isinstance(before, dict):
+        return []
+    keys = (set(before) | set(after)) - {"output"}
+    return sorted(k for k in keys if before.get(k) != after.get(k))
 
 
 def commands(argv0: str | None = None) -> tuple[str, str]:

@@ -90,8 +90,9 @@ def _sections(html: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_new_run_with_other_settings_leaves_the_old_sweep_out_of_the_report(rerun_dir, tmp_path):
-    """Reusing an output folder for another config used to draw the earlier run's sweep
-    ("Sweep: filters[0].clip_score.min") beside a funnel without a clip_score filter."""
+    """Reusing an output folder for another config replaced the earlier result without a
+    word, and the report drew the earlier run's sweep ("Sweep: filters[0].clip_score.min")
+    beside a funnel without a clip_score filter."""
     first = write_config(tmp_path / "a.yaml", filters=[{"clip_score": {"min": 0.5}}], output={"dir": str(rerun_dir)})
     assert run_cli("run", first, "--quiet")[0] == 0
     assert run_cli("sweep", first, "--param", "filters[0].clip_score.min=0.4,0.6", "--quiet")[0] == 0
@@ -101,13 +102,18 @@ def test_a_new_run_with_other_settings_leaves_the_old_sweep_out_of_the_report(re
     other = write_config(
         tmp_path / "b.yaml", filters=[{"caption": {"min_words": 2}}], output={"dir": str(rerun_dir), "report": True}
     )
-    assert run_cli("run", other, "--quiet")[0] == 0
+    code, _, stderr = run_cli("run", other, "--quiet")
+    assert code == 0, stderr
+    assert f"poolsift: replaced the earlier result in {rerun_dir}, made with other settings (filters)" in stderr
     html = (rerun_dir / "report.html").read_text()
     assert "sweep" not in _sections(html) and "Sweep: filters[0].clip_score.min" not in html
     assert "sweep.json (filters[0].clip_score.min" in html and "left out" in html
 
     # The same settings again (a rerun, or a report flag changed): the sweep still belongs.
-    assert run_cli("run", first, "--quiet", "--set", "output.report=true")[0] == 0
+    code, _, stderr = run_cli("run", first, "--quiet", "--set", "output.report=true")
+    assert code == 0 and "replaced the earlier result" in stderr
+    code, _, stderr = run_cli("run", first, "--quiet", "--set", "output.report=true")
+    assert code == 0 and "replaced" not in stderr  # the same settings: nothing to say
     assert "sweep" in _sections((rerun_dir / "report.html").read_text())
 
 
