@@ -290,15 +290,26 @@ def uid_file(out_dir: str, manifest: dict[str, Any], rows_file: str) -> str | No
     if not folder:
         return None
     path = join(out_dir, folder, rows_file.rstrip("/").rsplit("/", 1)[-1])
-    return path if _exists(path) else None
+    if not _exists(path) or _num_rows(path) != _num_rows(rows_file):  # not this run's rows
+        return None
+    return path
 
 
-def with_run_uids(batches: Iterator[pa.RecordBatch], resolved: str | None):
+def _num_rows(url: str) -> int:
+    fs, p = get_fs(url)
+    with fs.open(p, "rb") as f:
+        return pq.read_metadata(f).num_rows
+
+
+def with_run_uids(batches: Iterator[pa.RecordBatch], resolved: str | None, manifest: dict[str, Any] | None = None):
     """``batches`` of a rows cache file with ``uid`` and ``error`` as the run resolved them
     (:func:`uid_file`): the cached rows keep the ``.json`` uid as read, which is missing
-    or in another spelling where the run derived or normalised it."""
+    or in another spelling where the run derived or normalised it. Without that file (a
+    run from before it was written), resolved here by the same rule from the manifest's
+    ``input.uid``, batch by batch."""
     if resolved is None:
-        yield from batches
+        for b in batches:
+            yield _resolve_uids(b, manifest) if manifest is not None else b
         return
     fs, p = get_fs(resolved)
     with fs.open(p, "rb") as f:
@@ -311,6 +322,33 @@ def with_run_uids(batches: Iterator[pa.RecordBatch], resolved: str | None):
                 b = b.set_column(i, name, run.column(name).slice(start, b.num_rows).combine_chunks())
         yield b
         start += b.num_rows
+
+
+def _resolve_uids(batch: pa.RecordBatch, manifest: dict[str, Any]) -> pa.RecordBatch:
+    """``batch`` with ``uid`` and ``error`` resolved as :func:`filtering.uid.resolve_uids`
+    resolves them for the run (``input.uid`` from the manifest); as it is when it lacks the
+    columns the rule needs or the rule refuses it."""
+    from filtering.uid import UidError, resolve_uids
+
+    if not {"uid", "key", "source_shard", "error"} <= set(batch.schema.names):
+        return batch
+    cfg = ((manifest.get("config") or {}).get("input") or {}).get("uid") or {}
+    table = pa.Table.from_batches([batch])
+    try:
+        uid, error, _ = resolve_uids(
+            table,
+            source=cfg.get("source", "json"),
+            field=cfg.get("field", "uid"),
+            derive=cfg.get("derive", "key"),
+            on_invalid=cfg.get("on_invalid", "error"),
+            failed=batch.column("error").is_valid().to_numpy(zero_copy_only=False),
+        )
+    except UidError:
+        return batch
+    for name, values in (("uid", uid), ("error", error)):
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        batch = batch.set_column(batch.schema.get_field_index(name), name, values)
+    return batch
 
 
 def with_score_column(batches: Iterator[pa.RecordBatch], score_file: str | None, field_name: str):
@@ -441,7 +479,7 @@ def gather(
     top_kept, low_kept, top_dropped = TopK(per_grid, True), TopK(per_grid, False), TopK(per_grid, True)
     sources = score_sources(out_dir, manifest, field_name)
     caption_col = source_record(manifest)["caption_column"]
-    columns = ["uid", "key", "source_shard", caption_col, field_name, "error"]
+    columns = ["uid", "key", "source_shard", caption_col, field_name, "error", "url"]
     if sources and kept_set is not None:
         data.score_scope = "pool"
     elif subset_parts:
@@ -453,7 +491,8 @@ def gather(
         if side is not None and field_name in _schema_names(src):
             side = None
         resolved = uid_file(out_dir, manifest, src) if data.score_scope == "pool" else None
-        for b in with_score_column(with_run_uids(iter_batches(src, columns), resolved), side, field_name):
+        batches = with_run_uids(iter_batches(src, columns), resolved, manifest if data.score_scope == "pool" else None)
+        for b in with_score_column(batches, side, field_name):
             uid_arr = b.column("uid") if "uid" in b.schema.names else None
             if uid_arr is None or field_name not in b.schema.names:
                 continue

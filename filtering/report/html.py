@@ -78,9 +78,9 @@ def card(s: Sample, cls: str, pictures: bool = True) -> str:
         ""
         if not pictures
         else (
-            f'<img src="{s.image}" alt="{escape(s.caption or s.key or s.uid)}" title="{escape(s.uid)}">'
+            f'<img src="{s.image}" alt="{escape(s.caption or s.key or s.uid or "")}" title="{escape(s.uid or "")}">'
             if s.image
-            else f'<div class="noimg" title="{escape(s.uid)}">no image</div>'
+            else f'<div class="noimg" title="{escape(s.uid or "")}">no image</div>'
         )
     )
     caption = escape(s.caption) if s.caption else "<i>(no caption)</i>"

@@ -126,7 +126,8 @@ def gather_score_columns(out_dir: str, manifest: dict[str, Any], kept_set, per_g
             scores = _column(scores_file, column)
             start = 0
             resolved = uid_file(out_dir, manifest, source) if scope == "pool" else None
-            for b in with_run_uids(iter_batches(source, ["uid", "key", "source_shard", caption, "error"]), resolved):
+            batches = iter_batches(source, ["uid", "key", "source_shard", caption, "error", "url"])
+            for b in with_run_uids(batches, resolved, manifest if scope == "pool" else None):
                 sc = scores[start : start + b.num_rows]
                 start += b.num_rows
                 valid = np.isfinite(sc)
