@@ -149,6 +149,12 @@ PAGE_FACTS = """JSON.stringify({
   clusterCards: document.querySelectorAll('#clusters .card img').length,
   duplicateCards: document.querySelectorAll('#duplicates .card img').length,
   height: document.documentElement.scrollHeight,
+  sweepLabelOverlaps: [...document.querySelectorAll('svg.sweep text')].filter(t => t.textContent.startsWith('this run'))
+    .flatMap(mark => [...document.querySelectorAll('svg.sweep text')].filter(t => t !== mark).filter(t => {
+      const a = mark.getBoundingClientRect(), b = t.getBoundingClientRect();
+      return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+    }).map(t => t.textContent)),
+  sweepMarks: [...document.querySelectorAll('svg.sweep text')].filter(t => t.textContent.startsWith('this run')).length,
   clippedReasons: [...document.querySelectorAll('.card .reason, .card .why')]
     .filter(e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1).map(e => e.textContent),
 })"""
@@ -236,3 +242,18 @@ def test_cluster_and_duplicate_sections_render(browser, clustered_run):
     assert facts["clippedReasons"] == []  # "duplicate", not "duplic…"
     assert facts["dataImages"] == facts["images"] == facts["decoded"] >= facts["clusterCards"] + facts["duplicateCards"]
     check_screenshot(png)
+
+
+def test_the_sweeps_this_run_label_overlaps_no_other_label(browser, rerun_dir, tmp_path):
+    """The "this run" label sat on the highest point's value label."""
+    from tests.conftest import run_cli, write_config
+
+    cfg = write_config(
+        tmp_path / "c.yaml", filters=[{"clip_score": {"min": 0.5}}], output={"dir": str(rerun_dir), "report": True}
+    )
+    assert run_cli("run", cfg, "--quiet")[0] == 0
+    code, _, stderr = run_cli("sweep", cfg, "--param", "filters[0].clip_score.min=0.5,0.55,0.6", "--quiet")
+    assert code == 0, stderr
+    facts, errors, _, _ = render(browser, rerun_dir / "report.html")
+    assert errors == []
+    assert facts["sweepMarks"] == 1 and facts["sweepLabelOverlaps"] == []
