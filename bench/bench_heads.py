@@ -30,7 +30,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from filtering.pool import ShardPart
-from filtering.scorers.base import BATCH_ROWS, Batch, InputInfo, parse_scorers
+from filtering.registry import parse_scorers
+from filtering.scorers.base import BATCH_ROWS, Batch, InputInfo
 
 SHAPES = {
     "layers.0": (1024, 768),

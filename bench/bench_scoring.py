@@ -290,7 +290,7 @@ def compare(a: np.ndarray, b: np.ndarray, fraction: float = 0.3) -> str:
 
 
 def bench_model(title, clip, urls, batch_size, workers, draft_urls=None) -> None:
-    from filtering.stages.image_decode import draft_target
+    from filtering.models.transforms import draft_target
 
     draft = draft_target(clip.pil_transform)
     fp32 = dataclasses.replace(clip, precision="fp32")

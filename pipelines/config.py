@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from filtering.errors import ConfigError, InputError
-from filtering.filters.compose import FilterNode, parse_filters
+from filtering.filters.compose import FilterNode
+from filtering.registry import FILTERS, SCORERS, parse_filters, parse_scorers
 from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS, IMAGE_FORMATS
 from filtering.validation import format_validation_error
 
@@ -313,8 +314,6 @@ def config_paths(raw: Any) -> Iterator[tuple[str, Any, Any]]:
 
 
 def _filter_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
-    from filtering.filters.base import REGISTRY
-
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict) or len(spec) != 1:
             continue
@@ -324,22 +323,19 @@ def _filter_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
             yield from _filter_paths(params, sub)
         elif name == "not":
             yield from ((sub + p.removeprefix(f"{sub}[0]"), c, k) for p, c, k in _filter_paths([params], sub))
-        elif name in REGISTRY and isinstance(params, dict):
-            for field in getattr(REGISTRY[name].Params, "path_fields", ()):
+        elif name in FILTERS and isinstance(params, dict):
+            for field in getattr(FILTERS[name].Params, "path_fields", ()):
                 if _is_local_path(params.get(field), field):
                     yield f"{sub}.{field}", params, field
 
 
 def _scorer_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
     """The path fields (``Params.path_fields``) of each ``scorers:`` entry, e.g. a head's ``weights``."""
-    from filtering.scorers.base import REGISTRY, builtin_scorers
-
-    builtin_scorers()
     for i, spec in enumerate(specs):
         if isinstance(spec, dict) and len(spec) == 1:
             ((name, params),) = spec.items()
-            if name in REGISTRY and isinstance(params, dict):
-                for field in getattr(REGISTRY[name].Params, "path_fields", ()):
+            if name in SCORERS and isinstance(params, dict):
+                for field in getattr(SCORERS[name].Params, "path_fields", ()):
                     if _is_local_path(params.get(field), field):
                         yield f"{path}[{i}].{name}.{field}", params, field
 
@@ -383,10 +379,8 @@ def expand_local(pattern: str) -> Iterator[tuple[str, list[str]]]:
 def _may_be_missing(key: str, params: Any, field: str) -> bool:
     """Whether the filter at ``key`` (``filters[2].language.model_path``) handles a missing
     file itself (``Params.path_may_be_missing``: the language filter's fallback)."""
-    from filtering.filters.base import REGISTRY
-
     parts = key.split(".")
-    cls = REGISTRY.get(parts[-2]) if key.startswith("filters") and len(parts) >= 2 else None
+    cls = FILTERS.get(parts[-2]) if key.startswith("filters") and len(parts) >= 2 else None
     return cls is not None and isinstance(params, dict) and cls.Params.path_may_be_missing(params, field)
 
 
@@ -453,7 +447,7 @@ def parse_config(raw: dict) -> Config:
         raise ConfigError("filters: must be a list of filters")
     cfg._filter_tree = parse_filters(cfg.filters, path="filters", input_kind=input_kind(cfg))
     if cfg.scorers:
-        from filtering.scorers.base import input_info, parse_scorers
+        from filtering.scorers.base import input_info
 
         cfg._scorers = parse_scorers(cfg.scorers, input_info(input_kind(cfg), cfg.model.arch))
     return cfg

@@ -89,7 +89,7 @@ def scorer_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
     """One stage per ``scorers:`` entry, each caching under its own fingerprint."""
     if not cfg.scorer_list:
         return []
-    from filtering.scorers.base import ScorerStage
+    from filtering.stages.scorer_stage import ScorerStage
 
     return [ScorerStage(s, cache_root) for s in cfg.scorer_list]
 
@@ -98,7 +98,7 @@ def filter_scorer_stages(cfg: Config, cache_root: str, provided: set[str]) -> li
     """The scorers the filters bring (``Filter.scorers()``, e.g. ``language``'s
     ``language_id``): one stage per scorer name, shared by the filters that name it;
     their columns are internal (read by filters, not written to the outputs)."""
-    from filtering.scorers.base import ScorerStage
+    from filtering.stages.scorer_stage import ScorerStage
 
     stages: list[ColumnStage] = []
     seen = set(provided)

@@ -130,7 +130,7 @@ class DecontaminateStage(ColumnStage):
         """Per shard, cached: a rerun with another threshold reads the columns back."""
         from filtering import clustering
         from filtering.cache import ShardCache, part_fingerprint
-        from filtering.scorers.base import cached_shard_loop
+        from filtering.stages.scorer_stage import cached_shard_loop
 
         key = "filters.decontaminate.embedding"
         try:
@@ -242,7 +242,8 @@ class DecontaminateStage(ColumnStage):
         """Decode (and for semantic, encode) reference images as the scoring stage does pool
         images; with how many failed, and the first one's id and reason."""
         from filtering.image_clusters.image_clusters_stage import configured_formats, decode_reference
-        from filtering.stages.image_decode import draft_target, reference_plan
+        from filtering.models.transforms import draft_target
+        from filtering.stages.image_decode import reference_plan
 
         semantic = t.method == "semantic"
         jpeg_draft = getattr(self.cfg.model, "jpeg_draft", False)

@@ -1,5 +1,5 @@
 """Deduplication in one package: the ``dedup`` filter (:mod:`filtering.dedup.dedup_filter`,
-registered by ``filtering/filters/__init__.py``), exact groups and survivor selection
+registered by :mod:`filtering.registry`), exact groups and survivor selection
 (:mod:`filtering.dedup.groups`), Hamming-radius search over perceptual hashes
 (:mod:`filtering.dedup.hamming`) and SemDeDup over embeddings (:mod:`filtering.dedup.semantic`).
 The decontamination stage reuses ``hamming.nearest`` and ``dedup_filter.hash_column``."""

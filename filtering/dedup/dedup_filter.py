@@ -41,6 +41,7 @@ from filtering.dedup.search_stage import label_column, pairs_key
 from filtering.errors import ConfigError
 from filtering.filters.base import Decision, Filter, Params, Survivors, register
 from filtering.pool import Pool
+from filtering.sources import source_info
 
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "exact": ("with_caption",),
@@ -84,8 +85,6 @@ class Dedup(Filter):
 
     @property
     def score_field(self) -> str:
-        from filtering.stages.base import source_info
-
         return source_info(self.input.kind).score_field
 
     @property

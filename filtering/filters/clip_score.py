@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from filtering.filters.base import Decision, Filter, Params, TopFraction, register
 from filtering.pool import Pool
+from filtering.sources import source_info
 
 
 class ClipScoreParams(Params):
@@ -60,8 +61,6 @@ class ClipScore(Filter):
     def field(self) -> str:
         if self.params.field:
             return self.params.field
-        from filtering.stages.base import source_info
-
         return source_info(self.input.kind).score_field
 
     def requires(self) -> set[str]:

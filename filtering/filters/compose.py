@@ -21,12 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
-from filtering.errors import ConfigError
-from filtering.filters.base import REGISTRY, Decision, Filter, InputInfo
+from filtering.filters.base import Decision, Filter
 from filtering.pool import Pool
-from filtering.validation import format_validation_error, unknown_name
 
 COMBINATORS = ("all", "any", "not")
 
@@ -134,44 +131,6 @@ class Not(FilterNode):
 
     def describe(self) -> Any:
         return {"not": self.child.describe()}
-
-
-def _unknown_name(name: str, path: str) -> ConfigError:
-    return unknown_name(path, "filter", name, sorted(REGISTRY) + list(COMBINATORS))
-
-
-def parse_filter(spec: Any, path: str, input_kind: str) -> FilterNode:
-    """Parse one filter entry ``{name: params}`` (or a combinator) into a node."""
-    import filtering.filters  # noqa: F401  (registers the built-in filters)
-
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(f"{path}: each filter is a mapping with exactly one key, the filter name")
-    ((name, params),) = spec.items()
-    name = str(name)
-    sub = f"{path}.{name}"
-    if name in ("all", "any"):
-        if not isinstance(params, list) or not params:
-            raise ConfigError(f"{sub}: expects a non-empty list of filters")
-        children = [parse_filter(p, f"{sub}[{i}]", input_kind) for i, p in enumerate(params)]
-        return AllOf(children) if name == "all" else AnyOf(children)
-    if name == "not":
-        if isinstance(params, list):
-            if len(params) != 1:
-                raise ConfigError(f"{sub}: expects one filter")
-            params = params[0]
-        return Not(parse_filter(params, sub, input_kind))
-    cls = REGISTRY.get(name)
-    if cls is None:
-        raise _unknown_name(name, path)
-    try:
-        model = cls.Params.model_validate(params or {})
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, cls.Params, prefix=(sub,))) from e
-    return Leaf(cls(model, InputInfo(kind=input_kind)))
-
-
-def parse_filters(specs: list[Any], path: str = "filters", input_kind: str = "webdataset") -> list[FilterNode]:
-    return [parse_filter(s, f"{path}[{i}]", input_kind) for i, s in enumerate(specs)]
 
 
 @dataclass

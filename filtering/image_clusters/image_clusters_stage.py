@@ -159,11 +159,11 @@ class ImageClustersStage(ColumnStage):
 
     def assign(self, ctx: RunContext, pool: Pool, targets: ClusterTargets, assigners: dict | None = None) -> None:
         """The per-row part: each row's nearest centroid, per shard through the shared cached
-        loop (:func:`filtering.scorers.base.cached_shard_loop`, keyed by the shard's
+        loop (:func:`filtering.stages.scorer_stage.cached_shard_loop`, keyed by the shard's
         embeddings), as the columns ``cluster_id``, ``cluster_sim`` and ``cluster_target``.
         Row-local, so the streaming plan runs it on each shard's pool in its workers, where
         ``assigners`` keeps one :class:`filtering.clustering.Assigner` per process."""
-        from filtering.scorers.base import cached_shard_loop
+        from filtering.stages.scorer_stage import cached_shard_loop
 
         info = ctx.stage_info.setdefault("clusters", {"embedding": targets.kind, "cache": {}})
         kind = targets.kind
@@ -303,8 +303,9 @@ class ImageClustersStage(ColumnStage):
 
     def embed_reference(self, ctx, source) -> tuple[np.ndarray, int]:
         """Encode reference images exactly as pool images are: same decode, transform, model."""
+        from filtering.models.transforms import draft_target
         from filtering.scorers.clip import ClipEncoder
-        from filtering.stages.image_decode import draft_target, reference_plan
+        from filtering.stages.image_decode import reference_plan
 
         clip = ctx.clip()
         encoder = ClipEncoder(clip)

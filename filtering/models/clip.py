@@ -252,7 +252,7 @@ def split_transform(preprocess) -> tuple[Any, Any]:
     """Split an open_clip ``Compose`` at its to-tensor step into a PIL part and a tensor part."""
     from torchvision.transforms import Compose
 
-    from filtering.stages.image_decode import pil_only
+    from filtering.models.transforms import pil_only
 
     steps = list(getattr(preprocess, "transforms", [preprocess]))
     for i, step in enumerate(steps):

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from filtering.io.atomic import atomic_write_text
 from filtering.io.paths import join
-from filtering.report.data import ReportData, gather
+from filtering.report.data import ReportData, gather_outputs, kept_uids
 from filtering.report.html import render
+from filtering.report.score_columns import gather_score_columns
 from filtering.report.thumbs import fill_thumbnails, run_formats
 
 __all__ = ["ReportData", "build_report", "gather", "render", "write_report"]
+
+
+def gather(out_dir: str, seed: int = 0, per_grid: int = 12) -> ReportData:
+    """Collect the report's numbers and thumbnail candidates (images are filled later):
+    the outputs' (:func:`filtering.report.data.gather_outputs`), then every score column a
+    score filter used (aesthetic, NSFW, watermark heads...)."""
+    data = gather_outputs(out_dir, per_grid=per_grid, seed=seed)
+    data.score_columns = gather_score_columns(out_dir, data.manifest, kept_uids(out_dir), per_grid)
+    return data
 
 
 def build_report(out_dir: str, seed: int = 0, thumbnails: bool = True, log=None, shown_as: str | None = None) -> str:

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from filtering.errors import InputError
 from filtering.io.paths import get_fs, join, shard_id
+from filtering.sources import source_info
 from filtering.uid import normalize_uids, uids_to_u8u8
 from filtering.writers.commit import verify
 
@@ -216,8 +217,6 @@ def source_record(manifest: dict[str, Any]) -> dict[str, Any]:
     record = manifest.get("source")
     if isinstance(record, dict) and "kind" in record:
         return record
-    from filtering.stages.base import source_info
-
     return source_info(manifest.get("input_kind") or "webdataset").to_dict()
 
 
@@ -396,7 +395,7 @@ class _UidSet:
         return found
 
 
-def _kept_uids(out_dir: str) -> _UidSet | None:
+def kept_uids(out_dir: str) -> _UidSet | None:
     path = join(out_dir, "subset.npy")
     if not _exists(path):
         return None
@@ -409,7 +408,7 @@ def _kept_uids(out_dir: str) -> _UidSet | None:
     return _UidSet(np.load(path, mmap_mode="r"))
 
 
-def gather(
+def gather_outputs(
     out_dir: str,
     per_grid: int = 12,
     seed: int = 0,
@@ -418,7 +417,8 @@ def gather(
     duplicate_groups: int = 8,
     copies_per_group: int = 4,
 ) -> ReportData:
-    """Collect the report's numbers and thumbnail candidates (images are filled later)."""
+    """Collect the report's numbers and thumbnail candidates (images are filled later),
+    all but the score columns' (:func:`filtering.report.gather` adds those)."""
     manifest_path = join(out_dir, "manifest.json")
     if not _exists(manifest_path):
         raise InputError(
@@ -468,7 +468,7 @@ def gather(
     field_name = score_field(manifest)
     thresholds = manifest.get("thresholds", {}) or {}
     threshold = thresholds.get(field_name)
-    kept_set = _kept_uids(out_dir)
+    kept_set = kept_uids(out_dir)
     wanted: dict[str, list[Sample]] = defaultdict(list)
     for s in data.samples():
         wanted[s.uid].append(s)
@@ -558,11 +558,6 @@ def gather(
             per_cluster,
             sources if data.score_scope == "pool" else [],
         )
-
-    # 4. every score column a score filter used (aesthetic, NSFW, watermark heads...).
-    from filtering.report.score_columns import gather_score_columns
-
-    data.score_columns = gather_score_columns(out_dir, manifest, kept_set, per_grid)
 
     sweep_path = join(out_dir, "sweep.json")
     if _exists(sweep_path):

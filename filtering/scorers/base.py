@@ -18,9 +18,10 @@ A scorer is one file: a :class:`Scorer` subclass with a ``kind`` (its name in YA
   :meth:`Scorer.embeddings` names the 2-D ones (cached as float16 ``.npy``, read by
   filters as embedding kinds).
 
-:class:`ScorerStage` owns the loop every scorer shares: shard by shard, read the
-cached result (``DIR/cache/scorer-<name>-<fp>/<shard>.parquet``, keyed by what the
-shard's input was), or compute it in batches and cache it; failed rows get nulls.
+:class:`filtering.stages.scorer_stage.ScorerStage` owns the loop every scorer shares:
+shard by shard, read the cached result (``DIR/cache/scorer-<name>-<fp>/<shard>.parquet``,
+keyed by what the shard's input was), or compute it in batches and cache it; failed rows
+get nulls.
 Scorers that read images cannot run on the pool (it holds no pixels): the planner hands
 them to the source stage, whose decode pass feeds them (WebDataset:
 :mod:`filtering.stages.webdataset`, each cached under its own
@@ -29,29 +30,23 @@ them to the source stage, whose decode pass feeds them (WebDataset:
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
 import json
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from filtering.errors import ConfigError
-from filtering.stages.base import ColumnStage, RunContext
-from filtering.validation import format_validation_error, unknown_name
+from filtering.sources import source_info
 
 # pyarrow (and the pool, which needs it) is imported where used: the source's decode
 # workers import this module to unpickle image scorers, and start faster without it.
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from filtering.pool import Pool, ShardPart
+    from filtering.pool import ShardPart
 
 BATCH_ROWS = 65_536  # rows per score() call: bounded memory, large enough for BLAS
 
@@ -225,8 +220,6 @@ def input_info(input_kind: str, model_arch: str | None = None) -> InputInfo:
     """Embedding sizes known without reading data: those the source states (DataComp's
     npz arrays), or the CLIP model's ``embed_dim`` from its JSON config (read as a file,
     open_clip not imported)."""
-    from filtering.stages.base import source_info
-
     known = source_info(input_kind).embedding_dims
     if known:
         return InputInfo(input_kind, dict(known))
@@ -236,7 +229,6 @@ def input_info(input_kind: str, model_arch: str | None = None) -> InputInfo:
 
 def _clip_embed_dim(arch: str) -> int | None:
     import importlib.util
-    import json
 
     candidates = [Path(arch)] if arch.endswith(".json") else []
     candidates.append(Path(__file__).resolve().parent.parent / "models" / "configs" / f"{arch}.json")
@@ -260,314 +252,3 @@ def register(cls: type[Scorer]) -> type[Scorer]:
         raise ValueError(f"scorer kind {cls.kind!r} registered twice")
     REGISTRY[cls.kind] = cls
     return cls
-
-
-def builtin_scorers() -> None:
-    import filtering.scorers.clip  # noqa: F401  (registers on import)
-    import filtering.scorers.embedding_head  # noqa: F401
-    import filtering.scorers.language_id  # noqa: F401
-    import filtering.scorers.phash  # noqa: F401
-
-
-def scorer_class(kind: str, path: str = "scorers") -> type[Scorer]:
-    builtin_scorers()
-    cls = REGISTRY.get(kind)
-    if cls is None:
-        raise unknown_name(path, "scorer", kind, sorted(REGISTRY))
-    return cls
-
-
-def parse_scorers(specs: Any, input_info: InputInfo, path: str = "scorers") -> list[Scorer]:
-    """Parse the ``scorers:`` list, each entry ``{kind: params}``; two scorers may not
-    write the same column."""
-    if specs is None:
-        return []
-    if not isinstance(specs, list):
-        raise ConfigError(f"{path}: must be a list of scorers, each {{kind: {{...}}}}")
-    scorers: list[Scorer] = []
-    owner: dict[str, str] = {}
-    for i, spec in enumerate(specs):
-        where = f"{path}[{i}]"
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise ConfigError(f"{where}: each scorer is a mapping with exactly one key, the scorer kind")
-        ((kind, params),) = spec.items()
-        cls = scorer_class(str(kind), where)
-        sub = f"{where}.{kind}"
-        try:
-            model = cls.Params.model_validate(params or {})
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e, cls.Params, prefix=(sub,))) from e
-        scorer = cls(model, input_info, sub)
-        for column in scorer.provides():
-            if column in owner:
-                raise ConfigError(
-                    f"{sub}: column {column!r} is already written by {owner[column]}; give it another name"
-                )
-            owner[column] = sub
-        scorers.append(scorer)
-    return scorers
-
-
-# --- the per-shard cached loop ---------------------------------------------------------
-
-
-@dataclass
-class ShardLoopResult:
-    columns: dict[str, np.ndarray]  # one array per column, pool.n rows (rows of empty shards: zeros)
-    computed: int  # shards computed now
-    cached: int  # shards read from the cache
-
-
-def cached_shard_loop(
-    ctx: RunContext,
-    pool: Pool,
-    cache,
-    columns: tuple[str, ...],
-    source_of,
-    compute,
-    desc: str,
-    kind: str | None = None,
-    task=None,
-    inputs: tuple[str, ...] = (),
-) -> ShardLoopResult:
-    """The loop every per-shard computation over the pool shares (scorers, cluster
-    assignment, decontamination distances): for each shard, read its cached table when
-    the cache entry was made from the same input, else compute it and cache it.
-
-    ``cache``: a :class:`filtering.cache.ShardCache` (its fingerprint is the computation's
-    settings); ``source_of(part, emb)``: what the shard's input was (the cache key's
-    ``source``; ``emb`` is the shard's ``kind`` embeddings, loaded only when ``kind`` is
-    given); ``compute(part, emb)``: one array per column, ``part.n`` rows. Memory stays
-    one shard plus the output columns.
-
-    ``task``: the same computation as a picklable ``task(part, emb, cols)`` (``cols``: the
-    shard's ``inputs`` pool columns). With an executor that runs tasks (``--executor ray``,
-    ``filtering/tasks.py``) the shards not cached are computed there, a few at a time in
-    flight, and their columns come back to be cached here as a local run caches them.
-    Where the pool has ``embedding_ref`` the task loads the shard's embeddings itself
-    (from the shared file), so the driver reads only the rows the cache key samples
-    (memory-mapped; a remote file is still read whole for the key).
-    """
-    from collections import deque
-
-    import pyarrow as pa
-
-    from filtering.tasks import runs_tasks, task_pool
-
-    out: dict[str, np.ndarray | None] = dict.fromkeys(columns)
-    computed = cached = 0
-    remote = task is not None and ctx.executor is not None and runs_tasks(ctx.executor)
-    # The bar opens at the first shard to compute, so a step whose shards are all cached
-    # says "cached" instead of drawing a bar that fills at once.
-    bar, rows_done = None, 0
-
-    def open_bar() -> None:
-        nonlocal bar
-        if bar is None:
-            bar = ctx.bar(pool.n, desc)
-            bar.update(rows_done)
-
-    def fill(part: ShardPart, result) -> None:
-        nonlocal rows_done
-        for c in columns:
-            if out[c] is None:
-                out[c] = np.zeros(pool.n, dtype=result[c].dtype)
-            out[c][part.start : part.stop] = result[c]
-        rows_done += part.n
-        if bar is not None:
-            bar.update(part.n)
-
-    def store(part: ShardPart, source, result) -> None:
-        cache.write(part.url, pa.table({c: result[c] for c in columns}), {}, source=source)
-        fill(part, result)
-
-    try:
-        with task_pool(ctx.executor, 1) if remote else contextlib.nullcontext() as tasks:
-            window: deque = deque()  # (part, source, future): at most two per worker in flight
-            for part in pool.parts:
-                if part.n == 0:
-                    continue
-                emb = pool.embedding_loader(kind, part) if kind is not None else None
-                source = source_of(part, emb)
-                if cache.is_done(part.url, source):
-                    table = cache.read_table(part.url)
-                    fill(part, {c: table.column(c).to_numpy() for c in columns})
-                    cached += 1
-                    continue
-                computed += 1
-                open_bar()
-                if not remote:
-                    store(part, source, compute(part, emb))
-                    continue
-                cols = {c: pool.column(c)[part.start : part.stop] for c in inputs}
-                # The task loads the shard's embeddings itself where the pool can say how:
-                # the driver read only the rows its cache key samples.
-                if kind is not None and pool.embedding_ref is not None:
-                    emb = pool.embedding_ref(kind, part)
-                window.append((part, source, tasks.submit(_shard_task, task, part, emb, cols)))
-                while len(window) > 2 * tasks.workers:
-                    p, src, fut = window.popleft()
-                    store(p, src, fut.result())
-            while window:
-                p, src, fut = window.popleft()
-                store(p, src, fut.result())
-    finally:
-        if bar is not None:
-            bar.close()
-    if bar is None and cached and ctx.progress is not None:
-        ctx.log(f"{desc}: cached ({cached} shard{'s' if cached != 1 else ''})")
-    filled = {c: v if v is not None else np.zeros(pool.n, np.float32) for c, v in out.items()}
-    return ShardLoopResult(filled, computed, cached)
-
-
-def _shard_task(task, part: ShardPart, emb, cols) -> dict[str, np.ndarray]:
-    """One shard of :func:`cached_shard_loop` where the executor runs it (a Ray task);
-    ``emb``: the shard's embeddings, or a function that loads them here."""
-    if callable(emb):
-        emb = emb()
-    return {c: np.asarray(v) for c, v in task(part, emb, cols).items()}
-
-
-_SET_UP: dict[str, Scorer] = {}  # per task worker process: scorers set up once, by identity
-
-
-def _score_shard(stage: ScorerStage, part: ShardPart, emb, cols) -> dict[str, np.ndarray]:
-    """A :class:`ScorerStage`'s shard in a task worker: its scorer set up once per process."""
-    scorer = stage.scorer
-    key = json.dumps([scorer.kind, scorer.name, scorer.version, scorer.fingerprint()], sort_keys=True, default=str)
-    if key not in _SET_UP:
-        _SET_UP.clear()  # one scorer's model at a time
-        scorer.ensure_setup()
-        _SET_UP[key] = scorer
-    stage.scorer = _SET_UP[key]  # this process's copy of the stage
-    return stage._compute(part, emb, cols)
-
-
-class ScorerStage(ColumnStage):
-    """Runs one scorer over the pool, shard by shard, through its own cache."""
-
-    def __init__(self, scorer: Scorer, cache_root: str, internal: bool = False):
-        self.scorer = scorer
-        self.cache_root = cache_root
-        self.internal = internal  # a filter's own scorer: its columns stay out of the outputs
-        self.name = f"scorer:{scorer.name}"
-        # A filter's own scorer (language's language_id) runs shard by shard in the
-        # workers; a configured one (a model head) keeps the in-memory plan, which loads it once.
-        self.scope = "shard" if internal else "pool"
-
-    def provides(self) -> set[str]:
-        return set(self.scorer.provides())
-
-    def requires(self) -> set[str]:
-        return self.scorer.needs().pool_columns()
-
-    def embeddings_required(self) -> dict[str, str | None]:
-        needs = self.scorer.needs()
-        return {f"{self.scorer.path}.embedding": needs.embedding_kind} if needs.embedding else {}
-
-    @property
-    def reads_images(self) -> bool:
-        """Fed by the source's decode pass (the planner hands it to the source), not by :meth:`run`."""
-        return self.scorer.needs().reads_images
-
-    def check(self, input_kind: str) -> None:
-        self.scorer.check()
-
-    def run(self, ctx: RunContext, pool: Pool) -> None:
-        import pyarrow as pa
-
-        from filtering.cache import ShardCache
-
-        scorer = self.scorer
-        needs = scorer.needs()
-        t0 = time.perf_counter()
-        kind = None
-        if needs.embedding:
-            try:
-                kind = pool.resolve_embedding(needs.embedding_kind)
-            except KeyError as e:
-                raise ConfigError(f"{scorer.path}.embedding: {e.args[0]}") from e
-        columns = sorted(needs.pool_columns())
-        spec = {
-            "kind": scorer.kind,
-            "version": scorer.version,
-            "scorer": scorer.fingerprint(),
-            "embedding": kind,
-            "columns": columns,
-        }
-        cache = ShardCache(self.cache_root, f"scorer-{scorer.name}", spec)
-        provided = scorer.provides()
-        failed = pool.failed
-
-        def cols_of(part: ShardPart) -> dict[str, np.ndarray]:
-            return {c: pool.column(c)[part.start : part.stop] for c in columns}
-
-        def compute(part: ShardPart, emb: np.ndarray | None) -> dict[str, np.ndarray]:
-            scorer.ensure_setup()
-            return self._compute(part, emb, cols_of(part))
-
-        loop = cached_shard_loop(
-            ctx,
-            pool,
-            cache,
-            tuple(provided),
-            source_of=lambda part, emb: {"input": _input_fingerprint(part, emb, kind, cols_of(part))},
-            compute=compute,
-            desc=f"score {scorer.name}",
-            kind=kind,
-            task=functools.partial(_score_shard, self),
-            inputs=tuple(columns),
-        )
-        computed, cached = loop.computed, loop.cached
-        for c in provided:
-            pool.add_column(c, pa.array(loop.columns[c], mask=failed))
-            if self.internal:
-                pool.internal.add(c)
-        ctx.stage_info.setdefault("scorers", {})[scorer.name] = {
-            **scorer.describe(),
-            "embedding": kind,
-            "cache": {"dir": cache.dir, "shards_scored": computed, "shards_cached": cached},
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-
-    def _compute(self, part: ShardPart, emb: np.ndarray | None, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        chunks: dict[str, list[np.ndarray]] = {c: [] for c in self.scorer.provides()}
-        for lo in range(0, part.n, BATCH_ROWS):
-            hi = min(part.n, lo + BATCH_ROWS)
-            batch = Batch(
-                part=part,
-                start=lo,
-                embeddings=None if emb is None else np.asarray(emb[lo:hi], dtype=np.float32),
-                columns={c: v[lo:hi] for c, v in cols.items()},
-            )
-            result = self.scorer.score(batch)
-            for c in chunks:
-                arr = np.asarray(result[c])
-                if arr.shape[:1] != (hi - lo,):
-                    raise ValueError(
-                        f"scorer {self.scorer.name}: column {c!r} has {arr.shape[:1]} rows, expected {hi - lo}"
-                    )
-                chunks[c].append(arr)
-        if part.n == 0:
-            return {c: np.zeros(0, np.float32) for c in chunks}
-        return {c: np.concatenate(v) for c, v in chunks.items()}
-
-
-def _input_fingerprint(part: ShardPart, emb: np.ndarray | None, kind: str | None, cols: dict[str, np.ndarray]) -> str:
-    """What one shard's input to a scorer was: its embeddings (url, shape and a strided
-    sample of rows, as the cluster stage keys its assignments) and the columns read."""
-    import pyarrow as pa
-
-    from filtering.cache import part_fingerprint
-
-    h = hashlib.sha256(json.dumps([part.url, part.n]).encode())
-    if emb is not None:
-        h.update(part_fingerprint(part, emb, kind or "").encode())
-    for name in sorted(cols):
-        h.update(name.encode())
-        h.update(
-            pa.array(cols[name]).to_string().encode()
-            if cols[name].dtype == object
-            else np.ascontiguousarray(cols[name]).tobytes()
-        )
-    return h.hexdigest()[:24]

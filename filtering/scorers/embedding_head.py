@@ -45,6 +45,7 @@ from pydantic import Field, field_validator
 
 from filtering.errors import ConfigError, InputError
 from filtering.scorers.base import Batch, Needs, Scorer, ScorerParams, register
+from filtering.sources import source_info
 
 PRESETS = ("laion_aesthetic", "nemo_nsfw", "linear", "mlp")
 _AESTHETIC_LAYERS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
@@ -320,8 +321,6 @@ class EmbeddingHead(Scorer):
     def embedding_kind(self) -> str | None:
         if self.params.embedding:
             return self.params.embedding
-        from filtering.stages.base import source_info
-
         return source_info(self.input.kind).default_embedding
 
     def fingerprint(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ under ``scorers:`` to write the columns into the subset::
 
 Null captions get null codes and NaN confidences. Captions are classified once per
 distinct text within a batch of rows; large batches are split over worker processes
-(:func:`filtering.filters.language.predict_texts`).
+(:func:`filtering.scorers.language_identifiers.predict_texts`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from pydantic import field_validator
 
-from filtering.filters.language import IdentifierParams, predict_texts, resolve
 from filtering.scorers.base import Batch, Needs, Scorer, register
+from filtering.scorers.language_identifiers import IdentifierParams, predict_texts, resolve
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The packages (any one installed) whose version each identifier's results depend on.
@@ -49,7 +49,7 @@ PACKAGE = {
 
 
 class LanguageIdParams(IdentifierParams):
-    """The identifier settings of :class:`~filtering.filters.language.IdentifierParams`
+    """The identifier settings of :class:`~filtering.scorers.language_identifiers.IdentifierParams`
     and the columns' name (``<name>``, ``<name>_confidence``)."""
 
     name: str = "language"

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from filtering.sources import SourceInfo
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -51,40 +53,6 @@ class RunContext:
 
             return tqdm(total=total, desc=desc, unit=unit, disable=True)
         return self.progress(total=total, desc=desc, unit=unit)
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """What depends on the input kind, stated by the source stage that reads it: filters
-    take their defaults from it at config time, the runner its writer settings and model
-    record, and the manifest carries it (``source``) for the report."""
-
-    kind: str  # "webdataset" | "datacomp"
-    score_field: str  # the CLIP score column clip_score and dedup's highest_clip_score read by default
-    caption_column: str  # the caption's column in the source's own files (DataComp: text)
-    images: bool  # whether the input holds images (resharding, the report's thumbnails)
-    hex_columns: tuple[str, ...] = ()  # columns stored as hex like the uid (DataComp's key)
-    default_embedding: str | None = None  # the embedding kind read when a filter names none
-    embedding_dims: dict[str, int] = field(default_factory=dict)  # sizes known before reading (else from the model)
-    scores_in_inputs: bool = False  # scores are read from the input files (DataComp) rather than scored
-    model: dict[str, Any] | None = None  # a fixed model record (no model runs); None: the run's CLIP model
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            k: list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v
-            for k, v in self.__dict__.items()
-        }
-
-
-def source_info(kind: str) -> SourceInfo:
-    """The :class:`SourceInfo` of the source stage for ``kind`` (imports no model code)."""
-    if kind == "datacomp":
-        from filtering.stages.datacomp import DataCompStage
-
-        return DataCompStage.info
-    from filtering.stages.webdataset import WebDatasetStage
-
-    return WebDatasetStage.info
 
 
 class Stage(ABC):

@@ -33,7 +33,8 @@ from filtering.errors import InputError, PoolsiftError
 from filtering.io.arrow import preload_pandas
 from filtering.io.paths import file_info, get_fs, is_local, local_path, open_file
 from filtering.pool import LateColumns, Pool, ShardPart
-from filtering.stages.base import RunContext, SourceInfo, SourceStage
+from filtering.sources import DATACOMP
+from filtering.stages.base import RunContext, SourceStage
 
 SCORE_FIELDS = ("clip_b32_similarity_score", "clip_l14_similarity_score")
 EMBEDDING_ARRAYS = ("b32_img", "b32_txt", "l14_img", "l14_txt")
@@ -99,23 +100,7 @@ class DataCompStage(SourceStage):
     """Builds the pool from DataComp's per-shard parquet metadata and npz embeddings."""
 
     name = "datacomp"
-    info = SourceInfo(
-        kind="datacomp",
-        score_field="clip_l14_similarity_score",
-        caption_column="text",
-        images=False,
-        hex_columns=("key",),  # DataComp's key is its uid: hex, so stored like the uid
-        default_embedding="l14_img",
-        scores_in_inputs=True,
-        # the npz arrays: OpenAI CLIP ViT-B/32 and ViT-L/14 embeddings (Gadre et al. 2023)
-        embedding_dims={"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768},
-        model={
-            "arch": None,
-            "pretrained": None,
-            "checkpoint_sha256": None,
-            "note": "scores and embeddings from DataComp metadata",
-        },
-    )
+    info = DATACOMP
     no_embeddings = "input.datacomp_metadata has no .npz next to every .parquet (DataComp's embedding files)"
 
     def __init__(self, metadata_dir: str, cache_root: str):

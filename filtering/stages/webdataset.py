@@ -47,7 +47,8 @@ from filtering.pool import Pool, ShardPart
 from filtering.scorers.base import Batch, Scorer, input_info
 from filtering.scorers.clip import ClipScorer, model_spec
 from filtering.scorers.phash import PhashScorer
-from filtering.stages.base import RunContext, SourceInfo, SourceStage
+from filtering.sources import WEBDATASET
+from filtering.stages.base import RunContext, SourceStage
 from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS, DecodedImage, DecodePlan
 from filtering.stages.img2dataset import STATS_COUNTS, merge_side_parquet, read_stats, side_parquet, source_stamp
 from filtering.uid import MAX_EXAMPLES, UidError, resolve_uids
@@ -115,9 +116,7 @@ class WebDatasetStage(SourceStage):
     planner hands it with :meth:`add_image_scorer`)."""
 
     name = "score"
-    info = SourceInfo(
-        kind="webdataset", score_field="clip_score", caption_column="caption", images=True, default_embedding="image"
-    )
+    info = WEBDATASET
 
     def __init__(
         self,
@@ -568,7 +567,7 @@ class WebDatasetStage(SourceStage):
         (``transforms``, by scorer name). The JPEG draft size (``model.jpeg_draft``) is the
         one CLIP's preprocessing resizes to, from its transform when given (and recorded
         then), else as recorded."""
-        from filtering.stages.image_decode import draft_target
+        from filtering.models.transforms import draft_target
 
         draft = None
         if self.model_cfg.jpeg_draft:

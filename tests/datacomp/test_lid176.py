@@ -58,11 +58,11 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fresh_identifiers():
-    from filtering.filters import language
+    from filtering.scorers import language_identifiers
 
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
     yield
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_first_run_downloads_the_model_into_the_cache(tmp_path, home, lid, metad
 
 def test_a_wrong_checksum_is_refused_in_one_line_and_nothing_is_cached(tmp_path, home, metadata, server):
     """The served file is not lid.176.bin: under the default (lid.176.bin's sha256) it is refused."""
-    from filtering.filters.language import LID176_SHA256
+    from filtering.scorers.language_identifiers import LID176_SHA256
 
     code, err = run_preset(tmp_path / "run", "basic_filter.yaml", metadata, f"filters[2].language.model_url={server}")
     assert code == 2

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from filtering.models.transforms import PilTransform
 from filtering.scorers.base import Batch, Needs, Scorer, register
-from filtering.stages.image_decode import PilTransform
 from tests.conftest import REPO, SAMPLE_CONFIG, cached_rows, run_cli, write_config
 
 SAMPLE_MODEL = {

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from filtering.filters import language
+from filtering.scorers import language_identifiers
 from pipelines.config import load_config
 from pipelines.runner import run
 from tests.conftest import REPO, write_config
@@ -19,13 +19,13 @@ pytestmark = pytest.mark.slow  # runs the whole pipeline (make test-fast leaves 
 def classified(monkeypatch):
     """Every caption the py3langid identifier is asked about, in order."""
     seen: list[str] = []
-    real = language._Py3Langid.predict
+    real = language_identifiers._Py3Langid.predict
 
     def counting(self, texts):
         seen.extend(texts)
         return real(self, texts)
 
-    monkeypatch.setattr(language._Py3Langid, "predict", counting)
+    monkeypatch.setattr(language_identifiers._Py3Langid, "predict", counting)
     return seen
 
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from filtering.stages.base import source_info
+from filtering.sources import source_info
 from tests.conftest import run_cli
 from tests.datacomp_pool import make_datacomp_pool
 

@@ -8,8 +8,9 @@ import pytest
 
 from filtering.dedup.search_stage import DedupSearchStage
 from filtering.errors import ConfigError
-from filtering.filters.compose import apply_filters, parse_filters
+from filtering.filters.compose import apply_filters
 from filtering.pool import Pool, ShardPart
+from filtering.registry import parse_filters
 from filtering.stages.base import RunContext
 
 

@@ -6,8 +6,9 @@ import pytest
 
 from filtering.errors import ConfigError
 from filtering.filters.clip_score import top_fraction_threshold
-from filtering.filters.compose import apply_filters, parse_filters
+from filtering.filters.compose import apply_filters
 from filtering.pool import Pool
+from filtering.registry import parse_filters
 
 
 def datacomp_threshold(scores: np.ndarray, fraction: float) -> float:

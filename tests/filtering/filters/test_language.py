@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 
 from filtering.errors import ConfigError, InputError
-from filtering.filters import language
 from filtering.filters.base import InputInfo
 from filtering.filters.language import LanguageFilter, LanguageParams
 from filtering.pool import Pool
+from filtering.scorers import language_identifiers
 
 CAPTIONS = [
     "a photo of a red circle on a blue background",
@@ -34,9 +34,9 @@ def decide(captions, alive=None, **params):
 
 @pytest.fixture
 def fresh_identifiers():
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
     yield
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
 
 
 def test_py3langid_keeps_english_and_names_reasons():
@@ -66,13 +66,13 @@ def test_min_confidence_drops_unsure_predictions():
 
 def test_predictions_are_made_once_per_caption_and_only_for_alive_rows(monkeypatch, fresh_identifiers):
     calls = []
-    real = language._Py3Langid.predict
+    real = language_identifiers._Py3Langid.predict
 
     def counting(self, texts):
         calls.append(list(texts))
         return real(self, texts)
 
-    monkeypatch.setattr(language._Py3Langid, "predict", counting)
+    monkeypatch.setattr(language_identifiers._Py3Langid, "predict", counting)
     captions = ["a red circle on a blue background"] * 5 + ["ein roter Kreis"] * 5
     alive = np.array([True] * 5 + [False] * 4 + [True])
     pool = Pool(pa.table({"caption": pa.array(captions)}), parts=[])
@@ -152,7 +152,7 @@ def test_fasttext_missing_package_or_model(monkeypatch, tmp_path, fresh_identifi
     monkeypatch.setitem(sys.modules, "fasttext", None)  # import fails
     with pytest.raises(ConfigError, match="pip install fasttext"):
         decide(["a red circle"], languages=["en"], backend="fasttext", model_path=str(tmp_path / "lid.176.bin"))
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
     monkeypatch.setitem(sys.modules, "fasttext", types.SimpleNamespace(load_model=lambda path: None))
     # no model and no network (conftest points the download at a closed loopback port)
     with pytest.raises(InputError, match=r"cannot download http://127\.0\.0\.1:\d+/lid\.176\.bin .* put it at "):
@@ -172,7 +172,7 @@ def test_lingua_backend(monkeypatch, fresh_identifiers):
     monkeypatch.setitem(sys.modules, "lingua", types.SimpleNamespace(LanguageDetectorBuilder=builder))
     d, _ = decide(["a red circle", "qqq"], languages=["en"], backend="lingua")
     assert d.keep.tolist() == [True, False]
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
     monkeypatch.setitem(sys.modules, "lingua", None)
     with pytest.raises(ConfigError, match=r"poolsift\[lingua\]"):
         decide(["a red circle"], languages=["en"], backend="lingua")
@@ -212,8 +212,8 @@ def test_many_captions_are_classified_on_several_cores_with_the_same_result():
         "猫がソファの上で寝ている",
     ]
     texts = [f"{t} {i}" if t else t for i, t in enumerate(texts * 12)]
-    serial = language.predict_texts(texts, "py3langid", workers=1)
-    parallel = language.predict_texts(texts, "py3langid", workers=2, min_parallel=0)
+    serial = language_identifiers.predict_texts(texts, "py3langid", workers=1)
+    parallel = language_identifiers.predict_texts(texts, "py3langid", workers=2, min_parallel=0)
     assert serial[0] == parallel[0]
     np.testing.assert_array_equal(serial[1], parallel[1])
     assert len(parallel[0]) == len(texts) == len(parallel[1])
@@ -264,7 +264,7 @@ def test_fasttext_backend_decides_as_datacomp_with_the_same_model(tiny_lid, fres
 
 
 def test_fasttext_numpy2_path_gives_the_same_labels(tiny_lid, fresh_identifiers, monkeypatch):
-    ident = language.identifier("fasttext", str(tiny_lid))
+    ident = language_identifiers.identifier("fasttext", str(tiny_lid))
     want = ident.predict(ODD)
 
     def broken(texts, k=1):
@@ -277,15 +277,19 @@ def test_fasttext_numpy2_path_gives_the_same_labels(tiny_lid, fresh_identifiers,
 
 
 def test_lid176_is_recognised_by_its_sha256(tiny_lid, fresh_identifiers, monkeypatch):
-    from filtering.filters.language import LID176_SHA256, LanguageParams, resolve
+    from filtering.filters.language import LanguageParams
+    from filtering.scorers.language_identifiers import LID176_SHA256, resolve
 
-    monkeypatch.setattr(language, "_file_sha256", lambda *a: LID176_SHA256)
+    monkeypatch.setattr(language_identifiers, "_file_sha256", lambda *a: LID176_SHA256)
     record = resolve(LanguageParams(languages=["en"], backend="fasttext", model_path=str(tiny_lid)))
-    assert record["note"] == f"language: ran fasttext (lid.176.bin, {tiny_lid}), {language.BASELINE_OF['fasttext']}"
+    assert (
+        record["note"]
+        == f"language: ran fasttext (lid.176.bin, {tiny_lid}), {language_identifiers.BASELINE_OF['fasttext']}"
+    )
 
 
 def test_fallback_runs_py3langid_and_says_the_result_is_not_datacomps(tmp_path, fresh_identifiers):
-    from filtering.filters.language import resolve
+    from filtering.scorers.language_identifiers import resolve
 
     missing = tmp_path / "lid.176.bin"
     params = LanguageParams(languages=["en"], backend="fasttext", model_path=str(missing), fallback="py3langid")
@@ -301,7 +305,7 @@ def test_fallback_runs_py3langid_and_says_the_result_is_not_datacomps(tmp_path, 
 
 
 def test_model_path_expands_home(tiny_lid, fresh_identifiers, monkeypatch):
-    from filtering.filters.language import resolve
+    from filtering.scorers.language_identifiers import resolve
 
     monkeypatch.setenv("HOME", str(tiny_lid.parent))
     record = resolve(LanguageParams(languages=["en"], backend="fasttext", model_path=f"~/{tiny_lid.name}"))
@@ -309,7 +313,7 @@ def test_model_path_expands_home(tiny_lid, fresh_identifiers, monkeypatch):
 
 
 def test_gcld3_missing_says_how_to_get_it_and_falls_back(tiny_lid, monkeypatch, fresh_identifiers):
-    from filtering.filters.language import resolve
+    from filtering.scorers.language_identifiers import resolve
 
     monkeypatch.setitem(sys.modules, "gcld3", None)
     with pytest.raises(ConfigError, match="protobuf-compiler libprotobuf-dev"):
@@ -368,8 +372,8 @@ def test_datacomp_identifiers_on_several_cores_give_the_same_result(backend, tmp
 
         model_path = str(train_tiny_lid(tmp_path_factory.mktemp("lid") / "tiny_lid.bin"))
     texts = [f"{t} {i}" for i, t in enumerate(ODD * 10)]
-    serial = language.predict_texts(texts, backend, model_path, workers=1)
-    parallel = language.predict_texts(texts, backend, model_path, workers=2, min_parallel=0)
+    serial = language_identifiers.predict_texts(texts, backend, model_path, workers=1)
+    parallel = language_identifiers.predict_texts(texts, backend, model_path, workers=2, min_parallel=0)
     assert serial[0] == parallel[0]
     np.testing.assert_array_equal(serial[1], parallel[1])
 
@@ -382,7 +386,7 @@ def test_without_model_path_fasttext_reads_lid176_in_the_user_cache(tiny_lid, tm
     is not lid.176.bin); nothing is downloaded."""
     import shutil
 
-    from filtering.filters.language import resolve
+    from filtering.scorers.language_identifiers import resolve
 
     monkeypatch.setenv("POOLSIFT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
@@ -396,7 +400,7 @@ def test_a_missing_model_is_downloaded_into_the_user_cache(tiny_lid, tmp_path, m
     import hashlib
     import shutil
 
-    from filtering.filters.language import resolve
+    from filtering.scorers.language_identifiers import resolve
     from tests.loopback_http import serve
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -422,8 +426,8 @@ def test_a_download_with_the_wrong_checksum_is_refused_even_with_a_fallback(
     cache, and no fallback hides it."""
     import shutil
 
-    from filtering.filters.language import resolve
     from filtering.models.download import ChecksumError
+    from filtering.scorers.language_identifiers import resolve
     from tests.loopback_http import serve
 
     monkeypatch.setenv("POOLSIFT_CACHE", str(tmp_path / "cache"))
@@ -433,13 +437,13 @@ def test_a_download_with_the_wrong_checksum_is_refused_even_with_a_fallback(
         params = LanguageParams(
             languages=["en"], backend="fasttext", model_url=f"{base}/lid.176.bin", fallback=["py3langid"]
         )
-        with pytest.raises(ChecksumError, match=f"expected {language.LID176_SHA256}"):
+        with pytest.raises(ChecksumError, match=f"expected {language_identifiers.LID176_SHA256}"):
             resolve(params)
     assert not (tmp_path / "cache").exists()
 
 
 def test_no_network_with_a_fallback_runs_the_fallback_and_says_why(tmp_path, monkeypatch, fresh_identifiers):
-    from filtering.filters.language import resolve
+    from filtering.scorers.language_identifiers import resolve
 
     monkeypatch.setenv("POOLSIFT_CACHE", str(tmp_path / "cache"))
     record = resolve(LanguageParams(languages=["en"], backend="fasttext", fallback=["py3langid"]))
@@ -456,7 +460,7 @@ def test_fasttext_candidate_confidence_is_the_candidates_own_probability(tiny_li
     import fasttext
 
     texts = ["a photo of a dog on the beach", "ein Hund am Strand", "un chien sur la plage"]
-    codes, conf = language.identifier("fasttext", str(tiny_lid), ("de", "fr")).predict(texts)
+    codes, conf = language_identifiers.identifier("fasttext", str(tiny_lid), ("de", "fr")).predict(texts)
     model = fasttext.load_model(str(tiny_lid))
     for text, code, p in zip(texts, codes, conf, strict=True):
         ranked = [

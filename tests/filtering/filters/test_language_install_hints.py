@@ -6,15 +6,16 @@ import sys
 
 import pytest
 
-from filtering.filters import language
-from filtering.filters.language import LanguageParams, resolve
+from filtering.filters.language import LanguageParams
+from filtering.scorers import language_identifiers
+from filtering.scorers.language_identifiers import resolve
 
 
 @pytest.fixture
 def fresh_identifiers():
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
     yield
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
 
 
 @pytest.mark.parametrize(

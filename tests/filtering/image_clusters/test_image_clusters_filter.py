@@ -5,8 +5,9 @@ import pyarrow as pa
 import pytest
 
 from filtering.errors import ConfigError
-from filtering.filters.compose import apply_filters, parse_filters
+from filtering.filters.compose import apply_filters
 from filtering.pool import Pool
+from filtering.registry import parse_filters
 
 
 def pool_of(scores, target) -> Pool:

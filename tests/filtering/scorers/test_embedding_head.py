@@ -10,7 +10,8 @@ from safetensors.numpy import save_file
 
 from filtering.errors import ConfigError
 from filtering.pool import ShardPart
-from filtering.scorers.base import Batch, InputInfo, parse_scorers
+from filtering.registry import parse_scorers
+from filtering.scorers.base import Batch, InputInfo
 from filtering.scorers.embedding_head import build_head, fold, forward_numpy, load_state_dict
 from tests.datacomp_pool import (
     AESTHETIC_SHAPES,

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from filtering.errors import ConfigError
-from filtering.filters import language
 from filtering.filters.base import InputInfo as FilterInput
 from filtering.filters.language import LanguageFilter, LanguageParams
 from filtering.pool import ShardPart
-from filtering.scorers.base import Batch, InputInfo, parse_scorers
+from filtering.registry import parse_scorers
+from filtering.scorers import language_identifiers
+from filtering.scorers.base import Batch, InputInfo
 
 CAPTIONS = np.array(
     [
@@ -29,9 +30,9 @@ CAPTIONS = np.array(
 
 @pytest.fixture
 def fresh_identifiers():
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
     yield
-    language.identifier.cache_clear()
+    language_identifiers.identifier.cache_clear()
 
 
 def _scorer(**params):
@@ -46,9 +47,9 @@ def _score(scorer, captions=CAPTIONS):
 
 def test_codes_and_confidences_once_per_distinct_caption(monkeypatch):
     calls = []
-    real = language._Py3Langid.predict
+    real = language_identifiers._Py3Langid.predict
     monkeypatch.setattr(
-        language._Py3Langid, "predict", lambda self, texts: calls.append(list(texts)) or real(self, texts)
+        language_identifiers._Py3Langid, "predict", lambda self, texts: calls.append(list(texts)) or real(self, texts)
     )
     s = _scorer()
     assert s.provides() == ("language", "language_confidence")
@@ -61,7 +62,7 @@ def test_codes_and_confidences_once_per_distinct_caption(monkeypatch):
 
 def test_same_codes_as_the_filter_alone():
     captions = [c for c in CAPTIONS if c is not None and c.strip()]
-    codes, conf = language.predict_texts(captions, "py3langid")
+    codes, conf = language_identifiers.predict_texts(captions, "py3langid")
     out = _score(_scorer(), np.array(captions, dtype=object))
     assert out["language"].tolist() == codes
     np.testing.assert_array_equal(out["language_confidence"], conf)

@@ -14,8 +14,9 @@ import json
 import numpy as np
 import pytest
 
+from filtering.models.transforms import PilTransform
 from filtering.scorers.base import Batch, Needs, Scorer, register
-from filtering.stages.image_decode import DecodedImage, PilTransform
+from filtering.stages.image_decode import DecodedImage
 from filtering.stages.webdataset import SampleBatch, score_batch
 from tests.conftest import cached_rows, run_cli, write_config
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from filtering.stages.image_decode import PilTransform, draft_target, pil_only
+from filtering.models.transforms import PilTransform, draft_target, pil_only
 
 
 def _images(rng):

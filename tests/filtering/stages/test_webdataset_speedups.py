@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 
 from filtering.errors import PoolsiftError
+from filtering.models.transforms import draft_target
 from filtering.scorers.base import InputInfo
 from filtering.scorers.clip import ClipParams, ClipScorer, encode_text_bucketed, encode_text_trimmed
 from filtering.scorers.phash import PhashScorer
-from filtering.stages.image_decode import DecodePlan, decode_image, draft_target, reference_plan
+from filtering.stages.image_decode import DecodePlan, decode_image, reference_plan
 from filtering.stages.webdataset import score_stream
 
 REPO = Path(__file__).resolve().parents[3]

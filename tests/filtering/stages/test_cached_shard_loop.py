@@ -6,8 +6,8 @@ import pyarrow as pa
 
 from filtering.cache import ShardCache
 from filtering.pool import Pool, ShardPart
-from filtering.scorers.base import cached_shard_loop
 from filtering.stages.base import RunContext
+from filtering.stages.scorer_stage import cached_shard_loop
 
 
 def _pool(emb):
