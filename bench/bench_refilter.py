@@ -1,4 +1,4 @@
-"""Re-filtering a cached WebDataset pool at scale (issue 16): memory of the streaming plan.
+"""Re-filtering a cached WebDataset pool at scale (issues 16 and 27): memory of each plan.
 
 Generates WebDataset shards of 10,000 samples (a tiny 8x8 JPEG and a ``.json`` with the
 uid, caption, url and original size per sample; about 2 KB of tar per sample), then
@@ -8,13 +8,26 @@ stamps a scoring run writes), so ``poolsift run`` finds every shard cached and n
 loads the model. The smaller pool is the first shards of the larger one (one set of tars
 on disk); each size has its own output folder and cache.
 
-Per size and plan it times ``poolsift run`` as a whole process tree (bench_scale.py's
-sampler: wall, CPU, peak summed RSS and PSS) with ``caption: {min_words: 2}``,
-``image_size: {min_side: 64}`` and ``clip_score: {top_fraction: 0.3}``, writing the
-subset, subset.npy, the dropped rows and the manifest, and checks that both plans'
-subset.npy are identical.
+Per size and ``execution.mode`` (``--modes``) it times ``poolsift run`` as a whole process
+tree (bench_scale.py's sampler: wall, CPU, peak summed RSS and PSS), writing the subset,
+subset.npy, the dropped rows and the manifest, says which plan ran (the manifest's
+``execution`` record exists on the streaming plan only) and checks that every mode's
+subset.npy is identical. A mode the run refuses (``streaming`` on a run the streaming plan
+cannot do) is listed with its reason. ``--recipe``:
 
-    .venv/bin/python bench/bench_refilter.py --dir /tmp/poolsift-refilter --sizes 250k 1M
+- ``basic``: ``caption: {min_words: 2}``, ``image_size: {min_side: 64}``,
+  ``clip_score: {top_fraction: 0.3}``;
+- ``issue27``: issue 27's re-filter: ``clip_score: {top_fraction: 0.3}``,
+  ``image_clusters`` (32 clusters, the bundled reference set), exact and perceptual
+  ``dedup`` and ``output.webdataset`` resharding. The cached columns then carry planted
+  copies (``DUP_EVERY``: every 50th row repeats the previous row's image sha256, every
+  50th, offset by 25, is its phash with two bits flipped) and random unit image
+  embeddings, so dedup and k-means have real work.
+
+With two or more sizes it prints, per mode, issue 27's memory rule: peak at the largest
+size <= 1.2 x peak at the smallest + 16 bytes per kept row (for RSS and PSS).
+
+    .venv/bin/python bench/bench_refilter.py --dir /tmp/poolsift-refilter --sizes 250k 1M --recipe issue27
 """
 
 from __future__ import annotations
@@ -37,6 +50,21 @@ from bench.bench_scale import parse_size, timed  # noqa: E402
 
 SHARD_ROWS = 10_000
 FILTERS = [{"caption": {"min_words": 2}}, {"image_size": {"min_side": 64}}, {"clip_score": {"top_fraction": 0.3}}]
+ISSUE27_FILTERS = [
+    {"clip_score": {"top_fraction": 0.3}},
+    {"image_clusters": {}},
+    {"dedup": {"method": "exact"}},
+    {"dedup": {"method": "perceptual", "max_distance": 4}},
+]
+RECIPES = {
+    "basic": {"filters": FILTERS},
+    "issue27": {
+        "filters": ISSUE27_FILTERS,
+        "clusters": {"num_clusters": 32, "reference": str(REPO / "sample_data" / "reference"), "seed": 0},
+        "output": {"webdataset": True},
+    },
+}
+DUP_EVERY = 50
 MODEL = {
     "arch": "poolsift-tiny",
     "pretrained": str(REPO / "sample_data" / "tiny_clip" / "poolsift-tiny.safetensors"),
@@ -127,9 +155,8 @@ def make_shards(root: Path, rows: int, shard_rows: int = SHARD_ROWS, seed: int =
 
 def write_caches(cfg, shard_rows: int = SHARD_ROWS, seed: int = 0) -> None:
     """Every shard's rows, CLIP and phash pieces, as a scoring run would cache them (scores
-    synthetic, embeddings zero), through the source stage's cache API."""
-    import hashlib
-
+    synthetic, embeddings random unit vectors, planted copies: ``planted``), through the
+    source stage's cache API."""
     import pyarrow as pa
 
     from filtering.stages.img2dataset import source_stamp
@@ -137,14 +164,15 @@ def write_caches(cfg, shard_rows: int = SHARD_ROWS, seed: int = 0) -> None:
     from pipelines.runner import plan
 
     stage = plan(cfg, os.path.join(cfg.output.dir, "cache")).source
-    clip, phash = stage.scorers[:2]
-    image_sha = hashlib.sha256(_jpeg()).hexdigest()
+    by_name = {type(sc).__name__.lower(): sc for sc in stage.scorers}
+    clip = next(sc for n, sc in by_name.items() if "clip" in n)
+    phash = next(sc for n, sc in by_name.items() if "phash" in n)
     dims = {k: int(d) for k, d in (clip.input.embedding_dims or {}).items()} or {"image": 64, "text": 64}
     for url in stage.urls:
         if not stage.missing(url):
             continue
         s = int(Path(url).stem)
-        smp = shard_samples(s, _rows_in(url), seed)
+        smp = planted(shard_samples(s, _rows_in(url), seed))
         n = len(smp["uid"])
         keys = [f"{s:05d}{i:05d}" for i in range(n)]
         null = pa.nulls(n, pa.string())
@@ -160,7 +188,7 @@ def write_caches(cfg, shard_rows: int = SHARD_ROWS, seed: int = 0) -> None:
                 "width": pa.array(np.full(n, 8, np.int32)),
                 "height": pa.array(np.full(n, 8, np.int32)),
                 "sha256": null,
-                "image_sha256": pa.array([image_sha] * n),
+                "image_sha256": pa.array(smp["image_sha256"]),
                 "image_ext": pa.array(["jpg"] * n),
                 "status": null,
                 "error_message": null,
@@ -171,9 +199,30 @@ def write_caches(cfg, shard_rows: int = SHARD_ROWS, seed: int = 0) -> None:
         )
         stamp = source_stamp(url)
         stage.scorer_cache(phash).write(url, pa.table({"phash": pa.array(smp["phash"])}), {}, source=stamp)
-        embeddings = {k: np.zeros((n, dims.get(k, 64)), np.float16) for k in clip.embeddings()}
+        rng = np.random.default_rng([seed, s, 1])
+        embeddings = {k: _unit(rng, n, dims.get(k, 64)) for k in clip.embeddings()}
         stage.scorer_cache(clip).write(url, pa.table({"clip_score": smp["clip_score"]}), embeddings, source=stamp)
         stage.cache.write(url, rows, {}, source=stamp)  # last: the shard is complete
+
+
+def planted(smp: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``smp`` with an image sha256 per row (distinct, from the uid) and planted copies:
+    every ``DUP_EVERY``-th row repeats the previous row's sha256 (an exact copy), and every
+    ``DUP_EVERY``-th offset by half is the previous row's phash with two bits flipped."""
+    import hashlib
+
+    sha = np.array([hashlib.sha256(u.encode()).hexdigest() for u in smp["uid"]])
+    exact = np.arange(DUP_EVERY, len(sha), DUP_EVERY)
+    sha[exact] = sha[exact - 1]
+    phash = smp["phash"].copy()
+    near = np.arange(DUP_EVERY + DUP_EVERY // 2, len(phash), DUP_EVERY)
+    phash[near] = phash[near - 1] ^ np.uint64(0b101)
+    return {**smp, "image_sha256": sha, "phash": phash}
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
 def _rows_in(url: str) -> int:
@@ -181,20 +230,30 @@ def _rows_in(url: str) -> int:
         return sum(1 for m in tf if m.name.endswith(".json"))
 
 
-def raw_config(shards: str, out: Path, mode: str, filters=FILTERS) -> dict:
-    return {
-        "input": {"shards": shards},
-        "model": MODEL,
-        "filters": filters,
-        "output": {"dir": str(out)},
-        "execution": {"mode": mode},
-    }
+def raw_config(shards: str, out: Path, mode: str, filters=FILTERS, recipe: str | None = None) -> dict:
+    r = RECIPES[recipe] if recipe else {"filters": filters}
+    raw = {"input": {"shards": shards}, "model": MODEL, "filters": r["filters"]}
+    if "clusters" in r:
+        raw["clusters"] = r["clusters"]
+    return {**raw, "output": {"dir": str(out), **r.get("output", {})}, "execution": {"mode": mode}}
 
 
-def config(shards: str, out: Path, mode: str, filters=FILTERS):
+def config(shards: str, out: Path, mode: str, filters=FILTERS, recipe: str | None = None):
     from pipelines.config import parse_config
 
-    return parse_config(raw_config(shards, out, mode, filters))
+    return parse_config(raw_config(shards, out, mode, filters, recipe))
+
+
+def run_mode(cfg: Path, out: Path) -> tuple[tuple[float, float, float, float] | None, str]:
+    """One ``poolsift run``: (wall, CPU, RSS, PSS) and the plan that ran, or None and why it
+    was refused."""
+    try:
+        measured = timed([sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--quiet"])
+    except SystemExit as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return None, lines[-1].removeprefix("poolsift: error: ") if lines else "failed"
+    manifest = json.loads((out / "manifest.json").read_text())
+    return measured, "streaming" if manifest.get("execution") else "memory"
 
 
 def main() -> None:
@@ -203,6 +262,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", required=True, help="shards, caches and runs are written under this folder")
     ap.add_argument("--sizes", nargs="+", default=["250k", "1M"])
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="basic", help="the filters (see the docstring)")
+    ap.add_argument("--modes", nargs="+", default=["auto", "streaming"], choices=["auto", "memory", "streaming"])
     ap.add_argument("--repeat", type=int, default=1, help="runs of each plan, interleaved; the fastest is reported")
     args = ap.parse_args()
     work = Path(args.dir)
@@ -213,45 +274,66 @@ def main() -> None:
     results = []
     for size, rows in zip(args.sizes, sizes, strict=True):
         pattern = str(work / "shards" / f"{{00000..{-(-rows // SHARD_ROWS) - 1:05d}}}.tar")
-        out = work / f"out-{rows}"
+        out = work / f"out-{args.recipe}-{rows}"
         t = time.perf_counter()
-        write_caches(config(pattern, out, "auto"))
+        write_caches(config(pattern, out, "auto", recipe=args.recipe))
         print(f"{size}: caches ready ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
-        runs: dict[str, list] = {"streaming": [], "memory": []}
+        runs: dict[str, list] = {m: [] for m in args.modes}
+        plans: dict[str, str] = {}
         for _ in range(args.repeat):
             for mode in runs:
-                cfg = work / f"run-{rows}-{mode}.yaml"
-                cfg.write_text(yaml.safe_dump(raw_config(pattern, out, mode), sort_keys=False))
-                runs[mode].append(timed([sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--quiet"]))
-                shutil.copy(out / "subset.npy", work / f"subset-{rows}-{mode}.npy")
-        same = (work / f"subset-{rows}-streaming.npy").read_bytes() == (work / f"subset-{rows}-memory.npy").read_bytes()
-        kept = len(np.load(work / f"subset-{rows}-streaming.npy"))
-        results.append((size, rows, {m: min(r) for m, r in runs.items()}, same, kept))
+                cfg = work / f"run-{args.recipe}-{rows}-{mode}.yaml"
+                cfg.write_text(yaml.safe_dump(raw_config(pattern, out, mode, recipe=args.recipe), sort_keys=False))
+                measured, plans[mode] = run_mode(cfg, out)
+                print(f"{size} {mode}: {plans[mode]} {measured}", file=sys.stderr)
+                if measured is None:
+                    continue
+                runs[mode].append(measured)
+                shutil.copy(out / "subset.npy", work / f"subset-{args.recipe}-{rows}-{mode}.npy")
+        ran = [m for m in runs if runs[m]]
+        subsets = [(work / f"subset-{args.recipe}-{rows}-{m}.npy").read_bytes() for m in ran]
+        same = all(b == subsets[0] for b in subsets)
+        kept = len(np.load(work / f"subset-{args.recipe}-{rows}-{ran[0]}.npy")) if ran else 0
+        results.append((size, rows, {m: (min(r) if r else None) for m, r in runs.items()}, plans, same, kept))
         print_table(results, args)
 
 
 def print_table(results, args) -> None:
+    filters = RECIPES[args.recipe]["filters"]
+    names = ", ".join(next(iter(f)) + ("(" + f["dedup"]["method"] + ")" if "dedup" in f else "") for f in filters)
+    extra = " + output.webdataset" if RECIPES[args.recipe].get("output", {}).get("webdataset") else ""
     print(
-        f"\nre-filter of a cached WebDataset pool ({', '.join(next(iter(f)) for f in FILTERS)} top 30%); "
+        f"\nre-filter of a cached WebDataset pool, recipe {args.recipe} ({names}{extra}); "
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; best of {args.repeat}"
     )
-    print(
-        f"{'rows':>7} {'plan':<10}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>7}  same subset.npy"
-    )
-    for size, rows, best, same, kept in results:
-        for mode, (wall, cpu, rss, pss) in best.items():
+    print(f"{'rows':>7} {'mode':<10}{'plan':<11}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>7}")
+    for size, rows, best, plans, same, kept in results:
+        for mode, m in best.items():
+            if m is None:
+                print(f"{size:>7} {mode:<10}not run: {plans[mode]}")
+                continue
+            wall, cpu, rss, pss = m
             print(
-                f"{size:>7} {mode:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>7.0f}"
-                f"  {same if mode == 'streaming' else ''}"
+                f"{size:>7} {mode:<10}{plans[mode]:<11}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}"
+                f"{rss / rows:>7.0f}"
             )
-        print(f"{'':>7} kept {kept:,} rows")
+        print(f"{'':>7} kept {kept:,} rows; subset.npy identical across modes: {same}")
     if len(results) >= 2:
-        (_, _, small, _, _), (_, _, large, _, kept) = results[0], results[-1]
-        limit = 1.2 * small["streaming"][2] + 16 * kept
-        print(
-            f"flat memory (streaming): peak {large['streaming'][2] / 1e6:.0f} MB <= 1.2 x {small['streaming'][2] / 1e6:.0f} MB"
-            f" + 16 B x {kept:,} kept = {limit / 1e6:.0f} MB: {large['streaming'][2] <= limit}"
-        )
+        (small_size, _, small, _, _, _), (large_size, _, large, _, _, kept) = results[0], results[-1]
+        for mode in small:
+            if small[mode] is None or large[mode] is None:
+                continue
+            for i, what in ((2, "RSS"), (3, "PSS")):
+                print(rule(f"{mode} {what}", small_size, small[mode][i], large_size, large[mode][i], kept))
+
+
+def rule(label: str, small_size: str, small: float, large_size: str, large: float, kept: int) -> str:
+    """Issue 27's memory rule, met or not: peak(large) <= 1.2 x peak(small) + 16 B x kept rows."""
+    limit = 1.2 * small + 16 * kept
+    return (
+        f"memory rule, {label}: peak at {large_size} {large / 1e6:.0f} MB <= 1.2 x {small / 1e6:.0f} MB (at {small_size})"
+        f" + 16 B x {kept:,} kept = {limit / 1e6:.0f} MB: {'met' if large <= limit else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":
