@@ -38,6 +38,8 @@ lint: $(DEV_STAMP)
 
 # Every benchmark in its quick mode (minutes on a laptop; the scripts' docstrings give
 # the full-scale commands and docs/performance.md the figures).
+BENCH_DIR ?= /tmp/poolsift-bench
+
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/bench_filters.py --n 100000
 	$(BIN)/python bench/bench_dedup.py --n 100000 --baseline-n 20000
@@ -45,6 +47,8 @@ bench: $(DEV_STAMP)
 	$(BIN)/python bench/bench_datacomp.py --rows 100000 --shards 4 --repeat 1
 	$(BIN)/python bench/bench_report.py --rows 200000 --shards 4
 	$(BIN)/python bench/bench_scoring.py --only tiny
+	$(BIN)/python bench/bench_refilter.py --dir $(BENCH_DIR)/refilter --sizes 20k 40k --recipe issue27
+	$(BIN)/python bench/bench_first_run.py --dir $(BENCH_DIR)/first-run --sizes 2k 8k
 
 clean:
 	rm -rf runs .pytest_cache

@@ -306,7 +306,7 @@ def print_table(results, args) -> None:
         f"\nre-filter of a cached WebDataset pool, recipe {args.recipe} ({names}{extra}); "
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; best of {args.repeat}"
     )
-    print(f"{'rows':>7} {'mode':<10}{'plan':<11}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>7}")
+    print(f"{'rows':>7} {'mode':<10}{'plan':<11}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>8}")
     for size, rows, best, plans, same, kept in results:
         for mode, m in best.items():
             if m is None:
@@ -315,7 +315,7 @@ def print_table(results, args) -> None:
             wall, cpu, rss, pss = m
             print(
                 f"{size:>7} {mode:<10}{plans[mode]:<11}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}"
-                f"{rss / rows:>7.0f}"
+                f"{rss / rows:>8.0f}"
             )
         print(f"{'':>7} kept {kept:,} rows; subset.npy identical across modes: {same}")
     if len(results) >= 2:

@@ -87,7 +87,8 @@ WORDS = [
 
 
 def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, int], seed: int = 0) -> list[str]:
-    """Write JPEG shards of smooth random scenes with mixed-length captions (cached by name)."""
+    """Write JPEG shards of smooth random scenes with mixed-length captions (cached by name),
+    img2dataset-like: ``KEY.jpg``, ``KEY.txt`` and ``KEY.json`` (uid, key, url, status, size)."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,8 @@ def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, in
                 Image.fromarray(img).save(buf, "JPEG", quality=90)
                 caption = " ".join(rng.choice(WORDS, rng.integers(3, 40)))
                 key = f"{s:05d}{i:05d}"
-                meta = json.dumps({"original_width": w, "original_height": h}).encode()
+                meta = {"uid": f"{s:016x}{i:016x}", "key": key, "url": f"https://example.com/{key}.jpg"}
+                meta = json.dumps({**meta, "status": "success", "original_width": w, "original_height": h}).encode()
                 for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", meta)):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
