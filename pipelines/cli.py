@@ -201,8 +201,9 @@ def next_steps(args, cfg, out_dir: str, argv0: str | None = None) -> str:
     subset = os.path.join(out_dir, "subset")
     read = f"import pyarrow.parquet as pq; t = pq.read_table({subset!r}); print(t.num_rows, t.column_names)"
     lines.append(f"  {python} -c {_double_quoted(read)}")
-    sql = f"SELECT uid, caption FROM '{subset}/*.parquet' LIMIT 10"
-    lines.append(f"  duckdb -c {_double_quoted(sql)}    # pip install duckdb")
+    # `pip install duckdb` is the Python package only: it installs no `duckdb` command.
+    query = f"import duckdb; duckdb.read_parquet({subset + '/*.parquet'!r}).project('uid, caption').limit(10).show()"
+    lines.append(f"  {python} -c {_double_quoted(query)}    # {python} -m pip install duckdb")
     return "\n".join(lines)
 
 

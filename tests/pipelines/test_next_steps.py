@@ -65,8 +65,9 @@ def test_run_ends_with_outputs_and_next_steps_that_run(rerun_dir, tmp_path):
         f"  {prog} sweep {SAMPLE_CONFIG} --output {rerun_dir} --param 'filters[0].clip_score.min="
     )
     assert "pyarrow" in steps[2] and "duckdb" in steps[3]
-    # The report and read commands work as printed (the sweep is tested in test_sweep.py).
-    for step in (steps[0], steps[2]):
+    # The report and read commands work as printed (the sweep is tested in test_sweep.py);
+    # the duckdb one with the duckdb Python package, the one its hint installs (no `duckdb` CLI).
+    for step in (steps[0], steps[3], steps[2]):
         cmd = step.split("    #")[0].strip()
         done = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, (cmd, done.stderr)
