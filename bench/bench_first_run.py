@@ -117,12 +117,14 @@ def print_table(results, args, per_shard: int) -> None:
             )
         print(f"{'':>7} kept {kept:,} rows; subset.npy identical across modes: {same}")
     if len(results) >= 2:
-        (small_size, _, small, _, _, _), (large_size, _, large, _, _, kept) = results[0], results[-1]
+        (small_size, small_rows, small, _, _, _), (large_size, large_rows, large, _, _, kept) = results[0], results[-1]
         for mode in small:
             if small[mode] is None or large.get(mode) is None:
                 continue
             for i, what in ((2, "RSS"), (3, "PSS")):
                 print(rule(f"{mode} {what}", small_size, small[mode][i], large_size, large[mode][i], kept))
+                grown = (large[mode][i] - small[mode][i]) / (large_rows - small_rows)
+                print(f"  {mode} {what} growth: {grown:.0f} B per added row")
 
 
 if __name__ == "__main__":
