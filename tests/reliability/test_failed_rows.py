@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from filtering.report.data import gather
+from filtering.report import gather
 from filtering.uid import derive_uid, u8u8_to_uids
 from tests.conftest import run_cli
 from tests.reliability.hostile import accounted, bundled_members, rows, run_pool, tar_bytes
