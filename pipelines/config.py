@@ -17,31 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import PositiveInt, ValidationError, field_validator, model_validator
 
 from filtering.errors import ConfigError, InputError
 from filtering.filters.compose import FilterNode
 from filtering.registry import FILTERS, SCORERS, parse_filters, parse_scorers
+from filtering.settings import ClustersConfig, ModelConfig, Strict, UidConfig
 from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS, IMAGE_FORMATS
 from filtering.validation import format_validation_error
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class UidConfig(Strict):
-    """Where each sample's uid comes from (docs/spec.md, "Semantics that must match DataComp exactly"): never replaced silently."""
-
-    source: Literal["json", "derive"] = "json"  # the .json field, or derived from `derive` for every sample
-    field: str = Field(default="uid", min_length=1)  # the .json field (and img2dataset parquet column)
-    derive: Literal["key", "url"] = "key"  # key: sha256(shard name NUL key); url: sha256(url); first 128 bits
-    on_invalid: Literal["error", "derive", "fail"] = (
-        "error"  # a missing or malformed json uid: exit 2 | derive, counted | fail the sample
-    )
-    duplicates: Literal["report", "keep_first", "error"] = (
-        "report"  # a uid on two samples: warn | drop later copies | exit 1
-    )
 
 
 class InputConfig(Strict):
@@ -78,36 +61,6 @@ class InputConfig(Strict):
         ):
             raise ValueError("uid: DataComp metadata has its own uid column; only input.uid.duplicates applies to it")
         return self
-
-
-class ModelConfig(Strict):
-    arch: str = "ViT-B-32"
-    pretrained: str | None = "openai"
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    batch_size: PositiveInt = 256
-    num_workers: int | None = Field(default=None, ge=0)  # decode processes; None = from CPU count
-    # Opt-in: large JPEGs decoded DCT-downscaled, faster but not the model's own pixels (docs/config.md, model;
-    # docs/performance.md).
-    jpeg_draft: bool = False
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            raise ValueError("must be one of auto | cpu | cuda | cuda:N")
-        return device
-
-
-class ClustersConfig(Strict):
-    num_clusters: PositiveInt = 100_000
-    reference: str | None = None
-    embedding: str | None = None  # datacomp_metadata input: npz array, e.g. l14_img
-    centroids: str | None = None  # .npy or DataComp's torch-saved .pt centroids instead of training
-    sample_fraction: float | None = Field(default=None, gt=0, le=1)
-    max_training_points: PositiveInt | None = None
-    niter: PositiveInt = 20
-    seed: int = 0
 
 
 class OutputConfig(Strict):

@@ -65,8 +65,8 @@ def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
     from filtering.decontaminate.decontaminate_stage import DecontaminateStage
     from filtering.image_clusters.image_clusters_stage import ImageClustersStage
 
-    stages.append(ImageClustersStage(cfg, cache_root))
-    stages.append(DecontaminateStage(cfg, cache_root))
+    stages.append(ImageClustersStage(cfg.clusters, cfg.model, cache_root, cfg.input.image_formats))
+    stages.append(DecontaminateStage(cfg.filter_tree, cfg.model, cache_root, cfg.input.image_formats))
     stages.extend(dedup_search_stages(cfg, cache_root))
     return stages
 
@@ -248,7 +248,7 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
             log(note)
         remove_temp_files(out_dir)
         ctx = RunContext(
-            config=cfg,
+            model=cfg.model,
             out_dir=out_dir,
             cache_dir=cache_root,
             executor=executor,

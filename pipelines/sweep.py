@@ -130,7 +130,7 @@ def sweep(
             if pkey not in pools:
                 the_plan.source.check_inputs()
                 ctx = RunContext(
-                    config=cfg, out_dir=out_dir, cache_dir=cache_root, progress=progress_factory(progress), log=log
+                    model=cfg.model, out_dir=out_dir, cache_dir=cache_root, progress=progress_factory(progress), log=log
                 )
                 pool = the_plan.source.run(ctx)
                 for stage in the_plan.stages:

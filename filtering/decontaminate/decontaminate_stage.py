@@ -39,7 +39,9 @@ from filtering.errors import ConfigError, InputError
 from filtering.io.atomic import atomic_open, atomic_write_text, exists
 from filtering.io.paths import get_fs, join
 from filtering.pool import Pool
+from filtering.settings import ModelConfig
 from filtering.stages.base import ColumnStage, RunContext
+from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS
 
 ALGO_VERSION = 1
 
@@ -88,10 +90,13 @@ def targets_of(filter_tree) -> list[Target]:
 class DecontaminateStage(ColumnStage):
     name = "decontaminate"
 
-    def __init__(self, cfg, cache_root: str):
-        self.cfg = cfg
+    def __init__(
+        self, filter_tree, model: ModelConfig, cache_root: str, formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
+    ):
+        self.model = model  # the CLIP model that embeds a semantic reference set
         self.cache_root = cache_root
-        self.targets = targets_of(cfg.filter_tree)
+        self.formats = tuple(formats)  # the image decoders allowed (input.image_formats)
+        self.targets = targets_of(filter_tree)  # the references of the tree's decontaminate filters
 
     def provides(self) -> set[str]:
         return {c for t in self.targets for c in (t.value_column, t.match_column)}
@@ -192,9 +197,8 @@ class DecontaminateStage(ColumnStage):
         return join(self.cache_root, f"decontam-{rfp}", "reference.npz")
 
     def reference(self, ctx: RunContext, t: Target) -> tuple[ReferenceSet, str]:
-        from filtering.image_clusters.image_clusters_stage import configured_formats, reference_source
+        from filtering.image_clusters.image_clusters_stage import reference_source
         from filtering.scorers.clip import model_spec
-        from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS
 
         key = "filters.decontaminate.reference"
         try:
@@ -209,10 +213,10 @@ class DecontaminateStage(ColumnStage):
             "version": ALGO_VERSION,
         }
         if kind != "embeddings":
-            spec["jpeg_draft"] = getattr(self.cfg.model, "jpeg_draft", False)
+            spec["jpeg_draft"] = self.model.jpeg_draft
             if t.method == "semantic" or spec["jpeg_draft"]:
-                spec["model"] = model_spec(self.cfg.model)
-            if (formats := configured_formats(self.cfg)) != DEFAULT_IMAGE_FORMATS:
+                spec["model"] = model_spec(self.model)
+            if (formats := self.formats) != DEFAULT_IMAGE_FORMATS:
                 spec["formats"] = sorted(formats)
         rfp = fingerprint(spec)
         path = self.reference_path(rfp)
@@ -241,13 +245,13 @@ class DecontaminateStage(ColumnStage):
     def embed(self, ctx: RunContext, t: Target, kind: str, items: list[str]) -> tuple[ReferenceSet, int, str | None]:
         """Decode (and for semantic, encode) reference images as the scoring stage does pool
         images; with how many failed, and the first one's id and reason."""
-        from filtering.image_clusters.image_clusters_stage import configured_formats, decode_reference
+        from filtering.image_clusters.image_clusters_stage import decode_reference
         from filtering.models.transforms import draft_target
         from filtering.stages.image_decode import reference_plan
 
         semantic = t.method == "semantic"
-        jpeg_draft = getattr(self.cfg.model, "jpeg_draft", False)
-        formats = configured_formats(self.cfg)
+        jpeg_draft = self.model.jpeg_draft
+        formats = self.formats
         if semantic:
             from filtering.scorers.clip import ClipEncoder
 
@@ -270,7 +274,7 @@ class DecontaminateStage(ColumnStage):
 
         bar = ctx.bar(len(items) if kind == "folder" else None, f"reference {t.value_column}", unit="images")
         try:
-            for item_id, d in decode_reference(t.reference, (kind, items, None), plan, self.cfg.model):
+            for item_id, d in decode_reference(t.reference, (kind, items, None), plan, self.model):
                 bar.update(1)
                 if d.error is not None:
                     failures += 1
@@ -280,7 +284,7 @@ class DecontaminateStage(ColumnStage):
                 hashes.append(d.values["phash"]["phash"])
                 if semantic:
                     pending.append(d.pixels["clip"])
-                    if len(pending) >= self.cfg.model.batch_size:
+                    if len(pending) >= self.model.batch_size:
                         flush()
             if semantic and pending:
                 flush()

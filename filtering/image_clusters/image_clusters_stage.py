@@ -42,6 +42,7 @@ from filtering.errors import ConfigError, InputError
 from filtering.io.atomic import atomic_write_text, exists
 from filtering.io.paths import expand_shards, file_info, get_fs, join, shard_name
 from filtering.pool import Pool
+from filtering.settings import ClustersConfig, ModelConfig
 from filtering.stages.base import ColumnStage, RunContext
 from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS
 
@@ -75,10 +76,18 @@ class ImageClustersStage(ColumnStage):
     name = "clusters"
     scope = "global"  # the target clusters over the pool, then each shard's rows assigned
 
-    def __init__(self, cfg, cache_root: str):
+    def __init__(
+        self,
+        clusters: ClustersConfig | None,
+        model: ModelConfig,
+        cache_root: str,
+        formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS,
+    ):
         # Nothing is read here: `poolsift validate` plans the run without touching data.
-        self.cfg = cfg
+        self.clusters = clusters  # the run's ``clusters`` section (None: no image_clusters possible)
+        self.model = model  # the CLIP model that embeds an image-folder or shard reference set
         self.cache_root = cache_root
+        self.formats = tuple(formats)  # the image decoders allowed (input.image_formats)
 
     def provides(self) -> set[str]:
         return {"cluster_id", "cluster_sim", "cluster_target"}
@@ -86,7 +95,7 @@ class ImageClustersStage(ColumnStage):
     def requires(self) -> set[str]:
         """No pool columns beyond the embeddings; checks (at plan time) that the run's
         ``clusters`` section can produce a target set."""
-        cc = self.cfg.clusters
+        cc = self.clusters
         if cc is None:
             raise ConfigError("clusters: the image_clusters filter needs a clusters section with a reference set")
         if not cc.reference:
@@ -94,7 +103,7 @@ class ImageClustersStage(ColumnStage):
         return set()
 
     def embeddings_required(self) -> dict[str, str | None]:
-        return {"clusters.embedding": self.cfg.clusters.embedding}
+        return {"clusters.embedding": self.clusters.embedding}
 
     # --- run -------------------------------------------------------------------------
 
@@ -130,7 +139,7 @@ class ImageClustersStage(ColumnStage):
         loaded), the reference embeddings and the target clusters, each cached. Reads the
         pool's embeddings (a sample for training, a few rows per shard for the
         fingerprints), never a column: the streaming plan calls it on a pool of parts alone."""
-        cc = self.cfg.clusters
+        cc = self.clusters
         self.requires()
         try:
             kind = pool.resolve_embedding(cc.embedding)
@@ -207,7 +216,7 @@ class ImageClustersStage(ColumnStage):
     # --- centroids -------------------------------------------------------------------
 
     def centroids(self, ctx, pool, parts, info) -> tuple[np.ndarray, str]:
-        cc = self.cfg.clusters
+        cc = self.clusters
         if cc.centroids:
             spec = {"file": cc.centroids, "source": _file_info(cc.centroids, "clusters.centroids")}
         else:
@@ -239,7 +248,7 @@ class ImageClustersStage(ColumnStage):
         return centroids, cfp
 
     def train(self, ctx, pool, info) -> np.ndarray:
-        cc = self.cfg.clusters
+        cc = self.clusters
         # Failed rows (WebDataset input) are left out; without any, no per-row index array.
         valid = np.flatnonzero(~pool.failed) if pool.has_column("error") else None
         usable = pool.n if valid is None else len(valid)
@@ -269,15 +278,15 @@ class ImageClustersStage(ColumnStage):
     # --- reference set ---------------------------------------------------------------
 
     def reference(self, ctx, info) -> tuple[np.ndarray, str]:
-        ref = self.cfg.clusters.reference
+        ref = self.clusters.reference
         source = reference_source(ref)
         spec: dict[str, Any] = {"reference": ref, "kind": source[0], "files": source[2]}
         if source[0] != "embeddings":
             from filtering.scorers.clip import model_spec
 
-            spec["model"] = model_spec(self.cfg.model)
-            spec["jpeg_draft"] = getattr(self.cfg.model, "jpeg_draft", False)
-            if (formats := configured_formats(self.cfg)) != DEFAULT_IMAGE_FORMATS:
+            spec["model"] = model_spec(self.model)
+            spec["jpeg_draft"] = self.model.jpeg_draft
+            if (formats := self.formats) != DEFAULT_IMAGE_FORMATS:
                 spec["formats"] = sorted(formats)
         rfp = fingerprint(spec)
         path = join(self.cache_root, f"reference-{rfp}", "embeddings.npy")
@@ -309,8 +318,8 @@ class ImageClustersStage(ColumnStage):
 
         clip = ctx.clip()
         encoder = ClipEncoder(clip)
-        draft = draft_target(clip.pil_transform) if getattr(self.cfg.model, "jpeg_draft", False) else None
-        batch_size = self.cfg.model.batch_size
+        draft = draft_target(clip.pil_transform) if self.model.jpeg_draft else None
+        batch_size = self.model.batch_size
         out: list[np.ndarray] = []
         pending: list[np.ndarray] = []
         failures, first_failure = 0, None
@@ -323,8 +332,8 @@ class ImageClustersStage(ColumnStage):
             pending.clear()
 
         try:
-            plan = reference_plan(clip.pil_transform, draft, configured_formats(self.cfg))
-            for item, d in decode_reference(self.cfg.clusters.reference, source, plan, self.cfg.model):
+            plan = reference_plan(clip.pil_transform, draft, self.formats)
+            for item, d in decode_reference(self.clusters.reference, source, plan, self.model):
                 if d.error is not None:
                     failures += 1
                     first_failure = first_failure or f"{item}: {d.error}"
@@ -429,11 +438,6 @@ def decode_reference(ref: str, source, plan, model_cfg) -> Iterator[tuple[str, A
     kind, items, _ = source
     workers = 0 if kind == "folder" and len(items) <= IN_PROCESS_DECODE_MAX else _workers(model_cfg)
     return decode_in_order(reference_images(kind, items, get_fs(ref)[1]), plan, workers, DECODE_CHUNK)
-
-
-def configured_formats(cfg) -> tuple[str, ...]:
-    """The image decoders a run allows (``input.image_formats``), for its reference sets."""
-    return tuple(getattr(getattr(cfg, "input", None), "image_formats", None) or DEFAULT_IMAGE_FORMATS)
 
 
 def _workers(model_cfg) -> int:

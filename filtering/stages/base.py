@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from filtering.errors import PoolsiftError
+from filtering.settings import ModelConfig
 from filtering.sources import SourceInfo
 
 if TYPE_CHECKING:
@@ -25,9 +27,9 @@ if TYPE_CHECKING:
 class RunContext:
     """What stages share during one run."""
 
-    config: Any  # pipelines.config.Config (kept untyped: the library does not import pipelines)
     out_dir: str
     cache_dir: str
+    model: ModelConfig | None = None  # the CLIP model :meth:`clip` loads (the run's ``model`` section)
     executor: Any = None  # has .score(stage, urls, ctx); None = in-process
     progress: Callable[..., Any] | None = None  # tqdm-like factory
     log: Callable[[str], None] = print
@@ -42,7 +44,9 @@ class RunContext:
         if self._clip is None:
             from filtering.models import clip as clip_models
 
-            m = self.config.model
+            m = self.model
+            if m is None:
+                raise PoolsiftError("no model configured: the run context was made without one")
             self._clip = clip_models.load_clip(m.arch, m.pretrained, m.device, m.precision)
         return self._clip
 

@@ -47,6 +47,7 @@ from filtering.pool import Pool, ShardPart
 from filtering.scorers.base import Batch, Scorer, input_info
 from filtering.scorers.clip import ClipScorer, model_spec
 from filtering.scorers.phash import PhashScorer
+from filtering.settings import ModelConfig, UidConfig
 from filtering.sources import WEBDATASET
 from filtering.stages.base import RunContext, SourceStage
 from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS, DecodedImage, DecodePlan
@@ -121,9 +122,9 @@ class WebDatasetStage(SourceStage):
     def __init__(
         self,
         shards_spec,
-        model_cfg,
+        model_cfg: ModelConfig,
         cache_root: str,
-        uid_cfg=None,
+        uid_cfg: UidConfig | None = None,
         output_dir: str | None = None,
         image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS,
     ):
@@ -132,7 +133,7 @@ class WebDatasetStage(SourceStage):
         self.image_formats = tuple(image_formats)  # input.image_formats: the decoders allowed
         self.model_cfg = model_cfg
         self.cache_root = cache_root
-        self.uid_cfg = uid_cfg  # pipelines.config.UidConfig; None = the defaults
+        self.uid_cfg = uid_cfg  # the run's input.uid section; None = the defaults
         self.output_dir = output_dir  # its outputs are never read back as shards
         info = input_info("webdataset", model_cfg.arch)
         self.clip = ClipScorer.from_model_config(model_cfg, info)

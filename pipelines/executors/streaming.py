@@ -307,7 +307,7 @@ def _create_npy(path: str, n: int) -> None:
 
 
 def _shard_pool(sh: _Shared, shard):
-    ctx = RunContext(config=sh.cfg, out_dir=sh.out_dir, cache_dir=join(sh.out_dir, "cache"), log=lambda _m: None)
+    ctx = RunContext(model=sh.cfg.model, out_dir=sh.out_dir, cache_dir=join(sh.out_dir, "cache"), log=lambda _m: None)
     return sh.source.shard_pool(shard, ctx), ctx
 
 

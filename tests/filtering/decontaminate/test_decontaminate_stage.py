@@ -32,9 +32,9 @@ def run_stage(tmp_path, filters, pool):
         {"input": {"shards": str(tmp_path / "none.tar")}, "model": {"jpeg_draft": False}, "filters": filters}
     )
     ctx = RunContext(
-        config=cfg, out_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), progress=None, log=lambda m: None
+        model=cfg.model, out_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), progress=None, log=lambda m: None
     )
-    stage = DecontaminateStage(cfg, ctx.cache_dir)
+    stage = DecontaminateStage(cfg.filter_tree, cfg.model, ctx.cache_dir)
     stage.run(ctx, pool)
     return cfg, stage, ctx
 
@@ -119,7 +119,7 @@ def test_two_references_with_one_name_are_rejected(tmp_path):
     filters = [{"decontaminate": {"reference": "a/evalset.npy"}}, {"decontaminate": {"reference": "b/evalset.npy"}}]
     cfg = parse_config({"input": {"shards": "x.tar"}, "filters": filters})
     with pytest.raises(ConfigError, match="distinct name"):
-        DecontaminateStage(cfg, str(tmp_path))
+        DecontaminateStage(cfg.filter_tree, cfg.model, str(tmp_path))
 
 
 def test_perceptual_reference_from_shards(tmp_path):

@@ -41,7 +41,7 @@ def make_pool(sha, phash, scores, emb=None, failed=None, uids=None) -> Pool:
 def apply_searched(nodes, pool):
     """``apply_filters`` after the candidate search stages the planner adds for these filters."""
     with tempfile.TemporaryDirectory() as cache:
-        ctx = RunContext(config=None, out_dir=cache, cache_dir=cache)
+        ctx = RunContext(out_dir=cache, cache_dir=cache)
         for settings in {f.search_settings() for node in nodes for f in node.leaves() if f.name == "dedup"} - {None}:
             DedupSearchStage(settings, cache).run(ctx, pool)
     return apply_filters(nodes, pool)
@@ -259,7 +259,7 @@ def test_search_stage_workers_from_poolsift_workers(monkeypatch, tmp_path):
         monkeypatch.setenv("POOLSIFT_WORKERS", workers)
         monkeypatch.setattr(search_stage, "PARALLEL_MIN_ROWS", 10)
         pool = make_pool(sha, phash, [0.1] * 40)
-        ctx = RunContext(config=None, out_dir=str(tmp_path), cache_dir=str(tmp_path / workers))
+        ctx = RunContext(out_dir=str(tmp_path), cache_dir=str(tmp_path / workers))
         stage = DedupSearchStage(
             parse_filters([{"dedup": {"method": "exact"}}])[0].filter.search_settings(), ctx.cache_dir
         )
@@ -322,7 +322,7 @@ def test_search_on_a_task_pool_spills_under_a_remote_cache():
     cache = "memory://remote-out/cache"
     tasks = InProcessTasks(cache)
     pool = make_pool(sha, [0] * 40, [0.1] * 40)
-    ctx = RunContext(config=None, out_dir="memory://remote-out", cache_dir=cache, executor=ClusterExecutor(tasks))
+    ctx = RunContext(out_dir="memory://remote-out", cache_dir=cache, executor=ClusterExecutor(tasks))
     DedupSearchStage(settings, cache).run(ctx, pool)
     assert np.array_equal(pool.column("dedup_label_exact"), [i % 7 for i in range(40)])
     spills = {p for p in tasks.paths if "/dedup-spill-" in p}

@@ -56,9 +56,9 @@ def config(tmp_path, **clusters):
 
 def run_stage(cfg, tmp_path, pool) -> dict:
     ctx = RunContext(
-        config=cfg, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "run" / "cache"), log=lambda m: None
+        model=cfg.model, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "run" / "cache"), log=lambda m: None
     )
-    ImageClustersStage(cfg, ctx.cache_dir).run(ctx, pool)
+    ImageClustersStage(cfg.clusters, cfg.model, ctx.cache_dir).run(ctx, pool)
     return ctx.stage_info["clusters"]
 
 

@@ -132,7 +132,7 @@ def poolsift_scores(urls: list[str], out: Path, **model) -> dict[str, float]:
     cfg = _config(urls, out, **model)
     cache = str(out / "cache")
     source = plan(cfg, cache).source
-    ctx = RunContext(config=cfg, out_dir=str(out), cache_dir=cache, log=lambda msg: None)
+    ctx = RunContext(model=cfg.model, out_dir=str(out), cache_dir=cache, log=lambda msg: None)
     todo = {u: m for u in source.urls if (m := source.missing(u))}
     if todo:
         source.score_local(todo, ctx)

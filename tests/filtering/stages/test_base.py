@@ -2,7 +2,7 @@ from filtering.stages.base import RunContext
 
 
 def test_bar_without_progress_is_a_silent_tqdm(capsys):
-    ctx = RunContext(config=None, out_dir="out", cache_dir="cache", progress=None)
+    ctx = RunContext(out_dir="out", cache_dir="cache", progress=None)
     with ctx.bar(total=3, desc="scoring") as bar:
         bar.update(2)
         bar.update()
@@ -13,6 +13,6 @@ def test_bar_without_progress_is_a_silent_tqdm(capsys):
 
 def test_bar_uses_the_progress_factory_when_given():
     made = []
-    ctx = RunContext(config=None, out_dir="out", cache_dir="cache", progress=lambda **kw: made.append(kw) or "bar")
+    ctx = RunContext(out_dir="out", cache_dir="cache", progress=lambda **kw: made.append(kw) or "bar")
     assert ctx.bar(total=5, desc="clusters", unit="shards") == "bar"
     assert made == [{"total": 5, "desc": "clusters", "unit": "shards"}]

@@ -23,7 +23,7 @@ def _pool(emb):
 
 def test_computes_each_shard_once_and_recomputes_only_a_changed_one(tmp_path):
     emb = np.arange(10, dtype=np.float32).reshape(5, 2)
-    ctx = RunContext(config=None, out_dir=str(tmp_path), cache_dir=str(tmp_path))
+    ctx = RunContext(out_dir=str(tmp_path), cache_dir=str(tmp_path))
     cache = ShardCache(str(tmp_path), "test", {"v": 1})
     calls = []
 
@@ -108,7 +108,7 @@ def test_tasks_load_their_shards_embeddings_themselves(tmp_path):
             return Tasks()
 
     def run(executor, root):
-        ctx = RunContext(config=None, out_dir=str(root), cache_dir=str(root), executor=executor)
+        ctx = RunContext(out_dir=str(root), cache_dir=str(root), executor=executor)
         return cached_shard_loop(
             ctx,
             pool(),
@@ -154,7 +154,7 @@ def test_a_step_whose_shards_are_all_cached_says_cached_instead_of_drawing_a_bar
         return bars[-1]
 
     emb = np.arange(10, dtype=np.float32).reshape(5, 2)
-    ctx = RunContext(config=None, out_dir=str(tmp_path), cache_dir=str(tmp_path), progress=progress, log=lines.append)
+    ctx = RunContext(out_dir=str(tmp_path), cache_dir=str(tmp_path), progress=progress, log=lines.append)
     cache = ShardCache(str(tmp_path), "test", {"v": 1})
 
     def run(embeddings):

@@ -16,7 +16,7 @@ def pool_dir(tmp_path_factory):
 def _read(metadata_dir, request=()):
     stage = DataCompStage(str(metadata_dir), cache_root="")
     stage.request(set(request))
-    ctx = RunContext(config=None, out_dir="", cache_dir="", log=lambda m: None)
+    ctx = RunContext(out_dir="", cache_dir="", log=lambda m: None)
     return stage.run(ctx), ctx
 
 

@@ -60,7 +60,7 @@ def source(tmp_path):
 
 
 def _ctx(tmp_path):
-    return RunContext(config=None, out_dir=str(tmp_path), cache_dir="", log=lambda m: None)
+    return RunContext(out_dir=str(tmp_path), cache_dir="", log=lambda m: None)
 
 
 def test_kept_samples_are_copied_byte_for_byte_in_fixed_size_shards(tmp_path, source):
