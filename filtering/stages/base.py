@@ -107,7 +107,6 @@ class SourceStage(Stage):
     # A source that streams implements these; the plan never asks what kind of input it is.
 
     streams_clusters = False  # whether image_clusters (:meth:`skeleton_pool`) and dedup's search stream on it
-    streams_in_auto = True  # False: streams on ``execution.mode: streaming`` only (auto stays in memory)
 
     def stream_why_not(self) -> str | None:
         """Why this source cannot stream (None: it can); called before anything is read."""

@@ -227,6 +227,16 @@ class WebDatasetStage(SourceStage):
         return tuple(names)
 
     def run(self, ctx: RunContext) -> Pool:
+        self.score_missing(ctx)
+        self._record_run(ctx)
+        pool = self.load_pool()
+        ctx.stage_info["uids"] = pool.artifacts["uids"]
+        self._log_derived(ctx, pool.artifacts["uids"])
+        return pool
+
+    def score_missing(self, ctx: RunContext) -> None:
+        """Every piece of every shard not cached yet computed and cached (decode workers and
+        the batched model, or the Ray executor's tasks and actors); nothing is kept."""
         todo = {u: w for u in self.urls if (w := self.missing(u))}
         if todo:
             self.previous_layout(todo, ctx)
@@ -238,11 +248,6 @@ class WebDatasetStage(SourceStage):
                 self.score_local(todo, ctx)
         else:
             ctx.log(f"all {len(self.urls)} shards cached; the model is not loaded")
-        self._record_run(ctx)
-        pool = self.load_pool()
-        ctx.stage_info["uids"] = pool.artifacts["uids"]
-        self._log_derived(ctx, pool.artifacts["uids"])
-        return pool
 
     def _record_run(self, ctx: RunContext) -> None:
         """The run's records that do not depend on the rows: the model, the inputs, the
@@ -283,20 +288,12 @@ class WebDatasetStage(SourceStage):
                 f"warning: {u['derived']} uid(s) derived from the sample {self._derive_from()} (input.uid), not read from the pool"
             )
 
-    # --- the streaming plan (pipelines/executors/streaming.py): a re-filter of a pool
-    # whose every shard is cached; each worker builds its one-shard pool from the caches.
-
-    # Opt-in for now: a streamed re-filter cuts its parts per source shard, and runs on a
-    # cached pool (reruns with new filter settings) would change layout under ``auto``.
-    streams_in_auto = False
+    # --- the streaming plan (pipelines/executors/streaming.py): the shards not cached are
+    # scored first (stream_prepare, as ``run`` scores them); then each worker builds its
+    # one-shard pool from the caches.
 
     def stream_why_not(self) -> str | None:
-        if not is_local(self.cache_root):
-            return "remote cache"
-        todo = sum(1 for u in self.urls if self.missing(u))
-        if todo:
-            return f"{todo} of {len(self.urls)} shards are not cached yet (scored in memory)"
-        return None
+        return None if is_local(self.cache_root) else "remote cache"
 
     def stream_shards(self) -> list[str]:
         return list(self.urls)
@@ -304,7 +301,9 @@ class WebDatasetStage(SourceStage):
     def stream_prepare(self, ctx: RunContext) -> str | None:
         """The pool-wide column choices :meth:`resolve_uids` makes (a source column left out
         when no sample has it, the stored file's hash as ``sha256``), from the cached
-        tables' footers; the same columns in every shard; then the run records."""
+        tables' footers; the same columns in every shard; then the run records. The
+        shards not cached yet are scored first."""
+        self.score_missing(ctx)
         first, nulls, rows = None, Counter(), 0
         names = [*OPTIONAL_SOURCE_COLUMNS, "sha256"]
         for u in self.urls:
@@ -317,7 +316,6 @@ class WebDatasetStage(SourceStage):
             rows += n
         drop = tuple(c for c in OPTIONAL_SOURCE_COLUMNS if c in nulls and nulls[c] == rows)
         self._pool_columns = (drop, nulls["sha256"] == rows)
-        ctx.log(f"all {len(self.urls)} shards cached; the model is not loaded")
         self._record_run(ctx)
         return None
 

@@ -3,7 +3,8 @@
 The source stage owns everything that depends on the input kind (``SourceStage``'s
 streaming methods: ``stream_shards``, ``stream_prepare``, ``shard_scores``,
 ``shard_pool``, ``stream_record``): DataComp metadata read per shard, or a WebDataset
-pool whose every shard is cached (a re-filter: the one-shard pool from the caches).
+pool whose shards not cached yet are scored first (``stream_prepare``), each worker
+then building its one-shard pool from the caches.
 
 Used when every filter in the tree decides a row from that row alone (its
 ``reduction()`` is None), or declares a global step this plan runs: a ``TopFraction``
@@ -94,8 +95,6 @@ def why_not(cfg, the_plan, executor) -> str | None:
     reason = source.stream_why_not()
     if reason:
         return reason
-    if cfg.execution.mode == "auto" and not source.streams_in_auto:
-        return f"{source.info.kind} input streams on execution.mode: streaming only"
     if not runs_tasks(executor):
         return "the executor runs no plan tasks"
     for stage in the_plan.stages:
@@ -490,7 +489,9 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
     out_dir = cfg.output.dir
     # what the run records in the context, restored if the in-memory path runs after all
     saved = (list(ctx.inputs), copy.deepcopy(ctx.stage_info), dict(ctx.model_info))
-    reason = source.stream_prepare(ctx)
+    t0 = time.perf_counter()
+    reason = source.stream_prepare(ctx)  # WebDataset: the shards not cached yet are scored here
+    prepare_seconds = round(time.perf_counter() - t0, 3)
     if reason:
         ctx.log(f"execution: {reason}; filtering in memory")
         ctx.inputs[:], ctx.model_info = saved[0], saved[2]
@@ -505,7 +506,7 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
     keep_pandas = "torch" in sys.modules or ctx.executor is not None
     try:
         with contextlib.nullcontext() if keep_pandas else without_pandas():
-            manifest = _run(cfg, source, shards, ctx, spill, result, the_plan.stages)
+            manifest = _run(cfg, source, shards, ctx, spill, result, the_plan.stages, prepare_seconds)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
     if manifest is None:
@@ -515,7 +516,9 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
     return manifest
 
 
-def _run(cfg, source, shards, ctx: RunContext, spill: str, result: Staged, the_plan_stages=()) -> dict[str, Any] | None:
+def _run(
+    cfg, source, shards, ctx: RunContext, spill: str, result: Staged, the_plan_stages=(), prepare_seconds: float = 0.0
+) -> dict[str, Any] | None:
     from pipelines.runner import MAX_MANIFEST_FAILURES, _json_default, check_funnel, manifest_record, model_record
 
     top = _top_fractions(list(cfg.filter_tree))
@@ -537,7 +540,7 @@ def _run(cfg, source, shards, ctx: RunContext, spill: str, result: Staged, the_p
     )
     uid_paths = [os.path.join(spill, f"uids-{i:06d}.npy") for i in range(len(shards))]
     kept_paths = [os.path.join(spill, f"kept-{i:06d}.npy") for i in range(len(shards))]
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {"prepare": prepare_seconds}  # the source's: scoring, for WebDataset
     clock = [time.perf_counter()]
 
     def lap(name: str) -> None:

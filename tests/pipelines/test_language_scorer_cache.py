@@ -35,8 +35,13 @@ def _config(tmp_path, out, name, languages):
     for f in filters:
         if "language" in f:
             f["language"]["languages"] = languages
+    # the in-memory plan: the identifier's calls are counted in this process, and the pool read back
     return write_config(
-        tmp_path / name, base=REPO / "configs" / "sample_basic.yaml", filters=filters, output={"dir": str(out)}
+        tmp_path / name,
+        base=REPO / "configs" / "sample_basic.yaml",
+        filters=filters,
+        output={"dir": str(out)},
+        execution={"mode": "memory"},
     )
 
 

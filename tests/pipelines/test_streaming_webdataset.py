@@ -1,7 +1,7 @@
-"""The streaming plan on a WebDataset pool whose every shard is cached (a re-filter)
-against the in-memory path: subset.npy byte for byte, the subset and dropped tables row
-for row, the manifest's counts, failures, thresholds, uid report and records; a pool
-not fully cached is filtered in memory, and says why."""
+"""The streaming plan on a WebDataset pool (a re-filter of cached shards, or shards
+scored first) against the in-memory path: subset.npy byte for byte, the subset and
+dropped tables row for row, the manifest's counts, failures, thresholds, uid report and
+records."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from bench.bench_refilter import config, make_shards, write_caches
-from filtering.errors import ConfigError
 from pipelines.config import parse_config
 from pipelines.runner import _json_default, run
 from tests.conftest import SAMPLE_CONFIG, write_config
@@ -97,12 +96,18 @@ def test_bundled_sample_with_failed_rows(tmp_path, rerun_dir, filters):
     assert streamed.manifest["counts"]["filters"][-1]["dropped"] > 0
 
 
-def test_not_every_shard_cached_is_filtered_in_memory(tmp_path, generated):
+def test_shards_not_cached_are_scored_first(tmp_path, generated):
+    """A pool with a shard not cached streams under ``auto`` all the same: the shard is
+    scored first, as the in-memory source scores it, then every shard filtered on its own."""
     pattern, cache = generated
-    out = tmp_path / "run"
-    shutil.copytree(cache, out / "cache")
-    [first] = sorted((out / "cache").glob("source-*"))
-    sorted(first.glob("*.parquet"))[0].unlink()  # one shard's rows no longer cached
+    a, b = tmp_path / "memory", tmp_path / "run"
+    for out in (a, b):
+        shutil.copytree(cache, out / "cache")
+        [first] = sorted((out / "cache").glob("source-*"))
+        sorted(first.glob("*.parquet"))[0].unlink()  # one shard's rows no longer cached
     filters = [{"clip_score": {"top_fraction": 0.3}}]
-    with pytest.raises(ConfigError, match="1 of 5 shards are not cached"):
-        run(config(pattern, out, "streaming", filters), progress=False, log=lambda _m: None)
+    mem = run(config(pattern, a, "memory", filters), progress=False, log=lambda _m: None)
+    said: list[str] = []
+    streamed = run(config(pattern, b, "auto", filters), progress=False, log=said.append)
+    assert "scoring 1 of 5 shards (4 cached)" in said
+    _same_outputs(mem, streamed, a, b)
