@@ -337,15 +337,16 @@ def _may_be_missing(key: str, params: Any, field: str) -> bool:
     return cls is not None and isinstance(params, dict) and cls.Params.path_may_be_missing(params, field)
 
 
-def check_local_paths(cfg: Config) -> None:
-    """Every local input path the config names exists, checked without touching data
+def check_local_paths(cfg: Config, under: str = "") -> None:
+    """Every local input path the config names (or only those whose key starts with
+    ``under``, e.g. ``scorers``) exists, checked without touching data
     (docs/spec.md, "CLI": validate): only ``stat`` and glob listings, never file contents.
     Raises :class:`InputError` (exit 2) naming the first missing one and its key, as the
     config file wrote it, with the folder it resolved against and the folder that is missing."""
     raw = cfg.to_dict()
     raw["filters"] = cfg.filters
     for key, container, k in config_paths(raw):
-        if key == "output.dir" or _may_be_missing(key, container, k):
+        if key == "output.dir" or not key.startswith(under) or _may_be_missing(key, container, k):
             continue
         value = container[k]
         alternatives = list(expand_local(value))

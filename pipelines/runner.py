@@ -143,6 +143,7 @@ def plan(cfg: Config, cache_root: str) -> Plan:
             chosen.append(stage)
             provided |= stage.provides()
             needed |= getattr(stage, "requires", lambda: set())()
+    check_local_paths(cfg, under="scorers")  # a head loads its weights when built: name a missing file first
     for stage in scorer_stages(cfg, cache_root):  # configured scorers always run: their columns are outputs
         add_scorer(stage, source, chosen, cfg)
         provided |= stage.provides()

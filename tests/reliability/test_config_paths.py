@@ -37,6 +37,10 @@ MISSING = [
         "clusters.reference",
     ),
     ({"model": {"arch": "poolsift-tiny", "pretrained": "{tmp}/weights/tiny.safetensors"}}, "model.pretrained"),
+    (
+        {"scorers": [{"embedding_head": {"name": "q", "preset": "mlp", "weights": "{tmp}/no_head.safetensors"}}]},
+        "scorers[0].embedding_head.weights",
+    ),
 ]
 
 
@@ -104,6 +108,21 @@ def test_a_copied_config_whose_model_is_not_beside_it_fails_validate(tmp_path):
     assert err.strip() == (
         "poolsift: error: model.pretrained: no such file or folder 'tiny.safetensors' "
         f"(relative paths resolve against the config's folder, {tmp_path}/project/)"
+    )
+
+
+def test_a_scorers_placeholder_weights_name_the_set_that_replaces_them(tmp_path):
+    """docs/config.md's scorer example, copied as written (``weights: path/to/...``): the
+    placeholder is named as the presets' are, not as a weights file not found."""
+    text = (REPO / "configs" / "sample_quality.yaml").read_text().replace("../sample_data", str(SAMPLE))
+    text = text.replace(f"{SAMPLE}/heads/poolsift-watermark.safetensors", "path/to/head.safetensors")
+    (tmp_path / "c.yaml").write_text(text)
+    code, _, err = run_cli("validate", tmp_path / "c.yaml")
+    assert code == 2
+    key = "scorers[0].embedding_head.weights"
+    assert err.strip() == (
+        f"poolsift: error: {key}: 'path/to/head.safetensors' is a placeholder: "
+        f"point it at your data with --set {key}=... (or in a copy of the config)"
     )
 
 
