@@ -93,8 +93,13 @@ def _nvidia_gpu_visible() -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``auto``: bf16 on GPUs that support it (fp16 otherwise), bf16 on CPUs with native
-    bf16, else fp32. The reduced precisions run as autocast over fp32 weights."""
+    """``auto``: on a CUDA device, bf16 where it has native bf16 (compute capability 8.0,
+    Ampere, and later), else fp16; on a CPU, bf16 with native bf16 (AVX512-BF16 or AMX),
+    else fp32. The reduced precisions run as autocast over fp32 weights; only fp32 gives
+    open_clip's own scores.
+
+    ``torch.cuda.is_bf16_supported()`` is not asked: it counts emulated bf16 (slow, on a
+    T4 or V100) as support, and answers for the current device, not ``device``."""
     if precision not in PRECISIONS:
         raise ConfigError(f"model.precision: {precision!r} is not one of {list(PRECISIONS)}")
     if precision != "auto":
@@ -102,7 +107,8 @@ def resolve_precision(precision: str, device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        major, _ = torch.cuda.get_device_capability(torch.device(device))
+        return "bf16" if major >= 8 else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 

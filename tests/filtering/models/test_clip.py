@@ -111,6 +111,25 @@ def test_precision_auto_resolution():
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_supports_bf16() else "fp32")
 
 
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")]
+)
+def test_precision_auto_on_cuda_is_bf16_only_where_the_gpu_has_it(monkeypatch, capability, expected):
+    """bf16 from compute capability 8.0 (Ampere) on; older GPUs (T4 7.5, V100 7.0) get fp16.
+    torch.cuda.is_bf16_supported() counts emulated bf16 (slow) as support, so it said bf16
+    on those too; and it asks the current device, not the one configured."""
+    import torch
+
+    from filtering.models.clip import resolve_precision
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts as support
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    assert resolve_precision("auto", "cuda:1") == expected
+    assert asked and str(asked[-1]) == "cuda:1"
+    assert resolve_precision("fp32", "cuda:1") == "fp32"
+
+
 def test_score_caches_are_keyed_by_the_precision_auto_resolves_to(monkeypatch):
     """A cache scored in bf16 on one machine is not reused as fp32 scores on another."""
     import filtering.models.clip as clip_mod
