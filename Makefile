@@ -49,6 +49,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python bench/bench_scoring.py --only tiny
 	$(BIN)/python bench/bench_refilter.py --dir $(BENCH_DIR)/refilter --sizes 20k 40k --recipe issue27
 	$(BIN)/python bench/bench_first_run.py --dir $(BENCH_DIR)/first-run --sizes 2k 8k
+	$(BIN)/python bench/bench_jpeg_draft.py --models tiny --images 16
 
 clean:
 	rm -rf runs .pytest_cache
