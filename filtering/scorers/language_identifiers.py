@@ -342,6 +342,12 @@ def resolve(params: IdentifierParams, progress: bool = True) -> dict[str, Any]:
                 note += f", {BASELINE_OF[backend]}"
         record["note"] = note
         return record
+    if isinstance(errors[0], ModelDownloadError) and len(params.chain) == 1:  # offline: name the way on
+        raise ModelDownloadError(
+            f"{errors[0]}, or let the language entry fall back: --set 'filters[N].language.fallback=py3langid' "
+            "(N: its index; then the kept set is not DataComp's)",
+            errors[0].reason,
+        ) from errors[0]
     raise errors[0]
 
 

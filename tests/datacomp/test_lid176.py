@@ -153,7 +153,8 @@ def test_no_network_is_one_line_naming_the_url_and_where_to_put_the_file(tmp_pat
     cached = home / ".cache" / "poolsift" / "lid.176.bin"
     assert err.strip().splitlines() == [
         f"poolsift: error: language: cannot download {url} (Connection refused); "
-        f"download it yourself and put it at {cached}"
+        f"download it yourself and put it at {cached}, or let the language entry fall back: "
+        "--set 'filters[N].language.fallback=py3langid' (N: its index; then the kept set is not DataComp's)"
     ]
     assert not (home / ".cache").exists()
 
