@@ -214,15 +214,19 @@ def _double_quoted(text: str) -> str:
 
 
 def sweep_param(filters: list) -> str:
-    """A ``--param`` for ``poolsift sweep`` around the config's first top-level CLIP-score setting."""
-    for i, spec in enumerate(filters):
-        params = spec.get("clip_score") if isinstance(spec, dict) else None
-        if isinstance(params, dict):
+    """A ``--param`` for ``poolsift sweep`` around the config's first top-level CLIP-score
+    setting, else its first top-level ``score`` filter's (a quality head's threshold)."""
+    for name, step in (("clip_score", 0.05), ("score", 0.1)):
+        for i, spec in enumerate(filters):
+            params = spec.get(name) if isinstance(spec, dict) else None
+            if not isinstance(params, dict):
+                continue
             if params.get("top_fraction") is not None:
-                return f"filters[{i}].clip_score.top_fraction=0.1,0.2,0.3,0.5"
-            if params.get("min") is not None:
-                t = float(params["min"])
-                return f"filters[{i}].clip_score.min=" + ",".join(f"{t + d:g}" for d in (-0.05, 0.0, 0.05))
+                return f"filters[{i}].{name}.top_fraction=0.1,0.2,0.3,0.5"
+            for key in ("min", "max"):
+                if isinstance(params.get(key), int | float):
+                    t, d = float(params[key]), step * max(1.0, abs(float(params[key])))
+                    return f"filters[{i}].{name}.{key}=" + ",".join(f"{t + s:g}" for s in (-d, 0.0, d))
     return "KEY.PATH=V1,V2,..."
 
 

@@ -40,6 +40,19 @@ def test_sweep_param_names_the_configs_clip_score_setting():
     assert sweep_param([]) == "KEY.PATH=V1,V2,..."
 
 
+def test_sweep_param_falls_back_to_a_score_filters_setting():
+    """configs/sample_quality.yaml has no clip_score: its next steps named ``KEY.PATH=V1,V2,...``."""
+    filters = [{"dedup": {"method": "exact"}}, {"score": {"column": "watermark_score", "max": 0.7}}]
+    assert sweep_param(filters) == "filters[1].score.max=0.6,0.7,0.8"
+    assert sweep_param([{"score": {"column": "aesthetic_score", "min": 5.0}}]) == "filters[0].score.min=4.5,5,5.5"
+    assert (
+        sweep_param([{"score": {"column": "a", "top_fraction": 0.3}}])
+        == "filters[0].score.top_fraction=0.1,0.2,0.3,0.5"
+    )
+    both = [{"score": {"column": "a", "min": 1}}, {"clip_score": {"min": 0.3}}]
+    assert sweep_param(both).startswith("filters[1].clip_score.min=")
+
+
 @pytest.mark.slow
 def test_run_ends_with_outputs_and_next_steps_that_run(rerun_dir, tmp_path):
     script = Path(sys.executable).parent / "poolsift"
