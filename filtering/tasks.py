@@ -1,4 +1,9 @@
-"""Where the plan's tasks run: plain module-level functions over picklable arguments.
+"""The one owner of parallelism: every local process pool in poolsift is made here
+(:func:`process_pool`: decode workers, language identification, the dedup partitions, the
+plan's tasks), its workers counted here (:func:`worker_count`), mapped over with a bounded
+window here (:func:`windowed`), and every worker dies with the driver (:func:`init_worker`).
+
+Where the plan's tasks run: plain module-level functions over picklable arguments.
 
 A task pool has ``map(fn, args)`` (results in submission order, so outputs never depend
 on which worker finished first), ``submit(fn, arg)`` (a ``concurrent.futures.Future``)
@@ -17,7 +22,9 @@ import contextlib
 import multiprocessing as mp
 import os
 import sys
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -29,12 +36,10 @@ def task_pool(executor, workers: int) -> Iterator:
             yield pool
         return
     from filtering.io.arrow import pandas_blocked
-    from filtering.procpool import ProcessPool
 
-    context = mp.get_context(start_method())
+    start = start_method()
     # a spawned worker blocks pandas as the driver does (filtering/io/arrow.py); a forked one inherits it
-    no_pandas = context.get_start_method() == "spawn" and pandas_blocked()
-    with ProcessPool(workers, mp_context=context, initializer=init_worker, initargs=(os.getpid(), no_pandas)) as pool:
+    with process_pool(workers, start, no_pandas=start == "spawn" and pandas_blocked()) as pool:
         yield pool
 
 
@@ -81,3 +86,70 @@ def start_method() -> str:
 def runs_tasks(executor) -> bool:
     """Whether ``executor`` can run the plan's tasks (None: the local process pool can)."""
     return executor is None or hasattr(executor, "task_pool")
+
+
+# --- every local process pool ---------------------------------------------------------
+
+
+def worker_count(configured: int | None = None, *, reserve: int = 0, per: int = 1, cap: int | None = None) -> int:
+    """How many worker processes a pool gets: ``configured`` when set (``model.num_workers``,
+    a test's pin), else one per ``per`` of the cores left after ``reserve``, at least one and
+    at most ``cap``."""
+    if configured is not None:
+        return configured
+    n = max(1, ((os.cpu_count() or 1) - reserve) // per)
+    return min(n, cap) if cap is not None else n
+
+
+def plan_workers(cap: int | None = None) -> int:
+    """Workers for the plan's tasks and the dedup steps: ``POOLSIFT_WORKERS`` when set, else
+    one per core; at least one, at most ``cap``."""
+    env = os.environ.get("POOLSIFT_WORKERS")
+    n = max(1, worker_count(int(env) if env else None))
+    return min(n, max(1, cap)) if cap is not None else n
+
+
+@contextlib.contextmanager
+def process_pool(workers: int, start: str = "spawn", initializer=None, initargs: tuple = (), no_pandas: bool = False):
+    """A local pool of ``workers`` processes started by ``start`` (``spawn``, or ``fork``:
+    :func:`start_method`): the one way poolsift makes one (decode workers, language
+    identification, the dedup partitions, the plan's tasks). Each worker first runs
+    :func:`init_worker` (it dies with the driver; ``no_pandas``: it blocks pandas), then
+    ``initializer(*initargs)``. The pool is a :class:`~filtering.procpool.ProcessPool`, so a
+    killed worker is an error, never a hang."""
+    from filtering.procpool import ProcessPool
+
+    context = mp.get_context(start)
+    args = (os.getpid(), no_pandas, initializer, initargs)
+    with ProcessPool(workers, mp_context=context, initializer=_start_worker, initargs=args) as pool:
+        yield pool
+
+
+def _start_worker(parent: int, no_pandas: bool, initializer, initargs: tuple) -> None:
+    init_worker(parent, no_pandas)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def windowed(pool, fn, items: Iterable[tuple[Any, tuple | None]], ahead: int) -> Iterator[tuple[Any, Any]]:
+    """The bounded-window map every pool runs: ``(tag, args)`` items in, ``(tag, fn(*args))``
+    out, in order (an item whose ``args`` is None passes through as ``(tag, None)``). At most
+    ``ahead`` tasks wait beyond the one awaited, so the driver holds a few results however
+    many items there are; a dead worker raises ``BrokenProcessPool`` (``procpool.result``);
+    leaving early (an error, ``close()``) cancels what is queued."""
+    from filtering.procpool import result
+
+    pending: deque = deque()
+    try:
+        for tag, args in items:
+            pending.append((tag, None if args is None else pool.submit(fn, *args)))
+            while len(pending) > ahead:
+                tag, fut = pending.popleft()
+                yield tag, None if fut is None else result(fut, pool)
+        while pending:
+            tag, fut = pending.popleft()
+            yield tag, None if fut is None else result(fut, pool)
+    finally:
+        for _, fut in pending:
+            if fut is not None:
+                fut.cancel()

@@ -495,31 +495,19 @@ def _mapper(workers: int, executor=None):
         yield map
         return
 
-    def windowed(pool):
-        from collections import deque
+    from filtering.tasks import process_pool, windowed
 
-        from filtering.procpool import result
-
+    def ordered(pool):
         def run(fn, args):
-            window: deque = deque()
-            for a in args:
-                window.append(pool.submit(fn, a))
-                if len(window) >= 2 * max(1, workers):
-                    yield result(window.popleft(), pool)
-            while window:
-                yield result(window.popleft(), pool)
+            return (r for _, r in windowed(pool, fn, ((None, (a,)) for a in args), 2 * max(1, workers) - 1))
 
         return run
 
     if executor is not None:
-        yield windowed(executor)
+        yield ordered(executor)
         return
-    import multiprocessing as mp
-
-    from filtering.procpool import ProcessPool
-
-    with ProcessPool(workers, mp_context=mp.get_context("spawn")) as pool:
-        yield windowed(pool)
+    with process_pool(workers) as pool:
+        yield ordered(pool)
 
 
 def _emit_task(args) -> Spilled:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from typing import Any
 
@@ -43,8 +42,9 @@ def workers_for(rows: int) -> int:
     core unless ``POOLSIFT_WORKERS`` says otherwise; none below :data:`PARALLEL_MIN_ROWS`."""
     if rows < PARALLEL_MIN_ROWS:
         return 1
-    env = os.environ.get("POOLSIFT_WORKERS")
-    return max(1, int(env) if env else (os.cpu_count() or 1))
+    from filtering.tasks import plan_workers
+
+    return plan_workers()
 
 
 def label_column(settings: partitioned.SearchSettings) -> str:

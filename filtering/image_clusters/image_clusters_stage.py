@@ -441,8 +441,9 @@ def decode_reference(ref: str, source, plan, model_cfg) -> Iterator[tuple[str, A
 
 
 def _workers(model_cfg) -> int:
-    n = model_cfg.num_workers
-    return n if n is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    from filtering.tasks import worker_count
+
+    return worker_count(model_cfg.num_workers, reserve=1, cap=8)
 
 
 def _file_info(path: str, key: str) -> dict:

@@ -370,19 +370,17 @@ def predict_texts(
     chunks and classified on every core: 1.8x on two cores. Each caption's result does
     not depend on the others, so the output is the same. lingua parallelises by itself.
     """
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    from filtering.tasks import process_pool, worker_count
+
+    workers = worker_count(workers)
     if backend == "lingua" or workers < 2 or len(texts) < max(min_parallel, 2):
         return identifier(backend, model_path, candidates).predict(texts)
     identifier(backend, model_path, candidates)  # configuration errors surface here, once
-    import multiprocessing as mp
-
-    from filtering.procpool import ProcessPool
-
     step = -(-len(texts) // (4 * workers))
     chunks = [texts[i : i + step] for i in range(0, len(texts), step)]
     codes: list[str] = []
     confs = []
-    with ProcessPool(workers, mp_context=mp.get_context("spawn")) as executor:
+    with process_pool(workers) as executor:
         for c, p in executor.map(_predict_chunk, [(backend, model_path, candidates, chunk) for chunk in chunks]):
             codes += c
             confs.append(p)

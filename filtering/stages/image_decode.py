@@ -37,7 +37,6 @@ import re
 import signal
 import sys
 import warnings
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -270,27 +269,11 @@ def decode_window(
         for tag, images, wanted in tasks:
             yield tag, None if images is None else [decode_image(d, wanted, plan) for d in images]
         return
-    import multiprocessing as mp
+    from filtering.tasks import process_pool, windowed
 
-    from filtering.procpool import ProcessPool, result
-
-    pending: deque = deque()
-    with ProcessPool(
-        workers, mp_context=mp.get_context("spawn"), initializer=init_scoring_worker, initargs=(plan,)
-    ) as ex:
-        try:
-            for tag, images, wanted in tasks:
-                pending.append((tag, None if images is None else ex.submit(decode_images, images, wanted)))
-                while len(pending) > window:
-                    tag, fut = pending.popleft()
-                    yield tag, None if fut is None else result(fut, ex)
-            while pending:
-                tag, fut = pending.popleft()
-                yield tag, None if fut is None else result(fut, ex)
-        finally:
-            for _, fut in pending:
-                if fut is not None:
-                    fut.cancel()
+    items = ((tag, None if images is None else (images, wanted)) for tag, images, wanted in tasks)
+    with process_pool(workers, "spawn", init_scoring_worker, (plan,)) as ex:
+        yield from windowed(ex, decode_images, items, window)
 
 
 # --- reference images ------------------------------------------------------------------

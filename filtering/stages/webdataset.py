@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -621,10 +620,11 @@ class WebDatasetStage(SourceStage):
         """Decode processes: a GPU wants every other core decoding; on a CPU the model's
         matmuls want the cores (decoding is about a quarter of the work in bf16), so one
         worker per four cores (one on this 2-core machine; docs/config.md, model)."""
-        if self.model_cfg.num_workers is not None:
-            return self.model_cfg.num_workers
-        cores = os.cpu_count() or 2
-        return max(1, cores - 1) if device.startswith("cuda") else max(1, cores // 4)
+        from filtering.tasks import worker_count
+
+        if device.startswith("cuda"):
+            return worker_count(self.model_cfg.num_workers, reserve=1)
+        return worker_count(self.model_cfg.num_workers, per=4)
 
     def scorer_failures(self, scorer: Scorer) -> dict[str, Any] | None:
         """The images ``scorer`` failed on (its value null, the row not failed), over every

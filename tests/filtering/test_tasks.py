@@ -105,6 +105,70 @@ def test_workers_die_with_a_killed_driver(tmp_path, method):
     assert not any(_alive(p) for p in workers)
 
 
+# Each pool's driver: start the pool, and from a second thread, once both workers exist,
+# record their pids and kill the driver while the pool is in use.
+_POOL_DRIVERS = {
+    "decode": """
+        import io
+        from PIL import Image
+        from filtering.stages.image_decode import decode_window, reference_plan
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="PNG")
+        tasks = ((i, [buf.getvalue()] * 8, ("phash",)) for i in range(10**6))
+        for _ in decode_window(tasks, reference_plan(), 2, 4):
+            pass
+    """,
+    "language": """
+        from filtering.scorers.language_identifiers import predict_texts
+
+        texts = [f"a photo number {i} of a dog on the beach" for i in range(400_000)]
+        predict_texts(texts, "py3langid", workers=2, min_parallel=0)
+    """,
+}
+
+
+@pytest.mark.parametrize("pool", sorted(_POOL_DRIVERS))
+def test_decode_and_language_workers_die_with_a_killed_driver(tmp_path, pool):
+    """Every pool is made by ``tasks.process_pool``, so the decode workers and the
+    language-identification workers die with a killed driver too (without the guard, a
+    spawned worker holds both ends of its task queue and waits for ever)."""
+    pids = tmp_path / "pids"
+    script = tmp_path / "driver.py"
+    body = textwrap.indent(textwrap.dedent(_POOL_DRIVERS[pool]), "    ")
+    script.write_text(
+        textwrap.dedent(f"""
+        import multiprocessing as mp, os, signal, threading, time
+
+        def killer():
+            while len(mp.active_children()) < 2:
+                time.sleep(0.05)
+            time.sleep(0.5)  # the workers are past their start-up
+            with open({str(pids)!r}, "w") as f:
+                f.write(" ".join(str(p.pid) for p in mp.active_children()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if __name__ == "__main__":
+            threading.Thread(target=killer, daemon=True).start()
+        """)
+        + body
+        + "\n    time.sleep(60)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=180
+    )
+    assert out.returncode == -9
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) >= 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    alive = [p for p in workers if _alive(p)]
+    for p in alive:  # leave no stray process behind a failing test
+        os.kill(p, 9)
+    assert not alive
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
