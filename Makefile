@@ -32,9 +32,11 @@ test-fast: $(DEV_STAMP)
 
 LINT_PATHS := filtering pipelines tests bench
 
+# lint-imports: the import contract in pyproject.toml ([tool.importlinter]): layers, no cycles.
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/lint-imports --no-cache
 
 # Every benchmark in its quick mode (minutes on a laptop; the scripts' docstrings give
 # the full-scale commands and docs/performance.md the figures).

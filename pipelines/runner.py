@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filtering.errors import ConfigError, FunnelError, PoolsiftError
+from filtering.errors import ConfigError, PoolsiftError
 from filtering.filters.base import Decision
 from filtering.filters.compose import FilterNode, FilterOutcome, apply_filters
 from filtering.io.atomic import atomic_write_text, makedirs, remove_temp_files
 from filtering.io.paths import join
 from filtering.pool import Pool
-from filtering.provenance import checksum_inputs, git_commit, now_iso, provenance
+from filtering.provenance import provenance
 from filtering.stages.base import ColumnStage, RunContext, SourceStage
 from filtering.writers.commit import MANIFEST, Staged, file_records, recover, staged_result
 from filtering.writers.parquet import (
@@ -38,8 +38,7 @@ from filtering.writers.parquet import (
 from filtering.writers.uids import write_uids
 from pipelines.config import Config, check_local_paths, input_kind
 from pipelines.lock import output_lock
-
-MAX_MANIFEST_FAILURES = 10_000
+from pipelines.manifest import MAX_MANIFEST_FAILURES, check_funnel, json_default, manifest_record, model_record
 
 
 def source_stage(cfg: Config, cache_root: str) -> SourceStage:
@@ -348,18 +347,6 @@ def check_duplicate_uids(pool: Pool, policy: str, ctx: RunContext) -> FilterNode
     return _UidDuplicates(later) if n_rows and policy == "keep_first" else None
 
 
-def model_record(cfg: Config, ctx: RunContext, source: SourceStage) -> dict[str, Any]:
-    if source.info.model is not None:  # no model ran: the source says where the scores come from
-        return dict(source.info.model)
-    info = dict(ctx.model_info)
-    return {
-        "arch": info.get("arch", cfg.model.arch),
-        "pretrained": info.get("pretrained", cfg.model.pretrained),
-        "checkpoint_sha256": info.get("checkpoint_sha256"),
-        **{k: v for k, v in info.items() if k not in ("arch", "pretrained", "checkpoint_sha256", "device")},
-    }
-
-
 def write_outputs(
     cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome, source: SourceStage, result: Staged
 ) -> dict[str, Any]:
@@ -443,63 +430,8 @@ def write_outputs(
     if "reshard_map" in pool.artifacts:
         manifest["shards"] = [{**s, "path": result.final(s["path"])} for s in pool.artifacts["reshard_map"]]
     manifest["files"] = files
-    atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=json_default) + "\n")
     return manifest
-
-
-def manifest_record(
-    config_dict: dict[str, Any],
-    prov: dict[str, Any],
-    model: dict[str, Any],
-    source: SourceStage,
-    ctx: RunContext,
-    *,
-    counts: dict[str, Any],
-    thresholds: Any,
-    language_identifiers: list,
-    failures: list,
-    failures_truncated: bool,
-    outputs: dict[str, Any],
-) -> dict[str, Any]:
-    """The manifest's common body (docs/spec.md, "Output directory"), for both plans; the
-    callers add ``shards``, ``files`` and ``execution`` and write it last."""
-    inputs, checksum_method = checksum_inputs(ctx.inputs)
-    return {
-        "poolsift_version": prov["poolsift_version"],
-        "git_commit": git_commit(),
-        "created_at": now_iso(),
-        "config": config_dict,
-        "config_sha256": prov["config_sha256"],
-        "model": model,
-        "input_kind": source.info.kind,
-        "source": source.describe(),
-        "inputs": inputs,
-        "input_checksum": checksum_method,
-        "counts": counts,
-        "thresholds": thresholds,
-        "language_identifiers": language_identifiers,
-        "uids": ctx.stage_info.get("uids", {}),
-        "stages": {k: v for k, v in ctx.stage_info.items() if k != "uids"},
-        "failures": failures,
-        "failures_truncated": failures_truncated,
-        "outputs": outputs,
-    }
-
-
-def check_funnel(counts: dict[str, Any]) -> None:
-    """The manifest invariant: every input sample is kept, failed, or dropped by one filter."""
-    dropped = sum(f["dropped"] for f in counts["filters"])
-    if counts["input"] != counts["kept"] + counts["failed"] + dropped:
-        raise FunnelError(
-            f"funnel does not add up: input {counts['input']} != kept {counts['kept']} + failed {counts['failed']}"
-            f" + dropped {dropped} (a bug in poolsift; please report it)"
-        )
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def format_funnel(manifest: dict[str, Any]) -> str:

@@ -55,14 +55,13 @@ from filtering.dedup import partitioned
 from filtering.dedup.search_stage import label_column
 from filtering.filters.compose import apply_filters
 from filtering.uid import uids_to_u8u8
+from pipelines.executors.shards import _shard_pool, decided_tree, shard_columns, survivor_positions
 
 # ---------------------------------------------------------------- workers
 
 
 def _emit(args) -> partitioned.Spilled:
     """One map task: its shards' key columns, read one shard at a time, into one spill file."""
-    from pipelines.executors.streaming import _shard_pool
-
     sh, group, settings, partitions, path = args
 
     def keys():
@@ -77,8 +76,6 @@ def _emit(args) -> partitioned.Spilled:
 def _alive_at(args) -> dict[str, Any]:
     """One shard through the filters before the dedup at ``position``: the alive mask, and
     for the alive rows the keep score and the uid (two uint64)."""
-    from pipelines.executors.streaming import _shard_pool, decided_tree, shard_columns
-
     sh, shard, thresholds, decided, position = args
     pool, ctx = _shard_pool(sh, shard)
     shard_columns(sh, ctx, pool)
@@ -138,8 +135,6 @@ def _embeddings(pool, f) -> np.ndarray:
 
 def _rows_of(args) -> np.ndarray:
     """Embeddings of some rows of one shard (the k-means training sample), in the search's dtype."""
-    from pipelines.executors.streaming import _shard_pool
-
     sh, shard, position, rows, dtype = args
     pool, _ = _shard_pool(sh, shard)
     return np.asarray(_embeddings(pool, sh.cfg.filter_tree[position].filter)[rows], dtype=dtype)
@@ -152,7 +147,6 @@ def _assign_spill(args) -> np.ndarray:
     """One shard's valid rows assigned to the centroids and spilled sorted by cluster."""
     from filtering.clustering import Assigner
     from filtering.dedup.semantic import spill_assigned
-    from pipelines.executors.streaming import _shard_pool
 
     sh, shard, position, local, first_row, rank, dtype, centroids, k, prefix = args
     pool, _ = _shard_pool(sh, shard)
@@ -169,8 +163,6 @@ def _assign_spill(args) -> np.ndarray:
 def _normalized_spill(args) -> None:
     """Some rows of one shard (ascending), as the filter confirms pairs with them: float32,
     divided by their norm (at least 1e-12), written to ``path``."""
-    from pipelines.executors.streaming import _shard_pool
-
     sh, shard, position, rows, dtype, path = args
     pool, _ = _shard_pool(sh, shard)
     emb = np.asarray(_embeddings(pool, sh.cfg.filter_tree[position].filter)[rows], dtype=dtype).astype(np.float32)
@@ -220,8 +212,6 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
     starts = np.r_[0, np.cumsum(shard_rows)].astype(np.int64)
     decided: list[dict[int, tuple]] = [{} for _ in shards]
     searched: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    from pipelines.executors.streaming import survivor_positions
-
     positions = survivor_positions(nodes)
     # The last position that uses each search: its labels are freed (and reused) there.
     last_use = {s: p for p in positions if (s := nodes[p].filter.search_settings()) is not None}

@@ -60,7 +60,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,7 @@ from filtering.uid import UID_DTYPE, order_u8u8, uids_to_u8u8
 from filtering.writers.commit import MANIFEST, Staged, file_records
 from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, subset_stream
 from pipelines.executors.dedup_phase import run_dedup
+from pipelines.executors.shards import _shard_pool, _Shared, decided_tree, shard_columns, survivor_positions
 
 KEY_BITS = 16  # histogram of the top bits of each score's order-preserving key
 FINE_BITS = 12  # uid ranges: the top bits of the uid's high half
@@ -146,33 +147,6 @@ def _top_fractions(nodes: list[FilterNode]) -> list[TopFraction]:
     return [r for node in nodes for f in node.leaves() if isinstance(r := f.reduction(), TopFraction)]
 
 
-def survivor_positions(nodes: list[FilterNode]) -> list[int]:
-    """Positions of the top-level filters whose reduction is :class:`Survivors` (``dedup``)."""
-    return [k for k, n in enumerate(nodes) if isinstance(n, Leaf) and isinstance(n.filter.reduction(), Survivors)]
-
-
-def decided_tree(nodes: list[FilterNode], thresholds: list, survivors: dict[int, tuple] | None) -> list[FilterNode]:
-    """The tree with every reduction's result over the pool fixed: each ``TopFraction``
-    leaf (in ``leaves()`` order) its threshold, each top-level ``Survivors`` leaf found in
-    ``survivors`` its shard's decision (``Filter.decided``)."""
-    it = iter(thresholds)
-
-    def walk(node: FilterNode) -> FilterNode:
-        if isinstance(node, AllOf):
-            return AllOf([walk(c) for c in node.children])
-        if isinstance(node, AnyOf):
-            return AnyOf([walk(c) for c in node.children])
-        if isinstance(node, Not):
-            return Not(walk(node.child))
-        f = node.filter
-        return Leaf(f.decided(next(it))) if isinstance(f.reduction(), TopFraction) else node
-
-    out = [walk(n) for n in nodes]
-    for k in survivors or {}:
-        out[k] = Leaf(out[k].filter.decided(survivors[k]))
-    return out
-
-
 # ---------------------------------------------------------------- score keys
 
 
@@ -184,21 +158,6 @@ def score_keys(values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- workers (module level: picklable)
-
-
-@dataclass(frozen=True)
-class _Shared:
-    cfg: Any
-    source: Any  # the SourceStage: builds each one-shard pool
-    tops: tuple[TopFraction, ...]  # the tree's top_fraction reductions, in leaves() order
-    spill: str
-    out_dir: str
-    prov: dict[str, Any]
-    hex_columns: frozenset[str]
-    rows_per_part: int
-    shard_stages: tuple = ()  # the plan's stages of scope "shard", run on each shard's pool (cached per shard)
-    global_stages: tuple = ()  # (stage, its prepare() result) for the stages of scope "global"
-    max_failures: int = 10_000  # failed rows listed per shard (the manifest lists as many in all)
 
 
 def _score_keys(sh: _Shared) -> list[tuple[str, bool]]:
@@ -305,11 +264,6 @@ def _create_npy(path: str, n: int) -> None:
         raise
 
 
-def _shard_pool(sh: _Shared, shard):
-    ctx = RunContext(model=sh.cfg.model, out_dir=sh.out_dir, cache_dir=join(sh.out_dir, "cache"), log=lambda _m: None)
-    return sh.source.shard_pool(shard, ctx), ctx
-
-
 def _write_folder(sh: _Shared, folder: str, i: int, schema: pa.Schema, tables) -> list[tuple[str, int, int, str]]:
     """One shard's rows of ``folder`` as parts of at most ``rows_per_part`` rows, in the
     spill folder (renamed into place once the whole pool has passed); per part
@@ -383,16 +337,6 @@ def _filter(args) -> dict[str, Any]:
         "scorers": ctx.stage_info.get("scorers", {}),
         "global_stages": {stage.name: ctx.stage_info.get(stage.name) for stage, _ in sh.global_stages},
     }
-
-
-def shard_columns(sh: _Shared, ctx: RunContext, pool) -> None:
-    """The column stages' columns of one shard's pool: the per-shard stages (a filter's
-    own scorer: cached per shard anyway), then each global stage's per-shard part (the
-    same per-shard cache entries as the in-memory run's)."""
-    for stage in sh.shard_stages:
-        stage.run(ctx, pool)
-    for stage, prepared in sh.global_stages:
-        stage.run_shard(ctx, pool, prepared)
 
 
 # ---------------------------------------------------------------- driver
@@ -519,7 +463,7 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
 def _run(
     cfg, source, shards, ctx: RunContext, spill: str, result: Staged, the_plan_stages=(), prepare_seconds: float = 0.0
 ) -> dict[str, Any] | None:
-    from pipelines.runner import MAX_MANIFEST_FAILURES, _json_default, check_funnel, manifest_record, model_record
+    from pipelines.manifest import MAX_MANIFEST_FAILURES, check_funnel, json_default, manifest_record, model_record
 
     top = _top_fractions(list(cfg.filter_tree))
     global_stages = [s for s in the_plan_stages if s.scope == "global"]
@@ -710,5 +654,5 @@ def _run(
     lap("manifest")
     executor = "ray" if ctx.executor is not None else "local"
     manifest["execution"] = {"plan": "streaming", "executor": executor, "workers": n_workers, "seconds": seconds}
-    atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=json_default) + "\n")
     return manifest

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from filtering.errors import FunnelError, PoolsiftError
-from pipelines import runner
+from pipelines import manifest, runner
 from pipelines.config import load_config
 from tests.conftest import REPO, SAMPLE_CONFIG
 
@@ -14,18 +14,18 @@ def _counts(input_, kept, failed, dropped):
 
 
 def test_check_funnel_accepts_counts_that_add_up():
-    runner.check_funnel(_counts(10, 4, 1, [3, 2]))
+    manifest.check_funnel(_counts(10, 4, 1, [3, 2]))
 
 
 def test_check_funnel_raises_a_one_line_error_naming_the_counts():
     with pytest.raises(FunnelError, match=r"input 10 != kept 4 \+ failed 1 \+ dropped 4") as e:
-        runner.check_funnel(_counts(10, 4, 1, [3, 1]))
+        manifest.check_funnel(_counts(10, 4, 1, [3, 1]))
     assert isinstance(e.value, PoolsiftError) and "\n" not in str(e.value)
 
 
 def test_check_funnel_holds_under_python_optimisations():
     code = (
-        "from pipelines.runner import check_funnel\n"
+        "from pipelines.manifest import check_funnel\n"
         "check_funnel({'input': 3, 'kept': 1, 'failed': 0, 'filters': [{'dropped': 1}]})\n"
     )
     proc = subprocess.run([sys.executable, "-O", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -16,7 +16,8 @@ import pytest
 
 from filtering.errors import ConfigError
 from pipelines.config import parse_config
-from pipelines.runner import _json_default, run
+from pipelines.manifest import json_default
+from pipelines.runner import run
 from tests.datacomp_pool import make_datacomp_pool, repeat_uid, set_nan_scores
 
 pytestmark = pytest.mark.slow  # runs the whole pipeline
@@ -124,8 +125,8 @@ def assert_same_outputs(
         if key == "stages" and not search_record:
             assert set(mem.manifest[key]["dedup"]) == set(streamed.manifest[key]["dedup"])
             mem.manifest[key].pop("dedup"), streamed.manifest[key].pop("dedup")
-        assert json.dumps(_timeless(mem.manifest[key]), default=_json_default) == json.dumps(
-            _timeless(streamed.manifest[key]), default=_json_default
+        assert json.dumps(_timeless(mem.manifest[key]), default=json_default) == json.dumps(
+            _timeless(streamed.manifest[key]), default=json_default
         ), key
     # the parquet metadata (provenance) is the same too
     pa_meta = pq.read_schema(sorted((a / "subset").glob("part-*"))[0]).metadata

@@ -14,7 +14,8 @@ import yaml
 
 from bench.bench_refilter import config, make_shards, write_caches
 from pipelines.config import parse_config
-from pipelines.runner import _json_default, run
+from pipelines.manifest import json_default
+from pipelines.runner import run
 from tests.conftest import SAMPLE_CONFIG, write_config
 from tests.pipelines.test_streaming import _table, _timeless, assert_tables_equal
 
@@ -42,8 +43,8 @@ def _same_outputs(mem, streamed, a: Path, b: Path) -> None:
         "model",
         "source",
     ):
-        assert json.dumps(_timeless(mem.manifest[key]), default=_json_default) == json.dumps(
-            _timeless(streamed.manifest[key]), default=_json_default
+        assert json.dumps(_timeless(mem.manifest[key]), default=json_default) == json.dumps(
+            _timeless(streamed.manifest[key]), default=json_default
         ), key
 
 
