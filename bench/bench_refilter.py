@@ -24,6 +24,10 @@ cannot do) is listed with its reason. ``--recipe``:
   50th, offset by 25, is its phash with two bits flipped) and random unit image
   embeddings, so dedup and k-means have real work.
 
+``--column-caches cold`` (the default) removes the column stages' caches (clusters,
+dedup search, reference embeddings) before every timed run, so every mode does the same
+work; ``warm`` makes one untimed run first and times re-filters that read them too.
+
 With two or more sizes it prints, per mode, issue 27's memory rule: peak at the largest
 size <= 1.2 x peak at the smallest + 16 bytes per kept row (for RSS and PSS).
 
@@ -244,6 +248,18 @@ def config(shards: str, out: Path, mode: str, filters=FILTERS, recipe: str | Non
     return parse_config(raw_config(shards, out, mode, filters, recipe))
 
 
+SOURCE_CACHES = ("source-", "uids-", "scorer-")  # the shard caches a scoring run leaves
+
+
+def clear_column_caches(cache: Path) -> None:
+    """Remove every cache under ``cache`` but the source's and the scorers' (the column
+    stages': centroids, clusters, dedup search, reference embeddings), so each timed run
+    does the same work whichever mode ran before it."""
+    for d in cache.iterdir() if cache.is_dir() else ():
+        if d.is_dir() and not d.name.startswith(SOURCE_CACHES):
+            shutil.rmtree(d)
+
+
 def run_mode(cfg: Path, out: Path) -> tuple[tuple[float, float, float, float] | None, str]:
     """One ``poolsift run``: (wall, CPU, RSS, PSS) and the plan that ran, or None and why it
     was refused."""
@@ -265,6 +281,13 @@ def main() -> None:
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="basic", help="the filters (see the docstring)")
     ap.add_argument("--modes", nargs="+", default=["auto", "streaming"], choices=["auto", "memory", "streaming"])
     ap.add_argument("--repeat", type=int, default=1, help="runs of each plan, interleaved; the fastest is reported")
+    ap.add_argument(
+        "--column-caches",
+        choices=["cold", "warm"],
+        default="cold",
+        help="cold: every run computes the column stages (clusters, dedup search) from the source's and scorers' "
+        "caches; warm: an untimed run first fills their caches",
+    )
     args = ap.parse_args()
     work = Path(args.dir)
     sizes = [parse_size(s) for s in args.sizes]
@@ -280,10 +303,15 @@ def main() -> None:
         print(f"{size}: caches ready ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
         runs: dict[str, list] = {m: [] for m in args.modes}
         plans: dict[str, str] = {}
+        warmed = False
         for _ in range(args.repeat):
             for mode in runs:
                 cfg = work / f"run-{args.recipe}-{rows}-{mode}.yaml"
                 cfg.write_text(yaml.safe_dump(raw_config(pattern, out, mode, recipe=args.recipe), sort_keys=False))
+                if args.column_caches == "cold":
+                    clear_column_caches(out / "cache")
+                elif not warmed:
+                    warmed = run_mode(cfg, out)[0] is not None  # untimed: fills the column stages' caches
                 measured, plans[mode] = run_mode(cfg, out)
                 print(f"{size} {mode}: {plans[mode]} {measured}", file=sys.stderr)
                 if measured is None:
@@ -304,7 +332,8 @@ def print_table(results, args) -> None:
     extra = " + output.webdataset" if RECIPES[args.recipe].get("output", {}).get("webdataset") else ""
     print(
         f"\nre-filter of a cached WebDataset pool, recipe {args.recipe} ({names}{extra}); "
-        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; best of {args.repeat}"
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; best of {args.repeat}; "
+        f"column-stage caches {args.column_caches}"
     )
     print(f"{'rows':>7} {'mode':<10}{'plan':<11}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>8}")
     for size, rows, best, plans, same, kept in results:
