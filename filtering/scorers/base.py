@@ -133,6 +133,11 @@ class Scorer(ABC):
     def name(self) -> str:
         return getattr(self.params, "name", None) or self.kind
 
+    @property
+    def label(self) -> str:
+        """How progress bars and log lines name this scorer: its column name by default."""
+        return self.name
+
     @abstractmethod
     def provides(self) -> tuple[str, ...]:
         """The columns this scorer adds."""

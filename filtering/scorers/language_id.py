@@ -131,6 +131,12 @@ class LanguageIdScorer(Scorer):
             conf[present] = p[at]
         return {self.name: codes, self.confidence_column: conf}
 
+    @property
+    def label(self) -> str:
+        """A ``language`` filter's own scorer is named by an internal column
+        (``_language_py3langid_2869c9c3``): its bars and log lines say ``language id``."""
+        return "language id" if self.name.startswith("_language_") else self.name
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_identity", None)

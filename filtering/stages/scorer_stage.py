@@ -227,7 +227,7 @@ class ScorerStage(ColumnStage):
             tuple(provided),
             source_of=lambda part, emb: {"input": _input_fingerprint(part, emb, kind, cols_of(part))},
             compute=compute,
-            desc=f"score {scorer.name}",
+            desc=f"score {scorer.label}",
             kind=kind,
             task=functools.partial(_score_shard, self),
             inputs=tuple(columns),

@@ -55,8 +55,13 @@ def test_rerun_changing_languages_reclassifies_nothing(tmp_path, rerun_dir, clas
     [(name, record)] = info.items()
     assert record["kind"] == "language_id" and record["cache"]["shards_scored"] == 4
 
-    second = run(load_config(_config(tmp_path, rerun_dir, "en_de.yaml", ["en", "de"])), **quiet)
+    logged: list[str] = []
+    second = run(
+        load_config(_config(tmp_path, rerun_dir, "en_de.yaml", ["en", "de"])), progress=True, log=logged.append
+    )
     assert len(classified) == n_first  # nothing classified again: every shard came from the cache
+    # Said in the filter's words, not as its internal column (was "score _language_py3langid_2869c9c3: cached").
+    assert "score language id: cached (4 shards)" in logged and not [m for m in logged if "_language" in m], logged
     assert second.manifest["stages"]["scorers"][name]["cache"] == {
         **record["cache"],
         "shards_scored": 0,
