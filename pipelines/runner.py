@@ -438,10 +438,10 @@ def format_funnel(manifest: dict[str, Any]) -> str:
     c = manifest["counts"]
     width = max([len(f["name"]) for f in c["filters"]] + [10])
     lines = [f"{'input':<{width}}  {c['input']:>10,}"]
-    fr = ", ".join(f"{k} {v}" for k, v in c.get("failed_reasons", {}).items())
+    fr = ", ".join(f"{k} {v:,}" for k, v in c.get("failed_reasons", {}).items())
     lines.append(f"{'failed':<{width}}  {c['failed']:>10,}" + (f"  ({fr})" if fr else ""))
     for f in c["filters"]:
-        why = ", ".join(f"{k} {v}" for k, v in f["reasons"].items())
+        why = ", ".join(f"{k} {v:,}" for k, v in f["reasons"].items())
         lines.append(
             f"{f['name']:<{width}}  {-f['dropped']:>+10,}  -> {f['kept']:,} left" + (f"  ({why})" if why else "")
         )

@@ -41,3 +41,17 @@ def test_a_broken_cluster_stage_import_is_not_hidden(monkeypatch, tmp_path):
     )  # makes the import raise ImportError
     with pytest.raises(ImportError):
         runner.column_stages(cfg, str(tmp_path))
+
+
+def test_the_funnels_reason_counts_have_thousands_separators_like_its_totals():
+    """A DataComp pool printed 'clip_score  -1,399 ... (clip_score_below_top_fraction 1399)'."""
+    reasons = {"clip_score_below_top_fraction": 1399}
+    counts = {
+        "input": 3399,
+        "failed": 2000,
+        "failed_reasons": {"corrupt_image": 2000},
+        "kept": 0,
+        "filters": [{"name": "clip_score", "dropped": 1399, "kept": 0, "reasons": reasons}],
+    }
+    text = runner.format_funnel({"counts": counts})
+    assert "(corrupt_image 2,000)" in text and "-1,399  -> 0 left  (clip_score_below_top_fraction 1,399)" in text, text
