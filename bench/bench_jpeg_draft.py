@@ -38,30 +38,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.bench_scoring import WORDS, compare  # noqa: E402
+from filtering.sample.synth import photo_jpeg  # noqa: E402
 
 ASPECTS = (4 / 3, 3 / 2, 16 / 9, 1.0, 3 / 4, 2 / 3)
-
-
-def photo(rng: np.random.Generator, w: int, h: int) -> bytes:
-    """A photo-like JPEG: smooth colour fields at three scales, a dozen shapes with sharp
-    edges, sensor-like noise; quality 90."""
-    from PIL import Image, ImageDraw
-
-    canvas = np.zeros((h, w, 3), np.float32)
-    for cells, weight in ((4, 0.6), (16, 0.3), (64, 0.1)):
-        low = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
-        canvas += weight * np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), np.float32)
-    canvas += rng.normal(0, 6, canvas.shape)
-    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(12):
-        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
-        r = int(rng.integers(min(w, h) // 40, min(w, h) // 5))
-        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r, x + r, y + r), fill=fill)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def photo_shard(out: Path, n: int, seed: int = 0) -> str:
@@ -78,7 +57,7 @@ def photo_shard(out: Path, n: int, seed: int = 0) -> str:
             long, aspect = int(rng.integers(500, 2001)), ASPECTS[int(rng.integers(len(ASPECTS)))]
             w, h = (long, max(1, round(long / aspect))) if aspect >= 1 else (max(1, round(long * aspect)), long)
             caption = " ".join(rng.choice(WORDS, rng.integers(3, 20)))
-            members = {"jpg": photo(rng, w, h), "txt": caption.encode(), "json": json.dumps({"uid": f"{i:032x}"})}
+            members = {"jpg": photo_jpeg(rng, w, h), "txt": caption.encode(), "json": json.dumps({"uid": f"{i:032x}"})}
             for ext, data in members.items():
                 data = data.encode() if isinstance(data, str) else data
                 info = tarfile.TarInfo(f"{i:05d}.{ext}")

@@ -20,6 +20,7 @@ noise or soft stripes. Rules that the sample pool and the tiny CLIP rely on:
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -457,3 +458,23 @@ def scene_caption(rng: np.random.Generator, scene: Scene, language: str = "en") 
     return caption_for(
         rng, scene.cls, scene.colour, size=scene.size, background=scene.background_colour, language=language
     )
+
+
+def photo_jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
+    """A photo-like JPEG: smooth colour fields at three scales, a dozen shapes with sharp
+    edges, sensor-like noise; quality 90."""
+    canvas = np.zeros((h, w, 3), np.float32)
+    for cells, weight in ((4, 0.6), (16, 0.3), (64, 0.1)):
+        low = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
+        canvas += weight * np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), np.float32)
+    canvas += rng.normal(0, 6, canvas.shape)
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(min(w, h) // 40, min(w, h) // 5))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r, x + r, y + r), fill=fill)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()

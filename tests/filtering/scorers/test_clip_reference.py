@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 import yaml
 
+from filtering.sample.synth import photo_jpeg
+
 REPO = Path(__file__).resolve().parents[3]
 CKPT = REPO / "sample_data/tiny_clip/poolsift-tiny.safetensors"
 SAMPLE = [str(REPO / f"sample_data/pool/{i:05d}.tar") for i in range(4)]
@@ -161,29 +163,6 @@ SIZES = [(2000, 1500), (1500, 2000), (1280, 960), (1000, 1000), (800, 600), (500
 CAPTIONS = ["a red circle", "a blue square on grass", "a dog on a beach", "a star", "a city at night", "leaves"]
 
 
-def _photo(rng: np.random.Generator, w: int, h: int) -> bytes:
-    """A photo-like JPEG: smooth colour fields at several scales, shapes with sharp edges,
-    and sensor-like noise, at quality 90."""
-    from PIL import Image, ImageDraw
-
-    canvas = np.zeros((h, w, 3), np.float32)
-    for cells, weight in ((4, 0.6), (16, 0.3), (64, 0.1)):
-        low = rng.random((cells, cells, 3)).astype(np.float32)
-        layer = Image.fromarray((low * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
-        canvas += weight * np.asarray(layer, np.float32)
-    canvas += rng.normal(0, 6, canvas.shape)
-    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(12):
-        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
-        r = int(rng.integers(min(w, h) // 40, min(w, h) // 5))
-        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r, x + r, y + r), fill=fill)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def large_jpegs(tmp_path_factory) -> list[str]:
     """One shard of photo-like JPEGs of 500 to 2,000 px with captions and uids."""
@@ -192,7 +171,7 @@ def large_jpegs(tmp_path_factory) -> list[str]:
     with tarfile.open(path, "w") as tf:
         for i, ((w, h), caption) in enumerate(zip(SIZES, CAPTIONS, strict=True)):
             members = {
-                "jpg": _photo(rng, w, h),
+                "jpg": photo_jpeg(rng, w, h),
                 "txt": caption.encode(),
                 "json": json.dumps({"uid": f"{i:032x}"}).encode(),
             }
