@@ -33,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.bench_refilter import RECIPES, rule, run_mode  # noqa: E402
+from bench.bench_refilter import RECIPES, print_rules, run_mode  # noqa: E402
 from bench.bench_scale import parse_size  # noqa: E402
 from bench.bench_scoring import synthetic_shards  # noqa: E402
 
@@ -116,15 +116,7 @@ def print_table(results, args, per_shard: int) -> None:
                 f"{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>8.0f}"
             )
         print(f"{'':>7} kept {kept:,} rows; subset.npy identical across modes: {same}")
-    if len(results) >= 2:
-        (small_size, small_rows, small, _, _, _), (large_size, large_rows, large, _, _, kept) = results[0], results[-1]
-        for mode in small:
-            if small[mode] is None or large.get(mode) is None:
-                continue
-            for i, what in ((2, "RSS"), (3, "PSS")):
-                print(rule(f"{mode} {what}", small_size, small[mode][i], large_size, large[mode][i], kept))
-                grown = (large[mode][i] - small[mode][i]) / (large_rows - small_rows)
-                print(f"  {mode} {what} growth: {grown:.0f} B per added row")
+    print_rules(results)
 
 
 if __name__ == "__main__":
