@@ -15,6 +15,10 @@ Semantic similarities are cached per shard too (``decontam-nearest-<fp>/``, keye
 reference set and the shard's embeddings), so a rerun with another threshold is free; with
 ``--executor ray`` each shard not cached is a Ray task that reads the reference set from
 its cache file (``_nearest_shard``), and the driver caches its columns as a local run does.
+On the shard plan (``scope = "global"``) the driver loads or builds each reference set
+(:meth:`DecontaminateStage.prepare`) and each worker computes its shard's columns
+(:meth:`DecontaminateStage.run_shard`), the reference set read from its cache file once
+per process, through the same per-shard cache.
 Reference images go through the scoring stage's own decoding (``decode_image`` under
 ``reference_plan``, read and decoded as the image-cluster reference set is:
 ``decode_reference``) and encoder (``ClipEncoder``), so their embeddings and hashes are
@@ -89,6 +93,8 @@ def targets_of(filter_tree) -> list[Target]:
 
 class DecontaminateStage(ColumnStage):
     name = "decontaminate"
+    scope = "global"  # the reference sets in the driver, then each shard's nearest items
+    prepare_reads_shards = False  # prepare reads the reference sets only: any source streams it
 
     def __init__(
         self, filter_tree, model: ModelConfig, cache_root: str, formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
@@ -107,32 +113,81 @@ class DecontaminateStage(ColumnStage):
     def run(self, ctx: RunContext, pool: Pool) -> None:
         info: dict[str, Any] = {}
         ctx.stage_info["decontaminate"] = info
-        failed = pool.failed
         for t in self.targets:
             t0 = time.perf_counter()
             ref, how = self.reference(ctx, t)
-            if t.method == "semantic":
-                values, idx = self.nearest_semantic(ctx, pool, t, ref)
-            else:
-                values, idx = self.nearest_perceptual(pool, ref, ctx.executor, self.reference_path(ref.fingerprint))
-            match = np.asarray(ref.ids, dtype=object)[np.maximum(idx, 0)]
-            pool.add_column(t.value_column, pa.array(values, mask=failed))
-            pool.add_column(t.match_column, pa.array(match, type=pa.string(), mask=failed))
-            ok = values[~failed]
-            nearest = (float(ok.max()) if t.method == "semantic" else int(ok.min())) if len(ok) else None
+            nearest = self.add_columns(ctx, pool, t, ref)
             info[t.value_column] = {
-                "reference": t.reference,
-                "method": t.method,
-                "reference_items": int(len(ref.ids)),
-                "reference_cache": how,
+                **_record(t, ref, how),
                 "nearest": nearest,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
 
+    # --- the shard plan (scope "global"): the reference sets in the driver, each shard's
+    # nearest items in the workers, through the per-shard caches ``run`` uses
+
+    def prepare(self, ctx: RunContext, source, shard_rows: list[int]) -> tuple[str, ...]:
+        """Each reference set loaded, or embedded or hashed, and cached as :meth:`run` does;
+        what the workers need is its cache file's fingerprint, one per target."""
+        info: dict[str, Any] = {}
+        ctx.stage_info["decontaminate"] = info
+        fingerprints = []
+        for t in self.targets:
+            t0 = time.perf_counter()
+            ref, how = self.reference(ctx, t)
+            fingerprints.append(ref.fingerprint)
+            info[t.value_column] = {
+                **_record(t, ref, how),
+                "nearest": None,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        return tuple(fingerprints)
+
+    def run_shard(self, ctx: RunContext, pool: Pool, prepared: tuple[str, ...]) -> None:
+        """One shard's columns, each reference set read from its cache file once per worker process."""
+        info: dict[str, Any] = {}
+        ctx.stage_info["decontaminate"] = info
+        for t, rfp in zip(self.targets, prepared, strict=True):
+            t0 = time.perf_counter()
+            ref = _process_reference(self.reference_path(rfp))
+            nearest = self.add_columns(ctx, pool, t, ref, shared=True)
+            info[t.value_column] = {"nearest": nearest, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def merge_records(self, record: dict[str, Any], shard_records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The driver's records of the reference sets, with the nearest item over the shards
+        and their seconds added (the shards' summed over the workers)."""
+        out = {}
+        for column, rec in record.items():
+            found = [r[column]["nearest"] for r in shard_records if r[column]["nearest"] is not None]
+            best = max if rec["method"] == "semantic" else min
+            seconds = rec["seconds"] + sum(r[column]["seconds"] for r in shard_records)
+            out[column] = {**rec, "nearest": best(found) if found else None, "seconds": round(seconds, 3)}
+        return out
+
+    def add_columns(self, ctx: RunContext, pool: Pool, t: Target, ref: ReferenceSet, shared: bool = False):
+        """``t``'s two columns for ``pool`` (nulls on failed rows); returns the nearest
+        value over the rows not failed (None: no such row). ``shared``: a shard-plan
+        worker's, whose reference set is the process's cached one (:func:`_process_reference`)."""
+        failed = pool.failed
+        if t.method == "semantic":
+            values, idx = self.nearest_semantic(ctx, pool, t, ref, shared)
+        else:
+            values, idx = self.nearest_perceptual(pool, ref, ctx.executor, self.reference_path(ref.fingerprint))
+        match = np.asarray(ref.ids, dtype=object)[np.maximum(idx, 0)]
+        pool.add_column(t.value_column, pa.array(values, mask=failed))
+        pool.add_column(t.match_column, pa.array(match, type=pa.string(), mask=failed))
+        ok = values[~failed]
+        if not len(ok):
+            return None
+        return float(ok.max()) if t.method == "semantic" else int(ok.min())
+
     # --- comparison ------------------------------------------------------------------
 
-    def nearest_semantic(self, ctx, pool: Pool, t: Target, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
-        """Per shard, cached: a rerun with another threshold reads the columns back."""
+    def nearest_semantic(
+        self, ctx, pool: Pool, t: Target, ref: ReferenceSet, shared: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per shard, cached: a rerun with another threshold reads the columns back.
+        ``shared``: the reference set's Assigner is the process's (a shard-plan worker)."""
         from filtering import clustering
         from filtering.cache import ShardCache, part_fingerprint
         from filtering.stages.scorer_stage import cached_shard_loop
@@ -144,9 +199,14 @@ class DecontaminateStage(ColumnStage):
             raise ConfigError(f"{key}: {e.args[0]}") from e
         cache = ShardCache(self.cache_root, "decontam-nearest", {"reference": ref.fingerprint, "embedding": kind})
         assigner = None
+        path = self.reference_path(ref.fingerprint)
+        # On Ray each shard not cached is a task; the reference set comes from its cache file.
+        task = functools.partial(_nearest_shard, path, t.reference, kind)
 
         def compute(part, emb):
             nonlocal assigner
+            if shared:
+                return task(part, emb, None)
             if assigner is None:
                 _check_dimension(t.reference, ref.embeddings.shape[1], kind, emb)
                 assigner = clustering.Assigner(ref.embeddings)
@@ -162,8 +222,7 @@ class DecontaminateStage(ColumnStage):
             compute=compute,
             desc=f"decontaminate {t.value_column}",
             kind=kind,
-            # On Ray each shard not cached is a task; the reference set comes from its cache file.
-            task=functools.partial(_nearest_shard, self.reference_path(ref.fingerprint), t.reference, kind),
+            task=task,
         )
         return loop.columns["similarity"].astype(np.float32, copy=False), loop.columns["match"].astype(
             np.int64, copy=False
@@ -356,22 +415,34 @@ def _check_dimension(reference: str, dim: int, kind: str, emb: np.ndarray) -> No
         )
 
 
-_TASK_REFERENCES: dict[str, Any] = {}  # per task worker process (Ray): one reference set's Assigner
+_PROCESS_REFERENCES: dict[str, tuple[ReferenceSet, dict]] = {}  # per worker process: by cache file
+
+
+def _process_reference(path: str) -> ReferenceSet:
+    """The reference set cached at ``path``, read once per worker process (a shard-plan
+    worker or a Ray task's); its fingerprint is its cache folder's."""
+    entry = _PROCESS_REFERENCES.get(path)
+    if entry is None:
+        if len(_PROCESS_REFERENCES) >= 8:  # another run's
+            _PROCESS_REFERENCES.clear()
+        ref = _load(path)
+        ref.fingerprint = os.path.basename(os.path.dirname(path)).removeprefix("decontam-")
+        entry = _PROCESS_REFERENCES[path] = (ref, {})
+    return entry[0]
 
 
 def _nearest_shard(path: str, reference: str, kind: str, part, emb, cols) -> dict[str, np.ndarray]:
     """One shard's nearest reference items where the executor runs it (``cached_shard_loop``'s
-    ``task``): the reference set read from its cache file once per worker process, the
-    same arithmetic as the driver's."""
+    ``task``) or in a shard-plan worker: the reference set read from its cache file and its
+    Assigner built once per process, the same arithmetic as the driver's."""
     from filtering import clustering
 
-    assigner = _TASK_REFERENCES.get(path)
-    if assigner is None:
-        _TASK_REFERENCES.clear()
-        ref = _load(path).embeddings
-        _check_dimension(reference, ref.shape[1], kind, emb)
-        assigner = _TASK_REFERENCES[path] = clustering.Assigner(ref)
-    ids, sims = clustering.assign(emb, assigner)
+    ref = _process_reference(path)
+    built = _PROCESS_REFERENCES[path][1]
+    if "assigner" not in built:
+        _check_dimension(reference, ref.embeddings.shape[1], kind, emb)
+        built["assigner"] = clustering.Assigner(ref.embeddings)
+    ids, sims = clustering.assign(emb, built["assigner"])
     return {"match": ids, "similarity": sims}
 
 
@@ -380,11 +451,8 @@ def _nearest_hashes(args) -> tuple[np.ndarray, np.ndarray]:
     from filtering.dedup.hamming import nearest
 
     path, hashes = args
-    ref = _TASK_HASHES.get(path)
-    if ref is None:
-        _TASK_HASHES.clear()
-        ref = _TASK_HASHES[path] = _load(path).hashes
-    return nearest(hashes, ref)
+    return nearest(hashes, _process_reference(path).hashes)
 
 
-_TASK_HASHES: dict[str, np.ndarray] = {}  # per task worker process (Ray): one reference set's hashes
+def _record(t: Target, ref: ReferenceSet, how: str) -> dict[str, Any]:
+    return {"reference": t.reference, "method": t.method, "reference_items": int(len(ref.ids)), "reference_cache": how}

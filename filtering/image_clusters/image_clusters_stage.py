@@ -121,7 +121,10 @@ class ImageClustersStage(ColumnStage):
     def prepare(self, ctx: RunContext, source, shard_rows: list[int]) -> ClusterTargets:
         """The target clusters from the source's pool of shard parts and embeddings
         (``skeleton_pool``: no column, nothing per row), as :meth:`run` finds them."""
-        return self.find_targets(ctx, source.skeleton_pool(shard_rows))
+        t0 = time.perf_counter()
+        targets = self.find_targets(ctx, source.skeleton_pool(shard_rows))
+        ctx.stage_info["clusters"]["seconds"] = round(time.perf_counter() - t0, 3)
+        return targets
 
     def run_shard(self, ctx: RunContext, pool: Pool, prepared: ClusterTargets) -> None:
         self.assign(ctx, pool, prepared, _ASSIGNERS)
@@ -132,6 +135,7 @@ class ImageClustersStage(ColumnStage):
         for key in ("shards_assigned", "shards_cached"):
             record["cache"][key] = sum(r["cache"][key] for r in shard_records)
         record["rows_in_target"] = sum(r["rows_in_target"] for r in shard_records)
+        record["seconds"] = record.pop("seconds")  # last, as run records it
         return record
 
     def find_targets(self, ctx: RunContext, pool: Pool) -> ClusterTargets:

@@ -157,6 +157,10 @@ class ColumnStage(Stage):
     """
 
     scope: str = "pool"
+    # ``scope == "global"``: whether :meth:`prepare` reads the source's shards (its
+    # ``skeleton_pool``, which only a source with ``streams_clusters`` gives), or only
+    # what the stage names itself (decontamination's reference sets)
+    prepare_reads_shards: bool = True
 
     def prepare(self, ctx: RunContext, source: SourceStage, shard_rows: list[int]) -> Any:
         """``scope == "global"``: the whole-pool step; its result is handed to :meth:`run_shard`."""
@@ -168,7 +172,8 @@ class ColumnStage(Stage):
 
     def merge_records(self, record: dict[str, Any], shard_records: list[dict[str, Any]]) -> dict[str, Any]:
         """``scope == "global"``: the run's record (``ctx.stage_info[name]``) from the
-        driver's (``prepare``) and the shards' (``run_shard``)."""
+        driver's (``prepare``) and the shards' (``run_shard``), with its seconds as the
+        in-memory ``run`` records them."""
         return record
 
     def embeddings_required(self) -> dict[str, str | None]:

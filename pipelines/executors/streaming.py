@@ -27,7 +27,9 @@ small reduction in the driver:
    passes read the scan's spilled arrays, not the shards.
 3. **global stages** (driver): each ``"global"`` stage's ``prepare`` (``image_clusters``:
    centroids, reference embeddings and target ids by ``ImageClustersStage.find_targets``
-   on a pool of shard parts and embeddings, no column, in the in-memory path's caches).
+   on a pool of shard parts and embeddings, no column, in the in-memory path's caches;
+   ``decontaminate``: each reference set loaded, embedded or hashed, and cached, its
+   fingerprint handed on; it reads no shard, so it streams on any source).
 4. **filter and write** (per shard): the shard read as a one-shard pool, its columns
    added by the column stages (``run``, or a global stage's ``run_shard``: the in-memory
    path's per-shard caches), the filter tree applied with the reductions' results
@@ -101,7 +103,8 @@ def why_not(cfg, the_plan, executor) -> str | None:
     for stage in the_plan.stages:
         if stage.scope == "pool":
             return f"stage {type(stage).__name__} needs the whole pool"
-        if stage.scope in ("global", "reduction") and not source.streams_clusters:
+        whole_pool = stage.scope == "reduction" or (stage.scope == "global" and stage.prepare_reads_shards)
+        if whole_pool and not source.streams_clusters:
             return f"stage {type(stage).__name__} on {source.info.kind} input"  # a whole-pool step over its shards
     if cfg.output.webdataset:
         return "output.webdataset"
@@ -608,8 +611,7 @@ def _run(
     source.stream_record(ctx, [r["source"] for r in results], shards, total)
     for stage in global_stages:  # after the source's record, as the in-memory run orders them
         found = ctx.stage_info.pop(stage.name)
-        merged = stage.merge_records(found, [r["global_stages"][stage.name] for r in results])
-        ctx.stage_info[stage.name] = {**merged, "seconds": seconds[stage.name]}
+        ctx.stage_info[stage.name] = stage.merge_records(found, [r["global_stages"][stage.name] for r in results])
     scorers: dict[str, Any] = {}  # each shard's scorer records: one per scorer, shard counts summed
     for r in results:
         for name, rec in r["scorers"].items():

@@ -192,6 +192,15 @@ def _same_outputs(a, b) -> None:
             "memory",
             {"_shard_task"},
         ),
+        # the streaming plan: the reference set in the driver, each shard's nearest items in its _filter task
+        (
+            [
+                {"decontaminate": {"reference": "@DC@/reference.npy", "method": "semantic", "threshold": 0.3}},
+                {"clip_score": {"top_fraction": 0.5}},
+            ],
+            "auto",
+            {"_scan", "_filter"},
+        ),
     ],
     ids=[
         "clip_score_top_fraction",
@@ -203,6 +212,7 @@ def _same_outputs(a, b) -> None:
         "image_clusters_in_memory",
         "language_in_memory",
         "decontaminate_semantic_in_memory",
+        "decontaminate_semantic",
     ],
 )
 def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, mode, sent):
@@ -249,8 +259,9 @@ def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filt
 
 
 def test_perceptual_decontamination_on_two_nodes_matches_local(tmp_path, scored_sample, cluster):
-    """Each shard's nearest reference hashes are a Ray task (the reference hashes read from
-    their cache file there): the distances, matches and outputs are the local run's."""
+    """On the in-memory plan each shard's nearest reference hashes are a Ray task (the
+    reference hashes read from their cache file there): the distances, matches and
+    outputs are the local run's."""
     from pipelines.config import load_config
     from pipelines.executors.ray import RayExecutor
     from pipelines.runner import run
@@ -266,19 +277,24 @@ def test_perceptual_decontamination_on_two_nodes_matches_local(tmp_path, scored_
         {"decontaminate": {"reference": str(tmp_path / "eval_hashes.npy"), "method": "perceptual", "max_distance": 4}},
         *FILTERS,
     ]
+    memory = {"mode": "memory"}
     outs = {}
     for name in ("local", "ray"):
         outs[name] = tmp_path / name
         shutil.copytree(scored_sample / "cache", outs[name] / "cache")
     local = run(
-        load_config(write_config(tmp_path / "local.yaml", output={"dir": str(outs["local"])}, filters=filters)),
+        load_config(
+            write_config(tmp_path / "local.yaml", output={"dir": str(outs["local"])}, filters=filters, execution=memory)
+        ),
         progress=False,
         log=lambda _m: None,
     )
     executor = _Recording(RayExecutor(address=cluster.address))
     try:
         on_ray = run(
-            load_config(write_config(tmp_path / "ray.yaml", output={"dir": str(outs["ray"])}, filters=filters)),
+            load_config(
+                write_config(tmp_path / "ray.yaml", output={"dir": str(outs["ray"])}, filters=filters, execution=memory)
+            ),
             executor=executor,
             progress=False,
             log=lambda _m: None,
