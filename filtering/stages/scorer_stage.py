@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -142,18 +143,30 @@ def _shard_task(task, part: ShardPart, emb, cols) -> dict[str, np.ndarray]:
     return {c: np.asarray(v) for c, v in task(part, emb, cols).items()}
 
 
-_SET_UP: dict[str, Scorer] = {}  # per task worker process: scorers set up once, by identity
+_SET_UP: OrderedDict[str, Scorer] = OrderedDict()  # per process: scorers set up, by identity, last used last
+KEEP_SET_UP = 4  # scorers kept set up per process (a run's configured and filter scorers alternate per shard)
+
+
+def set_up(scorer: Scorer) -> Scorer:
+    """This process's set-up scorer equal to ``scorer`` (same kind, name, version, settings
+    and device): ``scorer`` itself, set up, the first time. A task worker gets a fresh
+    copy of the stage with every shard; this loads its model once per process."""
+    key = json.dumps(
+        [scorer.kind, scorer.name, scorer.version, scorer.fingerprint(), scorer.device], sort_keys=True, default=str
+    )
+    ready = _SET_UP.pop(key, None)
+    if ready is None:
+        scorer.ensure_setup()
+        ready = scorer
+    _SET_UP[key] = ready
+    while len(_SET_UP) > KEEP_SET_UP:
+        _SET_UP.popitem(last=False)
+    return ready
 
 
 def _score_shard(stage: ScorerStage, part: ShardPart, emb, cols) -> dict[str, np.ndarray]:
-    """A :class:`ScorerStage`'s shard in a task worker: its scorer set up once per process."""
-    scorer = stage.scorer
-    key = json.dumps([scorer.kind, scorer.name, scorer.version, scorer.fingerprint()], sort_keys=True, default=str)
-    if key not in _SET_UP:
-        _SET_UP.clear()  # one scorer's model at a time
-        scorer.ensure_setup()
-        _SET_UP[key] = scorer
-    stage.scorer = _SET_UP[key]  # this process's copy of the stage
+    """A :class:`ScorerStage`'s shard in a task worker (``--executor ray``)."""
+    stage.scorer = set_up(stage.scorer)  # this process's copy of the stage
     return stage._compute(part, emb, cols)
 
 
@@ -165,9 +178,14 @@ class ScorerStage(ColumnStage):
         self.cache_root = cache_root
         self.internal = internal  # a filter's own scorer: its columns stay out of the outputs
         self.name = f"scorer:{scorer.name}"
-        # A filter's own scorer (language's language_id) runs shard by shard in the
-        # workers; a configured one (a model head) keeps the in-memory plan, which loads it once.
-        self.scope = "shard" if internal else "pool"
+        # On the shard plan every shard's columns are computed (or read from this stage's
+        # per-shard cache) in the workers, each loading the scorer once (:func:`set_up`).
+        # A scorer that reads images never runs here: the source's decode pass runs it.
+        self.scope = "shard"
+        self._copy = False  # a pickled copy (a task worker's): its scorer set up once per process
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _copy=True)
 
     def provides(self) -> set[str]:
         return set(self.scorer.provides())
@@ -217,7 +235,10 @@ class ScorerStage(ColumnStage):
             return {c: pool.column(c)[part.start : part.stop] for c in columns}
 
         def compute(part: ShardPart, emb: np.ndarray | None) -> dict[str, np.ndarray]:
-            scorer.ensure_setup()
+            if self._copy:
+                self.scorer = set_up(self.scorer)
+            else:
+                scorer.ensure_setup()
             return self._compute(part, emb, cols_of(part))
 
         loop = cached_shard_loop(

@@ -78,7 +78,7 @@ def _alive_at(args) -> dict[str, Any]:
     for the alive rows the keep score and the uid (two uint64)."""
     sh, shard, thresholds, decided, position = args
     pool, ctx = _shard_pool(sh, shard)
-    shard_columns(sh, ctx, pool)
+    scorers = shard_columns(sh, ctx, pool)
     nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
     alive = apply_filters(nodes[:position], pool).keep
     f = nodes[position].filter
@@ -90,7 +90,7 @@ def _alive_at(args) -> dict[str, Any]:
         u = uids_to_u8u8(uid)
     except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
         return {"bad_uids": f"{type(e).__name__}: {e}"}
-    out: dict[str, Any] = {"alive": np.packbits(alive), "n": pool.n, "hi": u["f0"], "lo": u["f1"]}
+    out: dict[str, Any] = {"alive": np.packbits(alive), "n": pool.n, "hi": u["f0"], "lo": u["f1"], "scorers": scorers}
     if f.params.keep == "highest_clip_score":
         s = np.asarray(pool.column(f.score_field)[rows], dtype=np.float64)
         out["score"] = np.where(np.isnan(s), -np.inf, s) + 0.0  # missing last; -0.0 ties 0.0
@@ -202,11 +202,15 @@ def _compare_partition(args) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- driver
 
 
-def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -> list[dict] | None:
+def run_dedup(
+    tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx, scorer_records: list[list] | None = None
+) -> list[dict] | None:
     """Every top-level dedup decided over the pool; per shard ``{position: (dropped rows,
     survivor uid high, low)}``, or None when the run must take the in-memory path.
 
-    ``tasks``: the plan's task pool (``filtering/tasks.py``: local processes or Ray tasks)."""
+    ``tasks``: the plan's task pool (``filtering/tasks.py``: local processes or Ray tasks);
+    ``scorer_records``: per shard, the scorer records of each pass that ran its column
+    stages are appended there (``streaming.merge_scorer_records``)."""
     nodes = list(sh.cfg.filter_tree)
     n = int(sum(shard_rows))
     starts = np.r_[0, np.cumsum(shard_rows)].astype(np.int64)
@@ -232,13 +236,16 @@ def run_dedup(tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx) -
         if settings is not None:
             labels, pair_a, pair_b = searched.pop(settings) if last else searched[settings]
         results = []
-        for r in tasks.map(_alive_at, [(sh, s, thresholds, decided[i], position) for i, s in enumerate(shards)]):
+        alive_at = tasks.map(_alive_at, [(sh, s, thresholds, decided[i], position) for i, s in enumerate(shards)])
+        for i, r in enumerate(alive_at):
             if "bad_uids" in r:
                 ctx.log(f"execution: uids the dedup step cannot order ({r['bad_uids']}); filtering in memory")
                 return None
             if "fallback" in r:
                 ctx.log(f"execution: dedup embeddings ({r['fallback']}); filtering in memory")
                 return None
+            if scorer_records is not None:
+                scorer_records[i].append(r.pop("scorers"))
             r["alive"] = np.unpackbits(r["alive"], count=r["n"]).view(bool)
             if "valid" in r:
                 r["valid"] = np.unpackbits(r["valid"], count=len(r["hi"])).view(bool)

@@ -34,14 +34,17 @@ def _shard_pool(sh: _Shared, shard):
     return sh.source.shard_pool(shard, ctx), ctx
 
 
-def shard_columns(sh: _Shared, ctx: RunContext, pool) -> None:
-    """The column stages' columns of one shard's pool: the per-shard stages (a filter's
-    own scorer: cached per shard anyway), then each global stage's per-shard part (the
-    same per-shard cache entries as the in-memory run's)."""
+def shard_columns(sh: _Shared, ctx: RunContext, pool) -> dict[str, Any]:
+    """The column stages' columns of one shard's pool: the per-shard stages (the scorers:
+    cached per shard, so the phase that first runs them computes, the later ones read),
+    then each global stage's per-shard part (the same per-shard cache entries as the
+    in-memory run's). Returns the scorers' records of this shard (``ctx.stage_info``),
+    which the driver merges (``streaming.merge_scorer_records``)."""
     for stage in sh.shard_stages:
         stage.run(ctx, pool)
     for stage, prepared in sh.global_stages:
         stage.run_shard(ctx, pool, prepared)
+    return ctx.stage_info.get("scorers", {})
 
 
 def survivor_positions(nodes: list[FilterNode]) -> list[int]:

@@ -8,17 +8,22 @@ then building its one-shard pool from the caches.
 
 Used when every filter in the tree decides a row from that row alone (its
 ``reduction()`` is None), or declares a global step this plan runs: a ``TopFraction``
-threshold over a source column (``clip_score`` and ``score`` ``top_fraction``), or
+threshold over a source column or one a ``"shard"`` stage computes (``clip_score`` and
+``score`` ``top_fraction``, e.g. over a configured head's column), or
 ``Survivors`` at the top level (``dedup`` of any method, decided over the pool between
 steps 3 and 4: ``dedup_phase.py``); and every column stage runs per shard
 (``scope``: ``"shard"``, ``"global"`` with its whole-pool step in step 3, or
-``"reduction"``). No process holds the pool; each phase is a map over shards on a task pool
-(``filtering/tasks.py``: a local process pool, or Ray tasks with ``--executor ray``), or a
-small reduction in the driver:
+``"reduction"``; every scorer run over the pool, configured or a filter's own, is a
+``"shard"`` stage, its model set up once per worker process). No process holds the
+pool; each phase is a map over shards on a task pool (``filtering/tasks.py``: a local
+process pool, or Ray tasks with ``--executor ray``), or a small reduction in the driver:
 
 1. **scan** (per shard): read the ``top_fraction`` score columns only, spill them as
    arrays; return, per column, the NaN count and a 65,536-bin histogram of the scores'
-   order-preserving bit keys. No scan without a ``top_fraction``.
+   order-preserving bit keys. No scan without a ``top_fraction``. A column a stage
+   computes is read from the one-shard pool after its ``"shard"`` stages ran (each
+   caching the shard, so the filter pass reads their caches; the run's scorer records
+   count each shard once, from the first pass that ran it: :func:`merge_scorer_records`).
 2. **threshold** (driver + per shard): DataComp's ``sorted_desc[int(N * f)]``
    (``filtering/filters/clip_score.py``, NaN counted in N and sorted last). The
    histograms give the bin holding that rank (narrowed by more 16-bit histogram passes
@@ -111,9 +116,10 @@ def why_not(cfg, the_plan, executor) -> str | None:
     if not is_local(cfg.output.dir):
         return "remote output"
     provided = set(source.provides())
+    per_shard = {c for stage in the_plan.stages if stage.scope == "shard" for c in stage.provides()}
     for node in cfg.filter_tree:
         for f, top in _leaves(node):
-            reason = _reduction_why_not(f, top, provided)
+            reason = _reduction_why_not(f, top, provided | per_shard)
             if reason:
                 return reason
     return None
@@ -133,12 +139,14 @@ def _leaves(node: FilterNode, top: bool = True):
 
 
 def _reduction_why_not(f: Filter, top: bool, provided: set[str]) -> str | None:
+    """``provided``: the columns the scan can read, the source's and those a stage of scope
+    ``"shard"`` computes per shard."""
     r = f.reduction()
     if r is None:  # row-local
         return None
     if isinstance(r, TopFraction):
-        if r.column not in provided:  # the scan reads the source's shards (shard_scores)
-            return f"filter {f.name}: top_fraction over {r.column}, a column a stage computes"
+        if r.column not in provided:
+            return f"filter {f.name}: top_fraction over {r.column}, a column a whole-pool stage computes"
         return None
     if isinstance(r, Survivors):
         return None if top else f"filter {f.name} inside any/not (its survivors are picked at the top level only)"
@@ -176,11 +184,24 @@ def _scan(args) -> dict[str, Any]:
     """One shard's top_fraction score columns: per column, the NaN count and the histogram
     of the top KEY_BITS bits of the scores' keys. The columns are spilled as they are
     (8 bytes a row for float64), so the threshold's later passes read an array instead of
-    decoding the shard again."""
+    decoding the shard again.
+
+    The source's columns are read alone (``shard_scores``); a column a stage computes is
+    read from the one-shard pool after its column stages ran (each caching the shard, so
+    the filter pass reads their caches), over the rows not failed, as the filters'
+    in-memory threshold reads it (``scores[~pool.failed]``)."""
     sh, i, shard = args
     wanted = _score_keys(sh)
-    columns = sh.source.shard_scores(shard, list(dict.fromkeys(c for c, _ in wanted)))
-    out: dict[str, Any] = {"n": len(columns[wanted[0][0]]), "hists": {}, "nan": {}, "dtype": {}}
+    names = list(dict.fromkeys(c for c, _ in wanted))
+    from_source = [c for c in names if c in sh.source.provides()]
+    columns = sh.source.shard_scores(shard, from_source) if from_source else {}
+    records = None
+    if any(c not in from_source for c in names):
+        pool, ctx = _shard_pool(sh, shard)
+        records = shard_columns(sh, ctx, pool)
+        alive = ~pool.failed
+        columns.update({c: pool.column(c)[alive] for c in names if c not in from_source})
+    out: dict[str, Any] = {"n": len(columns[wanted[0][0]]), "hists": {}, "nan": {}, "dtype": {}, "scorers": records}
     for key, (column, as_float64) in enumerate(wanted):
         scores = TopFraction(column, 0.0, as_float64).scores(columns[column])
         np.save(_scores_path(sh, key, i), scores)
@@ -297,7 +318,7 @@ def _filter(args) -> dict[str, Any]:
         uids = uids_to_u8u8(pool.table.column("uid").filter(pa.array(alive)).cast(pa.string()))
     except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
         return {"bad_uids": f"{type(e).__name__}: {e}"}
-    shard_columns(sh, ctx, pool)
+    scorers = shard_columns(sh, ctx, pool)
     nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
     outcome = apply_filters(nodes, pool)
     # grouped by uid range (a radix sort of FINE_BITS-bit keys), the unit of the uid phase
@@ -337,7 +358,7 @@ def _filter(args) -> dict[str, Any]:
         "thresholds": outcome.thresholds,
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "source": sh.source.shard_record(ctx, pool),
-        "scorers": ctx.stage_info.get("scorers", {}),
+        "scorers": scorers,
         "global_stages": {stage.name: ctx.stage_info.get(stage.name) for stage, _ in sh.global_stages},
     }
 
@@ -418,6 +439,32 @@ def _sum_funnels(funnels: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 "reasons": dict(sorted((k, v) for k, v in reasons.items() if v)),
             }
         )
+    return out
+
+
+def merge_scorer_records(per_shard: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """One record per scorer, as the in-memory run writes it, from each shard's records of
+    every phase that ran its column stages (scan, dedup, filter, in that order): a shard's
+    cache counts are those of the first phase (which computed or read the shard; the
+    later ones read what it cached); the seconds are summed over every phase and shard."""
+    out: dict[str, Any] = {}
+    for phases in per_shard:
+        counted: set[str] = set()
+        for records in phases:
+            for name, rec in records.items():
+                agg = out.setdefault(
+                    name,
+                    {
+                        **rec,
+                        "seconds": 0.0,
+                        "cache": {"dir": rec["cache"]["dir"], "shards_scored": 0, "shards_cached": 0},
+                    },
+                )
+                agg["seconds"] = round(agg["seconds"] + rec.get("seconds", 0.0), 3)
+                if name not in counted:
+                    counted.add(name)
+                    for k in ("shards_scored", "shards_cached"):
+                        agg["cache"][k] += rec["cache"][k]
     return out
 
 
@@ -502,9 +549,14 @@ def _run(
         nans: dict[int, int] = {}
         dtypes: dict[int, str] = {}
         scanned, shard_rows = 0, []
+        # each shard's scorer records, one per phase that ran its column stages (merged at the end)
+        scorer_records: list[list[dict[str, Any]]] = [[] for _ in shards]
         if top:
             bar = ctx.bar(len(shards), "scan", unit="shards")
-            for r in pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)]):  # summed as they come
+            scans = pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)])
+            for i, r in enumerate(scans):  # summed as they come
+                if r["scorers"] is not None:
+                    scorer_records[i].append(r["scorers"])
                 scanned += r["n"]
                 shard_rows.append(r["n"])
                 for key, h in r["hists"].items():
@@ -543,7 +595,7 @@ def _run(
         decided = [None] * len(shards)
         if survivor_positions(list(cfg.filter_tree)):
             shard_rows = list(pool.map(_count_rows, [(sh, s) for s in shards]))  # every row, failed ones too
-            decided = run_dedup(pool, sh, shards, shard_rows, values, ctx)
+            decided = run_dedup(pool, sh, shards, shard_rows, values, ctx, scorer_records)
             if decided is None:
                 return None
             lap("dedup")
@@ -612,16 +664,9 @@ def _run(
     for stage in global_stages:  # after the source's record, as the in-memory run orders them
         found = ctx.stage_info.pop(stage.name)
         ctx.stage_info[stage.name] = stage.merge_records(found, [r["global_stages"][stage.name] for r in results])
-    scorers: dict[str, Any] = {}  # each shard's scorer records: one per scorer, shard counts summed
-    for r in results:
-        for name, rec in r["scorers"].items():
-            agg = scorers.setdefault(
-                name,
-                {**rec, "seconds": 0.0, "cache": {"dir": rec["cache"]["dir"], "shards_scored": 0, "shards_cached": 0}},
-            )
-            agg["seconds"] = round(agg["seconds"] + rec.get("seconds", 0.0), 3)
-            for k in ("shards_scored", "shards_cached"):
-                agg["cache"][k] += rec["cache"][k]
+    for i, r in enumerate(results):
+        scorer_records[i].append(r["scorers"])
+    scorers = merge_scorer_records(scorer_records)
     if scorers:  # after the source's own (image scorers in its decode pass), as in memory
         ctx.stage_info.setdefault("scorers", {}).update(scorers)
     where = "CPUs on Ray" if ctx.executor is not None else "worker processes"

@@ -148,7 +148,7 @@ def test_the_plan_reads_what_filters_declare():
     ]
     assert _reduction_why_not(row, False, set()) is None
     assert _reduction_why_not(top, False, {"s"}) is None
-    assert "a column a stage computes" in _reduction_why_not(top, True, set())
+    assert "a column a whole-pool stage computes" in _reduction_why_not(top, True, set())
     assert _reduction_why_not(dedup, True, set()) is None
     assert "any/not" in _reduction_why_not(dedup, False, set())
     assert "no step for its reduction" in _reduction_why_not(odd, True, set())

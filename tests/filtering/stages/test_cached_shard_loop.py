@@ -177,3 +177,58 @@ def test_a_step_whose_shards_are_all_cached_says_cached_instead_of_drawing_a_bar
     changed[4] += 1
     run(changed)  # shard a cached, shard b computed: one bar, from 3 of 5 to 5 of 5
     assert len(bars) == 2 and bars[1].n == 5 and bars[1].total == 5 and len(lines) == 1
+
+
+class _Counted:
+    """A scorer of the embeddings' row sums that counts its setups in this process."""
+
+    setups = 0
+
+
+def _counting_scorer():
+    from filtering.scorers.base import InputInfo, Scorer, ScorerParams
+
+    class RowSum(Scorer):
+        kind = "row_sum_test"
+
+        def provides(self):
+            return ("row_sum",)
+
+        def needs(self):
+            from filtering.scorers.base import Needs
+
+            return Needs(embedding=True)
+
+        def setup(self):
+            _Counted.setups += 1
+
+        def score(self, batch):
+            return {"row_sum": batch.embeddings.sum(axis=1)}
+
+    return RowSum(ScorerParams(), InputInfo("webdataset"))
+
+
+def test_a_task_workers_copies_of_a_scorer_stage_set_it_up_once(tmp_path, monkeypatch):
+    """On the shard plan every shard's task brings a fresh (pickled) copy of the stage; the
+    process sets the scorer up once (``set_up``), whereas each copy would load it again."""
+    import copy
+
+    from filtering.stages import scorer_stage
+    from filtering.stages.scorer_stage import ScorerStage
+
+    monkeypatch.setattr(scorer_stage, "_SET_UP", scorer_stage.OrderedDict())
+    emb = np.arange(10, dtype=np.float32).reshape(5, 2)
+    stage = ScorerStage(_counting_scorer(), str(tmp_path))
+    assert stage.scope == "shard"
+    _Counted.setups = 0
+    for shard, (lo, hi) in enumerate(((0, 3), (3, 5))):  # two shards' one-shard pools, a fresh copy each
+        pool = Pool(
+            pa.table({"uid": [str(i) for i in range(hi - lo)]}),
+            [ShardPart(f"{shard}.tar", str(shard), 0, hi - lo)],
+            embedding_loader=lambda kind, part, lo=lo, hi=hi: emb[lo:hi],
+            embedding_kinds=("image",),
+            default_embedding="image",
+        )
+        copy.deepcopy(stage).run(RunContext(out_dir=str(tmp_path), cache_dir=str(tmp_path)), pool)
+        np.testing.assert_array_equal(pool.column("row_sum"), emb[lo:hi].sum(axis=1))
+    assert _Counted.setups == 1
