@@ -210,23 +210,35 @@ def test_numpy_head_reads_only_its_npz_array_imports_no_torch_and_equals_referen
     ]
     out = tmp_path / "run"
     cfg = _dc_config(tmp_path / "c.yaml", metadata, out, scorers, [{"score": {"column": "nsfw_score", "max": 0.5}}])
+    # The head scores in the streaming plan's workers (forked: the spies go with them); each
+    # process appends what it read and, after scoring a shard, the heavy modules it holds.
+    seen = tmp_path / "seen.txt"
     code = (
         "import sys\n"
         "import filtering.stages.datacomp as dc\n"
-        "kinds = set()\n"
+        "import filtering.stages.scorer_stage as ss\n"
+        "HEAVY = ('torch', 'open_clip', 'torchvision')\n"
+        "def note(line):\n"
+        f"    with open({str(seen)!r}, 'a') as f: f.write(line + '\\n')\n"
         "real = dc.load_npz_array\n"
         "def spy(path, kind, part):\n"
-        "    kinds.add(kind)\n"
+        "    note(f'kind {kind}')\n"
         "    return real(path, kind, part)\n"
         "dc.load_npz_array = spy\n"
+        "compute = ss.ScorerStage._compute\n"
+        "def scored(self, *args):\n"
+        "    out = compute(self, *args)\n"
+        "    note(f'heavy {sorted(m for m in HEAVY if m in sys.modules)}')\n"
+        "    return out\n"
+        "ss.ScorerStage._compute = scored\n"
         "from pipelines.cli import main\n"
         f"rc = main(['run', {str(cfg)!r}, '--quiet'])\n"
-        "heavy = sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules)\n"
-        "print(rc, heavy, sorted(kinds))\n"
+        "print(rc, sorted(m for m in HEAVY if m in sys.modules))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "0 [] ['l14_img']"
+    assert proc.stdout.strip().splitlines()[-1] == "0 []"
+    assert set(seen.read_text().splitlines()) == {"kind l14_img", "heavy []"}
     uids, emb = pool_embeddings(metadata, "l14_img")
     expected = reference_nsfw(emb, sd)
     kept = set(pq.read_table(out / "subset", columns=["uid"]).column("uid").to_pylist())
