@@ -100,6 +100,22 @@ def u8u8_to_uids(arr: np.ndarray) -> list[str]:
     return [f"{int(h):016x}{int(lo):016x}" for h, lo in zip(arr["f0"], arr["f1"], strict=True)]
 
 
+_HEX_PAIRS = np.frombuffer("".join(f"{i:02x}" for i in range(256)).encode(), dtype=np.uint8).reshape(256, 2)
+
+
+def u8u8_to_hex(arr: np.ndarray):
+    """The uids of a ``u8,u8`` array as 32-hex-digit strings (a pyarrow string array),
+    vectorised: each byte's two digits are one table lookup."""
+    import pyarrow as pa
+
+    n = len(arr)
+    halves = np.empty((n, 2), dtype=">u8")
+    halves[:, 0], halves[:, 1] = arr["f0"], arr["f1"]
+    digits = _HEX_PAIRS[halves.view(np.uint8).reshape(n, 16)].reshape(-1)
+    offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(digits)])
+
+
 def sort_u8u8(arr: np.ndarray) -> np.ndarray:
     """``np.sort`` order of a ``u8,u8`` array (by high half, then low half)."""
     return arr[order_u8u8(arr)]

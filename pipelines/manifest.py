@@ -81,3 +81,39 @@ def json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def tally_reports(
+    nodes: list, sums: dict[int, dict[str, Any]], result, prov: dict[str, Any], log
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Each top-level filter's report from its counts summed over the pool (a
+    :class:`~filtering.filters.base.Tally` reduction, ``Filter.report``), on either plan:
+    its tables written as ``DIR/<report_name>/<table>.parquet`` (``<position>-<table>``
+    when two entries report under one name) into the staged ``result``, its record under
+    ``manifest[<report_name>][<funnel label>]`` with the files it wrote. Returns the
+    records ``{report_name: {label: record}}`` and the files written, ``{report_name: [url]}``
+    (in the staged result)."""
+    import pyarrow.parquet as pq
+
+    from filtering.filters.compose import funnel_labels
+    from filtering.io.atomic import atomic_open
+    from filtering.writers.parquet import part_format
+
+    labels = funnel_labels(nodes)
+    out: dict[str, Any] = {}
+    paths: dict[str, list[str]] = {}
+    names = [nodes[k].filter.report_name for k in sorted(sums)]
+    for k in sorted(sums):
+        f = nodes[k].filter
+        record, tables = f.report(sums[k], log)
+        prefix = f"{k}-" if names.count(f.report_name) > 1 else ""
+        record["files"] = {}
+        for name, table in tables.items():
+            url = result.url(f.report_name, f"{prefix}{name}.parquet")
+            schema, options = part_format(table.schema, prov)
+            with atomic_open(url, "wb", fsync=False) as fh:
+                pq.write_table(table.cast(schema), fh, **options)
+            paths.setdefault(f.report_name, []).append(url)
+            record["files"][name] = result.final(url)
+        out.setdefault(f.report_name, {})[labels[k]] = record
+    return out, paths

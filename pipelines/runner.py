@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from filtering.errors import ConfigError, PoolsiftError
-from filtering.filters.base import Decision
+from filtering.filters.base import Decision, add_tally
 from filtering.filters.compose import FilterNode, FilterOutcome, apply_filters
 from filtering.io.atomic import atomic_write_text, makedirs, remove_temp_files
 from filtering.io.paths import join
@@ -38,7 +38,14 @@ from filtering.writers.parquet import (
 from filtering.writers.uids import write_uids
 from pipelines.config import Config, check_local_paths, input_kind
 from pipelines.lock import output_lock
-from pipelines.manifest import MAX_MANIFEST_FAILURES, check_funnel, json_default, manifest_record, model_record
+from pipelines.manifest import (
+    MAX_MANIFEST_FAILURES,
+    check_funnel,
+    json_default,
+    manifest_record,
+    model_record,
+    tally_reports,
+)
 
 
 def source_stage(cfg: Config, cache_root: str) -> SourceStage:
@@ -167,6 +174,9 @@ def plan(cfg: Config, cache_root: str) -> Plan:
             "has no images; use input.shards, or feed subset.npy to DataComp's resharder"
         )
     check_local_paths(cfg)  # every file the config names, before any shard is read
+    for node in cfg.filter_tree:
+        for f in node.leaves():
+            f.check()  # the filters' own files (a uids list), read before any shard
     check_embeddings(cfg, source, chosen)
     return Plan(source, chosen)
 
@@ -268,7 +278,7 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
                 if dup is not None:
                     nodes.insert(0, dup)
                 outcome = apply_filters(nodes, pool)
-                manifest = write_outputs(cfg, ctx, pool, outcome, the_plan.source, result)
+                manifest = write_outputs(cfg, ctx, pool, outcome, the_plan.source, result, nodes)
             if cfg.output.report:
                 from filtering.report import write_report
 
@@ -348,10 +358,17 @@ def check_duplicate_uids(pool: Pool, policy: str, ctx: RunContext) -> FilterNode
 
 
 def write_outputs(
-    cfg: Config, ctx: RunContext, pool: Pool, outcome: FilterOutcome, source: SourceStage, result: Staged
+    cfg: Config,
+    ctx: RunContext,
+    pool: Pool,
+    outcome: FilterOutcome,
+    source: SourceStage,
+    result: Staged,
+    nodes: list[FilterNode] | None = None,
 ) -> dict[str, Any]:
     """Every output and the manifest, into the staged result (``result.url``); the
-    manifest names each file as it will be after the switch (``result.final``)."""
+    manifest names each file as it will be after the switch (``result.final``).
+    ``nodes``: the filter list ``outcome`` came from (its tallies' reports, by position)."""
     out = cfg.output
     failed = pool.failed
     config_dict = cfg.to_dict()
@@ -393,7 +410,16 @@ def write_outputs(
         from filtering.writers.webdataset import reshard
 
         outputs["shards"] = reshard(pool, outcome.keep, result.url("shards"), out.samples_per_shard, ctx)
-    written = [*outputs["subset"], outputs["subset_npy"], *outputs.get("dropped", []), *outputs.get("shards", [])]
+    sums = {k: add_tally(None, t) for k, t in outcome.tallies.items()}  # one pool: its tallies are the sums
+    reports, report_paths = tally_reports(nodes or list(cfg.filter_tree), sums, result, prov, ctx.log)
+    outputs.update(report_paths)
+    written = [
+        *outputs["subset"],
+        outputs["subset_npy"],
+        *outputs.get("dropped", []),
+        *outputs.get("shards", []),
+        *[p for paths in report_paths.values() for p in paths],
+    ]
     files = file_records(result.dir, written)
     outputs = {k: [result.final(p) for p in v] if isinstance(v, list) else result.final(v) for k, v in outputs.items()}
 
@@ -427,6 +453,7 @@ def write_outputs(
         failures_truncated=len(fail_idx) > MAX_MANIFEST_FAILURES,
         outputs=outputs,
     )
+    manifest.update(reports)
     if "reshard_map" in pool.artifacts:
         manifest["shards"] = [{**s, "path": result.final(s["path"])} for s in pool.artifacts["reshard_map"]]
     manifest["files"] = files

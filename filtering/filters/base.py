@@ -41,12 +41,15 @@ class Decision:
     ``duplicate_of`` (dedup filters) gives, for each dropped copy, the uid it duplicates.
     ``thresholds`` (score filters) maps each score column to the threshold applied (None:
     everything kept); the funnel, the manifest and ``sweep`` take them from here.
+    ``tally`` (filters whose reduction is :class:`Tally`): this pool's counts, which the
+    plan adds up over the shards (:func:`add_tally`).
     """
 
     keep: np.ndarray
     reason: str | np.ndarray
     duplicate_of: np.ndarray | None = None
     thresholds: dict[str, float | None] = field(default_factory=dict)
+    tally: dict[str, Any] | None = None
 
     def reasons_for(self, rows: np.ndarray) -> np.ndarray:
         if isinstance(self.reason, str):
@@ -77,7 +80,35 @@ class Survivors:
     (``pipelines/executors/dedup_phase.py``); the filter's own settings say how."""
 
 
-Reduction = TopFraction | Survivors
+@dataclass(frozen=True)
+class Tally:
+    """Counts over the whole pool, for a report, not for the decision (``uids``: how many
+    rows matched each entry of its list). The filter decides each row from that row
+    alone and returns its pool's counts in ``Decision.tally``: per counter an int, or the
+    distinct indices counted and their counts (``np.unique(..., return_counts=True)``), so
+    a shard returns only what its rows touched. The shard plan adds each shard's counts
+    as they come (:func:`add_tally`) and the filter turns the sums into its report
+    (``Filter.report``); only a top-level entry's tally is reported."""
+
+
+def add_tally(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    """``total`` with ``part`` added: ints summed; ``(indices, counts)`` pairs into a dense
+    array of counts per index (grown as indices arrive)."""
+    out = dict(total or {})
+    for name, value in part.items():
+        if isinstance(value, tuple):
+            idx, counts = value
+            acc = out.get(name, np.zeros(0, dtype=np.int64))
+            if len(idx) and int(idx.max()) >= len(acc):
+                acc = np.concatenate([acc, np.zeros(int(idx.max()) + 1 - len(acc), dtype=np.int64)])
+            np.add.at(acc, idx, counts)
+            out[name] = acc
+        else:
+            out[name] = out.get(name, 0) + value
+    return out
+
+
+Reduction = TopFraction | Survivors | Tally
 
 
 @dataclass(frozen=True)
@@ -92,6 +123,7 @@ class Filter(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = Params
+    report_name: ClassVar[str | None] = None  # a Tally's report: its manifest key and output folder
 
     def __init__(self, params: BaseModel, input_info: InputInfo):
         self.params = params
@@ -113,10 +145,21 @@ class Filter(ABC):
 
     def reduction(self) -> Reduction | None:
         """The global step this filter needs before it can decide any row: a threshold
-        over the whole pool (:class:`TopFraction`) or duplicate survivors
-        (:class:`Survivors`). None, the default: the filter decides each row from that
+        over the whole pool (:class:`TopFraction`), duplicate survivors
+        (:class:`Survivors`), or counts for a report (:class:`Tally`). None, the default: the filter decides each row from that
         row's columns alone, so a shard's rows are decided on that shard's pool."""
         return None
+
+    def check(self) -> None:
+        """Read the filter's own files (a list, a table) before any data is read, so a bad
+        one fails the run in one line first; the planner calls it after checking that
+        every local path exists."""
+        return None
+
+    def report(self, sums: dict[str, Any], log) -> tuple[dict[str, Any], dict[str, Any]]:
+        """For a :class:`Tally` reduction: the manifest record and the tables (name -> Arrow
+        table) made from the counts summed over the pool (:func:`add_tally`)."""
+        raise NotImplementedError(f"filter {self.name} declares no tally")
 
     def decided(self, result: Any) -> Filter:
         """This filter with its reduction's result over the whole pool fixed (the

@@ -143,6 +143,7 @@ class FilterOutcome:
     duplicate_of: np.ndarray  # object: uid duplicated (dedup drops) or None
     funnel: list[dict[str, Any]]
     thresholds: dict[str, float | None] = field(default_factory=dict)  # score column -> threshold applied
+    tallies: dict[int, dict[str, Any]] = field(default_factory=dict)  # top-level position -> Decision.tally
 
 
 def funnel_labels(nodes: list[FilterNode], path: str = "filters") -> list[str]:
@@ -162,9 +163,12 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
     duplicate_of = np.full(pool.n, None, dtype=object)
     funnel = []
     thresholds: dict[str, float | None] = {}
-    for node, label in zip(nodes, funnel_labels(nodes), strict=True):
+    tallies: dict[int, dict[str, Any]] = {}
+    for k, (node, label) in enumerate(zip(nodes, funnel_labels(nodes), strict=True)):
         d = node.evaluate(pool, alive)
         thresholds.update(d.thresholds)
+        if d.tally is not None:
+            tallies[k] = d.tally
         dropped = alive & ~d.keep
         n_dropped = int(dropped.sum())
         drop_filter[dropped] = label
@@ -191,4 +195,4 @@ def apply_filters(nodes: list[FilterNode], pool: Pool, progress=None) -> FilterO
         )
         if progress is not None:
             progress(label)
-    return FilterOutcome(alive, drop_filter, drop_reason, duplicate_of, funnel, thresholds)
+    return FilterOutcome(alive, drop_filter, drop_reason, duplicate_of, funnel, thresholds, tallies)

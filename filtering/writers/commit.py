@@ -1,7 +1,7 @@
 """The commit of an output directory: a new result replaces the last good one whole, or not at all.
 
 A result is the files a run writes into ``DIR`` (``RESULT``: ``manifest.json``,
-``subset/``, ``subset.npy``, ``dropped/``, ``shards/``, ``report.html``); the cache and
+``subset/``, ``subset.npy``, ``dropped/``, ``shards/``, ``subset_match/``, ``report.html``); the cache and
 the lock are not part of it. A run writes its new result into a folder of its own,
 ``DIR/.poolsift-next/`` (:class:`Staged`), laid out as the result will be, the manifest
 included (listing every file with its size and, except for resharded tars, copies of the
@@ -44,14 +44,14 @@ from filtering.io.paths import get_fs, is_local, join, local_path
 
 MANIFEST = "manifest.json"
 # The entries of a result: moved out manifest first, moved in manifest last.
-RESULT = (MANIFEST, "report.html", "subset.npy", "subset", "dropped", "shards")
+RESULT = (MANIFEST, "report.html", "subset.npy", "subset", "dropped", "shards", "subset_match")
 NEXT = ".poolsift-next"  # the new result while it is written
 PREV = ".poolsift-prev"  # the old result while it is switched out
 JOURNAL = ".poolsift-commit.json"  # present from the commit point until the switch is done
 # What the staged result sees of the run's folder, for the report drawn from it.
 SHARED = ("cache", "sweep.json")
 # The folders whose files a manifest lists; anything else in them is left by another run.
-LISTED = {"subset": "part-*.parquet", "dropped": "part-*.parquet", "shards": "*.tar"}
+LISTED = {"subset": "part-*.parquet", "dropped": "part-*.parquet", "shards": "*.tar", "subset_match": "*.parquet"}
 UNHASHED = ("shards/",)
 
 

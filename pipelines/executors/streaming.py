@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filtering.filters.base import Filter, Survivors, TopFraction
+from filtering.filters.base import Filter, Survivors, Tally, TopFraction, add_tally
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
 from filtering.io.arrow import without_pandas
 from filtering.io.atomic import atomic_write_text, is_write_failure, write_error
@@ -150,6 +150,8 @@ def _reduction_why_not(f: Filter, top: bool, provided: set[str]) -> str | None:
         return None
     if isinstance(r, Survivors):
         return None if top else f"filter {f.name} inside any/not (its survivors are picked at the top level only)"
+    if isinstance(r, Tally):  # counts for a report, summed in step 4; the decision is row-local
+        return None
     return f"filter {f.name}: the plan has no step for its reduction {type(r).__name__}"
 
 
@@ -356,6 +358,7 @@ def _filter(args) -> dict[str, Any]:
         "uid_bins": np.bincount(bins, minlength=1 << FINE_BITS),
         "kept_bins": np.bincount(bins[keep], minlength=1 << FINE_BITS),
         "thresholds": outcome.thresholds,
+        "tallies": outcome.tallies,
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
         "source": sh.source.shard_record(ctx, pool),
         "scorers": scorers,
@@ -513,7 +516,14 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
 def _run(
     cfg, source, shards, ctx: RunContext, spill: str, result: Staged, the_plan_stages=(), prepare_seconds: float = 0.0
 ) -> dict[str, Any] | None:
-    from pipelines.manifest import MAX_MANIFEST_FAILURES, check_funnel, json_default, manifest_record, model_record
+    from pipelines.manifest import (
+        MAX_MANIFEST_FAILURES,
+        check_funnel,
+        json_default,
+        manifest_record,
+        model_record,
+        tally_reports,
+    )
 
     top = _top_fractions(list(cfg.filter_tree))
     global_stages = [s for s in the_plan_stages if s.scope == "global"]
@@ -602,6 +612,7 @@ def _run(
         # 4. filter and write: every shard's parts, into the spill folder
         bar = ctx.bar(len(shards), "filter", unit="shards")
         results = []
+        sums: dict[int, dict[str, Any]] = {}  # Tally reductions: the shards' counts, added as they come
         for r in pool.map(_filter, [(sh, i, s, values, decided[i]) for i, s in enumerate(shards)]):
             if "bad_uids" in r:
                 ctx.log(f"execution: uids that subset.npy cannot hold ({r['bad_uids']}); filtering in memory")
@@ -609,6 +620,8 @@ def _run(
             if "fallback" in r:
                 ctx.log(f"execution: {r['fallback']}; filtering in memory")
                 return None
+            for k, t in r.pop("tallies", {}).items():
+                sums[k] = add_tally(sums.get(k), t)
             results.append(r)
             bar.update(1)
         bar.close()
@@ -656,9 +669,13 @@ def _run(
         "subset_npy": subset_npy,
         **{k: v for k, v in outputs.items() if k != "subset"},
     }
-    lap("commit")
     if cfg.output.report:
         outputs["report"] = join(out_dir, "report.html")
+    reports, report_paths = tally_reports(list(cfg.filter_tree), sums, result, prov, ctx.log)
+    for name, paths in report_paths.items():
+        outputs[name] = [result.final(p) for p in paths]
+        files.update(file_records(result.dir, paths))
+    lap("commit")
     first = results[0]
     source.stream_record(ctx, [r["source"] for r in results], shards, total)
     for stage in global_stages:  # after the source's record, as the in-memory run orders them
@@ -697,6 +714,7 @@ def _run(
         failures_truncated=failed > MAX_MANIFEST_FAILURES,
         outputs=outputs,
     )
+    manifest.update(reports)
     manifest["files"] = dict(sorted(files.items()))
     lap("manifest")
     executor = "ray" if ctx.executor is not None else "local"
