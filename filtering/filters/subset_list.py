@@ -3,9 +3,9 @@
 
 Copies of a pool differ (failed downloads, re-keyed shards, uids written another way), so
 a subset made on one copy is matched to another by a key both share. A list is read once
-per process (:func:`load_subset_list`) and its entries grouped by each key's value, so a
-row finds its entries with one hash lookup per key, and entries that share a value (two
-uids of one image) are found together.
+per process (:func:`load_subset_list`) and its entries grouped by each key's value, as
+sorted numeric keys (:func:`key_words`), so a row finds its entries by one binary search per
+key, and entries that share a value (two uids of one image) are found together.
 
 Lists: a DataComp ``.npy`` of ``u8,u8`` uids (``subset.npy``); Parquet (a file, a folder
 of ``*.parquet``, or a poolsift output folder, whose ``subset/`` is read) or CSV with a
@@ -20,6 +20,7 @@ fragment dropped, and an empty path written ``/``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 
 from filtering.errors import InputError
 from filtering.io.paths import get_fs, is_local, join, local_path, open_file
-from filtering.uid import load_uid_list, normalize_uids, u8u8_to_hex
+from filtering.uid import load_uid_list, normalize_uids, u8u8_to_hex, uids_to_u8u8
 
 KEYS = ("uid", "sha256", "url")
 FORMATS = ".npy, .parquet, .csv, .txt, a folder of .parquet files, or a poolsift output folder"
@@ -62,18 +63,79 @@ def normalize_sha256(values) -> pa.Array:
     return pc.if_else(pc.equal(s, ""), pa.scalar(None, pa.string()), s)
 
 
+def key_words(key: str, values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Each normalised value that has one as a row of uint64 words, and which values have
+    one: a uid's 128 bits (2 words), a sha256's 256 bits (when it is 64 hex digits; 4
+    words), a url's BLAKE2b-128 digest (2 words). Numbers, so that a list is sorted once
+    and each shard's rows are found by binary search (a hash set of the list would be
+    rebuilt for every shard)."""
+    present = values.is_valid().to_numpy(zero_copy_only=False)
+    if key == "sha256":
+        present &= pc.fill_null(pc.match_substring_regex(values, "^[0-9a-f]{64}$"), False).to_numpy(
+            zero_copy_only=False
+        )
+    picked = values.filter(pa.array(present))
+    if key == "url":
+        raw = b"".join(hashlib.blake2b(v.encode(), digest_size=16).digest() for v in picked.to_pylist())
+        return np.frombuffer(raw, dtype=">u8").reshape(-1, 2).astype(np.uint64), present
+    halves = [picked] if key == "uid" else [pc.utf8_slice_codeunits(picked, a, a + 32) for a in (0, 32)]
+    words = []
+    for half in halves:
+        u = uids_to_u8u8(half)
+        words += [u["f0"], u["f1"]]
+    return np.stack(words, axis=1), present
+
+
 @dataclass(frozen=True)
 class KeyIndex:
-    """One key of a list: its distinct values, and for each entry the index of its value
-    among them (-1: the entry has none)."""
+    """One key of a list: the distinct keys of its entries' values (:func:`key_words`),
+    sorted; for each entry the index of its key among them (-1: the entry has no value);
+    and, where the key is a digest of the value (url), each distinct key's value, so that
+    a hit is checked against the value itself."""
 
-    distinct: pa.Array
+    key: str
+    keys: np.ndarray  # (distinct, words) uint64
     group: np.ndarray
+    values: pa.Array | None
+
+    @classmethod
+    def build(cls, key: str, values: pa.Array) -> KeyIndex:
+        k, present = key_words(key, values)
+        order = np.argsort(k[:, 0])  # random keys: first words almost never tie
+        first = k[order, 0]
+        if len(first) > 1 and (first[1:] == first[:-1]).any():
+            order = np.lexsort(k.T[::-1])
+        k = k[order]
+        new = np.ones(len(k), dtype=bool)
+        new[1:] = (k[1:] != k[:-1]).any(axis=1)
+        ids = np.empty(len(k), dtype=np.int64)
+        ids[order] = np.cumsum(new) - 1
+        group = np.full(len(values), -1, dtype=np.int64)
+        group[present] = ids
+        firsts = np.flatnonzero(present)[order[new]]
+        kept = values.take(pa.array(firsts, pa.int64())) if key == "url" else None
+        return cls(key, np.ascontiguousarray(k[new]), group, kept)
 
     def lookup(self, values: pa.Array) -> np.ndarray:
-        """For each value (normalised), the index of the matching group, or -1."""
-        found = pc.index_in(values, value_set=self.distinct)
-        return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        """For each value (normalised), the index of its key among the list's, or -1."""
+        q, present = key_words(self.key, values)
+        found = np.full(len(values), -1, dtype=np.int64)
+        if not len(self.keys) or not len(q):
+            return found
+        first = self.keys[:, 0]
+        left = np.searchsorted(first, q[:, 0], "left")
+        right = np.searchsorted(first, q[:, 0], "right")
+        at = np.minimum(left, len(first) - 1)
+        hit = np.where((right - left == 1) & (self.keys[at] == q).all(axis=1), left, -1)
+        for i in np.flatnonzero(right - left > 1):  # list keys sharing their first word
+            same = np.flatnonzero((self.keys[left[i] : right[i]] == q[i]).all(axis=1))
+            hit[i] = left[i] + same[0] if len(same) else -1
+        found[present] = hit
+        if self.values is not None:  # a digest matched: the values must too
+            rows = np.flatnonzero(found >= 0)
+            same = pc.equal(values.take(pa.array(rows)), self.values.take(pa.array(found[rows])))
+            found[rows[~same.to_numpy(zero_copy_only=False)]] = -1
+        return found
 
 
 @dataclass(frozen=True)
@@ -85,7 +147,7 @@ class SubsetList:
 
     def group_counts(self, key: str, tally) -> np.ndarray:
         """Per entry, the rows its ``key`` group matched (``tally``: counts per group)."""
-        counts = np.zeros(len(self.keys[key].distinct) + 1, dtype=np.int64)
+        counts = np.zeros(len(self.keys[key].keys) + 1, dtype=np.int64)
         counts[: min(len(tally), len(counts) - 1)] = tally[: len(counts) - 1]
         return counts[self.keys[key].group]  # group -1 reads the last slot: 0
 
@@ -117,23 +179,20 @@ def _load(path: str, match: tuple[str, ...]) -> SubsetList:
     columns = {}
     for name in table.column_names:
         raw = table.column(name).combine_chunks() if table.num_rows else pa.array([], pa.string())
-        if name == "uid":
+        if name == "uid" and name in match:
             values = normalize_uids(raw)
             _check(path, name, raw, values, "32 hex digits or a UUID")
-            columns[name] = values
-        elif name == "sha256":
+        elif name == "sha256" and name in match:
             values = normalize_sha256(raw)
             valid = pc.fill_null(pc.match_substring_regex(values, "^[0-9a-f]{64}$"), True)
             _check(path, name, raw, pc.if_else(valid, values, pa.scalar(None, pa.string())), "64 hex digits")
-            columns[name] = values
-        else:
-            columns[name] = raw.cast(pa.string())
+        else:  # shown in the report as the list has it
+            values = raw.cast(pa.string())
+        columns[name] = values
     keys = {}
     for key in match:
         values = normalize_urls(columns[key]) if key == "url" else columns[key]
-        distinct = pc.unique(values.drop_null())
-        group = pc.index_in(values, value_set=distinct).fill_null(-1).to_numpy(zero_copy_only=False)
-        keys[key] = KeyIndex(distinct, group.astype(np.int64))
+        keys[key] = KeyIndex.build(key, values)
     return SubsetList(path, table.num_rows, keys, pa.table(columns))
 
 

@@ -40,7 +40,10 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    path's per-shard caches), the filter tree applied with the reductions' results
    (``Filter.decided``; same code as the in-memory path); the kept and dropped rows written as the shard's own Parquet parts into the spill folder, hashed
    as they are written; the shard's uids spilled grouped by range of their high bits,
-   with a keep flag each; the funnel comes back as counts per filter and reason code.
+   with a keep flag each; the funnel comes back as counts per filter and reason code, and
+   each ``Tally`` reduction's counts (``uids``: the list entries the shard's rows
+   matched), added up in the driver as the shards finish; the filter's report is written
+   from the sums at the commit (``pipelines/manifest.py: tally_reports``).
 5. **uid check and subset.npy** (per uid range): the spilled uids of every shard, one
    range of their high bits at a time, their high halves sorted; any repeat sends the run to the
    in-memory path, which reports it exactly as before (``input.uid.duplicates``);
