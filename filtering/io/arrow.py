@@ -91,3 +91,19 @@ def preload_pandas() -> None:
             import pandas  # noqa: F401
 
     threading.Thread(target=load, name="preload-pandas", daemon=True).start()
+
+
+def conform(table, schema):
+    """``table`` with ``schema``'s columns, in its order and types: each cast, or all null
+    where ``table`` lacks it. What ``pa.concat_tables(..., promote_options="permissive")``
+    makes of one table's rows when ``schema`` is the unified schema of the tables
+    (``pa.unify_schemas(..., promote_options="permissive")``): the shard plan's one-shard
+    pools take the whole pool's columns this way."""
+    import pyarrow as pa
+
+    if table.schema.equals(schema):
+        return table
+    n = table.num_rows
+    names = set(table.column_names)
+    columns = [table.column(f.name).cast(f.type) if f.name in names else pa.nulls(n, f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filtering.errors import InputError, PoolsiftError
-from filtering.io.arrow import preload_pandas
+from filtering.io.arrow import conform, preload_pandas
 from filtering.io.paths import file_info, get_fs, is_local, local_path, open_file
 from filtering.pool import LateColumns, Pool, ShardPart
 from filtering.sources import DATACOMP
@@ -108,6 +108,7 @@ class DataCompStage(SourceStage):
         self.cache_root = cache_root  # nothing is computed, so nothing is cached
         self.requested: set[str] = set()
         self._shards: list[DataCompShard] | None = None
+        self._layout: _Layout | None = None  # the whole pool's columns, for one-shard pools (stream_prepare)
 
     def provides(self) -> set[str]:
         # Static: validating a config must not read data. Columns a given pool lacks are
@@ -154,15 +155,17 @@ class DataCompStage(SourceStage):
             ctx, shards, tables, wanted, late, lambda part, mask: _read_late(parquet[part.sid], late, part, mask)
         )
 
-    def _pool(self, ctx: RunContext, shards, tables, wanted, late, read_late) -> Pool:
-        """The pool of ``shards`` from their eager ``tables``; ``read_late(part, mask)`` gives the late columns."""
+    def _pool(self, ctx: RunContext, shards, tables, wanted, late, read_late, kinds=None) -> Pool:
+        """The pool of ``shards`` from their eager ``tables``; ``read_late(part, mask)`` gives
+        the late columns. ``wanted`` (each shard's columns) and ``kinds`` (the embeddings
+        every shard has) are the whole pool's for a one-shard pool."""
         parts, start = [], 0
         for shard, t in zip(shards, tables, strict=True):
             parts.append(ShardPart(shard.parquet, shard.stem, start, start + t.num_rows))
             start += t.num_rows
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
         table = _with_source_shard(table, shards, [t.num_rows for t in tables])
-        kinds = _embedding_kinds(shards)
+        kinds = _embedding_kinds(shards) if kinds is None else kinds
         npz = {s.stem: s.npz for s in shards}
         order = _pool_order([c for w in wanted for c in w], self.requested)
         late_columns = None
@@ -205,40 +208,71 @@ class DataCompStage(SourceStage):
         return self._shards
 
     def stream_prepare(self, ctx: RunContext) -> str | None:
-        """Every shard has the same schema (else the in-memory path's permissive concat applies)."""
+        """The whole pool's columns (:class:`_Layout`) from every shard's footer: shards
+        that differ in columns or types give the columns and types ``run``'s permissive
+        concatenation gives, which each one-shard pool is cast and filled to."""
         shards = self.stream_shards()
-        first = _read_schema(shards[0]).remove_metadata()
-        if not all(_read_schema(s).remove_metadata().equals(first) for s in shards[1:]):
-            return "shards differ in schema"
+        schemas = [_read_schema(s).remove_metadata() for s in shards]
+        try:
+            self._layout = self._layout_of(shards, schemas)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            return f"shards' schemas do not unify ({' '.join(str(e).split())[:200]})"
         return None
+
+    def _layout_of(self, shards: list[DataCompShard], schemas: list[pa.Schema]) -> _Layout:
+        wanted = [self._columns_for(schema, s.parquet) for s, schema in zip(shards, schemas, strict=True)]
+        late = self._late_columns(schemas, wanted)
+        late_raw = late.raw if late else ()
+        eager = [
+            _normalise(
+                schema.empty_table().select([c for c in w if c not in late_raw]), requested=self.requested
+            ).schema
+            for schema, w in zip(schemas, wanted, strict=True)
+        ]
+        schema = pa.unify_schemas(eager, promote_options="permissive") if len(eager) > 1 else eager[0]
+        return _Layout(tuple(tuple(w) for w in wanted), late, schema, _embedding_kinds(shards))
 
     def shard_scores(self, shard: DataCompShard, names: list[str]) -> dict[str, np.ndarray]:
         with naming(shard.parquet), open_file(shard.parquet) as f:
             table = pq.ParquetFile(f).read(columns=list(dict.fromkeys(names)), use_threads=False)
-        return {n: table.column(n).to_numpy(zero_copy_only=False) for n in names}  # as Pool.column reads it
+        schema = self._layout.schema if self._layout is not None else table.schema
+        # in the whole pool's type (a score float32 in one shard and float64 in another: float64)
+        return {n: table.column(n).cast(schema.field(n).type).to_numpy(zero_copy_only=False) for n in names}
 
     def shard_rows(self, shard: DataCompShard) -> int:
         with naming(shard.parquet), open_file(shard.parquet) as f:
             return pq.ParquetFile(f).metadata.num_rows
 
     def shard_pool(self, shard: DataCompShard, ctx: RunContext) -> Pool:
-        """One shard's pool, as ``run`` builds it for a pool of that shard alone, from one
-        read of every column it needs, on this thread: the streaming plan's workers
-        already keep every core busy, and the late columns, read with the rest, are cut
-        from memory for the kept rows instead of opening and decoding the file again."""
+        """One shard's pool, as ``run`` builds the whole pool's rows of that shard (the
+        whole pool's columns and types, :meth:`stream_prepare`), from one read of every
+        column it needs, on this thread: the streaming plan's workers already keep every
+        core busy, and the late columns, read with the rest, are cut from memory for the
+        kept rows instead of opening and decoding the file again."""
         stage = DataCompStage(self.metadata_dir, self.cache_root)
         stage._shards = [shard]
         stage.request(set(self.requested))
         ctx.inputs.extend(_input_records([shard]))
         with naming(shard.parquet), open_file(shard.parquet) as f:
             pf = pq.ParquetFile(f)
+            layout = self._layout or stage._layout_of([shard], [pf.schema_arrow.remove_metadata()])
             wanted = stage._columns_for(pf.schema_arrow, shard.parquet)
-            late = stage._late_columns([pf.schema_arrow], [wanted])
             raw = pf.read(columns=wanted, use_threads=False).replace_schema_metadata(None)
+        late = layout.late
         late_raw = late.raw if late else ()
-        table = _normalise(raw.select([c for c in wanted if c not in late_raw]), requested=stage.requested)
-        held = raw.select(list(late_raw))
-        return stage._pool(ctx, [shard], [table], [wanted], late, lambda part, mask: _late_table(held, late, mask))
+        table = conform(
+            _normalise(raw.select([c for c in wanted if c not in late_raw]), requested=stage.requested), layout.schema
+        )
+        held = raw.select([c for c in late_raw if c in wanted])
+        return stage._pool(
+            ctx,
+            [shard],
+            [table],
+            [list(w) for w in layout.wanted],
+            late,
+            lambda part, mask: _late_table(held, late, mask),
+            layout.kinds,
+        )
 
     def shard_record(self, ctx: RunContext, pool: Pool) -> dict:
         return ctx.stage_info.get(self.name, {})
@@ -321,6 +355,16 @@ class DataCompStage(SourceStage):
 class _LateSpec:
     raw: tuple[str, ...]  # parquet column names
     types: dict[str, pa.DataType]  # pool name -> type shared by every shard
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The whole pool's columns, from the shards' footers (the shard plan's ``stream_prepare``)."""
+
+    wanted: tuple[tuple[str, ...], ...]  # each shard's columns read (parquet names)
+    late: _LateSpec | None
+    schema: pa.Schema  # the eager columns, unified as run's permissive concatenation unifies them
+    kinds: tuple[str, ...]  # the embedding arrays every shard has
 
 
 class DataCompReadError(PoolsiftError):

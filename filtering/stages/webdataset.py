@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from filtering.cache import ShardCache, read_npy
 from filtering.errors import ConfigError, PoolsiftError
+from filtering.io.arrow import conform
 from filtering.io.paths import expand_shards, file_info, get_fs, is_local, join
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
 from filtering.pool import Pool, ShardPart
@@ -300,23 +301,49 @@ class WebDatasetStage(SourceStage):
     def stream_prepare(self, ctx: RunContext) -> str | None:
         """The pool-wide column choices :meth:`resolve_uids` makes (a source column left out
         when no sample has it, the stored file's hash as ``sha256``), from the cached
-        tables' footers; the same columns in every shard; then the run records. The
-        shards not cached yet are scored first."""
+        tables' footers; where the shards' columns differ (an img2dataset parquet beside
+        some shards only), the pool's schema as ``load_pool``'s permissive concatenation
+        unifies them, which each one-shard pool is cast and filled to; then the run
+        records. The shards not cached yet are scored first."""
         self.score_missing(ctx)
-        first, nulls, rows = None, Counter(), 0
+        schemas, nulls, rows = [], Counter(), 0
         names = [*OPTIONAL_SOURCE_COLUMNS, "sha256"]
         for u in self.urls:
             schema, counts, n = _footer_nulls(self.cache.table_path(u), names)
-            if first is None:
-                first = schema
-            elif not schema.equals(first):
-                return "cached shards differ in columns"
+            for c in names:
+                if c not in schema.names:  # null in the concatenated pool's rows of this shard
+                    counts[c] += n
+            schemas.append(schema)
             nulls.update(counts)
             rows += n
+        self._pool_schema = None
+        if any(not s.equals(schemas[0]) for s in schemas[1:]):
+            try:
+                self._pool_schema = pa.unify_schemas(
+                    [self._shard_schema(u, s) for u, s in zip(self.urls, schemas, strict=True)],
+                    promote_options="permissive",
+                )
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                return f"cached shards' columns do not unify ({' '.join(str(e).split())[:200]})"
         drop = tuple(c for c in OPTIONAL_SOURCE_COLUMNS if c in nulls and nulls[c] == rows)
         self._pool_columns = (drop, nulls["sha256"] == rows)
         self._record_run(ctx)
         return None
+
+    def _shard_schema(self, url: str, rows: pa.Schema) -> pa.Schema:
+        """The schema :meth:`read_shard` gives ``url``'s table, from the footers of its cached
+        rows (``rows``) and its scorers' pieces."""
+        import pyarrow.parquet as pq
+
+        scored: dict[str, pa.DataType] = {}
+        for s in self.scorers:
+            fs, p = get_fs(self.scorer_cache(s).table_path(url))
+            with fs.open(p, "rb") as f:
+                schema = pq.ParquetFile(f).schema_arrow
+            scored.update({c: schema.field(c).type for c in s.provides()})
+        return pa.schema(
+            [(c, scored[c] if c in scored else rows.field(c).type) for c in _read_order(rows.names, scored)]
+        )
 
     def shard_scores(self, shard: str, names: list[str]) -> dict[str, np.ndarray]:
         """From the scorers' caches, over the rows not failed (``error`` set, or a bad uid
@@ -342,7 +369,7 @@ class WebDatasetStage(SourceStage):
         return _footer_nulls(self.cache.table_path(shard), [])[2]
 
     def shard_pool(self, shard: str, ctx: RunContext) -> Pool:
-        return self.load_pool([shard], pool_columns=self._pool_columns)
+        return self.load_pool([shard], pool_columns=self._pool_columns, schema=self._pool_schema)
 
     def shard_record(self, ctx: RunContext, pool: Pool) -> dict:
         return pool.artifacts["uids"]
@@ -445,12 +472,12 @@ class WebDatasetStage(SourceStage):
                 )
             for c in s.provides():
                 scored[c] = t.column(c)
-        names = [c for c in SCORE_SCHEMA.names if c in scored or c in table.column_names]
-        names += [c for c in table.column_names if c not in names and c not in scored]
-        names += [c for c in scored if c not in names]
+        names = _read_order(table.column_names, scored)
         return pa.table({c: scored[c] if c in scored else table.column(c) for c in names})
 
-    def load_pool(self, urls: list[str] | None = None, pool_columns: tuple | None = None) -> Pool:
+    def load_pool(
+        self, urls: list[str] | None = None, pool_columns: tuple | None = None, schema: pa.Schema | None = None
+    ) -> Pool:
         """The pool of ``urls`` (default: every shard) from the caches; ``load_pool([url])``
         is the one-shard pool (``pool_columns``: the whole pool's column choices, see
         :meth:`resolve_uids`, so that it has the whole pool's columns). Embeddings stay on disk, read per shard from the scorer
@@ -465,6 +492,8 @@ class WebDatasetStage(SourceStage):
             [*SCORE_SCHEMA, *(pa.field(c, t) for s in self.scorers[2:] for c, t in s.column_types().items())]
         )
         table = pa.concat_tables(tables, promote_options="permissive") if tables else empty.empty_table()
+        if schema is not None:
+            table = conform(table, schema)
         table, uid_report = self.resolve_uids(table, pool_columns)
         self.cache_uids(table, parts)
         writers = {k: s for s in self.scorers for k in s.embeddings()}
@@ -673,6 +702,16 @@ class WebDatasetStage(SourceStage):
         if "source" in wanted:  # last: with every scorer's piece, the shard is complete
             extra = {"field_warnings": dict(sorted(warnings.items()))} if warnings else None
             self.cache.write(shard.url, table, {}, source=stamp, extra=extra)
+
+
+def _read_order(rows: list[str], scored) -> list[str]:
+    """The column order of :meth:`WebDatasetStage.read_shard`: SCORE_SCHEMA's, then the
+    cached rows' others (columns carried from an img2dataset parquet), then the other
+    scorers' (``scored``: the scorers' column names)."""
+    names = [c for c in SCORE_SCHEMA.names if c in scored or c in rows]
+    names += [c for c in rows if c not in names and c not in scored]
+    names += [c for c in scored if c not in names]
+    return names
 
 
 def _footer_nulls(path: str, names: list[str]) -> tuple[pa.Schema, Counter, int]:

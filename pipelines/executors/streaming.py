@@ -35,7 +35,8 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    on a pool of shard parts and embeddings, no column, in the in-memory path's caches;
    ``decontaminate``: each reference set loaded, embedded or hashed, and cached, its
    fingerprint handed on; it reads no shard, so it streams on any source).
-4. **filter and write** (per shard): the shard read as a one-shard pool, its columns
+4. **filter and write** (per shard): the shard read as a one-shard pool (with the whole
+   pool's columns and types, unified in ``stream_prepare`` where shards differ), its columns
    added by the column stages (``run``, or a global stage's ``run_shard``: the in-memory
    path's per-shard caches), the filter tree applied with the reductions' results
    (``Filter.decided``; same code as the in-memory path); the kept and dropped rows written as the shard's own Parquet parts into the spill folder, hashed
@@ -483,7 +484,7 @@ def workers_for(n_shards: int) -> int:
 def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, Any] | None:
     """Run the whole plan shard-parallel, its outputs into ``result``; returns the manifest, or
     None (nothing written) when the pool turns out to need the in-memory path (repeated uids,
-    mixed schemas)."""
+    shard schemas that do not unify)."""
     source = the_plan.source
     shards = source.stream_shards()
     out_dir = cfg.output.dir
