@@ -237,7 +237,8 @@ class DataCompStage(SourceStage):
             table = pq.ParquetFile(f).read(columns=list(dict.fromkeys(names)), use_threads=False)
         schema = self._layout.schema if self._layout is not None else table.schema
         # in the whole pool's type (a score float32 in one shard and float64 in another: float64)
-        return {n: table.column(n).cast(schema.field(n).type).to_numpy(zero_copy_only=False) for n in names}
+        types = {n: schema.field(n).type if n in schema.names else table.schema.field(n).type for n in names}
+        return {n: table.column(n).cast(types[n]).to_numpy(zero_copy_only=False) for n in names}
 
     def shard_rows(self, shard: DataCompShard) -> int:
         with naming(shard.parquet), open_file(shard.parquet) as f:
