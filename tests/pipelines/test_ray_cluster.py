@@ -7,7 +7,8 @@ machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the modul
   the streaming plan for clip_score top_fraction and image_clusters (DataComp's
   image_based), an exact dedup (its search, alive-at-dedup and filter phases), a
   semantic one (training sample, assignment, partitions of clusters) and a perceptual
-  one with min_similarity (touched rows spilled, edges confirmed), the
+  one with min_similarity (touched rows spilled, edges confirmed), a configured head
+  scored in the scan's tasks under a ``score`` ``top_fraction``, the
   in-memory plan's partitioned dedup search and per-shard columns (cluster assignment,
   language_id, semantic decontamination), perceptual decontamination's per-shard
   nearest hashes; subset.npy and every
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.manifest import json_default
 from tests.conftest import write_config
 from tests.datacomp_pool import make_datacomp_pool
 
@@ -131,12 +133,13 @@ class _Recording:
         return pool
 
 
-def _run_datacomp(datacomp, out, filters, executor=None, mode="auto"):
+def _run_datacomp(datacomp, out, filters, executor=None, mode="auto", scorers=()):
     from pipelines.config import parse_config
     from pipelines.runner import run
 
     raw = {
         "input": {"datacomp_metadata": str(datacomp / "metadata")},
+        "scorers": list(scorers),
         "filters": filters,
         "clusters": {"reference": str(datacomp / "reference.npy"), "centroids": str(datacomp / "centroids.npy")},
         "output": {"dir": str(out), "rows_per_part": 40},
@@ -216,18 +219,50 @@ def _same_outputs(a, b) -> None:
     ],
 )
 def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, mode, sent):
+    _matches_local(tmp_path, datacomp, cluster, filters, mode, sent)
+
+
+def test_configured_head_and_its_top_fraction_on_two_nodes_match_local(tmp_path, datacomp, cluster):
+    """The streaming plan: a configured head (an MLP over l14_img) scores each shard in its
+    ``_scan`` task, set up once per Ray worker, and the ``_filter`` task reads the shard's
+    cache; ``score`` ``top_fraction`` over its column."""
+    from safetensors.numpy import save_file
+
+    from tests.datacomp_pool import random_state_dict
+
+    root = tmp_path / "dc768"  # l14_img of DataComp's width (the planner checks the head against it)
+    make_datacomp_pool(root / "metadata", shards=4, rows=30, dims=(16, 768))
+    for name in ("reference.npy", "centroids.npy"):  # named by the config's clusters section
+        shutil.copy(datacomp / name, root / name)
+    save_file(random_state_dict({"0": (8, 768), "1": (1, 8)}, seed=7), str(root / "head.safetensors"))
+    head = {
+        "embedding_head": {"name": "q", "preset": "mlp", "weights": "@DC@/head.safetensors", "embedding": "l14_img"}
+    }
+    filters = [{"score": {"column": "q_score", "top_fraction": 0.5}}]
+    _matches_local(tmp_path, root, cluster, filters, "auto", {"_scan", "_filter"}, scorers=[head])
+    (ours,) = (tmp_path / "ray" / "cache").glob("scorer-q-*")  # cached as the local run caches it
+    names = sorted(p.name for p in ours.glob("*.parquet"))
+    assert len(names) == 4
+    for name in names:
+        assert pq.read_table(ours / name).equals(pq.read_table(tmp_path / "local" / "cache" / ours.name / name))
+    for run in ("local", "ray"):
+        record = json.loads((tmp_path / run / "manifest.json").read_text())["stages"]["scorers"]["q"]
+        assert (record["cache"]["shards_scored"], record["cache"]["shards_cached"]) == (4, 0)
+
+
+def _matches_local(tmp_path, datacomp, cluster, filters, mode, sent, scorers=()) -> None:
     from pipelines.executors.ray import RayExecutor
 
-    filters = json.loads(json.dumps(filters).replace("@DC@", str(datacomp)))
+    filters, scorers = json.loads(json.dumps([filters, scorers]).replace("@DC@", str(datacomp)))
     # Both runs write to the same folder (the config, output.dir included, goes into every
     # part's provenance); the local run's outputs are moved aside, its cache dropped.
     out = tmp_path / "ray"
-    local = _run_datacomp(datacomp, out, filters, mode=mode)
+    local = _run_datacomp(datacomp, out, filters, mode=mode, scorers=scorers)
     shutil.copytree(out, tmp_path / "local")
     shutil.rmtree(out)
     executor = _Recording(RayExecutor(address=cluster.address))
     try:
-        on_ray = _run_datacomp(datacomp, out, filters, executor, mode)
+        on_ray = _run_datacomp(datacomp, out, filters, executor, mode, scorers)
     finally:
         executor.close()
     assert sent <= set(executor.sent), executor.sent  # the phases ran as Ray tasks
@@ -239,7 +274,9 @@ def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filt
         assert not (tmp_path / "ray" / ".streaming").exists()
     mine, theirs = on_ray.manifest, local.manifest
     assert mine["counts"] == theirs["counts"]
-    assert json.dumps(mine["thresholds"]) == json.dumps(theirs["thresholds"])
+    assert json.dumps(mine["thresholds"], default=json_default) == json.dumps(
+        theirs["thresholds"], default=json_default
+    )
     assert 0 < theirs["counts"]["kept"] < theirs["counts"]["input"]
     _same_outputs(tmp_path / "local", tmp_path / "ray")
     if "_target_chunk" in sent:  # the target set Ray's tasks found is the local one
