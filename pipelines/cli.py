@@ -186,6 +186,8 @@ def next_steps(args, cfg, out_dir: str, argv0: str | None = None) -> str:
     ]
     if cfg.output.dropped:
         lines.append("  dropped/         every dropped or failed sample, with its filter and reason")
+    if any(getattr(getattr(n, "filter", None), "report_name", None) == "subset_match" for n in cfg.filter_tree):
+        lines.append("  subset_match/    the uids list's entries not found, and those more than one row matched")
     lines.append("  manifest.json    the config, inputs, model and the funnel above")
     if cfg.output.webdataset:
         lines.append("  shards/          the kept samples as WebDataset shards")

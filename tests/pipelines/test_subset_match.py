@@ -11,6 +11,7 @@ import json
 import shutil
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ import yaml
 from filtering.sample.datacomp import make_datacomp_sample, write_shard
 from pipelines.config import parse_config
 from pipelines.runner import run
-from tests.conftest import SAMPLE, SAMPLE_CONFIG, write_config
+from tests.conftest import SAMPLE, SAMPLE_CONFIG, run_cli, write_config
 
 pytestmark = pytest.mark.slow  # runs the whole pipeline
 
@@ -37,13 +38,16 @@ def _rows(folder: Path) -> list[dict]:
 
 
 def _both_plans(tmp_path: Path, make_config) -> tuple[dict, Path]:
-    """The run in memory, then on the shard plan (the first's cache copied): equal outputs.
-    Returns the shard plan's manifest and folder."""
+    """The run in memory, then on the shard plan from the CLI (the first's cache copied):
+    equal outputs. Returns the shard plan's manifest and folder."""
     mem, streamed = tmp_path / "memory", tmp_path / "streaming"
     a = _run(make_config(mem, "memory"))
     if (mem / "cache").exists():  # WebDataset: the scores
         shutil.copytree(mem / "cache", streamed / "cache")
-    b = _run(make_config(streamed, "streaming"))
+    code, stdout, stderr = run_cli("run", make_config(streamed, "streaming"))  # the CLI, end to end
+    assert code == 0, stderr
+    assert "subset_match/" in stdout and "list entries found" in stderr
+    b = SimpleNamespace(manifest=json.loads((streamed / "manifest.json").read_text()))
     assert b.manifest["execution"]["plan"] == "streaming" and a.pool is not None
     assert (mem / "subset.npy").read_bytes() == (streamed / "subset.npy").read_bytes()
     for folder in ("subset", "dropped"):
