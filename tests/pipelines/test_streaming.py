@@ -382,6 +382,17 @@ def test_dedup_streams(tmp_path, dup_metadata, filters):
     assert dropped > 0  # the pool has copies: the step decided something
 
 
+def test_a_filters_scorer_before_a_dedup_is_recorded_as_in_memory(tmp_path, dup_metadata):
+    """``language``'s ``language_id`` first runs in the dedup's alive-at pass (which computes
+    every shard) and the filter pass reads its cache: the manifest's scorer record counts
+    each shard once, as computed, as the in-memory run's does."""
+    filters = [{"language": {"languages": ["en"]}}, {"dedup": {"method": "exact"}}]
+    m = assert_same_outputs(dup_metadata, tmp_path, filters, fresh_cache=True, search_record=False)
+    [record] = m["stages"]["scorers"].values()
+    assert record["cache"]["shards_scored"] == len(list(dup_metadata.glob("*.parquet")))
+    assert record["cache"]["shards_cached"] == 0
+
+
 def test_dedup_ties_keep_the_smallest_uid(tmp_path, dup_metadata):
     """Scores of one decimal tie: among equal scores the survivor is the smallest uid, as in memory."""
     _same_but_search_record(dup_metadata, tmp_path, [{"dedup": {"method": "exact"}}])
