@@ -147,6 +147,36 @@ def verify(out_dir: str, manifest: dict[str, Any], hashes: tuple[str, ...] = ("s
         raise OutputMismatchError(f"{join(out_dir, extra[0])}: not listed in {MANIFEST}; {rerun}")
 
 
+def place(moves: list[tuple[str, str]]) -> None:
+    """Files written elsewhere (a plan's spill folder) moved to their names in a staged
+    result: renamed on a local disk; on a remote file system uploaded (a local file) or
+    moved (a remote one: copied on the server, many at once, then removed)."""
+    remote: list[tuple[str, str]] = []
+    for src, dst in moves:
+        if is_local(dst):
+            os.makedirs(os.path.dirname(local_path(dst)), exist_ok=True)
+            os.replace(local_path(src), local_path(dst))
+        elif is_local(src):
+            fs, p = get_fs(dst)
+            fs.put_file(local_path(src), p)
+            os.remove(local_path(src))
+        else:
+            remote.append((src, dst))
+    if remote:
+        fs, _ = get_fs(remote[0][1])
+        fs.mv([get_fs(s)[1] for s, _ in remote], [get_fs(d)[1] for _, d in remote])
+
+
+def remove_unlisted(out_dir: str, files: dict[str, Any]) -> None:
+    """The parts and shards in a remote output folder that ``files`` (the new manifest's)
+    does not list: an earlier run's, which the new manifest must not stand beside. A
+    local result needs none of this: it is staged in a folder of its own."""
+    fs, _ = get_fs(out_dir)
+    stale = sorted(_listed_now(out_dir) - set(files))
+    if stale:
+        fs.rm([get_fs(join(out_dir, rel))[1] for rel in stale])
+
+
 class Staged:
     """Where a run writes its new result: ``url(...)`` under ``DIR/.poolsift-next/`` (the
     output folder itself for a remote one), ``final(url)`` the path it will have in

@@ -4,9 +4,13 @@ Every member of a kept sample (``.jpg``, ``.txt``, ``.json``...) is copied byte 
 from its source shard under the same member name (``key.ext``, the extension as
 webdataset reads it, i.e. lower case), in the source's order: images are never decoded
 or re-encoded (STYLE, "What to avoid"). Output shards are ``DIR/shards/00000.tar``,
-``00001.tar``... with ``samples_per_shard`` samples each (the last one fewer), in pool
-order, each written atomically. Tar headers are fixed (mtime 0, uid/gid 0, no owner
-names, mode 0644) so the same selection gives byte-identical shards on every run.
+``00001.tar``..., numbered in pool order, each written atomically. Tars follow the pool
+as Parquet parts do (docs/spec.md, "Output directory"): each holds samples of one source
+shard, at most ``samples_per_shard`` of them, so a source shard's kept samples fill
+``ceil(kept / samples_per_shard)`` tars (the last one fewer) and the shard plan writes
+each source shard's tars on its own, the same tars as the in-memory plan. Tar headers are
+fixed (mtime 0, uid/gid 0, no owner names, mode 0644) so the same selection gives
+byte-identical shards on every run.
 
 Source shards are streamed one at a time and only one sample is held in memory. The
 i-th sample read from a shard is the i-th pool row of that shard (the scoring stage
@@ -37,13 +41,18 @@ TAR_MODE = 0o644
 
 
 class _ShardWriter:
-    """Opens ``NNNNN.tar`` under ``dir_url`` as needed; ``samples_per_shard`` samples each."""
+    """Opens ``NNNNN.tar`` under ``dir_url`` as needed; at most ``samples_per_shard``
+    samples each, and a new one at every source shard (:meth:`end`). ``sizes``: each
+    tar's size in bytes, counted as it is written."""
 
-    def __init__(self, dir_url: str, samples_per_shard: int):
+    def __init__(self, dir_url: str, samples_per_shard: int, fsync: bool = True):
         self.dir_url = dir_url
         self.samples_per_shard = samples_per_shard
+        self.fsync = fsync  # False: the caller flushes the tars to disk (writers/commit.py)
         self.shards: list[dict[str, Any]] = []
+        self.sizes: list[int] = []
         self._stack: contextlib.ExitStack | None = None
+        self._file: Any = None
         self._tar: tarfile.TarFile | None = None
 
     def write(self, key: str, members: dict[str, bytes], source: str) -> None:
@@ -66,35 +75,38 @@ class _ShardWriter:
         src["keys"].append(key)
 
     def _next(self) -> None:
-        self._close()
+        self.end()
         path = join(self.dir_url, f"{len(self.shards):05d}.tar")
         self._stack = contextlib.ExitStack()
-        f = self._stack.enter_context(atomic_open(path))
-        tar = tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115 — the stack closes it
-        self._tar = self._stack.enter_context(tar)
+        self._file = self._stack.enter_context(atomic_open(path, fsync=self.fsync))
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115 — end() closes it
         self.shards.append({"path": path, "count": 0, "sources": {}})
 
-    def _close(self) -> None:
+    def end(self) -> None:
+        """The open tar closed and renamed into place: the next sample starts a new one."""
         if self._stack is not None:
-            self._stack.close()  # closes the tar, then renames the file into place
-        self._stack, self._tar = None, None
-
-    def close(self) -> None:
-        self._close()
+            self._tar.close()
+            self.sizes.append(self._file.tell())
+            self._stack.close()  # renames the file into place
+        self._stack, self._file, self._tar = None, None, None
 
     def abort(self) -> None:
         if self._stack is not None:
+            with contextlib.suppress(Exception):  # marked closed first, so it never writes again
+                self._tar.close()
             with contextlib.suppress(Exception):
                 self._stack.__exit__(PoolsiftError, PoolsiftError("aborted"), None)
-        self._stack, self._tar = None, None
+        self._stack, self._file, self._tar = None, None, None
 
 
-def reshard(pool: Pool, keep: np.ndarray, out_dir_url: str, samples_per_shard: int, ctx) -> list[str]:
-    """Write the kept samples as new shards; returns their paths and records, in
-    ``pool.artifacts["reshard_map"]``, each output shard's count and sources."""
+def write_shards(pool: Pool, keep: np.ndarray, dir_url: str, samples_per_shard: int, bar=None, fsync: bool = True):
+    """The kept samples of ``pool`` as ``dir_url/NNNNN.tar``: each source shard's (a pool
+    part's) cut into tars of at most ``samples_per_shard`` samples, so a shard's tars do
+    not depend on the other shards and the shard plan writes them per source shard.
+    Returns each tar's record (``path``, ``count``, ``sources``: each source's count and
+    keys) and each tar's size in bytes."""
     keys = pool.column("key")
-    writer = _ShardWriter(out_dir_url, samples_per_shard)
-    bar = ctx.bar(int(keep.sum()), "reshard")
+    writer = _ShardWriter(dir_url, samples_per_shard, fsync=fsync)
     try:
         for part in pool.parts:
             wanted = np.flatnonzero(keep[part.start : part.stop])
@@ -113,7 +125,8 @@ def reshard(pool: Pool, keep: np.ndarray, out_dir_url: str, samples_per_shard: i
                     )
                 writer.write(sample.key, sample.members, part.url)
                 copied += 1
-                bar.update(1)
+                if bar is not None:
+                    bar.update(1)
                 if copied == len(wanted):
                     break
             if copied != len(wanted):
@@ -121,17 +134,26 @@ def reshard(pool: Pool, keep: np.ndarray, out_dir_url: str, samples_per_shard: i
                     f"reshard: could only re-read {copied} of {len(wanted)} kept samples from {part.url}"
                     + (f" ({result.error})" if result.error else "")
                 )
-        writer.close()
+            writer.end()
     except BaseException as e:
         writer.abort()
         if is_write_failure(e) and writer.shards:
             raise write_error(writer.shards[-1]["path"], e) from e
         raise
+    return writer.shards, writer.sizes
+
+
+def reshard(pool: Pool, keep: np.ndarray, out_dir_url: str, samples_per_shard: int, ctx) -> list[str]:
+    """Write the kept samples as new shards (:func:`write_shards`); returns their paths
+    and records, in ``pool.artifacts["reshard_map"]``, each output shard's count and sources."""
+    bar = ctx.bar(int(keep.sum()), "reshard")
+    try:
+        shards, _ = write_shards(pool, keep, out_dir_url, samples_per_shard, bar)
     finally:
         bar.close()
-    paths = [s["path"] for s in writer.shards]
+    paths = [s["path"] for s in shards]
     _remove_stale(out_dir_url, {p.rsplit("/", 1)[-1] for p in paths})
-    pool.artifacts["reshard_map"] = writer.shards
+    pool.artifacts["reshard_map"] = shards
     return paths
 
 

@@ -19,7 +19,8 @@ class _Shared:
     cfg: Any
     source: Any  # the SourceStage: builds each one-shard pool
     tops: tuple[TopFraction, ...]  # the tree's top_fraction reductions, in leaves() order
-    spill: str
+    spill: str  # a local folder the workers see: arrays spilled between phases
+    staging: str  # where the workers write parts and tars: the spill folder, or the remote output's own
     out_dir: str
     prov: dict[str, Any]
     hex_columns: frozenset[str]

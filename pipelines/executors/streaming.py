@@ -40,16 +40,22 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    added by the column stages (``run``, or a global stage's ``run_shard``: the in-memory
    path's per-shard caches), the filter tree applied with the reductions' results
    (``Filter.decided``; same code as the in-memory path); the kept and dropped rows written as the shard's own Parquet parts into the spill folder, hashed
-   as they are written; the shard's uids spilled grouped by range of their high bits,
+   as they are written, and with ``output.webdataset`` the kept samples' members copied
+   into the shard's own tars (at most ``samples_per_shard`` each, as the in-memory
+   ``reshard`` cuts them); the shard's uids spilled grouped by range of their high bits,
    with a keep flag each; the funnel comes back as counts per filter and reason code, and
    each ``Tally`` reduction's counts (``uids``: the list entries the shard's rows
    matched), added up in the driver as the shards finish; the filter's report is written
    from the sums at the commit (``pipelines/manifest.py: tally_reports``).
+   A remote output (fsspec) has the parts and tars written into its own ``.streaming/``
+   folder; the arrays spill to a local temporary folder (so not on Ray).
 5. **uid check and subset.npy** (per uid range): the spilled uids of every shard, one
    range of their high bits at a time, their high halves sorted; any repeat sends the run to the
    in-memory path, which reports it exactly as before (``input.uid.duplicates``);
    otherwise the range's kept uids are written into ``subset.npy`` at their offset.
-6. **commit** (driver): the parts renamed in pool order, and ``subset.npy``, into the
+6. **commit** (driver): the parts and tars renamed in pool order (on a remote output:
+   moved, and ``subset.npy`` uploaded; the earlier run's parts and tars that the new
+   manifest does not list removed), and ``subset.npy``, into the
    run's staged result (``filtering/writers/commit.py``), the manifest written there from the
    summed counts and the workers' hashes; the runner flushes the staged result to disk (all
    at once: the workers did not wait on the disk one part at a time) and switches it into
@@ -69,6 +75,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import replace
@@ -81,12 +88,12 @@ from filtering.filters.base import Filter, Survivors, Tally, TopFraction, add_ta
 from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
 from filtering.io.arrow import without_pandas
 from filtering.io.atomic import atomic_write_text, is_write_failure, write_error
-from filtering.io.paths import is_local, join, local_path
+from filtering.io.paths import get_fs, is_local, join, local_path
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
 from filtering.tasks import runs_tasks, task_pool
 from filtering.uid import UID_DTYPE, order_u8u8, uids_to_u8u8
-from filtering.writers.commit import MANIFEST, Staged, file_records
+from filtering.writers.commit import MANIFEST, Staged, file_records, place, remove_unlisted
 from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, subset_stream
 from pipelines.executors.dedup_phase import run_dedup
 from pipelines.executors.shards import _shard_pool, _Shared, decided_tree, shard_columns, survivor_positions
@@ -115,10 +122,8 @@ def why_not(cfg, the_plan, executor) -> str | None:
         whole_pool = stage.scope == "reduction" or (stage.scope == "global" and stage.prepare_reads_shards)
         if whole_pool and not source.streams_clusters:
             return f"stage {type(stage).__name__} on {source.info.kind} input"  # a whole-pool step over its shards
-    if cfg.output.webdataset:
-        return "output.webdataset"
-    if not is_local(cfg.output.dir):
-        return "remote output"
+    if not is_local(cfg.output.dir) and executor is not None:
+        return "remote output on Ray (the plan's spill files are on the driver's disk)"
     provided = set(source.provides())
     per_shard = {c for stage in the_plan.stages if stage.scope == "shard" for c in stage.provides()}
     for node in cfg.filter_tree:
@@ -280,6 +285,14 @@ def _uid_range(args) -> bool:
     return False
 
 
+def _remove(url: str) -> None:
+    if is_local(url):
+        os.remove(local_path(url))
+    else:
+        fs, path = get_fs(url)
+        fs.rm(path)
+
+
 def _create_npy(path: str, n: int) -> None:
     """``subset.npy`` for ``n`` uids, its blocks reserved on disk, so that a full disk fails
     here, in one line, not as a SIGBUS in a worker writing the mapped pages."""
@@ -301,7 +314,7 @@ def _write_folder(sh: _Shared, folder: str, i: int, schema: pa.Schema, tables) -
     schema, options = part_format(schema, sh.prov, sh.hex_columns)
     # not flushed one by one: a worker waiting on the disk leaves its core idle; the switch
     # flushes every file of the staged result at once (writers/commit.py)
-    parts = _PartWriter(os.path.join(sh.spill, folder, f"{i:06d}"), schema, sh.rows_per_part, options, fsync=False)
+    parts = _PartWriter(join(sh.staging, folder, f"{i:06d}"), schema, sh.rows_per_part, options, fsync=False)
     with parts:
         for table in tables:
             parts.add(table)
@@ -344,6 +357,13 @@ def _filter(args) -> dict[str, Any]:
             key=not pool.artifacts.get("key_is_uid"),
         )
         parts["dropped"] = _write_folder(sh, "dropped", i, table.schema, [table])
+    shards = []
+    if sh.cfg.output.webdataset:  # the shard's kept samples copied into tars of its own
+        from filtering.writers.webdataset import write_shards
+
+        out = join(sh.staging, "shards", f"{i:06d}")
+        tars, sizes = write_shards(pool, outcome.keep, out, sh.cfg.output.samples_per_shard, fsync=False)
+        shards = list(zip(tars, sizes, strict=True))
     failed = np.flatnonzero(pool.failed)
     reasons: Counter = Counter()
     failures: list[dict] = []
@@ -359,6 +379,7 @@ def _filter(args) -> dict[str, Any]:
         "funnel": outcome.funnel,
         "kept": int(outcome.keep.sum()),
         "parts": parts,
+        "shards": shards,
         "uid_bins": np.bincount(bins, minlength=1 << FINE_BITS),
         "kept_bins": np.bincount(bins[keep], minlength=1 << FINE_BITS),
         "thresholds": outcome.thresholds,
@@ -499,17 +520,25 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
         ctx.stage_info.clear()
         ctx.stage_info.update(saved[1])
         return None
-    spill = os.path.join(local_path(out_dir), SPILL)
-    shutil.rmtree(spill, ignore_errors=True)
-    os.makedirs(spill)
+    # the spill folder: arrays (scores, uids, subset.npy) and, on a local output, the parts
+    # and tars; a remote output has them written into its own spill folder, by the workers
+    if is_local(out_dir):
+        spill = staging = os.path.join(local_path(out_dir), SPILL)
+        shutil.rmtree(spill, ignore_errors=True)
+        os.makedirs(spill)
+    else:
+        spill, staging = tempfile.mkdtemp(prefix="poolsift-streaming-"), join(result.dir, SPILL)
+        _remove_remote(staging)
     # pandas kept out of the driver and its forked workers (0.3 CPU s each), unless the
     # driver loaded torch (whose modules look for pandas) or runs on Ray
     keep_pandas = "torch" in sys.modules or ctx.executor is not None
     try:
         with contextlib.nullcontext() if keep_pandas else without_pandas():
-            manifest = _run(cfg, source, shards, ctx, spill, result, the_plan.stages, prepare_seconds)
+            manifest = _run(cfg, source, shards, ctx, spill, staging, result, the_plan.stages, prepare_seconds)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
+        if staging != spill:
+            _remove_remote(staging)
     if manifest is None:
         ctx.inputs[:], ctx.model_info = saved[0], saved[2]
         ctx.stage_info.clear()
@@ -517,8 +546,22 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
     return manifest
 
 
+def _remove_remote(url: str) -> None:
+    fs, path = get_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def _run(
-    cfg, source, shards, ctx: RunContext, spill: str, result: Staged, the_plan_stages=(), prepare_seconds: float = 0.0
+    cfg,
+    source,
+    shards,
+    ctx: RunContext,
+    spill: str,
+    staging: str,
+    result: Staged,
+    the_plan_stages=(),
+    prepare_seconds: float = 0.0,
 ) -> dict[str, Any] | None:
     from pipelines.manifest import (
         MAX_MANIFEST_FAILURES,
@@ -539,6 +582,7 @@ def _run(
         source=source,
         tops=tuple(top),
         spill=spill,
+        staging=staging,
         out_dir=cfg.output.dir,
         prov=prov,
         hex_columns=frozenset(HEX_COLUMNS | set(source.info.hex_columns)),
@@ -652,29 +696,39 @@ def _run(
     folders = ("subset", "dropped") if cfg.output.dropped else ("subset",)
     outputs: dict[str, Any] = {}
     files: dict[str, dict[str, Any]] = {}
+    moves: list[tuple[str, str]] = []
     for folder in folders:
         outputs[folder] = []
         records = [rec for r in results for rec in r["parts"][folder]]
         placed = [rec for rec in records if rec[1]] or records[:1]  # one empty part when no rows at all
         for path in {rec[0] for rec in records} - {rec[0] for rec in placed}:
-            os.remove(path)
-        target = local_path(result.url(folder))
-        os.makedirs(target, exist_ok=True)
+            _remove(path)
         for j, (path, _rows, size, sha) in enumerate(placed):
             name = f"part-{j:05d}.parquet"
-            os.replace(path, os.path.join(target, name))
+            moves.append((path, result.url(folder, name)))
             outputs[folder].append(join(out_dir, folder, name))
             files[f"{folder}/{name}"] = {"size": size, "sha256": sha}
-    subset_npy = join(out_dir, "subset.npy")
-    os.replace(tmp, local_path(result.url("subset.npy")))
-    files.update(file_records(result.dir, [result.url("subset.npy")]))
+    shard_map = []
+    for r in results:  # each source shard's tars, numbered on in pool order
+        for record, size in r["shards"]:
+            name = f"{len(shard_map):05d}.tar"
+            moves.append((record["path"], result.url("shards", name)))
+            shard_map.append({**record, "path": join(out_dir, "shards", name)})
+            files[f"shards/{name}"] = {"size": size}
+    files.update(file_records(spill, [tmp]))  # subset.npy
+    moves.append((tmp, result.url("subset.npy")))
+    place(moves)
+    if not result.local:  # an earlier run's parts and tars leave before the manifest is written
+        remove_unlisted(result.dir, files)
     outputs = {
         "subset": outputs["subset"],
-        "subset_npy": subset_npy,
+        "subset_npy": join(out_dir, "subset.npy"),
         **{k: v for k, v in outputs.items() if k != "subset"},
     }
     if cfg.output.report:
         outputs["report"] = join(out_dir, "report.html")
+    if cfg.output.webdataset:
+        outputs["shards"] = [s["path"] for s in shard_map]
     reports, report_paths = tally_reports(list(cfg.filter_tree), sums, result, prov, ctx.log)
     for name, paths in report_paths.items():
         outputs[name] = [result.final(p) for p in paths]
@@ -719,6 +773,8 @@ def _run(
         outputs=outputs,
     )
     manifest.update(reports)
+    if cfg.output.webdataset:
+        manifest["shards"] = shard_map
     manifest["files"] = dict(sorted(files.items()))
     lap("manifest")
     executor = "ray" if ctx.executor is not None else "local"

@@ -5,6 +5,7 @@ row in the same parts (one source shard each), the manifest's counts, thresholds
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -456,3 +457,60 @@ def test_parts_are_flushed_to_disk_before_the_manifest_names_them(tmp_path, meta
     assert len(parts) == len(written) == 8  # 4 shards, a subset and a dropped part each
     assert any(p.endswith("manifest.json") for p in flushed)
     assert any(p.endswith("subset.npy") for p in flushed)
+
+
+class _InProcessTasks:
+    """The plan's task pool run in this process: a ``memory://`` folder is one process's."""
+
+    workers = 2
+
+    def map(self, fn, args):
+        return [fn(a) for a in args]
+
+
+def test_remote_output_streams(tmp_path, metadata, monkeypatch):
+    """An fsspec output folder on the shard plan: the workers write parts into it, the
+    driver moves them into place and uploads subset.npy; the same files as the in-memory
+    plan's there, the same rows as a local output's, and no earlier run's part left beside
+    the manifest."""
+    import contextlib
+
+    import fsspec
+
+    import pipelines.executors.streaming as streaming
+
+    monkeypatch.setattr(streaming, "task_pool", lambda *_a: contextlib.nullcontext(_InProcessTasks()))
+    fs = fsspec.filesystem("memory")
+    root = f"/poolsift-{tmp_path.name}"
+    out, aside = f"memory://{root}/out", f"{root}/memory"
+    filters = [{"caption": {"min_words": 2}}, {"clip_score": {"top_fraction": 0.3}}]
+    try:
+        mem = _run(metadata, out, filters, "memory", rows_per_part=25)
+        fs.copy(f"{root}/out", aside, recursive=True)
+        _run(metadata, out, [{"clip_score": {"top_fraction": 0.9}}], "streaming", rows_per_part=10)  # more parts
+        streamed = _run(metadata, out, filters, "streaming", rows_per_part=25)
+        assert streamed.manifest["execution"]["plan"] == "streaming"
+
+        def files(d: str) -> dict[str, bytes]:
+            return {p[len(d) + 1 :]: fs.cat(p) for p in fs.find(d) if "/cache/" not in p}
+
+        ours, theirs = files(f"{root}/out"), files(aside)
+        assert set(ours) == set(theirs) == {*streamed.manifest["files"], "manifest.json"}  # nothing stale, no spill
+        for rel in streamed.manifest["files"]:
+            assert ours[rel] == theirs[rel], rel
+        for key in ("counts", "thresholds", "outputs", "files", "inputs"):
+            assert streamed.manifest[key] == mem.manifest[key], key
+
+        local = _run(metadata, tmp_path / "local", filters, "streaming", rows_per_part=25)
+        assert ours["subset.npy"] == (tmp_path / "local" / "subset.npy").read_bytes()
+        for folder in ("subset", "dropped"):
+            remote = pa.concat_tables(
+                pq.read_table(io.BytesIO(ours[rel])) for rel in sorted(ours) if rel.startswith(f"{folder}/")
+            )
+            assert remote.replace_schema_metadata(None).equals(_table(tmp_path / "local" / folder)), folder
+        assert local.manifest["counts"] == streamed.manifest["counts"]
+
+        _run(metadata, out, filters, "streaming", rows_per_part=25, dropped=False)
+        assert not fs.exists(f"{root}/out/dropped") or not fs.find(f"{root}/out/dropped")
+    finally:
+        fs.rm(root, recursive=True)

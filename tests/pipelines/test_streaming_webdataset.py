@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.bench_refilter import config, make_shards, write_caches
+from bench.bench_refilter import config, make_shards, raw_config, write_caches
 from pipelines.config import parse_config
 from pipelines.manifest import json_default
 from pipelines.runner import run
@@ -70,9 +70,13 @@ def test_generated_pool(tmp_path, generated, fraction):
     assert streamed.manifest["counts"]["input"] == 550
 
 
-def _sample_run(out: Path, mode: str, filters):
+def _sample_run(out: Path, mode: str, filters, **output):
     cfg = write_config(
-        out.parent / f"{mode}.yaml", SAMPLE_CONFIG, filters=filters, output={"dir": str(out)}, execution={"mode": mode}
+        out.parent / f"{mode}.yaml",
+        SAMPLE_CONFIG,
+        filters=filters,
+        output={"dir": str(out), **output},
+        execution={"mode": mode},
     )
     return run(parse_config(yaml.safe_load(cfg.read_text())), progress=False, log=lambda _m: None)
 
@@ -112,3 +116,54 @@ def test_shards_not_cached_are_scored_first(tmp_path, generated):
     streamed = run(config(pattern, b, "auto", filters), progress=False, log=said.append)
     assert "scoring 1 of 5 shards (4 cached)" in said
     _same_outputs(mem, streamed, a, b)
+
+
+def _same_files(mem, streamed, a: Path, b: Path) -> None:
+    """Every output file byte for byte (the tars: the same members, in the same order, with
+    the same bytes), under the same names, and the manifest's records of them."""
+
+    def names(d: Path) -> list[str]:
+        return sorted(str(p.relative_to(d)) for sub in ("subset", "dropped", "shards") for p in (d / sub).glob("*"))
+
+    assert names(a) == names(b)
+    assert any(n.startswith("shards/") for n in names(b))
+    for rel in [*names(a), "subset.npy"]:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    for key in ("outputs", "shards", "files"):
+        assert mem.manifest[key] == streamed.manifest[key], key
+    assert sorted(streamed.manifest["files"]) == sorted([*names(b), "subset.npy"])
+    assert not (b / ".streaming").exists()
+
+
+def test_resharded_tars_of_a_generated_pool(tmp_path, generated):
+    """``output.webdataset`` on the shard plan: each worker copies its source shard's kept
+    samples into tars of at most ``samples_per_shard``; the same tars as in memory."""
+    pattern, cache = generated
+    a, b = tmp_path / "memory", tmp_path / "run"
+    shutil.copytree(cache, b / "cache")
+    filters = [*ROW_LOCAL, {"clip_score": {"top_fraction": 0.5}}]
+
+    def cfg(mode):
+        raw = raw_config(pattern, b, mode, filters)
+        raw["output"].update(webdataset=True, samples_per_shard=25, rows_per_part=40)
+        return parse_config(raw)
+
+    mem = run(cfg("memory"), progress=False, log=lambda _m: None)
+    shutil.copytree(b, a)
+    streamed = run(cfg("streaming"), progress=False, log=lambda _m: None)
+    _same_outputs(mem, streamed, a, b)
+    _same_files(mem, streamed, a, b)
+    counts = [s["count"] for s in streamed.manifest["shards"]]
+    assert max(counts) == 25 and min(counts) < 25 and sum(counts) == streamed.manifest["counts"]["kept"]
+    assert all(len(s["sources"]) == 1 for s in streamed.manifest["shards"])  # one source shard each
+
+
+def test_resharded_tars_of_the_bundled_sample(tmp_path, rerun_dir):
+    """``configs/sample.yaml`` with ``output.webdataset: true``: the same tars on both plans."""
+    filters = [{"clip_score": {"min": 0.55}}]
+    mem = _sample_run(rerun_dir, "memory", filters, webdataset=True, samples_per_shard=50)
+    a = tmp_path / "memory"
+    shutil.copytree(rerun_dir, a)
+    streamed = _sample_run(rerun_dir, "streaming", filters, webdataset=True, samples_per_shard=50)
+    _same_outputs(mem, streamed, a, rerun_dir)
+    _same_files(mem, streamed, a, rerun_dir)

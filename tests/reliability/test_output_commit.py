@@ -86,7 +86,7 @@ def test_a_missing_output_is_named(tmp_path, rerun_dir, missing):
 STEPS = {
     "subset parts": r"/subset/(\d+/)?[^/]*part-\d+\.parquet$",
     "dropped parts": r"/dropped/(\d+/)?[^/]*part-\d+\.parquet$",
-    "shards": r"/shards/[^/]*\d+\.tar$",
+    "shards": r"/shards/(\d+/)?[^/]*\d+\.tar$",
     "subset.npy": r"subset\.npy$",
     "report": r"report\.html$",
     "manifest": r"manifest\.json$",
@@ -261,6 +261,28 @@ def test_a_streaming_rerun_that_fails_at_any_output_step_keeps_the_last_result(t
     assert manifest["counts"]["kept"] < first["counts"]["kept"]
     assert not (out / "dropped").exists()
     assert len(list((out / "subset").iterdir())) < len([f for f in first["files"] if f.startswith("subset/")])
+
+
+def test_a_streaming_reshard_that_fails_at_any_output_step_keeps_the_last_result(tmp_path, rerun_dir, monkeypatch):
+    """The shard plan on the bundled sample, resharding on: each task writes its source
+    shard's parts and tars into the spill folder, the driver renames them into place."""
+    import pipelines.executors.streaming as streaming
+
+    out = rerun_dir
+    monkeypatch.setattr(streaming, "task_pool", lambda *_a: contextlib.nullcontext(_InProcessTasks()))
+    full = {"dir": str(out), "webdataset": True, "samples_per_shard": 30, "rows_per_part": 40}
+    cfg = write_config(tmp_path / "streaming.yaml", output=full, execution={"mode": "streaming"})
+    first = good_run(cfg, out)
+    assert first["execution"]["plan"] == "streaming" and len(first["shards"]) > 4
+    assert_whole(out)
+
+    def rerun():
+        code, _, err = run_cli("run", cfg, "--quiet", "--set", "filters[0].clip_score.min=0.3")
+        return code, err
+
+    steps = ["subset parts", "dropped parts", "shards", "subset.npy", "manifest"]
+    _rerun_fails_at_each_step(out, steps, rerun, monkeypatch)
+    assert not (out / streaming.SPILL).exists()
 
 
 def test_a_switch_left_half_done_is_finished_at_the_next_start(tmp_path, monkeypatch):

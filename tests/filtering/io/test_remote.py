@@ -119,3 +119,38 @@ def test_run_from_s3_to_s3_gives_the_local_subset(tmp_path, s3, scored_sample):
     again = run_cli("run", cfg, "--quiet")
     assert again[0] == 0 and "all 4 shards cached" in again[2]
     assert remote_subset().equals(remote)
+
+
+@pytest.mark.slow
+def test_shard_plan_writes_to_s3_from_its_workers(tmp_path, s3):
+    """A DataComp pool filtered on the shard plan by worker processes into s3://: the
+    workers write the parts there, the driver moves them into place; the local run's rows."""
+    from pipelines.config import parse_config
+    from pipelines.runner import run
+    from tests.datacomp_pool import make_datacomp_pool
+
+    metadata = make_datacomp_pool(tmp_path / "metadata", shards=3, rows=60)
+
+    def go(out: str):
+        raw = {
+            "input": {"datacomp_metadata": str(metadata)},
+            "filters": [{"clip_score": {"top_fraction": 0.4}}],
+            "output": {"dir": out, "rows_per_part": 25},
+            "execution": {"mode": "streaming"},
+        }
+        return run(parse_config(raw), progress=False, log=lambda _m: None)
+
+    remote = go(f"s3://{BUCKET}/runs/shard-plan")
+    local = go(str(tmp_path / "local"))
+    assert remote.manifest["execution"] == {**remote.manifest["execution"], "plan": "streaming", "executor": "local"}
+    assert remote.manifest["counts"] == local.manifest["counts"]
+    names = sorted(p.split("/runs/shard-plan/", 1)[1] for p in s3.find(f"{BUCKET}/runs/shard-plan"))
+    assert [n for n in names if not n.startswith("cache/")] == sorted([*remote.manifest["files"], "manifest.json"])
+    assert s3.cat(f"{BUCKET}/runs/shard-plan/subset.npy") == (tmp_path / "local" / "subset.npy").read_bytes()
+    for folder in ("subset", "dropped"):
+        parts = sorted(n for n in names if n.startswith(f"{folder}/"))
+        assert parts == sorted(str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local" / folder).iterdir())
+        for rel in parts:
+            with s3.open(f"{BUCKET}/runs/shard-plan/{rel}", "rb") as f:
+                ours = pq.read_table(f).replace_schema_metadata(None)
+            assert ours.equals(pq.read_table(tmp_path / "local" / rel).replace_schema_metadata(None)), rel

@@ -63,13 +63,13 @@ def _ctx(tmp_path):
     return RunContext(out_dir=str(tmp_path), cache_dir="", log=lambda m: None)
 
 
-def test_kept_samples_are_copied_byte_for_byte_in_fixed_size_shards(tmp_path, source):
+def test_kept_samples_are_copied_byte_for_byte_into_tars_per_source_shard(tmp_path, source):
     pool, original = source
     keep = np.zeros(pool.n, dtype=bool)
-    keep[[0, 2, 3, 6, 7, 13, 15, 16, 20]] = True
+    keep[[0, 2, 3, 6, 7, 13, 15, 16, 20]] = True  # 4, 2 and 3 of the three source shards
     out = tmp_path / "out" / "shards"
-    paths = reshard(pool, keep, str(out), 4, _ctx(tmp_path))
-    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000.tar", "00001.tar", "00002.tar"]
+    paths = reshard(pool, keep, str(out), 3, _ctx(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
     kept_keys = [k for k, m in zip(pool.column("key"), keep, strict=True) if m]
     copied = {}
     for p in paths:
@@ -80,23 +80,22 @@ def test_kept_samples_are_copied_byte_for_byte_in_fixed_size_shards(tmp_path, so
     for key in kept_keys:
         assert copied[key] == original[key]  # same names, same bytes, same member order
     smap = pool.artifacts["reshard_map"]
-    assert [s["count"] for s in smap] == [4, 4, 1]
-    assert smap[0]["sources"][pool.parts[0].url] == {"count": 4, "keys": kept_keys[:4]}
-    assert smap[1]["sources"] == {
-        pool.parts[1].url: {"count": 2, "keys": kept_keys[4:6]},
-        pool.parts[2].url: {"count": 2, "keys": kept_keys[6:8]},
-    }
+    assert [s["count"] for s in smap] == [3, 1, 2, 3]  # at most 3 each, every tar of one source shard
+    assert smap[0]["sources"] == {pool.parts[0].url: {"count": 3, "keys": kept_keys[:3]}}
+    assert smap[1]["sources"] == {pool.parts[0].url: {"count": 1, "keys": kept_keys[3:4]}}
+    assert smap[2]["sources"] == {pool.parts[1].url: {"count": 2, "keys": kept_keys[4:6]}}
+    assert smap[3]["sources"] == {pool.parts[2].url: {"count": 3, "keys": kept_keys[6:]}}
     with tarfile.open(paths[0]) as tf:
         m = tf.getmembers()[0]
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
 
     first = [Path(p).read_bytes() for p in paths]
-    paths2 = reshard(pool, keep, str(out), 4, _ctx(tmp_path))
+    paths2 = reshard(pool, keep, str(out), 3, _ctx(tmp_path))
     assert [Path(p).read_bytes() for p in paths2] == first  # deterministic bytes
 
     keep[:] = False
     keep[1] = True
-    assert reshard(pool, keep, str(out), 4, _ctx(tmp_path)) == [str(out / "00000.tar")]
+    assert reshard(pool, keep, str(out), 3, _ctx(tmp_path)) == [str(out / "00000.tar")]
     assert sorted(x.name for x in out.iterdir()) == ["00000.tar"]  # stale shards from the bigger run removed
 
 
@@ -145,8 +144,10 @@ def test_reshard_round_trip_on_the_sample(rerun_dir, tmp_path):
         source.update({(url, k): m for k, m in members.items()})
     paths = sorted(str(p) for p in (rerun_dir / "shards").glob("*.tar"))
     assert [s["path"] for s in manifest["shards"]] == paths
-    counts = [s["count"] for s in manifest["shards"]]
-    assert all(c == 64 for c in counts[:-1]) and 0 < counts[-1] <= 64 and sum(counts) == len(kept)
+    per_source = kept.groupby("source_shard", sort=False).size()  # kept samples per source shard, in pool order
+    expected = [min(64, n - j) for n in per_source for j in range(0, n, 64)]  # each source shard cut at 64
+    assert [s["count"] for s in manifest["shards"]] == expected and sum(expected) == len(kept)
+    assert all(len(s["sources"]) == 1 for s in manifest["shards"])
 
     copied = []
     for shard in manifest["shards"]:
