@@ -25,8 +25,8 @@ from tests.datacomp_pool import make_datacomp_pool
 pytestmark = pytest.mark.slow  # every test runs the pipeline
 
 
-def config(tmp_path, out, **output):
-    return write_config(tmp_path / f"{out.name}.yaml", output={"dir": str(out), **output})
+def config(tmp_path, out, mode: str = "auto", **output):
+    return write_config(tmp_path / f"{out.name}.yaml", output={"dir": str(out), **output}, execution={"mode": mode})
 
 
 def good_run(cfg, out) -> dict:
@@ -199,11 +199,11 @@ def test_a_rerun_that_fails_at_any_output_step_keeps_the_last_result(tmp_path, r
     """The in-memory plan on the bundled sample, resharding and the report on."""
     out = rerun_dir
     full = {"webdataset": True, "samples_per_shard": 30, "rows_per_part": 40, "report": True}
-    good_run(config(tmp_path, out, **full), out)
+    good_run(config(tmp_path, out, "memory", **full), out)
     first = assert_whole(out)
     assert {"subset/", "dropped/", "shards/", "report.html"} <= set(snapshot(out))
 
-    cfg = config(tmp_path, out, **full)
+    cfg = config(tmp_path, out, "memory", **full)
     other = ("--set", "filters[0].clip_score.min=0.3")  # other kept rows: other parts and shards
 
     def rerun():
@@ -213,7 +213,7 @@ def test_a_rerun_that_fails_at_any_output_step_keeps_the_last_result(tmp_path, r
     _rerun_fails_at_each_step(out, list(STEPS), rerun, monkeypatch)
 
     # a clean rerun commits, and nothing of the old result stays: no shards, dropped rows nor report
-    lean = config(tmp_path, out, dropped=False, rows_per_part=40)
+    lean = config(tmp_path, out, "memory", dropped=False, rows_per_part=40)
     code, _, err = run_cli("run", lean, "--quiet", *other)
     assert code == 0, err
     assert "previous result" not in err
