@@ -6,6 +6,7 @@ WebDataset sample (whose corrupt images are failed rows)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 
@@ -13,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from tests.conftest import SAMPLE
+from tests.conftest import REPO, SAMPLE
 from tests.datacomp_pool import make_datacomp_pool, pool_embeddings
 from tests.pipelines.test_streaming import assert_same_outputs
 from tests.pipelines.test_streaming_webdataset import _same_outputs, _sample_run
@@ -65,10 +67,17 @@ def test_datacomp(tmp_path, leaky, specs):
     assert "decontaminate" in m["execution"]["seconds"]
 
 
+def test_shipped_semantic_datacomp_preset(tmp_path, leaky):
+    """configs/dedup_semantic_datacomp.yaml's filters (exact dedup, SemDeDup,
+    decontamination, clip_score top_fraction), every step on the shard plan."""
+    raw = yaml.safe_load((REPO / "configs" / "dedup_semantic_datacomp.yaml").read_text())
+    filters = json.loads(json.dumps(raw["filters"]).replace("path/to/eval_l14_img.npy", str(leaky / "eval_emb.npy")))
+    m = assert_same_outputs(leaky / "metadata", tmp_path, filters, fresh_cache=True, search_record=False)
+    assert {f["name"]: f for f in m["counts"]["filters"]}["decontaminate"]["dropped"] == 3
+
+
 def _pool_images(n: int) -> list[tuple[str, bytes]]:
     """(key, jpg bytes) of the first ``n`` clean samples of the sample's first shard."""
-    import json
-
     out = []
     with tarfile.open(sorted((SAMPLE / "pool").glob("*.tar"))[0]) as tf:
         members = {m.name: m for m in tf.getmembers()}
