@@ -153,6 +153,7 @@ class SubsetList:
 
 
 _LOADED: dict[tuple, SubsetList] = {}
+MAX_LOADED = 4  # lists held per process: a run's uids filters (each shard applies every one)
 
 
 def load_subset_list(path: str, match: tuple[str, ...]) -> SubsetList:
@@ -164,7 +165,10 @@ def load_subset_list(path: str, match: tuple[str, ...]) -> SubsetList:
         stamp = (st.st_size, st.st_mtime_ns)
     cache_key = (path, match, stamp)
     if cache_key not in _LOADED:
-        _LOADED.clear()  # one list per run; a changed file replaces it
+        stale = [k for k in _LOADED if k[:2] == cache_key[:2]]  # the file changed
+        oldest = list(_LOADED)[: max(0, len(_LOADED) + 1 - MAX_LOADED)]
+        for k in stale + oldest:
+            _LOADED.pop(k, None)
         _LOADED[cache_key] = _load(path, match)
     return _LOADED[cache_key]
 

@@ -1,6 +1,8 @@
 """uids: keep or drop the entries of a subset list (a DataComp u8,u8 .npy, Parquet, CSV or
 text), matched by uid, sha256 or url, with the match report."""
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -194,3 +196,23 @@ def test_pool_without_the_key(tmp_path):
 def test_match_rejected(match):
     with pytest.raises(ValueError):
         UidsParams(path="x.npy", match=match)
+
+
+def test_lists_read_once_per_process(tmp_path, monkeypatch):
+    """Two uids filters in one run each keep their list (no re-read per shard); a list
+    file that changes is read again."""
+    import filtering.filters.subset_list as subset_list
+
+    reads = []
+    load = subset_list._load
+    monkeypatch.setattr(subset_list, "_load", lambda *a: reads.append(a[0]) or load(*a))
+    a = write_list(tmp_path / "a.parquet", {"sha256": SHA[:2]})
+    b = write_list(tmp_path / "b.parquet", {"sha256": SHA[2:]})
+    for _ in range(3):
+        for path in (a, b):
+            Uids(UidsParams(path=path, match="sha256"), InputInfo("webdataset")).check()
+    assert reads == [a, b]
+    write_list(tmp_path / "a.parquet", {"sha256": SHA[:1]})
+    os.utime(a, ns=(1, 1))
+    d, record, _ = run_filter(a, pool_of(), match="sha256")
+    assert reads == [a, b, a] and record["entries"] == 1
