@@ -62,6 +62,7 @@ OUTPUT_ENTRIES = (
     "subset",
     "dropped",
     "shards",
+    "subset_match",
     "cache",
     "report.html",
     "sweep.json",

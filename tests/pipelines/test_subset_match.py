@@ -142,6 +142,12 @@ def test_datacomp_copy(tmp_path):
 
     manifest, out = _both_plans(tmp_path, config)
     _check_report(manifest, out, entries, table.column("sha256").to_pylist())
+    # a later run in the folder without the filter: the report leaves with the old result
+    again = yaml.safe_load(config(out, "streaming").read_text())
+    again["filters"] = [{"caption": {"min_words": 1}}]
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
+    assert "subset_match" not in _run(tmp_path / "again.yaml").manifest
+    assert not (out / "subset_match").exists()
 
 
 # ---------------------------------------------------------------- WebDataset
