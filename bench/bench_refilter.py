@@ -23,9 +23,13 @@ cannot do) is listed with its reason. ``--recipe``:
   copies (``DUP_EVERY``: every 50th row repeats the previous row's image sha256, every
   50th, offset by 25, is its phash with two bits flipped) and random unit image
   embeddings, so dedup and k-means have real work.
+- ``head``: a configured scorer and a global step over its column: the bundled watermark
+  head (``embedding_head`` over the cached ``image`` embeddings, as
+  ``configs/sample_quality.yaml``) and ``score: {column: watermark_score, top_fraction:
+  0.5}``; on the streaming plan the scan pass scores (or reads) each shard.
 
 ``--column-caches cold`` (the default) removes the column stages' caches (clusters,
-dedup search, reference embeddings) before every timed run, so every mode does the same
+dedup search, reference embeddings, the head's scores) before every timed run, so every mode does the same
 work; ``warm`` makes one untimed run first and times re-filters that read them too.
 
 With two or more sizes it prints, per mode, issue 27's memory rule: peak at the largest
@@ -66,6 +70,21 @@ RECIPES = {
         "filters": ISSUE27_FILTERS,
         "clusters": {"num_clusters": 32, "reference": str(REPO / "sample_data" / "reference"), "seed": 0},
         "output": {"webdataset": True},
+    },
+    "head": {
+        "scorers": [
+            {
+                "embedding_head": {
+                    "name": "watermark",
+                    "preset": "mlp",
+                    "activation": "relu",
+                    "output": "sigmoid",
+                    "weights": str(REPO / "sample_data" / "heads" / "poolsift-watermark.safetensors"),
+                    "embedding": "image",
+                }
+            }
+        ],
+        "filters": [{"score": {"column": "watermark_score", "top_fraction": 0.5}}],
     },
 }
 DUP_EVERY = 50
@@ -237,8 +256,9 @@ def _rows_in(url: str) -> int:
 def raw_config(shards: str, out: Path, mode: str, filters=FILTERS, recipe: str | None = None) -> dict:
     r = RECIPES[recipe] if recipe else {"filters": filters}
     raw = {"input": {"shards": shards}, "model": MODEL, "filters": r["filters"]}
-    if "clusters" in r:
-        raw["clusters"] = r["clusters"]
+    for section in ("clusters", "scorers"):
+        if section in r:
+            raw[section] = r[section]
     return {**raw, "output": {"dir": str(out), **r.get("output", {})}, "execution": {"mode": mode}}
 
 
@@ -248,13 +268,13 @@ def config(shards: str, out: Path, mode: str, filters=FILTERS, recipe: str | Non
     return parse_config(raw_config(shards, out, mode, filters, recipe))
 
 
-SOURCE_CACHES = ("source-", "uids-", "scorer-")  # the shard caches a scoring run leaves
+SOURCE_CACHES = ("source-", "uids-", "scorer-clip-", "scorer-phash-")  # the shard caches a scoring run leaves
 
 
 def clear_column_caches(cache: Path) -> None:
-    """Remove every cache under ``cache`` but the source's and the scorers' (the column
-    stages': centroids, clusters, dedup search, reference embeddings), so each timed run
-    does the same work whichever mode ran before it."""
+    """Remove every cache under ``cache`` but the source's and its scorers' (the column
+    stages': centroids, clusters, dedup search, reference embeddings, a configured
+    scorer's), so each timed run does the same work whichever mode ran before it."""
     for d in cache.iterdir() if cache.is_dir() else ():
         if d.is_dir() and not d.name.startswith(SOURCE_CACHES):
             shutil.rmtree(d)
