@@ -41,7 +41,7 @@ import pyarrow as pa
 from filtering.cache import ShardCache, read_npy
 from filtering.errors import ConfigError, PoolsiftError
 from filtering.io.arrow import conform
-from filtering.io.paths import expand_shards, file_info, get_fs, is_local, join
+from filtering.io.paths import expand_shards, file_info, get_fs, join
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
 from filtering.pool import Pool, ShardPart
 from filtering.scorers.base import Batch, Scorer, input_info
@@ -293,7 +293,7 @@ class WebDatasetStage(SourceStage):
     # one-shard pool from the caches.
 
     def stream_why_not(self) -> str | None:
-        return None if is_local(self.cache_root) else "remote cache"
+        return None  # every cache is read and written through fsspec: a remote one streams too
 
     def stream_shards(self) -> list[str]:
         return list(self.urls)

@@ -154,3 +154,32 @@ def test_shard_plan_writes_to_s3_from_its_workers(tmp_path, s3):
             with s3.open(f"{BUCKET}/runs/shard-plan/{rel}", "rb") as f:
                 ours = pq.read_table(f).replace_schema_metadata(None)
             assert ours.equals(pq.read_table(tmp_path / "local" / rel).replace_schema_metadata(None)), rel
+
+
+@pytest.mark.slow
+def test_shard_plan_reshards_from_s3_to_s3(tmp_path, s3, rerun_dir):
+    """Shards, cache and output on s3://, resharding on the shard plan: the workers copy
+    each source shard's kept samples into tars there; the local in-memory run's tars."""
+    out = f"s3://{BUCKET}/runs/sample"  # the cache of the run above, if it ran
+    resharding = {"webdataset": True, "samples_per_shard": 64}
+    cfg = write_config(
+        tmp_path / "s3.yaml",
+        input={"shards": f"s3://{BUCKET}/sample/{{00000..00003}}.tar"},
+        output={"dir": out, **resharding},
+        execution={"mode": "streaming"},
+    )
+    code, _, err = run_cli("run", cfg, "--quiet")
+    assert code == 0, err
+    manifest = json.loads(s3.cat(f"{BUCKET}/runs/sample/manifest.json"))
+    assert manifest["execution"]["plan"] == "streaming"
+
+    local_cfg = write_config(tmp_path / "local.yaml", output={"dir": str(rerun_dir), **resharding})
+    code, _, err = run_cli("run", local_cfg, "--quiet", "--set", "execution.mode=memory")
+    assert code == 0, err
+    local = json.loads((rerun_dir / "manifest.json").read_text())
+    names = sorted(p.name for p in (rerun_dir / "shards").iterdir())
+    assert [s["path"] for s in manifest["shards"]] == [f"{out}/shards/{n}" for n in names]
+    assert [s["count"] for s in manifest["shards"]] == [s["count"] for s in local["shards"]]
+    for n in names:  # the same members, in the same order, with the same bytes
+        assert s3.cat(f"{BUCKET}/runs/sample/shards/{n}") == (rerun_dir / "shards" / n).read_bytes(), n
+    assert not s3.exists(f"{BUCKET}/runs/sample/.streaming")
