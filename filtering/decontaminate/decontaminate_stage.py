@@ -94,7 +94,6 @@ def targets_of(filter_tree) -> list[Target]:
 class DecontaminateStage(ColumnStage):
     name = "decontaminate"
     scope = "global"  # the reference sets in the driver, then each shard's nearest items
-    prepare_reads_shards = False  # prepare reads the reference sets only: any source streams it
 
     def __init__(
         self, filter_tree, model: ModelConfig, cache_root: str, formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS

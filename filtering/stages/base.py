@@ -106,8 +106,6 @@ class SourceStage(Stage):
     # --- the streaming plan (pipelines/executors/streaming.py): the pool one shard at a time.
     # A source that streams implements these; the plan never asks what kind of input it is.
 
-    streams_clusters = False  # whether image_clusters (:meth:`skeleton_pool`) and dedup's search stream on it
-
     def stream_why_not(self) -> str | None:
         """Why this source cannot stream (None: it can); called before anything is read."""
         return f"input {self.info.kind} has no one-shard pool"
@@ -135,6 +133,14 @@ class SourceStage(Stage):
         """The one-shard pool: the rows the in-memory pool holds for ``shard``, same columns."""
         raise NotImplementedError
 
+    def skeleton_pool(self, counts: list[int]) -> Pool:
+        """The whole pool as a ``"global"`` column stage's whole-pool step reads it
+        (``ImageClustersStage.find_targets``): the shard parts (``counts`` rows each, in
+        pool order), the embeddings read per shard as :meth:`run`'s pool reads them, and
+        the failed rows when the source has any (an ``error`` column: a validity bitmap,
+        as ``Pool.failed`` reads it); no other column."""
+        raise NotImplementedError
+
     def shard_record(self, ctx: RunContext, pool: Pool) -> Any:
         """What a worker returns about its shard for :meth:`stream_record` (picklable)."""
         return None
@@ -157,10 +163,6 @@ class ColumnStage(Stage):
     """
 
     scope: str = "pool"
-    # ``scope == "global"``: whether :meth:`prepare` reads the source's shards (its
-    # ``skeleton_pool``, which only a source with ``streams_clusters`` gives), or only
-    # what the stage names itself (decontamination's reference sets)
-    prepare_reads_shards: bool = True
 
     def prepare(self, ctx: RunContext, source: SourceStage, shard_rows: list[int]) -> Any:
         """``scope == "global"``: the whole-pool step; its result is handed to :meth:`run_shard`."""

@@ -197,8 +197,6 @@ class DataCompStage(SourceStage):
 
     # --- the streaming plan (pipelines/executors/streaming.py) --------------------------
 
-    streams_clusters = True
-
     def stream_why_not(self) -> str | None:
         return None if is_local(self.metadata_dir) else "remote input"
 

@@ -345,9 +345,10 @@ class WebDatasetStage(SourceStage):
             [(c, scored[c] if c in scored else rows.field(c).type) for c in _read_order(rows.names, scored)]
         )
 
-    def shard_scores(self, shard: str, names: list[str]) -> dict[str, np.ndarray]:
-        """From the scorers' caches, over the rows not failed (``error`` set, or a bad uid
-        failed by ``input.uid.on_invalid: fail``), as ``ClipScore.threshold`` reads them."""
+    def failed_rows(self, shard: str) -> np.ndarray:
+        """One shard's failed rows, as its pool has them (``Pool.failed``): ``error`` set in
+        the rows' cache, or a bad uid failed by ``input.uid.on_invalid: fail``
+        (:meth:`resolve_uids`), read from the cache without building the pool."""
         cfg = self.uid_cfg
         if getattr(cfg, "source", "json") == "json" and getattr(cfg, "on_invalid", "error") == "fail":
             rows = self.cache.read_table(shard, columns=["uid", "key", "source_shard", "url", "error"])
@@ -357,7 +358,12 @@ class WebDatasetStage(SourceStage):
             )
         else:
             error = self.cache.read_table(shard, columns=["error"]).column("error")
-        alive = ~error.is_valid().to_numpy(zero_copy_only=False)
+        return error.is_valid().to_numpy(zero_copy_only=False)
+
+    def shard_scores(self, shard: str, names: list[str]) -> dict[str, np.ndarray]:
+        """From the scorers' caches, over the rows not failed (:meth:`failed_rows`), as
+        ``ClipScore.threshold`` reads them."""
+        alive = ~self.failed_rows(shard)
         out = {}
         for name in names:
             writer = next((s for s in self.scorers if name in s.provides()), None)
@@ -373,6 +379,36 @@ class WebDatasetStage(SourceStage):
 
     def shard_record(self, ctx: RunContext, pool: Pool) -> dict:
         return pool.artifacts["uids"]
+
+    def skeleton_pool(self, counts: list[int]) -> Pool:
+        """The parts and embeddings of :meth:`load_pool`'s pool (the same parts, so the same
+        embedding fingerprints and caches) and its failed rows, read shard by shard
+        (:meth:`failed_rows`) and held as the validity bitmap of an ``error`` column of
+        booleans (two bits a row): ``image_clusters`` trains its k-means on the rows not
+        failed, as on the whole pool."""
+        parts, error, start = [], [], 0
+        for u, n in zip(self.stream_shards(), counts, strict=True):
+            failed = self.failed_rows(u)
+            if len(failed) != n:
+                raise PoolsiftError(f"cache: {self.cache.table_path(u)} has {len(failed)} rows, was {n}")
+            error.append(pa.array(np.zeros(n, bool), mask=~failed))  # valid where failed, as Pool.failed reads it
+            parts.append(ShardPart(u, self.cache.table_path(u), start, start + n))
+            start += n
+        table = pa.table({"error": pa.chunked_array(error, pa.bool_())})
+        return Pool(table=table, parts=parts, **self._embedding_access())
+
+    def _embedding_access(self) -> dict[str, Any]:
+        """The pool's embeddings: each kind read per shard from the scorer that writes it."""
+        writers = {k: s for s in self.scorers for k in s.embeddings()}
+        kinds, default = self.embeddings()
+        return {
+            "embedding_loader": lambda kind, part: self.scorer_cache(writers[kind]).read_array(part.url, kind),
+            "embedding_ref": lambda kind, part: functools.partial(
+                read_npy, self.scorer_cache(writers[kind]).array_path(part.url, kind)
+            ),
+            "embedding_kinds": kinds,
+            "default_embedding": default,
+        }
 
     def stream_record(self, ctx: RunContext, records: list, shards: list, rows: int) -> None:
         """The uid report summed over the shards (examples: the first ones, in pool order)."""
@@ -496,17 +532,10 @@ class WebDatasetStage(SourceStage):
             table = conform(table, schema)
         table, uid_report = self.resolve_uids(table, pool_columns)
         self.cache_uids(table, parts)
-        writers = {k: s for s in self.scorers for k in s.embeddings()}
-        kinds, default = self.embeddings()
         return Pool(
             table=table,
             parts=parts,
-            embedding_loader=lambda kind, part: self.scorer_cache(writers[kind]).read_array(part.url, kind),
-            embedding_ref=lambda kind, part: functools.partial(
-                read_npy, self.scorer_cache(writers[kind]).array_path(part.url, kind)
-            ),
-            embedding_kinds=kinds,
-            default_embedding=default,
+            **self._embedding_access(),
             artifacts={"uids": uid_report, "carried_columns": tuple(uid_report.pop("carried_columns", ()))},
             internal=set(self.internal),
         )

@@ -2,9 +2,9 @@
 
 The source stage owns everything that depends on the input kind (``SourceStage``'s
 streaming methods: ``stream_shards``, ``stream_prepare``, ``shard_scores``,
-``shard_pool``, ``stream_record``): DataComp metadata read per shard, or a WebDataset
-pool whose shards not cached yet are scored first (``stream_prepare``), each worker
-then building its one-shard pool from the caches.
+``shard_pool``, ``skeleton_pool``, ``stream_record``): DataComp metadata read per
+shard, or a WebDataset pool whose shards not cached yet are scored first
+(``stream_prepare``), each worker then building its one-shard pool from the caches.
 
 Used when every filter in the tree decides a row from that row alone (its
 ``reduction()`` is None), or declares a global step this plan runs: a ``TopFraction``
@@ -32,9 +32,9 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    passes read the scan's spilled arrays, not the shards.
 3. **global stages** (driver): each ``"global"`` stage's ``prepare`` (``image_clusters``:
    centroids, reference embeddings and target ids by ``ImageClustersStage.find_targets``
-   on a pool of shard parts and embeddings, no column, in the in-memory path's caches;
-   ``decontaminate``: each reference set loaded, embedded or hashed, and cached, its
-   fingerprint handed on; it reads no shard, so it streams on any source).
+   on the source's ``skeleton_pool``: shard parts and embeddings, no column but the
+   failed rows as a validity bitmap, in the in-memory path's caches; ``decontaminate``:
+   each reference set loaded, embedded or hashed, and cached, its fingerprint handed on).
 4. **filter and write** (per shard): the shard read as a one-shard pool (with the whole
    pool's columns and types, unified in ``stream_prepare`` where shards differ), its columns
    added by the column stages (``run``, or a global stage's ``run_shard``: the in-memory
@@ -119,9 +119,6 @@ def why_not(cfg, the_plan, executor) -> str | None:
     for stage in the_plan.stages:
         if stage.scope == "pool":
             return f"stage {type(stage).__name__} needs the whole pool"
-        whole_pool = stage.scope == "reduction" or (stage.scope == "global" and stage.prepare_reads_shards)
-        if whole_pool and not source.streams_clusters:
-            return f"stage {type(stage).__name__} on {source.info.kind} input"  # a whole-pool step over its shards
     if not is_local(cfg.output.dir) and executor is not None:
         return "remote output on Ray (the plan's spill files are on the driver's disk)"
     provided = set(source.provides())
