@@ -70,9 +70,9 @@ class _ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
         shard = self.shards[-1]
         shard["count"] += 1
-        src = shard["sources"].setdefault(source, {"count": 0, "keys": []})
+        src = shard["sources"].setdefault(source, {"count": 0, "first_key": key})
         src["count"] += 1
-        src["keys"].append(key)
+        src["last_key"] = key  # a record of fixed size: the subset's rows name every key
 
     def _next(self) -> None:
         self.end()
@@ -104,7 +104,8 @@ def write_shards(pool: Pool, keep: np.ndarray, dir_url: str, samples_per_shard: 
     part's) cut into tars of at most ``samples_per_shard`` samples, so a shard's tars do
     not depend on the other shards and the shard plan writes them per source shard.
     Returns each tar's record (``path``, ``count``, ``sources``: each source's count and
-    keys) and each tar's size in bytes."""
+    first and last key, a fixed size per tar: the subset parts list every kept key, in the
+    tars' order) and each tar's size in bytes."""
     keys = pool.column("key")
     writer = _ShardWriter(dir_url, samples_per_shard, fsync=fsync)
     try:
