@@ -218,13 +218,17 @@ class DataCompStage(SourceStage):
         return None
 
     def _layout_of(self, shards: list[DataCompShard], schemas: list[pa.Schema]) -> _Layout:
-        wanted = [self._columns_for(schema, s.parquet) for s, schema in zip(shards, schemas, strict=True)]
+        # Each distinct schema once, in the order the shards first have it: the same columns,
+        # order and types as every shard's (a pool of many shards has few schemas).
+        distinct: dict[pa.Schema, DataCompShard] = {}
+        for shard, schema in zip(shards, schemas, strict=True):
+            distinct.setdefault(schema, shard)
+        schemas = list(distinct)
+        wanted = [self._columns_for(schema, s.parquet) for schema, s in distinct.items()]
         late = self._late_columns(schemas, wanted)
         late_raw = late.raw if late else ()
         eager = [
-            _normalise(
-                schema.empty_table().select([c for c in w if c not in late_raw]), requested=self.requested
-            ).schema
+            _normalised_schema(pa.schema([schema.field(c) for c in w if c not in late_raw]), self.requested)
             for schema, w in zip(schemas, wanted, strict=True)
         ]
         schema = pa.unify_schemas(eager, promote_options="permissive") if len(eager) > 1 else eager[0]
@@ -360,7 +364,7 @@ class _LateSpec:
 class _Layout:
     """The whole pool's columns, from the shards' footers (the shard plan's ``stream_prepare``)."""
 
-    wanted: tuple[tuple[str, ...], ...]  # each shard's columns read (parquet names)
+    wanted: tuple[tuple[str, ...], ...]  # each distinct schema's columns read (parquet names), in shard order
     late: _LateSpec | None
     schema: pa.Schema  # the eager columns, unified as run's permissive concatenation unifies them
     kinds: tuple[str, ...]  # the embedding arrays every shard has
@@ -431,21 +435,39 @@ def _pool_order(raw_names: list[str], requested: set[str]) -> list[str]:
 
 def _normalise(table: pa.Table, requested: set[str]) -> pa.Table:
     """DataComp columns -> pool columns: ``text`` -> ``caption``, ``key`` defaults to ``uid``,
-    known columns first in DataComp's order."""
-    names = table.column_names
-    cols: dict[str, pa.ChunkedArray] = {"uid": table.column("uid").cast(pa.string())}
-    cols["key"] = table.column("key").cast(pa.string()) if "key" in names else cols["uid"]
+    known columns first in DataComp's order (:func:`_pool_fields`)."""
+    return pa.table(
+        {
+            name: table.column(raw).cast(pa.string()) if as_string else table.column(raw)
+            for name, raw, as_string in _pool_fields(table.column_names, requested)
+        }
+    )
+
+
+def _normalised_schema(schema: pa.Schema, requested: set[str]) -> pa.Schema:
+    """The schema :func:`_normalise` gives a table of ``schema``, without building one (a
+    table, even empty, would load pandas into the streaming plan's driver)."""
+    return pa.schema(
+        [
+            (name, pa.string() if as_string else schema.field(raw).type)
+            for name, raw, as_string in _pool_fields(schema.names, requested)
+        ]
+    )
+
+
+def _pool_fields(names: list[str], requested: set[str]) -> list[tuple[str, str, bool]]:
+    """(pool name, parquet name, as string) of the pool's columns from a shard's columns ``names``."""
+    out = [("uid", "uid", True), ("key", "key" if "key" in names else "uid", True)]
     if "text" in names:
-        cols["caption"] = table.column("text").cast(pa.string())
+        out.append(("caption", "text", True))
         if "text" in requested:
-            cols["text"] = cols["caption"]
-    for name in METADATA_COLUMNS:
-        if name in names and name not in cols and name != "text":
-            cols[name] = table.column(name)
-    for name in names:
-        if name not in cols and name != "text":
-            cols[name] = table.column(name)
-    return pa.table(cols)
+            out.append(("text", "text", True))
+    taken = {name for name, _, _ in out}
+    for name in [*(c for c in METADATA_COLUMNS if c in names), *names]:
+        if name not in taken and name != "text":
+            out.append((name, name, False))
+            taken.add(name)
+    return out
 
 
 def _with_source_shard(table: pa.Table, shards: list[DataCompShard], counts: list[int]) -> pa.Table:
