@@ -25,7 +25,7 @@ class _Shared:
     prov: dict[str, Any]
     hex_columns: frozenset[str]
     rows_per_part: int
-    shard_stages: tuple = ()  # the plan's stages of scope "shard", run on each shard's pool (cached per shard)
+    column_stages: tuple = ()  # the plan's stages of scope "shard" or "global", in the plan's order
     global_stages: tuple = ()  # (stage, its prepare() result) for the stages of scope "global"
     max_failures: int = 10_000  # failed rows listed per shard (the manifest lists as many in all)
 
@@ -36,15 +36,18 @@ def _shard_pool(sh: _Shared, shard):
 
 
 def shard_columns(sh: _Shared, ctx: RunContext, pool) -> dict[str, Any]:
-    """The column stages' columns of one shard's pool: the per-shard stages (the scorers:
-    cached per shard, so the phase that first runs them computes, the later ones read),
-    then each global stage's per-shard part (the same per-shard cache entries as the
-    in-memory run's). Returns the scorers' records of this shard (``ctx.stage_info``),
-    which the driver merges (``streaming.merge_scorer_records``)."""
-    for stage in sh.shard_stages:
-        stage.run(ctx, pool)
-    for stage, prepared in sh.global_stages:
-        stage.run_shard(ctx, pool, prepared)
+    """The column stages' columns of one shard's pool, in the plan's order (the in-memory
+    run's, so the columns come in its order): each per-shard stage (the scorers: cached
+    per shard, so the phase that first runs them computes, the later ones read) and each
+    global stage's per-shard part once its whole-pool step is done (the same per-shard
+    cache entries as the in-memory run's). Returns the scorers' records of this shard
+    (``ctx.stage_info``), which the driver merges (``streaming.merge_scorer_records``)."""
+    prepared = {id(stage): result for stage, result in sh.global_stages}
+    for stage in sh.column_stages:
+        if stage.scope == "shard":
+            stage.run(ctx, pool)
+        elif id(stage) in prepared:  # not before its whole-pool step (the scan runs before it)
+            stage.run_shard(ctx, pool, prepared[id(stage)])
     return ctx.stage_info.get("scorers", {})
 
 

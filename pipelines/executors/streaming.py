@@ -584,7 +584,7 @@ def _run(
         prov=prov,
         hex_columns=frozenset(HEX_COLUMNS | set(source.info.hex_columns)),
         rows_per_part=cfg.output.rows_per_part,
-        shard_stages=tuple(s for s in the_plan_stages if s.scope == "shard"),
+        column_stages=tuple(s for s in the_plan_stages if s.scope in ("shard", "global")),
         max_failures=MAX_MANIFEST_FAILURES,
     )
     uid_paths = [os.path.join(spill, f"uids-{i:06d}.npy") for i in range(len(shards))]

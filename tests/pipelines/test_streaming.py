@@ -39,9 +39,10 @@ def nan_metadata(tmp_path_factory):
     return root
 
 
-def _run(metadata: Path, out: Path, filters, mode: str, clusters=None, **output):
+def _run(metadata: Path, out: Path, filters, mode: str, clusters=None, scorers=(), **output):
     raw = {
         "input": {"datacomp_metadata": str(metadata)},
+        "scorers": list(scorers),
         "filters": filters,
         "output": {"dir": str(out), **output},
         "execution": {"mode": mode},
@@ -77,18 +78,18 @@ def assert_tables_equal(ta: pa.Table, tb: pa.Table) -> None:
 
 
 def assert_same_outputs(
-    metadata: Path, tmp_path: Path, filters, clusters=None, fresh_cache=False, search_record=True, **output
+    metadata: Path, tmp_path: Path, filters, clusters=None, fresh_cache=False, search_record=True, scorers=(), **output
 ) -> dict:
     """Both plans into the same folder (the config, output.dir included, is the same); the
     in-memory run's outputs are copied aside first. ``fresh_cache``: the streaming run
     starts without the in-memory run's cache, so both compute everything. ``search_record``
     False: the dedup search's record (``stages.dedup``: its cache entry) is not compared."""
     a, b = tmp_path / "memory", tmp_path / "run"
-    mem = _run(metadata, b, filters, "memory", clusters, **output)
+    mem = _run(metadata, b, filters, "memory", clusters, scorers, **output)
     shutil.copytree(b, a)
     if fresh_cache:
         shutil.rmtree(b / "cache")
-    streamed = _run(metadata, b, filters, "streaming", clusters, **output)
+    streamed = _run(metadata, b, filters, "streaming", clusters, scorers, **output)
     assert streamed.pool is None and mem.pool is not None  # the plan that ran
     assert streamed.manifest["execution"]["plan"] == "streaming"
     assert not (b / ".streaming").exists()

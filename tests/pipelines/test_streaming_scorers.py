@@ -99,3 +99,25 @@ def test_top_fraction_over_a_head_column_with_failed_and_nan_rows(tmp_path, reru
     assert score["reasons"]["watermark_score_below_top_fraction"] > 0
     assert np.isfinite(streamed.manifest["thresholds"]["watermark_score"])
     assert streamed.manifest["stages"]["scorers"]["watermark"]["cache"]["shards_scored"] == 4
+
+
+def test_a_head_beside_image_clusters_writes_the_columns_in_the_in_memory_order(tmp_path):
+    """DataComp metadata (l14_img of DataComp's width), a configured head and
+    ``image_clusters`` (a global stage): each shard's column stages run in the plan's
+    order, so the subset's columns come in the in-memory run's order."""
+    from safetensors.numpy import save_file
+
+    from tests.datacomp_pool import make_datacomp_pool, random_state_dict
+    from tests.pipelines.test_streaming import assert_same_outputs
+
+    metadata = make_datacomp_pool(tmp_path / "dc" / "metadata", shards=3, rows=40, dims=(16, 768))
+    rng = np.random.default_rng(5)
+    centroids = rng.standard_normal((6, 768)).astype(np.float32)
+    np.save(tmp_path / "centroids.npy", centroids / np.linalg.norm(centroids, axis=1, keepdims=True))
+    np.save(tmp_path / "reference.npy", rng.standard_normal((2, 768)).astype(np.float32))
+    save_file(random_state_dict({"0": (8, 768), "1": (1, 8)}, seed=7), str(tmp_path / "head.safetensors"))
+    head = {"embedding_head": {"name": "q", "preset": "mlp", "weights": str(tmp_path / "head.safetensors")}}
+    clusters = {"centroids": str(tmp_path / "centroids.npy"), "reference": str(tmp_path / "reference.npy")}
+    filters = [{"score": {"column": "q_score", "top_fraction": 0.6}}, {"image_clusters": {}}]
+    m = assert_same_outputs(metadata, tmp_path, filters, clusters, fresh_cache=True, scorers=[head])
+    assert m["stages"]["scorers"]["q"]["cache"]["shards_scored"] == 3
