@@ -295,20 +295,58 @@ def _uid_examples(table, rows, field: str) -> list[dict]:
     ]
 
 
-def find_duplicates(uids, alive):
-    """Rows whose uid an earlier alive row already has (``later``), and the number of
-    distinct uids that occur more than once. Vectorised: sorted ``u8,u8`` pairs."""
-    alive_idx = np.flatnonzero(alive)
-    later = np.zeros(len(alive), dtype=bool)
-    if len(alive_idx) < 2:
-        return later, 0
-    import pyarrow as pa
+EXAMPLE_ROWS = 100  # the first later copies (pool order) the duplicate report's examples are picked from
+EXAMPLES = 5  # example uids in the report
+EXAMPLE_COPIES = 5  # copies listed per example uid
 
-    col = uids.take(pa.array(alive_idx)) if hasattr(uids, "take") else np.asarray(uids, dtype=object)[alive_idx]
-    pairs = uids_to_u8u8(col)
-    order = np.lexsort((pairs["f1"], pairs["f0"]))  # stable: equal uids stay in pool order
+
+def repeated_uids(pairs: np.ndarray, pool_key: np.ndarray) -> dict | None:
+    """Uids that two or more entries of ``pairs`` (``u8,u8``) share; None when none does.
+
+    ``pool_key`` (int64, one per entry, all distinct) orders the entries as the pool does
+    (a row; on the shard plan a shard and a row): of each uid's copies the first in that
+    order is the first copy, the others are later copies. Returns ``later`` (positions of
+    the later copies), ``uids`` (how many uids repeat), ``candidates`` (the first
+    EXAMPLE_ROWS later copies in pool order: their keys and uids) and ``copies`` (for each
+    candidate's uid: how many copies, and the pool keys of its first EXAMPLE_COPIES): all
+    a report needs, and small, whatever the pool. Sorts the high halves alone first: equal
+    ones are rare."""
+    high = np.sort(pairs["f0"])
+    if len(high) < 2 or not (high[1:] == high[:-1]).any():
+        return None
+    order = np.lexsort((pool_key, pairs["f1"], pairs["f0"]))  # by uid, each uid's copies in pool order
     s = pairs[order]
     same = (s["f0"][1:] == s["f0"][:-1]) & (s["f1"][1:] == s["f1"][:-1])
-    later[alive_idx[order[1:][same]]] = True
-    starts = same & ~np.concatenate([[False], same[:-1]])
-    return later, int(starts.sum())
+    if not same.any():
+        return None
+    later = order[1:][same]
+    n_uids = int((same & ~np.concatenate([[False], same[:-1]])).sum())
+    group = np.cumsum(np.concatenate([[True], ~same])) - 1  # per sorted position: its uid's group
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    cand = later[np.argsort(pool_key[later], kind="stable")[:EXAMPLE_ROWS]]
+    copies = {}
+    for g in dict.fromkeys(group[rank[cand]].tolist()):
+        lo, hi = np.searchsorted(group, [g, g + 1])
+        uid = (int(s["f0"][lo]), int(s["f1"][lo]))
+        copies[uid] = (int(hi - lo), pool_key[order[lo : min(hi, lo + EXAMPLE_COPIES)]].tolist())
+    return {
+        "later": later,
+        "rows": len(later),
+        "uids": n_uids,
+        "candidates": (pool_key[cand], pairs[cand]),
+        "copies": copies,
+    }
+
+
+def duplicate_examples(found: list[dict]) -> list[tuple[str, int, list[int]]]:
+    """The report's examples from :func:`repeated_uids` results over disjoint sets of uids
+    (the shard plan's uid ranges; one result in memory): the distinct uids of the first
+    EXAMPLE_ROWS later copies in pool order, the first EXAMPLES of them, each as
+    ``(uid, copies, pool keys of its first copies)``."""
+    keys = np.concatenate([f["candidates"][0] for f in found])
+    pairs = np.concatenate([f["candidates"][1] for f in found])
+    first = pairs[np.argsort(keys, kind="stable")[:EXAMPLE_ROWS]]
+    copies = {k: v for f in found for k, v in f["copies"].items()}
+    uids = list(dict.fromkeys((int(h), int(lo)) for h, lo in zip(first["f0"], first["f1"], strict=True)))
+    return [(f"{h:016x}{lo:016x}", *copies[(h, lo)]) for h, lo in uids[:EXAMPLES]]

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filtering.errors import ConfigError, PoolsiftError
-from filtering.filters.base import Decision, add_tally
+from filtering.errors import ConfigError
+from filtering.filters.base import add_tally
 from filtering.filters.compose import FilterNode, FilterOutcome, apply_filters
 from filtering.io.atomic import atomic_write_text, makedirs, remove_temp_files
 from filtering.io.paths import join
@@ -37,6 +37,7 @@ from filtering.writers.parquet import (
 )
 from filtering.writers.uids import write_uids
 from pipelines.config import Config, check_local_paths, input_kind
+from pipelines.executors.uid_phase import check_duplicate_uids
 from pipelines.lock import output_lock
 from pipelines.manifest import (
     MAX_MANIFEST_FAILURES,
@@ -300,61 +301,6 @@ def streamed(cfg: Config, the_plan: Plan, ctx: RunContext, executor, result: Sta
             raise ConfigError(f"execution.mode: streaming is not possible for this run: {reason}")
         return None
     return streaming.run_streaming(cfg, the_plan, ctx, result)
-
-
-class _UidDuplicates(FilterNode):
-    """``input.uid.duplicates: keep_first``: later copies of a uid are dropped, first in the funnel."""
-
-    def __init__(self, later: np.ndarray):
-        self.later = later
-
-    def evaluate(self, pool: Pool, alive: np.ndarray) -> Decision:
-        return Decision(keep=~self.later, reason="duplicate_uid")
-
-    def label(self) -> str:
-        return "uid_duplicates"
-
-    def leaves(self) -> list:
-        return []
-
-
-def check_duplicate_uids(pool: Pool, policy: str, ctx: RunContext) -> FilterNode | None:
-    """Report uids that two or more readable samples share (docs/spec.md, "Semantics that must match DataComp exactly"; issue 14, finding 12):
-    count and examples in the manifest and one warning line; ``error`` stops the run,
-    ``keep_first`` returns the funnel step that drops the later copies."""
-    import pyarrow.compute as pc
-
-    from filtering.uid import find_duplicates
-
-    alive = ~pool.failed
-    uids = pool.table.column("uid")
-    later, n_uids = find_duplicates(uids, alive)
-    n_rows = int(later.sum())
-    report: dict[str, Any] = {"policy": policy, "rows": n_rows, "uids": n_uids}
-    if n_rows:
-        example_uids = list(dict.fromkeys(uids.take(pa.array(np.flatnonzero(later)[:100])).to_pylist()))[:5]
-        examples = []
-        for uid in example_uids:
-            rows = np.flatnonzero(pc.equal(uids, uid).to_numpy(zero_copy_only=False) & alive)
-            where = pool.table.select(["source_shard", "key"]).take(pa.array(rows[:5])).to_pylist()
-            examples.append({"uid": uid, "count": len(rows), "samples": where})
-        report["examples"] = examples
-        action = {
-            "report": "all copies kept",
-            "keep_first": "later copies dropped (duplicate_uid)",
-            "error": "stopping",
-        }[policy]
-        ctx.log(
-            f"warning: {n_uids} uid(s) occur on more than one sample ({n_rows} extra copies, e.g. {example_uids[0]}); "
-            f"{action} (input.uid.duplicates)"
-        )
-    ctx.stage_info.setdefault("uids", {})["duplicates"] = report
-    if n_rows and policy == "error":
-        raise PoolsiftError(
-            f"input.uid.duplicates: {n_uids} uid(s) occur on more than one sample ({n_rows} extra copies, "
-            f"e.g. {example_uids[0]}); set input.uid.duplicates: keep_first or report"
-        )
-    return _UidDuplicates(later) if n_rows and policy == "keep_first" else None
 
 
 def write_outputs(

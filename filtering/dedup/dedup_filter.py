@@ -24,8 +24,8 @@ the same steps shard by shard (``pipelines/executors/dedup_phase.py``), same pai
 Pairs are joined into groups (connected components); in each group the copy preferred
 by ``keep`` survives (``highest_clip_score``, ties by smallest uid; or ``smallest_uid``)
 and the others are dropped with reason ``duplicate_<method>`` and ``duplicate_of`` set
-to the survivor's uid. Only rows that reached this filter take part. Rows are put in
-uid order before any computation, so the result does not depend on shard order.
+to the survivor's uid (lower-case hex). Only rows that reached this filter take part. Rows are put in
+uid order (the uids' 128-bit numbers) before any computation, so the result does not depend on shard order.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, PositiveInt, model_validator
 
 from filtering.dedup import groups
@@ -127,7 +129,9 @@ class Dedup(Filter):
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         p = self.params
         # Canonical order (by uid): the same rows give the same groups whatever the shard order.
-        uids_all = pool.column("uid")
+        # A uid is its 128-bit number (DataComp's int(uid, 16)): lower-cased, its string order
+        # is that number's order, whatever case the input wrote it in.
+        uids_all = pc.utf8_lower(pool.table.column("uid").cast(pa.string())).to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(alive)
         rows = rows[np.argsort(np.asarray(uids_all[rows], dtype=str), kind="stable")]
         i, j = self.pairs(pool, rows)

@@ -48,14 +48,20 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from filtering.dedup import partitioned
 from filtering.dedup.search_stage import label_column
-from filtering.filters.compose import apply_filters
-from filtering.uid import uids_to_u8u8
-from pipelines.executors.shards import _shard_pool, decided_tree, shard_columns, survivor_positions
+from pipelines.executors.shards import (
+    Path,
+    _shard_pool,
+    alive_at,
+    decided_tree,
+    node_at,
+    shard_columns,
+    survivor_paths,
+    uid_prefix,
+)
+from pipelines.executors.uid_phase import uid_pairs
 
 # ---------------------------------------------------------------- workers
 
@@ -74,39 +80,36 @@ def _emit(args) -> partitioned.Spilled:
 
 
 def _alive_at(args) -> dict[str, Any]:
-    """One shard through the filters before the dedup at ``position``: the alive mask, and
+    """One shard through the filters before the dedup at ``path``: the alive mask, and
     for the alive rows the keep score and the uid (two uint64)."""
-    sh, shard, thresholds, decided, position = args
+    sh, i, shard, thresholds, decided, path, dtype = args
     pool, ctx = _shard_pool(sh, shard)
     scorers = shard_columns(sh, ctx, pool)
     nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
-    alive = apply_filters(nodes[:position], pool).keep
-    f = nodes[position].filter
+    alive = alive_at(nodes, path, pool, uid_prefix(sh, i, pool))
+    f = node_at(nodes, path).filter
     rows = np.flatnonzero(alive)
-    uid = pool.table.column("uid").cast(pa.string()).take(pa.array(rows))
-    if len(uid) and not pc.all(pc.equal(uid, pc.utf8_lower(uid))).as_py():
-        return {"bad_uids": "uids not in lowercase hex"}
-    try:
-        u = uids_to_u8u8(uid)
-    except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
-        return {"bad_uids": f"{type(e).__name__}: {e}"}
+    u = uid_pairs(pool.table, rows)  # 32 hex digits in any case: the uids' numbers, in the filter's order
     out: dict[str, Any] = {"alive": np.packbits(alive), "n": pool.n, "hi": u["f0"], "lo": u["f1"], "scorers": scorers}
     if f.params.keep == "highest_clip_score":
         s = np.asarray(pool.column(f.score_field)[rows], dtype=np.float64)
         out["score"] = np.where(np.isnan(s), -np.inf, s) + 0.0  # missing last; -0.0 ties 0.0
-    if f.embeddings_required():  # semantic, or perceptual with min_similarity
-        try:
-            emb = _embeddings(pool, f)
-        except Exception as e:  # noqa: BLE001 — the in-memory path reports it its own way
-            return {"fallback": f"{type(e).__name__}: {e}"}
-        out["dtype"] = _search_dtype(emb.dtype).str
-    if f.params.method == "semantic":
+    if f.params.method == "semantic":  # the rows the filter compares: embedding not all zero, in its dtype
+        emb = _embeddings(pool, f)
         valid = np.zeros(len(rows), bool)  # failed rows carry zero embeddings
         for lo in range(0, len(rows), EMBEDDING_BLOCK):
-            block = np.asarray(emb[rows[lo : lo + EMBEDDING_BLOCK]], dtype=_search_dtype(emb.dtype))
+            block = np.asarray(emb[rows[lo : lo + EMBEDDING_BLOCK]], dtype=dtype)
             valid[lo : lo + EMBEDDING_BLOCK] = np.any(block != 0, axis=1)
         out["valid"] = np.packbits(valid)
     return out
+
+
+def _embedding_dtype(args) -> str:
+    """The dtype the in-memory filter gathers every shard's embeddings in: the pool's first
+    shard's (``gather_embeddings``), so a shard of another dtype is cast as it casts it."""
+    sh, shard, path = args
+    pool, _ = _shard_pool(sh, shard)
+    return _search_dtype(_embeddings(pool, _dedup_at(sh, path)).dtype).str
 
 
 # ---------------------------------------------------------------- semantic: workers
@@ -133,11 +136,15 @@ def _embeddings(pool, f) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def _dedup_at(sh, path: Path):
+    return node_at(list(sh.cfg.filter_tree), path).filter
+
+
 def _rows_of(args) -> np.ndarray:
     """Embeddings of some rows of one shard (the k-means training sample), in the search's dtype."""
     sh, shard, position, rows, dtype = args
     pool, _ = _shard_pool(sh, shard)
-    return np.asarray(_embeddings(pool, sh.cfg.filter_tree[position].filter)[rows], dtype=dtype)
+    return np.asarray(_embeddings(pool, _dedup_at(sh, position))[rows], dtype=dtype)
 
 
 _CENTROIDS: dict[str, Any] = {}  # one Assigner per worker process (path -> Assigner)
@@ -150,7 +157,7 @@ def _assign_spill(args) -> np.ndarray:
 
     sh, shard, position, local, first_row, rank, dtype, centroids, k, prefix = args
     pool, _ = _shard_pool(sh, shard)
-    emb = _embeddings(pool, sh.cfg.filter_tree[position].filter)
+    emb = _embeddings(pool, _dedup_at(sh, position))
     assigner = None
     if centroids is not None:
         assigner = _CENTROIDS.get(centroids)
@@ -165,7 +172,7 @@ def _normalized_spill(args) -> None:
     divided by their norm (at least 1e-12), written to ``path``."""
     sh, shard, position, rows, dtype, path = args
     pool, _ = _shard_pool(sh, shard)
-    emb = np.asarray(_embeddings(pool, sh.cfg.filter_tree[position].filter)[rows], dtype=dtype).astype(np.float32)
+    emb = np.asarray(_embeddings(pool, _dedup_at(sh, position))[rows], dtype=dtype).astype(np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     tmp = f"{path}.tmp.npy"
     np.save(tmp, emb)
@@ -204,9 +211,10 @@ def _compare_partition(args) -> tuple[np.ndarray, np.ndarray]:
 
 def run_dedup(
     tasks, sh, shards, shard_rows: list[int], thresholds: list, ctx, scorer_records: list[list] | None = None
-) -> list[dict] | None:
-    """Every top-level dedup decided over the pool; per shard ``{position: (dropped rows,
-    survivor uid high, low)}``, or None when the run must take the in-memory path.
+) -> list[dict]:
+    """Every dedup decided over the pool, at the top level or inside ``all``/``any``/``not``
+    (each among the rows that reach it); per shard ``{path: (dropped rows, survivor uid
+    high, low)}``.
 
     ``tasks``: the plan's task pool (``filtering/tasks.py``: local processes or Ray tasks);
     ``scorer_records``: per shard, the scorer records of each pass that ran its column
@@ -216,11 +224,11 @@ def run_dedup(
     starts = np.r_[0, np.cumsum(shard_rows)].astype(np.int64)
     decided: list[dict[int, tuple]] = [{} for _ in shards]
     searched: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    positions = survivor_positions(nodes)
+    positions = survivor_paths(nodes)
     # The last position that uses each search: its labels are freed (and reused) there.
-    last_use = {s: p for p in positions if (s := nodes[p].filter.search_settings()) is not None}
+    last_use = {s: p for p in positions if (s := node_at(nodes, p).filter.search_settings()) is not None}
     for position in positions:
-        f = nodes[position].filter
+        f = node_at(nodes, position).filter
         settings = f.search_settings()  # None: semantic, searched below over the rows alive here
         t0 = time.perf_counter()
         if settings is not None and settings not in searched:
@@ -235,28 +243,18 @@ def run_dedup(
         last = settings is None or last_use[settings] == position
         if settings is not None:
             labels, pair_a, pair_b = searched.pop(settings) if last else searched[settings]
+        dtype = None
+        if f.embeddings_required():  # semantic, or perceptual with min_similarity
+            dtype = np.dtype(next(iter(tasks.map(_embedding_dtype, [(sh, shards[0], position)]))))
         results = []
-        alive_at = tasks.map(_alive_at, [(sh, s, thresholds, decided[i], position) for i, s in enumerate(shards)])
-        for i, r in enumerate(alive_at):
-            if "bad_uids" in r:
-                ctx.log(f"execution: uids the dedup step cannot order ({r['bad_uids']}); filtering in memory")
-                return None
-            if "fallback" in r:
-                ctx.log(f"execution: dedup embeddings ({r['fallback']}); filtering in memory")
-                return None
+        args = [(sh, i, s, thresholds, decided[i], position, dtype) for i, s in enumerate(shards)]
+        for i, r in enumerate(tasks.map(_alive_at, args)):
             if scorer_records is not None:
                 scorer_records[i].append(r.pop("scorers"))
             r["alive"] = np.unpackbits(r["alive"], count=r["n"]).view(bool)
             if "valid" in r:
                 r["valid"] = np.unpackbits(r["valid"], count=len(r["hi"])).view(bool)
             results.append(r)
-        dtype = None
-        if f.embeddings_required():
-            dtypes = {r["dtype"] for r in results}
-            if len(dtypes) > 1:  # the in-memory filter gathers them in the first shard's dtype
-                ctx.log(f"execution: dedup embeddings of mixed dtypes ({sorted(dtypes)}); filtering in memory")
-                return None
-            dtype = np.dtype(dtypes.pop())
         # One column at a time, each shard's part freed once copied: the driver never holds
         # a column twice.
         alive = _gather(results, "alive", bool)
@@ -350,7 +348,7 @@ def _confirmed_edges(tasks, sh, shards, starts, position, rows, hi, lo, labels, 
     confirmed in workers from the spills."""
     from filtering.dedup.groups import label_edges
 
-    p = sh.cfg.filter_tree[position].filter.params
+    p = _dedup_at(sh, position).params
     empty = np.zeros(0, np.int64)
     crow = rows[np.lexsort((lo, hi))]  # the alive rows by uid: the filter's order
     i, j = label_edges(labels[crow], pair_a, pair_b)
@@ -387,7 +385,7 @@ def _confirmed_edges(tasks, sh, shards, starts, position, rows, hi, lo, labels, 
 
 
 def _semantic_pairs(
-    tasks, sh, shards, starts, position: int, rows, hi, lo, valid, dtype
+    tasks, sh, shards, starts, position: Path, rows, hi, lo, valid, dtype
 ) -> tuple[np.ndarray, np.ndarray]:
     """SemDeDup's pairs (pool rows) among the alive rows ``rows`` whose embedding is not all
     zero (``valid``), as :func:`filtering.dedup.semantic.semdedup_pairs` finds them in the
@@ -398,7 +396,7 @@ def _semantic_pairs(
     from filtering.clustering import sample_indices, train_kmeans
     from filtering.dedup import semantic
 
-    p = sh.cfg.filter_tree[position].filter.params
+    p = _dedup_at(sh, position).params
     empty = np.zeros(0, np.int64)
     canon = np.lexsort((lo, hi))  # positions (into rows) by uid: the filter's order
     canon = canon[valid[canon]]

@@ -10,8 +10,8 @@ Used when every filter in the tree decides a row from that row alone (its
 ``reduction()`` is None), or declares a global step this plan runs: a ``TopFraction``
 threshold over a source column or one a ``"shard"`` stage computes (``clip_score`` and
 ``score`` ``top_fraction``, e.g. over a configured head's column), or
-``Survivors`` at the top level (``dedup`` of any method, decided over the pool between
-steps 3 and 4: ``dedup_phase.py``); and every column stage runs per shard
+``Survivors`` anywhere in the tree (``dedup`` of any method, among the rows that reach it,
+decided over the pool between steps 3 and 4: ``dedup_phase.py``); and every column stage runs per shard
 (``scope``: ``"shard"``, ``"global"`` with its whole-pool step in step 3, or
 ``"reduction"``; every scorer run over the pool, configured or a filter's own, is a
 ``"shard"`` stage, its model set up once per worker process). No process holds the
@@ -35,6 +35,13 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    on the source's ``skeleton_pool``: shard parts and embeddings, no column but the
    failed rows as a validity bitmap, in the in-memory path's caches; ``decontaminate``:
    each reference set loaded, embedded or hashed, and cached, its fingerprint handed on).
+3b. **uid check first** (``input.uid.duplicates``: ``keep_first`` or ``error``; per shard,
+   then per uid range: ``uid_phase.py``): every shard's readable uids spilled grouped by
+   range of their high bits, each range's repeats found (all copies of a uid fall in one
+   range, in pool order), each later copy flagged in its shard's spill; the report made
+   (``error`` stops here). Before any dedup and filter pass: the later copies drop first.
+3c. **dedup** (per shard, then the driver: ``dedup_phase.py``): each dedup's survivors
+   among the rows that reach it.
 4. **filter and write** (per shard): the shard read as a one-shard pool (with the whole
    pool's columns and types, unified in ``stream_prepare`` where shards differ), its columns
    added by the column stages (``run``, or a global stage's ``run_shard``: the in-memory
@@ -42,17 +49,17 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    (``Filter.decided``; same code as the in-memory path); the kept and dropped rows written as the shard's own Parquet parts into the spill folder, hashed
    as they are written, and with ``output.webdataset`` the kept samples' members copied
    into the shard's own tars (at most ``samples_per_shard`` each, as the in-memory
-   ``reshard`` cuts them); the shard's uids spilled grouped by range of their high bits,
-   with a keep flag each; the funnel comes back as counts per filter and reason code, and
+   ``reshard`` cuts them); the shard's uids spilled grouped by range of their high bits
+   (unless 3b did), with a keep flag each; the funnel comes back as counts per filter and reason code, and
    each ``Tally`` reduction's counts (``uids``: the list entries the shard's rows
    matched), added up in the driver as the shards finish; the filter's report is written
    from the sums at the commit (``pipelines/manifest.py: tally_reports``).
    A remote output (fsspec) has the parts and tars written into its own ``.streaming/``
    folder; the arrays spill to a local temporary folder (so not on Ray).
 5. **uid check and subset.npy** (per uid range): the spilled uids of every shard, one
-   range of their high bits at a time, their high halves sorted; any repeat sends the run to the
-   in-memory path, which reports it exactly as before (``input.uid.duplicates``);
-   otherwise the range's kept uids are written into ``subset.npy`` at their offset.
+   range of their high bits at a time; under ``input.uid.duplicates: report`` the repeats
+   found and reported as in 3b (every copy kept); the range's kept uids written into
+   ``subset.npy`` at their offset.
 6. **commit** (driver): the parts and tars renamed in pool order (on a remote output:
    moved, and ``subset.npy`` uploaded; the earlier run's parts and tars that the new
    manifest does not list removed), and ``subset.npy``, into the
@@ -85,21 +92,21 @@ import numpy as np
 import pyarrow as pa
 
 from filtering.filters.base import Filter, Survivors, Tally, TopFraction, add_tally
-from filtering.filters.compose import AllOf, AnyOf, FilterNode, Leaf, Not, apply_filters
+from filtering.filters.compose import FilterNode, apply_filters
 from filtering.io.arrow import without_pandas
 from filtering.io.atomic import atomic_write_text, is_write_failure, write_error
 from filtering.io.paths import get_fs, is_local, join, local_path
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
 from filtering.tasks import runs_tasks, task_pool
-from filtering.uid import UID_DTYPE, order_u8u8, uids_to_u8u8
+from filtering.uid import UID_DTYPE
 from filtering.writers.commit import MANIFEST, Staged, file_records, place, remove_unlisted
 from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, subset_stream
+from pipelines.executors import uid_phase
 from pipelines.executors.dedup_phase import run_dedup
-from pipelines.executors.shards import _shard_pool, _Shared, decided_tree, shard_columns, survivor_positions
+from pipelines.executors.shards import _shard_pool, _Shared, decided_tree, shard_columns, survivor_paths, uid_prefix
 
 KEY_BITS = 16  # histogram of the top bits of each score's order-preserving key
-FINE_BITS = 12  # uid ranges: the top bits of the uid's high half
 RANGE_ROWS = 2_000_000  # uids sorted per merge task (32 MB)
 SPILL = ".streaming"
 
@@ -124,27 +131,14 @@ def why_not(cfg, the_plan, executor) -> str | None:
     provided = set(source.provides())
     per_shard = {c for stage in the_plan.stages if stage.scope == "shard" for c in stage.provides()}
     for node in cfg.filter_tree:
-        for f, top in _leaves(node):
-            reason = _reduction_why_not(f, top, provided | per_shard)
+        for f in node.leaves():
+            reason = _reduction_why_not(f, provided | per_shard)
             if reason:
                 return reason
     return None
 
 
-def _leaves(node: FilterNode, top: bool = True):
-    """The tree's filters in ``leaves()`` order, each with whether it is a top-level entry."""
-    if isinstance(node, Leaf):
-        yield node.filter, top
-    elif isinstance(node, AllOf | AnyOf):
-        for child in node.children:
-            yield from _leaves(child, False)
-    elif isinstance(node, Not):
-        yield from _leaves(node.child, False)
-    else:
-        raise TypeError(f"filter node {node.label()} of unknown kind")
-
-
-def _reduction_why_not(f: Filter, top: bool, provided: set[str]) -> str | None:
+def _reduction_why_not(f: Filter, provided: set[str]) -> str | None:
     """``provided``: the columns the scan can read, the source's and those a stage of scope
     ``"shard"`` computes per shard."""
     r = f.reduction()
@@ -154,8 +148,8 @@ def _reduction_why_not(f: Filter, top: bool, provided: set[str]) -> str | None:
         if r.column not in provided:
             return f"filter {f.name}: top_fraction over {r.column}, a column a whole-pool stage computes"
         return None
-    if isinstance(r, Survivors):
-        return None if top else f"filter {f.name} inside any/not (its survivors are picked at the top level only)"
+    if isinstance(r, Survivors):  # among the rows that reach it, wherever it is in the tree
+        return None
     if isinstance(r, Tally):  # counts for a report, summed in step 4; the decision is row-local
         return None
     return f"filter {f.name}: the plan has no step for its reduction {type(r).__name__}"
@@ -252,36 +246,6 @@ def _gather(args) -> np.ndarray:
     return scores
 
 
-def _load_range(paths: list[str], ranges: list[tuple[int, int]], dtype=UID_DTYPE) -> np.ndarray:
-    chunks = [np.load(path, mmap_mode="r")[lo:hi] for path, (lo, hi) in zip(paths, ranges, strict=True) if hi > lo]
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
-
-
-def _uid_range(args) -> bool:
-    """One range of uid high bits over every shard: whether a uid repeats in it (then
-    nothing is written); else its kept uids, sorted, written into ``subset.npy`` at ``offset``.
-
-    The repeat check sorts the high halves alone (a plain uint64 sort); only when two
-    of them are equal are whole uids compared. The kept uids, a fraction of the range,
-    are the only ones sorted as records."""
-    uid_paths, kept_paths, ranges, target, offset = args
-    uids = _load_range(uid_paths, ranges)
-    kept = _load_range(kept_paths, ranges, np.bool_)
-    high = np.sort(uids["f0"])
-    if len(high) > 1 and (high[1:] == high[:-1]).any():
-        whole = uids[order_u8u8(uids, kind="quicksort")]
-        if ((whole["f0"][1:] == whole["f0"][:-1]) & (whole["f1"][1:] == whole["f1"][:-1])).any():
-            return True
-    uids = uids[kept]
-    uids = uids[order_u8u8(uids, kind="quicksort")]
-    if len(uids):
-        out = np.load(target, mmap_mode="r+")
-        out[offset : offset + len(uids)] = uids
-        out.flush()
-        del out
-    return False
-
-
 def _remove(url: str) -> None:
     if is_local(url):
         os.remove(local_path(url))
@@ -322,27 +286,19 @@ def _filter(args) -> dict[str, Any]:
     """One shard through the filter tree, its outputs written: the kept rows (late columns
     read for them only) and the dropped rows as parts, hashed as they are written; the
     shard's uids spilled grouped by uid range with a keep flag each; the funnel as counts."""
-    from filtering.errors import ConfigError
-
     sh, i, shard, thresholds, decided = args
-    try:
-        pool, ctx = _shard_pool(sh, shard)
-    except ConfigError as e:  # e.g. input.uid.on_invalid: error; the in-memory path counts the whole pool
-        return {"fallback": f"{e}"}
+    pool, ctx = _shard_pool(sh, shard)
     alive = ~pool.failed  # failed rows never reach subset.npy nor the uid check
-    try:
-        uids = uids_to_u8u8(pool.table.column("uid").filter(pa.array(alive)).cast(pa.string()))
-    except Exception as e:  # noqa: BLE001 — the in-memory path reports bad uids its own way
-        return {"bad_uids": f"{type(e).__name__}: {e}"}
+    if not sh.uids_spilled:
+        uid_phase.spill_uids(sh.spill, i, pool.table, alive)
     scorers = shard_columns(sh, ctx, pool)
     nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
-    outcome = apply_filters(nodes, pool)
-    # grouped by uid range (a radix sort of FINE_BITS-bit keys), the unit of the uid phase
-    bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.uint16)
-    order = np.argsort(bins, kind="stable")
-    uids, keep, bins = uids[order], outcome.keep[alive][order], bins[order]
-    np.save(os.path.join(sh.spill, f"uids-{i:06d}.npy"), uids)
-    np.save(os.path.join(sh.spill, f"kept-{i:06d}.npy"), keep)
+    outcome = apply_filters([*uid_prefix(sh, i, pool), *nodes], pool)
+    # each alive row's keep flag, in the order of the spilled uids (grouped by uid range)
+    paths = uid_phase.spill_paths(sh.spill, i)
+    keep = outcome.keep[np.load(paths["rows"])]
+    np.save(paths["kept"], keep)
+    bins = (np.load(paths["uids"])["f0"] >> np.uint64(64 - uid_phase.FINE_BITS)).astype(np.uint16)
     schema, tables = subset_stream(pool, outcome.keep, workers=1)
     parts = {"subset": _write_folder(sh, "subset", i, schema, tables)}
     if sh.cfg.output.dropped:
@@ -377,8 +333,8 @@ def _filter(args) -> dict[str, Any]:
         "kept": int(outcome.keep.sum()),
         "parts": parts,
         "shards": shards,
-        "uid_bins": np.bincount(bins, minlength=1 << FINE_BITS),
-        "kept_bins": np.bincount(bins[keep], minlength=1 << FINE_BITS),
+        "uid_bins": np.bincount(bins, minlength=1 << uid_phase.FINE_BITS),
+        "kept_bins": np.bincount(bins[keep], minlength=1 << uid_phase.FINE_BITS),
         "thresholds": outcome.thresholds,
         "tallies": outcome.tallies,
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
@@ -493,6 +449,53 @@ def merge_scorer_records(per_shard: list[list[dict[str, Any]]]) -> dict[str, Any
     return out
 
 
+def _spill_uids(args) -> np.ndarray:
+    """One shard's alive uids spilled grouped by range (the uid check's unit); the count per range."""
+    sh, i, shard = args
+    pool, _ = _shard_pool(sh, shard)
+    return uid_phase.spill_uids(sh.spill, i, pool.table, ~pool.failed)
+
+
+def _sample_names(args) -> list[dict[str, Any]]:
+    """``source_shard`` and ``key`` of some rows of one shard (the duplicate report's examples)."""
+    sh, shard, rows = args
+    pool, _ = _shard_pool(sh, shard)
+    return pool.table.select(["source_shard", "key"]).take(pa.array(rows, pa.int64())).to_pylist()
+
+
+def _names_at(pool, sh: _Shared, shards: list):
+    """``names(keys)`` for :func:`uid_phase.report`: the samples at pool keys ``shard << 32 | row``."""
+
+    def names(keys: list[int]) -> dict[int, dict[str, Any]]:
+        by_shard: dict[int, list[int]] = {}
+        for k in keys:
+            by_shard.setdefault(k >> 32, []).append(k & 0xFFFFFFFF)
+        args = [(sh, shards[i], rows) for i, rows in by_shard.items()]
+        found = [n for names in pool.map(_sample_names, args) for n in names]
+        return dict(zip([i << 32 | r for i, rows in by_shard.items() for r in rows], found, strict=True))
+
+    return names
+
+
+def _uids_first(pool, sh: _Shared, shards: list, policy: str, ctx) -> tuple[_Shared, dict[str, Any]]:
+    """``keep_first`` and ``error``: every shard's alive uids spilled and checked range by
+    range before any row is filtered; ``error`` stops here, ``keep_first`` marks each later
+    copy in its shard's ``later`` file (the filter pass and the dedup phase drop them first).
+    A pass over the shards and the spill (20 bytes a row on disk) that the ``subset.npy``
+    phase reuses, and no more in memory than a range: a re-write of the shards found to
+    hold later copies instead would redo a dedup (its alive rows change) and, for a pool
+    listed twice, every shard."""
+    uid_bins = list(pool.map(_spill_uids, [(sh, i, s) for i, s in enumerate(shards)]))
+    mark = policy == "keep_first"
+    if mark:
+        for i, b in enumerate(uid_bins):
+            np.save(uid_phase.spill_paths(sh.spill, i)["later"], np.zeros(int(b.sum()), bool))
+    tasks = [(sh.spill, len(shards), _rows_in(uid_bins, a, b), True, mark, None, 0) for a, b in _bin_groups(uid_bins)]
+    found = [r for r in pool.map(uid_phase.check_range, tasks) if r is not None]
+    duplicates = uid_phase.report(ctx, policy, found, _names_at(pool, sh, shards))
+    return replace(sh, uids_spilled=True, uid_later=mark and bool(found)), duplicates
+
+
 def workers_for(n_shards: int) -> int:
     env = os.environ.get("POOLSIFT_WORKERS")
     n = int(env) if env else (os.cpu_count() or 1)
@@ -501,8 +504,7 @@ def workers_for(n_shards: int) -> int:
 
 def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, Any] | None:
     """Run the whole plan shard-parallel, its outputs into ``result``; returns the manifest, or
-    None (nothing written) when the pool turns out to need the in-memory path (repeated uids,
-    shard schemas that do not unify)."""
+    None (nothing written) when the shards' schemas do not unify (``stream_prepare``)."""
     source = the_plan.source
     shards = source.stream_shards()
     out_dir = cfg.output.dir
@@ -536,10 +538,6 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
         shutil.rmtree(spill, ignore_errors=True)
         if staging != spill:
             _remove_remote(staging)
-    if manifest is None:
-        ctx.inputs[:], ctx.model_info = saved[0], saved[2]
-        ctx.stage_info.clear()
-        ctx.stage_info.update(saved[1])
     return manifest
 
 
@@ -559,7 +557,7 @@ def _run(
     result: Staged,
     the_plan_stages=(),
     prepare_seconds: float = 0.0,
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     from pipelines.manifest import (
         MAX_MANIFEST_FAILURES,
         check_funnel,
@@ -587,8 +585,6 @@ def _run(
         column_stages=tuple(s for s in the_plan_stages if s.scope in ("shard", "global")),
         max_failures=MAX_MANIFEST_FAILURES,
     )
-    uid_paths = [os.path.join(spill, f"uids-{i:06d}.npy") for i in range(len(shards))]
-    kept_paths = [os.path.join(spill, f"kept-{i:06d}.npy") for i in range(len(shards))]
     seconds: dict[str, float] = {"prepare": prepare_seconds}  # the source's: scoring, for WebDataset
     clock = [time.perf_counter()]
 
@@ -646,25 +642,23 @@ def _run(
                 prepared.append((stage, stage.prepare(ctx, source, shard_rows)))
                 lap(stage.name)
             sh = replace(sh, global_stages=tuple(prepared))
-        # 3b. survivors (dedup): the search, then the survivors over small per-row arrays (dedup_phase.py)
+        # 3b. uids (input.uid.duplicates: keep_first, error): repeats found before any row is
+        # filtered, since the later copies drop first and any dedup picks among the rows left
+        policy = cfg.input.uid.duplicates
+        if policy != "report":
+            sh, duplicates = _uids_first(pool, sh, shards, policy, ctx)
+            lap("uid_check")
+        # 3c. survivors (dedup): the search, then the survivors over small per-row arrays (dedup_phase.py)
         decided = [None] * len(shards)
-        if survivor_positions(list(cfg.filter_tree)):
+        if survivor_paths(list(cfg.filter_tree)):
             shard_rows = list(pool.map(_count_rows, [(sh, s) for s in shards]))  # every row, failed ones too
             decided = run_dedup(pool, sh, shards, shard_rows, values, ctx, scorer_records)
-            if decided is None:
-                return None
             lap("dedup")
         # 4. filter and write: every shard's parts, into the spill folder
         bar = ctx.bar(len(shards), "filter", unit="shards")
         results = []
         sums: dict[int, dict[str, Any]] = {}  # Tally reductions: the shards' counts, added as they come
         for r in pool.map(_filter, [(sh, i, s, values, decided[i]) for i, s in enumerate(shards)]):
-            if "bad_uids" in r:
-                ctx.log(f"execution: uids that subset.npy cannot hold ({r['bad_uids']}); filtering in memory")
-                return None
-            if "fallback" in r:
-                ctx.log(f"execution: {r['fallback']}; filtering in memory")
-                return None
             for k, t in r.pop("tallies", {}).items():
                 sums[k] = add_tally(sums.get(k), t)
             results.append(r)
@@ -680,12 +674,13 @@ def _run(
         kept_bins = [r["kept_bins"] for r in results]
         tasks, offset = [], 0
         for start, stop in _bin_groups(uid_bins):
-            tasks.append((uid_paths, kept_paths, _rows_in(uid_bins, start, stop), tmp, offset))
+            ranges = _rows_in(uid_bins, start, stop)
+            tasks.append((spill, len(shards), ranges, not sh.uids_spilled, False, tmp, offset))
             offset += sum(int(b[start:stop].sum()) for b in kept_bins)
         assert offset == kept
-        if any(pool.map(_uid_range, tasks)):
-            ctx.log("execution: repeated uids; filtering in memory")
-            return None
+        found = [r for r in pool.map(uid_phase.check_range, tasks) if r is not None]
+        if not sh.uids_spilled:  # input.uid.duplicates: report
+            duplicates = uid_phase.report(ctx, policy, found, _names_at(pool, sh, shards))
     lap("uid_check_and_subset_npy")
     # 6. commit: the parts and subset.npy renamed into the staged result, the manifest written
     # there; the runner flushes it and switches it into place (writers/commit.py)
@@ -743,7 +738,7 @@ def _run(
         ctx.stage_info.setdefault("scorers", {}).update(scorers)
     where = "CPUs on Ray" if ctx.executor is not None else "worker processes"
     ctx.log(f"read {total:,} rows from {len(shards)} shards ({n_workers} {where})")
-    ctx.stage_info.setdefault("uids", {})["duplicates"] = {"policy": cfg.input.uid.duplicates, "rows": 0, "uids": 0}
+    ctx.stage_info.setdefault("uids", {})["duplicates"] = duplicates  # after the source's record, as in memory
     funnel = _sum_funnels([r["funnel"] for r in results])
     failed = sum(r["failed"] for r in results)
     reasons = sum((r["failed_reasons"] for r in results), Counter())

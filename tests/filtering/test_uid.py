@@ -89,17 +89,19 @@ def test_normalize_uids_lowercases_and_undashes_only_exact_forms():
     ]
 
 
-def test_find_duplicates_marks_later_copies_among_alive_rows_only():
+def test_repeated_uids_marks_later_copies_in_pool_order():
     import numpy as np
-    import pyarrow as pa
 
-    from filtering.uid import find_duplicates
+    from filtering.uid import duplicate_examples, repeated_uids
 
     a, b, c = "0" * 31 + "1", "f" * 32, "1" + "0" * 31
-    uids = pa.array([b, a, b, c, a, b])
-    alive = np.array([True, True, True, True, False, True])
-    later, n = find_duplicates(uids, alive)
-    assert later.tolist() == [False, False, True, False, False, True] and n == 1
+    pairs = uids_to_u8u8([b, a, b, c, a.upper(), b])
+    keys = np.array([10, 11, 12, 13, 14, 2])  # the pool's order: the last entry comes first
+    found = repeated_uids(pairs, keys)
+    assert sorted(found["later"].tolist()) == [0, 2, 4] and found["rows"] == 3 and found["uids"] == 2
+    assert found["copies"][(2**64 - 1, 2**64 - 1)] == (3, [2, 10, 12])
+    assert duplicate_examples([found]) == [(b, 3, [2, 10, 12]), (a, 2, [11, 14])]
+    assert repeated_uids(uids_to_u8u8([a, b, c]), np.arange(3)) is None
 
 
 def test_every_pair_of_characters_decodes_as_int_does():

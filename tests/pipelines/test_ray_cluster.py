@@ -160,7 +160,7 @@ def _same_outputs(a, b) -> None:
 @pytest.mark.parametrize(
     "filters, mode, sent",
     [
-        ([{"clip_score": {"top_fraction": 0.3}}], "auto", {"_scan", "_gather", "_filter", "_uid_range"}),
+        ([{"clip_score": {"top_fraction": 0.3}}], "auto", {"_scan", "_gather", "_filter", "check_range"}),
         (
             [{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}],
             "auto",

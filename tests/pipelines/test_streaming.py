@@ -19,7 +19,7 @@ from filtering.errors import ConfigError
 from pipelines.config import parse_config
 from pipelines.manifest import json_default
 from pipelines.runner import run
-from tests.datacomp_pool import make_datacomp_pool, repeat_uid, set_nan_scores
+from tests.datacomp_pool import make_datacomp_pool, set_nan_scores
 
 pytestmark = pytest.mark.slow  # runs the whole pipeline
 
@@ -195,18 +195,82 @@ def test_without_dropped_and_nothing_kept(tmp_path, metadata):
     assert_same_outputs(metadata, tmp_path, [{"clip_score": {"min": 5.0}}], dropped=False)
 
 
-def test_repeated_uid_falls_back_to_memory(tmp_path):
-    root = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=40)
-    uid = repeat_uid(root)
-    raw = {
-        "input": {"datacomp_metadata": str(root), "uid": {"duplicates": "keep_first"}},
-        "filters": [{"clip_score": {"top_fraction": 0.5}}],
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    result = run(parse_config(raw), progress=False, log=lambda _m: None)
-    assert result.pool is not None  # the in-memory path ran, and reported the copy
-    assert result.manifest["uids"]["duplicates"]["rows"] == 1
-    assert uid in json.dumps(result.manifest["uids"])
+@pytest.fixture(scope="module")
+def repeat_metadata(tmp_path_factory):
+    """Whole rows repeated (uid, sha256, scores): one sample three times (twice in shard 0,
+    once in shard 2), another in shards 1 and 2, a third twice in shard 1."""
+    root = make_datacomp_pool(tmp_path_factory.mktemp("dcrep") / "metadata", shards=3, rows=40, seed=9)
+    paths = sorted(root.glob("*.parquet"))
+    tables = [pq.read_table(p) for p in paths]
+    copies = [((0, 3), [(0, 17), (2, 5)]), ((1, 8), [(2, 30)]), ((1, 2), [(1, 21)])]
+    for (s0, r0), targets in copies:
+        row = tables[s0].slice(r0, 1)
+        for s1, r1 in targets:
+            t = tables[s1]
+            tables[s1] = pa.concat_tables([t.slice(0, r1), row, t.slice(r1 + 1)])
+    for p, t in zip(paths, tables, strict=True):
+        pq.write_table(t, p)
+    return root
+
+
+REPEAT_FILTERS = [{"clip_score": {"top_fraction": 0.8}}, {"dedup": {"method": "exact"}}]
+
+
+@pytest.mark.parametrize("policy", ["report", "keep_first"])
+def test_repeated_uids_on_the_shard_plan(tmp_path, repeat_metadata, policy):
+    """Repeats across shards and within one, reported from the uid phase itself (no second
+    plan): the same record, funnel and outputs as the in-memory plan; ``keep_first`` drops
+    the later copies before the dedup picks its survivors."""
+    a, b = tmp_path / "memory", tmp_path / "run"
+    runs = {}
+    for mode, out in (("memory", a), ("streaming", b)):
+        raw = {
+            "input": {"datacomp_metadata": str(repeat_metadata), "uid": {"duplicates": policy}},
+            "filters": REPEAT_FILTERS,
+            "output": {"dir": str(out)},
+            "execution": {"mode": mode},
+        }
+        logs: list[str] = []
+        runs[mode] = (run(parse_config(raw), progress=False, log=logs.append), logs)
+    (mem, mem_log), (streamed, streamed_log) = runs["memory"], runs["streaming"]
+    assert streamed.pool is None and streamed.manifest["execution"]["plan"] == "streaming"
+    assert (a / "subset.npy").read_bytes() == (b / "subset.npy").read_bytes()
+    for folder in ("subset", "dropped"):
+        assert_tables_equal(_table(a / folder), _table(b / folder))
+    for key in ("counts", "thresholds", "uids"):
+        assert mem.manifest[key] == streamed.manifest[key], key
+    dup = streamed.manifest["uids"]["duplicates"]
+    assert (dup["rows"], dup["uids"], dup["policy"]) == (4, 3, policy)
+    assert [e["count"] for e in dup["examples"]] == [3, 2, 2]
+    warning = [m for m in streamed_log if "occur on more than one sample" in m]
+    assert warning == [m for m in mem_log if "occur on more than one sample" in m] and len(warning) == 1
+    funnel = streamed.manifest["counts"]["filters"]
+    if policy == "keep_first":
+        assert funnel[0]["name"] == "uid_duplicates" and funnel[0]["reasons"] == {"duplicate_uid": 4}
+    else:
+        assert [f["name"] for f in funnel] == ["clip_score", "dedup"]
+        dropped = _table(b / "dropped").to_pylist()
+        assert any(r["duplicate_of"] == r["uid"] for r in dropped)  # a copy the dedup dropped, as in memory
+
+
+def test_repeated_uids_error_on_the_shard_plan(tmp_path, repeat_metadata):
+    """``error`` stops either plan with the same line, before any row is filtered, nothing written."""
+    from filtering.errors import PoolsiftError
+
+    errors = []
+    for mode in ("memory", "streaming"):
+        raw = {
+            "input": {"datacomp_metadata": str(repeat_metadata), "uid": {"duplicates": "error"}},
+            "filters": REPEAT_FILTERS,
+            "output": {"dir": str(tmp_path / mode)},
+            "execution": {"mode": mode},
+        }
+        with pytest.raises(PoolsiftError, match="input.uid.duplicates: 3 uid") as e:
+            run(parse_config(raw), progress=False, log=lambda _m: None)
+        errors.append(str(e.value))
+        assert not (tmp_path / mode / "subset.npy").exists()
+        assert not (tmp_path / mode / ".streaming").exists()
+    assert errors[0] == errors[1]
 
 
 @pytest.mark.parametrize(
@@ -225,7 +289,9 @@ def test_score_top_fraction_streams(tmp_path, nan_metadata, filters):
     assert "scan" in m["execution"]["seconds"]
 
 
-def test_auto_streams_unless_a_step_needs_the_whole_pool(tmp_path, metadata):
+def test_auto_streams_unless_a_step_needs_the_whole_pool(tmp_path, metadata, monkeypatch):
+    from pipelines.executors import streaming
+
     raw = {
         "input": {"datacomp_metadata": str(metadata)},
         "filters": [{"score": {"column": B32, "top_fraction": 0.3}}],
@@ -234,9 +300,11 @@ def test_auto_streams_unless_a_step_needs_the_whole_pool(tmp_path, metadata):
     assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is None
     raw["filters"] = [{"any": [{"dedup": {"method": "exact"}}, {"caption": {"min_words": 3}}]}]
     raw["output"]["dir"] = str(tmp_path / "b")
+    assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is None
+    monkeypatch.setattr(streaming, "why_not", lambda *_a: "a step that needs the whole pool")
     assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is not None
     raw["execution"] = {"mode": "streaming"}
-    with pytest.raises(ConfigError, match="execution.mode"):
+    with pytest.raises(ConfigError, match="execution.mode: streaming is not possible .*whole pool"):
         run(parse_config(raw), progress=False, log=lambda _m: None)
 
 
@@ -410,19 +478,60 @@ def test_dedup_ties_keep_the_smallest_uid(tmp_path, dup_metadata):
 
 
 @pytest.mark.parametrize(
-    ("filters", "reason"),
+    "filters",
     [
-        ([{"any": [{"dedup": {"method": "exact"}}, {"caption": {"min_words": 3}}]}], "any/not"),
+        [{"any": [{"dedup": {"method": "exact"}}, {"caption": {"min_words": 3}}]}],
+        [{"caption": {"min_words": 2}}, {"not": {"dedup": {"method": "perceptual", "max_distance": 4}}}],
+        # in an all, after a sibling: survivors among the rows the sibling kept; then a second
+        # dedup sharing the first's search, in an any beside a row-local filter
+        [
+            {
+                "any": [
+                    {"all": [{"clip_score": {"min": 0.1}}, {"dedup": {"method": "exact"}}]},
+                    {"not": {"caption": {"min_words": 4}}},
+                ]
+            },
+            {
+                "not": {
+                    "any": [
+                        {"dedup": {"method": "exact", "keep": "smallest_uid"}},
+                        {"clip_score": {"top_fraction": 0.4}},
+                    ]
+                }
+            },
+        ],
     ],
+    ids=["any", "not", "nested"],
 )
-def test_dedup_positions_that_stay_in_memory(tmp_path, dup_metadata, filters, reason):
-    from pipelines.executors.streaming import why_not
+def test_dedup_inside_any_and_not_streams(tmp_path, dup_metadata, filters):
+    """A dedup under any/not picks its survivors among the rows that reach it, as
+    ``apply_filters`` evaluates the tree (``filtering/filters/compose.py``)."""
+    m = _same_but_search_record(dup_metadata, tmp_path, filters)
+    assert all(f["dropped"] for f in m["counts"]["filters"])  # every entry decided something
 
-    raw = {"input": {"datacomp_metadata": str(dup_metadata)}, "filters": filters, "output": {"dir": str(tmp_path)}}
-    cfg = parse_config(raw)
-    from pipelines.runner import plan
 
-    assert reason in why_not(cfg, plan(cfg, str(tmp_path / "cache")), None)
+def test_upper_case_and_malformed_uids(tmp_path, dup_metadata):
+    """A uid is its 128-bit number: upper-case hex is ordered and written lower-case by the
+    dedup on both plans; a uid that is not 32 hex digits stops both with the same line."""
+    from filtering.errors import PoolsiftError
+
+    root = tmp_path / "metadata"
+    shutil.copytree(dup_metadata, root)
+    path = sorted(root.glob("*.parquet"))[1]
+    t = pq.read_table(path)
+    uids = t.column("uid").to_pylist()
+    uids[::3] = [u.upper() for u in uids[::3]]
+    pq.write_table(t.set_column(t.column_names.index("uid"), "uid", pa.array(uids, pa.string())), path)
+    m = _same_but_search_record(root, tmp_path, [{"dedup": {"method": "exact"}}])
+    assert m["counts"]["filters"][0]["dropped"] > 0
+    uids[4] = "zz" + uids[4][2:]
+    pq.write_table(t.set_column(t.column_names.index("uid"), "uid", pa.array(uids, pa.string())), path)
+    errors = []
+    for mode in ("memory", "streaming"):
+        with pytest.raises(PoolsiftError, match="is not 32 hex digits") as e:
+            _run(root, tmp_path / f"bad-{mode}", [{"clip_score": {"min": 0.1}}], mode)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "00000001.parquet is not 32 hex digits" in errors[0]
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

@@ -5,6 +5,8 @@ for byte, the subset and dropped tables row for row, the manifest's counts."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -133,25 +135,29 @@ def test_missing_embedding_reports_as_in_memory(tmp_path, sem_metadata):
     assert str(mem.value) == str(streamed.value)
 
 
-def test_mixed_embedding_dtypes_are_filtered_in_memory(tmp_path):
-    """The filter gathers embeddings in the first shard's dtype: a float32 shard after a
-    float16 one sends the run to the in-memory path, which decides as before."""
-    from pipelines.config import parse_config
-    from pipelines.runner import run
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [{"not": {"dedup": {**SEM, "num_clusters": 3}}}],
+        [{"any": [{"caption": {"min_words": 4}}, {"dedup": CONFIRMED}]}, {"not": {"dedup": {"method": "exact"}}}],
+    ],
+    ids=["semantic-under-not", "confirmed-under-any"],
+)
+def test_dedup_under_any_and_not_streams(tmp_path, sem_metadata, filters):
+    """Survivors among the rows that reach the dedup inside ``any``/``not``, as in memory."""
+    searched = '"method": "exact"' in json.dumps(filters)  # its search record differs
+    m = assert_same_outputs(sem_metadata, tmp_path, filters, search_record=not searched)
+    assert all(f["dropped"] for f in m["counts"]["filters"])
 
+
+def test_mixed_embedding_dtypes_stream_as_in_memory(tmp_path):
+    """The filter gathers embeddings in the first shard's dtype: a float32 shard after a
+    float16 one is cast to float16 on both plans (no second plan runs)."""
     root = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=30, seed=2)
     path = sorted(root.glob("*.npz"))[1]
     with np.load(path) as z:
         arrays = dict(z)
     arrays["l14_img"] = arrays["l14_img"].astype(np.float32)
     np.savez(path, **arrays)
-    logs = []
-    raw = {
-        "input": {"datacomp_metadata": str(root)},
-        "filters": [{"dedup": {**SEM, "threshold": 0.3}}],
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    result = run(parse_config(raw), progress=False, log=logs.append)
-    assert result.pool is not None  # the in-memory path ran
-    assert any("mixed dtypes" in m for m in logs), logs
-    assert result.manifest["counts"]["filters"][0]["dropped"] > 0
+    m = assert_same_outputs(root, tmp_path, [{"dedup": {**SEM, "threshold": 0.3}}])
+    assert m["counts"]["filters"][0]["dropped"] > 0

@@ -90,24 +90,33 @@ def test_uid_ranges_split_every_shard_at_the_same_bins():
         assert all(x[s][1] == y[s][0] for x, y in zip(rows, rows[1:], strict=False))
 
 
-def test_uid_range_compares_whole_uids_only_where_high_halves_tie(tmp_path):
+def test_uid_range_finds_repeats_and_their_first_copies(tmp_path):
     """Equal high halves with different low halves are distinct uids (kept, sorted by the
-    low half); an equal pair in both halves is a repeat, and nothing is written."""
+    low half); an equal pair in both halves is a repeat: its first copy in (shard, row)
+    order stays, each later one is marked in its shard's ``later`` file and counted."""
     from filtering.uid import UID_DTYPE
+    from pipelines.executors import uid_phase
 
-    def spill(i, pairs, keep):
-        uids = np.array(pairs, UID_DTYPE)
-        np.save(tmp_path / f"u{i}.npy", uids)
-        np.save(tmp_path / f"k{i}.npy", np.array(keep))
-        return str(tmp_path / f"u{i}.npy"), str(tmp_path / f"k{i}.npy")
+    def spill(i, pairs, rows, keep):
+        paths = uid_phase.spill_paths(str(tmp_path), i)
+        np.save(paths["uids"], np.array(pairs, UID_DTYPE))
+        np.save(paths["rows"], np.array(rows, np.uint32))
+        np.save(paths["kept"], np.array(keep))
+        np.save(paths["later"], np.zeros(len(pairs), bool))
 
-    (u0, k0), (u1, k1) = spill(0, [(7, 9), (3, 1)], [True, True]), spill(1, [(7, 2), (5, 5)], [True, False])
+    spill(0, [(7, 9), (3, 1)], [0, 1], [True, True])
+    spill(1, [(7, 2), (5, 5)], [0, 1], [True, False])
     target = tmp_path / "subset.npy"
     np.lib.format.open_memmap(target, mode="w+", dtype=UID_DTYPE, shape=(3,)).flush()
-    assert not streaming._uid_range(([u0, u1], [k0, k1], [(0, 2), (0, 2)], str(target), 0))
+    assert uid_phase.check_range((str(tmp_path), 2, [(0, 2), (0, 2)], True, True, str(target), 0)) is None
     assert np.load(target).tolist() == [(3, 1), (7, 2), (7, 9)]
-    _, k2 = spill(2, [(7, 9)], [False])
-    assert streaming._uid_range(([u0, str(tmp_path / "u2.npy")], [k0, k2], [(0, 2), (0, 1)], str(target), 0))
+    # shard 2: (7, 9) at rows 4 and 8 (rows 0-3 failed), shard 0 had it first
+    spill(2, [(7, 9), (1, 1), (7, 9)], [4, 6, 8], [False, True, False])
+    found = uid_phase.check_range((str(tmp_path), 3, [(0, 2), (0, 2), (0, 3)], True, True, None, 0))
+    assert found["rows"] == 2 and found["uids"] == 1 and "later" not in found
+    assert found["copies"] == {(7, 9): (3, [0, 2 << 32 | 4, 2 << 32 | 8])}
+    assert uid_phase.later_rows(str(tmp_path), 2).tolist() == [4, 8]
+    assert not uid_phase.later_rows(str(tmp_path), 0).size
 
 
 def test_the_plan_reads_what_filters_declare():
@@ -117,7 +126,7 @@ def test_the_plan_reads_what_filters_declare():
 
     from filtering.filters.base import Decision, Filter, InputInfo, Survivors, TopFraction
     from filtering.filters.compose import AllOf, Leaf, Not
-    from pipelines.executors.streaming import _leaves, _reduction_why_not, decided_tree
+    from pipelines.executors.streaming import _reduction_why_not, decided_tree
 
     class Params(pydantic.BaseModel):
         reduction: str | None = None
@@ -141,18 +150,12 @@ def test_the_plan_reads_what_filters_declare():
     info = InputInfo(kind="datacomp")
     row, top, dedup, odd = (NewFilter(Params(reduction=r), info) for r in (None, "top", "dedup", "odd"))
     tree = [Leaf(dedup), AllOf([Leaf(row), Not(Leaf(top))])]
-    assert [(f.params.reduction, at_top) for f, at_top in (p for n in tree for p in _leaves(n))] == [
-        ("dedup", True),
-        (None, False),
-        ("top", False),
-    ]
-    assert _reduction_why_not(row, False, set()) is None
-    assert _reduction_why_not(top, False, {"s"}) is None
-    assert "a column a whole-pool stage computes" in _reduction_why_not(top, True, set())
-    assert _reduction_why_not(dedup, True, set()) is None
-    assert "any/not" in _reduction_why_not(dedup, False, set())
-    assert "no step for its reduction" in _reduction_why_not(odd, True, set())
-    fixed = decided_tree(tree, [0.25], {0: "survivors"})
+    assert _reduction_why_not(row, set()) is None
+    assert _reduction_why_not(top, {"s"}) is None
+    assert "a column a whole-pool stage computes" in _reduction_why_not(top, set())
+    assert _reduction_why_not(dedup, set()) is None  # anywhere in the tree: survivors among the rows that reach it
+    assert "no step for its reduction" in _reduction_why_not(odd, set())
+    fixed = decided_tree(tree, [0.25], {(0,): "survivors"})
     assert fixed[0].filter.result == "survivors"
     assert fixed[1].children[0].filter is row  # row-local: unchanged
     assert fixed[1].children[1].child.filter.result == 0.25

@@ -1,0 +1,183 @@
+"""Uids on both plans: a uid subset.npy cannot hold stops the run in one line, and uids
+that two or more readable samples share are reported by ``input.uid.duplicates``
+(docs/spec.md, "Semantics that must match DataComp exactly"; issue 14, finding 12):
+a count and examples in the manifest (``uids.duplicates``) and one warning line;
+``error`` stops the run, ``keep_first`` drops the later copies (pool order) first in the
+funnel (``uid_duplicates``, reason ``duplicate_uid``), ``report`` keeps every copy.
+
+The in-memory plan checks the whole pool at once (:func:`check_duplicate_uids`). The
+shard plan (``streaming.py``) spills each shard's uids grouped by range of their high
+bits (:func:`spill_uids`) and checks one range at a time (:func:`check_range`): a repeat
+and all its copies fall in one range, sorted there, so its first copy is found there
+too. Either way :func:`filtering.uid.repeated_uids` finds them and :func:`report` says so.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from filtering.errors import PoolsiftError
+from filtering.filters.base import Decision
+from filtering.filters.compose import FilterNode
+from filtering.uid import UID_DTYPE, duplicate_examples, order_u8u8, repeated_uids, uids_to_u8u8
+
+FINE_BITS = 12  # uid ranges: the top bits of the uid's high half
+
+
+class UidDuplicates(FilterNode):
+    """``input.uid.duplicates: keep_first``: later copies of a uid are dropped, first in the funnel."""
+
+    def __init__(self, later: np.ndarray):
+        self.later = later
+
+    def evaluate(self, pool, alive: np.ndarray) -> Decision:
+        return Decision(keep=~self.later, reason="duplicate_uid")
+
+    def label(self) -> str:
+        return "uid_duplicates"
+
+    def leaves(self) -> list:
+        return []
+
+
+def uid_pairs(table: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """The uids of ``rows`` as DataComp's ``u8,u8``; a uid that is not 32 hex digits
+    stops the run in one line naming its sample (subset.npy cannot hold it)."""
+    uids = table.column("uid").cast(pa.string()).take(pa.array(rows, pa.int64()))
+    try:
+        return uids_to_u8u8(uids)
+    except ValueError as e:
+        ok = pc.fill_null(pc.match_substring_regex(uids, "^[0-9a-fA-F]{32}$"), False).to_numpy(zero_copy_only=False)
+        row = int(rows[int(np.argmin(ok))])
+        where = table.select(["uid", "source_shard", "key"]).slice(row, 1).to_pylist()[0]
+        raise PoolsiftError(
+            f"uid {where['uid']!r} of sample {where['key']} in {where['source_shard']} is not 32 hex digits: "
+            "subset.npy holds each uid as DataComp's 128-bit number"
+        ) from e
+
+
+def report(ctx, policy: str, found: list[dict], names) -> dict[str, Any]:
+    """The manifest's record of what :func:`filtering.uid.repeated_uids` found
+    (``found``: one result per disjoint set of uids, none empty), and the warning line;
+    ``names(keys)`` gives the ``{"source_shard", "key"}`` of the samples at those pool
+    keys. Stops the run under ``error``."""
+    n_rows = sum(f["rows"] for f in found)
+    n_uids = sum(f["uids"] for f in found)
+    record: dict[str, Any] = {"policy": policy, "rows": n_rows, "uids": n_uids}
+    if n_rows:
+        examples = duplicate_examples(found)
+        where = names(sorted({k for _, _, keys in examples for k in keys}))
+        record["examples"] = [
+            {"uid": uid, "count": count, "samples": [where[k] for k in keys]} for uid, count, keys in examples
+        ]
+        first = examples[0][0]
+        action = {
+            "report": "all copies kept",
+            "keep_first": "later copies dropped (duplicate_uid)",
+            "error": "stopping",
+        }[policy]
+        ctx.log(
+            f"warning: {n_uids} uid(s) occur on more than one sample ({n_rows} extra copies, e.g. {first}); "
+            f"{action} (input.uid.duplicates)"
+        )
+    if n_rows and policy == "error":
+        raise PoolsiftError(
+            f"input.uid.duplicates: {n_uids} uid(s) occur on more than one sample ({n_rows} extra copies, "
+            f"e.g. {first}); set input.uid.duplicates: keep_first or report"
+        )
+    return record
+
+
+def check_duplicate_uids(pool, policy: str, ctx) -> FilterNode | None:
+    """The in-memory plan's check over the whole pool; the funnel step that drops the
+    later copies under ``keep_first``."""
+    rows = np.flatnonzero(~pool.failed)
+    found = repeated_uids(uid_pairs(pool.table, rows), rows)
+
+    def names(keys):
+        where = pool.table.select(["source_shard", "key"]).take(pa.array(keys, pa.int64())).to_pylist()
+        return dict(zip(keys, where, strict=True))
+
+    ctx.stage_info.setdefault("uids", {})["duplicates"] = report(ctx, policy, [found] if found else [], names)
+    if found and policy == "keep_first":
+        later = np.zeros(pool.n, bool)
+        later[rows[found["later"]]] = True
+        return UidDuplicates(later)
+    return None
+
+
+# ---------------------------------------------------------------- the shard plan
+
+
+def spill_paths(spill: str, i: int) -> dict[str, str]:
+    """Shard ``i``'s uid spill files: its alive rows' uids and rows grouped by range
+    (``uids``, ``rows``), their keep flags (``kept``) and later-copy flags (``later``)."""
+    return {k: os.path.join(spill, f"{k}-{i:06d}.npy") for k in ("uids", "rows", "kept", "later")}
+
+
+def spill_uids(spill: str, i: int, table: pa.Table, alive: np.ndarray) -> np.ndarray:
+    """Shard ``i``'s alive uids (and their rows, uint32) grouped by the top FINE_BITS bits
+    of their high half (a stable radix sort: each group in row order), spilled; returns
+    the count per group."""
+    rows = np.flatnonzero(alive)
+    uids = uid_pairs(table, rows)
+    bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.uint16)
+    order = np.argsort(bins, kind="stable")
+    paths = spill_paths(spill, i)
+    np.save(paths["uids"], uids[order])
+    np.save(paths["rows"], rows[order].astype(np.uint32))
+    return np.bincount(bins, minlength=1 << FINE_BITS)
+
+
+def later_rows(spill: str, i: int) -> np.ndarray:
+    """Shard ``i``'s rows that are later copies (``keep_first``), as the uid check marked them."""
+    paths = spill_paths(spill, i)
+    return np.load(paths["rows"])[np.load(paths["later"])].astype(np.int64)
+
+
+def _load(paths: list[str], ranges: list[tuple[int, int]], dtype) -> np.ndarray:
+    chunks = [np.load(path, mmap_mode="r")[lo:hi] for path, (lo, hi) in zip(paths, ranges, strict=True) if hi > lo]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+
+
+def check_range(args) -> dict | None:
+    """One range of uid high bits over every shard: the repeats in it
+    (:func:`filtering.uid.repeated_uids`, pool keys ``shard << 32 | row``) unless
+    ``check`` is off; under ``mark``, each later copy flagged in its shard's ``later``
+    file; with ``target``, the range's kept uids, sorted, written into ``subset.npy`` at
+    ``offset``."""
+    spill, n_shards, ranges, check, mark, target, offset = args
+    paths = [spill_paths(spill, i) for i in range(n_shards)]
+    uids = _load([p["uids"] for p in paths], ranges, UID_DTYPE)
+    found = None
+    if check:
+        rows = _load([p["rows"] for p in paths], ranges, np.uint32).astype(np.int64)
+        shard = np.repeat(np.arange(n_shards, dtype=np.int64), [hi - lo for lo, hi in ranges])
+        found = repeated_uids(uids, shard << 32 | rows)
+        if found is not None and mark:
+            cuts = np.cumsum([0] + [hi - lo for lo, hi in ranges])
+            later = np.sort(found["later"])
+            at = np.searchsorted(later, cuts)
+            for i in range(n_shards):
+                if at[i + 1] > at[i]:
+                    flags = np.load(paths[i]["later"], mmap_mode="r+")
+                    flags[later[at[i] : at[i + 1]] - cuts[i] + ranges[i][0]] = True
+                    flags.flush()
+                    del flags
+        if found is not None:
+            del found["later"]  # the driver needs the counts and examples only
+    if target is not None:
+        kept = _load([p["kept"] for p in paths], ranges, np.bool_)
+        uids = uids[kept]
+        uids = uids[order_u8u8(uids, kind="quicksort")]
+        if len(uids):
+            out = np.load(target, mmap_mode="r+")
+            out[offset : offset + len(uids)] = uids
+            out.flush()
+            del out
+    return found
