@@ -300,6 +300,13 @@ EXAMPLES = 5  # example uids in the report
 EXAMPLE_COPIES = 5  # copies listed per example uid
 
 
+def high_halves_tie(pairs: np.ndarray) -> bool:
+    """Whether two of the uids share a high half: needed for a repeat, and rare among
+    distinct random uids, so one plain uint64 sort rules most sets out."""
+    high = np.sort(pairs["f0"])
+    return len(high) > 1 and bool((high[1:] == high[:-1]).any())
+
+
 def repeated_uids(pairs: np.ndarray, pool_key: np.ndarray) -> dict | None:
     """Uids that two or more entries of ``pairs`` (``u8,u8``) share; None when none does.
 
@@ -309,10 +316,8 @@ def repeated_uids(pairs: np.ndarray, pool_key: np.ndarray) -> dict | None:
     the later copies), ``uids`` (how many uids repeat), ``candidates`` (the first
     EXAMPLE_ROWS later copies in pool order: their keys and uids) and ``copies`` (for each
     candidate's uid: how many copies, and the pool keys of its first EXAMPLE_COPIES): all
-    a report needs, and small, whatever the pool. Sorts the high halves alone first: equal
-    ones are rare."""
-    high = np.sort(pairs["f0"])
-    if len(high) < 2 or not (high[1:] == high[:-1]).any():
+    a report needs, and small, whatever the pool."""
+    if not high_halves_tie(pairs):
         return None
     order = np.lexsort((pool_key, pairs["f1"], pairs["f0"]))  # by uid, each uid's copies in pool order
     s = pairs[order]

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from filtering.errors import PoolsiftError
 from filtering.filters.base import Decision
 from filtering.filters.compose import FilterNode
-from filtering.uid import UID_DTYPE, duplicate_examples, order_u8u8, repeated_uids, uids_to_u8u8
+from filtering.uid import UID_DTYPE, duplicate_examples, high_halves_tie, order_u8u8, repeated_uids, uids_to_u8u8
 
 FINE_BITS = 12  # uid ranges: the top bits of the uid's high half
 
@@ -155,7 +155,7 @@ def check_range(args) -> dict | None:
     paths = [spill_paths(spill, i) for i in range(n_shards)]
     uids = _load([p["uids"] for p in paths], ranges, UID_DTYPE)
     found = None
-    if check:
+    if check and high_halves_tie(uids):  # else no repeat: the rows are not read
         rows = _load([p["rows"] for p in paths], ranges, np.uint32).astype(np.int64)
         shard = np.repeat(np.arange(n_shards, dtype=np.int64), [hi - lo for lo, hi in ranges])
         found = repeated_uids(uids, shard << 32 | rows)
