@@ -119,3 +119,20 @@ def test_webdataset_with_failed_rows(tmp_path, rerun_dir, method, params):
     assert record["reference_items"] == 6 and record["reference_cache"] == (
         "embedded" if method == "semantic" else "hashed"
     )
+
+
+def test_webdataset_against_reference_shards(tmp_path, rerun_dir):
+    """A reference given as WebDataset shards (one of the pool's own, corrupt images
+    included: skipped), hashed once in the driver."""
+    shard = sorted((SAMPLE / "pool").glob("*.tar"))[1]
+    filters = [{"decontaminate": {"reference": str(shard), "method": "perceptual", "max_distance": 0}}]
+    mem = _sample_run(rerun_dir, "memory", filters)
+    a = tmp_path / "memory"
+    shutil.copytree(rerun_dir, a)
+    shutil.rmtree(rerun_dir / "cache")
+    shutil.copytree(a / "cache", rerun_dir / "cache", ignore=shutil.ignore_patterns("decontam-*"))
+    streamed = _sample_run(rerun_dir, "streaming", filters)
+    _same_outputs(mem, streamed, a, rerun_dir)
+    [record] = streamed.manifest["stages"]["decontaminate"].values()
+    assert record["reference_cache"] == "hashed" and record["nearest"] == 0
+    assert {f["name"]: f for f in streamed.manifest["counts"]["filters"]}["decontaminate"]["dropped"] > 0
