@@ -43,14 +43,14 @@ def git_commit() -> str | None:
 
 def checksum_inputs(inputs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Add a checksum to each input record; returns (records, method)."""
-    import concurrent.futures as cf
+    from filtering.tasks import thread_pool
 
     if not all(is_local(i["path"]) for i in inputs):
         return [dict(i) for i in inputs], "size+mtime"
     total = sum(int(i.get("size") or 0) for i in inputs)
     full = total <= FULL_HASH_LIMIT
     field, fn = ("sha256", sha256_file) if full else ("sha256_head_tail", sha256_head_tail)
-    with cf.ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL on large blocks
+    with thread_pool(4) as pool:  # hashlib releases the GIL on large blocks
         digests = list(pool.map(fn, [i["path"] for i in inputs]))
     records = [{**i, field: d} for i, d in zip(inputs, digests, strict=True)]
     return records, "sha256" if full else HEAD_TAIL_METHOD

@@ -1,7 +1,10 @@
 """The one owner of parallelism: every local process pool in poolsift is made here
 (:func:`process_pool`: decode workers, language identification, the dedup partitions, the
-plan's tasks), its workers counted here (:func:`worker_count`), mapped over with a bounded
-window here (:func:`windowed`), and every worker dies with the driver (:func:`init_worker`).
+plan's tasks), and every thread pool (:func:`thread_pool`: reading metadata, writing parts,
+hashing inputs, flushing files); their workers are counted here (:func:`worker_count`,
+:func:`plan_workers`, from :func:`cores`), mapped over with a bounded window here
+(:func:`windowed`), and every worker process dies with the driver (:func:`init_worker`).
+``tests/filtering/test_one_owner.py`` fails when a pool or a core count appears elsewhere.
 
 Where the plan's tasks run: plain module-level functions over picklable arguments.
 
@@ -18,6 +21,7 @@ worker must see (on a multi-machine cluster: shared storage).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import multiprocessing as mp
 import os
@@ -91,13 +95,20 @@ def runs_tasks(executor) -> bool:
 # --- every local process pool ---------------------------------------------------------
 
 
-def worker_count(configured: int | None = None, *, reserve: int = 0, per: int = 1, cap: int | None = None) -> int:
-    """How many worker processes a pool gets: ``configured`` when set (``model.num_workers``,
-    a test's pin), else one per ``per`` of the cores left after ``reserve``, at least one and
-    at most ``cap``."""
+def cores() -> int:
+    """This machine's CPU count (at least one): the only place poolsift asks for it."""
+    return os.cpu_count() or 1
+
+
+def worker_count(
+    configured: int | None = None, *, reserve: int = 0, per: int = 1, least: int = 1, cap: int | None = None
+) -> int:
+    """How many workers a pool gets: ``configured`` when set (``model.num_workers``, a
+    test's pin), else one per ``per`` of the cores left after ``reserve``, at least
+    ``least`` and at most ``cap``."""
     if configured is not None:
         return configured
-    n = max(1, ((os.cpu_count() or 1) - reserve) // per)
+    n = max(least, (cores() - reserve) // per)
     return min(n, cap) if cap is not None else n
 
 
@@ -122,6 +133,14 @@ def process_pool(workers: int, start: str = "spawn", initializer=None, initargs:
     context = mp.get_context(start)
     args = (os.getpid(), no_pandas, initializer, initargs)
     with ProcessPool(workers, mp_context=context, initializer=_start_worker, initargs=args) as pool:
+        yield pool
+
+
+@contextlib.contextmanager
+def thread_pool(workers: int) -> Iterator[cf.ThreadPoolExecutor]:
+    """A pool of ``workers`` threads (at least one), for work that releases the GIL (pyarrow
+    reading and writing, hashlib, fsync): the one way poolsift makes one."""
+    with cf.ThreadPoolExecutor(max(1, workers)) as pool:
         yield pool
 
 

@@ -8,7 +8,6 @@ settings only re-applies filters and rewrites outputs.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import sys
 from collections import Counter
@@ -26,6 +25,7 @@ from filtering.io.paths import join
 from filtering.pool import Pool
 from filtering.provenance import provenance
 from filtering.stages.base import ColumnStage, RunContext, SourceStage
+from filtering.tasks import thread_pool
 from filtering.writers.commit import MANIFEST, Staged, file_records, recover, staged_result
 from filtering.writers.parquet import (
     HEX_COLUMNS,
@@ -342,7 +342,7 @@ def write_outputs(
             remove_parts(result.url("dropped"))  # remote output: an earlier audit trail would not match
         return done
 
-    with cf.ThreadPoolExecutor(1) as side:  # pyarrow encodes and writes without the GIL
+    with thread_pool(1) as side:  # pyarrow encodes and writes without the GIL
         pending = side.submit(side_outputs)
         schema, tables = subset_stream(pool, outcome.keep)
         subset_parts = write_parts_stream(  # parts follow the pool: one source shard each (docs/spec.md)

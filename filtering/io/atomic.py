@@ -88,7 +88,7 @@ def atomic_open(url: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
 
 def fsync_files(paths: list[str], threads: int = 16) -> None:
     """Flush local files to disk, many at once: the waits are the disk's, not the CPU's."""
-    import concurrent.futures as cf
+    from filtering.tasks import thread_pool
 
     def one(path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -97,7 +97,7 @@ def fsync_files(paths: list[str], threads: int = 16) -> None:
         finally:
             os.close(fd)
 
-    with cf.ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
+    with thread_pool(min(threads, len(paths))) as pool:
         list(pool.map(one, paths))
 
 

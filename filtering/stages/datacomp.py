@@ -17,7 +17,6 @@ Embeddings are read per shard and per array on demand.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import functools
 import os
@@ -35,6 +34,7 @@ from filtering.io.paths import file_info, get_fs, is_local, local_path, open_fil
 from filtering.pool import LateColumns, Pool, ShardPart
 from filtering.sources import DATACOMP
 from filtering.stages.base import RunContext, SourceStage
+from filtering.tasks import thread_pool, worker_count
 
 SCORE_FIELDS = ("clip_b32_similarity_score", "clip_l14_similarity_score")
 EMBEDDING_ARRAYS = ("b32_img", "b32_txt", "l14_img", "l14_txt")
@@ -137,8 +137,7 @@ class DataCompStage(SourceStage):
         shards = self._shards if self._shards is not None else list_shards(self.metadata_dir)
         ctx.inputs.extend(_input_records(shards))
         preload_pandas()
-        workers = min(len(shards), max(2, os.cpu_count() or 2))
-        with cf.ThreadPoolExecutor(workers) as executor:  # pyarrow decodes without the GIL
+        with thread_pool(worker_count(least=2, cap=len(shards))) as executor:  # pyarrow decodes without the GIL
             schemas = list(executor.map(_read_schema, shards))
             wanted = [self._columns_for(schema, s.parquet) for s, schema in zip(shards, schemas, strict=True)]
             late = self._late_columns(schemas, wanted)

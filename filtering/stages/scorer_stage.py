@@ -4,7 +4,6 @@ assignment, decontamination distances), and :class:`ScorerStage`, which runs one
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -63,11 +62,9 @@ def cached_shard_loop(
     (from the shared file), so the driver reads only the rows the cache key samples
     (memory-mapped; a remote file is still read whole for the key).
     """
-    from collections import deque
-
     import pyarrow as pa
 
-    from filtering.tasks import runs_tasks, task_pool
+    from filtering.tasks import runs_tasks, task_pool, windowed
 
     out: dict[str, np.ndarray | None] = dict.fromkeys(columns)
     computed = cached = 0
@@ -96,36 +93,40 @@ def cached_shard_loop(
         cache.write(part.url, pa.table({c: result[c] for c in columns}), {}, source=source)
         fill(part, result)
 
+    def todo():
+        """The shards to compute where the executor runs them, as ``windowed`` items; the
+        cached ones are filled and the local ones computed as they come."""
+        nonlocal computed, cached
+        for part in pool.parts:
+            if part.n == 0:
+                continue
+            emb = pool.embedding_loader(kind, part) if kind is not None else None
+            source = source_of(part, emb)
+            if cache.is_done(part.url, source):
+                table = cache.read_table(part.url)
+                fill(part, {c: table.column(c).to_numpy() for c in columns})
+                cached += 1
+                continue
+            computed += 1
+            open_bar()
+            if not remote:
+                store(part, source, compute(part, emb))
+                continue
+            cols = {c: pool.column(c)[part.start : part.stop] for c in inputs}
+            # The task loads the shard's embeddings itself where the pool can say how:
+            # the driver read only the rows its cache key samples.
+            if kind is not None and pool.embedding_ref is not None:
+                emb = pool.embedding_ref(kind, part)
+            yield (part, source), (task, part, emb, cols)
+
     try:
-        with task_pool(ctx.executor, 1) if remote else contextlib.nullcontext() as tasks:
-            window: deque = deque()  # (part, source, future): at most two per worker in flight
-            for part in pool.parts:
-                if part.n == 0:
-                    continue
-                emb = pool.embedding_loader(kind, part) if kind is not None else None
-                source = source_of(part, emb)
-                if cache.is_done(part.url, source):
-                    table = cache.read_table(part.url)
-                    fill(part, {c: table.column(c).to_numpy() for c in columns})
-                    cached += 1
-                    continue
-                computed += 1
-                open_bar()
-                if not remote:
-                    store(part, source, compute(part, emb))
-                    continue
-                cols = {c: pool.column(c)[part.start : part.stop] for c in inputs}
-                # The task loads the shard's embeddings itself where the pool can say how:
-                # the driver read only the rows its cache key samples.
-                if kind is not None and pool.embedding_ref is not None:
-                    emb = pool.embedding_ref(kind, part)
-                window.append((part, source, tasks.submit(_shard_task, task, part, emb, cols)))
-                while len(window) > 2 * tasks.workers:
-                    p, src, fut = window.popleft()
-                    store(p, src, fut.result())
-            while window:
-                p, src, fut = window.popleft()
-                store(p, src, fut.result())
+        if not remote:
+            for _ in todo():
+                pass
+        else:
+            with task_pool(ctx.executor, 1) as tasks:  # at most two shards per worker in flight
+                for (part, source), result in windowed(tasks, _shard_task, todo(), 2 * tasks.workers):
+                    store(part, source, result)
     finally:
         if bar is not None:
             bar.close()

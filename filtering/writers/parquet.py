@@ -15,7 +15,6 @@ and a few shards, whatever the pool's size.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import glob
 import hashlib
@@ -248,14 +247,11 @@ def _leaf_paths(schema: pa.Schema) -> list[str]:
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
     """``map(fn, items)`` on ``workers`` threads, in order, at most ``ahead`` results
     computed before they are consumed (bounded memory, unlike ``Executor.map``)."""
-    with cf.ThreadPoolExecutor(workers) as executor:
-        window: list[cf.Future] = []
-        for item in items:
-            window.append(executor.submit(fn, item))
-            if len(window) >= ahead:
-                yield window.pop(0).result()
-        for future in window:
-            yield future.result()
+    from filtering.tasks import thread_pool, windowed
+
+    with thread_pool(workers) as executor:
+        for _, out in windowed(executor, fn, ((None, (item,)) for item in items), ahead - 1):
+            yield out
 
 
 def remove_parts(dir_url: str) -> None:

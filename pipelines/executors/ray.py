@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from filtering.errors import ConfigError, PoolsiftError
+from filtering.tasks import cores
 
 INSTALL_HINT = "--executor ray needs Ray: pip install 'poolsift[ray]'"
 
@@ -123,7 +124,7 @@ class RayExecutor:
             "namespace": "poolsift",
         }
         if self.address is None:
-            kwargs.update(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False)
+            kwargs.update(num_cpus=self.num_cpus or cores(), include_dashboard=False)
         try:
             # "local": a private Ray, never one that RAY_ADDRESS or a `ray start` on this
             # machine points at (README: without --ray-address a private Ray is started).

@@ -98,7 +98,7 @@ from filtering.io.atomic import atomic_write_text, is_write_failure, write_error
 from filtering.io.paths import get_fs, is_local, join, local_path
 from filtering.provenance import provenance
 from filtering.stages.base import RunContext
-from filtering.tasks import runs_tasks, task_pool
+from filtering.tasks import plan_workers, runs_tasks, task_pool
 from filtering.uid import UID_DTYPE
 from filtering.writers.commit import MANIFEST, Staged, file_records, place, remove_unlisted
 from filtering.writers.parquet import HEX_COLUMNS, _PartWriter, dropped_table, part_format, subset_stream
@@ -496,12 +496,6 @@ def _uids_first(pool, sh: _Shared, shards: list, policy: str, ctx) -> tuple[_Sha
     return replace(sh, uids_spilled=True, uid_later=mark and bool(found)), duplicates
 
 
-def workers_for(n_shards: int) -> int:
-    env = os.environ.get("POOLSIFT_WORKERS")
-    n = int(env) if env else (os.cpu_count() or 1)
-    return max(1, min(n, n_shards))
-
-
 def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, Any] | None:
     """Run the whole plan shard-parallel, its outputs into ``result``; returns the manifest, or
     None (nothing written) when the shards' schemas do not unify (``stream_prepare``)."""
@@ -593,7 +587,7 @@ def _run(
         seconds[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    with task_pool(ctx.executor, workers_for(len(shards))) as pool:
+    with task_pool(ctx.executor, plan_workers(cap=len(shards))) as pool:
         n_workers = pool.workers
         # 1. scan: the top_fraction score columns only (nothing to read without one)
         hists: dict[int, np.ndarray] = {}
