@@ -67,6 +67,35 @@ def manifest_record(
     }
 
 
+def execution_record(plan: str, executor, workers: int, seconds: dict[str, float]) -> dict[str, Any]:
+    """The manifest's ``execution`` record, the same keys on every plan (docs/spec.md):
+    ``plan`` (``streaming``: the shard plan; ``memory``: the whole pool in the driver),
+    ``executor`` (``local`` or ``ray``), ``workers`` (how many tasks ran at once) and
+    ``seconds`` per phase (wall, in the order they ran)."""
+    return {
+        "plan": plan,
+        "executor": "ray" if executor is not None else "local",
+        "workers": int(workers),
+        "seconds": {k: round(float(v), 3) for k, v in seconds.items()},
+    }
+
+
+class PhaseClock:
+    """Wall seconds per phase: :meth:`lap` ends the phase running since the last lap."""
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        import time
+
+        self._now = time.perf_counter
+        self.seconds: dict[str, float] = dict(seconds or {})
+        self._start = self._now()
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._start, 3)
+        self._start = now
+
+
 def check_funnel(counts: dict[str, Any]) -> None:
     """The manifest invariant: every input sample is kept, failed, or dropped by one filter."""
     dropped = sum(f["dropped"] for f in counts["filters"])

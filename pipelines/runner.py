@@ -25,7 +25,7 @@ from filtering.io.paths import join
 from filtering.pool import Pool
 from filtering.provenance import provenance
 from filtering.stages.base import ColumnStage, RunContext, SourceStage
-from filtering.tasks import thread_pool
+from filtering.tasks import executor_workers, thread_pool
 from filtering.writers.commit import MANIFEST, Staged, file_records, recover, staged_result
 from filtering.writers.parquet import (
     HEX_COLUMNS,
@@ -41,7 +41,9 @@ from pipelines.executors.uid_phase import check_duplicate_uids
 from pipelines.lock import output_lock
 from pipelines.manifest import (
     MAX_MANIFEST_FAILURES,
+    PhaseClock,
     check_funnel,
+    execution_record,
     json_default,
     manifest_record,
     model_record,
@@ -271,15 +273,19 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
             pool, outcome = None, None  # on the streaming plan no process holds the pool
             manifest = streamed(cfg, the_plan, ctx, executor, result)
             if manifest is None:
+                clock = PhaseClock()
                 pool = the_plan.source.run(ctx)
+                clock.lap("source")
                 for stage in the_plan.stages:
                     stage.run(ctx, pool)
+                clock.lap("stages")
                 nodes = list(cfg.filter_tree)
                 dup = check_duplicate_uids(pool, cfg.input.uid.duplicates, ctx)
                 if dup is not None:
                     nodes.insert(0, dup)
                 outcome = apply_filters(nodes, pool)
-                manifest = write_outputs(cfg, ctx, pool, outcome, the_plan.source, result, nodes)
+                clock.lap("filter")
+                manifest = write_outputs(cfg, ctx, pool, outcome, the_plan.source, result, nodes, clock)
             if cfg.output.report:
                 from filtering.report import write_report
 
@@ -311,10 +317,13 @@ def write_outputs(
     source: SourceStage,
     result: Staged,
     nodes: list[FilterNode] | None = None,
+    clock: PhaseClock | None = None,
 ) -> dict[str, Any]:
     """Every output and the manifest, into the staged result (``result.url``); the
     manifest names each file as it will be after the switch (``result.final``).
-    ``nodes``: the filter list ``outcome`` came from (its tallies' reports, by position)."""
+    ``nodes``: the filter list ``outcome`` came from (its tallies' reports, by position);
+    ``clock``: the phases so far, for the manifest's ``execution`` record (writing is the last)."""
+    clock = clock if clock is not None else PhaseClock()
     out = cfg.output
     failed = pool.failed
     config_dict = cfg.to_dict()
@@ -403,6 +412,8 @@ def write_outputs(
     if "reshard_map" in pool.artifacts:
         manifest["shards"] = [{**s, "path": result.final(s["path"])} for s in pool.artifacts["reshard_map"]]
     manifest["files"] = files
+    clock.lap("write")
+    manifest["execution"] = execution_record("memory", ctx.executor, executor_workers(ctx.executor), clock.seconds)
     atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=json_default) + "\n")
     return manifest
 

@@ -150,6 +150,12 @@ class RayExecutor:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def workers(self) -> int:
+        """The CPUs tasks run on: the cluster's once joined, else those a local Ray would get."""
+        if self.ray.is_initialized():
+            return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+        return self.num_cpus or cores()
+
     def task_pool(self) -> RayTaskPool:
         """Plain-function tasks on this cluster (``filtering/tasks.py``), one CPU each."""
         self.connect()

@@ -555,6 +555,7 @@ def _run(
     from pipelines.manifest import (
         MAX_MANIFEST_FAILURES,
         check_funnel,
+        execution_record,
         json_default,
         manifest_record,
         model_record,
@@ -763,7 +764,6 @@ def _run(
         manifest["shards"] = shard_map
     manifest["files"] = dict(sorted(files.items()))
     lap("manifest")
-    executor = "ray" if ctx.executor is not None else "local"
-    manifest["execution"] = {"plan": "streaming", "executor": executor, "workers": n_workers, "seconds": seconds}
+    manifest["execution"] = execution_record("streaming", ctx.executor, n_workers, seconds)
     atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=json_default) + "\n")
     return manifest
