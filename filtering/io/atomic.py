@@ -53,7 +53,7 @@ def _tmp_name(path: str) -> str:
 @contextlib.contextmanager
 def atomic_open(url: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
     """Open ``url`` for writing; the file appears under its name only if the block succeeds.
-    ``fsync=False``: the caller makes it durable later (:func:`fsync_files`), e.g. a spill
+    ``fsync=False``: the caller makes it durable later (``filtering/writers/commit.py: fsync_files``), e.g. a spill
     file that is renamed into place at a commit."""
     if is_local(url):
         path = url.removeprefix("file://")
@@ -84,21 +84,6 @@ def atomic_open(url: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
         raise
-
-
-def fsync_files(paths: list[str], threads: int = 16) -> None:
-    """Flush local files to disk, many at once: the waits are the disk's, not the CPU's."""
-    from filtering.tasks import thread_pool
-
-    def one(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    with thread_pool(min(threads, len(paths))) as pool:
-        list(pool.map(one, paths))
 
 
 def remove_temp_files(root: str) -> int:

@@ -130,7 +130,7 @@ class _PartWriter:
         by: str | None = None,
     ):
         self.dir_url, self.schema, self.rows_per_part, self.options = dir_url, schema, rows_per_part, options
-        self.fsync = fsync  # False: the caller flushes the parts to disk (atomic.fsync_files)
+        self.fsync = fsync  # False: the caller flushes the parts to disk (commit.fsync_files)
         self.by = by
         self.value: Any = None  # the ``by`` value of the rows in the current part
         self.group = min(rows_per_part, ROW_GROUP_ROWS)

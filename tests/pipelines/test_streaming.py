@@ -550,7 +550,7 @@ def test_parts_are_flushed_to_disk_before_the_manifest_names_them(tmp_path, meta
     flushes every file of the staged result (parts, subset.npy, the manifest) at once
     before it renames anything into place."""
     import filtering.writers.commit as commit
-    from filtering.io.atomic import fsync_files
+    from filtering.writers.commit import fsync_files
 
     flushed: list[str] = []
 
