@@ -253,9 +253,12 @@ class ImageClustersStage(ColumnStage):
 
     def train(self, ctx, pool, info) -> np.ndarray:
         cc = self.clusters
-        # Failed rows (WebDataset input) are left out; without any, no per-row index array.
-        valid = np.flatnonzero(~pool.failed) if pool.has_column("error") else None
-        usable = pool.n if valid is None else len(valid)
+        # Failed rows (WebDataset input: ``error`` set) are left out: the sample is drawn
+        # among the rows not failed (the column's nulls), counted and found shard by shard,
+        # so no array over the whole pool is held.
+        error = pool.table.column("error") if pool.has_column("error") else None
+        alive = [part.n if error is None else error.slice(part.start, part.n).null_count for part in pool.parts]
+        usable = sum(alive)
         m = clustering.training_size(usable, cc.num_clusters, cc.sample_fraction, cc.max_training_points)
         if m < cc.num_clusters:
             raise ConfigError(
@@ -263,8 +266,8 @@ class ImageClustersStage(ColumnStage):
                 f"the pool has {usable} usable rows (sample: {m})"
             )
         rows = clustering.sample_indices(usable, m, cc.seed)
-        if valid is not None:
-            rows = valid[rows]
+        if error is not None:
+            rows = _alive_rows(error, pool.parts, alive, rows)
         sample = pool.embeddings(info["embedding"], rows)  # only the sampled rows, shard by shard
         ctx.log(f"clusters: k-means of {m:,} points into {cc.num_clusters:,} clusters ({cc.niter} iterations)")
         bar = ctx.bar(cc.niter, "k-means", unit="iterations")
@@ -384,6 +387,20 @@ class ImageClustersStage(ColumnStage):
 
 
 # --- helpers -----------------------------------------------------------------------
+
+
+def _alive_rows(error: pa.ChunkedArray, parts, alive: list[int], ranks: np.ndarray) -> np.ndarray:
+    """The pool rows of the rows not failed (``error`` null) of ascending ``ranks`` among
+    them, one shard at a time (``alive``: each part's count of them)."""
+    out = np.empty(len(ranks), np.int64)
+    ends = np.cumsum(alive, dtype=np.int64)
+    cut = np.searchsorted(ranks, np.r_[0, ends])
+    for p, part in enumerate(parts):
+        lo, hi = cut[p], cut[p + 1]
+        if hi > lo:
+            local = np.flatnonzero(error.slice(part.start, part.n).is_null().to_numpy(zero_copy_only=False))
+            out[lo:hi] = part.start + local[ranks[lo:hi] - (ends[p] - alive[p])]
+    return out
 
 
 def reference_source(ref: str) -> tuple[str, list[str], list]:

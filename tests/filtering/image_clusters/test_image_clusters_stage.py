@@ -156,3 +156,26 @@ def test_targets_on_a_task_pool_are_the_drivers(tmp_path, monkeypatch):
     assert executor.tasks.sent == ["_target_chunk"] * 3
     expected = clustering.target_clusters(reference, clustering.Assigner(centroids))
     assert got.tolist() == expected.tolist() and 0 < len(got) <= 40
+
+
+def test_training_rows_skip_failed_rows_shard_by_shard():
+    """The k-means sample's rows among those not failed, found per shard, are the rows
+    ``np.flatnonzero(~pool.failed)[ranks]`` gives over the whole pool; with the failed
+    rows held as a chunked validity bitmap (a WebDataset skeleton pool) too."""
+    from filtering.image_clusters.image_clusters_stage import _alive_rows
+
+    rng = np.random.default_rng(3)
+    sizes = [7, 0, 12, 1, 9]
+    failed_rows = set(rng.choice(sum(sizes), 10, replace=False).tolist()) | {0, sum(sizes) - 1}
+    pool = make_pool([np.zeros((n, 4), np.float16) for n in sizes], failed_rows)
+    failed = pool.failed
+    bitmap = pa.chunked_array(
+        [pa.array(np.zeros(p.n, bool), mask=~failed[p.start : p.stop]) for p in pool.parts], pa.bool_()
+    )
+    usable = int((~failed).sum())
+    for error in (pool.table.column("error"), bitmap):
+        alive = [error.slice(p.start, p.n).null_count for p in pool.parts]
+        assert sum(alive) == usable
+        for m in (1, 5, usable):
+            ranks = clustering.sample_indices(usable, m, seed=m)
+            np.testing.assert_array_equal(_alive_rows(error, pool.parts, alive, ranks), np.flatnonzero(~failed)[ranks])
