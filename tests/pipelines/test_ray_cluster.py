@@ -14,6 +14,10 @@ machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the modul
   nearest hashes; subset.npy and every
   subset and dropped part byte for byte, the manifest's counts and thresholds equal to
   the local process pool's.
+- Every shipped ``configs/sample*.yaml`` and DataComp's image_based ∩ clip_score baseline
+  (``configs/image_based_intersect_clip_score.yaml`` on a generated pool), as shipped, on
+  the cluster (``--executor ray``) and locally: the same outputs, and the manifest's
+  ``execution.plan`` says which plan ran (the shard plan for each of them).
 """
 
 import json
@@ -352,3 +356,103 @@ def test_perceptual_decontamination_on_two_nodes_matches_local(tmp_path, scored_
         assert names and names == sorted(p.name for p in (outs["ray"] / folder).glob("*.parquet"))
         for name in names:
             assert _table(outs["ray"] / folder / name).equals(_table(outs["local"] / folder / name)), name
+
+
+# ---------------------------------------------------------------- every shipped config on Ray
+
+SAMPLE_CONFIGS = [
+    "sample.yaml",
+    "sample_basic.yaml",
+    "sample_dedup.yaml",
+    "sample_image_clusters.yaml",
+    "sample_quality.yaml",
+]
+# The plan each shipped config takes under ``execution.mode: auto``, on the cluster and locally.
+PLANS = dict.fromkeys(SAMPLE_CONFIGS, "streaming")
+
+
+def test_every_sample_config_is_listed():
+    from tests.conftest import REPO
+
+    assert sorted(p.name for p in (REPO / "configs").glob("sample*.yaml")) == sorted(SAMPLE_CONFIGS)
+
+
+def _local_then_ray(tmp_path, cluster, cfg_path, cache=None):
+    """Run ``cfg_path`` locally, then on the two-node cluster (``--executor ray``), into the
+    same folder (its path is in every part's provenance); the local outputs are moved to
+    ``tmp_path / "local"``, the cache stays for the Ray run (``cache``: a scoring cache to
+    start from). Returns (local result, Ray result, recorded Ray task names)."""
+    from pipelines.config import load_config
+    from pipelines.executors.ray import RayExecutor
+    from pipelines.runner import run
+
+    out = tmp_path / "ray"
+    if cache is not None:
+        shutil.copytree(cache, out / "cache")
+    cfg = load_config(cfg_path)
+    assert str(cfg.output.dir) == str(out)
+    local = run(cfg, progress=False, log=lambda _m: None)
+    shutil.copytree(out, tmp_path / "local", ignore=shutil.ignore_patterns("cache"))
+    for entry in out.iterdir():
+        if entry.name != "cache":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    executor = _Recording(RayExecutor(address=cluster.address))
+    try:
+        on_ray = run(load_config(cfg_path), executor=executor, progress=False, log=lambda _m: None)
+    finally:
+        executor.close()
+    return local, on_ray, executor.sent
+
+
+def _equal_runs(tmp_path, local, on_ray, plan: str) -> None:
+    mine, theirs = on_ray.manifest, local.manifest
+    assert mine["counts"] == theirs["counts"]
+    assert 0 < theirs["counts"]["kept"] < theirs["counts"]["input"]
+    assert json.dumps(mine["thresholds"], default=json_default) == json.dumps(
+        theirs["thresholds"], default=json_default
+    )
+    assert (mine["execution"]["plan"], theirs["execution"]["plan"]) == (plan, plan)
+    assert (mine["execution"]["executor"], theirs["execution"]["executor"]) == ("ray", "local")
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
+@pytest.mark.parametrize("name", SAMPLE_CONFIGS)
+def test_sample_config_on_two_nodes_matches_local(tmp_path, scored_sample, cluster, name):
+    """Each shipped sample config as a user runs it, from the sample's scoring cache (scores
+    the config needs beyond it are computed by the local run and cached for the Ray one)."""
+    from tests.conftest import REPO
+
+    path = write_config(tmp_path / name, base=REPO / "configs" / name, output={"dir": str(tmp_path / "ray")})
+    local, on_ray, sent = _local_then_ray(tmp_path, cluster, path, cache=scored_sample / "cache")
+    _equal_runs(tmp_path, local, on_ray, PLANS[name])
+    if PLANS[name] == "streaming":
+        assert {"_filter"} <= set(sent), sent  # each shard filtered and written as a Ray task
+
+
+def test_datacomp_baseline_on_two_nodes_matches_local(tmp_path, datacomp, cluster):
+    """``configs/image_based_intersect_clip_score.yaml`` (DataComp's image_based ∩ clip_score
+    baseline) on a generated DataComp pool: its paths pointed at the pool, the module's
+    centroids and reference set, and a fastText language model trained here (standing in
+    for lid.176.bin); everything else as shipped."""
+    import yaml
+
+    pytest.importorskip("fasttext")
+    from tests.conftest import REPO
+    from tests.fasttext_lid import train_tiny_lid
+
+    raw = yaml.safe_load((REPO / "configs" / "image_based_intersect_clip_score.yaml").read_text())
+    raw["input"]["datacomp_metadata"] = str(datacomp / "metadata")
+    raw["clusters"].update(
+        reference=str(datacomp / "reference.npy"), centroids=str(datacomp / "centroids.npy"), num_clusters=8
+    )
+    (tmp_path / "lid").mkdir()
+    lid = train_tiny_lid(tmp_path / "lid" / "tiny_lid.bin")
+    for f in raw["filters"]:
+        if "language" in f:
+            f["language"]["model_path"] = str(lid)
+    raw["output"] = {"dir": str(tmp_path / "ray")}
+    path = tmp_path / "baseline.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    local, on_ray, sent = _local_then_ray(tmp_path, cluster, path)
+    _equal_runs(tmp_path, local, on_ray, "streaming")
+    assert {"_scan", "_filter"} <= set(sent), sent  # the threshold's histograms, each shard filtered, on Ray
