@@ -118,11 +118,19 @@ def make_references(root: Path) -> Path:
     return refs
 
 
-def _cli(python_path: Path, *args, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def _cli(python_path: Path, *args) -> subprocess.CompletedProcess:
+    """``poolsift ARGS`` with the code at ``python_path``: in this process for this
+    checkout's code, else in a child process whose PYTHONPATH is ``python_path``."""
+    if python_path == REPO:
+        from tests.conftest import run_cli
+
+        code, stdout, stderr = run_cli(*args)
+        assert code == 0, f"poolsift {' '.join(map(str, args))}\n{stderr}"
+        return subprocess.CompletedProcess(args, code, stdout, stderr)
     env = {**os.environ, "PYTHONPATH": str(python_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        cwd=cwd,
+        cwd=python_path,
         env=env,
         capture_output=True,
         text=True,
@@ -147,7 +155,15 @@ def run_case(
     return _cli(python_path, "run", python_path / "configs" / f"{config}.yaml", *args, "--quiet")
 
 
-def _rows_digest(folder: Path, roots: dict[str, str]) -> dict:
+def _shard_label(source_shard: str) -> str:
+    """``source_shard`` from the last folder named ``sample_data`` or ``pool`` on (the
+    path is written as the run found it: absolute, or relative to its working folder)."""
+    parts = Path(source_shard).parts
+    marks = [i for i, p in enumerate(parts) if p in ("sample_data", "pool")]
+    return "/".join(parts[marks[0] if "sample_data" in parts[marks[0]] else marks[-1] :]) if marks else parts[-1]
+
+
+def _rows_digest(folder: Path) -> dict:
     """Per source shard: the row count and a sha256 over the rows in order; and one over all."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -159,10 +175,7 @@ def _rows_digest(folder: Path, roots: dict[str, str]) -> dict:
     columns = table.column_names
     total, shards = hashlib.sha256(), {}
     for row in table.to_pylist():
-        shard = str(row.get("source_shard"))
-        for root, placeholder in roots.items():
-            shard = shard.replace(root, placeholder)
-        row["source_shard"] = shard
+        shard = row["source_shard"] = _shard_label(str(row.get("source_shard")))
         line = repr([(c, row[c]) for c in columns]).encode()
         total.update(line + b"\n")
         entry = shards.setdefault(shard, [0, hashlib.sha256()])
@@ -176,15 +189,13 @@ def _rows_digest(folder: Path, roots: dict[str, str]) -> dict:
     }
 
 
-def digests(out: Path, root: Path, python_path: Path = REPO) -> dict:
-    """The digests of the run in ``out``; ``source_shard`` paths under the DataComp pool
-    (``root/pool``) or the sample (``python_path/sample_data``) written relative to them."""
+def digests(out: Path) -> dict:
+    """The digests of the run in ``out``."""
     manifest = json.loads((out / "manifest.json").read_text())
-    roots = {str(root / "pool"): "<pool>", str(python_path / "sample_data"): "<sample_data>"}
     return {
         "subset.npy": hashlib.sha256((out / "subset.npy").read_bytes()).hexdigest(),
-        "subset": _rows_digest(out / "subset", roots),
-        "dropped": _rows_digest(out / "dropped", roots),
+        "subset": _rows_digest(out / "subset"),
+        "dropped": _rows_digest(out / "dropped"),
         "counts": manifest["counts"],
         "thresholds": manifest.get("thresholds"),
         "cache": cache_folders(out),
@@ -201,7 +212,23 @@ def cache_folders(out: Path) -> list[str]:
 
 
 def pool_digest(pool: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(pool.iterdir())}
+    """Per pool file, a sha256 of what it holds (rows; arrays), not of the writer's bytes."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    out = {}
+    for path in sorted(pool.iterdir()):
+        h = hashlib.sha256()
+        if path.suffix == ".parquet":
+            for row in pq.read_table(path).to_pylist():
+                h.update(repr(row).encode())
+        else:
+            with np.load(path) as arrays:
+                for name in sorted(arrays.files):
+                    a = arrays[name]
+                    h.update(f"{name}:{a.dtype.str}:{a.shape}".encode() + np.ascontiguousarray(a).tobytes())
+        out[path.name] = h.hexdigest()
+    return out
 
 
 def record(old: Path, root: Path, mode: str | None = None) -> dict:
@@ -216,7 +243,7 @@ def record(old: Path, root: Path, mode: str | None = None) -> dict:
         if not (out / "manifest.json").is_file():  # an earlier, interrupted recording's runs are kept
             shutil.rmtree(out, ignore_errors=True)
             run_case(name, out, root, old, extra)
-        cases[name] = digests(out, root, old)
+        cases[name] = digests(out)
         print(name, cases[name]["subset.npy"][:12], cases[name]["counts"]["kept"], file=sys.stderr)
     commit = subprocess.run(["git", "-C", old, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return {
@@ -227,7 +254,8 @@ def record(old: Path, root: Path, mode: str | None = None) -> dict:
             "overrides in CASES (sample configs: model.precision=fp32, model.jpeg_draft=false; DataComp "
             "baselines: the language filter on py3langid, the pool from `poolsift make-sample --datacomp "
             f"--rows {POOL['rows']} --shards {POOL['shards']} --seed {POOL['seed']} --phash`, references from "
-            "make_references)."
+            "make_references). The same commit with --mode memory (execution.mode=memory, its in-memory plan) "
+            "gave the same digests for every case."
         ),
         "pool": pool_digest(root / "pool"),
         "cases": cases,
@@ -269,7 +297,7 @@ def _manifest(out: Path) -> dict:
 def test_datacomp_baseline_equals_golden(name, tmp_path, datacomp_root, golden):
     out = tmp_path / "run"
     run_case(name, out, datacomp_root)
-    _compare(name, digests(out, datacomp_root), golden["cases"][name])
+    _compare(name, digests(out), golden["cases"][name])
     assert _manifest(out)["execution"]["plan"] == "streaming"
 
 
@@ -281,7 +309,7 @@ def test_sample_config_equals_golden(name, tmp_path, scored_sample, golden):
     if _manifest(scored_sample)["model"]["precision"] == "fp32":  # auto's choice here: its scores are fp32's
         shutil.copytree(scored_sample / "cache", out / "cache")
     run_case(name, out, tmp_path)
-    _compare(name, digests(out, tmp_path), golden["cases"][name])
+    _compare(name, digests(out), golden["cases"][name])
     assert _manifest(out)["execution"]["plan"] == "streaming"
 
 
