@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="report file (default DIR/report.html)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample of failures")
 
+    p = sub.add_parser("index", help="write the index of a run's kept rows (DIR/index/) for an output without one")
+    p.add_argument("dir", help="a run's output directory (holds manifest.json and subset/)")
+
     p = sub.add_parser("sweep", help="subset size per value of one setting, from the cached scores")
     _add_config_args(p)
     p.add_argument(
@@ -274,6 +277,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from pipelines.manifest import index_output
+
+    folder, rows, built = index_output(args.dir)
+    print(f"index: {folder} ({rows:,} kept rows{'' if built else ', already there'})")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from pipelines.sweep import format_sweep, sweep
 
@@ -290,6 +301,7 @@ COMMANDS = {
     "make-sample": cmd_make_sample,
     "report": cmd_report,
     "sweep": cmd_sweep,
+    "index": cmd_index,
 }
 
 

@@ -278,7 +278,12 @@ def _filter_paths(specs: list, path: str) -> Iterator[tuple[str, Any, Any]]:
             yield from ((sub + p.removeprefix(f"{sub}[0]"), c, k) for p, c, k in _filter_paths([params], sub))
         elif name in FILTERS and isinstance(params, dict):
             for field in getattr(FILTERS[name].Params, "path_fields", ()):
-                if _is_local_path(params.get(field), field):
+                value = params.get(field)
+                if isinstance(value, list):  # a list of paths (dedup's against)
+                    for k, item in enumerate(value):
+                        if _is_local_path(item, field):
+                            yield f"{sub}.{field}[{k}]", value, k
+                elif _is_local_path(value, field):
                     yield f"{sub}.{field}", params, field
 
 

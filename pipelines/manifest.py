@@ -146,3 +146,50 @@ def tally_reports(
             record["files"][name] = result.final(url)
         out.setdefault(f.report_name, {})[labels[k]] = record
     return out, paths
+
+
+def index_output(out_dir: str) -> tuple[str, int, bool]:
+    """``poolsift index DIR``: the index of the kept rows (``filtering/dedup/index.py``) for
+    an output written before runs wrote one, built from its subset parts into ``DIR/index/``
+    and listed in its manifest (``files``, ``outputs.index``), under the output's lock.
+    Returns ``(index folder, rows, whether it was built now)``."""
+    import json
+    import os
+    import shutil
+
+    from filtering.dedup import index as ix
+    from filtering.errors import InputError
+    from filtering.io.atomic import atomic_write_text
+    from filtering.io.paths import is_local, join, local_path
+    from filtering.writers.commit import MANIFEST, file_records, verify
+    from pipelines.lock import output_lock
+
+    if not is_local(out_dir):
+        raise InputError(f"{out_dir}: poolsift index writes into local output folders only")
+    root = local_path(out_dir)
+    manifest_path = os.path.join(root, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise InputError(f"{out_dir}: no {MANIFEST} (not a poolsift output folder)")
+    with output_lock(out_dir):
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        folder = os.path.join(root, ix.INDEX)
+        if os.path.exists(os.path.join(folder, ix.META)):
+            with open(os.path.join(folder, ix.META), encoding="utf-8") as f:
+                return folder, int(json.load(f)["rows"]), False
+        verify(out_dir, manifest)  # the subset parts are the run's
+        staged = os.path.join(root, ".poolsift-index-next")
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            rows = ix.build_from_output(out_dir, staged)
+        except FileNotFoundError as e:
+            raise InputError(str(e)) from e
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staged, folder)
+        names = sorted(os.listdir(folder))
+        if isinstance(manifest.get("files"), dict):
+            manifest["files"].update(file_records(root, [os.path.join(folder, n) for n in names]))
+            manifest["files"] = dict(sorted(manifest["files"].items()))
+        manifest.setdefault("outputs", {})["index"] = join(out_dir, ix.INDEX, ix.META)
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return folder, rows, True

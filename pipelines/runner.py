@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from filtering.dedup.index import INDEX, IndexBuilder, shard_index_tables
 from filtering.errors import ConfigError
 from filtering.filters.base import add_tally
 from filtering.filters.compose import FilterNode, FilterOutcome, apply_filters
@@ -91,7 +92,22 @@ def dedup_search_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
             search = getattr(f, "search_settings", lambda: None)()
             if search is not None and search not in settings:
                 settings.append(search)
-    return [DedupSearchStage(s, cache_root) for s in settings]
+    stages: list[ColumnStage] = [DedupSearchStage(s, cache_root) for s in settings]
+    return stages + dedup_against_stages(cfg, cache_root)
+
+
+def dedup_against_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
+    """One search against earlier outputs per distinct ``against`` of the ``dedup`` filters
+    (``filtering/dedup/against.py``); on the shard plan its dedup phase searches instead."""
+    from filtering.dedup.against import DedupAgainstStage
+
+    settings = []
+    for node in cfg.filter_tree:
+        for f in node.leaves():
+            against = getattr(f, "against_settings", lambda: None)()
+            if against is not None and against not in settings:
+                settings.append(against)
+    return [DedupAgainstStage(s, cache_root) for s in settings]
 
 
 def scorer_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
@@ -354,11 +370,16 @@ def write_outputs(
     with thread_pool(1) as side:  # pyarrow encodes and writes without the GIL
         pending = side.submit(side_outputs)
         schema, tables = subset_stream(pool, outcome.keep)
+        # the index of the kept rows (filtering/dedup/index.py), one file per source shard, as they stream by
+        index = IndexBuilder(result.url(INDEX), source.info.kind, pool.embedding_kinds)
+        tables = shard_index_tables(pool, outcome.keep, tables, index.add)
         subset_parts = write_parts_stream(  # parts follow the pool: one source shard each (docs/spec.md)
             result.url("subset"), tables, schema, out.rows_per_part, prov, hex_columns, by="source_shard"
         )
         outputs: dict[str, Any] = {"subset": subset_parts}
+        index_files = index.finish([p.url for p in pool.parts])
         outputs.update(pending.result())
+        outputs["index"] = index_files[-1]  # index.json; its parts are listed in the manifest's files
     if out.report:
         outputs["report"] = result.url("report.html")  # written after the manifest, from it
     if out.webdataset:
@@ -374,6 +395,7 @@ def write_outputs(
         *outputs.get("dropped", []),
         *outputs.get("shards", []),
         *[p for paths in report_paths.values() for p in paths],
+        *index_files,
     ]
     files = file_records(result.dir, written)
     outputs = {k: [result.final(p) for p in v] if isinstance(v, list) else result.final(v) for k, v in outputs.items()}

@@ -21,6 +21,13 @@ on large pools its per-cluster comparisons run on worker processes, a partition 
 clusters each (:func:`filtering.dedup.semantic.semdedup_pairs`). The streaming plan runs
 the same steps shard by shard (``pipelines/executors/dedup_phase.py``), same pairs.
 
+``against: [DIR, ...]`` (``exact``, ``perceptual``): earlier outputs (or their index
+folders, :mod:`filtering.dedup.index`) whose kept rows count as already taken. A row that
+duplicates one of them is dropped with reason ``duplicate_of_reference`` and
+``duplicate_of`` set to that row's uid (:mod:`filtering.dedup.against`; the manifest's
+``stage_info.dedup`` record names each reference and how many rows matched it); the
+other rows are deduplicated among themselves as without ``against``.
+
 Pairs are joined into groups (connected components); in each group the copy preferred
 by ``keep`` survives (``highest_clip_score``, ties by smallest uid; or ``smallest_uid``)
 and the others are dropped with reason ``duplicate_<method>`` and ``duplicate_of`` set
@@ -30,7 +37,8 @@ uid order (the uids' 128-bit numbers) before any computation, so the result does
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -50,12 +58,13 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "perceptual": ("max_distance", "min_similarity", "embedding"),
     "semantic": ("threshold", "num_clusters", "embedding", "niter", "seed"),
 }
-COMMON_KEYS = ("method", "keep")
+COMMON_KEYS = ("method", "keep", "against")
 DEFAULT_MAX_DISTANCE = 6
 DEFAULT_THRESHOLD = 0.95
 
 
 class DedupParams(Params):
+    path_fields: ClassVar[tuple[str, ...]] = ("against",)  # local paths: resolved against the config's folder
     method: Literal["exact", "perceptual", "semantic"]
     keep: Literal["highest_clip_score", "smallest_uid"] = "highest_clip_score"
     with_caption: bool = False
@@ -66,9 +75,15 @@ class DedupParams(Params):
     embedding: str | None = None  # datacomp_metadata input: npz array, e.g. l14_img
     niter: PositiveInt = 10
     seed: int = 0
+    against: list[str] | None = Field(default=None, min_length=1)  # earlier outputs or index folders
 
     @model_validator(mode="after")
     def _method_keys(self) -> DedupParams:
+        if self.against is not None:
+            if self.method == "semantic":
+                raise ValueError("against applies to methods exact and perceptual (semantic: not yet)")
+            if self.min_similarity is not None:
+                raise ValueError("against does not take min_similarity (the index holds no embeddings to confirm with)")
         allowed = set(COMMON_KEYS) | set(METHOD_KEYS[self.method])
         wrong = sorted(self.model_fields_set - allowed)
         if wrong:
@@ -101,7 +116,20 @@ class Dedup(Filter):
         search = self.search_settings()
         if search is not None:
             cols |= set(search.columns()) | {label_column(search)}
+        against = self.against_settings()
+        if against is not None:
+            cols.add(against.column)
         return cols
+
+    def against_settings(self) -> AgainstSettings | None:
+        """The search against earlier outputs this filter needs (a column stage computes it)."""
+        p = self.params
+        search = self.search_settings()
+        if not p.against or search is None:
+            return None
+        if search.method == "exact":
+            search = SearchSettings("exact")  # the index holds the digest only, not the caption
+        return AgainstSettings(search, tuple(p.against))
 
     def search_settings(self) -> SearchSettings | None:
         """What the candidate search stage (:mod:`filtering.dedup.search_stage`) computes for
@@ -122,8 +150,9 @@ class Dedup(Filter):
     def reduction(self) -> Survivors:
         return Survivors()
 
-    def decided(self, result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Dedup:
-        """``result``: one shard's dropped rows and the uids (high, low halves) of their survivors."""
+    def decided(self, result: tuple) -> Dedup:
+        """``result``: one shard's dropped rows and the uids (high, low halves) of their
+        survivors; with ``against``, then its rows matched to a reference and those rows' uids."""
         return _DecidedDedup(self.params, self.input, *result)
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
@@ -133,17 +162,30 @@ class Dedup(Filter):
         # is that number's order, whatever case the input wrote it in.
         uids_all = pc.utf8_lower(pool.table.column("uid").cast(pa.string())).to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(alive)
+        keep = np.ones(pool.n, dtype=bool)
+        duplicate_of = np.full(pool.n, None, dtype=object)
+        reason: str | np.ndarray = self.reason
+        against = self.against_settings()
+        if against is not None:
+            # Rows that duplicate a reference's kept row go first; the rest dedup among themselves.
+            matches = pool.artifacts[against.column]
+            hit = np.isin(rows, matches.rows)
+            matched = rows[hit]
+            at = np.searchsorted(matches.rows, matched)
+            keep[matched] = False
+            duplicate_of[matched] = matches.uids(at)
+            reason = np.full(pool.n, self.reason, dtype=object)
+            reason[matched] = REFERENCE_REASON
+            rows = rows[~hit]
         rows = rows[np.argsort(np.asarray(uids_all[rows], dtype=str), kind="stable")]
         i, j = self.pairs(pool, rows)
         uids = uids_all[rows]
         scores = pool.column(self.score_field)[rows] if p.keep == "highest_clip_score" else None
         rank = groups.keep_rank(uids, scores, p.keep)
         keep_local, dup_local = groups.resolve(len(rows), i, j, uids, rank)
-        keep = np.ones(pool.n, dtype=bool)
         keep[rows] = keep_local
-        duplicate_of = np.full(pool.n, None, dtype=object)
         duplicate_of[rows] = dup_local
-        return Decision(keep, self.reason, duplicate_of)
+        return Decision(keep, reason, duplicate_of)
 
     def embeddings(self, pool: Pool, rows: np.ndarray) -> np.ndarray:
         try:
@@ -187,18 +229,45 @@ class Dedup(Filter):
 class _DecidedDedup(Dedup):
     """A ``dedup`` whose survivors were picked over the whole pool: one shard's decision."""
 
-    def __init__(self, params, input_info, drop: np.ndarray, dup_hi: np.ndarray, dup_lo: np.ndarray):
+    def __init__(self, params, input_info, drop, dup_hi, dup_lo, ref_rows=None, ref_hi=None, ref_lo=None):
         super().__init__(params, input_info)
         self.drop, self.dup_hi, self.dup_lo = drop, dup_hi, dup_lo
+        self.ref_rows, self.ref_hi, self.ref_lo = ref_rows, ref_hi, ref_lo
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         keep = np.ones(pool.n, dtype=bool)
         keep[self.drop] = False
         duplicate_of = np.full(pool.n, None, dtype=object)
-        duplicate_of[self.drop] = [
-            f"{int(h):016x}{int(lo):016x}" for h, lo in zip(self.dup_hi, self.dup_lo, strict=True)
-        ]
-        return Decision(keep, self.reason, duplicate_of)
+        duplicate_of[self.drop] = _hex(self.dup_hi, self.dup_lo)
+        reason: str | np.ndarray = self.reason
+        if self.ref_rows is not None:
+            keep[self.ref_rows] = False
+            duplicate_of[self.ref_rows] = _hex(self.ref_hi, self.ref_lo)
+            reason = np.full(pool.n, self.reason, dtype=object)
+            reason[self.ref_rows] = REFERENCE_REASON
+        return Decision(keep, reason, duplicate_of)
+
+
+def _hex(hi: np.ndarray, lo: np.ndarray) -> list[str]:
+    return [f"{int(h):016x}{int(low):016x}" for h, low in zip(hi, lo, strict=True)]
+
+
+REFERENCE_REASON = "duplicate_of_reference"
+
+
+@dataclass(frozen=True)
+class AgainstSettings:
+    """A search of the pool against earlier outputs' indexes (:mod:`filtering.dedup.against`)."""
+
+    search: SearchSettings
+    paths: tuple[str, ...]
+
+    @property
+    def column(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256("\0".join(self.paths).encode()).hexdigest()[:8]
+        return f"dedup_ref_{label_column(self.search).removeprefix('dedup_label_')}_{digest}"
 
 
 def gather_embeddings(pool: Pool, kind: str | None, rows: np.ndarray) -> np.ndarray:

@@ -45,14 +45,20 @@ from filtering.tasks import thread_pool
 
 MANIFEST = "manifest.json"
 # The entries of a result: moved out manifest first, moved in manifest last.
-RESULT = (MANIFEST, "report.html", "subset.npy", "subset", "dropped", "shards", "subset_match")
+RESULT = (MANIFEST, "report.html", "subset.npy", "subset", "dropped", "shards", "subset_match", "index")
 NEXT = ".poolsift-next"  # the new result while it is written
 PREV = ".poolsift-prev"  # the old result while it is switched out
 JOURNAL = ".poolsift-commit.json"  # present from the commit point until the switch is done
 # What the staged result sees of the run's folder, for the report drawn from it.
 SHARED = ("cache", "sweep.json")
 # The folders whose files a manifest lists; anything else in them is left by another run.
-LISTED = {"subset": "part-*.parquet", "dropped": "part-*.parquet", "shards": "*.tar", "subset_match": "*.parquet"}
+LISTED = {
+    "subset": "part-*.parquet",
+    "dropped": "part-*.parquet",
+    "shards": "*.tar",
+    "subset_match": "*.parquet",
+    "index": "part-*.arrow",
+}
 UNHASHED = ("shards/",)
 
 

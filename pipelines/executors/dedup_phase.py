@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from filtering.dedup import partitioned
+from filtering.dedup import against, partitioned
 from filtering.dedup.search_stage import label_column
 from pipelines.executors.shards import (
     Path,
@@ -77,6 +77,19 @@ def _emit(args) -> partitioned.Spilled:
             yield partitioned.ShardKeys(first_row, n, table=pool.table.select(settings.columns()))
 
     return partitioned.emit_shards(keys(), settings, partitions, path)
+
+
+def _emit_against(args) -> partitioned.Spilled:
+    """One map task of a search against references: its shards' pool-side records (dedup/against.py)."""
+    sh, group, settings, partitions, path = args
+
+    def keys():
+        for shard, first_row, n in group:
+            pool, _ = _shard_pool(sh, shard)
+            pool.materialize([settings.key_column])
+            yield partitioned.ShardKeys(first_row, n, table=pool.table.select([settings.key_column]))
+
+    return against.emit_pool(keys(), settings, partitions, path)
 
 
 def _alive_at(args) -> dict[str, Any]:
@@ -227,9 +240,11 @@ def run_dedup(
     positions = survivor_paths(nodes)
     # The last position that uses each search: its labels are freed (and reused) there.
     last_use = {s: p for p in positions if (s := node_at(nodes, p).filter.search_settings()) is not None}
+    matched: dict[Any, against.Matches] = {}  # per search against references
     for position in positions:
         f = node_at(nodes, position).filter
         settings = f.search_settings()  # None: semantic, searched below over the rows alive here
+        ref_settings = f.against_settings()
         t0 = time.perf_counter()
         if settings is not None and settings not in searched:
             searched[settings] = _search(tasks, sh, shards, shard_rows, starts, n, settings)
@@ -240,6 +255,8 @@ def run_dedup(
                 "workers": tasks.workers,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
+        if ref_settings is not None and ref_settings not in matched:  # after the search, as the in-memory stages run
+            matched[ref_settings] = _against(tasks, sh, shards, shard_rows, starts, n, ref_settings, ctx)
         last = settings is None or last_use[settings] == position
         if settings is not None:
             labels, pair_a, pair_b = searched.pop(settings) if last else searched[settings]
@@ -266,6 +283,20 @@ def run_dedup(
             neg_score = _gather(results, "score", np.float64)
             np.negative(neg_score, out=neg_score)
         del results
+        ref_rows = None
+        if ref_settings is not None:
+            # Rows that duplicate a reference's kept row go first; the rest dedup among themselves.
+            m = matched[ref_settings]
+            hit = alive[m.rows]
+            ref_rows, ref_hi, ref_lo = m.rows[hit], m.hi[hit], m.lo[hit]
+            if len(ref_rows):
+                rest = ~np.isin(np.flatnonzero(alive), ref_rows)
+                hi, lo = hi[rest], lo[rest]
+                if neg_score is not None:
+                    neg_score = neg_score[rest]
+                if valid is not None:
+                    valid = valid[rest]
+                alive[ref_rows] = False
         rows = np.flatnonzero(alive)
         if settings is None:
             pair_a, pair_b = _semantic_pairs(tasks, sh, shards, starts, position, rows, hi, lo, valid, dtype)
@@ -287,9 +318,13 @@ def run_dedup(
         dropped_rows = rows[drop]
         del rows
         cut = np.searchsorted(dropped_rows, starts)
+        ref_cut = np.searchsorted(ref_rows, starts) if ref_rows is not None else None
         for i in range(len(shards)):
             a, b = cut[i], cut[i + 1]
             decided[i][position] = (dropped_rows[a:b] - starts[i], hi[best[a:b]], lo[best[a:b]])
+            if ref_cut is not None:
+                c, d = ref_cut[i], ref_cut[i + 1]
+                decided[i][position] += (ref_rows[c:d] - starts[i], ref_hi[c:d], ref_lo[c:d])
     return decided
 
 
@@ -482,3 +517,32 @@ def _search(tasks, sh, shards, shard_rows, starts, n: int, settings) -> tuple[np
         return partitioned.reduce_spilled(tasks.map, spilled, n, settings, partitions)
     finally:
         partitioned.remove_spill_dir(spill)
+
+
+def _against(tasks, sh, shards, shard_rows, starts, n: int, ref_settings, ctx) -> against.Matches:
+    """The pool rows that duplicate a reference's kept row (``filtering/dedup/against.py``):
+    the pool side emitted by shard groups in the workers, each partition joined on a worker."""
+    from filtering.io.paths import join
+
+    t0 = time.perf_counter()
+    refs = against.open_references(
+        ref_settings.paths, join(sh.out_dir, "cache"), ctx.log, ref_settings.search.key_column
+    )
+    settings = ref_settings.search
+
+    def emit_args(partitions: int, spill: str) -> list:
+        return [
+            (
+                sh,
+                [(shards[k], int(starts[k]), int(shard_rows[k])) for k in group],
+                settings,
+                partitions,
+                partitioned.spill_path(spill, t),
+            )
+            for t, group in enumerate(partitioned.task_groups(shard_rows, tasks.workers))
+        ]
+
+    matches = against.match(tasks.map, emit_args, _emit_against, n, settings, refs, tasks.workers, sh.spill)
+    record = against.record(refs, matches, time.perf_counter() - t0, tasks.workers)
+    ctx.stage_info.setdefault("dedup", {})[ref_settings.column] = record
+    return matches

@@ -91,6 +91,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from filtering.dedup import index as dedup_index
 from filtering.filters.base import Filter, Survivors, Tally, TopFraction, add_tally
 from filtering.filters.compose import FilterNode, apply_filters
 from filtering.io.arrow import without_pandas
@@ -300,6 +301,14 @@ def _filter(args) -> dict[str, Any]:
     np.save(paths["kept"], keep)
     bins = (np.load(paths["uids"])["f0"] >> np.uint64(64 - uid_phase.FINE_BITS)).astype(np.uint16)
     schema, tables = subset_stream(pool, outcome.keep, workers=1)
+    index: list = []  # this shard's index file (filtering/dedup/index.py), moved into place at commit
+
+    def add_index(table, rows, _k, phash):
+        path = join(sh.staging, dedup_index.INDEX, f"{i:06d}.arrow")
+        records = dedup_index.index_records(table, rows, i, phash)
+        index.append((path, dedup_index.write_file(path, records), dedup_index.key_counts(records)))
+
+    tables = dedup_index.shard_index_tables(pool, outcome.keep, tables, add_index)
     parts = {"subset": _write_folder(sh, "subset", i, schema, tables)}
     if sh.cfg.output.dropped:
         table = dropped_table(
@@ -333,6 +342,9 @@ def _filter(args) -> dict[str, Any]:
         "kept": int(outcome.keep.sum()),
         "parts": parts,
         "shards": shards,
+        "index": index,
+        "shard_url": pool.parts[0].url if pool.parts else None,
+        "embedding_kinds": list(pool.embedding_kinds),
         "uid_bins": np.bincount(bins, minlength=1 << uid_phase.FINE_BITS),
         "kept_bins": np.bincount(bins[keep], minlength=1 << uid_phase.FINE_BITS),
         "thresholds": outcome.thresholds,
@@ -345,6 +357,10 @@ def _filter(args) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- driver
+
+
+def first_embedding_kinds(results: list[dict]) -> list[str]:
+    return next((r["embedding_kinds"] for r in results if r["embedding_kinds"]), [])
 
 
 def _bin_groups(bins: list[np.ndarray], limit: int = RANGE_ROWS) -> list[tuple[int, int]]:
@@ -518,7 +534,7 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
     if is_local(out_dir):
         spill = staging = os.path.join(local_path(out_dir), SPILL)
         shutil.rmtree(spill, ignore_errors=True)
-        os.makedirs(spill)
+        os.makedirs(os.path.join(spill, dedup_index.INDEX))
     else:
         spill, staging = tempfile.mkdtemp(prefix="poolsift-streaming-"), join(result.dir, SPILL)
         _remove_remote(staging)
@@ -704,13 +720,22 @@ def _run(
             files[f"shards/{name}"] = {"size": size}
     files.update(file_records(spill, [tmp]))  # subset.npy
     moves.append((tmp, result.url("subset.npy")))
+    # the index: each shard's file, written by its worker, moved into place in pool order
+    index = dedup_index.IndexBuilder(result.url(dedup_index.INDEX), source.info.kind, first_embedding_kinds(results))
+    for r in results:
+        for path, spilled, keys in r["index"]:
+            name = dedup_index.file_name(len(index.files))
+            moves.append((path, result.url(dedup_index.INDEX, name)))
+            index.add_file(name, spilled, keys)
     place(moves)
+    files.update(file_records(result.dir, index.finish([r["shard_url"] for r in results])))
     if not result.local:  # an earlier run's parts and tars leave before the manifest is written
         remove_unlisted(result.dir, files)
     outputs = {
         "subset": outputs["subset"],
         "subset_npy": join(out_dir, "subset.npy"),
         **{k: v for k, v in outputs.items() if k != "subset"},
+        "index": join(out_dir, dedup_index.INDEX, dedup_index.META),
     }
     if cfg.output.report:
         outputs["report"] = join(out_dir, "report.html")

@@ -108,7 +108,11 @@ def assert_same_outputs(
             for p in (b / folder).glob("part-*.parquet"):
                 assert len(set(pq.read_table(p, columns=["source_shard"]).column(0).to_pylist())) <= 1, p
     files = streamed.manifest["files"]  # hashed while written: the bytes on disk
-    written = [b / "subset.npy", *b.glob("subset/*"), *b.glob("dropped/*")]
+    written = [b / "subset.npy", *b.glob("subset/*"), *b.glob("dropped/*"), *b.glob("index/*")]
+    # the index of the kept rows (filtering/dedup/index.py): the same bytes on both plans
+    assert sorted(p.name for p in (a / "index").iterdir()) == sorted(p.name for p in (b / "index").iterdir())
+    for p in (b / "index").iterdir():
+        assert p.read_bytes() == (a / "index" / p.name).read_bytes(), p.name
     assert set(files) == {str(p.relative_to(b)) for p in written}
     for rel, record in files.items():
         data = (b / rel).read_bytes()

@@ -38,7 +38,9 @@ def good_run(cfg, out) -> dict:
 def test_the_manifest_lists_every_output_file(tmp_path, rerun_dir):
     out = rerun_dir
     manifest = good_run(config(tmp_path, out, webdataset=True, samples_per_shard=100), out)
-    on_disk = sorted(str(p.relative_to(out)) for sub in ("subset", "dropped", "shards") for p in (out / sub).iterdir())
+    on_disk = sorted(
+        str(p.relative_to(out)) for sub in ("subset", "dropped", "shards", "index") for p in (out / sub).iterdir()
+    )
     assert sorted(manifest["files"]) == sorted([*on_disk, "subset.npy"])
     for rel, record in manifest["files"].items():
         assert record["size"] == (out / rel).stat().st_size
@@ -220,7 +222,7 @@ def test_a_rerun_that_fails_at_any_output_step_keeps_the_last_result(tmp_path, r
     manifest = assert_whole(out)
     assert manifest["files"]["subset.npy"]["sha256"] != first["files"]["subset.npy"]["sha256"]
     assert not (out / "shards").exists() and not (out / "dropped").exists() and not (out / "report.html").exists()
-    assert sorted(os.listdir(out)) == [".poolsift.lock", "cache", "manifest.json", "subset", "subset.npy"]
+    assert sorted(os.listdir(out)) == [".poolsift.lock", "cache", "index", "manifest.json", "subset", "subset.npy"]
 
 
 def _datacomp_config(tmp_path: Path, metadata: Path, out: Path, fraction: float, **output) -> Path:

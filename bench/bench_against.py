@@ -1,0 +1,118 @@
+"""``dedup: {against: [...]}`` at scale (issue 25): a new pool deduplicated against an
+earlier run's kept rows, next to the same dedup without ``against``.
+
+Generates a reference pool of ``--reference`` rows (DataComp-format parquet shards, no
+npz: ``bench_dedup_cli``'s generator: sha256 and a uint64 ``phash``) and runs it once with
+``dedup: exact`` (not timed) to make the reference output and its index. Then a new pool
+of ``--new`` rows, where 10% of rows copy a reference row's sha256 and 15% take a
+reference row's perceptual hash with up to 4 bits flipped (the rest its own), is run with
+``dedup: exact`` then ``dedup: perceptual`` (``max_distance: 6``), once without and once
+with ``against: [reference output]`` on both, each in its own process tree from a fresh
+output folder (``execution.mode``: ``--mode``, streaming by default). Prints wall time and
+peak RSS of the process tree (``bench_scale.timed``), their ratios, and the RSS added per
+reference row against the issue's targets (at most 16 bytes per reference row, wall at
+most 2x).
+
+    .venv/bin/python bench/bench_against.py --dir /tmp/poolsift-against --reference 4M --new 1M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.bench_datacomp import metadata_table  # noqa: E402
+from bench.bench_dedup_cli import _shard, mix  # noqa: E402
+from bench.bench_scale import parse_size, timed, write_shards  # noqa: E402
+
+NEW_OFFSET = 1 << 40  # the new pool's own rows: row numbers no reference row has
+
+
+def new_shard(rng, s, start, n, reference_rows: int):
+    """A new pool's shard: its own sha256 and phash, except 10% exact and 15% near copies of reference rows."""
+    import pyarrow as pa
+
+    table = metadata_table(rng, n, score_dtype=np.float64, faces=False)
+    g = np.arange(start, start + n, dtype=np.uint64) + np.uint64(NEW_OFFSET)
+    src = g.copy()
+    copy = rng.random(n) < 0.10
+    src[copy] = rng.integers(0, reference_rows, int(copy.sum())).astype(np.uint64)
+    sha = [f"{a:016x}{b:016x}{a:016x}{b:016x}" for a, b in zip(mix(src), mix(src ^ np.uint64(1)), strict=True)]
+    near_src = g.copy()
+    near = rng.random(n) < 0.15
+    near_src[near] = rng.integers(0, reference_rows, int(near.sum())).astype(np.uint64)
+    flips = np.zeros(n, np.uint64)
+    for _ in range(4):
+        on = rng.random(n) < 0.6
+        flips[on] |= np.uint64(1) << rng.integers(0, 64, int(on.sum())).astype(np.uint64)
+    phash = mix(near_src ^ np.uint64(0xABCDEF)) ^ np.where(near, flips, np.uint64(0))
+    table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha, pa.string()))
+    return table.append_column("phash", pa.array(phash, pa.uint64()))
+
+
+def config(pool: Path, out: Path, mode: str, filters: list) -> str:
+    import yaml
+
+    raw = {"input": {"datacomp_metadata": str(pool)}, "filters": filters, "output": {"dir": str(out)}}
+    raw["execution"] = {"mode": mode}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def run(pool: Path, out: Path, mode: str, filters: list) -> tuple[float, float, dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode, filters), "--quiet"]
+    wall, _cpu, rss, _pss = timed(cmd)
+    return wall, rss, json.loads((out / "manifest.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/poolsift-against")
+    ap.add_argument("--reference", default="4M", help="rows of the reference pool (its run keeps about 90%%)")
+    ap.add_argument("--new", default="1M", help="rows of the new pool")
+    ap.add_argument("--mode", default="streaming", choices=["streaming", "memory", "auto"])
+    args = ap.parse_args()
+    base = Path(args.dir)
+    ref_rows, new_rows = parse_size(args.reference), parse_size(args.new)
+    ref_pool, new_pool = base / f"reference-{ref_rows}", base / f"new-{new_rows}-of-{ref_rows}"
+    write_shards(ref_pool, ref_rows, lambda rng, s, start, n: _shard(rng, s, start, n, ref_rows))
+    write_shards(new_pool, new_rows, lambda rng, s, start, n: new_shard(rng, s, start, n, ref_rows), seed=1)
+    ref_out = base / f"reference-out-{ref_rows}"
+    if not (ref_out / "index" / "index.json").exists():
+        print(f"reference run on {ref_rows:,} rows (not timed)", flush=True)
+        run(ref_pool, ref_out, args.mode, [{"dedup": {"method": "exact"}}])
+    indexed = json.loads((ref_out / "index" / "index.json").read_text())["rows"]
+    index_bytes = sum(p.stat().st_size for p in (ref_out / "index").iterdir())
+    plain = [{"dedup": {"method": "exact"}}, {"dedup": {"method": "perceptual", "max_distance": 6}}]
+    against = [{"dedup": {**f["dedup"], "against": [str(ref_out)]}} for f in plain]
+    results = {}
+    for name, filters in (("without", plain), ("against", against)):
+        wall, rss, manifest = run(new_pool, base / f"new-out-{name}", args.mode, filters)
+        results[name] = (wall, rss, manifest)
+        reasons = [f["reasons"] for f in manifest["counts"]["filters"]]
+        print(f"{name:<8} wall {wall:7.1f} s  peak RSS {rss / 1e6:7.0f} MB  {reasons}", flush=True)
+    (w0, r0, _), (w1, r1, m1) = results["without"], results["against"]
+    plan = m1.get("execution", {}).get("plan", "memory")
+    print()
+    print(
+        f"reference: {indexed:,} kept rows, index {index_bytes / 1e6:.1f} MB ({index_bytes / max(indexed, 1):.0f} B/row)"
+    )
+    print(f"new pool: {new_rows:,} rows; plan {plan}; load {os.getloadavg()[0]:.1f} (1-min average, at the end)")
+    print(f"{'':<10}{'without':>10}{'against':>10}{'ratio':>8}   target")
+    print(f"{'wall s':<10}{w0:>10.1f}{w1:>10.1f}{w1 / w0:>8.2f}   <= 2.00")
+    extra = (r1 - r0) / max(indexed, 1)
+    print(f"{'RSS MB':<10}{r0 / 1e6:>10.0f}{r1 / 1e6:>10.0f}{r1 / r0:>8.2f}   +{extra:.1f} B per reference row (<= 16)")
+
+
+if __name__ == "__main__":
+    main()

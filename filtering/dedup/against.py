@@ -1,0 +1,472 @@
+"""``dedup: {against: [...]}``: rows of the new pool that duplicate a kept row of an earlier run.
+
+The references are earlier outputs' indexes (:mod:`filtering.dedup.index`); a reference
+is never loaded whole. Both searches are the partitioned search's two steps
+(:mod:`filtering.dedup.partitioned`), with the reference's rows on one side only: a pool
+row is matched against reference rows, never reference rows against each other.
+
+- ``exact``: the new pool's rows with a sha256 are spilled into the index's
+  :data:`~filtering.dedup.index.PARTITIONS` partitions (the digest's first byte, as the
+  index cuts its rows), then each partition joins its pool rows with the same partition
+  of every reference (its record batches, memory-mapped): equal 32-byte digests.
+  ``with_caption`` is not taken into account: the index holds no captions, so a copy of
+  the image under another caption counts as a copy.
+- ``perceptual``: the pool's rows and the references' rows both emit one record per
+  block of the hash (multi-index hashing, as the in-pool search), into the same
+  partitions; in each, every pool record is compared with the reference records of the
+  same block value, and a match is a full Hamming distance of at most ``max_distance``.
+
+A matched pool row takes the closest reference row (then the earliest reference in the
+list, then the smallest uid): its uid is the row's ``duplicate_of``, and the reference's
+position in the list names which one. The driver holds only the matched rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from filtering.dedup import index as ix
+from filtering.dedup import partitioned
+from filtering.dedup.hamming import popcount64, unique_pairs
+from filtering.io.paths import join
+from filtering.stages.base import ColumnStage
+
+CANDIDATES_AT_A_TIME = 1 << 20  # pool-reference record pairs verified at once
+REASON = "duplicate_of_reference"
+
+
+@dataclass
+class Matches:
+    """Pool rows that duplicate a reference row, ascending, with which reference and which row (its uid)."""
+
+    rows: np.ndarray  # int64 pool rows
+    ref: np.ndarray  # int32: position of the reference in ``against``
+    hi: np.ndarray  # uint64: the reference row's uid
+    lo: np.ndarray
+
+    @staticmethod
+    def empty() -> Matches:
+        z = np.zeros(0, np.uint64)
+        return Matches(np.zeros(0, np.int64), np.zeros(0, np.int32), z, z.copy())
+
+    def uids(self, at: np.ndarray | None = None) -> list[str]:
+        hi, lo = (self.hi, self.lo) if at is None else (self.hi[at], self.lo[at])
+        return [f"{int(h):016x}{int(low):016x}" for h, low in zip(hi, lo, strict=True)]
+
+    def counts(self, n_refs: int) -> list[int]:
+        return np.bincount(self.ref, minlength=n_refs).astype(int).tolist()
+
+
+# -- step 1: emit ----------------------------------------------------------------------------
+
+
+def pool_records(shard: partitioned.ShardKeys, settings: partitioned.SearchSettings, partitions: int):
+    """One shard's records on the pool side and their partitions."""
+    if settings.method == "perceptual":
+        return partitioned.shard_records(shard, settings, partitions)
+    table = shard.read([settings.key_column])
+    digests, valid = ix.sha256_bytes(table.column(settings.key_column))
+    take = np.flatnonzero(valid)
+    records = pa.table({"r": shard.first_row + take, "s": ix.fixed_digests(digests[take], np.ones(len(take), bool))})
+    return records, digests[take, 0].astype(np.int64)
+
+
+def emit_pool(shards: Iterable[partitioned.ShardKeys], settings, partitions: int, path: str) -> partitioned.Spilled:
+    """One map task: its shards' pool-side records into one spill file."""
+    writer = partitioned.SpillWriter(path, partitions)
+    try:
+        for shard in shards:
+            writer.add(*pool_records(shard, settings, partitions))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def emit_reference(
+    pieces: Sequence[tuple[str, np.ndarray]], ref: int, settings, partitions: int, path: str
+) -> partitioned.Spilled:
+    """One map task (perceptual): some record batches of reference ``ref``'s index, each
+    row's block records (the pool side's ``g``, ``h``) with its uid, into one spill file."""
+    writer = partitioned.SpillWriter(path, partitions)
+    m = settings.max_distance + 1
+    try:
+        for url, batches in pieces:
+            for batch in partitioned.read_batches([(url, batches)]):
+                ph = batch.column("phash")
+                valid = ph.is_valid().to_numpy(zero_copy_only=False)
+                if not valid.any():
+                    continue
+                h = np.asarray(ph.fill_null(0).to_numpy(), np.uint64)[valid]
+                hi = batch.column("uid_hi").to_numpy()[valid]
+                lo = batch.column("uid_lo").to_numpy()[valid]
+                g = np.empty(len(h) * m, np.uint64)
+                for b, (shift, width) in enumerate(partitioned.blocks(settings.max_distance)):
+                    g[b::m] = (np.uint64(b) << np.uint64(56)) | ((h >> np.uint64(shift)) & np.uint64((1 << width) - 1))
+                part = (partitioned.mix64(g) % np.uint64(partitions)).astype(np.int64)
+                records = pa.table(
+                    {
+                        "g": g,
+                        "h": np.repeat(h, m),
+                        "hi": np.repeat(hi, m),
+                        "lo": np.repeat(lo, m),
+                        "ref": np.full(len(g), ref, np.int32),
+                    }
+                )
+                writer.add(records, part)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+# -- step 2: reduce --------------------------------------------------------------------------
+
+
+def _digest_keys(column) -> tuple[np.ndarray, np.ndarray]:
+    """``binary(32)`` digests as ``(first 8 bytes as a uint64 key, the (N, 32) bytes)``."""
+    digests, _ = ix.sha256_bytes(column)
+    return digests[:, :8].copy().view(">u8").ravel().astype(np.uint64), digests
+
+
+def reduce_exact(pool_pieces, ref_pieces: Sequence[tuple[int, list]]):
+    """One partition: pool rows whose digest equals a reference row's (the first in
+    (reference, uid) order): ``(rows, dist, ref, hi, lo)``."""
+    empty = _empty_result()
+    batches = partitioned.read_batches(pool_pieces)
+    if not batches:
+        return empty
+    pool = pa.Table.from_batches(batches)
+    rows = pool.column("r").to_numpy()
+    pkey, pdig = _digest_keys(pool.column("s"))
+    refs = []
+    for ref, pieces in ref_pieces:
+        for b in partitioned.read_batches(pieces):
+            sha = b.column("sha256")
+            valid = sha.is_valid().to_numpy(zero_copy_only=False)
+            if valid.any():
+                at = pa.array(np.flatnonzero(valid))
+                refs.append((ref, b.column("uid_hi").take(at), b.column("uid_lo").take(at), sha.take(at)))
+    if not refs:
+        return empty
+    rref = np.concatenate([np.full(len(r[1]), r[0], np.int32) for r in refs])
+    rhi = np.concatenate([r[1].to_numpy() for r in refs])
+    rlo = np.concatenate([r[2].to_numpy() for r in refs])
+    rkey, rdig = _digest_keys(pa.concat_arrays([r[3] for r in refs]))
+    del refs
+    order = np.lexsort((rlo, rhi, rref, rkey))
+    rkey = rkey[order]
+    at = np.searchsorted(rkey, pkey, side="left")
+    at_c = np.minimum(at, len(rkey) - 1)
+    hit = rkey[at_c] == pkey
+    # The first reference row with the same 64-bit key whose whole digest is equal.
+    out_rows, out_j = [], []
+    cand = np.flatnonzero(hit)
+    step = 0
+    while len(cand):
+        j = order[at_c[cand] + step]
+        same = (rdig[j] == pdig[cand]).all(axis=1)
+        out_rows.append(cand[same])
+        out_j.append(j[same])
+        cand = cand[~same]
+        step += 1
+        nxt = at_c[cand] + step
+        alive = nxt < len(rkey)
+        cand, nxt = cand[alive], nxt[alive]
+        cand = cand[rkey[nxt] == pkey[cand]]
+    p = np.concatenate(out_rows) if out_rows else np.zeros(0, np.int64)
+    j = np.concatenate(out_j) if out_j else np.zeros(0, np.int64)
+    return rows[p], np.zeros(len(p), np.int64), rref[j], rhi[j], rlo[j]
+
+
+def reduce_perceptual(pool_pieces, ref_pieces, settings):
+    """One partition: pool rows within ``max_distance`` of a reference row sharing one of
+    their block values: ``(rows, dist, ref, hi, lo)``. The distinct (block, hash) values of
+    both sides are searched together as the in-pool search searches its own
+    (:func:`filtering.dedup.hamming.unique_pairs` with the block as the group); only pairs
+    of a pool value and a reference value are kept."""
+    empty = _empty_result()
+    pb, rb = partitioned.read_batches(pool_pieces), partitioned.read_batches(ref_pieces)
+    if not pb or not rb:
+        return empty
+    md = settings.max_distance
+    g, h, r = (np.concatenate([b.column(c).to_numpy() for b in pb]) for c in ("g", "h", "r"))
+    rg, rh, rhi, rlo, rref = (
+        np.concatenate([b.column(c).to_numpy() for b in rb]) for c in ("g", "h", "hi", "lo", "ref")
+    )
+    del pb, rb
+    # one reference row per (block, hash) value: the first reference, then the smallest uid
+    order = np.lexsort((rlo, rhi, rref, rh, rg))
+    rg, rh, rhi, rlo, rref = rg[order], rh[order], rhi[order], rlo[order], rref[order]
+    first = np.r_[True, (rg[1:] != rg[:-1]) | (rh[1:] != rh[:-1])]
+    rg, rh, rhi, rlo, rref = rg[first], rh[first], rhi[first], rlo[first], rref[first]
+    del order, first
+    # the distinct values of both sides
+    allg, allh = np.concatenate([g, rg]), np.concatenate([h, rh])
+    order = np.lexsort((allh, allg))
+    sg, sh_ = allg[order], allh[order]
+    first = np.r_[True, (sg[1:] != sg[:-1]) | (sh_[1:] != sh_[:-1])]
+    ug, uh = sg[first], sh_[first]
+    entry = np.empty(len(allg), np.int64)
+    entry[order] = np.cumsum(first) - 1
+    del allg, allh, order, sg, sh_, first
+    pool_entry, ref_entry = entry[: len(g)], entry[len(g) :]
+    ref_at = np.full(len(ug), -1, np.int64)  # the reference row of each value (at most one)
+    ref_at[ref_entry] = np.arange(len(rg))
+    has_pool = np.zeros(len(ug), bool)
+    has_pool[pool_entry] = True
+    # per value with pool rows: its closest reference value (distance, then reference order)
+    pe, re_, dd = [np.flatnonzero(has_pool & (ref_at >= 0))], [], [None]
+    re_.append(ref_at[pe[0]])
+    dd[0] = np.zeros(len(pe[0]), np.int64)
+    if md > 0 and len(ug) > 1:
+        rest, bits = partitioned.without_block(uh, partitioned._block_of(ug, md), md)
+        i, j = unique_pairs(
+            rest, md, groups=ug, bits=bits, max_candidates=CANDIDATES_AT_A_TIME, direct_bits=partitioned.DIRECT_BITS
+        )
+        del rest
+        for a, b in ((i, j), (j, i)):
+            sel = has_pool[a] & (ref_at[b] >= 0)
+            a, b = a[sel], b[sel]
+            pe.append(a)
+            re_.append(ref_at[b])
+            dd.append(popcount64(uh[a] ^ uh[b]).astype(np.int64))
+    pe, re_, dd = np.concatenate(pe), np.concatenate(re_), np.concatenate(dd)
+    if len(pe) == 0:
+        return empty
+    order = np.lexsort((rlo[re_], rhi[re_], rref[re_], dd, pe))
+    pe, re_, dd = pe[order], re_[order], dd[order]
+    best = np.r_[True, pe[1:] != pe[:-1]]
+    pe, re_, dd = pe[best], re_[best], dd[best]
+    # every pool record of a matched value
+    at = np.searchsorted(pe, pool_entry)
+    at_c = np.minimum(at, len(pe) - 1)
+    hit = pe[at_c] == pool_entry
+    k = re_[at_c[hit]]
+    return r[hit], dd[at_c[hit]], rref[k], rhi[k], rlo[k]
+
+
+def _empty_result():
+    z = np.zeros(0, np.int64)
+    return z, z.copy(), np.zeros(0, np.int32), np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+
+
+def best_matches(results: Iterable[tuple]) -> Matches:
+    """Per pool row, the closest reference row, then the earliest reference, then the smallest uid."""
+    parts = list(results)
+    if not parts:
+        return Matches.empty()
+    rows, dist, ref, hi, lo = (np.concatenate([p[k] for p in parts]) for k in range(5))
+    if len(rows) == 0:
+        return Matches.empty()
+    order = np.lexsort((lo, hi, ref, dist, rows))
+    rows, ref, hi, lo = rows[order], ref[order], hi[order], lo[order]
+    first = np.r_[True, rows[1:] != rows[:-1]]
+    return Matches(rows[first].astype(np.int64), ref[first].astype(np.int32), hi[first], lo[first])
+
+
+# -- both steps --------------------------------------------------------------------------------
+
+
+def _emit_pool_task(args):
+    return emit_pool(*args)
+
+
+def _emit_reference_task(args):
+    return emit_reference(*args)
+
+
+def _reduce_exact_task(args):
+    return reduce_exact(*args)
+
+
+def _reduce_perceptual_task(args):
+    return reduce_perceptual(*args)
+
+
+def partitions_for(n: int, references: Sequence[ix.Reference], settings, workers: int) -> int:
+    if settings.method == "exact":
+        return ix.PARTITIONS
+    records = (n + sum(r.rows for r in references)) * settings.records_per_row()
+    return partitioned.num_partitions(records, "perceptual", workers)
+
+
+def match(
+    run: Callable,
+    emit_pool_args: Callable[[int, str], list],
+    pool_emit: Callable,
+    n: int,
+    settings: partitioned.SearchSettings,
+    references: Sequence[ix.Reference],
+    workers: int,
+    work_dir: str | None,
+) -> Matches:
+    """The pool rows that duplicate a reference row. ``run``: an ordered map (a task
+    pool's, or ``map``); ``emit_pool_args(partitions, spill_dir)``: the pool side's map
+    tasks, each run by ``pool_emit`` (a picklable function writing one spill file)."""
+    if not references or n == 0:
+        return Matches.empty()
+    partitions = partitions_for(n, references, settings, workers)
+    spill = partitioned.make_spill_dir(work_dir, "against-spill-")
+    try:
+        pool_spilled = list(run(pool_emit, emit_pool_args(partitions, spill)))
+        if settings.method == "exact":
+            args = (
+                (pieces, [(k, ref.pieces(p)) for k, ref in enumerate(references)])
+                for p, pieces in enumerate(partitioned.partition_pieces(pool_spilled, partitions))
+            )
+            return best_matches(run(_reduce_exact_task, args))
+        ref_args = []
+        t = 0
+        for k, ref in enumerate(references):
+            pieces = ref.all_pieces()
+            per_task = max(1, -(-len(pieces) // max(1, partitioned.TASKS_PER_WORKER * workers)))
+            for a in range(0, len(pieces), per_task):
+                ref_args.append((pieces[a : a + per_task], k, settings, partitions, join_spill(spill, t)))
+                t += 1
+        ref_spilled = list(run(_emit_reference_task, ref_args))
+        ref_parts = partitioned.partition_pieces(ref_spilled, partitions)
+        args = (
+            (pieces, next(ref_parts), settings) for pieces in partitioned.partition_pieces(pool_spilled, partitions)
+        )
+        return best_matches(run(_reduce_perceptual_task, args))
+    finally:
+        partitioned.remove_spill_dir(spill)
+
+
+def join_spill(spill: str, t: int) -> str:
+    return join(spill, f"r{t:06d}.arrow")
+
+
+def match_shards(
+    shards: Sequence[partitioned.ShardKeys],
+    n: int,
+    settings: partitioned.SearchSettings,
+    references: Sequence[ix.Reference],
+    workers: int = 1,
+    work_dir: str | None = None,
+    executor=None,
+) -> Matches:
+    """:func:`match` over key tables in this process's memory (the in-memory plan)."""
+
+    def emit_args(partitions: int, spill: str) -> list:
+        groups = partitioned.task_groups([s.n for s in shards], workers)
+        return [
+            ([shards[k] for k in group], settings, partitions, partitioned.spill_path(spill, t))
+            for t, group in enumerate(groups)
+        ]
+
+    with partitioned._mapper(workers, executor) as run:
+        return match(run, emit_args, _emit_pool_task, n, settings, references, workers, work_dir)
+
+
+# -- references ------------------------------------------------------------------------------
+
+
+def open_references(
+    paths: Sequence[str], build_root: str, log: Callable[[str], None], key: str | None = None
+) -> list[ix.Reference]:
+    """Each ``against`` entry's index; an output folder without one (written before indexes
+    existed) gets one built from its subset parts under ``build_root``, with one line saying so.
+    ``key`` (``sha256`` or ``phash``): a reference none of whose rows has it is an error."""
+    import hashlib
+
+    from filtering.errors import InputError
+    from filtering.io.atomic import exists
+
+    refs = []
+    for path in paths:
+        folder = ix.find_index(path)
+        if folder is None:
+            if not exists(join(path, "manifest.json")):
+                raise InputError(
+                    f"filters.dedup.against: {path} is neither a poolsift output folder nor an index folder"
+                )
+            with_manifest = hashlib.sha256()
+            from filtering.io.paths import open_file
+
+            with open_file(join(path, "manifest.json")) as f:
+                with_manifest.update(f.read())
+            folder = join(build_root, f"reference-index-{with_manifest.hexdigest()[:16]}")
+            if exists(join(folder, ix.META)):
+                log(f"dedup against {path}: it has no index; using the one built from its subset before, {folder}")
+            else:
+                rows = ix.build_from_output(path, folder)
+                log(
+                    f"dedup against {path}: it has no index (an older output); built one from its subset ({rows:,} rows) in {folder}"
+                )
+        try:
+            ref = ix.read_reference(path, folder)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"filters.dedup.against: {path}: unreadable index ({e})") from e
+        if key is not None and ref.with_keys is not None and ref.rows:
+            have = ref.with_keys.get(key, 0)
+            if have == 0:
+                what = (
+                    "perceptual hashes (its run computed no phash)" if key == "phash" else "sha256 of the image bytes"
+                )
+                raise InputError(f"filters.dedup.against: {path}: its {ref.rows:,} kept rows have no {what}")
+            if have < ref.rows:
+                log(
+                    f"dedup against {path}: {ref.rows - have:,} of its {ref.rows:,} kept rows have no {key}; they match nothing"
+                )
+        refs.append(ref)
+    return refs
+
+
+def record(refs: Sequence[ix.Reference], matches: Matches, seconds: float, workers: int) -> dict:
+    """The manifest's record of one search against references (``stage_info.dedup``)."""
+    counts = matches.counts(len(refs))
+    return {
+        "against": [
+            {"path": r.path, "index": r.folder, "rows": r.rows, "matched": c} for r, c in zip(refs, counts, strict=True)
+        ],
+        "matched": int(len(matches.rows)),
+        "workers": workers,
+        "seconds": round(seconds, 3),
+    }
+
+
+class DedupAgainstStage(ColumnStage):
+    """The in-memory plan's search against references, as a column stage: one int32 column
+    (the matched reference's position, -1 for none) and the :class:`Matches` in
+    ``pool.artifacts``. The shard plan runs the same search in its dedup phase."""
+
+    scope = "reduction"
+
+    def __init__(self, settings, cache_root: str, workers: int | None = None):
+        self.settings = settings  # dedup_filter.AgainstSettings
+        self.cache_root = cache_root
+        self.workers = workers
+        self.column = settings.column
+        self.name = f"dedup:{self.column}"
+
+    def provides(self) -> set[str]:
+        return {self.column}
+
+    def requires(self) -> set[str]:
+        return {self.settings.search.key_column}
+
+    def run(self, ctx, pool) -> None:
+        import time
+
+        from filtering.dedup.search_stage import workers_for
+
+        t0 = time.perf_counter()
+        refs = open_references(self.settings.paths, self.cache_root, ctx.log, self.settings.search.key_column)
+        key = self.settings.search.key_column
+        pool.materialize([key])
+        table = pool.table.select([key])
+        shards = [partitioned.ShardKeys(p.start, p.n, table=table.slice(p.start, p.n)) for p in pool.parts]
+        workers = self.workers if self.workers is not None else workers_for(pool.n + sum(r.rows for r in refs))
+        matches = match_shards(shards, pool.n, self.settings.search, refs, workers=workers, work_dir=self.cache_root)
+        column = np.full(pool.n, -1, np.int32)
+        column[matches.rows] = matches.ref
+        pool.add_column(self.column, pa.array(column))
+        pool.internal.add(self.column)
+        pool.artifacts[self.column] = matches
+        ctx.stage_info.setdefault("dedup", {})[self.column] = record(refs, matches, time.perf_counter() - t0, workers)

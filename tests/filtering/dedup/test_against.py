@@ -1,0 +1,181 @@
+"""The index of a run's kept rows and the search against it (``dedup: {against: [...]}``),
+against brute force: every pool row matched to the closest reference row (then the first
+reference, then the smallest uid), on partitions, batches and shards cut anyhow."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from filtering.dedup import against, hamming
+from filtering.dedup import index as ix
+from filtering.dedup.partitioned import SearchSettings, ShardKeys
+from filtering.pool import Pool, ShardPart
+
+
+def hexes(rng, n, nbytes):
+    return ["".join(f"{b:02x}" for b in row) for row in rng.integers(0, 256, (n, nbytes))]
+
+
+def write_reference(folder, uids, sha, phash, shards=3) -> ix.Reference:
+    builder = ix.IndexBuilder(str(folder), "datacomp")
+    cuts = np.linspace(0, len(uids), shards + 1).astype(int)
+    for k in range(shards):
+        a, b = cuts[k], cuts[k + 1]
+        table = pa.table(
+            {"uid": uids[a:b], "sha256": pa.array(sha[a:b], pa.string()), "phash": pa.array(phash[a:b], pa.uint64())}
+        )
+        builder.add(table, np.arange(b - a), k)
+    builder.finish([f"s{k}" for k in range(shards)])
+    return ix.read_reference(str(folder), str(folder))
+
+
+def shards_of(table, sizes):
+    out, start = [], 0
+    for size in sizes:
+        out.append(ShardKeys(start, size, table=table.slice(start, size)))
+        start += size
+    return out
+
+
+def test_sha256_bytes_parses_hex_and_rejects_the_rest():
+    good = "ab" * 32
+    digests, valid = ix.sha256_bytes(pa.array([good, good.upper(), None, "ab" * 31, "zz" * 32, ""]))
+    assert valid.tolist() == [True, True, False, False, False, False]
+    assert digests[0].tolist() == [0xAB] * 32 and digests[1].tolist() == [0xAB] * 32
+    assert not digests[2:].any()
+
+
+def test_index_rows_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    uids = hexes(rng, 50, 16)
+    sha = hexes(rng, 50, 32)
+    sha[3] = None
+    phash = rng.integers(0, 2**64, 50, dtype=np.uint64)
+    ref = write_reference(tmp_path / "ix", uids, sha, phash)
+    assert ref.rows == 50
+    from filtering.dedup.partitioned import read_batches
+
+    back = pa.Table.from_batches(read_batches(ref.all_pieces()))
+    got = sorted(zip(back.column("uid_hi").to_pylist(), back.column("phash").to_pylist(), strict=True))
+    want = sorted((int(u[:16], 16), int(p)) for u, p in zip(uids, phash, strict=True))
+    assert got == want
+    # every batch holds one partition: the sha256's first byte (or the uid's without one)
+    for url, parts in ref.files:
+        for b, p in zip(read_batches([(url, np.arange(len(parts)))]), parts, strict=True):
+            for row in b.to_pylist():
+                first = row["sha256"][0] if row["sha256"] is not None else row["uid_hi"] >> 56
+                assert first == p
+
+
+def brute_exact(pool_sha, refs):
+    best = {}
+    for r, (uids, sha) in enumerate(refs):
+        for u, s in sorted(zip(uids, sha, strict=True)):
+            if s is not None:
+                best.setdefault(s.lower(), (r, u))
+    return {i: best[s.lower()] for i, s in enumerate(pool_sha) if s is not None and s.lower() in best}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_exact_matches_are_brute_force(tmp_path, workers):
+    rng = np.random.default_rng(1)
+    refs, readers = [], []
+    for r in range(2):
+        uids, sha = hexes(rng, 400, 16), hexes(rng, 400, 32)
+        sha[:50] = sha[50:100]  # copies inside a reference: the smallest uid is named
+        refs.append((uids, sha))
+        readers.append(write_reference(tmp_path / f"r{r}", uids, sha, np.zeros(400, np.uint64)))
+    # both references share some digests: the first reference is named
+    shared = hexes(rng, 30, 32)
+    refs[0][1][200:230] = shared
+    refs[1][1][300:330] = shared
+    readers = [write_reference(tmp_path / f"s{r}", *refs[r], np.zeros(400, np.uint64)) for r in range(2)]
+    pool = hexes(rng, 600, 32)
+    pick = rng.choice(400, 200)
+    pool[:100] = [refs[0][1][k].upper() for k in pick[:100]]  # either case
+    pool[100:200] = [refs[1][1][k] for k in pick[100:]]
+    pool[200:230] = shared
+    pool[250] = None
+    table = pa.table({"sha256": pa.array(pool, pa.string())})
+    m = against.match_shards(
+        shards_of(table, [250, 0, 350]), 600, SearchSettings("exact"), readers, workers=workers, work_dir=str(tmp_path)
+    )
+    want = brute_exact(pool, refs)
+    assert m.rows.tolist() == sorted(want)
+    assert [(int(r), u) for r, u in zip(m.ref, m.uids(), strict=True)] == [want[i] for i in m.rows]
+
+
+@pytest.mark.parametrize("k", [0, 3, 6])
+def test_perceptual_matches_are_brute_force(tmp_path, k):
+    rng = np.random.default_rng(k)
+    refs, readers = [], []
+    for r in range(2):
+        uids = hexes(rng, 300, 16)
+        ph = rng.integers(0, 2**64, 300, dtype=np.uint64)
+        ph[:40] = ph[40:80] ^ np.uint64(1)  # near copies inside a reference
+        refs.append((uids, ph))
+        readers.append(write_reference(tmp_path / f"r{r}", uids, hexes(rng, 300, 32), ph))
+    pool = rng.integers(0, 2**64, 500, dtype=np.uint64)
+    src = np.r_[refs[0][1][:150], refs[1][1][:150]]
+    flips = np.zeros(300, np.uint64)
+    for _ in range(8):  # up to 8 bits: some within k, some not
+        flips ^= np.where(
+            rng.random(300) < 0.5, np.uint64(1) << rng.integers(0, 64, 300).astype(np.uint64), np.uint64(0)
+        )
+    pool[:300] = src ^ flips
+    valid = np.ones(500, bool)
+    valid[450:] = False
+    table = pa.table({"phash": pa.array(pool, pa.uint64(), mask=~valid)})
+    m = against.match_shards(
+        shards_of(table, [123, 377]), 500, SearchSettings("perceptual", max_distance=k, key_column="phash"), readers
+    )
+    want = {}
+    for i in np.flatnonzero(valid):
+        cands = []
+        for r, (uids, ph) in enumerate(refs):
+            d = hamming.popcount64(ph ^ pool[i])
+            cands += [(int(dd), r, u) for dd, u in zip(d, uids, strict=True) if dd <= k]
+        if cands:
+            want[int(i)] = min(cands)[1:]
+    assert m.rows.tolist() == sorted(want)
+    assert [(int(r), u) for r, u in zip(m.ref, m.uids(), strict=True)] == [want[i] for i in m.rows]
+
+
+def test_index_follows_the_parts_whatever_the_tables(tmp_path):
+    """One subset table for the whole pool (no late columns) is cut into one index file per
+    source shard with kept rows, each with the rows' positions in its shard."""
+    rng = np.random.default_rng(3)
+    uids = hexes(rng, 30, 16)
+    table = pa.table({"uid": uids, "sha256": pa.array(hexes(rng, 30, 32))})
+    parts = [ShardPart("a", "a", 0, 10), ShardPart("b", "b", 10, 12), ShardPart("c", "c", 12, 30)]
+    pool = Pool(table, parts)
+    keep = rng.random(30) < 0.5
+    keep[10:12] = False
+    calls = []
+    out = list(
+        ix.shard_index_tables(pool, keep, [table.filter(pa.array(keep))], lambda t, r, k, p: calls.append((t, r, k)))
+    )
+    assert out[0].num_rows == keep.sum()
+    assert [k for _, _, k in calls] == [0, 2]
+    for t, r, k in calls:
+        assert t.column("uid").to_pylist() == [uids[parts[k].start + i] for i in r]
+
+
+def test_a_reference_without_the_key_is_an_error_and_a_partial_one_says_so(tmp_path):
+    from filtering.errors import InputError
+
+    rng = np.random.default_rng(4)
+    uids, sha = hexes(rng, 20, 16), hexes(rng, 20, 32)
+    builder = ix.IndexBuilder(str(tmp_path / "a"), "datacomp")
+    builder.add(pa.table({"uid": uids, "sha256": sha}), np.arange(20), 0)  # no phash column
+    builder.finish(["s0"])
+    with pytest.raises(InputError, match="no perceptual hashes"):
+        against.open_references([str(tmp_path / "a")], str(tmp_path / "cache"), print, "phash")
+    sha[:5] = [None] * 5
+    builder = ix.IndexBuilder(str(tmp_path / "b"), "datacomp")
+    builder.add(pa.table({"uid": uids, "sha256": pa.array(sha, pa.string())}), np.arange(20), 0)
+    builder.finish(["s0"])
+    lines: list[str] = []
+    (ref,) = against.open_references([str(tmp_path / "b")], str(tmp_path / "cache"), lines.append, "sha256")
+    assert ref.with_keys == {"sha256": 15, "phash": 0}
+    assert len(lines) == 1 and "5 of its 20 kept rows have no sha256" in lines[0]
