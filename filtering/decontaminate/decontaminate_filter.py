@@ -3,7 +3,8 @@
 DataComp (Gadre et al. 2023, §3.2 and App. F) removed pool images that are near
 duplicates of its evaluation images, so that no evaluation image leaks into training.
 Here the evaluation set (``reference``: an image folder, WebDataset shards, or a
-``.npy``/``.pt`` of embeddings, or a ``.npy`` of uint64 perceptual hashes) is compared
+``.npy``/``.pt`` of embeddings, a ``.npy`` of uint64 perceptual hashes, or, perceptual,
+an earlier poolsift output, whose kept rows' hashes its index holds) is compared
 with every pool row by :class:`filtering.decontaminate.decontaminate_stage.DecontaminateStage`, which
 adds two columns per reference (Score/Filter split):
 
@@ -13,7 +14,7 @@ adds two columns per reference (Score/Filter split):
   the row's ``phash`` to any reference hash; dropped when ``<= max_distance``;
 
 and ``decontam_<name>_match``, the id of that nearest reference item (its file path
-relative to the folder, its shard key, or ``<file>:<row>``), recorded as the dropped
+relative to the folder, its shard key, ``<file>:<row>``, or an earlier output's uid), recorded as the dropped
 row's ``duplicate_of``. ``<name>`` defaults to the reference's base name.
 """
 

@@ -259,6 +259,9 @@ class DecontaminateStage(ColumnStage):
         from filtering.scorers.clip import model_spec
 
         key = "filters.decontaminate.reference"
+        index = _output_index(ctx, t, self.cache_root)
+        if index is not None:
+            return index
         try:
             kind, items, listing = reference_source(t.reference)
         except InputError as e:
@@ -353,6 +356,51 @@ class DecontaminateStage(ColumnStage):
             matrix = np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)
             return ReferenceSet(np.asarray(ids, dtype=str), embeddings=matrix), failures, first
         return ReferenceSet(np.asarray(ids, dtype=str), hashes=np.asarray(hashes, dtype=np.uint64)), failures, first
+
+
+def _output_index(ctx: RunContext, t: Target, cache_root: str) -> tuple[ReferenceSet, str] | None:
+    """A reference that is an earlier poolsift output (or its ``index/`` folder): its kept
+    rows' perceptual hashes, from its index (``filtering/dedup/index.py``; built on demand
+    for an output written before indexes, with one line saying so), each named by its uid.
+    None when ``t.reference`` is no output. The whole set is compared with every row (as an
+    evaluation set is): for a large earlier output, ``dedup: {against: [...]}`` searches by
+    partitions instead."""
+    from filtering.dedup import against
+    from filtering.dedup import index as ix
+    from filtering.dedup.partitioned import read_batches
+    from filtering.io.paths import open_file
+
+    key = "filters.decontaminate.reference"
+    if ix.find_index(t.reference) is None and not exists(join(t.reference, "manifest.json")):
+        return None
+    if t.method != "perceptual":
+        raise ConfigError(
+            f"{key}: {t.reference} is a poolsift output; against one, decontaminate takes method: perceptual "
+            "(its index holds no embeddings)"
+        )
+    (ref,) = against.open_references([t.reference], cache_root, ctx.log)
+    with open_file(join(ref.folder, ix.META)) as f:
+        import hashlib
+
+        meta_sha = hashlib.sha256(f.read()).hexdigest()
+    rfp = fingerprint({"reference": t.reference, "kind": "index", "index": meta_sha, "version": ALGO_VERSION})
+    path = join(cache_root, f"decontam-{rfp}", "reference.npz")
+    if exists(path):
+        out = _load(path)
+        out.fingerprint = rfp
+        return out, "cached"
+    ids, hashes = [], []
+    for batch in read_batches(ref.all_pieces()):
+        ph = batch.column("phash")
+        valid = ph.is_valid().to_numpy(zero_copy_only=False)
+        hi, lo = batch.column("uid_hi").to_numpy()[valid], batch.column("uid_lo").to_numpy()[valid]
+        ids += [f"{int(a):016x}{int(b):016x}" for a, b in zip(hi, lo, strict=True)]
+        hashes.append(np.asarray(ph.fill_null(0).to_numpy(), np.uint64)[valid])
+    if not ids:
+        raise InputError(f"{key}: the {ref.rows:,} kept rows of {t.reference} have no perceptual hashes")
+    out = ReferenceSet(np.asarray(ids, dtype=str), hashes=np.concatenate(hashes), fingerprint=rfp)
+    _save(path, out)
+    return out, "index"
 
 
 def _load_arrays(files: list[str], t: Target, key: str) -> ReferenceSet:

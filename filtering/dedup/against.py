@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from filtering.dedup import index as ix
 from filtering.dedup import partitioned
-from filtering.dedup.hamming import popcount64, unique_pairs
+from filtering.dedup.hamming import _expand, _flip_masks, _Table, _widths, choose_substrings, popcount64
 from filtering.io.paths import join
 from filtering.stages.base import ColumnStage
 
@@ -183,12 +183,84 @@ def reduce_exact(pool_pieces, ref_pieces: Sequence[tuple[int, list]]):
     return rows[p], np.zeros(len(p), np.int64), rref[j], rhi[j], rlo[j]
 
 
+class _RefTable(_Table):
+    """:class:`~filtering.dedup.hamming._Table` without the stable sort: the order inside a
+    bucket does not matter here (each pair is verified, the best chosen by a total order)."""
+
+    def __init__(self, keys: np.ndarray, width: int, direct_bits: int):
+        self.width = width
+        self.direct = width <= direct_bits
+        self.order = np.argsort(keys.astype(np.uint32) if width <= 32 else keys)  # 32-bit keys sort faster
+        if self.direct:
+            counts = np.bincount(keys.astype(np.int64), minlength=1 << width)
+            self.offsets = np.zeros((1 << width) + 1, np.int64)
+            np.cumsum(counts, out=self.offsets[1:])
+        else:
+            self.sorted_keys = keys[self.order]
+
+
+def cross_pairs(
+    q: np.ndarray,
+    q_groups: np.ndarray,
+    r: np.ndarray,
+    r_groups: np.ndarray,
+    max_distance: int,
+    bits: int = 64,
+    max_candidates: int = CANDIDATES_AT_A_TIME,
+    direct_bits: int = partitioned.DIRECT_BITS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``: query ``q[i]`` and reference ``r[j]`` in the same group within
+    ``max_distance`` (only the low ``bits`` bits may differ). Multi-index hashing as
+    :func:`filtering.dedup.hamming.unique_pairs`, one side only: the tables hold the
+    reference values, the queries probe them, so no reference is compared with another."""
+    empty = np.zeros(0, np.int64)
+    if len(q) == 0 or len(r) == 0:
+        return empty, empty
+    q, r = np.asarray(q, np.uint64), np.asarray(r, np.uint64)
+    uniq, inv = np.unique(np.concatenate([q_groups, r_groups]), return_inverse=True)
+    inv = inv.ravel().astype(np.uint64)
+    gq, gr = inv[: len(q)], inv[len(q) :]
+    group_bits = max(1, int(len(uniq) - 1).bit_length())
+    m = choose_substrings(max(2, len(r) >> group_bits), max_distance, bits, direct_bits, group_bits)
+    while max(_widths(m, bits)) + group_bits > 64:
+        m += 1
+    radius = max_distance // m
+    out_i, out_j = [empty], [empty]
+    shift = 0
+    for width in _widths(m, bits):
+        mask = np.uint64((1 << width) - 1)
+        rkeys = ((r >> np.uint64(shift)) & mask) | (gr << np.uint64(width))
+        qkeys = ((q >> np.uint64(shift)) & mask) | (gq << np.uint64(width))
+        shift += width
+        table = _RefTable(rkeys, width + group_bits, direct_bits)
+        step = max(1, min(len(q), max_candidates // max(1, 4 * ((len(r) >> (width + group_bits)) + 1))))
+        for flip in _flip_masks(width, radius):
+            for lo_q in range(0, len(q), step):
+                lo, hi = table.buckets(qkeys[lo_q : lo_q + step] ^ flip)
+                hit = np.flatnonzero(hi > lo)
+                if len(hit) == 0:
+                    continue
+                total = np.cumsum(hi[hit] - lo[hit])
+                cuts = np.searchsorted(total, np.arange(max_candidates, int(total[-1]), max_candidates), "right")
+                for piece in np.split(hit, cuts):
+                    if len(piece) == 0:
+                        continue
+                    qi, pos = _expand(lo[piece], hi[piece])
+                    i = lo_q + piece[qi]
+                    j = table.order[pos]
+                    close = popcount64(q[i] ^ r[j]) <= max_distance
+                    out_i.append(i[close])
+                    out_j.append(j[close])
+    i, j = np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
+    code = np.unique(i * len(r) + j)  # a pair close in several substrings is found once per substring
+    return code // len(r), code % len(r)
+
+
 def reduce_perceptual(pool_pieces, ref_pieces, settings):
-    """One partition: pool rows within ``max_distance`` of a reference row sharing one of
-    their block values: ``(rows, dist, ref, hi, lo)``. The distinct (block, hash) values of
-    both sides are searched together as the in-pool search searches its own
-    (:func:`filtering.dedup.hamming.unique_pairs` with the block as the group); only pairs
-    of a pool value and a reference value are kept."""
+    """One partition: pool rows within ``max_distance`` of a reference row that shares one
+    of their block values: ``(rows, dist, ref, hi, lo)``. The distinct (block, hash) values
+    of the pool probe those of the references (:func:`cross_pairs`, the block as the group
+    and cut out of the bits searched, as the in-pool search does)."""
     empty = _empty_result()
     pb, rb = partitioned.read_batches(pool_pieces), partitioned.read_batches(ref_pieces)
     if not pb or not rb:
@@ -199,55 +271,31 @@ def reduce_perceptual(pool_pieces, ref_pieces, settings):
         np.concatenate([b.column(c).to_numpy() for b in rb]) for c in ("g", "h", "hi", "lo", "ref")
     )
     del pb, rb
-    # one reference row per (block, hash) value: the first reference, then the smallest uid
-    order = np.lexsort((rlo, rhi, rref, rh, rg))
-    rg, rh, rhi, rlo, rref = rg[order], rh[order], rhi[order], rlo[order], rref[order]
-    first = np.r_[True, (rg[1:] != rg[:-1]) | (rh[1:] != rh[:-1])]
-    rg, rh, rhi, rlo, rref = rg[first], rh[first], rhi[first], rlo[first], rref[first]
-    del order, first
-    # the distinct values of both sides
-    allg, allh = np.concatenate([g, rg]), np.concatenate([h, rh])
-    order = np.lexsort((allh, allg))
-    sg, sh_ = allg[order], allh[order]
+    # the pool's distinct (block, hash) values (the references' are not made distinct: a
+    # reference rarely repeats a hash, and a sort of all its records would cost more)
+    order = np.lexsort((h, g))
+    sg, sh_ = g[order], h[order]
     first = np.r_[True, (sg[1:] != sg[:-1]) | (sh_[1:] != sh_[:-1])]
     ug, uh = sg[first], sh_[first]
-    entry = np.empty(len(allg), np.int64)
+    entry = np.empty(len(g), np.int64)
     entry[order] = np.cumsum(first) - 1
-    del allg, allh, order, sg, sh_, first
-    pool_entry, ref_entry = entry[: len(g)], entry[len(g) :]
-    ref_at = np.full(len(ug), -1, np.int64)  # the reference row of each value (at most one)
-    ref_at[ref_entry] = np.arange(len(rg))
-    has_pool = np.zeros(len(ug), bool)
-    has_pool[pool_entry] = True
-    # per value with pool rows: its closest reference value (distance, then reference order)
-    pe, re_, dd = [np.flatnonzero(has_pool & (ref_at >= 0))], [], [None]
-    re_.append(ref_at[pe[0]])
-    dd[0] = np.zeros(len(pe[0]), np.int64)
-    if md > 0 and len(ug) > 1:
-        rest, bits = partitioned.without_block(uh, partitioned._block_of(ug, md), md)
-        i, j = unique_pairs(
-            rest, md, groups=ug, bits=bits, max_candidates=CANDIDATES_AT_A_TIME, direct_bits=partitioned.DIRECT_BITS
-        )
-        del rest
-        for a, b in ((i, j), (j, i)):
-            sel = has_pool[a] & (ref_at[b] >= 0)
-            a, b = a[sel], b[sel]
-            pe.append(a)
-            re_.append(ref_at[b])
-            dd.append(popcount64(uh[a] ^ uh[b]).astype(np.int64))
-    pe, re_, dd = np.concatenate(pe), np.concatenate(re_), np.concatenate(dd)
+    del order, first, sg, sh_
+    q_rest, bits = partitioned.without_block(uh, partitioned._block_of(ug, md), md)
+    r_rest, _ = partitioned.without_block(rh, partitioned._block_of(rg, md), md)
+    pe, j = cross_pairs(q_rest, ug, r_rest, rg, md, bits)
+    del q_rest, r_rest
     if len(pe) == 0:
         return empty
-    order = np.lexsort((rlo[re_], rhi[re_], rref[re_], dd, pe))
-    pe, re_, dd = pe[order], re_[order], dd[order]
+    dd = popcount64(uh[pe] ^ rh[j]).astype(np.int64)
+    order = np.lexsort((rlo[j], rhi[j], rref[j], dd, pe))
+    pe, j, dd = pe[order], j[order], dd[order]
     best = np.r_[True, pe[1:] != pe[:-1]]
-    pe, re_, dd = pe[best], re_[best], dd[best]
+    pe, j, dd = pe[best], j[best], dd[best]
     # every pool record of a matched value
-    at = np.searchsorted(pe, pool_entry)
-    at_c = np.minimum(at, len(pe) - 1)
-    hit = pe[at_c] == pool_entry
-    k = re_[at_c[hit]]
-    return r[hit], dd[at_c[hit]], rref[k], rhi[k], rlo[k]
+    at = np.minimum(np.searchsorted(pe, entry), len(pe) - 1)
+    hit = pe[at] == entry
+    k = j[at[hit]]
+    return r[hit], dd[at[hit]], rref[k], rhi[k], rlo[k]
 
 
 def _empty_result():

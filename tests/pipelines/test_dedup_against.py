@@ -111,3 +111,18 @@ def test_webdataset_planted_copies(tmp_path_factory):
     }
     run(parse_config(second), progress=False, log=lambda _m: None)
     check_planted(root / "out2", truth, ("exact", "near"))
+
+
+def test_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
+    """``decontaminate: {reference: DIR}`` with an earlier output: its kept rows' hashes from
+    its index; copies dropped as contaminated, ``duplicate_of`` naming the reference row."""
+    _, out1 = datacomp_first
+    truth = datacomp_second_pool(tmp_path / "pool2", kept_rows(out1), exact=30, near=30, clean=100)
+    filters = [{"decontaminate": {"reference": str(out1), "method": "perceptual", "max_distance": 6}}]
+    m = assert_same_outputs(tmp_path / "pool2", tmp_path, filters, fresh_cache=True)
+    assert m["counts"]["filters"][0]["reasons"] == {"contaminated_perceptual": 60}
+    got = dropped(tmp_path / "run")
+    for kind in ("exact", "near"):
+        for uid, of in zip(truth[f"{kind}_uid"], truth[f"{kind}_of"], strict=True):
+            assert got[uid] == ("contaminated_perceptual", of)
+    assert not set(truth["clean_uid"]) & set(got)

@@ -123,7 +123,9 @@ def _same_files(mem, streamed, a: Path, b: Path) -> None:
     the same bytes), under the same names, and the manifest's records of them."""
 
     def names(d: Path) -> list[str]:
-        return sorted(str(p.relative_to(d)) for sub in ("subset", "dropped", "shards") for p in (d / sub).glob("*"))
+        return sorted(
+            str(p.relative_to(d)) for sub in ("subset", "dropped", "shards", "index") for p in (d / sub).glob("*")
+        )
 
     assert names(a) == names(b)
     assert any(n.startswith("shards/") for n in names(b))
