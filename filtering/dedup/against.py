@@ -209,10 +209,10 @@ def cross_pairs(
     max_candidates: int = CANDIDATES_AT_A_TIME,
     direct_bits: int = partitioned.DIRECT_BITS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(i, j)``: query ``q[i]`` and reference ``r[j]`` in the same group within
-    ``max_distance`` (only the low ``bits`` bits may differ). Multi-index hashing as
-    :func:`filtering.dedup.hamming.unique_pairs`, one side only: the tables hold the
-    reference values, the queries probe them, so no reference is compared with another."""
+    """Pairs ``(i, j)``: ``q[i]`` and ``r[j]`` in the same group within ``max_distance``
+    (only the low ``bits`` bits may differ). Multi-index hashing as
+    :func:`filtering.dedup.hamming.unique_pairs`, across the two sides only: the tables
+    hold ``r``'s values, ``q``'s probe them, so no two values of one side are compared."""
     empty = np.zeros(0, np.int64)
     if len(q) == 0 or len(r) == 0:
         return empty, empty
@@ -259,8 +259,8 @@ def cross_pairs(
 def reduce_perceptual(pool_pieces, ref_pieces, settings):
     """One partition: pool rows within ``max_distance`` of a reference row that shares one
     of their block values: ``(rows, dist, ref, hi, lo)``. The distinct (block, hash) values
-    of the pool probe those of the references (:func:`cross_pairs`, the block as the group
-    and cut out of the bits searched, as the in-pool search does)."""
+    of the pool and of the references are paired by :func:`cross_pairs` (the block as the
+    group and cut out of the bits searched, as the in-pool search does)."""
     empty = _empty_result()
     pb, rb = partitioned.read_batches(pool_pieces), partitioned.read_batches(ref_pieces)
     if not pb or not rb:
@@ -282,7 +282,8 @@ def reduce_perceptual(pool_pieces, ref_pieces, settings):
     del order, first, sg, sh_
     q_rest, bits = partitioned.without_block(uh, partitioned._block_of(ug, md), md)
     r_rest, _ = partitioned.without_block(rh, partitioned._block_of(rg, md), md)
-    pe, j = cross_pairs(q_rest, ug, r_rest, rg, md, bits)
+    # the tables hold the pool's values (fewer to sort), the references probe them
+    j, pe = cross_pairs(r_rest, rg, q_rest, ug, md, bits)
     del q_rest, r_rest
     if len(pe) == 0:
         return empty
