@@ -36,6 +36,9 @@ from filtering.io.paths import join
 from filtering.stages.base import ColumnStage
 
 CANDIDATES_AT_A_TIME = 1 << 20  # pool-reference record pairs verified at once
+# Records per partition (perceptual): a quarter of the in-pool search's, so that a worker
+# holding one adds less to the run's peak than the in-pool search's partitions do.
+RECORDS_PER_PARTITION = 1 << 17
 REASON = "duplicate_of_reference"
 
 
@@ -341,7 +344,7 @@ def partitions_for(n: int, references: Sequence[ix.Reference], settings, workers
     if settings.method == "exact":
         return ix.PARTITIONS
     records = (n + sum(r.rows for r in references)) * settings.records_per_row()
-    return partitioned.num_partitions(records, "perceptual", workers)
+    return max(1, workers, -(-records // RECORDS_PER_PARTITION))
 
 
 def match(
