@@ -126,3 +126,29 @@ def test_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
         for uid, of in zip(truth[f"{kind}_uid"], truth[f"{kind}_of"], strict=True):
             assert got[uid] == ("contaminated_perceptual", of)
     assert not set(truth["clean_uid"]) & set(got)
+
+
+def test_poolsift_index_builds_one_for_an_old_output(tmp_path, datacomp_first):
+    """``poolsift index DIR``: an output written before indexes gets ``DIR/index/``, listed in
+    its manifest (the folder still verifies); a second call finds it there."""
+    from filtering.writers.commit import verify
+    from tests.conftest import run_cli
+
+    _, out1 = datacomp_first
+    old = tmp_path / "old"
+    shutil.copytree(out1, old)
+    shutil.rmtree(old / "index")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("index/")}
+    manifest["outputs"].pop("index")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = run_cli("index", old)
+    assert code == 0, err
+    assert f"({manifest['counts']['kept']:,} kept rows)" in out
+    after = json.loads((old / "manifest.json").read_text())
+    assert "index/index.json" in after["files"] and "index/part-00000.arrow" in after["files"]
+    verify(str(old), after)
+    code, out, _ = run_cli("index", old)
+    assert code == 0 and "already there" in out
+    code, _, err = run_cli("index", tmp_path / "nothing")
+    assert code == 2 and "no manifest.json" in err
