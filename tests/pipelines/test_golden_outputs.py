@@ -313,6 +313,13 @@ def test_sample_config_equals_golden(name, tmp_path, scored_sample, golden):
     assert _manifest(out)["execution"]["plan"] == "streaming"
 
 
+def test_every_shipped_config_has_a_golden_case(golden):
+    """A new configs/*.yaml fails here until it has a case (recorded with --record)."""
+    shipped = {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    assert {config for config, _, _ in CASES.values()} == shipped
+    assert set(golden["cases"]) == set(CASES)
+
+
 if __name__ == "__main__":
     import argparse
 
