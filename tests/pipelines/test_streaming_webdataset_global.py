@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from bench.bench_refilter import MODEL, make_shards, write_caches
+from filtering.errors import ConfigError
 from filtering.stages.img2dataset import source_stamp
 from pipelines.config import parse_config
 from pipelines.runner import plan, run
@@ -213,3 +214,32 @@ def test_sample_presets(tmp_path, rerun_dir, preset):
     _same(mem, streamed, a, rerun_dir)
     assert streamed.manifest["counts"]["failed"] > 0
     assert streamed.manifest["counts"]["filters"][-1]["dropped"] > 0
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        [{"caption": {"min_words": 1}}],
+        [{"dedup": {"method": "exact"}}],
+        [{"dedup": {"method": "semantic", "num_clusters": 2}}],
+        [{"clip_score": {"top_fraction": 0.5}}],
+    ],
+    ids=["no-dedup", "exact", "semantic", "top-fraction"],
+)
+def test_bad_uids_stop_the_run_as_in_memory(tmp_path, faulty, filters):
+    """With ``input.uid.on_invalid: error`` (the default) bad uids in several shards stop
+    the run with the in-memory plan's message, which counts them over the whole pool (and
+    names the first): the shard plan counts them before any worker builds a pool."""
+    pattern, cache, _ = faulty
+    said = {}
+    for mode in ("memory", "streaming"):
+        out = tmp_path / mode
+        shutil.copytree(cache, out / "cache")
+        raw = _raw(pattern, out, mode, filters)
+        del raw["input"]["uid"]
+        with pytest.raises(ConfigError) as e:
+            run(parse_config(raw), **QUIET)
+        said[mode] = str(e.value)
+        assert not (out / "subset.npy").exists()
+    assert said["streaming"] == said["memory"]
+    assert "6 sample(s) have no valid uid" in said["memory"]
