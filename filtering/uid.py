@@ -235,11 +235,7 @@ def resolve_uids(table, *, source: str, field: str, derive: str, on_invalid: str
         if bad_live.any():
             report["examples"] = _uid_examples(table, np.flatnonzero(bad_live)[:MAX_EXAMPLES], field)
         if bad_live.any() and on_invalid == "error":
-            ex = report["examples"][0]
-            raise UidError(
-                f"{int(bad_live.sum())} sample(s) have no valid uid in .json field {field!r} "
-                f"(first: {ex['source_shard']} key {ex['key']}: {ex['problem']})"
-            )
+            raise invalid_uids_error(int(bad_live.sum()), report["examples"][0], field)
     if not len(need):
         return uid.cast(pa.string()), table.column("error"), report
     keys = table.column("key").take(pa.array(need)).to_pylist()
@@ -271,6 +267,27 @@ def resolve_uids(table, *, source: str, field: str, derive: str, on_invalid: str
     report["derived_failed"] = int((failed | fail_now)[need].sum())
     report["derived"] = len(need) - report["derived_failed"]
     return pa.array(full, pa.string()), error, report
+
+
+def invalid_uids_error(count: int, first: dict, field: str) -> UidError:
+    """``on_invalid: error``'s error: ``count`` samples without a valid uid, ``first`` the
+    first of them (an example of :func:`first_invalid_uid`)."""
+    return UidError(
+        f"{count} sample(s) have no valid uid in .json field {field!r} "
+        f"(first: {first['source_shard']} key {first['key']}: {first['problem']})"
+    )
+
+
+def count_invalid_uids(table, field: str) -> tuple[int, dict | None]:
+    """How many rows of ``table`` (``uid``: the ``.json`` field as read, ``error``, ``key``,
+    ``source_shard``) that have not failed have no valid uid, and the first of them as
+    :func:`resolve_uids` reports it (None when none): what ``on_invalid: error`` counts,
+    one shard at a time."""
+    bad = ~normalize_uids(table.column("uid")).is_valid().to_numpy(zero_copy_only=False)
+    bad &= ~table.column("error").is_valid().to_numpy(zero_copy_only=False)
+    if not bad.any():
+        return 0, None
+    return int(bad.sum()), _uid_examples(table, np.flatnonzero(bad)[:1], field)[0]
 
 
 def _name(url: str) -> str:

@@ -52,7 +52,7 @@ from filtering.sources import WEBDATASET
 from filtering.stages.base import RunContext, SourceStage
 from filtering.stages.image_decode import DEFAULT_IMAGE_FORMATS, DecodedImage, DecodePlan
 from filtering.stages.img2dataset import STATS_COUNTS, merge_side_parquet, read_stats, side_parquet, source_stamp
-from filtering.uid import MAX_EXAMPLES, UidError, resolve_uids
+from filtering.uid import MAX_EXAMPLES, UidError, count_invalid_uids, invalid_uids_error, resolve_uids
 
 # The pool's columns from this source, in order: the rows' own (ROW_SCHEMA, cached in
 # source-<fp>/) with the built-in scorers' phash and clip_score in their places.
@@ -306,6 +306,7 @@ class WebDatasetStage(SourceStage):
         unifies them, which each one-shard pool is cast and filled to; then the run
         records. The shards not cached yet are scored first."""
         self.score_missing(ctx)
+        self.check_uids()
         schemas, nulls, rows = [], Counter(), 0
         names = [*OPTIONAL_SOURCE_COLUMNS, "sha256"]
         for u in self.urls:
@@ -329,6 +330,23 @@ class WebDatasetStage(SourceStage):
         self._pool_columns = (drop, nulls["sha256"] == rows)
         self._record_run(ctx)
         return None
+
+    def check_uids(self) -> None:
+        """Under ``input.uid.on_invalid: error`` (the default), the bad uids of the whole
+        pool, counted shard by shard from the cached ``uid``/``error`` columns before any
+        one-shard pool is built: the error :meth:`resolve_uids` raises on the whole pool
+        (its count and first sample), not one shard's."""
+        cfg = self.uid_cfg
+        if getattr(cfg, "source", "json") != "json" or getattr(cfg, "on_invalid", "error") != "error":
+            return
+        count, first = 0, None
+        for u in self.urls:
+            rows = self.cache.read_table(u, columns=["uid", "key", "source_shard", "error"])
+            n, example = count_invalid_uids(rows, self.uid_field)
+            count += n
+            first = first or example
+        if count:
+            raise _uid_config_error(invalid_uids_error(count, first, self.uid_field))
 
     def _shard_schema(self, url: str, rows: pa.Schema) -> pa.Schema:
         """The schema :meth:`read_shard` gives ``url``'s table, from the footers of its cached
@@ -566,10 +584,7 @@ class WebDatasetStage(SourceStage):
                 failed=failed,
             )
         except UidError as e:
-            raise ConfigError(
-                f"input.uid: {e}; set input.uid.on_invalid to derive (from input.uid.derive: key | url) "
-                "or fail, or input.uid.source: derive"
-            ) from e
+            raise _uid_config_error(e) from e
         table = table.set_column(table.column_names.index("uid"), "uid", uid)
         table = table.set_column(table.column_names.index("error"), "error", error)
         if pool_columns is None:  # (source columns no sample has, whether no sample has a sha256)
@@ -763,6 +778,13 @@ def _footer_nulls(path: str, names: list[str]) -> tuple[pa.Schema, Counter, int]
             else:
                 counts[name] = pf.read(columns=[name]).column(name).null_count
         return pf.schema_arrow.remove_metadata(), counts, meta.num_rows
+
+
+def _uid_config_error(e: UidError) -> ConfigError:
+    return ConfigError(
+        f"input.uid: {e}; set input.uid.on_invalid to derive (from input.uid.derive: key | url) "
+        "or fail, or input.uid.source: derive"
+    )
 
 
 def _relative(cache_dir: str) -> str:
