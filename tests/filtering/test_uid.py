@@ -89,6 +89,38 @@ def test_normalize_uids_lowercases_and_undashes_only_exact_forms():
     ]
 
 
+def test_count_invalid_uids_is_what_resolve_uids_stops_on():
+    """The shard plan's pool-wide count (one shard at a time) and first example are the
+    in-memory ``on_invalid: error`` message's: failed rows left out, odd forms alike."""
+    import pyarrow as pa
+    import pytest
+
+    from filtering.uid import UidError, count_invalid_uids, invalid_uids_error, resolve_uids
+
+    raw = ["AB" * 16, "8A6E0804-2BD0-4672-B79D-D97027F9071A", "8a6e08042bd0-4672-b79d-d97027f9071a"]
+    raw += ["ab" * 17, None, "", "zz" * 16, "\u212a" * 32, "ab" * 16 + "\n"]
+    n = len(raw)
+    error = [None] * n
+    error[4] = "decode_error"  # failed already: not counted
+    table = pa.table(
+        {
+            "uid": pa.array(raw, pa.string()),
+            "key": [f"{i:04d}" for i in range(n)],
+            "source_shard": ["s0.tar"] * n,
+            "url": ["http://x"] * n,
+            "error": pa.array(error, pa.string()),
+        }
+    )
+    with pytest.raises(UidError) as e:
+        resolve_uids(
+            table, source="json", field="uid", derive="key", on_invalid="error", failed=[x is not None for x in error]
+        )
+    count, first = count_invalid_uids(table, "uid")
+    assert (count, first["key"]) == (6, "0002")
+    assert str(invalid_uids_error(count, first, "uid")) == str(e.value)
+    assert count_invalid_uids(table.slice(0, 2), "uid") == (0, None)
+
+
 def test_repeated_uids_marks_later_copies_in_pool_order():
     import numpy as np
 
