@@ -141,6 +141,12 @@ class SourceStage(Stage):
         as ``Pool.failed`` reads it); no other column."""
         raise NotImplementedError
 
+    def pool_error(self, error: Exception) -> Exception:
+        """The error the whole pool gives where a one-shard pool raised ``error`` (a count
+        over every shard, not one's); made only on that error path, so a run that succeeds
+        pays nothing for it. ``error`` itself when the two agree."""
+        return error
+
     def shard_record(self, ctx: RunContext, pool: Pool) -> Any:
         """What a worker returns about its shard for :meth:`stream_record` (picklable)."""
         return None

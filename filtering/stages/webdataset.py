@@ -306,7 +306,6 @@ class WebDatasetStage(SourceStage):
         unifies them, which each one-shard pool is cast and filled to; then the run
         records. The shards not cached yet are scored first."""
         self.score_missing(ctx)
-        self.check_uids()
         schemas, nulls, rows = [], Counter(), 0
         names = [*OPTIONAL_SOURCE_COLUMNS, "sha256"]
         for u in self.urls:
@@ -331,11 +330,22 @@ class WebDatasetStage(SourceStage):
         self._record_run(ctx)
         return None
 
+    def pool_error(self, error: Exception) -> Exception:
+        """A one-shard pool's bad uids (``InvalidUidsError``, that shard's count) as the whole
+        pool's (:meth:`check_uids`); counted only once a shard has stopped the run."""
+        if isinstance(error, InvalidUidsError):
+            try:
+                self.check_uids()
+            except InvalidUidsError as whole:
+                return whole
+        return error
+
     def check_uids(self) -> None:
         """Under ``input.uid.on_invalid: error`` (the default), the bad uids of the whole
-        pool, counted shard by shard from the cached ``uid``/``error`` columns before any
-        one-shard pool is built: the error :meth:`resolve_uids` raises on the whole pool
-        (its count and first sample), not one shard's."""
+        pool, counted shard by shard from the cached ``uid``/``error`` columns: the error
+        :meth:`resolve_uids` raises on the whole pool (its count and first sample), not one
+        shard's. The shard plan calls it only after a one-shard pool raised (:meth:`pool_error`):
+        a run whose uids are good never reads them in the driver."""
         cfg = self.uid_cfg
         if getattr(cfg, "source", "json") != "json" or getattr(cfg, "on_invalid", "error") != "error":
             return
@@ -780,8 +790,12 @@ def _footer_nulls(path: str, names: list[str]) -> tuple[pa.Schema, Counter, int]
         return pf.schema_arrow.remove_metadata(), counts, meta.num_rows
 
 
+class InvalidUidsError(ConfigError):
+    """Bad uids under ``input.uid.on_invalid: error``: the pool (or one shard) names its count."""
+
+
 def _uid_config_error(e: UidError) -> ConfigError:
-    return ConfigError(
+    return InvalidUidsError(
         f"input.uid: {e}; set input.uid.on_invalid to derive (from input.uid.derive: key | url) "
         "or fail, or input.uid.source: derive"
     )

@@ -92,6 +92,7 @@ import numpy as np
 import pyarrow as pa
 
 from filtering.dedup import index as dedup_index
+from filtering.errors import PoolsiftError
 from filtering.filters.base import Filter, Survivors, Tally, TopFraction, add_tally
 from filtering.filters.compose import FilterNode, apply_filters
 from filtering.io.arrow import without_pandas
@@ -544,6 +545,11 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
     try:
         with contextlib.nullcontext() if keep_pandas else without_pandas():
             manifest = _run(cfg, source, shards, ctx, spill, staging, result, the_plan.stages, prepare_seconds)
+    except PoolsiftError as e:  # a one-shard pool's error, as the whole pool gives it (its counts)
+        pool_error = source.pool_error(e)
+        if pool_error is e:
+            raise
+        raise pool_error from None
     finally:
         shutil.rmtree(spill, ignore_errors=True)
         if staging != spill:

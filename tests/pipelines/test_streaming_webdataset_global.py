@@ -243,3 +243,21 @@ def test_bad_uids_stop_the_run_as_in_memory(tmp_path, faulty, filters):
         assert not (out / "subset.npy").exists()
     assert said["streaming"] == said["memory"]
     assert "6 sample(s) have no valid uid" in said["memory"]
+
+
+def test_good_uids_are_not_read_in_the_driver(tmp_path, rerun_dir, monkeypatch):
+    """The whole pool's bad-uid count is made only once a shard has stopped the run: a run
+    whose uids are good (the bundled sample, ``on_invalid: error``) never reads them in the
+    driver (at 12.8B rows that read alone would take hours)."""
+    from filtering.stages.webdataset import WebDatasetStage
+    from pipelines.config import load_config
+    from tests.conftest import write_config
+
+    def refused(self):
+        raise AssertionError("check_uids ran on a pool whose uids are good")
+
+    monkeypatch.setattr(WebDatasetStage, "check_uids", refused)
+    cfg = write_config(tmp_path / "sample.yaml", output={"dir": str(rerun_dir)}, execution={"mode": "streaming"})
+    result = run(load_config(cfg), **QUIET)
+    assert result.manifest["execution"]["plan"] == "streaming"
+    assert 0 < result.manifest["counts"]["kept"] < result.manifest["counts"]["input"]
