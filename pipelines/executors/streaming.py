@@ -297,10 +297,8 @@ def _filter(args) -> dict[str, Any]:
     nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
     outcome = apply_filters([*uid_prefix(sh, i, pool), *nodes], pool)
     # each alive row's keep flag, in the order of the spilled uids (grouped by uid range)
-    paths = uid_phase.spill_paths(sh.spill, i)
-    keep = outcome.keep[np.load(paths["rows"])]
-    np.save(paths["kept"], keep)
-    bins = (np.load(paths["uids"])["f0"] >> np.uint64(64 - uid_phase.FINE_BITS)).astype(np.uint16)
+    keep = outcome.keep[np.load(uid_phase.spill_paths(sh.spill, i)["rows"])]
+    uid_phase.spill_kept(sh.spill, i, keep)
     schema, tables = subset_stream(pool, outcome.keep, workers=1)
     index: list = []  # this shard's index file (filtering/dedup/index.py), moved into place at commit
 
@@ -346,8 +344,6 @@ def _filter(args) -> dict[str, Any]:
         "index": index,
         "shard_url": pool.parts[0].url if pool.parts else None,
         "embedding_kinds": list(pool.embedding_kinds),
-        "uid_bins": np.bincount(bins, minlength=1 << uid_phase.FINE_BITS),
-        "kept_bins": np.bincount(bins[keep], minlength=1 << uid_phase.FINE_BITS),
         "thresholds": outcome.thresholds,
         "tallies": outcome.tallies,
         "language_identifiers": pool.artifacts.get("language_identifiers", []),
@@ -364,9 +360,8 @@ def first_embedding_kinds(results: list[dict]) -> list[str]:
     return next((r["embedding_kinds"] for r in results if r["embedding_kinds"]), [])
 
 
-def _bin_groups(bins: list[np.ndarray], limit: int = RANGE_ROWS) -> list[tuple[int, int]]:
-    """Group the fine uid bins (summed over shards) into ranges of about ``limit`` rows."""
-    totals = np.sum(bins, axis=0)
+def _bin_groups(totals: np.ndarray, limit: int = RANGE_ROWS) -> list[tuple[int, int]]:
+    """Group the fine uid bins (``totals``: their rows summed over shards) into ranges of about ``limit`` rows."""
     groups, start, acc = [], 0, 0
     for b, count in enumerate(totals):
         acc += int(count)
@@ -374,11 +369,6 @@ def _bin_groups(bins: list[np.ndarray], limit: int = RANGE_ROWS) -> list[tuple[i
             groups.append((start, b + 1))
             start, acc = b + 1, 0
     return groups
-
-
-def _rows_in(bins: list[np.ndarray], start: int, stop: int) -> list[tuple[int, int]]:
-    """Each shard's row range (of its rows grouped by uid bin) for the bins ``start:stop``."""
-    return [(int(b[:start].sum()), int(b[:stop].sum())) for b in bins]
 
 
 GATHER_LIMIT = 1 << 20  # scores gathered into the driver at most (8 MB), except exact ties
@@ -466,11 +456,11 @@ def merge_scorer_records(per_shard: list[list[dict[str, Any]]]) -> dict[str, Any
     return out
 
 
-def _spill_uids(args) -> np.ndarray:
-    """One shard's alive uids spilled grouped by range (the uid check's unit); the count per range."""
-    sh, i, shard = args
+def _spill_uids(args) -> None:
+    """One shard's alive uids spilled grouped by range (the uid check's unit); with ``later``, its later-copy flags."""
+    sh, i, shard, later = args
     pool, _ = _shard_pool(sh, shard)
-    return uid_phase.spill_uids(sh.spill, i, pool.table, ~pool.failed)
+    uid_phase.spill_uids(sh.spill, i, pool.table, ~pool.failed, later)
 
 
 def _sample_names(args) -> list[dict[str, Any]]:
@@ -502,12 +492,11 @@ def _uids_first(pool, sh: _Shared, shards: list, policy: str, ctx) -> tuple[_Sha
     phase reuses, and no more in memory than a range: a re-write of the shards found to
     hold later copies instead would redo a dedup (its alive rows change) and, for a pool
     listed twice, every shard."""
-    uid_bins = list(pool.map(_spill_uids, [(sh, i, s) for i, s in enumerate(shards)]))
     mark = policy == "keep_first"
-    if mark:
-        for i, b in enumerate(uid_bins):
-            np.save(uid_phase.spill_paths(sh.spill, i)["later"], np.zeros(int(b.sum()), bool))
-    tasks = [(sh.spill, len(shards), _rows_in(uid_bins, a, b), True, mark, None, 0) for a, b in _bin_groups(uid_bins)]
+    totals = np.zeros(1 << uid_phase.FINE_BITS, np.int64)  # rows per fine range, summed as the shards come
+    for i, _ in enumerate(pool.map(_spill_uids, [(sh, i, s, mark) for i, s in enumerate(shards)])):
+        totals += uid_phase.bin_counts(sh.spill, i)
+    tasks = [(sh.spill, len(shards), group, True, mark, None, 0) for group in _bin_groups(totals)]
     found = [r for r in pool.map(uid_phase.check_range, tasks) if r is not None]
     duplicates = uid_phase.report(ctx, policy, found, _names_at(pool, sh, shards))
     return replace(sh, uids_spilled=True, uid_later=mark and bool(found)), duplicates
@@ -675,9 +664,24 @@ def _run(
         bar = ctx.bar(len(shards), "filter", unit="shards")
         results = []
         sums: dict[int, dict[str, Any]] = {}  # Tally reductions: the shards' counts, added as they come
-        for r in pool.map(_filter, [(sh, i, s, values, decided[i]) for i, s in enumerate(shards)]):
+        # per fine uid range, the rows and the kept rows over the shards, added as they come
+        uid_totals = np.zeros(1 << uid_phase.FINE_BITS, np.int64)
+        kept_totals = np.zeros(1 << uid_phase.FINE_BITS, np.int64)
+        funnel: list[dict[str, Any]] | None = None
+        reasons: Counter = Counter()
+        failures: list[dict[str, Any]] = []  # the manifest's first MAX_MANIFEST_FAILURES, in pool order
+        tasks = [(sh, i, s, values, decided[i]) for i, s in enumerate(shards)]
+        for i, r in enumerate(pool.map(_filter, tasks)):
             for k, t in r.pop("tallies", {}).items():
                 sums[k] = add_tally(sums.get(k), t)
+            uid_totals += uid_phase.bin_counts(spill, i)
+            kept_totals += uid_phase.bin_counts(spill, i, "kept_bins")
+            shard_funnel = r.pop("funnel")
+            funnel = _sum_funnels([shard_funnel] if funnel is None else [funnel, shard_funnel])
+            reasons += r.pop("failed_reasons")
+            failures.extend(r.pop("failures")[: MAX_MANIFEST_FAILURES - len(failures)])
+            if i:  # the first shard's records stand for all (thresholds, language identifiers)
+                del r["thresholds"], r["language_identifiers"]
             results.append(r)
             bar.update(1)
         bar.close()
@@ -687,13 +691,10 @@ def _run(
         # 5. uid check and subset.npy, per range of uid high bits
         tmp = os.path.join(spill, "subset.npy")
         _create_npy(tmp, kept)
-        uid_bins = [r["uid_bins"] for r in results]
-        kept_bins = [r["kept_bins"] for r in results]
         tasks, offset = [], 0
-        for start, stop in _bin_groups(uid_bins):
-            ranges = _rows_in(uid_bins, start, stop)
-            tasks.append((spill, len(shards), ranges, not sh.uids_spilled, False, tmp, offset))
-            offset += sum(int(b[start:stop].sum()) for b in kept_bins)
+        for start, stop in _bin_groups(uid_totals):
+            tasks.append((spill, len(shards), (start, stop), not sh.uids_spilled, False, tmp, offset))
+            offset += int(kept_totals[start:stop].sum())
         assert offset == kept
         found = [r for r in pool.map(uid_phase.check_range, tasks) if r is not None]
         if not sh.uids_spilled:  # input.uid.duplicates: report
@@ -765,10 +766,7 @@ def _run(
     where = "CPUs on Ray" if ctx.executor is not None else "worker processes"
     ctx.log(f"read {total:,} rows from {len(shards)} shards ({n_workers} {where})")
     ctx.stage_info.setdefault("uids", {})["duplicates"] = duplicates  # after the source's record, as in memory
-    funnel = _sum_funnels([r["funnel"] for r in results])
     failed = sum(r["failed"] for r in results)
-    reasons = sum((r["failed_reasons"] for r in results), Counter())
-    failures = [f for r in results for f in r["failures"]][:MAX_MANIFEST_FAILURES]
     counts = {
         "input": total,
         "failed": failed,

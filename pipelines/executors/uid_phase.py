@@ -116,14 +116,20 @@ def check_duplicate_uids(pool, policy: str, ctx) -> FilterNode | None:
 
 def spill_paths(spill: str, i: int) -> dict[str, str]:
     """Shard ``i``'s uid spill files: its alive rows' uids and rows grouped by range
-    (``uids``, ``rows``), their keep flags (``kept``) and later-copy flags (``later``)."""
-    return {k: os.path.join(spill, f"{k}-{i:06d}.npy") for k in ("uids", "rows", "kept", "later")}
+    (``uids``, ``rows``), where each fine range starts in them (``starts``: 4,097 uint32),
+    their keep flags (``kept``), the kept count per fine range (``kept_bins``: 4,096
+    uint32) and the later-copy flags (``later``). The driver holds no per-shard array:
+    it sums ``starts`` and ``kept_bins`` as the shards come (:func:`bin_counts`), and each
+    range task finds its rows in every shard's ``starts`` (:func:`rows_in`)."""
+    return {
+        k: os.path.join(spill, f"{k}-{i:06d}.npy") for k in ("uids", "rows", "starts", "kept", "kept_bins", "later")
+    }
 
 
-def spill_uids(spill: str, i: int, table: pa.Table, alive: np.ndarray) -> np.ndarray:
+def spill_uids(spill: str, i: int, table: pa.Table, alive: np.ndarray, later: bool = False) -> None:
     """Shard ``i``'s alive uids (and their rows, uint32) grouped by the top FINE_BITS bits
-    of their high half (a stable radix sort: each group in row order), spilled; returns
-    the count per group."""
+    of their high half (a stable radix sort: each group in row order), spilled with where
+    each group starts; with ``later``, its later-copy flags (none yet)."""
     rows = np.flatnonzero(alive)
     uids = uid_pairs(table, rows)
     bins = (uids["f0"] >> np.uint64(64 - FINE_BITS)).astype(np.uint16)
@@ -131,7 +137,32 @@ def spill_uids(spill: str, i: int, table: pa.Table, alive: np.ndarray) -> np.nda
     paths = spill_paths(spill, i)
     np.save(paths["uids"], uids[order])
     np.save(paths["rows"], rows[order].astype(np.uint32))
-    return np.bincount(bins, minlength=1 << FINE_BITS)
+    starts = np.zeros((1 << FINE_BITS) + 1, np.uint32)
+    np.cumsum(np.bincount(bins, minlength=1 << FINE_BITS), out=starts[1:])
+    np.save(paths["starts"], starts)
+    if later:
+        np.save(paths["later"], np.zeros(len(rows), bool))
+
+
+def spill_kept(spill: str, i: int, keep: np.ndarray) -> None:
+    """Shard ``i``'s keep flags, one per spilled uid (in their order), and the kept count per fine range."""
+    paths = spill_paths(spill, i)
+    np.save(paths["kept"], keep)
+    kept_before = np.zeros(len(keep) + 1, np.int64)
+    np.cumsum(keep, out=kept_before[1:])
+    np.save(paths["kept_bins"], np.diff(kept_before[np.load(paths["starts"])]).astype(np.uint32))
+
+
+def bin_counts(spill: str, i: int, name: str = "starts") -> np.ndarray:
+    """Shard ``i``'s count per fine range (int64, 4,096): its alive rows (``starts``) or its kept ones (``kept_bins``)."""
+    counts = np.load(spill_paths(spill, i)[name]).astype(np.int64)
+    return np.diff(counts) if name == "starts" else counts
+
+
+def rows_in(spill: str, i: int, start: int, stop: int) -> tuple[int, int]:
+    """Shard ``i``'s row range (of its spilled rows, grouped by range) for the fine ranges ``start:stop``."""
+    starts = np.load(spill_paths(spill, i)["starts"], mmap_mode="r")
+    return int(starts[start]), int(starts[stop])
 
 
 def later_rows(spill: str, i: int) -> np.ndarray:
@@ -146,13 +177,14 @@ def _load(paths: list[str], ranges: list[tuple[int, int]], dtype) -> np.ndarray:
 
 
 def check_range(args) -> dict | None:
-    """One range of uid high bits over every shard: the repeats in it
+    """One range of uid high bits (the fine ranges ``start:stop``) over every shard: the repeats in it
     (:func:`filtering.uid.repeated_uids`, pool keys ``shard << 32 | row``) unless
     ``check`` is off; under ``mark``, each later copy flagged in its shard's ``later``
     file; with ``target``, the range's kept uids, sorted, written into ``subset.npy`` at
     ``offset``."""
-    spill, n_shards, ranges, check, mark, target, offset = args
+    spill, n_shards, (start, stop), check, mark, target, offset = args
     paths = [spill_paths(spill, i) for i in range(n_shards)]
+    ranges = [rows_in(spill, i, start, stop) for i in range(n_shards)]
     uids = _load([p["uids"] for p in paths], ranges, UID_DTYPE)
     found = None
     if check and high_halves_tie(uids):  # else no repeat: the rows are not read

@@ -277,6 +277,76 @@ def test_repeated_uids_error_on_the_shard_plan(tmp_path, repeat_metadata):
     assert errors[0] == errors[1]
 
 
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    """150 shards of 3 rows; one sample repeated in shards 5 and 149."""
+    root = make_datacomp_pool(tmp_path_factory.mktemp("dctiny") / "metadata", shards=150, rows=3, seed=4)
+    paths = sorted(root.glob("*.parquet"))
+    row = pq.read_table(paths[0]).slice(0, 1)
+    for s1, r1 in ((5, 2), (149, 1)):
+        t = pq.read_table(paths[s1])
+        pq.write_table(pa.concat_tables([t.slice(0, r1), row, t.slice(r1 + 1)]), paths[s1])
+    return root
+
+
+def test_uid_ranges_over_many_tiny_shards(tmp_path, tiny_shards, monkeypatch):
+    """Many shards, many uid ranges: the same outputs as the in-memory plan, and no
+    shard's result carries a per-range array (the driver holds O(ranges) plus O(1) per
+    shard; the counts per range stay in each shard's spill folder). ``keep_first``: the
+    uid phase before the filters and the subset.npy phase both read the spilled counts.
+    The tasks run in process here, so the results seen are the objects the driver keeps."""
+    import contextlib
+
+    from pipelines.executors import streaming, uid_phase
+
+    class InProcess:
+        workers = 1
+
+        def map(self, fn, items):
+            return map(fn, items)
+
+    monkeypatch.setattr(streaming, "task_pool", lambda executor, workers: contextlib.nullcontext(InProcess()))
+    groups = []
+    bin_groups = streaming._bin_groups
+    monkeypatch.setattr(streaming, "_bin_groups", lambda totals: groups.append(bin_groups(totals, 100)) or groups[-1])
+    results = []
+    filter_shard = streaming._filter
+    monkeypatch.setattr(streaming, "_filter", lambda args: results.append(filter_shard(args)) or results[-1])
+
+    a, b = tmp_path / "memory", tmp_path / "run"
+    runs = {}
+    for mode, out in (("memory", a), ("streaming", b)):
+        raw = {
+            "input": {"datacomp_metadata": str(tiny_shards), "uid": {"duplicates": "keep_first"}},
+            "filters": [{"clip_score": {"top_fraction": 0.5}}],
+            "output": {"dir": str(out)},
+            "execution": {"mode": mode},
+        }
+        runs[mode] = run(parse_config(raw), progress=False, log=lambda _m: None)
+    mem, streamed = runs["memory"], runs["streaming"]
+    assert streamed.pool is None and streamed.manifest["execution"]["plan"] == "streaming"
+    assert (a / "subset.npy").read_bytes() == (b / "subset.npy").read_bytes()
+    for folder in ("subset", "dropped"):
+        assert_tables_equal(_table(a / folder), _table(b / folder))
+    for key in ("counts", "thresholds", "uids"):
+        assert mem.manifest[key] == streamed.manifest[key], key
+    assert streamed.manifest["uids"]["duplicates"]["rows"] == 2
+    assert len(results) == 150 and len(groups[-1]) >= 3  # several ranges, each over every shard
+
+    def arrays(value):
+        if isinstance(value, np.ndarray):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from arrays(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                yield from arrays(v)
+
+    assert not any(x.size >= 1 << uid_phase.FINE_BITS for r in results for x in arrays(r))
+    assert all("funnel" not in r and "failures" not in r for r in results)  # summed as they came
+
+
 @pytest.mark.parametrize(
     "filters",
     [

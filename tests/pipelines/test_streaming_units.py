@@ -76,18 +76,46 @@ def test_threshold_equals_in_memory(dtype, fraction, gather_limit):
             assert got == want and got.dtype == want.dtype
 
 
-def test_uid_ranges_split_every_shard_at_the_same_bins():
+def test_uid_ranges_split_every_shard_at_the_same_bins(tmp_path):
+    """The driver groups the fine ranges by their totals only; each range task finds
+    every shard's rows for its group in the shard's ``starts`` file."""
+    from pipelines.executors import uid_phase
+
     rng = np.random.default_rng(0)
-    bins = [rng.integers(0, 5, 64) for _ in range(3)]
-    groups = streaming._bin_groups(bins, limit=40)
-    assert groups[0][0] == 0 and groups[-1][1] == 64
+    fine = 1 << uid_phase.FINE_BITS
+    bins = [rng.integers(0, 5, fine) for _ in range(3)]
+    for i, b in enumerate(bins):
+        np.save(
+            uid_phase.spill_paths(str(tmp_path), i)["starts"], np.concatenate([[0], np.cumsum(b)]).astype(np.uint32)
+        )
+        assert (uid_phase.bin_counts(str(tmp_path), i) == b).all()
+    totals = np.sum(bins, axis=0)
+    groups = streaming._bin_groups(totals, limit=400)
+    assert len(groups) > 10 and groups[0][0] == 0 and groups[-1][1] == fine
     assert all(a[1] == b[0] for a, b in zip(groups, groups[1:], strict=False))  # contiguous, no bin twice
     for start, stop in groups[:-1]:
-        assert sum(int(b[start:stop].sum()) for b in bins) >= 40
-    rows = [streaming._rows_in(bins, start, stop) for start, stop in groups]
+        assert int(totals[start:stop].sum()) >= 400
     for s, b in enumerate(bins):  # each shard's sorted rows, cut into consecutive ranges covering them all
-        assert [r[s] for r in rows][0][0] == 0 and rows[-1][s][1] == int(b.sum())
-        assert all(x[s][1] == y[s][0] for x, y in zip(rows, rows[1:], strict=False))
+        rows = [uid_phase.rows_in(str(tmp_path), s, start, stop) for start, stop in groups]
+        assert rows[0][0] == 0 and rows[-1][1] == int(b.sum())
+        assert all(x[1] == y[0] for x, y in zip(rows, rows[1:], strict=False))
+        assert all(hi - lo == int(b[start:stop].sum()) for (lo, hi), (start, stop) in zip(rows, groups, strict=True))
+
+
+def test_kept_counts_per_uid_range(tmp_path):
+    """A shard's kept count per fine range, from its keep flags in spill order."""
+    from pipelines.executors import uid_phase
+
+    fine = 1 << uid_phase.FINE_BITS
+    counts = np.zeros(fine, np.int64)
+    counts[[0, 5, fine - 1]] = [3, 2, 4]
+    np.save(
+        uid_phase.spill_paths(str(tmp_path), 0)["starts"], np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+    )
+    uid_phase.spill_kept(str(tmp_path), 0, np.array([1, 0, 1, 0, 0, 1, 1, 1, 0], bool))
+    want = np.zeros(fine, np.int64)
+    want[[0, 5, fine - 1]] = [2, 0, 3]
+    assert (uid_phase.bin_counts(str(tmp_path), 0, "kept_bins") == want).all()
 
 
 def test_uid_range_finds_repeats_and_their_first_copies(tmp_path):
@@ -103,16 +131,19 @@ def test_uid_range_finds_repeats_and_their_first_copies(tmp_path):
         np.save(paths["rows"], np.array(rows, np.uint32))
         np.save(paths["kept"], np.array(keep))
         np.save(paths["later"], np.zeros(len(pairs), bool))
+        starts = np.zeros((1 << uid_phase.FINE_BITS) + 1, np.uint32)
+        starts[1:] = len(pairs)  # one range holds every uid
+        np.save(paths["starts"], starts)
 
     spill(0, [(7, 9), (3, 1)], [0, 1], [True, True])
     spill(1, [(7, 2), (5, 5)], [0, 1], [True, False])
     target = tmp_path / "subset.npy"
     np.lib.format.open_memmap(target, mode="w+", dtype=UID_DTYPE, shape=(3,)).flush()
-    assert uid_phase.check_range((str(tmp_path), 2, [(0, 2), (0, 2)], True, True, str(target), 0)) is None
+    assert uid_phase.check_range((str(tmp_path), 2, (0, 1), True, True, str(target), 0)) is None
     assert np.load(target).tolist() == [(3, 1), (7, 2), (7, 9)]
     # shard 2: (7, 9) at rows 4 and 8 (rows 0-3 failed), shard 0 had it first
     spill(2, [(7, 9), (1, 1), (7, 9)], [4, 6, 8], [False, True, False])
-    found = uid_phase.check_range((str(tmp_path), 3, [(0, 2), (0, 2), (0, 3)], True, True, None, 0))
+    found = uid_phase.check_range((str(tmp_path), 3, (0, 1), True, True, None, 0))
     assert found["rows"] == 2 and found["uids"] == 1 and "later" not in found
     assert found["copies"] == {(7, 9): (3, [0, 2 << 32 | 4, 2 << 32 | 8])}
     assert uid_phase.later_rows(str(tmp_path), 2).tolist() == [4, 8]
