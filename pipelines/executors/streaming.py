@@ -50,7 +50,9 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    as they are written, and with ``output.webdataset`` the kept samples' members copied
    into the shard's own tars (at most ``samples_per_shard`` each, as the in-memory
    ``reshard`` cuts them); the shard's uids spilled grouped by range of their high bits
-   (unless 3b did), with a keep flag each; the funnel comes back as counts per filter and reason code, and
+   (unless 3b did), with a keep flag each and, per range, where it starts and how many
+   rows it keeps (4,096 uint32 each, read back and added up by the driver as the shards
+   finish: it holds the totals, never a shard's); the funnel comes back as counts per filter and reason code, and
    each ``Tally`` reduction's counts (``uids``: the list entries the shard's rows
    matched), added up in the driver as the shards finish; the filter's report is written
    from the sums at the commit (``pipelines/manifest.py: tally_reports``).
@@ -59,7 +61,8 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
 5. **uid check and subset.npy** (per uid range): the spilled uids of every shard, one
    range of their high bits at a time; under ``input.uid.duplicates: report`` the repeats
    found and reported as in 3b (every copy kept); the range's kept uids written into
-   ``subset.npy`` at their offset.
+   ``subset.npy`` at their offset (from the kept totals). Each range task finds its rows
+   in every shard's spilled starts.
 6. **commit** (driver): the parts and tars renamed in pool order (on a remote output:
    moved, and ``subset.npy`` uploaded; the earlier run's parts and tars that the new
    manifest does not list removed), and ``subset.npy``, into the
