@@ -89,8 +89,11 @@ def test_same_config_gives_byte_identical_subset(tmp_path):
     shutil.move(out, first)
     assert run_cli("run", cfg, "--quiet")[0] == 0
     written = sorted(
-        str(p.relative_to(out)) for p in [out / "subset.npy", *out.glob("subset/*"), *out.glob("dropped/*")]
+        str(p.relative_to(out))
+        for p in [out / "subset.npy", *out.glob("subset/*"), *out.glob("dropped/*"), *out.glob("index/*")]
     )
-    assert written == sorted(str(p.relative_to(first)) for p in [first / "subset.npy", *first.glob("*/part-*")])
+    assert written == sorted(
+        str(p.relative_to(first)) for p in [first / "subset.npy", *first.glob("*/part-*"), first / "index/index.json"]
+    )
     for rel in written:
         assert (out / rel).read_bytes() == (first / rel).read_bytes(), rel
