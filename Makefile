@@ -23,12 +23,15 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/poolsift run configs/sample.yaml
 
+# Two pytest workers (pytest-xdist): 838 s instead of 939 s for the whole suite on 2 cores
+# (2026-12-07); the Ray modules share one worker (xdist_group "ray"), so no two Ray
+# clusters start side by side.
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # Leaves out the tests marked slow: every test that runs the CLI or the whole pipeline.
 test-fast: $(DEV_STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
 
 LINT_PATHS := filtering pipelines tests bench
 

@@ -32,7 +32,7 @@ from pipelines.manifest import json_default
 from tests.conftest import write_config
 from tests.datacomp_pool import make_datacomp_pool
 
-pytestmark = pytest.mark.slow  # starts a two-node Ray and runs the pipeline
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # starts a two-node Ray and runs the pipeline
 
 
 def _table(path):

@@ -16,7 +16,7 @@ import pytest
 from filtering.errors import ConfigError
 from tests.conftest import run_cli, write_config
 
-pytestmark = pytest.mark.slow  # runs the CLI (make test-fast leaves these out)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # runs the CLI (make test-fast leaves these out)
 
 
 def _table(path):
