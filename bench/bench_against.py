@@ -25,12 +25,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.bench_datacomp import metadata_table  # noqa: E402
-from bench.bench_dedup_cli import _shard, mix  # noqa: E402
+from bench.bench_dedup_cli import _shard  # noqa: E402
 from bench.bench_scale import parse_size, timed, write_shards  # noqa: E402
 
 NEW_OFFSET = 1 << 40  # the new pool's own rows: row numbers no reference row has
@@ -38,24 +35,7 @@ NEW_OFFSET = 1 << 40  # the new pool's own rows: row numbers no reference row ha
 
 def new_shard(rng, s, start, n, reference_rows: int):
     """A new pool's shard: its own sha256 and phash, except 10% exact and 15% near copies of reference rows."""
-    import pyarrow as pa
-
-    table = metadata_table(rng, n, score_dtype=np.float64, faces=False)
-    g = np.arange(start, start + n, dtype=np.uint64) + np.uint64(NEW_OFFSET)
-    src = g.copy()
-    copy = rng.random(n) < 0.10
-    src[copy] = rng.integers(0, reference_rows, int(copy.sum())).astype(np.uint64)
-    sha = [f"{a:016x}{b:016x}{a:016x}{b:016x}" for a, b in zip(mix(src), mix(src ^ np.uint64(1)), strict=True)]
-    near_src = g.copy()
-    near = rng.random(n) < 0.15
-    near_src[near] = rng.integers(0, reference_rows, int(near.sum())).astype(np.uint64)
-    flips = np.zeros(n, np.uint64)
-    for _ in range(4):
-        on = rng.random(n) < 0.6
-        flips[on] |= np.uint64(1) << rng.integers(0, 64, int(on.sum())).astype(np.uint64)
-    phash = mix(near_src ^ np.uint64(0xABCDEF)) ^ np.where(near, flips, np.uint64(0))
-    table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha, pa.string()))
-    return table.append_column("phash", pa.array(phash, pa.uint64()))
+    return _shard(rng, s, start, n, reference_rows, offset=NEW_OFFSET)
 
 
 def config(pool: Path, out: Path, mode: str, filters: list) -> str:

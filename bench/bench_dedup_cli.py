@@ -67,12 +67,13 @@ def _semantic_shard(rng, s, start, n, rows, root):
     return _shard(rng, s, start, n, rows)
 
 
-def _shard(rng, s, start, n, rows, root=None):
-    """10% exact copies (sha256 of another row) and 15% near copies (phash within a few bits)."""
+def _shard(rng, s, start, n, rows, root=None, offset: int = 0):
+    """10% exact copies (sha256 of another row) and 15% near copies (phash within a few bits),
+    of rows ``0..rows``; the shard's own rows are numbered from ``start + offset``."""
     import pyarrow as pa
 
     table = metadata_table(rng, n, score_dtype=np.float64, faces=False)
-    g = np.arange(start, start + n, dtype=np.uint64)
+    g = np.arange(start, start + n, dtype=np.uint64) + np.uint64(offset)
     src = g.copy()
     copy = rng.random(n) < 0.10
     src[copy] = rng.integers(0, rows, int(copy.sum())).astype(np.uint64)
