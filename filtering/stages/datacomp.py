@@ -197,7 +197,7 @@ class DataCompStage(SourceStage):
     # --- the streaming plan (pipelines/executors/streaming.py) --------------------------
 
     def stream_why_not(self) -> str | None:
-        return None if is_local(self.metadata_dir) else "remote input"
+        return None  # local or remote (fsspec): every read opens the shard's own files
 
     def stream_shards(self) -> list[DataCompShard]:
         if self._shards is None:

@@ -157,6 +157,50 @@ def test_shard_plan_writes_to_s3_from_its_workers(tmp_path, s3):
 
 
 @pytest.mark.slow
+def test_shard_plan_reads_datacomp_metadata_from_s3(tmp_path, s3):
+    """DataComp metadata on s3:// (parquet and npz per shard), read per shard by the shard
+    plan's workers through fsspec, as ``run`` read it: the top_fraction threshold from the
+    remote parquets, the cluster targets from the remote npz embeddings; DataComp's own
+    rule (numpy, over the local copy) gives the same subset."""
+    from pipelines.config import parse_config
+    from pipelines.runner import run
+    from tests.datacomp_pool import datacomp_clip_score_uids, datacomp_image_cluster_uids, make_datacomp_pool
+
+    metadata = make_datacomp_pool(tmp_path / "metadata", shards=3, rows=50, seed=3)
+    for f in sorted(metadata.iterdir()):
+        s3.put(str(f), f"{BUCKET}/dcmeta/{f.name}")
+    rng = np.random.default_rng(1)
+    centroids = rng.standard_normal((12, 24)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    reference = rng.standard_normal((5, 24)).astype(np.float32)
+    np.save(tmp_path / "centroids.npy", centroids)
+    np.save(tmp_path / "reference.npy", reference)
+    raw = {
+        "input": {"datacomp_metadata": f"s3://{BUCKET}/dcmeta"},
+        "clusters": {
+            "centroids": str(tmp_path / "centroids.npy"),
+            "reference": str(tmp_path / "reference.npy"),
+            "embedding": "l14_img",
+        },
+        "filters": [{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}],
+        "output": {"dir": str(tmp_path / "run"), "rows_per_part": 20},
+    }
+    result = run(parse_config(raw), progress=False, log=lambda _m: None)
+    assert result.manifest["execution"]["plan"] == "streaming"
+    assert [i["path"] for i in result.manifest["inputs"]][:2] == [
+        f"s3://{BUCKET}/dcmeta/00000000.parquet",
+        f"s3://{BUCKET}/dcmeta/00000000.npz",
+    ]
+    l14 = "clip_l14_similarity_score"
+    expected = datacomp_image_cluster_uids(metadata, centroids, reference, l14, 0.3)
+    got = np.load(tmp_path / "run" / "subset.npy")
+    assert 0 < len(got) < len(datacomp_clip_score_uids(metadata, l14, fraction=0.3))  # both rules bite
+    np.testing.assert_array_equal(got, expected)
+    subset = pq.read_table(tmp_path / "run" / "subset")
+    assert set(subset.column("source_shard").to_pylist()) <= {f"s3://{BUCKET}/dcmeta/{i:08d}.parquet" for i in range(3)}
+
+
+@pytest.mark.slow
 def test_shard_plan_reshards_from_s3_to_s3(tmp_path, s3, rerun_dir):
     """Shards, cache and output on s3://, resharding on the shard plan: the workers copy
     each source shard's kept samples into tars there; the local in-memory run's tars."""
