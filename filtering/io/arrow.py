@@ -107,3 +107,37 @@ def conform(table, schema):
     names = set(table.column_names)
     columns = [table.column(f.name).cast(f.type) if f.name in names else pa.nulls(n, f.type) for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def unify_shards(schemas, shards: list[str], what: str):
+    """The shards' ``schemas`` unified as ``pa.concat_tables(..., promote_options="permissive")``
+    unifies their tables (:func:`conform` casts each shard to the result); where they
+    cannot be, an :class:`~filtering.errors.InputError` in one line naming the column, its
+    two types and the two shards (``shards[i]`` has ``schemas[i]``) that hold them, the first
+    pair in shard order. ``what``: the config key the shards come from."""
+    import pyarrow as pa
+
+    from filtering.errors import InputError
+
+    unmergeable = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+    try:
+        return pa.unify_schemas(list(schemas), promote_options="permissive")
+    except unmergeable as e:
+        cause = " ".join(str(e).split())[:200]
+    seen: dict[str, list[tuple[object, str]]] = {}  # per column, each distinct type and its first shard
+    for schema, shard in zip(schemas, shards, strict=True):
+        for field in schema:
+            types = seen.setdefault(field.name, [])
+            for type_, first in types:
+                try:
+                    pa.unify_schemas(
+                        [pa.schema([(field.name, type_)]), pa.schema([field])], promote_options="permissive"
+                    )
+                except unmergeable:
+                    raise InputError(
+                        f"{what}: column {field.name!r} is {type_} in {first} but {field.type} in {shard}, "
+                        "which do not unify (make the shards' types agree)"
+                    ) from None
+            if all(type_ != field.type for type_, _ in types):
+                types.append((field.type, shard))
+    raise InputError(f"{what}: the shards' schemas do not unify ({cause})")

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filtering.errors import InputError, PoolsiftError
-from filtering.io.arrow import conform, preload_pandas
+from filtering.io.arrow import conform, preload_pandas, unify_shards
 from filtering.io.paths import file_info, get_fs, is_local, local_path, open_file
 from filtering.pool import LateColumns, Pool, ShardPart
 from filtering.sources import DATACOMP
@@ -210,10 +210,7 @@ class DataCompStage(SourceStage):
         concatenation gives, which each one-shard pool is cast and filled to."""
         shards = self.stream_shards()
         schemas = [_read_schema(s).remove_metadata() for s in shards]
-        try:
-            self._layout = self._layout_of(shards, schemas)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-            return f"shards' schemas do not unify ({' '.join(str(e).split())[:200]})"
+        self._layout = self._layout_of(shards, schemas)  # shards that cannot unify: an InputError naming two
         return None
 
     def _layout_of(self, shards: list[DataCompShard], schemas: list[pa.Schema]) -> _Layout:
@@ -230,7 +227,8 @@ class DataCompStage(SourceStage):
             _normalised_schema(pa.schema([schema.field(c) for c in w if c not in late_raw]), self.requested)
             for schema, w in zip(schemas, wanted, strict=True)
         ]
-        schema = pa.unify_schemas(eager, promote_options="permissive") if len(eager) > 1 else eager[0]
+        names = [s.parquet for s in distinct.values()]
+        schema = unify_shards(eager, names, "input.datacomp_metadata") if len(eager) > 1 else eager[0]
         return _Layout(tuple(tuple(w) for w in wanted), late, schema, _embedding_kinds(shards))
 
     def shard_scores(self, shard: DataCompShard, names: list[str]) -> dict[str, np.ndarray]:

@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from filtering.cache import ShardCache, read_npy
 from filtering.errors import ConfigError, PoolsiftError
-from filtering.io.arrow import conform
+from filtering.io.arrow import conform, unify_shards
 from filtering.io.paths import expand_shards, file_info, get_fs, join
 from filtering.io.reader import RawSample, ShardReadResult, iter_shard, one_line, unsafe_name
 from filtering.pool import Pool, ShardPart
@@ -318,13 +318,9 @@ class WebDatasetStage(SourceStage):
             rows += n
         self._pool_schema = None
         if any(not s.equals(schemas[0]) for s in schemas[1:]):
-            try:
-                self._pool_schema = pa.unify_schemas(
-                    [self._shard_schema(u, s) for u, s in zip(self.urls, schemas, strict=True)],
-                    promote_options="permissive",
-                )
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-                return f"cached shards' columns do not unify ({' '.join(str(e).split())[:200]})"
+            self._pool_schema = unify_shards(  # shards that cannot unify: an InputError naming two
+                [self._shard_schema(u, s) for u, s in zip(self.urls, schemas, strict=True)], self.urls, "input.shards"
+            )
         drop = tuple(c for c in OPTIONAL_SOURCE_COLUMNS if c in nulls and nulls[c] == rows)
         self._pool_columns = (drop, nulls["sha256"] == rows)
         self._record_run(ctx)

@@ -101,3 +101,48 @@ def test_webdataset_shards_that_differ_in_carried_columns(tmp_path, carried):
     subset = _table(b / "subset")
     for column in ("batch", "status"):
         assert 0 < subset.column(column).null_count < subset.num_rows, column
+
+
+def test_datacomp_shards_that_cannot_unify_name_the_column_and_two_shards(tmp_path):
+    """A column that is a number in one shard and a boolean in another: one line naming
+    the column, both types and the two shards, before any shard is filtered."""
+    from filtering.errors import InputError
+    from pipelines.config import parse_config
+
+    root = make_datacomp_pool(tmp_path / "metadata", shards=3, rows=20, seed=2)
+    first, _, third = sorted(root.glob("*.parquet"))
+    i = pq.read_schema(third).get_field_index("original_width")
+    _rewrite(third, lambda t: t.set_column(i, "original_width", t.column(i).cast(pa.bool_())))
+    raw = {
+        "input": {"datacomp_metadata": str(root)},
+        "filters": [{"clip_score": {"top_fraction": 0.5}}],
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    with pytest.raises(InputError) as e:
+        run(parse_config(raw), progress=False, log=lambda _m: None)
+    assert str(e.value) == (
+        f"input.datacomp_metadata: column 'original_width' is int64 in {first} but bool in {third}, "
+        "which do not unify (make the shards' types agree)"
+    )
+    assert not (tmp_path / "run" / "subset.npy").exists()
+
+
+def test_webdataset_shards_that_cannot_unify_name_the_column_and_two_shards(tmp_path, carried):
+    from filtering.errors import InputError
+    from filtering.stages.img2dataset import source_stamp
+    from pipelines.runner import plan
+
+    pattern, cache = carried
+    shutil.copytree(cache, tmp_path / "run" / "cache")
+    cfg = config(pattern, tmp_path / "run", "auto", [{"clip_score": {"top_fraction": 0.5}}])
+    stage = plan(cfg, str(tmp_path / "run" / "cache")).source
+    url = stage.urls[2]  # the second shard's batch is int64: this one's is a string
+    rows = stage.cache.read_table(url)
+    rows = rows.append_column("batch", pa.array([f"b{k}" for k in range(rows.num_rows)], pa.string()))
+    stage.cache.write(url, rows, {}, source=source_stamp(url))
+    with pytest.raises(InputError) as e:
+        run(cfg, progress=False, log=lambda _m: None)
+    assert str(e.value) == (
+        f"input.shards: column 'batch' is int64 in {stage.urls[1]} but string in {url}, "
+        "which do not unify (make the shards' types agree)"
+    )
