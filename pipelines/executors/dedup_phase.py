@@ -41,6 +41,7 @@ reason codes and ``duplicate_of`` as the in-memory filter).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -498,21 +499,28 @@ def _semantic_pairs(
         shutil.rmtree(spill, ignore_errors=True)
 
 
+def _emit_args(sh, shards, shard_rows, starts, workers: int, settings, partitions: int, spill: str) -> list:
+    """The map tasks of a partitioned search (``_emit``, ``_emit_against``): per group of
+    consecutive shards (:func:`partitioned.task_groups`), its shards as ``(shard, first
+    row, rows)``, the settings, the partitions and the task's spill file."""
+    return [
+        (
+            sh,
+            [(shards[k], int(starts[k]), int(shard_rows[k])) for k in group],
+            settings,
+            partitions,
+            partitioned.spill_path(spill, t),
+        )
+        for t, group in enumerate(partitioned.task_groups(shard_rows, workers))
+    ]
+
+
 def _search(tasks, sh, shards, shard_rows, starts, n: int, settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The partitioned candidate search over every row (the in-memory search stage's result)."""
     partitions = partitioned.num_partitions(n * settings.records_per_row(), settings.method, tasks.workers)
     spill = partitioned.make_spill_dir(sh.spill, "dedup-spill-")
     try:
-        emit = [
-            (
-                sh,
-                [(shards[k], int(starts[k]), int(shard_rows[k])) for k in group],
-                settings,
-                partitions,
-                partitioned.spill_path(spill, t),
-            )
-            for t, group in enumerate(partitioned.task_groups(shard_rows, tasks.workers))
-        ]
+        emit = _emit_args(sh, shards, shard_rows, starts, tasks.workers, settings, partitions, spill)
         spilled = list(tasks.map(_emit, emit))
         return partitioned.reduce_spilled(tasks.map, spilled, n, settings, partitions)
     finally:
@@ -530,18 +538,7 @@ def _against(tasks, sh, shards, shard_rows, starts, n: int, ref_settings, ctx) -
     )
     settings = ref_settings.search
 
-    def emit_args(partitions: int, spill: str) -> list:
-        return [
-            (
-                sh,
-                [(shards[k], int(starts[k]), int(shard_rows[k])) for k in group],
-                settings,
-                partitions,
-                partitioned.spill_path(spill, t),
-            )
-            for t, group in enumerate(partitioned.task_groups(shard_rows, tasks.workers))
-        ]
-
+    emit_args = functools.partial(_emit_args, sh, shards, shard_rows, starts, tasks.workers, settings)
     matches = against.match(tasks.map, emit_args, _emit_against, n, settings, refs, tasks.workers, sh.spill)
     record = against.record(refs, matches, time.perf_counter() - t0, tasks.workers)
     ctx.stage_info.setdefault("dedup", {})[ref_settings.column] = record
