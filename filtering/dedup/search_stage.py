@@ -18,7 +18,6 @@ filter, or the outputs does not search again, and a changed input is never misre
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any
@@ -28,6 +27,7 @@ import pyarrow as pa
 
 from filtering.cache import fingerprint, load_npy, save_npy
 from filtering.dedup import partitioned
+from filtering.dedup.search_cache import table_digest
 from filtering.io.atomic import atomic_write_text, exists
 from filtering.io.paths import is_local, join
 from filtering.pool import Pool
@@ -59,15 +59,7 @@ def pairs_key(column: str) -> str:
 
 def content_digest(pool: Pool, columns: list[str]) -> str:
     """sha256 of the columns' Arrow buffers (with each chunk's offset and length)."""
-    h = hashlib.sha256()
-    for name in columns:
-        col = pool.table.column(name)
-        h.update(f"{name}:{col.type}:{col.num_chunks}".encode())
-        for chunk in col.chunks:
-            h.update(f"{chunk.offset}:{len(chunk)}:{chunk.null_count}".encode())
-            for buf in chunk.buffers():
-                h.update(b"-" if buf is None else memoryview(buf))
-    return h.hexdigest()
+    return table_digest(pool.table.select(columns))
 
 
 class DedupSearchStage(ColumnStage):

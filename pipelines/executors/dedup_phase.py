@@ -9,6 +9,10 @@ filter pass (``pipelines/executors/streaming.py``):
    hash, one spill file per map task (a few tasks per worker), each partition reduced on
    a worker (:mod:`filtering.dedup.partitioned`, the in-memory
    search stage's code); the driver holds one int64 label per row and the pairs of labels.
+   The result is cached in ``DIR/cache/dedup-<fingerprint>/``
+   (:mod:`filtering.dedup.search_cache`: the settings and each shard's url, rows and key
+   columns' digest, made in step 2's pass), so a rerun that changes only ``keep``,
+   ``min_similarity`` or another filter reads it instead of searching; step 2 runs first.
 2. **alive at dedup** (per shard): the shard through the filters before the dedup (the
    global thresholds, earlier dedups' decisions); returned as the alive mask and, for the
    alive rows, the keep score (float64) and the uid as two uint64 (its string order for
@@ -51,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from filtering.dedup import against, partitioned
+from filtering.dedup.search_cache import SearchCache, shard_key
 from filtering.dedup.search_stage import label_column
 from pipelines.executors.shards import (
     Path,
@@ -95,16 +100,28 @@ def _emit_against(args) -> partitioned.Spilled:
 
 def _alive_at(args) -> dict[str, Any]:
     """One shard through the filters before the dedup at ``path``: the alive mask, and
-    for the alive rows the keep score and the uid (two uint64)."""
-    sh, i, shard, thresholds, decided, path, dtype = args
+    for the alive rows the keep score and the uid (two uint64); with ``key_columns``, the
+    shard's part of the search cache's key (:func:`filtering.dedup.search_cache.shard_key`)."""
+    sh, i, shard, thresholds, decided, path, dtype, key_columns = args
     pool, ctx = _shard_pool(sh, shard)
+    key = None
+    if key_columns is not None:  # the search not done yet: this shard's part of its cache key, as _emit reads it
+        pool.materialize(key_columns)
+        key = shard_key(pool.parts[0].url, pool.table.select(key_columns))
     scorers = shard_columns(sh, ctx, pool)
     nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
     alive = alive_at(nodes, path, pool, uid_prefix(sh, i, pool))
     f = node_at(nodes, path).filter
     rows = np.flatnonzero(alive)
     u = uid_pairs(pool.table, rows)  # 32 hex digits in any case: the uids' numbers, in the filter's order
-    out: dict[str, Any] = {"alive": np.packbits(alive), "n": pool.n, "hi": u["f0"], "lo": u["f1"], "scorers": scorers}
+    out: dict[str, Any] = {
+        "alive": np.packbits(alive),
+        "n": pool.n,
+        "hi": u["f0"],
+        "lo": u["f1"],
+        "scorers": scorers,
+        "key": key,
+    }
     if f.params.keep == "highest_clip_score":
         s = np.asarray(pool.column(f.score_field)[rows], dtype=np.float64)
         out["score"] = np.where(np.isnan(s), -np.inf, s) + 0.0  # missing last; -0.0 ties 0.0
@@ -246,26 +263,13 @@ def run_dedup(
         f = node_at(nodes, position).filter
         settings = f.search_settings()  # None: semantic, searched below over the rows alive here
         ref_settings = f.against_settings()
-        t0 = time.perf_counter()
-        if settings is not None and settings not in searched:
-            searched[settings] = _search(tasks, sh, shards, shard_rows, starts, n, settings)
-            labels, pair_a, _ = searched[settings]
-            ctx.stage_info.setdefault("dedup", {})[label_column(settings)] = {
-                "cache": "computed",
-                "pairs": int(len(pair_a)),
-                "workers": tasks.workers,
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        if ref_settings is not None and ref_settings not in matched:  # after the search, as the in-memory stages run
-            matched[ref_settings] = _against(tasks, sh, shards, shard_rows, starts, n, ref_settings, ctx)
-        last = settings is None or last_use[settings] == position
-        if settings is not None:
-            labels, pair_a, pair_b = searched.pop(settings) if last else searched[settings]
+        to_search = settings is not None and settings not in searched
         dtype = None
         if f.embeddings_required():  # semantic, or perceptual with min_similarity
             dtype = np.dtype(next(iter(tasks.map(_embedding_dtype, [(sh, shards[0], position)]))))
         results = []
-        args = [(sh, i, s, thresholds, decided[i], position, dtype) for i, s in enumerate(shards)]
+        key_columns = settings.columns() if to_search else None
+        args = [(sh, i, s, thresholds, decided[i], position, dtype, key_columns) for i, s in enumerate(shards)]
         for i, r in enumerate(tasks.map(_alive_at, args)):
             if scorer_records is not None:
                 scorer_records[i].append(r.pop("scorers"))
@@ -273,6 +277,15 @@ def run_dedup(
             if "valid" in r:
                 r["valid"] = np.unpackbits(r["valid"], count=len(r["hi"])).view(bool)
             results.append(r)
+        if to_search:
+            # The search's result depends on the shards' key columns only: cached under their digests.
+            keys = [r.pop("key") for r in results]
+            searched[settings] = _cached_search(tasks, sh, shards, shard_rows, starts, n, settings, keys, ctx)
+        if ref_settings is not None and ref_settings not in matched:  # after the search, as the in-memory stages run
+            matched[ref_settings] = _against(tasks, sh, shards, shard_rows, starts, n, ref_settings, ctx)
+        last = settings is None or last_use[settings] == position
+        if settings is not None:
+            labels, pair_a, pair_b = searched.pop(settings) if last else searched[settings]
         # One column at a time, each shard's part freed once copied: the driver never holds
         # a column twice.
         alive = _gather(results, "alive", bool)
@@ -497,6 +510,34 @@ def _semantic_pairs(
         return np.minimum(a, b), np.maximum(a, b)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
+
+
+def _cached_search(
+    tasks, sh, shards, shard_rows, starts, n: int, settings, keys: list, ctx
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The search's result from ``DIR/cache/dedup-<fingerprint>/`` when an entry has these
+    settings and shards (``keys``: each shard's :func:`~filtering.dedup.search_cache.shard_key`),
+    else searched and saved there; its manifest record under ``stages.dedup``, and a line
+    when it was read."""
+    from filtering.io.paths import join
+
+    t0 = time.perf_counter()
+    cache = SearchCache(join(sh.out_dir, "cache"), settings, keys)
+    found = cache.load()
+    reused = found is not None
+    if reused:
+        ctx.log(f"dedup: the {settings.method} candidate search read from cache/dedup-{cache.fingerprint}")
+    else:
+        found = _search(tasks, sh, shards, shard_rows, starts, n, settings)
+        cache.save(*found)
+    ctx.stage_info.setdefault("dedup", {})[label_column(settings)] = {
+        "cache": "reused" if reused else "computed",
+        "fingerprint": cache.fingerprint,
+        "pairs": int(len(found[1])),
+        "workers": None if reused else tasks.workers,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return found
 
 
 def _emit_args(sh, shards, shard_rows, starts, workers: int, settings, partitions: int, spill: str) -> list:
