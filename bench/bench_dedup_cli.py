@@ -12,6 +12,13 @@ manifest's counts agree.
 
     .venv/bin/python bench/bench_dedup_cli.py --dir /tmp/poolsift-dedup-cli --sizes 250k 1M
 
+``--rerun``: then, in the last plan's output folder, reruns that change only ``keep``
+(``smallest_uid`` on every dedup): with the candidate search's cache entries moved away
+(it searches again, as before the cache) and with them (it reads them), interleaved
+``--repeat`` times; prints both walls, their ratio, and whether ``subset.npy`` agrees.
+
+    .venv/bin/python bench/bench_dedup_cli.py --dir /tmp/poolsift-dedup-cli --sizes 250k 1M --modes streaming --rerun
+
 ``--semantic``: ``dedup: {method: semantic, embedding: l14_img}`` (SemDeDup, default
 ``num_clusters`` about sqrt(N), ``threshold: 0.95``) instead, on the same shards plus an
 npz each whose ``l14_img`` (768-d float16, as DataComp's L/14) holds points around 256
@@ -91,10 +98,13 @@ def _shard(rng, s, start, n, rows, root=None, offset: int = 0):
     return table
 
 
-def config(pool: Path, out: Path, mode: str, semantic: bool = False) -> str:
+def config(pool: Path, out: Path, mode: str, semantic: bool = False, keep: str | None = None) -> str:
     import yaml
 
     filters = [{"dedup": {"method": "exact"}}, {"dedup": {"method": "perceptual", "max_distance": 6}}]
+    if keep is not None:
+        for f in filters:
+            f["dedup"]["keep"] = keep
     if semantic:
         filters = [{"dedup": {"method": "semantic", "embedding": "l14_img"}}]
     raw = {
@@ -114,9 +124,13 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["250k", "1M"])
     ap.add_argument("--modes", nargs="+", default=["memory", "streaming"])
     ap.add_argument("--semantic", action="store_true", help="semantic dedup on generated embeddings (npz)")
+    ap.add_argument("--rerun", action="store_true", help="reruns changing only keep, with and without the search cache")
+    ap.add_argument("--repeat", type=int, default=2, help="--rerun: pairs of reruns, interleaved")
     args = ap.parse_args()
+    if args.rerun and args.semantic:
+        ap.error("--rerun: the semantic search is not cached (its k-means trains on the rows that reach it)")
     base = Path(args.dir)
-    table = []
+    table, reruns = [], []
     for size in args.sizes:
         rows = parse_size(size)
         pool = base / (f"pool-{rows}-semantic" if args.semantic else f"pool-{rows}")
@@ -136,6 +150,8 @@ def main() -> None:
                 f"{rows:>9} {mode:<10} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB (PSS {pss / 1e6:.0f})",
                 flush=True,
             )
+        if args.rerun:
+            reruns.extend(rerun(pool, out, mode, rows, args.repeat))
         if len(subsets) == 2:
             a, b = subsets.values()
             ca, cb = counts.values()
@@ -146,6 +162,43 @@ def main() -> None:
         print(
             f"{rows:>9} {mode:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>8.0f}{rss / rows:>7.0f}{kept:>10}"
         )
+    if reruns:
+        print()
+        print(f"{'rows':>9} {'rerun, keep: smallest_uid':<28}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}")
+        for rows, what, wall, cpu, rss in reruns:
+            print(f"{rows:>9} {what:<28}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}")
+
+
+def rerun(pool: Path, out: Path, mode: str, rows: int, repeat: int) -> list[tuple]:
+    """Reruns in ``out`` that change only ``keep``: without the search's cache entries
+    (moved aside) and with them, interleaved; the walls' ratio."""
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode, keep="smallest_uid"), "--quiet"]
+    aside = out.parent / f"{out.name}-dedup-aside"
+    found, walls = [], {"searched": [], "cached": []}
+    subsets = set()
+    for _ in range(repeat):
+        for what in ("searched", "cached"):
+            if what == "searched":  # the entries moved away: it searches and writes them again
+                aside.mkdir()
+                for e in (out / "cache").glob("dedup-*"):
+                    e.rename(aside / e.name)
+            wall, cpu, rss, _ = timed(cmd)
+            shutil.rmtree(aside, ignore_errors=True)
+            manifest = json.loads((out / "manifest.json").read_text())
+            states = {r["cache"] for r in manifest["stages"]["dedup"].values()}
+            assert states == {"computed" if what == "searched" else "reused"}, (what, states)
+            subsets.add((out / "subset.npy").read_bytes())
+            walls[what].append(wall)
+            found.append((rows, what, wall, cpu, rss))
+            print(
+                f"{rows:>9} rerun {what:<9} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB",
+                flush=True,
+            )
+    ratio = min(walls["searched"]) / min(walls["cached"])
+    print(
+        f"{rows:>9} rerun: searched / cached wall (best of {repeat}) {ratio:.2f}x; same subset.npy: {len(subsets) == 1}"
+    )
+    return found
 
 
 if __name__ == "__main__":
