@@ -522,3 +522,121 @@ class DedupAgainstStage(ColumnStage):
         pool.internal.add(self.column)
         pool.artifacts[self.column] = matches
         ctx.stage_info.setdefault("dedup", {})[self.column] = record(refs, matches, time.perf_counter() - t0, workers)
+
+
+# -- semantic --------------------------------------------------------------------------------
+#
+# ``method: semantic``: SemDeDup's search with the references' kept rows on one side. The
+# dedup phase (pipelines/executors/dedup_phase.py) trains k-means on the new pool's rows
+# and assigns them to the centroids, spilled sorted by cluster
+# (:func:`filtering.dedup.semantic.spill_assigned`); :func:`spill_reference` does the same
+# for each reference index file's rows, their embeddings read where the reference's run
+# found them (:func:`filtering.dedup.index.embedding_rows`); each partition of clusters
+# is compared on one worker (:func:`semantic_partition`): a pool row within ``threshold``
+# (cosine) of a reference row in its cluster matches it. As in SemDeDup, a pair split
+# across two clusters is missed.
+
+REF_EXTRA = ("ref", "hi", "lo")  # what a reference spill holds beside the embeddings
+SIMILARITY_BYTES = 64 << 20  # a block of similarities compared at a time, at most about this
+_ASSIGNERS: dict[str, object] = {}  # one Assigner per worker process (centroids path -> Assigner)
+
+
+def semantic_column(paths: Sequence[str], threshold: float) -> str:
+    """The manifest key (``stage_info.dedup``) of a semantic search against ``paths``."""
+    import hashlib
+
+    digest = hashlib.sha256("\0".join(paths).encode()).hexdigest()[:8]
+    return f"dedup_ref_semantic_t{threshold:g}_{digest}"
+
+
+def check_semantic(refs: Sequence[ix.Reference], kind: str) -> None:
+    """Each reference can give its kept rows' ``kind`` embeddings (its run had them)."""
+    from filtering.errors import InputError
+
+    for ref in refs:
+        if ref.rows and kind not in ref.embeddings:
+            had = f"it had {list(ref.embeddings)}" if ref.embeddings else "it had none"
+            raise InputError(f"filters.dedup.against: {ref.path}: its run had no {kind!r} embeddings ({had})")
+
+
+def _assigner(centroids: str | None):
+    if centroids is None:
+        return None
+    from filtering.clustering import Assigner
+
+    found = _ASSIGNERS.get(centroids)
+    if found is None:
+        _ASSIGNERS.clear()
+        found = _ASSIGNERS[centroids] = Assigner(np.load(centroids))
+    return found
+
+
+def spill_reference(
+    ref: ix.Reference, k_ref: int, file: int, kind: str, dtype, centroids: str | None, k: int, prefix: str
+) -> np.ndarray:
+    """One map task: the rows of index file ``file`` of reference number ``k_ref`` (a source
+    shard's kept rows) with their ``kind`` embeddings, assigned to the centroids and spilled
+    sorted by cluster with their uid (:data:`REF_EXTRA`). Rows whose embedding is all zero
+    (not embedded) are left out. Returns the rows per cluster."""
+    from filtering.dedup.semantic import spill_assigned
+    from filtering.errors import InputError
+
+    url, parts = ref.files[file]
+    batches = partitioned.read_batches([(url, np.arange(len(parts)))])
+    table = pa.Table.from_batches(batches, ix.SCHEMA)
+    shard = table.column("shard").to_numpy()
+    row = table.column("row").to_numpy()
+    if (row < 0).any():
+        raise InputError(
+            f"filters.dedup.against: {ref.path}: its index was built from the subset parts (an older output), "
+            "which do not say where each row's embedding is; a semantic search needs an index its run wrote"
+        )
+    embs = []
+    for s in np.unique(shard):  # one in an index a run wrote
+        at = np.flatnonzero(shard == s)
+        try:
+            embs.append((at, ix.embedding_rows(ref, int(s), kind, row[at])))
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"filters.dedup.against: {ref.path}: its {kind!r} embeddings: {e}") from e
+    dim = embs[0][1].shape[1]
+    emb = np.zeros((len(row), dim), dtype)
+    for at, e in embs:
+        emb[at] = e
+    del embs
+    keep = np.flatnonzero(np.any(emb != 0, axis=1))
+    extra = {
+        "ref": np.full(len(keep), k_ref, np.int32),
+        "hi": table.column("uid_hi").to_numpy()[keep],
+        "lo": table.column("uid_lo").to_numpy()[keep],
+    }
+    order = np.arange(len(keep), dtype=np.int64)
+    return spill_assigned(emb, keep, order, order, _assigner(centroids), k, prefix, dtype, extra)
+
+
+def semantic_partition(pool_prefixes: list[str], ref_prefixes: list[str], clusters: np.ndarray, threshold: float):
+    """One partition of clusters: each pool row's most similar reference rows in its cluster
+    with cosine >= ``threshold`` (every one that ties): ``(rows, dist, ref, hi, lo)``,
+    ``dist`` the negated cosine."""
+    from filtering.clustering import normalize
+    from filtering.dedup.semantic import cluster_bounds, gather_clusters
+
+    label, row, x, _ = gather_clusters(pool_prefixes, clusters)
+    rlabel, _, rx, extra = gather_clusters(ref_prefixes, clusters, REF_EXTRA)
+    if x is None or rx is None:
+        return _empty_result()
+    pb, rb = cluster_bounds(label), cluster_bounds(rlabel)
+    _, ia, ib = np.intersect1d(label[pb[:-1]], rlabel[rb[:-1]], assume_unique=True, return_indices=True)
+    out_p, out_r, out_d = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
+    for a, b in zip(ia, ib, strict=True):
+        q = normalize(x[pb[a] : pb[a + 1]])
+        r = normalize(rx[rb[b] : rb[b + 1]])
+        step = max(1, SIMILARITY_BYTES // (4 * len(r)))
+        for lo in range(0, len(q), step):
+            sims = q[lo : lo + step] @ r.T
+            best = sims.max(axis=1)
+            i, j = np.nonzero((sims >= best[:, None]) & (best >= threshold)[:, None])
+            out_p.append(pb[a] + lo + i)
+            out_r.append(rb[b] + j)
+            out_d.append(-sims[i, j].astype(np.float64))
+    p, j = np.concatenate(out_p), np.concatenate(out_r)
+    return row[p], np.concatenate(out_d), extra["ref"][j], extra["hi"][j], extra["lo"][j]

@@ -21,8 +21,9 @@ on large pools its per-cluster comparisons run on worker processes, a partition 
 clusters each (:func:`filtering.dedup.semantic.semdedup_pairs`). The streaming plan runs
 the same steps shard by shard (``pipelines/executors/dedup_phase.py``), same pairs.
 
-``against: [DIR, ...]`` (``exact``, ``perceptual``): earlier outputs (or their index
-folders, :mod:`filtering.dedup.index`) whose kept rows count as already taken. A row that
+``against: [DIR, ...]``: earlier outputs (or their index folders,
+:mod:`filtering.dedup.index`) whose kept rows count as already taken (``semantic``: their
+embeddings, found where each reference's run read them, within ``threshold``). A row that
 duplicates one of them is dropped with reason ``duplicate_of_reference`` and
 ``duplicate_of`` set to that row's uid (:mod:`filtering.dedup.against`; the manifest's
 ``stage_info.dedup`` record names each reference and how many rows matched it); the
@@ -79,11 +80,8 @@ class DedupParams(Params):
 
     @model_validator(mode="after")
     def _method_keys(self) -> DedupParams:
-        if self.against is not None:
-            if self.method == "semantic":
-                raise ValueError("against applies to methods exact and perceptual (semantic: not yet)")
-            if self.min_similarity is not None:
-                raise ValueError("against does not take min_similarity (the index holds no embeddings to confirm with)")
+        if self.against is not None and self.min_similarity is not None:
+            raise ValueError("against does not take min_similarity (the index holds no embeddings to confirm with)")
         allowed = set(COMMON_KEYS) | set(METHOD_KEYS[self.method])
         wrong = sorted(self.model_fields_set - allowed)
         if wrong:
@@ -165,6 +163,8 @@ class Dedup(Filter):
         keep = np.ones(pool.n, dtype=bool)
         duplicate_of = np.full(pool.n, None, dtype=object)
         reason: str | np.ndarray = self.reason
+        if p.method == "semantic" and p.against:
+            raise ConfigError("filters.dedup.against: method semantic searches its references on the shard plan only")
         against = self.against_settings()
         if against is not None:
             # Rows that duplicate a reference's kept row go first; the rest dedup among themselves.

@@ -279,6 +279,9 @@ class Reference:
     rows: int
     files: tuple[tuple[str, np.ndarray], ...]  # (file url, partition per batch)
     with_keys: dict[str, int] | None = None  # rows with a sha256, with a phash
+    source: str | None = None  # the input kind of the run that wrote it ("datacomp", "webdataset")
+    shards: tuple[str, ...] = ()  # each source shard's url, as the ``shard`` column numbers them
+    embeddings: tuple[str, ...] = ()  # the embedding kinds that run had
 
     def pieces(self, partition: int) -> list[tuple[str, np.ndarray]]:
         """The ``(file, batch indices)`` that hold ``partition``'s rows."""
@@ -311,7 +314,49 @@ def read_reference(path: str, folder: str) -> Reference:
     if meta.get("version") != VERSION or meta.get("partitions") != PARTITIONS:
         raise ValueError(f"{join(folder, META)}: index version {meta.get('version')}, this poolsift reads {VERSION}")
     files = tuple((join(folder, f["name"]), np.asarray(f["batches"], np.int32)) for f in meta["files"])
-    return Reference(path, folder, int(meta["rows"]), files, meta.get("with"))
+    shards = tuple(s["source_shard"] for s in meta.get("shards", ()))
+    return Reference(
+        path,
+        folder,
+        int(meta["rows"]),
+        files,
+        meta.get("with"),
+        meta.get("source"),
+        shards,
+        tuple(meta["embeddings"] or ()),
+    )
+
+
+def embedding_file(ref: Reference, shard: int, kind: str) -> str:
+    """Where the embeddings ``kind`` of the reference's source shard number ``shard`` are
+    (the module docstring): DataComp's ``.npz`` next to the ``.parquet``; WebDataset's in
+    the output folder's ``cache/`` (the scorer cache that wrote them: exactly one)."""
+    url = ref.shards[shard]
+    if ref.source == "datacomp":
+        return url.removesuffix(".parquet") + ".npz"
+    from filtering.io.paths import shard_id
+
+    out_dir = ref.folder.rstrip("/").removesuffix("/" + INDEX)
+    fs, root = get_fs(join(out_dir, "cache"))
+    found = sorted(fs.glob(f"{root}/*/{shard_id(url)}.{kind}.npy"))
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise FileNotFoundError(f"{what} cached {kind!r} embeddings of {url} under {join(out_dir, 'cache')}")
+    return found[0] if is_local(out_dir) else f"{out_dir.split('://', 1)[0]}://{found[0]}"
+
+
+def embedding_rows(ref: Reference, shard: int, kind: str, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (positions in the shard, any order) of the reference shard's embeddings ``kind``."""
+    from filtering.cache import read_npy
+
+    path = embedding_file(ref, shard, kind)
+    if path.endswith(".npz"):
+        from filtering.stages.datacomp import npz_array
+
+        arr = npz_array(path, kind)
+    else:
+        arr = read_npy(path)
+    return np.asarray(arr[np.asarray(rows, np.int64)])
 
 
 def build_from_output(out_dir: str, folder: str) -> int:

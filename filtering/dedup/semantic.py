@@ -188,14 +188,23 @@ class _Taken:
 
 
 def spill_assigned(
-    emb: np.ndarray, local: np.ndarray, rows: np.ndarray, rank: np.ndarray, centroids, k: int, prefix: str, dtype=None
+    emb: np.ndarray,
+    local: np.ndarray,
+    rows: np.ndarray,
+    rank: np.ndarray,
+    centroids,
+    k: int,
+    prefix: str,
+    dtype=None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """One shard's rows ``local`` of ``emb`` (its embeddings, e.g. memory-mapped; taken in
     ``dtype``, the search's), which are pool rows ``rows`` at positions ``rank`` of the
     canonical order, assigned to their nearest centroid (``centroids``: an array or
     :class:`filtering.clustering.Assigner`; None: one cluster) and written sorted by
     (cluster, rank) as ``prefix.{x,label,rank,row}.npy``, a batch of rows at a time (the
-    shard's embeddings are never held whole). Returns the rows per cluster (``k``)."""
+    shard's embeddings are never held whole), and each ``extra`` array (one value per row)
+    as ``prefix.{name}.npy`` in the same order. Returns the rows per cluster (``k``)."""
     import os
 
     from filtering.clustering import DEFAULT_BATCH, assign
@@ -212,11 +221,57 @@ def spill_assigned(
         for lo in range(0, len(order), DEFAULT_BATCH):
             f.write(np.ascontiguousarray(emb[local[order[lo : lo + DEFAULT_BATCH]]], dtype=dtype).tobytes())
     os.replace(tmp, f"{prefix}.x.npy")
-    for name, arr in (("label", label), ("rank", rank), ("row", rows)):
+    for name, arr in (("label", label), ("rank", rank), ("row", rows), *(extra or {}).items()):
         tmp = f"{prefix}.{name}.tmp.npy"
         np.save(tmp, np.ascontiguousarray(arr[order]))
         os.replace(tmp, f"{prefix}.{name}.npy")
     return np.bincount(label, minlength=k)
+
+
+def gather_clusters(
+    prefixes: list[str], clusters: np.ndarray, extra: tuple[str, ...] = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    """The rows of ``clusters`` from every shard's spill (:func:`spill_assigned`), sorted by
+    (cluster, rank): their ``label``, ``row``, embeddings ``x`` (None when no row) and each
+    ``extra`` array. Each shard's embeddings are read once, straight into their places."""
+    clusters = np.sort(np.asarray(clusters, np.int64))
+    label, rank, row, src, local = [], [], [], [], []
+    more: dict[str, list] = {name: [] for name in extra}
+    for s, prefix in enumerate(prefixes):
+        lab = np.load(f"{prefix}.label.npy")
+        take = np.flatnonzero(np.isin(lab, clusters, assume_unique=False))
+        if len(take) == 0:
+            continue
+        label.append(lab[take])
+        rank.append(np.load(f"{prefix}.rank.npy", mmap_mode="r")[take])
+        row.append(np.load(f"{prefix}.row.npy", mmap_mode="r")[take])
+        for name in extra:
+            more[name].append(np.load(f"{prefix}.{name}.npy", mmap_mode="r")[take])
+        src.append(np.full(len(take), s, np.int64))
+        local.append(take)
+    empty = np.zeros(0, np.int64)
+    if not label:
+        return empty, empty, None, {name: empty for name in extra}
+    label, rank, row = np.concatenate(label), np.concatenate(rank), np.concatenate(row)
+    src, local = np.concatenate(src), np.concatenate(local)
+    order = np.lexsort((rank, label))
+    label, row, src, local = label[order], row[order], src[order], local[order]
+    out = {name: np.concatenate(v)[order] for name, v in more.items()}
+    del rank, order
+    x = None
+    for s in np.unique(src):
+        mem = np.load(f"{prefixes[s]}.x.npy", mmap_mode="r")
+        if x is None:
+            x = np.empty((len(row), mem.shape[1]), mem.dtype)
+        at = np.flatnonzero(src == s)
+        x[at] = mem[local[at]]
+        del mem
+    return label, row, x, out
+
+
+def cluster_bounds(label: np.ndarray) -> np.ndarray:
+    """Where each cluster's run of rows starts and ends in ``label`` (sorted)."""
+    return np.flatnonzero(np.r_[True, label[1:] != label[:-1], True])
 
 
 def spilled_partition_pairs(
@@ -227,35 +282,11 @@ def spilled_partition_pairs(
     :func:`cluster_pairs` as :func:`semdedup_pairs` compares them."""
     from filtering.clustering import normalize
 
-    clusters = np.sort(np.asarray(clusters, np.int64))
-    label, rank, row, src, local = [], [], [], [], []
-    for s, prefix in enumerate(prefixes):
-        lab = np.load(f"{prefix}.label.npy")
-        take = np.flatnonzero(np.isin(lab, clusters, assume_unique=False))
-        if len(take) == 0:
-            continue
-        label.append(lab[take])
-        rank.append(np.load(f"{prefix}.rank.npy", mmap_mode="r")[take])
-        row.append(np.load(f"{prefix}.row.npy", mmap_mode="r")[take])
-        src.append(np.full(len(take), s, np.int64))
-        local.append(take)
+    label, row, x, _ = gather_clusters(prefixes, clusters)
     empty = np.zeros(0, np.int64)
-    if not label:
+    if x is None:
         return empty, empty
-    label, rank, row = np.concatenate(label), np.concatenate(rank), np.concatenate(row)
-    src, local = np.concatenate(src), np.concatenate(local)
-    order = np.lexsort((rank, label))
-    label, row, src, local = label[order], row[order], src[order], local[order]
-    del rank, order
-    x = None
-    for s in np.unique(src):  # each shard's rows read once, straight into their places
-        mem = np.load(f"{prefixes[s]}.x.npy", mmap_mode="r")
-        if x is None:
-            x = np.empty((len(row), mem.shape[1]), mem.dtype)
-        at = np.flatnonzero(src == s)
-        x[at] = mem[local[at]]
-        del mem
-    bounds = np.flatnonzero(np.r_[True, label[1:] != label[:-1], True])
+    bounds = cluster_bounds(label)
     out_i, out_j = [empty], [empty]
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b - a > 1:

@@ -499,13 +499,19 @@ def load_npz_array(path: str | None, kind: str, part: ShardPart) -> np.ndarray:
     """
     if path is None:
         raise InputError(f"input.datacomp_metadata: no .npz next to {part.url}, so embedding {kind!r} is unavailable")
+    arr = npz_array(path, kind)
+    if arr.ndim != 2 or arr.shape[0] != part.n:
+        raise InputError(f"{path}: {kind} has shape {arr.shape}, but {part.url} has {part.n} rows")
+    return arr
+
+
+def npz_array(path: str, kind: str) -> np.ndarray:
+    """Array ``kind`` of an npz file: memory-mapped when it is local and uncompressed."""
     with naming(path):
         arr = _mmap_npz_member(path.removeprefix("file://"), kind) if is_local(path) else None
         if arr is None:
             with open_file(path) as f, np.load(f) as npz:
                 arr = _member(npz, path, kind)
-    if arr.ndim != 2 or arr.shape[0] != part.n:
-        raise InputError(f"{path}: {kind} has shape {arr.shape}, but {part.url} has {part.n} rows")
     return arr
 
 

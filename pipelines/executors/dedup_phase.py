@@ -298,9 +298,11 @@ def run_dedup(
             np.negative(neg_score, out=neg_score)
         del results
         ref_rows = None
-        if ref_settings is not None:
+        m = matched.get(ref_settings) if ref_settings is not None else None
+        if settings is None and f.params.against:  # semantic: searched among the rows alive here
+            m = _semantic_against(tasks, sh, shards, starts, position, np.flatnonzero(alive), hi, lo, valid, dtype, ctx)
+        if m is not None:
             # Rows that duplicate a reference's kept row go first; the rest dedup among themselves.
-            m = matched[ref_settings]
             hit = alive[m.rows]
             ref_rows, ref_hi, ref_lo = m.rows[hit], m.hi[hit], m.lo[hit]
             if len(ref_rows):
@@ -442,7 +444,6 @@ def _semantic_pairs(
     on the same sample of them, fetched shard by shard; each shard's rows assigned and
     spilled sorted by cluster in the workers; each partition of clusters compared on one
     worker, a cluster's rows in uid order (the same arrays, so the same pairs)."""
-    from filtering.clustering import sample_indices, train_kmeans
     from filtering.dedup import semantic
 
     p = _dedup_at(sh, position).params
@@ -457,44 +458,8 @@ def _semantic_pairs(
     k = min(p.num_clusters or semantic.default_num_clusters(n), n)
     spill = tempfile.mkdtemp(prefix="semdedup-", dir=sh.spill)
     try:
-
-        def by_shard(pool_rows: np.ndarray):
-            """Per shard with rows among ``pool_rows``: (shard, its rows (local, ascending), their positions in ``pool_rows``)."""
-            order = np.argsort(pool_rows, kind="stable")
-            cut = np.searchsorted(pool_rows[order], starts)
-            for i in range(len(shards)):
-                if cut[i + 1] > cut[i]:
-                    at = order[cut[i] : cut[i + 1]]
-                    yield i, pool_rows[at] - starts[i], at
-
-        centroids, dim = None, 0
-        if k > 1:
-            # The in-memory training sample: the same positions of the rows in uid order.
-            m = min(n, semantic.TRAINING_POINTS_PER_CLUSTER * k)
-            sample = vrows[sample_indices(n, m, p.seed)]
-            parts = list(by_shard(sample))
-            x = None
-            args = [(sh, shards[i], position, local, dtype) for i, local, _ in parts]
-            for (_, _, at), part in zip(parts, tasks.map(_rows_of, args), strict=True):
-                if x is None:
-                    x = np.empty((m, part.shape[1]), dtype)
-                x[at] = part
-            del parts, sample
-            dim = x.shape[1]
-            trained = train_kmeans(x, k, niter=p.niter, seed=p.seed, max_training_points=m)
-            del x
-            centroids = os.path.join(spill, "centroids.npy")
-            np.save(centroids, trained)
-            del trained
-        sizes = np.zeros(k, np.int64)
-        prefixes = []
-        args = []
-        for i, local, at in by_shard(vrows):
-            prefixes.append(os.path.join(spill, f"s{i:06d}"))
-            args.append((sh, shards[i], position, local, int(starts[i]), at, dtype, centroids, k, prefixes[-1]))
-        for counts in tasks.map(_assign_spill, args):
-            sizes += counts
-        del args
+        centroids, dim = _train_centroids(tasks, sh, shards, starts, position, vrows, k, dtype, spill)
+        prefixes, sizes = _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k, spill)
         clusters = np.flatnonzero(sizes > 1)
         if len(clusters) == 0:
             return empty, empty
@@ -556,6 +521,59 @@ def _emit_args(sh, shards, shard_rows, starts, workers: int, settings, partition
     ]
 
 
+def _by_shard(pool_rows: np.ndarray, starts: np.ndarray):
+    """Per shard with rows among ``pool_rows``: (shard, its rows (local, ascending), their positions in ``pool_rows``)."""
+    order = np.argsort(pool_rows, kind="stable")
+    cut = np.searchsorted(pool_rows[order], starts)
+    for i in range(len(starts) - 1):
+        if cut[i + 1] > cut[i]:
+            at = order[cut[i] : cut[i + 1]]
+            yield i, pool_rows[at] - starts[i], at
+
+
+def _train_centroids(tasks, sh, shards, starts, position, vrows, k: int, dtype, spill: str) -> tuple[str | None, int]:
+    """k-means on the in-memory filter's training sample of ``vrows`` (the valid rows in uid
+    order: the same positions), those rows' embeddings fetched shard by shard; the centroids
+    saved under ``spill``. Returns their path (None for one cluster) and the embeddings' width."""
+    from filtering.clustering import sample_indices, train_kmeans
+    from filtering.dedup import semantic
+
+    if k <= 1:
+        return None, 0
+    p = _dedup_at(sh, position).params
+    n = len(vrows)
+    m = min(n, semantic.TRAINING_POINTS_PER_CLUSTER * k)
+    sample = vrows[sample_indices(n, m, p.seed)]
+    parts = list(_by_shard(sample, starts))
+    x = None
+    args = [(sh, shards[i], position, local, dtype) for i, local, _ in parts]
+    for (_, _, at), part in zip(parts, tasks.map(_rows_of, args), strict=True):
+        if x is None:
+            x = np.empty((m, part.shape[1]), dtype)
+        x[at] = part
+    del parts, sample
+    dim = x.shape[1]
+    trained = train_kmeans(x, k, niter=p.niter, seed=p.seed, max_training_points=m)
+    del x
+    centroids = os.path.join(spill, "centroids.npy")
+    np.save(centroids, trained)
+    return centroids, dim
+
+
+def _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k: int, spill: str):
+    """Each shard's rows among ``vrows`` (at their positions there as ranks) assigned to the
+    centroids and spilled sorted by cluster in the workers: the spills' prefixes and the
+    rows per cluster."""
+    sizes = np.zeros(k, np.int64)
+    prefixes, args = [], []
+    for i, local, at in _by_shard(vrows, starts):
+        prefixes.append(os.path.join(spill, f"s{i:06d}"))
+        args.append((sh, shards[i], position, local, int(starts[i]), at, dtype, centroids, k, prefixes[-1]))
+    for counts in tasks.map(_assign_spill, args):
+        sizes += counts
+    return prefixes, sizes
+
+
 def _search(tasks, sh, shards, shard_rows, starts, n: int, settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The partitioned candidate search over every row (the in-memory search stage's result)."""
     partitions = partitioned.num_partitions(n * settings.records_per_row(), settings.method, tasks.workers)
@@ -583,4 +601,72 @@ def _against(tasks, sh, shards, shard_rows, starts, n: int, ref_settings, ctx) -
     matches = against.match(tasks.map, emit_args, _emit_against, n, settings, refs, tasks.workers, sh.spill)
     record = against.record(refs, matches, time.perf_counter() - t0, tasks.workers)
     ctx.stage_info.setdefault("dedup", {})[ref_settings.column] = record
+    return matches
+
+
+def _embedding_kind(args) -> str:
+    """The embedding kind the ``dedup`` leaf at ``path`` reads (its ``embedding``, or the source's default)."""
+    from filtering.errors import ConfigError
+
+    sh, shard, path = args
+    pool, _ = _shard_pool(sh, shard)
+    try:
+        return pool.resolve_embedding(_dedup_at(sh, path).params.embedding)
+    except KeyError as e:
+        raise ConfigError(f"filters.dedup.embedding: {e.args[0]}") from e
+
+
+def _spill_reference(args) -> np.ndarray:
+    return against.spill_reference(*args)
+
+
+def _semantic_partition(args):
+    return against.semantic_partition(*args)
+
+
+def _semantic_against(tasks, sh, shards, starts, position: Path, rows, hi, lo, valid, dtype, ctx) -> against.Matches:
+    """``method: semantic`` with ``against``: the alive rows ``rows`` whose embedding is not
+    all zero (``valid``) that are within ``threshold`` of a reference's kept row
+    (``filtering/dedup/against.py``): k-means trained on them as :func:`_semantic_pairs`
+    trains (k for the pool and the references together), the pool's rows and each
+    reference index file's rows assigned and spilled sorted by cluster in the workers, each
+    partition of clusters compared on one worker."""
+    from filtering.dedup import semantic
+    from filtering.io.paths import join
+
+    t0 = time.perf_counter()
+    p = _dedup_at(sh, position).params
+    refs = against.open_references(p.against, join(sh.out_dir, "cache"), ctx.log)
+    kind = next(iter(tasks.map(_embedding_kind, [(sh, shards[0], position)])))
+    against.check_semantic(refs, kind)
+    canon = np.lexsort((lo, hi))
+    vrows = rows[canon[valid[canon]]]  # the valid rows by uid
+    del canon
+    n, n_ref = len(vrows), sum(r.rows for r in refs)
+    matches = against.Matches.empty()
+    if n and n_ref:
+        k = min(p.num_clusters or semantic.default_num_clusters(n + n_ref), n)
+        spill = tempfile.mkdtemp(prefix="against-semantic-", dir=sh.spill)
+        try:
+            centroids, _ = _train_centroids(tasks, sh, shards, starts, position, vrows, k, dtype, spill)
+            prefixes, sizes = _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k, spill)
+            ref_prefixes, args = [], []
+            for k_ref, ref in enumerate(refs):
+                for j in range(len(ref.files)):
+                    ref_prefixes.append(os.path.join(spill, f"r{len(ref_prefixes):06d}"))
+                    args.append((ref, k_ref, j, kind, dtype, centroids, k, ref_prefixes[-1]))
+            ref_sizes = np.zeros(k, np.int64)
+            for counts in tasks.map(_spill_reference, args):
+                ref_sizes += counts
+            clusters = np.flatnonzero((sizes > 0) & (ref_sizes > 0))
+            if len(clusters):
+                # balanced by comparisons: pool rows times reference rows per cluster
+                parts_n = min(len(clusters), 4 * tasks.workers)
+                owner = semantic.balance(np.sqrt(sizes[clusters] * ref_sizes[clusters].astype(np.float64)), parts_n)
+                work = [(prefixes, ref_prefixes, clusters[owner == q], p.threshold) for q in range(parts_n)]
+                matches = against.best_matches(tasks.map(_semantic_partition, work))
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
+    record = against.record(refs, matches, time.perf_counter() - t0, tasks.workers)
+    ctx.stage_info.setdefault("dedup", {})[against.semantic_column(p.against, p.threshold)] = record
     return matches

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -87,30 +88,89 @@ def test_an_output_without_an_index_gets_one_built_with_a_line(tmp_path, datacom
     check_planted(tmp_path / "out2", truth, ("exact",))
 
 
-def test_webdataset_planted_copies(tmp_path_factory):
+MODEL = {"arch": "poolsift-tiny", "pretrained": str(REPO / "sample_data" / "tiny_clip" / "poolsift-tiny.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def webdataset_first(tmp_path_factory):
     root = tmp_path_factory.mktemp("against-wds")
-    model = {
-        "arch": "poolsift-tiny",
-        "pretrained": str(REPO / "sample_data" / "tiny_clip" / "poolsift-tiny.safetensors"),
-    }
     first = {
         "input": {"shards": str(REPO / "sample_data" / "pool" / "{00000..00001}.tar")},
-        "model": model,
+        "model": MODEL,
         "filters": [{"dedup": {"method": "perceptual"}}],
         "output": {"dir": str(root / "out1")},
     }
     run(parse_config(first), progress=False, log=lambda _m: None)
-    index = json.loads((root / "out1" / "index" / "index.json").read_text())
-    assert index["rows"] == json.loads((root / "out1" / "manifest.json").read_text())["counts"]["kept"]
-    truth = webdataset_second_pool(root / "pool2" / "00000.tar", root / "out1", exact=20, near=20, clean=20)
+    return root / "out1"
+
+
+def test_webdataset_planted_copies(tmp_path, webdataset_first):
+    out1 = webdataset_first
+    index = json.loads((out1 / "index" / "index.json").read_text())
+    assert index["rows"] == json.loads((out1 / "manifest.json").read_text())["counts"]["kept"]
+    truth = webdataset_second_pool(tmp_path / "pool2" / "00000.tar", out1, exact=20, near=20, clean=20)
     second = {
-        "input": {"shards": str(root / "pool2" / "00000.tar")},
-        "model": model,
-        "filters": [{"dedup": {"method": "perceptual", "against": [str(root / "out1")]}}],
-        "output": {"dir": str(root / "out2")},
+        "input": {"shards": str(tmp_path / "pool2" / "00000.tar")},
+        "model": MODEL,
+        "filters": [{"dedup": {"method": "perceptual", "against": [str(out1)]}}],
+        "output": {"dir": str(tmp_path / "out2")},
     }
     run(parse_config(second), progress=False, log=lambda _m: None)
-    check_planted(root / "out2", truth, ("exact", "near"))
+    check_planted(tmp_path / "out2", truth, ("exact", "near"))
+
+
+def test_webdataset_planted_semantic_copies(tmp_path, webdataset_first):
+    """``method: semantic`` against an earlier WebDataset output (its embeddings from its
+    cache). The oracle is the embeddings themselves: a planted copy (exact, resized, or
+    mirrored) whose image embedding has cosine >= the threshold with its reference row's is
+    a semantic copy; at least 99% of those are dropped naming that row; every row dropped
+    as ``duplicate_of_reference`` is within the threshold of the row it names; no clean
+    row is dropped as one."""
+    from filtering.clustering import normalize
+    from filtering.dedup import index as ix
+
+    out1 = webdataset_first
+    pool2 = tmp_path / "pool2" / "00000.tar"
+    truth = webdataset_second_pool(pool2, out1, exact=10, near=10, clean=20, semantic=20)
+    second = {
+        "input": {"shards": str(pool2)},
+        "model": MODEL,
+        "filters": [{"dedup": {"method": "semantic", "threshold": 0.95, "against": [str(out1)]}}],
+        "output": {"dir": str(tmp_path / "out2")},
+    }
+    run(parse_config(second), progress=False, log=lambda _m: None)
+    ref = ix.read_reference(str(out1), str(out1 / "index"))
+    table = pa.concat_tables(pa.ipc.open_file(url).read_all() for url, _ in ref.files)
+    at = {
+        f"{h:016x}{lo:016x}": k
+        for k, (h, lo) in enumerate(zip(table["uid_hi"].to_pylist(), table["uid_lo"].to_pylist(), strict=True))
+    }
+    shard, row = table["shard"].to_numpy(), table["row"].to_numpy()
+    ref_emb = np.zeros((len(row), 0), np.float32)
+    for s in np.unique(shard):  # the reference rows' embeddings, where its run cached them
+        part = normalize(ix.embedding_rows(ref, int(s), "image", row[shard == s]))
+        ref_emb = np.zeros((len(row), part.shape[1]), np.float32) if ref_emb.shape[1] == 0 else ref_emb
+        ref_emb[shard == s] = part
+    (cached,) = (tmp_path / "out2" / "cache").glob("*/*.image.npy")
+    new_emb = normalize(np.load(cached))  # the second run's, in the shard's sample order
+    import tarfile
+
+    with tarfile.open(pool2) as tf:  # the sample order: key j is row j
+        row_of = {json.loads(tf.extractfile(m).read())["uid"]: int(m.name[:9]) for m in tf if m.name.endswith(".json")}
+    got = dropped(tmp_path / "out2")
+    copies = [
+        (u, of)
+        for kind in ("exact", "near", "semantic")
+        for u, of in zip(truth[f"{kind}_uid"], truth[f"{kind}_of"], strict=True)
+        if new_emb[row_of[u]] @ ref_emb[at[of]] >= 0.95
+    ]
+    assert len(copies) >= 25, len(copies)  # every exact copy, most resized and mirrored ones
+    hit = sum(got.get(u) == ("duplicate_of_reference", of) for u, of in copies)
+    assert hit >= 0.99 * len(copies), (hit, len(copies))
+    for u, (reason, of) in got.items():
+        if reason == "duplicate_of_reference":
+            assert new_emb[row_of[u]] @ ref_emb[at[of]] >= 0.95 - 1e-3
+    assert not [u for u in truth["clean_uid"] if got.get(u, ("",))[0] == "duplicate_of_reference"]
 
 
 def test_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
@@ -152,3 +212,24 @@ def test_poolsift_index_builds_one_for_an_old_output(tmp_path, datacomp_first):
     assert code == 0 and "already there" in out
     code, _, err = run_cli("index", tmp_path / "nothing")
     assert code == 2 and "no manifest.json" in err
+
+
+def test_datacomp_planted_semantic_copies(tmp_path, datacomp_first):
+    """``method: semantic`` with ``against`` (the shard plan): exact copies (the reference
+    row's embedding), near copies and semantic copies (embeddings at cosine about 0.999,
+    new bytes, far hashes) are dropped naming their reference row; clean rows are not."""
+    root, out1 = datacomp_first
+    truth = datacomp_second_pool(
+        tmp_path / "pool2", kept_rows(out1), exact=20, near=20, clean=200, semantic=40, first_pool=root / "pool1"
+    )
+    cfg = {
+        "input": {"datacomp_metadata": str(tmp_path / "pool2")},
+        "filters": [{"dedup": {"method": "semantic", "against": [str(out1)]}}],
+        "output": {"dir": str(tmp_path / "out2")},
+    }
+    run(parse_config(cfg), progress=False, log=lambda _m: None)
+    check_planted(tmp_path / "out2", truth, ("exact", "near", "semantic"))
+    m = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    assert m["counts"]["filters"][0]["reasons"] == {"duplicate_of_reference": 80}
+    (record,) = [r for k, r in m["stages"]["dedup"].items() if k.startswith("dedup_ref_semantic")]
+    assert record["against"][0]["path"] == str(out1) and record["against"][0]["matched"] == 80
