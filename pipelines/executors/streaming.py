@@ -8,8 +8,9 @@ shard, or a WebDataset pool whose shards not cached yet are scored first
 
 Used when every filter in the tree decides a row from that row alone (its
 ``reduction()`` is None), or declares a global step this plan runs: a ``TopFraction``
-threshold over a source column or one a ``"shard"`` stage computes (``clip_score`` and
-``score`` ``top_fraction``, e.g. over a configured head's column), or
+threshold over a source column or one a ``"shard"`` or ``"global"`` stage computes
+(``clip_score`` and ``score`` ``top_fraction``, e.g. over a configured head's column or
+``cluster_sim``), or
 ``Survivors`` anywhere in the tree (``dedup`` of any method, among the rows that reach it,
 decided over the pool between steps 3 and 4: ``dedup_phase.py``); and every column stage runs per shard
 (``scope``: ``"shard"``, ``"global"`` with its whole-pool step in step 3, or
@@ -30,7 +31,8 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    while it holds more than GATHER_LIMIT scores); the shards return only the scores in
    that bin, and ``np.partition`` picks the exact value, in the column's dtype. These
    passes read the scan's spilled arrays, not the shards.
-3. **global stages** (driver): each ``"global"`` stage's ``prepare`` (``image_clusters``:
+3. **global stages** (driver; before step 1 when a ``top_fraction`` ranks a column one
+   computes, so the scan runs its ``run_shard``): each ``"global"`` stage's ``prepare`` (``image_clusters``:
    centroids, reference embeddings and target ids by ``ImageClustersStage.find_targets``
    on the source's ``skeleton_pool``: shard parts and embeddings, no column but the
    failed rows as a validity bitmap, in the in-memory path's caches; ``decontaminate``:
@@ -134,7 +136,7 @@ def why_not(cfg, the_plan, executor) -> str | None:
     if not is_local(cfg.output.dir) and executor is not None:
         return "remote output on Ray (the plan's spill files are on the driver's disk)"
     provided = set(source.provides())
-    per_shard = {c for stage in the_plan.stages if stage.scope == "shard" for c in stage.provides()}
+    per_shard = {c for stage in the_plan.stages if stage.scope in ("shard", "global") for c in stage.provides()}
     for node in cfg.filter_tree:
         for f in node.leaves():
             reason = _reduction_why_not(f, provided | per_shard)
@@ -145,7 +147,8 @@ def why_not(cfg, the_plan, executor) -> str | None:
 
 def _reduction_why_not(f: Filter, provided: set[str]) -> str | None:
     """``provided``: the columns the scan can read, the source's and those a stage of scope
-    ``"shard"`` computes per shard."""
+    ``"shard"`` or ``"global"`` computes per shard (a global stage's whole-pool step then
+    runs before the scan)."""
     r = f.reduction()
     if r is None:  # row-local
         return None
@@ -202,13 +205,15 @@ def _scan(args) -> dict[str, Any]:
     names = list(dict.fromkeys(c for c, _ in wanted))
     from_source = [c for c in names if c in sh.source.provides()]
     columns = sh.source.shard_scores(shard, from_source) if from_source else {}
-    records = None
+    records, global_records = None, None
     if any(c not in from_source for c in names):
         pool, ctx = _shard_pool(sh, shard)
         records = shard_columns(sh, ctx, pool)
+        global_records = {stage.name: ctx.stage_info.get(stage.name) for stage, _ in sh.global_stages}
         alive = ~pool.failed
         columns.update({c: pool.column(c)[alive] for c in names if c not in from_source})
-    out: dict[str, Any] = {"n": len(columns[wanted[0][0]]), "hists": {}, "nan": {}, "dtype": {}, "scorers": records}
+    out: dict[str, Any] = {"n": len(columns[wanted[0][0]]), "hists": {}, "nan": {}, "dtype": {}}
+    out.update(scorers=records, global_stages=global_records)
     for key, (column, as_float64) in enumerate(wanted):
         scores = TopFraction(column, 0.0, as_float64).scores(columns[column])
         np.save(_scores_path(sh, key, i), scores)
@@ -604,6 +609,24 @@ def _run(
 
     with task_pool(ctx.executor, plan_workers(cap=len(shards))) as pool:
         n_workers = pool.workers
+
+        def prepare_global_stages() -> _Shared:
+            """3. the global stages' whole-pool steps (image_clusters: the target clusters, a
+            small id set), before any row is assigned; they read no threshold."""
+            rows = list(pool.map(_count_rows, [(sh, s) for s in shards]))  # every row, failed ones too
+            prepared = []
+            for stage in global_stages:
+                prepared.append((stage, stage.prepare(ctx, source, rows)))
+                lap(stage.name)
+            return replace(sh, global_stages=tuple(prepared))
+
+        # a top_fraction over a column a global stage computes: its whole-pool step first,
+        # so the scan computes the column per shard (cached, the filter pass reads it)
+        globals_first = bool({r.column for r in top} & {c for s in global_stages for c in s.provides()})
+        if globals_first:
+            sh = prepare_global_stages()
+        # the global stages' records of the shards the scan ran them on (the first pass counts)
+        scanned_global: list[dict[str, Any] | None] = [None] * len(shards)
         # 1. scan: the top_fraction score columns only (nothing to read without one)
         hists: dict[int, np.ndarray] = {}
         nans: dict[int, int] = {}
@@ -617,6 +640,7 @@ def _run(
             for i, r in enumerate(scans):  # summed as they come
                 if r["scorers"] is not None:
                     scorer_records[i].append(r["scorers"])
+                scanned_global[i] = r["global_stages"]
                 scanned += r["n"]
                 shard_rows.append(r["n"])
                 for key, h in r["hists"].items():
@@ -642,15 +666,9 @@ def _run(
             values.append(select_threshold(hists[key], nans[key], scanned, r.fraction, dtype, refine, gather))
         if top:
             lap("threshold")
-        # 3. the global stages' whole-pool steps (image_clusters: the target clusters, a
-        # small id set), before any row is assigned
-        if global_stages:
-            shard_rows = list(pool.map(_count_rows, [(sh, s) for s in shards]))  # every row, failed ones too
-            prepared = []
-            for stage in global_stages:
-                prepared.append((stage, stage.prepare(ctx, source, shard_rows)))
-                lap(stage.name)
-            sh = replace(sh, global_stages=tuple(prepared))
+        # 3. the global stages' whole-pool steps, unless the scan needed them
+        if global_stages and not globals_first:
+            sh = prepare_global_stages()
         # 3b. uids (input.uid.duplicates: keep_first, error): repeats found before any row is
         # filtered, since the later copies drop first and any dedup picks among the rows left
         policy = cfg.input.uid.duplicates
@@ -760,7 +778,8 @@ def _run(
     source.stream_record(ctx, [r["source"] for r in results], shards, total)
     for stage in global_stages:  # after the source's record, as the in-memory run orders them
         found = ctx.stage_info.pop(stage.name)
-        ctx.stage_info[stage.name] = stage.merge_records(found, [r["global_stages"][stage.name] for r in results])
+        shard_records = [(g or r["global_stages"])[stage.name] for g, r in zip(scanned_global, results, strict=True)]
+        ctx.stage_info[stage.name] = stage.merge_records(found, shard_records)
     for i, r in enumerate(results):
         scorer_records[i].append(r["scorers"])
     scorers = merge_scorer_records(scorer_records)
