@@ -78,6 +78,16 @@ class ExecutionConfig(Strict):
     still falls back, with a log line, when the pool turns out to need the whole pool)."""
 
     mode: Literal["auto", "memory", "streaming"] = "auto"
+    # where the plan spills its arrays between phases when output.dir is remote: a local
+    # folder every worker sees (required on a Ray cluster of several nodes: a shared mount)
+    spill_dir: str | None = None
+
+    @field_validator("spill_dir")
+    @classmethod
+    def _spill_dir(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("file://"):
+            raise ValueError(f"must be a local folder (a shared mount on a Ray cluster), not a URL: {value!r}")
+        return value
 
 
 class Config(Strict):
@@ -233,6 +243,7 @@ PATH_KEYS = (
     ("clusters", "reference"),
     ("clusters", "centroids"),
     ("output", "dir"),
+    ("execution", "spill_dir"),
 )
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -351,7 +362,11 @@ def check_local_paths(cfg: Config, under: str = "") -> None:
     raw = cfg.to_dict()
     raw["filters"] = cfg.filters
     for key, container, k in config_paths(raw):
-        if key == "output.dir" or not key.startswith(under) or _may_be_missing(key, container, k):
+        if (
+            key in ("output.dir", "execution.spill_dir")
+            or not key.startswith(under)
+            or _may_be_missing(key, container, k)
+        ):
             continue
         value = container[k]
         alternatives = list(expand_local(value))

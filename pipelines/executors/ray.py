@@ -156,6 +156,11 @@ class RayExecutor:
             return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
         return self.num_cpus or cores()
 
+    def nodes(self) -> int:
+        """The cluster's live nodes (joining it or starting a local Ray first)."""
+        self.connect()
+        return sum(1 for node in self.ray.nodes() if node.get("Alive"))
+
     def task_pool(self) -> RayTaskPool:
         """Plain-function tasks on this cluster (``filtering/tasks.py``), one CPU each."""
         self.connect()

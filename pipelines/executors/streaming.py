@@ -59,7 +59,8 @@ process pool, or Ray tasks with ``--executor ray``), or a small reduction in the
    matched), added up in the driver as the shards finish; the filter's report is written
    from the sums at the commit (``pipelines/manifest.py: tally_reports``).
    A remote output (fsspec) has the parts and tars written into its own ``.streaming/``
-   folder; the arrays spill to a local temporary folder (so not on Ray).
+   folder; the arrays spill to ``execution.spill_dir``, else a local temporary folder
+   (a Ray cluster of several nodes needs the former: a folder every node mounts).
 5. **uid check and subset.npy** (per uid range): the spilled uids of every shard, one
    range of their high bits at a time; under ``input.uid.duplicates: report`` the repeats
    found and reported as in 3b (every copy kept); the range's kept uids written into
@@ -97,7 +98,7 @@ import numpy as np
 import pyarrow as pa
 
 from filtering.dedup import index as dedup_index
-from filtering.errors import PoolsiftError
+from filtering.errors import ConfigError, PoolsiftError
 from filtering.filters.base import Filter, Survivors, Tally, TopFraction, add_tally
 from filtering.filters.compose import FilterNode, apply_filters
 from filtering.io.arrow import without_pandas
@@ -133,8 +134,6 @@ def why_not(cfg, the_plan, executor) -> str | None:
     for stage in the_plan.stages:
         if stage.scope == "pool":
             return f"stage {type(stage).__name__} needs the whole pool"
-    if not is_local(cfg.output.dir) and executor is not None:
-        return "remote output on Ray (the plan's spill files are on the driver's disk)"
     provided = set(source.provides())
     per_shard = {c for stage in the_plan.stages if stage.scope in ("shard", "global") for c in stage.provides()}
     for node in cfg.filter_tree:
@@ -518,6 +517,8 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
     out_dir = cfg.output.dir
     # what the run records in the context, restored if the in-memory path runs after all
     saved = (list(ctx.inputs), copy.deepcopy(ctx.stage_info), dict(ctx.model_info))
+    if not is_local(out_dir):  # before any work: a cluster without a shared spill folder stops here
+        spill_root = _remote_spill_root(cfg, ctx.executor)
     t0 = time.perf_counter()
     reason = source.stream_prepare(ctx)  # WebDataset: the shards not cached yet are scored here
     prepare_seconds = round(time.perf_counter() - t0, 3)
@@ -534,7 +535,7 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
         shutil.rmtree(spill, ignore_errors=True)
         os.makedirs(os.path.join(spill, dedup_index.INDEX))
     else:
-        spill, staging = tempfile.mkdtemp(prefix="poolsift-streaming-"), join(result.dir, SPILL)
+        spill, staging = tempfile.mkdtemp(prefix="poolsift-streaming-", dir=spill_root), join(result.dir, SPILL)
         _remove_remote(staging)
     # pandas kept out of the driver and its forked workers (0.3 CPU s each), unless the
     # driver loaded torch (whose modules look for pandas) or runs on Ray
@@ -552,6 +553,26 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
         if staging != spill:
             _remove_remote(staging)
     return manifest
+
+
+def _remote_spill_root(cfg, executor) -> str | None:
+    """Where a remote output's run spills its arrays (scores, uids, subset.npy: memory-mapped
+    and written by range, so on a local file system): ``execution.spill_dir``, else this
+    machine's temporary folder, which every task sees when they all run here (the local
+    process pool, a Ray of one node). A Ray cluster of several nodes needs a folder they
+    all mount: without one, a config error before any work."""
+    root = cfg.execution.spill_dir
+    if root is not None:
+        root = os.path.abspath(os.path.expanduser(local_path(root)))
+        os.makedirs(root, exist_ok=True)
+        return root
+    nodes = executor.nodes() if hasattr(executor, "nodes") else 1
+    if nodes > 1:
+        raise ConfigError(
+            f"output.dir {cfg.output.dir} is remote and Ray runs on {nodes} nodes: set execution.spill_dir "
+            "to a folder every node mounts (the plan spills scores, uids and subset.npy there between phases)"
+        )
+    return None
 
 
 def _remove_remote(url: str) -> None:

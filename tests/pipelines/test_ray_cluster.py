@@ -31,6 +31,7 @@ import pytest
 from pipelines.manifest import json_default
 from tests.conftest import write_config
 from tests.datacomp_pool import make_datacomp_pool
+from tests.filtering.io.test_remote import BUCKET, s3  # noqa: F401 (a fixture: S3 on loopback)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # starts a two-node Ray and runs the pipeline
 
@@ -456,3 +457,46 @@ def test_datacomp_baseline_on_two_nodes_matches_local(tmp_path, datacomp, cluste
     local, on_ray, sent = _local_then_ray(tmp_path, cluster, path)
     _equal_runs(tmp_path, local, on_ray, "streaming")
     assert {"_scan", "_filter"} <= set(sent), sent  # the threshold's histograms, each shard filtered, on Ray
+
+
+def test_remote_output_on_two_nodes_spills_to_execution_spill_dir(tmp_path, datacomp, cluster, s3):  # noqa: F811
+    """Output on S3 (moto's server on loopback, which the Ray workers reach through the
+    environment they are given) from the shard plan's Ray tasks on two nodes: without
+    ``execution.spill_dir`` a config error naming it; with it (a folder both nodes see)
+    the run's arrays spill there, the parts and subset.npy land on S3, and the subset is
+    DataComp's own (numpy) top 30% by CLIP L/14 score."""
+    import os
+
+    import ray
+
+    from filtering.errors import ConfigError
+    from pipelines.config import parse_config
+    from pipelines.executors.ray import RayExecutor
+    from pipelines.runner import run
+    from tests.datacomp_pool import datacomp_clip_score_uids
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env["FSSPEC_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]  # fsspec's config, in each worker
+    ray.init(address=cluster.address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False)
+    out = f"s3://{BUCKET}/runs/two-nodes"
+    raw = {
+        "input": {"datacomp_metadata": str(datacomp / "metadata")},
+        "filters": [{"clip_score": {"top_fraction": 0.3}}],
+        "output": {"dir": out, "rows_per_part": 40},
+    }
+    try:
+        with RayExecutor(address=cluster.address) as executor:  # joins the Ray above
+            with pytest.raises(ConfigError, match=r"Ray runs on 2 nodes: set execution\.spill_dir"):
+                run(parse_config(raw), executor=executor, progress=False, log=lambda _m: None)
+            raw["execution"] = {"spill_dir": str(tmp_path / "shared")}
+            m = run(parse_config(raw), executor=executor, progress=False, log=lambda _m: None).manifest
+    finally:
+        ray.shutdown()
+    assert (m["execution"]["plan"], m["execution"]["executor"]) == ("streaming", "ray")
+    expected = datacomp_clip_score_uids(datacomp / "metadata", "clip_l14_similarity_score", fraction=0.3)
+    with s3.open(f"{BUCKET}/runs/two-nodes/subset.npy", "rb") as f:
+        np.testing.assert_array_equal(np.load(f), expected)
+    parts = sorted(p for p in s3.find(f"{BUCKET}/runs/two-nodes") if "/subset/" in p)
+    assert len(parts) == len(m["outputs"]["subset"]) > 1
+    assert list((tmp_path / "shared").iterdir()) == []  # the run's spill folder removed
+    assert not s3.exists(f"{BUCKET}/runs/two-nodes/.streaming")

@@ -190,3 +190,30 @@ def test_the_plan_reads_what_filters_declare():
     assert fixed[0].filter.result == "survivors"
     assert fixed[1].children[0].filter is row  # row-local: unchanged
     assert fixed[1].children[1].child.filter.result == 0.25
+
+
+def test_remote_output_on_several_ray_nodes_needs_a_shared_spill_dir(tmp_path):
+    """A remote output's arrays spill to a local folder: this machine's temporary one when
+    every task runs here, ``execution.spill_dir`` otherwise; a Ray cluster of several nodes
+    without it stops before any work, naming the key."""
+    from filtering.errors import ConfigError
+    from pipelines.config import parse_config
+
+    class TwoNodes:
+        def nodes(self) -> int:
+            return 2
+
+    raw = {"input": {"datacomp_metadata": str(tmp_path)}, "output": {"dir": "s3://bucket/run"}}
+    with pytest.raises(ConfigError) as e:
+        streaming._remote_spill_root(parse_config(raw), TwoNodes())
+    assert str(e.value) == (
+        "output.dir s3://bucket/run is remote and Ray runs on 2 nodes: set execution.spill_dir to a folder "
+        "every node mounts (the plan spills scores, uids and subset.npy there between phases)"
+    )
+    assert streaming._remote_spill_root(parse_config(raw), None) is None  # the local pool: a temporary folder
+    raw["execution"] = {"spill_dir": str(tmp_path / "shared")}
+    assert streaming._remote_spill_root(parse_config(raw), TwoNodes()) == str(tmp_path / "shared")
+    assert (tmp_path / "shared").is_dir()
+    raw["execution"] = {"spill_dir": "s3://bucket/spill"}
+    with pytest.raises(ConfigError, match=r"execution\.spill_dir.*must be a local folder"):
+        parse_config(raw)
