@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from filtering.dedup import index as ix
 from filtering.dedup import partitioned
-from filtering.dedup.hamming import _expand, _flip_masks, _Table, _widths, choose_substrings, popcount64
+from filtering.dedup.hamming import _flip_masks, _Table, _widths, choose_substrings, popcount64, probe
 from filtering.io.paths import join
 from filtering.stages.base import ColumnStage
 
@@ -237,23 +237,10 @@ def cross_pairs(
         shift += width
         table = _RefTable(rkeys, width + group_bits, direct_bits)
         step = max(1, min(len(q), max_candidates // max(1, 4 * ((len(r) >> (width + group_bits)) + 1))))
-        for flip in _flip_masks(width, radius):
-            for lo_q in range(0, len(q), step):
-                lo, hi = table.buckets(qkeys[lo_q : lo_q + step] ^ flip)
-                hit = np.flatnonzero(hi > lo)
-                if len(hit) == 0:
-                    continue
-                total = np.cumsum(hi[hit] - lo[hit])
-                cuts = np.searchsorted(total, np.arange(max_candidates, int(total[-1]), max_candidates), "right")
-                for piece in np.split(hit, cuts):
-                    if len(piece) == 0:
-                        continue
-                    qi, pos = _expand(lo[piece], hi[piece])
-                    i = lo_q + piece[qi]
-                    j = table.order[pos]
-                    close = popcount64(q[i] ^ r[j]) <= max_distance
-                    out_i.append(i[close])
-                    out_j.append(j[close])
+        for i, j in probe(table, qkeys, _flip_masks(width, radius), step, max_candidates):
+            close = popcount64(q[i] ^ r[j]) <= max_distance
+            out_i.append(i[close])
+            out_j.append(j[close])
     i, j = np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
     code = np.unique(i * len(r) + j)  # a pair close in several substrings is found once per substring
     return code // len(r), code % len(r)

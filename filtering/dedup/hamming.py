@@ -105,6 +105,26 @@ def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, starts + np.arange(total)
 
 
+def probe(table: _Table, qkeys: np.ndarray, flips, step: int, max_candidates: int):
+    """Multi-index hashing's probe loop: for each flip mask, ``qkeys`` (a ``step`` at a time)
+    with the mask xor-ed in looked up in ``table``; yields ``(q, j)``, the candidate pairs
+    (positions in ``qkeys``, rows of the table's keys), at most ``max_candidates`` at a
+    time (each costs ~80 bytes where it is verified)."""
+    for flip in flips:
+        for lo_q in range(0, len(qkeys), step):
+            lo, hi = table.buckets(qkeys[lo_q : lo_q + step] ^ flip)
+            hit = np.flatnonzero(hi > lo)
+            if len(hit) == 0:
+                continue
+            total = np.cumsum(hi[hit] - lo[hit])
+            cuts = np.searchsorted(total, np.arange(max_candidates, int(total[-1]), max_candidates), "right")
+            for piece in np.split(hit, cuts):
+                if len(piece) == 0:
+                    continue
+                q, pos = _expand(lo[piece], hi[piece])
+                yield lo_q + piece[q], table.order[pos]
+
+
 def unique_pairs(
     values: np.ndarray,
     max_distance: int,
@@ -151,28 +171,14 @@ def unique_pairs(
         # sequentially instead of at random (several times faster on large tables).
         qkeys, qrows = table.sorted_keys, table.order
         step = max(1, min(n, max_candidates // max(1, 4 * ((n >> (width + group_bits)) + 1))))
-        for flip in _flip_masks(width, radius):
-            for lo_q in range(0, n, step):
-                lo, hi = table.buckets(qkeys[lo_q : lo_q + step] ^ flip)
-                hit = np.flatnonzero(hi > lo)
-                if len(hit) == 0:
-                    continue
-                # Verify at most ``max_candidates`` pairs at a time (each costs ~80 bytes here).
-                total = np.cumsum(hi[hit] - lo[hit])
-                cuts = np.searchsorted(total, np.arange(max_candidates, int(total[-1]), max_candidates), "right")
-                for piece in np.split(hit, cuts):
-                    if len(piece) == 0:
-                        continue
-                    q, pos = _expand(lo[piece], hi[piece])
-                    i = qrows[lo_q + piece[q]]
-                    j = table.order[pos]
-                    del q, pos
-                    # Each unordered pair is probed from both ends with the same flip: keep i < j.
-                    keep = i < j
-                    i, j = i[keep], j[keep]
-                    close = hamming(values[i], values[j]) <= max_distance
-                    out_i.append(i[close])
-                    out_j.append(j[close])
+        for q, j in probe(table, qkeys, _flip_masks(width, radius), step, max_candidates):
+            i = qrows[q]
+            # Each unordered pair is probed from both ends with the same flip: keep i < j.
+            keep = i < j
+            i, j = i[keep], j[keep]
+            close = hamming(values[i], values[j]) <= max_distance
+            out_i.append(i[close])
+            out_j.append(j[close])
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     i = np.concatenate(out_i).astype(np.int64)
