@@ -209,7 +209,8 @@ class DataCompStage(SourceStage):
         that differ in columns or types give the columns and types ``run``'s permissive
         concatenation gives, which each one-shard pool is cast and filled to."""
         shards = self.stream_shards()
-        schemas = [_read_schema(s).remove_metadata() for s in shards]
+        with thread_pool(worker_count(least=8, cap=min(len(shards), 16))) as pool:  # footers: I/O-bound
+            schemas = [s.remove_metadata() for s in pool.map(_read_schema, shards)]  # in shard order
         self._layout = self._layout_of(shards, schemas)  # shards that cannot unify: an InputError naming two
         return None
 

@@ -305,11 +305,15 @@ class WebDatasetStage(SourceStage):
         some shards only), the pool's schema as ``load_pool``'s permissive concatenation
         unifies them, which each one-shard pool is cast and filled to; then the run
         records. The shards not cached yet are scored first."""
+        from filtering.tasks import thread_pool, worker_count
+
         self.score_missing(ctx)
         schemas, nulls, rows = [], Counter(), 0
         names = [*OPTIONAL_SOURCE_COLUMNS, "sha256"]
-        for u in self.urls:
-            schema, counts, n = _footer_nulls(self.cache.table_path(u), names)
+        paths = [self.cache.table_path(u) for u in self.urls]
+        with thread_pool(worker_count(least=8, cap=min(len(paths), 16))) as pool:  # footers: I/O-bound
+            footers = list(pool.map(_footer_nulls, paths, [names] * len(paths)))  # in shard order
+        for schema, counts, n in footers:
             for c in names:
                 if c not in schema.names:  # null in the concatenated pool's rows of this shard
                     counts[c] += n
