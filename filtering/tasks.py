@@ -112,11 +112,11 @@ def worker_count(
     return min(n, cap) if cap is not None else n
 
 
-def plan_workers(cap: int | None = None) -> int:
-    """Workers for the plan's tasks and the dedup steps: ``POOLSIFT_WORKERS`` when set, else
-    one per core; at least one, at most ``cap``."""
+def plan_workers(cap: int | None = None, configured: int | None = None) -> int:
+    """Workers for the plan's tasks and the dedup steps: ``configured`` (``execution.workers``)
+    when set, else ``POOLSIFT_WORKERS`` when set, else one per core; at least one, at most ``cap``."""
     env = os.environ.get("POOLSIFT_WORKERS")
-    n = max(1, worker_count(int(env) if env else None))
+    n = max(1, worker_count(configured if configured is not None else int(env) if env else None))
     return min(n, max(1, cap)) if cap is not None else n
 
 

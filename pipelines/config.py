@@ -81,6 +81,9 @@ class ExecutionConfig(Strict):
     # where the plan spills its arrays between phases when output.dir is remote: a local
     # folder every worker sees (required on a Ray cluster of several nodes: a shared mount)
     spill_dir: str | None = None
+    # the local process pool's workers for the plan's tasks (default: one per core, or
+    # POOLSIFT_WORKERS); on Ray the cluster's CPUs decide
+    workers: PositiveInt | None = None
 
     @field_validator("spill_dir")
     @classmethod

@@ -628,7 +628,7 @@ def _run(
         seconds[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    with task_pool(ctx.executor, plan_workers(cap=len(shards))) as pool:
+    with task_pool(ctx.executor, plan_workers(cap=len(shards), configured=cfg.execution.workers)) as pool:
         n_workers = pool.workers
 
         def prepare_global_stages() -> _Shared:
