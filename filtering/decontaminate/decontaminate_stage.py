@@ -361,10 +361,11 @@ class DecontaminateStage(ColumnStage):
 def _output_index(ctx: RunContext, t: Target, cache_root: str) -> tuple[ReferenceSet, str] | None:
     """A reference that is an earlier poolsift output (or its ``index/`` folder): its kept
     rows' perceptual hashes, from its index (``filtering/dedup/index.py``; built on demand
-    for an output written before indexes, with one line saying so), each named by its uid.
-    None when ``t.reference`` is no output. The whole set is compared with every row (as an
-    evaluation set is): for a large earlier output, ``dedup: {against: [...]}`` searches by
-    partitions instead."""
+    for an output written before indexes, with one line saying so), or (semantic) their
+    embeddings, read where that run found them (the index names each row's source shard
+    and position); each named by its uid. None when ``t.reference`` is no output. The whole
+    set is compared with every row (as an evaluation set is): for a large earlier output,
+    ``dedup: {against: [...]}`` searches by partitions instead."""
     from filtering.dedup import against
     from filtering.dedup import index as ix
     from filtering.dedup.partitioned import read_batches
@@ -373,22 +374,27 @@ def _output_index(ctx: RunContext, t: Target, cache_root: str) -> tuple[Referenc
     key = "filters.decontaminate.reference"
     if ix.find_index(t.reference) is None and not exists(join(t.reference, "manifest.json")):
         return None
-    if t.method != "perceptual":
-        raise ConfigError(
-            f"{key}: {t.reference} is a poolsift output; against one, decontaminate takes method: perceptual "
-            "(its index holds no embeddings)"
-        )
     (ref,) = against.open_references([t.reference], cache_root, ctx.log)
     with open_file(join(ref.folder, ix.META)) as f:
         import hashlib
 
         meta_sha = hashlib.sha256(f.read()).hexdigest()
-    rfp = fingerprint({"reference": t.reference, "kind": "index", "index": meta_sha, "version": ALGO_VERSION})
+    spec = {"reference": t.reference, "kind": "index", "index": meta_sha, "version": ALGO_VERSION}
+    if t.method == "semantic":
+        from filtering.sources import source_info
+
+        spec["embedding"] = t.embedding or source_info(ref.source or "webdataset").default_embedding
+    rfp = fingerprint(spec)
     path = join(cache_root, f"decontam-{rfp}", "reference.npz")
     if exists(path):
         out = _load(path)
         out.fingerprint = rfp
         return out, "cached"
+    if t.method == "semantic":
+        out = _index_embeddings(ref, spec["embedding"], key)
+        out.fingerprint = rfp
+        _save(path, out)
+        return out, "index"
     ids, hashes = [], []
     for batch in read_batches(ref.all_pieces()):
         ph = batch.column("phash")
@@ -401,6 +407,48 @@ def _output_index(ctx: RunContext, t: Target, cache_root: str) -> tuple[Referenc
     out = ReferenceSet(np.asarray(ids, dtype=str), hashes=np.concatenate(hashes), fingerprint=rfp)
     _save(path, out)
     return out, "index"
+
+
+def _index_embeddings(ref, kind: str, key: str) -> ReferenceSet:
+    """An earlier output's kept rows' embeddings ``kind`` (unit norm, float32), named by
+    their uids, read one index file (one source shard's kept rows) at a time."""
+    from filtering import clustering
+    from filtering.dedup import against
+    from filtering.dedup import index as ix
+    from filtering.dedup.partitioned import read_batches
+
+    try:
+        against.check_semantic([ref], kind)
+    except InputError as e:
+        raise InputError(f"{key}: {str(e).split(': ', 1)[-1]}") from e
+    ids, mats = [], []
+    for url, parts in ref.files:
+        batches = read_batches([(url, np.arange(len(parts)))])
+        if not batches:
+            continue
+        table = pa.Table.from_batches(batches, ix.SCHEMA)
+        shard, row = table.column("shard").to_numpy(), table.column("row").to_numpy()
+        if (row < 0).any():
+            raise InputError(
+                f"{key}: {ref.path}: its index was built from the subset parts (an older output), which do not "
+                "say where each row's embedding is; semantic decontamination needs an index its run wrote"
+            )
+        emb = None
+        for s in np.unique(shard):
+            at = np.flatnonzero(shard == s)
+            try:
+                part = ix.embedding_rows(ref, int(s), kind, row[at])
+            except (OSError, KeyError, ValueError) as e:
+                raise InputError(f"{key}: {ref.path}: its {kind!r} embeddings: {e}") from e
+            if emb is None:
+                emb = np.zeros((len(row), part.shape[1]), np.float32)
+            emb[at] = part
+        hi, lo = table.column("uid_hi").to_numpy(), table.column("uid_lo").to_numpy()
+        ids += [f"{int(a):016x}{int(b):016x}" for a, b in zip(hi, lo, strict=True)]
+        mats.append(clustering.normalize(emb))
+    if not ids:
+        raise InputError(f"{key}: {ref.path} kept no rows")
+    return ReferenceSet(np.asarray(ids, dtype=str), embeddings=np.concatenate(mats))
 
 
 def _load_arrays(files: list[str], t: Target, key: str) -> ReferenceSet:

@@ -188,6 +188,28 @@ def test_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
     assert not set(truth["clean_uid"]) & set(got)
 
 
+def test_semantic_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
+    """``decontaminate: {reference: DIR, method: semantic}``: the earlier output's kept rows'
+    embeddings read where its run found them (its index names each row's shard and
+    position); copies whose embedding is within the threshold are dropped, naming the row."""
+    root, out1 = datacomp_first
+    truth = datacomp_second_pool(
+        tmp_path / "pool2", kept_rows(out1), exact=10, near=10, clean=100, semantic=20, first_pool=root / "pool1"
+    )
+    cfg = {
+        "input": {"datacomp_metadata": str(tmp_path / "pool2")},
+        "filters": [{"decontaminate": {"reference": str(out1), "method": "semantic", "threshold": 0.95}}],
+        "output": {"dir": str(tmp_path / "out2")},
+    }
+    m = run(parse_config(cfg), progress=False, log=lambda _m: None).manifest
+    assert m["counts"]["filters"][0]["reasons"] == {"contaminated_semantic": 40}
+    got = dropped(tmp_path / "out2")
+    for kind in ("exact", "near", "semantic"):
+        for uid, of in zip(truth[f"{kind}_uid"], truth[f"{kind}_of"], strict=True):
+            assert got[uid] == ("contaminated_semantic", of)
+    assert not set(truth["clean_uid"]) & set(got)
+
+
 def test_poolsift_index_builds_one_for_an_old_output(tmp_path, datacomp_first):
     """``poolsift index DIR``: an output written before indexes gets ``DIR/index/``, listed in
     its manifest (the folder still verifies); a second call finds it there."""
