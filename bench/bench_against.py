@@ -8,7 +8,7 @@ of ``--new`` rows, where 10% of rows copy a reference row's sha256 and 15% take 
 reference row's perceptual hash with up to 4 bits flipped (the rest its own), is run with
 ``dedup: exact`` then ``dedup: perceptual`` (``max_distance: 6``), once without and once
 with ``against: [reference output]`` on both, each in its own process tree from a fresh
-output folder (``execution.mode``: ``--mode``, streaming by default). Prints wall time and
+output folder. Prints wall time and
 peak RSS of the process tree (``bench_scale.timed``), their ratios, and the RSS added per
 reference row against the issue's targets (at most 16 bytes per reference row, wall at
 most 2x).
@@ -38,19 +38,18 @@ def new_shard(rng, s, start, n, reference_rows: int):
     return _shard(rng, s, start, n, reference_rows, offset=NEW_OFFSET)
 
 
-def config(pool: Path, out: Path, mode: str, filters: list) -> str:
+def config(pool: Path, out: Path, filters: list) -> str:
     import yaml
 
     raw = {"input": {"datacomp_metadata": str(pool)}, "filters": filters, "output": {"dir": str(out)}}
-    raw["execution"] = {"mode": mode}
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
 
 
-def run(pool: Path, out: Path, mode: str, filters: list) -> tuple[float, float, dict]:
+def run(pool: Path, out: Path, filters: list) -> tuple[float, float, dict]:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode, filters), "--quiet"]
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, filters), "--quiet"]
     wall, _cpu, rss, _pss = timed(cmd)
     return wall, rss, json.loads((out / "manifest.json").read_text())
 
@@ -60,7 +59,6 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/poolsift-against")
     ap.add_argument("--reference", default="4M", help="rows of the reference pool (its run keeps about 90%%)")
     ap.add_argument("--new", default="1M", help="rows of the new pool")
-    ap.add_argument("--mode", default="streaming", choices=["streaming", "memory", "auto"])
     args = ap.parse_args()
     base = Path(args.dir)
     ref_rows, new_rows = parse_size(args.reference), parse_size(args.new)
@@ -70,14 +68,14 @@ def main() -> None:
     ref_out = base / f"reference-out-{ref_rows}"
     if not (ref_out / "index" / "index.json").exists():
         print(f"reference run on {ref_rows:,} rows (not timed)", flush=True)
-        run(ref_pool, ref_out, args.mode, [{"dedup": {"method": "exact"}}])
+        run(ref_pool, ref_out, [{"dedup": {"method": "exact"}}])
     indexed = json.loads((ref_out / "index" / "index.json").read_text())["rows"]
     index_bytes = sum(p.stat().st_size for p in (ref_out / "index").iterdir())
     plain = [{"dedup": {"method": "exact"}}, {"dedup": {"method": "perceptual", "max_distance": 6}}]
     against = [{"dedup": {**f["dedup"], "against": [str(ref_out)]}} for f in plain]
     results = {}
     for name, filters in (("without", plain), ("against", against)):
-        wall, rss, manifest = run(new_pool, base / f"new-out-{name}", args.mode, filters)
+        wall, rss, manifest = run(new_pool, base / f"new-out-{name}", filters)
         results[name] = (wall, rss, manifest)
         reasons = [f["reasons"] for f in manifest["counts"]["filters"]]
         print(f"{name:<8} wall {wall:7.1f} s  peak RSS {rss / 1e6:7.0f} MB  {reasons}", flush=True)

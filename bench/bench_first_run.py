@@ -3,14 +3,12 @@
 Generates an img2dataset-like WebDataset pool (``KEY.jpg``, ``KEY.txt``, ``KEY.json``) of
 small synthetic JPEGs with bench_scoring.py's generator (smooth random scenes, mixed-length
 captions), written once; the smaller pools are the first shards of the largest. Per size
-and ``execution.mode`` (``--modes``) it runs ``poolsift run`` from an empty output folder
-and cache, so every shard is read, decoded and scored with the bundled tiny CLIP on the
-CPU (configs/sample.yaml's model section), and prints the process tree's wall, CPU, peak
-summed RSS and PSS (bench_scale.py's sampler), samples/s, the plan that ran (the
-manifest's ``execution`` record exists on the streaming plan only) or why a mode was
-refused, and whether every mode's subset.npy is identical. With two or more sizes it
-prints issue 27's memory rule per mode: peak at the largest size <= 1.2 x peak at the
-smallest + 16 bytes per kept row.
+it runs ``poolsift run`` from an empty output folder and cache, so every shard is read,
+decoded and scored with the bundled tiny CLIP on the CPU (configs/sample.yaml's model
+section), and prints the process tree's wall, CPU, peak summed RSS and PSS
+(bench_scale.py's sampler), samples/s and the plan that ran (the manifest's
+``execution`` record). With two or more sizes it prints issue 27's memory rule: peak at
+the largest size <= 1.2 x peak at the smallest + 16 bytes per kept row.
 
 ``--recipe``: ``clip`` (``clip_score: {top_fraction: 0.3}``, the default) or one of
 bench_refilter.py's (``basic``; ``issue27``: top_fraction, image_clusters, exact and
@@ -48,12 +46,12 @@ FIRST_RUN_RECIPES = {"clip": {"filters": [{"clip_score": {"top_fraction": 0.3}}]
 IMAGE_SIZE = (64, 64)
 
 
-def raw_config(shards: str, out: Path, mode: str, recipe: str) -> dict:
+def raw_config(shards: str, out: Path, recipe: str) -> dict:
     r = FIRST_RUN_RECIPES[recipe]
     raw = {"input": {"shards": shards}, "model": MODEL, "filters": r["filters"]}
     if "clusters" in r:
         raw["clusters"] = r["clusters"]
-    return {**raw, "output": {"dir": str(out), **r.get("output", {})}, "execution": {"mode": mode}}
+    return {**raw, "output": {"dir": str(out), **r.get("output", {})}}
 
 
 def main() -> None:
@@ -64,7 +62,6 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["2k", "8k"], help="samples per run (full: 50k 200k)")
     ap.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: 10,000, at most size/2)")
     ap.add_argument("--recipe", choices=sorted(FIRST_RUN_RECIPES), default="clip", help="the filters")
-    ap.add_argument("--modes", nargs="+", default=["auto", "streaming"], choices=["auto", "memory", "streaming"])
     args = ap.parse_args()
     work = Path(args.dir)
     sizes = [parse_size(s) for s in args.sizes]
@@ -80,19 +77,16 @@ def main() -> None:
         pattern = str(work / "pool" / f"{w}x{h}-{per_shard}-{{00000..{count - 1:05d}}}.tar")
         if count == 1:
             pattern = urls[0]
-        runs, plans = {}, {}
-        for mode in args.modes:
-            out = work / f"out-{args.recipe}-{rows}-{mode}"
-            shutil.rmtree(out, ignore_errors=True)  # uncached: no cache, no earlier run
-            cfg = work / f"run-{args.recipe}-{rows}-{mode}.yaml"
-            cfg.write_text(yaml.safe_dump(raw_config(pattern, out, mode, args.recipe), sort_keys=False))
-            runs[mode], plans[mode] = run_mode(cfg, out)
-            print(f"{size} {mode}: {plans[mode]} {runs[mode]}", file=sys.stderr)
-        ran = [m for m in runs if runs[m]]
-        subsets = [(work / f"out-{args.recipe}-{rows}-{m}" / "subset.npy").read_bytes() for m in ran]
-        same = all(b == subsets[0] for b in subsets)
-        kept = len(np.load(work / f"out-{args.recipe}-{rows}-{ran[0]}" / "subset.npy")) if ran else 0
-        results.append((size, rows, runs, plans, same, kept))
+        out = work / f"out-{args.recipe}-{rows}"
+        shutil.rmtree(out, ignore_errors=True)  # uncached: no cache, no earlier run
+        cfg = work / f"run-{args.recipe}-{rows}.yaml"
+        cfg.write_text(yaml.safe_dump(raw_config(pattern, out, args.recipe), sort_keys=False))
+        measured, plan = run_mode(cfg, out)
+        print(f"{size}: {plan} {measured}", file=sys.stderr)
+        if measured is None:
+            raise SystemExit(f"{size}: {plan}")
+        kept = len(np.load(out / "subset.npy"))
+        results.append((size, rows, measured, plan, kept))
         print_table(results, args, per_shard)
 
 
@@ -103,19 +97,13 @@ def print_table(results, args, per_shard: int) -> None:
         f"{per_shard} per shard), tiny CLIP on the CPU, recipe {args.recipe} {filters}; "
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}"
     )
-    head = f"{'samples':>7} {'mode':<10}{'plan':<11}{'wall s':>8}{'cpu s':>8}{'samples/s':>10}"
-    print(f"{head}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>8}")
-    for size, rows, runs, plans, same, kept in results:
-        for mode, m in runs.items():
-            if m is None:
-                print(f"{size:>7} {mode:<10}not run: {plans[mode]}")
-                continue
-            wall, cpu, rss, pss = m
-            print(
-                f"{size:>7} {mode:<10}{plans[mode]:<11}{wall:>8.1f}{cpu:>8.1f}{rows / wall:>10.0f}"
-                f"{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>8.0f}"
-            )
-        print(f"{'':>7} kept {kept:,} rows; subset.npy identical across modes: {same}")
+    head = f"{'samples':>7} {'plan':<11}{'wall s':>8}{'cpu s':>8}{'samples/s':>10}"
+    print(f"{head}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>8}{'kept':>9}")
+    for size, rows, (wall, cpu, rss, pss), plan, kept in results:
+        print(
+            f"{size:>7} {plan:<11}{wall:>8.1f}{cpu:>8.1f}{rows / wall:>10.0f}"
+            f"{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>8.0f}{kept:>9,}"
+        )
     print_rules(results)
 
 

@@ -1,4 +1,4 @@
-"""Re-filtering a cached WebDataset pool at scale (issues 16 and 27): memory of each plan.
+"""Re-filtering a cached WebDataset pool at scale (issues 16 and 27): memory and speed.
 
 Generates WebDataset shards of 10,000 samples (a tiny 8x8 JPEG and a ``.json`` with the
 uid, caption, url and original size per sample; about 2 KB of tar per sample), then
@@ -8,12 +8,9 @@ stamps a scoring run writes), so ``poolsift run`` finds every shard cached and n
 loads the model. The smaller pool is the first shards of the larger one (one set of tars
 on disk); each size has its own output folder and cache.
 
-Per size and ``execution.mode`` (``--modes``) it times ``poolsift run`` as a whole process
-tree (bench_scale.py's sampler: wall, CPU, peak summed RSS and PSS), writing the subset,
-subset.npy, the dropped rows and the manifest, says which plan ran (the manifest's
-``execution`` record exists on the streaming plan only) and checks that every mode's
-subset.npy is identical. A mode the run refuses (``streaming`` on a run the streaming plan
-cannot do) is listed with its reason. ``--recipe``:
+Per size it times ``poolsift run`` as a whole process tree (bench_scale.py's sampler:
+wall, CPU, peak summed RSS and PSS), writing the subset, subset.npy, the dropped rows and
+the manifest, and says which plan ran (the manifest's ``execution`` record). ``--recipe``:
 
 - ``basic``: ``caption: {min_words: 2}``, ``image_size: {min_side: 64}``,
   ``clip_score: {top_fraction: 0.3}``;
@@ -29,10 +26,10 @@ cannot do) is listed with its reason. ``--recipe``:
   0.5}``; on the streaming plan the scan pass scores (or reads) each shard.
 
 ``--column-caches cold`` (the default) removes the column stages' caches (clusters,
-dedup search, reference embeddings, the head's scores) before every timed run, so every mode does the same
+dedup search, reference embeddings, the head's scores) before every timed run, so every run does the same
 work; ``warm`` makes one untimed run first and times re-filters that read them too.
 
-With two or more sizes it prints, per mode, issue 27's memory rule: peak at the largest
+With two or more sizes it prints issue 27's memory rule: peak at the largest
 size <= 1.2 x peak at the smallest + 16 bytes per kept row (for RSS and PSS).
 
     .venv/bin/python bench/bench_refilter.py --dir /tmp/poolsift-refilter --sizes 250k 1M --recipe issue27
@@ -253,16 +250,18 @@ def _rows_in(url: str) -> int:
         return sum(1 for m in tf if m.name.endswith(".json"))
 
 
-def raw_config(shards: str, out: Path, mode: str, filters=FILTERS, recipe: str | None = None) -> dict:
+def raw_config(shards: str, out: Path, mode: str | None = None, filters=FILTERS, recipe: str | None = None) -> dict:
+    """The run's config; ``mode``: an ``execution.mode`` to write (None: none)."""
     r = RECIPES[recipe] if recipe else {"filters": filters}
     raw = {"input": {"shards": shards}, "model": MODEL, "filters": r["filters"]}
     for section in ("clusters", "scorers"):
         if section in r:
             raw[section] = r[section]
-    return {**raw, "output": {"dir": str(out), **r.get("output", {})}, "execution": {"mode": mode}}
+    raw["output"] = {"dir": str(out), **r.get("output", {})}
+    return {**raw, "execution": {"mode": mode}} if mode else raw
 
 
-def config(shards: str, out: Path, mode: str, filters=FILTERS, recipe: str | None = None):
+def config(shards: str, out: Path, mode: str | None = None, filters=FILTERS, recipe: str | None = None):
     from pipelines.config import parse_config
 
     return parse_config(raw_config(shards, out, mode, filters, recipe))
@@ -289,7 +288,7 @@ def run_mode(cfg: Path, out: Path) -> tuple[tuple[float, float, float, float] | 
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         return None, lines[-1].removeprefix("poolsift: error: ") if lines else "failed"
     manifest = json.loads((out / "manifest.json").read_text())
-    return measured, "streaming" if manifest.get("execution") else "memory"
+    return measured, manifest.get("execution", {}).get("plan", "memory")
 
 
 def main() -> None:
@@ -299,8 +298,7 @@ def main() -> None:
     ap.add_argument("--dir", required=True, help="shards, caches and runs are written under this folder")
     ap.add_argument("--sizes", nargs="+", default=["250k", "1M"])
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="basic", help="the filters (see the docstring)")
-    ap.add_argument("--modes", nargs="+", default=["auto", "streaming"], choices=["auto", "memory", "streaming"])
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each plan, interleaved; the fastest is reported")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each size; the fastest is reported")
     ap.add_argument(
         "--column-caches",
         choices=["cold", "warm"],
@@ -319,30 +317,23 @@ def main() -> None:
         pattern = str(work / "shards" / f"{{00000..{-(-rows // SHARD_ROWS) - 1:05d}}}.tar")
         out = work / f"out-{args.recipe}-{rows}"
         t = time.perf_counter()
-        write_caches(config(pattern, out, "auto", recipe=args.recipe))
+        write_caches(config(pattern, out, recipe=args.recipe))
         print(f"{size}: caches ready ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
-        runs: dict[str, list] = {m: [] for m in args.modes}
-        plans: dict[str, str] = {}
-        warmed = False
+        cfg = work / f"run-{args.recipe}-{rows}.yaml"
+        cfg.write_text(yaml.safe_dump(raw_config(pattern, out, recipe=args.recipe), sort_keys=False))
+        if args.column_caches == "warm" and run_mode(cfg, out)[0] is None:  # untimed: fills the column stages' caches
+            raise SystemExit(f"{size}: the untimed run failed")
+        runs, plan = [], ""
         for _ in range(args.repeat):
-            for mode in runs:
-                cfg = work / f"run-{args.recipe}-{rows}-{mode}.yaml"
-                cfg.write_text(yaml.safe_dump(raw_config(pattern, out, mode, recipe=args.recipe), sort_keys=False))
-                if args.column_caches == "cold":
-                    clear_column_caches(out / "cache")
-                elif not warmed:
-                    warmed = run_mode(cfg, out)[0] is not None  # untimed: fills the column stages' caches
-                measured, plans[mode] = run_mode(cfg, out)
-                print(f"{size} {mode}: {plans[mode]} {measured}", file=sys.stderr)
-                if measured is None:
-                    continue
-                runs[mode].append(measured)
-                shutil.copy(out / "subset.npy", work / f"subset-{args.recipe}-{rows}-{mode}.npy")
-        ran = [m for m in runs if runs[m]]
-        subsets = [(work / f"subset-{args.recipe}-{rows}-{m}.npy").read_bytes() for m in ran]
-        same = all(b == subsets[0] for b in subsets)
-        kept = len(np.load(work / f"subset-{args.recipe}-{rows}-{ran[0]}.npy")) if ran else 0
-        results.append((size, rows, {m: (min(r) if r else None) for m, r in runs.items()}, plans, same, kept))
+            if args.column_caches == "cold":
+                clear_column_caches(out / "cache")
+            measured, plan = run_mode(cfg, out)
+            print(f"{size}: {plan} {measured}", file=sys.stderr)
+            if measured is None:
+                raise SystemExit(f"{size}: {plan}")
+            runs.append(measured)
+        kept = len(np.load(out / "subset.npy"))
+        results.append((size, rows, min(runs), plan, kept))
         print_table(results, args)
 
 
@@ -355,35 +346,27 @@ def print_table(results, args) -> None:
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; best of {args.repeat}; "
         f"column-stage caches {args.column_caches}"
     )
-    print(f"{'rows':>7} {'mode':<10}{'plan':<11}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>8}")
-    for size, rows, best, plans, same, kept in results:
-        for mode, m in best.items():
-            if m is None:
-                print(f"{size:>7} {mode:<10}not run: {plans[mode]}")
-                continue
-            wall, cpu, rss, pss = m
-            print(
-                f"{size:>7} {mode:<10}{plans[mode]:<11}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}"
-                f"{rss / rows:>8.0f}"
-            )
-        print(f"{'':>7} kept {kept:,} rows; subset.npy identical across modes: {same}")
+    print(f"{'rows':>7} {'plan':<11}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>8}{'kept':>10}")
+    for size, rows, (wall, cpu, rss, pss), plan, kept in results:
+        print(
+            f"{size:>7} {plan:<11}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>9.0f}{rss / rows:>8.0f}"
+            f"{kept:>10,}"
+        )
     print_rules(results)
 
 
 def print_rules(results) -> None:
-    """Issue 27's memory rule for RSS and PSS, per mode, between the smallest and largest
-    size of ``results`` (``(size, rows, {mode: (wall, cpu, rss, pss) | None}, plans, same, kept)``),
-    and the growth per added row (the rule's 1.2x slack hides a few hundred MB at small sizes)."""
+    """Issue 27's memory rule for RSS and PSS between the smallest and largest size of
+    ``results`` (``(size, rows, (wall, cpu, rss, pss), plan, kept)``), the growth per added
+    row (the rule's 1.2x slack hides a few hundred MB at small sizes) and the wall ratio."""
     if len(results) < 2:
         return
-    (small_size, small_rows, small, _, _, _), (large_size, large_rows, large, _, _, kept) = results[0], results[-1]
-    for mode in small:
-        if small[mode] is None or large.get(mode) is None:
-            continue
-        for i, what in ((2, "RSS"), (3, "PSS")):
-            print(rule(f"{mode} {what}", small_size, small[mode][i], large_size, large[mode][i], kept))
-            grown = (large[mode][i] - small[mode][i]) / (large_rows - small_rows)
-            print(f"  {mode} {what} growth: {grown:.0f} B per added row")
+    (small_size, small_rows, small, _, _), (large_size, large_rows, large, _, kept) = results[0], results[-1]
+    for i, what in ((2, "RSS"), (3, "PSS")):
+        print(rule(what, small_size, small[i], large_size, large[i], kept))
+        grown = (large[i] - small[i]) / (large_rows - small_rows)
+        print(f"  {what} growth: {grown:.0f} B per added row")
+    print(f"wall {large_size} / {small_size}: {large[0] / small[0]:.2f}x for {large_rows / small_rows:.1f}x the rows")
 
 
 def rule(label: str, small_size: str, small: float, large_size: str, large: float, kept: int) -> str:
