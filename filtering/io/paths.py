@@ -23,6 +23,10 @@ def get_fs(url: str) -> tuple[Any, str]:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)
+    if getattr(fs, "auto_mkdir", True) is False:
+        # a file system of folders (``local://``): the writers make no parent folders (an
+        # object store has none), so the file system makes them as it writes
+        fs.auto_mkdir = True
     return fs, path
 
 

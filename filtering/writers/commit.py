@@ -185,7 +185,12 @@ def place(moves: list[tuple[str, str]]) -> None:
             remote.append((src, dst))
     if remote:
         fs, _ = get_fs(remote[0][1])
-        fs.mv([get_fs(s)[1] for s, _ in remote], [get_fs(d)[1] for _, d in remote])
+        pairs = [(get_fs(s)[1], get_fs(d)[1]) for s, d in remote]
+        if getattr(fs, "local_file", False):  # folders behind a URL (local://): renamed one by one
+            for s, d in pairs:
+                fs.mv(s, d)
+        else:
+            fs.mv([s for s, _ in pairs], [d for _, d in pairs])
 
 
 def remove_unlisted(out_dir: str, files: dict[str, Any]) -> None:
