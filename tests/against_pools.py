@@ -60,22 +60,26 @@ def datacomp_second_pool(
     flips: int = 3,
     semantic: int = 0,
     first_pool: Path | None = None,
+    lookalike: int = 0,
 ) -> dict[str, np.ndarray]:
     """The second pool in DataComp's layout. Returns the uids of the planted rows and of the
     reference rows they copy: ``exact_uid``/``exact_of``, ``near_uid``/``near_of``,
     ``semantic_uid``/``semantic_of``, ``clean_uid``. With ``first_pool`` (the first run's
     input), the copies carry embeddings as an image's copies would: an exact copy its
     reference row's, a near copy and a semantic copy one a little off (cosine about 0.999);
-    a semantic copy has new bytes and a hash far from every kept row's."""
+    a semantic copy has new bytes and a hash far from every kept row's. A ``lookalike``
+    (``lookalike_uid``/``lookalike_of``) has a hash as near a kept row's as a near copy's
+    and an unrelated embedding: what ``min_similarity`` is there to keep."""
     rng = np.random.default_rng(seed)
-    n = exact + near + semantic + clean
+    n = exact + near + semantic + lookalike + clean
     table = metadata_table(rng, n, mixed=False)
     sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
     ref_uid = np.asarray(first_kept.column("uid").to_pylist(), dtype=object)
     ref_sha = np.asarray(first_kept.column("sha256").to_pylist(), dtype=object)
     ref_ph = np.asarray(first_kept.column("phash").to_numpy(), np.uint64)
-    pick = rng.choice(len(ref_uid), exact + near + semantic, replace=False)
-    e, nr, sm = pick[:exact], pick[exact : exact + near], pick[exact + near :]
+    copies = exact + near + semantic
+    pick = rng.choice(len(ref_uid), copies + lookalike, replace=False)
+    e, nr, sm, lk = pick[:exact], pick[exact : exact + near], pick[exact + near : copies], pick[copies:]
     sha[:exact] = ref_sha[e]
     phash = np.empty(n, np.uint64)
     phash[:exact] = ref_ph[e]
@@ -84,7 +88,12 @@ def datacomp_second_pool(
         flip |= np.uint64(1) << rng.integers(0, 64, near).astype(np.uint64)
     phash[exact : exact + near] = ref_ph[nr] ^ flip
     # clean rows: new bytes, hashes far from every kept row and every planted one
-    phash[exact + near :] = far_hashes(rng, semantic + clean, np.r_[ref_ph, phash[: exact + near]], 16)
+    phash[exact + near :] = far_hashes(rng, semantic + lookalike + clean, np.r_[ref_ph, phash[: exact + near]], 16)
+    if lookalike:
+        flip = np.zeros(lookalike, np.uint64)
+        for _ in range(flips):
+            flip |= np.uint64(1) << rng.integers(0, 64, lookalike).astype(np.uint64)
+        phash[copies : copies + lookalike] = ref_ph[lk] ^ flip
     table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha.tolist(), pa.string()))
     table = table.append_column("phash", pa.array(phash, pa.uint64()))
     order = rng.permutation(n)  # planted rows spread over the shards
@@ -94,14 +103,16 @@ def datacomp_second_pool(
         "exact_of": ref_uid[e],
         "near_uid": uid[exact : exact + near],
         "near_of": ref_uid[nr],
-        "semantic_uid": uid[exact + near : exact + near + semantic],
+        "semantic_uid": uid[exact + near : copies],
         "semantic_of": ref_uid[sm],
-        "clean_uid": uid[exact + near + semantic :],
+        "lookalike_uid": uid[copies : copies + lookalike],
+        "lookalike_of": ref_uid[lk],
+        "clean_uid": uid[copies + lookalike :],
     }
     planted = {}
     if first_pool is not None:
         for kind in ("b32_img", "l14_img"):
-            ref = first_embeddings(first_pool, ref_uid[pick], kind)
+            ref = first_embeddings(first_pool, ref_uid[pick[:copies]], kind)
             planted[kind] = np.concatenate([ref[:exact], near_unit(rng, ref[exact:], 0.999)])
     table = table.take(pa.array(order))
     at = np.argsort(order)  # where each generated row went

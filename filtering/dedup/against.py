@@ -627,3 +627,51 @@ def semantic_partition(pool_prefixes: list[str], ref_prefixes: list[str], cluste
             out_d.append(-sims[i, j].astype(np.float64))
     p, j = np.concatenate(out_p), np.concatenate(out_r)
     return row[p], np.concatenate(out_d), extra["ref"][j], extra["hi"][j], extra["lo"][j]
+
+
+# -- min_similarity (perceptual) ---------------------------------------------------------------
+
+UID = np.dtype([("hi", "<u8"), ("lo", "<u8")])  # a uid as one sortable value
+
+
+def uid_keys(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    keys = np.empty(len(hi), UID)
+    keys["hi"], keys["lo"] = hi, lo
+    return keys
+
+
+def spill_reference_rows(ref: ix.Reference, file: int, kind: str, dtype, wanted: np.ndarray, path: str) -> np.ndarray:
+    """The rows of index file ``file`` whose uid is among ``wanted`` (:data:`UID`, sorted):
+    their ``kind`` embeddings in ``dtype``, then float32 divided by their norm (as the
+    filter confirms pairs), written to ``path``. Returns their uids, in that order."""
+    import os
+
+    from filtering.errors import InputError
+
+    url, parts = ref.files[file]
+    table = pa.Table.from_batches(partitioned.read_batches([(url, np.arange(len(parts)))]), ix.SCHEMA)
+    keys = uid_keys(table.column("uid_hi").to_numpy(), table.column("uid_lo").to_numpy())
+    take = np.flatnonzero(np.isin(keys, wanted))
+    shard, row = table.column("shard").to_numpy()[take], table.column("row").to_numpy()[take]
+    if (row < 0).any():
+        raise InputError(
+            f"filters.dedup.against: {ref.path}: its index was built from the subset parts (an older output), "
+            "which do not say where each row's embedding is; min_similarity needs an index its run wrote"
+        )
+    emb = None
+    for s in np.unique(shard):
+        at = np.flatnonzero(shard == s)
+        try:
+            part = np.asarray(ix.embedding_rows(ref, int(s), kind, row[at]), dtype=dtype).astype(np.float32)
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"filters.dedup.against: {ref.path}: its {kind!r} embeddings: {e}") from e
+        if emb is None:
+            emb = np.zeros((len(take), part.shape[1]), np.float32)
+        emb[at] = part
+    if emb is None:
+        emb = np.zeros((0, 1), np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    tmp = f"{path}.tmp.npy"
+    np.save(tmp, emb)
+    os.replace(tmp, path)
+    return keys[take]

@@ -23,7 +23,8 @@ the same steps shard by shard (``pipelines/executors/dedup_phase.py``), same pai
 
 ``against: [DIR, ...]``: earlier outputs (or their index folders,
 :mod:`filtering.dedup.index`) whose kept rows count as already taken (``semantic``: their
-embeddings, found where each reference's run read them, within ``threshold``). A row that
+embeddings, found where each reference's run read them, within ``threshold``; with
+``min_similarity``, a hash match confirmed by the two rows' embeddings). A row that
 duplicates one of them is dropped with reason ``duplicate_of_reference`` and
 ``duplicate_of`` set to that row's uid (:mod:`filtering.dedup.against`; the manifest's
 ``stage_info.dedup`` record names each reference and how many rows matched it); the
@@ -80,8 +81,6 @@ class DedupParams(Params):
 
     @model_validator(mode="after")
     def _method_keys(self) -> DedupParams:
-        if self.against is not None and self.min_similarity is not None:
-            raise ValueError("against does not take min_similarity (the index holds no embeddings to confirm with)")
         allowed = set(COMMON_KEYS) | set(METHOD_KEYS[self.method])
         wrong = sorted(self.model_fields_set - allowed)
         if wrong:
@@ -163,8 +162,11 @@ class Dedup(Filter):
         keep = np.ones(pool.n, dtype=bool)
         duplicate_of = np.full(pool.n, None, dtype=object)
         reason: str | np.ndarray = self.reason
-        if p.method == "semantic" and p.against:
-            raise ConfigError("filters.dedup.against: method semantic searches its references on the shard plan only")
+        if p.against and (p.method == "semantic" or p.min_similarity is not None):
+            raise ConfigError(
+                f"filters.dedup.against: method {p.method} with "
+                f"{'min_similarity' if p.method != 'semantic' else 'against'} runs on the shard plan only"
+            )
         against = self.against_settings()
         if against is not None:
             # Rows that duplicate a reference's kept row go first; the rest dedup among themselves.

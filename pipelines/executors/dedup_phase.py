@@ -304,6 +304,8 @@ def run_dedup(
         if m is not None:
             # Rows that duplicate a reference's kept row go first; the rest dedup among themselves.
             hit = alive[m.rows]
+            if settings is not None and f.params.min_similarity is not None:  # each match confirmed by the embeddings
+                hit[hit] = _confirmed_matches(tasks, sh, shards, starts, position, m, np.flatnonzero(hit), dtype, ctx)
             ref_rows, ref_hi, ref_lo = m.rows[hit], m.hi[hit], m.lo[hit]
             if len(ref_rows):
                 rest = ~np.isin(np.flatnonzero(alive), ref_rows)
@@ -670,3 +672,74 @@ def _semantic_against(tasks, sh, shards, starts, position: Path, rows, hi, lo, v
     record = against.record(refs, matches, time.perf_counter() - t0, tasks.workers)
     ctx.stage_info.setdefault("dedup", {})[against.semantic_column(p.against, p.threshold)] = record
     return matches
+
+
+def _spill_reference_rows(args) -> np.ndarray:
+    return against.spill_reference_rows(*args)
+
+
+def _confirmed_matches(tasks, sh, shards, starts, position: Path, m: against.Matches, at: np.ndarray, dtype, ctx):
+    """``min_similarity`` against references: which matches ``at`` (positions in ``m``) have
+    cosine >= ``min_similarity`` between the row's embedding and its reference row's (the
+    closest by hash), as the filter confirms its own pairs: the rows spilled normalised
+    per shard (:func:`_normalized_spill`), the reference rows per index file
+    (:func:`against.spill_reference_rows`), the pairs confirmed in chunks by
+    :func:`_close_edges`."""
+    p = _dedup_at(sh, position).params
+    close = np.zeros(len(at), bool)
+    if len(at) == 0:
+        return close
+    refs = against.open_references(p.against, os.path.join(sh.out_dir, "cache"), ctx.log)
+    kind = next(iter(tasks.map(_embedding_kind, [(sh, shards[0], position)])))
+    rows = m.rows[at]  # ascending
+    spill = tempfile.mkdtemp(prefix="against-confirm-", dir=sh.spill)
+    try:
+        cuts = np.searchsorted(rows, starts)
+        paths: list = [None] * len(shards)
+        work = []
+        for k in range(len(shards)):
+            if cuts[k + 1] > cuts[k]:
+                paths[k] = os.path.join(spill, f"s{k:06d}.npy")
+                work.append((sh, shards[k], position, rows[cuts[k] : cuts[k + 1]] - starts[k], dtype, paths[k]))
+        for _ in tasks.map(_normalized_spill, work):
+            pass
+        # the reference rows, per index file of the reference each match names
+        keys = against.uid_keys(m.hi[at], m.lo[at])
+        ref_of = m.ref[at]
+        work, owners = [], []
+        for k_ref, ref in enumerate(refs):
+            wanted = np.unique(keys[ref_of == k_ref])
+            for j in range(len(ref.files) if len(wanted) else 0):
+                work.append((ref, j, kind, dtype, wanted, os.path.join(spill, f"r{len(work):06d}.npy")))
+                owners.append(k_ref)
+        found = list(tasks.map(_spill_reference_rows, work))
+        paths += [w[-1] for w in work]
+        cuts = np.r_[cuts, cuts[-1] + np.cumsum([len(f) for f in found])].astype(np.int64)
+        b = np.full(len(at), -1, np.int64)  # each match's reference row: its position in the spills
+        for k_ref in range(len(refs)):
+            files = [t for t, o in enumerate(owners) if o == k_ref]
+            if not files:
+                continue
+            got = np.concatenate([found[t] for t in files])
+            pos = np.concatenate([np.arange(cuts[len(shards) + t], cuts[len(shards) + t + 1]) for t in files])
+            order = np.argsort(got, kind="stable")  # a uid kept twice: its first copy
+            got, pos = got[order], pos[order]
+            mine = np.flatnonzero(ref_of == k_ref)
+            i = np.minimum(np.searchsorted(got, keys[mine]), max(len(got) - 1, 0))
+            ok = got[i] == keys[mine] if len(got) else np.zeros(len(mine), bool)
+            b[mine[ok]] = pos[i[ok]]
+        have = np.flatnonzero(b >= 0)
+        a = np.arange(len(at), dtype=np.int64)[have]
+        chunks = range(0, len(have), EDGES_PER_TASK)
+        work = [
+            (paths, cuts, a[c : c + EDGES_PER_TASK], b[have][c : c + EDGES_PER_TASK], p.min_similarity) for c in chunks
+        ]
+        for c, packed in zip(chunks, tasks.map(_close_edges, work), strict=True):
+            n = min(EDGES_PER_TASK, len(have) - c)
+            close[have[c : c + n]] = np.unpackbits(packed, count=n).view(bool)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    record = ctx.stage_info.get("dedup", {}).get(_dedup_at(sh, position).against_settings().column)
+    if record is not None:
+        record["min_similarity"] = {"confirmed": int(close.sum()), "not_confirmed": int(len(close) - close.sum())}
+    return close

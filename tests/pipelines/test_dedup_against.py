@@ -188,6 +188,28 @@ def test_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
     assert not set(truth["clean_uid"]) & set(got)
 
 
+def test_datacomp_min_similarity_confirms_reference_matches(tmp_path, datacomp_first):
+    """``method: perceptual`` with ``min_similarity`` and ``against``: a hash match with a
+    reference row counts only when the two rows' embeddings agree (cosine), as within the
+    pool: exact and near copies (the reference's embedding, or one at cosine ~0.999) are
+    dropped naming their row; look-alikes (a near hash, an unrelated embedding) are kept."""
+    root, out1 = datacomp_first
+    truth = datacomp_second_pool(
+        tmp_path / "pool2", kept_rows(out1), exact=20, near=20, clean=100, lookalike=20, first_pool=root / "pool1"
+    )
+    cfg = {
+        "input": {"datacomp_metadata": str(tmp_path / "pool2")},
+        "filters": [{"dedup": {"method": "perceptual", "min_similarity": 0.9, "against": [str(out1)]}}],
+        "output": {"dir": str(tmp_path / "out2")},
+    }
+    m = run(parse_config(cfg), progress=False, log=lambda _m: None).manifest
+    check_planted(tmp_path / "out2", truth, ("exact", "near"))
+    assert not set(truth["lookalike_uid"]) & set(dropped(tmp_path / "out2"))
+    assert m["counts"]["filters"][0]["reasons"] == {"duplicate_of_reference": 40}
+    (record,) = [r for k, r in m["stages"]["dedup"].items() if k.startswith("dedup_ref_")]
+    assert record["min_similarity"] == {"confirmed": 40, "not_confirmed": 20}
+
+
 def test_semantic_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
     """``decontaminate: {reference: DIR, method: semantic}``: the earlier output's kept rows'
     embeddings read where its run found them (its index names each row's shard and
