@@ -1,7 +1,9 @@
-"""``dedup: {against: [...]}`` end to end (issue 25): a second pool holding exact and near
-copies of rows a first run kept, and clean rows. Every planted copy is dropped as
-``duplicate_of_reference`` naming the reference row it copies, no clean row is dropped, on
-DataComp-metadata input (both plans, identical outputs) and on WebDataset input."""
+"""``dedup: {against: [...]}`` end to end (issue 25): a second pool holding exact, near
+and semantic copies of rows a first run kept, and clean rows. Every planted copy is
+dropped as ``duplicate_of_reference`` naming the reference row it copies (exact,
+perceptual, perceptual with ``min_similarity``, semantic), no clean row is dropped, on
+DataComp-metadata input and on WebDataset input; decontamination against an output
+(perceptual, semantic)."""
 
 from __future__ import annotations
 
@@ -86,6 +88,48 @@ def test_an_output_without_an_index_gets_one_built_with_a_line(tmp_path, datacom
     run(parse_config(cfg), progress=False, log=lines.append)
     assert len([line for line in lines if "has no index" in line]) == 1
     check_planted(tmp_path / "out2", truth, ("exact",))
+
+
+def test_datacomp_planted_semantic_copies_and_lookalikes(tmp_path, datacomp_first):
+    """The shard plan, one run of two dedups against the first output:
+
+    - ``perceptual`` with ``min_similarity``: a hash match with a reference row counts
+      only when the two rows' embeddings agree (cosine), as within the pool: exact and
+      near copies (the reference's embedding, or one at cosine ~0.999) are dropped naming
+      their row; look-alikes (a near hash, an unrelated embedding) are kept;
+    - then ``semantic``: semantic copies (an embedding at cosine ~0.999, new bytes, a far
+      hash) are dropped naming their row.
+
+    No clean row is dropped."""
+    root, out1 = datacomp_first
+    truth = datacomp_second_pool(
+        tmp_path / "pool2",
+        kept_rows(out1),
+        exact=20,
+        near=20,
+        clean=100,
+        semantic=40,
+        lookalike=20,
+        first_pool=root / "pool1",
+    )
+    cfg = {
+        "input": {"datacomp_metadata": str(tmp_path / "pool2")},
+        "filters": [
+            {"dedup": {"method": "perceptual", "min_similarity": 0.9, "against": [str(out1)]}},
+            {"dedup": {"method": "semantic", "against": [str(out1)]}},
+        ],
+        "output": {"dir": str(tmp_path / "out2")},
+    }
+    m = run(parse_config(cfg), progress=False, log=lambda _m: None).manifest
+    check_planted(tmp_path / "out2", truth, ("exact", "near", "semantic"))
+    assert not set(truth["lookalike_uid"]) & set(dropped(tmp_path / "out2"))
+    steps = m["counts"]["filters"]
+    assert [s["reasons"] for s in steps] == [{"duplicate_of_reference": 40}, {"duplicate_of_reference": 40}]
+    records = m["stages"]["dedup"]
+    (perceptual,) = [r for k, r in records.items() if k.startswith("dedup_ref_phash")]
+    assert perceptual["min_similarity"] == {"confirmed": 40, "not_confirmed": 20}
+    (semantic,) = [r for k, r in records.items() if k.startswith("dedup_ref_semantic")]
+    assert semantic["against"][0]["path"] == str(out1) and semantic["against"][0]["matched"] == 40
 
 
 MODEL = {"arch": "poolsift-tiny", "pretrained": str(REPO / "sample_data" / "tiny_clip" / "poolsift-tiny.safetensors")}
@@ -188,28 +232,6 @@ def test_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
     assert not set(truth["clean_uid"]) & set(got)
 
 
-def test_datacomp_min_similarity_confirms_reference_matches(tmp_path, datacomp_first):
-    """``method: perceptual`` with ``min_similarity`` and ``against``: a hash match with a
-    reference row counts only when the two rows' embeddings agree (cosine), as within the
-    pool: exact and near copies (the reference's embedding, or one at cosine ~0.999) are
-    dropped naming their row; look-alikes (a near hash, an unrelated embedding) are kept."""
-    root, out1 = datacomp_first
-    truth = datacomp_second_pool(
-        tmp_path / "pool2", kept_rows(out1), exact=20, near=20, clean=100, lookalike=20, first_pool=root / "pool1"
-    )
-    cfg = {
-        "input": {"datacomp_metadata": str(tmp_path / "pool2")},
-        "filters": [{"dedup": {"method": "perceptual", "min_similarity": 0.9, "against": [str(out1)]}}],
-        "output": {"dir": str(tmp_path / "out2")},
-    }
-    m = run(parse_config(cfg), progress=False, log=lambda _m: None).manifest
-    check_planted(tmp_path / "out2", truth, ("exact", "near"))
-    assert not set(truth["lookalike_uid"]) & set(dropped(tmp_path / "out2"))
-    assert m["counts"]["filters"][0]["reasons"] == {"duplicate_of_reference": 40}
-    (record,) = [r for k, r in m["stages"]["dedup"].items() if k.startswith("dedup_ref_")]
-    assert record["min_similarity"] == {"confirmed": 40, "not_confirmed": 20}
-
-
 def test_semantic_decontaminate_against_an_earlier_output(tmp_path, datacomp_first):
     """``decontaminate: {reference: DIR, method: semantic}``: the earlier output's kept rows'
     embeddings read where its run found them (its index names each row's shard and
@@ -256,24 +278,3 @@ def test_poolsift_index_builds_one_for_an_old_output(tmp_path, datacomp_first):
     assert code == 0 and "already there" in out
     code, _, err = run_cli("index", tmp_path / "nothing")
     assert code == 2 and "no manifest.json" in err
-
-
-def test_datacomp_planted_semantic_copies(tmp_path, datacomp_first):
-    """``method: semantic`` with ``against`` (the shard plan): exact copies (the reference
-    row's embedding), near copies and semantic copies (embeddings at cosine about 0.999,
-    new bytes, far hashes) are dropped naming their reference row; clean rows are not."""
-    root, out1 = datacomp_first
-    truth = datacomp_second_pool(
-        tmp_path / "pool2", kept_rows(out1), exact=20, near=20, clean=200, semantic=40, first_pool=root / "pool1"
-    )
-    cfg = {
-        "input": {"datacomp_metadata": str(tmp_path / "pool2")},
-        "filters": [{"dedup": {"method": "semantic", "against": [str(out1)]}}],
-        "output": {"dir": str(tmp_path / "out2")},
-    }
-    run(parse_config(cfg), progress=False, log=lambda _m: None)
-    check_planted(tmp_path / "out2", truth, ("exact", "near", "semantic"))
-    m = json.loads((tmp_path / "out2" / "manifest.json").read_text())
-    assert m["counts"]["filters"][0]["reasons"] == {"duplicate_of_reference": 80}
-    (record,) = [r for k, r in m["stages"]["dedup"].items() if k.startswith("dedup_ref_semantic")]
-    assert record["against"][0]["path"] == str(out1) and record["against"][0]["matched"] == 80
