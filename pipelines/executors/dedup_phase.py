@@ -33,6 +33,12 @@ filter pass (``pipelines/executors/streaming.py``):
    (:func:`filtering.dedup.groups.label_edges`, in the driver: int64 arrays); the rows
    they touch read per shard, normalised and spilled in workers; each chunk of edges
    confirmed by its cosine in a worker, as the filter computes it.
+2d. **against** (``against: [...]``, filtering/dedup/against.py): exact and perceptual
+   rows matched to a reference's kept rows by the partitioned search, before step 2; a
+   semantic match searched among the valid alive rows here (k-means as in 2b, each
+   reference index file's rows assigned in a task, each partition of clusters compared
+   on a worker); ``min_similarity`` confirming each hash match by the embeddings. The
+   matched rows leave the alive rows before the survivors step.
 3. **survivors** (driver): components of the alive rows
    (:func:`filtering.dedup.partitioned.components_of`), then in each component of two or
    more the row preferred by the filter's rule (:func:`filtering.dedup.groups.keep_rank`:
