@@ -1,11 +1,14 @@
 """``poolsift sweep``: one config value tried at several settings, from cached stage results.
 
 How DataComp's authors picked "CLIP score, top 30%": by looking at subset sizes over a
-range of thresholds. A sweep runs the stages once (they hit the per-shard cache, so no
-model is loaded when the pool was scored before), then re-applies the filters for each
-value, with the config re-parsed per value exactly as ``--set key.path=value`` would.
-It records, per value, the subset size, the thresholds and each filter's funnel counts,
-without writing any subset. ``DIR/sweep.json`` keeps the result; the report draws it.
+range of thresholds. A sweep runs each value's config, re-parsed exactly as ``--set
+key.path=value`` would, on the shard plan (``pipelines/executors/streaming.py:
+count_streaming``): the columns come from the per-shard caches (no model is loaded when
+the pool was scored before; shards not scored yet are scored once), the reductions
+(``top_fraction`` thresholds, uid repeats, dedup survivors) run per value, and the filter
+pass only counts. No process holds the pool. It records, per value, the subset size, the
+thresholds and each filter's funnel counts, as the run's manifest would give them, without
+writing any subset. ``DIR/sweep.json`` keeps the result; the report draws it.
 
 A sweep is about the run in its output directory: where ``DIR/manifest.json`` records
 settings the config file (with the sweep's own ``--set``) does not have, such as a
@@ -20,21 +23,21 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 import yaml
 
 from filtering.errors import ConfigError
-from filtering.filters.compose import apply_filters
 from filtering.io.atomic import atomic_write_text, exists, makedirs
 from filtering.io.paths import join
-from filtering.pool import Pool
 from filtering.provenance import now_iso, settings_sha256
 from filtering.stages.base import RunContext
 from filtering.writers.commit import recover
 from pipelines.config import Config, apply_override, config_paths, load_raw, parse_config
+from pipelines.executors import streaming
 from pipelines.lock import output_lock
-from pipelines.runner import plan, progress_factory
+from pipelines.runner import language_identifiers, plan, progress_factory
 
 
 def parse_param(spec: str) -> tuple[str, list[str]]:
@@ -78,9 +81,15 @@ def _pool_key(cfg: Config, the_plan) -> str:
 
 
 def sweep(
-    config_path: str, param: str, overrides: list[str] | tuple[str, ...] = (), progress: bool = False, log=None
+    config_path: str,
+    param: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    progress: bool = False,
+    log=None,
+    executor=None,
 ) -> dict[str, Any]:
-    """Run the sweep; returns what ``sweep.json`` holds (also written to the output dir)."""
+    """Run the sweep; returns what ``sweep.json`` holds (also written to the output dir).
+    ``executor``: where the shard plan's tasks run (None: local processes; Ray's)."""
     log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
     key, values = parse_param(param)
     written: dict[str, tuple[str, str]] = {}
@@ -118,35 +127,49 @@ def sweep(
     out_dir = out_dirs.pop()
     cache_root = join(out_dir, "cache")
     plans = [plan(cfg, cache_root) for _, cfg in configs]  # every value's config checked before any work
-
-    pools: dict[str, Pool] = {}
-    results = []
+    for (_, cfg), the_plan in zip(configs, plans, strict=True):
+        reason = streaming.why_not(cfg, the_plan, executor)
+        if reason is not None:
+            raise ConfigError(f"--param {key}: the shard plan cannot run this config: {reason}")
+    # the values whose pools are the same (settings but the filters): one source, prepared once
+    groups: dict[str, list[int]] = {}
+    for k, ((_, cfg), the_plan) in enumerate(zip(configs, plans, strict=True)):
+        groups.setdefault(_pool_key(cfg, the_plan), []).append(k)
+    notes = {}
+    for _, cfg in configs:  # a missing language model fails (or is fetched) before any shard is read
+        notes.update((r["note"], None) for r in language_identifiers(cfg, progress))
+    counts: list[dict[str, Any]] = [{} for _ in configs]
     makedirs(out_dir)
     with output_lock(out_dir):
         if note := recover(out_dir):  # a switch a killed run began, before the report reads the result
             log(note)
-        for (value, cfg), the_plan in zip(configs, plans, strict=True):
-            pkey = _pool_key(cfg, the_plan)
-            if pkey not in pools:
-                the_plan.source.check_inputs()
-                ctx = RunContext(
-                    model=cfg.model, out_dir=out_dir, cache_dir=cache_root, progress=progress_factory(progress), log=log
-                )
-                pool = the_plan.source.run(ctx)
-                for stage in the_plan.stages:
-                    stage.run(ctx, pool)
-                pools[pkey] = pool
-            pool = pools[pkey]
-            outcome = apply_filters(cfg.filter_tree, pool)
-            thresholds = {k: (None if v is None else float(v)) for k, v in outcome.thresholds.items()}
+        for note in notes:
+            log(note)
+        for members in groups.values():
+            source = plans[members[0]].source
+            source.check_inputs()
+            ctx = RunContext(
+                model=configs[members[0]][1].model,
+                out_dir=out_dir,
+                cache_dir=cache_root,
+                executor=executor,
+                progress=progress_factory(progress),
+                log=log,
+            )
+            runs = [(configs[k][1], replace(plans[k], source=source)) for k in members]
+            for k, c in zip(members, streaming.count_streaming(runs, ctx), strict=True):
+                counts[k] = c
+        results = []
+        for (value, _), c in zip(configs, counts, strict=True):
+            thresholds = {k: (None if v is None else float(v)) for k, v in c["thresholds"].items()}
             results.append(
                 {
                     "value": value,
-                    "input": int(pool.n),
-                    "failed": int(pool.failed.sum()),
-                    "kept": int(outcome.keep.sum()),
+                    "input": int(c["input"]),
+                    "failed": int(c["failed"]),
+                    "kept": int(c["kept"]),
                     "thresholds": thresholds,
-                    "filters": outcome.funnel,
+                    "filters": c["filters"],
                 }
             )
         record = {

@@ -33,6 +33,7 @@ class _Shared:
     max_failures: int = 10_000  # failed rows listed per shard (the manifest lists as many in all)
     uids_spilled: bool = False  # each shard's uids spilled before the filter pass (uid_phase.spill_uids)
     uid_later: bool = False  # input.uid.duplicates: keep_first found later copies (uid_phase.later_rows)
+    write: bool = True  # False: the filter pass returns counts only, writes nothing (``poolsift sweep``)
 
 
 def _shard_pool(sh: _Shared, shard):

@@ -298,11 +298,20 @@ def _filter(args) -> dict[str, Any]:
     sh, i, shard, thresholds, decided = args
     pool, ctx = _shard_pool(sh, shard)
     alive = ~pool.failed  # failed rows never reach subset.npy nor the uid check
-    if not sh.uids_spilled:
+    if sh.write and not sh.uids_spilled:
         uid_phase.spill_uids(sh.spill, i, pool.table, alive)
     scorers = shard_columns(sh, ctx, pool)
     nodes = decided_tree(list(sh.cfg.filter_tree), thresholds, decided)
     outcome = apply_filters([*uid_prefix(sh, i, pool), *nodes], pool)
+    if not sh.write:  # counts only (``poolsift sweep``): nothing spilled, nothing written
+        return {
+            "n": pool.n,
+            "failed": int(pool.failed.sum()),
+            "funnel": outcome.funnel,
+            "kept": int(outcome.keep.sum()),
+            "thresholds": outcome.thresholds,
+            "scorers": scorers,
+        }
     # each alive row's keep flag, in the order of the spilled uids (grouped by uid range)
     keep = outcome.keep[np.load(uid_phase.spill_paths(sh.spill, i)["rows"])]
     uid_phase.spill_kept(sh.spill, i, keep)
@@ -537,17 +546,9 @@ def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, A
     else:
         spill, staging = tempfile.mkdtemp(prefix="poolsift-streaming-", dir=spill_root), join(result.dir, SPILL)
         _remove_remote(staging)
-    # pandas kept out of the driver and its forked workers (0.3 CPU s each), unless the
-    # driver loaded torch (whose modules look for pandas) or runs on Ray
-    keep_pandas = "torch" in sys.modules or ctx.executor is not None
     try:
-        with contextlib.nullcontext() if keep_pandas else without_pandas():
+        with _guarded(source, ctx):
             manifest = _run(cfg, source, shards, ctx, spill, staging, result, the_plan.stages, prepare_seconds)
-    except PoolsiftError as e:  # a one-shard pool's error, as the whole pool gives it (its counts)
-        pool_error = source.pool_error(e)
-        if pool_error is e:
-            raise
-        raise pool_error from None
     finally:
         shutil.rmtree(spill, ignore_errors=True)
         if staging != spill:
@@ -575,6 +576,61 @@ def _remote_spill_root(cfg, executor) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _guarded(source, ctx: RunContext):
+    """Around the phases: pandas kept out of the driver and its forked workers (0.3 CPU s
+    each), unless the driver loaded torch (whose modules look for pandas) or runs on Ray;
+    a one-shard pool's error raised as the whole pool gives it (its counts)."""
+    keep_pandas = "torch" in sys.modules or ctx.executor is not None
+    try:
+        with contextlib.nullcontext() if keep_pandas else without_pandas():
+            yield
+    except PoolsiftError as e:
+        pool_error = source.pool_error(e)
+        if pool_error is e:
+            raise
+        raise pool_error from None
+
+
+def count_streaming(runs: list, ctx: RunContext) -> list[dict[str, Any]]:
+    """``poolsift sweep``: each ``(cfg, plan)`` of ``runs`` through the phases up to the
+    filter pass (scan, thresholds, global stages, uid check, dedup), the filter pass
+    counting only: per config its ``input``, ``failed`` and ``kept`` counts, the funnel and
+    the thresholds, as its run's manifest gives them. Nothing is written but spill files.
+
+    The configs differ only in their filters (``pipelines/sweep.py`` groups them so): the
+    first plan's source serves all, prepared once (the shards not cached yet scored), and
+    one task pool and spill folder serve every config; the scan of the ``top_fraction``
+    score columns runs once per set of columns (a swept fraction or ``keep`` rescans
+    nothing). The columns come from the per-shard caches, as on a rerun."""
+    source = runs[0][1].source
+    shards = source.stream_shards()
+    reason = source.stream_prepare(ctx)  # WebDataset: the shards not cached yet are scored here
+    if reason:
+        raise PoolsiftError(f"sweep: {reason}")
+    out_dir = runs[0][0].output.dir
+    if is_local(out_dir):  # as a run's: the output's own spill folder (the lock held)
+        spill = os.path.join(local_path(out_dir), SPILL)
+        shutil.rmtree(spill, ignore_errors=True)
+        os.makedirs(spill)
+    else:
+        spill = tempfile.mkdtemp(prefix="poolsift-sweep-", dir=_remote_spill_root(runs[0][0], ctx.executor))
+    scans: dict[tuple, tuple] = {}
+    try:
+        with _guarded(source, ctx), _plan_tasks(runs[0][0], ctx, shards) as tasks:
+            return [
+                _run(cfg, source, shards, ctx, spill, spill, None, p.stages, open_pool=tasks, scan_cache=scans)
+                for cfg, p in runs
+            ]
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _plan_tasks(cfg, ctx: RunContext, shards: list):
+    """The plan's task pool: Ray's, or local processes (``execution.workers``, at most one per shard)."""
+    return task_pool(ctx.executor, plan_workers(cap=len(shards), configured=cfg.execution.workers))
+
+
 def _remove_remote(url: str) -> None:
     fs, path = get_fs(url)
     if fs.exists(path):
@@ -591,7 +647,13 @@ def _run(
     result: Staged,
     the_plan_stages=(),
     prepare_seconds: float = 0.0,
+    open_pool=None,
+    scan_cache: dict | None = None,
 ) -> dict[str, Any]:
+    """The phases; with ``result`` None, up to the filter pass, which only counts: returns
+    ``input``, ``failed``, ``kept``, ``thresholds`` and ``filters`` (the funnel) instead of
+    the manifest (:func:`count_streaming`). ``open_pool``: a task pool to use; ``scan_cache``:
+    the scan's sums by score columns, kept across calls that share ``spill``."""
     from pipelines.manifest import (
         MAX_MANIFEST_FAILURES,
         check_funnel,
@@ -619,6 +681,7 @@ def _run(
         rows_per_part=cfg.output.rows_per_part,
         column_stages=tuple(s for s in the_plan_stages if s.scope in ("shard", "global")),
         max_failures=MAX_MANIFEST_FAILURES,
+        write=result is not None,
     )
     seconds: dict[str, float] = {"prepare": prepare_seconds}  # the source's: scoring, for WebDataset
     clock = [time.perf_counter()]
@@ -628,7 +691,7 @@ def _run(
         seconds[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    with task_pool(ctx.executor, plan_workers(cap=len(shards), configured=cfg.execution.workers)) as pool:
+    with contextlib.nullcontext(open_pool) if open_pool else _plan_tasks(cfg, ctx, shards) as pool:
         n_workers = pool.workers
 
         def prepare_global_stages() -> _Shared:
@@ -655,7 +718,10 @@ def _run(
         scanned, shard_rows = 0, []
         # each shard's scorer records, one per phase that ran its column stages (merged at the end)
         scorer_records: list[list[dict[str, Any]]] = [[] for _ in shards]
-        if top:
+        scanned_before = scan_cache.get(tuple(_score_keys(sh))) if scan_cache is not None and top else None
+        if scanned_before:  # the same score columns, scanned into this spill folder by an earlier call
+            hists, nans, dtypes, scanned, shard_rows = scanned_before
+        elif top:
             bar = ctx.bar(len(shards), "scan", unit="shards")
             scans = pool.map(_scan, [(sh, i, s) for i, s in enumerate(shards)])
             for i, r in enumerate(scans):  # summed as they come
@@ -671,6 +737,8 @@ def _run(
                 bar.update(1)
             bar.close()
             lap("scan")
+            if scan_cache is not None:
+                scan_cache[tuple(_score_keys(sh))] = (hists, nans, dtypes, scanned, shard_rows)
         # 2. thresholds
         values: list[Any] = []
         keys = _score_keys(sh)
@@ -714,21 +782,33 @@ def _run(
         failures: list[dict[str, Any]] = []  # the manifest's first MAX_MANIFEST_FAILURES, in pool order
         tasks = [(sh, i, s, values, decided[i]) for i, s in enumerate(shards)]
         for i, r in enumerate(pool.map(_filter, tasks)):
+            shard_funnel = r.pop("funnel")
+            funnel = _sum_funnels([shard_funnel] if funnel is None else [funnel, shard_funnel])
+            bar.update(1)
+            if not sh.write:
+                results.append(r)
+                continue
             for k, t in r.pop("tallies", {}).items():
                 sums[k] = add_tally(sums.get(k), t)
             uid_totals += uid_phase.bin_counts(spill, i)
             kept_totals += uid_phase.bin_counts(spill, i, "kept_bins")
-            shard_funnel = r.pop("funnel")
-            funnel = _sum_funnels([shard_funnel] if funnel is None else [funnel, shard_funnel])
             reasons += r.pop("failed_reasons")
             failures.extend(r.pop("failures")[: MAX_MANIFEST_FAILURES - len(failures)])
             if i:  # the first shard's records stand for all (thresholds, language identifiers)
                 del r["thresholds"], r["language_identifiers"]
             results.append(r)
-            bar.update(1)
         bar.close()
         total = sum(r["n"] for r in results)
         kept = sum(r["kept"] for r in results)
+        if not sh.write:  # counts only: the sums the manifest's counts would hold
+            failed = sum(r["failed"] for r in results)
+            return {
+                "input": total,
+                "failed": failed,
+                "kept": kept,
+                "thresholds": results[0]["thresholds"],
+                "filters": funnel,
+            }
         lap("filter_and_write")
         # 5. uid check and subset.npy, per range of uid high bits
         tmp = os.path.join(spill, "subset.npy")
