@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the setting and its values, e.g. filters[0].clip_score.top_fraction=0.1,0.2,0.3,0.5",
     )
     p.add_argument("--output", help="output directory (overrides output.dir)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", help="join an existing Ray cluster (default: start a local one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -105,13 +107,7 @@ def cmd_run(args) -> int:
     from pipelines.runner import format_funnel, run
 
     cfg = _load(args)
-    executor = None
-    if args.executor == "ray":
-        from pipelines.executors.ray import RayExecutor
-
-        executor = RayExecutor(address=args.ray_address)
-    elif args.ray_address:
-        raise ConfigError("--ray-address needs --executor ray")
+    executor = _executor(args)
     before = _recorded_config(cfg.output.dir)
     try:
         result = run(cfg, executor=executor, progress=not args.quiet)
@@ -128,6 +124,17 @@ def cmd_run(args) -> int:
     print(format_funnel(result.manifest))
     print(next_steps(args, cfg, str(result.out_dir)))
     return 0
+
+
+def _executor(args):
+    """``--executor ray``: a Ray executor (started on first use, closed by the caller); else None."""
+    if args.executor == "ray":
+        from pipelines.executors.ray import RayExecutor
+
+        return RayExecutor(address=args.ray_address)
+    if args.ray_address:
+        raise ConfigError("--ray-address needs --executor ray")
+    return None
 
 
 def _recorded_config(out_dir: str) -> dict | None:
@@ -289,7 +296,12 @@ def cmd_sweep(args) -> int:
     from pipelines.sweep import format_sweep, sweep
 
     overrides = list(args.overrides) + ([f"output.dir={args.output}"] if args.output else [])
-    record = sweep(args.config, args.param, overrides, progress=not args.quiet)
+    executor = _executor(args)
+    try:
+        record = sweep(args.config, args.param, overrides, progress=not args.quiet, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()  # stops a Ray this sweep started; a joined cluster keeps running
     print(format_sweep(record))
     print(f"output: {record['out_dir']}/sweep.json")
     return 0

@@ -5,16 +5,33 @@ from __future__ import annotations
 import json
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipelines.sweep import parse_param
 from tests.conftest import run_cli, write_config
+from tests.datacomp_pool import datacomp_clip_score_uids, datacomp_threshold, make_datacomp_pool
 
 PARAM = "filters[0].clip_score.top_fraction"
 
 
+def _no_pool_in_the_driver(monkeypatch) -> None:
+    """The sweep runs on the shard plan: a source loading the whole pool fails the test."""
+    from filtering.stages.datacomp import DataCompStage
+    from filtering.stages.webdataset import WebDatasetStage
+
+    def whole_pool(*_a, **_k):
+        raise AssertionError("the sweep loaded the whole pool in the driver")
+
+    for cls in (WebDatasetStage, DataCompStage):
+        monkeypatch.setattr(cls, "run", whole_pool, raising=False)
+
+
 @pytest.mark.slow
-def test_sweep_matches_real_runs(rerun_dir, tmp_path):
+def test_sweep_matches_real_runs(rerun_dir, tmp_path, monkeypatch):
+    _no_pool_in_the_driver(monkeypatch)
     cfg = write_config(
         tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}], output={"dir": str(rerun_dir)}
     )
@@ -29,6 +46,7 @@ def test_sweep_matches_real_runs(rerun_dir, tmp_path):
     for line, r in zip(stdout.splitlines()[1:4], record["results"], strict=True):
         assert line.split()[:2] == [str(r["value"]), f"{r['kept']:,}"]
 
+    monkeypatch.undo()
     for r in (record["results"][0], record["results"][2]):
         real = tmp_path / f"real-{r['value']}"
         shutil.copytree(rerun_dir / "cache", real / "cache")
@@ -154,3 +172,56 @@ def test_a_sweep_takes_the_runs_settings_and_says_where_its_own_differ(rerun_dir
     html = (rerun_dir / "report.html").read_text()
     assert "differ from this run" in html and "filters[0].clip_score.min: sweep 0.55, run 0.6" in html
     assert "this run: 1" not in html  # no point on the curve is this run
+
+
+@pytest.mark.slow
+def test_sweep_counts_equal_datacomps_rule_and_the_runs_with_later_uid_copies(tmp_path, monkeypatch):
+    """A DataComp pool: each top_fraction's subset size and threshold are DataComp's own
+    (``tests/datacomp_pool.py``: its arithmetic); with ``input.uid.duplicates: keep_first``
+    and an exact dedup after the threshold, each value's counts equal its run's (the sweep
+    on the in-memory pool left the later copies in: its funnel had no ``uid_duplicates``)."""
+    meta = make_datacomp_pool(tmp_path / "meta", shards=3, rows=40)
+    out = tmp_path / "out"
+    fractions = [0.1, 0.3, 0.7]
+    cfg = tmp_path / "c.yaml"
+    filters = [{"clip_score": {"top_fraction": 0.3}}]
+    cfg.write_text(
+        yaml.safe_dump({"input": {"datacomp_metadata": str(meta)}, "filters": filters, "output": {"dir": str(out)}})
+    )
+    _no_pool_in_the_driver(monkeypatch)
+    code, _, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}={','.join(map(str, fractions))}", "--quiet")
+    assert code == 0, stderr
+    results = json.loads((out / "sweep.json").read_text())["results"]
+    field = "clip_l14_similarity_score"  # the default for DataComp input
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in meta.glob("*.parquet"))
+    for f, r in zip(fractions, results, strict=True):
+        assert r["input"] == rows and r["kept"] == len(datacomp_clip_score_uids(meta, field, fraction=f))
+        assert r["thresholds"][field] == pytest.approx(float(datacomp_threshold(meta, field, f)), abs=0)
+
+    # a uid of shard 0 again in shard 2; its sha256 on another row (an exact copy to drop)
+    first, _, last = sorted(meta.glob("*.parquet"))
+    a, c = pq.read_table(first), pq.read_table(last)
+    uids, sha = c.column("uid").to_pylist(), c.column("sha256").to_pylist()
+    uids[5], sha[7] = a.column("uid")[3].as_py(), a.column("sha256")[9].as_py()
+    c = c.set_column(c.column_names.index("uid"), "uid", pa.array(uids, pa.string()))
+    pq.write_table(c.set_column(c.column_names.index("sha256"), "sha256", pa.array(sha, pa.string())), last)
+    filters.append({"dedup": {"method": "exact"}})
+    sets = ["--set", "input.uid.duplicates=keep_first", "--set", f"filters={json.dumps(filters)}"]
+    code, _, stderr = run_cli("sweep", cfg, *sets, "--param", f"{PARAM}=0.5,1.0", "--quiet")
+    assert code == 0, stderr
+    results = json.loads((out / "sweep.json").read_text())["results"]
+    monkeypatch.undo()
+    for r in results:
+        real = tmp_path / f"real-{r['value']}"
+        code, _, stderr = run_cli("run", cfg, *sets, "--set", f"{PARAM}={r['value']}", "--output", real, "--quiet")
+        assert code == 0, stderr
+        counts = json.loads((real / "manifest.json").read_text())["counts"]
+        assert [r["input"], r["failed"], r["kept"], r["filters"]] == [
+            counts["input"],
+            counts["failed"],
+            counts["kept"],
+            counts["filters"],
+        ]
+        assert r["filters"][0]["name"] == "uid_duplicates" and r["filters"][0]["dropped"] == 1
+        assert r["filters"][2]["name"] == "dedup"
+    assert results[1]["filters"][2]["dropped"] == 1  # top_fraction 1.0 keeps all: the sha256 copy goes
