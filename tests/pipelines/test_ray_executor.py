@@ -146,3 +146,19 @@ def test_a_ray_run_prints_nothing_from_rays_logging(rerun_dir):
     assert proc.returncode == 0, proc.stderr
     assert "logging.cc" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if not line.startswith("poolsift: ")] == []
+
+
+def test_sweep_on_ray_equals_local(tmp_path, rerun_dir, executor):
+    """``poolsift sweep --executor ray``: the shard plan's count-only passes run as Ray tasks
+    and give the local sweep's numbers (thresholds, dedup survivors, funnels)."""
+    from pipelines.sweep import sweep
+
+    filters = [{"clip_score": {"top_fraction": 0.5}}, {"dedup": {"method": "exact"}}]
+    local = tmp_path / "local"
+    shutil.copytree(rerun_dir / "cache", local / "cache")
+    results = {}
+    for name, ex, out in (("ray", executor, rerun_dir), ("local", None, local)):
+        cfg = write_config(tmp_path / f"{name}.yaml", filters=filters, output={"dir": str(out)})
+        results[name] = sweep(cfg, "filters[0].clip_score.top_fraction=0.3,0.6", executor=ex, log=lambda _m: None)
+    assert results["ray"]["results"] == results["local"]["results"]
+    assert [r["kept"] for r in results["ray"]["results"]] == sorted({r["kept"] for r in results["ray"]["results"]})
