@@ -249,16 +249,37 @@ def _rebase_on_run(raw: dict, base: Config, run_config: dict, param: str, overri
     return taken, differs
 
 
+def _steps(filters: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Each funnel step as (name, how many steps of that name came before it)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for f in filters:
+        keys.append((f["name"], seen.get(f["name"], 0)))
+        seen[f["name"]] = seen.get(f["name"], 0) + 1
+    return keys
+
+
 def format_sweep(record: dict[str, Any]) -> str:
-    """The sweep as a text table: value, rows kept, share of input, thresholds, drops per filter."""
+    """The sweep as a text table: value, rows kept, share of input, thresholds, drops per filter.
+    Values whose funnels differ (a sweep over the filter list, or over ``input.uid.duplicates``)
+    share one column per step, in funnel order, ``-`` where a value has no such step."""
     results = record["results"]
-    names = [f["name"] for f in results[0]["filters"]] if results else []
-    header = [record["param"], "kept", "of input", "threshold"] + [f"{n} dropped" for n in names]
+    columns: list[tuple[str, int]] = []
+    for r in results:
+        at = 0
+        for key in _steps(r["filters"]):
+            if key in columns:
+                at = columns.index(key) + 1
+            else:
+                columns.insert(at, key)
+                at += 1
+    header = [record["param"], "kept", "of input", "threshold"] + [f"{n} dropped" for n, _ in columns]
     rows = []
     for r in results:
         thr = ", ".join("all" if t is None else f"{t:.4f}" for t in r["thresholds"].values()) or "-"
         pct = f"{100.0 * r['kept'] / r['input']:.1f}%" if r["input"] else "-"
-        rows.append([str(r["value"]), f"{r['kept']:,}", pct, thr] + [f"{f['dropped']:,}" for f in r["filters"]])
+        dropped = {key: f"{f['dropped']:,}" for key, f in zip(_steps(r["filters"]), r["filters"], strict=True)}
+        rows.append([str(r["value"]), f"{r['kept']:,}", pct, thr] + [dropped.get(key, "-") for key in columns])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
     lines += [

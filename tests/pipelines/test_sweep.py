@@ -225,3 +225,34 @@ def test_sweep_counts_equal_datacomps_rule_and_the_runs_with_later_uid_copies(tm
         assert r["filters"][0]["name"] == "uid_duplicates" and r["filters"][0]["dropped"] == 1
         assert r["filters"][2]["name"] == "dedup"
     assert results[1]["filters"][2]["dropped"] == 1  # top_fraction 1.0 keeps all: the sha256 copy goes
+
+
+def test_the_table_lines_up_values_whose_funnels_differ():
+    """A sweep over the filter list itself (or ``input.uid.duplicates`` on a pool with repeated
+    uids) gives funnels of different lengths: each filter keeps its own column, blank where a
+    value has no such step."""
+    from pipelines.sweep import format_sweep
+
+    def step(name, dropped):
+        return {"name": name, "dropped": dropped, "kept": 0, "reasons": {}}
+
+    record = {
+        "param": "input.uid.duplicates",
+        "results": [
+            {"value": "report", "input": 10, "kept": 6, "thresholds": {}, "filters": [step("clip_score", 4)]},
+            {
+                "value": "keep_first",
+                "input": 10,
+                "kept": 5,
+                "thresholds": {"clip_score": 0.25},
+                "filters": [step("uid_duplicates", 1), step("clip_score", 4), step("clip_score", 0)],
+            },
+        ],
+    }
+    lines = format_sweep(record).splitlines()
+    assert lines[0].split() == [
+        "input.uid.duplicates", "kept", "of", "input", "threshold",
+        "uid_duplicates", "dropped", "clip_score", "dropped", "clip_score", "dropped",
+    ]  # fmt: skip
+    assert lines[1].split() == ["report", "6", "60.0%", "-", "-", "4", "-"]
+    assert lines[2].split() == ["keep_first", "5", "50.0%", "0.2500", "1", "4", "0"]
