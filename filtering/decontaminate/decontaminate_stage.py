@@ -418,7 +418,7 @@ def _index_embeddings(ref, kind: str, key: str) -> ReferenceSet:
     from filtering.dedup.partitioned import read_batches
 
     try:
-        against.check_semantic([ref], kind)
+        against.check_embeddings([ref], kind)
     except InputError as e:
         raise InputError(f"{key}: {str(e).split(': ', 1)[-1]}") from e
     ids, mats = [], []

@@ -525,6 +525,7 @@ class DedupAgainstStage(ColumnStage):
 
 REF_EXTRA = ("ref", "hi", "lo")  # what a reference spill holds beside the embeddings
 SIMILARITY_BYTES = 64 << 20  # a block of similarities compared at a time, at most about this
+SIMILARITY_DECIMALS = 5  # the most similar reference rows: equal at this rounding
 _ASSIGNERS: dict[str, object] = {}  # one Assigner per worker process (centroids path -> Assigner)
 
 
@@ -536,11 +537,16 @@ def semantic_column(paths: Sequence[str], threshold: float) -> str:
     return f"dedup_ref_semantic_t{threshold:g}_{digest}"
 
 
-def check_semantic(refs: Sequence[ix.Reference], kind: str) -> None:
+def check_embeddings(refs: Sequence[ix.Reference], kind: str) -> None:
     """Each reference can give its kept rows' ``kind`` embeddings (its run had them)."""
     from filtering.errors import InputError
 
     for ref in refs:
+        if ref.rows and ref.source is None:  # ix.build_from_output's: no input kind, no row positions
+            raise InputError(
+                f"filters.dedup.against: {ref.path}: its index was built from the subset parts (an older output), "
+                "which do not say where each row's embedding is; rerun that output's config to write one"
+            )
         if ref.rows and kind not in ref.embeddings:
             had = f"it had {list(ref.embeddings)}" if ref.embeddings else "it had none"
             raise InputError(f"filters.dedup.against: {ref.path}: its run had no {kind!r} embeddings ({had})")
@@ -602,8 +608,8 @@ def spill_reference(
 
 def semantic_partition(pool_prefixes: list[str], ref_prefixes: list[str], clusters: np.ndarray, threshold: float):
     """One partition of clusters: each pool row's most similar reference rows in its cluster
-    with cosine >= ``threshold`` (every one that ties): ``(rows, dist, ref, hi, lo)``,
-    ``dist`` the negated cosine."""
+    with cosine >= ``threshold`` (every one that ties at :data:`SIMILARITY_DECIMALS`):
+    ``(rows, dist, ref, hi, lo)``, ``dist`` the negated (rounded) cosine."""
     from filtering.clustering import normalize
     from filtering.dedup.semantic import cluster_bounds, gather_clusters
 
@@ -620,11 +626,14 @@ def semantic_partition(pool_prefixes: list[str], ref_prefixes: list[str], cluste
         step = max(1, SIMILARITY_BYTES // (4 * len(r)))
         for lo in range(0, len(q), step):
             sims = q[lo : lo + step] @ r.T
-            best = sims.max(axis=1)
-            i, j = np.nonzero((sims >= best[:, None]) & (best >= threshold)[:, None])
+            # compared at 1e-5: equal embeddings tie wherever the product put them (BLAS
+            # may round a column differently by its place), then the smallest uid wins
+            close = np.where(sims >= threshold, np.round(sims, SIMILARITY_DECIMALS), -np.inf)
+            best = close.max(axis=1)
+            i, j = np.nonzero((close == best[:, None]) & (best > -np.inf)[:, None])
             out_p.append(pb[a] + lo + i)
             out_r.append(rb[b] + j)
-            out_d.append(-sims[i, j].astype(np.float64))
+            out_d.append(-close[i, j].astype(np.float64))
     p, j = np.concatenate(out_p), np.concatenate(out_r)
     return row[p], np.concatenate(out_d), extra["ref"][j], extra["hi"][j], extra["lo"][j]
 

@@ -646,7 +646,7 @@ def _semantic_against(tasks, sh, shards, starts, position: Path, rows, hi, lo, v
     p = _dedup_at(sh, position).params
     refs = against.open_references(p.against, join(sh.out_dir, "cache"), ctx.log)
     kind = next(iter(tasks.map(_embedding_kind, [(sh, shards[0], position)])))
-    against.check_semantic(refs, kind)
+    against.check_embeddings(refs, kind)
     canon = np.lexsort((lo, hi))
     vrows = rows[canon[valid[canon]]]  # the valid rows by uid
     del canon
@@ -697,6 +697,7 @@ def _confirmed_matches(tasks, sh, shards, starts, position: Path, m: against.Mat
         return close
     refs = against.open_references(p.against, os.path.join(sh.out_dir, "cache"), ctx.log)
     kind = next(iter(tasks.map(_embedding_kind, [(sh, shards[0], position)])))
+    against.check_embeddings(refs, kind)
     rows = m.rows[at]  # ascending
     spill = tempfile.mkdtemp(prefix="against-confirm-", dir=sh.spill)
     try:

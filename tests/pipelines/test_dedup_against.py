@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from filtering.errors import InputError
 from filtering.sample.datacomp import make_datacomp_sample
 from pipelines.config import parse_config
 from pipelines.runner import run
@@ -88,6 +89,10 @@ def test_an_output_without_an_index_gets_one_built_with_a_line(tmp_path, datacom
     run(parse_config(cfg), progress=False, log=lines.append)
     assert len([line for line in lines if "has no index" in line]) == 1
     check_planted(tmp_path / "out2", truth, ("exact",))
+    # an index built from subset parts says nowhere where a row's embedding is: semantic stops
+    cfg["filters"] = [{"dedup": {"method": "semantic", "against": [str(old)]}}]
+    with pytest.raises(InputError, match="built from the subset parts"):
+        run(parse_config(cfg), progress=False, log=lambda _m: None)
 
 
 def test_datacomp_planted_semantic_copies_and_lookalikes(tmp_path, datacomp_first):

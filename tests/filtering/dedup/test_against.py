@@ -179,3 +179,56 @@ def test_a_reference_without_the_key_is_an_error_and_a_partial_one_says_so(tmp_p
     (ref,) = against.open_references([str(tmp_path / "b")], str(tmp_path / "cache"), lines.append, "sha256")
     assert ref.with_keys == {"sha256": 15, "phash": 0}
     assert len(lines) == 1 and "5 of its 20 kept rows have no sha256" in lines[0]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_semantic_partition_is_brute_force_within_each_cluster(tmp_path, k):
+    """``semantic``: each pool row's most similar reference row in its cluster at cosine >=
+    the threshold (then the first reference, then the smallest uid), against numpy over
+    every pair of the same cluster; the reference rows spilled in two files (two index
+    files), the clusters compared in two partitions."""
+    from filtering.clustering import normalize
+    from filtering.dedup.semantic import spill_assigned
+
+    rng = np.random.default_rng(3)
+    dim, p_n, r_n, threshold = 8, 60, 90, 0.9
+    pool = rng.standard_normal((p_n, dim)).astype(np.float32)
+    ref = rng.standard_normal((r_n, dim)).astype(np.float32)
+    ref[:30] = pool[:30] + 0.05 * rng.standard_normal((30, dim))  # near copies of 30 pool rows
+    ref[30:35] = ref[0]  # the same embedding under five other uids: ties
+    hi = rng.integers(0, 2**63, r_n, dtype=np.int64).astype(np.uint64)
+    lo = rng.integers(0, 2**63, r_n, dtype=np.int64).astype(np.uint64)
+    which = np.r_[np.zeros(45, np.int32), np.ones(45, np.int32)]  # two references
+    centroids = normalize(rng.standard_normal((k, dim))) if k > 1 else None
+    rows = np.arange(p_n) + 1000  # pool rows
+    pool_prefix = str(tmp_path / "p")
+    spill_assigned(pool, np.arange(p_n), rows, np.arange(p_n), centroids, k, pool_prefix)
+    ref_prefixes = []
+    for f, (a, b) in enumerate([(0, 50), (50, r_n)]):  # two index files
+        ref_prefixes.append(str(tmp_path / f"r{f}"))
+        extra = {"ref": which[a:b], "hi": hi[a:b], "lo": lo[a:b]}
+        order = np.arange(b - a)
+        spill_assigned(ref[a:b], order, order, order, centroids, k, ref_prefixes[-1], extra=extra)
+    parts = [np.arange(k)[::2], np.arange(k)[1::2]]
+    got = against.best_matches(against.semantic_partition([pool_prefix], ref_prefixes, c, threshold) for c in parts)
+    # numpy: every pair in the same cluster (the labels the spills hold)
+    plabel = np.empty(p_n, np.int64)
+    plabel[np.load(f"{pool_prefix}.row.npy") - 1000] = np.load(f"{pool_prefix}.label.npy")
+    rlabel = np.empty(r_n, np.int64)
+    for f, a in enumerate((0, 50)):
+        rlabel[a + np.load(f"{ref_prefixes[f]}.row.npy")] = np.load(f"{ref_prefixes[f]}.label.npy")
+    sims = normalize(pool) @ normalize(ref).T
+    want_rows, want_uid = [], []
+    for i in range(p_n):
+        cand = np.flatnonzero((rlabel == plabel[i]) & (sims[i] >= threshold))
+        if len(cand):
+            rounded = np.round(sims[i, cand], 5)  # equal embeddings tie (then the smallest uid)
+            best = cand[rounded == rounded.max()]
+            j = best[np.lexsort((lo[best], hi[best], which[best]))[0]]
+            want_rows.append(rows[i])
+            want_uid.append((which[j], hi[j], lo[j]))
+    assert len(want_rows) >= 25
+    assert got.rows.tolist() == want_rows
+    assert list(zip(got.ref.tolist(), got.hi.tolist(), got.lo.tolist(), strict=True)) == [
+        (int(a), int(b), int(c)) for a, b, c in want_uid
+    ]
