@@ -18,8 +18,8 @@ machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the modul
   (``configs/image_based_intersect_clip_score.yaml`` on a generated pool), as shipped, on
   the cluster (``--executor ray``) and locally: the same outputs, and the manifest's
   ``execution.plan`` says which plan ran (the shard plan for each of them).
-- ``dedup: {against: [...]}`` (exact, then semantic) against an earlier output: the same
-  outputs on the cluster as locally.
+- ``dedup: {against: [...]}`` (exact, perceptual with min_similarity, semantic) against
+  an earlier output: the same outputs on the cluster as locally.
 """
 
 import json
@@ -259,17 +259,21 @@ def test_configured_head_and_its_top_fraction_on_two_nodes_match_local(tmp_path,
 
 def test_dedup_against_an_earlier_output_on_two_nodes_matches_local(tmp_path, datacomp, cluster):
     """``dedup: {against: [...]}`` on Ray: an exact search against an earlier output (the
-    pool side emitted and each partition joined as tasks), then a semantic one (the
+    pool side emitted and each partition joined as tasks), a perceptual one with
+    ``min_similarity`` (the matches confirmed as tasks), then a semantic one (the
     reference's index files assigned and each partition of clusters compared as tasks);
     the same outputs as the local process pool's."""
     reference = tmp_path / "earlier"
     _run_datacomp(datacomp, reference, [{"clip_score": {"top_fraction": 0.3}}])
     semantic = {"method": "semantic", "embedding": "l14_img", "num_clusters": 3, "threshold": 0.6}
+    perceptual = {"method": "perceptual", "embedding": "l14_img", "min_similarity": 0.0}
     filters = [
         {"dedup": {"method": "exact", "against": [str(reference)]}},
+        {"dedup": {**perceptual, "against": [str(reference)]}},
         {"dedup": {**semantic, "against": [str(reference)]}},
     ]
-    sent = {"_emit_against", "_reduce_exact_task", "_spill_reference", "_semantic_partition", "_filter"}
+    sent = {"_emit_against", "_reduce_exact_task", "_reduce_perceptual_task", "_spill_reference_rows", "_close_edges"}
+    sent |= {"_spill_reference", "_semantic_partition", "_filter"}
     _matches_local(tmp_path, datacomp, cluster, filters, "auto", sent)
     counts = json.loads((tmp_path / "ray" / "manifest.json").read_text())["counts"]["filters"]
     assert all(step["reasons"].get("duplicate_of_reference") for step in counts), counts
