@@ -656,7 +656,7 @@ def _semantic_against(tasks, sh, shards, starts, position: Path, rows, hi, lo, v
         k = min(p.num_clusters or semantic.default_num_clusters(n + n_ref), n)
         spill = tempfile.mkdtemp(prefix="against-semantic-", dir=sh.spill)
         try:
-            centroids, _ = _train_centroids(tasks, sh, shards, starts, position, vrows, k, dtype, spill)
+            centroids, dim = _train_centroids(tasks, sh, shards, starts, position, vrows, k, dtype, spill)
             prefixes, sizes = _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k, spill)
             ref_prefixes, args = [], []
             for k_ref, ref in enumerate(refs):
@@ -668,8 +668,10 @@ def _semantic_against(tasks, sh, shards, starts, position: Path, rows, hi, lo, v
                 ref_sizes += counts
             clusters = np.flatnonzero((sizes > 0) & (ref_sizes > 0))
             if len(clusters):
-                # balanced by comparisons: pool rows times reference rows per cluster
-                parts_n = min(len(clusters), 4 * tasks.workers)
+                # balanced by comparisons (pool rows times reference rows per cluster), and
+                # enough partitions that one holds about PARTITION_BYTES of embeddings
+                size_bytes = float(((sizes[clusters] + ref_sizes[clusters]) * max(dim, 1) * 4).sum())
+                parts_n = min(len(clusters), max(4 * tasks.workers, int(np.ceil(size_bytes / PARTITION_BYTES))))
                 owner = semantic.balance(np.sqrt(sizes[clusters] * ref_sizes[clusters].astype(np.float64)), parts_n)
                 work = [(prefixes, ref_prefixes, clusters[owner == q], p.threshold) for q in range(parts_n)]
                 matches = against.best_matches(tasks.map(_semantic_partition, work))
