@@ -592,6 +592,12 @@ def spill_reference(
         except (OSError, KeyError, ValueError) as e:
             raise InputError(f"filters.dedup.against: {ref.path}: its {kind!r} embeddings: {e}") from e
     dim = embs[0][1].shape[1]
+    assigner = _assigner(centroids)
+    if centroids is not None and np.load(centroids, mmap_mode="r").shape[1] != dim:
+        raise InputError(
+            f"filters.dedup.against: {ref.path}: its {kind!r} embeddings have dimension {dim}, "
+            f"the pool's {np.load(centroids, mmap_mode='r').shape[1]} (another model?)"
+        )
     emb = np.zeros((len(row), dim), dtype)
     for at, e in embs:
         emb[at] = e
@@ -603,7 +609,7 @@ def spill_reference(
         "lo": table.column("uid_lo").to_numpy()[keep],
     }
     order = np.arange(len(keep), dtype=np.int64)
-    return spill_assigned(emb, keep, order, order, _assigner(centroids), k, prefix, dtype, extra)
+    return spill_assigned(emb, keep, order, order, assigner, k, prefix, dtype, extra)
 
 
 def semantic_partition(pool_prefixes: list[str], ref_prefixes: list[str], clusters: np.ndarray, threshold: float):
@@ -617,6 +623,13 @@ def semantic_partition(pool_prefixes: list[str], ref_prefixes: list[str], cluste
     rlabel, _, rx, extra = gather_clusters(ref_prefixes, clusters, REF_EXTRA)
     if x is None or rx is None:
         return _empty_result()
+    if x.shape[1] != rx.shape[1]:
+        from filtering.errors import InputError
+
+        raise InputError(
+            f"filters.dedup.against: the references' embeddings have dimension {rx.shape[1]}, "
+            f"the pool's {x.shape[1]} (another model?)"
+        )
     pb, rb = cluster_bounds(label), cluster_bounds(rlabel)
     _, ia, ib = np.intersect1d(label[pb[:-1]], rlabel[rb[:-1]], assume_unique=True, return_indices=True)
     out_p, out_r, out_d = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]

@@ -137,6 +137,18 @@ def test_datacomp_planted_semantic_copies_and_lookalikes(tmp_path, datacomp_firs
     assert semantic["against"][0]["path"] == str(out1) and semantic["against"][0]["matched"] == 40
 
 
+def test_semantic_against_embeddings_of_another_width_is_an_error(tmp_path, datacomp_first):
+    _, out1 = datacomp_first  # l14_img of 768 floats; the new pool's are 24
+    datacomp_second_pool(tmp_path / "pool2", kept_rows(out1), exact=0, near=0, clean=30)
+    cfg = {
+        "input": {"datacomp_metadata": str(tmp_path / "pool2")},
+        "filters": [{"dedup": {"method": "semantic", "against": [str(out1)]}}],
+        "output": {"dir": str(tmp_path / "out2")},
+    }
+    with pytest.raises(InputError, match="have dimension 768, the pool's 24"):
+        run(parse_config(cfg), progress=False, log=lambda _m: None)
+
+
 MODEL = {"arch": "poolsift-tiny", "pretrained": str(REPO / "sample_data" / "tiny_clip" / "poolsift-tiny.safetensors")}
 
 
