@@ -16,7 +16,6 @@ To record again (from a checkout of the reference commit at OLD)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.golden import digests, pool_digest
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden_outputs.json")
@@ -153,82 +154,6 @@ def run_case(
     sets += [f"output.dir={out}", *extra]
     args = [a for s in sets for a in ("--set", s)]
     return _cli(python_path, "run", python_path / "configs" / f"{config}.yaml", *args, "--quiet")
-
-
-def _shard_label(source_shard: str) -> str:
-    """``source_shard`` from the last folder named ``sample_data`` or ``pool`` on (the
-    path is written as the run found it: absolute, or relative to its working folder)."""
-    parts = Path(source_shard).parts
-    marks = [i for i, p in enumerate(parts) if p in ("sample_data", "pool")]
-    return "/".join(parts[marks[0] if "sample_data" in parts[marks[0]] else marks[-1] :]) if marks else parts[-1]
-
-
-def _rows_digest(folder: Path) -> dict:
-    """Per source shard: the row count and a sha256 over the rows in order; and one over all."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not parts:
-        return {"rows": 0, "sha256": hashlib.sha256().hexdigest(), "shards": {}, "columns": []}
-    table = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in parts], promote_options="default")
-    columns = table.column_names
-    total, shards = hashlib.sha256(), {}
-    for row in table.to_pylist():
-        shard = row["source_shard"] = _shard_label(str(row.get("source_shard")))
-        line = repr([(c, row[c]) for c in columns]).encode()
-        total.update(line + b"\n")
-        entry = shards.setdefault(shard, [0, hashlib.sha256()])
-        entry[0] += 1
-        entry[1].update(line + b"\n")
-    return {
-        "rows": table.num_rows,
-        "sha256": total.hexdigest(),
-        "columns": [f"{f.name}:{f.type}" for f in table.schema],
-        "shards": {s: {"rows": n, "sha256": h.hexdigest()} for s, (n, h) in shards.items()},
-    }
-
-
-def digests(out: Path) -> dict:
-    """The digests of the run in ``out``."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    return {
-        "subset.npy": hashlib.sha256((out / "subset.npy").read_bytes()).hexdigest(),
-        "subset": _rows_digest(out / "subset"),
-        "dropped": _rows_digest(out / "dropped"),
-        "counts": manifest["counts"],
-        "thresholds": manifest.get("thresholds"),
-        "cache": cache_folders(out),
-    }
-
-
-def cache_folders(out: Path) -> list[str]:
-    """The per-shard cache folders whose names do not depend on where the inputs are
-    (rows, uids, scorers): the same names now mean a cache the reference commit wrote is
-    found and read, not scored again."""
-    cache = out / "cache"
-    names = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
-    return [n for n in names if n.startswith(("source-", "uids-", "scorer-"))]
-
-
-def pool_digest(pool: Path) -> dict[str, str]:
-    """Per pool file, a sha256 of what it holds (rows; arrays), not of the writer's bytes."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    out = {}
-    for path in sorted(pool.iterdir()):
-        h = hashlib.sha256()
-        if path.suffix == ".parquet":
-            for row in pq.read_table(path).to_pylist():
-                h.update(repr(row).encode())
-        else:
-            with np.load(path) as arrays:
-                for name in sorted(arrays.files):
-                    a = arrays[name]
-                    h.update(f"{name}:{a.dtype.str}:{a.shape}".encode() + np.ascontiguousarray(a).tobytes())
-        out[path.name] = h.hexdigest()
-    return out
 
 
 def record(old: Path, root: Path, mode: str | None = None) -> dict:

@@ -1,6 +1,6 @@
 """Decontamination on the shard plan (``DecontaminateStage``, scope ``global``: the
 reference sets in the driver, each shard's nearest items in the workers) against the
-in-memory plan: subset.npy byte for byte, the subset and dropped rows in order, the
+outputs recorded from the in-memory plan it replaced (tests/golden.py): subset.npy byte for byte, the subset and dropped rows in order, the
 manifest's counts and decontamination records; on DataComp metadata and on the bundled
 WebDataset sample (whose corrupt images are failed rows)."""
 
@@ -18,8 +18,8 @@ import yaml
 
 from tests.conftest import REPO, SAMPLE
 from tests.datacomp_pool import make_datacomp_pool, pool_embeddings
-from tests.pipelines.test_streaming import assert_same_outputs
-from tests.pipelines.test_streaming_webdataset import _same_outputs, _sample_run
+from tests.pipelines.test_streaming import assert_recorded_outputs
+from tests.pipelines.test_streaming_webdataset import _recorded, _sample_run
 
 pytestmark = pytest.mark.slow  # runs the whole pipeline
 
@@ -59,7 +59,7 @@ PERCEPTUAL = {"reference": "eval_hashes.npy", "method": "perceptual", "max_dista
 def test_datacomp(tmp_path, leaky, specs):
     filters = [{"caption": {"min_words": 2}}]
     filters += [{"decontaminate": {**s, "reference": str(leaky / s["reference"])}} for s in specs]
-    m = assert_same_outputs(leaky / "metadata", tmp_path, filters, fresh_cache=True, rows_per_part=40)
+    m = assert_recorded_outputs(leaky / "metadata", tmp_path, filters, rows_per_part=40)
     steps = [f for f in m["counts"]["filters"] if f["name"].startswith("decontaminate")]
     assert len(steps) == len(specs) and all(f["dropped"] > 0 for f in steps)
     records = m["stages"]["decontaminate"]
@@ -72,7 +72,7 @@ def test_shipped_semantic_datacomp_preset(tmp_path, leaky):
     decontamination, clip_score top_fraction), every step on the shard plan."""
     raw = yaml.safe_load((REPO / "configs" / "dedup_semantic_datacomp.yaml").read_text())
     filters = json.loads(json.dumps(raw["filters"]).replace("path/to/eval_l14_img.npy", str(leaky / "eval_emb.npy")))
-    m = assert_same_outputs(leaky / "metadata", tmp_path, filters, fresh_cache=True, search_record=False)
+    m = assert_recorded_outputs(leaky / "metadata", tmp_path, filters)
     assert {f["name"]: f for f in m["counts"]["filters"]}["decontaminate"]["dropped"] == 3
 
 
@@ -105,13 +105,8 @@ def test_webdataset_with_failed_rows(tmp_path, rerun_dir, method, params):
         {"caption": {"min_words": 2}},
         {"decontaminate": {"reference": str(ref), "method": method, **params}},
     ]
-    mem = _sample_run(rerun_dir, "memory", filters)
-    a = tmp_path / "memory"
-    shutil.copytree(rerun_dir, a)
-    shutil.rmtree(rerun_dir / "cache")  # the scores kept, the reference set and nearest items computed again
-    shutil.copytree(a / "cache", rerun_dir / "cache", ignore=shutil.ignore_patterns("decontam-*"))
-    streamed = _sample_run(rerun_dir, "streaming", filters)
-    _same_outputs(mem, streamed, a, rerun_dir)
+    streamed = _sample_run(rerun_dir, filters)  # the scores cached, the reference set and nearest items computed
+    _recorded(streamed, rerun_dir)
     m = streamed.manifest
     assert m["counts"]["failed"] > 0
     assert {f["name"]: f for f in m["counts"]["filters"]}["decontaminate"]["dropped"] >= 3
@@ -126,13 +121,8 @@ def test_webdataset_against_reference_shards(tmp_path, rerun_dir):
     included: skipped), hashed once in the driver."""
     shard = sorted((SAMPLE / "pool").glob("*.tar"))[1]
     filters = [{"decontaminate": {"reference": str(shard), "method": "perceptual", "max_distance": 0}}]
-    mem = _sample_run(rerun_dir, "memory", filters)
-    a = tmp_path / "memory"
-    shutil.copytree(rerun_dir, a)
-    shutil.rmtree(rerun_dir / "cache")
-    shutil.copytree(a / "cache", rerun_dir / "cache", ignore=shutil.ignore_patterns("decontam-*"))
-    streamed = _sample_run(rerun_dir, "streaming", filters)
-    _same_outputs(mem, streamed, a, rerun_dir)
+    streamed = _sample_run(rerun_dir, filters)
+    _recorded(streamed, rerun_dir)
     [record] = streamed.manifest["stages"]["decontaminate"].values()
     assert record["reference_cache"] == "hashed" and record["nearest"] == 0
     assert {f["name"]: f for f in streamed.manifest["counts"]["filters"]}["decontaminate"]["dropped"] > 0

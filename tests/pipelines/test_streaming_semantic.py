@@ -1,11 +1,10 @@
 """Semantic dedup on the streaming plan (pipelines/executors/dedup_phase.py: k-means trained
 in the driver on the in-memory path's sample, rows assigned and spilled per shard, each
-partition of clusters compared on one worker) against the in-memory plan: subset.npy byte
-for byte, the subset and dropped tables row for row, the manifest's counts."""
+partition of clusters compared on one worker) against the outputs recorded from the
+in-memory plan it replaced (tests/golden.py): subset.npy byte for byte, the subset and
+dropped rows in order, the manifest's counts."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +13,7 @@ import pytest
 
 from filtering.errors import ConfigError
 from tests.datacomp_pool import make_datacomp_pool
-from tests.pipelines.test_streaming import L14, _run, _table, assert_same_outputs
+from tests.pipelines.test_streaming import L14, _run, _table, assert_recorded_outputs
 
 pytestmark = pytest.mark.slow  # runs the whole pipeline
 
@@ -81,8 +80,7 @@ def sem_metadata(tmp_path_factory):
     ids=["default", "sampled-smallest-uid", "one-cluster", "after-filters", "exact-then-two-semantic"],
 )
 def test_semantic_dedup_streams(tmp_path, sem_metadata, filters):
-    searched = any(f.get("dedup", {}).get("method") == "exact" for f in filters)  # its search record differs
-    m = assert_same_outputs(sem_metadata, tmp_path, filters, search_record=not searched)
+    m = assert_recorded_outputs(sem_metadata, tmp_path, filters)
     assert m["execution"]["seconds"]["dedup"] >= 0  # the dedup phase ran
     dropped = [f["dropped"] for f in m["counts"]["filters"] if f["name"].startswith("dedup")]
     assert max(dropped) > 20 and dropped[-1] > 0  # the planted copies were found
@@ -117,22 +115,21 @@ CONFIRMED = {"method": "perceptual", "max_distance": 4, "min_similarity": 0.9, "
 def test_min_similarity_streams(tmp_path, sem_metadata, filters):
     """``min_similarity``: the filter's edges among the rows that reach it, confirmed by
     cosines of embeddings read per shard in the workers."""
-    m = assert_same_outputs(sem_metadata, tmp_path, filters, search_record=False)
+    m = assert_recorded_outputs(sem_metadata, tmp_path, filters)
     dropped = [f["dropped"] for f in m["counts"]["filters"] if f["name"].startswith("dedup")]
     assert dropped[0 if len(filters) < 3 else -1] > 20
     if filters == [{"dedup": CONFIRMED}]:  # the look-alikes are rejected: fewer dropped than by hashes alone
         plain = {k: v for k, v in CONFIRMED.items() if k not in ("min_similarity", "embedding")}
-        alone = _run(sem_metadata, tmp_path / "plain", [{"dedup": plain}], "streaming")
+        alone = _run(sem_metadata, tmp_path / "plain", [{"dedup": plain}])
         assert alone.manifest["counts"]["filters"][0]["dropped"] > dropped[0]
 
 
-def test_missing_embedding_reports_as_in_memory(tmp_path, sem_metadata):
+def test_missing_embedding_is_one_config_error(tmp_path, sem_metadata):
     filters = [{"dedup": {"method": "semantic", "embedding": "nope"}}]
-    with pytest.raises(ConfigError) as mem:
-        _run(sem_metadata, tmp_path / "a", filters, "memory")
-    with pytest.raises(ConfigError) as streamed:
-        _run(sem_metadata, tmp_path / "b", filters, "streaming")
-    assert str(mem.value) == str(streamed.value)
+    with pytest.raises(ConfigError) as e:
+        _run(sem_metadata, tmp_path / "b", filters)
+    assert "nope" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "b" / "subset.npy").exists()
 
 
 @pytest.mark.parametrize(
@@ -144,20 +141,19 @@ def test_missing_embedding_reports_as_in_memory(tmp_path, sem_metadata):
     ids=["semantic-under-not", "confirmed-under-any"],
 )
 def test_dedup_under_any_and_not_streams(tmp_path, sem_metadata, filters):
-    """Survivors among the rows that reach the dedup inside ``any``/``not``, as in memory."""
-    searched = '"method": "exact"' in json.dumps(filters)  # its search record differs
-    m = assert_same_outputs(sem_metadata, tmp_path, filters, search_record=not searched)
+    """Survivors among the rows that reach the dedup inside ``any``/``not``."""
+    m = assert_recorded_outputs(sem_metadata, tmp_path, filters)
     assert all(f["dropped"] for f in m["counts"]["filters"])
 
 
-def test_mixed_embedding_dtypes_stream_as_in_memory(tmp_path):
+def test_mixed_embedding_dtypes_stream(tmp_path):
     """The filter gathers embeddings in the first shard's dtype: a float32 shard after a
-    float16 one is cast to float16 on both plans (no second plan runs)."""
+    float16 one is cast to float16 (the recorded outputs: the in-memory plan's)."""
     root = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=30, seed=2)
     path = sorted(root.glob("*.npz"))[1]
     with np.load(path) as z:
         arrays = dict(z)
     arrays["l14_img"] = arrays["l14_img"].astype(np.float32)
     np.savez(path, **arrays)
-    m = assert_same_outputs(root, tmp_path, [{"dedup": {**SEM, "threshold": 0.3}}])
+    m = assert_recorded_outputs(root, tmp_path, [{"dedup": {**SEM, "threshold": 0.3}}])
     assert m["counts"]["filters"][0]["dropped"] > 0

@@ -1,14 +1,14 @@
 """The shard plan's global steps on a WebDataset pool: ``image_clusters`` (the target
 clusters from the source's ``skeleton_pool``) and ``dedup`` (exact, perceptual with
 ``min_similarity``, semantic), with failed rows (unreadable images; bad uids failed by
-``input.uid.on_invalid: fail``), against the in-memory plan: subset.npy byte for byte, the
-subset and dropped rows in order, the manifest's counts and thresholds; and the sample
-presets that use them (``configs/sample_dedup.yaml``, ``configs/sample_image_clusters.yaml``)."""
+``input.uid.on_invalid: fail``), against the outputs recorded from the in-memory plan it
+replaced (tests/golden.py): subset.npy byte for byte, the subset and dropped rows in order,
+the manifest's counts, failures and thresholds; and the sample presets that use them
+(``configs/sample_dedup.yaml``, ``configs/sample_image_clusters.yaml``)."""
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from filtering.stages.img2dataset import source_stamp
 from pipelines.config import parse_config
 from pipelines.runner import plan, run
 from tests.conftest import REPO
-from tests.pipelines.test_streaming_webdataset import _same_outputs
+from tests.pipelines.test_streaming_webdataset import _recorded
 
 pytestmark = pytest.mark.slow  # runs the whole pipeline
 
@@ -32,13 +32,12 @@ CORRUPT = (3, 49)  # row 50 is an exact copy of row 49 (bench_refilter.planted)
 BAD_UID = (7, 99)  # row 100 is an exact copy of row 99
 
 
-def _raw(pattern: str, out: Path, mode: str, filters, clusters=None) -> dict:
+def _raw(pattern: str, out: Path, filters, clusters=None) -> dict:
     raw = {
         "input": {"shards": pattern, "uid": UID},
         "model": MODEL,
         "filters": filters,
         "output": {"dir": str(out)},
-        "execution": {"mode": mode},
     }
     if clusters is not None:
         raw["clusters"] = clusters
@@ -102,51 +101,33 @@ def faulty(tmp_path_factory) -> tuple[str, Path, Path]:
     reference set of image embeddings near some of the pool's."""
     root = tmp_path_factory.mktemp("wdsfail")
     pattern = make_shards(root / "shards", 350, shard_rows=120)
-    cfg = parse_config(_raw(pattern, root / "cache-src", "memory", [{"caption": {"min_words": 1}}]))
+    cfg = parse_config(_raw(pattern, root / "cache-src", [{"caption": {"min_words": 1}}]))
     write_caches(cfg, shard_rows=120)
     _plant_faults(cfg)
     stage = plan(cfg, str(root / "cache-src" / "cache")).source
-    pool = stage.load_pool()
-    picked = np.asarray(pool.embeddings("image", np.arange(0, pool.n, 37)))
-    np.save(root / "reference.npy", picked)
+    clip = stage.scorers[0]
+    image = np.concatenate([np.asarray(stage.scorer_cache(clip).read_array(url, "image")) for url in stage.urls])
+    np.save(root / "reference.npy", image[::37])
     return pattern, root / "cache-src" / "cache", root / "reference.npy"
 
 
-def _both(tmp_path: Path, faulty, filters, clusters=None):
-    """Both plans into the same folder (the config is then the same), the in-memory
-    run's outputs copied aside first; each run from the shard caches alone."""
+def _recorded_run(tmp_path: Path, faulty, filters, clusters=None):
+    """The run from the shard caches alone (every column stage computed): the recorded outputs."""
     pattern, cache, _ = faulty
-    a, b = tmp_path / "memory", tmp_path / "run"
+    b = tmp_path / "run"
     shutil.copytree(cache, b / "cache")
-    mem = run(parse_config(_raw(pattern, b, "memory", filters, clusters)), **QUIET)
-    shutil.copytree(b, a)
-    shutil.rmtree(b / "cache")
-    shutil.copytree(cache, b / "cache")  # the streaming run computes every column stage again
-    streamed = run(parse_config(_raw(pattern, b, "streaming", filters, clusters)), **QUIET)
+    streamed = run(parse_config(_raw(pattern, b, filters, clusters)), **QUIET)
     counts = streamed.manifest["counts"]
     assert counts["failed"] == 3 * (len(CORRUPT) + len(BAD_UID))
     assert counts["failed_reasons"] == {"bad_uid": 6, "decode_error": 6}
-    return mem, streamed, a, b
-
-
-def _same(mem, streamed, a: Path, b: Path) -> None:
-    """As ``_same_outputs``, but the dedup search's records are compared by name only:
-    they say whether the in-memory plan's search cache was used, which the shard plan
-    does not have (docs/architecture.md)."""
-
-    def names_only(result):
-        manifest = {**result.manifest, "stages": dict(result.manifest["stages"])}
-        if "dedup" in manifest["stages"]:
-            manifest["stages"]["dedup"] = sorted(manifest["stages"]["dedup"])
-        return replace(result, manifest=manifest)
-
-    _same_outputs(names_only(mem), names_only(streamed), a, b)
+    _recorded(streamed, b)
+    return streamed
 
 
 @pytest.mark.parametrize("centroids", ["trained", "file"])
 def test_image_clusters(tmp_path, faulty, centroids):
-    """The k-means sample leaves the failed rows out, bad uids included, on both plans:
-    the same centroids, targets and assignments."""
+    """The k-means sample leaves the failed rows out, bad uids included: the recorded
+    centroids' targets and assignments."""
     _, _, reference = faulty
     clusters = {"reference": str(reference), "num_clusters": 8, "niter": 5, "seed": 1}
     if centroids == "file":
@@ -157,8 +138,7 @@ def test_image_clusters(tmp_path, faulty, centroids):
         np.save(tmp_path / "reference.npy", ref[:3])  # the three targets; the other five are not
         clusters = {"reference": str(tmp_path / "reference.npy"), "centroids": str(tmp_path / "centroids.npy")}
     filters = [{"clip_score": {"top_fraction": 0.5}}, {"image_clusters": {}}]
-    mem, streamed, a, b = _both(tmp_path, faulty, filters, clusters)
-    _same_outputs(mem, streamed, a, b)
+    streamed = _recorded_run(tmp_path, faulty, filters, clusters)
     info = streamed.manifest["stages"]["clusters"]
     assert info["centroids"] == ("trained" if centroids == "trained" else "loaded")
     if centroids == "trained":
@@ -184,8 +164,7 @@ def test_image_clusters(tmp_path, faulty, centroids):
     ids=["exact", "perceptual-min-similarity", "semantic", "top-exact-perceptual"],
 )
 def test_dedup(tmp_path, faulty, filters):
-    mem, streamed, a, b = _both(tmp_path, faulty, filters)
-    _same(mem, streamed, a, b)
+    streamed = _recorded_run(tmp_path, faulty, filters)
     assert streamed.manifest["execution"]["seconds"]["dedup"] >= 0  # the dedup phase ran
     dropped = [f for f in streamed.manifest["counts"]["filters"] if f["name"].startswith("dedup")]
     assert all(f["dropped"] > 0 for f in dropped)  # the pool has copies: every step decided something
@@ -194,8 +173,8 @@ def test_dedup(tmp_path, faulty, filters):
 @pytest.mark.parametrize("preset", ["sample_dedup", "sample_image_clusters"])
 def test_sample_presets(tmp_path, rerun_dir, preset):
     """The bundled sample's presets take the shard plan under ``execution.mode: auto``
-    (the default) and equal the in-memory run's outputs; the sample's corrupt images are
-    failed rows."""
+    (the default) and write the recorded outputs; the sample's corrupt images are failed
+    rows."""
     raw = yaml.safe_load((REPO / "configs" / f"{preset}.yaml").read_text())
     base = REPO / "configs"
     raw["input"]["shards"] = str(base / raw["input"]["shards"])
@@ -203,15 +182,8 @@ def test_sample_presets(tmp_path, rerun_dir, preset):
     if "clusters" in raw:
         raw["clusters"]["reference"] = str((base / raw["clusters"]["reference"]).resolve())
     raw["output"] = {"dir": str(rerun_dir)}
-    scored = tmp_path / "scored"
-    shutil.copytree(rerun_dir / "cache", scored)
-    mem = run(parse_config({**raw, "execution": {"mode": "memory"}}), **QUIET)
-    a = tmp_path / "memory"
-    shutil.copytree(rerun_dir, a)
-    shutil.rmtree(rerun_dir / "cache")
-    shutil.copytree(scored, rerun_dir / "cache")  # the column stages computed again
-    streamed = run(parse_config(raw), **QUIET)  # auto
-    _same(mem, streamed, a, rerun_dir)
+    streamed = run(parse_config(raw), **QUIET)  # the scores cached, the column stages computed
+    _recorded(streamed, rerun_dir)
     assert streamed.manifest["counts"]["failed"] > 0
     assert streamed.manifest["counts"]["filters"][-1]["dropped"] > 0
 
@@ -226,23 +198,19 @@ def test_sample_presets(tmp_path, rerun_dir, preset):
     ],
     ids=["no-dedup", "exact", "semantic", "top-fraction"],
 )
-def test_bad_uids_stop_the_run_as_in_memory(tmp_path, faulty, filters):
+def test_bad_uids_stop_the_run(tmp_path, faulty, filters):
     """With ``input.uid.on_invalid: error`` (the default) bad uids in several shards stop
-    the run with the in-memory plan's message, which counts them over the whole pool (and
-    names the first): the shard plan counts them before any worker builds a pool."""
+    the run with one message that counts them over the whole pool (and names the first,
+    as the in-memory plan's did): the shard plan counts them before any worker builds a pool."""
     pattern, cache, _ = faulty
-    said = {}
-    for mode in ("memory", "streaming"):
-        out = tmp_path / mode
-        shutil.copytree(cache, out / "cache")
-        raw = _raw(pattern, out, mode, filters)
-        del raw["input"]["uid"]
-        with pytest.raises(ConfigError) as e:
-            run(parse_config(raw), **QUIET)
-        said[mode] = str(e.value)
-        assert not (out / "subset.npy").exists()
-    assert said["streaming"] == said["memory"]
-    assert "6 sample(s) have no valid uid" in said["memory"]
+    out = tmp_path / "run"
+    shutil.copytree(cache, out / "cache")
+    raw = _raw(pattern, out, filters)
+    del raw["input"]["uid"]
+    with pytest.raises(ConfigError) as e:
+        run(parse_config(raw), **QUIET)
+    assert not (out / "subset.npy").exists()
+    assert "6 sample(s) have no valid uid" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_good_uids_are_not_read_in_the_driver(tmp_path, rerun_dir, monkeypatch):
@@ -257,7 +225,7 @@ def test_good_uids_are_not_read_in_the_driver(tmp_path, rerun_dir, monkeypatch):
         raise AssertionError("check_uids ran on a pool whose uids are good")
 
     monkeypatch.setattr(WebDatasetStage, "check_uids", refused)
-    cfg = write_config(tmp_path / "sample.yaml", output={"dir": str(rerun_dir)}, execution={"mode": "streaming"})
+    cfg = write_config(tmp_path / "sample.yaml", output={"dir": str(rerun_dir)})
     result = run(load_config(cfg), **QUIET)
     assert result.manifest["execution"]["plan"] == "streaming"
     assert 0 < result.manifest["counts"]["kept"] < result.manifest["counts"]["input"]
