@@ -61,8 +61,8 @@ class Decision:
 class TopFraction:
     """A global threshold (DataComp, ``baselines/apply_filter.py``): the value at index
     ``int(N * fraction)`` of ``column`` sorted in descending order over the N rows not
-    failed, NaN counted in N and sorted last. The shard plan finds it from per-shard
-    histograms (``pipelines/executors/streaming.py: select_threshold``)."""
+    failed, NaN counted in N and sorted last, from per-shard histograms
+    (:mod:`filtering.filters.top_fraction`)."""
 
     column: str
     fraction: float

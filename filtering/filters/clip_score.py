@@ -14,6 +14,8 @@
   intersection of the two baselines whatever the order.
 
 Comparisons run in the column's own dtype, so float64 DataComp scores are not rounded.
+The threshold is found by the shard plan's reduction (:mod:`filtering.filters.top_fraction`);
+a pool filtered whole in this process runs it with the pool as its only shard.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, model_validator
 
+from filtering.filters import top_fraction
 from filtering.filters.base import Decision, Filter, Params, TopFraction, register
 from filtering.pool import Pool
 from filtering.sources import source_info
@@ -36,19 +39,6 @@ class ClipScoreParams(Params):
         if (self.min is None) == (self.top_fraction is None):
             raise ValueError("give exactly one of min or top_fraction")
         return self
-
-
-def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float | None:
-    """DataComp's threshold: ``sorted_desc[int(N * fraction)]`` with NaN sorted last (so NaN
-    when the index lands among them); None when the index is past the end (keep all)."""
-    n = int(len(scores) * fraction)
-    if n >= len(scores):
-        return None
-    scored = scores[~np.isnan(scores)]
-    if n >= len(scored):
-        return scores.dtype.type(np.nan)
-    # np.partition finds the (n)-th largest in O(N) instead of a full sort.
-    return np.partition(-scored, n)[n] * -1
 
 
 @register
@@ -80,7 +70,7 @@ class ClipScore(Filter):
         if self.fixed:
             return self.fixed[0]
         scores = pool.column(self.field)
-        return top_fraction_threshold(scores[~pool.failed], self.params.top_fraction)
+        return top_fraction.threshold(scores[~pool.failed], self.params.top_fraction)
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
         scores = pool.column(self.field)

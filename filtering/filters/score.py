@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, model_validator
 
+from filtering.filters import top_fraction
 from filtering.filters.base import Decision, Filter, Params, TopFraction, register
-from filtering.filters.clip_score import top_fraction_threshold
 from filtering.pool import Pool
 
 
@@ -65,7 +65,7 @@ class Score(Filter):
         low = p.min
         if p.top_fraction is not None:
             low = (
-                self.fixed[0] if self.fixed else top_fraction_threshold(scores[~pool.failed], p.top_fraction)
+                self.fixed[0] if self.fixed else top_fraction.threshold(scores[~pool.failed], p.top_fraction)
             )  # NaN counts in N, as in clip_score
         thresholds = {column: low if low is not None else p.max}
         # Comparisons in the column's own dtype, so float64 scores are not rounded.

@@ -99,6 +99,7 @@ import pyarrow as pa
 
 from filtering.dedup import index as dedup_index
 from filtering.errors import ConfigError, PoolsiftError
+from filtering.filters import top_fraction
 from filtering.filters.base import Filter, Survivors, Tally, TopFraction, add_tally
 from filtering.filters.compose import FilterNode, apply_filters
 from filtering.io.arrow import without_pandas
@@ -114,7 +115,6 @@ from pipelines.executors import uid_phase
 from pipelines.executors.dedup_phase import run_dedup
 from pipelines.executors.shards import _shard_pool, _Shared, decided_tree, shard_columns, survivor_paths, uid_prefix
 
-KEY_BITS = 16  # histogram of the top bits of each score's order-preserving key
 RANGE_ROWS = 2_000_000  # uids sorted per merge task (32 MB)
 SPILL = ".streaming"
 
@@ -167,16 +167,6 @@ def _top_fractions(nodes: list[FilterNode]) -> list[TopFraction]:
     return [r for node in nodes for f in node.leaves() if isinstance(r := f.reduction(), TopFraction)]
 
 
-# ---------------------------------------------------------------- score keys
-
-
-def score_keys(values: np.ndarray) -> np.ndarray:
-    """uint64 keys ordered as the (non-NaN) float values: sign-flipped IEEE bits; -0.0 as 0.0."""
-    bits = (np.asarray(values, dtype=np.float64) + 0.0).view(np.uint64)
-    neg = (bits >> np.uint64(63)).astype(bool)
-    return np.where(neg, ~bits, bits | np.uint64(1 << 63))
-
-
 # ---------------------------------------------------------------- workers (module level: picklable)
 
 
@@ -216,11 +206,8 @@ def _scan(args) -> dict[str, Any]:
     for key, (column, as_float64) in enumerate(wanted):
         scores = TopFraction(column, 0.0, as_float64).scores(columns[column])
         np.save(_scores_path(sh, key, i), scores)
-        nan = np.isnan(scores)
-        out["nan"][key] = int(nan.sum())
+        out["hists"][key], out["nan"][key] = top_fraction.histogram(scores)
         out["dtype"][key] = scores.dtype.str
-        keys = score_keys(scores[~nan])
-        out["hists"][key] = np.bincount((keys >> np.uint64(64 - KEY_BITS)).astype(np.int64), minlength=1 << KEY_BITS)
     return out
 
 
@@ -230,29 +217,16 @@ def _count_rows(args) -> int:
     return sh.source.shard_rows(shard)
 
 
-def _keys_under(scores: np.ndarray, prefix: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """The non-NaN scores whose key starts with ``prefix`` (its top ``bits`` bits), and their keys."""
-    scores = scores[~np.isnan(scores)]
-    keys = score_keys(scores)
-    if bits:
-        hit = (keys >> np.uint64(64 - bits)) == np.uint64(prefix)
-        scores, keys = scores[hit], keys[hit]
-    return scores, keys
-
-
 def _refine(args) -> np.ndarray:
     """One shard's histogram of the next KEY_BITS key bits, among scores under ``prefix``."""
     sh, i, key, prefix, bits = args
-    _, keys = _keys_under(np.load(_scores_path(sh, key, i)), prefix, bits)
-    shift = np.uint64(64 - bits - KEY_BITS)
-    return np.bincount(((keys >> shift) & np.uint64((1 << KEY_BITS) - 1)).astype(np.int64), minlength=1 << KEY_BITS)
+    return top_fraction.refine_histogram(np.load(_scores_path(sh, key, i)), prefix, bits)
 
 
 def _gather(args) -> np.ndarray:
     """One shard's scores under ``prefix``."""
     sh, i, key, prefix, bits = args
-    scores, _ = _keys_under(np.load(_scores_path(sh, key, i)), prefix, bits)
-    return scores
+    return top_fraction.keys_under(np.load(_scores_path(sh, key, i)), prefix, bits)[0]
 
 
 def _remove(url: str) -> None:
@@ -385,47 +359,6 @@ def _bin_groups(totals: np.ndarray, limit: int = RANGE_ROWS) -> list[tuple[int, 
             groups.append((start, b + 1))
             start, acc = b + 1, 0
     return groups
-
-
-GATHER_LIMIT = 1 << 20  # scores gathered into the driver at most (8 MB), except exact ties
-
-
-def select_threshold(hist: np.ndarray, nan: int, total: int, fraction: float, dtype: np.dtype, refine, gather):
-    """DataComp's ``top_fraction`` threshold (``filtering/filters/clip_score.py``) from counts:
-    None (index past the end: keep all), NaN (index among the NaN rows), or the exact value
-    at ``sorted_desc[int(N * fraction)]``.
-
-    ``hist`` counts the non-NaN scores by the top KEY_BITS bits of their key. While the
-    bin holding the rank has more than GATHER_LIMIT scores, ``refine(prefix, bits)``
-    (the summed histogram of the next bits under that prefix) narrows it; then
-    ``gather(prefix, bits)`` returns the scores under the prefix and ``np.partition``
-    picks the value. A prefix of all 64 bits is one value: no gathering at all."""
-    n = int(total * fraction)
-    if n >= total:
-        return None
-    scored = total - nan
-    if n >= scored:
-        return dtype.type(np.nan)
-    rank = scored - 1 - n  # ascending rank of sorted_desc[n] among the scored rows
-    prefix, bits = 0, 0
-    while True:
-        cum = np.cumsum(hist)
-        b = int(np.searchsorted(cum, rank, side="right"))
-        rank -= int(cum[b - 1]) if b else 0
-        prefix, bits = (prefix << KEY_BITS) | b, bits + KEY_BITS
-        if bits == 64:
-            return key_value(prefix, dtype)
-        if int(hist[b]) <= GATHER_LIMIT:
-            scores = gather(prefix, bits)
-            return np.partition(scores, rank)[rank]
-        hist = refine(prefix, bits)
-
-
-def key_value(key: int, dtype: np.dtype):
-    """The score whose key is ``key`` (the inverse of :func:`score_keys`), in ``dtype``."""
-    k = np.uint64(key)
-    bits = k & np.uint64((1 << 63) - 1) if k >> np.uint64(63) else ~k
-    return dtype.type(np.array([bits], dtype=np.uint64).view(np.float64)[0])
 
 
 def _sum_funnels(funnels: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -752,7 +685,9 @@ def _run(
                 return np.concatenate(list(pool.map(_gather, [(sh, i, key, prefix, bits) for i in range(len(shards))])))
 
             dtype = np.dtype(dtypes[key])
-            values.append(select_threshold(hists[key], nans[key], scanned, r.fraction, dtype, refine, gather))
+            values.append(
+                top_fraction.select_threshold(hists[key], nans[key], scanned, r.fraction, dtype, refine, gather)
+            )
         if top:
             lap("threshold")
         # 3. the global stages' whole-pool steps, unless the scan needed them

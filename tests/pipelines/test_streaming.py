@@ -329,9 +329,9 @@ def test_execution_is_not_part_of_the_config_identity(metadata):
 
 def test_top_fraction_refined_bin_by_bin(tmp_path, nan_metadata, monkeypatch):
     """The threshold's bin narrowed by further passes over the shards (forced: at most 2 scores gathered)."""
-    from pipelines.executors import streaming
+    from filtering.filters import top_fraction
 
-    monkeypatch.setattr(streaming, "GATHER_LIMIT", 2)
+    monkeypatch.setattr(top_fraction, "GATHER_LIMIT", 2)
     assert_recorded_outputs(nan_metadata, tmp_path, [{"clip_score": {"top_fraction": 0.4}}])
 
 

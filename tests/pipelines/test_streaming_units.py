@@ -1,13 +1,20 @@
-"""The streaming plan's reductions against the in-memory functions they replace."""
+"""The shard plan's reductions against independent oracles (DataComp's own formulas)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from filtering.filters.clip_score import top_fraction_threshold
+from filtering.filters import top_fraction
+from filtering.filters.top_fraction import KEY_BITS, key_value, keys_under, score_keys, select_threshold
 from pipelines.executors import streaming
-from pipelines.executors.streaming import KEY_BITS, key_value, score_keys, select_threshold
+
+
+def datacomp_threshold(scores: np.ndarray, fraction: float):
+    """DataComp's ``get_threshold`` (``baselines/apply_filter.py:390-392``): ``-np.sort(-s)[n]``
+    with ``n = int(N * fraction)``, NaN sorted last; None where DataComp's index is past the end."""
+    n = int(len(scores) * fraction)
+    return None if n >= len(scores) else -np.sort(-scores)[n]
 
 
 def test_score_keys_order_like_the_values():
@@ -20,9 +27,7 @@ def test_score_keys_order_like_the_values():
 
 
 def _threshold(scores: np.ndarray, fraction: float, shards: int = 5):
-    """The streaming reduction over in-memory "shards": per-shard histograms, refined, then one bin's values."""
-    from pipelines.executors.streaming import _keys_under
-
+    """The reduction over "shards" of one array: per-shard histograms, refined, then one bin's values."""
     parts = np.array_split(scores, shards)
     nan = sum(int(np.isnan(p).sum()) for p in parts)
     hist = sum(
@@ -34,14 +39,14 @@ def _threshold(scores: np.ndarray, fraction: float, shards: int = 5):
         shift = np.uint64(64 - bits - KEY_BITS)
         return sum(
             np.bincount(
-                ((_keys_under(p, prefix, bits)[1] >> shift) & np.uint64(0xFFFF)).astype(np.int64),
+                ((keys_under(p, prefix, bits)[1] >> shift) & np.uint64(0xFFFF)).astype(np.int64),
                 minlength=1 << KEY_BITS,
             )
             for p in parts
         )
 
     def gather(prefix, bits):
-        return np.concatenate([_keys_under(p, prefix, bits)[0] for p in parts])
+        return np.concatenate([keys_under(p, prefix, bits)[0] for p in parts])
 
     return select_threshold(hist, nan, len(scores), fraction, scores.dtype, refine, gather)
 
@@ -50,13 +55,13 @@ def _threshold(scores: np.ndarray, fraction: float, shards: int = 5):
 def gather_limit(request, monkeypatch):
     """Both paths: the bin's scores gathered at once, and refined bit by bit first (forced)."""
     if request.param == "refine":
-        monkeypatch.setattr(streaming, "GATHER_LIMIT", 3)
+        monkeypatch.setattr(top_fraction, "GATHER_LIMIT", 3)
     return request.param
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("fraction", [0.0, 0.001, 0.3, 0.5, 0.77, 0.999, 1.0])
-def test_threshold_equals_in_memory(dtype, fraction, gather_limit):
+def test_threshold_is_datacomps(dtype, fraction, gather_limit):
     rng = np.random.default_rng(7)
     for scores in (
         np.round(rng.uniform(0.1, 0.4, 5000), 2).astype(dtype),  # many ties
@@ -66,14 +71,14 @@ def test_threshold_equals_in_memory(dtype, fraction, gather_limit):
         np.concatenate([np.full(500, -0.5, dtype), np.full(500, 0.5, dtype), np.linspace(-1, 1, 300).astype(dtype)]),
         np.full(10, np.nan, dtype),
     ):
-        want = top_fraction_threshold(scores, fraction)
-        got = _threshold(scores, fraction)
-        if want is None:
-            assert got is None
-        elif np.isnan(want):
-            assert np.isnan(got) and got.dtype == scores.dtype
-        else:
-            assert got == want and got.dtype == want.dtype
+        want = datacomp_threshold(scores, fraction)
+        for got in (_threshold(scores, fraction), top_fraction.threshold(scores, fraction)):  # 5 shards, 1
+            if want is None:
+                assert got is None
+            elif np.isnan(want):
+                assert np.isnan(got) and got.dtype == scores.dtype
+            else:
+                assert got == want and got.dtype == want.dtype
 
 
 def test_uid_ranges_split_every_shard_at_the_same_bins(tmp_path):

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 
 from filtering.errors import ConfigError
-from filtering.filters.clip_score import top_fraction_threshold
 from filtering.filters.compose import apply_filters
+from filtering.filters.top_fraction import threshold as top_fraction_threshold
 from filtering.pool import Pool
 from filtering.registry import parse_filters
 

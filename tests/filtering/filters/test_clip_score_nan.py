@@ -10,7 +10,7 @@ the NaNs (the threshold is NaN).
 import numpy as np
 import pytest
 
-from filtering.filters.clip_score import top_fraction_threshold
+from filtering.filters.top_fraction import threshold as top_fraction_threshold
 from tests.filtering.filters.test_clip_score import pool_of, run
 
 
