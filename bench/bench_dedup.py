@@ -116,7 +116,7 @@ def recall(labels: np.ndarray, src: np.ndarray, dst: np.ndarray) -> float:
 
 def job(kind: str, n: int, m: int, dup_fraction: float, nhash: int = 4, threads: int = 0) -> dict:
     from filtering.dedup import hamming, semantic
-    from filtering.dedup.groups import components
+    from filtering.dedup.partitioned import components_of
 
     res: dict = {}
     if kind.startswith("semantic"):
@@ -128,13 +128,13 @@ def job(kind: str, n: int, m: int, dup_fraction: float, nhash: int = 4, threads:
             i, j, _ = semantic.semdedup_pairs(x, THRESHOLD)
         else:
             i, j = semantic.brute_force_pairs(x, THRESHOLD)
-        labels = components(len(x), i, j)
+        labels = components_of(np.arange(len(x)), i, j)
         res["seconds"] = time.perf_counter() - t
         if kind == "semantic" and m:
             xs, ss, ds = subset(x, src, dst, m)
             t = time.perf_counter()
             si, sj, _ = semantic.semdedup_pairs(xs, THRESHOLD)
-            components(len(xs), si, sj)
+            components_of(np.arange(len(xs)), si, sj)
             res["subset_seconds"] = time.perf_counter() - t
             res["subset_pairs"] = sorted(map(list, zip(si.tolist(), sj.tolist(), strict=True)))
     else:
@@ -154,14 +154,14 @@ def job(kind: str, n: int, m: int, dup_fraction: float, nhash: int = 4, threads:
             i, j = faiss_near_pairs(h, MAX_DISTANCE, nhash)
         else:
             i, j = hamming.brute_force_pairs(h, MAX_DISTANCE)
-        labels = components(len(h), i, j)
+        labels = components_of(np.arange(len(h)), i, j)
         res["seconds"] = time.perf_counter() - t
         res["cpu_seconds"] = cpu_seconds() - c
         if kind == "perceptual" and m:
             hs, ss, ds = subset(h, src, dst, m)
             t = time.perf_counter()
             si, sj = hamming.near_pairs(hs, MAX_DISTANCE)
-            components(len(hs), si, sj)
+            components_of(np.arange(len(hs)), si, sj)
             res["subset_seconds"] = time.perf_counter() - t
             res["subset_pairs"] = sorted(map(list, zip(si.tolist(), sj.tolist(), strict=True)))
     if kind in ("perceptual", "perceptual-faiss"):

@@ -10,11 +10,12 @@ in its own process tree, exact dedup (``keep: highest_clip_score``) and perceptu
 - ``in-memory`` (the search as it was before it was partitioned, what the ``dedup``
   filter did inside ``apply``): the driver reads the four columns of every shard, groups
   sha256 strings (``groups.exact_groups``), searches the hashes (``hamming.near_pairs``)
-  and applies the survivor rule (``groups.keep_rank`` / ``groups.resolve``).
+  and applies the survivor rule (``partitioned.components_of``, ``groups.survivors``).
 - ``partitioned`` (``filtering/dedup/partitioned.py``): ``--workers`` processes write
   partition spill files per shard and reduce them per partition; the driver holds only
-  integer arrays (labels, components, survivors); the survivor rule is applied per
-  partition of components from the shards' uid and score columns.
+  integer arrays (labels, components, survivors) and, for the survivor rule
+  (``groups.survivors``, as the shard plan's dedup phase), each alive row's uid halves and
+  score.
 
 Printed per size: wall and CPU seconds (children included), peak RSS of the whole
 process tree (sum over its processes, sampled every 20 ms; ``bench_scale.timed``), peak
@@ -88,6 +89,8 @@ def run_in_memory(root: Path, out: Path) -> None:
 
     from filtering.dedup import groups
     from filtering.dedup.hamming import near_pairs
+    from filtering.dedup.partitioned import components_of
+    from filtering.uid import uids_to_u8u8
 
     table = pa.concat_tables(pq.read_table(p) for p in shard_paths(root))
     n = table.num_rows
@@ -108,15 +111,14 @@ def run_in_memory(root: Path, out: Path) -> None:
         else:
             hashes = np.asarray(table.column("phash").to_numpy(), np.uint64)
             i, j = near_pairs(hashes[rows], MAX_DISTANCE)
-        uids = uids_all[rows]
-        rank = groups.keep_rank(uids, scores_all[rows], "highest_clip_score")
-        keep_local, _dup = groups.resolve(len(rows), i, j, uids, rank)
-        best = groups.survivors(groups.components(len(rows), i, j), rank)
+        u = uids_to_u8u8(uids_all[rows])
+        comp = components_of(np.arange(len(rows)), i, j)
+        drop, best = groups.survivors(comp, -scores_all[rows].astype(np.float64), u["f0"], u["f1"])
         survivor = np.full(n, -1, np.int64)
-        survivor[rows] = rows[best]
+        survivor[rows] = rows
+        survivor[rows[drop]] = rows[best]
         results.append(survivor)
-        alive = np.zeros(n, dtype=bool)
-        alive[rows[keep_local]] = True
+        alive = survivor == np.arange(n)
     np.savez(out, exact=results[0], perceptual=results[1])
 
 
@@ -149,12 +151,37 @@ def run_partitioned(root: Path, out: Path, workers: int) -> None:
             labels, a, b = pt.search(shards, n, settings, **run)
             comp = pt.components_of(labels, a, b, alive)
             del labels, a, b
-            survivor = pt.survivors(shards, comp, pt.RankColumns(), **run)
+            survivor = survivors(paths, comp)
             np.save(out.parent / f"{out.stem}-{method}.npy", survivor)
             alive = survivor == np.arange(n)
             del survivor
     (out.parent / f"{out.stem}-files.txt").write_text(str(sum(files)))
     (out.parent / f"{out.stem}.done").write_text("ok")
+
+
+def survivors(paths: list[str], comp: np.ndarray) -> np.ndarray:
+    """Per row its survivor (-1: not alive), by the shard plan's rule (``groups.survivors``)
+    over the alive rows' scores and uid halves, read shard by shard: two uint64 and a
+    float64 per row in the driver, as ``dedup_phase.py`` holds them."""
+    import pyarrow.parquet as pq
+
+    from filtering.dedup import groups
+    from filtering.uid import uids_to_u8u8
+
+    his, los, negs = [], [], []
+    for p in paths:
+        t = pq.read_table(p, columns=["uid", "clip_score"])
+        u = uids_to_u8u8(t.column("uid"))
+        his.append(u["f0"])
+        los.append(u["f1"])
+        negs.append(-t.column("clip_score").to_numpy().astype(np.float64))
+    rows = np.flatnonzero(comp >= 0)
+    hi, lo, neg = (np.concatenate(x)[rows] for x in (his, los, negs))
+    drop, best = groups.survivors(comp[rows], neg, hi, lo)
+    out = np.full(len(comp), -1, np.int64)
+    out[rows] = rows
+    out[rows[drop]] = rows[best]
+    return out
 
 
 def count_spill_files(pt) -> list[int]:

@@ -48,12 +48,13 @@ import pyarrow.compute as pc
 from pydantic import Field, PositiveInt, model_validator
 
 from filtering.dedup import groups
-from filtering.dedup.partitioned import SearchSettings
+from filtering.dedup.partitioned import SearchSettings, components_of
 from filtering.dedup.search_stage import label_column, pairs_key
 from filtering.errors import ConfigError
 from filtering.filters.base import Decision, Filter, Params, Survivors, register
 from filtering.pool import Pool
 from filtering.sources import source_info
+from filtering.uid import uids_to_u8u8
 
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "exact": ("with_caption",),
@@ -181,12 +182,15 @@ class Dedup(Filter):
             rows = rows[~hit]
         rows = rows[np.argsort(np.asarray(uids_all[rows], dtype=str), kind="stable")]
         i, j = self.pairs(pool, rows)
-        uids = uids_all[rows]
-        scores = pool.column(self.score_field)[rows] if p.keep == "highest_clip_score" else None
-        rank = groups.keep_rank(uids, scores, p.keep)
-        keep_local, dup_local = groups.resolve(len(rows), i, j, uids, rank)
-        keep[rows] = keep_local
-        duplicate_of[rows] = dup_local
+        # the shard plan's survivor step (dedup_phase.py), over this pool's rows
+        comp = components_of(np.arange(len(rows)), i, j)
+        uids = uids_to_u8u8(uids_all[rows])
+        neg_score = None
+        if p.keep == "highest_clip_score":
+            neg_score = -np.asarray(pool.column(self.score_field)[rows], dtype=np.float64)
+        drop, best = groups.survivors(comp, neg_score, uids["f0"], uids["f1"])
+        keep[rows[drop]] = False
+        duplicate_of[rows[drop]] = uids_all[rows[best]]
         return Decision(keep, reason, duplicate_of)
 
     def embeddings(self, pool: Pool, rows: np.ndarray) -> np.ndarray:
@@ -210,10 +214,9 @@ class Dedup(Filter):
                 # Confirm hash neighbours with the image embeddings: cheap (one dot product per
                 # pair) and it removes look-alike images that merely share a coarse layout.
                 involved = np.unique(np.concatenate([i, j]))
-                emb = self.embeddings(pool, rows[involved]).astype(np.float32)
-                emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+                emb = groups.unit_rows(self.embeddings(pool, rows[involved]))
                 a, b = np.searchsorted(involved, i), np.searchsorted(involved, j)
-                close = np.einsum("ij,ij->i", emb[a], emb[b]) >= p.min_similarity
+                close = groups.close_pairs(emb[a], emb[b], p.min_similarity)
                 i, j = i[close], j[close]
             return i, j
         from filtering.dedup.semantic import semdedup_pairs

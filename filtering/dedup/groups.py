@@ -1,9 +1,9 @@
 """Duplicate groups and which copy survives.
 
 Pairs of duplicate rows (from any method) are joined into groups by connected
-components (union-find semantics, via ``scipy.sparse.csgraph``). In each group one row
+components (:func:`filtering.dedup.partitioned.components_of`). In each group one row
 survives, chosen by a total order that does not depend on row order, so results are the
-same across reruns and shard orderings:
+same across reruns and shard orderings (:func:`survivors`):
 
 - ``highest_clip_score``: the highest score; missing scores last; ties by smallest uid.
 - ``smallest_uid``: the smallest uid.
@@ -17,60 +17,53 @@ from collections.abc import Callable
 
 import numpy as np
 
-KEEP_POLICIES: tuple[str, ...] = ("highest_clip_score", "smallest_uid")
+
+def survivors(comp: np.ndarray, neg_score, hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over rows in components ``comp`` (from :func:`filtering.dedup.partitioned.components_of`):
+    the positions dropped, and for each its survivor's position. The rule: score descending
+    (``neg_score``: the negated scores, NaN for a missing one, so last; None for
+    ``smallest_uid``), then the smallest uid (``hi``, ``lo``: its two uint64 halves, so
+    uids compare as their 128-bit numbers), then the first row.
+
+    Only the rows of components of two or more are sorted (a singleton survives itself)."""
+    if len(comp) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    size = np.bincount(comp)
+    multi = np.flatnonzero(size[comp] > 1)
+    del size
+    c = comp[multi]
+    keys = (lo[multi], hi[multi]) + ((neg_score[multi],) if neg_score is not None else ()) + (c,)
+    order = np.lexsort(keys)  # by component, best first; stable, so ties keep row order
+    del keys
+    c = c[order]
+    first = np.empty(len(c), bool)
+    first[:1] = True
+    np.not_equal(c[1:], c[:-1], out=first[1:])
+    del c
+    group = np.cumsum(first)
+    group -= 1
+    best = order[np.flatnonzero(first)][group]  # per sorted position: its component's best
+    del group, first
+    loser = np.flatnonzero(best != order)
+    # positions of the dropped rows and of their survivors, by row
+    dropped, survivor = multi[order[loser]], multi[best[loser]]
+    del order, best, loser
+    by_row = np.argsort(dropped, kind="stable")
+    return dropped[by_row], survivor[by_row]
 
 
-def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Component label of each of ``n`` nodes given undirected edges ``(i, j)``."""
-    if len(i) == 0:
-        return np.arange(n)
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(i), np.int8), (np.asarray(i), np.asarray(j))), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    return labels
+def unit_rows(emb: np.ndarray) -> np.ndarray:
+    """Embeddings as ``min_similarity`` compares them: float32, each row divided by its norm
+    (at least 1e-12, so an all-zero row stays zero)."""
+    emb = np.asarray(emb).astype(np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
 
 
-def keep_rank(uids: np.ndarray, scores: np.ndarray | None, policy: str) -> np.ndarray:
-    """Rank of each row under ``policy`` (0 = most preferred); a strict total order when uids are unique."""
-    if policy not in KEEP_POLICIES:
-        raise ValueError(f"unknown keep policy {policy!r}; choose one of {list(KEEP_POLICIES)}")
-    uid_order = np.argsort(np.asarray(uids, dtype=str), kind="stable")
-    uid_rank = np.empty(len(uids), np.int64)
-    uid_rank[uid_order] = np.arange(len(uids))
-    if policy == "smallest_uid":
-        return uid_rank
-    s = np.asarray(scores, dtype=np.float64)
-    s = np.where(np.isnan(s), -np.inf, s)
-    order = np.lexsort((uid_rank, -s))  # last key first: score descending, then uid
-    rank = np.empty(len(uids), np.int64)
-    rank[order] = np.arange(len(uids))
-    return rank
-
-
-def survivors(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """For each row, the index of its group's best-ranked row (itself for singletons)."""
-    labels = np.asarray(labels)
-    if len(labels) == 0:  # nothing reached the filter (np.r_ below would make one group)
-        return np.zeros(0, np.int64)
-    order = np.lexsort((rank, labels))  # by group, best rank first
-    first = np.r_[True, labels[order][1:] != labels[order][:-1]]
-    best_of_group = np.empty(labels.max() + 1 if len(labels) else 0, np.int64)
-    best_of_group[labels[order][first]] = order[first]
-    return best_of_group[labels]
-
-
-def resolve(n: int, i: np.ndarray, j: np.ndarray, uids: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(keep, duplicate_of)`` over ``n`` rows from duplicate pairs ``(i, j)``.
-
-    ``duplicate_of`` (object) holds the survivor's uid for dropped rows, None elsewhere.
-    """
-    best = survivors(components(n, i, j), rank)
-    keep = best == np.arange(n)
-    dup = np.full(n, None, dtype=object)
-    dup[~keep] = np.asarray(uids, dtype=object)[best[~keep]]
-    return keep, dup
+def close_pairs(a: np.ndarray, b: np.ndarray, min_similarity: float) -> np.ndarray:
+    """``min_similarity`` (perceptual dedup): which hash neighbours ``(a[k], b[k])`` (rows
+    of :func:`unit_rows`) are also close in content, cosine >= ``min_similarity``."""
+    return np.einsum("ij,ij->i", a, b) >= min_similarity
 
 
 def label_edges(labels: np.ndarray, pair_a: np.ndarray, pair_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

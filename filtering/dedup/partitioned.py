@@ -67,8 +67,8 @@ from filtering.dedup.hamming import unique_pairs
 from filtering.io.paths import get_fs, is_local, join, local_path
 
 # Records per partition: a worker's memory is about a few times its partition's spill
-# (exact: a sha256 string and a row, ~80 bytes; perceptual: 24 bytes; survivors: ~60 bytes).
-RECORDS_PER_PARTITION = {"exact": 1 << 17, "perceptual": 1 << 19, "survivors": 1 << 17}
+# (exact: a sha256 string and a row, ~80 bytes; perceptual: 24 bytes).
+RECORDS_PER_PARTITION = {"exact": 1 << 17, "perceptual": 1 << 19}
 CANDIDATES_AT_A_TIME = 1 << 20  # candidate pairs a partition verifies at once (~80 MB)
 DIRECT_BITS = 20  # dense offset tables of at most 2^20 keys (16 MB) per partition
 SPILL_VERSION = 1  # bump when the records or labels change meaning (the stage's cache key)
@@ -562,14 +562,10 @@ def search(
         remove_spill_dir(spill)
 
 
-# -- survivors without the pool in memory ------------------------------------------------------
+# -- components --------------------------------------------------------------------------------
 #
-# The filter (in-memory plan) applies the survivor rule in the driver, where the pool's uids
-# already are. A driver that must not hold per-row strings (a pool larger than memory) uses
-# the two steps below instead: components from the labels and pairs as integers, then the
-# best row of each component found per partition of components, from the shards' uid and
-# score columns. The rule is the filter's (filtering.dedup.groups.keep_rank): score
-# descending, missing scores last, then the smallest uid, then the first row.
+# The groups of duplicates as integers: rows sharing a label, and labels linked by a pair.
+# The survivor of each is picked by filtering.dedup.groups.survivors.
 
 
 def components_of(
@@ -607,105 +603,3 @@ def components_of(
     if alive is not None:
         out[~alive] = -1
     return out
-
-
-@dataclass(frozen=True)
-class RankColumns:
-    uid: str = "uid"
-    score: str | None = "clip_score"  # None: keep the smallest uid
-
-
-def ranked_records(shard: ShardKeys, comp: np.ndarray, columns: RankColumns, partitions: int):
-    """One shard's ``(component, score, uid, row)`` records for rows in components of two or
-    more (``comp``: the shard's slice, -1 for rows that take no part), and their partitions."""
-    take = np.flatnonzero(comp >= 0)
-    names = [columns.uid] + ([columns.score] if columns.score else [])
-    table = shard.read(names).take(take)
-    data = {"c": comp[take], "r": shard.first_row + take, "u": table.column(columns.uid)}
-    if columns.score:
-        s = table.column(columns.score).to_numpy(zero_copy_only=False).astype(np.float64)
-        data["s"] = np.where(np.isnan(s), -np.inf, s) + 0.0  # missing last; -0.0 ties 0.0
-    part = (mix64(comp[take].astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
-    return pa.table(data), part
-
-
-def emit_ranked(
-    shards: Iterable[tuple[ShardKeys, np.ndarray]], columns: RankColumns, partitions: int, path: str
-) -> Spilled:
-    """One map task: the ranked records of ``(shard, comp)`` pairs into one spill file."""
-    writer = SpillWriter(path, partitions)
-    try:
-        for shard, comp in shards:
-            if (comp >= 0).any():
-                writer.add(*ranked_records(shard, comp, columns, partitions))
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
-
-
-def best_of_partition(pieces: Sequence[tuple[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """``(components, best rows)`` among one partition's ranked records."""
-    batches = read_batches(pieces)
-    if not batches:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    t = pa.Table.from_batches(batches)
-    keys = [("c", "ascending")] + ([("s", "descending")] if "s" in t.column_names else [])
-    order = pc.sort_indices(t, sort_keys=keys + [("u", "ascending"), ("r", "ascending")])
-    c = t.column("c").take(order).to_numpy()
-    r = t.column("r").take(order).to_numpy()
-    first = np.r_[True, c[1:] != c[:-1]]
-    return c[first], r[first]
-
-
-def _emit_ranked_task(args) -> int:
-    return emit_ranked(*args)
-
-
-def _best_task(pieces) -> tuple[np.ndarray, np.ndarray]:
-    return best_of_partition(pieces)
-
-
-def survivors(
-    shards: Sequence[ShardKeys],
-    comp: np.ndarray,
-    columns: RankColumns,
-    workers: int = 1,
-    work_dir: str | None = None,
-    partitions: int | None = None,
-    executor=None,
-) -> np.ndarray:
-    """For each row, the row that survives its component (itself for a singleton; -1 for rows
-    not alive), reusing ``comp`` (from :func:`components_of`) as the output array."""
-    n = len(comp)
-    alive = comp >= 0
-    multi = alive.copy()
-    multi[alive] = np.bincount(comp[alive], minlength=n)[comp[alive]] > 1
-    partitions = partitions or num_partitions(int(multi.sum()), "survivors", workers)
-    spill = make_spill_dir(work_dir, "dedup-rank-")
-    try:
-
-        def shard_comp(s: ShardKeys) -> np.ndarray:
-            lo, hi = s.first_row, s.first_row + s.n
-            return np.where(multi[lo:hi], comp[lo:hi], -1)
-
-        emit_args = (
-            ([(shards[k], shard_comp(shards[k])) for k in group], columns, partitions, spill_path(spill, t))
-            for t, group in enumerate(task_groups([s.n for s in shards], workers))
-        )
-        with _mapper(workers, executor) as run:
-            spilled = list(run(_emit_ranked_task, emit_args))
-            results = list(run(_best_task, partition_pieces(spilled, partitions)))
-        out = comp  # reused: component -> surviving row
-        single = np.flatnonzero(alive & ~multi)
-        out[single] = single
-        del single, alive
-        c = np.concatenate([r[0] for r in results] + [np.zeros(0, np.int64)])
-        r = np.concatenate([r[1] for r in results] + [np.zeros(0, np.int64)])
-        order = np.argsort(c)
-        c, r = c[order], r[order]
-        rows = np.flatnonzero(multi)
-        out[rows] = r[np.searchsorted(c, out[rows])]
-        return out
-    finally:
-        remove_spill_dir(spill)

@@ -41,12 +41,12 @@ filter pass (``pipelines/executors/streaming.py``):
    matched rows leave the alive rows before the survivors step.
 3. **survivors** (driver): components of the alive rows
    (:func:`filtering.dedup.partitioned.components_of`), then in each component of two or
-   more the row preferred by the filter's rule (:func:`filtering.dedup.groups.keep_rank`:
+   more the row preferred by the filter's rule (:func:`filtering.dedup.groups.survivors`:
    score descending, missing scores last, then the smallest uid); each shard gets back its
    dropped rows and their survivors' uids only.
 
 The filter pass then applies the decision in place of the ``dedup`` leaf (same funnel,
-reason codes and ``duplicate_of`` as the in-memory filter).
+reason codes and ``duplicate_of`` as the filter's own ``apply``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from filtering.dedup import against, partitioned
+from filtering.dedup import against, groups, partitioned
 from filtering.dedup.search_cache import SearchCache, shard_key
 from filtering.dedup.search_stage import label_column
 from pipelines.executors.shards import (
@@ -209,8 +209,7 @@ def _normalized_spill(args) -> None:
     divided by their norm (at least 1e-12), written to ``path``."""
     sh, shard, position, rows, dtype, path = args
     pool, _ = _shard_pool(sh, shard)
-    emb = np.asarray(_embeddings(pool, _dedup_at(sh, position))[rows], dtype=dtype).astype(np.float32)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = groups.unit_rows(np.asarray(_embeddings(pool, _dedup_at(sh, position))[rows], dtype=dtype))
     tmp = f"{path}.tmp.npy"
     np.save(tmp, emb)
     os.replace(tmp, path)
@@ -233,7 +232,7 @@ def _take(paths: list, cuts: np.ndarray, pos: np.ndarray) -> np.ndarray:
 def _close_edges(args) -> np.ndarray:
     """Which edges ``(a, b)`` (positions in the spills) have cosine >= ``min_similarity``, packed."""
     paths, cuts, a, b, min_similarity = args
-    close = np.einsum("ij,ij->i", _take(paths, cuts, a), _take(paths, cuts, b)) >= min_similarity
+    close = groups.close_pairs(_take(paths, cuts, a), _take(paths, cuts, b), min_similarity)
     return np.packbits(close)
 
 
@@ -336,7 +335,7 @@ def run_dedup(
         comp = partitioned.components_of(labels, pair_a, pair_b, alive, copy=not last)
         del labels, pair_a, pair_b, alive
         comp = comp[rows]
-        drop, best = _survivors(comp, neg_score, hi, lo)
+        drop, best = groups.survivors(comp, neg_score, hi, lo)
         del comp, neg_score
         # per shard: the dropped rows (shard-local) and their survivors' uids
         dropped_rows = rows[drop]
@@ -361,38 +360,6 @@ def _gather(results: list[dict], key: str, dtype) -> np.ndarray:
         out[at : at + len(part)] = part
         at += len(part)
     return out
-
-
-def _survivors(comp: np.ndarray, neg_score, hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Over the alive rows (in row order): the positions dropped, and for each its survivor's
-    position. The filter's rule: score descending (``neg_score``: the negated scores, if
-    any), then the smallest uid, then the first row.
-
-    Only the rows of components of two or more are sorted (a singleton survives itself)."""
-    if len(comp) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    size = np.bincount(comp)
-    multi = np.flatnonzero(size[comp] > 1)
-    del size
-    c = comp[multi]
-    keys = (lo[multi], hi[multi]) + ((neg_score[multi],) if neg_score is not None else ()) + (c,)
-    order = np.lexsort(keys)  # by component, best first; stable, so ties keep row order
-    del keys
-    c = c[order]
-    first = np.empty(len(c), bool)
-    first[:1] = True
-    np.not_equal(c[1:], c[:-1], out=first[1:])
-    del c
-    group = np.cumsum(first)
-    group -= 1
-    best = order[np.flatnonzero(first)][group]  # per sorted position: its component's best
-    del group, first
-    loser = np.flatnonzero(best != order)
-    # positions (into the alive rows) of the dropped rows and of their survivors, by row
-    dropped, survivor = multi[order[loser]], multi[best[loser]]
-    del order, best, loser
-    by_row = np.argsort(dropped, kind="stable")
-    return dropped[by_row], survivor[by_row]
 
 
 EDGES_PER_TASK = 1 << 20  # edges confirmed per task (two float32 rows each, gathered)

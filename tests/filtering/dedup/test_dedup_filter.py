@@ -12,6 +12,7 @@ from filtering.filters.compose import apply_filters
 from filtering.pool import Pool, ShardPart
 from filtering.registry import parse_filters
 from filtering.stages.base import RunContext
+from tests.filtering.dedup.test_groups import survivor_oracle
 
 
 def make_pool(sha, phash, scores, emb=None, failed=None, uids=None) -> Pool:
@@ -177,7 +178,8 @@ def test_perceptual_min_similarity_confirms_hash_pairs():
 
 def in_memory_decision(pool, alive, params):
     """The filter as it was before the search moved to its cached stage: exact_groups /
-    near_pairs over the rows that reach it, in uid order (the reference)."""
+    near_pairs over the rows that reach it, in uid order, and the plain-Python survivor oracle
+    (the reference)."""
     from filtering.dedup import groups
     from filtering.dedup.dedup_filter import hash_column
     from filtering.dedup.hamming import near_pairs
@@ -199,16 +201,15 @@ def in_memory_decision(pool, alive, params):
         ok = np.flatnonzero(~null[rows])
         i, j = near_pairs(hashes[rows[ok]], params["max_distance"])
         i, j = ok[i], ok[j]
-    uids = uids_all[rows]
-    scores = (
-        pool.column("clip_score")[rows] if params.get("keep", "highest_clip_score") == "highest_clip_score" else None
-    )
-    rank = groups.keep_rank(uids, scores, params.get("keep", "highest_clip_score"))
-    keep_local, dup_local = groups.resolve(len(rows), i, j, uids, rank)
+    keep_policy = params.get("keep", "highest_clip_score")
+    scores = pool.column("clip_score")[rows] if keep_policy == "highest_clip_score" else None
+    best = survivor_oracle(len(rows), i, j, uids_all[rows], scores, keep_policy)
     keep = np.ones(pool.n, dtype=bool)
-    keep[rows] = keep_local
     dup = np.full(pool.n, None, dtype=object)
-    dup[rows] = dup_local
+    for r, b in enumerate(best):
+        if b != r:
+            keep[rows[r]] = False
+            dup[rows[r]] = uids_all[rows[b]]
     return keep, dup
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from filtering.dedup import hamming
-from filtering.dedup.groups import components
+from filtering.dedup.partitioned import components_of
 
 
 def planted(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -40,8 +40,8 @@ def test_any_number_of_substrings_is_exact(m):
 def test_near_pairs_with_repeats_give_brute_force_components():
     hashes = planted(1000, 6, seed=3)
     n = len(hashes)
-    ours = components(n, *hamming.near_pairs(hashes, 6))
-    ref = components(n, *hamming.brute_force_pairs(hashes, 6))
+    ours = components_of(np.arange(n), *hamming.near_pairs(hashes, 6))
+    ref = components_of(np.arange(n), *hamming.brute_force_pairs(hashes, 6))
     # Same partition: each of our groups maps to exactly one reference group and back.
     joint = {(a, b) for a, b in zip(ours.tolist(), ref.tolist(), strict=True)}
     assert len(joint) == len(set(ours.tolist())) == len(set(ref.tolist()))
@@ -52,7 +52,7 @@ def test_many_copies_of_one_hash_are_linear():
     hashes = np.full(50_000, 12345, dtype=np.uint64)
     i, j = hamming.near_pairs(hashes, 4)
     assert len(i) == len(hashes) - 1  # a star, not 1.25e9 clique edges
-    assert (components(len(hashes), i, j) == 0).all()
+    assert (components_of(np.arange(len(hashes)), i, j) == 0).all()
 
 
 def test_nearest_matches_brute_force():

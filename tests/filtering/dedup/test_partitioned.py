@@ -1,6 +1,7 @@
-"""Partitioned dedup search (spill files per partition) against the in-memory search it replaces:
-the same groups on pools built with many collisions, transitive perceptual chains, missing
-keys, any subset of rows, and the same survivors (ties included) through the filter."""
+"""Partitioned dedup search (spill files per partition) against the all-pairs search
+(``hamming.near_pairs``, ``groups.exact_groups``): the same groups on pools built with many
+collisions, transitive perceptual chains, missing keys, any subset of rows, and the same
+survivors (ties included) as a plain-Python oracle."""
 
 import numpy as np
 import pyarrow as pa
@@ -82,7 +83,7 @@ def reference_components(hashes, null, rows, max_distance):
     """Components of the in-memory search (near_pairs) over ``rows`` in that order."""
     ok = np.flatnonzero(~null[rows])
     i, j = hamming.near_pairs(hashes[rows[ok]], max_distance)
-    return groups.components(len(rows), ok[i], ok[j]), (ok[i], ok[j])
+    return partitioned.components_of(np.arange(len(rows)), ok[i], ok[j]), (ok[i], ok[j])
 
 
 @pytest.mark.parametrize(("max_distance", "partitions"), [(0, 2), (1, 1), (4, 5), (6, 3), (10, 2)])
@@ -101,11 +102,11 @@ def test_perceptual_groups_equal_the_in_memory_search_on_any_subset(max_distance
         rows = rng.permutation(np.flatnonzero(alive))
         expected, (ei, ej) = reference_components(hashes, null, rows, max_distance)
         i, j = groups.label_edges(labels[rows], a, b)
-        assert same_grouping(groups.components(len(rows), i, j), expected)
+        assert same_grouping(partitioned.components_of(np.arange(len(rows)), i, j), expected)
         # The very edges of the in-memory search (which min_similarity then checks pair by pair).
         assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(zip(ei.tolist(), ej.tolist(), strict=True))
     if max_distance >= 4:  # the generator built chains: some group only holds by transitivity
-        comp = groups.components(n, *groups.label_edges(labels, a, b))
+        comp = partitioned.components_of(np.arange(n), *groups.label_edges(labels, a, b))
         direct = hamming.hamming(hashes[:, None], hashes[None, :]) <= max_distance
         assert any(
             not direct[np.ix_(members, members)].all()
@@ -165,18 +166,21 @@ def test_shards_read_from_parquet_files(tmp_path):
 
 @pytest.mark.parametrize("keep", ["highest_clip_score", "smallest_uid"])
 @pytest.mark.parametrize("method", ["exact", "perceptual"])
-def test_survivors_without_the_pool_equal_the_filters_rule(method, keep, tmp_path):
-    """components_of + survivors (integers in the driver, uids and scores read per shard)
-    pick the survivor groups.resolve picks over the alive rows in uid order: ties in
-    score, missing scores, duplicated uids, chains, rows not alive."""
+def test_survivors_over_the_searched_labels_equal_the_oracle(method, keep):
+    """components_of over the partitioned search's labels and pairs (the alive rows only),
+    then groups.survivors (integers: negated scores, uid halves), pick the survivor the
+    plain-Python oracle picks over the alive rows in uid order: ties in score, missing
+    scores, duplicated uids, chains, rows not alive."""
+    from filtering.uid import uids_to_u8u8
+    from tests.filtering.dedup.test_groups import survivor_oracle
+
     rng = np.random.default_rng(11)
     hashes = chained_hashes(rng, 120, 4)
     n = len(hashes)
     table, null = perceptual_table(hashes, rng)
-    uids = np.asarray([f"{v:08x}" for v in rng.permutation(n)], object)
+    uids = np.asarray([f"{v:032x}" for v in rng.permutation(n)], object)
     uids[rng.random(n) < 0.02] = uids[0]  # a few repeated uids: ties broken by row
     scores = rng.choice([0.1, 0.2, 0.3, np.nan, -0.0, 0.0], n).astype(np.float32)
-    table = table.append_column("uid", pa.array(uids, pa.string())).append_column("clip_score", pa.array(scores))
     table = table.append_column("sha256", pa.array((hashes % np.uint64(97)).astype(str).astype(object), pa.string()))
     alive = rng.random(n) < 0.8
     s = (
@@ -184,19 +188,21 @@ def test_survivors_without_the_pool_equal_the_filters_rule(method, keep, tmp_pat
         if method == "exact"
         else SearchSettings("perceptual", max_distance=4, key_column="phash")
     )
-    shards = shards_of(table, [n // 2, n - n // 2])
-    labels, a, b = partitioned.search(shards, n, s, partitions=3)
-    comp = partitioned.components_of(labels, a, b, alive)
-    columns = partitioned.RankColumns(score="clip_score" if keep == "highest_clip_score" else None)
-    got = partitioned.survivors(shards, comp, columns, partitions=2, work_dir=str(tmp_path))
-
+    labels, a, b = partitioned.search(shards_of(table, [n // 2, n - n // 2]), n, s, partitions=3)
     rows = np.flatnonzero(alive)
-    rows = rows[np.argsort(np.asarray(uids[rows], dtype=str), kind="stable")]
-    i, j = groups.label_edges(labels[rows], a, b)
-    rank = groups.keep_rank(uids[rows], scores[rows] if keep == "highest_clip_score" else None, keep)
-    best = groups.survivors(groups.components(len(rows), i, j), rank)
+    comp = partitioned.components_of(labels, a, b, alive)[rows]
+    u = uids_to_u8u8(uids[rows])
+    neg = -scores[rows].astype(np.float64) if keep == "highest_clip_score" else None
+    drop, best = groups.survivors(comp, neg, u["f0"], u["f1"])
+    got = np.full(n, -1, np.int64)
+    got[rows] = rows
+    got[rows[drop]] = rows[best]
+
+    crow = rows[np.argsort(np.asarray(uids[rows], dtype=str), kind="stable")]
+    i, j = groups.label_edges(labels[crow], a, b)
+    oracle = survivor_oracle(len(crow), i, j, uids[crow], scores[crow] if keep == "highest_clip_score" else None, keep)
     expected = np.full(n, -1, np.int64)
-    expected[rows] = rows[best]
+    expected[crow] = crow[oracle]
     assert (expected[rows] != rows).sum() > 50  # many rows are dropped as copies
     assert np.array_equal(got, expected)
 
@@ -281,23 +287,6 @@ def test_spill_files_are_one_per_map_task_not_per_shard_and_partition(tmp_path, 
     small = partitioned.search(shards_of(table, sizes), n, s, workers=2, partitions=16, executor=pool)
     for x, y in zip(expected, small, strict=True):
         assert np.array_equal(x, y)
-
-    uids = pa.array([f"{v:08x}" for v in rng.permutation(n)], pa.string())
-    table = table.append_column("uid", uids).append_column("clip_score", pa.array(rng.random(n)))
-    comp = partitioned.components_of(*expected)
-    pool = InProcessTasks(str(tmp_path))
-    ranked = partitioned.survivors(
-        shards_of(table, sizes),
-        comp.copy(),
-        partitioned.RankColumns(),
-        workers=2,
-        partitions=16,
-        work_dir=str(tmp_path),
-        executor=pool,
-    )
-    assert 1 <= pool.most_files <= 2 * 4  # two workers, TASKS_PER_WORKER map tasks each
-    one = partitioned.survivors(shards_of(table, sizes), comp.copy(), partitioned.RankColumns(), partitions=16)
-    assert np.array_equal(ranked, one)
     assert list(tmp_path.iterdir()) == []  # spill files removed
 
 
