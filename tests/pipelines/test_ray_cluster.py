@@ -8,10 +8,9 @@ machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the modul
   image_based), an exact dedup (its search, alive-at-dedup and filter phases), a
   semantic one (training sample, assignment, partitions of clusters) and a perceptual
   one with min_similarity (touched rows spilled, edges confirmed), a configured head
-  scored in the scan's tasks under a ``score`` ``top_fraction``, the
-  in-memory plan's partitioned dedup search and per-shard columns (cluster assignment,
-  language_id, semantic decontamination), perceptual decontamination's per-shard
-  nearest hashes; subset.npy and every
+  scored in the scan's tasks under a ``score`` ``top_fraction``, the language_id scorer
+  and semantic and perceptual decontamination's nearest items in each shard's filter
+  task; subset.npy and every
   subset and dropped part byte for byte, the manifest's counts and thresholds equal to
   the local process pool's.
 - Every shipped ``configs/sample*.yaml`` and DataComp's image_based ∩ clip_score baseline
@@ -140,7 +139,7 @@ class _Recording:
         return pool
 
 
-def _run_datacomp(datacomp, out, filters, executor=None, mode="auto", scorers=()):
+def _run_datacomp(datacomp, out, filters, executor=None, scorers=()):
     from pipelines.config import parse_config
     from pipelines.runner import run
 
@@ -150,7 +149,6 @@ def _run_datacomp(datacomp, out, filters, executor=None, mode="auto", scorers=()
         "filters": filters,
         "clusters": {"reference": str(datacomp / "reference.npy"), "centroids": str(datacomp / "centroids.npy")},
         "output": {"dir": str(out), "rows_per_part": 40},
-        "execution": {"mode": mode},
     }
     return run(parse_config(raw), executor=executor, progress=False, log=lambda _m: None)
 
@@ -165,50 +163,33 @@ def _same_outputs(a, b) -> None:
 
 
 @pytest.mark.parametrize(
-    "filters, mode, sent",
+    "filters, sent",
     [
-        ([{"clip_score": {"top_fraction": 0.3}}], "auto", {"_scan", "_gather", "_filter", "check_range"}),
+        ([{"clip_score": {"top_fraction": 0.3}}], {"_scan", "_gather", "_filter", "check_range"}),
         (
             [{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}],
-            "auto",
             {"_scan", "_target_chunk", "_filter"},
         ),
         # the streaming plan's dedup phase (pipelines/executors/dedup_phase.py)
-        ([{"dedup": {"method": "exact"}}], "auto", {"_emit", "_reduce_task", "_alive_at", "_filter"}),
+        ([{"dedup": {"method": "exact"}}], {"_emit", "_reduce_task", "_alive_at", "_filter"}),
         # semantic: the training sample, the assignment and each partition of clusters as tasks
         (
             [{"dedup": {"method": "semantic", "embedding": "l14_img", "num_clusters": 3, "threshold": 0.5}}],
-            "auto",
             {"_alive_at", "_rows_of", "_assign_spill", "_compare_partition", "_filter"},
         ),
         # min_similarity: the rows the edges touch spilled per shard, chunks of edges confirmed
         (
             [{"dedup": {"method": "perceptual", "min_similarity": 0.0, "embedding": "l14_img"}}],
-            "auto",
             {"_emit", "_alive_at", "_normalized_spill", "_close_edges", "_filter"},
         ),
-        # the in-memory plan: the partitioned search's tasks
-        ([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], "memory", {"_emit_task", "_reduce_task"}),
-        # the in-memory plan: each shard's cluster assignment a Ray task (cached_shard_loop)
-        ([{"clip_score": {"top_fraction": 0.3}}, {"image_clusters": {}}], "memory", {"_target_chunk", "_shard_task"}),
-        # and each shard's language_id scorer (the filter's own), set up once per Ray worker
-        ([{"language": {"languages": ["en"]}}, {"clip_score": {"top_fraction": 0.5}}], "memory", {"_shard_task"}),
-        # and each shard's nearest reference items for semantic decontamination
-        (
-            [
-                {"decontaminate": {"reference": "@DC@/reference.npy", "method": "semantic", "threshold": 0.3}},
-                {"clip_score": {"top_fraction": 0.5}},
-            ],
-            "memory",
-            {"_shard_task"},
-        ),
+        # each shard's language_id scorer (the filter's own) in its _filter task, set up once per Ray worker
+        ([{"language": {"languages": ["en"]}}, {"clip_score": {"top_fraction": 0.5}}], {"_filter"}),
         # the streaming plan: the reference set in the driver, each shard's nearest items in its _filter task
         (
             [
                 {"decontaminate": {"reference": "@DC@/reference.npy", "method": "semantic", "threshold": 0.3}},
                 {"clip_score": {"top_fraction": 0.5}},
             ],
-            "auto",
             {"_scan", "_filter"},
         ),
     ],
@@ -218,15 +199,12 @@ def _same_outputs(a, b) -> None:
         "dedup_exact",
         "dedup_semantic",
         "dedup_min_similarity",
-        "dedup_exact_in_memory",
-        "image_clusters_in_memory",
-        "language_in_memory",
-        "decontaminate_semantic_in_memory",
+        "language",
         "decontaminate_semantic",
     ],
 )
-def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, mode, sent):
-    _matches_local(tmp_path, datacomp, cluster, filters, mode, sent)
+def test_whole_plan_on_two_nodes_matches_local(tmp_path, datacomp, cluster, filters, sent):
+    _matches_local(tmp_path, datacomp, cluster, filters, sent)
 
 
 def test_configured_head_and_its_top_fraction_on_two_nodes_match_local(tmp_path, datacomp, cluster):
@@ -246,7 +224,7 @@ def test_configured_head_and_its_top_fraction_on_two_nodes_match_local(tmp_path,
         "embedding_head": {"name": "q", "preset": "mlp", "weights": "@DC@/head.safetensors", "embedding": "l14_img"}
     }
     filters = [{"score": {"column": "q_score", "top_fraction": 0.5}}]
-    _matches_local(tmp_path, root, cluster, filters, "auto", {"_scan", "_filter"}, scorers=[head])
+    _matches_local(tmp_path, root, cluster, filters, {"_scan", "_filter"}, scorers=[head])
     (ours,) = (tmp_path / "ray" / "cache").glob("scorer-q-*")  # cached as the local run caches it
     names = sorted(p.name for p in ours.glob("*.parquet"))
     assert len(names) == 4
@@ -274,24 +252,24 @@ def test_dedup_against_an_earlier_output_on_two_nodes_matches_local(tmp_path, da
     ]
     sent = {"_emit_against", "_reduce_exact_task", "_reduce_perceptual_task", "_spill_reference_rows", "_close_edges"}
     sent |= {"_spill_reference", "_semantic_partition", "_filter"}
-    _matches_local(tmp_path, datacomp, cluster, filters, "auto", sent)
+    _matches_local(tmp_path, datacomp, cluster, filters, sent)
     counts = json.loads((tmp_path / "ray" / "manifest.json").read_text())["counts"]["filters"]
     assert all(step["reasons"].get("duplicate_of_reference") for step in counts), counts
 
 
-def _matches_local(tmp_path, datacomp, cluster, filters, mode, sent, scorers=()) -> None:
+def _matches_local(tmp_path, datacomp, cluster, filters, sent, scorers=()) -> None:
     from pipelines.executors.ray import RayExecutor
 
     filters, scorers = json.loads(json.dumps([filters, scorers]).replace("@DC@", str(datacomp)))
     # Both runs write to the same folder (the config, output.dir included, goes into every
     # part's provenance); the local run's outputs are moved aside, its cache dropped.
     out = tmp_path / "ray"
-    local = _run_datacomp(datacomp, out, filters, mode=mode, scorers=scorers)
+    local = _run_datacomp(datacomp, out, filters, scorers=scorers)
     shutil.copytree(out, tmp_path / "local")
     shutil.rmtree(out)
     executor = _Recording(RayExecutor(address=cluster.address))
     try:
-        on_ray = _run_datacomp(datacomp, out, filters, executor, mode, scorers)
+        on_ray = _run_datacomp(datacomp, out, filters, executor, scorers)
     finally:
         executor.close()
     assert sent <= set(executor.sent), executor.sent  # the phases ran as Ray tasks
@@ -312,22 +290,11 @@ def _matches_local(tmp_path, datacomp, cluster, filters, mode, sent, scorers=())
         (ours,) = (out / "cache").glob("centroids-*/targets-*.npy")
         theirs = tmp_path / "local" / "cache" / ours.parent.name / ours.name
         assert np.load(ours).tolist() == np.load(theirs).tolist() and len(np.load(ours))
-    if "_shard_task" in sent:  # the columns Ray computed are cached as a local run caches them
-        (ours,) = [
-            p for stage in ("clusters", "scorer", "decontam-nearest") for p in (out / "cache").glob(f"{stage}-*")
-        ]
-        theirs = tmp_path / "local" / "cache" / ours.name
-        names = sorted(p.name for p in ours.iterdir())
-        assert names and names == sorted(p.name for p in theirs.iterdir())
-        for name in names:
-            if name.endswith(".parquet"):
-                assert pq.read_table(ours / name).equals(pq.read_table(theirs / name)), name
 
 
 def test_perceptual_decontamination_on_two_nodes_matches_local(tmp_path, scored_sample, cluster):
-    """On the in-memory plan each shard's nearest reference hashes are a Ray task (the
-    reference hashes read from their cache file there): the distances, matches and
-    outputs are the local run's."""
+    """Each shard's nearest reference hashes are found in its ``_filter`` Ray task: the
+    distances, matches and outputs are the local run's."""
     from pipelines.config import load_config
     from pipelines.executors.ray import RayExecutor
     from pipelines.runner import run
@@ -343,31 +310,26 @@ def test_perceptual_decontamination_on_two_nodes_matches_local(tmp_path, scored_
         {"decontaminate": {"reference": str(tmp_path / "eval_hashes.npy"), "method": "perceptual", "max_distance": 4}},
         *FILTERS,
     ]
-    memory = {"mode": "memory"}
     outs = {}
     for name in ("local", "ray"):
         outs[name] = tmp_path / name
         shutil.copytree(scored_sample / "cache", outs[name] / "cache")
     local = run(
-        load_config(
-            write_config(tmp_path / "local.yaml", output={"dir": str(outs["local"])}, filters=filters, execution=memory)
-        ),
+        load_config(write_config(tmp_path / "local.yaml", output={"dir": str(outs["local"])}, filters=filters)),
         progress=False,
         log=lambda _m: None,
     )
     executor = _Recording(RayExecutor(address=cluster.address))
     try:
         on_ray = run(
-            load_config(
-                write_config(tmp_path / "ray.yaml", output={"dir": str(outs["ray"])}, filters=filters, execution=memory)
-            ),
+            load_config(write_config(tmp_path / "ray.yaml", output={"dir": str(outs["ray"])}, filters=filters)),
             executor=executor,
             progress=False,
             log=lambda _m: None,
         )
     finally:
         executor.close()
-    assert "_nearest_hashes" in executor.sent, executor.sent
+    assert "_filter" in executor.sent, executor.sent
     steps = {f["name"]: f for f in local.manifest["counts"]["filters"]}
     assert steps["decontaminate"]["dropped"] > 0
     assert on_ray.manifest["counts"] == local.manifest["counts"]

@@ -25,8 +25,8 @@ from tests.datacomp_pool import make_datacomp_pool
 pytestmark = pytest.mark.slow  # every test runs the pipeline
 
 
-def config(tmp_path, out, mode: str = "auto", **output):
-    return write_config(tmp_path / f"{out.name}.yaml", output={"dir": str(out), **output}, execution={"mode": mode})
+def config(tmp_path, out, **output):
+    return write_config(tmp_path / f"{out.name}.yaml", output={"dir": str(out), **output})
 
 
 def good_run(cfg, out) -> dict:
@@ -198,14 +198,20 @@ def _rerun_fails_at_each_step(out: Path, steps, run, monkeypatch) -> None:
 
 
 def test_a_rerun_that_fails_at_any_output_step_keeps_the_last_result(tmp_path, rerun_dir, monkeypatch):
-    """The in-memory plan on the bundled sample, resharding and the report on."""
+    """The shard plan on the bundled sample, resharding and the report on: each task writes
+    its source shard's parts and tars into the spill folder, the driver renames them into
+    place (the tasks run in this process, so the injected faults reach them)."""
+    import pipelines.executors.streaming as streaming
+
     out = rerun_dir
+    monkeypatch.setattr(streaming, "task_pool", lambda *_a: contextlib.nullcontext(_InProcessTasks()))
     full = {"webdataset": True, "samples_per_shard": 30, "rows_per_part": 40, "report": True}
-    good_run(config(tmp_path, out, "memory", **full), out)
+    good_run(config(tmp_path, out, **full), out)
     first = assert_whole(out)
+    assert first["execution"]["plan"] == "streaming" and len(first["shards"]) > 4
     assert {"subset/", "dropped/", "shards/", "report.html"} <= set(snapshot(out))
 
-    cfg = config(tmp_path, out, "memory", **full)
+    cfg = config(tmp_path, out, **full)
     other = ("--set", "filters[0].clip_score.min=0.3")  # other kept rows: other parts and shards
 
     def rerun():
@@ -213,9 +219,10 @@ def test_a_rerun_that_fails_at_any_output_step_keeps_the_last_result(tmp_path, r
         return code, err
 
     _rerun_fails_at_each_step(out, list(STEPS), rerun, monkeypatch)
+    assert not (out / streaming.SPILL).exists()
 
     # a clean rerun commits, and nothing of the old result stays: no shards, dropped rows nor report
-    lean = config(tmp_path, out, "memory", dropped=False, rows_per_part=40)
+    lean = config(tmp_path, out, dropped=False, rows_per_part=40)
     code, _, err = run_cli("run", lean, "--quiet", *other)
     assert code == 0, err
     assert "previous result" not in err
@@ -231,7 +238,6 @@ def _datacomp_config(tmp_path: Path, metadata: Path, out: Path, fraction: float,
         "input": {"datacomp_metadata": str(metadata)},
         "filters": [{"clip_score": {"top_fraction": fraction}}],
         "output": {"dir": str(out), "rows_per_part": 25, **output},
-        "execution": {"mode": "streaming"},
     }
     path.write_text(json.dumps(raw))
     return path
@@ -263,28 +269,6 @@ def test_a_streaming_rerun_that_fails_at_any_output_step_keeps_the_last_result(t
     assert manifest["counts"]["kept"] < first["counts"]["kept"]
     assert not (out / "dropped").exists()
     assert len(list((out / "subset").iterdir())) < len([f for f in first["files"] if f.startswith("subset/")])
-
-
-def test_a_streaming_reshard_that_fails_at_any_output_step_keeps_the_last_result(tmp_path, rerun_dir, monkeypatch):
-    """The shard plan on the bundled sample, resharding on: each task writes its source
-    shard's parts and tars into the spill folder, the driver renames them into place."""
-    import pipelines.executors.streaming as streaming
-
-    out = rerun_dir
-    monkeypatch.setattr(streaming, "task_pool", lambda *_a: contextlib.nullcontext(_InProcessTasks()))
-    full = {"dir": str(out), "webdataset": True, "samples_per_shard": 30, "rows_per_part": 40}
-    cfg = write_config(tmp_path / "streaming.yaml", output=full, execution={"mode": "streaming"})
-    first = good_run(cfg, out)
-    assert first["execution"]["plan"] == "streaming" and len(first["shards"]) > 4
-    assert_whole(out)
-
-    def rerun():
-        code, _, err = run_cli("run", cfg, "--quiet", "--set", "filters[0].clip_score.min=0.3")
-        return code, err
-
-    steps = ["subset parts", "dropped parts", "shards", "subset.npy", "manifest"]
-    _rerun_fails_at_each_step(out, steps, rerun, monkeypatch)
-    assert not (out / streaming.SPILL).exists()
 
 
 def test_a_switch_left_half_done_is_finished_at_the_next_start(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from filtering.cache import ShardCache
 from filtering.io.atomic import atomic_write_text, remove_temp_files
 from filtering.io.paths import expand_shards, file_info
 from tests.conftest import SAMPLE, run_cli, write_config
+from tests.golden import check_recorded
 
 BUCKET = "pool"
 
@@ -136,7 +137,6 @@ def test_shard_plan_writes_to_s3_from_its_workers(tmp_path, s3):
             "input": {"datacomp_metadata": str(metadata)},
             "filters": [{"clip_score": {"top_fraction": 0.4}}],
             "output": {"dir": out, "rows_per_part": 25},
-            "execution": {"mode": "streaming"},
         }
         return run(parse_config(raw), progress=False, log=lambda _m: None)
 
@@ -203,14 +203,14 @@ def test_shard_plan_reads_datacomp_metadata_from_s3(tmp_path, s3):
 @pytest.mark.slow
 def test_shard_plan_reshards_from_s3_to_s3(tmp_path, s3, rerun_dir):
     """Shards, cache and output on s3://, resharding on the shard plan: the workers copy
-    each source shard's kept samples into tars there; the local in-memory run's tars."""
+    each source shard's kept samples into tars there; the local run's tars (recorded from
+    the in-memory plan, tests/golden.py)."""
     out = f"s3://{BUCKET}/runs/sample"  # the cache of the run above, if it ran
     resharding = {"webdataset": True, "samples_per_shard": 64}
     cfg = write_config(
         tmp_path / "s3.yaml",
         input={"shards": f"s3://{BUCKET}/sample/{{00000..00003}}.tar"},
         output={"dir": out, **resharding},
-        execution={"mode": "streaming"},
     )
     code, _, err = run_cli("run", cfg, "--quiet")
     assert code == 0, err
@@ -218,8 +218,9 @@ def test_shard_plan_reshards_from_s3_to_s3(tmp_path, s3, rerun_dir):
     assert manifest["execution"]["plan"] == "streaming"
 
     local_cfg = write_config(tmp_path / "local.yaml", output={"dir": str(rerun_dir), **resharding})
-    code, _, err = run_cli("run", local_cfg, "--quiet", "--set", "execution.mode=memory")
+    code, _, err = run_cli("run", local_cfg, "--quiet")
     assert code == 0, err
+    check_recorded(rerun_dir)
     local = json.loads((rerun_dir / "manifest.json").read_text())
     names = sorted(p.name for p in (rerun_dir / "shards").iterdir())
     assert [s["path"] for s in manifest["shards"]] == [f"{out}/shards/{n}" for n in names]
