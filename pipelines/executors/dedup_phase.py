@@ -101,7 +101,9 @@ def _emit_against(args) -> partitioned.Spilled:
             pool.materialize([settings.key_column])
             yield partitioned.ShardKeys(first_row, n, table=pool.table.select([settings.key_column]))
 
-    return against.emit_pool(keys(), settings, partitions, path)
+    spilled = against.emit_pool(keys(), settings, partitions, path)
+    against.release_memory()
+    return spilled
 
 
 def _alive_at(args) -> dict[str, Any]:
