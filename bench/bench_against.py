@@ -47,11 +47,11 @@ def config(pool: Path, out: Path, filters: list) -> str:
     return str(path)
 
 
-def run(pool: Path, out: Path, filters: list) -> tuple[float, float, dict]:
+def run(pool: Path, out: Path, filters: list) -> tuple[float, float, float, dict]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, filters), "--quiet"]
-    wall, _cpu, rss, _pss = timed(cmd)
-    return wall, rss, json.loads((out / "manifest.json").read_text())
+    wall, cpu, rss, _pss = timed(cmd)
+    return wall, cpu, rss, json.loads((out / "manifest.json").read_text())
 
 
 def main() -> None:
@@ -75,11 +75,12 @@ def main() -> None:
     against = [{"dedup": {**f["dedup"], "against": [str(ref_out)]}} for f in plain]
     results = {}
     for name, filters in (("without", plain), ("against", against)):
-        wall, rss, manifest = run(new_pool, base / f"new-out-{name}", filters)
-        results[name] = (wall, rss, manifest)
+        wall, cpu, rss, manifest = run(new_pool, base / f"new-out-{name}", filters)
+        results[name] = (wall, cpu, rss, manifest)
         reasons = [f["reasons"] for f in manifest["counts"]["filters"]]
-        print(f"{name:<8} wall {wall:7.1f} s  peak RSS {rss / 1e6:7.0f} MB  {reasons}", flush=True)
-    (w0, r0, _), (w1, r1, m1) = results["without"], results["against"]
+        print(f"{name:<8} wall {wall:7.1f} s  CPU {cpu:7.1f} s  peak RSS {rss / 1e6:7.0f} MB  {reasons}", flush=True)
+        print(f"{'':<8} {_phases(manifest)}", flush=True)
+    (w0, c0, r0, _), (w1, c1, r1, m1) = results["without"], results["against"]
     plan = m1.get("execution", {}).get("plan", "memory")
     print()
     print(
@@ -88,8 +89,22 @@ def main() -> None:
     print(f"new pool: {new_rows:,} rows; plan {plan}; load {os.getloadavg()[0]:.1f} (1-min average, at the end)")
     print(f"{'':<10}{'without':>10}{'against':>10}{'ratio':>8}   target")
     print(f"{'wall s':<10}{w0:>10.1f}{w1:>10.1f}{w1 / w0:>8.2f}   <= 2.00")
+    print(
+        f"{'CPU s':<10}{c0:>10.1f}{c1:>10.1f}{c1 / c0:>8.2f}   (the wall's share of a loaded machine varies; CPU less)"
+    )
     extra = (r1 - r0) / max(indexed, 1)
     print(f"{'RSS MB':<10}{r0 / 1e6:>10.0f}{r1 / 1e6:>10.0f}{r1 / r0:>8.2f}   +{extra:.1f} B per reference row (<= 16)")
+
+
+def _phases(manifest: dict) -> str:
+    """The run's seconds per dedup search (the manifest's ``stages.dedup`` records) and per phase."""
+    searches = manifest.get("stages", {}).get("dedup", {})
+    phases = manifest.get("execution", {}).get("seconds", {})
+    return (
+        "searches "
+        + ", ".join(f"{k} {v.get('seconds', 0):.1f} s" for k, v in searches.items())
+        + ("; phases " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    )
 
 
 if __name__ == "__main__":

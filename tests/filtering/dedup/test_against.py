@@ -111,8 +111,11 @@ def test_exact_matches_are_brute_force(tmp_path, workers):
     assert [(int(r), u) for r, u in zip(m.ref, m.uids(), strict=True)] == [want[i] for i in m.rows]
 
 
-@pytest.mark.parametrize("k", [0, 3, 6])
-def test_perceptual_matches_are_brute_force(tmp_path, k):
+@pytest.mark.parametrize("k, flush", [(0, None), (3, None), (6, None), (6, 1024)])
+def test_perceptual_matches_are_brute_force(tmp_path, monkeypatch, k, flush):
+    """``flush``: the reference emit tasks flush their records after every batch."""
+    if flush is not None:
+        monkeypatch.setattr(against, "REFERENCE_FLUSH_BYTES", flush)
     rng = np.random.default_rng(k)
     refs, readers = [], []
     for r in range(2):
