@@ -94,10 +94,13 @@ def _load(args) -> object:
 
 
 def cmd_validate(args) -> int:
+    from pipelines.executors import streaming
     from pipelines.runner import plan
 
     cfg = _load(args)
-    plan(cfg, cache_root="")
+    streaming.check(cfg, plan(cfg, cache_root=""), None)
+    for note in cfg.notes:
+        print(f"poolsift: {note}", file=sys.stderr)
     n = sum(len(node.leaves()) for node in cfg.filter_tree)
     print(f"{args.config}: OK ({n} filter{'s' if n != 1 else ''}, output to {cfg.output.dir})")
     return 0

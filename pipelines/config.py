@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import PositiveInt, ValidationError, field_validator, model_validator
@@ -73,11 +73,9 @@ class OutputConfig(Strict):
 
 
 class ExecutionConfig(Strict):
-    """``auto``: the streaming plan (pipelines/executors/streaming.py) when its outputs equal
-    the in-memory path's, else in memory; ``memory`` / ``streaming`` force one (streaming
-    still falls back, with a log line, when the pool turns out to need the whole pool)."""
+    """How the shard plan (pipelines/executors/streaming.py) runs; never what it writes.
+    (``mode`` was retired with the in-memory plan: :func:`retired_execution`.)"""
 
-    mode: Literal["auto", "memory", "streaming"] = "auto"
     # where the plan spills its arrays between phases when output.dir is remote: a local
     # folder every worker sees (required on a Ray cluster of several nodes: a shared mount)
     spill_dir: str | None = None
@@ -105,6 +103,11 @@ class Config(Strict):
     _filter_tree: list[FilterNode] = []
     _scorers: list[Any] = []
     _written_paths: dict[str, tuple[str, str]] = {}  # resolved path -> (as the config file wrote it, its folder)
+    _notes: list[str] = []  # one line each, logged when the run starts (a retired key that changes nothing)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @property
     def scorer_list(self) -> list[Any]:
@@ -119,9 +122,7 @@ class Config(Strict):
         d = self.model_dump(mode="json")
         if not d.get("scorers"):  # configs without scorers record (and hash) as they did before the section existed
             d.pop("scorers", None)
-        d.pop(
-            "execution", None
-        )  # how a run executes never changes its outputs, so it is not part of the config's identity
+        d.pop("execution", None)  # how a run executes never changes its outputs: not part of the config's identity
         return d
 
     def sha256(self) -> str:
@@ -414,8 +415,25 @@ def _missing_path_message(key: str, value: str, written: str, base: str | None, 
     return head
 
 
+def retired_mode(mode: Any) -> str:
+    """``execution.mode`` (retired with the in-memory plan: every run is on the shard plan):
+    ``auto`` and ``streaming`` ran the shard plan already, so the key is dropped with a note
+    (returned); ``memory`` and anything else stop in one line."""
+    if mode in ("auto", "streaming"):
+        return f"execution.mode: {mode} is ignored: every run uses the shard plan now (remove the key)"
+    raise ConfigError(
+        f"execution.mode: {mode}: the in-memory plan was retired in favour of the shard plan, which every run "
+        "uses; remove the key"
+    )
+
+
 def parse_config(raw: dict) -> Config:
     check_expanded_size(raw, "config")
+    notes = []
+    execution = raw.get("execution") if isinstance(raw, dict) else None
+    if isinstance(execution, dict) and "mode" in execution:
+        notes.append(retired_mode(execution["mode"]))
+        raw = {**raw, "execution": {k: v for k, v in execution.items() if k != "mode"}}
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -423,6 +441,7 @@ def parse_config(raw: dict) -> Config:
     if not isinstance(raw.get("filters", []), list):
         raise ConfigError("filters: must be a list of filters")
     cfg._filter_tree = parse_filters(cfg.filters, path="filters", input_kind=input_kind(cfg))
+    cfg._notes = notes
     if cfg.scorers:
         from filtering.scorers.base import input_info
 

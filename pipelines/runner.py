@@ -8,48 +8,18 @@ settings only re-applies filters and rewrites outputs.
 
 from __future__ import annotations
 
-import json
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
-from filtering.dedup.index import INDEX, IndexBuilder, shard_index_tables
 from filtering.errors import ConfigError
-from filtering.filters.base import add_tally
-from filtering.filters.compose import FilterNode, FilterOutcome, apply_filters
-from filtering.io.atomic import atomic_write_text, makedirs, remove_temp_files
+from filtering.io.atomic import makedirs, remove_temp_files
 from filtering.io.paths import join
-from filtering.pool import Pool
-from filtering.provenance import provenance
 from filtering.stages.base import ColumnStage, RunContext, SourceStage
-from filtering.tasks import executor_workers, thread_pool
-from filtering.writers.commit import MANIFEST, Staged, file_records, recover, staged_result
-from filtering.writers.parquet import (
-    HEX_COLUMNS,
-    dropped_table,
-    remove_parts,
-    subset_stream,
-    write_parts,
-    write_parts_stream,
-)
-from filtering.writers.uids import write_uids
+from filtering.writers.commit import recover, staged_result
 from pipelines.config import Config, check_local_paths, input_kind
-from pipelines.executors.uid_phase import check_duplicate_uids
+from pipelines.executors import streaming
 from pipelines.lock import output_lock
-from pipelines.manifest import (
-    MAX_MANIFEST_FAILURES,
-    PhaseClock,
-    check_funnel,
-    execution_record,
-    json_default,
-    manifest_record,
-    model_record,
-    tally_reports,
-)
 
 
 def source_stage(cfg: Config, cache_root: str) -> SourceStage:
@@ -247,8 +217,6 @@ def language_identifiers(cfg: Config, progress: bool = True) -> list[dict[str, A
 class RunResult:
     out_dir: str
     manifest: dict[str, Any]
-    pool: Pool | None  # None on the streaming plan: no process held the pool
-    outcome: FilterOutcome | None
 
 
 def progress_factory(enabled: bool):
@@ -263,11 +231,17 @@ def progress_factory(enabled: bool):
 
 
 def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResult:
+    """The run on the shard plan (``pipelines/executors/streaming.py``), its outputs staged
+    and switched into place whole; a config the plan cannot run fails here, in one line,
+    before any data is read."""
     out_dir = cfg.output.dir
     cache_root = join(out_dir, "cache")
     log = log or (lambda msg: print(f"poolsift: {msg}", file=sys.stderr))
     the_plan = plan(cfg, cache_root)
+    streaming.check(cfg, the_plan, executor)
     the_plan.source.check_inputs()
+    for note in cfg.notes:
+        log(note)
     for record in language_identifiers(cfg, progress):
         log(record["note"])
     makedirs(out_dir)
@@ -286,158 +260,13 @@ def run(cfg: Config, executor=None, progress: bool = True, log=None) -> RunResul
         )
         # the new result is written beside the last one and replaces it whole (writers/commit.py)
         with staged_result(out_dir, log) as result:
-            pool, outcome = None, None  # on the streaming plan no process holds the pool
-            manifest = streamed(cfg, the_plan, ctx, executor, result)
-            if manifest is None:
-                clock = PhaseClock()
-                pool = the_plan.source.run(ctx)
-                clock.lap("source")
-                for stage in the_plan.stages:
-                    stage.run(ctx, pool)
-                clock.lap("stages")
-                nodes = list(cfg.filter_tree)
-                dup = check_duplicate_uids(pool, cfg.input.uid.duplicates, ctx)
-                if dup is not None:
-                    nodes.insert(0, dup)
-                outcome = apply_filters(nodes, pool)
-                clock.lap("filter")
-                manifest = write_outputs(cfg, ctx, pool, outcome, the_plan.source, result, nodes, clock)
+            manifest = streaming.run_streaming(cfg, the_plan, ctx, result)
             if cfg.output.report:
                 from filtering.report import write_report
 
                 write_report(result.dir, log=log, shown_as=out_dir)
             result.switch()
-    return RunResult(out_dir, manifest, pool, outcome)
-
-
-def streamed(cfg: Config, the_plan: Plan, ctx: RunContext, executor, result: Staged) -> dict[str, Any] | None:
-    """The run on the streaming plan (pipelines/executors/streaming.py) when ``execution.mode``
-    allows it and the outputs equal the in-memory path's; its manifest, or None."""
-    if cfg.execution.mode == "memory":
-        return None
-    from pipelines.executors import streaming
-
-    reason = streaming.why_not(cfg, the_plan, executor)
-    if reason is not None:
-        if cfg.execution.mode == "streaming":
-            raise ConfigError(f"execution.mode: streaming is not possible for this run: {reason}")
-        return None
-    return streaming.run_streaming(cfg, the_plan, ctx, result)
-
-
-def write_outputs(
-    cfg: Config,
-    ctx: RunContext,
-    pool: Pool,
-    outcome: FilterOutcome,
-    source: SourceStage,
-    result: Staged,
-    nodes: list[FilterNode] | None = None,
-    clock: PhaseClock | None = None,
-) -> dict[str, Any]:
-    """Every output and the manifest, into the staged result (``result.url``); the
-    manifest names each file as it will be after the switch (``result.final``).
-    ``nodes``: the filter list ``outcome`` came from (its tallies' reports, by position);
-    ``clock``: the phases so far, for the manifest's ``execution`` record (writing is the last)."""
-    clock = clock if clock is not None else PhaseClock()
-    out = cfg.output
-    failed = pool.failed
-    config_dict = cfg.to_dict()
-    model = model_record(cfg, ctx, source)
-    prov = provenance(config_dict, cfg.sha256(), model)
-
-    hex_columns = HEX_COLUMNS | set(source.info.hex_columns)  # stored like the uid (see HEX_COLUMNS)
-
-    def side_outputs() -> dict[str, Any]:
-        """subset.npy and the dropped rows: written on a thread while the subset streams."""
-        done = {"subset_npy": result.url("subset.npy")}
-        write_uids(done["subset_npy"], pool.table.column("uid").filter(pa.array(outcome.keep)))
-        if out.dropped:
-            table = dropped_table(
-                pool.table,
-                outcome,
-                failed,
-                pool.artifacts.get("carried_columns", ()),
-                key=not pool.artifacts.get("key_is_uid"),
-            )
-            done["dropped"] = write_parts(
-                result.url("dropped"), table, out.rows_per_part, prov, hex_columns, by="source_shard"
-            )
-        else:
-            remove_parts(result.url("dropped"))  # remote output: an earlier audit trail would not match
-        return done
-
-    with thread_pool(1) as side:  # pyarrow encodes and writes without the GIL
-        pending = side.submit(side_outputs)
-        schema, tables = subset_stream(pool, outcome.keep)
-        # the index of the kept rows (filtering/dedup/index.py), one file per source shard, as they stream by
-        index = IndexBuilder(result.url(INDEX), source.info.kind, pool.embedding_kinds)
-        tables = shard_index_tables(pool, outcome.keep, tables, index.add)
-        subset_parts = write_parts_stream(  # parts follow the pool: one source shard each (docs/spec.md)
-            result.url("subset"), tables, schema, out.rows_per_part, prov, hex_columns, by="source_shard"
-        )
-        outputs: dict[str, Any] = {"subset": subset_parts}
-        index_files = index.finish([p.url for p in pool.parts])
-        outputs.update(pending.result())
-        outputs["index"] = index_files[-1]  # index.json; its parts are listed in the manifest's files
-    if out.report:
-        outputs["report"] = result.url("report.html")  # written after the manifest, from it
-    if out.webdataset:
-        from filtering.writers.webdataset import reshard
-
-        outputs["shards"] = reshard(pool, outcome.keep, result.url("shards"), out.samples_per_shard, ctx)
-    sums = {k: add_tally(None, t) for k, t in outcome.tallies.items()}  # one pool: its tallies are the sums
-    reports, report_paths = tally_reports(nodes or list(cfg.filter_tree), sums, result, prov, ctx.log)
-    outputs.update(report_paths)
-    written = [
-        *outputs["subset"],
-        outputs["subset_npy"],
-        *outputs.get("dropped", []),
-        *outputs.get("shards", []),
-        *[p for paths in report_paths.values() for p in paths],
-        *index_files,
-    ]
-    files = file_records(result.dir, written)
-    outputs = {k: [result.final(p) for p in v] if isinstance(v, list) else result.final(v) for k, v in outputs.items()}
-
-    fail_idx = np.flatnonzero(failed)
-    failures, reasons = [], Counter()
-    if len(fail_idx):  # only the failed rows are materialised as Python objects
-        rows = pool.table.select(["source_shard", "key", "uid", "error"]).take(fail_idx)
-        reasons = Counter(str(e).split(":", 1)[0] for e in rows.column("error").to_pylist())
-        failures = (
-            rows.slice(0, MAX_MANIFEST_FAILURES).rename_columns(["source_shard", "key", "uid", "reason"]).to_pylist()
-        )
-    failures += ctx.failures
-    counts = {
-        "input": int(pool.n),
-        "failed": int(failed.sum()),
-        "failed_reasons": dict(sorted(reasons.items())),
-        "kept": int(outcome.keep.sum()),
-        "filters": outcome.funnel,
-    }
-    check_funnel(counts)
-    manifest = manifest_record(
-        config_dict,
-        prov,
-        model,
-        source,
-        ctx,
-        counts=counts,
-        thresholds=outcome.thresholds,
-        language_identifiers=pool.artifacts.get("language_identifiers", []),
-        failures=failures,
-        failures_truncated=len(fail_idx) > MAX_MANIFEST_FAILURES,
-        outputs=outputs,
-    )
-    manifest.update(reports)
-    if "reshard_map" in pool.artifacts:
-        manifest["shards"] = [{**s, "path": result.final(s["path"])} for s in pool.artifacts["reshard_map"]]
-    manifest["files"] = files
-    clock.lap("write")
-    manifest["execution"] = execution_record("memory", ctx.executor, executor_workers(ctx.executor), clock.seconds)
-    atomic_write_text(result.url(MANIFEST), json.dumps(manifest, indent=2, default=json_default) + "\n")
-    return manifest
+    return RunResult(out_dir, manifest)
 
 
 def format_funnel(manifest: dict[str, Any]) -> str:

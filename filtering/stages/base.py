@@ -114,11 +114,10 @@ class SourceStage(Stage):
         """The shards, in pool order (each picklable: it is sent to the workers)."""
         raise NotImplementedError
 
-    def stream_prepare(self, ctx: RunContext) -> str | None:
+    def stream_prepare(self, ctx: RunContext) -> None:
         """In the driver, before any worker: the pool-wide decisions a one-shard pool needs
         (kept on ``self``, which travels to the workers) and the run records that do not
-        depend on the rows; or why the pool must be filtered in memory after all."""
-        return None
+        depend on the rows."""
 
     def shard_scores(self, shard, names: list[str]) -> dict[str, np.ndarray]:
         """The score columns ``names`` of one shard's readable (non-failed) rows, as the

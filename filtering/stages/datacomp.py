@@ -204,15 +204,15 @@ class DataCompStage(SourceStage):
             self._shards = list_shards(self.metadata_dir)
         return self._shards
 
-    def stream_prepare(self, ctx: RunContext) -> str | None:
+    def stream_prepare(self, ctx: RunContext) -> None:
         """The whole pool's columns (:class:`_Layout`) from every shard's footer: shards
         that differ in columns or types give the columns and types ``run``'s permissive
-        concatenation gives, which each one-shard pool is cast and filled to."""
+        concatenation gives, which each one-shard pool is cast and filled to; shards whose
+        types do not unify stop the run in one line."""
         shards = self.stream_shards()
         with thread_pool(worker_count(least=8, cap=min(len(shards), 16))) as pool:  # footers: I/O-bound
             schemas = [s.remove_metadata() for s in pool.map(_read_schema, shards)]  # in shard order
         self._layout = self._layout_of(shards, schemas)  # shards that cannot unify: an InputError naming two
-        return None
 
     def _layout_of(self, shards: list[DataCompShard], schemas: list[pa.Schema]) -> _Layout:
         # Each distinct schema once, in the order the shards first have it: the same columns,

@@ -298,7 +298,7 @@ class WebDatasetStage(SourceStage):
     def stream_shards(self) -> list[str]:
         return list(self.urls)
 
-    def stream_prepare(self, ctx: RunContext) -> str | None:
+    def stream_prepare(self, ctx: RunContext) -> None:
         """The pool-wide column choices :meth:`resolve_uids` makes (a source column left out
         when no sample has it, the stored file's hash as ``sha256``), from the cached
         tables' footers; where the shards' columns differ (an img2dataset parquet beside
@@ -328,7 +328,6 @@ class WebDatasetStage(SourceStage):
         drop = tuple(c for c in OPTIONAL_SOURCE_COLUMNS if c in nulls and nulls[c] == rows)
         self._pool_columns = (drop, nulls["sha256"] == rows)
         self._record_run(ctx)
-        return None
 
     def pool_error(self, error: Exception) -> Exception:
         """A one-shard pool's bad uids (``InvalidUidsError``, that shard's count) as the whole

@@ -83,7 +83,6 @@ and the manifest's counts, thresholds and uid report.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -119,21 +118,24 @@ RANGE_ROWS = 2_000_000  # uids sorted per merge task (32 MB)
 SPILL = ".streaming"
 
 
-def why_not(cfg, the_plan, executor) -> str | None:
-    """Why this run cannot stream (None: it can, with outputs equal to the in-memory path's).
+def check(cfg, the_plan, executor) -> None:
+    """Refuse, in one line and before any data is read, a run this plan has no step for.
 
     Nothing here names a filter or a stage: each filter declares the global step it needs
     (``Filter.reduction()``: none for a row-local filter) and each column stage its scope
-    (``ColumnStage.scope``); this says which of those the plan has no step for yet."""
+    (``ColumnStage.scope``); this says which of those the plan cannot run yet."""
+    reason = why_not(cfg, the_plan, executor)
+    if reason:
+        raise ConfigError(f"this run cannot run on the shard plan: {reason}")
+
+
+def why_not(cfg, the_plan, executor) -> str | None:
     source = the_plan.source
     reason = source.stream_why_not()
     if reason:
         return reason
     if not runs_tasks(executor):
         return "the executor runs no plan tasks"
-    for stage in the_plan.stages:
-        if stage.scope == "pool":
-            return f"stage {type(stage).__name__} needs the whole pool"
     provided = set(source.provides())
     per_shard = {c for stage in the_plan.stages if stage.scope in ("shard", "global") for c in stage.provides()}
     for node in cfg.filter_tree:
@@ -153,13 +155,11 @@ def _reduction_why_not(f: Filter, provided: set[str]) -> str | None:
         return None
     if isinstance(r, TopFraction):
         if r.column not in provided:
-            return f"filter {f.name}: top_fraction over {r.column}, a column a whole-pool stage computes"
+            return f"filters: {f.name}: top_fraction over {r.column}, a column a whole-pool stage computes"
         return None
-    if isinstance(r, Survivors):  # among the rows that reach it, wherever it is in the tree
+    if isinstance(r, Survivors | Tally):  # survivors among the rows that reach it; counts summed in step 4
         return None
-    if isinstance(r, Tally):  # counts for a report, summed in step 4; the decision is row-local
-        return None
-    return f"filter {f.name}: the plan has no step for its reduction {type(r).__name__}"
+    return f"filters: {f.name}: the plan has no step for its reduction {type(r).__name__}"
 
 
 def _top_fractions(nodes: list[FilterNode]) -> list[TopFraction]:
@@ -451,25 +451,16 @@ def _uids_first(pool, sh: _Shared, shards: list, policy: str, ctx) -> tuple[_Sha
     return replace(sh, uids_spilled=True, uid_later=mark and bool(found)), duplicates
 
 
-def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, Any] | None:
-    """Run the whole plan shard-parallel, its outputs into ``result``; returns the manifest, or
-    None (nothing written) when the shards' schemas do not unify (``stream_prepare``)."""
+def run_streaming(cfg, the_plan, ctx: RunContext, result: Staged) -> dict[str, Any]:
+    """Run the whole plan shard-parallel, its outputs into ``result``; returns the manifest."""
     source = the_plan.source
     shards = source.stream_shards()
     out_dir = cfg.output.dir
-    # what the run records in the context, restored if the in-memory path runs after all
-    saved = (list(ctx.inputs), copy.deepcopy(ctx.stage_info), dict(ctx.model_info))
     if not is_local(out_dir):  # before any work: a cluster without a shared spill folder stops here
         spill_root = _remote_spill_root(cfg, ctx.executor)
     t0 = time.perf_counter()
-    reason = source.stream_prepare(ctx)  # WebDataset: the shards not cached yet are scored here
+    source.stream_prepare(ctx)  # WebDataset: the shards not cached yet are scored here
     prepare_seconds = round(time.perf_counter() - t0, 3)
-    if reason:
-        ctx.log(f"execution: {reason}; filtering in memory")
-        ctx.inputs[:], ctx.model_info = saved[0], saved[2]
-        ctx.stage_info.clear()
-        ctx.stage_info.update(saved[1])
-        return None
     # the spill folder: arrays (scores, uids, subset.npy) and, on a local output, the parts
     # and tars; a remote output has them written into its own spill folder, by the workers
     if is_local(out_dir):

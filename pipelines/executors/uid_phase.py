@@ -1,15 +1,14 @@
-"""Uids on both plans: a uid subset.npy cannot hold stops the run in one line, and uids
+"""Uids: a uid subset.npy cannot hold stops the run in one line, and uids
 that two or more readable samples share are reported by ``input.uid.duplicates``
 (docs/spec.md, "Semantics that must match DataComp exactly"; issue 14, finding 12):
 a count and examples in the manifest (``uids.duplicates``) and one warning line;
 ``error`` stops the run, ``keep_first`` drops the later copies (pool order) first in the
 funnel (``uid_duplicates``, reason ``duplicate_uid``), ``report`` keeps every copy.
 
-The in-memory plan checks the whole pool at once (:func:`check_duplicate_uids`). The
-shard plan (``streaming.py``) spills each shard's uids grouped by range of their high
+The shard plan (``streaming.py``) spills each shard's uids grouped by range of their high
 bits (:func:`spill_uids`) and checks one range at a time (:func:`check_range`): a repeat
 and all its copies fall in one range, sorted there, so its first copy is found there
-too. Either way :func:`filtering.uid.repeated_uids` finds them and :func:`report` says so.
+too. :func:`filtering.uid.repeated_uids` finds them and :func:`report` says so.
 """
 
 from __future__ import annotations
@@ -91,24 +90,6 @@ def report(ctx, policy: str, found: list[dict], names) -> dict[str, Any]:
             f"e.g. {first}); set input.uid.duplicates: keep_first or report"
         )
     return record
-
-
-def check_duplicate_uids(pool, policy: str, ctx) -> FilterNode | None:
-    """The in-memory plan's check over the whole pool; the funnel step that drops the
-    later copies under ``keep_first``."""
-    rows = np.flatnonzero(~pool.failed)
-    found = repeated_uids(uid_pairs(pool.table, rows), rows)
-
-    def names(keys):
-        where = pool.table.select(["source_shard", "key"]).take(pa.array(keys, pa.int64())).to_pylist()
-        return dict(zip(keys, where, strict=True))
-
-    ctx.stage_info.setdefault("uids", {})["duplicates"] = report(ctx, policy, [found] if found else [], names)
-    if found and policy == "keep_first":
-        later = np.zeros(pool.n, bool)
-        later[rows[found["later"]]] = True
-        return UidDuplicates(later)
-    return None
 
 
 # ---------------------------------------------------------------- the shard plan

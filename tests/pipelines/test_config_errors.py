@@ -112,6 +112,13 @@ def test_base_config_is_valid(tmp_path):
         # unknown top-level sections
         ("filterz=[]", "filterz: unknown key; did you mean filters?"),
         ("reporting={}", "reporting: unknown key; valid keys: clusters, execution, filters, input, model, output"),
+        # the retired in-memory plan: one line naming the key, not a validation dump
+        (
+            "execution.mode=memory",
+            "execution.mode: memory: the in-memory plan was retired in favour of the shard plan, which every run "
+            "uses; remove the key",
+        ),
+        ("execution.mode=fast", "execution.mode: fast: the in-memory plan was retired in favour of the shard plan"),
         # bad --set paths
         ("filters[7].caption.min_words=3", "--set filters[7].caption.min_words: no such key path in the config"),
         ("filters..x=1", "--set 'filters..x': malformed key path"),
@@ -123,6 +130,16 @@ def test_each_error_is_one_line(tmp_path, override, message):
     if "unknown filter" in message:
         for name in ("caption", "clip_score", "image_size", "language", "text_entities", "uids", "all", "any", "not"):
             assert name in got
+
+
+@pytest.mark.parametrize("mode", ["auto", "streaming"])
+def test_execution_mode_auto_or_streaming_is_dropped_with_a_note(mode):
+    """They ran the shard plan already: the config parses, the same as without the key, with one note."""
+    from pipelines.config import parse_config
+
+    cfg = parse_config({**BASE, "execution": {"mode": mode}})
+    assert cfg.notes == [f"execution.mode: {mode} is ignored: every run uses the shard plan now (remove the key)"]
+    assert cfg.sha256() == parse_config(BASE).sha256() and parse_config(BASE).notes == []
 
 
 def test_same_errors_through_run(tmp_path):

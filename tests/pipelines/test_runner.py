@@ -55,3 +55,25 @@ def test_the_funnels_reason_counts_have_thousands_separators_like_its_totals():
     }
     text = runner.format_funnel({"counts": counts})
     assert "(corrupt_image 2,000)" in text and "-1,399  -> 0 left  (clip_score_below_top_fraction 1,399)" in text, text
+
+
+def test_a_run_the_shard_plan_cannot_take_stops_before_any_data_is_read(monkeypatch, tmp_path):
+    """No second plan to fall back to: what the shard plan refuses is one config error, raised
+    before the inputs are listed (the pool below is an empty folder) or the output folder made."""
+    from filtering.errors import ConfigError
+    from pipelines.config import parse_config
+    from pipelines.executors import streaming
+
+    (tmp_path / "empty-pool").mkdir()
+    raw = {
+        "input": {"datacomp_metadata": str(tmp_path / "empty-pool")},
+        "filters": [{"dedup": {"method": "exact"}}],
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    monkeypatch.setattr(streaming, "why_not", lambda *_a: "a step it has not got")
+    with pytest.raises(ConfigError, match=r"^this run cannot run on the shard plan: a step it has not got$"):
+        runner.run(parse_config(raw), progress=False, log=lambda _m: None)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    with pytest.raises(PoolsiftError, match="empty-pool"):  # the plan takes it: the missing input is next
+        runner.run(parse_config(raw), progress=False, log=lambda _m: None)
