@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from filtering.errors import ConfigError
 from pipelines.config import parse_config
 from pipelines.runner import run
 from tests.datacomp_pool import datacomp_clip_score_uids, make_datacomp_pool, set_nan_scores
@@ -76,7 +75,7 @@ def assert_recorded_outputs(metadata: Path, tmp_path: Path, filters, clusters=No
     the manifest's file hashes are the bytes on disk."""
     b = tmp_path / "run"
     streamed = _run(metadata, b, filters, clusters, scorers, **output)
-    assert streamed.pool is None and streamed.manifest["execution"]["plan"] == "streaming"
+    assert streamed.manifest["execution"]["plan"] == "streaming"
     assert not (b / ".streaming").exists()
     for folder in ("subset", "dropped"):
         if (b / folder).exists():
@@ -189,7 +188,7 @@ def test_repeated_uids_on_the_shard_plan(tmp_path, repeat_metadata, policy):
     }
     streamed_log: list[str] = []
     streamed = run(parse_config(raw), progress=False, log=streamed_log.append)
-    assert streamed.pool is None and streamed.manifest["execution"]["plan"] == "streaming"
+    assert streamed.manifest["execution"]["plan"] == "streaming"
     check_recorded(b)
     dup = streamed.manifest["uids"]["duplicates"]
     assert (dup["rows"], dup["uids"], dup["policy"]) == (4, 3, policy)
@@ -266,7 +265,7 @@ def test_uid_ranges_over_many_tiny_shards(tmp_path, tiny_shards, monkeypatch):
         "output": {"dir": str(b)},
     }
     streamed = run(parse_config(raw), progress=False, log=lambda _m: None)
-    assert streamed.pool is None and streamed.manifest["execution"]["plan"] == "streaming"
+    assert streamed.manifest["execution"]["plan"] == "streaming"
     check_recorded(b)
     assert streamed.manifest["uids"]["duplicates"]["rows"] == 2
     assert len(results) == 30 and len(groups[-1]) >= 3  # several ranges, each over every shard
@@ -299,32 +298,6 @@ def test_score_top_fraction_streams(tmp_path, nan_metadata, filters):
     """``score``'s top_fraction declares the same reduction as ``clip_score``'s (``TopFraction``)."""
     m = assert_recorded_outputs(nan_metadata, tmp_path, filters)
     assert "scan" in m["execution"]["seconds"]
-
-
-def test_auto_streams_unless_a_step_needs_the_whole_pool(tmp_path, metadata, monkeypatch):
-    from pipelines.executors import streaming
-
-    raw = {
-        "input": {"datacomp_metadata": str(metadata)},
-        "filters": [{"score": {"column": B32, "top_fraction": 0.3}}],
-        "output": {"dir": str(tmp_path / "a")},
-    }
-    assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is None
-    raw["filters"] = [{"any": [{"dedup": {"method": "exact"}}, {"caption": {"min_words": 3}}]}]
-    raw["output"]["dir"] = str(tmp_path / "b")
-    assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is None
-    monkeypatch.setattr(streaming, "why_not", lambda *_a: "a step that needs the whole pool")
-    assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is not None
-    raw["execution"] = {"mode": "streaming"}
-    with pytest.raises(ConfigError, match="execution.mode: streaming is not possible .*whole pool"):
-        run(parse_config(raw), progress=False, log=lambda _m: None)
-
-
-def test_execution_is_not_part_of_the_config_identity(metadata):
-    raw = {"input": {"datacomp_metadata": str(metadata)}, "filters": []}
-    a = parse_config(raw)
-    b = parse_config({**raw, "execution": {"mode": "memory"}})
-    assert a.sha256() == b.sha256()
 
 
 def test_top_fraction_refined_bin_by_bin(tmp_path, nan_metadata, monkeypatch):
@@ -386,7 +359,6 @@ def test_image_clusters_rerun_reads_the_caches(tmp_path, metadata, cluster_files
 
     def rerun():
         result = _run(metadata, out, IMAGE_BASED_CLIP, clusters)
-        assert result.pool is None
         check_recorded(out)
         return result.manifest["stages"]["clusters"]
 
@@ -404,9 +376,9 @@ def test_image_clusters_rerun_reads_the_caches(tmp_path, metadata, cluster_files
     assert info["cache"]["shards_assigned"] == 4
 
 
-def test_image_clusters_stream_in_auto_mode(tmp_path, metadata, cluster_files):
+def test_image_clusters_on_the_shard_plan(tmp_path, metadata, cluster_files):
     clusters = {"reference": str(cluster_files / "reference.npy"), "centroids": str(cluster_files / "centroids.npy")}
-    assert _run(metadata, tmp_path / "out", IMAGE_BASED, clusters).pool is None
+    assert _run(metadata, tmp_path / "out", IMAGE_BASED, clusters).manifest["execution"]["plan"] == "streaming"
 
 
 # ---------------------------------------------------------------- dedup (pipelines/executors/dedup_phase.py)
