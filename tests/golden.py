@@ -175,10 +175,11 @@ def _differences(got: dict, want: dict) -> list[str]:
 def _memory_plan_digest(out: Path) -> dict | None:
     """The digest of the same config run again on the in-memory plan (its cache copied),
     or None where this checkout has no in-memory plan."""
-    from pipelines.config import ExecutionConfig, parse_config
+    from pipelines import config
     from pipelines.runner import run
 
-    if "memory" not in str(ExecutionConfig.model_fields.get("mode", "")):
+    execution = getattr(config, "ExecutionConfig", None)
+    if execution is None or "memory" not in str(execution.model_fields.get("mode", "")):
         return None
     raw = json.loads((out / "manifest.json").read_text())["config"]
     aside = out.with_name(out.name + "-memory-plan")
@@ -187,7 +188,7 @@ def _memory_plan_digest(out: Path) -> dict | None:
         shutil.copytree(out / "cache", aside / "cache")
     raw["output"]["dir"] = str(aside)
     raw["execution"] = {"mode": "memory"}
-    assert run(parse_config(raw), progress=False, log=lambda _m: None).pool is not None
+    assert run(config.parse_config(raw), progress=False, log=lambda _m: None).pool is not None
     return outputs_digest(aside)
 
 
