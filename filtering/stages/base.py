@@ -69,7 +69,7 @@ class Stage(ABC):
 
 class SourceStage(Stage):
     """Builds the pool. Constructing one must not touch data (``poolsift validate`` plans
-    runs with it); input paths are resolved by :meth:`check_inputs` or ``run``. ``info``
+    runs with it); input paths are resolved by :meth:`check_inputs`. ``info``
     states what depends on the input kind (:class:`SourceInfo`)."""
 
     info: ClassVar[SourceInfo]
@@ -79,7 +79,7 @@ class SourceStage(Stage):
         return self.info.to_dict()
 
     def check_inputs(self) -> None:
-        """Resolve the input paths, raising ``InputError`` if they are missing; ``run``
+        """Resolve the input paths, raising ``InputError`` if they are missing; the runner
         calls it before anything is written."""
 
     def embeddings(self) -> tuple[tuple[str, ...], str | None] | None:
@@ -99,9 +99,6 @@ class SourceStage(Stage):
             f"{scorer.path}: reads decoded images, which the {self.info.kind} input does not have; "
             "use input.shards (WebDataset)"
         )
-
-    @abstractmethod
-    def run(self, ctx: RunContext) -> Pool: ...
 
     # --- the streaming plan (pipelines/executors/streaming.py): the pool one shard at a time.
     # A source that streams implements these; the plan never asks what kind of input it is.
@@ -163,11 +160,12 @@ class ColumnStage(Stage):
       and the source's embeddings, never a column (:meth:`prepare`: a small, picklable
       result), then each shard's rows in the workers (:meth:`run_shard`);
     - ``"reduction"``: nothing of its own: the reduction of the filter that reads its
-      columns does its work (dedup's candidate search, in the survivors step);
-    - ``"pool"`` (the default): only over the whole pool in one process (the in-memory plan).
+      columns does its work (dedup's candidate search, in the survivors step).
+
+    There is no whole-pool scope: a stage that declares none runs per shard.
     """
 
-    scope: str = "pool"
+    scope: str = "shard"
 
     def prepare(self, ctx: RunContext, source: SourceStage, shard_rows: list[int]) -> Any:
         """``scope == "global"``: the whole-pool step; its result is handed to :meth:`run_shard`."""

@@ -134,6 +134,8 @@ class DataCompStage(SourceStage):
         return kinds, default_embedding(kinds)
 
     def run(self, ctx: RunContext) -> Pool:
+        """Every shard in one pool, in this process. No plan calls it (every run is on the
+        shard plan: :meth:`shard_pool`); the reader's tests read whole pools through it."""
         shards = self._shards if self._shards is not None else list_shards(self.metadata_dir)
         ctx.inputs.extend(_input_records(shards))
         preload_pandas()

@@ -226,14 +226,6 @@ class WebDatasetStage(SourceStage):
         names += [s.name for s in self.scorers if not self.scorer_cache(s).is_done(url, stamp)]
         return tuple(names)
 
-    def run(self, ctx: RunContext) -> Pool:
-        self.score_missing(ctx)
-        self._record_run(ctx)
-        pool = self.load_pool()
-        ctx.stage_info["uids"] = pool.artifacts["uids"]
-        self._log_derived(ctx, pool.artifacts["uids"])
-        return pool
-
     def score_missing(self, ctx: RunContext) -> None:
         """Every piece of every shard not cached yet computed and cached (decode workers and
         the batched model, or the Ray executor's tasks and actors); nothing is kept."""
