@@ -68,8 +68,8 @@ def manifest_record(
 
 
 def execution_record(plan: str, executor, workers: int, seconds: dict[str, float]) -> dict[str, Any]:
-    """The manifest's ``execution`` record, the same keys on every plan (docs/spec.md):
-    ``plan`` (``streaming``: the shard plan; ``memory``: the whole pool in the driver),
+    """The manifest's ``execution`` record, the same keys on every run (docs/spec.md):
+    ``plan`` (``streaming``: the shard plan, the only one),
     ``executor`` (``local`` or ``ray``), ``workers`` (how many tasks ran at once) and
     ``seconds`` per phase (wall, in the order they ran)."""
     return {
