@@ -557,8 +557,9 @@ class DedupAgainstStage(ColumnStage):
 # for each reference index file's rows, their embeddings read where the reference's run
 # found them (:func:`filtering.dedup.index.embedding_rows`); each partition of clusters
 # is compared on one worker (:func:`semantic_partition`): a pool row within ``threshold``
-# (cosine) of a reference row in its cluster matches it. As in SemDeDup, a pair split
-# across two clusters is missed.
+# (cosine) of a reference row in its cluster matches it. A reference row sits in its two
+# nearest clusters, so a pair is missed only when the new row's cluster is neither (SemDeDup
+# misses every pair split across two clusters).
 
 REF_EXTRA = ("ref", "hi", "lo")  # what a reference spill holds beside the embeddings
 SIMILARITY_BYTES = 64 << 20  # a block of similarities compared at a time, at most about this
@@ -606,8 +607,9 @@ def spill_reference(
 ) -> np.ndarray:
     """One map task: the rows of index file ``file`` of reference number ``k_ref`` (a source
     shard's kept rows) with their ``kind`` embeddings, assigned to the centroids and spilled
-    sorted by cluster with their uid (:data:`REF_EXTRA`). Rows whose embedding is all zero
-    (not embedded) are left out. Returns the rows per cluster."""
+    sorted by cluster with their uid (:data:`REF_EXTRA`), each in its two nearest clusters
+    (so that a new row just across a boundary still meets it). Rows whose embedding is all
+    zero (not embedded) are left out. Returns the rows per cluster."""
     from filtering.dedup.semantic import spill_assigned
     from filtering.errors import InputError
 
@@ -645,8 +647,22 @@ def spill_reference(
         "hi": table.column("uid_hi").to_numpy()[keep],
         "lo": table.column("uid_lo").to_numpy()[keep],
     }
+    label = None
+    if assigner is not None and k > 1 and len(keep):
+        # each reference row in its two nearest clusters: a new row near it but across the
+        # boundary of its nearest cluster is still compared with it
+        from filtering.clustering import assign
+
+        first = assign(emb[keep], assigner)[0]
+        c = np.load(centroids)
+        sims = np.asarray(emb[keep], np.float32) @ c.T
+        sims[np.arange(len(keep)), first] = -np.inf
+        label = np.column_stack([first, sims.argmax(axis=1)]).ravel()
+        del sims
+        keep = np.repeat(keep, 2)
+        extra = {name: np.repeat(v, 2) for name, v in extra.items()}
     order = np.arange(len(keep), dtype=np.int64)
-    return spill_assigned(emb, keep, order, order, assigner, k, prefix, dtype, extra)
+    return spill_assigned(emb, keep, order, order, assigner, k, prefix, dtype, extra, label)
 
 
 def semantic_partition(pool_prefixes: list[str], ref_prefixes: list[str], clusters: np.ndarray, threshold: float):

@@ -197,6 +197,7 @@ def spill_assigned(
     prefix: str,
     dtype=None,
     extra: dict[str, np.ndarray] | None = None,
+    label: np.ndarray | None = None,
 ) -> np.ndarray:
     """One shard's rows ``local`` of ``emb`` (its embeddings, e.g. memory-mapped; taken in
     ``dtype``, the search's), which are pool rows ``rows`` at positions ``rank`` of the
@@ -204,14 +205,16 @@ def spill_assigned(
     :class:`filtering.clustering.Assigner`; None: one cluster) and written sorted by
     (cluster, rank) as ``prefix.{x,label,rank,row}.npy``, a batch of rows at a time (the
     shard's embeddings are never held whole), and each ``extra`` array (one value per row)
-    as ``prefix.{name}.npy`` in the same order. Returns the rows per cluster (``k``)."""
+    as ``prefix.{name}.npy`` in the same order; ``label``: each row's cluster, given
+    (instead of the nearest centroid). Returns the rows per cluster (``k``)."""
     import os
 
     from filtering.clustering import DEFAULT_BATCH, assign
 
     dtype = np.dtype(dtype or emb.dtype)
     taken = _Taken(emb, local, dtype)
-    label = assign(taken, centroids)[0] if centroids is not None and len(local) else np.zeros(len(local), np.int64)
+    if label is None:
+        label = assign(taken, centroids)[0] if centroids is not None and len(local) else np.zeros(len(local), np.int64)
     del taken
     order = np.lexsort((rank, label))
     tmp = f"{prefix}.x.tmp.npy"

@@ -36,7 +36,7 @@ filter pass (``pipelines/executors/streaming.py``):
 2d. **against** (``against: [...]``, filtering/dedup/against.py): exact and perceptual
    rows matched to a reference's kept rows by the partitioned search, before step 2; a
    semantic match searched among the valid alive rows here (k-means as in 2b, each
-   reference index file's rows assigned in a task, each partition of clusters compared
+   reference index file's rows assigned to their two nearest clusters in a task, each partition of clusters compared
    on a worker); ``min_similarity`` confirming each hash match by the embeddings. The
    matched rows leave the alive rows before the survivors step.
 3. **survivors** (driver): components of the alive rows
@@ -56,6 +56,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -306,8 +307,11 @@ def run_dedup(
         del results
         ref_rows = None
         m = matched.get(ref_settings) if ref_settings is not None else None
+        assigned = None
         if settings is None and f.params.against:  # semantic: searched among the rows alive here
-            m = _semantic_against(tasks, sh, shards, starts, position, np.flatnonzero(alive), hi, lo, valid, dtype, ctx)
+            m, assigned = _semantic_against(
+                tasks, sh, shards, starts, position, np.flatnonzero(alive), hi, lo, valid, dtype, ctx
+            )
         if m is not None:
             # Rows that duplicate a reference's kept row go first; the rest dedup among themselves.
             hit = alive[m.rows]
@@ -324,7 +328,12 @@ def run_dedup(
                 alive[ref_rows] = False
         rows = np.flatnonzero(alive)
         if settings is None:
-            pair_a, pair_b = _semantic_pairs(tasks, sh, shards, starts, position, rows, hi, lo, valid, dtype)
+            try:  # the rows the search against references assigned, when it matched none
+                reuse = assigned if ref_rows is None or len(ref_rows) == 0 else None
+                pair_a, pair_b = _semantic_pairs(tasks, sh, shards, starts, position, rows, hi, lo, valid, dtype, reuse)
+            finally:
+                if assigned is not None:
+                    shutil.rmtree(assigned.spill, ignore_errors=True)
             labels = np.arange(n, dtype=np.int64)
             del valid
         elif f.params.min_similarity is not None:
@@ -412,15 +421,32 @@ def _confirmed_edges(tasks, sh, shards, starts, position, rows, hi, lo, labels, 
         shutil.rmtree(spill, ignore_errors=True)
 
 
+@dataclass
+class _Assigned:
+    """The valid alive rows ``vrows`` (by uid) assigned to ``k`` centroids, spilled under
+    ``spill`` (:func:`_train_centroids`, :func:`_assign_rows`): what the semantic search
+    against references leaves for the in-pool search when it matched no row."""
+
+    vrows: np.ndarray
+    k: int
+    centroids: str | None
+    dim: int
+    prefixes: list
+    sizes: np.ndarray
+    spill: str
+
+
 def _semantic_pairs(
-    tasks, sh, shards, starts, position: Path, rows, hi, lo, valid, dtype
+    tasks, sh, shards, starts, position: Path, rows, hi, lo, valid, dtype, assigned: _Assigned | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """SemDeDup's pairs (pool rows) among the alive rows ``rows`` whose embedding is not all
     zero (``valid``), as :func:`filtering.dedup.semantic.semdedup_pairs` finds them in the
     in-memory filter: the rows in uid order (``hi``, ``lo``); k-means trained in the driver
     on the same sample of them, fetched shard by shard; each shard's rows assigned and
     spilled sorted by cluster in the workers; each partition of clusters compared on one
-    worker, a cluster's rows in uid order (the same arrays, so the same pairs)."""
+    worker, a cluster's rows in uid order (the same arrays, so the same pairs).
+    ``assigned``: the same rows already assigned (by the search against references, which
+    matched none), used instead of training and assigning again; its spill is removed here."""
     from filtering.dedup import semantic
 
     p = _dedup_at(sh, position).params
@@ -433,10 +459,14 @@ def _semantic_pairs(
     if n < 2:
         return empty, empty
     k = min(p.num_clusters or semantic.default_num_clusters(n), n)
-    spill = tempfile.mkdtemp(prefix="semdedup-", dir=sh.spill)
+    if assigned is not None and assigned.k == k and np.array_equal(assigned.vrows, vrows):
+        spill, dim, prefixes, sizes = assigned.spill, assigned.dim, assigned.prefixes, assigned.sizes
+    else:
+        spill = tempfile.mkdtemp(prefix="semdedup-", dir=sh.spill)
     try:
-        centroids, dim = _train_centroids(tasks, sh, shards, starts, position, vrows, k, dtype, spill)
-        prefixes, sizes = _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k, spill)
+        if spill != getattr(assigned, "spill", None):
+            centroids, dim = _train_centroids(tasks, sh, shards, starts, position, vrows, k, dtype, spill)
+            prefixes, sizes = _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k, spill)
         clusters = np.flatnonzero(sizes > 1)
         if len(clusters) == 0:
             return empty, empty
@@ -601,13 +631,16 @@ def _semantic_partition(args):
     return against.semantic_partition(*args)
 
 
-def _semantic_against(tasks, sh, shards, starts, position: Path, rows, hi, lo, valid, dtype, ctx) -> against.Matches:
+def _semantic_against(
+    tasks, sh, shards, starts, position: Path, rows, hi, lo, valid, dtype, ctx
+) -> tuple[against.Matches, _Assigned | None]:
     """``method: semantic`` with ``against``: the alive rows ``rows`` whose embedding is not
     all zero (``valid``) that are within ``threshold`` of a reference's kept row
     (``filtering/dedup/against.py``): k-means trained on them as :func:`_semantic_pairs`
-    trains (k for the pool and the references together), the pool's rows and each
-    reference index file's rows assigned and spilled sorted by cluster in the workers, each
-    partition of clusters compared on one worker."""
+    trains (its k and sample), the pool's rows and each reference index file's rows
+    assigned and spilled sorted by cluster in the workers, each partition of clusters
+    compared on one worker. Also returns the pool rows' assignment (its spill the
+    caller's to remove), which the in-pool search uses when no row matched."""
     from filtering.dedup import semantic
     from filtering.io.paths import join
 
@@ -620,17 +653,21 @@ def _semantic_against(tasks, sh, shards, starts, position: Path, rows, hi, lo, v
     vrows = rows[canon[valid[canon]]]  # the valid rows by uid
     del canon
     n, n_ref = len(vrows), sum(r.rows for r in refs)
-    matches = against.Matches.empty()
+    matches, assigned = against.Matches.empty(), None
     if n and n_ref:
-        k = min(p.num_clusters or semantic.default_num_clusters(n + n_ref), n)
-        spill = tempfile.mkdtemp(prefix="against-semantic-", dir=sh.spill)
+        # the in-pool step's k and sample: when no row matches, it uses this assignment
+        k = min(p.num_clusters or semantic.default_num_clusters(n), n)
+        spill = tempfile.mkdtemp(prefix="semdedup-", dir=sh.spill)
+        ref_spill = os.path.join(spill, "references")
+        os.makedirs(ref_spill)
         try:
             centroids, dim = _train_centroids(tasks, sh, shards, starts, position, vrows, k, dtype, spill)
             prefixes, sizes = _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k, spill)
+            assigned = _Assigned(vrows, k, centroids, dim, prefixes, sizes, spill)
             ref_prefixes, args = [], []
             for k_ref, ref in enumerate(refs):
                 for j in range(len(ref.files)):
-                    ref_prefixes.append(os.path.join(spill, f"r{len(ref_prefixes):06d}"))
+                    ref_prefixes.append(os.path.join(ref_spill, f"r{len(ref_prefixes):06d}"))
                     args.append((ref, k_ref, j, kind, dtype, centroids, k, ref_prefixes[-1]))
             ref_sizes = np.zeros(k, np.int64)
             for counts in tasks.map(_spill_reference, args):
@@ -644,11 +681,14 @@ def _semantic_against(tasks, sh, shards, starts, position: Path, rows, hi, lo, v
                 owner = semantic.balance(np.sqrt(sizes[clusters] * ref_sizes[clusters].astype(np.float64)), parts_n)
                 work = [(prefixes, ref_prefixes, clusters[owner == q], p.threshold) for q in range(parts_n)]
                 matches = against.best_matches(tasks.map(_semantic_partition, work))
-        finally:
+        except BaseException:
             shutil.rmtree(spill, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(ref_spill, ignore_errors=True)
     record = against.record(refs, matches, time.perf_counter() - t0, tasks.workers)
     ctx.stage_info.setdefault("dedup", {})[against.semantic_column(p.against, p.threshold)] = record
-    return matches
+    return matches, assigned
 
 
 def _spill_reference_rows(args) -> np.ndarray:

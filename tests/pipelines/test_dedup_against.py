@@ -149,6 +149,43 @@ def test_semantic_against_embeddings_of_another_width_is_an_error(tmp_path, data
         run(parse_config(cfg), progress=False, log=lambda _m: None)
 
 
+def test_semantic_against_matching_nothing_dedups_the_pool_as_without(tmp_path, datacomp_first, monkeypatch):
+    """A semantic search against a reference that matches no row leaves the in-pool step
+    its centroids and assignment (the same k and sample): the outputs equal a run without
+    ``against``. The pool repeats one shard's embeddings under new uids (in-pool copies)."""
+    import shutil
+
+    root, out1 = datacomp_first
+    pool2 = tmp_path / "pool2"
+    datacomp_second_pool(pool2, kept_rows(out1), exact=10, near=10, clean=40, semantic=10, first_pool=root / "pool1")
+    copy = pq.read_table(pool2 / "00000000.parquet")
+    uids = [f"{int(u, 16) ^ 1:032x}" for u in copy.column("uid").to_pylist()]
+    copy = copy.set_column(copy.schema.get_field_index("uid"), "uid", pa.array(uids, pa.string()))
+    pq.write_table(copy, pool2 / "00000003.parquet")
+    shutil.copy(pool2 / "00000000.npz", pool2 / "00000003.npz")
+    make_datacomp_sample(tmp_path / "other", rows=60, shards=1, seed=9)  # 768-d, unrelated
+    other = {"input": {"datacomp_metadata": str(tmp_path / "other")}, "output": {"dir": str(tmp_path / "out-other")}}
+    run(parse_config({**other, "filters": [{"caption": {"min_words": 1}}]}), progress=False, log=lambda _m: None)
+    from pipelines.executors import dedup_phase
+
+    trained = []  # k-means trainings (in the driver)
+    train = dedup_phase._train_centroids
+    monkeypatch.setattr(dedup_phase, "_train_centroids", lambda *a: trained.append(1) or train(*a))
+    outs = []
+    for name, extra in (("with", {"against": [str(tmp_path / "out-other")]}), ("without", {})):
+        cfg = {
+            "input": {"datacomp_metadata": str(pool2)},
+            "filters": [{"dedup": {"method": "semantic", **extra}}],
+            "output": {"dir": str(tmp_path / name)},
+        }
+        outs.append(run(parse_config(cfg), progress=False, log=lambda _m: None).manifest)
+    assert len(trained) == 2  # one a run: the in-pool step took the search's
+    assert outs[0]["counts"]["filters"] == outs[1]["counts"]["filters"]
+    assert outs[1]["counts"]["filters"][0]["reasons"] == {"duplicate_semantic": len(uids)}
+    assert (tmp_path / "with" / "subset.npy").read_bytes() == (tmp_path / "without" / "subset.npy").read_bytes()
+    assert dropped(tmp_path / "with") == dropped(tmp_path / "without")
+
+
 MODEL = {"arch": "poolsift-tiny", "pretrained": str(REPO / "sample_data" / "tiny_clip" / "poolsift-tiny.safetensors")}
 
 
