@@ -78,13 +78,34 @@ def start_method() -> str:
     a second of wall time per run (measured with bench/bench_scale.py). A forked one starts
     at once with the driver's modules. Forking is unsafe only where another thread may
     hold a lock at the fork (torch's thread pools, a preloading or progress thread), so
-    those drivers keep spawning.
+    those drivers keep spawning. So do drivers with an OpenMP runtime loaded (faiss's
+    libgomp: the image_clusters targets, k-means): after a parallel region in the driver, a
+    forked worker's first parallel region waits for ever on the driver's team, which the
+    fork did not copy (tests/filtering/test_tasks.py).
     """
     import threading
 
-    if "torch" in sys.modules or threading.active_count() > 1 or "fork" not in mp.get_all_start_methods():
+    if (
+        "torch" in sys.modules
+        or threading.active_count() > 1
+        or _openmp_loaded()
+        or "fork" not in mp.get_all_start_methods()
+    ):
         return "spawn"
     return "fork"
+
+
+def _openmp_loaded() -> bool:
+    """Whether this process has loaded faiss or any OpenMP runtime (libgomp, LLVM's libomp,
+    Intel's libiomp), whose thread team a fork cannot copy."""
+    if "faiss" in sys.modules:
+        return True
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:  # not Linux: faiss is what loads one here
+        return False
+    return any(name in maps for name in ("libgomp", "libomp.so", "libiomp"))
 
 
 def runs_tasks(executor) -> bool:

@@ -55,6 +55,48 @@ def test_a_driver_running_another_thread_spawns(no_torch):
         thread.join()
 
 
+def test_a_driver_that_loaded_faiss_spawns(no_torch, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", types.ModuleType("faiss"))
+    assert start_method() == "spawn"
+
+
+def test_workers_search_with_faiss_after_the_driver_did(tmp_path):
+    """libgomp (faiss's OpenMP) does not survive a fork: a driver that ran a parallel
+    region (the image_clusters targets, a k-means) and then forked workers that search
+    with faiss hung for ever, the workers spinning on a team that no longer exists
+    (found in test_golden_outputs[image_based]; a fork pool hangs here)."""
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent("""
+        import numpy as np
+        import faiss
+        from filtering.tasks import task_pool
+
+        faiss.omp_set_num_threads(2)
+        x = np.random.default_rng(0).random((20000, 16), dtype=np.float32)
+        index = faiss.IndexFlatL2(16)
+        index.add(x[:500])
+
+        def search(rows):
+            return int(index.search(x[:rows], 1)[1].sum())
+
+        if __name__ == "__main__":
+            search(len(x))  # a parallel region in the driver
+            with task_pool(None, 2) as pool:
+                print(sum(pool.map(search, [len(x)] * 2)) == 2 * search(len(x)))
+        """)
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the task pool's workers hung in faiss after the driver's own faiss search")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_both_start_methods_run_tasks(monkeypatch, method):
     if method not in mp.get_all_start_methods():
