@@ -1,23 +1,21 @@
-"""The whole CLI run of exact + perceptual dedup on DataComp metadata, both plans (issue 16).
+"""The whole CLI run of exact + perceptual dedup on DataComp metadata (issue 16).
 
 Generates DataComp-format parquet shards (``bench_scale.SHARD_ROWS`` rows each, no npz)
 whose ``sha256`` repeats (10% exact copies of a random row of the pool, across shards)
 and with a uint64 ``phash`` column (15% near copies: another row's hash with up to 4
 bits flipped), then runs ``poolsift run`` with ``dedup: exact`` then ``dedup:
 perceptual`` (``max_distance: 6``; ``keep: highest_clip_score``), writing every output,
-once with ``execution.mode: memory`` and once with ``streaming``, each in its own
-process tree from a fresh output folder (no dedup cache). Prints wall, CPU and peak
-RSS of the process tree (``bench_scale.timed``) and whether ``subset.npy`` and the
-manifest's counts agree.
+in its own process tree from a fresh output folder (no dedup cache). Prints wall, CPU
+and peak RSS of the process tree (``bench_scale.timed``).
 
     .venv/bin/python bench/bench_dedup_cli.py --dir /tmp/poolsift-dedup-cli --sizes 250k 1M
 
-``--rerun``: then, in the last plan's output folder, reruns that change only ``keep``
+``--rerun``: then, in the run's output folder, reruns that change only ``keep``
 (``smallest_uid`` on every dedup): with the candidate search's cache entries moved away
 (it searches again, as before the cache) and with them (it reads them), interleaved
 ``--repeat`` times; prints both walls, their ratio, and whether ``subset.npy`` agrees.
 
-    .venv/bin/python bench/bench_dedup_cli.py --dir /tmp/poolsift-dedup-cli --sizes 250k 1M --modes streaming --rerun
+    .venv/bin/python bench/bench_dedup_cli.py --dir /tmp/poolsift-dedup-cli --sizes 250k 1M --rerun
 
 ``--semantic``: ``dedup: {method: semantic, embedding: l14_img}`` (SemDeDup, default
 ``num_clusters`` about sqrt(N), ``threshold: 0.95``) instead, on the same shards plus an
@@ -98,7 +96,7 @@ def _shard(rng, s, start, n, rows, root=None, offset: int = 0):
     return table
 
 
-def config(pool: Path, out: Path, mode: str, semantic: bool = False, keep: str | None = None) -> str:
+def config(pool: Path, out: Path, semantic: bool = False, keep: str | None = None) -> str:
     import yaml
 
     filters = [{"dedup": {"method": "exact"}}, {"dedup": {"method": "perceptual", "max_distance": 6}}]
@@ -111,7 +109,6 @@ def config(pool: Path, out: Path, mode: str, semantic: bool = False, keep: str |
         "input": {"datacomp_metadata": str(pool)},
         "filters": filters,
         "output": {"dir": str(out)},
-        "execution": {"mode": mode},
     }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -122,7 +119,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/poolsift-dedup-cli")
     ap.add_argument("--sizes", nargs="+", default=["250k", "1M"])
-    ap.add_argument("--modes", nargs="+", default=["memory", "streaming"])
     ap.add_argument("--semantic", action="store_true", help="semantic dedup on generated embeddings (npz)")
     ap.add_argument("--rerun", action="store_true", help="reruns changing only keep, with and without the search cache")
     ap.add_argument("--repeat", type=int, default=2, help="--rerun: pairs of reruns, interleaved")
@@ -135,32 +131,24 @@ def main() -> None:
         rows = parse_size(size)
         pool = base / (f"pool-{rows}-semantic" if args.semantic else f"pool-{rows}")
         generate(pool, rows, semantic=args.semantic)
-        subsets, counts = {}, {}
-        for mode in args.modes:
-            out = base / f"out-{rows}-{mode}{'-semantic' if args.semantic else ''}"
-            shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode, args.semantic), "--quiet"]
-            wall, cpu, rss, pss = timed(cmd)
-            manifest = json.loads((out / "manifest.json").read_text())
-            assert manifest.get("execution", {}).get("plan", "memory") in (mode, "memory")
-            subsets[mode] = (out / "subset.npy").read_bytes()
-            counts[mode] = manifest["counts"]
-            table.append((rows, mode, wall, cpu, rss, pss, manifest["counts"]["kept"]))
-            print(
-                f"{rows:>9} {mode:<10} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB (PSS {pss / 1e6:.0f})",
-                flush=True,
-            )
+        out = base / f"out-{rows}{'-semantic' if args.semantic else ''}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, args.semantic), "--quiet"]
+        wall, cpu, rss, pss = timed(cmd)
+        manifest = json.loads((out / "manifest.json").read_text())
+        plan = manifest["execution"]["plan"]
+        table.append((rows, plan, wall, cpu, rss, pss, manifest["counts"]["kept"]))
+        print(
+            f"{rows:>9} {plan:<10} wall {wall:6.1f} s  cpu {cpu:6.1f} s  peak RSS {rss / 1e6:7.0f} MB (PSS {pss / 1e6:.0f})",
+            flush=True,
+        )
         if args.rerun:
-            reruns.extend(rerun(pool, out, mode, rows, args.repeat))
-        if len(subsets) == 2:
-            a, b = subsets.values()
-            ca, cb = counts.values()
-            print(f"{rows:>9} same subset.npy: {a == b}, same counts: {ca == cb}", flush=True)
+            reruns.extend(rerun(pool, out, rows, args.repeat))
     print()
     print(f"{'rows':>9} {'plan':<10}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>8}{'B/row':>7}{'kept':>10}")
-    for rows, mode, wall, cpu, rss, pss, kept in table:
+    for rows, plan, wall, cpu, rss, pss, kept in table:
         print(
-            f"{rows:>9} {mode:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>8.0f}{rss / rows:>7.0f}{kept:>10}"
+            f"{rows:>9} {plan:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}{pss / 1e6:>8.0f}{rss / rows:>7.0f}{kept:>10}"
         )
     if reruns:
         print()
@@ -169,10 +157,10 @@ def main() -> None:
             print(f"{rows:>9} {what:<28}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13.0f}")
 
 
-def rerun(pool: Path, out: Path, mode: str, rows: int, repeat: int) -> list[tuple]:
+def rerun(pool: Path, out: Path, rows: int, repeat: int) -> list[tuple]:
     """Reruns in ``out`` that change only ``keep``: without the search's cache entries
     (moved aside) and with them, interleaved; the walls' ratio."""
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, mode, keep="smallest_uid"), "--quiet"]
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", config(pool, out, keep="smallest_uid"), "--quiet"]
     aside = out.parent / f"{out.name}-dedup-aside"
     found, walls = [], {"searched": [], "cached": []}
     subsets = set()

@@ -1,16 +1,15 @@
-"""Peak memory of DataComp's image_based baseline (image_clusters) on both plans (issue 16).
+"""Peak memory of DataComp's image_based baseline (image_clusters) (issue 16).
 
 Generates DataComp-format pools (parquet as ``bench_scale.py`` makes them, plus an npz of
 768-d float16 unit ``l14_img`` embeddings per shard of 50,000 rows; cached under
 ``--dir``), a centroids file (``--clusters`` random unit centroids, as DataComp ships its
-own) and a reference set of 1,000 embeddings, then runs, per size and plan, from an empty
-output folder (so centroids are loaded, targets found and every shard assigned):
+own) and a reference set of 1,000 embeddings, then runs, from an empty
+output folder (so centroids are loaded, targets found and every shard assigned), per size:
 
     caption: {min_words: 2, min_chars: 6}, image_clusters, and with --clip clip_score top 30% first
 
 Printed per run: wall and CPU seconds (children included), peak RSS and PSS of the whole
-process tree (``bench_scale.timed``), bytes of peak RSS per input row, rows kept, and
-whether both plans wrote the same ``subset.npy``.
+process tree (``bench_scale.timed``), bytes of peak RSS per input row and rows kept.
 
     .venv/bin/python bench/bench_image_based.py --dir /tmp/poolsift-image-based --sizes 200K 800K
 """
@@ -18,6 +17,7 @@ whether both plans wrote the same ``subset.npy``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -53,7 +53,6 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["200K", "800K"])
     ap.add_argument("--clusters", type=int, default=1024, help="centroids in the generated centroids file")
     ap.add_argument("--clip", action="store_true", help="image_based_intersect_clip_score: clip_score top 30%% too")
-    ap.add_argument("--plans", nargs="+", default=["streaming", "memory"], choices=["streaming", "memory"])
     args = ap.parse_args()
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -74,27 +73,23 @@ def main() -> None:
         rows = parse_size(size)
         meta = work / f"pool-{rows}"
         generate(meta, rows)
-        subsets = {}
-        for plan in args.plans:
-            out = work / f"out-{rows}-{plan}"
-            shutil.rmtree(out, ignore_errors=True)
-            cfg = work / f"run-{rows}-{plan}.yaml"
-            cfg.write_text(
-                f"input: {{datacomp_metadata: '{meta}'}}\n"
-                f"clusters: {{centroids: '{centroids}', reference: '{reference}', embedding: l14_img}}\n"
-                f"filters:\n{filters}"
-                f"output: {{dir: '{out}'}}\n"
-                f"execution: {{mode: {plan}}}\n"
-            )
-            wall, cpu, rss, pss = timed([sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--quiet"])
-            subsets[plan] = np.load(out / "subset.npy")
-            print(
-                f"{rows:>8,} {plan:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13,.0f}{pss / 1e6:>9,.0f}"
-                f"{rss / rows:>7,.0f}{len(subsets[plan]):>9,}  load {os.getloadavg()[0]:.1f}",
-                flush=True,
-            )
-        if len(subsets) == 2:
-            print(f"{rows:>8,} same subset.npy on both plans: {np.array_equal(*subsets.values())}", flush=True)
+        out = work / f"out-{rows}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = work / f"run-{rows}.yaml"
+        cfg.write_text(
+            f"input: {{datacomp_metadata: '{meta}'}}\n"
+            f"clusters: {{centroids: '{centroids}', reference: '{reference}', embedding: l14_img}}\n"
+            f"filters:\n{filters}"
+            f"output: {{dir: '{out}'}}\n"
+        )
+        wall, cpu, rss, pss = timed([sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--quiet"])
+        kept = len(np.load(out / "subset.npy"))
+        plan = json.loads((out / "manifest.json").read_text())["execution"]["plan"]
+        print(
+            f"{rows:>8,} {plan:<10}{wall:>8.1f}{cpu:>8.1f}{rss / 1e6:>13,.0f}{pss / 1e6:>9,.0f}"
+            f"{rss / rows:>7,.0f}{kept:>9,}  load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

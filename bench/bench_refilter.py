@@ -250,21 +250,21 @@ def _rows_in(url: str) -> int:
         return sum(1 for m in tf if m.name.endswith(".json"))
 
 
-def raw_config(shards: str, out: Path, mode: str | None = None, filters=FILTERS, recipe: str | None = None) -> dict:
-    """The run's config; ``mode``: an ``execution.mode`` to write (None: none)."""
+def raw_config(shards: str, out: Path, filters=FILTERS, recipe: str | None = None) -> dict:
+    """The run's config."""
     r = RECIPES[recipe] if recipe else {"filters": filters}
     raw = {"input": {"shards": shards}, "model": MODEL, "filters": r["filters"]}
     for section in ("clusters", "scorers"):
         if section in r:
             raw[section] = r[section]
     raw["output"] = {"dir": str(out), **r.get("output", {})}
-    return {**raw, "execution": {"mode": mode}} if mode else raw
+    return raw
 
 
-def config(shards: str, out: Path, mode: str | None = None, filters=FILTERS, recipe: str | None = None):
+def config(shards: str, out: Path, filters=FILTERS, recipe: str | None = None):
     from pipelines.config import parse_config
 
-    return parse_config(raw_config(shards, out, mode, filters, recipe))
+    return parse_config(raw_config(shards, out, filters, recipe))
 
 
 SOURCE_CACHES = ("source-", "uids-", "scorer-clip-", "scorer-phash-")  # the shard caches a scoring run leaves

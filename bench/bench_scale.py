@@ -5,8 +5,7 @@ scores, sha256; shards of 100,000 rows; vectorised, cached under ``--dir`` so la
 reuse it) and times, per size, each as a whole process tree:
 
 - ``poolsift run`` with ``clip_score: {top_fraction: 0.3}`` on L/14, writing the subset
-  parquet, subset.npy, the dropped rows and the manifest (``execution.mode`` as given:
-  ``auto`` takes the streaming plan, ``memory`` the in-memory one);
+  parquet, subset.npy, the dropped rows and the manifest (on the shard plan, as every run);
 - ``script``, issue 16's straightforward script: 2 worker processes read uid + score per
   shard with pyarrow, the driver takes DataComp's threshold over all scores, the workers
   keep the rows over it with one Python ``int()`` per kept uid half, the driver sorts
@@ -284,7 +283,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", required=True, help="pools are generated (once) and runs written under this folder")
     ap.add_argument("--sizes", nargs="+", default=["1.6M", "6.4M", "25.6M"])
-    ap.add_argument("--mode", default="auto", choices=["auto", "memory", "streaming"], help="poolsift's execution.mode")
     ap.add_argument(
         "--contenders",
         nargs="+",
@@ -310,7 +308,6 @@ def main() -> None:
             f"input: {{datacomp_metadata: '{meta}'}}\n"
             f"filters:\n  - clip_score: {{top_fraction: {FRACTION}, field: {KEY}}}\n"
             f"output: {{dir: '{work / f'out-{rows}'}'}}\n"
-            f"execution: {{mode: {args.mode}}}\n"
         )
         for p in sorted(meta.glob("*.parquet")):  # page cache warm for both
             p.read_bytes()
@@ -336,7 +333,7 @@ def main() -> None:
 def print_table(rows_out, args) -> None:
     print(
         f"\nclip_score L/14 top {FRACTION:.0%} on DataComp-format parquet; {os.cpu_count()} CPUs; "
-        f"load average {os.getloadavg()[0]:.1f}; poolsift execution.mode {args.mode}; best of {args.repeat}"
+        f"load average {os.getloadavg()[0]:.1f}; best of {args.repeat}"
     )
     print(
         f"{'rows':>7} {'contender':<13}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}{'PSS MB':>9}{'B/row':>7}"

@@ -78,7 +78,7 @@ def carried(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("wdsmixed")
     pattern = make_shards(root / "shards", 150, shard_rows=50)
-    cfg = config(pattern, root / "cache-src", "auto")
+    cfg = config(pattern, root / "cache-src")
     write_caches(cfg, shard_rows=50)
     stage = plan(cfg, str(root / "cache-src" / "cache")).source
     url = stage.urls[1]
@@ -133,7 +133,7 @@ def test_webdataset_shards_that_cannot_unify_name_the_column_and_two_shards(tmp_
 
     pattern, cache = carried
     shutil.copytree(cache, tmp_path / "run" / "cache")
-    cfg = config(pattern, tmp_path / "run", "auto", [{"clip_score": {"top_fraction": 0.5}}])
+    cfg = config(pattern, tmp_path / "run", [{"clip_score": {"top_fraction": 0.5}}])
     stage = plan(cfg, str(tmp_path / "run" / "cache")).source
     url = stage.urls[2]  # the second shard's batch is int64: this one's is a string
     rows = stage.cache.read_table(url)

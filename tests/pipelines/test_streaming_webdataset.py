@@ -24,7 +24,7 @@ ROW_LOCAL = [{"caption": {"min_words": 2}}, {"image_size": {"min_side": 64}}]
 
 
 def _config(pattern: str, out: Path, filters, **output):
-    raw = raw_config(pattern, out, "auto", filters)
+    raw = raw_config(pattern, out, filters)
     raw.pop("execution")
     raw["output"].update(output)
     return parse_config(raw)
@@ -42,7 +42,7 @@ def generated(tmp_path_factory) -> tuple[str, Path]:
     """Five shards of 120 samples (the last shorter), every shard's caches written."""
     root = tmp_path_factory.mktemp("wds")
     pattern = make_shards(root / "shards", 550, shard_rows=120)
-    write_caches(config(pattern, root / "cache-src", "auto"), shard_rows=120)
+    write_caches(config(pattern, root / "cache-src"), shard_rows=120)
     return pattern, root / "cache-src" / "cache"
 
 
