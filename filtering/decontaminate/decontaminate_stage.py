@@ -109,24 +109,11 @@ class DecontaminateStage(ColumnStage):
     def requires(self) -> set[str]:
         return {"phash"} if any(t.method == "perceptual" for t in self.targets) else set()
 
-    def run(self, ctx: RunContext, pool: Pool) -> None:
-        info: dict[str, Any] = {}
-        ctx.stage_info["decontaminate"] = info
-        for t in self.targets:
-            t0 = time.perf_counter()
-            ref, how = self.reference(ctx, t)
-            nearest = self.add_columns(ctx, pool, t, ref)
-            info[t.value_column] = {
-                **_record(t, ref, how),
-                "nearest": nearest,
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-
     # --- the shard plan (scope "global"): the reference sets in the driver, each shard's
-    # nearest items in the workers, through the per-shard caches ``run`` uses
+    # nearest items in the workers, through per-shard caches
 
     def prepare(self, ctx: RunContext, source, shard_rows: list[int]) -> tuple[str, ...]:
-        """Each reference set loaded, or embedded or hashed, and cached as :meth:`run` does;
+        """Each reference set loaded, or embedded or hashed, and cached;
         what the workers need is its cache file's fingerprint, one per target."""
         info: dict[str, Any] = {}
         ctx.stage_info["decontaminate"] = info

@@ -63,7 +63,7 @@ _ASSIGNERS: dict = {}  # per shard-plan worker process: the centroids' Assigner,
 @dataclass(frozen=True)
 class ClusterTargets:
     """What assigning rows needs once the whole-pool part is done: small and picklable,
-    so shard workers (the streaming plan) assign exactly as the in-memory run does."""
+    so shard workers (the streaming plan) assign exactly as the driver would."""
 
     kind: str  # the embedding kind
     cfp: str  # fingerprint of the centroids: names their cache folder and the assignments'
@@ -105,22 +105,11 @@ class ImageClustersStage(ColumnStage):
     def embeddings_required(self) -> dict[str, str | None]:
         return {"clusters.embedding": self.clusters.embedding}
 
-    # --- run -------------------------------------------------------------------------
-
-    def run(self, ctx: RunContext, pool: Pool) -> None:
-        t0 = time.perf_counter()
-        targets = self.find_targets(ctx, pool)
-        self.assign(ctx, pool, targets)
-        info = ctx.stage_info["clusters"]
-        info["seconds"] = round(time.perf_counter() - t0, 3)
-        ctx.log(
-            f"clusters: {len(targets.targets)} of {targets.num_clusters} clusters are nearest to the reference set; "
-            f"{info['rows_in_target']:,} of {pool.n:,} rows fall in them"
-        )
+    # --- the shard plan (scope "global"): the targets in the driver, each shard assigned in the workers
 
     def prepare(self, ctx: RunContext, source, shard_rows: list[int]) -> ClusterTargets:
         """The target clusters from the source's pool of shard parts and embeddings
-        (``skeleton_pool``: no column, nothing per row), as :meth:`run` finds them."""
+        (``skeleton_pool``: no column, nothing per row)."""
         t0 = time.perf_counter()
         targets = self.find_targets(ctx, source.skeleton_pool(shard_rows))
         ctx.stage_info["clusters"]["seconds"] = round(time.perf_counter() - t0, 3)
@@ -135,7 +124,7 @@ class ImageClustersStage(ColumnStage):
         for key in ("shards_assigned", "shards_cached"):
             record["cache"][key] = sum(r["cache"][key] for r in shard_records)
         record["rows_in_target"] = sum(r["rows_in_target"] for r in shard_records)
-        record["seconds"] = record.pop("seconds")  # last, as run records it
+        record["seconds"] = record.pop("seconds")  # last
         return record
 
     def find_targets(self, ctx: RunContext, pool: Pool) -> ClusterTargets:

@@ -177,8 +177,7 @@ class ColumnStage(Stage):
 
     def merge_records(self, record: dict[str, Any], shard_records: list[dict[str, Any]]) -> dict[str, Any]:
         """``scope == "global"``: the run's record (``ctx.stage_info[name]``) from the
-        driver's (``prepare``) and the shards' (``run_shard``), with its seconds as the
-        in-memory ``run`` records them."""
+        driver's (``prepare``) and the shards' (``run_shard``)."""
         return record
 
     def embeddings_required(self) -> dict[str, str | None]:
@@ -186,5 +185,7 @@ class ColumnStage(Stage):
         the pool's default); the planner checks them against the source's before any data is read."""
         return {}
 
-    @abstractmethod
-    def run(self, ctx: RunContext, pool: Pool) -> None: ...
+    def run(self, ctx: RunContext, pool: Pool) -> None:
+        """``scope == "shard"``: the columns of one shard's pool (the scorers: every row
+        alone). A global stage has none: its work is :meth:`prepare` then :meth:`run_shard`."""
+        raise NotImplementedError

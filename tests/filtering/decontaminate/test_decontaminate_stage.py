@@ -10,6 +10,7 @@ from filtering.filters.compose import apply_filters
 from filtering.pool import Pool, ShardPart
 from filtering.stages.base import RunContext
 from pipelines.config import parse_config
+from tests.shard_plan import run_global_stage
 
 
 def pool_with(emb: np.ndarray, phash: list[int], failed: list[bool]) -> Pool:
@@ -35,7 +36,7 @@ def run_stage(tmp_path, filters, pool):
         model=cfg.model, out_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), progress=None, log=lambda m: None
     )
     stage = DecontaminateStage(cfg.filter_tree, cfg.model, ctx.cache_dir)
-    stage.run(ctx, pool)
+    run_global_stage(stage, ctx, pool)  # the reference sets in the driver, each shard alone
     return cfg, stage, ctx
 
 

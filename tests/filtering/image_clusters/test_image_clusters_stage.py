@@ -11,6 +11,7 @@ from filtering.image_clusters.image_clusters_stage import ImageClustersStage
 from filtering.pool import Pool, ShardPart
 from filtering.stages.base import RunContext
 from pipelines.config import parse_config
+from tests.shard_plan import run_global_stage
 
 
 def make_pool(embs: list[np.ndarray], failed_rows=()) -> Pool:
@@ -55,10 +56,11 @@ def config(tmp_path, **clusters):
 
 
 def run_stage(cfg, tmp_path, pool) -> dict:
+    """The stage as the shard plan runs it: the targets in the driver, each shard assigned alone."""
     ctx = RunContext(
         model=cfg.model, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "run" / "cache"), log=lambda m: None
     )
-    ImageClustersStage(cfg.clusters, cfg.model, ctx.cache_dir).run(ctx, pool)
+    run_global_stage(ImageClustersStage(cfg.clusters, cfg.model, ctx.cache_dir), ctx, pool)
     return ctx.stage_info["clusters"]
 
 
