@@ -126,13 +126,13 @@ class SourceStage(Stage):
         raise NotImplementedError
 
     def shard_pool(self, shard, ctx: RunContext) -> Pool:
-        """The one-shard pool: the rows the in-memory pool holds for ``shard``, same columns."""
+        """The one-shard pool: ``shard``'s rows, with the whole pool's columns and types (every shard's alike)."""
         raise NotImplementedError
 
     def skeleton_pool(self, counts: list[int]) -> Pool:
         """The whole pool as a ``"global"`` column stage's whole-pool step reads it
         (``ImageClustersStage.find_targets``): the shard parts (``counts`` rows each, in
-        pool order), the embeddings read per shard as :meth:`run`'s pool reads them, and
+        pool order), the embeddings read per shard as :meth:`shard_pool`'s pools read them, and
         the failed rows when the source has any (an ``error`` column: a validity bitmap,
         as ``Pool.failed`` reads it); no other column."""
         raise NotImplementedError

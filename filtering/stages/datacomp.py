@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filtering.errors import InputError, PoolsiftError
-from filtering.io.arrow import conform, preload_pandas, unify_shards
+from filtering.io.arrow import conform, unify_shards
 from filtering.io.paths import file_info, get_fs, is_local, local_path, open_file
 from filtering.pool import LateColumns, Pool, ShardPart
 from filtering.sources import DATACOMP
@@ -133,41 +133,13 @@ class DataCompStage(SourceStage):
         kinds = _embedding_kinds(self._shards)
         return kinds, default_embedding(kinds)
 
-    def run(self, ctx: RunContext) -> Pool:
-        """Every shard in one pool, in this process. No plan calls it (every run is on the
-        shard plan: :meth:`shard_pool`); the reader's tests read whole pools through it."""
-        shards = self._shards if self._shards is not None else list_shards(self.metadata_dir)
-        ctx.inputs.extend(_input_records(shards))
-        preload_pandas()
-        with thread_pool(worker_count(least=2, cap=len(shards))) as executor:  # pyarrow decodes without the GIL
-            schemas = list(executor.map(_read_schema, shards))
-            wanted = [self._columns_for(schema, s.parquet) for s, schema in zip(shards, schemas, strict=True)]
-            late = self._late_columns(schemas, wanted)
-            bar = ctx.bar(len(shards), "read metadata", unit="shards")
-            tables = []
-            late_raw = late.raw if late else ()
-            eager = [[c for c in w if c not in late_raw] for w in wanted]
-            for table in executor.map(self._read_shard, shards, eager):
-                tables.append(table)
-                bar.update(1)
-            bar.close()
-        parquet = {s.stem: s.parquet for s in shards}
-        return self._pool(
-            ctx, shards, tables, wanted, late, lambda part, mask: _read_late(parquet[part.sid], late, part, mask)
-        )
-
-    def _pool(self, ctx: RunContext, shards, tables, wanted, late, read_late, kinds=None) -> Pool:
-        """The pool of ``shards`` from their eager ``tables``; ``read_late(part, mask)`` gives
-        the late columns. ``wanted`` (each shard's columns) and ``kinds`` (the embeddings
-        every shard has) are the whole pool's for a one-shard pool."""
-        parts, start = [], 0
-        for shard, t in zip(shards, tables, strict=True):
-            parts.append(ShardPart(shard.parquet, shard.stem, start, start + t.num_rows))
-            start += t.num_rows
-        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-        table = _with_source_shard(table, shards, [t.num_rows for t in tables])
-        kinds = _embedding_kinds(shards) if kinds is None else kinds
-        npz = {s.stem: s.npz for s in shards}
+    def _pool(self, ctx: RunContext, shard: DataCompShard, table: pa.Table, wanted, late, read_late, kinds) -> Pool:
+        """The one-shard pool of ``shard`` from its eager columns ``table``; ``read_late(part,
+        mask)`` gives the late columns. ``wanted`` (each distinct schema's columns) and
+        ``kinds`` (the embeddings every shard has) are the whole pool's."""
+        parts = [ShardPart(shard.parquet, shard.stem, 0, table.num_rows)]
+        table = _with_source_shard(table, [shard], [table.num_rows])
+        npz = {shard.stem: shard.npz}
         order = _pool_order([c for w in wanted for c in w], self.requested)
         late_columns = None
         if late:
@@ -178,12 +150,11 @@ class DataCompStage(SourceStage):
             )
         ctx.stage_info[self.name] = {
             "metadata_dir": self.metadata_dir,
-            "shards": len(shards),
+            "shards": 1,
             "rows": table.num_rows,
             "columns": order,
             "embeddings": list(kinds),
         }
-        ctx.log(f"read {table.num_rows:,} rows of DataComp metadata from {len(shards)} shards")
         return Pool(
             table=table,
             parts=parts,
@@ -208,9 +179,9 @@ class DataCompStage(SourceStage):
 
     def stream_prepare(self, ctx: RunContext) -> None:
         """The whole pool's columns (:class:`_Layout`) from every shard's footer: shards
-        that differ in columns or types give the columns and types ``run``'s permissive
-        concatenation gives, which each one-shard pool is cast and filled to; shards whose
-        types do not unify stop the run in one line."""
+        that differ in columns or types give the columns and types a permissive
+        concatenation of their tables gives, which each one-shard pool is cast and filled
+        to; shards whose types do not unify stop the run in one line."""
         shards = self.stream_shards()
         with thread_pool(worker_count(least=8, cap=min(len(shards), 16))) as pool:  # footers: I/O-bound
             schemas = [s.remove_metadata() for s in pool.map(_read_schema, shards)]  # in shard order
@@ -247,9 +218,8 @@ class DataCompStage(SourceStage):
             return pq.ParquetFile(f).metadata.num_rows
 
     def shard_pool(self, shard: DataCompShard, ctx: RunContext) -> Pool:
-        """One shard's pool, as ``run`` builds the whole pool's rows of that shard (the
-        whole pool's columns and types, :meth:`stream_prepare`), from one read of every
-        column it needs, on this thread: the streaming plan's workers already keep every
+        """One shard's pool (the whole pool's columns and types, :meth:`stream_prepare`),
+        from one read of every column it needs, on this thread: the streaming plan's workers already keep every
         core busy, and the late columns, read with the rest, are cut from memory for the
         kept rows instead of opening and decoding the file again."""
         stage = DataCompStage(self.metadata_dir, self.cache_root)
@@ -269,8 +239,8 @@ class DataCompStage(SourceStage):
         held = raw.select([c for c in late_raw if c in wanted])
         return stage._pool(
             ctx,
-            [shard],
-            [table],
+            shard,
+            table,
             [list(w) for w in layout.wanted],
             late,
             lambda part, mask: _late_table(held, late, mask),
@@ -347,12 +317,6 @@ class DataCompStage(SourceStage):
                 wanted.append(f.name)
         return wanted
 
-    def _read_shard(self, shard: DataCompShard, columns: list[str]) -> pa.Table:
-        with naming(shard.parquet), open_file(shard.parquet) as f:
-            table = pq.ParquetFile(f).read(columns=columns, use_threads=True)
-        table = table.replace_schema_metadata(None)
-        return _normalise(table, requested=self.requested)
-
 
 @dataclass(frozen=True)
 class _LateSpec:
@@ -366,7 +330,7 @@ class _Layout:
 
     wanted: tuple[tuple[str, ...], ...]  # each distinct schema's columns read (parquet names), in shard order
     late: _LateSpec | None
-    schema: pa.Schema  # the eager columns, unified as run's permissive concatenation unifies them
+    schema: pa.Schema  # the eager columns, unified as a permissive concatenation of the shards unifies them
     kinds: tuple[str, ...]  # the embedding arrays every shard has
 
 
@@ -391,19 +355,6 @@ def naming(path: str):
 def _read_schema(shard: DataCompShard) -> pa.Schema:
     with naming(shard.parquet), open_file(shard.parquet) as f:
         return pq.ParquetFile(f).schema_arrow
-
-
-def _read_late(path: str, late: _LateSpec, part: ShardPart, mask: np.ndarray | None) -> pa.Table:
-    """The late columns of one shard, for the rows ``mask`` selects (None: all rows)."""
-    with naming(path), open_file(path) as f:
-        pf = pq.ParquetFile(f)
-        present = [c for c in late.raw if c in pf.schema_arrow.names]
-        table = pf.read(columns=present, use_threads=False)  # callers read several shards at once
-    if table.num_rows != part.n:
-        raise InputError(
-            f"input.datacomp_metadata: {path} changed during the run ({table.num_rows} rows, was {part.n})"
-        )
-    return _late_table(table, late, mask)
 
 
 def _late_table(table: pa.Table, late: _LateSpec, mask: np.ndarray | None) -> pa.Table:

