@@ -4,9 +4,10 @@ Two workloads, each timed in its own child process (so peak RSS is the workload'
 
 - semantic: ``--n`` synthetic 512-d unit-norm embeddings (float16) drawn around random
   centres, with ``--dup-fraction`` of the rows planted as near copies (cosine ~0.995) of
-  others. Ours: SemDeDup (``filtering.dedup.semantic.semdedup_pairs``: spherical
-  k-means into ~sqrt(n) clusters, then all pairs with cosine >= 0.95 within each
-  cluster) plus groups (connected components). Baseline: all pairs with numpy
+  others. Ours: SemDeDup as the plan's dedup phase runs it (:func:`semdedup_steps`: the
+  steps of ``filtering.dedup.semantic`` in one process: spherical k-means into ~sqrt(n)
+  clusters, rows spilled sorted by cluster, then all pairs with cosine >= 0.95 within
+  each cluster) plus groups (connected components). Baseline: all pairs with numpy
   (``x @ x.T`` in blocks) on a ``--baseline-n`` subset, also extrapolated (x (n/m)^2).
 - perceptual: ``--n`` random 64-bit hashes with planted near pairs (0..k flipped bits).
   Ours: multi-index hashing (``filtering.dedup.hamming.near_pairs``). Baseline: numpy
@@ -114,6 +115,26 @@ def recall(labels: np.ndarray, src: np.ndarray, dst: np.ndarray) -> float:
     return float((labels[src] == labels[dst]).mean()) if len(src) else 1.0
 
 
+def semdedup_steps(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The steps of the plan's semantic dedup (pipelines/executors/dedup_phase.py:
+    ``_semantic_pairs``) in this process, the pool as one shard and one partition."""
+    import tempfile
+
+    from filtering.clustering import train_kmeans
+    from filtering.dedup import semantic
+
+    n = len(x)
+    k = min(semantic.default_num_clusters(n), n)
+    m = min(n, semantic.TRAINING_POINTS_PER_CLUSTER * k)
+    centroids = train_kmeans(x, k, niter=10, seed=0, max_training_points=m) if k > 1 else None
+    rows = np.arange(n)
+    with tempfile.TemporaryDirectory(prefix="semdedup-") as spill:
+        prefix = f"{spill}/s0"
+        sizes = semantic.spill_assigned(x, rows, rows, rows, centroids, k, prefix)
+        a, b = semantic.spilled_partition_pairs([prefix], np.flatnonzero(sizes > 1), threshold)
+    return np.minimum(a, b), np.maximum(a, b)
+
+
 def job(kind: str, n: int, m: int, dup_fraction: float, nhash: int = 4, threads: int = 0) -> dict:
     from filtering.dedup import hamming, semantic
     from filtering.dedup.partitioned import components_of
@@ -125,7 +146,7 @@ def job(kind: str, n: int, m: int, dup_fraction: float, nhash: int = 4, threads:
             x, src, dst = subset(x, src, dst, m)
         t = time.perf_counter()
         if kind == "semantic":
-            i, j, _ = semantic.semdedup_pairs(x, THRESHOLD)
+            i, j = semdedup_steps(x, THRESHOLD)
         else:
             i, j = semantic.brute_force_pairs(x, THRESHOLD)
         labels = components_of(np.arange(len(x)), i, j)
@@ -133,7 +154,7 @@ def job(kind: str, n: int, m: int, dup_fraction: float, nhash: int = 4, threads:
         if kind == "semantic" and m:
             xs, ss, ds = subset(x, src, dst, m)
             t = time.perf_counter()
-            si, sj, _ = semantic.semdedup_pairs(xs, THRESHOLD)
+            si, sj = semdedup_steps(xs, THRESHOLD)
             components_of(np.arange(len(xs)), si, sj)
             res["subset_seconds"] = time.perf_counter() - t
             res["subset_pairs"] = sorted(map(list, zip(si.tolist(), sj.tolist(), strict=True)))

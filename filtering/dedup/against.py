@@ -508,9 +508,10 @@ def record(refs: Sequence[ix.Reference], matches: Matches, seconds: float, worke
 
 
 class DedupAgainstStage(ColumnStage):
-    """The in-memory plan's search against references, as a column stage: one int32 column
-    (the matched reference's position, -1 for none) and the :class:`Matches` in
-    ``pool.artifacts``. The shard plan runs the same search in its dedup phase."""
+    """The search against references as the planner sees it: a "reduction" stage that
+    provides one int32 column (the matched reference's position, -1 for none). It has no
+    whole-pool ``run``: the plan's dedup phase (``pipelines/executors/dedup_phase.py``)
+    searches, shard by shard, and decides."""
 
     scope = "reduction"
 
@@ -526,26 +527,6 @@ class DedupAgainstStage(ColumnStage):
 
     def requires(self) -> set[str]:
         return {self.settings.search.key_column}
-
-    def run(self, ctx, pool) -> None:
-        import time
-
-        from filtering.dedup.search_stage import workers_for
-
-        t0 = time.perf_counter()
-        refs = open_references(self.settings.paths, self.cache_root, ctx.log, self.settings.search.key_column)
-        key = self.settings.search.key_column
-        pool.materialize([key])
-        table = pool.table.select([key])
-        shards = [partitioned.ShardKeys(p.start, p.n, table=table.slice(p.start, p.n)) for p in pool.parts]
-        workers = self.workers if self.workers is not None else workers_for(pool.n + sum(r.rows for r in refs))
-        matches = match_shards(shards, pool.n, self.settings.search, refs, workers=workers, work_dir=self.cache_root)
-        column = np.full(pool.n, -1, np.int32)
-        column[matches.rows] = matches.ref
-        pool.add_column(self.column, pa.array(column))
-        pool.internal.add(self.column)
-        pool.artifacts[self.column] = matches
-        ctx.stage_info.setdefault("dedup", {})[self.column] = record(refs, matches, time.perf_counter() - t0, workers)
 
 
 # -- semantic --------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ For ``exact`` and ``perceptual`` the candidate search is not done here: a column
 settings) searches the whole pool once by hash partitioning
 (:mod:`filtering.dedup.partitioned`), caches the result, and leaves a group label per
 row and pairs of labels; this filter restricts them to the rows that reach it and
-decides. ``semantic`` searches here (k-means trains on the rows that reach it);
-on large pools its per-cluster comparisons run on worker processes, a partition of
-clusters each (:func:`filtering.dedup.semantic.semdedup_pairs`). The streaming plan runs
-the same steps shard by shard (``pipelines/executors/dedup_phase.py``), same pairs.
+decides. ``semantic`` is searched by the plan's dedup phase
+(``pipelines/executors/dedup_phase.py``) from :mod:`filtering.dedup.semantic`'s steps:
+k-means trained on the rows that reach it, rows assigned and spilled shard by shard, each
+partition of clusters compared on a worker process.
 
 ``against: [DIR, ...]``: earlier outputs (or their index folders,
 :mod:`filtering.dedup.index`) whose kept rows count as already taken (``semantic``: their
@@ -219,16 +219,9 @@ class Dedup(Filter):
                 close = groups.close_pairs(emb[a], emb[b], p.min_similarity)
                 i, j = i[close], j[close]
             return i, j
-        from filtering.dedup.semantic import semdedup_pairs
-
-        emb = self.embeddings(pool, rows)
-        valid = np.flatnonzero(np.any(emb != 0, axis=1))  # failed rows carry zero embeddings
-        from filtering.dedup.search_stage import workers_for
-
-        # Large pools compare their clusters on worker processes (spill files in TMPDIR).
-        workers = workers_for(len(valid))
-        i, j, _ = semdedup_pairs(emb[valid], p.threshold, p.num_clusters, niter=p.niter, seed=p.seed, workers=workers)
-        return valid[i], valid[j]
+        # method semantic: searched by the plan's dedup phase only (pipelines/executors/dedup_phase.py:
+        # _semantic_pairs, from filtering.dedup.semantic's steps), which decides (``decided``).
+        raise NotImplementedError("dedup method semantic is searched by the plan's dedup phase, not on one pool")
 
 
 class _DecidedDedup(Dedup):

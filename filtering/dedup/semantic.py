@@ -16,7 +16,6 @@ assignment :func:`filtering.clustering.assign`; callers pass rows in a canonical
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 
@@ -36,81 +35,11 @@ def cluster_pairs(x: np.ndarray, threshold: float, block: int = BLOCK) -> tuple[
     return upper_triangle_pairs(len(x), lambda lo, hi: x[lo:hi] @ x[lo:].T >= threshold, block)
 
 
-def semdedup_pairs(
-    x: np.ndarray,
-    threshold: float,
-    num_clusters: int | None = None,
-    niter: int = 10,
-    seed: int = 0,
-    progress: Callable[[int], None] | None = None,
-    workers: int = 1,
-    work_dir: str | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Duplicate pairs ``(i, j)`` among the rows of ``x`` (unit-norm float), and each row's cluster.
-
-    ``x`` may be float16 or memory-mapped; clusters are compared in float32.
-    ``progress(rows_done)`` is called after each cluster (each partition with workers).
-    ``workers > 1``: the clusters are cut into partitions (NeMo Curator's per-cluster
-    step), each written to a spill file under ``work_dir`` and compared on one worker
-    process by the same code on the same arrays in the same order, so the pairs are
-    those of one process.
-    """
-    from filtering.clustering import assign, normalize, train_kmeans
-
-    n = len(x)
-    if n < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(n, np.int64)
-    k = min(num_clusters or default_num_clusters(n), n)
-    if k > 1:
-        training = min(n, TRAINING_POINTS_PER_CLUSTER * k)
-        centroids = train_kmeans(x, k, niter=niter, seed=seed, max_training_points=training)
-        labels, _ = assign(x, centroids)
-    else:
-        labels = np.zeros(n, np.int64)
-    order = np.argsort(labels, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True])
-    out_i, out_j = [], []
-    if workers > 1:
-        out_i, out_j = _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress)
-    else:
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            members = order[a:b]
-            if len(members) > 1:
-                ci, cj = cluster_pairs(normalize(x[members]), threshold)
-                out_i.append(members[ci])
-                out_j.append(members[cj])
-            if progress is not None:
-                progress(b - a)
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), labels
-    i, j = np.concatenate(out_i), np.concatenate(out_j)
-    return np.minimum(i, j), np.maximum(i, j), labels
-
-
 def brute_force_pairs(x: np.ndarray, threshold: float, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """All-pairs reference over every row (no clustering): O(N^2) similarities."""
     from filtering.clustering import normalize
 
     return cluster_pairs(normalize(x), threshold, block)
-
-
-def partition_pairs(path: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs inside each cluster of one partition spill file (``x``: the clusters' rows one
-    after the other, ``bounds``: where each cluster starts and ends), as positions in it."""
-    from filtering.clustering import normalize
-
-    with np.load(path) as z:
-        x, bounds = z["x"], z["bounds"]
-    out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        ci, cj = cluster_pairs(normalize(x[a:b]), threshold)
-        out_i.append(ci + a)
-        out_j.append(cj + a)
-    return np.concatenate(out_i), np.concatenate(out_j)
-
-
-def _partition_task(args) -> tuple[np.ndarray, np.ndarray]:
-    return partition_pairs(*args)
 
 
 def balance(sizes: np.ndarray, parts: int) -> np.ndarray:
@@ -125,51 +54,14 @@ def balance(sizes: np.ndarray, parts: int) -> np.ndarray:
     return owner
 
 
-def _pairs_on_workers(x, order, bounds, threshold, workers, work_dir, progress) -> tuple[list, list]:
-    """The per-cluster comparisons of :func:`semdedup_pairs`: partitions of clusters on a process pool."""
-    import os
-    import shutil
-    import tempfile
-
-    from filtering.dedup.partitioned import _mapper
-
-    sizes = np.diff(bounds)
-    clusters = np.flatnonzero(sizes > 1)
-    parts = max(1, min(len(clusters), 4 * workers))
-    owner = balance(sizes[clusters], parts)
-    spill = tempfile.mkdtemp(prefix="semdedup-", dir=work_dir)
-    try:
-        members_of, args = [], []
-        for k in range(parts):
-            members = [order[bounds[c] : bounds[c + 1]] for c in clusters[owner == k]]
-            rows = np.concatenate(members) if members else np.zeros(0, np.int64)
-            path = os.path.join(spill, f"part-{k:05d}.npz")
-            np.savez(
-                path, x=np.asarray(x[rows]), bounds=np.r_[0, np.cumsum([len(m) for m in members])].astype(np.int64)
-            )
-            members_of.append(rows)
-            args.append((path, threshold))
-        out_i, out_j = [], []
-        with _mapper(workers) as run:
-            for rows, (pi, pj) in zip(members_of, run(_partition_task, args), strict=True):
-                out_i.append(rows[pi])
-                out_j.append(rows[pj])
-                if progress is not None:
-                    progress(len(rows))
-        if progress is not None:
-            progress(int(sizes[sizes <= 1].sum()))
-        return out_i, out_j
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
-
-
 # -- per shard, then per partition of clusters: the pool never in one process ---------------
 #
-# The streaming plan (pipelines/executors/dedup_phase.py) runs the steps of
-# :func:`semdedup_pairs` after the k-means: each shard's rows assigned and spilled sorted by
-# cluster (:func:`spill_assigned`), then each partition of clusters gathered from every
-# shard's spill and compared (:func:`spilled_partition_pairs`), the rows of each cluster in
-# the canonical order the in-memory search compares them in, so the pairs are the same.
+# The plan's dedup phase (pipelines/executors/dedup_phase.py) runs SemDeDup's steps: k-means
+# on a sample (:func:`filtering.clustering.train_kmeans`), then each shard's rows assigned
+# and spilled sorted by cluster (:func:`spill_assigned`), then each partition of clusters
+# (:func:`balance`) gathered from every shard's spill and compared
+# (:func:`spilled_partition_pairs`), the rows of each cluster in canonical (uid) order, so
+# the pairs do not depend on shard order.
 
 
 class _Taken:
@@ -282,7 +174,7 @@ def spilled_partition_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (pool rows) inside each of ``clusters``, gathered from every shard's spill
     (:func:`spill_assigned`): a cluster's rows in canonical order, compared by
-    :func:`cluster_pairs` as :func:`semdedup_pairs` compares them."""
+    :func:`cluster_pairs`."""
     from filtering.clustering import normalize
 
     label, row, x, _ = gather_clusters(prefixes, clusters)

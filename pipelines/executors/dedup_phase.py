@@ -440,11 +440,11 @@ def _semantic_pairs(
     tasks, sh, shards, starts, position: Path, rows, hi, lo, valid, dtype, assigned: _Assigned | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """SemDeDup's pairs (pool rows) among the alive rows ``rows`` whose embedding is not all
-    zero (``valid``), as :func:`filtering.dedup.semantic.semdedup_pairs` finds them in the
-    in-memory filter: the rows in uid order (``hi``, ``lo``); k-means trained in the driver
-    on the same sample of them, fetched shard by shard; each shard's rows assigned and
-    spilled sorted by cluster in the workers; each partition of clusters compared on one
-    worker, a cluster's rows in uid order (the same arrays, so the same pairs).
+    zero (``valid``), by :mod:`filtering.dedup.semantic`'s steps: the rows in uid order
+    (``hi``, ``lo``); k-means trained in the driver on a seeded sample of them, fetched
+    shard by shard; each shard's rows assigned and spilled sorted by cluster in the
+    workers; each partition of clusters compared on one worker, a cluster's rows in uid
+    order (so the pairs do not depend on shard order).
     ``assigned``: the same rows already assigned (by the search against references, which
     matched none), used instead of training and assigning again; its spill is removed here."""
     from filtering.dedup import semantic

@@ -80,19 +80,6 @@ def test_perceptual_within_max_distance():
     np.testing.assert_array_equal(out.keep, [False, False, True, True, True])
 
 
-def test_semantic_groups_similar_embeddings():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 4)).astype(np.float32)
-    x[1] = x[0] + 0.001
-    x[2] = -x[0]
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    pool = make_pool([str(i) for i in range(40)], list(range(40)), np.linspace(0, 1, 40), emb=x.astype(np.float16))
-    out = run(pool, method="semantic", threshold=0.999, num_clusters=2)
-    assert not out.keep[0] and out.duplicate_of[0] == f"{1:032x}"
-    assert out.keep[1:].sum() >= 38  # at most chance near pairs among 4-d random vectors beyond 0/1
-    assert out.funnel[0]["reasons"]["duplicate_semantic"] == int((~out.keep).sum())
-
-
 def test_only_rows_that_reach_the_filter_compete():
     # row 1 (best score) was dropped by clip_score first, so row 0 survives the dedup
     pool = make_pool(["a", "a", "a"], [1, 1, 1], [0.5, 0.1, 0.4])
@@ -108,7 +95,7 @@ def test_failed_rows_do_not_take_part():
     assert out.keep[0] and out.duplicate_of[0] is None
 
 
-@pytest.mark.parametrize("method", ["exact", "perceptual", "semantic"])
+@pytest.mark.parametrize("method", ["exact", "perceptual"])
 def test_same_result_whatever_the_row_order(method):
     rng = np.random.default_rng(1)
     n = 300
@@ -118,7 +105,7 @@ def test_same_result_whatever_the_row_order(method):
     emb[n // 2 :] = emb[: n // 2] + 0.01 * rng.normal(size=(n - n // 2, 8))
     scores = rng.random(n).round(1)  # ties, broken by uid
     uids = [f"{v:032x}" for v in rng.permutation(10 * n)[:n]]
-    params = {"method": method, **({"num_clusters": 5} if method == "semantic" else {})}
+    params = {"method": method}
     perm = rng.permutation(n)
 
     def result(order):
@@ -271,7 +258,7 @@ def test_search_stage_workers_from_poolsift_workers(monkeypatch, tmp_path):
     assert np.array_equal(results[0], [i % 7 for i in range(40)])  # the smallest row of each sha
 
 
-@pytest.mark.parametrize("method", ["exact", "perceptual", "semantic"])
+@pytest.mark.parametrize("method", ["exact", "perceptual"])
 def test_no_row_reaching_the_filter_keeps_nothing_and_does_not_fail(method):
     """An earlier filter that drops every row (or an empty pool) leaves dedup nothing to group."""
     pool = make_pool(list("ab"), [1, 1], [0.1, 0.2], emb=np.ones((2, 4), np.float16))
@@ -279,27 +266,6 @@ def test_no_row_reaching_the_filter_keeps_nothing_and_does_not_fail(method):
     assert not out.keep.any() and list(out.drop_reason) == ["clip_score_below_min"] * 2
     empty = make_pool([], [], [])
     assert len(apply_searched(parse_filters([{"dedup": {"method": method}}]), empty).keep) == 0
-
-
-def test_semantic_on_workers_decides_as_in_one_process(monkeypatch):
-    """Above PARALLEL_MIN_ROWS the clusters are compared on POOLSIFT_WORKERS processes:
-    the same drops and duplicate_of as in one process."""
-    from filtering.dedup import search_stage
-
-    rng = np.random.default_rng(3)
-    centres = rng.normal(size=(6, 16))
-    emb = centres[rng.integers(0, 6, 300)] + 0.003 * rng.normal(size=(300, 16))
-    n = len(emb)
-    scores = rng.choice([0.2, 0.3], n).tolist()
-    outs = []
-    for workers in ("1", "2"):
-        monkeypatch.setenv("POOLSIFT_WORKERS", workers)
-        monkeypatch.setattr(search_stage, "PARALLEL_MIN_ROWS", 10)
-        pool = make_pool([None] * n, [None] * n, scores, emb=emb.astype(np.float16))
-        outs.append(run(pool, method="semantic", threshold=0.99, num_clusters=6))
-    assert (~outs[0].keep).sum() > 200
-    assert np.array_equal(outs[0].keep, outs[1].keep)
-    assert list(outs[0].duplicate_of) == list(outs[1].duplicate_of)
 
 
 def test_search_on_a_task_pool_spills_under_a_remote_cache():

@@ -1,7 +1,14 @@
-"""SemDeDup finds planted near duplicates and agrees with the all-pairs scan on them."""
+"""SemDeDup as the plan's dedup phase runs it (pipelines/executors/dedup_phase.py:
+``_semantic_pairs``): k-means on a sample, each shard's rows assigned and spilled sorted by
+cluster (:func:`semantic.spill_assigned`), partitions of clusters (:func:`semantic.balance`)
+gathered from every spill and compared (:func:`semantic.spilled_partition_pairs`). Checked
+against a numpy oracle: every pair of rows with the same nearest centroid (float64 argmax)
+and cosine >= threshold."""
 
 import numpy as np
+import pytest
 
+from filtering.clustering import train_kmeans
 from filtering.dedup import semantic
 
 
@@ -16,31 +23,74 @@ def planted(n=3000, d=32, dups=150, noise=0.02, seed=0):
     return np.concatenate([x, near]), {(int(s), n + r) for r, s in enumerate(src)}
 
 
-def test_finds_planted_pairs_and_only_true_pairs():
+def centroids_of(x, k, seed):
+    m = min(len(x), semantic.TRAINING_POINTS_PER_CLUSTER * k)
+    return train_kmeans(x, k, niter=10, seed=seed, max_training_points=m) if k > 1 else None
+
+
+def plan_pairs(x, threshold, centroids, k, tmp_path, cuts, parts=3, shuffle_seed=0):
+    """The phase's steps on canonical rows ``x`` held by a pool in a shuffled order, cut
+    into shards at ``cuts``: the pairs as (smaller, larger) canonical positions."""
+    rank_of_row = np.random.default_rng(shuffle_seed).permutation(len(x))  # pool row r is canonical row rank_of_row[r]
+    emb = x[rank_of_row]
+    prefixes, sizes = [], np.zeros(k, np.int64)
+    for s, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        rows = np.arange(a, b)
+        prefixes.append(str(tmp_path / f"{shuffle_seed}-{id(centroids)}-s{s}"))
+        sizes += semantic.spill_assigned(emb[a:b], rows - a, rows, rank_of_row[rows], centroids, k, prefixes[-1])
+    assert sizes.sum() == len(x)
+    clusters = np.flatnonzero(sizes > 1)
+    owner = semantic.balance(sizes[clusters], parts)
+    got = set()
+    for q in range(parts):
+        a, b = semantic.spilled_partition_pairs(prefixes, clusters[owner == q], threshold)
+        ra, rb = rank_of_row[a], rank_of_row[b]
+        got |= set(zip(np.minimum(ra, rb).tolist(), np.maximum(ra, rb).tolist(), strict=True))
+    return got
+
+
+def oracle_pairs(x, threshold, centroids):
+    """Every pair in the same cluster (float64 argmax of x @ centroids.T) with cosine >= threshold."""
+    x32 = np.asarray(x, np.float32)
+    label = np.zeros(len(x), np.int64) if centroids is None else np.argmax(x32.astype(np.float64) @ centroids.T, axis=1)
+    u = x32 / np.linalg.norm(x32, axis=1, keepdims=True)
+    i, j = np.nonzero(np.triu((u @ u.T >= threshold) & (label[:, None] == label[None, :]), k=1))
+    return set(zip(i.tolist(), j.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_spilled_shards_give_the_oracle_pairs(tmp_path, k):
+    """float16 rows (as the phase reads them) in a shuffled pool order, shards of one row
+    and more, three partitions: exactly the oracle's pairs, the same for another shard order."""
+    x, _ = planted(n=1200, dups=200, seed=5)
+    x = x.astype(np.float16)
+    centroids = centroids_of(x, k, seed=2)
+    want = oracle_pairs(x, 0.9, centroids)
+    assert len(want) > 100
+    assert plan_pairs(x, 0.9, centroids, k, tmp_path, [0, 300, 301, 700, len(x)]) == want
+    assert plan_pairs(x, 0.9, centroids, k, tmp_path, [0, 900, len(x)], parts=1, shuffle_seed=1) == want
+
+
+def test_finds_planted_pairs_and_only_true_pairs(tmp_path):
     x, truth = planted()
-    i, j, labels = semantic.semdedup_pairs(x, 0.95, num_clusters=20, seed=0)
-    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    centroids = centroids_of(x, 20, seed=0)
+    found = plan_pairs(x, 0.95, centroids, 20, tmp_path, [0, 1000, 2000, len(x)])
     brute = set(zip(*(p.tolist() for p in semantic.brute_force_pairs(x, 0.95)), strict=True))
     assert found <= brute  # every reported pair really is that similar
     assert len(found & truth) >= 0.95 * len(truth)  # clustering loses at most a few split pairs
-    assert len(set(labels.tolist())) == 20
-    sims = np.einsum("ij,ij->i", x[i], x[j])
-    assert (sims >= 0.95 - 1e-6).all()
+    i, j = np.array(sorted(found)).T
+    assert (np.einsum("ij,ij->i", x[i], x[j]) >= 0.95 - 1e-6).all()
 
 
-def test_deterministic_for_a_seed():
+def test_centroids_deterministic_for_a_seed():
     x, _ = planted(seed=1)
-    a = semantic.semdedup_pairs(x, 0.9, num_clusters=10, seed=3)
-    b = semantic.semdedup_pairs(x, 0.9, num_clusters=10, seed=3)
-    for u, v in zip(a, b, strict=True):
-        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(centroids_of(x, 10, seed=3), centroids_of(x, 10, seed=3))
 
 
-def test_one_cluster_is_the_brute_force():
+def test_brute_force_is_the_oracle_in_one_cluster():
     x, _ = planted(n=400, dups=30)
-    i, j, _ = semantic.semdedup_pairs(x, 0.9, num_clusters=1)
     bi, bj = semantic.brute_force_pairs(x, 0.9)
-    assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(zip(bi.tolist(), bj.tolist(), strict=True))
+    assert set(zip(bi.tolist(), bj.tolist(), strict=True)) == oracle_pairs(x, 0.9, None)
 
 
 def test_default_num_clusters_is_about_sqrt_n():
@@ -48,54 +98,10 @@ def test_default_num_clusters_is_about_sqrt_n():
     assert semantic.default_num_clusters(10) == 2
 
 
-def test_cluster_partitions_on_workers_give_the_pairs_of_one_process(tmp_path):
-    """Partitions of clusters compared on worker processes (float16 input, as the filter
-    passes it): the same pairs and clusters, every row counted once by progress."""
-    x, _ = planted(n=3000, dups=300, seed=4)
-    x = x.astype(np.float16)
-    one = semantic.semdedup_pairs(x, 0.9, num_clusters=12, seed=1)
-    done = []
-    two = semantic.semdedup_pairs(
-        x, 0.9, num_clusters=12, seed=1, workers=2, work_dir=str(tmp_path), progress=done.append
-    )
-    assert len(one[0]) > 100
-    assert sorted(zip(one[0].tolist(), one[1].tolist(), strict=True)) == sorted(
-        zip(two[0].tolist(), two[1].tolist(), strict=True)
-    )
-    np.testing.assert_array_equal(one[2], two[2])
-    assert sum(done) == len(x)
-    assert list(tmp_path.iterdir()) == []  # spill files removed
-
-
-def test_spilled_shards_give_the_pairs_of_one_process(tmp_path):
-    """The streaming plan's steps (rows assigned and spilled per shard, partitions of
-    clusters gathered from every shard's spill) on rows in a shuffled pool order: the
-    pairs of :func:`semantic.semdedup_pairs` over the rows in canonical order."""
-    from filtering.clustering import assign, train_kmeans
-
-    x, _ = planted(n=1200, dups=200, seed=5)
-    x = x.astype(np.float16)
-    k = 6
-    one_i, one_j, labels = semantic.semdedup_pairs(x, 0.9, num_clusters=k, seed=2)
-    m = min(len(x), semantic.TRAINING_POINTS_PER_CLUSTER * k)
-    centroids = train_kmeans(x, k, niter=10, seed=2, max_training_points=m)
-    np.testing.assert_array_equal(assign(x, centroids)[0], labels)
-    for cents, want in ((centroids, (one_i, one_j)), (None, semantic.semdedup_pairs(x, 0.9, num_clusters=1)[:2])):
-        rank_of_row = np.random.default_rng(0).permutation(len(x))  # pool row r holds canonical row rank_of_row[r]
-        cuts = [0, 300, 301, 700, len(x)]  # shards, one of a single row
-        prefixes, sizes = [], np.zeros(k, np.int64)
-        for s, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
-            rows = np.arange(a, b)
-            prefixes.append(str(tmp_path / f"{id(cents)}-s{s}"))
-            emb = x[rank_of_row]  # the pool in its own order; this shard's rows are rows a:b
-            sizes += semantic.spill_assigned(emb, rows, rows, rank_of_row[rows], cents, k, prefixes[-1])
-        assert sizes.sum() == len(x)
-        clusters = np.flatnonzero(sizes > 1)
-        owner = semantic.balance(sizes[clusters], 3)
-        got = set()
-        for q in range(3):
-            a, b = semantic.spilled_partition_pairs(prefixes, clusters[owner == q], 0.9)
-            ra, rb = rank_of_row[a], rank_of_row[b]
-            got |= set(zip(np.minimum(ra, rb).tolist(), np.maximum(ra, rb).tolist(), strict=True))
-        assert len(got) > 100
-        assert got == set(zip(want[0].tolist(), want[1].tolist(), strict=True))
+def test_balance_spreads_comparisons():
+    """Largest first, each to the lightest partition: loads (size^2) within the largest cluster's."""
+    sizes = np.array([10, 9, 8, 3, 3, 2, 1, 1])
+    owner = semantic.balance(sizes, 3)
+    loads = np.bincount(owner, weights=sizes.astype(float) ** 2, minlength=3)
+    assert sorted(owner[:3].tolist()) == [0, 1, 2]
+    assert loads.max() - loads.min() <= 100
