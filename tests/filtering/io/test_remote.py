@@ -6,6 +6,7 @@ credentials are dummies.
 
 import json
 import logging
+import urllib.request
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,9 @@ def s3():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto keeps its buckets per process, not per server: another module's server (the same
+    # xdist worker) left its bucket behind, and mkdir below raised FileExistsError
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
     mp = pytest.MonkeyPatch()
     for key, value in {
         "AWS_ACCESS_KEY_ID": "testing",
