@@ -25,9 +25,10 @@ demo: $(STAMP)
 
 # Two pytest workers (pytest-xdist): 838 s instead of 939 s for the whole suite on 2 cores
 # (2026-12-07); the Ray modules share one worker (xdist_group "ray"), so no two Ray
-# clusters start side by side.
+# clusters start side by side; they run first (tests/conftest.py), beside the rest. The 25
+# slowest tests are listed at the end, to keep the whole run under 15 minutes.
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
 
 # Leaves out the tests marked slow: every test that runs the CLI or the whole pipeline.
 test-fast: $(DEV_STAMP)
