@@ -136,13 +136,25 @@ def test_a_failing_image_scorer_on_ray_is_counted_as_locally(tmp_path, rerun_dir
     assert (rerun_dir / "subset.npy").read_bytes() == (local / "subset.npy").read_bytes()
 
 
-def test_a_ray_run_prints_nothing_from_rays_logging(rerun_dir):
+def test_a_ray_run_prints_nothing_from_rays_logging(tmp_path):
     """Ray's C++ core writes "logging.cc:303: Set ray log level ..." to file descriptor 2 as
-    it starts; only poolsift's own lines reach the terminal."""
+    it starts; only poolsift's own lines reach the terminal. (A small DataComp pool: what is
+    checked is Ray's start, not the model's run; 72 s on the scored sample in CI.)"""
     pytest.importorskip("ray")
-    from tests.conftest import SAMPLE_CONFIG, run_cli_subprocess
+    import yaml
 
-    proc = run_cli_subprocess("run", SAMPLE_CONFIG, "--output", rerun_dir, "--quiet", "--executor", "ray")
+    from tests.conftest import run_cli_subprocess
+    from tests.datacomp_pool import make_datacomp_pool
+
+    metadata = make_datacomp_pool(tmp_path / "metadata", shards=2, rows=40)
+    config = tmp_path / "run.yaml"
+    raw = {
+        "input": {"datacomp_metadata": str(metadata)},
+        "filters": [{"clip_score": {"top_fraction": 0.5}}],
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    config.write_text(yaml.safe_dump(raw))
+    proc = run_cli_subprocess("run", config, "--quiet", "--executor", "ray")
     assert proc.returncode == 0, proc.stderr
     assert "logging.cc" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if not line.startswith("poolsift: ")] == []

@@ -25,7 +25,6 @@ ROW_LOCAL = [{"caption": {"min_words": 2}}, {"image_size": {"min_side": 64}}]
 
 def _config(pattern: str, out: Path, filters, **output):
     raw = raw_config(pattern, out, filters)
-    raw.pop("execution")
     raw["output"].update(output)
     return parse_config(raw)
 
