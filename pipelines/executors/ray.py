@@ -266,7 +266,13 @@ class RayExecutor:
 class RayTaskPool:
     """The task pool protocol (``filtering/tasks.py``) on Ray: each call is a Ray task of one
     CPU; ``map`` submits every task and yields the results in submission order (so which
-    node finishes first never changes an output); tasks left unread are cancelled."""
+    node finishes first never changes an output).
+
+    Tasks left unread (a reader that stopped early or raised) are not cancelled: they run to
+    their end, their results dropped, and a run's tasks end with its driver at the latest
+    (``RayExecutor.close``). On Ray 2.60 a ``ray.cancel`` that meets the task's reply aborts
+    the driver's process (``Check failed: it != submissible_tasks_.end() Tried to complete
+    task that was not pending``; ray-project/ray#54846)."""
 
     def __init__(self, ray):
         self.ray = ray
@@ -300,14 +306,8 @@ class RayTaskPool:
         ray = self.ray
 
         def ordered():
-            read = 0
-            try:
-                for ref in refs:
-                    yield _unwrap(ray, lambda ref=ref: ray.get(ref))
-                    read += 1
-            finally:
-                for ref in refs[read:]:  # a reader that stopped early (``any``) wants no more
-                    ray.cancel(ref)
+            for ref in refs:
+                yield _unwrap(ray, lambda ref=ref: ray.get(ref))
 
         return ordered()
 

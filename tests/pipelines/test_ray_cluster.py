@@ -235,10 +235,6 @@ def test_configured_head_and_its_top_fraction_on_two_nodes_match_local(tmp_path,
         assert (record["cache"]["shards_scored"], record["cache"]["shards_cached"]) == (4, 0)
 
 
-@pytest.mark.skip(
-    reason="crashed its pytest worker in the CI run on c8069fb (2026-12-08; passed in the runs before): "
-    "under --dist loadgroup the Ray group's other tests then never ran and the run hung; to investigate"
-)
 def test_dedup_against_an_earlier_output_on_two_nodes_matches_local(tmp_path, datacomp, cluster):
     """``dedup: {against: [...]}`` on Ray: an exact search against an earlier output (the
     pool side emitted and each partition joined as tasks), a perceptual one with
