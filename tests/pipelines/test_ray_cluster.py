@@ -37,6 +37,19 @@ from tests.filtering.io.test_remote import BUCKET, s3  # noqa: F401 (a fixture: 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # starts a two-node Ray and runs the pipeline
 
 
+def test_the_ray_modules_share_one_xdist_worker(request):
+    """Under ``--dist loadgroup`` (``make test``) every test of xdist_group "ray" carries the
+    group in its node id, which is what the controller groups by: otherwise the Ray modules
+    run on both workers at once (two two-node clusters and a local Ray on two cores). pytest
+    9.2 ignores the suffix pytest-xdist 3.8 sets (pytest-xdist#1386): the CI run on c8069fb
+    ran this module on both workers; pyproject's dev extra pins pytest<9.2."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("checks an xdist worker under --dist loadgroup (make test)")
+    group = [i for i in request.session.items if any(m.args == ("ray",) for m in i.iter_markers("xdist_group"))]
+    assert request.node in group
+    assert [i.nodeid for i in group if not i.nodeid.endswith("@ray")] == []
+
+
 def _table(path):
     return pq.read_table(path).replace_schema_metadata(None)
 
