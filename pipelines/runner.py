@@ -47,37 +47,7 @@ def column_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
 
     stages.append(ImageClustersStage(cfg.clusters, cfg.model, cache_root, cfg.input.image_formats))
     stages.append(DecontaminateStage(cfg.filter_tree, cfg.model, cache_root, cfg.input.image_formats))
-    stages.extend(dedup_search_stages(cfg, cache_root))
     return stages
-
-
-def dedup_search_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
-    """One candidate search per distinct search settings of the ``dedup`` filters
-    (``filtering/dedup/search_stage.py``): computed once, cached, read by the filters."""
-    from filtering.dedup.search_stage import DedupSearchStage
-
-    settings = []
-    for node in cfg.filter_tree:
-        for f in node.leaves():
-            search = getattr(f, "search_settings", lambda: None)()
-            if search is not None and search not in settings:
-                settings.append(search)
-    stages: list[ColumnStage] = [DedupSearchStage(s, cache_root) for s in settings]
-    return stages + dedup_against_stages(cfg, cache_root)
-
-
-def dedup_against_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:
-    """One search against earlier outputs per distinct ``against`` of the ``dedup`` filters
-    (``filtering/dedup/against.py``); on the shard plan its dedup phase searches instead."""
-    from filtering.dedup.against import DedupAgainstStage
-
-    settings = []
-    for node in cfg.filter_tree:
-        for f in node.leaves():
-            against = getattr(f, "against_settings", lambda: None)()
-            if against is not None and against not in settings:
-                settings.append(against)
-    return [DedupAgainstStage(s, cache_root) for s in settings]
 
 
 def scorer_stages(cfg: Config, cache_root: str) -> list[ColumnStage]:

@@ -34,7 +34,6 @@ from filtering.dedup import index as ix
 from filtering.dedup import partitioned
 from filtering.dedup.hamming import _flip_masks, _Table, _widths, choose_substrings, popcount64, probe
 from filtering.io.paths import join
-from filtering.stages.base import ColumnStage
 
 CANDIDATES_AT_A_TIME = 1 << 20  # pool-reference record pairs verified at once
 # Records per partition (perceptual): a quarter of the in-pool search's, so that a worker
@@ -505,28 +504,6 @@ def record(refs: Sequence[ix.Reference], matches: Matches, seconds: float, worke
         "workers": workers,
         "seconds": round(seconds, 3),
     }
-
-
-class DedupAgainstStage(ColumnStage):
-    """The search against references as the planner sees it: a "reduction" stage that
-    provides one int32 column (the matched reference's position, -1 for none). It has no
-    whole-pool ``run``: the plan's dedup phase (``pipelines/executors/dedup_phase.py``)
-    searches, shard by shard, and decides."""
-
-    scope = "reduction"
-
-    def __init__(self, settings, cache_root: str, workers: int | None = None):
-        self.settings = settings  # dedup_filter.AgainstSettings
-        self.cache_root = cache_root
-        self.workers = workers
-        self.column = settings.column
-        self.name = f"dedup:{self.column}"
-
-    def provides(self) -> set[str]:
-        return {self.column}
-
-    def requires(self) -> set[str]:
-        return {self.settings.search.key_column}
 
 
 # -- semantic --------------------------------------------------------------------------------

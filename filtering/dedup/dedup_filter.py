@@ -11,15 +11,13 @@
   embeddings into ``num_clusters`` clusters, then pairs with cosine ``>= threshold``
   within a cluster (:mod:`filtering.dedup.semantic`).
 
-For ``exact`` and ``perceptual`` the candidate search is not done here: a column stage
-(:mod:`filtering.dedup.search_stage`, added by the planner for this filter's search
-settings) searches the whole pool once by hash partitioning
-(:mod:`filtering.dedup.partitioned`), caches the result, and leaves a group label per
-row and pairs of labels; this filter restricts them to the rows that reach it and
-decides. ``semantic`` is searched by the plan's dedup phase
-(``pipelines/executors/dedup_phase.py``) from :mod:`filtering.dedup.semantic`'s steps:
-k-means trained on the rows that reach it, rows assigned and spilled shard by shard, each
-partition of clusters compared on a worker process.
+The filter decides over the whole pool: it declares a :class:`~filtering.filters.base.Survivors`
+reduction, and the plan's dedup phase (``pipelines/executors/dedup_phase.py``) searches the
+rows that reach it and picks the survivors. ``exact`` and ``perceptual`` are searched by
+hash partitioning (:mod:`filtering.dedup.partitioned`, cached per key columns' contents),
+``semantic`` from :mod:`filtering.dedup.semantic`'s steps (k-means trained on the rows that
+reach it, rows assigned and spilled shard by shard, each partition of clusters compared on
+a worker). Each shard then applies its part of the decision (:meth:`Dedup.decided`).
 
 ``against: [DIR, ...]``: earlier outputs (or their index folders,
 :mod:`filtering.dedup.index`) whose kept rows count as already taken (``semantic``: their
@@ -43,18 +41,12 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, PositiveInt, model_validator
 
-from filtering.dedup import groups
-from filtering.dedup.partitioned import SearchSettings, components_of
-from filtering.dedup.search_stage import label_column, pairs_key
-from filtering.errors import ConfigError
+from filtering.dedup.partitioned import SearchSettings, label_column
 from filtering.filters.base import Decision, Filter, Params, Survivors, register
 from filtering.pool import Pool
 from filtering.sources import source_info
-from filtering.uid import uids_to_u8u8
 
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "exact": ("with_caption",),
@@ -113,14 +105,11 @@ class Dedup(Filter):
             cols.add(self.score_field)
         search = self.search_settings()
         if search is not None:
-            cols |= set(search.columns()) | {label_column(search)}
-        against = self.against_settings()
-        if against is not None:
-            cols.add(against.column)
+            cols |= set(search.columns())
         return cols
 
     def against_settings(self) -> AgainstSettings | None:
-        """The search against earlier outputs this filter needs (a column stage computes it)."""
+        """The search against earlier outputs this filter needs (the dedup phase runs it)."""
         p = self.params
         search = self.search_settings()
         if not p.against or search is None:
@@ -130,9 +119,9 @@ class Dedup(Filter):
         return AgainstSettings(search, tuple(p.against))
 
     def search_settings(self) -> SearchSettings | None:
-        """What the candidate search stage (:mod:`filtering.dedup.search_stage`) computes for
-        this filter: only the settings that change the candidates, so filters that differ in
-        ``keep`` or ``min_similarity`` share one cached search. None for ``semantic``."""
+        """The candidate search the dedup phase runs for this filter: only the settings that
+        change the candidates, so filters that differ in ``keep`` or ``min_similarity`` share
+        one cached search. None for ``semantic``."""
         p = self.params
         if p.method == "exact":
             return SearchSettings("exact", with_caption=p.with_caption)
@@ -154,74 +143,7 @@ class Dedup(Filter):
         return _DecidedDedup(self.params, self.input, *result)
 
     def apply(self, pool: Pool, alive: np.ndarray) -> Decision:
-        p = self.params
-        # Canonical order (by uid): the same rows give the same groups whatever the shard order.
-        # A uid is its 128-bit number (DataComp's int(uid, 16)): lower-cased, its string order
-        # is that number's order, whatever case the input wrote it in.
-        uids_all = pc.utf8_lower(pool.table.column("uid").cast(pa.string())).to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(alive)
-        keep = np.ones(pool.n, dtype=bool)
-        duplicate_of = np.full(pool.n, None, dtype=object)
-        reason: str | np.ndarray = self.reason
-        if p.against and (p.method == "semantic" or p.min_similarity is not None):
-            raise ConfigError(
-                f"filters.dedup.against: method {p.method} with "
-                f"{'min_similarity' if p.method != 'semantic' else 'against'} runs on the shard plan only"
-            )
-        against = self.against_settings()
-        if against is not None:
-            # Rows that duplicate a reference's kept row go first; the rest dedup among themselves.
-            matches = pool.artifacts[against.column]
-            hit = np.isin(rows, matches.rows)
-            matched = rows[hit]
-            at = np.searchsorted(matches.rows, matched)
-            keep[matched] = False
-            duplicate_of[matched] = matches.uids(at)
-            reason = np.full(pool.n, self.reason, dtype=object)
-            reason[matched] = REFERENCE_REASON
-            rows = rows[~hit]
-        rows = rows[np.argsort(np.asarray(uids_all[rows], dtype=str), kind="stable")]
-        i, j = self.pairs(pool, rows)
-        # the shard plan's survivor step (dedup_phase.py), over this pool's rows
-        comp = components_of(np.arange(len(rows)), i, j)
-        uids = uids_to_u8u8(uids_all[rows])
-        neg_score = None
-        if p.keep == "highest_clip_score":
-            neg_score = -np.asarray(pool.column(self.score_field)[rows], dtype=np.float64)
-        drop, best = groups.survivors(comp, neg_score, uids["f0"], uids["f1"])
-        keep[rows[drop]] = False
-        duplicate_of[rows[drop]] = uids_all[rows[best]]
-        return Decision(keep, reason, duplicate_of)
-
-    def embeddings(self, pool: Pool, rows: np.ndarray) -> np.ndarray:
-        try:
-            kind = pool.resolve_embedding(self.params.embedding)
-        except KeyError as e:
-            raise ConfigError(f"filters.dedup.embedding: {e.args[0]}") from e
-        return gather_embeddings(pool, kind, rows)
-
-    def pairs(self, pool: Pool, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Duplicate pairs among ``rows``, as positions into ``rows``."""
-        p = self.params
-        search = self.search_settings()
-        if search is not None:
-            # The candidates were searched once over the whole pool (cached, search_stage.py);
-            # here they are only restricted to ``rows``.
-            column = label_column(search)
-            pair_a, pair_b = pool.artifacts[pairs_key(column)]
-            i, j = groups.label_edges(pool.column(column)[rows], pair_a, pair_b)
-            if p.method == "perceptual" and p.min_similarity is not None and len(i):
-                # Confirm hash neighbours with the image embeddings: cheap (one dot product per
-                # pair) and it removes look-alike images that merely share a coarse layout.
-                involved = np.unique(np.concatenate([i, j]))
-                emb = groups.unit_rows(self.embeddings(pool, rows[involved]))
-                a, b = np.searchsorted(involved, i), np.searchsorted(involved, j)
-                close = groups.close_pairs(emb[a], emb[b], p.min_similarity)
-                i, j = i[close], j[close]
-            return i, j
-        # method semantic: searched by the plan's dedup phase only (pipelines/executors/dedup_phase.py:
-        # _semantic_pairs, from filtering.dedup.semantic's steps), which decides (``decided``).
-        raise NotImplementedError("dedup method semantic is searched by the plan's dedup phase, not on one pool")
+        raise NotImplementedError("dedup decides over the pool: the plan's dedup phase fixes its survivors (decided)")
 
 
 class _DecidedDedup(Dedup):
@@ -266,23 +188,6 @@ class AgainstSettings:
 
         digest = hashlib.sha256("\0".join(self.paths).encode()).hexdigest()[:8]
         return f"dedup_ref_{label_column(self.search).removeprefix('dedup_label_')}_{digest}"
-
-
-def gather_embeddings(pool: Pool, kind: str | None, rows: np.ndarray) -> np.ndarray:
-    """Embeddings of ``rows`` (any order) in their stored dtype (float16 stays float16:
-    half the memory of ``Pool.embeddings``), read shard by shard."""
-    in_row_order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[in_row_order]
-    out = None
-    for part, emb in pool.iter_embeddings(kind):
-        if out is None:
-            out = np.zeros(
-                (len(rows), emb.shape[1]), emb.dtype if emb.dtype in (np.float16, np.float32) else np.float32
-            )
-        lo, hi = np.searchsorted(sorted_rows, [part.start, part.stop])
-        if hi > lo:
-            out[in_row_order[lo:hi]] = emb[sorted_rows[lo:hi] - part.start]
-    return out if out is not None else np.zeros((len(rows), 0), np.float32)
 
 
 def hash_column(pool: Pool, name: str) -> tuple[np.ndarray, np.ndarray]:

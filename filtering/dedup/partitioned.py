@@ -101,6 +101,14 @@ class SearchSettings:
         }
 
 
+def label_column(settings: SearchSettings) -> str:
+    """The search's name: its record's key in the manifest (``stages.dedup``), and the
+    filter's against record's (``AgainstSettings.column``) stem."""
+    if settings.method == "exact":
+        return "dedup_label_exact_caption" if settings.with_caption else "dedup_label_exact"
+    return f"dedup_label_{settings.key_column}_d{settings.max_distance}"
+
+
 @dataclass(frozen=True)
 class ShardKeys:
     """One shard's rows ``[first_row, first_row + n)``: either its key columns (``table``)

@@ -159,8 +159,6 @@ class ColumnStage(Stage):
     - ``"global"``: a whole-pool step first, in the driver, from the shards' row counts
       and the source's embeddings, never a column (:meth:`prepare`: a small, picklable
       result), then each shard's rows in the workers (:meth:`run_shard`);
-    - ``"reduction"``: nothing of its own: the reduction of the filter that reads its
-      columns does its work (dedup's candidate search, in the survivors step).
 
     There is no whole-pool scope: a stage that declares none runs per shard.
     """

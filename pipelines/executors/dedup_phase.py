@@ -7,8 +7,7 @@ filter pass (``pipelines/executors/streaming.py``):
 1. **search** (exact, perceptual; per group of shards, then per partition): each shard's
    key columns (``sha256``, ``caption``, ``phash``) emitted as records partitioned by key
    hash, one spill file per map task (a few tasks per worker), each partition reduced on
-   a worker (:mod:`filtering.dedup.partitioned`, the in-memory
-   search stage's code); the driver holds one int64 label per row and the pairs of labels.
+   a worker (:mod:`filtering.dedup.partitioned`); the driver holds one int64 label per row and the pairs of labels.
    The result is cached in ``DIR/cache/dedup-<fingerprint>/``
    (:mod:`filtering.dedup.search_cache`: the settings and each shard's url, rows and key
    columns' digest, made in step 2's pass), so a rerun that changes only ``keep``,
@@ -16,18 +15,18 @@ filter pass (``pipelines/executors/streaming.py``):
 2. **alive at dedup** (per shard): the shard through the filters before the dedup (the
    global thresholds, earlier dedups' decisions); returned as the alive mask and, for the
    alive rows, the keep score (float64) and the uid as two uint64 (its string order for
-   lowercase 32-hex uids; any other uid sends the run to the in-memory path); semantic:
+   lowercase 32-hex uids; any other uid stops the run in one line); semantic:
    also whether each alive row's embedding is not all zero (the rows the filter compares).
 2b. **semantic search** (issue 16: SemDeDup per k-means cluster partition, as NeMo Curator
    runs it): the valid alive rows put in uid order (the filter's canonical order, from the
-   uint64 pairs); k-means trained in the driver on the in-memory filter's sample
+   uint64 pairs); k-means trained in the driver on a seeded sample
    (:func:`filtering.clustering.sample_indices` over that order, at most 64 rows per
    cluster), those rows' embeddings fetched shard by shard; each shard's rows assigned to
    the centroids and spilled sorted by cluster in a worker
    (:func:`filtering.dedup.semantic.spill_assigned`); each partition of clusters (balanced
    by comparisons) gathered from every shard's spill and compared on one worker
    (:func:`filtering.dedup.semantic.spilled_partition_pairs`: ``cluster_pairs`` on a
-   cluster's rows in uid order, the in-memory arrays, so the same pairs). The driver holds
+   cluster's rows in uid order, so the pairs do not depend on shard order). The driver holds
    the sample and a few int64 per valid row; the pairs are rows, their labels the rows.
 2c. **min_similarity** (perceptual): the filter's edges among the alive rows in uid order
    (:func:`filtering.dedup.groups.label_edges`, in the driver: int64 arrays); the rows
@@ -45,8 +44,9 @@ filter pass (``pipelines/executors/streaming.py``):
    score descending, missing scores last, then the smallest uid); each shard gets back its
    dropped rows and their survivors' uids only.
 
-The filter pass then applies the decision in place of the ``dedup`` leaf (same funnel,
-reason codes and ``duplicate_of`` as the filter's own ``apply``).
+The filter pass then applies each shard's decision in place of the ``dedup`` leaf
+(``Dedup.decided``: its funnel, reason codes and ``duplicate_of``).
+``tests/shard_plan.py: run_dedup_phase`` runs this phase and that pass on a test's pool.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ from typing import Any
 import numpy as np
 
 from filtering.dedup import against, groups, partitioned
+from filtering.dedup.partitioned import label_column
 from filtering.dedup.search_cache import SearchCache, shard_key
-from filtering.dedup.search_stage import label_column
 from pipelines.executors.shards import (
     Path,
     _shard_pool,
@@ -145,8 +145,8 @@ def _alive_at(args) -> dict[str, Any]:
 
 
 def _embedding_dtype(args) -> str:
-    """The dtype the in-memory filter gathers every shard's embeddings in: the pool's first
-    shard's (``gather_embeddings``), so a shard of another dtype is cast as it casts it."""
+    """The dtype every shard's embeddings are compared in: the pool's first shard's
+    (float16 or float32, else float32), so a shard of another dtype is cast to it."""
     sh, shard, path = args
     pool, _ = _shard_pool(sh, shard)
     return _search_dtype(_embeddings(pool, _dedup_at(sh, path)).dtype).str
@@ -159,7 +159,7 @@ PARTITION_BYTES = 256 << 20  # a partition's embeddings (float32), at most about
 
 
 def _search_dtype(dtype) -> np.dtype:
-    """The dtype the in-memory filter gathers embeddings in (``gather_embeddings``)."""
+    """float16 and float32 stay as they are (half the memory for float16); others become float32."""
     dtype = np.dtype(dtype)
     return dtype if dtype in (np.float16, np.float32) else np.dtype(np.float32)
 
@@ -289,7 +289,7 @@ def run_dedup(
             # The search's result depends on the shards' key columns only: cached under their digests.
             keys = [r.pop("key") for r in results]
             searched[settings] = _cached_search(tasks, sh, shards, shard_rows, starts, n, settings, keys, ctx)
-        if ref_settings is not None and ref_settings not in matched:  # after the search, as the in-memory stages run
+        if ref_settings is not None and ref_settings not in matched:  # after the search
             matched[ref_settings] = _against(tasks, sh, shards, shard_rows, starts, n, ref_settings, ctx)
         last = settings is None or last_use[settings] == position
         if settings is not None:
@@ -539,7 +539,7 @@ def _by_shard(pool_rows: np.ndarray, starts: np.ndarray):
 
 
 def _train_centroids(tasks, sh, shards, starts, position, vrows, k: int, dtype, spill: str) -> tuple[str | None, int]:
-    """k-means on the in-memory filter's training sample of ``vrows`` (the valid rows in uid
+    """k-means on a seeded training sample of ``vrows`` (the valid rows in uid
     order: the same positions), those rows' embeddings fetched shard by shard; the centroids
     saved under ``spill``. Returns their path (None for one cluster) and the embeddings' width."""
     from filtering.clustering import sample_indices, train_kmeans
@@ -582,7 +582,7 @@ def _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k
 
 
 def _search(tasks, sh, shards, shard_rows, starts, n: int, settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The partitioned candidate search over every row (the in-memory search stage's result)."""
+    """The partitioned candidate search over every row: ``(labels, pair_a, pair_b)``."""
     partitions = partitioned.num_partitions(n * settings.records_per_row(), settings.method, tasks.workers)
     spill = partitioned.make_spill_dir(sh.spill, "dedup-spill-")
     try:

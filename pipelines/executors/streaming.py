@@ -13,8 +13,7 @@ threshold over a source column or one a ``"shard"`` or ``"global"`` stage comput
 ``cluster_sim``), or
 ``Survivors`` anywhere in the tree (``dedup`` of any method, among the rows that reach it,
 decided over the pool between steps 3 and 4: ``dedup_phase.py``); and every column stage runs per shard
-(``scope``: ``"shard"``, ``"global"`` with its whole-pool step in step 3, or
-``"reduction"``; every scorer run over the pool, configured or a filter's own, is a
+(``scope``: ``"shard"``, or ``"global"`` with its whole-pool step in step 3; every scorer run over the pool, configured or a filter's own, is a
 ``"shard"`` stage, its model set up once per worker process). No process holds the
 pool; each phase is a map over shards on a task pool (``filtering/tasks.py``: a local
 process pool, or Ray tasks with ``--executor ray``), or a small reduction in the driver:

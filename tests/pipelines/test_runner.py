@@ -77,3 +77,17 @@ def test_a_run_the_shard_plan_cannot_take_stops_before_any_data_is_read(monkeypa
     monkeypatch.undo()
     with pytest.raises(PoolsiftError, match="empty-pool"):  # the plan takes it: the missing input is next
         runner.run(parse_config(raw), progress=False, log=lambda _m: None)
+
+
+def test_the_plan_asks_the_source_for_dedups_key_columns(tmp_path):
+    """``dedup`` needs no column stage: the plan asks the source for its key columns (read
+    by the dedup phase's search), the uid and the keep score."""
+    from pipelines.config import parse_config
+    from tests.datacomp_pool import make_datacomp_pool
+
+    metadata = make_datacomp_pool(tmp_path / "metadata", shards=1, rows=4)
+    for params, key in [({"method": "perceptual"}, "phash"), ({"method": "exact", "with_caption": True}, "caption")]:
+        raw = {"input": {"datacomp_metadata": str(metadata)}, "filters": [{"dedup": params}]}
+        plan = runner.plan(parse_config({**raw, "output": {"dir": str(tmp_path / "run")}}), str(tmp_path / "cache"))
+        assert plan.stages == []
+        assert {key, "uid", "clip_l14_similarity_score"} <= plan.source.requested

@@ -1,4 +1,8 @@
-"""dedup filter: the three methods on a synthetic pool, survivor policies, shard-order invariance."""
+"""dedup filter: exact and perceptual on a synthetic pool, survivor policies, shard-order invariance.
+
+Every decision here is the shard plan's: its dedup phase (``pipelines/executors/dedup_phase.py``:
+search, alive rows, ``min_similarity``, survivors) over the pool's parts as shards, then its
+filter pass with the survivors fixed (``tests/shard_plan.py: run_dedup_phase``)."""
 
 import tempfile
 
@@ -6,16 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from filtering.dedup.search_stage import DedupSearchStage
 from filtering.errors import ConfigError
-from filtering.filters.compose import apply_filters
 from filtering.pool import Pool, ShardPart
 from filtering.registry import parse_filters
-from filtering.stages.base import RunContext
 from tests.filtering.dedup.test_groups import survivor_oracle
+from tests.shard_plan import run_dedup_phase
 
 
-def make_pool(sha, phash, scores, emb=None, failed=None, uids=None) -> Pool:
+def make_pool(sha, phash, scores, emb=None, failed=None, uids=None, shards=1) -> Pool:
     n = len(sha)
     uids = uids or [f"{i:032x}" for i in range(n)]
     failed = failed if failed is not None else [False] * n
@@ -30,9 +32,10 @@ def make_pool(sha, phash, scores, emb=None, failed=None, uids=None) -> Pool:
         }
     )
     emb = emb if emb is not None else np.zeros((n, 4), np.float16)
+    cuts = np.linspace(0, n, shards + 1).astype(int)
     return Pool(
         table=table,
-        parts=[ShardPart("s0", "s0", 0, n)],
+        parts=[ShardPart(f"s{k}", f"s{k}", int(cuts[k]), int(cuts[k + 1])) for k in range(shards)],
         embedding_loader=lambda kind, part: emb[part.start : part.stop],
         embedding_kinds=("image",),
         default_embedding="image",
@@ -40,12 +43,9 @@ def make_pool(sha, phash, scores, emb=None, failed=None, uids=None) -> Pool:
 
 
 def apply_searched(nodes, pool):
-    """``apply_filters`` after the candidate search stages the planner adds for these filters."""
-    with tempfile.TemporaryDirectory() as cache:
-        ctx = RunContext(out_dir=cache, cache_dir=cache)
-        for settings in {f.search_settings() for node in nodes for f in node.leaves() if f.name == "dedup"} - {None}:
-            DedupSearchStage(settings, cache).run(ctx, pool)
-    return apply_filters(nodes, pool)
+    """The shard plan's decision for these filters on ``pool`` (its parts as shards)."""
+    with tempfile.TemporaryDirectory() as work:
+        return run_dedup_phase(nodes, pool, work)[0]
 
 
 def run(pool, **params):
@@ -108,18 +108,19 @@ def test_same_result_whatever_the_row_order(method):
     params = {"method": method}
     perm = rng.permutation(n)
 
-    def result(order):
+    def result(order, shards):
         pool = make_pool(
             [sha[i] for i in order],
             hashes[order].tolist(),
             scores[order],
             emb=emb[order].astype(np.float16),
             uids=[uids[i] for i in order],
+            shards=shards,
         )
         out = run(pool, **params)
         return {u: (bool(k), d) for u, k, d in zip(pool.column("uid"), out.keep, out.duplicate_of, strict=True)}
 
-    a, b = result(np.arange(n)), result(perm)
+    a, b = result(np.arange(n), 1), result(perm, 3)  # another row order, cut into other shards
     assert a == b
     assert sum(not k for k, _ in a.values()) > 10
 
@@ -142,11 +143,11 @@ def test_rejects_bad_params_naming_the_key(params, message):
 
 
 def test_requires_the_columns_it_reads():
-    """The key columns (so a missing one is named at plan time) and the search stage's label column."""
+    """The key columns (so a missing one is named at plan time), the uid and the keep score."""
     (node,) = parse_filters([{"dedup": {"method": "perceptual"}}])
-    assert node.filter.requires() == {"uid", "phash", "clip_score", "dedup_label_phash_d6"}
+    assert node.filter.requires() == {"uid", "phash", "clip_score"}
     (node,) = parse_filters([{"dedup": {"method": "exact", "keep": "smallest_uid"}}], input_kind="datacomp")
-    assert node.filter.requires() == {"uid", "sha256", "dedup_label_exact"}
+    assert node.filter.requires() == {"uid", "sha256"}
     (node,) = parse_filters([{"dedup": {"method": "semantic"}}])
     assert node.filter.requires() == {"uid", "clip_score"}
 
@@ -224,7 +225,7 @@ def test_same_survivors_as_the_in_memory_search_with_ties_chains_and_earlier_dro
     sha = [None if rng.random() < 0.03 else v for v in sha]
     scores = rng.choice([0.1, 0.2, 0.3, np.nan], n).astype(np.float32)  # ties everywhere
     uids = [f"{v:032x}" for v in rng.permutation(n)]  # uid order differs from row order
-    pool = make_pool(sha, phash.tolist(), scores.tolist(), uids=uids)
+    pool = make_pool(sha, phash.tolist(), scores.tolist(), uids=uids, shards=3)
     gate = {"clip_score": {"min": 0.15}}  # drops the 0.1 rows (and NaN) before dedup
     out = apply_searched(parse_filters([gate, {"dedup": params}]), pool)
     alive = ~np.isnan(scores) & (scores >= 0.15)
@@ -235,27 +236,27 @@ def test_same_survivors_as_the_in_memory_search_with_ties_chains_and_earlier_dro
     assert list(out.duplicate_of[dropped_here]) == list(dup[dropped_here])
 
 
-def test_search_stage_workers_from_poolsift_workers(monkeypatch, tmp_path):
-    """Above PARALLEL_MIN_ROWS the search runs on POOLSIFT_WORKERS processes, with the
-    result of the in-process search; the manifest's stage info says how many."""
-    from filtering.dedup import search_stage
+def test_search_workers_are_the_plan_pools_from_execution_workers(monkeypatch, tmp_path):
+    """The dedup search runs on the plan's task pool (``streaming._plan_tasks``: local
+    processes, ``execution.workers`` over ``POOLSIFT_WORKERS``), with the result of the
+    in-process run; the manifest's stage info says how many workers searched."""
+    from types import SimpleNamespace
 
+    from pipelines.executors.streaming import _plan_tasks
+
+    monkeypatch.setenv("POOLSIFT_WORKERS", "3")  # execution.workers wins over it
     sha = [f"s{i % 7}" for i in range(40)]
     phash = [(i % 5) * 0x1111 for i in range(40)]
-    results = []
-    for workers in ("1", "2"):
-        monkeypatch.setenv("POOLSIFT_WORKERS", workers)
-        monkeypatch.setattr(search_stage, "PARALLEL_MIN_ROWS", 10)
-        pool = make_pool(sha, phash, [0.1] * 40)
-        ctx = RunContext(out_dir=str(tmp_path), cache_dir=str(tmp_path / workers))
-        stage = DedupSearchStage(
-            parse_filters([{"dedup": {"method": "exact"}}])[0].filter.search_settings(), ctx.cache_dir
-        )
-        stage.run(ctx, pool)
-        assert ctx.stage_info["dedup"]["dedup_label_exact"]["workers"] == int(workers)
-        results.append(pool.column("dedup_label_exact"))
-    assert np.array_equal(results[0], results[1])
-    assert np.array_equal(results[0], [i % 7 for i in range(40)])  # the smallest row of each sha
+    nodes = parse_filters([{"dedup": {"method": "exact"}}])
+    expected = [None] * 7 + [f"{i % 7:032x}" for i in range(7, 40)]  # tied scores: the smallest uid survives
+    for workers in (1, 2):
+        cfg = SimpleNamespace(execution=SimpleNamespace(workers=workers))
+        with _plan_tasks(cfg, SimpleNamespace(executor=None), [0, 1, 2, 3]) as tasks:
+            out, ctx = run_dedup_phase(
+                nodes, make_pool(sha, phash, [0.1] * 40, shards=4), str(tmp_path / f"w{workers}"), tasks
+            )
+        assert ctx.stage_info["dedup"]["dedup_label_exact"]["workers"] == workers
+        assert out.duplicate_of.tolist() == expected
 
 
 @pytest.mark.parametrize("method", ["exact", "perceptual"])
@@ -268,32 +269,22 @@ def test_no_row_reaching_the_filter_keeps_nothing_and_does_not_fail(method):
     assert len(apply_searched(parse_filters([{"dedup": {"method": method}}]), empty).keep) == 0
 
 
-def test_search_on_a_task_pool_spills_under_a_remote_cache():
-    """With the tasks on a cluster (an executor with a task pool, as Ray's) and the output on
-    an fsspec file system, the spill files go under the output's cache folder, which every
-    node sees, not to the driver's local temporary folder; they are removed after, and the
-    labels are the in-process search's."""
-    import fsspec
+def test_search_spills_under_the_plans_spill_folder_and_removes_them():
+    """The search's spill files (one per map task) go under the plan's spill folder, which
+    every task sees (``execution.spill_dir`` on a Ray cluster: ``streaming._remote_spill_root``),
+    not to the driver's temporary folder; they are removed after, and the decision is the
+    in-process one."""
+    import os
 
     from tests.filtering.dedup.test_partitioned import InProcessTasks
 
-    class ClusterExecutor:
-        def __init__(self, tasks):
-            self.tasks = tasks
-
-        def task_pool(self):
-            return self.tasks
-
     sha = [f"s{i % 7}" for i in range(40)]
-    settings = parse_filters([{"dedup": {"method": "exact"}}])[0].filter.search_settings()
-    cache = "memory://remote-out/cache"
-    tasks = InProcessTasks(cache)
-    pool = make_pool(sha, [0] * 40, [0.1] * 40)
-    ctx = RunContext(out_dir="memory://remote-out", cache_dir=cache, executor=ClusterExecutor(tasks))
-    DedupSearchStage(settings, cache).run(ctx, pool)
-    assert np.array_equal(pool.column("dedup_label_exact"), [i % 7 for i in range(40)])
-    spills = {p for p in tasks.paths if "/dedup-spill-" in p}
-    assert spills and all(p.startswith("/remote-out/cache/dedup-spill-") for p in spills)
-    fs = fsspec.filesystem("memory")
-    assert not [p for p in fs.find("/remote-out") if "spill" in p]
-    fs.rm("/remote-out", recursive=True)
+    nodes = parse_filters([{"dedup": {"method": "exact"}}])
+    with tempfile.TemporaryDirectory() as work:
+        spill = os.path.join(work, "shared-spill")
+        tasks = InProcessTasks(spill)
+        out, _ = run_dedup_phase(nodes, make_pool(sha, [0] * 40, [0.1] * 40, shards=4), work, tasks, spill=spill)
+        assert out.duplicate_of.tolist() == [None] * 7 + [f"{i % 7:032x}" for i in range(7, 40)]
+        spills = {p for p in tasks.paths if "/dedup-spill-" in p}
+        assert spills and all(p.startswith(os.path.join(spill, "dedup-spill-")) for p in spills)
+        assert not [f for _, _, files in os.walk(spill) for f in files]
