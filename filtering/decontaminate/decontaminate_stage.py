@@ -402,34 +402,17 @@ def _index_embeddings(ref, kind: str, key: str) -> ReferenceSet:
     from filtering import clustering
     from filtering.dedup import against
     from filtering.dedup import index as ix
-    from filtering.dedup.partitioned import read_batches
 
     try:
         against.check_embeddings([ref], kind)
     except InputError as e:
         raise InputError(f"{key}: {str(e).split(': ', 1)[-1]}") from e
     ids, mats = [], []
-    for url, parts in ref.files:
-        batches = read_batches([(url, np.arange(len(parts)))])
-        if not batches:
+    for file in range(len(ref.files)):
+        table = ix.file_records(ref, file)
+        if table.num_rows == 0:
             continue
-        table = pa.Table.from_batches(batches, ix.SCHEMA)
-        shard, row = table.column("shard").to_numpy(), table.column("row").to_numpy()
-        if (row < 0).any():
-            raise InputError(
-                f"{key}: {ref.path}: its index was built from the subset parts (an older output), which do not "
-                "say where each row's embedding is; semantic decontamination needs an index its run wrote"
-            )
-        emb = None
-        for s in np.unique(shard):
-            at = np.flatnonzero(shard == s)
-            try:
-                part = ix.embedding_rows(ref, int(s), kind, row[at])
-            except (OSError, KeyError, ValueError) as e:
-                raise InputError(f"{key}: {ref.path}: its {kind!r} embeddings: {e}") from e
-            if emb is None:
-                emb = np.zeros((len(row), part.shape[1]), np.float32)
-            emb[at] = part
+        emb = ix.records_embeddings(ref, table, kind, np.float32, key, "semantic decontamination")
         hi, lo = table.column("uid_hi").to_numpy(), table.column("uid_lo").to_numpy()
         ids += [f"{int(a):016x}{int(b):016x}" for a, b in zip(hi, lo, strict=True)]
         mats.append(clustering.normalize(emb))

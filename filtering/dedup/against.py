@@ -571,34 +571,15 @@ def spill_reference(
     from filtering.dedup.semantic import spill_assigned
     from filtering.errors import InputError
 
-    url, parts = ref.files[file]
-    batches = partitioned.read_batches([(url, np.arange(len(parts)))])
-    table = pa.Table.from_batches(batches, ix.SCHEMA)
-    shard = table.column("shard").to_numpy()
-    row = table.column("row").to_numpy()
-    if (row < 0).any():
-        raise InputError(
-            f"filters.dedup.against: {ref.path}: its index was built from the subset parts (an older output), "
-            "which do not say where each row's embedding is; a semantic search needs an index its run wrote"
-        )
-    embs = []
-    for s in np.unique(shard):  # one in an index a run wrote
-        at = np.flatnonzero(shard == s)
-        try:
-            embs.append((at, ix.embedding_rows(ref, int(s), kind, row[at])))
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"filters.dedup.against: {ref.path}: its {kind!r} embeddings: {e}") from e
-    dim = embs[0][1].shape[1]
+    table = ix.file_records(ref, file)
+    emb = ix.records_embeddings(ref, table, kind, dtype, "filters.dedup.against", "a semantic search")
+    dim = emb.shape[1]
     assigner = _assigner(centroids)
     if centroids is not None and np.load(centroids, mmap_mode="r").shape[1] != dim:
         raise InputError(
             f"filters.dedup.against: {ref.path}: its {kind!r} embeddings have dimension {dim}, "
             f"the pool's {np.load(centroids, mmap_mode='r').shape[1]} (another model?)"
         )
-    emb = np.zeros((len(row), dim), dtype)
-    for at, e in embs:
-        emb[at] = e
-    del embs
     keep = np.flatnonzero(np.any(emb != 0, axis=1))
     extra = {
         "ref": np.full(len(keep), k_ref, np.int32),
@@ -679,30 +660,11 @@ def spill_reference_rows(ref: ix.Reference, file: int, kind: str, dtype, wanted:
     filter confirms pairs), written to ``path``. Returns their uids, in that order."""
     import os
 
-    from filtering.errors import InputError
-
-    url, parts = ref.files[file]
-    table = pa.Table.from_batches(partitioned.read_batches([(url, np.arange(len(parts)))]), ix.SCHEMA)
+    table = ix.file_records(ref, file)
     keys = uid_keys(table.column("uid_hi").to_numpy(), table.column("uid_lo").to_numpy())
     take = np.flatnonzero(np.isin(keys, wanted))
-    shard, row = table.column("shard").to_numpy()[take], table.column("row").to_numpy()[take]
-    if (row < 0).any():
-        raise InputError(
-            f"filters.dedup.against: {ref.path}: its index was built from the subset parts (an older output), "
-            "which do not say where each row's embedding is; min_similarity needs an index its run wrote"
-        )
-    emb = None
-    for s in np.unique(shard):
-        at = np.flatnonzero(shard == s)
-        try:
-            part = np.asarray(ix.embedding_rows(ref, int(s), kind, row[at]), dtype=dtype).astype(np.float32)
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"filters.dedup.against: {ref.path}: its {kind!r} embeddings: {e}") from e
-        if emb is None:
-            emb = np.zeros((len(take), part.shape[1]), np.float32)
-        emb[at] = part
-    if emb is None:
-        emb = np.zeros((0, 1), np.float32)
+    emb = ix.records_embeddings(ref, table.take(take), kind, dtype, "filters.dedup.against", "min_similarity")
+    emb = emb.astype(np.float32) if len(take) else np.zeros((0, 1), np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     tmp = f"{path}.tmp.npy"
     np.save(tmp, emb)

@@ -359,6 +359,39 @@ def embedding_rows(ref: Reference, shard: int, kind: str, rows: np.ndarray) -> n
     return np.asarray(arr[np.asarray(rows, np.int64)])
 
 
+def file_records(ref: Reference, file: int) -> pa.Table:
+    """Every record of the reference's index file number ``file`` (one source shard's kept rows)."""
+    url, parts = ref.files[file]
+    return pa.Table.from_batches(partitioned.read_batches([(url, np.arange(len(parts)))]), SCHEMA)
+
+
+def records_embeddings(ref: Reference, records: pa.Table, kind: str, dtype, key: str, needs: str) -> np.ndarray:
+    """The ``kind`` embeddings of index ``records`` (in their order), in ``dtype``, read per
+    source shard where the reference's run found them (:func:`embedding_rows`). An index
+    built from subset parts (``row`` -1: where each embedding is is unknown) or unreadable
+    embeddings stop the run in one line naming ``key`` (the config key) and the reference;
+    ``needs`` says what needed them."""
+    from filtering.errors import InputError
+
+    shard, row = records.column("shard").to_numpy(), records.column("row").to_numpy()
+    if (row < 0).any():
+        raise InputError(
+            f"{key}: {ref.path}: its index was built from the subset parts (an older output), "
+            f"which do not say where each row's embedding is; {needs} needs an index its run wrote"
+        )
+    out = None
+    for s in np.unique(shard):  # one in an index a run wrote
+        at = np.flatnonzero(shard == s)
+        try:
+            part = embedding_rows(ref, int(s), kind, row[at])
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"{key}: {ref.path}: its {kind!r} embeddings: {e}") from e
+        if out is None:
+            out = np.zeros((len(row), part.shape[1]), dtype)
+        out[at] = part
+    return out if out is not None else np.zeros((0, 0), dtype)
+
+
 def build_from_output(out_dir: str, folder: str) -> int:
     """An index for an output folder written without one, from its subset parts (uid,
     sha256, phash, source_shard); ``row`` is -1 (the parts do not say where in its shard a
