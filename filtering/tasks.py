@@ -141,13 +141,6 @@ def plan_workers(cap: int | None = None, configured: int | None = None) -> int:
     return min(n, max(1, cap)) if cap is not None else n
 
 
-def executor_workers(executor) -> int:
-    """How many tasks run at once on ``executor``'s task pool (``executor.workers()``: Ray's
-    CPUs), or on the local one (None: :func:`plan_workers`); starts nothing."""
-    count = getattr(executor, "workers", None)
-    return count() if callable(count) else plan_workers()
-
-
 @contextlib.contextmanager
 def process_pool(workers: int, start: str = "spawn", initializer=None, initargs: tuple = (), no_pandas: bool = False):
     """A local pool of ``workers`` processes started by ``start`` (``spawn``, or ``fork``:

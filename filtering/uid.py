@@ -136,22 +136,6 @@ def order_u8u8(arr: np.ndarray, kind: str = "stable") -> np.ndarray:
     return order
 
 
-def u8u8_isin(arr: np.ndarray, listed: np.ndarray) -> np.ndarray:
-    """Whether each uid of ``arr`` is in ``listed`` (both ``u8,u8``), as a bool array:
-    Arrow's hash-based ``is_in`` over the uids as 16-byte binary values."""
-    import pyarrow.compute as pc
-
-    return pc.is_in(_as_binary(arr), value_set=_as_binary(listed)).to_numpy(zero_copy_only=False)
-
-
-def _as_binary(arr: np.ndarray):
-    """A ``u8,u8`` array as 16-byte binary values (a pyarrow array)."""
-    import pyarrow as pa
-
-    raw = np.ascontiguousarray(arr).view(np.uint8)
-    return pa.Array.from_buffers(pa.binary(16), len(arr), [None, pa.py_buffer(raw)])
-
-
 def load_uid_list(path: str, key: str = "uids.path") -> np.ndarray:
     """A ``u8,u8`` uid array from a DataComp-format ``.npy`` at ``path`` (local or fsspec
     URL); ``key`` (the config key that named it) starts the error messages."""

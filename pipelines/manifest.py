@@ -80,22 +80,6 @@ def execution_record(plan: str, executor, workers: int, seconds: dict[str, float
     }
 
 
-class PhaseClock:
-    """Wall seconds per phase: :meth:`lap` ends the phase running since the last lap."""
-
-    def __init__(self, seconds: dict[str, float] | None = None):
-        import time
-
-        self._now = time.perf_counter
-        self.seconds: dict[str, float] = dict(seconds or {})
-        self._start = self._now()
-
-    def lap(self, name: str) -> None:
-        now = self._now()
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._start, 3)
-        self._start = now
-
-
 def check_funnel(counts: dict[str, Any]) -> None:
     """The manifest invariant: every input sample is kept, failed, or dropped by one filter."""
     dropped = sum(f["dropped"] for f in counts["filters"])

@@ -43,7 +43,6 @@ RECORDS_PER_PARTITION = 1 << 17
 # rows): flushed every 16 MB rather than the spill writer's 64, whose buffer, concatenation
 # and partition sort held ~190 MB per worker, the run's peak at 3.6M reference rows.
 REFERENCE_FLUSH_BYTES = 16 << 20
-REASON = "duplicate_of_reference"
 
 
 @dataclass
@@ -346,10 +345,6 @@ def _released(result):
     return result
 
 
-def _emit_pool_task(args):
-    return _released(emit_pool(*args))
-
-
 def _emit_reference_task(args):
     return _released(emit_reference(*args))
 
@@ -415,28 +410,6 @@ def match(
 
 def join_spill(spill: str, t: int) -> str:
     return join(spill, f"r{t:06d}.arrow")
-
-
-def match_shards(
-    shards: Sequence[partitioned.ShardKeys],
-    n: int,
-    settings: partitioned.SearchSettings,
-    references: Sequence[ix.Reference],
-    workers: int = 1,
-    work_dir: str | None = None,
-    executor=None,
-) -> Matches:
-    """:func:`match` over key tables in this process's memory (the in-memory plan)."""
-
-    def emit_args(partitions: int, spill: str) -> list:
-        groups = partitioned.task_groups([s.n for s in shards], workers)
-        return [
-            ([shards[k] for k in group], settings, partitions, partitioned.spill_path(spill, t))
-            for t, group in enumerate(groups)
-        ]
-
-    with partitioned._mapper(workers, executor) as run:
-        return match(run, emit_args, _emit_pool_task, n, settings, references, workers, work_dir)
 
 
 # -- references ------------------------------------------------------------------------------

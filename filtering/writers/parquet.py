@@ -254,11 +254,6 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: i
             yield out
 
 
-def remove_parts(dir_url: str) -> None:
-    """Remove every part under ``dir_url`` (an output this run does not write)."""
-    _remove_stale(dir_url, set())
-
-
 def _remove_stale(dir_url: str, keep: set[str]) -> None:
     if is_local(dir_url):
         for p in glob.glob(os.path.join(glob.escape(local_path(dir_url)), "part-*.parquet")):

@@ -35,6 +35,30 @@ def write_reference(folder, uids, sha, phash, shards=3) -> ix.Reference:
     return ix.read_reference(str(folder), str(folder))
 
 
+def _emit_pool(args):
+    return against.emit_pool(*args)
+
+
+def match_shards(shards, n, settings, references, workers=1, work_dir=None):
+    """:func:`against.match` (what the dedup phase runs) over key tables in memory: the
+    map tasks as the phase groups shards (``partitioned.task_groups``), on the plan's task
+    pool (``filtering.tasks.task_pool``) of ``workers`` processes, or here for one."""
+    from filtering.dedup import partitioned
+    from filtering.tasks import task_pool
+
+    def emit_args(partitions, spill):
+        groups = partitioned.task_groups([s.n for s in shards], workers)
+        return [
+            ([shards[k] for k in group], settings, partitions, partitioned.spill_path(spill, t))
+            for t, group in enumerate(groups)
+        ]
+
+    if workers <= 1:
+        return against.match(map, emit_args, _emit_pool, n, settings, references, workers, work_dir)
+    with task_pool(None, workers) as tasks:
+        return against.match(tasks.map, emit_args, _emit_pool, n, settings, references, workers, work_dir)
+
+
 def shards_of(table, sizes):
     out, start = [], 0
     for size in sizes:
@@ -103,7 +127,7 @@ def test_exact_matches_are_brute_force(tmp_path, workers):
     pool[200:230] = shared
     pool[250] = None
     table = pa.table({"sha256": pa.array(pool, pa.string())})
-    m = against.match_shards(
+    m = match_shards(
         shards_of(table, [250, 0, 350]), 600, SearchSettings("exact"), readers, workers=workers, work_dir=str(tmp_path)
     )
     want = brute_exact(pool, refs)
@@ -135,7 +159,7 @@ def test_perceptual_matches_are_brute_force(tmp_path, monkeypatch, k, flush):
     valid = np.ones(500, bool)
     valid[450:] = False
     table = pa.table({"phash": pa.array(pool, pa.uint64(), mask=~valid)})
-    m = against.match_shards(
+    m = match_shards(
         shards_of(table, [123, 377]), 500, SearchSettings("perceptual", max_distance=k, key_column="phash"), readers
     )
     want = {}
