@@ -42,18 +42,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def write_parts(
-    dir_url: str,
-    table: pa.Table,
-    rows_per_part: int,
-    provenance: dict[str, Any],
-    hex_columns=HEX_COLUMNS,
-    by: str | None = None,
-) -> list[str]:
-    """Write ``table`` as parts under ``dir_url``; returns the part paths."""
-    return write_parts_stream(dir_url, [table], table.schema, rows_per_part, provenance, hex_columns, by)
-
-
 def write_parts_stream(
     dir_url: str,
     tables: Iterable[pa.Table],

@@ -33,7 +33,7 @@ import numpy as np
 
 from filtering.errors import PoolsiftError
 from filtering.io.atomic import atomic_open, is_write_failure, write_error
-from filtering.io.paths import get_fs, join
+from filtering.io.paths import join
 from filtering.io.reader import ShardReadResult, iter_shard, unsafe_name
 from filtering.pool import Pool
 
@@ -99,7 +99,7 @@ class _ShardWriter:
         self._stack, self._file, self._tar = None, None, None
 
 
-def write_shards(pool: Pool, keep: np.ndarray, dir_url: str, samples_per_shard: int, bar=None, fsync: bool = True):
+def write_shards(pool: Pool, keep: np.ndarray, dir_url: str, samples_per_shard: int, fsync: bool = True):
     """The kept samples of ``pool`` as ``dir_url/NNNNN.tar``: each source shard's (a pool
     part's) cut into tars of at most ``samples_per_shard`` samples, so a shard's tars do
     not depend on the other shards and the shard plan writes them per source shard.
@@ -126,8 +126,6 @@ def write_shards(pool: Pool, keep: np.ndarray, dir_url: str, samples_per_shard: 
                     )
                 writer.write(sample.key, sample.members, part.url)
                 copied += 1
-                if bar is not None:
-                    bar.update(1)
                 if copied == len(wanted):
                     break
             if copied != len(wanted):
@@ -142,27 +140,3 @@ def write_shards(pool: Pool, keep: np.ndarray, dir_url: str, samples_per_shard: 
             raise write_error(writer.shards[-1]["path"], e) from e
         raise
     return writer.shards, writer.sizes
-
-
-def reshard(pool: Pool, keep: np.ndarray, out_dir_url: str, samples_per_shard: int, ctx) -> list[str]:
-    """Write the kept samples as new shards (:func:`write_shards`); returns their paths
-    and records, in ``pool.artifacts["reshard_map"]``, each output shard's count and sources."""
-    bar = ctx.bar(int(keep.sum()), "reshard")
-    try:
-        shards, _ = write_shards(pool, keep, out_dir_url, samples_per_shard, bar)
-    finally:
-        bar.close()
-    paths = [s["path"] for s in shards]
-    _remove_stale(out_dir_url, {p.rsplit("/", 1)[-1] for p in paths})
-    pool.artifacts["reshard_map"] = shards
-    return paths
-
-
-def _remove_stale(dir_url: str, keep: set[str]) -> None:
-    """Shards left by an earlier run that wrote more of them."""
-    fs, path = get_fs(dir_url)
-    if not fs.exists(path):
-        return
-    for p in fs.glob(f"{path}/*.tar"):
-        if p.rsplit("/", 1)[-1] not in keep:
-            fs.rm(p)

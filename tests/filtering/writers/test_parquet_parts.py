@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from filtering.writers.parquet import META_KEY, write_parts, write_parts_stream
+from filtering.writers.parquet import META_KEY, write_parts_stream
 
 SCHEMA = pa.schema([("uid", pa.string()), ("caption", pa.string()), ("n", pa.int64())])
 
@@ -37,21 +37,21 @@ def test_streamed_tables_become_parts_of_fixed_size_in_order(tmp_path, rows_per_
 
 
 def test_no_rows_still_write_one_part_with_the_schema(tmp_path):
-    paths = write_parts(str(tmp_path / "d"), _table(0, 0), 10, {})
+    paths = write_parts_stream(str(tmp_path / "d"), [_table(0, 0)], _table(0, 0).schema, 10, {})
     assert len(paths) == 1
     t = pq.read_table(paths[0])
     assert t.num_rows == 0 and t.column_names == ["uid", "caption", "n"]
 
 
 def test_a_rerun_with_fewer_parts_removes_the_extra_ones(tmp_path):
-    write_parts(str(tmp_path / "d"), _table(0, 30), 10, {})
-    write_parts(str(tmp_path / "d"), _table(0, 12), 10, {})
+    write_parts_stream(str(tmp_path / "d"), [_table(0, 30)], _table(0, 30).schema, 10, {})
+    write_parts_stream(str(tmp_path / "d"), [_table(0, 12)], _table(0, 12).schema, 10, {})
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     assert pq.read_table(tmp_path / "d").num_rows == 12
 
 
 def test_hex_digests_are_stored_plain_and_uncompressed(tmp_path):
-    (path,) = write_parts(str(tmp_path / "d"), _table(0, 100), 1000, {})
+    (path,) = write_parts_stream(str(tmp_path / "d"), [_table(0, 100)], _table(0, 100).schema, 1000, {})
     rg = pq.ParquetFile(path).metadata.row_group(0)
     columns = {rg.column(i).path_in_schema: rg.column(i) for i in range(rg.num_columns)}
     assert columns["uid"].compression == "UNCOMPRESSED"

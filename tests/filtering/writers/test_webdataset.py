@@ -9,8 +9,7 @@ import pytest
 
 from filtering.errors import PoolsiftError
 from filtering.pool import Pool, ShardPart
-from filtering.stages.base import RunContext
-from filtering.writers.webdataset import reshard
+from filtering.writers.webdataset import write_shards
 
 
 def _write_tar(path, samples):
@@ -63,8 +62,12 @@ def _span(keys: list[str]) -> dict:
     return {"count": len(keys), "first_key": keys[0], "last_key": keys[-1]}
 
 
-def _ctx(tmp_path):
-    return RunContext(out_dir=str(tmp_path), cache_dir="", log=lambda m: None)
+def reshard(pool, keep, out, samples_per_shard):
+    """The kept samples as tars (what the plan's filter pass writes per source shard): the
+    tars' paths, and their records."""
+    records, sizes = write_shards(pool, keep, out, samples_per_shard)
+    assert sizes == [Path(r["path"]).stat().st_size for r in records]
+    return [r["path"] for r in records], records
 
 
 def test_kept_samples_are_copied_byte_for_byte_into_tars_per_source_shard(tmp_path, source):
@@ -72,7 +75,7 @@ def test_kept_samples_are_copied_byte_for_byte_into_tars_per_source_shard(tmp_pa
     keep = np.zeros(pool.n, dtype=bool)
     keep[[0, 2, 3, 6, 7, 13, 15, 16, 20]] = True  # 4, 2 and 3 of the three source shards
     out = tmp_path / "out" / "shards"
-    paths = reshard(pool, keep, str(out), 3, _ctx(tmp_path))
+    paths, smap = reshard(pool, keep, str(out), 3)
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
     kept_keys = [k for k, m in zip(pool.column("key"), keep, strict=True) if m]
     copied = {}
@@ -83,7 +86,6 @@ def test_kept_samples_are_copied_byte_for_byte_into_tars_per_source_shard(tmp_pa
     assert list(copied) == kept_keys  # pool order, nothing else
     for key in kept_keys:
         assert copied[key] == original[key]  # same names, same bytes, same member order
-    smap = pool.artifacts["reshard_map"]
     assert [s["count"] for s in smap] == [3, 1, 2, 3]  # at most 3 each, every tar of one source shard
     # one source each, named by its count and first and last key: a record of fixed size, never
     # a list of keys (the driver holds the map until the manifest is written: O(tars), not O(kept))
@@ -96,13 +98,8 @@ def test_kept_samples_are_copied_byte_for_byte_into_tars_per_source_shard(tmp_pa
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
 
     first = [Path(p).read_bytes() for p in paths]
-    paths2 = reshard(pool, keep, str(out), 3, _ctx(tmp_path))
+    paths2, _ = reshard(pool, keep, str(out), 3)
     assert [Path(p).read_bytes() for p in paths2] == first  # deterministic bytes
-
-    keep[:] = False
-    keep[1] = True
-    assert reshard(pool, keep, str(out), 3, _ctx(tmp_path)) == [str(out / "00000.tar")]
-    assert sorted(x.name for x in out.iterdir()) == ["00000.tar"]  # stale shards from the bigger run removed
 
 
 def test_webdataset_reads_the_new_shards(tmp_path, source):
@@ -110,7 +107,7 @@ def test_webdataset_reads_the_new_shards(tmp_path, source):
 
     pool, original = source
     keep = np.ones(pool.n, dtype=bool)
-    paths = reshard(pool, keep, str(tmp_path / "shards"), 10, _ctx(tmp_path))
+    paths, _ = reshard(pool, keep, str(tmp_path / "shards"), 10)
     seen = [s for p in paths for s in wds.WebDataset(p, shardshuffle=False)]
     assert [s["__key__"] for s in seen] == list(pool.column("key"))
     assert all(s["jpg"] == original[s["__key__"]][0][1] for s in seen)
@@ -122,7 +119,7 @@ def test_a_changed_source_shard_is_an_error_and_leaves_no_partial_shard(tmp_path
     keep = np.ones(pool.n, dtype=bool)
     out = tmp_path / "shards"
     with pytest.raises(PoolsiftError, match="changed since it was scored"):
-        reshard(pool, keep, str(out), 5, _ctx(tmp_path))
+        reshard(pool, keep, str(out), 5)
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
 
 
