@@ -148,7 +148,7 @@ def run_partitioned(root: Path, out: Path, workers: int) -> None:
             ("exact", pt.SearchSettings("exact")),
             ("perceptual", pt.SearchSettings("perceptual", max_distance=MAX_DISTANCE, key_column="phash")),
         ):
-            labels, a, b = pt.search(shards, n, settings, **run)
+            labels, a, b = pt.search_keys(shards, n, settings, **run)
             comp = pt.components_of(labels, a, b, alive)
             del labels, a, b
             survivor = survivors(paths, comp)

@@ -36,7 +36,7 @@ a Ray task can run it:
      and verified with the full 64-bit distance. A pair agreeing on several blocks is
      reported only by its first equal block, so by one partition.
 
-:func:`search` runs both over a list of :class:`ShardKeys` and returns, for every pool
+:func:`search` runs both (the map tasks given) and returns, for every pool
 row, its label (its own row when it took no part) and the pairs: the candidate structure
 from which :func:`filtering.dedup.groups.label_edges` forms the same groups as the
 in-memory search, for any subset of rows. The driver holds one ``int64`` per row plus the
@@ -56,7 +56,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -540,6 +540,34 @@ def reduce_spilled(run, spilled: Sequence[Spilled], n: int, settings: SearchSett
 
 
 def search(
+    run: Callable,
+    emit: Callable,
+    emit_args: Callable[[int, str], list],
+    n: int,
+    settings: SearchSettings,
+    workers: int = 1,
+    work_dir: str | None = None,
+    partitions: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, pair_a, pair_b)`` over ``n`` rows (module docstring): the plan's dedup
+    search (``pipelines/executors/dedup_phase.py``) and :func:`search_keys`.
+
+    ``labels[i]`` is the smallest row with the same key (``i`` for a row with no key);
+    ``(pair_a, pair_b)`` (perceptual) link labels of distinct hash values within the
+    radius. ``run``: an ordered map (a task pool's, or ``map``); ``emit_args(partitions,
+    spill_dir)``: the map tasks, each run by ``emit`` (a picklable function writing one
+    spill file); the spill folder is made under ``work_dir`` (a local path or an fsspec
+    URL) and removed after."""
+    partitions = partitions or num_partitions(n * settings.records_per_row(), settings.method, workers)
+    spill = make_spill_dir(work_dir, "dedup-spill-")
+    try:
+        spilled = list(run(emit, emit_args(partitions, spill)))
+        return reduce_spilled(run, spilled, n, settings, partitions)
+    finally:
+        remove_spill_dir(spill)
+
+
+def search_keys(
     shards: Sequence[ShardKeys],
     n: int,
     settings: SearchSettings,
@@ -548,26 +576,18 @@ def search(
     partitions: int | None = None,
     executor=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(labels, pair_a, pair_b)`` over ``n`` rows (module docstring).
+    """:func:`search` over key tables in memory or in files (:class:`ShardKeys`), as the
+    plan groups shards into map tasks (:func:`task_groups`); ``workers > 1`` runs emit and
+    reduce on a process pool (``executor``: on that one). For tests and benches."""
 
-    ``labels[i]`` is the smallest row with the same key (``i`` for a row with no key);
-    ``(pair_a, pair_b)`` (perceptual) link labels of distinct hash values within the
-    radius. Spill files, one per map task (:func:`task_groups`), go to a new folder under
-    ``work_dir`` (a local path or an fsspec URL; removed after); ``workers > 1`` runs emit
-    and reduce on a process pool (``executor``: on that one).
-    """
-    partitions = partitions or num_partitions(n * settings.records_per_row(), settings.method, workers)
-    spill = make_spill_dir(work_dir, "dedup-spill-")
-    try:
-        emit_args = [
+    def emit_args(partitions: int, spill: str) -> list:
+        return [
             ([shards[k] for k in group], settings, partitions, spill_path(spill, t))
             for t, group in enumerate(task_groups([s.n for s in shards], workers))
         ]
-        with _mapper(workers, executor) as run:
-            spilled = list(run(_emit_task, emit_args))
-            return reduce_spilled(run, spilled, n, settings, partitions)
-    finally:
-        remove_spill_dir(spill)
+
+    with _mapper(workers, executor) as run:
+        return search(run, _emit_task, emit_args, n, settings, workers, work_dir, partitions)
 
 
 # -- components --------------------------------------------------------------------------------

@@ -582,15 +582,10 @@ def _assign_rows(tasks, sh, shards, starts, position, vrows, dtype, centroids, k
 
 
 def _search(tasks, sh, shards, shard_rows, starts, n: int, settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The partitioned candidate search over every row: ``(labels, pair_a, pair_b)``."""
-    partitions = partitioned.num_partitions(n * settings.records_per_row(), settings.method, tasks.workers)
-    spill = partitioned.make_spill_dir(sh.spill, "dedup-spill-")
-    try:
-        emit = _emit_args(sh, shards, shard_rows, starts, tasks.workers, settings, partitions, spill)
-        spilled = list(tasks.map(_emit, emit))
-        return partitioned.reduce_spilled(tasks.map, spilled, n, settings, partitions)
-    finally:
-        partitioned.remove_spill_dir(spill)
+    """The partitioned candidate search over every row: ``(labels, pair_a, pair_b)``, the
+    map tasks reading each group of shards' key columns (:func:`_emit`)."""
+    emit_args = functools.partial(_emit_args, sh, shards, shard_rows, starts, tasks.workers, settings)
+    return partitioned.search(tasks.map, _emit, emit_args, n, settings, tasks.workers, sh.spill)
 
 
 def _against(tasks, sh, shards, shard_rows, starts, n: int, ref_settings, ctx) -> against.Matches:

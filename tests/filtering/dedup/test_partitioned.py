@@ -40,7 +40,7 @@ def test_exact_labels_are_the_in_memory_groups(with_caption, partitions):
     n = 3000
     table = exact_table(rng, n)
     s = SearchSettings("exact", with_caption=with_caption)
-    labels, a, b = partitioned.search(shards_of(table, [1000, 1, 999, 1000]), n, s, partitions=partitions)
+    labels, a, b = partitioned.search_keys(shards_of(table, [1000, 1, 999, 1000]), n, s, partitions=partitions)
     assert len(a) == len(b) == 0
     keys = [np.asarray(table.column("sha256").to_pylist(), object)]
     if with_caption:
@@ -93,7 +93,9 @@ def test_perceptual_groups_equal_the_in_memory_search_on_any_subset(max_distance
     n = len(hashes)
     table, null = perceptual_table(hashes, rng)
     s = SearchSettings("perceptual", max_distance=max_distance, key_column="phash")
-    labels, a, b = partitioned.search(shards_of(table, [n // 3, n // 3, n - 2 * (n // 3)]), n, s, partitions=partitions)
+    labels, a, b = partitioned.search_keys(
+        shards_of(table, [n // 3, n // 3, n - 2 * (n // 3)]), n, s, partitions=partitions
+    )
     assert np.all(a < b) and len(np.unique(np.stack([a, b], 1), axis=0)) == len(a)  # each pair once
     assert np.all(hamming.hamming(hashes[a], hashes[b]) <= max_distance)
     for trial in range(4):
@@ -140,8 +142,8 @@ def test_workers_give_the_same_result_as_one_process(tmp_path):
     table, _ = perceptual_table(hashes, rng)
     n = len(hashes)
     s = SearchSettings("perceptual", max_distance=4, key_column="phash")
-    one = partitioned.search(shards_of(table, [n // 2, n - n // 2]), n, s, partitions=4, work_dir=str(tmp_path))
-    two = partitioned.search(
+    one = partitioned.search_keys(shards_of(table, [n // 2, n - n // 2]), n, s, partitions=4, work_dir=str(tmp_path))
+    two = partitioned.search_keys(
         shards_of(table, [n // 2, n - n // 2]), n, s, workers=2, partitions=4, work_dir=str(tmp_path)
     )
     for x, y in zip(one, two, strict=True):
@@ -159,8 +161,8 @@ def test_shards_read_from_parquet_files(tmp_path):
         paths.append(str(tmp_path / f"{k}.parquet"))
         pq.write_table(table.slice(250 * k, 250), paths[-1])
     s = SearchSettings("exact", with_caption=True)
-    from_files = partitioned.search([ShardKeys(250 * k, 250, path=p) for k, p in enumerate(paths)], 1000, s)
-    in_memory = partitioned.search(shards_of(table, [250] * 4), 1000, s)
+    from_files = partitioned.search_keys([ShardKeys(250 * k, 250, path=p) for k, p in enumerate(paths)], 1000, s)
+    in_memory = partitioned.search_keys(shards_of(table, [250] * 4), 1000, s)
     assert np.array_equal(from_files[0], in_memory[0])
 
 
@@ -188,7 +190,7 @@ def test_survivors_over_the_searched_labels_equal_the_oracle(method, keep):
         if method == "exact"
         else SearchSettings("perceptual", max_distance=4, key_column="phash")
     )
-    labels, a, b = partitioned.search(shards_of(table, [n // 2, n - n // 2]), n, s, partitions=3)
+    labels, a, b = partitioned.search_keys(shards_of(table, [n // 2, n - n // 2]), n, s, partitions=3)
     rows = np.flatnonzero(alive)
     comp = partitioned.components_of(labels, a, b, alive)[rows]
     u = uids_to_u8u8(uids[rows])
@@ -275,16 +277,16 @@ def test_spill_files_are_one_per_map_task_not_per_shard_and_partition(tmp_path, 
     n = len(hashes)
     sizes = [n // 40] * 39 + [n - 39 * (n // 40)]
     s = SearchSettings("perceptual", max_distance=3, key_column="phash")
-    expected = partitioned.search(shards_of(table, sizes), n, s, partitions=16)
+    expected = partitioned.search_keys(shards_of(table, sizes), n, s, partitions=16)
     pool = InProcessTasks(str(tmp_path))
-    got = partitioned.search(
+    got = partitioned.search_keys(
         shards_of(table, sizes), n, s, workers=2, partitions=16, work_dir=str(tmp_path), executor=pool
     )
     assert 1 <= pool.most_files <= 2 * 4  # two workers, TASKS_PER_WORKER map tasks each
     for x, y in zip(expected, got, strict=True):
         assert np.array_equal(x, y)
     monkeypatch.setattr(partitioned, "FLUSH_BYTES", 2000)  # a flush every shard or two
-    small = partitioned.search(shards_of(table, sizes), n, s, workers=2, partitions=16, executor=pool)
+    small = partitioned.search_keys(shards_of(table, sizes), n, s, workers=2, partitions=16, executor=pool)
     for x, y in zip(expected, small, strict=True):
         assert np.array_equal(x, y)
     assert list(tmp_path.iterdir()) == []  # spill files removed
@@ -301,9 +303,9 @@ def test_spill_files_go_to_a_remote_work_dir_and_are_removed():
     table = exact_table(rng, n)
     s = SearchSettings("exact", with_caption=True)
     sizes = [500, 500, 1000]
-    expected = partitioned.search(shards_of(table, sizes), n, s, partitions=5)
+    expected = partitioned.search_keys(shards_of(table, sizes), n, s, partitions=5)
     pool = InProcessTasks("memory://spill-test/cache")
-    got = partitioned.search(
+    got = partitioned.search_keys(
         shards_of(table, sizes), n, s, workers=2, partitions=5, work_dir="memory://spill-test/cache", executor=pool
     )
     for x, y in zip(expected, got, strict=True):
