@@ -3,9 +3,9 @@
 Parts are ``part-NNNNN.parquet`` of at most ``rows_per_part`` rows each, in pool order
 (shard order, then sample order), each written atomically and carrying the provenance
 JSON in its schema metadata under ``poolsift``. Parts follow the pool (docs/spec.md,
-"Output directory"): with ``by="source_shard"`` each part holds rows of one source
-shard, so every plan cuts a pool's parts alike. Parts left from an earlier run with
-more parts are removed, so the folder always holds exactly one run's output.
+"Output directory"): the plan writes each source shard's rows with a writer of their own,
+so each part holds rows of one source shard; the run's outputs are staged and switched
+into place whole (``writers/commit.py``), so nothing of an earlier run stays.
 
 The subset is written as a stream of per-shard tables: a pool whose source left columns
 on disk (DataComp's urls and captions) has them read for the kept rows of a few shards
@@ -16,11 +16,9 @@ and a few shards, whatever the pool's size.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import io
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -29,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filtering.io.atomic import atomic_open
-from filtering.io.paths import get_fs, is_local, join, local_path
+from filtering.io.paths import join
 
 META_KEY = b"poolsift"
 # Hex digests (uids, sha256) do not compress: 16 symbols per byte leave nothing for
@@ -40,28 +38,6 @@ HEX_COLUMNS = frozenset({"uid", "sha256", "duplicate_of"})
 ROW_GROUP_ROWS = 128 * 1024
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def write_parts_stream(
-    dir_url: str,
-    tables: Iterable[pa.Table],
-    schema: pa.Schema,
-    rows_per_part: int,
-    provenance: dict[str, Any],
-    hex_columns=HEX_COLUMNS,
-    by: str | None = None,
-) -> list[str]:
-    """Write the rows of ``tables`` (each of ``schema``), in order, as parts of
-    ``rows_per_part`` rows; at least one part, empty if there are no rows.
-    ``hex_columns``: string columns of hex digests, written plain and uncompressed.
-    ``by``: a part also ends where this column's value changes (``source_shard``)."""
-    schema, options = part_format(schema, provenance, hex_columns)
-    parts = _PartWriter(dir_url, schema, rows_per_part, options, by=by)
-    with parts:
-        for table in tables:
-            parts.add(table)
-    _remove_stale(dir_url, {p.rsplit("/", 1)[-1] for p in parts.paths})
-    return parts.paths
 
 
 def part_format(schema: pa.Schema, provenance: dict[str, Any], hex_columns=HEX_COLUMNS) -> tuple[pa.Schema, dict]:
@@ -105,8 +81,9 @@ class _PartWriter:
     groups of up to ``ROW_GROUP_ROWS`` written as soon as they fill, so encoding overlaps
     with whatever produces the tables. Each part is renamed into place when complete.
     ``records``: per part written, ``(path, rows, size, sha256)``, the hash taken from the
-    bytes as they are written. ``by``: a column whose runs of equal values (the rows of
-    one source shard) each start a part of their own."""
+    bytes as they are written. The plan writes each source shard's rows with a writer of
+    their own (``pipelines/executors/streaming.py: _write_folder``), so a part holds rows of
+    one source shard."""
 
     def __init__(
         self,
@@ -115,12 +92,9 @@ class _PartWriter:
         rows_per_part: int,
         options: dict[str, Any],
         fsync: bool = True,
-        by: str | None = None,
     ):
         self.dir_url, self.schema, self.rows_per_part, self.options = dir_url, schema, rows_per_part, options
         self.fsync = fsync  # False: the caller flushes the parts to disk (commit.fsync_files)
-        self.by = by
-        self.value: Any = None  # the ``by`` value of the rows in the current part
         self.group = min(rows_per_part, ROW_GROUP_ROWS)
         self.paths: list[str] = []
         self.pending: list[pa.Table] = []
@@ -132,23 +106,6 @@ class _PartWriter:
         self.records: list[tuple[str, int, int, str]] = []
 
     def add(self, table: pa.Table) -> None:
-        if self.by is not None and table.num_rows:
-            for start, stop, value in _runs(table.column(self.by)):
-                if value != self.value:
-                    self._end_part()
-                    self.value = value
-                self._add(table.slice(start, stop - start))
-            return
-        self._add(table)
-
-    def _end_part(self) -> None:
-        """Everything buffered written, and the part closed (the next rows start a new one)."""
-        if self.buffered:
-            self._write(self.buffered)
-        if self.writer is not None:
-            self._close_part()
-
-    def _add(self, table: pa.Table) -> None:
         if table.num_rows:
             self.pending.append(table)
             self.buffered += table.num_rows
@@ -206,24 +163,6 @@ class _PartWriter:
             stack.__exit__(exc_type, exc, tb)
 
 
-def _runs(column: pa.ChunkedArray) -> Iterator[tuple[int, int, Any]]:
-    """``(start, stop, value)`` of each run of equal values in ``column`` (nulls equal)."""
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if n > 1:
-        same = pc.equal(arr.slice(1), arr.slice(0, n - 1))
-        both_null = pc.and_(arr.slice(1).is_null(), arr.slice(0, n - 1).is_null())
-        changed = pc.invert(pc.or_(same.fill_null(False), both_null)).to_numpy(zero_copy_only=False)
-        cuts = np.flatnonzero(changed) + 1
-    else:
-        cuts = np.zeros(0, np.int64)
-    bounds = [0, *cuts.tolist(), n]
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        yield start, stop, arr[start].as_py()
-
-
 def _leaf_paths(schema: pa.Schema) -> list[str]:
     """Parquet's leaf column paths for ``schema`` (``face_bboxes.list.element.list.element``)."""
     buf = pa.BufferOutputStream()
@@ -240,18 +179,6 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: i
     with thread_pool(workers) as executor:
         for _, out in windowed(executor, fn, ((None, (item,)) for item in items), ahead - 1):
             yield out
-
-
-def _remove_stale(dir_url: str, keep: set[str]) -> None:
-    if is_local(dir_url):
-        for p in glob.glob(os.path.join(glob.escape(local_path(dir_url)), "part-*.parquet")):
-            if os.path.basename(p) not in keep:
-                os.remove(p)
-        return
-    fs, path = get_fs(dir_url)
-    for p in fs.glob(f"{path}/part-*.parquet"):
-        if p.rsplit("/", 1)[-1] not in keep:
-            fs.rm(p)
 
 
 def subset_table(pool_table: pa.Table, keep: np.ndarray, drop_columns: tuple[str, ...] = ("error",)) -> pa.Table:

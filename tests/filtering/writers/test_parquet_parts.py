@@ -7,9 +7,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from filtering.writers.parquet import META_KEY, write_parts_stream
+from filtering.writers.parquet import HEX_COLUMNS, META_KEY, _PartWriter, part_format
 
 SCHEMA = pa.schema([("uid", pa.string()), ("caption", pa.string()), ("n", pa.int64())])
+
+
+def write_parts(dir_url, tables, schema, rows_per_part, provenance) -> list[str]:
+    """``tables`` written as the plan's filter pass writes one shard's parts
+    (``pipelines/executors/streaming.py: _write_folder``); the parts' paths."""
+    schema, options = part_format(schema, provenance, HEX_COLUMNS)
+    with _PartWriter(dir_url, schema, rows_per_part, options) as parts:
+        for table in tables:
+            parts.add(table)
+    return parts.paths
 
 
 def _table(start: int, n: int) -> pa.Table:
@@ -24,7 +34,7 @@ def test_streamed_tables_become_parts_of_fixed_size_in_order(tmp_path, rows_per_
     sizes = [0, 3, 11, 0, 5, 20, 1]  # empty and uneven pieces, as per-shard subsets are
     starts = np.cumsum([0, *sizes[:-1]])
     tables = [_table(int(s), n) for s, n in zip(starts, sizes, strict=True)]
-    paths = write_parts_stream(str(tmp_path / "subset"), iter(tables), tables[0].schema, rows_per_part, {"run": 1})
+    paths = write_parts(str(tmp_path / "subset"), iter(tables), tables[0].schema, rows_per_part, {"run": 1})
     total = sum(sizes)
     assert [p.rsplit("/", 1)[-1] for p in paths] == [f"part-{i:05d}.parquet" for i in range(-(-total // rows_per_part))]
     counts = [pq.ParquetFile(p).metadata.num_rows for p in paths]
@@ -37,21 +47,14 @@ def test_streamed_tables_become_parts_of_fixed_size_in_order(tmp_path, rows_per_
 
 
 def test_no_rows_still_write_one_part_with_the_schema(tmp_path):
-    paths = write_parts_stream(str(tmp_path / "d"), [_table(0, 0)], _table(0, 0).schema, 10, {})
+    paths = write_parts(str(tmp_path / "d"), [_table(0, 0)], _table(0, 0).schema, 10, {})
     assert len(paths) == 1
     t = pq.read_table(paths[0])
     assert t.num_rows == 0 and t.column_names == ["uid", "caption", "n"]
 
 
-def test_a_rerun_with_fewer_parts_removes_the_extra_ones(tmp_path):
-    write_parts_stream(str(tmp_path / "d"), [_table(0, 30)], _table(0, 30).schema, 10, {})
-    write_parts_stream(str(tmp_path / "d"), [_table(0, 12)], _table(0, 12).schema, 10, {})
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    assert pq.read_table(tmp_path / "d").num_rows == 12
-
-
 def test_hex_digests_are_stored_plain_and_uncompressed(tmp_path):
-    (path,) = write_parts_stream(str(tmp_path / "d"), [_table(0, 100)], _table(0, 100).schema, 1000, {})
+    (path,) = write_parts(str(tmp_path / "d"), [_table(0, 100)], _table(0, 100).schema, 1000, {})
     rg = pq.ParquetFile(path).metadata.row_group(0)
     columns = {rg.column(i).path_in_schema: rg.column(i) for i in range(rg.num_columns)}
     assert columns["uid"].compression == "UNCOMPRESSED"
@@ -69,25 +72,6 @@ def test_a_failing_stream_leaves_only_complete_parts(tmp_path, monkeypatch):
         raise RuntimeError("source vanished")
 
     with pytest.raises(RuntimeError, match="vanished"):
-        write_parts_stream(str(tmp_path / "d"), tables(), SCHEMA, 10, {})
+        write_parts(str(tmp_path / "d"), tables(), SCHEMA, 10, {})
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["part-00000.parquet"]
     assert pq.read_table(tmp_path / "d" / "part-00000.parquet").num_rows == 10
-
-
-@pytest.mark.parametrize("rows_per_part", [1, 4, 7, 1000])
-def test_parts_follow_the_source_shards(tmp_path, rows_per_part):
-    """``by="source_shard"``: each part holds rows of one shard (a shard's rows may arrive in
-    several tables, and one table may hold several shards), at most ``rows_per_part`` each,
-    numbered in pool order (docs/spec.md, "Output directory")."""
-    shards = ["a"] * 9 + ["b"] * 2 + ["c"] * 13
-    table = _table(0, len(shards)).append_column("source_shard", pa.array(shards))
-    pieces = [table.slice(0, 5), table.slice(5, 0), table.slice(5, 10), table.slice(15)]
-    paths = write_parts_stream(str(tmp_path / "d"), iter(pieces), table.schema, rows_per_part, {}, by="source_shard")
-    parts = [pq.read_table(p) for p in paths]
-    assert [p.rsplit("/", 1)[-1] for p in paths] == [f"part-{i:05d}.parquet" for i in range(len(paths))]
-    expected = []
-    for n in (9, 2, 13):
-        expected += [rows_per_part] * (n // rows_per_part) + ([n % rows_per_part] if n % rows_per_part else [])
-    assert [t.num_rows for t in parts] == expected
-    assert all(len(set(t.column("source_shard").to_pylist())) == 1 for t in parts)
-    assert pa.concat_tables(parts).column("n").to_pylist() == list(range(len(shards)))
