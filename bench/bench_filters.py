@@ -30,7 +30,7 @@ from filtering.filters.text_entities import TextEntities, TextEntitiesParams, im
 from filtering.filters.uids import Uids, UidsParams
 from filtering.filters.wordnet_synsets import WordNetSynsets, WordNetSynsetsParams, first_synset, imagenet21k_offsets
 from filtering.pool import Pool
-from filtering.writers.uids import write_uids
+from filtering.uid import sort_u8u8, uids_to_u8u8
 
 FILLER = [
     "a",
@@ -151,7 +151,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         listed_path = os.path.join(tmp, "listed.npy")
         listed = uids[::3]
-        write_uids(listed_path, listed)
+        np.save(listed_path, sort_u8u8(uids_to_u8u8(listed)))  # as subset.npy holds them
         cases = [
             (
                 "caption {min_words: 3, min_chars: 6}",

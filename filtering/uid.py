@@ -3,8 +3,8 @@
 DataComp stores a uid as the 128-bit integer of its hex string split into two
 unsigned 64-bit halves (high, low); ``subset.npy`` files sorted that way are what its
 resharder consumes. Everything that parses, derives, packs, sorts, reads or matches uids
-is here; the ``uids`` filter (``filtering/filters/uids.py``) and the ``subset.npy`` writer
-(``filtering/writers/uids.py``) only use it.
+is here; the ``uids`` filter (``filtering/filters/uids.py``) and the plan's uid phase
+(``pipelines/executors/uid_phase.py``, which writes ``subset.npy``) only use it.
 """
 
 from __future__ import annotations

@@ -12,10 +12,14 @@ from filtering.errors import InputError
 from filtering.filters.base import InputInfo, add_tally
 from filtering.filters.uids import Uids, UidsParams
 from filtering.pool import Pool
-from filtering.uid import uids_to_u8u8
-from filtering.writers.uids import write_uids
+from filtering.uid import sort_u8u8, uids_to_u8u8
 
 UIDS = [f"{i:032x}" for i in (1, 2, 3, 2**64 + 5, 2**127 + 7)]
+
+
+def write_uids(path, uids):
+    """A uid list as ``subset.npy`` holds them: DataComp's ``u8,u8``, sorted."""
+    np.save(path, sort_u8u8(uids_to_u8u8(uids)))
 
 
 def decide(path, mode="keep"):
@@ -26,7 +30,7 @@ def decide(path, mode="keep"):
 
 def test_keep_and_drop_listed(tmp_path):
     listed = tmp_path / "subset.npy"
-    write_uids(str(listed), [UIDS[1], UIDS[3], "f" * 32])  # poolsift's own subset.npy writer
+    write_uids(str(listed), [UIDS[1], UIDS[3], "f" * 32])  # as poolsift's subset.npy holds them
     assert decide(listed) == ([False, True, False, True, False], ["uid_not_listed"] * 3)
     assert decide(listed, mode="drop") == ([True, False, True, False, True], ["uid_listed"] * 2)
 
