@@ -12,13 +12,12 @@ The reference set is loaded once and cached under ``DIR/cache/decontam-<fp>/``, 
 the fingerprint covers the reference files (names, sizes, modification stamps), the
 method and, for images embedded here, the model; reruns load it without the model.
 Semantic similarities are cached per shard too (``decontam-nearest-<fp>/``, keyed by the
-reference set and the shard's embeddings), so a rerun with another threshold is free; with
-``--executor ray`` each shard not cached is a Ray task that reads the reference set from
-its cache file (``_nearest_shard``), and the driver caches its columns as a local run does.
+reference set and the shard's embeddings), so a rerun with another threshold is free.
 On the shard plan (``scope = "global"``) the driver loads or builds each reference set
-(:meth:`DecontaminateStage.prepare`) and each worker computes its shard's columns
-(:meth:`DecontaminateStage.run_shard`), the reference set read from its cache file once
-per process, through the same per-shard cache.
+(:meth:`DecontaminateStage.prepare`) and each worker (a local process or a Ray task)
+computes its shard's columns (:meth:`DecontaminateStage.run_shard`), the reference set
+read from its cache file once per process (``_process_reference``, ``_nearest_shard``),
+through that per-shard cache.
 Reference images go through the scoring stage's own decoding (``decode_image`` under
 ``reference_plan``, read and decoded as the image-cluster reference set is:
 ``decode_reference``) and encoder (``ClipEncoder``), so their embeddings and hashes are
@@ -136,7 +135,7 @@ class DecontaminateStage(ColumnStage):
         for t, rfp in zip(self.targets, prepared, strict=True):
             t0 = time.perf_counter()
             ref = _process_reference(self.reference_path(rfp))
-            nearest = self.add_columns(ctx, pool, t, ref, shared=True)
+            nearest = self.add_columns(ctx, pool, t, ref)
             info[t.value_column] = {"nearest": nearest, "seconds": round(time.perf_counter() - t0, 3)}
 
     def merge_records(self, record: dict[str, Any], shard_records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -150,15 +149,15 @@ class DecontaminateStage(ColumnStage):
             out[column] = {**rec, "nearest": best(found) if found else None, "seconds": round(seconds, 3)}
         return out
 
-    def add_columns(self, ctx: RunContext, pool: Pool, t: Target, ref: ReferenceSet, shared: bool = False):
-        """``t``'s two columns for ``pool`` (nulls on failed rows); returns the nearest
-        value over the rows not failed (None: no such row). ``shared``: a shard-plan
-        worker's, whose reference set is the process's cached one (:func:`_process_reference`)."""
+    def add_columns(self, ctx: RunContext, pool: Pool, t: Target, ref: ReferenceSet):
+        """``t``'s two columns for one shard's ``pool`` (nulls on failed rows), the reference
+        set the worker process's cached one (:func:`_process_reference`); returns the nearest
+        value over the rows not failed (None: no such row)."""
         failed = pool.failed
         if t.method == "semantic":
-            values, idx = self.nearest_semantic(ctx, pool, t, ref, shared)
+            values, idx = self.nearest_semantic(ctx, pool, t, ref)
         else:
-            values, idx = self.nearest_perceptual(pool, ref, ctx.executor, self.reference_path(ref.fingerprint))
+            values, idx = self.nearest_perceptual(pool, ref)
         match = np.asarray(ref.ids, dtype=object)[np.maximum(idx, 0)]
         pool.add_column(t.value_column, pa.array(values, mask=failed))
         pool.add_column(t.match_column, pa.array(match, type=pa.string(), mask=failed))
@@ -169,12 +168,9 @@ class DecontaminateStage(ColumnStage):
 
     # --- comparison ------------------------------------------------------------------
 
-    def nearest_semantic(
-        self, ctx, pool: Pool, t: Target, ref: ReferenceSet, shared: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per shard, cached: a rerun with another threshold reads the columns back.
-        ``shared``: the reference set's Assigner is the process's (a shard-plan worker)."""
-        from filtering import clustering
+    def nearest_semantic(self, ctx, pool: Pool, t: Target, ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray]:
+        """Per shard, cached: a rerun with another threshold reads the columns back; the
+        reference set's Assigner is the worker process's (:func:`_nearest_shard`)."""
         from filtering.cache import ShardCache, part_fingerprint
         from filtering.stages.scorer_stage import cached_shard_loop
 
@@ -184,20 +180,10 @@ class DecontaminateStage(ColumnStage):
         except KeyError as e:
             raise ConfigError(f"{key}: {e.args[0]}") from e
         cache = ShardCache(self.cache_root, "decontam-nearest", {"reference": ref.fingerprint, "embedding": kind})
-        assigner = None
-        path = self.reference_path(ref.fingerprint)
-        # On Ray each shard not cached is a task; the reference set comes from its cache file.
-        task = functools.partial(_nearest_shard, path, t.reference, kind)
+        task = functools.partial(_nearest_shard, self.reference_path(ref.fingerprint), t.reference, kind)
 
         def compute(part, emb):
-            nonlocal assigner
-            if shared:
-                return task(part, emb, None)
-            if assigner is None:
-                _check_dimension(t.reference, ref.embeddings.shape[1], kind, emb)
-                assigner = clustering.Assigner(ref.embeddings)
-            part_ids, part_sims = clustering.assign(emb, assigner)
-            return {"match": part_ids, "similarity": part_sims}
+            return task(part, emb, None)
 
         loop = cached_shard_loop(
             ctx,
@@ -215,25 +201,13 @@ class DecontaminateStage(ColumnStage):
         )
 
     @staticmethod
-    def nearest_perceptual(pool: Pool, ref: ReferenceSet, executor=None, path: str | None = None):
-        """Smallest Hamming distance to a reference hash and its index, per row. With an
-        executor that runs tasks (``--executor ray``) each shard is a task that reads the
-        reference hashes from their cache file (``path``); row by row the same search."""
+    def nearest_perceptual(pool: Pool, ref: ReferenceSet):
+        """Smallest Hamming distance to a reference hash and its index, per row."""
         from filtering.dedup.dedup_filter import hash_column
         from filtering.dedup.hamming import nearest
-        from filtering.tasks import runs_tasks, task_pool
 
         hashes, null = hash_column(pool, "phash")
-        parts = [p for p in pool.parts if p.n]
-        tiled = sum(p.n for p in parts) == pool.n
-        if executor is None or not runs_tasks(executor) or path is None or not parts or not tiled:
-            dist, idx = nearest(hashes, ref.hashes)
-        else:
-            dist, idx = np.full(pool.n, 65, np.int32), np.full(pool.n, -1, np.int64)
-            with task_pool(executor, 1) as tasks:
-                args = [(path, hashes[p.start : p.stop]) for p in parts]
-                for p, (d, i) in zip(parts, tasks.map(_nearest_hashes, args), strict=True):
-                    dist[p.start : p.stop], idx[p.start : p.stop] = d, i
+        dist, idx = nearest(hashes, ref.hashes)
         return np.where(null, 65, dist).astype(np.int16), idx
 
     # --- reference set ---------------------------------------------------------------
@@ -497,9 +471,9 @@ def _process_reference(path: str) -> ReferenceSet:
 
 
 def _nearest_shard(path: str, reference: str, kind: str, part, emb, cols) -> dict[str, np.ndarray]:
-    """One shard's nearest reference items where the executor runs it (``cached_shard_loop``'s
-    ``task``) or in a shard-plan worker: the reference set read from its cache file and its
-    Assigner built once per process, the same arithmetic as the driver's."""
+    """One shard's nearest reference items in a shard-plan worker (``cached_shard_loop``'s
+    ``compute``): the reference set read from its cache file and its Assigner built once
+    per process."""
     from filtering import clustering
 
     ref = _process_reference(path)
@@ -509,14 +483,6 @@ def _nearest_shard(path: str, reference: str, kind: str, part, emb, cols) -> dic
         built["assigner"] = clustering.Assigner(ref.embeddings)
     ids, sims = clustering.assign(emb, built["assigner"])
     return {"match": ids, "similarity": sims}
-
-
-def _nearest_hashes(args) -> tuple[np.ndarray, np.ndarray]:
-    """One shard's nearest reference hashes where the executor runs it (a Ray task)."""
-    from filtering.dedup.hamming import nearest
-
-    path, hashes = args
-    return nearest(hashes, _process_reference(path).hashes)
 
 
 def _record(t: Target, ref: ReferenceSet, how: str) -> dict[str, Any]:
