@@ -1,5 +1,6 @@
 """The Ray executor on a simulated multi-node cluster (issue 16): two Ray nodes on this
-machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster for the module.
+machine (``ray.cluster_utils.Cluster``, one CPU each), one cluster and one connection to it
+(one Ray job) for the module.
 
 - The bundled sample scored on the cluster: outputs equal a local run's with the same
   filters (clip_score top_fraction, caption).
@@ -56,13 +57,22 @@ def _table(path):
 
 @pytest.fixture(scope="module")
 def cluster():
+    """Two nodes of one CPU each, joined once for the module: each test's
+    ``RayExecutor(address=...)`` finds Ray initialised and reuses the connection, so the
+    tests run as one Ray job whose worker processes (poolsift imported) serve them all,
+    instead of a job per test starting its own workers on both nodes."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
+
+    from pipelines.executors.ray import RayExecutor
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     c.add_node(num_cpus=1)
     c.wait_for_nodes()
+    joined = RayExecutor(address=c.address)
+    joined.connect()
     yield c
+    joined.close()
     if ray.is_initialized():
         ray.shutdown()
     c.shutdown()
@@ -476,6 +486,7 @@ def test_remote_output_on_two_nodes_spills_to_execution_spill_dir(tmp_path, data
 
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     env["FSSPEC_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]  # fsspec's config, in each worker
+    ray.shutdown()  # the module's connection: this test's workers need the environment above (a job of its own)
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False)
     out = f"s3://{BUCKET}/runs/two-nodes"
     raw = {
