@@ -3,8 +3,9 @@ clusters from the source's ``skeleton_pool``) and ``dedup`` (exact, perceptual w
 ``min_similarity``, semantic), with failed rows (unreadable images; bad uids failed by
 ``input.uid.on_invalid: fail``), against the outputs recorded from the in-memory plan it
 replaced (tests/golden.py): subset.npy byte for byte, the subset and dropped rows in order,
-the manifest's counts, failures and thresholds; and the sample presets that use them
-(``configs/sample_dedup.yaml``, ``configs/sample_image_clusters.yaml``)."""
+the manifest's counts, failures and thresholds. The sample presets that use them
+(``configs/sample_dedup.yaml``, ``configs/sample_image_clusters.yaml``) are checked against
+their golden outputs in tests/pipelines/test_golden_outputs.py."""
 
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import yaml
 
 from bench.bench_refilter import MODEL, make_shards, write_caches
 from filtering.errors import ConfigError
 from filtering.stages.img2dataset import source_stamp
 from pipelines.config import parse_config
 from pipelines.runner import plan, run
-from tests.conftest import REPO
 from tests.pipelines.test_streaming_webdataset import _recorded
 
 pytestmark = pytest.mark.slow  # runs the whole pipeline
@@ -168,24 +167,6 @@ def test_dedup(tmp_path, faulty, filters):
     assert streamed.manifest["execution"]["seconds"]["dedup"] >= 0  # the dedup phase ran
     dropped = [f for f in streamed.manifest["counts"]["filters"] if f["name"].startswith("dedup")]
     assert all(f["dropped"] > 0 for f in dropped)  # the pool has copies: every step decided something
-
-
-@pytest.mark.parametrize("preset", ["sample_dedup", "sample_image_clusters"])
-def test_sample_presets(tmp_path, rerun_dir, preset):
-    """The bundled sample's presets take the shard plan under ``execution.mode: auto``
-    (the default) and write the recorded outputs; the sample's corrupt images are failed
-    rows."""
-    raw = yaml.safe_load((REPO / "configs" / f"{preset}.yaml").read_text())
-    base = REPO / "configs"
-    raw["input"]["shards"] = str(base / raw["input"]["shards"])
-    raw["model"]["pretrained"] = str((base / raw["model"]["pretrained"]).resolve())
-    if "clusters" in raw:
-        raw["clusters"]["reference"] = str((base / raw["clusters"]["reference"]).resolve())
-    raw["output"] = {"dir": str(rerun_dir)}
-    streamed = run(parse_config(raw), **QUIET)  # the scores cached, the column stages computed
-    _recorded(streamed, rerun_dir)
-    assert streamed.manifest["counts"]["failed"] > 0
-    assert streamed.manifest["counts"]["filters"][-1]["dropped"] > 0
 
 
 @pytest.mark.parametrize(
