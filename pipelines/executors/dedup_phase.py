@@ -600,7 +600,7 @@ def _against(tasks, sh, shards, shard_rows, starts, n: int, ref_settings, ctx) -
     settings = ref_settings.search
 
     emit_args = functools.partial(_emit_args, sh, shards, shard_rows, starts, tasks.workers, settings)
-    matches = against.match(tasks.map, emit_args, _emit_against, n, settings, refs, tasks.workers, sh.spill)
+    matches = against.match(tasks.map, emit_args, _emit_against, n, settings, refs, tasks.workers, sh.spill, ctx.log)
     record = against.record(refs, matches, time.perf_counter() - t0, tasks.workers)
     ctx.stage_info.setdefault("dedup", {})[ref_settings.column] = record
     return matches
