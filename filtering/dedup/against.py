@@ -24,6 +24,7 @@ position in the list names which one. The driver holds only the matched rows.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import pyarrow as pa
 
 from filtering.dedup import index as ix
 from filtering.dedup import partitioned, ref_blocks
-from filtering.dedup.hamming import _flip_masks, _Table, _widths, choose_substrings, popcount64, probe
+from filtering.dedup.hamming import _ball, _flip_masks, _Table, _widths, popcount64, probe
 from filtering.io.paths import join
 
 CANDIDATES_AT_A_TIME = 1 << 20  # pool-reference record pairs verified at once
@@ -224,6 +225,38 @@ class _RefTable(_Table):
             self.sorted_keys = keys[self.order]
 
 
+def substring_radii(m: int, max_distance: int) -> list[int]:
+    """The radius probed in each of ``m`` substrings: ``r_i`` with ``sum(r_i + 1) >=
+    max_distance + 1``, the larger ones first (on the wider substrings). Generalised
+    pigeonhole (Qin et al., "GPH: Similarity Search in Hamming Space", ICDE 2018): if two
+    values differed in more than ``r_i`` bits in every substring ``i``, they would differ in
+    at least ``sum(r_i + 1) > max_distance`` bits; so a pair within ``max_distance`` is
+    within ``r_i`` in some substring ``i``, and found by probing it. ``max_distance // m``
+    each (multi-index hashing's rule) probes more: with ``m = 4`` and 6, radii 1, 1, 1, 0
+    instead of 1, 1, 1, 1."""
+    total = max(0, max_distance + 1 - m)
+    base, extra = divmod(total, m)
+    return [base + (1 if i < extra else 0) for i in range(m)]
+
+
+def choose_cross_substrings(n: int, max_distance: int, bits: int, direct_bits: int, key_bits: int) -> int:
+    """:func:`filtering.dedup.hamming.choose_substrings`' cost model (probes plus expected
+    candidates, uniform values, ``n`` values per table group) with :func:`substring_radii`."""
+    best, best_cost = 1, math.inf
+    for m in range(1, min(max_distance + 1, 16) + 1):
+        widths = _widths(m, bits)
+        radii = substring_radii(m, max_distance)
+        probes = sum(_ball(w, r) for w, r in zip(widths, radii, strict=True))
+        if probes > 5_000:
+            continue
+        lookup = 1.0 if max(widths) + key_bits <= direct_bits else 8.0
+        expected = sum(_ball(w, r) * n / 2.0**w for w, r in zip(widths, radii, strict=True))
+        cost = probes * lookup + 2.0 * expected
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
 def cross_pairs(
     q: np.ndarray,
     q_groups: np.ndarray,
@@ -237,7 +270,9 @@ def cross_pairs(
     """Pairs ``(i, j)``: ``q[i]`` and ``r[j]`` in the same group within ``max_distance``
     (only the low ``bits`` bits may differ). Multi-index hashing as
     :func:`filtering.dedup.hamming.unique_pairs`, across the two sides only: the tables
-    hold ``r``'s values, ``q``'s probe them, so no two values of one side are compared."""
+    hold ``r``'s values, ``q``'s probe them, so no two values of one side are compared.
+    Substring ``i`` is probed within :func:`substring_radii`'s ``r_i`` bits, not
+    ``max_distance // m`` each: fewer probes, and still no pair missed."""
     empty = np.zeros(0, np.int64)
     if len(q) == 0 or len(r) == 0:
         return empty, empty
@@ -246,13 +281,12 @@ def cross_pairs(
     inv = inv.ravel().astype(np.uint64)
     gq, gr = inv[: len(q)], inv[len(q) :]
     group_bits = max(1, int(len(uniq) - 1).bit_length())
-    m = choose_substrings(max(2, len(r) >> group_bits), max_distance, bits, direct_bits, group_bits)
+    m = choose_cross_substrings(max(2, len(r) >> group_bits), max_distance, bits, direct_bits, group_bits)
     while max(_widths(m, bits)) + group_bits > 64:
         m += 1
-    radius = max_distance // m
     out_i, out_j = [empty], [empty]
     shift = 0
-    for width in _widths(m, bits):
+    for width, radius in zip(_widths(m, bits), substring_radii(m, max_distance), strict=True):
         mask = np.uint64((1 << width) - 1)
         rkeys = ((r >> np.uint64(shift)) & mask) | (gr << np.uint64(width))
         qkeys = ((q >> np.uint64(shift)) & mask) | (gq << np.uint64(width))

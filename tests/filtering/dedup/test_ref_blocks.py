@@ -170,3 +170,40 @@ def test_block_tables_and_remade_records_agree(tmp_path, monkeypatch, workers):
     monkeypatch.setattr(against, "USE_BLOCK_TABLES", False)
     remade = as_dict(search(pool, valid, readers, 5, workers=workers, tmp_path=tmp_path))
     assert with_tables == remade == brute(pool, valid, refs, 5)
+
+
+@pytest.mark.parametrize("k", [0, 3, 6, 9])
+def test_substring_radii_keep_the_pigeonhole(k):
+    """Two values within ``k`` are within ``r_i`` in some substring, for every substring count."""
+    from filtering.dedup.hamming import _widths
+
+    rng = np.random.default_rng(k)
+    for m in range(1, k + 3):
+        radii = against.substring_radii(m, k)
+        assert sum(r + 1 for r in radii) >= k + 1 and radii == sorted(radii, reverse=True)
+        # spread k flipped bits as evenly as possible over the substrings: the hardest case
+        widths = _widths(m, 55)
+        starts = np.r_[0, np.cumsum(widths)[:-1]]
+        for _ in range(20):
+            diff = 0
+            for t in range(k):
+                s = t % m
+                diff |= 1 << int(starts[s] + rng.integers(0, widths[s]))
+            per = [bin((diff >> int(a)) & ((1 << w) - 1)).count("1") for a, w in zip(starts, widths, strict=True)]
+            assert any(p <= r for p, r in zip(per, radii, strict=True))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7])
+def test_cross_pairs_is_brute_force_for_every_substring_count(monkeypatch, m):
+    monkeypatch.setattr(against, "choose_cross_substrings", lambda *a, **k: m)
+    rng = np.random.default_rng(m)
+    r = rng.integers(0, 2**40, 300, dtype=np.uint64)
+    q = r[rng.integers(0, 300, 200)]
+    for _ in range(5):
+        q ^= np.where(rng.random(200) < 0.6, np.uint64(1) << rng.integers(0, 40, 200).astype(np.uint64), np.uint64(0))
+    qg, rg = rng.integers(0, 3, 200).astype(np.uint64), rng.integers(0, 3, 300).astype(np.uint64)
+    i, j = against.cross_pairs(q, qg, r, rg, 4, bits=40)
+    d = hamming.popcount64(q[:, None] ^ r[None, :])
+    want = np.argwhere((d <= 4) & (qg[:, None] == rg[None, :]))
+    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [tuple(x) for x in want.tolist()]
+    assert len(want) > 50
