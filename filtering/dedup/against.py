@@ -37,6 +37,8 @@ from filtering.dedup.hamming import _ball, _flip_masks, _Table, _widths, popcoun
 from filtering.io.paths import join
 
 CANDIDATES_AT_A_TIME = 1 << 20  # pool-reference record pairs verified at once
+PROBES_AT_A_TIME = 1 << 18  # table lookups at once in the cross search (~10 MB)
+_NO_FLIP = np.zeros(1, np.uint64)
 # Records per partition (perceptual): a quarter of the in-pool search's, so that a worker
 # holding one adds less to the run's peak than the in-pool search's partitions do.
 RECORDS_PER_PARTITION = 1 << 17
@@ -292,11 +294,16 @@ def cross_pairs(
         qkeys = ((q >> np.uint64(shift)) & mask) | (gq << np.uint64(width))
         shift += width
         table = _RefTable(rkeys, width + group_bits, direct_bits)
-        step = max(1, min(len(q), max_candidates // max(1, 4 * ((len(r) >> (width + group_bits)) + 1))))
-        for i, j in probe(table, qkeys, _flip_masks(width, radius), step, max_candidates):
-            close = popcount64(q[i] ^ r[j]) <= max_distance
-            out_i.append(i[close])
-            out_j.append(j[close])
+        # every flip of a chunk of queries looked up at once (one pass, not one per flip)
+        flips = _flip_masks(width, radius)
+        chunk = max(1, PROBES_AT_A_TIME // len(flips))
+        for a in range(0, len(q), chunk):
+            probes = (qkeys[a : a + chunk, None] ^ flips[None, :]).ravel()
+            for at, j in probe(table, probes, _NO_FLIP, len(probes), max_candidates):
+                i = a + at // len(flips)
+                close = popcount64(q[i] ^ r[j]) <= max_distance
+                out_i.append(i[close])
+                out_j.append(j[close])
     i, j = np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
     code = np.unique(i * len(r) + j)  # a pair close in several substrings is found once per substring
     return code // len(r), code % len(r)
