@@ -219,10 +219,16 @@ def _makedirs(folder: str) -> None:
 
 
 def _remove_stale(folder: str, keep: set[str]) -> None:
+    """An earlier index's files; and its block tables (``blocks-d<k>/``, made from that index
+    by a search against it: :mod:`filtering.dedup.ref_blocks`)."""
     if is_local(folder):
+        import shutil
+
         for name in os.listdir(local_path(folder)):
             if name not in keep and (name.endswith(".arrow") or name == META):
                 os.remove(os.path.join(local_path(folder), name))
+            elif name.startswith("blocks-d") and os.path.isdir(os.path.join(local_path(folder), name)):
+                shutil.rmtree(os.path.join(local_path(folder), name), ignore_errors=True)
         return
     fs, p = get_fs(folder)
     for path in fs.glob(f"{p}/*.arrow"):

@@ -106,30 +106,43 @@ def state(ref: ix.Reference, max_distance: int) -> str | None:
     return None
 
 
+def _index_columns(ref: ix.Reference, columns: Sequence[str]):
+    """Per index file, its rows with a hash: ``columns`` as numpy arrays (one file's batches
+    mapped at a time, so a large index is never mapped whole)."""
+    for piece in ref.all_pieces():
+        batches = partitioned.read_batches([piece])
+        out = {c: [] for c in columns}
+        for batch in batches:
+            ph = batch.column("phash")
+            valid = ph.is_valid().to_numpy(zero_copy_only=False)
+            if valid.any():
+                for c in columns:
+                    col = ph.fill_null(0) if c == "phash" else batch.column(c)
+                    out[c].append(np.asarray(col.to_numpy(), np.uint64)[valid])
+        del batches
+        if out[columns[0]]:
+            yield {c: np.concatenate(v) for c, v in out.items()}
+
+
 def build(ref: ix.Reference, max_distance: int) -> int:
     """Writes ``ref``'s block tables for ``max_distance`` (module docstring); returns the
-    rows they hold (the index rows with a hash)."""
-    hashes, his, los = [], [], []
-    for batch in partitioned.read_batches(ref.all_pieces()):
-        ph = batch.column("phash")
-        valid = ph.is_valid().to_numpy(zero_copy_only=False)
-        if not valid.any():
-            continue
-        hashes.append(np.asarray(ph.fill_null(0).to_numpy(), np.uint64)[valid])
-        his.append(batch.column("uid_hi").to_numpy()[valid])
-        los.append(batch.column("uid_lo").to_numpy()[valid])
-    h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    del hashes
-    uid = np.empty((len(h), 2), np.uint64)
-    uid[:, 0] = np.concatenate(his) if his else []
-    uid[:, 1] = np.concatenate(los) if los else []
-    del his, los
+    rows they hold (the index rows with a hash). Holds the hashes and one block's sort at
+    a time (about 20 bytes a row); the uids are written file by file."""
+    parts = [c["phash"] for c in _index_columns(ref, ["phash"])]
+    h = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+    del parts
     final = folder_of(ref, max_distance)
     tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
     os.makedirs(tmp)
     try:
         np.save(os.path.join(tmp, "hash.npy"), h)
-        np.save(os.path.join(tmp, "uid.npy"), uid)
+        uid = np.lib.format.open_memmap(os.path.join(tmp, "uid.npy"), "w+", np.uint64, (len(h), 2))
+        at = 0
+        for c in _index_columns(ref, ["uid_hi", "uid_lo"]):
+            n = len(c["uid_hi"])
+            uid[at : at + n, 0], uid[at : at + n, 1] = c["uid_hi"], c["uid_lo"]
+            at += n
+        uid.flush()
         del uid
         for b, (shift, width) in enumerate(partitioned.blocks(max_distance)):
             cell = block_cells(h, shift, width)

@@ -123,13 +123,19 @@ def test_stale_or_foreign_tables_are_made_again(tmp_path):
     pool = pool_near(rng, refs)
     valid = np.ones(len(pool), bool)
     search(pool, valid, readers, 6)
-    # the output rewritten with other rows (same shape): its tables are from an earlier index
+    # a run rewriting the output (other rows) removes the tables made from its earlier index
     uids = hexes(rng, 300, 16)
     ph = rng.integers(0, 2**64, 300, dtype=np.uint64)
     readers = [write_reference(tmp_path / "r0", uids, hexes(rng, 300, 32), ph)]
-    assert (tmp_path / "r0" / "blocks-d6").exists()
+    assert not (tmp_path / "r0" / "blocks-d6").exists()
     pool = pool_near(rng, [(uids, ph)])
     lines = []
+    assert as_dict(search(pool, valid, readers, 6, lines.append)) == brute(pool, valid, [(uids, ph)], 6)
+    assert len(lines) == 1 and "once" in lines[0]
+    # an index file changed since the tables were made (written anew, whatever its bytes): remade
+    part = tmp_path / "r0" / "part-00000.arrow"
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
+    lines.clear()
     assert as_dict(search(pool, valid, readers, 6, lines.append)) == brute(pool, valid, [(uids, ph)], 6)
     assert len(lines) == 1 and "from an earlier index; remaking them" in lines[0]
     # foreign or broken: another version, unreadable
