@@ -34,7 +34,7 @@ import pyarrow as pa
 from filtering.dedup import index as ix
 from filtering.dedup import partitioned, ref_blocks
 from filtering.dedup.hamming import _ball, _flip_masks, _Table, _widths, popcount64, probe
-from filtering.io.paths import join
+from filtering.io.paths import is_local, join
 
 CANDIDATES_AT_A_TIME = 1 << 20  # pool-reference record pairs verified at once
 PROBES_AT_A_TIME = 1 << 18  # table lookups at once in the cross search (~10 MB)
@@ -501,8 +501,17 @@ def match(
     (:mod:`filtering.dedup.ref_blocks`, made on first use, ``log`` saying so)."""
     if not references or n == 0:
         return Matches.empty()
-    if settings.method == "perceptual" and USE_BLOCK_TABLES and all(ref_blocks.usable(r) for r in references):
-        return _match_blocks(run, emit_pool_args, pool_emit, n, settings, references, workers, work_dir, log)
+    if settings.method == "perceptual" and USE_BLOCK_TABLES:
+        usable = [ref_blocks.usable(r, settings.max_distance) for r in references]
+        if all(usable):
+            return _match_blocks(run, emit_pool_args, pool_emit, n, settings, references, workers, work_dir, log)
+        if log is not None:
+            for ref, ok in zip(references, usable, strict=True):
+                if not ok and is_local(ref.folder):
+                    log(
+                        f"dedup against {ref.path}: its index folder is read-only and has no block tables for "
+                        f"max_distance {settings.max_distance}; its records are re-made for this run"
+                    )
     partitions = partitions_for(n, references, settings, workers)
     spill = partitioned.make_spill_dir(work_dir, "against-spill-")
     try:

@@ -56,9 +56,17 @@ def folder_of(ref: ix.Reference, max_distance: int) -> str:
     return os.path.join(local_path(ref.folder), f"blocks-d{max_distance}")
 
 
-def usable(ref: ix.Reference) -> bool:
-    """Block tables are memory-mapped: only an index on a local file system has them."""
-    return is_local(ref.folder)
+def usable(ref: ix.Reference, max_distance: int) -> bool:
+    """Block tables are memory-mapped: only an index on a local file system has them, and
+    only one whose tables are there already or whose folder this process may write in (a
+    reference in a read-only place is searched without them)."""
+    if not is_local(ref.folder):
+        return False
+    return state(ref, max_distance) is None or writable(local_path(ref.folder))
+
+
+def writable(folder: str) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def grid_bits(width: int) -> int:

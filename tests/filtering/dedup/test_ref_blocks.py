@@ -213,3 +213,17 @@ def test_cross_pairs_is_brute_force_for_every_substring_count(monkeypatch, m):
     want = np.argwhere((d <= 4) & (qg[:, None] == rg[None, :]))
     assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [tuple(x) for x in want.tolist()]
     assert len(want) > 50
+
+
+def test_a_read_only_reference_is_searched_without_tables(tmp_path, monkeypatch):
+    """A reference whose folder this process may not write in (and has no tables): its
+    records are re-made for the run, with one line; nothing is written beside it."""
+    rng = np.random.default_rng(5)
+    refs, readers = make_refs(tmp_path, rng, [200])
+    monkeypatch.setattr(ref_blocks, "writable", lambda folder: False)
+    pool = pool_near(rng, refs)
+    valid = np.ones(len(pool), bool)
+    lines = []
+    assert as_dict(search(pool, valid, readers, 6, lines.append)) == brute(pool, valid, refs, 6)
+    assert len(lines) == 1 and "read-only" in lines[0]
+    assert not [p for p in (tmp_path / "r0").iterdir() if p.name.startswith("blocks")]
