@@ -11,10 +11,14 @@ row is matched against reference rows, never reference rows against each other.
   of every reference (its record batches, memory-mapped): equal 32-byte digests.
   ``with_caption`` is not taken into account: the index holds no captions, so a copy of
   the image under another caption counts as a copy.
-- ``perceptual``: the pool's rows and the references' rows both emit one record per
-  block of the hash (multi-index hashing, as the in-pool search), into the same
-  partitions; in each, every pool record is compared with the reference records of the
-  same block value, and a match is a full Hamming distance of at most ``max_distance``.
+- ``perceptual``: one record per block of the hash on each side (multi-index hashing, as
+  the in-pool search): the pool's spilled by partition; the references' read from their
+  block tables (:mod:`filtering.dedup.ref_blocks`, written once beside the index, a
+  partition being a range of one block's cells), or, for a reference on an fsspec file
+  system or in a read-only folder without tables, re-made from its index batches and
+  spilled beside the pool's. In each partition every pool value is compared with the
+  reference values of the same block value (:func:`cross_pairs`), and a match is a full
+  Hamming distance of at most ``max_distance``.
 
 A matched pool row takes the closest reference row (then the earliest reference in the
 list, then the smallest uid): its uid is the row's ``duplicate_of``, and the reference's
