@@ -24,7 +24,7 @@ reference cuts the new pool's rows by the same byte and joins partition by parti
 perceptual search reads the reference's files batch by batch into its own partitions.
 
 The shard plan writes each shard's file in the filter-and-write worker and assembles
-them at commit; the in-memory plan writes the same bytes. ``poolsift index DIR`` builds
+them at commit. ``poolsift index DIR`` builds
 one for an output folder written before indexes existed (from its subset parts).
 """
 
