@@ -273,7 +273,7 @@ def test_dedup_against_an_earlier_output_on_two_nodes_matches_local(tmp_path, da
         {"dedup": {**perceptual, "against": [str(reference)]}},
         {"dedup": {**semantic, "against": [str(reference)]}},
     ]
-    sent = {"_emit_against", "_reduce_exact_task", "_reduce_perceptual_task", "_spill_reference_rows", "_close_edges"}
+    sent = {"_emit_against", "_reduce_exact_task", "_reduce_blocks_task", "_spill_reference_rows", "_close_edges"}
     sent |= {"_spill_reference", "_semantic_partition", "_filter"}
     _matches_local(tmp_path, datacomp, cluster, filters, sent)
     counts = json.loads((tmp_path / "ray" / "manifest.json").read_text())["counts"]["filters"]
