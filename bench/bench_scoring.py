@@ -24,6 +24,13 @@ change speed).
 
     .venv/bin/python bench/bench_scoring.py [--only tiny|vit] [--workers 1] [--batch-size 64]
 
+``--stream-only`` times the ceiling and poolsift's stage only (no open_clip, loop or
+precision runs); ``--code DIR`` times the poolsift code of another checkout (an older
+commit's worktree) with this script and this tree's data, so two commits can be compared
+in interleaved runs::
+
+    .venv/bin/python bench/bench_scoring.py --only tiny --stream-only --code /path/to/old-worktree
+
 On a GPU (``--device cuda``) the same comparison runs with the model on the GPU. Decode
 workers default to all cores but one, as in ``poolsift run``. The GPU's mean utilisation
 during poolsift's run is printed too, sampled with ``nvidia-smi``. Give it enough data to
@@ -338,7 +345,7 @@ def compare(a: np.ndarray, b: np.ndarray, fraction: float = 0.3) -> str:
     return f"max |d| {d.max():.2g}  mean |d| {d.mean():.2g}  top-{int(fraction * 100)}% overlap {overlap:.1%}"
 
 
-def bench_model(title, clip, urls, batch_size, workers) -> None:
+def bench_model(title, clip, urls, batch_size, workers, stream_only: bool = False) -> None:
     fp32 = dataclasses.replace(clip, precision="fp32")
     bf16 = dataclasses.replace(clip, precision="bf16")
     print(
@@ -349,6 +356,11 @@ def bench_model(title, clip, urls, batch_size, workers) -> None:
     ceiling = run_ceiling(urls, clip, batch_size)
     util = GpuUtilisation(clip.device)
     ours, s_auto, n = run_stream(urls, clip, batch_size, workers, None, util)
+    if stream_only:
+        print(f"samples                          {n}")
+        print(f"ceiling (forward only)           {ceiling:8.1f} samples/s")
+        print(f"poolsift score_stream            {ours:8.1f} samples/s   {ours / ceiling:5.2f}x of ceiling")
+        return
     reference, s_ref = run_open_clip(urls, fp32, batch_size, workers)
     base = run_straightforward(urls, fp32, batch_size)
     _, s_fp32, _ = run_stream(urls, fp32, batch_size, workers, None)
@@ -390,13 +402,20 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--per-shard", type=int, default=256)
     ap.add_argument("--tmp", default="/tmp/poolsift_bench")
+    ap.add_argument("--stream-only", action="store_true", help="time the ceiling and poolsift's stage only")
+    ap.add_argument("--code", help="a checkout whose filtering/ is timed instead of this tree's")
     args = ap.parse_args()
+    if args.code:  # before the first import of filtering; the decode workers inherit it too
+        code = str(Path(args.code).resolve())
+        sys.path.insert(0, code)
+        os.environ["PYTHONPATH"] = os.pathsep.join([code, *filter(None, [os.environ.get("PYTHONPATH")])])
     if args.workers is None:
         args.workers = max(1, (os.cpu_count() or 2) - 1) if args.device.startswith("cuda") else 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from filtering.io.paths import expand_shards
     from filtering.models.clip import load_clip
 
+    print(f"poolsift code: {Path(sys.modules['filtering'].__file__).parent.parent}")
     print(
         f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
@@ -408,14 +427,23 @@ def main() -> None:
     elif args.only in (None, "tiny"):
         urls = expand_shards(str(REPO / "sample_data/pool/{00000..00003}.tar"))
         clip = load_clip("poolsift-tiny", str(ckpt), args.device, "auto")
-        bench_model("poolsift-tiny (bundled) on the bundled sample", clip, urls, args.batch_size, args.workers)
+        bench_model(
+            "poolsift-tiny (bundled) on the bundled sample", clip, urls, args.batch_size, args.workers, args.stream_only
+        )
     if args.only in (None, "vit"):
         import torch
 
         torch.manual_seed(0)
         clip = load_clip("ViT-B-32", None, args.device, "auto")
         urls = synthetic_shards(tmp, args.shards, args.per_shard, (512, 384))
-        bench_model("ViT-B-32 (random weights) on synthetic 512x384 JPEGs", clip, urls, args.batch_size, args.workers)
+        bench_model(
+            "ViT-B-32 (random weights) on synthetic 512x384 JPEGs",
+            clip,
+            urls,
+            args.batch_size,
+            args.workers,
+            args.stream_only,
+        )
     print(f"load average after {os.getloadavg()[0]:.2f}")
 
 
