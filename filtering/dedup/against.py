@@ -330,13 +330,7 @@ def reduce_perceptual(pool_pieces, ref_pieces, settings):
     del pb, rb
     # the pool's distinct (block, hash) values (the references' are not made distinct: a
     # reference rarely repeats a hash, and a sort of all its records would cost more)
-    order = np.lexsort((h, g))
-    sg, sh_ = g[order], h[order]
-    first = np.r_[True, (sg[1:] != sg[:-1]) | (sh_[1:] != sh_[:-1])]
-    ug, uh = sg[first], sh_[first]
-    entry = np.empty(len(g), np.int64)
-    entry[order] = np.cumsum(first) - 1
-    del order, first, sg, sh_
+    ug, uh, entry = _distinct_values(g, h)
     q_rest, bits = partitioned.without_block(uh, partitioned._block_of(ug, md), md)
     r_rest, _ = partitioned.without_block(rh, partitioned._block_of(rg, md), md)
     # the tables hold the pool's values (fewer to sort), the references probe them
@@ -356,6 +350,17 @@ def reduce_perceptual(pool_pieces, ref_pieces, settings):
     return r[hit], dd[at[hit]], rref[k], rhi[k], rlo[k]
 
 
+def _distinct_values(g: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ``(block, hash)`` pairs of a partition's pool records, sorted, and each
+    record's entry among them (``ug[entry[i]], uh[entry[i]] == g[i], h[i]``)."""
+    order = np.lexsort((h, g))
+    sg, sh_ = g[order], h[order]
+    first = np.r_[True, (sg[1:] != sg[:-1]) | (sh_[1:] != sh_[:-1])]
+    entry = np.empty(len(g), np.int64)
+    entry[order] = np.cumsum(first) - 1
+    return sg[first], sh_[first], entry
+
+
 def reduce_blocks(pool_pieces, slices: Sequence[ref_blocks.RefSlice], settings):
     """One partition of a search against block tables (:mod:`filtering.dedup.ref_blocks`):
     as :func:`reduce_perceptual`, the reference records read from each reference's slice
@@ -368,13 +373,7 @@ def reduce_blocks(pool_pieces, slices: Sequence[ref_blocks.RefSlice], settings):
     md = settings.max_distance
     g, h, r = (np.concatenate([b.column(c).to_numpy() for b in pb]) for c in ("g", "h", "r"))
     del pb
-    order = np.lexsort((h, g))
-    sg, sh_ = g[order], h[order]
-    first = np.r_[True, (sg[1:] != sg[:-1]) | (sh_[1:] != sh_[:-1])]
-    ug, uh = sg[first], sh_[first]
-    entry = np.empty(len(g), np.int64)
-    entry[order] = np.cumsum(first) - 1
-    del order, first, sg, sh_
+    ug, uh, entry = _distinct_values(g, h)
     rh, rord, rref = [], [], []
     for s in slices:
         hashes, ordinals = ref_blocks.read_slice(s, md)
