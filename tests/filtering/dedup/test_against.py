@@ -97,6 +97,20 @@ def test_index_rows_round_trip(tmp_path):
                 assert first == p
 
 
+def brute(pool, valid, refs, k):
+    """Each valid pool hash's nearest reference row within ``k`` bits, by comparing every
+    pair: ``{row: (reference, uid)}``, ties to the lowest (distance, reference, uid)."""
+    want = {}
+    for i in np.flatnonzero(valid):
+        cands = []
+        for r, (uids, ph) in enumerate(refs):
+            d = hamming.popcount64(ph ^ pool[i])
+            cands += [(int(dd), r, u) for dd, u in zip(d, uids, strict=True) if dd <= k]
+        if cands:
+            want[int(i)] = min(cands)[1:]
+    return want
+
+
 def brute_exact(pool_sha, refs):
     best = {}
     for r, (uids, sha) in enumerate(refs):
@@ -162,14 +176,7 @@ def test_perceptual_matches_are_brute_force(tmp_path, monkeypatch, k, flush):
     m = match_shards(
         shards_of(table, [123, 377]), 500, SearchSettings("perceptual", max_distance=k, key_column="phash"), readers
     )
-    want = {}
-    for i in np.flatnonzero(valid):
-        cands = []
-        for r, (uids, ph) in enumerate(refs):
-            d = hamming.popcount64(ph ^ pool[i])
-            cands += [(int(dd), r, u) for dd, u in zip(d, uids, strict=True) if dd <= k]
-        if cands:
-            want[int(i)] = min(cands)[1:]
+    want = brute(pool, valid, refs, k)
     assert m.rows.tolist() == sorted(want)
     assert [(int(r), u) for r, u in zip(m.ref, m.uids(), strict=True)] == [want[i] for i in m.rows]
 

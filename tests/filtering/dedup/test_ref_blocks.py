@@ -11,19 +11,7 @@ import pytest
 
 from filtering.dedup import against, hamming, ref_blocks
 from filtering.dedup.partitioned import SearchSettings
-from tests.filtering.dedup.test_against import _emit_pool, hexes, shards_of, write_reference
-
-
-def brute(pool, valid, refs, k):
-    want = {}
-    for i in np.flatnonzero(valid):
-        cands = []
-        for r, (uids, ph) in enumerate(refs):
-            d = hamming.popcount64(ph ^ pool[i])
-            cands += [(int(dd), r, u) for dd, u in zip(d, uids, strict=True) if dd <= k]
-        if cands:
-            want[int(i)] = min(cands)[1:]
-    return want
+from tests.filtering.dedup.test_against import _emit_pool, brute, hexes, shards_of, write_reference
 
 
 def pool_near(rng, refs, n=400, copies=250):
